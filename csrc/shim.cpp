@@ -1,0 +1,370 @@
+// C ABI over libtorch's device-generic API. Compiles with libtorch's headers alone (no CUDA
+// toolkit): streams and events go through c10's virtual guard implementation for the CUDA
+// device type, statistics through the device allocator interface, and the two CUDA runtime
+// calls libtorch does not wrap (cudaHostRegister / cudaHostUnregister) are looked up at run time
+// in the CUDA runtime libtorch_cuda already loaded.
+//
+// Every entry point runs its body inside LO_PROTECT: any C++ exception becomes -1 plus a
+// thread-local message, so no exception crosses into Rust.
+#include "shim.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/DeviceAccelerator.h>
+#include <c10/core/AllocatorConfig.h>
+#include <c10/core/CachingDeviceAllocator.h>
+#include <c10/core/Event.h>
+#include <c10/core/Stream.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <c10/util/Exception.h>
+
+#include <dlfcn.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+thread_local std::string g_last_error;
+
+void set_error(const char* msg) { g_last_error = msg ? msg : "unknown error"; }
+
+#define LO_PROTECT(...)                                    \
+  try {                                                    \
+    __VA_ARGS__;                                           \
+    return 0;                                              \
+  } catch (const c10::Error& e) {                          \
+    set_error(e.what_without_backtrace());                 \
+    return -1;                                             \
+  } catch (const std::exception& e) {                      \
+    set_error(e.what());                                   \
+    return -1;                                             \
+  } catch (...) {                                          \
+    set_error("unknown C++ exception in layerwise-offload shim"); \
+    return -1;                                             \
+  }
+
+constexpr auto kCuda = c10::DeviceType::CUDA;
+
+// libtorch registers its CUDA backend from static initializers in libtorch_cuda.so. A linker
+// that drops the library as unneeded leaves CUDA unregistered, so load it here if it is present
+// next to libc10 and not loaded yet. Must run before anything asks libtorch for its CUDA hooks
+// (they are cached on first use).
+void ensure_cuda_backend() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    if (dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_GLOBAL | RTLD_NOLOAD) != nullptr) return;
+    Dl_info info{};
+    if (dladdr(reinterpret_cast<void*>(&c10::impl::getDeviceGuardImpl), &info) == 0 ||
+        info.dli_fname == nullptr)
+      return;
+    std::string dir(info.dli_fname);
+    auto slash = dir.rfind('/');
+    if (slash == std::string::npos) return;
+    std::string path = dir.substr(0, slash) + "/libtorch_cuda.so";
+    // A CPU-only libtorch has no such file: dlopen fails and CUDA stays absent.
+    dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL);
+  });
+}
+
+bool cuda_registered() {
+  ensure_cuda_backend();
+  return c10::impl::hasDeviceGuardImpl(kCuda);
+}
+
+const c10::impl::VirtualGuardImpl& cuda_impl() {
+  ensure_cuda_backend();
+  static const c10::impl::VirtualGuardImpl impl(kCuda);  // throws if CUDA is not registered
+  return impl;
+}
+
+c10::Stream unpack(lo_stream s) {
+  return c10::Stream::unpack3(s.id, static_cast<c10::DeviceIndex>(s.device_index),
+                              static_cast<c10::DeviceType>(s.device_type));
+}
+
+lo_stream pack(const c10::Stream& s) {
+  auto d = s.pack3();
+  return lo_stream{d.stream_id, d.device_index, static_cast<int32_t>(d.device_type)};
+}
+
+c10::Device cuda_device(int index) {
+  TORCH_CHECK(index >= 0, "invalid CUDA device index ", index);
+  return c10::Device(kCuda, static_cast<c10::DeviceIndex>(index));
+}
+
+// --- The CUDA runtime's host registration, found at run time -------------------------------
+using host_register_fn = int (*)(void*, size_t, unsigned int);
+using host_unregister_fn = int (*)(void*);
+using get_error_string_fn = const char* (*)(int);
+using get_last_error_fn = int (*)();
+
+struct Cudart {
+  host_register_fn host_register = nullptr;
+  host_unregister_fn host_unregister = nullptr;
+  get_error_string_fn error_string = nullptr;
+  get_last_error_fn last_error = nullptr;
+};
+
+void* cudart_symbol(const char* name) {
+  if (void* p = dlsym(RTLD_DEFAULT, name)) return p;
+  // libtorch_cuda loads the runtime through its own rpath; find it by soname.
+  for (const char* soname : {"libcudart.so.13", "libcudart.so.12", "libcudart.so"}) {
+    if (void* h = dlopen(soname, RTLD_NOW | RTLD_NOLOAD)) {
+      if (void* p = dlsym(h, name)) return p;
+    }
+  }
+  return nullptr;
+}
+
+const Cudart& cudart() {
+  static Cudart rt = [] {
+    ensure_cuda_backend();
+    Cudart r;
+    r.host_register = reinterpret_cast<host_register_fn>(cudart_symbol("cudaHostRegister"));
+    r.host_unregister = reinterpret_cast<host_unregister_fn>(cudart_symbol("cudaHostUnregister"));
+    r.error_string = reinterpret_cast<get_error_string_fn>(cudart_symbol("cudaGetErrorString"));
+    r.last_error = reinterpret_cast<get_last_error_fn>(cudart_symbol("cudaGetLastError"));
+    return r;
+  }();
+  TORCH_CHECK(rt.host_register && rt.host_unregister && rt.error_string && rt.last_error,
+              "the CUDA runtime (libcudart) is not loaded: cudaHostRegister is unavailable");
+  return rt;
+}
+
+void check_cudart(int code, const char* what) {
+  if (code == 0) return;
+  const Cudart& rt = cudart();
+  // Clear the runtime's last-error slot so a later libtorch check does not report this failure.
+  rt.last_error();
+  TORCH_CHECK(false, what, " failed: ", rt.error_string(code), " (cudaError ", code, ")");
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* lo_last_error(void) { return g_last_error.c_str(); }
+
+int lo_cuda_compiled(int* out) { LO_PROTECT(*out = cuda_registered() ? 1 : 0) }
+
+int lo_cuda_device_count(int* out) {
+  LO_PROTECT({
+    *out = 0;
+    if (!cuda_registered()) return 0;
+    // With CUDA libraries but no usable driver the backend reports 0 devices and warns once;
+    // the warning is the caller's to report, so silence it here.
+    struct Silent : c10::WarningHandler {
+      void process(const c10::Warning&) override {}
+    } silent;
+    c10::WarningUtils::WarningHandlerGuard guard(&silent);
+    *out = static_cast<int>(cuda_impl().deviceCount());
+  })
+}
+
+int lo_synchronize_device(int device) {
+  LO_PROTECT(cuda_impl().synchronizeDevice(static_cast<c10::DeviceIndex>(device)))
+}
+
+int lo_stream_from_pool(int device, int high_priority, lo_stream* out) {
+  LO_PROTECT(*out = pack(cuda_impl().getStreamFromGlobalPool(cuda_device(device), high_priority != 0)))
+}
+
+int lo_stream_current(int device, lo_stream* out) {
+  LO_PROTECT(*out = pack(cuda_impl().getStream(cuda_device(device))))
+}
+
+int lo_stream_exchange(lo_stream stream, lo_stream* previous) {
+  LO_PROTECT(*previous = pack(cuda_impl().exchangeStream(unpack(stream))))
+}
+
+int lo_stream_synchronize(lo_stream stream) { LO_PROTECT(unpack(stream).synchronize()) }
+
+int lo_stream_query(lo_stream stream, int* done) { LO_PROTECT(*done = unpack(stream).query() ? 1 : 0) }
+
+int lo_event_new(int enable_timing, void** out) {
+  LO_PROTECT({
+    cuda_impl();  // fails cleanly when CUDA is not registered
+    auto flag = enable_timing ? c10::EventFlag::BACKEND_DEFAULT : c10::EventFlag::PYTORCH_DEFAULT;
+    *out = new c10::Event(kCuda, flag);
+  })
+}
+
+void lo_event_free(void* event) {
+  try {
+    delete static_cast<c10::Event*>(event);
+  } catch (...) {
+    // Destroying an event cannot be reported from a destructor; swallow rather than abort.
+  }
+}
+
+int lo_event_record(void* event, lo_stream stream) {
+  LO_PROTECT(static_cast<c10::Event*>(event)->record(unpack(stream)))
+}
+
+int lo_event_block(void* event, lo_stream stream) {
+  LO_PROTECT(static_cast<c10::Event*>(event)->block(unpack(stream)))
+}
+
+int lo_event_query(void* event, int* done) {
+  LO_PROTECT(*done = static_cast<c10::Event*>(event)->query() ? 1 : 0)
+}
+
+int lo_event_synchronize(void* event) { LO_PROTECT(static_cast<c10::Event*>(event)->synchronize()) }
+
+int lo_event_elapsed_ms(void* start, void* end, double* out) {
+  LO_PROTECT(*out = static_cast<c10::Event*>(start)->elapsedTime(*static_cast<c10::Event*>(end)))
+}
+
+int lo_copy_async(void* dst, void* src, const lo_stream* stream) {
+  LO_PROTECT({
+    auto& d = *static_cast<at::Tensor*>(dst);
+    const auto& s = *static_cast<at::Tensor*>(src);
+    if (stream != nullptr) {
+      c10::StreamGuard guard(unpack(*stream));
+      d.copy_(s, /*non_blocking=*/true);
+    } else {
+      d.copy_(s, /*non_blocking=*/true);
+    }
+  })
+}
+
+int lo_record_stream(void* tensor, lo_stream stream) {
+  LO_PROTECT(static_cast<at::Tensor*>(tensor)->record_stream(unpack(stream)))
+}
+
+int lo_tensor_is_pinned(void* tensor, int* out) {
+  LO_PROTECT({
+    ensure_cuda_backend();
+    *out = static_cast<at::Tensor*>(tensor)->is_pinned() ? 1 : 0;
+  })
+}
+
+int lo_host_alloc(size_t bytes, int threads, void** out) {
+  LO_PROTECT({
+    TORCH_CHECK(bytes > 0, "cannot allocate 0 bytes of host memory");
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(p != MAP_FAILED, "could not map ", bytes, " bytes of host memory: ",
+                std::strerror(errno));
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);  // a hint: fewer page faults and faster registration
+#endif
+    // Fault the pages in from several threads: the kernel zeroes each page on first touch,
+    // which is the bulk of the cost of a large pinned allocation.
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t n = std::max(1, threads);
+    const size_t pages = (bytes + page - 1) / page;
+    auto touch = [&](size_t first, size_t last) {
+      volatile char* base = static_cast<char*>(p);
+      for (size_t i = first; i < last; ++i) base[i * page] = 0;
+    };
+    if (n == 1 || pages < 1024) {
+      touch(0, pages);
+    } else {
+      std::vector<std::thread> workers;
+      const size_t per = (pages + n - 1) / n;
+      for (size_t t = 0; t < n; ++t) {
+        size_t first = t * per, last = std::min(pages, first + per);
+        if (first < last) workers.emplace_back(touch, first, last);
+      }
+      for (auto& w : workers) w.join();
+    }
+    *out = p;
+  })
+}
+
+int lo_host_free(void* ptr, size_t bytes) {
+  LO_PROTECT(TORCH_CHECK(munmap(ptr, bytes) == 0, "munmap failed: ", std::strerror(errno)))
+}
+
+int lo_host_register(void* ptr, size_t bytes, int portable) {
+  LO_PROTECT({
+    const unsigned int flags = portable ? 1u /* cudaHostRegisterPortable */ : 0u;
+    check_cudart(cudart().host_register(ptr, bytes, flags), "cudaHostRegister");
+  })
+}
+
+int lo_host_tensor(void* ptr, size_t bytes, int registered, void** out) {
+  LO_PROTECT({
+    auto deleter = [bytes, registered](void* p) {
+      // A deleter must not throw; failures here can only be ignored.
+      if (registered) {
+        try {
+          cudart().host_unregister(p);
+          cudart().last_error();
+        } catch (...) {
+        }
+      }
+      munmap(p, bytes);
+    };
+    auto options = at::TensorOptions().dtype(at::kByte).device(at::kCPU);
+    *out = new at::Tensor(at::from_blob(ptr, {static_cast<int64_t>(bytes)}, deleter, options));
+  })
+}
+
+int lo_memory_stats(int device, lo_mem_stats* out) {
+  LO_PROTECT({
+    cuda_impl();
+    auto stats = at::getDeviceAllocator(kCuda)->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    constexpr auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    out->allocated_current = stats.allocated_bytes[agg].current;
+    out->allocated_peak = stats.allocated_bytes[agg].peak;
+    out->reserved_current = stats.reserved_bytes[agg].current;
+    out->reserved_peak = stats.reserved_bytes[agg].peak;
+    out->num_ooms = stats.num_ooms;
+  })
+}
+
+int lo_reset_peak_stats(int device) {
+  LO_PROTECT({
+    cuda_impl();
+    at::getDeviceAllocator(kCuda)->resetPeakStats(static_cast<c10::DeviceIndex>(device));
+  })
+}
+
+int lo_memory_info(int device, size_t* free_bytes, size_t* total_bytes) {
+  LO_PROTECT({
+    cuda_impl();
+    auto info = at::getDeviceAllocator(kCuda)->getMemoryInfo(static_cast<c10::DeviceIndex>(device));
+    *free_bytes = info.first;
+    *total_bytes = info.second;
+  })
+}
+
+int lo_empty_cache(void) {
+  LO_PROTECT({
+    cuda_impl();
+    at::getDeviceAllocator(kCuda)->emptyCache();
+  })
+}
+
+int lo_allocator_initialized(int* out) {
+  LO_PROTECT({
+    cuda_impl();
+    *out = at::getDeviceAllocator(kCuda)->initialized() ? 1 : 0;
+  })
+}
+
+int lo_set_memory_fraction(double fraction) {
+  LO_PROTECT({
+    cuda_impl();
+    TORCH_CHECK(fraction > 0.0 && fraction <= 1.0, "memory fraction must be in (0, 1], got ", fraction);
+    // The CUDA caching allocator reads this setting when it starts (one per-device allocator
+    // each, at the first CUDA allocation of the process); it cannot change afterwards.
+    TORCH_CHECK(!at::getDeviceAllocator(kCuda)->initialized(),
+                "the CUDA allocator has already started in this process; set the memory fraction "
+                "before the first CUDA allocation");
+    c10::CachingAllocator::setAllocatorSettings("per_process_memory_fraction:" +
+                                                std::to_string(fraction));
+  })
+}
+
+}  // extern "C"

@@ -1,0 +1,77 @@
+// C ABI over libtorch's device-generic stream, event, allocator and copy API.
+//
+// Every function returns 0 on success and -1 on failure; on failure the message is in a
+// thread-local slot read with lo_last_error(). No C++ exception crosses this boundary.
+// Tensors are libtorch `at::Tensor*`, the same pointers tch-rs hands out.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// A c10::Stream, packed (c10::Stream::pack3 / unpack3).
+typedef struct lo_stream {
+  int64_t id;
+  int32_t device_index;
+  int32_t device_type;
+} lo_stream;
+
+// Allocator statistics of one device (the aggregate pool), in bytes.
+typedef struct lo_mem_stats {
+  int64_t allocated_current;
+  int64_t allocated_peak;
+  int64_t reserved_current;
+  int64_t reserved_peak;
+  int64_t num_ooms;
+} lo_mem_stats;
+
+// The message of the last failed call on this thread; valid until the next call on this thread.
+const char* lo_last_error(void);
+
+// Accelerator discovery.
+int lo_cuda_compiled(int* out);
+int lo_cuda_device_count(int* out);
+int lo_synchronize_device(int device);
+
+// Streams.
+int lo_stream_from_pool(int device, int high_priority, lo_stream* out);
+int lo_stream_current(int device, lo_stream* out);
+int lo_stream_exchange(lo_stream stream, lo_stream* previous);
+int lo_stream_synchronize(lo_stream stream);
+int lo_stream_query(lo_stream stream, int* done);
+
+// Events (c10::Event on the CUDA backend).
+int lo_event_new(int enable_timing, void** out);
+void lo_event_free(void* event);
+int lo_event_record(void* event, lo_stream stream);
+int lo_event_block(void* event, lo_stream stream);
+int lo_event_query(void* event, int* done);
+int lo_event_synchronize(void* event);
+int lo_event_elapsed_ms(void* start, void* end, double* out);
+
+// Copies and stream bookkeeping of tensors.
+int lo_copy_async(void* dst, void* src, const lo_stream* stream);
+int lo_record_stream(void* tensor, lo_stream stream);
+int lo_tensor_is_pinned(void* tensor, int* out);
+
+// Host memory: page-aligned anonymous memory, optionally page-locked for the CUDA runtime.
+int lo_host_alloc(size_t bytes, int threads, void** out);
+int lo_host_free(void* ptr, size_t bytes);
+int lo_host_register(void* ptr, size_t bytes, int portable);
+// Takes ownership of `ptr` (from lo_host_alloc; registered if `registered`) and returns a 1-D
+// uint8 CPU tensor over it whose deleter unregisters and unmaps it when the last view is gone.
+int lo_host_tensor(void* ptr, size_t bytes, int registered, void** out);
+
+// Device allocator.
+int lo_memory_stats(int device, lo_mem_stats* out);
+int lo_reset_peak_stats(int device);
+int lo_memory_info(int device, size_t* free_bytes, size_t* total_bytes);
+int lo_empty_cache(void);
+int lo_allocator_initialized(int* out);
+int lo_set_memory_fraction(double fraction);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,24 @@
+//! Shared helpers of the integration tests.
+#![allow(dead_code)]
+
+use std::sync::{Mutex, MutexGuard};
+
+/// CUDA device 0 if one is usable. Without one: prints `SKIP: no CUDA device` to stderr and
+/// returns `None` (the test then passes), unless `OFFLOAD_REQUIRE_CUDA=1`, where it panics.
+pub fn cuda() -> Option<usize> {
+    if layerwise_offload::accel::cuda_is_available() {
+        return Some(0);
+    }
+    if std::env::var("OFFLOAD_REQUIRE_CUDA").as_deref() == Ok("1") {
+        panic!("OFFLOAD_REQUIRE_CUDA=1 but no CUDA device is usable in this process");
+    }
+    eprintln!("SKIP: no CUDA device");
+    None
+}
+
+/// Serialises the tests of one binary that read device-wide state (allocator statistics,
+/// timings): cargo runs a binary's tests on several threads at once.
+pub fn gpu_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
