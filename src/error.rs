@@ -63,6 +63,99 @@ pub enum Error {
         /// What is wrong and what is accepted.
         message: String,
     },
+    /// `module_list_attr` matches no tensor name.
+    #[error("module_list_attr {attr:?} matches no tensor name (looked for `{attr}.<index>.`); the names start with: {}", prefixes.join(", "))]
+    NoMatch {
+        /// The attribute asked for.
+        attr: String,
+        /// The prefixes that do exist (paths in front of a numeric component).
+        prefixes: Vec<String>,
+    },
+    /// `num_layers` is larger than the number of blocks found.
+    #[error("num_layers is {asked} for {attr:?}, but the model has only {found} such blocks; pass num_layers <= {found}")]
+    TooFewLayers {
+        /// The block list.
+        attr: String,
+        /// The `num_layers` given.
+        asked: usize,
+        /// Highest index found plus one.
+        found: usize,
+    },
+    /// Some block indices below `num_layers` have no tensors.
+    #[error("blocks {missing:?} of {attr:?} have no tensors (gaps in the indices); check the names or lower num_layers")]
+    MissingLayers {
+        /// The block list.
+        attr: String,
+        /// The indices with no tensor.
+        missing: Vec<usize>,
+    },
+    /// A block tensor is not stored densely (a slice or an expanded view), so its bytes cannot be
+    /// moved as one span.
+    #[error("tensor {name:?} (shape {shape:?}, strides {strides:?}) is not dense; make it contiguous (`.contiguous()`) before offloading")]
+    NonContiguous {
+        /// The tensor.
+        name: String,
+        /// Its shape.
+        shape: Vec<i64>,
+        /// Its strides.
+        strides: Vec<i64>,
+    },
+    /// Tensors sit on devices other than the compute device and the CPU.
+    #[error("tensors are on devices other than {allowed:?}: {found:?}; move the model to the CPU or to the compute device first")]
+    MixedDevices {
+        /// Devices that are accepted.
+        allowed: Vec<tch::Device>,
+        /// Some tensors that are elsewhere, with their devices.
+        found: Vec<(String, tch::Device)>,
+    },
+    /// A layer-loop call came before `initialize()` (or after `restore()`).
+    #[error("{op} called before initialize() (or after restore()); call initialize() first")]
+    NotInitialized {
+        /// The call.
+        op: &'static str,
+    },
+    /// A block index past the last block.
+    #[error("{op}: block {layer} is out of range (the manager has {num_layers} blocks, indices 0..{num_layers})")]
+    LayerOutOfRange {
+        /// The call.
+        op: &'static str,
+        /// The index given.
+        layer: usize,
+        /// Number of offloaded blocks (all lists).
+        num_layers: usize,
+    },
+    /// Every GPU slot holds a block that is in use.
+    #[error("no free GPU slot for block {layer}: blocks {in_use:?} are still entered; release one (drop its guard or call after_layer) first, or raise prefetch_depth")]
+    NoFreeSlot {
+        /// The block that needed a slot.
+        layer: usize,
+        /// Blocks currently entered.
+        in_use: Vec<usize>,
+    },
+    /// The block is entered, so its weights cannot change now.
+    #[error("{op}: block {layer} is entered; release it first")]
+    LayerInUse {
+        /// The call.
+        op: &'static str,
+        /// The block.
+        layer: usize,
+    },
+    /// No tensor of that name is managed.
+    #[error("no tensor named {name:?} in the model")]
+    UnknownTensor {
+        /// The name asked for.
+        name: String,
+    },
+    /// A replacement tensor does not match the tensor it replaces.
+    #[error("tensor {name:?} is {expected}, the replacement is {got}; pass a tensor of the same shape and dtype")]
+    Mismatch {
+        /// The tensor.
+        name: String,
+        /// Shape and dtype it has.
+        expected: String,
+        /// Shape and dtype given.
+        got: String,
+    },
     /// Any other failure inside libtorch.
     #[error("{op} failed in libtorch: {source}")]
     Torch {

@@ -4,5 +4,11 @@
 pub mod accel;
 pub mod error;
 mod ffi;
+pub mod manager;
+pub mod plan;
+pub mod source;
 
 pub use error::{Error, Result, TorchMessage};
+pub use manager::{LayerGuard, LayerwiseOffloadManager, OffloadConfig, OffloadStats};
+pub use plan::{LayerLayout, Plan, TensorLayout};
+pub use source::WeightSource;

@@ -22,3 +22,29 @@ pub fn gpu_lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+pub mod model;
+
+/// Where a test body runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The manager's CPU test mode.
+    Cpu,
+    /// CUDA device 0.
+    Cuda,
+}
+
+impl Mode {
+    /// The device for this mode, or None (after printing SKIP) when CUDA is asked for and absent.
+    pub fn device(self) -> Option<tch::Device> {
+        match self {
+            Mode::Cpu => Some(tch::Device::Cpu),
+            Mode::Cuda => cuda().map(tch::Device::Cuda),
+        }
+    }
+
+    /// An offload configuration for this mode.
+    pub fn config(self, attr: &str, n: usize) -> layerwise_offload::OffloadConfig {
+        layerwise_offload::OffloadConfig::new(attr, n).cpu_test_mode(self == Mode::Cpu)
+    }
+}

@@ -1,0 +1,937 @@
+//! [`LayerwiseOffloadManager`]: keeps each block's weights in one host buffer and streams them
+//! through a fixed ring of GPU slots, one block ahead of the compute.
+//!
+//! Data path of one block: host buffer (one allocation per block, tensors at 256-byte aligned
+//! offsets) → one non-blocking copy on the copy stream into a free slot → the slot's `ready`
+//! event → the compute stream waits on it when the block is entered → the block's tensors point
+//! (`set_data`) at views of the slot → the block runs → release records the slot's `free` event
+//! on the compute stream → the copy stream waits on that event before it overwrites the slot.
+//! No host synchronization happens in the loop.
+
+use crate::accel::{self, Event, HostMemory, Stream};
+use crate::error::{Error, Result};
+use crate::plan::{self, LayerLayout, Plan};
+use crate::source::WeightSource;
+use std::fmt;
+use std::path::Path;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// How a manager is set up. Required values are positional in [`OffloadConfig::new`]; the rest
+/// are options with the seed's defaults.
+#[derive(Debug, Clone)]
+pub struct OffloadConfig {
+    lists: Vec<(String, usize)>,
+    enabled: bool,
+    pin_cpu_memory: bool,
+    auto_initialize: bool,
+    prefetch_depth: usize,
+    device: usize,
+    cpu_test_mode: bool,
+}
+
+impl OffloadConfig {
+    /// Offload blocks `0..num_layers` of the list whose tensors are named
+    /// `<module_list_attr>.<index>.…` (e.g. `"blocks"`, 40).
+    pub fn new(module_list_attr: impl Into<String>, num_layers: usize) -> OffloadConfig {
+        OffloadConfig {
+            lists: vec![(module_list_attr.into(), num_layers)],
+            enabled: true,
+            pin_cpu_memory: true,
+            auto_initialize: false,
+            prefetch_depth: 1,
+            device: 0,
+            cpu_test_mode: false,
+        }
+    }
+
+    /// Adds another block list; the loop runs list by list in the order given (e.g. Flux's
+    /// `double_blocks`, then `single_blocks`).
+    pub fn with_list(mut self, module_list_attr: impl Into<String>, num_layers: usize) -> OffloadConfig {
+        self.lists.push((module_list_attr.into(), num_layers));
+        self
+    }
+
+    /// Off: every call is a no-op and the model is left as it is (default on).
+    pub fn enabled(mut self, enabled: bool) -> OffloadConfig {
+        self.enabled = enabled;
+        self
+    }
+
+    /// Page-lock the host buffers (default true). Pageable buffers upload at about a third of
+    /// the speed and the copies do not overlap compute.
+    pub fn pin_cpu_memory(mut self, pin: bool) -> OffloadConfig {
+        self.pin_cpu_memory = pin;
+        self
+    }
+
+    /// Run [`LayerwiseOffloadManager::initialize`] inside `build` (default false).
+    pub fn auto_initialize(mut self, auto: bool) -> OffloadConfig {
+        self.auto_initialize = auto;
+        self
+    }
+
+    /// How many blocks are uploaded ahead of the one computing (default 1, at least 1). The GPU
+    /// holds `prefetch_depth + 1` slots of the largest block's size.
+    pub fn prefetch_depth(mut self, depth: usize) -> OffloadConfig {
+        self.prefetch_depth = depth;
+        self
+    }
+
+    /// The CUDA device that computes (default 0).
+    pub fn device(mut self, index: usize) -> OffloadConfig {
+        self.device = index;
+        self
+    }
+
+    /// Run everything with the CPU as the compute device: plain host buffers, CPU slots,
+    /// synchronous copies, no streams. For testing the manager's logic without a GPU; it saves
+    /// no memory. Off by default.
+    pub fn cpu_test_mode(mut self, on: bool) -> OffloadConfig {
+        self.cpu_test_mode = on;
+        self
+    }
+
+    /// Builds the manager over `model`'s weights (and initializes it if `auto_initialize`).
+    pub fn build(self, model: &(impl WeightSource + ?Sized)) -> Result<LayerwiseOffloadManager> {
+        if self.prefetch_depth == 0 {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::prefetch_depth",
+                message: "prefetch_depth must be at least 1".into(),
+            });
+        }
+        let named = model.named_tensors()?;
+        let backend = if self.cpu_test_mode {
+            Backend::Cpu
+        } else if self.enabled && accel::cuda_device_count() > self.device {
+            Backend::Cuda { device: self.device, copy: None }
+        } else {
+            Backend::Disabled
+        };
+        let backend = if self.enabled { backend } else { Backend::Disabled };
+        let auto = self.auto_initialize;
+        let mut m = LayerwiseOffloadManager {
+            config: self,
+            backend,
+            named,
+            phase: Phase::Configured,
+            plan: None,
+            layers: Vec::new(),
+            slots: Vec::new(),
+            tick: 0,
+            stats: OffloadStats::default(),
+        };
+        if auto {
+            m.initialize()?;
+        }
+        Ok(m)
+    }
+}
+
+#[derive(Debug)]
+enum Backend {
+    /// No CUDA device (or disabled): every call is a no-op.
+    Disabled,
+    /// Compute on the CPU, synchronous copies (the CPU test mode).
+    Cpu,
+    /// Compute on CUDA device `device`; uploads on `copy`.
+    Cuda { device: usize, copy: Option<Stream> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Configured,
+    Ready,
+    Restored,
+}
+
+/// Runtime state of one block.
+#[derive(Debug)]
+struct LayerRt {
+    /// The block's host buffer (uint8), once filled.
+    host: Option<Tensor>,
+    /// Handles of the model's tensors (same order as the layout's tensors).
+    params: Vec<Tensor>,
+    /// Empty tensors the params point at while the block is not on the device.
+    placeholders: Vec<Tensor>,
+    /// The slot holding the block's weights, if any.
+    slot: Option<usize>,
+    /// Entered and not yet released.
+    in_use: bool,
+}
+
+/// One GPU slot of the ring.
+#[derive(Debug)]
+struct SlotRt {
+    buf: Tensor,
+    layer: Option<usize>,
+    /// Recorded on the copy stream after the upload into this slot.
+    ready: Option<Event>,
+    /// Recorded on the compute stream when the block using this slot was released.
+    free: Option<Event>,
+    free_recorded: bool,
+    last_used: u64,
+}
+
+/// Counters of a manager's work so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OffloadStats {
+    /// Block uploads queued.
+    pub uploads: u64,
+    /// Bytes uploaded.
+    pub bytes_uploaded: u64,
+    /// Blocks that stream through the slot ring.
+    pub streamed_layers: usize,
+    /// Bytes of one GPU slot times the number of slots.
+    pub slot_bytes: u64,
+    /// Bytes of host buffers.
+    pub host_bytes: u64,
+    /// Whether the host buffers are page-locked.
+    pub pinned: bool,
+    /// Seconds `initialize()` took.
+    pub init_seconds: f64,
+}
+
+impl fmt::Display for OffloadStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        writeln!(f, "| statistic | value |")?;
+        writeln!(f, "|---|---|")?;
+        writeln!(f, "| streamed blocks | {} |", self.streamed_layers)?;
+        writeln!(f, "| uploads | {} |", self.uploads)?;
+        writeln!(f, "| bytes uploaded | {:.3} GiB |", gib(self.bytes_uploaded))?;
+        writeln!(f, "| GPU slot ring | {:.3} GiB |", gib(self.slot_bytes))?;
+        writeln!(f, "| host buffers | {:.3} GiB ({}) |", gib(self.host_bytes), if self.pinned { "pinned" } else { "pageable" })?;
+        write!(f, "| initialize | {:.2} s |", self.init_seconds)
+    }
+}
+
+/// Streams a model's per-block weights between host memory and the GPU, one block ahead of the
+/// compute, with the API of FastVideo's `LayerwiseOffloadManager` plus a guard-based layer loop.
+///
+/// Blocks are numbered in loop order across all lists (list by list); [`Self::layer_index`]
+/// maps `(list, index)` to that number.
+///
+/// After [`Self::initialize`], a block's tensors are empty placeholders except while the block
+/// is on the device; non-block tensors stay on the compute device. [`Self::restore`] puts every
+/// weight back on the compute device. Dropping the manager without `restore` points each block
+/// tensor at its host copy (CPU memory), so no weight is ever lost.
+///
+/// Inference only: autograd must be off (`tch::no_grad`) while the loop runs, since slot
+/// memory is reused.
+#[derive(Debug)]
+pub struct LayerwiseOffloadManager {
+    config: OffloadConfig,
+    backend: Backend,
+    named: Vec<(String, Tensor)>,
+    phase: Phase,
+    plan: Option<Plan>,
+    layers: Vec<LayerRt>,
+    slots: Vec<SlotRt>,
+    tick: u64,
+    stats: OffloadStats,
+}
+
+impl LayerwiseOffloadManager {
+    /// The seed's constructor: `new(model, module_list_attr, num_layers, enabled,
+    /// pin_cpu_memory, auto_initialize)`. Disabled (all no-ops) without a CUDA device.
+    pub fn new(
+        model: &(impl WeightSource + ?Sized),
+        module_list_attr: &str,
+        num_layers: usize,
+        enabled: bool,
+        pin_cpu_memory: bool,
+        auto_initialize: bool,
+    ) -> Result<LayerwiseOffloadManager> {
+        OffloadConfig::new(module_list_attr, num_layers)
+            .enabled(enabled)
+            .pin_cpu_memory(pin_cpu_memory)
+            .auto_initialize(auto_initialize)
+            .build(model)
+    }
+
+    /// Whether the manager does anything: false when disabled or without a CUDA device (outside
+    /// the CPU test mode).
+    pub fn is_enabled(&self) -> bool {
+        !matches!(self.backend, Backend::Disabled)
+    }
+
+    /// Whether `initialize()` has run (and `restore()` has not).
+    pub fn is_initialized(&self) -> bool {
+        self.phase == Phase::Ready
+    }
+
+    /// The device blocks compute on.
+    pub fn compute_device(&self) -> Device {
+        match self.backend {
+            Backend::Cuda { device, .. } => Device::Cuda(device),
+            _ => Device::Cpu,
+        }
+    }
+
+    /// The plan (which tensors form which block), once initialized.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref()
+    }
+
+    /// Number of offloaded blocks over all lists (0 before `initialize`).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The loop index of block `index` of list `module_list_attr`.
+    pub fn layer_index(&self, module_list_attr: &str, index: usize) -> Option<usize> {
+        self.plan.as_ref()?.layers.iter().position(|l| l.attr == module_list_attr && l.index == index)
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &OffloadStats {
+        &self.stats
+    }
+
+    /// Offloads every block tensor into its host buffer, leaves rank-preserving empty
+    /// placeholders in the model, moves non-block tensors to the compute device, allocates the
+    /// slot ring and uploads the first block synchronously. A no-op when disabled or already
+    /// initialized.
+    ///
+    /// Works from a model on the CPU (block tensors go straight to their host buffers and each
+    /// CPU tensor is freed once copied, so the model never has to fit on the GPU) or one
+    /// already on the compute device. On error nothing is lost: blocks already moved point at
+    /// their host copies and [`Self::restore`] brings everything back.
+    pub fn initialize(&mut self) -> Result<()> {
+        if !self.is_enabled() || self.phase == Phase::Ready {
+            return Ok(());
+        }
+        if self.phase == Phase::Restored {
+            return Err(Error::InvalidArgument {
+                op: "initialize",
+                message: "the manager was restored; build a new manager to offload again".into(),
+            });
+        }
+        let started = Instant::now();
+        let compute = self.compute_device();
+        let allowed = if compute == Device::Cpu { vec![Device::Cpu] } else { vec![compute, Device::Cpu] };
+        let plan = plan::build(&self.named, &self.config.lists, &allowed)?;
+
+        // 1. The slot ring and its events first: running out of device memory here changes
+        //    nothing.
+        let slot_bytes = plan.max_layer_bytes();
+        let n_slots = self.config.prefetch_depth + 1;
+        let mut slots = Vec::with_capacity(n_slots);
+        for _ in 0..n_slots {
+            let buf = match self.backend {
+                Backend::Cuda { device, .. } => accel::alloc_device(slot_bytes, device).map_err(|e| match e {
+                    Error::OutOfMemory { source, .. } => Error::OutOfMemory {
+                        op: format!("allocating {n_slots} GPU slots of {slot_bytes} bytes (prefetch_depth + 1)"),
+                        bytes: (slot_bytes * n_slots) as u64,
+                        source,
+                    },
+                    e => e,
+                })?,
+                _ => Tensor::f_empty([slot_bytes as i64], (Kind::Uint8, Device::Cpu))
+                    .map_err(|e| Error::from(("allocating CPU slots", e)))?,
+            };
+            let (ready, free) = match self.backend {
+                Backend::Cuda { .. } => (Some(Event::new()?), Some(Event::new()?)),
+                _ => (None, None),
+            };
+            slots.push(SlotRt { buf, layer: None, ready, free, free_recorded: false, last_used: 0 });
+        }
+        if let Backend::Cuda { device, copy } = &mut self.backend {
+            if copy.is_none() {
+                *copy = Some(Stream::from_pool(*device)?);
+            }
+        }
+
+        // 2. Runtime state per block: handles and placeholders.
+        let mut layers = Vec::with_capacity(plan.layers.len());
+        for l in &plan.layers {
+            let mut params = Vec::with_capacity(l.tensors.len());
+            let mut placeholders = Vec::with_capacity(l.tensors.len());
+            for t in &l.tensors {
+                params.push(self.named[t.source_index].1.shallow_clone());
+                let shape = vec![0i64; t.shape.len().max(1)];
+                placeholders.push(
+                    Tensor::f_empty(shape, (t.kind, compute)).map_err(|e| Error::from(("creating placeholders", e)))?,
+                );
+            }
+            layers.push(LayerRt { host: None, params, placeholders, slot: None, in_use: false });
+        }
+
+        // 3. Non-block tensors to the compute device.
+        for &i in &plan.resident {
+            let t = &mut self.named[i].1;
+            if t.device() != compute {
+                let moved = tch::no_grad(|| t.f_to_device(compute))
+                    .map_err(|e| Error::from_torch("moving non-block tensors to the compute device", 0, e.to_string()))?;
+                t.f_set_data(&moved).map_err(|e| Error::from(("moving non-block tensors", e)))?;
+            }
+        }
+
+        self.slots = slots;
+        self.layers = layers;
+        self.stats = OffloadStats {
+            streamed_layers: plan.layers.len(),
+            slot_bytes: (slot_bytes * n_slots) as u64,
+            pinned: self.host_memory() == HostMemory::Pinned,
+            ..OffloadStats::default()
+        };
+        self.plan = Some(plan);
+
+        // 4. Blocks into their host buffers, one at a time, freeing each source as it goes.
+        for i in 0..self.layers.len() {
+            if let Err(e) = self.fill_host(i) {
+                self.detach_to_host();
+                return Err(e);
+            }
+        }
+        self.phase = Phase::Ready;
+        self.stats.init_seconds = started.elapsed().as_secs_f64();
+
+        // 5. The first block on the device, synchronously (as the seed does).
+        if !self.layers.is_empty() {
+            self.prefetch_layer(0, false)?;
+        }
+        Ok(())
+    }
+
+    fn host_memory(&self) -> HostMemory {
+        match self.backend {
+            Backend::Cuda { .. } if self.config.pin_cpu_memory => HostMemory::Pinned,
+            _ => HostMemory::Pageable,
+        }
+    }
+
+    fn layout(&self, layer: usize) -> &LayerLayout {
+        &self.plan.as_ref().expect("plan exists once layers exist").layers[layer]
+    }
+
+    /// Typed views of a block buffer (host buffer or slot), one per tensor, with the original
+    /// shapes and strides.
+    fn views(buf: &Tensor, layout: &LayerLayout) -> Result<Vec<Tensor>> {
+        layout
+            .tensors
+            .iter()
+            .map(|t| {
+                buf.f_narrow(0, t.offset as i64, t.bytes as i64)
+                    .and_then(|v| v.f_view_dtype(t.kind))
+                    .and_then(|v| v.f_as_strided(t.shape.as_slice(), t.strides.as_slice(), None))
+                    .map_err(|e| Error::from(("making views of a block buffer", e)))
+            })
+            .collect()
+    }
+
+    /// Copies block `i`'s tensors into a new host buffer and points them at placeholders.
+    fn fill_host(&mut self, i: usize) -> Result<()> {
+        let layout = self.layout(i).clone();
+        let host = accel::alloc_host(layout.bytes, self.host_memory())?;
+        let views = Self::views(&host, &layout)?;
+        let rt = &mut self.layers[i];
+        tch::no_grad(|| -> Result<()> {
+            for (mut v, p) in views.into_iter().zip(&rt.params) {
+                v.f_copy_(p).map_err(|e| Error::from(("copying a block into its host buffer", e)))?;
+            }
+            Ok(())
+        })?;
+        self.stats.host_bytes += layout.bytes as u64;
+        rt.host = Some(host);
+        // Point at placeholders: frees the original storage unless the caller holds it elsewhere.
+        for (p, ph) in rt.params.iter_mut().zip(&rt.placeholders) {
+            p.f_set_data(ph).map_err(|e| Error::from(("placing placeholders", e)))?;
+        }
+        Ok(())
+    }
+
+    /// Points every filled block's tensors at their host copies (CPU memory) and forgets the
+    /// slots: the state after a failed initialize and on drop.
+    fn detach_to_host(&mut self) {
+        self.sync_copies();
+        if self.plan.is_none() {
+            return;
+        }
+        for i in 0..self.layers.len() {
+            let Some(host) = self.layers[i].host.as_ref().map(|h| h.shallow_clone()) else { continue };
+            let Ok(views) = Self::views(&host, self.layout(i)) else { continue };
+            for (p, v) in self.layers[i].params.iter_mut().zip(&views) {
+                let _ = p.f_set_data(v);
+            }
+            self.layers[i].slot = None;
+            self.layers[i].in_use = false;
+        }
+        for s in &mut self.slots {
+            s.layer = None;
+        }
+    }
+
+    /// Waits on the host until every queued upload has finished.
+    fn sync_copies(&self) {
+        if let Backend::Cuda { copy: Some(copy), .. } = &self.backend {
+            let _ = copy.synchronize();
+        }
+    }
+
+    fn compute_stream(&self) -> Result<Option<Stream>> {
+        match self.backend {
+            Backend::Cuda { device, .. } => Ok(Some(Stream::current(device)?)),
+            _ => Ok(None),
+        }
+    }
+
+    fn check_ready(&self, op: &'static str) -> Result<()> {
+        if self.phase != Phase::Ready {
+            return Err(Error::NotInitialized { op });
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, op: &'static str, layer: usize) -> Result<()> {
+        if layer >= self.layers.len() {
+            return Err(Error::LayerOutOfRange { op, layer, num_layers: self.layers.len() });
+        }
+        Ok(())
+    }
+
+    /// A slot that holds no entered block and none of `protect`: empty ones first, then the
+    /// least recently used.
+    fn pick_slot(&self, protect: &[usize]) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| match s.layer {
+                None => true,
+                Some(l) => !self.layers[l].in_use && !protect.contains(&l),
+            })
+            .min_by_key(|(_, s)| (s.layer.is_some(), s.last_used))
+            .map(|(i, _)| i)
+    }
+
+    /// Forgets the block held by slot `s` (its tensors go back to placeholders).
+    fn evict(&mut self, s: usize) -> Result<()> {
+        if let Some(old) = self.slots[s].layer.take() {
+            let rt = &mut self.layers[old];
+            rt.slot = None;
+            for (p, ph) in rt.params.iter_mut().zip(&rt.placeholders) {
+                p.f_set_data(ph).map_err(|e| Error::from(("placing placeholders", e)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the upload of block `layer` into slot `s`.
+    fn upload(&mut self, layer: usize, s: usize) -> Result<()> {
+        self.evict(s)?;
+        let bytes = self.layout(layer).bytes;
+        let host = self.layers[layer].host.as_ref().expect("initialized blocks have host buffers");
+        let slot = &mut self.slots[s];
+        let mut dst = slot.buf.f_narrow(0, 0, bytes as i64).map_err(|e| Error::from(("upload", e)))?;
+        match &self.backend {
+            Backend::Cuda { copy: Some(copy), .. } => {
+                if slot.free_recorded {
+                    // The compute stream released the slot's previous block: wait for that work.
+                    slot.free.as_ref().expect("CUDA slots have events").wait(copy)?;
+                }
+                // SAFETY: `host` and the slot live in the manager until Drop or restore, both of
+                // which synchronize the copy stream first; nothing writes the host buffer while
+                // an upload may read it (update_tensor synchronizes first), and the compute
+                // stream reads the slot only after waiting on `ready`.
+                unsafe { accel::copy_async(&mut dst, host, Some(copy))? };
+                slot.ready.as_mut().expect("CUDA slots have events").record(copy)?;
+            }
+            _ => {
+                tch::no_grad(|| dst.f_copy_(host)).map_err(|e| Error::from(("upload", e)))?;
+            }
+        }
+        slot.layer = Some(layer);
+        self.layers[layer].slot = Some(s);
+        self.stats.uploads += 1;
+        self.stats.bytes_uploaded += bytes as u64;
+        Ok(())
+    }
+
+    /// Points block `layer`'s tensors at views of its slot.
+    fn point_at_slot(&mut self, layer: usize) -> Result<()> {
+        let s = self.layers[layer].slot.expect("block is in a slot");
+        let views = Self::views(&self.slots[s].buf, self.layout(layer))?;
+        for (p, v) in self.layers[layer].params.iter_mut().zip(&views) {
+            p.f_set_data(v).map_err(|e| Error::from(("pointing a block at its slot", e)))?;
+        }
+        Ok(())
+    }
+
+    /// Makes block `layer` usable by the compute stream: uploads it if no slot holds it, makes
+    /// the compute stream wait for its upload, points its tensors at the slot.
+    fn activate(&mut self, layer: usize) -> Result<()> {
+        if self.layers[layer].in_use {
+            return Ok(());
+        }
+        let s = match self.layers[layer].slot {
+            Some(s) => s,
+            None => {
+                let s = self.pick_slot(&[layer]).ok_or_else(|| Error::NoFreeSlot { layer, in_use: self.in_use() })?;
+                self.upload(layer, s)?;
+                s
+            }
+        };
+        if let Some(compute) = self.compute_stream()? {
+            self.slots[s].ready.as_ref().expect("CUDA slots have events").wait(&compute)?;
+        }
+        self.point_at_slot(layer)?;
+        self.tick += 1;
+        self.slots[s].last_used = self.tick;
+        self.layers[layer].in_use = true;
+        Ok(())
+    }
+
+    /// Queues the uploads of the `prefetch_depth` blocks after `layer` in loop order, wrapping
+    /// from the last block to the first. Stops quietly when no slot is free.
+    fn prefetch_ahead(&mut self, layer: usize) -> Result<()> {
+        let n = self.layers.len();
+        let depth = self.config.prefetch_depth.min(n.saturating_sub(1));
+        let upcoming: Vec<usize> = (1..=depth).map(|k| (layer + k) % n).collect();
+        for &next in &upcoming {
+            if self.layers[next].slot.is_some() {
+                continue;
+            }
+            let Some(s) = self.pick_slot(&upcoming) else { break };
+            self.upload(next, s)?;
+        }
+        Ok(())
+    }
+
+    /// Releases block `layer` if entered: the compute stream records the slot's `free` event
+    /// and the block's tensors go back to placeholders. The slot keeps the block's bytes until
+    /// another block needs it, so re-entering it soon costs no upload.
+    fn release(&mut self, layer: usize) -> Result<()> {
+        if !self.layers[layer].in_use {
+            return Ok(());
+        }
+        self.layers[layer].in_use = false;
+        let s = self.layers[layer].slot.expect("an entered block is in a slot");
+        if let Some(compute) = self.compute_stream()? {
+            let slot = &mut self.slots[s];
+            slot.free.as_mut().expect("CUDA slots have events").record(&compute)?;
+            slot.free_recorded = true;
+        }
+        let rt = &mut self.layers[layer];
+        for (p, ph) in rt.params.iter_mut().zip(&rt.placeholders) {
+            p.f_set_data(ph).map_err(|e| Error::from(("placing placeholders", e)))?;
+        }
+        Ok(())
+    }
+
+    fn in_use(&self) -> Vec<usize> {
+        (0..self.layers.len()).filter(|&i| self.layers[i].in_use).collect()
+    }
+
+    /// Enters block `layer` for computing: waits (on the device) for its upload, loading it at
+    /// once if nothing prefetched it, and queues the uploads of the next `prefetch_depth`
+    /// blocks. Dropping the guard releases the block. A disabled manager returns a guard that
+    /// does nothing.
+    pub fn enter(&mut self, layer: usize) -> Result<LayerGuard<'_>> {
+        if self.is_enabled() {
+            self.before_layer(layer)?;
+        }
+        Ok(LayerGuard { manager: self, layer, armed: true })
+    }
+
+    /// [`Self::enter`] without a guard, for drivers that cannot hold one; pair it with
+    /// [`Self::after_layer`].
+    pub fn before_layer(&mut self, layer: usize) -> Result<()> {
+        if !self.is_enabled() {
+            return Ok(());
+        }
+        self.check_ready("before_layer")?;
+        self.check_range("before_layer", layer)?;
+        self.activate(layer)?;
+        self.prefetch_ahead(layer)
+    }
+
+    /// Releases block `layer` after its compute (no-op if it is not entered).
+    pub fn after_layer(&mut self, layer: usize) -> Result<()> {
+        if !self.is_enabled() {
+            return Ok(());
+        }
+        self.check_ready("after_layer")?;
+        self.check_range("after_layer", layer)?;
+        self.release(layer)
+    }
+
+    /// The seed's `prefetch_layer`: queues the upload of block `layer` on the copy stream and
+    /// points its tensors at the slot. A no-op when disabled, out of range or already on the
+    /// device. With `non_blocking == false` it waits (on the host) for the upload; otherwise
+    /// the compute stream waits for it when the block is entered (`enter`, `before_layer` or
+    /// `layer_scope`).
+    pub fn prefetch_layer(&mut self, layer: usize, non_blocking: bool) -> Result<()> {
+        if !self.is_enabled() {
+            return Ok(());
+        }
+        self.check_ready("prefetch_layer")?;
+        if layer >= self.layers.len() || self.layers[layer].slot.is_some() {
+            return Ok(());
+        }
+        let s = self.pick_slot(&[layer]).ok_or_else(|| Error::NoFreeSlot { layer, in_use: self.in_use() })?;
+        self.upload(layer, s)?;
+        self.point_at_slot(layer)?;
+        if !non_blocking {
+            if let Some(ready) = &self.slots[s].ready {
+                ready.synchronize()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The seed's `release_layer`: takes block `layer` off the device (releasing it if
+    /// entered). A no-op when disabled, out of range or not on the device.
+    pub fn release_layer(&mut self, layer: usize) -> Result<()> {
+        if !self.is_enabled() {
+            return Ok(());
+        }
+        self.check_ready("release_layer")?;
+        if layer >= self.layers.len() {
+            return Ok(());
+        }
+        self.release(layer)?;
+        if let Some(s) = self.layers[layer].slot {
+            self.evict(s)?;
+        }
+        Ok(())
+    }
+
+    /// The seed's `release_all`: takes every block off the device.
+    pub fn release_all(&mut self) -> Result<()> {
+        if !self.is_enabled() {
+            return Ok(());
+        }
+        self.check_ready("release_all")?;
+        for i in 0..self.layers.len() {
+            self.release_layer(i)?;
+        }
+        Ok(())
+    }
+
+    /// The seed's `layer_scope(prefetch, release)` around one block: makes block `release`
+    /// usable (it is the block about to run), queues the upload of `prefetch`, runs `f`, then
+    /// releases `release` (also if `f` panics).
+    pub fn layer_scope<R>(&mut self, prefetch: Option<usize>, release: Option<usize>, f: impl FnOnce() -> R) -> Result<R> {
+        if !self.is_enabled() {
+            return Ok(f());
+        }
+        self.check_ready("layer_scope")?;
+        let release = release.filter(|&r| r < self.layers.len());
+        if let Some(r) = release {
+            self.activate(r)?;
+        }
+        if let Some(p) = prefetch {
+            self.prefetch_layer(p, true)?;
+        }
+        let guard = LayerGuard { manager: self, layer: release.unwrap_or(usize::MAX), armed: release.is_some() };
+        let out = f();
+        guard.finish()?;
+        Ok(out)
+    }
+
+    /// Whether block `layer`'s weights are on the device now (in a slot, uploaded or queued).
+    pub fn is_on_device(&self, layer: usize) -> bool {
+        self.layers.get(layer).is_some_and(|l| l.slot.is_some())
+    }
+
+    /// Whether block `layer` is entered.
+    pub fn is_entered(&self, layer: usize) -> bool {
+        self.layers.get(layer).is_some_and(|l| l.in_use)
+    }
+
+    /// The blocks held by the slot ring now, slot by slot.
+    pub fn slot_contents(&self) -> Vec<Option<usize>> {
+        self.slots.iter().map(|s| s.layer).collect()
+    }
+
+    /// Finds a managed tensor: `Ok(Some((layer, position)))` for a block tensor, `Ok(None)`
+    /// for a non-block tensor.
+    fn locate(&self, name: &str) -> Result<(usize, Option<(usize, usize)>)> {
+        let src = self
+            .named
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| Error::UnknownTensor { name: name.to_owned() })?;
+        if let Some(plan) = &self.plan {
+            for (li, l) in plan.layers.iter().enumerate() {
+                if let Some(j) = l.tensors.iter().position(|t| t.source_index == src) {
+                    if self.layers[li].host.is_some() {
+                        return Ok((src, Some((li, j))));
+                    }
+                }
+            }
+        }
+        Ok((src, None))
+    }
+
+    /// The current value of tensor `name`: for an offloaded block tensor a view of its host
+    /// copy (CPU; read it, do not write it: use [`Self::update_tensor`]), otherwise the model's
+    /// tensor.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let (src, at) = self.locate(name)?;
+        match at {
+            Some((li, j)) => {
+                self.sync_copies();
+                let host = self.layers[li].host.as_ref().expect("located blocks have host buffers");
+                let mut views = Self::views(host, self.layout(li))?;
+                Ok(views.swap_remove(j))
+            }
+            None => Ok(self.named[src].1.shallow_clone()),
+        }
+    }
+
+    /// Every managed tensor's current value, in the source's order (see [`Self::tensor`]).
+    /// Saving the model's own `VarStore` while offloaded would write the placeholders; save
+    /// these instead (or use [`Self::save_safetensors`]).
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.named.iter().map(|(n, _)| Ok((n.clone(), self.tensor(n)?))).collect()
+    }
+
+    /// Writes every weight (block tensors from their host copies) to a safetensors file.
+    pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
+        let tensors: Vec<(String, Tensor)> = self
+            .named_tensors()?
+            .into_iter()
+            .map(|(n, t)| (n, if t.is_contiguous() { t } else { t.contiguous() }))
+            .collect();
+        Tensor::write_safetensors(&tensors, path).map_err(|e| Error::from(("save_safetensors", e)))
+    }
+
+    /// Replaces the value of tensor `name` (e.g. after merging a LoRA): for a block tensor the
+    /// host copy is overwritten and the next upload carries the new value; for a non-block
+    /// tensor the model's tensor is overwritten in place. Shape and dtype must match. Waits for
+    /// queued uploads first; refused while the block is entered.
+    pub fn update_tensor(&mut self, name: &str, value: &Tensor) -> Result<()> {
+        let (src, at) = self.locate(name)?;
+        let (shape, kind) = match at {
+            Some((li, j)) => {
+                let t = &self.layout(li).tensors[j];
+                (t.shape.clone(), t.kind)
+            }
+            None => (self.named[src].1.size(), self.named[src].1.kind()),
+        };
+        if value.size() != shape || value.kind() != kind {
+            return Err(Error::Mismatch {
+                name: name.to_owned(),
+                expected: format!("{shape:?} {kind:?}"),
+                got: format!("{:?} {:?}", value.size(), value.kind()),
+            });
+        }
+        match at {
+            Some((li, j)) => {
+                if self.layers[li].in_use {
+                    return Err(Error::LayerInUse { op: "update_tensor", layer: li });
+                }
+                self.sync_copies();
+                let host = self.layers[li].host.as_ref().expect("located blocks have host buffers").shallow_clone();
+                let mut view = Self::views(&host, self.layout(li))?.swap_remove(j);
+                tch::no_grad(|| view.f_copy_(value)).map_err(|e| Error::from(("update_tensor", e)))?;
+                if let Some(s) = self.layers[li].slot {
+                    self.evict(s)?;
+                }
+            }
+            None => {
+                let t = &mut self.named[src].1;
+                tch::no_grad(|| t.f_copy_(value)).map_err(|e| Error::from(("update_tensor", e)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts every block tensor back on the compute device (fresh tensors with the original
+    /// shapes and strides, bit-identical), frees the slots and host buffers, and leaves the
+    /// model usable without the manager. Needs device memory for the whole model; if it runs
+    /// out, blocks restored so far stay restored and calling it again (after freeing memory)
+    /// or [`Self::restore_to`] the CPU finishes the job.
+    pub fn restore(&mut self) -> Result<()> {
+        let device = self.compute_device();
+        self.restore_to(device)
+    }
+
+    /// [`Self::restore`] onto `device` (e.g. `Device::Cpu` for a model that does not fit).
+    pub fn restore_to(&mut self, device: Device) -> Result<()> {
+        if self.phase == Phase::Restored || self.plan.is_none() {
+            return Ok(());
+        }
+        self.sync_copies();
+        for i in 0..self.layers.len() {
+            let Some(host) = self.layers[i].host.as_ref().map(|h| h.shallow_clone()) else { continue };
+            let layout = self.layout(i).clone();
+            let views = Self::views(&host, &layout)?;
+            let mut fresh = Vec::with_capacity(views.len());
+            for (t, v) in layout.tensors.iter().zip(&views) {
+                let mut f = Tensor::f_empty_strided(t.shape.as_slice(), t.strides.as_slice(), (t.kind, device))
+                    .map_err(|e| Error::from_torch("restore", t.bytes as u64, e.to_string()))?;
+                tch::no_grad(|| f.f_copy_(v)).map_err(|e| Error::from_torch("restore", t.bytes as u64, e.to_string()))?;
+                fresh.push(f);
+            }
+            let rt = &mut self.layers[i];
+            for (p, f) in rt.params.iter_mut().zip(&fresh) {
+                p.f_set_data(f).map_err(|e| Error::from(("restore", e)))?;
+            }
+            rt.in_use = false;
+            if let Some(s) = rt.slot.take() {
+                self.slots[s].layer = None;
+            }
+            self.stats.host_bytes -= layout.bytes as u64;
+            self.layers[i].host = None;
+        }
+        if let Backend::Cuda { device, .. } = self.backend {
+            accel::synchronize_device(device)?;
+        }
+        self.slots.clear();
+        self.phase = Phase::Restored;
+        Ok(())
+    }
+}
+
+impl Drop for LayerwiseOffloadManager {
+    fn drop(&mut self) {
+        // Queued uploads read host buffers and write slots that are freed below: wait for them.
+        // Compute work that still reads a slot is ordered by libtorch's allocator (the slot was
+        // allocated on the compute stream). Then leave every block tensor pointing at its host
+        // copy, so the model keeps its weights.
+        if self.phase != Phase::Restored {
+            if let Backend::Cuda { device, .. } = self.backend {
+                let _ = accel::synchronize_device(device);
+            }
+            self.detach_to_host();
+        }
+    }
+}
+
+/// A block entered with [`LayerwiseOffloadManager::enter`]; dropping it releases the block
+/// (also during a panic's unwinding).
+#[must_use = "the block is released when the guard drops"]
+#[derive(Debug)]
+pub struct LayerGuard<'a> {
+    manager: &'a mut LayerwiseOffloadManager,
+    layer: usize,
+    armed: bool,
+}
+
+impl LayerGuard<'_> {
+    /// The block's loop index.
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+
+    /// Releases the block now and reports an error, which `Drop` cannot.
+    pub fn finish(mut self) -> Result<()> {
+        self.armed = false;
+        if self.manager.is_enabled() && self.manager.phase == Phase::Ready && self.layer < self.manager.layers.len() {
+            self.manager.release(self.layer)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for LayerGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.manager.is_enabled() && self.manager.phase == Phase::Ready && self.layer < self.manager.layers.len() {
+            let _ = self.manager.release(self.layer);
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! A small DiT-like model for tests: blocks with layer norms, self-attention and an MLP, with
+//! weights and biases, in one or two block lists of different widths.
+
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+pub struct Block {
+    norm1: nn::LayerNorm,
+    qkv: nn::Linear,
+    proj: nn::Linear,
+    norm2: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    heads: i64,
+}
+
+impl Block {
+    pub fn new(p: nn::Path, dim: i64, hidden: i64, heads: i64) -> Block {
+        Block {
+            norm1: nn::layer_norm(&p / "norm1", vec![dim], Default::default()),
+            qkv: nn::linear(&p / "qkv", dim, 3 * dim, Default::default()),
+            proj: nn::linear(&p / "proj", dim, dim, Default::default()),
+            norm2: nn::layer_norm(&p / "norm2", vec![dim], Default::default()),
+            fc1: nn::linear(&p / "fc1", dim, hidden, Default::default()),
+            fc2: nn::linear(&p / "fc2", hidden, dim, Default::default()),
+            heads,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, t, d) = x.size3().unwrap();
+        let h = self.norm1.forward(x);
+        let qkv = self.qkv.forward(&h).view([b, t, 3, self.heads, d / self.heads]).permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let a = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        let a = a.transpose(1, 2).reshape([b, t, d]);
+        let x = x + self.proj.forward(&a);
+        let h = self.fc1.forward(&self.norm2.forward(&x)).gelu("tanh");
+        x + self.fc2.forward(&h)
+    }
+}
+
+/// Model shape: lists of (attr, blocks, width multiplier of the MLP).
+pub struct Model {
+    pub vs: nn::VarStore,
+    embed: nn::Linear,
+    pub lists: Vec<(String, Vec<Block>)>,
+    head: nn::Linear,
+}
+
+pub const DIM: i64 = 64;
+
+impl Model {
+    /// One list `blocks` of `n` blocks, or two lists (`double_blocks` with n, `single_blocks`
+    /// with n + 1 wider blocks).
+    pub fn new(device: Device, n: usize, two_lists: bool, seed: i64) -> Model {
+        tch::manual_seed(seed);
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let embed = nn::linear(&root / "embed", 16, DIM, Default::default());
+        let mut lists = Vec::new();
+        let specs: Vec<(&str, usize, i64)> =
+            if two_lists { vec![("double_blocks", n, 2), ("single_blocks", n + 1, 4)] } else { vec![("blocks", n, 4)] };
+        for (attr, count, mult) in specs {
+            let p = &root / attr;
+            let blocks = (0..count).map(|i| Block::new(&p / i, DIM, mult * DIM, 4)).collect();
+            lists.push((attr.to_owned(), blocks));
+        }
+        let head = nn::linear(&root / "head", DIM, 16, Default::default());
+        // Non-zero biases and norm weights, so every tensor matters.
+        tch::no_grad(|| {
+            for (_, mut t) in vs.variables() {
+                let r = Tensor::randn(t.size(), (Kind::Float, device)) * 0.05;
+                let _ = t.f_add_(&r).unwrap();
+            }
+        });
+        Model { vs, embed, lists, head }
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.lists.iter().map(|(_, b)| b.len()).sum()
+    }
+
+    /// The blocks in loop order.
+    pub fn blocks(&self) -> impl Iterator<Item = &Block> {
+        self.lists.iter().flat_map(|(_, b)| b.iter())
+    }
+
+    pub fn input(&self, seed: i64) -> Tensor {
+        tch::manual_seed(seed);
+        Tensor::randn([2, 8, 16], (Kind::Float, Device::Cpu))
+    }
+
+    /// Forward pass; with a manager, each block runs inside `enter`.
+    pub fn forward(&self, x: &Tensor, mut mgr: Option<&mut layerwise_offload::LayerwiseOffloadManager>) -> Tensor {
+        tch::no_grad(|| {
+            let dev = self.head.ws.device();
+            let mut h = self.embed.forward(&x.to_device(dev));
+            for (i, b) in self.blocks().enumerate() {
+                match mgr.as_deref_mut() {
+                    Some(m) => {
+                        let _g = m.enter(i).unwrap();
+                        h = b.forward(&h);
+                    }
+                    None => h = b.forward(&h),
+                }
+            }
+            self.head.forward(&h).to_device(Device::Cpu)
+        })
+    }
+
+    /// A deep copy of every variable, on the CPU.
+    pub fn snapshot(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> =
+            self.vs.variables().into_iter().map(|(n, t)| (n, t.to_device(Device::Cpu).copy())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The list attrs and block counts, for a config.
+    pub fn list_spec(&self) -> Vec<(String, usize)> {
+        self.lists.iter().map(|(a, b)| (a.clone(), b.len())).collect()
+    }
+}
+
+/// Asserts two snapshots are equal bit for bit (values, shapes, strides, dtypes).
+pub fn assert_same(a: &[(String, Tensor)], b: &[(String, Tensor)]) {
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(b) {
+        assert_eq!(na, nb);
+        assert_eq!(ta.size(), tb.size(), "{na}");
+        assert_eq!(ta.kind(), tb.kind(), "{na}");
+        assert!(bits_equal(ta, tb), "{na} differs");
+    }
+}
+
+/// Bit-for-bit equality of two tensors of the same dtype (NaN-safe, tells -0.0 from 0.0).
+pub fn bits_equal(a: &Tensor, b: &Tensor) -> bool {
+    if a.size() != b.size() || a.kind() != b.kind() {
+        return false;
+    }
+    let as_int = |t: &Tensor| {
+        let t = t.to_device(Device::Cpu).contiguous();
+        match t.kind().elt_size_in_bytes() {
+            8 => t.view_dtype(Kind::Int64),
+            4 => t.view_dtype(Kind::Int),
+            2 => t.view_dtype(Kind::Int16),
+            _ => t.view_dtype(Kind::Uint8),
+        }
+    };
+    as_int(a).equal(&as_int(b))
+}
