@@ -28,6 +28,7 @@ pub struct OffloadConfig {
     prefetch_depth: usize,
     device: usize,
     cpu_test_mode: bool,
+    timing: bool,
 }
 
 impl OffloadConfig {
@@ -42,6 +43,7 @@ impl OffloadConfig {
             prefetch_depth: 1,
             device: 0,
             cpu_test_mode: false,
+            timing: true,
         }
     }
 
@@ -92,6 +94,14 @@ impl OffloadConfig {
         self
     }
 
+    /// Time every upload and every compute-stream wait with CUDA events (default on; two events
+    /// per upload and per entered block, read back without blocking). Off: the statistics count
+    /// bytes and uploads only.
+    pub fn timing(mut self, on: bool) -> OffloadConfig {
+        self.timing = on;
+        self
+    }
+
     /// Builds the manager over `model`'s weights (and initializes it if `auto_initialize`).
     pub fn build(self, model: &(impl WeightSource + ?Sized)) -> Result<LayerwiseOffloadManager> {
         if self.prefetch_depth == 0 {
@@ -120,6 +130,8 @@ impl OffloadConfig {
             slots: Vec::new(),
             tick: 0,
             stats: OffloadStats::default(),
+            pending: Vec::new(),
+            spare: Vec::new(),
         };
         if auto {
             m.initialize()?;
@@ -190,6 +202,25 @@ pub struct OffloadStats {
     pub pinned: bool,
     /// Seconds `initialize()` took.
     pub init_seconds: f64,
+    /// Device milliseconds of the uploads timed so far (copy stream).
+    pub upload_ms: f64,
+    /// Uploads timed so far.
+    pub timed_uploads: u64,
+    /// Bytes of the uploads timed so far.
+    pub timed_bytes: u64,
+    /// Device milliseconds the compute stream spent waiting for uploads (the stall).
+    pub stall_ms: f64,
+    /// Per block (loop order): upload milliseconds, summed.
+    pub layer_upload_ms: Vec<f64>,
+    /// Per block (loop order): stall milliseconds, summed.
+    pub layer_stall_ms: Vec<f64>,
+}
+
+impl OffloadStats {
+    /// Achieved upload bandwidth in GiB/s over the timed uploads (0 if none).
+    pub fn upload_gib_s(&self) -> f64 {
+        if self.upload_ms > 0.0 { self.timed_bytes as f64 / (1u64 << 30) as f64 / (self.upload_ms / 1e3) } else { 0.0 }
+    }
 }
 
 impl fmt::Display for OffloadStats {
@@ -200,6 +231,10 @@ impl fmt::Display for OffloadStats {
         writeln!(f, "| streamed blocks | {} |", self.streamed_layers)?;
         writeln!(f, "| uploads | {} |", self.uploads)?;
         writeln!(f, "| bytes uploaded | {:.3} GiB |", gib(self.bytes_uploaded))?;
+        if self.timed_uploads > 0 {
+            writeln!(f, "| upload time | {:.1} ms ({:.1} GiB/s) |", self.upload_ms, self.upload_gib_s())?;
+            writeln!(f, "| compute stall | {:.1} ms |", self.stall_ms)?;
+        }
         writeln!(f, "| GPU slot ring | {:.3} GiB |", gib(self.slot_bytes))?;
         writeln!(f, "| host buffers | {:.3} GiB ({}) |", gib(self.host_bytes), if self.pinned { "pinned" } else { "pageable" })?;
         write!(f, "| initialize | {:.2} s |", self.init_seconds)
@@ -230,6 +265,19 @@ pub struct LayerwiseOffloadManager {
     slots: Vec<SlotRt>,
     tick: u64,
     stats: OffloadStats,
+    /// Timed intervals queued on the device and not yet read back.
+    pending: Vec<Timed>,
+    /// Timing events ready for reuse.
+    spare: Vec<(Event, Event)>,
+}
+
+/// A device interval being timed: an upload on the copy stream or a wait on the compute stream.
+#[derive(Debug)]
+struct Timed {
+    layer: usize,
+    upload: bool,
+    start: Event,
+    end: Event,
 }
 
 impl LayerwiseOffloadManager {
@@ -284,9 +332,48 @@ impl LayerwiseOffloadManager {
         self.plan.as_ref()?.layers.iter().position(|l| l.attr == module_list_attr && l.index == index)
     }
 
-    /// Counters so far.
-    pub fn stats(&self) -> &OffloadStats {
+    /// Counters so far. Timings are read back without blocking, so the most recent intervals
+    /// appear once the device has finished them (synchronize first for a complete account).
+    pub fn stats(&mut self) -> &OffloadStats {
+        self.harvest();
         &self.stats
+    }
+
+    /// Reads back every finished timed interval into the statistics and recycles its events.
+    fn harvest(&mut self) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            if !self.pending[i].end.query().unwrap_or(true) {
+                i += 1;
+                continue;
+            }
+            let t = self.pending.swap_remove(i);
+            if let Ok(ms) = t.start.elapsed_ms(&t.end) {
+                let bytes = self.plan.as_ref().map_or(0, |p| p.layers[t.layer].bytes) as u64;
+                if t.upload {
+                    self.stats.upload_ms += ms;
+                    self.stats.timed_uploads += 1;
+                    self.stats.timed_bytes += bytes;
+                    self.stats.layer_upload_ms[t.layer] += ms;
+                } else {
+                    self.stats.stall_ms += ms;
+                    self.stats.layer_stall_ms[t.layer] += ms;
+                }
+            }
+            self.spare.push((t.start, t.end));
+        }
+    }
+
+    /// A pair of timing events, recycled when possible; None when timing is off or on the CPU.
+    fn timing_pair(&mut self) -> Result<Option<(Event, Event)>> {
+        if !self.config.timing || !matches!(self.backend, Backend::Cuda { .. }) {
+            return Ok(None);
+        }
+        self.harvest();
+        match self.spare.pop() {
+            Some(p) => Ok(Some(p)),
+            None => Ok(Some((Event::with_timing()?, Event::with_timing()?))),
+        }
     }
 
     /// Offloads every block tensor into its host buffer, leaves rank-preserving empty
@@ -374,6 +461,8 @@ impl LayerwiseOffloadManager {
             streamed_layers: plan.layers.len(),
             slot_bytes: (slot_bytes * n_slots) as u64,
             pinned: self.host_memory() == HostMemory::Pinned,
+            layer_upload_ms: vec![0.0; plan.layers.len()],
+            layer_stall_ms: vec![0.0; plan.layers.len()],
             ..OffloadStats::default()
         };
         self.plan = Some(plan);
@@ -521,6 +610,7 @@ impl LayerwiseOffloadManager {
     fn upload(&mut self, layer: usize, s: usize) -> Result<()> {
         self.evict(s)?;
         let bytes = self.layout(layer).bytes;
+        let timing = self.timing_pair()?;
         let host = self.layers[layer].host.as_ref().expect("initialized blocks have host buffers");
         let slot = &mut self.slots[s];
         let mut dst = slot.buf.f_narrow(0, 0, bytes as i64).map_err(|e| Error::from(("upload", e)))?;
@@ -530,12 +620,23 @@ impl LayerwiseOffloadManager {
                     // The compute stream released the slot's previous block: wait for that work.
                     slot.free.as_ref().expect("CUDA slots have events").wait(copy)?;
                 }
+                let timing = match timing {
+                    Some((mut start, end)) => {
+                        start.record(copy)?;
+                        Some((start, end))
+                    }
+                    None => None,
+                };
                 // SAFETY: `host` and the slot live in the manager until Drop or restore, both of
                 // which synchronize the copy stream first; nothing writes the host buffer while
                 // an upload may read it (update_tensor synchronizes first), and the compute
                 // stream reads the slot only after waiting on `ready`.
                 unsafe { accel::copy_async(&mut dst, host, Some(copy))? };
                 slot.ready.as_mut().expect("CUDA slots have events").record(copy)?;
+                if let Some((start, mut end)) = timing {
+                    end.record(copy)?;
+                    self.pending.push(Timed { layer, upload: true, start, end });
+                }
             }
             _ => {
                 tch::no_grad(|| dst.f_copy_(host)).map_err(|e| Error::from(("upload", e)))?;
@@ -573,7 +674,17 @@ impl LayerwiseOffloadManager {
             }
         };
         if let Some(compute) = self.compute_stream()? {
-            self.slots[s].ready.as_ref().expect("CUDA slots have events").wait(&compute)?;
+            let timing = self.timing_pair()?;
+            let ready = self.slots[s].ready.as_ref().expect("CUDA slots have events");
+            match timing {
+                Some((mut start, mut end)) => {
+                    start.record(&compute)?;
+                    ready.wait(&compute)?;
+                    end.record(&compute)?;
+                    self.pending.push(Timed { layer, upload: false, start, end });
+                }
+                None => ready.wait(&compute)?,
+            }
         }
         self.point_at_slot(layer)?;
         self.tick += 1;

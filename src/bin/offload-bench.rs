@@ -1,0 +1,373 @@
+//! `offload-bench`: a Wan2.1-shaped DiT block stack with seeded random bf16 weights, run
+//! resident and streamed through the layerwise offload manager, against the PCIe floor.
+//!
+//! ```text
+//! offload-bench [--preset tiny|wan-1.3b|wan-14b] [--layers N] [--dim N] [--ffn N] [--heads N]
+//!               [--tokens 1024,4096] [--ctx 512] [--depth 1] [--reps 5] [--warmup 2]
+//!               [--no-resident] [--cpu]
+//! ```
+//! Per configuration it prints a markdown table row and one `RESULT {json}` line: median ms per
+//! forward (CUDA events, warm-up excluded), the floor max(resident, streamed bytes / measured
+//! pinned H2D bandwidth), floor/measured, compute stall, peak VRAM, init seconds and peak host
+//! memory. Without a CUDA device (or with --cpu) the tiny preset runs in the manager's CPU test
+//! mode.
+
+use anyhow::{Context, Result, bail};
+use layerwise_offload::accel::{self, Event, HostMemory, Stream};
+use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Clone)]
+struct Shape {
+    preset: String,
+    layers: usize,
+    dim: i64,
+    ffn: i64,
+    heads: i64,
+    ctx: i64,
+}
+
+#[derive(Debug)]
+struct Args {
+    shape: Shape,
+    tokens: Vec<i64>,
+    depth: usize,
+    reps: usize,
+    warmup: usize,
+    resident: bool,
+    cpu: bool,
+}
+
+fn preset(name: &str) -> Result<Shape> {
+    let (layers, dim, ffn, heads) = match name {
+        "tiny" => (6, 256, 1024, 4),
+        "wan-1.3b" => (30, 1536, 8960, 12),
+        "wan-14b" => (40, 5120, 13824, 40),
+        other => bail!("unknown preset {other:?}: use tiny, wan-1.3b or wan-14b"),
+    };
+    Ok(Shape { preset: name.to_owned(), layers, dim, ffn, heads, ctx: 512 })
+}
+
+fn parse_args() -> Result<Args> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let cuda = accel::cuda_is_available();
+    let mut name = if cuda { "wan-1.3b".to_owned() } else { "tiny".to_owned() };
+    if let Some(i) = argv.iter().position(|a| a == "--preset") {
+        name = argv.get(i + 1).context("--preset needs a value")?.clone();
+    }
+    let mut a = Args {
+        shape: preset(&name)?,
+        tokens: vec![if cuda { 1024 } else { 64 }],
+        depth: 1,
+        reps: 5,
+        warmup: 2,
+        resident: true,
+        cpu: !cuda,
+    };
+    let mut it = argv.into_iter();
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--preset" => {
+                val()?;
+            }
+            "--layers" => a.shape.layers = val()?.parse()?,
+            "--dim" => a.shape.dim = val()?.parse()?,
+            "--ffn" => a.shape.ffn = val()?.parse()?,
+            "--heads" => a.shape.heads = val()?.parse()?,
+            "--ctx" => a.shape.ctx = val()?.parse()?,
+            "--tokens" => {
+                a.tokens = val()?.split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>()?;
+            }
+            "--depth" => a.depth = val()?.parse()?,
+            "--reps" => a.reps = val()?.parse()?,
+            "--warmup" => a.warmup = val()?.parse()?,
+            "--no-resident" => a.resident = false,
+            "--cpu" => a.cpu = true,
+            "-h" | "--help" => {
+                println!("{}", include_str!("offload-bench.rs").lines().take(10).map(|l| l.trim_start_matches("//!").trim_start_matches(' ')).collect::<Vec<_>>().join("\n"));
+                std::process::exit(0);
+            }
+            other => bail!("unknown flag {other} (try --help)"),
+        }
+    }
+    if a.shape.dim % a.shape.heads != 0 {
+        bail!("--dim {} is not a multiple of --heads {}", a.shape.dim, a.shape.heads);
+    }
+    if a.reps == 0 || a.shape.layers == 0 {
+        bail!("--reps and --layers must be positive");
+    }
+    Ok(a)
+}
+
+/// The named weights of the stack, created on the CPU (uninitialized, then filled with seeded
+/// random values generated on `origin` and copied over).
+fn build_weights(s: &Shape, origin: Device, kind: Kind) -> Vec<(String, Tensor)> {
+    let (d, f) = (s.dim, s.ffn);
+    let mut named = Vec::new();
+    let mut add = |name: String, shape: &[i64], scale: f64| {
+        let mut t = Tensor::empty(shape, (kind, Device::Cpu));
+        let r = Tensor::randn(shape, (kind, origin)) * scale;
+        t.copy_(&r);
+        named.push((name, t));
+    };
+    tch::manual_seed(1234);
+    add("embed.weight".into(), &[d, 64], 0.05);
+    add("time.weight".into(), &[6, d], 0.05);
+    for i in 0..s.layers {
+        let p = format!("blocks.{i}");
+        for attn in ["self_attn", "cross_attn"] {
+            for w in ["q", "k", "v", "o"] {
+                add(format!("{p}.{attn}.{w}.weight"), &[d, d], 0.02);
+                add(format!("{p}.{attn}.{w}.bias"), &[d], 0.02);
+            }
+            add(format!("{p}.{attn}.norm_q.weight"), &[d], 0.1);
+            add(format!("{p}.{attn}.norm_k.weight"), &[d], 0.1);
+        }
+        add(format!("{p}.norm3.weight"), &[d], 0.1);
+        add(format!("{p}.norm3.bias"), &[d], 0.1);
+        add(format!("{p}.ffn.0.weight"), &[f, d], 0.02);
+        add(format!("{p}.ffn.0.bias"), &[f], 0.02);
+        add(format!("{p}.ffn.2.weight"), &[d, f], 0.02);
+        add(format!("{p}.ffn.2.bias"), &[d], 0.02);
+        add(format!("{p}.modulation"), &[1, 6, d], 0.05);
+    }
+    add("head.weight".into(), &[64, d], 0.05);
+    named
+}
+
+/// The stack's forward pass over weights looked up by name.
+struct Stack<'a> {
+    s: &'a Shape,
+    w: std::collections::HashMap<&'a str, &'a Tensor>,
+}
+
+impl<'a> Stack<'a> {
+    fn new(s: &'a Shape, named: &'a [(String, Tensor)]) -> Stack<'a> {
+        Stack { s, w: named.iter().map(|(n, t)| (n.as_str(), t)).collect() }
+    }
+
+    fn t(&self, name: &str) -> &Tensor {
+        self.w.get(name).unwrap_or_else(|| panic!("no weight {name}"))
+    }
+
+    fn lin(&self, x: &Tensor, p: &str) -> Tensor {
+        x.linear(self.t(&format!("{p}.weight")), Some(self.t(&format!("{p}.bias"))))
+    }
+
+    fn rms(&self, x: &Tensor, w: &str) -> Tensor {
+        let var = x.to_kind(Kind::Float).pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        (x.to_kind(Kind::Float) * (var + 1e-6).rsqrt()).to_kind(x.kind()) * self.t(w)
+    }
+
+    fn attn(&self, x: &Tensor, ctx: &Tensor, p: &str) -> Tensor {
+        let (b, t, d) = x.size3().unwrap();
+        let h = self.s.heads;
+        let split = |y: Tensor| y.view([b, -1, h, d / h]).transpose(1, 2);
+        let q = split(self.rms(&self.lin(x, &format!("{p}.q")), &format!("{p}.norm_q.weight")));
+        let k = split(self.rms(&self.lin(ctx, &format!("{p}.k")), &format!("{p}.norm_k.weight")));
+        let v = split(self.lin(ctx, &format!("{p}.v")));
+        let a = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        self.lin(&a.transpose(1, 2).reshape([b, t, d]), &format!("{p}.o"))
+    }
+
+    fn block(&self, i: usize, x: &Tensor, ctx: &Tensor, e: &Tensor) -> Tensor {
+        let p = format!("blocks.{i}");
+        let d = self.s.dim;
+        let m = (self.t(&format!("{p}.modulation")) + e).chunk(6, 1);
+        let ln = |y: &Tensor| y.layer_norm([d], None::<Tensor>, None::<Tensor>, 1e-6, false);
+        let h = ln(x) * (&m[1] + 1.0) + &m[0];
+        let x = x + self.attn(&h, &h, &format!("{p}.self_attn")) * &m[2];
+        let h = x.layer_norm([d], Some(self.t(&format!("{p}.norm3.weight"))), Some(self.t(&format!("{p}.norm3.bias"))), 1e-6, false);
+        let x = &x + self.attn(&h, ctx, &format!("{p}.cross_attn"));
+        let h = ln(&x) * (&m[4] + 1.0) + &m[3];
+        let y = self.lin(&self.lin(&h, &format!("{p}.ffn.0")).gelu("tanh"), &format!("{p}.ffn.2"));
+        x + y * &m[5]
+    }
+
+    fn forward(&self, input: &Tensor, ctx: &Tensor, mut mgr: Option<&mut LayerwiseOffloadManager>) -> Tensor {
+        tch::no_grad(|| {
+            let mut x = input.matmul(&self.t("embed.weight").tr());
+            let e = self.t("time.weight").unsqueeze(0);
+            for i in 0..self.s.layers {
+                match mgr.as_deref_mut() {
+                    Some(m) => {
+                        let _g = m.enter(i).expect("enter");
+                        x = self.block(i, &x, ctx, &e);
+                    }
+                    None => x = self.block(i, &x, ctx, &e),
+                }
+            }
+            x.matmul(&self.t("head.weight").tr())
+        })
+    }
+}
+
+fn peak_host_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(0, |kib| kib * 1024)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median milliseconds per forward, timed with events on the compute stream (wall clock on the
+/// CPU), and the last output.
+fn time_forwards(a: &Args, mut run: impl FnMut() -> Tensor, dev: Device) -> Result<(f64, Tensor)> {
+    let mut out = None;
+    let mut ms = Vec::new();
+    for i in 0..a.warmup + a.reps {
+        let y = if let Device::Cuda(d) = dev {
+            let s = Stream::current(d)?;
+            let (mut e0, mut e1) = (Event::with_timing()?, Event::with_timing()?);
+            e0.record(&s)?;
+            let y = run();
+            e1.record(&s)?;
+            e1.synchronize()?;
+            if i >= a.warmup {
+                ms.push(e0.elapsed_ms(&e1)?);
+            }
+            y
+        } else {
+            let t = Instant::now();
+            let y = run();
+            if i >= a.warmup {
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            y
+        };
+        out = Some(y);
+    }
+    Ok((median(ms), out.expect("at least one forward")))
+}
+
+fn pinned_h2d_gib_s(d: usize) -> Result<f64> {
+    let bytes = 512usize << 20;
+    let host = accel::alloc_host(bytes, HostMemory::Pinned)?;
+    let mut dev = accel::alloc_device(bytes, d)?;
+    let s = Stream::from_pool(d)?;
+    let mut rates = Vec::new();
+    for i in 0..6 {
+        let (mut e0, mut e1) = (Event::with_timing()?, Event::with_timing()?);
+        e0.record(&s)?;
+        // SAFETY: host and dev outlive the copy: e1 is synchronized right after.
+        unsafe { accel::copy_async(&mut dev, &host, Some(&s))? };
+        e1.record(&s)?;
+        e1.synchronize()?;
+        if i > 0 {
+            rates.push(bytes as f64 / (1u64 << 30) as f64 / (e0.elapsed_ms(&e1)? / 1e3));
+        }
+    }
+    Ok(median(rates))
+}
+
+fn main() -> Result<()> {
+    let a = parse_args()?;
+    let s = &a.shape;
+    let dev = if a.cpu { Device::Cpu } else { Device::Cuda(0) };
+    let kind = if a.cpu { Kind::Float } else { Kind::BFloat16 };
+    let origin = dev;
+    let device_name = match dev {
+        Device::Cuda(_) => std::process::Command::new("nvidia-smi")
+            .args(["--query-gpu=name", "--format=csv,noheader", "--id=0"])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "cuda:0".into()),
+        _ => "cpu".into(),
+    };
+    let bw = match dev {
+        Device::Cuda(d) => pinned_h2d_gib_s(d)?,
+        _ => 0.0,
+    };
+    eprintln!("building {} weights ({} blocks, dim {}, ffn {}) on the CPU...", s.preset, s.layers, s.dim, s.ffn);
+    let t0 = Instant::now();
+    let named = build_weights(s, origin, kind);
+    let block_bytes: usize =
+        named.iter().filter(|(n, _)| n.starts_with("blocks.")).map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum();
+    eprintln!("  {:.2} GiB of block weights in {:.1} s", block_bytes as f64 / (1u64 << 30) as f64, t0.elapsed().as_secs_f64());
+    let host_before = peak_host_bytes();
+
+    let t0 = Instant::now();
+    let mut m = OffloadConfig::new("blocks", s.layers).prefetch_depth(a.depth).cpu_test_mode(a.cpu).build(&named)?;
+    m.initialize()?;
+    let init_s = t0.elapsed().as_secs_f64();
+    let host_peak = peak_host_bytes();
+    eprintln!(
+        "  initialize: {init_s:.2} s; host peak {:.2} GiB (before: {:.2} GiB)",
+        host_peak as f64 / (1u64 << 30) as f64,
+        host_before as f64 / (1u64 << 30) as f64
+    );
+    let stack = Stack::new(s, &named);
+    let streamed_bytes = m.plan().expect("initialized").total_bytes();
+
+    println!("| device | preset | tokens | mode | ms/forward | floor ms | floor/measured | stall ms | peak VRAM GiB | init s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut streamed_out = Vec::new();
+    for &tokens in &a.tokens {
+        tch::manual_seed(tokens);
+        let x = Tensor::randn([1, tokens, 64], (kind, dev));
+        let ctx = Tensor::randn([1, s.ctx, s.dim], (kind, dev));
+        if let Device::Cuda(d) = dev {
+            accel::synchronize_device(d)?;
+            accel::reset_peak_memory_stats(d)?;
+        }
+        let stall0 = m.stats().stall_ms;
+        let (ms, y) = time_forwards(&a, || stack.forward(&x, &ctx, Some(&mut m)), dev)?;
+        if let Device::Cuda(d) = dev {
+            accel::synchronize_device(d)?;
+        }
+        let st = m.stats().clone();
+        let stall = (st.stall_ms - stall0) / (a.warmup + a.reps) as f64;
+        let peak = if let Device::Cuda(d) = dev { accel::memory_stats(d)?.peak_allocated } else { 0 };
+        let floor = if bw > 0.0 { streamed_bytes as f64 / (1u64 << 30) as f64 / bw * 1e3 } else { 0.0 };
+        streamed_out.push((tokens, x, ctx, y, ms, floor, stall, peak));
+    }
+    let stats_table = m.stats().to_string();
+    // Resident: restore every weight onto the device and run without the manager.
+    let mut resident_ms = vec![None; a.tokens.len()];
+    let mut diffs = vec![None; a.tokens.len()];
+    if a.resident {
+        match m.restore() {
+            Ok(()) => {
+                for (i, (_, x, ctx, y, ..)) in streamed_out.iter().enumerate() {
+                    let (ms, r) = time_forwards(&a, || stack.forward(x, ctx, None), dev)?;
+                    resident_ms[i] = Some(ms);
+                    diffs[i] = Some((r.to_kind(Kind::Float) - y.to_kind(Kind::Float)).abs().max().double_value(&[]));
+                }
+            }
+            Err(e) => eprintln!("resident run skipped: {e}"),
+        }
+    }
+    for (i, (tokens, _, _, _, ms, floor, stall, peak)) in streamed_out.iter().enumerate() {
+        let floor = floor.max(resident_ms[i].unwrap_or(0.0));
+        let gib = *peak as f64 / (1u64 << 30) as f64;
+        println!(
+            "| {device_name} | {} | {tokens} | stream d{} | {ms:.1} | {floor:.1} | {:.3} | {stall:.1} | {gib:.2} | {init_s:.2} |",
+            s.preset,
+            a.depth,
+            if *ms > 0.0 { floor / ms } else { 0.0 }
+        );
+        if let Some(r) = resident_ms[i] {
+            println!("| {device_name} | {} | {tokens} | resident | {r:.1} | | | | | |", s.preset);
+        }
+        println!(
+            "RESULT {{\"device\":\"{device_name}\",\"preset\":\"{}\",\"layers\":{},\"dim\":{},\"ffn\":{},\"tokens\":{tokens},\"depth\":{},\"ms\":{ms:.2},\"resident_ms\":{},\"floor_ms\":{floor:.2},\"stall_ms\":{stall:.2},\"peak_vram_bytes\":{peak},\"h2d_gib_s\":{bw:.2},\"block_bytes\":{block_bytes},\"init_s\":{init_s:.3},\"host_peak_bytes\":{host_peak},\"max_abs_diff\":{}}}",
+            s.preset,
+            s.layers,
+            s.dim,
+            s.ffn,
+            a.depth,
+            resident_ms[i].map_or("null".into(), |r| format!("{r:.2}")),
+            diffs[i].map_or("null".into(), |d| format!("{d}")),
+        );
+    }
+    eprintln!("{stats_table}");
+    Ok(())
+}

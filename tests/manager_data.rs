@@ -1,0 +1,169 @@
+//! Weights as user data: reading, saving and replacing them while offloaded, dropping the
+//! manager without restore, running out of device memory, and VRAM that stays flat.
+
+mod common;
+
+use common::Mode;
+use common::model::{Model, assert_same, bits_equal};
+use layerwise_offload::{Error, OffloadConfig, accel};
+use rstest::rstest;
+use tch::{Device, Kind, Tensor};
+
+#[rstest]
+fn read_and_save_while_offloaded(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else { return Ok(()) };
+    let model = Model::new(dev, 3, false, 11);
+    let before = model.snapshot();
+    let mut m = mode.config("blocks", 3).build(&model.vs)?;
+    m.initialize()?;
+    // The VarStore now holds placeholders; the manager gives the real values.
+    assert_eq!(model.vs.variables()["blocks.2.fc2.weight"].numel(), 0);
+    let mut got = m.named_tensors()?;
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_same(&got, &before);
+    let dir = std::env::temp_dir().join(format!("lo-save-{}-{:?}", std::process::id(), mode));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("w.safetensors");
+    m.save_safetensors(&path)?;
+    let mut loaded = Tensor::read_safetensors(&path)?;
+    loaded.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_same(&loaded, &before);
+    std::fs::remove_dir_all(&dir)?;
+    assert!(matches!(m.tensor("nope"), Err(Error::UnknownTensor { .. })));
+    m.restore()?;
+    Ok(())
+}
+
+#[rstest]
+fn update_tensor_writes_through(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else { return Ok(()) };
+    let model = Model::new(dev, 3, false, 12);
+    let mut reference = Model::new(dev, 3, false, 99);
+    reference.vs.copy(&model.vs)?; // same weights (the RNG is shared with other test threads)
+    let x = model.input(3);
+    let mut m = mode.config("blocks", 3).build(&model.vs)?;
+    m.initialize()?;
+    let _ = model.forward(&x, Some(&mut m)); // every block has been through a slot
+    // A "LoRA merge" on a block weight and on a non-block weight.
+    for name in ["blocks.1.fc1.weight", "blocks.0.qkv.bias", "head.bias"] {
+        let new = reference.vs.variables()[name].to_device(Device::Cpu) * 1.5 + 0.25;
+        m.update_tensor(name, &new)?;
+        let mut r = reference.vs.variables()[name].shallow_clone();
+        tch::no_grad(|| r.copy_(&new));
+        assert!(bits_equal(&m.tensor(name)?, &new), "{name}");
+    }
+    let want = reference.forward(&x, None);
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want), "the next forward uses the new weights");
+    // Wrong shape or dtype is refused with both described.
+    let bad = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+    match m.update_tensor("blocks.1.fc1.weight", &bad) {
+        Err(e @ Error::Mismatch { .. }) => assert!(e.to_string().contains("[3]"), "{e}"),
+        r => panic!("expected Mismatch, got {r:?}"),
+    }
+    let bad = reference.vs.variables()["blocks.1.fc1.weight"].to_kind(Kind::Half);
+    assert!(matches!(m.update_tensor("blocks.1.fc1.weight", &bad), Err(Error::Mismatch { .. })));
+    // Refused while the block is entered.
+    m.before_layer(1)?;
+    let same = m.tensor("blocks.1.fc1.weight")?.copy();
+    assert!(matches!(m.update_tensor("blocks.1.fc1.weight", &same), Err(Error::LayerInUse { layer: 1, .. })));
+    m.after_layer(1)?;
+    m.restore()?;
+    assert_same(&model.snapshot(), &reference.snapshot());
+    Ok(())
+}
+
+#[rstest]
+fn dropping_the_manager_keeps_the_weights(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else { return Ok(()) };
+    let model = Model::new(dev, 3, true, 13);
+    let before = model.snapshot();
+    {
+        let mut m = mode.config("double_blocks", 3).with_list("single_blocks", 4).prefetch_depth(2).build(&model.vs)?;
+        m.initialize()?;
+        m.before_layer(5)?; // dropped while a block is entered and uploads are queued
+    }
+    // Block tensors now live in their host copies (CPU), values intact.
+    assert_eq!(model.vs.variables()["single_blocks.3.fc1.weight"].device(), Device::Cpu);
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}
+
+#[test]
+fn a_model_on_the_cpu_offloads_to_cuda() -> anyhow::Result<()> {
+    let Some(d) = common::cuda() else { return Ok(()) };
+    // The model is built on the CPU and never has to fit on the GPU.
+    let model = Model::new(Device::Cpu, 4, false, 14);
+    let x = model.input(1);
+    let want = model.forward(&x, None); // CPU result
+    let mut m = OffloadConfig::new("blocks", 4).device(d).build(&model.vs)?;
+    m.initialize()?;
+    let vars = model.vs.variables();
+    assert_eq!(vars["embed.weight"].device(), Device::Cuda(d), "non-block weights move to the GPU");
+    assert_eq!(vars["blocks.3.fc1.weight"].numel(), 0, "block weights leave the CPU tensors");
+    let got = model.forward(&x, Some(&mut m));
+    // Different devices compute differently: compare loosely here; bit-exactness is checked
+    // against a resident model on the same device elsewhere.
+    assert!(got.allclose(&want, 1e-3, 1e-3, false));
+    m.restore()?;
+    assert_eq!(model.vs.variables()["blocks.3.fc1.weight"].device(), Device::Cuda(d));
+    Ok(())
+}
+
+#[test]
+fn out_of_memory_while_allocating_slots_changes_nothing() -> anyhow::Result<()> {
+    let Some(d) = common::cuda() else { return Ok(()) };
+    let model = Model::new(Device::Cuda(d), 3, false, 15);
+    let before = model.snapshot();
+    let (free, _) = accel::memory_info(d)?;
+    let block = model.vs.variables().iter().filter(|(n, _)| n.starts_with("blocks.0.")).map(|(_, t)| t.numel() * 4).sum::<usize>();
+    let depth = (free as usize / block) * 2; // twice what fits
+    let mut m = OffloadConfig::new("blocks", 3).prefetch_depth(depth).device(d).build(&model.vs)?;
+    match m.initialize() {
+        Err(e @ Error::OutOfMemory { .. }) => assert!(e.to_string().contains("prefetch_depth"), "{e}"),
+        r => panic!("expected OutOfMemory, got {r:?}"),
+    }
+    assert!(!m.is_initialized());
+    assert_same(&model.snapshot(), &before);
+    assert_eq!(model.vs.variables()["blocks.1.fc1.weight"].device(), Device::Cuda(d));
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}
+
+#[test]
+fn vram_stays_flat_and_within_the_formula() -> anyhow::Result<()> {
+    let Some(d) = common::cuda() else { return Ok(()) };
+    let _lock = common::gpu_lock();
+    let model = Model::new(Device::Cpu, 6, false, 16);
+    let x = model.input(2);
+    let depth = 2;
+    let mut m = OffloadConfig::new("blocks", 6).prefetch_depth(depth).device(d).build(&model.vs)?;
+    accel::synchronize_device(d)?;
+    let base = accel::memory_stats(d)?.allocated;
+    m.initialize()?;
+    let _ = model.forward(&x, Some(&mut m));
+    accel::synchronize_device(d)?;
+    let after_first = accel::memory_stats(d)?;
+    accel::reset_peak_memory_stats(d)?;
+    for _ in 0..100 {
+        let _ = model.forward(&x, Some(&mut m));
+    }
+    accel::synchronize_device(d)?;
+    let after = accel::memory_stats(d)?;
+    assert_eq!(after.allocated, after_first.allocated, "allocated bytes grew over 100 forwards");
+    let plan = m.plan().unwrap();
+    let non_block: u64 = ["embed.weight", "embed.bias", "head.weight", "head.bias"]
+        .iter()
+        .map(|n| m.tensor(n).unwrap().numel() as u64 * 4)
+        .sum();
+    let slots = ((depth + 1) * plan.max_layer_bytes()) as u64;
+    let held = after.allocated - base;
+    // Between forwards the manager holds the non-block weights and the slots (each rounded up
+    // by the allocator to 512 bytes).
+    assert!(held <= non_block + slots + 8 * 512, "held {held} > {non_block} + {slots}");
+    assert!(held >= slots);
+    // The peak adds activations only (small here): well under one more block.
+    assert!(after.peak_allocated - base <= non_block + slots + (64 << 20), "peak {}", after.peak_allocated - base);
+    m.restore()?;
+    Ok(())
+}
