@@ -5,7 +5,7 @@ mod common;
 
 use common::Mode;
 use common::model::{Model, assert_same, bits_equal};
-use layerwise_offload::{Error, OffloadConfig, accel};
+use layerwise_offload::{Error, OffloadConfig};
 use rstest::rstest;
 use tch::{Device, Kind, Tensor};
 
@@ -106,64 +106,5 @@ fn a_model_on_the_cpu_offloads_to_cuda() -> anyhow::Result<()> {
     assert!(got.allclose(&want, 1e-3, 1e-3, false));
     m.restore()?;
     assert_eq!(model.vs.variables()["blocks.3.fc1.weight"].device(), Device::Cuda(d));
-    Ok(())
-}
-
-#[test]
-fn out_of_memory_while_allocating_slots_changes_nothing() -> anyhow::Result<()> {
-    let Some(d) = common::cuda() else { return Ok(()) };
-    let model = Model::new(Device::Cuda(d), 3, false, 15);
-    let before = model.snapshot();
-    let (free, _) = accel::memory_info(d)?;
-    let block = model.vs.variables().iter().filter(|(n, _)| n.starts_with("blocks.0.")).map(|(_, t)| t.numel() * 4).sum::<usize>();
-    let depth = (free as usize / block) * 2; // twice what fits
-    let mut m = OffloadConfig::new("blocks", 3).prefetch_depth(depth).device(d).build(&model.vs)?;
-    match m.initialize() {
-        Err(e @ Error::OutOfMemory { .. }) => assert!(e.to_string().contains("prefetch_depth"), "{e}"),
-        r => panic!("expected OutOfMemory, got {r:?}"),
-    }
-    assert!(!m.is_initialized());
-    assert_same(&model.snapshot(), &before);
-    assert_eq!(model.vs.variables()["blocks.1.fc1.weight"].device(), Device::Cuda(d));
-    m.restore()?;
-    assert_same(&model.snapshot(), &before);
-    Ok(())
-}
-
-#[test]
-fn vram_stays_flat_and_within_the_formula() -> anyhow::Result<()> {
-    let Some(d) = common::cuda() else { return Ok(()) };
-    let _lock = common::gpu_lock();
-    let model = Model::new(Device::Cpu, 6, false, 16);
-    let x = model.input(2);
-    let depth = 2;
-    let mut m = OffloadConfig::new("blocks", 6).prefetch_depth(depth).device(d).build(&model.vs)?;
-    accel::synchronize_device(d)?;
-    let base = accel::memory_stats(d)?.allocated;
-    m.initialize()?;
-    let _ = model.forward(&x, Some(&mut m));
-    accel::synchronize_device(d)?;
-    let after_first = accel::memory_stats(d)?;
-    accel::reset_peak_memory_stats(d)?;
-    for _ in 0..100 {
-        let _ = model.forward(&x, Some(&mut m));
-    }
-    accel::synchronize_device(d)?;
-    let after = accel::memory_stats(d)?;
-    assert_eq!(after.allocated, after_first.allocated, "allocated bytes grew over 100 forwards");
-    let plan = m.plan().unwrap();
-    let non_block: u64 = ["embed.weight", "embed.bias", "head.weight", "head.bias"]
-        .iter()
-        .map(|n| m.tensor(n).unwrap().numel() as u64 * 4)
-        .sum();
-    let slots = ((depth + 1) * plan.max_layer_bytes()) as u64;
-    let held = after.allocated - base;
-    // Between forwards the manager holds the non-block weights and the slots (each rounded up
-    // by the allocator to 512 bytes).
-    assert!(held <= non_block + slots + 8 * 512, "held {held} > {non_block} + {slots}");
-    assert!(held >= slots);
-    // The peak adds activations only (small here): well under one more block.
-    assert!(after.peak_allocated - base <= non_block + slots + (64 << 20), "peak {}", after.peak_allocated - base);
-    m.restore()?;
     Ok(())
 }

@@ -1,0 +1,100 @@
+//! Device memory under the manager, each test alone on the GPU (its own test binary, and one
+//! test at a time): running out while allocating the slot ring, VRAM that stays flat over many
+//! forwards, and uploads that hide behind compute.
+
+mod common;
+
+use common::model::{Model, assert_same};
+use layerwise_offload::{Error, OffloadConfig, accel};
+use tch::{Device, Kind, Tensor};
+
+#[test]
+fn out_of_memory_while_allocating_slots_changes_nothing() -> anyhow::Result<()> {
+    let Some(d) = common::cuda() else { return Ok(()) };
+    let _lock = common::gpu_lock();
+    let model = Model::new(Device::Cuda(d), 3, false, 15);
+    let before = model.snapshot();
+    let (free, _) = accel::memory_info(d)?;
+    let block = model.vs.variables().iter().filter(|(n, _)| n.starts_with("blocks.0.")).map(|(_, t)| t.numel() * 4).sum::<usize>();
+    let depth = (free as usize / block) * 2; // twice what fits
+    let mut m = OffloadConfig::new("blocks", 3).prefetch_depth(depth).device(d).build(&model.vs)?;
+    match m.initialize() {
+        Err(e @ Error::OutOfMemory { .. }) => assert!(e.to_string().contains("prefetch_depth"), "{e}"),
+        r => panic!("expected OutOfMemory, got {r:?}"),
+    }
+    assert!(!m.is_initialized());
+    assert_same(&model.snapshot(), &before);
+    assert_eq!(model.vs.variables()["blocks.1.fc1.weight"].device(), Device::Cuda(d));
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}
+
+#[test]
+fn vram_stays_flat_and_within_the_formula() -> anyhow::Result<()> {
+    let Some(d) = common::cuda() else { return Ok(()) };
+    let _lock = common::gpu_lock();
+    let model = Model::new(Device::Cpu, 6, false, 16);
+    let x = model.input(2);
+    let depth = 2;
+    let mut m = OffloadConfig::new("blocks", 6).prefetch_depth(depth).device(d).build(&model.vs)?;
+    accel::synchronize_device(d)?;
+    let base = accel::memory_stats(d)?.allocated;
+    m.initialize()?;
+    let _ = model.forward(&x, Some(&mut m));
+    accel::synchronize_device(d)?;
+    let after_first = accel::memory_stats(d)?;
+    accel::reset_peak_memory_stats(d)?;
+    for _ in 0..100 {
+        let _ = model.forward(&x, Some(&mut m));
+    }
+    accel::synchronize_device(d)?;
+    let after = accel::memory_stats(d)?;
+    assert_eq!(after.allocated, after_first.allocated, "allocated bytes grew over 100 forwards");
+    let plan = m.plan().unwrap();
+    let non_block: u64 = ["embed.weight", "embed.bias", "head.weight", "head.bias"]
+        .iter()
+        .map(|n| m.tensor(n).unwrap().numel() as u64 * 4)
+        .sum();
+    let slots = ((depth + 1) * plan.max_layer_bytes()) as u64;
+    let held = after.allocated - base;
+    // Between forwards the manager holds the non-block weights and the slots (each rounded up
+    // by the allocator to 512 bytes).
+    assert!(held <= non_block + slots + 8 * 512, "held {held} > {non_block} + {slots}");
+    assert!(held >= slots);
+    // The peak adds activations only (small here): well under one more block.
+    assert!(after.peak_allocated - base <= non_block + slots + (64 << 20), "peak {}", after.peak_allocated - base);
+    m.restore()?;
+    Ok(())
+}
+
+#[test]
+fn uploads_hide_behind_compute() -> anyhow::Result<()> {
+    let Some(d) = common::cuda() else { return Ok(()) };
+    let _lock = common::gpu_lock();
+    // Compute-bound: long sequences through small blocks, so every upload is far shorter than
+    // the block before it.
+    let model = Model::new(Device::Cpu, 6, false, 17);
+    let x = Tensor::randn([4, 4096, 16], (Kind::Float, Device::Cpu));
+    let mut m = OffloadConfig::new("blocks", 6).device(d).build(&model.vs)?;
+    m.initialize()?;
+    let _ = model.forward(&x, Some(&mut m)); // warm-up
+    accel::synchronize_device(d)?;
+    let s0 = m.stats().clone();
+    let stream = accel::Stream::current(d)?;
+    let (mut e0, mut e1) = (accel::Event::with_timing()?, accel::Event::with_timing()?);
+    e0.record(&stream)?;
+    for _ in 0..5 {
+        let _ = model.forward(&x, Some(&mut m));
+    }
+    e1.record(&stream)?;
+    accel::synchronize_device(d)?;
+    let total = e0.elapsed_ms(&e1)?;
+    let s1 = m.stats().clone();
+    assert_eq!(s1.uploads - s0.uploads, 30, "every block streams once per forward");
+    assert_eq!(s1.timed_uploads, s1.uploads, "every upload is timed");
+    let stall = s1.stall_ms - s0.stall_ms;
+    assert!(stall < 0.05 * total, "the compute stream waited {stall:.2} ms of {total:.2} ms");
+    m.restore()?;
+    Ok(())
+}
