@@ -29,6 +29,14 @@ pub struct OffloadConfig {
     device: usize,
     cpu_test_mode: bool,
     timing: bool,
+    budget: Option<Budget>,
+}
+
+/// How much device memory the manager may hold for block weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Budget {
+    Bytes(u64),
+    AllBut(u64),
 }
 
 impl OffloadConfig {
@@ -44,6 +52,7 @@ impl OffloadConfig {
             device: 0,
             cpu_test_mode: false,
             timing: true,
+            budget: None,
         }
     }
 
@@ -91,6 +100,25 @@ impl OffloadConfig {
     /// no memory. Off by default.
     pub fn cpu_test_mode(mut self, on: bool) -> OffloadConfig {
         self.cpu_test_mode = on;
+        self
+    }
+
+    /// Let the manager hold up to `bytes` of device memory for block weights: the slot ring
+    /// plus as many whole blocks kept permanently resident as fit next to it, spread evenly
+    /// through the loop so that uploads proceed while resident blocks compute. Only the other
+    /// blocks stream. A budget that holds every block makes the manager keep all of them
+    /// resident, with no slot ring and no uploads. Without a budget every block streams.
+    /// Non-block weights and activations are not counted.
+    pub fn vram_budget(mut self, bytes: u64) -> OffloadConfig {
+        self.budget = Some(Budget::Bytes(bytes));
+        self
+    }
+
+    /// [`Self::vram_budget`] of all but `reserve` bytes of what the device has free when
+    /// `initialize()` runs (after the non-block weights are on it), e.g. `8 << 30` to leave
+    /// 8 GiB for activations. Needs a CUDA device.
+    pub fn vram_budget_all_but(mut self, reserve: u64) -> OffloadConfig {
+        self.budget = Some(Budget::AllBut(reserve));
         self
     }
 
@@ -170,6 +198,8 @@ struct LayerRt {
     slot: Option<usize>,
     /// Entered and not yet released.
     in_use: bool,
+    /// Kept on the compute device for good (within the VRAM budget): never streams.
+    resident: bool,
 }
 
 /// One GPU slot of the ring.
@@ -194,6 +224,10 @@ pub struct OffloadStats {
     pub bytes_uploaded: u64,
     /// Blocks that stream through the slot ring.
     pub streamed_layers: usize,
+    /// Blocks kept permanently on the device (within the VRAM budget).
+    pub resident_layers: usize,
+    /// Bytes of the resident blocks.
+    pub resident_bytes: u64,
     /// Bytes of one GPU slot times the number of slots.
     pub slot_bytes: u64,
     /// Bytes of host buffers.
@@ -229,6 +263,7 @@ impl fmt::Display for OffloadStats {
         writeln!(f, "| statistic | value |")?;
         writeln!(f, "|---|---|")?;
         writeln!(f, "| streamed blocks | {} |", self.streamed_layers)?;
+        writeln!(f, "| resident blocks | {} ({:.3} GiB) |", self.resident_layers, gib(self.resident_bytes))?;
         writeln!(f, "| uploads | {} |", self.uploads)?;
         writeln!(f, "| bytes uploaded | {:.3} GiB |", gib(self.bytes_uploaded))?;
         if self.timed_uploads > 0 {
@@ -400,10 +435,14 @@ impl LayerwiseOffloadManager {
         let allowed = if compute == Device::Cpu { vec![Device::Cpu] } else { vec![compute, Device::Cpu] };
         let plan = plan::build(&self.named, &self.config.lists, &allowed)?;
 
+        // 0. Which blocks stay resident (a VRAM budget), which stream.
+        let resident = self.choose_resident(&plan)?;
+        let streamed: Vec<usize> = (0..plan.layers.len()).filter(|&i| !resident[i]).collect();
+
         // 1. The slot ring and its events first: running out of device memory here changes
         //    nothing.
-        let slot_bytes = plan.max_layer_bytes();
-        let n_slots = self.config.prefetch_depth + 1;
+        let slot_bytes = streamed.iter().map(|&i| plan.layers[i].bytes).max().unwrap_or(0);
+        let n_slots = (self.config.prefetch_depth + 1).min(streamed.len());
         let mut slots = Vec::with_capacity(n_slots);
         for _ in 0..n_slots {
             let buf = match self.backend {
@@ -442,11 +481,17 @@ impl LayerwiseOffloadManager {
                     Tensor::f_empty(shape, (t.kind, compute)).map_err(|e| Error::from(("creating placeholders", e)))?,
                 );
             }
-            layers.push(LayerRt { host: None, params, placeholders, slot: None, in_use: false });
+            layers.push(LayerRt { host: None, params, placeholders, slot: None, in_use: false, resident: false });
+        }
+        for (rt, &r) in layers.iter_mut().zip(&resident) {
+            rt.resident = r;
         }
 
-        // 3. Non-block tensors to the compute device.
-        for &i in &plan.resident {
+        // 3. Non-block tensors and resident blocks to the compute device.
+        let resident_tensors =
+            plan.layers.iter().zip(&resident).filter(|(_, r)| **r).flat_map(|(l, _)| l.tensors.iter().map(|t| t.source_index));
+        let to_move: Vec<usize> = plan.resident.iter().copied().chain(resident_tensors).collect();
+        for i in to_move {
             let t = &mut self.named[i].1;
             if t.device() != compute {
                 let moved = tch::no_grad(|| t.f_to_device(compute))
@@ -458,7 +503,9 @@ impl LayerwiseOffloadManager {
         self.slots = slots;
         self.layers = layers;
         self.stats = OffloadStats {
-            streamed_layers: plan.layers.len(),
+            streamed_layers: streamed.len(),
+            resident_layers: plan.layers.len() - streamed.len(),
+            resident_bytes: plan.layers.iter().zip(&resident).filter(|(_, r)| **r).map(|(l, _)| l.bytes as u64).sum(),
             slot_bytes: (slot_bytes * n_slots) as u64,
             pinned: self.host_memory() == HostMemory::Pinned,
             layer_upload_ms: vec![0.0; plan.layers.len()],
@@ -467,8 +514,9 @@ impl LayerwiseOffloadManager {
         };
         self.plan = Some(plan);
 
-        // 4. Blocks into their host buffers, one at a time, freeing each source as it goes.
-        for i in 0..self.layers.len() {
+        // 4. Streamed blocks into their host buffers, one at a time, freeing each source as it
+        //    goes.
+        for &i in &streamed {
             if let Err(e) = self.fill_host(i) {
                 self.detach_to_host();
                 return Err(e);
@@ -477,11 +525,65 @@ impl LayerwiseOffloadManager {
         self.phase = Phase::Ready;
         self.stats.init_seconds = started.elapsed().as_secs_f64();
 
-        // 5. The first block on the device, synchronously (as the seed does).
-        if !self.layers.is_empty() {
-            self.prefetch_layer(0, false)?;
+        // 5. The first streamed block on the device, synchronously (as the seed does).
+        if let Some(&first) = streamed.first() {
+            self.prefetch_layer(first, false)?;
         }
         Ok(())
+    }
+
+    /// Marks the blocks that stay on the device for good: as many as fit in the budget next to
+    /// the slot ring, spread evenly through the loop. All of them if everything fits.
+    fn choose_resident(&self, plan: &Plan) -> Result<Vec<bool>> {
+        let n = plan.layers.len();
+        let Some(budget) = self.config.budget else { return Ok(vec![false; n]) };
+        let budget = match (budget, &self.backend) {
+            (Budget::Bytes(b), _) => b,
+            (Budget::AllBut(reserve), Backend::Cuda { device, .. }) => {
+                // Non-block weights still on the CPU will take their share of what is free.
+                let pending: u64 = plan
+                    .resident
+                    .iter()
+                    .map(|&i| &self.named[i].1)
+                    .filter(|t| t.device() == Device::Cpu)
+                    .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+                    .sum();
+                let (free, _) = accel::memory_info(*device)?;
+                free.saturating_sub(pending).saturating_sub(reserve)
+            }
+            (Budget::AllBut(_), _) => {
+                return Err(Error::InvalidArgument {
+                    op: "vram_budget_all_but",
+                    message: "a budget relative to free device memory needs a CUDA device; use vram_budget(bytes) in the CPU test mode".into(),
+                });
+            }
+        };
+        let sizes: Vec<u64> = plan.layers.iter().map(|l| l.bytes as u64).collect();
+        if sizes.iter().sum::<u64>() <= budget {
+            return Ok(vec![true; n]);
+        }
+        let ring = (self.config.prefetch_depth as u64 + 1) * sizes.iter().copied().max().unwrap_or(0);
+        if budget < ring {
+            return Err(Error::InvalidArgument {
+                op: "vram_budget",
+                message: format!(
+                    "a budget of {budget} bytes cannot hold the slot ring of {ring} bytes ({} slots of the largest block); raise the budget or lower prefetch_depth",
+                    self.config.prefetch_depth + 1
+                ),
+            });
+        }
+        let avail = budget - ring;
+        for k in (1..n).rev() {
+            let picks = spread(n, k);
+            if picks.iter().map(|&i| sizes[i]).sum::<u64>() <= avail {
+                let mut r = vec![false; n];
+                for i in picks {
+                    r[i] = true;
+                }
+                return Ok(r);
+            }
+        }
+        Ok(vec![false; n])
     }
 
     fn host_memory(&self) -> HostMemory {
@@ -665,6 +767,10 @@ impl LayerwiseOffloadManager {
         if self.layers[layer].in_use {
             return Ok(());
         }
+        if self.layers[layer].resident {
+            self.layers[layer].in_use = true;
+            return Ok(());
+        }
         let s = match self.layers[layer].slot {
             Some(s) => s,
             None => {
@@ -697,8 +803,11 @@ impl LayerwiseOffloadManager {
     /// from the last block to the first. Stops quietly when no slot is free.
     fn prefetch_ahead(&mut self, layer: usize) -> Result<()> {
         let n = self.layers.len();
-        let depth = self.config.prefetch_depth.min(n.saturating_sub(1));
-        let upcoming: Vec<usize> = (1..=depth).map(|k| (layer + k) % n).collect();
+        let upcoming: Vec<usize> = (1..n)
+            .map(|k| (layer + k) % n)
+            .filter(|&i| !self.layers[i].resident)
+            .take(self.config.prefetch_depth)
+            .collect();
         for &next in &upcoming {
             if self.layers[next].slot.is_some() {
                 continue;
@@ -717,6 +826,9 @@ impl LayerwiseOffloadManager {
             return Ok(());
         }
         self.layers[layer].in_use = false;
+        if self.layers[layer].resident {
+            return Ok(());
+        }
         let s = self.layers[layer].slot.expect("an entered block is in a slot");
         if let Some(compute) = self.compute_stream()? {
             let slot = &mut self.slots[s];
@@ -777,7 +889,7 @@ impl LayerwiseOffloadManager {
             return Ok(());
         }
         self.check_ready("prefetch_layer")?;
-        if layer >= self.layers.len() || self.layers[layer].slot.is_some() {
+        if layer >= self.layers.len() || self.layers[layer].slot.is_some() || self.layers[layer].resident {
             return Ok(());
         }
         let s = self.pick_slot(&[layer]).ok_or_else(|| Error::NoFreeSlot { layer, in_use: self.in_use() })?;
@@ -841,9 +953,15 @@ impl LayerwiseOffloadManager {
         Ok(out)
     }
 
-    /// Whether block `layer`'s weights are on the device now (in a slot, uploaded or queued).
+    /// Whether block `layer`'s weights are on the device now (resident, or in a slot uploaded
+    /// or queued).
     pub fn is_on_device(&self, layer: usize) -> bool {
-        self.layers.get(layer).is_some_and(|l| l.slot.is_some())
+        self.layers.get(layer).is_some_and(|l| l.slot.is_some() || l.resident)
+    }
+
+    /// Whether block `layer` stays on the device for good (within the VRAM budget).
+    pub fn is_resident(&self, layer: usize) -> bool {
+        self.layers.get(layer).is_some_and(|l| l.resident)
     }
 
     /// Whether block `layer` is entered.
@@ -967,6 +1085,17 @@ impl LayerwiseOffloadManager {
         }
         self.sync_copies();
         for i in 0..self.layers.len() {
+            if self.layers[i].resident {
+                for p in &mut self.layers[i].params {
+                    if p.device() != device {
+                        let moved = tch::no_grad(|| p.f_to_device(device))
+                            .map_err(|e| Error::from_torch("restore", 0, e.to_string()))?;
+                        p.f_set_data(&moved).map_err(|e| Error::from(("restore", e)))?;
+                    }
+                }
+                self.layers[i].in_use = false;
+                continue;
+            }
             let Some(host) = self.layers[i].host.as_ref().map(|h| h.shallow_clone()) else { continue };
             let layout = self.layout(i).clone();
             let views = Self::views(&host, &layout)?;
@@ -1043,6 +1172,30 @@ impl Drop for LayerGuard<'_> {
     fn drop(&mut self) {
         if self.armed && self.manager.is_enabled() && self.manager.phase == Phase::Ready && self.layer < self.manager.layers.len() {
             let _ = self.manager.release(self.layer);
+        }
+    }
+}
+
+/// `k` of `n` positions spread evenly (the middle of each of `k` equal stretches).
+fn spread(n: usize, k: usize) -> Vec<usize> {
+    (0..k).map(|j| ((2 * j + 1) * n / (2 * k)).min(n - 1)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    #[test]
+    fn spread_is_even_and_distinct() {
+        assert_eq!(spread(40, 20), (0..20).map(|j| 2 * j + 1).collect::<Vec<_>>());
+        assert_eq!(spread(10, 2), vec![2, 7]);
+        assert_eq!(spread(5, 4), vec![0, 1, 3, 4]);
+        for n in 1..50 {
+            for k in 1..=n {
+                let v = spread(n, k);
+                assert!(v.windows(2).all(|w| w[0] < w[1]), "{n} {k} {v:?}");
+                assert!(*v.last().unwrap() < n);
+            }
         }
     }
 }

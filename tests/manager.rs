@@ -265,3 +265,66 @@ fn gaps_and_strides_and_devices() -> anyhow::Result<()> {
     assert!(bits_equal(&tr, &want));
     Ok(())
 }
+
+#[rstest]
+fn a_vram_budget_keeps_blocks_resident(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else { return Ok(()) };
+    let model = Model::new(dev, 8, false, 21);
+    let x = model.input(9);
+    let want = model.forward(&x, None);
+    let before = model.snapshot();
+    let block = {
+        let mut m = config(mode, &model).build(&model.vs)?;
+        m.initialize()?;
+        let b = m.plan().unwrap().max_layer_bytes() as u64;
+        m.restore()?;
+        b
+    };
+
+    // Everything fits: all resident, no slot ring, no uploads, same outputs.
+    let mut m = config(mode, &model).vram_budget(8 * block).build(&model.vs)?;
+    m.initialize()?;
+    assert!((0..8).all(|i| m.is_resident(i)));
+    assert!(m.slot_contents().is_empty());
+    for _ in 0..2 {
+        assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    }
+    assert_eq!(m.stats().uploads, 0);
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+
+    // Room for the ring (2 slots) and 4 blocks: 4 resident, spread out; the others stream.
+    let mut m = config(mode, &model).vram_budget(6 * block).build(&model.vs)?;
+    m.initialize()?;
+    let resident: Vec<usize> = (0..8).filter(|&i| m.is_resident(i)).collect();
+    assert_eq!(resident, vec![1, 3, 5, 7]);
+    assert_eq!(m.stats().resident_layers, 4);
+    assert_eq!(m.slot_contents().len(), 2);
+    assert_eq!(model.vs.variables()["blocks.3.fc1.weight"].device(), m.compute_device());
+    assert!(model.vs.variables()["blocks.3.fc1.weight"].numel() > 0, "resident blocks keep their tensors");
+    let up = m.stats().uploads;
+    for _ in 0..3 {
+        assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    }
+    assert_eq!(m.stats().uploads - up, 12, "only the 4 streamed blocks upload, once per forward");
+    // Reading and replacing a resident block's weight goes to the device tensor.
+    let w = m.tensor("blocks.3.fc1.weight")?;
+    assert_eq!(w.device(), m.compute_device());
+    m.update_tensor("blocks.3.fc1.bias", &(m.tensor("blocks.3.fc1.bias")?.copy()))?;
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+
+    // A budget that cannot hold the slot ring is refused, saying what to change.
+    match config(mode, &model).vram_budget(block).build(&model.vs)?.initialize() {
+        Err(e @ Error::InvalidArgument { .. }) => assert!(e.to_string().contains("prefetch_depth"), "{e}"),
+        r => panic!("expected InvalidArgument, got {r:?}"),
+    }
+    if mode == Mode::Cpu {
+        assert!(matches!(
+            config(mode, &model).vram_budget_all_but(1 << 30).build(&model.vs)?.initialize(),
+            Err(Error::InvalidArgument { .. })
+        ));
+    }
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}

@@ -4,9 +4,10 @@
 //! ```text
 //! offload-bench [--preset tiny|wan-1.3b|wan-14b] [--layers N] [--dim N] [--ffn N] [--heads N]
 //!               [--tokens 1024,4096] [--ctx 512] [--depth 1] [--reps 5] [--warmup 2]
-//!               [--no-resident] [--cpu]
+//!               [--budgets 13,20] [--no-resident] [--cpu]
 //! ```
-//! Per configuration it prints a markdown table row and one `RESULT {json}` line: median ms per
+//! Configurations: full streaming, then one per VRAM budget in `--budgets` (GiB of block weights
+//! the manager may keep on the GPU), then the resident model. Per configuration it prints a markdown table row and one `RESULT {json}` line: median ms per
 //! forward (CUDA events, warm-up excluded), the floor max(resident, streamed bytes / measured
 //! pinned H2D bandwidth), floor/measured, compute stall, peak VRAM, init seconds and peak host
 //! memory. Without a CUDA device (or with --cpu) the tiny preset runs in the manager's CPU test
@@ -37,6 +38,7 @@ struct Args {
     warmup: usize,
     resident: bool,
     cpu: bool,
+    budgets: Vec<f64>,
 }
 
 fn preset(name: &str) -> Result<Shape> {
@@ -64,6 +66,7 @@ fn parse_args() -> Result<Args> {
         warmup: 2,
         resident: true,
         cpu: !cuda,
+        budgets: Vec::new(),
     };
     let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
@@ -84,6 +87,9 @@ fn parse_args() -> Result<Args> {
             "--reps" => a.reps = val()?.parse()?,
             "--warmup" => a.warmup = val()?.parse()?,
             "--no-resident" => a.resident = false,
+            "--budgets" => {
+                a.budgets = val()?.split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>()?;
+            }
             "--cpu" => a.cpu = true,
             "-h" | "--help" => {
                 println!("{}", include_str!("offload-bench.rs").lines().take(10).map(|l| l.trim_start_matches("//!").trim_start_matches(' ')).collect::<Vec<_>>().join("\n"));
@@ -293,80 +299,143 @@ fn main() -> Result<()> {
         named.iter().filter(|(n, _)| n.starts_with("blocks.")).map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum();
     eprintln!("  {:.2} GiB of block weights in {:.1} s", block_bytes as f64 / (1u64 << 30) as f64, t0.elapsed().as_secs_f64());
     let host_before = peak_host_bytes();
-
-    let t0 = Instant::now();
-    let mut m = OffloadConfig::new("blocks", s.layers).prefetch_depth(a.depth).cpu_test_mode(a.cpu).build(&named)?;
-    m.initialize()?;
-    let init_s = t0.elapsed().as_secs_f64();
-    let host_peak = peak_host_bytes();
-    eprintln!(
-        "  initialize: {init_s:.2} s; host peak {:.2} GiB (before: {:.2} GiB)",
-        host_peak as f64 / (1u64 << 30) as f64,
-        host_before as f64 / (1u64 << 30) as f64
-    );
     let stack = Stack::new(s, &named);
-    let streamed_bytes = m.plan().expect("initialized").total_bytes();
+    let inputs: Vec<(i64, Tensor, Tensor)> = a
+        .tokens
+        .iter()
+        .map(|&t| {
+            tch::manual_seed(t);
+            (t, Tensor::randn([1, t, 64], (kind, dev)), Tensor::randn([1, s.ctx, s.dim], (kind, dev)))
+        })
+        .collect();
 
+    struct Row {
+        label: String,
+        tokens: i64,
+        ms: f64,
+        streamed_bytes: u64,
+        stall: f64,
+        peak: u64,
+        init_s: f64,
+        host_peak: u64,
+        resident_blocks: usize,
+        out: Tensor,
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    let mut configs: Vec<Option<f64>> = vec![None];
+    configs.extend(a.budgets.iter().map(|&b| Some(b)));
+    let mut stats_table = String::new();
+    for budget in configs {
+        let label = match budget {
+            None => format!("stream d{}", a.depth),
+            Some(b) => format!("budget {b} GiB d{}", a.depth),
+        };
+        let mut cfg = OffloadConfig::new("blocks", s.layers).prefetch_depth(a.depth).cpu_test_mode(a.cpu);
+        if let Some(b) = budget {
+            cfg = cfg.vram_budget((b * (1u64 << 30) as f64) as u64);
+        }
+        let t0 = Instant::now();
+        let mut m = cfg.build(&named)?;
+        m.initialize()?;
+        let init_s = t0.elapsed().as_secs_f64();
+        let host_peak = peak_host_bytes();
+        let st = m.stats().clone();
+        let streamed_bytes = st.host_bytes;
+        eprintln!(
+            "{label}: initialize {init_s:.2} s; {} streamed, {} resident blocks; host peak {:.2} GiB (before: {:.2} GiB)",
+            st.streamed_layers,
+            st.resident_layers,
+            host_peak as f64 / (1u64 << 30) as f64,
+            host_before as f64 / (1u64 << 30) as f64
+        );
+        for (tokens, x, ctx) in &inputs {
+            if let Device::Cuda(d) = dev {
+                accel::synchronize_device(d)?;
+                accel::reset_peak_memory_stats(d)?;
+            }
+            let stall0 = m.stats().stall_ms;
+            let (ms, y) = time_forwards(&a, || stack.forward(x, ctx, Some(&mut m)), dev)?;
+            if let Device::Cuda(d) = dev {
+                accel::synchronize_device(d)?;
+            }
+            let stall = (m.stats().stall_ms - stall0) / (a.warmup + a.reps) as f64;
+            let peak = if let Device::Cuda(d) = dev { accel::memory_stats(d)?.peak_allocated } else { 0 };
+            rows.push(Row {
+                label: label.clone(),
+                tokens: *tokens,
+                ms,
+                streamed_bytes,
+                stall,
+                peak,
+                init_s,
+                host_peak,
+                resident_blocks: st.resident_layers,
+                out: y,
+            });
+        }
+        stats_table = m.stats().to_string();
+        // Every weight back on the device for the next configuration (or the CPU if it cannot
+        // hold them all).
+        if let Err(e) = m.restore() {
+            eprintln!("restore onto the device failed ({e}); restoring onto the CPU");
+            m.restore_to(Device::Cpu)?;
+        }
+    }
+    // Resident: every weight on the device, no manager.
+    let mut resident_ms = std::collections::HashMap::new();
+    let on_device = named.iter().all(|(_, t)| t.device() == dev);
+    if a.resident && on_device {
+        for (tokens, x, ctx) in &inputs {
+            let (ms, r) = time_forwards(&a, || stack.forward(x, ctx, None), dev)?;
+            resident_ms.insert(*tokens, (ms, r));
+        }
+    } else if a.resident {
+        eprintln!("resident run skipped: the weights do not fit on the device");
+    }
     println!("| device | preset | tokens | mode | ms/forward | floor ms | floor/measured | stall ms | peak VRAM GiB | init s |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let mut streamed_out = Vec::new();
-    for &tokens in &a.tokens {
-        tch::manual_seed(tokens);
-        let x = Tensor::randn([1, tokens, 64], (kind, dev));
-        let ctx = Tensor::randn([1, s.ctx, s.dim], (kind, dev));
-        if let Device::Cuda(d) = dev {
-            accel::synchronize_device(d)?;
-            accel::reset_peak_memory_stats(d)?;
-        }
-        let stall0 = m.stats().stall_ms;
-        let (ms, y) = time_forwards(&a, || stack.forward(&x, &ctx, Some(&mut m)), dev)?;
-        if let Device::Cuda(d) = dev {
-            accel::synchronize_device(d)?;
-        }
-        let st = m.stats().clone();
-        let stall = (st.stall_ms - stall0) / (a.warmup + a.reps) as f64;
-        let peak = if let Device::Cuda(d) = dev { accel::memory_stats(d)?.peak_allocated } else { 0 };
-        let floor = if bw > 0.0 { streamed_bytes as f64 / (1u64 << 30) as f64 / bw * 1e3 } else { 0.0 };
-        streamed_out.push((tokens, x, ctx, y, ms, floor, stall, peak));
-    }
-    let stats_table = m.stats().to_string();
-    // Resident: restore every weight onto the device and run without the manager.
-    let mut resident_ms = vec![None; a.tokens.len()];
-    let mut diffs = vec![None; a.tokens.len()];
-    if a.resident {
-        match m.restore() {
-            Ok(()) => {
-                for (i, (_, x, ctx, y, ..)) in streamed_out.iter().enumerate() {
-                    let (ms, r) = time_forwards(&a, || stack.forward(x, ctx, None), dev)?;
-                    resident_ms[i] = Some(ms);
-                    diffs[i] = Some((r.to_kind(Kind::Float) - y.to_kind(Kind::Float)).abs().max().double_value(&[]));
-                }
-            }
-            Err(e) => eprintln!("resident run skipped: {e}"),
-        }
-    }
-    for (i, (tokens, _, _, _, ms, floor, stall, peak)) in streamed_out.iter().enumerate() {
-        let floor = floor.max(resident_ms[i].unwrap_or(0.0));
-        let gib = *peak as f64 / (1u64 << 30) as f64;
+    for r in &rows {
+        let res = resident_ms.get(&r.tokens);
+        let link_ms = if bw > 0.0 { r.streamed_bytes as f64 / (1u64 << 30) as f64 / bw * 1e3 } else { 0.0 };
+        let floor = link_ms.max(res.map_or(0.0, |x| x.0));
+        let diff = res.map(|(_, out)| (out.to_kind(Kind::Float) - r.out.to_kind(Kind::Float)).abs().max().double_value(&[]));
+        let gib = r.peak as f64 / (1u64 << 30) as f64;
         println!(
-            "| {device_name} | {} | {tokens} | stream d{} | {ms:.1} | {floor:.1} | {:.3} | {stall:.1} | {gib:.2} | {init_s:.2} |",
+            "| {device_name} | {} | {} | {} | {:.1} | {floor:.1} | {:.3} | {:.1} | {gib:.2} | {:.2} |",
             s.preset,
-            a.depth,
-            if *ms > 0.0 { floor / ms } else { 0.0 }
+            r.tokens,
+            r.label,
+            r.ms,
+            if r.ms > 0.0 { floor / r.ms } else { 0.0 },
+            r.stall,
+            r.init_s
         );
-        if let Some(r) = resident_ms[i] {
-            println!("| {device_name} | {} | {tokens} | resident | {r:.1} | | | | | |", s.preset);
-        }
         println!(
-            "RESULT {{\"device\":\"{device_name}\",\"preset\":\"{}\",\"layers\":{},\"dim\":{},\"ffn\":{},\"tokens\":{tokens},\"depth\":{},\"ms\":{ms:.2},\"resident_ms\":{},\"floor_ms\":{floor:.2},\"stall_ms\":{stall:.2},\"peak_vram_bytes\":{peak},\"h2d_gib_s\":{bw:.2},\"block_bytes\":{block_bytes},\"init_s\":{init_s:.3},\"host_peak_bytes\":{host_peak},\"max_abs_diff\":{}}}",
+            "RESULT {{\"device\":\"{device_name}\",\"system\":\"layerwise-offload\",\"mode\":\"{}\",\"preset\":\"{}\",\"layers\":{},\"dim\":{},\"ffn\":{},\"tokens\":{},\"depth\":{},\"resident_blocks\":{},\"ms\":{:.2},\"resident_ms\":{},\"floor_ms\":{floor:.2},\"stall_ms\":{:.2},\"peak_vram_bytes\":{},\"h2d_gib_s\":{bw:.2},\"block_bytes\":{block_bytes},\"streamed_bytes\":{},\"init_s\":{:.3},\"host_peak_bytes\":{},\"max_abs_diff\":{}}}",
+            r.label,
             s.preset,
             s.layers,
             s.dim,
             s.ffn,
+            r.tokens,
             a.depth,
-            resident_ms[i].map_or("null".into(), |r| format!("{r:.2}")),
-            diffs[i].map_or("null".into(), |d| format!("{d}")),
+            r.resident_blocks,
+            r.ms,
+            res.map_or("null".into(), |x| format!("{:.2}", x.0)),
+            r.stall,
+            r.peak,
+            r.streamed_bytes,
+            r.init_s,
+            r.host_peak,
+            diff.map_or("null".into(), |d| format!("{d}")),
         );
+    }
+    for (tokens, (ms, _)) in {
+        let mut v: Vec<_> = resident_ms.iter().collect();
+        v.sort_by_key(|(t, _)| **t);
+        v
+    } {
+        println!("| {device_name} | {} | {tokens} | resident | {ms:.1} | | | | | |", s.preset);
     }
     eprintln!("{stats_table}");
     Ok(())
