@@ -12,21 +12,31 @@ use tch::{Device, Kind, Tensor};
 fn out_of_memory_while_allocating_slots_changes_nothing() -> anyhow::Result<()> {
     let Some(d) = common::cuda() else { return Ok(()) };
     let _lock = common::gpu_lock();
-    let model = Model::new(Device::Cuda(d), 3, false, 15);
-    let before = model.snapshot();
+    // Three blocks of 256 MiB on the CPU, and a device with only 384 MiB left: the ring of two
+    // slots (512 MiB) cannot be allocated.
+    let numel = 64i64 << 20;
+    let named: Vec<(String, Tensor)> = (0..3)
+        .map(|i| (format!("blocks.{i}.w"), Tensor::full([numel], i as f64 + 0.5, (Kind::Float, Device::Cpu))))
+        .chain(std::iter::once(("head.w".to_owned(), Tensor::ones([4], (Kind::Float, Device::Cpu)))))
+        .collect();
+    let before: Vec<(String, Tensor)> = named.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    accel::empty_cache()?;
     let (free, _) = accel::memory_info(d)?;
-    let block = model.vs.variables().iter().filter(|(n, _)| n.starts_with("blocks.0.")).map(|(_, t)| t.numel() * 4).sum::<usize>();
-    let depth = (free as usize / block) * 2; // twice what fits
-    let mut m = OffloadConfig::new("blocks", 3).prefetch_depth(depth).device(d).build(&model.vs)?;
-    match m.initialize() {
+    let ballast = accel::alloc_device(free as usize - (384 << 20), d)?;
+    let mut m = OffloadConfig::new("blocks", 3).device(d).build(&named)?;
+    let r = m.initialize();
+    drop(ballast);
+    match r {
         Err(e @ Error::OutOfMemory { .. }) => assert!(e.to_string().contains("prefetch_depth"), "{e}"),
         r => panic!("expected OutOfMemory, got {r:?}"),
     }
     assert!(!m.is_initialized());
-    assert_same(&model.snapshot(), &before);
-    assert_eq!(model.vs.variables()["blocks.1.fc1.weight"].device(), Device::Cuda(d));
+    assert_same(&named, &before);
+    assert!(named.iter().all(|(_, t)| t.device() == Device::Cpu), "nothing moved");
+    // With the memory back, the same manager initializes, and restore returns everything.
+    m.initialize()?;
     m.restore()?;
-    assert_same(&model.snapshot(), &before);
+    assert_same(&named, &before);
     Ok(())
 }
 
@@ -38,6 +48,10 @@ fn vram_stays_flat_and_within_the_formula() -> anyhow::Result<()> {
     let x = model.input(2);
     let depth = 2;
     let mut m = OffloadConfig::new("blocks", 6).prefetch_depth(depth).device(d).build(&model.vs)?;
+    // cuBLAS keeps a workspace per thread and stream, allocated through libtorch's allocator at
+    // the first matrix product: create it before taking the baseline.
+    let w = Tensor::randn([64, 64], (Kind::Float, Device::Cuda(d)));
+    let _ = w.matmul(&w);
     accel::synchronize_device(d)?;
     let base = accel::memory_stats(d)?.allocated;
     m.initialize()?;
@@ -57,11 +71,12 @@ fn vram_stays_flat_and_within_the_formula() -> anyhow::Result<()> {
         .map(|n| m.tensor(n).unwrap().numel() as u64 * 4)
         .sum();
     let slots = ((depth + 1) * plan.max_layer_bytes()) as u64;
-    let held = after.allocated - base;
+    eprintln!("base {base}, after first forward {}, after 100 {}, slots {slots}, non-block {non_block}", after_first.allocated, after.allocated);
+    let held = after.allocated.saturating_sub(base);
     // Between forwards the manager holds the non-block weights and the slots (each rounded up
     // by the allocator to 512 bytes).
     assert!(held <= non_block + slots + 8 * 512, "held {held} > {non_block} + {slots}");
-    assert!(held >= slots);
+    assert!(held >= slots, "held {held} < slots {slots}");
     // The peak adds activations only (small here): well under one more block.
     assert!(after.peak_allocated - base <= non_block + slots + (64 << 20), "peak {}", after.peak_allocated - base);
     m.restore()?;
