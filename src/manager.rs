@@ -159,6 +159,8 @@ impl OffloadConfig {
             tick: 0,
             stats: OffloadStats::default(),
             pending: Vec::new(),
+            open_compute: Vec::new(),
+            timeline: None,
             spare: Vec::new(),
         };
         if auto {
@@ -248,6 +250,9 @@ pub struct OffloadStats {
     pub layer_upload_ms: Vec<f64>,
     /// Per block (loop order): stall milliseconds, summed.
     pub layer_stall_ms: Vec<f64>,
+    /// Peak bytes allocated on the compute device (libtorch's allocator, whole process) since
+    /// the process started or the last `accel::reset_peak_memory_stats`; 0 on the CPU.
+    pub peak_vram_bytes: u64,
 }
 
 impl OffloadStats {
@@ -271,6 +276,9 @@ impl fmt::Display for OffloadStats {
             writeln!(f, "| compute stall | {:.1} ms |", self.stall_ms)?;
         }
         writeln!(f, "| GPU slot ring | {:.3} GiB |", gib(self.slot_bytes))?;
+        if self.peak_vram_bytes > 0 {
+            writeln!(f, "| peak VRAM allocated | {:.3} GiB |", gib(self.peak_vram_bytes))?;
+        }
         writeln!(f, "| host buffers | {:.3} GiB ({}) |", gib(self.host_bytes), if self.pinned { "pinned" } else { "pageable" })?;
         write!(f, "| initialize | {:.2} s |", self.init_seconds)
     }
@@ -302,6 +310,10 @@ pub struct LayerwiseOffloadManager {
     stats: OffloadStats,
     /// Timed intervals queued on the device and not yet read back.
     pending: Vec<Timed>,
+    /// Compute intervals of entered blocks, closed at release (while capturing a timeline).
+    open_compute: Vec<(usize, Event, Event)>,
+    /// The timeline being captured, if any.
+    timeline: Option<Timeline>,
     /// Timing events ready for reuse.
     spare: Vec<(Event, Event)>,
 }
@@ -310,9 +322,84 @@ pub struct LayerwiseOffloadManager {
 #[derive(Debug)]
 struct Timed {
     layer: usize,
-    upload: bool,
+    lane: Lane,
     start: Event,
     end: Event,
+    /// Recorded while a timeline was being captured.
+    traced: bool,
+}
+
+/// A timeline capture: an origin event on the compute stream and the spans read back so far.
+#[derive(Debug)]
+struct Timeline {
+    origin: Event,
+    spans: Vec<TimelineSpan>,
+}
+
+/// What a timeline interval shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// A block's upload on the copy stream.
+    Upload,
+    /// The compute stream waiting for a block's upload.
+    Stall,
+    /// A block's compute, from the end of its wait to its release.
+    Compute,
+}
+
+impl Lane {
+    fn thread(self) -> (u32, &'static str) {
+        match self {
+            Lane::Upload => (1, "copy stream"),
+            Lane::Stall | Lane::Compute => (2, "compute stream"),
+        }
+    }
+}
+
+/// One interval of a captured timeline, in milliseconds from the start of the capture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimelineSpan {
+    /// What happened.
+    pub lane: Lane,
+    /// The block (loop index).
+    pub layer: usize,
+    /// Start, ms after the capture began.
+    pub start_ms: f64,
+    /// End, ms after the capture began.
+    pub end_ms: f64,
+}
+
+/// Renders spans as a Chrome trace (the JSON that chrome://tracing and ui.perfetto.dev open):
+/// one track for the copy stream, one for the compute stream.
+pub fn chrome_trace_json(spans: &[TimelineSpan]) -> String {
+    let mut out = String::from("{\"displayTimeUnit\":\"ms\",\"traceEvents\":[");
+    let mut first = true;
+    for (tid, name) in [Lane::Upload.thread(), Lane::Compute.thread()] {
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        out.push_str(&format!(
+            "{{\"ph\":\"M\",\"name\":\"thread_name\",\"pid\":1,\"tid\":{tid},\"args\":{{\"name\":\"{name}\"}}}}"
+        ));
+    }
+    for s in spans {
+        let (tid, _) = s.lane.thread();
+        let what = match s.lane {
+            Lane::Upload => "upload",
+            Lane::Stall => "stall",
+            Lane::Compute => "block",
+        };
+        out.push_str(&format!(
+            ",{{\"ph\":\"X\",\"name\":\"{what} {}\",\"cat\":\"{what}\",\"pid\":1,\"tid\":{tid},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{\"layer\":{}}}}}",
+            s.layer,
+            s.start_ms * 1e3,
+            ((s.end_ms - s.start_ms) * 1e3).max(0.0),
+            s.layer
+        ));
+    }
+    out.push_str("]}");
+    out
 }
 
 impl LayerwiseOffloadManager {
@@ -371,7 +458,46 @@ impl LayerwiseOffloadManager {
     /// appear once the device has finished them (synchronize first for a complete account).
     pub fn stats(&mut self) -> &OffloadStats {
         self.harvest();
+        if let Backend::Cuda { device, .. } = self.backend {
+            if let Ok(m) = accel::memory_stats(device) {
+                self.stats.peak_vram_bytes = m.peak_allocated;
+            }
+        }
         &self.stats
+    }
+
+    /// Starts capturing a timeline: from now on every upload, compute-stream wait and block
+    /// compute is kept as a [`TimelineSpan`] (three pairs of events per block). Needs a CUDA
+    /// device and `timing(true)`.
+    pub fn start_timeline(&mut self) -> Result<()> {
+        let compute = match self.compute_stream()? {
+            Some(c) if self.config.timing => c,
+            _ => {
+                return Err(Error::InvalidArgument {
+                    op: "start_timeline",
+                    message: "a timeline needs a CUDA device and timing(true)".into(),
+                });
+            }
+        };
+        let mut origin = Event::with_timing()?;
+        origin.record(&compute)?;
+        self.timeline = Some(Timeline { origin, spans: Vec::new() });
+        Ok(())
+    }
+
+    /// Stops the capture and returns its spans, sorted by start. Waits (on the host) for the
+    /// device to finish the work queued so far. Empty if no capture was running.
+    pub fn finish_timeline(&mut self) -> Result<Vec<TimelineSpan>> {
+        if self.timeline.is_none() {
+            return Ok(Vec::new());
+        }
+        if let Backend::Cuda { device, .. } = self.backend {
+            accel::synchronize_device(device)?;
+        }
+        self.harvest();
+        let mut spans = self.timeline.take().map(|t| t.spans).unwrap_or_default();
+        spans.sort_by(|a, b| a.start_ms.total_cmp(&b.start_ms));
+        Ok(spans)
     }
 
     /// Reads back every finished timed interval into the statistics and recycles its events.
@@ -385,14 +511,23 @@ impl LayerwiseOffloadManager {
             let t = self.pending.swap_remove(i);
             if let Ok(ms) = t.start.elapsed_ms(&t.end) {
                 let bytes = self.plan.as_ref().map_or(0, |p| p.layers[t.layer].bytes) as u64;
-                if t.upload {
-                    self.stats.upload_ms += ms;
-                    self.stats.timed_uploads += 1;
-                    self.stats.timed_bytes += bytes;
-                    self.stats.layer_upload_ms[t.layer] += ms;
-                } else {
-                    self.stats.stall_ms += ms;
-                    self.stats.layer_stall_ms[t.layer] += ms;
+                match t.lane {
+                    Lane::Upload => {
+                        self.stats.upload_ms += ms;
+                        self.stats.timed_uploads += 1;
+                        self.stats.timed_bytes += bytes;
+                        self.stats.layer_upload_ms[t.layer] += ms;
+                    }
+                    Lane::Stall => {
+                        self.stats.stall_ms += ms;
+                        self.stats.layer_stall_ms[t.layer] += ms;
+                    }
+                    Lane::Compute => {}
+                }
+                if let (true, Some(tl)) = (t.traced, self.timeline.as_mut()) {
+                    if let (Ok(a), Ok(b)) = (tl.origin.elapsed_ms(&t.start), tl.origin.elapsed_ms(&t.end)) {
+                        tl.spans.push(TimelineSpan { lane: t.lane, layer: t.layer, start_ms: a, end_ms: b });
+                    }
                 }
             }
             self.spare.push((t.start, t.end));
@@ -737,7 +872,8 @@ impl LayerwiseOffloadManager {
                 slot.ready.as_mut().expect("CUDA slots have events").record(copy)?;
                 if let Some((start, mut end)) = timing {
                     end.record(copy)?;
-                    self.pending.push(Timed { layer, upload: true, start, end });
+                    let traced = self.timeline.is_some();
+                    self.pending.push(Timed { layer, lane: Lane::Upload, start, end, traced });
                 }
             }
             _ => {
@@ -767,6 +903,17 @@ impl LayerwiseOffloadManager {
         if self.layers[layer].in_use {
             return Ok(());
         }
+        self.activate_inner(layer)?;
+        if self.timeline.is_some() {
+            if let (Some(compute), Some((mut start, end))) = (self.compute_stream()?, self.timing_pair()?) {
+                start.record(&compute)?;
+                self.open_compute.push((layer, start, end));
+            }
+        }
+        Ok(())
+    }
+
+    fn activate_inner(&mut self, layer: usize) -> Result<()> {
         if self.layers[layer].resident {
             self.layers[layer].in_use = true;
             return Ok(());
@@ -787,7 +934,8 @@ impl LayerwiseOffloadManager {
                     start.record(&compute)?;
                     ready.wait(&compute)?;
                     end.record(&compute)?;
-                    self.pending.push(Timed { layer, upload: false, start, end });
+                    let traced = self.timeline.is_some();
+                    self.pending.push(Timed { layer, lane: Lane::Stall, start, end, traced });
                 }
                 None => ready.wait(&compute)?,
             }
@@ -826,6 +974,13 @@ impl LayerwiseOffloadManager {
             return Ok(());
         }
         self.layers[layer].in_use = false;
+        if let Some(k) = self.open_compute.iter().position(|(l, ..)| *l == layer) {
+            let (_, start, mut end) = self.open_compute.swap_remove(k);
+            if let Some(compute) = self.compute_stream()? {
+                end.record(&compute)?;
+                self.pending.push(Timed { layer, lane: Lane::Compute, start, end, traced: true });
+            }
+        }
         if self.layers[layer].resident {
             return Ok(());
         }

@@ -113,3 +113,30 @@ fn uploads_hide_behind_compute() -> anyhow::Result<()> {
     m.restore()?;
     Ok(())
 }
+
+#[test]
+fn the_timeline_shows_uploads_overlapping_compute() -> anyhow::Result<()> {
+    use layerwise_offload::Lane;
+    let Some(d) = common::cuda() else { return Ok(()) };
+    let _lock = common::gpu_lock();
+    let model = Model::new(Device::Cpu, 4, false, 18);
+    let x = Tensor::randn([4, 2048, 16], (Kind::Float, Device::Cpu));
+    let mut m = OffloadConfig::new("blocks", 4).device(d).build(&model.vs)?;
+    m.initialize()?;
+    let _ = model.forward(&x, Some(&mut m));
+    m.start_timeline()?;
+    let _ = model.forward(&x, Some(&mut m));
+    let spans = m.finish_timeline()?;
+    let of = |lane: Lane, layer: usize| spans.iter().find(|s| s.lane == lane && s.layer == layer).cloned();
+    for i in 0..4 {
+        let c = of(Lane::Compute, i).unwrap_or_else(|| panic!("no compute span for block {i}: {spans:?}"));
+        assert!(c.end_ms > c.start_ms);
+        // Block i + 1 (block 0 after the last) uploads while block i computes.
+        let u = of(Lane::Upload, (i + 1) % 4).unwrap_or_else(|| panic!("no upload span for block {}: {spans:?}", (i + 1) % 4));
+        assert!(u.start_ms < c.end_ms, "upload of block {} starts after block {i} finished: {u:?} {c:?}", (i + 1) % 4);
+    }
+    let json = layerwise_offload::chrome_trace_json(&spans);
+    assert!(json.contains("\"upload 2\""));
+    m.restore()?;
+    Ok(())
+}

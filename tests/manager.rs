@@ -328,3 +328,27 @@ fn a_vram_budget_keeps_blocks_resident(#[values(Mode::Cpu, Mode::Cuda)] mode: Mo
     assert_same(&model.snapshot(), &before);
     Ok(())
 }
+
+#[test]
+fn chrome_trace_is_valid_json_with_both_streams() -> anyhow::Result<()> {
+    use layerwise_offload::{Lane, TimelineSpan, chrome_trace_json};
+    let spans = vec![
+        TimelineSpan { lane: Lane::Upload, layer: 1, start_ms: 0.5, end_ms: 2.0 },
+        TimelineSpan { lane: Lane::Stall, layer: 0, start_ms: 0.0, end_ms: 0.25 },
+        TimelineSpan { lane: Lane::Compute, layer: 0, start_ms: 0.25, end_ms: 3.0 },
+    ];
+    let v: serde_json::Value = serde_json::from_str(&chrome_trace_json(&spans))?;
+    let events = v["traceEvents"].as_array().unwrap();
+    assert_eq!(events.len(), 2 + 3, "two track names and three spans");
+    let upload = events.iter().find(|e| e["name"] == "upload 1").unwrap();
+    assert_eq!((upload["ts"].as_f64(), upload["dur"].as_f64()), (Some(500.0), Some(1500.0)), "microseconds");
+    let compute = events.iter().find(|e| e["name"] == "block 0").unwrap();
+    assert_ne!(upload["tid"], compute["tid"], "copy and compute streams are separate tracks");
+    // Without a CUDA device there is nothing to capture: a typed error.
+    let model = Model::new(Device::Cpu, 2, false, 3);
+    let mut m = OffloadConfig::new("blocks", 2).cpu_test_mode(true).build(&model.vs)?;
+    m.initialize()?;
+    assert!(matches!(m.start_timeline(), Err(Error::InvalidArgument { .. })));
+    assert!(m.finish_timeline()?.is_empty());
+    Ok(())
+}

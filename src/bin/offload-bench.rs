@@ -4,7 +4,7 @@
 //! ```text
 //! offload-bench [--preset tiny|wan-1.3b|wan-14b] [--layers N] [--dim N] [--ffn N] [--heads N]
 //!               [--tokens 1024,4096] [--ctx 512] [--depth 1] [--reps 5] [--warmup 2]
-//!               [--budgets 13,20] [--no-resident] [--cpu]
+//!               [--budgets 13,20] [--trace FILE.json] [--no-resident] [--cpu]
 //! ```
 //! Configurations: full streaming, then one per VRAM budget in `--budgets` (GiB of block weights
 //! the manager may keep on the GPU), then the resident model. Per configuration it prints a markdown table row and one `RESULT {json}` line: median ms per
@@ -39,6 +39,7 @@ struct Args {
     resident: bool,
     cpu: bool,
     budgets: Vec<f64>,
+    trace: Option<String>,
 }
 
 fn preset(name: &str) -> Result<Shape> {
@@ -67,6 +68,7 @@ fn parse_args() -> Result<Args> {
         resident: true,
         cpu: !cuda,
         budgets: Vec::new(),
+        trace: None,
     };
     let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
@@ -87,6 +89,7 @@ fn parse_args() -> Result<Args> {
             "--reps" => a.reps = val()?.parse()?,
             "--warmup" => a.warmup = val()?.parse()?,
             "--no-resident" => a.resident = false,
+            "--trace" => a.trace = Some(val()?),
             "--budgets" => {
                 a.budgets = val()?.split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>()?;
             }
@@ -372,6 +375,15 @@ fn main() -> Result<()> {
                 resident_blocks: st.resident_layers,
                 out: y,
             });
+        }
+        if let (Some(path), Device::Cuda(_), true) = (&a.trace, dev, budget.is_none()) {
+            // One more forward of the first size, captured as a Chrome trace.
+            let (_, x, ctx) = &inputs[0];
+            m.start_timeline()?;
+            let _ = stack.forward(x, ctx, Some(&mut m));
+            let spans = m.finish_timeline()?;
+            std::fs::write(path, layerwise_offload::chrome_trace_json(&spans)).with_context(|| format!("writing {path}"))?;
+            eprintln!("timeline of one forward ({} spans) written to {path}", spans.len());
         }
         stats_table = m.stats().to_string();
         // Every weight back on the device for the next configuration (or the CPU if it cannot
