@@ -18,10 +18,17 @@ fn main() -> Result<()> {
          (is torch-sys a direct dependency?)",
     )?);
     let root = lib_dir.parent().context("libtorch lib dir has no parent")?;
-    let includes = [root.join("include"), root.join("include/torch/csrc/api/include")];
+    let includes = [
+        root.join("include"),
+        root.join("include/torch/csrc/api/include"),
+    ];
     for dir in &includes {
         if !dir.is_dir() {
-            bail!("libtorch include dir {} does not exist (LIBTORCH={:?})", dir.display(), env_var("LIBTORCH"));
+            bail!(
+                "libtorch include dir {} does not exist (LIBTORCH={:?})",
+                dir.display(),
+                env_var("LIBTORCH")
+            );
         }
     }
     let abi = env_var("LIBTORCH_CXX11_ABI").unwrap_or_else(|| "1".to_owned());

@@ -20,11 +20,18 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args { mib: 1024, reps: 10, device: 0 };
+    let mut a = Args {
+        mib: 1024,
+        reps: 10,
+        device: 0,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = |name: &str| -> Result<usize> {
-            it.next().with_context(|| format!("{name} needs a value"))?.parse().with_context(|| format!("{name} takes an integer"))
+            it.next()
+                .with_context(|| format!("{name} needs a value"))?
+                .parse()
+                .with_context(|| format!("{name} takes an integer"))
         };
         match flag.as_str() {
             "--mib" => a.mib = val("--mib")?,
@@ -80,25 +87,38 @@ fn main() -> Result<()> {
         let mut rates = Vec::new();
         for _ in 0..args.reps {
             let t = Instant::now();
-            let _ = dst.copy_(&src);
+            dst.copy_(&src);
             rates.push(bytes as f64 / t.elapsed().as_secs_f64() / (1u64 << 30) as f64);
         }
         let m = median(rates);
-        println!("host memcpy: {m:.1} GiB/s ({} MiB, median of {})", args.mib, args.reps);
-        println!("RESULT {{\"device\":null,\"mib\":{},\"host_memcpy_gib_s\":{m:.2}}}", args.mib);
+        println!(
+            "host memcpy: {m:.1} GiB/s ({} MiB, median of {})",
+            args.mib, args.reps
+        );
+        println!(
+            "RESULT {{\"device\":null,\"mib\":{},\"host_memcpy_gib_s\":{m:.2}}}",
+            args.mib
+        );
         return Ok(());
     }
     accel::require_device("bandwidth", args.device)?;
     let d = args.device;
     let name = device_name(d);
-    println!("accelerator: CUDA device {d} ({name}), {} device(s)", accel::cuda_device_count());
+    println!(
+        "accelerator: CUDA device {d} ({name}), {} device(s)",
+        accel::cuda_device_count()
+    );
     let stream = Stream::from_pool(d)?;
     let t0 = Instant::now();
     let mut pinned = accel::alloc_host(bytes, HostMemory::Pinned)?;
     let pin_s = t0.elapsed().as_secs_f64();
     let mut pageable = accel::alloc_host(bytes, HostMemory::Pageable)?;
-    let _ = pinned.copy_(&Tensor::randint(256, [bytes as i64], (Kind::Uint8, Device::Cpu)));
-    let _ = pageable.copy_(&pinned);
+    pinned.copy_(&Tensor::randint(
+        256,
+        [bytes as i64],
+        (Kind::Uint8, Device::Cpu),
+    ));
+    pageable.copy_(&pinned);
     let mut dev = accel::alloc_device(bytes, d)?;
     let mut rows = Vec::new();
     for (label, host) in [("pinned", &pinned), ("pageable", &pageable)] {
@@ -122,7 +142,11 @@ fn main() -> Result<()> {
 /// The device's marketing name from nvidia-smi when it is there, else a generic label.
 fn device_name(d: usize) -> String {
     std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=name", "--format=csv,noheader", &format!("--id={d}")])
+        .args([
+            "--query-gpu=name",
+            "--format=csv,noheader",
+            &format!("--id={d}"),
+        ])
         .output()
         .ok()
         .filter(|o| o.status.success())

@@ -16,12 +16,18 @@ use tch::Tensor;
 pub(crate) fn last_error() -> String {
     // SAFETY: lo_last_error returns a pointer to a thread-local, NUL-terminated std::string
     // buffer that stays valid until the next shim call on this thread; it is copied at once.
-    unsafe { CStr::from_ptr(ffi::lo_last_error()) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(ffi::lo_last_error()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Turns a shim status code into a `Result`, naming the operation.
 pub(crate) fn check(op: &'static str, rc: c_int) -> Result<()> {
-    if rc == 0 { Ok(()) } else { Err(Error::from_torch(op, 0, last_error())) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Error::from_torch(op, 0, last_error()))
+    }
 }
 
 struct CudaInfo {
@@ -77,12 +83,18 @@ pub fn cuda_is_available() -> bool {
 pub fn require_device(op: &'static str, device: usize) -> Result<()> {
     let info = cuda_info();
     if info.count == 0 {
-        return Err(Error::NoDevice { op, reason: info.reason.clone() });
+        return Err(Error::NoDevice {
+            op,
+            reason: info.reason.clone(),
+        });
     }
     if device >= info.count {
         return Err(Error::NoDevice {
             op,
-            reason: format!("device index {device} is out of range ({} CUDA devices)", info.count),
+            reason: format!(
+                "device index {device} is out of range ({} CUDA devices)",
+                info.count
+            ),
         });
     }
     Ok(())
@@ -112,9 +124,15 @@ impl Stream {
 
     fn pool(device: usize, high: bool) -> Result<Stream> {
         require_device("Stream::from_pool", device)?;
-        let mut raw = ffi::lo_stream { id: 0, device_index: 0, device_type: 0 };
+        let mut raw = ffi::lo_stream {
+            id: 0,
+            device_index: 0,
+            device_type: 0,
+        };
         // SAFETY: the out-pointer is a valid local.
-        check("Stream::from_pool", unsafe { ffi::lo_stream_from_pool(dev(device), high as c_int, &mut raw) })?;
+        check("Stream::from_pool", unsafe {
+            ffi::lo_stream_from_pool(dev(device), high as c_int, &mut raw)
+        })?;
         Ok(Stream { raw })
     }
 
@@ -122,9 +140,15 @@ impl Stream {
     /// device; it is the default stream unless something made another current).
     pub fn current(device: usize) -> Result<Stream> {
         require_device("Stream::current", device)?;
-        let mut raw = ffi::lo_stream { id: 0, device_index: 0, device_type: 0 };
+        let mut raw = ffi::lo_stream {
+            id: 0,
+            device_index: 0,
+            device_type: 0,
+        };
         // SAFETY: the out-pointer is a valid local.
-        check("Stream::current", unsafe { ffi::lo_stream_current(dev(device), &mut raw) })?;
+        check("Stream::current", unsafe {
+            ffi::lo_stream_current(dev(device), &mut raw)
+        })?;
         Ok(Stream { raw })
     }
 
@@ -141,14 +165,18 @@ impl Stream {
     /// Blocks the host until all work queued on the stream has finished.
     pub fn synchronize(&self) -> Result<()> {
         // SAFETY: plain value argument.
-        check("Stream::synchronize", unsafe { ffi::lo_stream_synchronize(self.raw) })
+        check("Stream::synchronize", unsafe {
+            ffi::lo_stream_synchronize(self.raw)
+        })
     }
 
     /// Whether all work queued on the stream has finished (does not block).
     pub fn query(&self) -> Result<bool> {
         let mut done: c_int = 0;
         // SAFETY: the out-pointer is a valid local.
-        check("Stream::query", unsafe { ffi::lo_stream_query(self.raw, &mut done) })?;
+        check("Stream::query", unsafe {
+            ffi::lo_stream_query(self.raw, &mut done)
+        })?;
         Ok(done != 0)
     }
 
@@ -178,8 +206,13 @@ impl StreamGuard {
     pub fn new(stream: &Stream) -> Result<StreamGuard> {
         let mut previous = stream.raw;
         // SAFETY: the out-pointer is a valid local.
-        check("StreamGuard::new", unsafe { ffi::lo_stream_exchange(stream.raw, &mut previous) })?;
-        Ok(StreamGuard { previous, _not_send: PhantomData })
+        check("StreamGuard::new", unsafe {
+            ffi::lo_stream_exchange(stream.raw, &mut previous)
+        })?;
+        Ok(StreamGuard {
+            previous,
+            _not_send: PhantomData,
+        })
     }
 
     /// The stream that becomes current again when the guard drops.
@@ -234,7 +267,9 @@ impl Event {
         require_device("Event::new", 0)?;
         let mut p: *mut c_void = std::ptr::null_mut();
         // SAFETY: the out-pointer is a valid local; on success it holds a new c10::Event.
-        check("Event::new", unsafe { ffi::lo_event_new(timing as c_int, &mut p) })?;
+        check("Event::new", unsafe {
+            ffi::lo_event_new(timing as c_int, &mut p)
+        })?;
         let ptr = NonNull::new(p).ok_or_else(|| Error::Torch {
             op: "Event::new",
             source: TorchMessage("the shim returned a null event".into()),
@@ -250,28 +285,36 @@ impl Event {
     /// Records the event at the current end of `stream`'s queue.
     pub fn record(&mut self, stream: &Stream) -> Result<()> {
         // SAFETY: self.ptr is a live c10::Event owned by self.
-        check("Event::record", unsafe { ffi::lo_event_record(self.ptr.as_ptr(), stream.raw) })
+        check("Event::record", unsafe {
+            ffi::lo_event_record(self.ptr.as_ptr(), stream.raw)
+        })
     }
 
     /// Makes `stream` wait (on the device, not the host) until the work recorded before this
     /// event has finished. A never-recorded event makes no stream wait.
     pub fn wait(&self, stream: &Stream) -> Result<()> {
         // SAFETY: self.ptr is a live c10::Event owned by self.
-        check("Event::wait", unsafe { ffi::lo_event_block(self.ptr.as_ptr(), stream.raw) })
+        check("Event::wait", unsafe {
+            ffi::lo_event_block(self.ptr.as_ptr(), stream.raw)
+        })
     }
 
     /// Whether the recorded work has finished (true for a never-recorded event).
     pub fn query(&self) -> Result<bool> {
         let mut done: c_int = 0;
         // SAFETY: self.ptr is a live c10::Event; the out-pointer is a valid local.
-        check("Event::query", unsafe { ffi::lo_event_query(self.ptr.as_ptr(), &mut done) })?;
+        check("Event::query", unsafe {
+            ffi::lo_event_query(self.ptr.as_ptr(), &mut done)
+        })?;
         Ok(done != 0)
     }
 
     /// Blocks the host until the recorded work has finished.
     pub fn synchronize(&self) -> Result<()> {
         // SAFETY: self.ptr is a live c10::Event owned by self.
-        check("Event::synchronize", unsafe { ffi::lo_event_synchronize(self.ptr.as_ptr()) })
+        check("Event::synchronize", unsafe {
+            ffi::lo_event_synchronize(self.ptr.as_ptr())
+        })
     }
 
     /// Milliseconds from this event to `end`; both need timing and must have completed.
@@ -284,7 +327,9 @@ impl Event {
         }
         let mut ms = 0.0;
         // SAFETY: both pointers are live c10::Events; the out-pointer is a valid local.
-        check("Event::elapsed_ms", unsafe { ffi::lo_event_elapsed_ms(self.ptr.as_ptr(), end.ptr.as_ptr(), &mut ms) })?;
+        check("Event::elapsed_ms", unsafe {
+            ffi::lo_event_elapsed_ms(self.ptr.as_ptr(), end.ptr.as_ptr(), &mut ms)
+        })?;
         Ok(ms)
     }
 }
@@ -314,11 +359,17 @@ pub unsafe fn copy_async(dst: &mut Tensor, src: &Tensor, stream: Option<&Stream>
         require_device("copy_async", 0)?;
     }
     let raw = stream.map(|s| s.raw);
-    let sp = raw.as_ref().map_or(std::ptr::null(), |r| r as *const ffi::lo_stream);
+    let sp = raw
+        .as_ref()
+        .map_or(std::ptr::null(), |r| r as *const ffi::lo_stream);
     // SAFETY: both tensor pointers are live tch tensors; `sp` is null or points to a local.
     // The lifetime obligations of the queued copy are the caller's (see # Safety).
     let rc = unsafe { ffi::lo_copy_async(dst.as_mut_ptr(), src.as_ptr() as *mut _, sp) };
-    if rc == 0 { Ok(()) } else { Err(Error::from_torch("copy_async", bytes, last_error())) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Error::from_torch("copy_async", bytes, last_error()))
+    }
 }
 
 /// Tells libtorch's caching allocator that `tensor` (a CUDA tensor) is used on `stream`, so its
@@ -326,7 +377,9 @@ pub unsafe fn copy_async(dst: &mut Tensor, src: &Tensor, stream: Option<&Stream>
 pub fn record_stream(tensor: &Tensor, stream: &Stream) -> Result<()> {
     require_device("record_stream", stream.device_index())?;
     // SAFETY: the tensor pointer is a live tch tensor; record_stream does not modify its data.
-    check("record_stream", unsafe { ffi::lo_record_stream(tensor.as_ptr() as *mut _, stream.raw) })
+    check("record_stream", unsafe {
+        ffi::lo_record_stream(tensor.as_ptr() as *mut _, stream.raw)
+    })
 }
 
 /// Whether a CPU tensor's memory is page-locked for CUDA (false without a device).
@@ -336,7 +389,9 @@ pub fn is_pinned(tensor: &Tensor) -> Result<bool> {
     }
     let mut out: c_int = 0;
     // SAFETY: the tensor pointer is a live tch tensor; the out-pointer is a valid local.
-    check("is_pinned", unsafe { ffi::lo_tensor_is_pinned(tensor.as_ptr() as *mut _, &mut out) })?;
+    check("is_pinned", unsafe {
+        ffi::lo_tensor_is_pinned(tensor.as_ptr() as *mut _, &mut out)
+    })?;
     Ok(out != 0)
 }
 
@@ -356,7 +411,9 @@ fn host_threads(bytes: usize) -> c_int {
     if bytes < (64 << 20) {
         return 1;
     }
-    std::thread::available_parallelism().map_or(4, |n| n.get()).clamp(1, 16) as c_int
+    std::thread::available_parallelism()
+        .map_or(4, |n| n.get())
+        .clamp(1, 16) as c_int
 }
 
 /// Allocates `bytes` of host memory, exactly (no power-of-two rounding as in libtorch's caching
@@ -371,12 +428,19 @@ pub fn alloc_host(bytes: usize, memory: HostMemory) -> Result<Tensor> {
         HostMemory::Pinned => "pinned",
     };
     if bytes == 0 {
-        return Err(Error::InvalidArgument { op: "alloc_host", message: "cannot allocate 0 bytes".into() });
+        return Err(Error::InvalidArgument {
+            op: "alloc_host",
+            message: "cannot allocate 0 bytes".into(),
+        });
     }
     if memory == HostMemory::Pinned {
         require_device("alloc_host(Pinned)", 0)?;
     }
-    let host_err = |message: String| Error::HostAlloc { kind, bytes: bytes as u64, source: TorchMessage(message) };
+    let host_err = |message: String| Error::HostAlloc {
+        kind,
+        bytes: bytes as u64,
+        source: TorchMessage(message),
+    };
     let mut p: *mut c_void = std::ptr::null_mut();
     // SAFETY: the out-pointer is a valid local; on success it holds a mapping of `bytes` bytes.
     if unsafe { ffi::lo_host_alloc(bytes, host_threads(bytes), &mut p) } != 0 {
@@ -423,7 +487,9 @@ pub fn memory_stats(device: usize) -> Result<MemoryStats> {
     require_device("memory_stats", device)?;
     let mut s = ffi::lo_mem_stats::default();
     // SAFETY: the out-pointer is a valid local.
-    check("memory_stats", unsafe { ffi::lo_memory_stats(dev(device), &mut s) })?;
+    check("memory_stats", unsafe {
+        ffi::lo_memory_stats(dev(device), &mut s)
+    })?;
     let u = |v: i64| v.max(0) as u64;
     Ok(MemoryStats {
         allocated: u(s.allocated_current),
@@ -438,7 +504,9 @@ pub fn memory_stats(device: usize) -> Result<MemoryStats> {
 pub fn reset_peak_memory_stats(device: usize) -> Result<()> {
     require_device("reset_peak_memory_stats", device)?;
     // SAFETY: plain value argument.
-    check("reset_peak_memory_stats", unsafe { ffi::lo_reset_peak_stats(dev(device)) })
+    check("reset_peak_memory_stats", unsafe {
+        ffi::lo_reset_peak_stats(dev(device))
+    })
 }
 
 /// `(free, total)` bytes of `device` as the driver reports them.
@@ -446,7 +514,9 @@ pub fn memory_info(device: usize) -> Result<(u64, u64)> {
     require_device("memory_info", device)?;
     let (mut free, mut total) = (0usize, 0usize);
     // SAFETY: the out-pointers are valid locals.
-    check("memory_info", unsafe { ffi::lo_memory_info(dev(device), &mut free, &mut total) })?;
+    check("memory_info", unsafe {
+        ffi::lo_memory_info(dev(device), &mut free, &mut total)
+    })?;
     Ok((free as u64, total as u64))
 }
 
@@ -461,7 +531,9 @@ pub fn empty_cache() -> Result<()> {
 pub fn synchronize_device(device: usize) -> Result<()> {
     require_device("synchronize_device", device)?;
     // SAFETY: plain value argument.
-    check("synchronize_device", unsafe { ffi::lo_synchronize_device(dev(device)) })
+    check("synchronize_device", unsafe {
+        ffi::lo_synchronize_device(dev(device))
+    })
 }
 
 /// Caps what libtorch's caching allocator may take on every CUDA device of this process at
@@ -472,7 +544,10 @@ pub fn synchronize_device(device: usize) -> Result<()> {
 pub fn set_memory_fraction(fraction: f64) -> Result<()> {
     const OP: &str = "set_memory_fraction";
     if !(fraction > 0.0 && fraction <= 1.0) {
-        return Err(Error::InvalidArgument { op: OP, message: format!("fraction must be in (0, 1], got {fraction}") });
+        return Err(Error::InvalidArgument {
+            op: OP,
+            message: format!("fraction must be in (0, 1], got {fraction}"),
+        });
     }
     require_device(OP, 0)?;
     let mut started: c_int = 0;
@@ -489,6 +564,9 @@ pub fn set_memory_fraction(fraction: f64) -> Result<()> {
 /// out of memory (also under a [`set_memory_fraction`] cap) is [`Error::OutOfMemory`].
 pub fn alloc_device(bytes: usize, device: usize) -> Result<Tensor> {
     require_device("alloc_device", device)?;
-    Tensor::f_empty([bytes as i64], (tch::Kind::Uint8, tch::Device::Cuda(device)))
-        .map_err(|e| Error::from_torch("alloc_device", bytes as u64, e.to_string()))
+    Tensor::f_empty(
+        [bytes as i64],
+        (tch::Kind::Uint8, tch::Device::Cuda(device)),
+    )
+    .map_err(|e| Error::from_torch("alloc_device", bytes as u64, e.to_string()))
 }

@@ -20,7 +20,9 @@ impl std::error::Error for TorchMessage {}
 #[non_exhaustive]
 pub enum Error {
     /// The operation needs a CUDA device and none is usable in this process.
-    #[error("{op} needs a CUDA device, but {reason}; run it on a machine with a CUDA GPU, or use the CPU test mode")]
+    #[error(
+        "{op} needs a CUDA device, but {reason}; run it on a machine with a CUDA GPU, or use the CPU test mode"
+    )]
     NoDevice {
         /// What was attempted.
         op: &'static str,
@@ -28,7 +30,9 @@ pub enum Error {
         reason: String,
     },
     /// The device ran out of memory.
-    #[error("out of device memory while {op} ({bytes} bytes asked): lower the VRAM budget or prefetch depth, or free memory first")]
+    #[error(
+        "out of device memory while {op} ({bytes} bytes asked): lower the VRAM budget or prefetch depth, or free memory first"
+    )]
     OutOfMemory {
         /// What was being allocated.
         op: String,
@@ -50,7 +54,9 @@ pub enum Error {
         source: TorchMessage,
     },
     /// The CUDA allocator has started already, so a per-process setting can no longer change.
-    #[error("{op}: the CUDA allocator already started in this process; call it before the first CUDA allocation")]
+    #[error(
+        "{op}: the CUDA allocator already started in this process; call it before the first CUDA allocation"
+    )]
     AllocatorStarted {
         /// What was attempted.
         op: &'static str,
@@ -72,7 +78,9 @@ pub enum Error {
         prefixes: Vec<String>,
     },
     /// `num_layers` is larger than the number of blocks found.
-    #[error("num_layers is {asked} for {attr:?}, but the model has only {found} such blocks; pass num_layers <= {found}")]
+    #[error(
+        "num_layers is {asked} for {attr:?}, but the model has only {found} such blocks; pass num_layers <= {found}"
+    )]
     TooFewLayers {
         /// The block list.
         attr: String,
@@ -82,7 +90,9 @@ pub enum Error {
         found: usize,
     },
     /// Some block indices below `num_layers` have no tensors.
-    #[error("blocks {missing:?} of {attr:?} have no tensors (gaps in the indices); check the names or lower num_layers")]
+    #[error(
+        "blocks {missing:?} of {attr:?} have no tensors (gaps in the indices); check the names or lower num_layers"
+    )]
     MissingLayers {
         /// The block list.
         attr: String,
@@ -91,7 +101,9 @@ pub enum Error {
     },
     /// A block tensor is not stored densely (a slice or an expanded view), so its bytes cannot be
     /// moved as one span.
-    #[error("tensor {name:?} (shape {shape:?}, strides {strides:?}) is not dense; make it contiguous (`.contiguous()`) before offloading")]
+    #[error(
+        "tensor {name:?} (shape {shape:?}, strides {strides:?}) is not dense; make it contiguous (`.contiguous()`) before offloading"
+    )]
     NonContiguous {
         /// The tensor.
         name: String,
@@ -101,7 +113,9 @@ pub enum Error {
         strides: Vec<i64>,
     },
     /// Tensors sit on devices other than the compute device and the CPU.
-    #[error("tensors are on devices other than {allowed:?}: {found:?}; move the model to the CPU or to the compute device first")]
+    #[error(
+        "tensors are on devices other than {allowed:?}: {found:?}; move the model to the CPU or to the compute device first"
+    )]
     MixedDevices {
         /// Devices that are accepted.
         allowed: Vec<tch::Device>,
@@ -115,7 +129,9 @@ pub enum Error {
         op: &'static str,
     },
     /// A block index past the last block.
-    #[error("{op}: block {layer} is out of range (the manager has {num_layers} blocks, indices 0..{num_layers})")]
+    #[error(
+        "{op}: block {layer} is out of range (the manager has {num_layers} blocks, indices 0..{num_layers})"
+    )]
     LayerOutOfRange {
         /// The call.
         op: &'static str,
@@ -125,7 +141,9 @@ pub enum Error {
         num_layers: usize,
     },
     /// Every GPU slot holds a block that is in use.
-    #[error("no free GPU slot for block {layer}: blocks {in_use:?} are still entered; release one (drop its guard or call after_layer) first, or raise prefetch_depth")]
+    #[error(
+        "no free GPU slot for block {layer}: blocks {in_use:?} are still entered; release one (drop its guard or call after_layer) first, or raise prefetch_depth"
+    )]
     NoFreeSlot {
         /// The block that needed a slot.
         layer: usize,
@@ -147,7 +165,9 @@ pub enum Error {
         name: String,
     },
     /// A replacement tensor does not match the tensor it replaces.
-    #[error("tensor {name:?} is {expected}, the replacement is {got}; pass a tensor of the same shape and dtype")]
+    #[error(
+        "tensor {name:?} is {expected}, the replacement is {got}; pass a tensor of the same shape and dtype"
+    )]
     Mismatch {
         /// The tensor.
         name: String,
@@ -175,9 +195,16 @@ impl Error {
     /// [`Error::OutOfMemory`], others [`Error::Torch`].
     pub(crate) fn from_torch(op: &'static str, bytes: u64, message: String) -> Error {
         if is_oom_message(&message) {
-            Error::OutOfMemory { op: op.to_owned(), bytes, source: TorchMessage(message) }
+            Error::OutOfMemory {
+                op: op.to_owned(),
+                bytes,
+                source: TorchMessage(message),
+            }
         } else {
-            Error::Torch { op, source: TorchMessage(message) }
+            Error::Torch {
+                op,
+                source: TorchMessage(message),
+            }
         }
     }
 

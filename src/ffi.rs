@@ -46,14 +46,20 @@ unsafe extern "C" {
     pub fn lo_event_synchronize(event: *mut c_void) -> c_int;
     pub fn lo_event_elapsed_ms(start: *mut c_void, end: *mut c_void, out: *mut f64) -> c_int;
 
-    pub fn lo_copy_async(dst: *mut C_tensor, src: *mut C_tensor, stream: *const lo_stream) -> c_int;
+    pub fn lo_copy_async(dst: *mut C_tensor, src: *mut C_tensor, stream: *const lo_stream)
+    -> c_int;
     pub fn lo_record_stream(tensor: *mut C_tensor, stream: lo_stream) -> c_int;
     pub fn lo_tensor_is_pinned(tensor: *mut C_tensor, out: *mut c_int) -> c_int;
 
     pub fn lo_host_alloc(bytes: usize, threads: c_int, out: *mut *mut c_void) -> c_int;
     pub fn lo_host_free(ptr: *mut c_void, bytes: usize) -> c_int;
     pub fn lo_host_register(ptr: *mut c_void, bytes: usize, portable: c_int) -> c_int;
-    pub fn lo_host_tensor(ptr: *mut c_void, bytes: usize, registered: c_int, out: *mut *mut C_tensor) -> c_int;
+    pub fn lo_host_tensor(
+        ptr: *mut c_void,
+        bytes: usize,
+        registered: c_int,
+        out: *mut *mut C_tensor,
+    ) -> c_int;
 
     pub fn lo_memory_stats(device: c_int, out: *mut lo_mem_stats) -> c_int;
     pub fn lo_reset_peak_stats(device: c_int) -> c_int;

@@ -9,6 +9,9 @@ pub mod plan;
 pub mod source;
 
 pub use error::{Error, Result, TorchMessage};
-pub use manager::{LayerGuard, Lane, LayerwiseOffloadManager, OffloadConfig, OffloadStats, TimelineSpan, chrome_trace_json};
+pub use manager::{
+    Lane, LayerGuard, LayerwiseOffloadManager, OffloadConfig, OffloadStats, TimelineSpan,
+    chrome_trace_json,
+};
 pub use plan::{LayerLayout, Plan, TensorLayout};
 pub use source::WeightSource;

@@ -58,7 +58,11 @@ impl OffloadConfig {
 
     /// Adds another block list; the loop runs list by list in the order given (e.g. Flux's
     /// `double_blocks`, then `single_blocks`).
-    pub fn with_list(mut self, module_list_attr: impl Into<String>, num_layers: usize) -> OffloadConfig {
+    pub fn with_list(
+        mut self,
+        module_list_attr: impl Into<String>,
+        num_layers: usize,
+    ) -> OffloadConfig {
         self.lists.push((module_list_attr.into(), num_layers));
         self
     }
@@ -142,11 +146,18 @@ impl OffloadConfig {
         let backend = if self.cpu_test_mode {
             Backend::Cpu
         } else if self.enabled && accel::cuda_device_count() > self.device {
-            Backend::Cuda { device: self.device, copy: None }
+            Backend::Cuda {
+                device: self.device,
+                copy: None,
+            }
         } else {
             Backend::Disabled
         };
-        let backend = if self.enabled { backend } else { Backend::Disabled };
+        let backend = if self.enabled {
+            backend
+        } else {
+            Backend::Disabled
+        };
         let auto = self.auto_initialize;
         let mut m = LayerwiseOffloadManager {
             config: self,
@@ -258,7 +269,11 @@ pub struct OffloadStats {
 impl OffloadStats {
     /// Achieved upload bandwidth in GiB/s over the timed uploads (0 if none).
     pub fn upload_gib_s(&self) -> f64 {
-        if self.upload_ms > 0.0 { self.timed_bytes as f64 / (1u64 << 30) as f64 / (self.upload_ms / 1e3) } else { 0.0 }
+        if self.upload_ms > 0.0 {
+            self.timed_bytes as f64 / (1u64 << 30) as f64 / (self.upload_ms / 1e3)
+        } else {
+            0.0
+        }
     }
 }
 
@@ -268,18 +283,41 @@ impl fmt::Display for OffloadStats {
         writeln!(f, "| statistic | value |")?;
         writeln!(f, "|---|---|")?;
         writeln!(f, "| streamed blocks | {} |", self.streamed_layers)?;
-        writeln!(f, "| resident blocks | {} ({:.3} GiB) |", self.resident_layers, gib(self.resident_bytes))?;
+        writeln!(
+            f,
+            "| resident blocks | {} ({:.3} GiB) |",
+            self.resident_layers,
+            gib(self.resident_bytes)
+        )?;
         writeln!(f, "| uploads | {} |", self.uploads)?;
-        writeln!(f, "| bytes uploaded | {:.3} GiB |", gib(self.bytes_uploaded))?;
+        writeln!(
+            f,
+            "| bytes uploaded | {:.3} GiB |",
+            gib(self.bytes_uploaded)
+        )?;
         if self.timed_uploads > 0 {
-            writeln!(f, "| upload time | {:.1} ms ({:.1} GiB/s) |", self.upload_ms, self.upload_gib_s())?;
+            writeln!(
+                f,
+                "| upload time | {:.1} ms ({:.1} GiB/s) |",
+                self.upload_ms,
+                self.upload_gib_s()
+            )?;
             writeln!(f, "| compute stall | {:.1} ms |", self.stall_ms)?;
         }
         writeln!(f, "| GPU slot ring | {:.3} GiB |", gib(self.slot_bytes))?;
         if self.peak_vram_bytes > 0 {
-            writeln!(f, "| peak VRAM allocated | {:.3} GiB |", gib(self.peak_vram_bytes))?;
+            writeln!(
+                f,
+                "| peak VRAM allocated | {:.3} GiB |",
+                gib(self.peak_vram_bytes)
+            )?;
         }
-        writeln!(f, "| host buffers | {:.3} GiB ({}) |", gib(self.host_bytes), if self.pinned { "pinned" } else { "pageable" })?;
+        writeln!(
+            f,
+            "| host buffers | {:.3} GiB ({}) |",
+            gib(self.host_bytes),
+            if self.pinned { "pinned" } else { "pageable" }
+        )?;
         write!(f, "| initialize | {:.2} s |", self.init_seconds)
     }
 }
@@ -451,17 +489,21 @@ impl LayerwiseOffloadManager {
 
     /// The loop index of block `index` of list `module_list_attr`.
     pub fn layer_index(&self, module_list_attr: &str, index: usize) -> Option<usize> {
-        self.plan.as_ref()?.layers.iter().position(|l| l.attr == module_list_attr && l.index == index)
+        self.plan
+            .as_ref()?
+            .layers
+            .iter()
+            .position(|l| l.attr == module_list_attr && l.index == index)
     }
 
     /// Counters so far. Timings are read back without blocking, so the most recent intervals
     /// appear once the device has finished them (synchronize first for a complete account).
     pub fn stats(&mut self) -> &OffloadStats {
         self.harvest();
-        if let Backend::Cuda { device, .. } = self.backend {
-            if let Ok(m) = accel::memory_stats(device) {
-                self.stats.peak_vram_bytes = m.peak_allocated;
-            }
+        if let Backend::Cuda { device, .. } = self.backend
+            && let Ok(m) = accel::memory_stats(device)
+        {
+            self.stats.peak_vram_bytes = m.peak_allocated;
         }
         &self.stats
     }
@@ -481,7 +523,10 @@ impl LayerwiseOffloadManager {
         };
         let mut origin = Event::with_timing()?;
         origin.record(&compute)?;
-        self.timeline = Some(Timeline { origin, spans: Vec::new() });
+        self.timeline = Some(Timeline {
+            origin,
+            spans: Vec::new(),
+        });
         Ok(())
     }
 
@@ -524,10 +569,16 @@ impl LayerwiseOffloadManager {
                     }
                     Lane::Compute => {}
                 }
-                if let (true, Some(tl)) = (t.traced, self.timeline.as_mut()) {
-                    if let (Ok(a), Ok(b)) = (tl.origin.elapsed_ms(&t.start), tl.origin.elapsed_ms(&t.end)) {
-                        tl.spans.push(TimelineSpan { lane: t.lane, layer: t.layer, start_ms: a, end_ms: b });
-                    }
+                if let (true, Some(tl)) = (t.traced, self.timeline.as_mut())
+                    && let (Ok(a), Ok(b)) =
+                        (tl.origin.elapsed_ms(&t.start), tl.origin.elapsed_ms(&t.end))
+                {
+                    tl.spans.push(TimelineSpan {
+                        lane: t.lane,
+                        layer: t.layer,
+                        start_ms: a,
+                        end_ms: b,
+                    });
                 }
             }
             self.spare.push((t.start, t.end));
@@ -567,7 +618,11 @@ impl LayerwiseOffloadManager {
         }
         let started = Instant::now();
         let compute = self.compute_device();
-        let allowed = if compute == Device::Cpu { vec![Device::Cpu] } else { vec![compute, Device::Cpu] };
+        let allowed = if compute == Device::Cpu {
+            vec![Device::Cpu]
+        } else {
+            vec![compute, Device::Cpu]
+        };
         let plan = plan::build(&self.named, &self.config.lists, &allowed)?;
 
         // 0. Which blocks stay resident (a VRAM budget), which stream.
@@ -576,7 +631,11 @@ impl LayerwiseOffloadManager {
 
         // 1. The slot ring and its events first: running out of device memory here changes
         //    nothing.
-        let slot_bytes = streamed.iter().map(|&i| plan.layers[i].bytes).max().unwrap_or(0);
+        let slot_bytes = streamed
+            .iter()
+            .map(|&i| plan.layers[i].bytes)
+            .max()
+            .unwrap_or(0);
         let n_slots = (self.config.prefetch_depth + 1).min(streamed.len());
         let mut slots = Vec::with_capacity(n_slots);
         for _ in 0..n_slots {
@@ -596,12 +655,19 @@ impl LayerwiseOffloadManager {
                 Backend::Cuda { .. } => (Some(Event::new()?), Some(Event::new()?)),
                 _ => (None, None),
             };
-            slots.push(SlotRt { buf, layer: None, ready, free, free_recorded: false, last_used: 0 });
+            slots.push(SlotRt {
+                buf,
+                layer: None,
+                ready,
+                free,
+                free_recorded: false,
+                last_used: 0,
+            });
         }
-        if let Backend::Cuda { device, copy } = &mut self.backend {
-            if copy.is_none() {
-                *copy = Some(Stream::from_pool(*device)?);
-            }
+        if let Backend::Cuda { device, copy } = &mut self.backend
+            && copy.is_none()
+        {
+            *copy = Some(Stream::from_pool(*device)?);
         }
 
         // 2. Runtime state per block: handles and placeholders.
@@ -613,25 +679,48 @@ impl LayerwiseOffloadManager {
                 params.push(self.named[t.source_index].1.shallow_clone());
                 let shape = vec![0i64; t.shape.len().max(1)];
                 placeholders.push(
-                    Tensor::f_empty(shape, (t.kind, compute)).map_err(|e| Error::from(("creating placeholders", e)))?,
+                    Tensor::f_empty(shape, (t.kind, compute))
+                        .map_err(|e| Error::from(("creating placeholders", e)))?,
                 );
             }
-            layers.push(LayerRt { host: None, params, placeholders, slot: None, in_use: false, resident: false });
+            layers.push(LayerRt {
+                host: None,
+                params,
+                placeholders,
+                slot: None,
+                in_use: false,
+                resident: false,
+            });
         }
         for (rt, &r) in layers.iter_mut().zip(&resident) {
             rt.resident = r;
         }
 
         // 3. Non-block tensors and resident blocks to the compute device.
-        let resident_tensors =
-            plan.layers.iter().zip(&resident).filter(|(_, r)| **r).flat_map(|(l, _)| l.tensors.iter().map(|t| t.source_index));
-        let to_move: Vec<usize> = plan.resident.iter().copied().chain(resident_tensors).collect();
+        let resident_tensors = plan
+            .layers
+            .iter()
+            .zip(&resident)
+            .filter(|(_, r)| **r)
+            .flat_map(|(l, _)| l.tensors.iter().map(|t| t.source_index));
+        let to_move: Vec<usize> = plan
+            .resident
+            .iter()
+            .copied()
+            .chain(resident_tensors)
+            .collect();
         for i in to_move {
             let t = &mut self.named[i].1;
             if t.device() != compute {
-                let moved = tch::no_grad(|| t.f_to_device(compute))
-                    .map_err(|e| Error::from_torch("moving non-block tensors to the compute device", 0, e.to_string()))?;
-                t.f_set_data(&moved).map_err(|e| Error::from(("moving non-block tensors", e)))?;
+                let moved = tch::no_grad(|| t.f_to_device(compute)).map_err(|e| {
+                    Error::from_torch(
+                        "moving non-block tensors to the compute device",
+                        0,
+                        e.to_string(),
+                    )
+                })?;
+                t.f_set_data(&moved)
+                    .map_err(|e| Error::from(("moving non-block tensors", e)))?;
             }
         }
 
@@ -640,7 +729,13 @@ impl LayerwiseOffloadManager {
         self.stats = OffloadStats {
             streamed_layers: streamed.len(),
             resident_layers: plan.layers.len() - streamed.len(),
-            resident_bytes: plan.layers.iter().zip(&resident).filter(|(_, r)| **r).map(|(l, _)| l.bytes as u64).sum(),
+            resident_bytes: plan
+                .layers
+                .iter()
+                .zip(&resident)
+                .filter(|(_, r)| **r)
+                .map(|(l, _)| l.bytes as u64)
+                .sum(),
             slot_bytes: (slot_bytes * n_slots) as u64,
             pinned: self.host_memory() == HostMemory::Pinned,
             layer_upload_ms: vec![0.0; plan.layers.len()],
@@ -671,7 +766,9 @@ impl LayerwiseOffloadManager {
     /// the slot ring, spread evenly through the loop. All of them if everything fits.
     fn choose_resident(&self, plan: &Plan) -> Result<Vec<bool>> {
         let n = plan.layers.len();
-        let Some(budget) = self.config.budget else { return Ok(vec![false; n]) };
+        let Some(budget) = self.config.budget else {
+            return Ok(vec![false; n]);
+        };
         let budget = match (budget, &self.backend) {
             (Budget::Bytes(b), _) => b,
             (Budget::AllBut(reserve), Backend::Cuda { device, .. }) => {
@@ -697,7 +794,8 @@ impl LayerwiseOffloadManager {
         if sizes.iter().sum::<u64>() <= budget {
             return Ok(vec![true; n]);
         }
-        let ring = (self.config.prefetch_depth as u64 + 1) * sizes.iter().copied().max().unwrap_or(0);
+        let ring =
+            (self.config.prefetch_depth as u64 + 1) * sizes.iter().copied().max().unwrap_or(0);
         if budget < ring {
             return Err(Error::InvalidArgument {
                 op: "vram_budget",
@@ -729,7 +827,11 @@ impl LayerwiseOffloadManager {
     }
 
     fn layout(&self, layer: usize) -> &LayerLayout {
-        &self.plan.as_ref().expect("plan exists once layers exist").layers[layer]
+        &self
+            .plan
+            .as_ref()
+            .expect("plan exists once layers exist")
+            .layers[layer]
     }
 
     /// Typed views of a block buffer (host buffer or slot), one per tensor, with the original
@@ -755,7 +857,8 @@ impl LayerwiseOffloadManager {
         let rt = &mut self.layers[i];
         tch::no_grad(|| -> Result<()> {
             for (mut v, p) in views.into_iter().zip(&rt.params) {
-                v.f_copy_(p).map_err(|e| Error::from(("copying a block into its host buffer", e)))?;
+                v.f_copy_(p)
+                    .map_err(|e| Error::from(("copying a block into its host buffer", e)))?;
             }
             Ok(())
         })?;
@@ -763,7 +866,8 @@ impl LayerwiseOffloadManager {
         rt.host = Some(host);
         // Point at placeholders: frees the original storage unless the caller holds it elsewhere.
         for (p, ph) in rt.params.iter_mut().zip(&rt.placeholders) {
-            p.f_set_data(ph).map_err(|e| Error::from(("placing placeholders", e)))?;
+            p.f_set_data(ph)
+                .map_err(|e| Error::from(("placing placeholders", e)))?;
         }
         Ok(())
     }
@@ -776,8 +880,12 @@ impl LayerwiseOffloadManager {
             return;
         }
         for i in 0..self.layers.len() {
-            let Some(host) = self.layers[i].host.as_ref().map(|h| h.shallow_clone()) else { continue };
-            let Ok(views) = Self::views(&host, self.layout(i)) else { continue };
+            let Some(host) = self.layers[i].host.as_ref().map(|h| h.shallow_clone()) else {
+                continue;
+            };
+            let Ok(views) = Self::views(&host, self.layout(i)) else {
+                continue;
+            };
             for (p, v) in self.layers[i].params.iter_mut().zip(&views) {
                 let _ = p.f_set_data(v);
             }
@@ -791,7 +899,10 @@ impl LayerwiseOffloadManager {
 
     /// Waits on the host until every queued upload has finished.
     fn sync_copies(&self) {
-        if let Backend::Cuda { copy: Some(copy), .. } = &self.backend {
+        if let Backend::Cuda {
+            copy: Some(copy), ..
+        } = &self.backend
+        {
             let _ = copy.synchronize();
         }
     }
@@ -812,7 +923,11 @@ impl LayerwiseOffloadManager {
 
     fn check_range(&self, op: &'static str, layer: usize) -> Result<()> {
         if layer >= self.layers.len() {
-            return Err(Error::LayerOutOfRange { op, layer, num_layers: self.layers.len() });
+            return Err(Error::LayerOutOfRange {
+                op,
+                layer,
+                num_layers: self.layers.len(),
+            });
         }
         Ok(())
     }
@@ -837,7 +952,8 @@ impl LayerwiseOffloadManager {
             let rt = &mut self.layers[old];
             rt.slot = None;
             for (p, ph) in rt.params.iter_mut().zip(&rt.placeholders) {
-                p.f_set_data(ph).map_err(|e| Error::from(("placing placeholders", e)))?;
+                p.f_set_data(ph)
+                    .map_err(|e| Error::from(("placing placeholders", e)))?;
             }
         }
         Ok(())
@@ -848,14 +964,25 @@ impl LayerwiseOffloadManager {
         self.evict(s)?;
         let bytes = self.layout(layer).bytes;
         let timing = self.timing_pair()?;
-        let host = self.layers[layer].host.as_ref().expect("initialized blocks have host buffers");
+        let host = self.layers[layer]
+            .host
+            .as_ref()
+            .expect("initialized blocks have host buffers");
         let slot = &mut self.slots[s];
-        let mut dst = slot.buf.f_narrow(0, 0, bytes as i64).map_err(|e| Error::from(("upload", e)))?;
+        let mut dst = slot
+            .buf
+            .f_narrow(0, 0, bytes as i64)
+            .map_err(|e| Error::from(("upload", e)))?;
         match &self.backend {
-            Backend::Cuda { copy: Some(copy), .. } => {
+            Backend::Cuda {
+                copy: Some(copy), ..
+            } => {
                 if slot.free_recorded {
                     // The compute stream released the slot's previous block: wait for that work.
-                    slot.free.as_ref().expect("CUDA slots have events").wait(copy)?;
+                    slot.free
+                        .as_ref()
+                        .expect("CUDA slots have events")
+                        .wait(copy)?;
                 }
                 let timing = match timing {
                     Some((mut start, end)) => {
@@ -869,11 +996,20 @@ impl LayerwiseOffloadManager {
                 // an upload may read it (update_tensor synchronizes first), and the compute
                 // stream reads the slot only after waiting on `ready`.
                 unsafe { accel::copy_async(&mut dst, host, Some(copy))? };
-                slot.ready.as_mut().expect("CUDA slots have events").record(copy)?;
+                slot.ready
+                    .as_mut()
+                    .expect("CUDA slots have events")
+                    .record(copy)?;
                 if let Some((start, mut end)) = timing {
                     end.record(copy)?;
                     let traced = self.timeline.is_some();
-                    self.pending.push(Timed { layer, lane: Lane::Upload, start, end, traced });
+                    self.pending.push(Timed {
+                        layer,
+                        lane: Lane::Upload,
+                        start,
+                        end,
+                        traced,
+                    });
                 }
             }
             _ => {
@@ -892,7 +1028,8 @@ impl LayerwiseOffloadManager {
         let s = self.layers[layer].slot.expect("block is in a slot");
         let views = Self::views(&self.slots[s].buf, self.layout(layer))?;
         for (p, v) in self.layers[layer].params.iter_mut().zip(&views) {
-            p.f_set_data(v).map_err(|e| Error::from(("pointing a block at its slot", e)))?;
+            p.f_set_data(v)
+                .map_err(|e| Error::from(("pointing a block at its slot", e)))?;
         }
         Ok(())
     }
@@ -904,11 +1041,12 @@ impl LayerwiseOffloadManager {
             return Ok(());
         }
         self.activate_inner(layer)?;
-        if self.timeline.is_some() {
-            if let (Some(compute), Some((mut start, end))) = (self.compute_stream()?, self.timing_pair()?) {
-                start.record(&compute)?;
-                self.open_compute.push((layer, start, end));
-            }
+        if self.timeline.is_some()
+            && let (Some(compute), Some((mut start, end))) =
+                (self.compute_stream()?, self.timing_pair()?)
+        {
+            start.record(&compute)?;
+            self.open_compute.push((layer, start, end));
         }
         Ok(())
     }
@@ -921,21 +1059,33 @@ impl LayerwiseOffloadManager {
         let s = match self.layers[layer].slot {
             Some(s) => s,
             None => {
-                let s = self.pick_slot(&[layer]).ok_or_else(|| Error::NoFreeSlot { layer, in_use: self.in_use() })?;
+                let s = self.pick_slot(&[layer]).ok_or_else(|| Error::NoFreeSlot {
+                    layer,
+                    in_use: self.in_use(),
+                })?;
                 self.upload(layer, s)?;
                 s
             }
         };
         if let Some(compute) = self.compute_stream()? {
             let timing = self.timing_pair()?;
-            let ready = self.slots[s].ready.as_ref().expect("CUDA slots have events");
+            let ready = self.slots[s]
+                .ready
+                .as_ref()
+                .expect("CUDA slots have events");
             match timing {
                 Some((mut start, mut end)) => {
                     start.record(&compute)?;
                     ready.wait(&compute)?;
                     end.record(&compute)?;
                     let traced = self.timeline.is_some();
-                    self.pending.push(Timed { layer, lane: Lane::Stall, start, end, traced });
+                    self.pending.push(Timed {
+                        layer,
+                        lane: Lane::Stall,
+                        start,
+                        end,
+                        traced,
+                    });
                 }
                 None => ready.wait(&compute)?,
             }
@@ -960,7 +1110,9 @@ impl LayerwiseOffloadManager {
             if self.layers[next].slot.is_some() {
                 continue;
             }
-            let Some(s) = self.pick_slot(&upcoming) else { break };
+            let Some(s) = self.pick_slot(&upcoming) else {
+                break;
+            };
             self.upload(next, s)?;
         }
         Ok(())
@@ -978,27 +1130,41 @@ impl LayerwiseOffloadManager {
             let (_, start, mut end) = self.open_compute.swap_remove(k);
             if let Some(compute) = self.compute_stream()? {
                 end.record(&compute)?;
-                self.pending.push(Timed { layer, lane: Lane::Compute, start, end, traced: true });
+                self.pending.push(Timed {
+                    layer,
+                    lane: Lane::Compute,
+                    start,
+                    end,
+                    traced: true,
+                });
             }
         }
         if self.layers[layer].resident {
             return Ok(());
         }
-        let s = self.layers[layer].slot.expect("an entered block is in a slot");
+        let s = self.layers[layer]
+            .slot
+            .expect("an entered block is in a slot");
         if let Some(compute) = self.compute_stream()? {
             let slot = &mut self.slots[s];
-            slot.free.as_mut().expect("CUDA slots have events").record(&compute)?;
+            slot.free
+                .as_mut()
+                .expect("CUDA slots have events")
+                .record(&compute)?;
             slot.free_recorded = true;
         }
         let rt = &mut self.layers[layer];
         for (p, ph) in rt.params.iter_mut().zip(&rt.placeholders) {
-            p.f_set_data(ph).map_err(|e| Error::from(("placing placeholders", e)))?;
+            p.f_set_data(ph)
+                .map_err(|e| Error::from(("placing placeholders", e)))?;
         }
         Ok(())
     }
 
     fn in_use(&self) -> Vec<usize> {
-        (0..self.layers.len()).filter(|&i| self.layers[i].in_use).collect()
+        (0..self.layers.len())
+            .filter(|&i| self.layers[i].in_use)
+            .collect()
     }
 
     /// Enters block `layer` for computing: waits (on the device) for its upload, loading it at
@@ -1009,7 +1175,11 @@ impl LayerwiseOffloadManager {
         if self.is_enabled() {
             self.before_layer(layer)?;
         }
-        Ok(LayerGuard { manager: self, layer, armed: true })
+        Ok(LayerGuard {
+            manager: self,
+            layer,
+            armed: true,
+        })
     }
 
     /// [`Self::enter`] without a guard, for drivers that cannot hold one; pair it with
@@ -1044,16 +1214,20 @@ impl LayerwiseOffloadManager {
             return Ok(());
         }
         self.check_ready("prefetch_layer")?;
-        if layer >= self.layers.len() || self.layers[layer].slot.is_some() || self.layers[layer].resident {
+        if layer >= self.layers.len()
+            || self.layers[layer].slot.is_some()
+            || self.layers[layer].resident
+        {
             return Ok(());
         }
-        let s = self.pick_slot(&[layer]).ok_or_else(|| Error::NoFreeSlot { layer, in_use: self.in_use() })?;
+        let s = self.pick_slot(&[layer]).ok_or_else(|| Error::NoFreeSlot {
+            layer,
+            in_use: self.in_use(),
+        })?;
         self.upload(layer, s)?;
         self.point_at_slot(layer)?;
-        if !non_blocking {
-            if let Some(ready) = &self.slots[s].ready {
-                ready.synchronize()?;
-            }
+        if !non_blocking && let Some(ready) = &self.slots[s].ready {
+            ready.synchronize()?;
         }
         Ok(())
     }
@@ -1090,7 +1264,12 @@ impl LayerwiseOffloadManager {
     /// The seed's `layer_scope(prefetch, release)` around one block: makes block `release`
     /// usable (it is the block about to run), queues the upload of `prefetch`, runs `f`, then
     /// releases `release` (also if `f` panics).
-    pub fn layer_scope<R>(&mut self, prefetch: Option<usize>, release: Option<usize>, f: impl FnOnce() -> R) -> Result<R> {
+    pub fn layer_scope<R>(
+        &mut self,
+        prefetch: Option<usize>,
+        release: Option<usize>,
+        f: impl FnOnce() -> R,
+    ) -> Result<R> {
         if !self.is_enabled() {
             return Ok(f());
         }
@@ -1102,7 +1281,11 @@ impl LayerwiseOffloadManager {
         if let Some(p) = prefetch {
             self.prefetch_layer(p, true)?;
         }
-        let guard = LayerGuard { manager: self, layer: release.unwrap_or(usize::MAX), armed: release.is_some() };
+        let guard = LayerGuard {
+            manager: self,
+            layer: release.unwrap_or(usize::MAX),
+            armed: release.is_some(),
+        };
         let out = f();
         guard.finish()?;
         Ok(out)
@@ -1111,7 +1294,9 @@ impl LayerwiseOffloadManager {
     /// Whether block `layer`'s weights are on the device now (resident, or in a slot uploaded
     /// or queued).
     pub fn is_on_device(&self, layer: usize) -> bool {
-        self.layers.get(layer).is_some_and(|l| l.slot.is_some() || l.resident)
+        self.layers
+            .get(layer)
+            .is_some_and(|l| l.slot.is_some() || l.resident)
     }
 
     /// Whether block `layer` stays on the device for good (within the VRAM budget).
@@ -1136,13 +1321,15 @@ impl LayerwiseOffloadManager {
             .named
             .iter()
             .position(|(n, _)| n == name)
-            .ok_or_else(|| Error::UnknownTensor { name: name.to_owned() })?;
+            .ok_or_else(|| Error::UnknownTensor {
+                name: name.to_owned(),
+            })?;
         if let Some(plan) = &self.plan {
             for (li, l) in plan.layers.iter().enumerate() {
-                if let Some(j) = l.tensors.iter().position(|t| t.source_index == src) {
-                    if self.layers[li].host.is_some() {
-                        return Ok((src, Some((li, j))));
-                    }
+                if let Some(j) = l.tensors.iter().position(|t| t.source_index == src)
+                    && self.layers[li].host.is_some()
+                {
+                    return Ok((src, Some((li, j))));
                 }
             }
         }
@@ -1157,7 +1344,10 @@ impl LayerwiseOffloadManager {
         match at {
             Some((li, j)) => {
                 self.sync_copies();
-                let host = self.layers[li].host.as_ref().expect("located blocks have host buffers");
+                let host = self.layers[li]
+                    .host
+                    .as_ref()
+                    .expect("located blocks have host buffers");
                 let mut views = Self::views(host, self.layout(li))?;
                 Ok(views.swap_remove(j))
             }
@@ -1169,7 +1359,10 @@ impl LayerwiseOffloadManager {
     /// Saving the model's own `VarStore` while offloaded would write the placeholders; save
     /// these instead (or use [`Self::save_safetensors`]).
     pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        self.named.iter().map(|(n, _)| Ok((n.clone(), self.tensor(n)?))).collect()
+        self.named
+            .iter()
+            .map(|(n, _)| Ok((n.clone(), self.tensor(n)?)))
+            .collect()
     }
 
     /// Writes every weight (block tensors from their host copies) to a safetensors file.
@@ -1205,12 +1398,20 @@ impl LayerwiseOffloadManager {
         match at {
             Some((li, j)) => {
                 if self.layers[li].in_use {
-                    return Err(Error::LayerInUse { op: "update_tensor", layer: li });
+                    return Err(Error::LayerInUse {
+                        op: "update_tensor",
+                        layer: li,
+                    });
                 }
                 self.sync_copies();
-                let host = self.layers[li].host.as_ref().expect("located blocks have host buffers").shallow_clone();
+                let host = self.layers[li]
+                    .host
+                    .as_ref()
+                    .expect("located blocks have host buffers")
+                    .shallow_clone();
                 let mut view = Self::views(&host, self.layout(li))?.swap_remove(j);
-                tch::no_grad(|| view.f_copy_(value)).map_err(|e| Error::from(("update_tensor", e)))?;
+                tch::no_grad(|| view.f_copy_(value))
+                    .map_err(|e| Error::from(("update_tensor", e)))?;
                 if let Some(s) = self.layers[li].slot {
                     self.evict(s)?;
                 }
@@ -1245,20 +1446,28 @@ impl LayerwiseOffloadManager {
                     if p.device() != device {
                         let moved = tch::no_grad(|| p.f_to_device(device))
                             .map_err(|e| Error::from_torch("restore", 0, e.to_string()))?;
-                        p.f_set_data(&moved).map_err(|e| Error::from(("restore", e)))?;
+                        p.f_set_data(&moved)
+                            .map_err(|e| Error::from(("restore", e)))?;
                     }
                 }
                 self.layers[i].in_use = false;
                 continue;
             }
-            let Some(host) = self.layers[i].host.as_ref().map(|h| h.shallow_clone()) else { continue };
+            let Some(host) = self.layers[i].host.as_ref().map(|h| h.shallow_clone()) else {
+                continue;
+            };
             let layout = self.layout(i).clone();
             let views = Self::views(&host, &layout)?;
             let mut fresh = Vec::with_capacity(views.len());
             for (t, v) in layout.tensors.iter().zip(&views) {
-                let mut f = Tensor::f_empty_strided(t.shape.as_slice(), t.strides.as_slice(), (t.kind, device))
+                let mut f = Tensor::f_empty_strided(
+                    t.shape.as_slice(),
+                    t.strides.as_slice(),
+                    (t.kind, device),
+                )
+                .map_err(|e| Error::from_torch("restore", t.bytes as u64, e.to_string()))?;
+                tch::no_grad(|| f.f_copy_(v))
                     .map_err(|e| Error::from_torch("restore", t.bytes as u64, e.to_string()))?;
-                tch::no_grad(|| f.f_copy_(v)).map_err(|e| Error::from_torch("restore", t.bytes as u64, e.to_string()))?;
                 fresh.push(f);
             }
             let rt = &mut self.layers[i];
@@ -1315,7 +1524,10 @@ impl LayerGuard<'_> {
     /// Releases the block now and reports an error, which `Drop` cannot.
     pub fn finish(mut self) -> Result<()> {
         self.armed = false;
-        if self.manager.is_enabled() && self.manager.phase == Phase::Ready && self.layer < self.manager.layers.len() {
+        if self.manager.is_enabled()
+            && self.manager.phase == Phase::Ready
+            && self.layer < self.manager.layers.len()
+        {
             self.manager.release(self.layer)
         } else {
             Ok(())
@@ -1325,7 +1537,11 @@ impl LayerGuard<'_> {
 
 impl Drop for LayerGuard<'_> {
     fn drop(&mut self) {
-        if self.armed && self.manager.is_enabled() && self.manager.phase == Phase::Ready && self.layer < self.manager.layers.len() {
+        if self.armed
+            && self.manager.is_enabled()
+            && self.manager.phase == Phase::Ready
+            && self.layer < self.manager.layers.len()
+        {
             let _ = self.manager.release(self.layer);
         }
     }
@@ -1333,7 +1549,9 @@ impl Drop for LayerGuard<'_> {
 
 /// `k` of `n` positions spread evenly (the middle of each of `k` equal stretches).
 fn spread(n: usize, k: usize) -> Vec<usize> {
-    (0..k).map(|j| ((2 * j + 1) * n / (2 * k)).min(n - 1)).collect()
+    (0..k)
+        .map(|j| ((2 * j + 1) * n / (2 * k)).min(n - 1))
+        .collect()
 }
 
 #[cfg(test)]
@@ -1342,7 +1560,10 @@ mod tests {
 
     #[test]
     fn spread_is_even_and_distinct() {
-        assert_eq!(spread(40, 20), (0..20).map(|j| 2 * j + 1).collect::<Vec<_>>());
+        assert_eq!(
+            spread(40, 20),
+            (0..20).map(|j| 2 * j + 1).collect::<Vec<_>>()
+        );
         assert_eq!(spread(10, 2), vec![2, 7]);
         assert_eq!(spread(5, 4), vec![0, 1, 3, 4]);
         for n in 1..50 {

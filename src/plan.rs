@@ -75,17 +75,22 @@ impl Plan {
 
 /// The regex that finds block `i` of list `attr` in a tensor name.
 pub(crate) fn layer_regex(attr: &str) -> Regex {
-    Regex::new(&format!(r"(^|\.){}\.(\d+)(\.|$)", regex::escape(attr))).expect("escaped attr makes a valid regex")
+    Regex::new(&format!(r"(^|\.){}\.(\d+)(\.|$)", regex::escape(attr)))
+        .expect("escaped attr makes a valid regex")
 }
 
 /// Whether a tensor with these sizes and strides covers exactly `numel` consecutive elements
 /// (contiguous up to a permutation of its dimensions), so its bytes can be moved as one span.
 pub(crate) fn is_dense(shape: &[i64], strides: &[i64]) -> bool {
-    if shape.iter().any(|&s| s == 0) {
+    if shape.contains(&0) {
         return true;
     }
-    let mut dims: Vec<(i64, i64)> =
-        shape.iter().zip(strides).filter(|(s, _)| **s > 1).map(|(s, st)| (*st, *s)).collect();
+    let mut dims: Vec<(i64, i64)> = shape
+        .iter()
+        .zip(strides)
+        .filter(|(s, _)| **s > 1)
+        .map(|(s, st)| (*st, *s))
+        .collect();
     dims.sort_unstable();
     let mut expected = 1i64;
     for (stride, size) in dims {
@@ -103,7 +108,10 @@ pub(crate) fn candidate_prefixes<'a>(names: impl Iterator<Item = &'a str>) -> Ve
     let mut out = BTreeSet::new();
     for name in names {
         let parts: Vec<&str> = name.split('.').collect();
-        match parts.iter().position(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+        match parts
+            .iter()
+            .position(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        {
             Some(i) if i > 0 => out.insert(parts[..i].join(".")),
             _ => out.insert(parts[0].to_owned()),
         };
@@ -114,9 +122,16 @@ pub(crate) fn candidate_prefixes<'a>(names: impl Iterator<Item = &'a str>) -> Ve
 /// Builds the plan for `tensors` (name, tensor) and the lists `(attr, num_layers)`.
 ///
 /// `allowed` are the devices tensors may be on (the compute device and the CPU).
-pub(crate) fn build(tensors: &[(String, Tensor)], lists: &[(String, usize)], allowed: &[Device]) -> Result<Plan> {
+pub(crate) fn build(
+    tensors: &[(String, Tensor)],
+    lists: &[(String, usize)],
+    allowed: &[Device],
+) -> Result<Plan> {
     if lists.is_empty() {
-        return Err(Error::InvalidArgument { op: "initialize", message: "no block list configured".into() });
+        return Err(Error::InvalidArgument {
+            op: "initialize",
+            message: "no block list configured".into(),
+        });
     }
     let mut seen_attrs = BTreeSet::new();
     for (attr, _) in lists {
@@ -136,7 +151,10 @@ pub(crate) fn build(tensors: &[(String, Tensor)], lists: &[(String, usize)], all
         }
     }
     if !odd.is_empty() {
-        return Err(Error::MixedDevices { allowed: allowed.to_vec(), found: odd.into_iter().take(8).collect() });
+        return Err(Error::MixedDevices {
+            allowed: allowed.to_vec(),
+            found: odd.into_iter().take(8).collect(),
+        });
     }
 
     let mut owner: Vec<Option<(usize, usize)>> = vec![None; tensors.len()];
@@ -146,14 +164,19 @@ pub(crate) fn build(tensors: &[(String, Tensor)], lists: &[(String, usize)], all
         let mut by_index: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (ti, (name, _)) in tensors.iter().enumerate() {
             let Some(c) = re.captures(name) else { continue };
-            let Ok(idx) = c[2].parse::<usize>() else { continue };
+            let Ok(idx) = c[2].parse::<usize>() else {
+                continue;
+            };
             if idx >= *num_layers {
                 continue;
             }
             if let Some((other, _)) = owner[ti] {
                 return Err(Error::InvalidArgument {
                     op: "initialize",
-                    message: format!("{name:?} matches both block lists {:?} and {attr:?}", lists[other].0),
+                    message: format!(
+                        "{name:?} matches both block lists {:?} and {attr:?}",
+                        lists[other].0
+                    ),
                 });
             }
             owner[ti] = Some((li, idx));
@@ -172,11 +195,20 @@ pub(crate) fn build(tensors: &[(String, Tensor)], lists: &[(String, usize)], all
             .max()
             .map_or(0, |m| m + 1);
         if *num_layers > found {
-            return Err(Error::TooFewLayers { attr: attr.clone(), asked: *num_layers, found });
+            return Err(Error::TooFewLayers {
+                attr: attr.clone(),
+                asked: *num_layers,
+                found,
+            });
         }
-        let missing: Vec<usize> = (0..*num_layers).filter(|i| !by_index.contains_key(i)).collect();
+        let missing: Vec<usize> = (0..*num_layers)
+            .filter(|i| !by_index.contains_key(i))
+            .collect();
         if !missing.is_empty() {
-            return Err(Error::MissingLayers { attr: attr.clone(), missing });
+            return Err(Error::MissingLayers {
+                attr: attr.clone(),
+                missing,
+            });
         }
         for (idx, mut members) in by_index {
             members.sort_by(|a, b| tensors[*a].0.cmp(&tensors[*b].0));
@@ -187,14 +219,32 @@ pub(crate) fn build(tensors: &[(String, Tensor)], lists: &[(String, usize)], all
                 let shape = t.size();
                 let strides = t.stride();
                 if !is_dense(&shape, &strides) {
-                    return Err(Error::NonContiguous { name: name.clone(), shape, strides });
+                    return Err(Error::NonContiguous {
+                        name: name.clone(),
+                        shape,
+                        strides,
+                    });
                 }
                 let kind = t.kind();
                 let bytes = t.numel() * kind.elt_size_in_bytes();
-                out.push(TensorLayout { name: name.clone(), offset, bytes, shape, strides, kind, source_index: ti });
+                out.push(TensorLayout {
+                    name: name.clone(),
+                    offset,
+                    bytes,
+                    shape,
+                    strides,
+                    kind,
+                    source_index: ti,
+                });
                 offset = align_up(offset + bytes);
             }
-            layers.push(LayerLayout { list: li, attr: attr.clone(), index: idx, tensors: out, bytes: align_up(offset.max(1)) });
+            layers.push(LayerLayout {
+                list: li,
+                attr: attr.clone(),
+                index: idx,
+                tensors: out,
+                bytes: align_up(offset.max(1)),
+            });
         }
     }
     let resident = (0..tensors.len()).filter(|i| owner[*i].is_none()).collect();
@@ -216,7 +266,11 @@ mod tests {
             ("blocksx.0.weight", None),
             ("blocks.a.weight", None),
         ] {
-            assert_eq!(re.captures(name).map(|c| c[2].to_owned()).as_deref(), idx, "{name}");
+            assert_eq!(
+                re.captures(name).map(|c| c[2].to_owned()).as_deref(),
+                idx,
+                "{name}"
+            );
         }
         // Dots in the attribute are literal.
         assert!(!layer_regex("a.b").is_match("axb.0.w"));
@@ -236,15 +290,28 @@ mod tests {
 
     #[test]
     fn prefixes_name_the_lists_that_exist() {
-        let names = ["transformer_blocks.0.w", "transformer_blocks.1.w", "single.3.x", "proj_out.weight"];
-        assert_eq!(candidate_prefixes(names.into_iter()), vec!["proj_out", "single", "transformer_blocks"]);
+        let names = [
+            "transformer_blocks.0.w",
+            "transformer_blocks.1.w",
+            "single.3.x",
+            "proj_out.weight",
+        ];
+        assert_eq!(
+            candidate_prefixes(names.into_iter()),
+            vec!["proj_out", "single", "transformer_blocks"]
+        );
     }
 
     #[test]
     fn tensors_elsewhere_are_refused() {
-        let named = vec![("blocks.0.w".to_owned(), Tensor::zeros([2], (Kind::Float, Device::Cpu)))];
+        let named = vec![(
+            "blocks.0.w".to_owned(),
+            Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+        )];
         match build(&named, &[("blocks".into(), 1)], &[Device::Cuda(0)]) {
-            Err(Error::MixedDevices { found, .. }) => assert_eq!(found, vec![("blocks.0.w".to_owned(), Device::Cpu)]),
+            Err(Error::MixedDevices { found, .. }) => {
+                assert_eq!(found, vec![("blocks.0.w".to_owned(), Device::Cpu)])
+            }
             r => panic!("expected MixedDevices, got {r:?}"),
         }
     }
@@ -260,7 +327,13 @@ mod tests {
         ];
         let plan = build(&named, &[("blocks".into(), 2)], &[Device::Cpu]).unwrap();
         let l0 = &plan.layers[0];
-        assert_eq!(l0.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["blocks.0.a", "blocks.0.b"]);
+        assert_eq!(
+            l0.tensors
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>(),
+            ["blocks.0.a", "blocks.0.b"]
+        );
         assert_eq!((l0.tensors[0].offset, l0.tensors[0].bytes), (0, 20));
         assert_eq!((l0.tensors[1].offset, l0.tensors[1].bytes), (256, 6));
         assert_eq!(l0.bytes, 512);

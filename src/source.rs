@@ -21,13 +21,17 @@ impl WeightSource for tch::nn::VarStore {
 
 impl WeightSource for tch::CModule {
     fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        self.named_parameters().map_err(|e| Error::from(("CModule::named_parameters", e)))
+        self.named_parameters()
+            .map_err(|e| Error::from(("CModule::named_parameters", e)))
     }
 }
 
 impl WeightSource for [(String, Tensor)] {
     fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(self.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect())
+        Ok(self
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect())
     }
 }
 

@@ -15,7 +15,10 @@ fn assert_no_device<T: std::fmt::Debug>(r: layerwise_offload::Result<T>, op: &st
         Err(e @ Error::NoDevice { .. }) => {
             let msg = e.to_string();
             assert!(msg.contains(op), "message should name {op}: {msg}");
-            assert!(msg.contains("needs a CUDA device"), "unreadable message: {msg}");
+            assert!(
+                msg.contains("needs a CUDA device"),
+                "unreadable message: {msg}"
+            );
         }
         other => panic!("{op}: expected Error::NoDevice, got {other:?}"),
     }
@@ -54,12 +57,17 @@ fn missing_device_gives_typed_errors() {
 #[test]
 fn without_any_device_everything_device_bound_is_a_typed_error() {
     if accel::cuda_is_available() {
-        eprintln!("(a CUDA device is present: the device-less errors are covered by missing_device_gives_typed_errors)");
+        eprintln!(
+            "(a CUDA device is present: the device-less errors are covered by missing_device_gives_typed_errors)"
+        );
         return;
     }
     assert_no_device(Event::new(), "Event::new");
     assert_no_device(Event::with_timing(), "Event::new");
-    assert_no_device(accel::alloc_host(4096, HostMemory::Pinned), "alloc_host(Pinned)");
+    assert_no_device(
+        accel::alloc_host(4096, HostMemory::Pinned),
+        "alloc_host(Pinned)",
+    );
     assert_no_device(accel::empty_cache(), "empty_cache");
     assert_no_device(accel::set_memory_fraction(0.5), "set_memory_fraction");
 }
@@ -68,7 +76,9 @@ fn without_any_device_everything_device_bound_is_a_typed_error() {
 fn invalid_arguments_are_typed() {
     for f in [0.0, -0.5, 1.5, f64::NAN] {
         match accel::set_memory_fraction(f) {
-            Err(Error::InvalidArgument { message, .. }) => assert!(message.contains("(0, 1]"), "{message}"),
+            Err(Error::InvalidArgument { message, .. }) => {
+                assert!(message.contains("(0, 1]"), "{message}")
+            }
             other => panic!("fraction {f}: expected InvalidArgument, got {other:?}"),
         }
     }
@@ -113,11 +123,13 @@ fn copy_async_between_cpu_tensors_is_a_plain_copy() -> anyhow::Result<()> {
 #[test]
 fn oom_messages_become_out_of_memory() {
     // The classification the manager relies on, checked on libtorch's own wording.
-    let e = layerwise_offload::Error::from(("alloc", tch::TchError::Torch(
-        "CUDA out of memory. Tried to allocate 2.00 GiB".into(),
-    )));
+    let e = layerwise_offload::Error::from((
+        "alloc",
+        tch::TchError::Torch("CUDA out of memory. Tried to allocate 2.00 GiB".into()),
+    ));
     assert!(e.is_out_of_memory(), "{e:?}");
     assert!(e.to_string().contains("lower the VRAM budget"), "{e}");
-    let e = layerwise_offload::Error::from(("alloc", tch::TchError::Torch("shape mismatch".into())));
+    let e =
+        layerwise_offload::Error::from(("alloc", tch::TchError::Torch("shape mismatch".into())));
     assert!(!e.is_out_of_memory());
 }

@@ -24,12 +24,14 @@ fn busy(stream: &Stream, d: usize) -> Tensor {
 
 #[test]
 fn side_stream_copy_is_seen_through_an_event_wait() -> anyhow::Result<()> {
-    let Some(d) = common::cuda() else { return Ok(()) };
+    let Some(d) = common::cuda() else {
+        return Ok(());
+    };
     let _lock = common::gpu_lock();
     let n = 32 << 20; // 32 Mi floats, 128 MiB
     let host = accel::alloc_host(n * 4, HostMemory::Pinned)?;
     let mut src = host.view_dtype(Kind::Float);
-    let _ = src.copy_(&Tensor::arange(n as i64, (Kind::Float, Device::Cpu)));
+    src.copy_(&Tensor::arange(n as i64, (Kind::Float, Device::Cpu)));
     let copy_stream = Stream::from_pool(d)?;
     let compute = Stream::current(d)?;
     assert_ne!(copy_stream, compute);
@@ -48,7 +50,11 @@ fn side_stream_copy_is_seen_through_an_event_wait() -> anyhow::Result<()> {
     let copy_done_before_read = copied.query()?;
     let early = early.double_value(&[]);
     if !copy_done_before_read {
-        assert_eq!(early, -(n as f64), "the compute stream read the slot before the copy and must see the old values");
+        assert_eq!(
+            early,
+            -(n as f64),
+            "the compute stream read the slot before the copy and must see the old values"
+        );
     } else {
         eprintln!("note: the copy finished before the unsynchronized read; nothing to check there");
     }
@@ -72,7 +78,9 @@ fn side_stream_copy_is_seen_through_an_event_wait() -> anyhow::Result<()> {
 
 #[test]
 fn guard_restores_the_previous_stream_also_on_panic() -> anyhow::Result<()> {
-    let Some(d) = common::cuda() else { return Ok(()) };
+    let Some(d) = common::cuda() else {
+        return Ok(());
+    };
     let before = Stream::current(d)?;
     let side = Stream::from_pool(d)?;
     let other = Stream::from_pool_high_priority(d)?;
@@ -96,25 +104,44 @@ fn guard_restores_the_previous_stream_also_on_panic() -> anyhow::Result<()> {
         })
     }));
     assert!(r.is_err(), "the panic must propagate");
-    assert_eq!(Stream::current(d)?, before, "the guard must restore the stream during unwinding");
+    assert_eq!(
+        Stream::current(d)?,
+        before,
+        "the guard must restore the stream during unwinding"
+    );
     // The current stream is per thread: another thread still sees its own default.
     let g = side.make_current()?;
-    let theirs = std::thread::spawn(move || Stream::current(d).unwrap()).join().unwrap();
-    assert_eq!(theirs.id(), 0, "another thread's current stream is its default stream");
+    let theirs = std::thread::spawn(move || Stream::current(d).unwrap())
+        .join()
+        .unwrap();
+    assert_eq!(
+        theirs.id(),
+        0,
+        "another thread's current stream is its default stream"
+    );
     drop(g);
     Ok(())
 }
 
 #[test]
 fn pinned_buffers_are_pinned_and_carry_data() -> anyhow::Result<()> {
-    let Some(d) = common::cuda() else { return Ok(()) };
+    let Some(d) = common::cuda() else {
+        return Ok(());
+    };
     let bytes = (200 << 20) + 4096 + 17;
     let mut pinned = accel::alloc_host(bytes, HostMemory::Pinned)?;
     let pageable = accel::alloc_host(bytes, HostMemory::Pageable)?;
     assert!(accel::is_pinned(&pinned)?);
     assert!(!accel::is_pinned(&pageable)?);
-    assert!(accel::is_pinned(&pinned.narrow(0, 12345, 100))?, "views of pinned memory are pinned");
-    let _ = pinned.copy_(&Tensor::randint(256, [bytes as i64], (Kind::Uint8, Device::Cpu)));
+    assert!(
+        accel::is_pinned(&pinned.narrow(0, 12345, 100))?,
+        "views of pinned memory are pinned"
+    );
+    pinned.copy_(&Tensor::randint(
+        256,
+        [bytes as i64],
+        (Kind::Uint8, Device::Cpu),
+    ));
     let mut dev = accel::alloc_device(bytes, d)?;
     let s = Stream::from_pool(d)?;
     // SAFETY: both tensors live until the synchronize below.
@@ -128,7 +155,9 @@ fn pinned_buffers_are_pinned_and_carry_data() -> anyhow::Result<()> {
 
 #[test]
 fn events_time_known_work() -> anyhow::Result<()> {
-    let Some(d) = common::cuda() else { return Ok(()) };
+    let Some(d) = common::cuda() else {
+        return Ok(());
+    };
     let _lock = common::gpu_lock();
     let s = Stream::from_pool(d)?;
     let a = Tensor::randn([2048, 2048], (Kind::Float, Device::Cuda(d)));
@@ -151,21 +180,32 @@ fn events_time_known_work() -> anyhow::Result<()> {
     let t1 = time(5)?;
     let t10 = time(50)?;
     assert!(t1 > 0.0, "elapsed {t1}");
-    assert!(t10 > 4.0 * t1 && t10 < 20.0 * t1, "ten times the work took {t10} ms against {t1} ms");
+    assert!(
+        t10 > 4.0 * t1 && t10 < 20.0 * t1,
+        "ten times the work took {t10} ms against {t1} ms"
+    );
     // Events without timing refuse to time.
     let (p, q) = (Event::new()?, Event::new()?);
-    assert!(matches!(p.elapsed_ms(&q), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(
+        p.elapsed_ms(&q),
+        Err(Error::InvalidArgument { .. })
+    ));
     Ok(())
 }
 
 #[test]
 fn statistics_move_as_expected() -> anyhow::Result<()> {
-    let Some(d) = common::cuda() else { return Ok(()) };
+    let Some(d) = common::cuda() else {
+        return Ok(());
+    };
     let _lock = common::gpu_lock();
     accel::synchronize_device(d)?;
     accel::reset_peak_memory_stats(d)?;
     let s0 = accel::memory_stats(d)?;
-    assert_eq!(s0.peak_allocated, s0.allocated, "reset makes the peak the current value");
+    assert_eq!(
+        s0.peak_allocated, s0.allocated,
+        "reset makes the peak the current value"
+    );
     let bytes = 256usize << 20;
     let t = accel::alloc_device(bytes, d)?;
     let s1 = accel::memory_stats(d)?;
@@ -175,7 +215,10 @@ fn statistics_move_as_expected() -> anyhow::Result<()> {
     drop(t);
     let s2 = accel::memory_stats(d)?;
     assert_eq!(s2.allocated, s0.allocated);
-    assert_eq!(s2.peak_allocated, s1.peak_allocated, "the peak remembers the allocation");
+    assert_eq!(
+        s2.peak_allocated, s1.peak_allocated,
+        "the peak remembers the allocation"
+    );
     accel::empty_cache()?;
     let s3 = accel::memory_stats(d)?;
     assert!(s3.reserved <= s2.reserved - bytes as u64 || s2.reserved < bytes as u64 + s0.reserved);

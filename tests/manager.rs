@@ -24,26 +24,36 @@ fn outputs_are_bit_identical(
     #[values(1, 2, 3)] depth: usize,
     #[values(false, true)] two_lists: bool,
 ) -> anyhow::Result<()> {
-    let Some(dev) = mode.device() else { return Ok(()) };
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
     let model = Model::new(dev, 4, two_lists, 7);
     let inputs: Vec<Tensor> = (0..3).map(|s| model.input(100 + s)).collect();
     let expected: Vec<Tensor> = inputs.iter().map(|x| model.forward(x, None)).collect();
     let before = model.snapshot();
 
-    let mut m = config(mode, &model).prefetch_depth(depth).build(&model.vs)?;
+    let mut m = config(mode, &model)
+        .prefetch_depth(depth)
+        .build(&model.vs)?;
     m.initialize()?;
     assert_eq!(m.num_layers(), model.num_blocks());
     for round in 0..2 {
         for (x, want) in inputs.iter().zip(&expected) {
             let got = model.forward(x, Some(&mut m));
-            assert!(bits_equal(&got, want), "forward differs (round {round}, depth {depth}, two lists {two_lists})");
+            assert!(
+                bits_equal(&got, want),
+                "forward differs (round {round}, depth {depth}, two lists {two_lists})"
+            );
         }
     }
     // At most depth + 1 blocks on the device between forwards, and block 0 is among them
     // (the wrap-around prefetch).
     let on: Vec<usize> = (0..m.num_layers()).filter(|&i| m.is_on_device(i)).collect();
     assert!(on.len() <= depth + 1, "{on:?}");
-    assert!(m.is_on_device(0), "the last block's enter must prefetch block 0: {on:?}");
+    assert!(
+        m.is_on_device(0),
+        "the last block's enter must prefetch block 0: {on:?}"
+    );
     m.restore()?;
     assert_same(&model.snapshot(), &before);
     // The model works without the manager.
@@ -53,7 +63,9 @@ fn outputs_are_bit_identical(
 
 #[rstest]
 fn placeholders_and_residency(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
-    let Some(dev) = mode.device() else { return Ok(()) };
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
     let model = Model::new(dev, 5, false, 1);
     let mut m = config(mode, &model).prefetch_depth(2).build(&model.vs)?;
     assert!(!m.is_initialized());
@@ -62,7 +74,10 @@ fn placeholders_and_residency(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> an
     let plan = m.plan().unwrap().clone();
     assert_eq!(plan.layers.len(), 5);
     // After initialize only block 0 is on the device (uploaded synchronously).
-    assert_eq!((0..5).filter(|&i| m.is_on_device(i)).collect::<Vec<_>>(), vec![0]);
+    assert_eq!(
+        (0..5).filter(|&i| m.is_on_device(i)).collect::<Vec<_>>(),
+        vec![0]
+    );
     for (li, layer) in plan.layers.iter().enumerate() {
         for t in &layer.tensors {
             assert_eq!(t.offset % layerwise_offload::plan::ALIGN, 0);
@@ -71,7 +86,12 @@ fn placeholders_and_residency(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> an
                 assert_eq!(v.size(), t.shape, "block 0 is resident: {}", t.name);
             } else {
                 assert_eq!(v.numel(), 0, "{} should be a placeholder", t.name);
-                assert_eq!(v.dim(), t.shape.len(), "placeholders keep the rank: {}", t.name);
+                assert_eq!(
+                    v.dim(),
+                    t.shape.len(),
+                    "placeholders keep the rank: {}",
+                    t.name
+                );
                 assert_eq!(v.device(), m.compute_device());
             }
         }
@@ -94,8 +114,15 @@ fn placeholders_and_residency(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> an
     // Entering 4 wraps around: blocks 0 and 1 come next.
     m.before_layer(4)?;
     assert!(m.is_entered(4));
-    assert_eq!(vars["blocks.4.fc1.weight"].size(), vec![4 * common::model::DIM, common::model::DIM]);
-    assert!(m.is_on_device(0) && m.is_on_device(1), "{:?}", m.slot_contents());
+    assert_eq!(
+        vars["blocks.4.fc1.weight"].size(),
+        vec![4 * common::model::DIM, common::model::DIM]
+    );
+    assert!(
+        m.is_on_device(0) && m.is_on_device(1),
+        "{:?}",
+        m.slot_contents()
+    );
     m.after_layer(4)?;
     assert!(!m.is_entered(4));
     // Slot reuse: the ring never holds more than its slots, uploads grow only on misses.
@@ -109,12 +136,16 @@ fn placeholders_and_residency(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> an
 
 #[rstest]
 fn seed_api_and_no_ops(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
-    let Some(dev) = mode.device() else { return Ok(()) };
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
     let model = Model::new(dev, 3, false, 2);
     let x = model.input(5);
     let want = model.forward(&x, None);
     let before = model.snapshot();
-    let mut m = config(mode, &model).auto_initialize(true).build(&model.vs)?;
+    let mut m = config(mode, &model)
+        .auto_initialize(true)
+        .build(&model.vs)?;
     assert!(m.is_initialized());
     let up = m.stats().uploads;
     m.prefetch_layer(0, true)?; // already on the device
@@ -137,7 +168,10 @@ fn seed_api_and_no_ops(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::R
     assert!((0..3).all(|i| !m.is_on_device(i)));
     m.prefetch_layer(1, false)?;
     assert!(m.is_on_device(1));
-    assert_eq!(model.vs.variables()["blocks.1.qkv.weight"].numel(), 3 * 64 * 64);
+    assert_eq!(
+        model.vs.variables()["blocks.1.qkv.weight"].numel(),
+        3 * 64 * 64
+    );
     m.release_layer(1)?;
     assert!(!m.is_on_device(1));
     assert_eq!(model.vs.variables()["blocks.1.qkv.weight"].numel(), 0);
@@ -163,9 +197,15 @@ fn disabled_manager_changes_nothing() -> anyhow::Result<()> {
     let model = Model::new(Device::Cpu, 3, false, 3);
     let before = model.snapshot();
     // enabled = false; and, on a machine without CUDA, the seed's constructor disables itself.
-    let mut managers = vec![OffloadConfig::new("blocks", 3).enabled(false).build(&model.vs)?];
+    let mut managers = vec![
+        OffloadConfig::new("blocks", 3)
+            .enabled(false)
+            .build(&model.vs)?,
+    ];
     if !layerwise_offload::accel::cuda_is_available() {
-        managers.push(LayerwiseOffloadManager::new(&model.vs, "blocks", 3, true, true, true)?);
+        managers.push(LayerwiseOffloadManager::new(
+            &model.vs, "blocks", 3, true, true, true,
+        )?);
     }
     for mut m in managers {
         assert!(!m.is_enabled());
@@ -185,38 +225,77 @@ fn disabled_manager_changes_nothing() -> anyhow::Result<()> {
 }
 
 #[rstest]
-fn configuration_errors_are_typed(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
-    let Some(dev) = mode.device() else { return Ok(()) };
+fn configuration_errors_are_typed(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
     let model = Model::new(dev, 3, true, 4);
     let before = model.snapshot();
     let init = |c: OffloadConfig| c.build(&model.vs).and_then(|mut m| m.initialize());
 
     match init(mode.config("blocks", 3)) {
         Err(Error::NoMatch { prefixes, .. }) => {
-            assert!(prefixes.contains(&"double_blocks".to_owned()) && prefixes.contains(&"single_blocks".to_owned()), "{prefixes:?}")
+            assert!(
+                prefixes.contains(&"double_blocks".to_owned())
+                    && prefixes.contains(&"single_blocks".to_owned()),
+                "{prefixes:?}"
+            )
         }
         r => panic!("expected NoMatch, got {r:?}"),
     }
     match init(mode.config("double_blocks", 9)) {
-        Err(e @ Error::TooFewLayers { asked: 9, found: 3, .. }) => assert!(e.to_string().contains("num_layers <= 3"), "{e}"),
+        Err(
+            e @ Error::TooFewLayers {
+                asked: 9, found: 3, ..
+            },
+        ) => assert!(e.to_string().contains("num_layers <= 3"), "{e}"),
         r => panic!("expected TooFewLayers, got {r:?}"),
     }
-    assert!(matches!(init(mode.config("double_blocks", 3).prefetch_depth(0)), Err(Error::InvalidArgument { .. })));
-    assert!(matches!(init(mode.config("double_blocks", 3).with_list("double_blocks", 2)), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(
+        init(mode.config("double_blocks", 3).prefetch_depth(0)),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(matches!(
+        init(
+            mode.config("double_blocks", 3)
+                .with_list("double_blocks", 2)
+        ),
+        Err(Error::InvalidArgument { .. })
+    ));
 
     // Loop calls before initialize.
     let mut m = mode.config("double_blocks", 3).build(&model.vs)?;
-    assert!(matches!(m.enter(0).map(|_| ()), Err(Error::NotInitialized { .. })));
-    assert!(matches!(m.before_layer(0), Err(Error::NotInitialized { .. })));
-    assert!(matches!(m.after_layer(0), Err(Error::NotInitialized { .. })));
-    assert!(matches!(m.prefetch_layer(0, true), Err(Error::NotInitialized { .. })));
+    assert!(matches!(
+        m.enter(0).map(|_| ()),
+        Err(Error::NotInitialized { .. })
+    ));
+    assert!(matches!(
+        m.before_layer(0),
+        Err(Error::NotInitialized { .. })
+    ));
+    assert!(matches!(
+        m.after_layer(0),
+        Err(Error::NotInitialized { .. })
+    ));
+    assert!(matches!(
+        m.prefetch_layer(0, true),
+        Err(Error::NotInitialized { .. })
+    ));
     // Nothing changed so far.
     assert_same(&model.snapshot(), &before);
 
     // A block index out of range, then restore after the error.
     m.initialize()?;
     match m.enter(3).map(|_| ()) {
-        Err(e @ Error::LayerOutOfRange { layer: 3, num_layers: 3, .. }) => assert!(e.to_string().contains("0..3"), "{e}"),
+        Err(
+            e @ Error::LayerOutOfRange {
+                layer: 3,
+                num_layers: 3,
+                ..
+            },
+        ) => assert!(e.to_string().contains("0..3"), "{e}"),
         r => panic!("expected LayerOutOfRange, got {r:?}"),
     }
     // Entering more blocks than there are slots.
@@ -232,26 +311,47 @@ fn configuration_errors_are_typed(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -
 fn gaps_and_strides_and_devices() -> anyhow::Result<()> {
     let t = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
     // A gap: blocks 0 and 2 only.
-    let named = vec![("blocks.0.w".to_owned(), t(&[4])), ("blocks.2.w".to_owned(), t(&[4]))];
-    match OffloadConfig::new("blocks", 3).cpu_test_mode(true).build(&named)?.initialize() {
+    let named = vec![
+        ("blocks.0.w".to_owned(), t(&[4])),
+        ("blocks.2.w".to_owned(), t(&[4])),
+    ];
+    match OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .build(&named)?
+        .initialize()
+    {
         Err(Error::MissingLayers { missing, .. }) => assert_eq!(missing, vec![1]),
         r => panic!("expected MissingLayers, got {r:?}"),
     }
     // A slice is refused, naming the tensor; nothing changed.
     let base = t(&[8, 4]);
-    let named = vec![("blocks.0.w".to_owned(), base.slice(0, 0, 8, 2)), ("blocks.1.w".to_owned(), t(&[4]))];
+    let named = vec![
+        ("blocks.0.w".to_owned(), base.slice(0, 0, 8, 2)),
+        ("blocks.1.w".to_owned(), t(&[4])),
+    ];
     let copy = named[0].1.copy();
-    match OffloadConfig::new("blocks", 2).cpu_test_mode(true).build(&named)?.initialize() {
-        Err(e @ Error::NonContiguous { .. }) => assert!(e.to_string().contains("blocks.0.w"), "{e}"),
+    match OffloadConfig::new("blocks", 2)
+        .cpu_test_mode(true)
+        .build(&named)?
+        .initialize()
+    {
+        Err(e @ Error::NonContiguous { .. }) => {
+            assert!(e.to_string().contains("blocks.0.w"), "{e}")
+        }
         r => panic!("expected NonContiguous, got {r:?}"),
     }
     assert!(named[0].1.equal(&copy));
     // A transpose is dense: kept with its strides, bit-exact after restore.
     let tr = t(&[6, 5]).t_();
     let strides = tr.stride();
-    let named = vec![("blocks.0.w".to_owned(), tr.shallow_clone()), ("blocks.1.w".to_owned(), t(&[3]))];
+    let named = vec![
+        ("blocks.0.w".to_owned(), tr.shallow_clone()),
+        ("blocks.1.w".to_owned(), t(&[3])),
+    ];
     let want = tr.copy();
-    let mut m = OffloadConfig::new("blocks", 2).cpu_test_mode(true).build(&named)?;
+    let mut m = OffloadConfig::new("blocks", 2)
+        .cpu_test_mode(true)
+        .build(&named)?;
     m.initialize()?;
     m.release_all()?;
     assert_eq!(tr.numel(), 0);
@@ -267,8 +367,12 @@ fn gaps_and_strides_and_devices() -> anyhow::Result<()> {
 }
 
 #[rstest]
-fn a_vram_budget_keeps_blocks_resident(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
-    let Some(dev) = mode.device() else { return Ok(()) };
+fn a_vram_budget_keeps_blocks_resident(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
     let model = Model::new(dev, 8, false, 21);
     let x = model.input(9);
     let want = model.forward(&x, None);
@@ -282,7 +386,9 @@ fn a_vram_budget_keeps_blocks_resident(#[values(Mode::Cpu, Mode::Cuda)] mode: Mo
     };
 
     // Everything fits: all resident, no slot ring, no uploads, same outputs.
-    let mut m = config(mode, &model).vram_budget(8 * block).build(&model.vs)?;
+    let mut m = config(mode, &model)
+        .vram_budget(8 * block)
+        .build(&model.vs)?;
     m.initialize()?;
     assert!((0..8).all(|i| m.is_resident(i)));
     assert!(m.slot_contents().is_empty());
@@ -294,34 +400,58 @@ fn a_vram_budget_keeps_blocks_resident(#[values(Mode::Cpu, Mode::Cuda)] mode: Mo
     assert_same(&model.snapshot(), &before);
 
     // Room for the ring (2 slots) and 4 blocks: 4 resident, spread out; the others stream.
-    let mut m = config(mode, &model).vram_budget(6 * block).build(&model.vs)?;
+    let mut m = config(mode, &model)
+        .vram_budget(6 * block)
+        .build(&model.vs)?;
     m.initialize()?;
     let resident: Vec<usize> = (0..8).filter(|&i| m.is_resident(i)).collect();
     assert_eq!(resident, vec![1, 3, 5, 7]);
     assert_eq!(m.stats().resident_layers, 4);
     assert_eq!(m.slot_contents().len(), 2);
-    assert_eq!(model.vs.variables()["blocks.3.fc1.weight"].device(), m.compute_device());
-    assert!(model.vs.variables()["blocks.3.fc1.weight"].numel() > 0, "resident blocks keep their tensors");
+    assert_eq!(
+        model.vs.variables()["blocks.3.fc1.weight"].device(),
+        m.compute_device()
+    );
+    assert!(
+        model.vs.variables()["blocks.3.fc1.weight"].numel() > 0,
+        "resident blocks keep their tensors"
+    );
     let up = m.stats().uploads;
     for _ in 0..3 {
         assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
     }
-    assert_eq!(m.stats().uploads - up, 12, "only the 4 streamed blocks upload, once per forward");
+    assert_eq!(
+        m.stats().uploads - up,
+        12,
+        "only the 4 streamed blocks upload, once per forward"
+    );
     // Reading and replacing a resident block's weight goes to the device tensor.
     let w = m.tensor("blocks.3.fc1.weight")?;
     assert_eq!(w.device(), m.compute_device());
-    m.update_tensor("blocks.3.fc1.bias", &(m.tensor("blocks.3.fc1.bias")?.copy()))?;
+    m.update_tensor(
+        "blocks.3.fc1.bias",
+        &(m.tensor("blocks.3.fc1.bias")?.copy()),
+    )?;
     m.restore()?;
     assert_same(&model.snapshot(), &before);
 
     // A budget that cannot hold the slot ring is refused, saying what to change.
-    match config(mode, &model).vram_budget(block).build(&model.vs)?.initialize() {
-        Err(e @ Error::InvalidArgument { .. }) => assert!(e.to_string().contains("prefetch_depth"), "{e}"),
+    match config(mode, &model)
+        .vram_budget(block)
+        .build(&model.vs)?
+        .initialize()
+    {
+        Err(e @ Error::InvalidArgument { .. }) => {
+            assert!(e.to_string().contains("prefetch_depth"), "{e}")
+        }
         r => panic!("expected InvalidArgument, got {r:?}"),
     }
     if mode == Mode::Cpu {
         assert!(matches!(
-            config(mode, &model).vram_budget_all_but(1 << 30).build(&model.vs)?.initialize(),
+            config(mode, &model)
+                .vram_budget_all_but(1 << 30)
+                .build(&model.vs)?
+                .initialize(),
             Err(Error::InvalidArgument { .. })
         ));
     }
@@ -333,22 +463,49 @@ fn a_vram_budget_keeps_blocks_resident(#[values(Mode::Cpu, Mode::Cuda)] mode: Mo
 fn chrome_trace_is_valid_json_with_both_streams() -> anyhow::Result<()> {
     use layerwise_offload::{Lane, TimelineSpan, chrome_trace_json};
     let spans = vec![
-        TimelineSpan { lane: Lane::Upload, layer: 1, start_ms: 0.5, end_ms: 2.0 },
-        TimelineSpan { lane: Lane::Stall, layer: 0, start_ms: 0.0, end_ms: 0.25 },
-        TimelineSpan { lane: Lane::Compute, layer: 0, start_ms: 0.25, end_ms: 3.0 },
+        TimelineSpan {
+            lane: Lane::Upload,
+            layer: 1,
+            start_ms: 0.5,
+            end_ms: 2.0,
+        },
+        TimelineSpan {
+            lane: Lane::Stall,
+            layer: 0,
+            start_ms: 0.0,
+            end_ms: 0.25,
+        },
+        TimelineSpan {
+            lane: Lane::Compute,
+            layer: 0,
+            start_ms: 0.25,
+            end_ms: 3.0,
+        },
     ];
     let v: serde_json::Value = serde_json::from_str(&chrome_trace_json(&spans))?;
     let events = v["traceEvents"].as_array().unwrap();
     assert_eq!(events.len(), 2 + 3, "two track names and three spans");
     let upload = events.iter().find(|e| e["name"] == "upload 1").unwrap();
-    assert_eq!((upload["ts"].as_f64(), upload["dur"].as_f64()), (Some(500.0), Some(1500.0)), "microseconds");
+    assert_eq!(
+        (upload["ts"].as_f64(), upload["dur"].as_f64()),
+        (Some(500.0), Some(1500.0)),
+        "microseconds"
+    );
     let compute = events.iter().find(|e| e["name"] == "block 0").unwrap();
-    assert_ne!(upload["tid"], compute["tid"], "copy and compute streams are separate tracks");
+    assert_ne!(
+        upload["tid"], compute["tid"],
+        "copy and compute streams are separate tracks"
+    );
     // Without a CUDA device there is nothing to capture: a typed error.
     let model = Model::new(Device::Cpu, 2, false, 3);
-    let mut m = OffloadConfig::new("blocks", 2).cpu_test_mode(true).build(&model.vs)?;
+    let mut m = OffloadConfig::new("blocks", 2)
+        .cpu_test_mode(true)
+        .build(&model.vs)?;
     m.initialize()?;
-    assert!(matches!(m.start_timeline(), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(
+        m.start_timeline(),
+        Err(Error::InvalidArgument { .. })
+    ));
     assert!(m.finish_timeline()?.is_empty());
     Ok(())
 }

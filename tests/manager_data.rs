@@ -10,8 +10,12 @@ use rstest::rstest;
 use tch::{Device, Kind, Tensor};
 
 #[rstest]
-fn read_and_save_while_offloaded(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
-    let Some(dev) = mode.device() else { return Ok(()) };
+fn read_and_save_while_offloaded(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
     let model = Model::new(dev, 3, false, 11);
     let before = model.snapshot();
     let mut m = mode.config("blocks", 3).build(&model.vs)?;
@@ -36,7 +40,9 @@ fn read_and_save_while_offloaded(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) ->
 
 #[rstest]
 fn update_tensor_writes_through(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
-    let Some(dev) = mode.device() else { return Ok(()) };
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
     let model = Model::new(dev, 3, false, 12);
     let mut reference = Model::new(dev, 3, false, 99);
     reference.vs.copy(&model.vs)?; // same weights (the RNG is shared with other test threads)
@@ -53,7 +59,10 @@ fn update_tensor_writes_through(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> 
         assert!(bits_equal(&m.tensor(name)?, &new), "{name}");
     }
     let want = reference.forward(&x, None);
-    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want), "the next forward uses the new weights");
+    assert!(
+        bits_equal(&model.forward(&x, Some(&mut m)), &want),
+        "the next forward uses the new weights"
+    );
     // Wrong shape or dtype is refused with both described.
     let bad = Tensor::zeros([3], (Kind::Float, Device::Cpu));
     match m.update_tensor("blocks.1.fc1.weight", &bad) {
@@ -61,11 +70,17 @@ fn update_tensor_writes_through(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> 
         r => panic!("expected Mismatch, got {r:?}"),
     }
     let bad = reference.vs.variables()["blocks.1.fc1.weight"].to_kind(Kind::Half);
-    assert!(matches!(m.update_tensor("blocks.1.fc1.weight", &bad), Err(Error::Mismatch { .. })));
+    assert!(matches!(
+        m.update_tensor("blocks.1.fc1.weight", &bad),
+        Err(Error::Mismatch { .. })
+    ));
     // Refused while the block is entered.
     m.before_layer(1)?;
     let same = m.tensor("blocks.1.fc1.weight")?.copy();
-    assert!(matches!(m.update_tensor("blocks.1.fc1.weight", &same), Err(Error::LayerInUse { layer: 1, .. })));
+    assert!(matches!(
+        m.update_tensor("blocks.1.fc1.weight", &same),
+        Err(Error::LayerInUse { layer: 1, .. })
+    ));
     m.after_layer(1)?;
     m.restore()?;
     assert_same(&model.snapshot(), &reference.snapshot());
@@ -73,24 +88,37 @@ fn update_tensor_writes_through(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> 
 }
 
 #[rstest]
-fn dropping_the_manager_keeps_the_weights(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
-    let Some(dev) = mode.device() else { return Ok(()) };
+fn dropping_the_manager_keeps_the_weights(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
     let model = Model::new(dev, 3, true, 13);
     let before = model.snapshot();
     {
-        let mut m = mode.config("double_blocks", 3).with_list("single_blocks", 4).prefetch_depth(2).build(&model.vs)?;
+        let mut m = mode
+            .config("double_blocks", 3)
+            .with_list("single_blocks", 4)
+            .prefetch_depth(2)
+            .build(&model.vs)?;
         m.initialize()?;
         m.before_layer(5)?; // dropped while a block is entered and uploads are queued
     }
     // Block tensors now live in their host copies (CPU), values intact.
-    assert_eq!(model.vs.variables()["single_blocks.3.fc1.weight"].device(), Device::Cpu);
+    assert_eq!(
+        model.vs.variables()["single_blocks.3.fc1.weight"].device(),
+        Device::Cpu
+    );
     assert_same(&model.snapshot(), &before);
     Ok(())
 }
 
 #[test]
 fn a_model_on_the_cpu_offloads_to_cuda() -> anyhow::Result<()> {
-    let Some(d) = common::cuda() else { return Ok(()) };
+    let Some(d) = common::cuda() else {
+        return Ok(());
+    };
     // The model is built on the CPU and never has to fit on the GPU.
     let model = Model::new(Device::Cpu, 4, false, 14);
     let x = model.input(1);
@@ -98,13 +126,24 @@ fn a_model_on_the_cpu_offloads_to_cuda() -> anyhow::Result<()> {
     let mut m = OffloadConfig::new("blocks", 4).device(d).build(&model.vs)?;
     m.initialize()?;
     let vars = model.vs.variables();
-    assert_eq!(vars["embed.weight"].device(), Device::Cuda(d), "non-block weights move to the GPU");
-    assert_eq!(vars["blocks.3.fc1.weight"].numel(), 0, "block weights leave the CPU tensors");
+    assert_eq!(
+        vars["embed.weight"].device(),
+        Device::Cuda(d),
+        "non-block weights move to the GPU"
+    );
+    assert_eq!(
+        vars["blocks.3.fc1.weight"].numel(),
+        0,
+        "block weights leave the CPU tensors"
+    );
     let got = model.forward(&x, Some(&mut m));
     // Different devices compute differently: compare loosely here; bit-exactness is checked
     // against a resident model on the same device elsewhere.
     assert!(got.allclose(&want, 1e-3, 1e-3, false));
     m.restore()?;
-    assert_eq!(model.vs.variables()["blocks.3.fc1.weight"].device(), Device::Cuda(d));
+    assert_eq!(
+        model.vs.variables()["blocks.3.fc1.weight"].device(),
+        Device::Cuda(d)
+    );
     Ok(())
 }

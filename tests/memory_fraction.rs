@@ -9,7 +9,10 @@ use layerwise_offload::accel;
 #[test]
 fn memory_fraction_caps_allocations() -> anyhow::Result<()> {
     let Some(d) = common::cuda() else {
-        assert!(matches!(accel::set_memory_fraction(0.25), Err(Error::NoDevice { .. })));
+        assert!(matches!(
+            accel::set_memory_fraction(0.25),
+            Err(Error::NoDevice { .. })
+        ));
         return Ok(());
     };
     let (_, total) = accel::memory_info(d)?;
@@ -27,6 +30,9 @@ fn memory_fraction_caps_allocations() -> anyhow::Result<()> {
     let ok = accel::alloc_device((total / 8) as usize, d)?;
     drop(ok);
     // Once the allocator runs, the cap cannot change.
-    assert!(matches!(accel::set_memory_fraction(0.5), Err(Error::AllocatorStarted { .. })));
+    assert!(matches!(
+        accel::set_memory_fraction(0.5),
+        Err(Error::AllocatorStarted { .. })
+    ));
     Ok(())
 }

@@ -49,13 +49,24 @@ fn preset(name: &str) -> Result<Shape> {
         "wan-14b" => (40, 5120, 13824, 40),
         other => bail!("unknown preset {other:?}: use tiny, wan-1.3b or wan-14b"),
     };
-    Ok(Shape { preset: name.to_owned(), layers, dim, ffn, heads, ctx: 512 })
+    Ok(Shape {
+        preset: name.to_owned(),
+        layers,
+        dim,
+        ffn,
+        heads,
+        ctx: 512,
+    })
 }
 
 fn parse_args() -> Result<Args> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let cuda = accel::cuda_is_available();
-    let mut name = if cuda { "wan-1.3b".to_owned() } else { "tiny".to_owned() };
+    let mut name = if cuda {
+        "wan-1.3b".to_owned()
+    } else {
+        "tiny".to_owned()
+    };
     if let Some(i) = argv.iter().position(|a| a == "--preset") {
         name = argv.get(i + 1).context("--preset needs a value")?.clone();
     }
@@ -83,7 +94,10 @@ fn parse_args() -> Result<Args> {
             "--heads" => a.shape.heads = val()?.parse()?,
             "--ctx" => a.shape.ctx = val()?.parse()?,
             "--tokens" => {
-                a.tokens = val()?.split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>()?;
+                a.tokens = val()?
+                    .split(',')
+                    .map(|t| t.trim().parse())
+                    .collect::<Result<_, _>>()?;
             }
             "--depth" => a.depth = val()?.parse()?,
             "--reps" => a.reps = val()?.parse()?,
@@ -91,18 +105,33 @@ fn parse_args() -> Result<Args> {
             "--no-resident" => a.resident = false,
             "--trace" => a.trace = Some(val()?),
             "--budgets" => {
-                a.budgets = val()?.split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>()?;
+                a.budgets = val()?
+                    .split(',')
+                    .map(|t| t.trim().parse())
+                    .collect::<Result<_, _>>()?;
             }
             "--cpu" => a.cpu = true,
             "-h" | "--help" => {
-                println!("{}", include_str!("offload-bench.rs").lines().take(10).map(|l| l.trim_start_matches("//!").trim_start_matches(' ')).collect::<Vec<_>>().join("\n"));
+                println!(
+                    "{}",
+                    include_str!("offload-bench.rs")
+                        .lines()
+                        .take(10)
+                        .map(|l| l.trim_start_matches("//!").trim_start_matches(' '))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown flag {other} (try --help)"),
         }
     }
     if a.shape.dim % a.shape.heads != 0 {
-        bail!("--dim {} is not a multiple of --heads {}", a.shape.dim, a.shape.heads);
+        bail!(
+            "--dim {} is not a multiple of --heads {}",
+            a.shape.dim,
+            a.shape.heads
+        );
     }
     if a.reps == 0 || a.shape.layers == 0 {
         bail!("--reps and --layers must be positive");
@@ -154,19 +183,30 @@ struct Stack<'a> {
 
 impl<'a> Stack<'a> {
     fn new(s: &'a Shape, named: &'a [(String, Tensor)]) -> Stack<'a> {
-        Stack { s, w: named.iter().map(|(n, t)| (n.as_str(), t)).collect() }
+        Stack {
+            s,
+            w: named.iter().map(|(n, t)| (n.as_str(), t)).collect(),
+        }
     }
 
     fn t(&self, name: &str) -> &Tensor {
-        self.w.get(name).unwrap_or_else(|| panic!("no weight {name}"))
+        self.w
+            .get(name)
+            .unwrap_or_else(|| panic!("no weight {name}"))
     }
 
     fn lin(&self, x: &Tensor, p: &str) -> Tensor {
-        x.linear(self.t(&format!("{p}.weight")), Some(self.t(&format!("{p}.bias"))))
+        x.linear(
+            self.t(&format!("{p}.weight")),
+            Some(self.t(&format!("{p}.bias"))),
+        )
     }
 
     fn rms(&self, x: &Tensor, w: &str) -> Tensor {
-        let var = x.to_kind(Kind::Float).pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let var = x
+            .to_kind(Kind::Float)
+            .pow_tensor_scalar(2)
+            .mean_dim(-1, true, Kind::Float);
         (x.to_kind(Kind::Float) * (var + 1e-6).rsqrt()).to_kind(x.kind()) * self.t(w)
     }
 
@@ -174,10 +214,25 @@ impl<'a> Stack<'a> {
         let (b, t, d) = x.size3().unwrap();
         let h = self.s.heads;
         let split = |y: Tensor| y.view([b, -1, h, d / h]).transpose(1, 2);
-        let q = split(self.rms(&self.lin(x, &format!("{p}.q")), &format!("{p}.norm_q.weight")));
-        let k = split(self.rms(&self.lin(ctx, &format!("{p}.k")), &format!("{p}.norm_k.weight")));
+        let q = split(self.rms(
+            &self.lin(x, &format!("{p}.q")),
+            &format!("{p}.norm_q.weight"),
+        ));
+        let k = split(self.rms(
+            &self.lin(ctx, &format!("{p}.k")),
+            &format!("{p}.norm_k.weight"),
+        ));
         let v = split(self.lin(ctx, &format!("{p}.v")));
-        let a = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        let a = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
         self.lin(&a.transpose(1, 2).reshape([b, t, d]), &format!("{p}.o"))
     }
 
@@ -188,14 +243,28 @@ impl<'a> Stack<'a> {
         let ln = |y: &Tensor| y.layer_norm([d], None::<Tensor>, None::<Tensor>, 1e-6, false);
         let h = ln(x) * (&m[1] + 1.0) + &m[0];
         let x = x + self.attn(&h, &h, &format!("{p}.self_attn")) * &m[2];
-        let h = x.layer_norm([d], Some(self.t(&format!("{p}.norm3.weight"))), Some(self.t(&format!("{p}.norm3.bias"))), 1e-6, false);
+        let h = x.layer_norm(
+            [d],
+            Some(self.t(&format!("{p}.norm3.weight"))),
+            Some(self.t(&format!("{p}.norm3.bias"))),
+            1e-6,
+            false,
+        );
         let x = &x + self.attn(&h, ctx, &format!("{p}.cross_attn"));
         let h = ln(&x) * (&m[4] + 1.0) + &m[3];
-        let y = self.lin(&self.lin(&h, &format!("{p}.ffn.0")).gelu("tanh"), &format!("{p}.ffn.2"));
+        let y = self.lin(
+            &self.lin(&h, &format!("{p}.ffn.0")).gelu("tanh"),
+            &format!("{p}.ffn.2"),
+        );
         x + y * &m[5]
     }
 
-    fn forward(&self, input: &Tensor, ctx: &Tensor, mut mgr: Option<&mut LayerwiseOffloadManager>) -> Tensor {
+    fn forward(
+        &self,
+        input: &Tensor,
+        ctx: &Tensor,
+        mut mgr: Option<&mut LayerwiseOffloadManager>,
+    ) -> Tensor {
         tch::no_grad(|| {
             let mut x = input.matmul(&self.t("embed.weight").tr());
             let e = self.t("time.weight").unsqueeze(0);
@@ -216,7 +285,11 @@ impl<'a> Stack<'a> {
 fn peak_host_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map_or(0, |kib| kib * 1024)
 }
 
@@ -295,12 +368,22 @@ fn main() -> Result<()> {
         Device::Cuda(d) => pinned_h2d_gib_s(d)?,
         _ => 0.0,
     };
-    eprintln!("building {} weights ({} blocks, dim {}, ffn {}) on the CPU...", s.preset, s.layers, s.dim, s.ffn);
+    eprintln!(
+        "building {} weights ({} blocks, dim {}, ffn {}) on the CPU...",
+        s.preset, s.layers, s.dim, s.ffn
+    );
     let t0 = Instant::now();
     let named = build_weights(s, origin, kind);
-    let block_bytes: usize =
-        named.iter().filter(|(n, _)| n.starts_with("blocks.")).map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum();
-    eprintln!("  {:.2} GiB of block weights in {:.1} s", block_bytes as f64 / (1u64 << 30) as f64, t0.elapsed().as_secs_f64());
+    let block_bytes: usize = named
+        .iter()
+        .filter(|(n, _)| n.starts_with("blocks."))
+        .map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes())
+        .sum();
+    eprintln!(
+        "  {:.2} GiB of block weights in {:.1} s",
+        block_bytes as f64 / (1u64 << 30) as f64,
+        t0.elapsed().as_secs_f64()
+    );
     let host_before = peak_host_bytes();
     let stack = Stack::new(s, &named);
     let inputs: Vec<(i64, Tensor, Tensor)> = a
@@ -308,7 +391,11 @@ fn main() -> Result<()> {
         .iter()
         .map(|&t| {
             tch::manual_seed(t);
-            (t, Tensor::randn([1, t, 64], (kind, dev)), Tensor::randn([1, s.ctx, s.dim], (kind, dev)))
+            (
+                t,
+                Tensor::randn([1, t, 64], (kind, dev)),
+                Tensor::randn([1, s.ctx, s.dim], (kind, dev)),
+            )
         })
         .collect();
 
@@ -333,7 +420,9 @@ fn main() -> Result<()> {
             None => format!("stream d{}", a.depth),
             Some(b) => format!("budget {b} GiB d{}", a.depth),
         };
-        let mut cfg = OffloadConfig::new("blocks", s.layers).prefetch_depth(a.depth).cpu_test_mode(a.cpu);
+        let mut cfg = OffloadConfig::new("blocks", s.layers)
+            .prefetch_depth(a.depth)
+            .cpu_test_mode(a.cpu);
         if let Some(b) = budget {
             cfg = cfg.vram_budget((b * (1u64 << 30) as f64) as u64);
         }
@@ -362,7 +451,11 @@ fn main() -> Result<()> {
                 accel::synchronize_device(d)?;
             }
             let stall = (m.stats().stall_ms - stall0) / (a.warmup + a.reps) as f64;
-            let peak = if let Device::Cuda(d) = dev { accel::memory_stats(d)?.peak_allocated } else { 0 };
+            let peak = if let Device::Cuda(d) = dev {
+                accel::memory_stats(d)?.peak_allocated
+            } else {
+                0
+            };
             rows.push(Row {
                 label: label.clone(),
                 tokens: *tokens,
@@ -382,8 +475,12 @@ fn main() -> Result<()> {
             m.start_timeline()?;
             let _ = stack.forward(x, ctx, Some(&mut m));
             let spans = m.finish_timeline()?;
-            std::fs::write(path, layerwise_offload::chrome_trace_json(&spans)).with_context(|| format!("writing {path}"))?;
-            eprintln!("timeline of one forward ({} spans) written to {path}", spans.len());
+            std::fs::write(path, layerwise_offload::chrome_trace_json(&spans))
+                .with_context(|| format!("writing {path}"))?;
+            eprintln!(
+                "timeline of one forward ({} spans) written to {path}",
+                spans.len()
+            );
         }
         stats_table = m.stats().to_string();
         // Every weight back on the device for the next configuration (or the CPU if it cannot
@@ -404,13 +501,24 @@ fn main() -> Result<()> {
     } else if a.resident {
         eprintln!("resident run skipped: the weights do not fit on the device");
     }
-    println!("| device | preset | tokens | mode | ms/forward | floor ms | floor/measured | stall ms | peak VRAM GiB | init s |");
+    println!(
+        "| device | preset | tokens | mode | ms/forward | floor ms | floor/measured | stall ms | peak VRAM GiB | init s |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let res = resident_ms.get(&r.tokens);
-        let link_ms = if bw > 0.0 { r.streamed_bytes as f64 / (1u64 << 30) as f64 / bw * 1e3 } else { 0.0 };
+        let link_ms = if bw > 0.0 {
+            r.streamed_bytes as f64 / (1u64 << 30) as f64 / bw * 1e3
+        } else {
+            0.0
+        };
         let floor = link_ms.max(res.map_or(0.0, |x| x.0));
-        let diff = res.map(|(_, out)| (out.to_kind(Kind::Float) - r.out.to_kind(Kind::Float)).abs().max().double_value(&[]));
+        let diff = res.map(|(_, out)| {
+            (out.to_kind(Kind::Float) - r.out.to_kind(Kind::Float))
+                .abs()
+                .max()
+                .double_value(&[])
+        });
         let gib = r.peak as f64 / (1u64 << 30) as f64;
         println!(
             "| {device_name} | {} | {} | {} | {:.1} | {floor:.1} | {:.3} | {:.1} | {gib:.2} | {:.2} |",
@@ -447,7 +555,10 @@ fn main() -> Result<()> {
         v.sort_by_key(|(t, _)| **t);
         v
     } {
-        println!("| {device_name} | {} | {tokens} | resident | {ms:.1} | | | | | |", s.preset);
+        println!(
+            "| {device_name} | {} | {tokens} | resident | {ms:.1} | | | | | |",
+            s.preset
+        );
     }
     eprintln!("{stats_table}");
     Ok(())

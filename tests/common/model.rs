@@ -30,9 +30,22 @@ impl Block {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let (b, t, d) = x.size3().unwrap();
         let h = self.norm1.forward(x);
-        let qkv = self.qkv.forward(&h).view([b, t, 3, self.heads, d / self.heads]).permute([2, 0, 3, 1, 4]);
+        let qkv = self
+            .qkv
+            .forward(&h)
+            .view([b, t, 3, self.heads, d / self.heads])
+            .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let a = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        let a = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
         let a = a.transpose(1, 2).reshape([b, t, d]);
         let x = x + self.proj.forward(&a);
         let h = self.fc1.forward(&self.norm2.forward(&x)).gelu("tanh");
@@ -59,11 +72,16 @@ impl Model {
         let root = vs.root();
         let embed = nn::linear(&root / "embed", 16, DIM, Default::default());
         let mut lists = Vec::new();
-        let specs: Vec<(&str, usize, i64)> =
-            if two_lists { vec![("double_blocks", n, 2), ("single_blocks", n + 1, 4)] } else { vec![("blocks", n, 4)] };
+        let specs: Vec<(&str, usize, i64)> = if two_lists {
+            vec![("double_blocks", n, 2), ("single_blocks", n + 1, 4)]
+        } else {
+            vec![("blocks", n, 4)]
+        };
         for (attr, count, mult) in specs {
             let p = &root / attr;
-            let blocks = (0..count).map(|i| Block::new(&p / i, DIM, mult * DIM, 4)).collect();
+            let blocks = (0..count)
+                .map(|i| Block::new(&p / i, DIM, mult * DIM, 4))
+                .collect();
             lists.push((attr.to_owned(), blocks));
         }
         let head = nn::linear(&root / "head", DIM, 16, Default::default());
@@ -74,7 +92,12 @@ impl Model {
                 let _ = t.f_add_(&r).unwrap();
             }
         });
-        Model { vs, embed, lists, head }
+        Model {
+            vs,
+            embed,
+            lists,
+            head,
+        }
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -92,7 +115,11 @@ impl Model {
     }
 
     /// Forward pass; with a manager, each block runs inside `enter`.
-    pub fn forward(&self, x: &Tensor, mut mgr: Option<&mut layerwise_offload::LayerwiseOffloadManager>) -> Tensor {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mut mgr: Option<&mut layerwise_offload::LayerwiseOffloadManager>,
+    ) -> Tensor {
         tch::no_grad(|| {
             let dev = self.head.ws.device();
             let mut h = self.embed.forward(&x.to_device(dev));
@@ -111,15 +138,22 @@ impl Model {
 
     /// A deep copy of every variable, on the CPU.
     pub fn snapshot(&self) -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> =
-            self.vs.variables().into_iter().map(|(n, t)| (n, t.to_device(Device::Cpu).copy())).collect();
+        let mut v: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.to_device(Device::Cpu).copy()))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
 
     /// The list attrs and block counts, for a config.
     pub fn list_spec(&self) -> Vec<(String, usize)> {
-        self.lists.iter().map(|(a, b)| (a.clone(), b.len())).collect()
+        self.lists
+            .iter()
+            .map(|(a, b)| (a.clone(), b.len()))
+            .collect()
     }
 }
 
