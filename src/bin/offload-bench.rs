@@ -151,8 +151,8 @@ fn build_weights(s: &Shape, origin: Device, kind: Kind) -> Vec<(String, Tensor)>
         named.push((name, t));
     };
     tch::manual_seed(1234);
-    add("embed.weight".into(), &[d, 64], 0.05);
-    add("time.weight".into(), &[6, d], 0.05);
+    add("embed.weight".into(), &[d, 64], 0.02);
+    add("time.weight".into(), &[6, d], 0.02);
     for i in 0..s.layers {
         let p = format!("blocks.{i}");
         for attn in ["self_attn", "cross_attn"] {
@@ -160,18 +160,18 @@ fn build_weights(s: &Shape, origin: Device, kind: Kind) -> Vec<(String, Tensor)>
                 add(format!("{p}.{attn}.{w}.weight"), &[d, d], 0.02);
                 add(format!("{p}.{attn}.{w}.bias"), &[d], 0.02);
             }
-            add(format!("{p}.{attn}.norm_q.weight"), &[d], 0.1);
-            add(format!("{p}.{attn}.norm_k.weight"), &[d], 0.1);
+            add(format!("{p}.{attn}.norm_q.weight"), &[d], 0.02);
+            add(format!("{p}.{attn}.norm_k.weight"), &[d], 0.02);
         }
-        add(format!("{p}.norm3.weight"), &[d], 0.1);
-        add(format!("{p}.norm3.bias"), &[d], 0.1);
+        add(format!("{p}.norm3.weight"), &[d], 0.02);
+        add(format!("{p}.norm3.bias"), &[d], 0.02);
         add(format!("{p}.ffn.0.weight"), &[f, d], 0.02);
         add(format!("{p}.ffn.0.bias"), &[f], 0.02);
         add(format!("{p}.ffn.2.weight"), &[d, f], 0.02);
         add(format!("{p}.ffn.2.bias"), &[d], 0.02);
-        add(format!("{p}.modulation"), &[1, 6, d], 0.05);
+        add(format!("{p}.modulation"), &[1, 6, d], 0.02);
     }
-    add("head.weight".into(), &[64, d], 0.05);
+    add("head.weight".into(), &[64, d], 0.02);
     named
 }
 
