@@ -9,6 +9,8 @@ pub mod plan;
 pub mod source;
 
 pub use error::{Error, Result, TorchMessage};
+#[doc(hidden)]
+pub use manager::Fault;
 pub use manager::{
     Lane, LayerGuard, LayerwiseOffloadManager, OffloadConfig, OffloadStats, TimelineSpan,
     chrome_trace_json,

@@ -30,6 +30,20 @@ pub struct OffloadConfig {
     cpu_test_mode: bool,
     timing: bool,
     budget: Option<Budget>,
+    faults: Vec<Fault>,
+}
+
+/// A failure to inject, for tests of the error paths (the k-th such operation fails, counting
+/// from 0). Not part of the stable API.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The k-th slot allocation runs out of device memory.
+    SlotAlloc(usize),
+    /// The k-th upload fails.
+    Upload(usize),
+    /// The k-th host buffer allocation is refused.
+    HostAlloc(usize),
 }
 
 /// How much device memory the manager may hold for block weights.
@@ -53,7 +67,15 @@ impl OffloadConfig {
             cpu_test_mode: false,
             timing: true,
             budget: None,
+            faults: Vec::new(),
         }
+    }
+
+    /// Makes an operation fail on purpose, to test error paths. Not part of the stable API.
+    #[doc(hidden)]
+    pub fn inject_fault(mut self, fault: Fault) -> OffloadConfig {
+        self.faults.push(fault);
+        self
     }
 
     /// Adds another block list; the loop runs list by list in the order given (e.g. Flux's
@@ -173,6 +195,7 @@ impl OffloadConfig {
             open_compute: Vec::new(),
             timeline: None,
             spare: Vec::new(),
+            counts: [0; 3],
         };
         if auto {
             m.initialize()?;
@@ -354,6 +377,8 @@ pub struct LayerwiseOffloadManager {
     timeline: Option<Timeline>,
     /// Timing events ready for reuse.
     spare: Vec<(Event, Event)>,
+    /// Slot allocations, uploads and host allocations so far (for injected faults).
+    counts: [usize; 3],
 }
 
 /// A device interval being timed: an upload on the copy stream or a wait on the compute stream.
@@ -605,7 +630,9 @@ impl LayerwiseOffloadManager {
     /// Works from a model on the CPU (block tensors go straight to their host buffers and each
     /// CPU tensor is freed once copied, so the model never has to fit on the GPU) or one
     /// already on the compute device. On error nothing is lost: blocks already moved point at
-    /// their host copies and [`Self::restore`] brings everything back.
+    /// their host copies and [`Self::restore`] brings everything back. If only the final
+    /// upload of the first block fails, that error is returned with the manager initialized:
+    /// the block is uploaded again when it is entered.
     pub fn initialize(&mut self) -> Result<()> {
         if !self.is_enabled() || self.phase == Phase::Ready {
             return Ok(());
@@ -639,6 +666,15 @@ impl LayerwiseOffloadManager {
         let n_slots = (self.config.prefetch_depth + 1).min(streamed.len());
         let mut slots = Vec::with_capacity(n_slots);
         for _ in 0..n_slots {
+            if self.injected(0) {
+                return Err(Error::OutOfMemory {
+                    op: format!(
+                        "allocating {n_slots} GPU slots of {slot_bytes} bytes (prefetch_depth + 1)"
+                    ),
+                    bytes: (slot_bytes * n_slots) as u64,
+                    source: crate::error::TorchMessage("injected fault".into()),
+                });
+            }
             let buf = match self.backend {
                 Backend::Cuda { device, .. } => accel::alloc_device(slot_bytes, device).map_err(|e| match e {
                     Error::OutOfMemory { source, .. } => Error::OutOfMemory {
@@ -819,6 +855,17 @@ impl LayerwiseOffloadManager {
         Ok(vec![false; n])
     }
 
+    /// Counts one operation of kind `which` (0 slot, 1 upload, 2 host) and says whether an
+    /// injected fault makes it fail.
+    fn injected(&mut self, which: usize) -> bool {
+        let k = self.counts[which];
+        self.counts[which] += 1;
+        self.config.faults.iter().any(|f| match (which, f) {
+            (0, Fault::SlotAlloc(n)) | (1, Fault::Upload(n)) | (2, Fault::HostAlloc(n)) => *n == k,
+            _ => false,
+        })
+    }
+
     fn host_memory(&self) -> HostMemory {
         match self.backend {
             Backend::Cuda { .. } if self.config.pin_cpu_memory => HostMemory::Pinned,
@@ -852,6 +899,13 @@ impl LayerwiseOffloadManager {
     /// Copies block `i`'s tensors into a new host buffer and points them at placeholders.
     fn fill_host(&mut self, i: usize) -> Result<()> {
         let layout = self.layout(i).clone();
+        if self.injected(2) {
+            return Err(Error::HostAlloc {
+                kind: "pinned",
+                bytes: layout.bytes as u64,
+                source: crate::error::TorchMessage("injected fault".into()),
+            });
+        }
         let host = accel::alloc_host(layout.bytes, self.host_memory())?;
         let views = Self::views(&host, &layout)?;
         let rt = &mut self.layers[i];
@@ -962,6 +1016,12 @@ impl LayerwiseOffloadManager {
     /// Queues the upload of block `layer` into slot `s`.
     fn upload(&mut self, layer: usize, s: usize) -> Result<()> {
         self.evict(s)?;
+        if self.injected(1) {
+            return Err(Error::Torch {
+                op: "upload",
+                source: crate::error::TorchMessage("injected fault".into()),
+            });
+        }
         let bytes = self.layout(layer).bytes;
         let timing = self.timing_pair()?;
         let host = self.layers[layer]
@@ -1191,7 +1251,12 @@ impl LayerwiseOffloadManager {
         self.check_ready("before_layer")?;
         self.check_range("before_layer", layer)?;
         self.activate(layer)?;
-        self.prefetch_ahead(layer)
+        if let Err(e) = self.prefetch_ahead(layer) {
+            // The caller gets no guard: leave the block released, not entered forever.
+            let _ = self.release(layer);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Releases block `layer` after its compute (no-op if it is not entered).

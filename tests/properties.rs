@@ -17,6 +17,8 @@ struct Spec {
     depth: usize,
     /// Budget in blocks' worth of bytes (None: everything streams).
     budget_blocks: Option<u64>,
+    /// An upload that fails (injected), counting from the first.
+    upload_fault: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -33,8 +35,18 @@ enum Op {
 }
 
 fn spec() -> impl Strategy<Value = Spec> {
-    (prop::collection::vec(prop::collection::vec(1i64..40, 1..4), 1..4), 1usize..4, prop::option::of(2u64..12))
-        .prop_map(|(lists, depth, budget_blocks)| Spec { lists, depth, budget_blocks })
+    (
+        prop::collection::vec(prop::collection::vec(1i64..40, 1..4), 1..4),
+        1usize..4,
+        prop::option::of(2u64..12),
+        prop::option::of(1usize..12),
+    )
+        .prop_map(|(lists, depth, budget_blocks, upload_fault)| Spec {
+            lists,
+            depth,
+            budget_blocks,
+            upload_fault,
+        })
 }
 
 fn op(n: usize) -> impl Strategy<Value = Op> {
@@ -65,21 +77,37 @@ struct Stack {
 impl Stack {
     fn new(spec: &Spec, seed: i64) -> Stack {
         tch::manual_seed(seed);
-        let mut named = vec![("embed.w".to_owned(), Tensor::randn([D, D], (Kind::Float, Device::Cpu)) * 0.3)];
+        let mut named = vec![(
+            "embed.w".to_owned(),
+            Tensor::randn([D, D], (Kind::Float, Device::Cpu)) * 0.3,
+        )];
         let mut blocks = Vec::new();
         for (li, list) in spec.lists.iter().enumerate() {
             for (bi, extra) in list.iter().enumerate() {
                 let p = format!("list{li}.{bi}");
                 let names = [format!("{p}.w"), format!("{p}.b"), format!("{p}.extra")];
                 // A transposed weight: dense, non-contiguous, kept with its strides.
-                named.push((names[0].clone(), (Tensor::randn([D, D], (Kind::Float, Device::Cpu)) * 0.3).t_()));
-                named.push((names[1].clone(), Tensor::randn([D], (Kind::Float, Device::Cpu)) * 0.1));
-                named.push((names[2].clone(), Tensor::randn([*extra], (Kind::Float, Device::Cpu)) * 0.1));
+                named.push((
+                    names[0].clone(),
+                    (Tensor::randn([D, D], (Kind::Float, Device::Cpu)) * 0.3).t_(),
+                ));
+                named.push((
+                    names[1].clone(),
+                    Tensor::randn([D], (Kind::Float, Device::Cpu)) * 0.1,
+                ));
+                named.push((
+                    names[2].clone(),
+                    Tensor::randn([*extra], (Kind::Float, Device::Cpu)) * 0.1,
+                ));
                 blocks.push(names);
             }
         }
         let expected = named.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
-        Stack { named, expected, blocks }
+        Stack {
+            named,
+            expected,
+            blocks,
+        }
     }
 
     fn get<'a>(set: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
@@ -87,7 +115,11 @@ impl Stack {
     }
 
     fn block(set: &[(String, Tensor)], names: &[String; 3], h: &Tensor) -> Tensor {
-        let (w, b, e) = (Self::get(set, &names[0]), Self::get(set, &names[1]), Self::get(set, &names[2]));
+        let (w, b, e) = (
+            Self::get(set, &names[0]),
+            Self::get(set, &names[1]),
+            Self::get(set, &names[2]),
+        );
         (h.matmul(w) + b + e.mean(Kind::Float)).tanh()
     }
 
@@ -114,22 +146,48 @@ impl Stack {
 }
 
 fn bits(a: &Tensor, b: &Tensor) -> bool {
-    a.size() == b.size() && a.contiguous().view_dtype(Kind::Int).equal(&b.contiguous().view_dtype(Kind::Int))
+    a.size() == b.size()
+        && a.contiguous()
+            .view_dtype(Kind::Int)
+            .equal(&b.contiguous().view_dtype(Kind::Int))
 }
 
-fn check_bookkeeping(m: &LayerwiseOffloadManager, n: usize, slots: usize) -> Result<(), TestCaseError> {
+fn check_bookkeeping(
+    m: &LayerwiseOffloadManager,
+    n: usize,
+    slots: usize,
+) -> Result<(), TestCaseError> {
     let contents = m.slot_contents();
-    prop_assert!(contents.len() <= slots, "{} slots, expected at most {slots}", contents.len());
+    prop_assert!(
+        contents.len() <= slots,
+        "{} slots, expected at most {slots}",
+        contents.len()
+    );
     let held: Vec<usize> = contents.iter().flatten().copied().collect();
     let mut uniq = held.clone();
     uniq.sort();
     uniq.dedup();
-    prop_assert_eq!(uniq.len(), held.len(), "a block in two slots: {:?}", contents);
+    prop_assert_eq!(
+        uniq.len(),
+        held.len(),
+        "a block in two slots: {:?}",
+        contents
+    );
     for i in 0..n {
         let streamed_on = m.is_on_device(i) && !m.is_resident(i);
-        prop_assert_eq!(streamed_on, held.contains(&i), "block {} on device vs slots {:?}", i, contents);
+        prop_assert_eq!(
+            streamed_on,
+            held.contains(&i),
+            "block {} on device vs slots {:?}",
+            i,
+            contents
+        );
         if m.is_entered(i) {
-            prop_assert!(m.is_on_device(i), "entered block {} is not on the device", i);
+            prop_assert!(
+                m.is_on_device(i),
+                "entered block {} is not on the device",
+                i
+            );
         }
     }
     Ok(())
@@ -139,21 +197,33 @@ fn run(spec: Spec, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut st = Stack::new(&spec, 5);
     let n = st.blocks.len();
     let block_bytes = 2 * 256 + 512; // w (256 B), b (32 B -> 256), extra (<= 156 B -> 256)
-    let mut cfg = OffloadConfig::new("list0", spec.lists[0].len()).prefetch_depth(spec.depth).cpu_test_mode(true);
+    let mut cfg = OffloadConfig::new("list0", spec.lists[0].len())
+        .prefetch_depth(spec.depth)
+        .cpu_test_mode(true);
     for (li, l) in spec.lists.iter().enumerate().skip(1) {
         cfg = cfg.with_list(format!("list{li}"), l.len());
     }
     if let Some(b) = spec.budget_blocks {
         cfg = cfg.vram_budget(b * block_bytes as u64);
     }
-    let mut m = cfg.build(&st.named).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    if let Some(k) = spec.upload_fault {
+        cfg = cfg.inject_fault(layerwise_offload::Fault::Upload(k));
+    }
+    let injected = |e: &Error| e.to_string().contains("injected fault");
+    let mut m = cfg
+        .build(&st.named)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
     // Loop calls before initialize are refused.
     let before_init = matches!(m.before_layer(0), Err(Error::NotInitialized { .. }));
     prop_assert!(before_init, "a loop call before initialize must be refused");
     match m.initialize() {
         Ok(()) => {}
-        Err(Error::InvalidArgument { .. }) => {
-            // A budget below the ring: documented; nothing changed.
+        Err(Error::InvalidArgument { .. }) | Err(Error::Torch { .. }) => {
+            // A budget below the ring, or the injected fault hitting the first upload (the
+            // first block is uploaded inside initialize): documented errors. Nothing is lost.
+            m.restore().map_err(|e| {
+                TestCaseError::fail(format!("restore after a failed initialize: {e}"))
+            })?;
             for ((_, a), (_, b)) in st.named.iter().zip(&st.expected) {
                 prop_assert!(bits(a, b));
             }
@@ -167,6 +237,7 @@ fn run(spec: Spec, ops: Vec<Op>) -> Result<(), TestCaseError> {
         match op {
             Op::Prefetch(i, nb) => match m.prefetch_layer(i, nb) {
                 Ok(()) => {}
+                Err(e) if injected(&e) => {}
                 Err(Error::NoFreeSlot { .. }) => prop_assert!(!entered.is_empty()),
                 Err(e) => return Err(TestCaseError::fail(format!("prefetch {i}: {e}"))),
             },
@@ -174,14 +245,25 @@ fn run(spec: Spec, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 if !entered.is_empty() {
                     // Entered blocks hold slots; finish them first, as a driver would.
                     for i in entered {
-                        m.after_layer(i).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        m.after_layer(i)
+                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
                     }
                 }
-                let got = st.managed(&mut m).map_err(|e| TestCaseError::fail(format!("forward: {e}")))?;
-                prop_assert!(bits(&got, &st.reference()), "forward differs from the resident model");
+                match st.managed(&mut m) {
+                    Ok(got) => prop_assert!(
+                        bits(&got, &st.reference()),
+                        "forward differs from the resident model"
+                    ),
+                    Err(e) if injected(&e) => prop_assert!(
+                        (0..n).all(|i| !m.is_entered(i)),
+                        "a failed forward left a block entered"
+                    ),
+                    Err(e) => return Err(TestCaseError::fail(format!("forward: {e}"))),
+                }
             }
             Op::Before(i) => match m.before_layer(i) {
                 Ok(()) => prop_assert!(m.is_entered(i)),
+                Err(e) if injected(&e) => prop_assert!(!m.is_entered(i) || entered.contains(&i)),
                 Err(Error::LayerOutOfRange { .. }) => prop_assert!(i >= n),
                 Err(Error::NoFreeSlot { .. }) => prop_assert!(!entered.is_empty()),
                 Err(e) => return Err(TestCaseError::fail(format!("before {i}: {e}"))),
@@ -192,22 +274,31 @@ fn run(spec: Spec, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 Err(e) => return Err(TestCaseError::fail(format!("after {i}: {e}"))),
             },
             Op::ReleaseLayer(i) => {
-                m.release_layer(i).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                m.release_layer(i)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 if i < n && !m.is_resident(i) {
                     prop_assert!(!m.is_on_device(i));
                 }
             }
             Op::ReleaseAll => {
-                m.release_all().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                m.release_all()
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert!((0..n).all(|i| m.is_resident(i) || !m.is_on_device(i)));
             }
             Op::Update(i, seed) => {
                 let name = st.blocks[i][(seed % 3) as usize].clone();
                 let old = Stack::get(&st.expected, &name);
-                let new = Tensor::full(old.size(), seed as f64 / 1000.0, (Kind::Float, Device::Cpu));
+                let new =
+                    Tensor::full(old.size(), seed as f64 / 1000.0, (Kind::Float, Device::Cpu));
                 match m.update_tensor(&name, &new) {
                     Ok(()) => {
-                        let _ = st.expected.iter_mut().find(|(n, _)| *n == name).unwrap().1.copy_(&new);
+                        let _ = st
+                            .expected
+                            .iter_mut()
+                            .find(|(n, _)| *n == name)
+                            .unwrap()
+                            .1
+                            .copy_(&new);
                     }
                     Err(Error::LayerInUse { .. }) => prop_assert!(m.is_entered(i)),
                     Err(e) => return Err(TestCaseError::fail(format!("update {name}: {e}"))),
@@ -216,23 +307,35 @@ fn run(spec: Spec, ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::GuardPanic(i) => {
                 if entered.is_empty() {
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let _g = m.enter(i).unwrap();
-                        panic!("a block panicked");
+                        if let Ok(_g) = m.enter(i) {
+                            panic!("a block panicked");
+                        }
                     }));
-                    prop_assert!(r.is_err());
-                    prop_assert!(!m.is_entered(i), "the guard must release block {} on unwind", i);
+                    let _ = r;
+                    prop_assert!(
+                        !m.is_entered(i),
+                        "the guard must release block {} on unwind",
+                        i
+                    );
                 }
             }
             Op::Read(i) => {
                 for name in &st.blocks[i] {
-                    let got = m.tensor(name).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                    prop_assert!(bits(&got, Stack::get(&st.expected, name)), "{} reads wrong", name);
+                    let got = m
+                        .tensor(name)
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert!(
+                        bits(&got, Stack::get(&st.expected, name)),
+                        "{} reads wrong",
+                        name
+                    );
                 }
             }
         }
         check_bookkeeping(&m, n, slots)?;
     }
-    m.restore().map_err(|e| TestCaseError::fail(format!("restore: {e}")))?;
+    m.restore()
+        .map_err(|e| TestCaseError::fail(format!("restore: {e}")))?;
     for ((na, a), (_, b)) in st.named.iter().zip(&st.expected) {
         prop_assert!(bits(a, b), "{} differs after restore", na);
         prop_assert_eq!(a.stride(), b.stride(), "{} lost its strides", na);
@@ -241,7 +344,7 @@ fn run(spec: Spec, ops: Vec<Op>) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
     fn any_call_sequence_keeps_every_weight(
