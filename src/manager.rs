@@ -358,6 +358,9 @@ impl fmt::Display for OffloadStats {
 ///
 /// Inference only: autograd must be off (`tch::no_grad`) while the loop runs, since slot
 /// memory is reused.
+///
+/// The manager is `Send` but not `Sync`: it may move to another thread, and every call uses the
+/// calling thread's current CUDA stream as the compute stream.
 #[derive(Debug)]
 pub struct LayerwiseOffloadManager {
     config: OffloadConfig,
