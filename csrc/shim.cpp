@@ -154,6 +154,9 @@ extern "C" {
 
 const char* lo_last_error(void) { return g_last_error.c_str(); }
 
+// For csrc/jit.cpp: the same thread-local error slot.
+void lo_set_error(const char* msg) { set_error(msg); }
+
 int lo_cuda_compiled(int* out) { LO_PROTECT(*out = cuda_registered() ? 1 : 0) }
 
 int lo_cuda_device_count(int* out) {

@@ -72,6 +72,17 @@ int lo_empty_cache(void);
 int lo_allocator_initialized(int* out);
 int lo_set_memory_fraction(double fraction);
 
+// TorchScript modules (csrc/jit.cpp). Modules are heap-allocated torch::jit::Module handles.
+int lo_jit_load(const char* path, int device_type, int device_index, void** out);
+void lo_jit_free(void* module);
+int lo_jit_submodule(void* module, const char* path, void** out);
+int lo_jit_forward(void* module, void** inputs, int n, void** out);
+// Calls cb(ctx, name, tensor) for each parameter (buffers = 0) or buffer (buffers = 1); the
+// tensor is a new at::Tensor* the callee owns.
+int lo_jit_named_tensors(void* module, int buffers, void* ctx, void (*cb)(void*, const char*, void*));
+int lo_jit_eval(void* module);
+int lo_jit_set_optimize(int on);
+
 #ifdef __cplusplus
 }
 #endif

@@ -34,9 +34,36 @@ struct Preset {
 }
 
 const PRESETS: [Preset; 3] = [
-    Preset { name: "tiny", layers: 6, dim: 256, ffn: 1024, heads: 4, text_dim: 128, ctx_len: 32, latent: [16, 4, 16, 16] },
-    Preset { name: "wan-1.3b", layers: 30, dim: 1536, ffn: 8960, heads: 12, text_dim: 4096, ctx_len: 512, latent: [16, 5, 30, 52] },
-    Preset { name: "wan-14b", layers: 40, dim: 5120, ffn: 13824, heads: 40, text_dim: 4096, ctx_len: 512, latent: [16, 5, 30, 52] },
+    Preset {
+        name: "tiny",
+        layers: 6,
+        dim: 256,
+        ffn: 1024,
+        heads: 4,
+        text_dim: 128,
+        ctx_len: 32,
+        latent: [16, 4, 16, 16],
+    },
+    Preset {
+        name: "wan-1.3b",
+        layers: 30,
+        dim: 1536,
+        ffn: 8960,
+        heads: 12,
+        text_dim: 4096,
+        ctx_len: 512,
+        latent: [16, 5, 30, 52],
+    },
+    Preset {
+        name: "wan-14b",
+        layers: 40,
+        dim: 5120,
+        ffn: 13824,
+        heads: 40,
+        text_dim: 4096,
+        ctx_len: 512,
+        latent: [16, 5, 30, 52],
+    },
 ];
 const PATCH: i64 = 2; // spatial patch size (1 x 2 x 2 patches, as Wan)
 const FREQ_DIM: i64 = 256;
@@ -66,7 +93,18 @@ fn parse_args() -> Result<Args> {
         .find(|p| p.name == name)
         .cloned()
         .with_context(|| format!("unknown preset {name:?}: use tiny, wan-1.3b or wan-14b"))?;
-    let mut a = Args { preset, steps: 4, weights: None, budget: None, depth: 1, vram_limit: None, check: false, seed: 0, init_seed: None, save_weights: None };
+    let mut a = Args {
+        preset,
+        steps: 4,
+        weights: None,
+        budget: None,
+        depth: 1,
+        vram_limit: None,
+        check: false,
+        seed: 0,
+        init_seed: None,
+        save_weights: None,
+    };
     let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
         let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -87,7 +125,15 @@ fn parse_args() -> Result<Args> {
             "--save-weights" => a.save_weights = Some(val()?),
             "--init-seed" => a.init_seed = Some(val()?.parse()?),
             "-h" | "--help" => {
-                println!("{}", include_str!("dit_layer_loop.rs").lines().take(16).map(|l| l.trim_start_matches("//!").trim_start_matches(' ')).collect::<Vec<_>>().join("\n"));
+                println!(
+                    "{}",
+                    include_str!("dit_layer_loop.rs")
+                        .lines()
+                        .take(16)
+                        .map(|l| l.trim_start_matches("//!").trim_start_matches(' '))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown flag {other} (try --help)"),
@@ -140,7 +186,16 @@ impl Attention {
         let q = split(rms(&self.q.forward(x), &self.norm_q));
         let k = split(rms(&self.k.forward(ctx), &self.norm_k));
         let v = split(self.v.forward(ctx));
-        let a = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        let a = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
         self.o.forward(&a.transpose(1, 2).reshape([b, t, d]))
     }
 }
@@ -157,14 +212,24 @@ struct Block {
 
 impl Block {
     fn new(p: nn::Path, c: &Preset) -> Block {
-        let ln = nn::LayerNormConfig { eps: 1e-6, ..Default::default() };
+        let ln = nn::LayerNormConfig {
+            eps: 1e-6,
+            ..Default::default()
+        };
         Block {
             self_attn: Attention::new(&p / "self_attn", c.dim, c.heads),
             cross_attn: Attention::new(&p / "cross_attn", c.dim, c.heads),
             norm3: nn::layer_norm(&p / "norm3", vec![c.dim], ln),
             ffn0: nn::linear(&p / "ffn" / 0, c.dim, c.ffn, Default::default()),
             ffn2: nn::linear(&p / "ffn" / 2, c.ffn, c.dim, Default::default()),
-            modulation: p.var("modulation", &[1, 6, c.dim], nn::Init::Randn { mean: 0.0, stdev: 0.02 }),
+            modulation: p.var(
+                "modulation",
+                &[1, 6, c.dim],
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            ),
             dim: c.dim,
         }
     }
@@ -208,37 +273,70 @@ impl Dit {
             time0: lin(&r / "time_embedding" / 0, FREQ_DIM, c.dim),
             time2: lin(&r / "time_embedding" / 2, c.dim, c.dim),
             time_projection: lin(&r / "time_projection" / 1, c.dim, 6 * c.dim),
-            blocks: (0..c.layers).map(|i| Block::new(&r / "blocks" / i, c)).collect(),
+            blocks: (0..c.layers)
+                .map(|i| Block::new(&r / "blocks" / i, c))
+                .collect(),
             head: lin(&r / "head" / "head", c.dim, cpp),
-            head_modulation: (&r / "head").var("modulation", &[1, 2, c.dim], nn::Init::Randn { mean: 0.0, stdev: 0.02 }),
+            head_modulation: (&r / "head").var(
+                "modulation",
+                &[1, 2, c.dim],
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            ),
         }
     }
 
     fn sinusoidal(&self, t: f64, device: Device) -> Tensor {
         let half = FREQ_DIM / 2;
-        let freqs = (Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln()) / half as f64)).exp() * t;
+        let freqs =
+            (Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln()) / half as f64)).exp()
+                * t;
         Tensor::cat(&[freqs.cos(), freqs.sin()], 0).unsqueeze(0)
     }
 
     /// Latent [C, F, H, W] -> tokens [1, F*H/2*W/2, C*4].
     fn patchify(&self, x: &Tensor) -> Tensor {
         let [c, f, h, w] = self.c.latent;
-        x.view([c, f, h / PATCH, PATCH, w / PATCH, PATCH]).permute([1, 2, 4, 0, 3, 5]).reshape([1, f * (h / PATCH) * (w / PATCH), c * PATCH * PATCH])
+        x.view([c, f, h / PATCH, PATCH, w / PATCH, PATCH])
+            .permute([1, 2, 4, 0, 3, 5])
+            .reshape([1, f * (h / PATCH) * (w / PATCH), c * PATCH * PATCH])
     }
 
     fn unpatchify(&self, y: &Tensor) -> Tensor {
         let [c, f, h, w] = self.c.latent;
-        y.view([f, h / PATCH, w / PATCH, c, PATCH, PATCH]).permute([3, 0, 1, 4, 2, 5]).reshape([c, f, h, w])
+        y.view([f, h / PATCH, w / PATCH, c, PATCH, PATCH])
+            .permute([3, 0, 1, 4, 2, 5])
+            .reshape([c, f, h, w])
     }
 
     /// The velocity at time `t` (0..1000) for latent `x`, text context `ctx` [1, L, text_dim].
-    fn forward(&self, x: &Tensor, t: f64, ctx: &Tensor, mut mgr: Option<&mut LayerwiseOffloadManager>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        t: f64,
+        ctx: &Tensor,
+        mut mgr: Option<&mut LayerwiseOffloadManager>,
+    ) -> Result<Tensor> {
         let kind = self.head.ws.kind();
         let dev = self.head.ws.device();
-        let tokens = self.patch_embedding.forward(&self.patchify(&x.to_kind(kind)));
-        let ctx = self.text2.forward(&self.text0.forward(&ctx.to_kind(kind)).gelu("tanh"));
-        let temb = self.time2.forward(&self.time0.forward(&self.sinusoidal(t, dev).to_kind(kind)).silu());
-        let e = self.time_projection.forward(&temb.silu()).view([1, 6, self.c.dim]);
+        let tokens = self
+            .patch_embedding
+            .forward(&self.patchify(&x.to_kind(kind)));
+        let ctx = self
+            .text2
+            .forward(&self.text0.forward(&ctx.to_kind(kind)).gelu("tanh"));
+        let temb = self.time2.forward(
+            &self
+                .time0
+                .forward(&self.sinusoidal(t, dev).to_kind(kind))
+                .silu(),
+        );
+        let e = self
+            .time_projection
+            .forward(&temb.silu())
+            .view([1, 6, self.c.dim]);
         let mut h = tokens;
         for (i, b) in self.blocks.iter().enumerate() {
             match mgr.as_deref_mut() {
@@ -250,7 +348,9 @@ impl Dit {
             }
         }
         let m = (&self.head_modulation + temb.unsqueeze(1)).chunk(2, 1);
-        let h = h.layer_norm([self.c.dim], None::<Tensor>, None::<Tensor>, 1e-6, false) * (&m[1] + 1.0) + &m[0];
+        let h = h.layer_norm([self.c.dim], None::<Tensor>, None::<Tensor>, 1e-6, false)
+            * (&m[1] + 1.0)
+            + &m[0];
         Ok(self.unpatchify(&self.head.forward(&h)).to_kind(Kind::Float))
     }
 }
@@ -260,14 +360,31 @@ fn load_weights(vs: &mut nn::VarStore, path: &str) -> Result<()> {
     let file = Tensor::read_safetensors(path).with_context(|| format!("reading {path}"))?;
     let vars = vs.variables();
     let names: std::collections::HashSet<&str> = file.iter().map(|(n, _)| n.as_str()).collect();
-    let missing: Vec<&String> = vars.keys().filter(|n| !names.contains(n.as_str())).collect();
-    let unexpected: Vec<&str> = names.iter().filter(|n| !vars.contains_key(**n)).copied().collect();
+    let missing: Vec<&String> = vars
+        .keys()
+        .filter(|n| !names.contains(n.as_str()))
+        .collect();
+    let unexpected: Vec<&str> = names
+        .iter()
+        .filter(|n| !vars.contains_key(**n))
+        .copied()
+        .collect();
     let mismatched: Vec<String> = file
         .iter()
-        .filter_map(|(n, t)| vars.get(n).filter(|v| v.size() != t.size()).map(|v| format!("{n}: file {:?}, model {:?}", t.size(), v.size())))
+        .filter_map(|(n, t)| {
+            vars.get(n)
+                .filter(|v| v.size() != t.size())
+                .map(|v| format!("{n}: file {:?}, model {:?}", t.size(), v.size()))
+        })
         .collect();
     if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
-        let show = |v: Vec<String>| if v.is_empty() { "none".to_owned() } else { v.join(", ") };
+        let show = |v: Vec<String>| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
         bail!(
             "{path} does not match the model (names as in the VarStore, e.g. blocks.0.self_attn.q.weight):\n  missing: {}\n  unexpected: {}\n  shape mismatches: {}",
             show(missing.into_iter().cloned().collect()),
@@ -311,11 +428,19 @@ fn sample(
         let secs = t0.elapsed().as_secs_f64();
         times.push(secs);
         let stall = mgr.as_deref_mut().map_or(0.0, |m| m.stats().stall_ms);
-        let line = format!("{label} step {}/{steps}: {secs:.2} s/step, stall {:.1} ms", s + 1, stall - last_stall);
+        let line = format!(
+            "{label} step {}/{steps}: {secs:.2} s/step, stall {:.1} ms",
+            s + 1,
+            stall - last_stall
+        );
         last_stall = stall;
         if tty {
             let filled = (s + 1) * 30 / steps;
-            eprint!("\r[{}{}] {line}   ", "#".repeat(filled), " ".repeat(30 - filled));
+            eprint!(
+                "\r[{}{}] {line}   ",
+                "#".repeat(filled),
+                " ".repeat(30 - filled)
+            );
             if s + 1 == steps {
                 eprintln!();
             }
@@ -340,7 +465,10 @@ fn main() -> Result<()> {
         let (_, total) = accel::memory_info(0)?;
         let fraction = (limit * (1u64 << 30) as f64 / total as f64).min(1.0);
         accel::set_memory_fraction(fraction).context("setting the per-process memory fraction")?;
-        eprintln!("VRAM limited to {limit} GiB of {:.1} GiB (fraction {fraction:.3})", total as f64 / (1u64 << 30) as f64);
+        eprintln!(
+            "VRAM limited to {limit} GiB of {:.1} GiB (fraction {fraction:.3})",
+            total as f64 / (1u64 << 30) as f64
+        );
     }
     let device_name = if cuda {
         std::process::Command::new("nvidia-smi")
@@ -374,11 +502,17 @@ fn main() -> Result<()> {
         c.name,
         c.layers,
         block_bytes as f64 / (1u64 << 30) as f64,
-        if a.weights.is_some() { "loaded" } else { "seeded random" },
+        if a.weights.is_some() {
+            "loaded"
+        } else {
+            "seeded random"
+        },
         t0.elapsed().as_secs_f64()
     );
 
-    let mut cfg = OffloadConfig::new("blocks", c.layers).prefetch_depth(a.depth).cpu_test_mode(!cuda);
+    let mut cfg = OffloadConfig::new("blocks", c.layers)
+        .prefetch_depth(a.depth)
+        .cpu_test_mode(!cuda);
     if let Some(b) = a.budget {
         cfg = cfg.vram_budget((b * (1u64 << 30) as f64) as u64);
     } else if let Some(limit) = a.vram_limit {
@@ -391,7 +525,10 @@ fn main() -> Result<()> {
     m.initialize()?;
     let init_s = t0.elapsed().as_secs_f64();
     let st = m.stats().clone();
-    eprintln!("initialize: {init_s:.2} s; {} blocks stream, {} stay resident", st.streamed_layers, st.resident_layers);
+    eprintln!(
+        "initialize: {init_s:.2} s; {} blocks stream, {} stay resident",
+        st.streamed_layers, st.resident_layers
+    );
     if let Some(path) = &a.save_weights {
         // The VarStore holds placeholders now; the manager writes the real values.
         m.save_safetensors(path)?;
@@ -402,7 +539,8 @@ fn main() -> Result<()> {
     let tokens = f * (h / PATCH) * (w / PATCH);
     tch::manual_seed(a.seed + 1);
     let noise = Tensor::randn([ch, f, h, w], (Kind::Float, Device::Cpu)).to_device(dev);
-    let ctx = (Tensor::randn([1, c.ctx_len, c.text_dim], (Kind::Float, Device::Cpu)) * 0.5).to_device(dev);
+    let ctx = (Tensor::randn([1, c.ctx_len, c.text_dim], (Kind::Float, Device::Cpu)) * 0.5)
+        .to_device(dev);
     if cuda {
         accel::reset_peak_memory_stats(0)?;
     }
@@ -413,7 +551,11 @@ fn main() -> Result<()> {
         accel::synchronize_device(0)?;
     }
     let st = m.stats().clone();
-    let peak = if cuda { accel::memory_stats(0)?.peak_allocated } else { 0 };
+    let peak = if cuda {
+        accel::memory_stats(0)?.peak_allocated
+    } else {
+        0
+    };
     println!("{st}");
 
     // The resident model, for comparison: every weight back on the device.
@@ -440,7 +582,10 @@ fn main() -> Result<()> {
         st.stall_ms,
         st.streamed_layers,
         st.resident_layers,
-        streamed.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]),
+        streamed
+            .to_kind(Kind::Double)
+            .sum(Kind::Double)
+            .double_value(&[]),
     );
     Ok(())
 }

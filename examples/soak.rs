@@ -16,7 +16,11 @@ use tch::{Device, Kind, Tensor};
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map_or(0, |kib| kib * 1024)
 }
 
@@ -39,8 +43,14 @@ fn main() -> Result<()> {
     tch::manual_seed(7);
     let mut named = Vec::new();
     for i in 0..blocks {
-        named.push((format!("blocks.{i}.w"), Tensor::randn([dim, dim], (Kind::Float, Device::Cpu)) / (dim as f64).sqrt()));
-        named.push((format!("blocks.{i}.b"), Tensor::randn([dim], (Kind::Float, Device::Cpu)) * 0.1));
+        named.push((
+            format!("blocks.{i}.w"),
+            Tensor::randn([dim, dim], (Kind::Float, Device::Cpu)) / (dim as f64).sqrt(),
+        ));
+        named.push((
+            format!("blocks.{i}.b"),
+            Tensor::randn([dim], (Kind::Float, Device::Cpu)) * 0.1,
+        ));
     }
     let block_bytes = (dim * dim * 4 + 4 * dim) as u64 + 512;
     let mut m = OffloadConfig::new("blocks", blocks)
@@ -85,7 +95,9 @@ fn main() -> Result<()> {
     let host_n = m.stats().host_bytes;
     let rss_n = rss_bytes();
     let st = m.stats().clone();
-    let equal = first.view_dtype(Kind::Int).equal(&last.view_dtype(Kind::Int));
+    let equal = first
+        .view_dtype(Kind::Int)
+        .equal(&last.view_dtype(Kind::Int));
     println!(
         "RESULT {{\"device\":\"{}\",\"forwards\":{forwards},\"blocks\":{blocks},\"resident_blocks\":{},\"uploads\":{},\"allocated_first\":{alloc1},\"allocated_last\":{alloc_n},\"allocated_max_sampled\":{max_alloc},\"reserved_first\":{reserved1},\"reserved_last\":{reserved_n},\"host_bytes_first\":{host1},\"host_bytes_last\":{host_n},\"rss_first\":{rss1},\"rss_last\":{rss_n},\"stall_ms\":{:.1},\"output_equal\":{equal}}}",
         if cuda { "cuda:0" } else { "cpu" },
@@ -98,7 +110,9 @@ fn main() -> Result<()> {
         bail!("the output of forward {forwards} differs from forward 1");
     }
     if alloc_n != alloc1 || max_alloc != alloc1 || reserved_n != reserved1 || host_n != host1 {
-        bail!("memory grew: allocated {alloc1} -> {alloc_n} (max {max_alloc}), reserved {reserved1} -> {reserved_n}, host {host1} -> {host_n}");
+        bail!(
+            "memory grew: allocated {alloc1} -> {alloc_n} (max {max_alloc}), reserved {reserved1} -> {reserved_n}, host {host1} -> {host_n}"
+        );
     }
     println!("soak ok: {forwards} forwards, memory flat, output equal");
     Ok(())

@@ -67,4 +67,31 @@ unsafe extern "C" {
     pub fn lo_empty_cache() -> c_int;
     pub fn lo_allocator_initialized(out: *mut c_int) -> c_int;
     pub fn lo_set_memory_fraction(fraction: f64) -> c_int;
+
+    pub fn lo_jit_load(
+        path: *const c_char,
+        device_type: c_int,
+        device_index: c_int,
+        out: *mut *mut c_void,
+    ) -> c_int;
+    pub fn lo_jit_free(module: *mut c_void);
+    pub fn lo_jit_submodule(
+        module: *mut c_void,
+        path: *const c_char,
+        out: *mut *mut c_void,
+    ) -> c_int;
+    pub fn lo_jit_forward(
+        module: *mut c_void,
+        inputs: *const *mut C_tensor,
+        n: c_int,
+        out: *mut *mut C_tensor,
+    ) -> c_int;
+    pub fn lo_jit_named_tensors(
+        module: *mut c_void,
+        buffers: c_int,
+        ctx: *mut c_void,
+        cb: unsafe extern "C" fn(*mut c_void, *const c_char, *mut C_tensor),
+    ) -> c_int;
+    pub fn lo_jit_eval(module: *mut c_void) -> c_int;
+    pub fn lo_jit_set_optimize(on: c_int) -> c_int;
 }

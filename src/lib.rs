@@ -6,6 +6,7 @@ pub mod error;
 mod ffi;
 pub mod manager;
 pub mod plan;
+pub mod script;
 pub mod source;
 
 pub use error::{Error, Result, TorchMessage};
@@ -16,4 +17,5 @@ pub use manager::{
     chrome_trace_json,
 };
 pub use plan::{LayerLayout, Plan, TensorLayout};
+pub use script::ScriptModule;
 pub use source::WeightSource;

@@ -16,14 +16,25 @@ fn example() -> PathBuf {
 }
 
 fn run(args: &[&str]) -> Output {
-    let out = Command::new(example()).args(["--preset", "tiny", "--steps", "2"]).args(args).output().expect("the example starts");
+    let out = Command::new(example())
+        .args(["--preset", "tiny", "--steps", "2"])
+        .args(args)
+        .output()
+        .expect("the example starts");
     out
 }
 
 fn result(out: &Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "the example failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).expect("a RESULT line");
+    assert!(
+        out.status.success(),
+        "the example failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .expect("a RESULT line");
     serde_json::from_str(line).unwrap()
 }
 
@@ -32,16 +43,39 @@ fn dit_example_samples_exactly_and_round_trips_weights() {
     let dir = std::env::temp_dir().join(format!("lo-dit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let saved = dir.join("tiny.safetensors");
-    let r = result(&run(&["--check", "--save-weights", saved.to_str().unwrap()]));
-    assert_eq!(r["max_abs_diff"].as_f64(), Some(0.0), "offloaded differs from resident: {r}");
-    for key in ["device", "preset", "tokens", "steps", "ms_per_step", "resident_ms_per_step", "peak_vram_bytes", "h2d_gib_s", "stall_ms"] {
+    let r = result(&run(&[
+        "--check",
+        "--save-weights",
+        saved.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        r["max_abs_diff"].as_f64(),
+        Some(0.0),
+        "offloaded differs from resident: {r}"
+    );
+    for key in [
+        "device",
+        "preset",
+        "tokens",
+        "steps",
+        "ms_per_step",
+        "resident_ms_per_step",
+        "peak_vram_bytes",
+        "h2d_gib_s",
+        "stall_ms",
+    ] {
         assert!(r.get(key).is_some(), "missing {key}: {r}");
     }
     // The saved weights (written while offloaded) reproduce the same sample in a model
     // initialized from another seed; without them that model samples something else.
     let other = result(&run(&["--init-seed", "5"]));
     assert_ne!(other["output_sum"], r["output_sum"]);
-    let again = result(&run(&["--init-seed", "5", "--weights", saved.to_str().unwrap()]));
+    let again = result(&run(&[
+        "--init-seed",
+        "5",
+        "--weights",
+        saved.to_str().unwrap(),
+    ]));
     assert_eq!(again["output_sum"], r["output_sum"]);
 
     // A file that does not match: one name renamed, one tensor reshaped.

@@ -305,9 +305,14 @@ fn configuration_errors_are_typed(
     m.restore()?;
     assert_same(&model.snapshot(), &before);
     // After restore the manager is done: loop calls and a second initialize are refused.
-    assert!(matches!(m.before_layer(0), Err(Error::NotInitialized { .. })));
+    assert!(matches!(
+        m.before_layer(0),
+        Err(Error::NotInitialized { .. })
+    ));
     match m.initialize() {
-        Err(e @ Error::InvalidArgument { .. }) => assert!(e.to_string().contains("build a new manager"), "{e}"),
+        Err(e @ Error::InvalidArgument { .. }) => {
+            assert!(e.to_string().contains("build a new manager"), "{e}")
+        }
         r => panic!("expected InvalidArgument, got {r:?}"),
     }
     Ok(())

@@ -1,0 +1,95 @@
+// C ABI over TorchScript modules: load, submodules by path, forward, named parameters and
+// buffers, and the graph executor's optimization switch. Same conventions as shim.cpp: 0 on
+// success, -1 with a thread-local message on failure; no exception crosses the boundary.
+#include "shim.h"
+
+#include <torch/csrc/jit/api/module.h>
+#include <torch/csrc/jit/runtime/graph_executor.h>
+#include <torch/csrc/jit/serialization/import.h>
+
+#include <string>
+#include <vector>
+
+extern "C" void lo_set_error(const char* msg);  // defined in shim.cpp
+
+#define LO_JIT_PROTECT(...)                                  \
+  try {                                                      \
+    __VA_ARGS__;                                             \
+    return 0;                                                \
+  } catch (const c10::Error& e) {                            \
+    lo_set_error(e.what_without_backtrace());                \
+    return -1;                                               \
+  } catch (const std::exception& e) {                        \
+    lo_set_error(e.what());                                  \
+    return -1;                                               \
+  } catch (...) {                                            \
+    lo_set_error("unknown C++ exception in layerwise-offload shim"); \
+    return -1;                                               \
+  }
+
+using torch::jit::Module;
+
+extern "C" {
+
+int lo_jit_load(const char* path, int device_type, int device_index, void** out) {
+  LO_JIT_PROTECT({
+    c10::Device device(static_cast<c10::DeviceType>(device_type), static_cast<c10::DeviceIndex>(device_index));
+    *out = new Module(torch::jit::load(std::string(path), device));
+  })
+}
+
+void lo_jit_free(void* module) {
+  try {
+    delete static_cast<Module*>(module);
+  } catch (...) {
+  }
+}
+
+int lo_jit_submodule(void* module, const char* path, void** out) {
+  LO_JIT_PROTECT({
+    Module cur = *static_cast<Module*>(module);
+    std::string p(path);
+    size_t start = 0;
+    while (start <= p.size()) {
+      size_t dot = p.find('.', start);
+      std::string part = p.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+      TORCH_CHECK(!part.empty(), "empty component in submodule path '", p, "'");
+      auto slot = cur._ivalue()->type()->findAttributeSlot(part);
+      TORCH_CHECK(slot.has_value(), "no attribute '", part, "' in module path '", p, "'");
+      auto value = cur.attr(part);
+      TORCH_CHECK(value.isModule(), "'", part, "' in path '", p, "' is not a module");
+      cur = value.toModule();
+      if (dot == std::string::npos) break;
+      start = dot + 1;
+    }
+    *out = new Module(cur);
+  })
+}
+
+int lo_jit_forward(void* module, void** inputs, int n, void** out) {
+  LO_JIT_PROTECT({
+    std::vector<c10::IValue> args;
+    args.reserve(n);
+    for (int i = 0; i < n; ++i) args.emplace_back(*static_cast<at::Tensor*>(inputs[i]));
+    auto result = static_cast<Module*>(module)->forward(std::move(args));
+    TORCH_CHECK(result.isTensor(), "forward returned a ", result.tagKind(), ", not a tensor");
+    *out = new at::Tensor(result.toTensor());
+  })
+}
+
+int lo_jit_named_tensors(void* module, int buffers, void* ctx, void (*cb)(void*, const char*, void*)) {
+  LO_JIT_PROTECT({
+    auto& m = *static_cast<Module*>(module);
+    if (buffers) {
+      for (const auto& nb : m.named_buffers(/*recurse=*/true)) cb(ctx, nb.name.c_str(), new at::Tensor(nb.value));
+    } else {
+      for (const auto& np : m.named_parameters(/*recurse=*/true)) cb(ctx, np.name.c_str(), new at::Tensor(np.value));
+    }
+  })
+}
+
+int lo_jit_eval(void* module) { LO_JIT_PROTECT(static_cast<Module*>(module)->eval()) }
+
+int lo_jit_set_optimize(int on) { LO_JIT_PROTECT(torch::jit::setGraphExecutorOptimize(on != 0)) }
+
+}  // extern "C"
