@@ -193,7 +193,22 @@ fn check_bookkeeping(
     Ok(())
 }
 
+/// Keeps the deliberate panics of `Op::GuardPanic` out of the test output; every other panic
+/// is reported as usual.
+fn quiet_deliberate_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.payload().downcast_ref::<&str>() != Some(&"a block panicked") {
+                default(info);
+            }
+        }));
+    });
+}
+
 fn run(spec: Spec, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    quiet_deliberate_panics();
     let mut st = Stack::new(&spec, 5);
     let n = st.blocks.len();
     let block_bytes = 2 * 256 + 512; // w (256 B), b (32 B -> 256), extra (<= 156 B -> 256)
