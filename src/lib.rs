@@ -13,8 +13,8 @@ pub use error::{Error, Result, TorchMessage};
 #[doc(hidden)]
 pub use manager::Fault;
 pub use manager::{
-    Lane, LayerGuard, LayerwiseOffloadManager, OffloadConfig, OffloadStats, TimelineSpan,
-    chrome_trace_json,
+    HostStore, Lane, LayerGuard, LayerwiseOffloadManager, OffloadConfig, OffloadStats,
+    TimelineSpan, chrome_trace_json,
 };
 pub use plan::{LayerLayout, Plan, TensorLayout};
 pub use script::ScriptModule;

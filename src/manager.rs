@@ -14,6 +14,7 @@ use crate::plan::{self, LayerLayout, Plan};
 use crate::source::WeightSource;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -31,6 +32,91 @@ pub struct OffloadConfig {
     timing: bool,
     budget: Option<Budget>,
     faults: Vec<Fault>,
+    store: Option<Arc<HostStore>>,
+}
+
+/// The host copy of every streamed block of a model: one buffer per block, page-locked as
+/// portable memory (usable by every CUDA device of the process). Managers on several GPUs of one
+/// process can stream from one store, each with its own slot ring and streams, so host memory
+/// holds the block weights once whatever the number of GPUs.
+///
+/// Get it from an initialized manager with [`LayerwiseOffloadManager::host_store`] and hand it
+/// to the others with [`OffloadConfig::host_store`]. The buffers are freed when the last
+/// manager holding the store is restored or dropped.
+#[derive(Debug)]
+pub struct HostStore {
+    layers: Vec<LayerLayout>,
+    buffers: Vec<Option<Tensor>>,
+    pinned: bool,
+}
+
+// SAFETY: the store is never written after construction: its buffers are only read (views are
+// made from them, and uploads copy out of them), and libtorch's tensor handles are safe to
+// clone and read from several threads at once (reference counts are atomic). Writes to the
+// host copy (`update_tensor`) are refused while a store is shared.
+unsafe impl Sync for HostStore {}
+
+impl HostStore {
+    /// Bytes of host memory the store holds.
+    pub fn bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .zip(&self.buffers)
+            .filter(|(_, b)| b.is_some())
+            .map(|(l, _)| l.bytes as u64)
+            .sum()
+    }
+
+    /// Number of blocks (loop order, all lists).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Whether the buffers are page-locked.
+    pub fn is_pinned(&self) -> bool {
+        self.pinned
+    }
+
+    /// Checks that a plan has exactly the store's layout; says what differs.
+    fn check_plan(&self, plan: &Plan) -> Result<()> {
+        let differ = |message: String| Error::InvalidArgument {
+            op: "initialize with a shared host store",
+            message,
+        };
+        if plan.layers.len() != self.layers.len() {
+            return Err(differ(format!(
+                "the model has {} blocks, the store {}",
+                plan.layers.len(),
+                self.layers.len()
+            )));
+        }
+        for (i, (a, b)) in plan.layers.iter().zip(&self.layers).enumerate() {
+            if self.buffers[i].is_none() {
+                return Err(differ(format!(
+                    "block {i} was kept resident by the manager that made the store; build that manager without a VRAM budget"
+                )));
+            }
+            if a.attr != b.attr || a.index != b.index || a.tensors.len() != b.tensors.len() {
+                return Err(differ(format!(
+                    "block {i} is {}.{} in the model and {}.{} in the store",
+                    a.attr, a.index, b.attr, b.index
+                )));
+            }
+            for (x, y) in a.tensors.iter().zip(&b.tensors) {
+                if x.name != y.name
+                    || x.shape != y.shape
+                    || x.strides != y.strides
+                    || x.kind != y.kind
+                {
+                    return Err(differ(format!(
+                        "{} is {:?} {:?} in the model, but the store holds {} as {:?} {:?}",
+                        x.name, x.shape, x.kind, y.name, y.shape, y.kind
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A failure to inject, for tests of the error paths (the k-th such operation fails, counting
@@ -68,7 +154,18 @@ impl OffloadConfig {
             timing: true,
             budget: None,
             faults: Vec::new(),
+            store: None,
         }
+    }
+
+    /// Stream from `store`, the host copy another manager of this process made (typically of
+    /// the same model on another GPU), instead of copying this model's blocks into host memory
+    /// of its own. The model's block tensors must have the store's names, shapes and dtypes;
+    /// their values are not used (they become placeholders, freeing their memory). Non-block
+    /// tensors come from this model. Not combined with a VRAM budget yet.
+    pub fn host_store(mut self, store: Arc<HostStore>) -> OffloadConfig {
+        self.store = Some(store);
+        self
     }
 
     /// Makes an operation fail on purpose, to test error paths. Not part of the stable API.
@@ -196,6 +293,7 @@ impl OffloadConfig {
             timeline: None,
             spare: Vec::new(),
             counts: [0; 3],
+            store: None,
         };
         if auto {
             m.initialize()?;
@@ -266,8 +364,11 @@ pub struct OffloadStats {
     pub resident_bytes: u64,
     /// Bytes of one GPU slot times the number of slots.
     pub slot_bytes: u64,
-    /// Bytes of host buffers.
+    /// Bytes of host buffers this manager allocated.
     pub host_bytes: u64,
+    /// Bytes of host buffers it streams from that another manager allocated (a shared
+    /// [`HostStore`]).
+    pub shared_host_bytes: u64,
     /// Whether the host buffers are page-locked.
     pub pinned: bool,
     /// Seconds `initialize()` took.
@@ -341,6 +442,13 @@ impl fmt::Display for OffloadStats {
             gib(self.host_bytes),
             if self.pinned { "pinned" } else { "pageable" }
         )?;
+        if self.shared_host_bytes > 0 {
+            writeln!(
+                f,
+                "| shared host store | {:.3} GiB (allocated by another manager) |",
+                gib(self.shared_host_bytes)
+            )?;
+        }
         write!(f, "| initialize | {:.2} s |", self.init_seconds)
     }
 }
@@ -382,6 +490,8 @@ pub struct LayerwiseOffloadManager {
     spare: Vec<(Event, Event)>,
     /// Slot allocations, uploads and host allocations so far (for injected faults).
     counts: [usize; 3],
+    /// The host store this manager streams from (its own, or one shared with it).
+    store: Option<Arc<HostStore>>,
 }
 
 /// A device interval being timed: an upload on the copy stream or a wait on the compute stream.
@@ -524,6 +634,12 @@ impl LayerwiseOffloadManager {
             .position(|l| l.attr == module_list_attr && l.index == index)
     }
 
+    /// The host copy of the streamed blocks, to share with managers of the same model on other
+    /// devices of this process ([`OffloadConfig::host_store`]). None before `initialize`.
+    pub fn host_store(&self) -> Option<Arc<HostStore>> {
+        self.store.clone()
+    }
+
     /// Counters so far. Timings are read back without blocking, so the most recent intervals
     /// appear once the device has finished them (synchronize first for a complete account).
     pub fn stats(&mut self) -> &OffloadStats {
@@ -654,6 +770,15 @@ impl LayerwiseOffloadManager {
             vec![compute, Device::Cpu]
         };
         let plan = plan::build(&self.named, &self.config.lists, &allowed)?;
+        if let Some(store) = &self.config.store {
+            if self.config.budget.is_some() {
+                return Err(Error::InvalidArgument {
+                    op: "initialize",
+                    message: "a shared host store cannot be combined with a VRAM budget yet; drop one of them".into(),
+                });
+            }
+            store.check_plan(&plan)?;
+        }
 
         // 0. Which blocks stay resident (a VRAM budget), which stream.
         let resident = self.choose_resident(&plan)?;
@@ -785,11 +910,34 @@ impl LayerwiseOffloadManager {
 
         // 4. Streamed blocks into their host buffers, one at a time, freeing each source as it
         //    goes.
-        for &i in &streamed {
-            if let Err(e) = self.fill_host(i) {
-                self.detach_to_host();
-                return Err(e);
+        if let Some(store) = self.config.store.clone() {
+            for &i in &streamed {
+                let rt = &mut self.layers[i];
+                rt.host = store.buffers[i].as_ref().map(|b| b.shallow_clone());
+                for (p, ph) in rt.params.iter_mut().zip(&rt.placeholders) {
+                    p.f_set_data(ph)
+                        .map_err(|e| Error::from(("placing placeholders", e)))?;
+                }
             }
+            self.stats.shared_host_bytes = store.bytes();
+            self.store = Some(store);
+        } else {
+            for &i in &streamed {
+                if let Err(e) = self.fill_host(i) {
+                    self.detach_to_host();
+                    return Err(e);
+                }
+            }
+            let plan = self.plan.as_ref().expect("plan set above");
+            self.store = Some(Arc::new(HostStore {
+                layers: plan.layers.clone(),
+                buffers: self
+                    .layers
+                    .iter()
+                    .map(|l| l.host.as_ref().map(|h| h.shallow_clone()))
+                    .collect(),
+                pinned: self.host_memory() == HostMemory::Pinned,
+            }));
         }
         self.phase = Phase::Ready;
         self.stats.init_seconds = started.elapsed().as_secs_f64();
@@ -1471,6 +1619,18 @@ impl LayerwiseOffloadManager {
                         layer: li,
                     });
                 }
+                if self
+                    .store
+                    .as_ref()
+                    .is_some_and(|s| Arc::strong_count(s) > 1)
+                {
+                    return Err(Error::InvalidArgument {
+                        op: "update_tensor",
+                        message: format!(
+                            "the host copy of {name:?} is shared with managers on other devices; update it before sharing the store, or restore the others first"
+                        ),
+                    });
+                }
                 self.sync_copies();
                 let host = self.layers[li]
                     .host
@@ -1546,13 +1706,15 @@ impl LayerwiseOffloadManager {
             if let Some(s) = rt.slot.take() {
                 self.slots[s].layer = None;
             }
-            self.stats.host_bytes -= layout.bytes as u64;
+            self.stats.host_bytes = self.stats.host_bytes.saturating_sub(layout.bytes as u64);
             self.layers[i].host = None;
         }
         if let Backend::Cuda { device, .. } = self.backend {
             accel::synchronize_device(device)?;
         }
         self.slots.clear();
+        self.store = None;
+        self.stats.shared_host_bytes = 0;
         self.phase = Phase::Restored;
         Ok(())
     }

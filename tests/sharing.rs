@@ -1,0 +1,107 @@
+//! One host copy, several managers: a second manager (another device in a real deployment;
+//! here the CPU test mode, and CUDA device 0 where present) streams from the store the first one
+//! made, with bit-identical outputs and the host bytes held once.
+
+mod common;
+
+use common::Mode;
+use common::model::{Model, assert_same, bits_equal};
+use layerwise_offload::{Error, OffloadConfig};
+use rstest::rstest;
+
+#[rstest]
+fn two_managers_share_one_host_copy(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let model0 = Model::new(dev, 4, true, 41);
+    // A second instance of the same model (a real second GPU would build its own); its block
+    // values do not matter, its non-block weights do.
+    let mut model1 = Model::new(dev, 4, true, 42);
+    model1.vs.copy(&model0.vs)?;
+    let before = model0.snapshot();
+    let x = model0.input(7);
+    let want = model0.forward(&x, None);
+    let cfg = || {
+        mode.config("double_blocks", 4)
+            .with_list("single_blocks", 5)
+    };
+
+    let mut m0 = cfg().build(&model0.vs)?;
+    m0.initialize()?;
+    let store = m0.host_store().expect("an initialized manager has a store");
+    assert_eq!(store.num_layers(), 9);
+    let mut m1 = cfg().host_store(store.clone()).build(&model1.vs)?;
+    m1.initialize()?;
+    // One copy: the same host memory behind both managers, counted once.
+    let name = "single_blocks.4.fc2.weight";
+    assert_eq!(m0.tensor(name)?.data_ptr(), m1.tensor(name)?.data_ptr());
+    assert_eq!(m0.stats().host_bytes, store.bytes());
+    assert_eq!(m1.stats().host_bytes, 0);
+    assert_eq!(m1.stats().shared_host_bytes, store.bytes());
+    // Both stream the same weights: bit-identical outputs, from two threads at once.
+    let (x0, x1) = (x.copy(), x.copy());
+    let a = std::thread::spawn(move || {
+        let r: Vec<tch::Tensor> = (0..3).map(|_| model0.forward(&x0, Some(&mut m0))).collect();
+        (model0, m0, r)
+    });
+    let b = std::thread::spawn(move || {
+        let r: Vec<tch::Tensor> = (0..3).map(|_| model1.forward(&x1, Some(&mut m1))).collect();
+        (model1, m1, r)
+    });
+    let (model0, mut m0, r0) = a.join().unwrap();
+    let (model1, mut m1, r1) = b.join().unwrap();
+    for y in r0.iter().chain(&r1) {
+        assert!(bits_equal(y, &want));
+    }
+    // Writes to a shared copy are refused.
+    let w = m0.tensor(name)?.copy();
+    assert!(matches!(
+        m0.update_tensor(name, &w),
+        Err(Error::InvalidArgument { .. })
+    ));
+    // Restoring one leaves the other streaming; the buffers live until the last one lets go.
+    m0.restore()?;
+    assert_same(&model0.snapshot(), &before);
+    assert!(bits_equal(&model1.forward(&x, Some(&mut m1)), &want));
+    drop(store);
+    m1.restore()?;
+    assert_same(&model1.snapshot(), &before);
+    Ok(())
+}
+
+#[test]
+fn a_store_only_serves_the_same_model() -> anyhow::Result<()> {
+    let model0 = Model::new(tch::Device::Cpu, 3, false, 43);
+    let mut m0 = OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .build(&model0.vs)?;
+    m0.initialize()?;
+    let store = m0.host_store().unwrap();
+    // A different shape: refused, naming the tensor; nothing changed in the second model.
+    let other = Model::new(tch::Device::Cpu, 4, true, 44);
+    let before = other.snapshot();
+    match OffloadConfig::new("double_blocks", 3)
+        .cpu_test_mode(true)
+        .host_store(store.clone())
+        .build(&other.vs)?
+        .initialize()
+    {
+        Err(e @ Error::InvalidArgument { .. }) => assert!(e.to_string().contains("store"), "{e}"),
+        r => panic!("expected InvalidArgument, got {r:?}"),
+    }
+    assert_same(&other.snapshot(), &before);
+    // Not with a budget (yet).
+    let same = Model::new(tch::Device::Cpu, 3, false, 45);
+    let r = OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .vram_budget(1 << 30)
+        .host_store(store)
+        .build(&same.vs)?
+        .initialize();
+    assert!(matches!(r, Err(Error::InvalidArgument { .. })));
+    m0.restore()?;
+    Ok(())
+}
