@@ -36,6 +36,8 @@ fn offload_bench_runs_in_cpu_test_mode() {
             "0",
             "--budgets",
             "0.01,1",
+            "--gpus",
+            "2",
         ])
         .output()
         .expect("offload-bench starts");
@@ -50,7 +52,20 @@ fn offload_bench_runs_in_cpu_test_mode() {
         .filter_map(|l| l.strip_prefix("RESULT "))
         .map(|j| serde_json::from_str(j).expect("RESULT lines are JSON"))
         .collect();
+    let (shared, rows): (Vec<_>, Vec<_>) = rows
+        .into_iter()
+        .partition(|r| r["mode"] == "shared host copy");
     assert_eq!(rows.len(), 3, "full streaming and two budgets:\n{stdout}");
+    // --gpus 2 (two CPU "devices" here): one row per device, one host copy, exact outputs.
+    assert_eq!(shared.len(), 2, "{stdout}");
+    for (g, r) in shared.iter().enumerate() {
+        assert_eq!(r["gpu"], g);
+        assert_eq!(r["max_abs_diff"].as_f64(), Some(0.0), "{r}");
+        assert_eq!(
+            r["host_bytes"], rows[0]["streamed_bytes"],
+            "the block bytes, held once"
+        );
+    }
     for r in &rows {
         assert_eq!(
             r["max_abs_diff"].as_f64(),

@@ -4,10 +4,11 @@
 //! ```text
 //! offload-bench [--preset tiny|wan-1.3b|wan-14b] [--layers N] [--dim N] [--ffn N] [--heads N]
 //!               [--tokens 1024,4096] [--ctx 512] [--depth 1] [--reps 5] [--warmup 2]
-//!               [--budgets 13,20] [--trace FILE.json] [--no-resident] [--cpu]
+//!               [--budgets 13,20] [--gpus N] [--trace FILE.json] [--no-resident] [--cpu]
 //! ```
 //! Configurations: full streaming, then one per VRAM budget in `--budgets` (GiB of block weights
-//! the manager may keep on the GPU), then the resident model. Per configuration it prints a markdown table row and one `RESULT {json}` line: median ms per
+//! the manager may keep on the GPU), then with `--gpus N` N GPUs streaming at once from one
+//! shared pinned host copy (one driver thread each), then the resident model. Per configuration it prints a markdown table row and one `RESULT {json}` line: median ms per
 //! forward (CUDA events, warm-up excluded), the floor max(resident, streamed bytes / measured
 //! pinned H2D bandwidth), floor/measured, compute stall, peak VRAM, init seconds and peak host
 //! memory. Without a CUDA device (or with --cpu) the tiny preset runs in the manager's CPU test
@@ -40,6 +41,7 @@ struct Args {
     cpu: bool,
     budgets: Vec<f64>,
     trace: Option<String>,
+    gpus: usize,
 }
 
 fn preset(name: &str) -> Result<Shape> {
@@ -80,6 +82,7 @@ fn parse_args() -> Result<Args> {
         cpu: !cuda,
         budgets: Vec::new(),
         trace: None,
+        gpus: 1,
     };
     let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
@@ -104,6 +107,7 @@ fn parse_args() -> Result<Args> {
             "--warmup" => a.warmup = val()?.parse()?,
             "--no-resident" => a.resident = false,
             "--trace" => a.trace = Some(val()?),
+            "--gpus" => a.gpus = val()?.parse()?,
             "--budgets" => {
                 a.budgets = val()?
                     .split(',')
@@ -131,6 +135,13 @@ fn parse_args() -> Result<Args> {
             "--dim {} is not a multiple of --heads {}",
             a.shape.dim,
             a.shape.heads
+        );
+    }
+    if a.gpus == 0 || (!a.cpu && a.gpus > accel::cuda_device_count().max(1)) {
+        bail!(
+            "--gpus {} but {} CUDA devices are visible",
+            a.gpus,
+            accel::cuda_device_count()
         );
     }
     if a.reps == 0 || a.shape.layers == 0 {
@@ -490,6 +501,81 @@ fn main() -> Result<()> {
             m.restore_to(Device::Cpu)?;
         }
     }
+    // Several GPUs streaming at once from one host copy.
+    let mut multi: Vec<(usize, i64, f64, Tensor)> = Vec::new();
+    let mut multi_host_bytes = 0u64;
+    if a.gpus > 1 {
+        // Each GPU's own model instance, made before the first manager empties the blocks:
+        // non-block weights copied to its device, block tensors left uninitialized (they
+        // become placeholders; the shared store has the values).
+        let mut instances: Vec<Vec<(String, Tensor)>> = (0..a.gpus)
+            .map(|g| {
+                let dev_g = if a.cpu { Device::Cpu } else { Device::Cuda(g) };
+                named
+                    .iter()
+                    .map(|(n, t)| {
+                        let t = if n.starts_with("blocks.") {
+                            Tensor::empty(t.size(), (t.kind(), Device::Cpu))
+                        } else {
+                            t.to_device(dev_g)
+                        };
+                        (n.clone(), t)
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut m0 = OffloadConfig::new("blocks", s.layers)
+            .prefetch_depth(a.depth)
+            .cpu_test_mode(a.cpu)
+            .build(&named)?;
+        m0.initialize()?;
+        let store = m0.host_store().expect("initialized");
+        multi_host_bytes = store.bytes();
+        let barrier = std::sync::Barrier::new(a.gpus);
+        let results: Vec<Result<Vec<(i64, f64, Tensor)>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..a.gpus)
+                .map(|g| {
+                    let dev_g = if a.cpu { Device::Cpu } else { Device::Cuda(g) };
+                    let named_g = std::mem::take(&mut instances[g]);
+                    let store = store.clone();
+                    let (a, barrier) = (&a, &barrier);
+                    scope.spawn(move || -> Result<Vec<(i64, f64, Tensor)>> {
+                        let mut m = OffloadConfig::new("blocks", s.layers)
+                            .prefetch_depth(a.depth)
+                            .cpu_test_mode(a.cpu)
+                            .device(if let Device::Cuda(i) = dev_g { i } else { 0 })
+                            .host_store(store)
+                            .build(&named_g)?;
+                        m.initialize()?;
+                        let stack = Stack::new(s, &named_g);
+                        let mut out = Vec::new();
+                        for &tokens in &a.tokens {
+                            tch::manual_seed(tokens);
+                            let x = Tensor::randn([1, tokens, 64], (kind, dev_g));
+                            let ctx = Tensor::randn([1, s.ctx, s.dim], (kind, dev_g));
+                            barrier.wait();
+                            let (ms, y) =
+                                time_forwards(a, || stack.forward(&x, &ctx, Some(&mut m)), dev_g)?;
+                            out.push((tokens, ms, y.to_device(Device::Cpu)));
+                        }
+                        m.restore_to(Device::Cpu)?;
+                        Ok(out)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a GPU thread panicked"))
+                .collect()
+        });
+        for (g, r) in results.into_iter().enumerate() {
+            for (tokens, ms, y) in r? {
+                multi.push((g, tokens, ms, y));
+            }
+        }
+        m0.restore()?;
+    }
+
     // Resident: every weight on the device, no manager.
     let mut resident_ms = std::collections::HashMap::new();
     let on_device = named.iter().all(|(_, t)| t.device() == dev);
@@ -548,6 +634,42 @@ fn main() -> Result<()> {
             r.init_s,
             r.host_peak,
             diff.map_or("null".into(), |d| format!("{d}")),
+        );
+    }
+    for &tokens in &a.tokens {
+        let rows_t: Vec<&(usize, i64, f64, Tensor)> =
+            multi.iter().filter(|r| r.1 == tokens).collect();
+        if rows_t.is_empty() {
+            continue;
+        }
+        let streamed = rows_t.iter().map(|_| multi_host_bytes as f64).sum::<f64>();
+        let slowest = rows_t.iter().map(|r| r.2).fold(0.0, f64::max);
+        let aggregate = streamed / (1u64 << 30) as f64 / (slowest / 1e3);
+        for (g, _, ms, y) in &rows_t {
+            let diff = resident_ms.get(&tokens).map(|(_, out)| {
+                (out.to_device(Device::Cpu).to_kind(Kind::Float) - y.to_kind(Kind::Float))
+                    .abs()
+                    .max()
+                    .double_value(&[])
+            });
+            println!(
+                "| {device_name} | {} | {tokens} | stream d{} on GPU {g} of {} | {ms:.1} | | | | | |",
+                s.preset, a.depth, a.gpus
+            );
+            println!(
+                "RESULT {{\"device\":\"{device_name}\",\"system\":\"layerwise-offload\",\"mode\":\"shared host copy\",\"gpus\":{},\"gpu\":{g},\"preset\":\"{}\",\"layers\":{},\"dim\":{},\"ffn\":{},\"tokens\":{tokens},\"depth\":{},\"ms\":{ms:.2},\"aggregate_h2d_gib_s\":{aggregate:.2},\"host_bytes\":{multi_host_bytes},\"max_abs_diff\":{}}}",
+                a.gpus,
+                s.preset,
+                s.layers,
+                s.dim,
+                s.ffn,
+                a.depth,
+                diff.map_or("null".into(), |d| format!("{d}"))
+            );
+        }
+        println!(
+            "| {device_name} | {} | {tokens} | {} GPUs, one host copy: aggregate {aggregate:.1} GiB/s | {slowest:.1} (slowest) | | | | | |",
+            s.preset, a.gpus
         );
     }
     for (tokens, (ms, _)) in {
