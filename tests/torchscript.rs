@@ -13,9 +13,15 @@ use std::process::Command;
 use std::sync::OnceLock;
 use tch::{Kind, Tensor};
 
+/// The repository root: from the environment at run time (cargo sets it; so does the runner of
+/// staged test binaries on another machine), else where the test was compiled.
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned())
+}
+
 /// A Python with torch: OFFLOAD_PYTHON, the project's .venv, or python3.
 fn python() -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
+    let root = manifest_dir();
     let candidates = [
         std::env::var("OFFLOAD_PYTHON").ok(),
         Some(format!("{root}/.venv/bin/python")),
@@ -40,13 +46,10 @@ fn exported() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("lo-ts-{}", std::process::id()));
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/export_torchscript_dit.py"
-        );
+        let script = format!("{}/scripts/export_torchscript_dit.py", manifest_dir());
         let out = Command::new(python())
             .args([
-                script,
+                script.as_str(),
                 dir.to_str().unwrap(),
                 "--blocks",
                 "4",
