@@ -4,18 +4,19 @@
 pub mod accel;
 pub mod error;
 mod ffi;
+pub mod host;
 pub mod manager;
 pub mod plan;
 pub mod script;
 pub mod source;
+pub mod stats;
 
 pub use error::{Error, Result, TorchMessage};
+pub use host::HostStore;
 #[doc(hidden)]
 pub use manager::Fault;
-pub use manager::{
-    HostStore, Lane, LayerGuard, LayerwiseOffloadManager, OffloadConfig, OffloadStats,
-    TimelineSpan, chrome_trace_json,
-};
+pub use manager::{LayerGuard, LayerwiseOffloadManager, OffloadConfig};
 pub use plan::{LayerLayout, Plan, TensorLayout};
 pub use script::ScriptModule;
 pub use source::WeightSource;
+pub use stats::{Lane, OffloadStats, TimelineSpan, chrome_trace_json};

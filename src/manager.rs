@@ -10,9 +10,10 @@
 
 use crate::accel::{self, Event, HostMemory, Stream};
 use crate::error::{Error, Result};
+use crate::host::HostStore;
 use crate::plan::{self, LayerLayout, Plan};
 use crate::source::WeightSource;
-use std::fmt;
+use crate::stats::{Lane, OffloadStats, TimelineSpan};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,90 +34,6 @@ pub struct OffloadConfig {
     budget: Option<Budget>,
     faults: Vec<Fault>,
     store: Option<Arc<HostStore>>,
-}
-
-/// The host copy of every streamed block of a model: one buffer per block, page-locked as
-/// portable memory (usable by every CUDA device of the process). Managers on several GPUs of one
-/// process can stream from one store, each with its own slot ring and streams, so host memory
-/// holds the block weights once whatever the number of GPUs.
-///
-/// Get it from an initialized manager with [`LayerwiseOffloadManager::host_store`] and hand it
-/// to the others with [`OffloadConfig::host_store`]. The buffers are freed when the last
-/// manager holding the store is restored or dropped.
-#[derive(Debug)]
-pub struct HostStore {
-    layers: Vec<LayerLayout>,
-    buffers: Vec<Option<Tensor>>,
-    pinned: bool,
-}
-
-// SAFETY: the store is never written after construction: its buffers are only read (views are
-// made from them, and uploads copy out of them), and libtorch's tensor handles are safe to
-// clone and read from several threads at once (reference counts are atomic). Writes to the
-// host copy (`update_tensor`) are refused while a store is shared.
-unsafe impl Sync for HostStore {}
-
-impl HostStore {
-    /// Bytes of host memory the store holds.
-    pub fn bytes(&self) -> u64 {
-        self.layers
-            .iter()
-            .zip(&self.buffers)
-            .filter(|(_, b)| b.is_some())
-            .map(|(l, _)| l.bytes as u64)
-            .sum()
-    }
-
-    /// Number of blocks (loop order, all lists).
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    /// Whether the buffers are page-locked.
-    pub fn is_pinned(&self) -> bool {
-        self.pinned
-    }
-
-    /// Checks that a plan has exactly the store's layout; says what differs.
-    fn check_plan(&self, plan: &Plan) -> Result<()> {
-        let differ = |message: String| Error::InvalidArgument {
-            op: "initialize with a shared host store",
-            message,
-        };
-        if plan.layers.len() != self.layers.len() {
-            return Err(differ(format!(
-                "the model has {} blocks, the store {}",
-                plan.layers.len(),
-                self.layers.len()
-            )));
-        }
-        for (i, (a, b)) in plan.layers.iter().zip(&self.layers).enumerate() {
-            if self.buffers[i].is_none() {
-                return Err(differ(format!(
-                    "block {i} was kept resident by the manager that made the store; build that manager without a VRAM budget"
-                )));
-            }
-            if a.attr != b.attr || a.index != b.index || a.tensors.len() != b.tensors.len() {
-                return Err(differ(format!(
-                    "block {i} is {}.{} in the model and {}.{} in the store",
-                    a.attr, a.index, b.attr, b.index
-                )));
-            }
-            for (x, y) in a.tensors.iter().zip(&b.tensors) {
-                if x.name != y.name
-                    || x.shape != y.shape
-                    || x.strides != y.strides
-                    || x.kind != y.kind
-                {
-                    return Err(differ(format!(
-                        "{} is {:?} {:?} in the model, but the store holds {} as {:?} {:?}",
-                        x.name, x.shape, x.kind, y.name, y.shape, y.kind
-                    )));
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 /// A failure to inject, for tests of the error paths (the k-th such operation fails, counting
@@ -349,110 +266,6 @@ struct SlotRt {
     last_used: u64,
 }
 
-/// Counters of a manager's work so far.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct OffloadStats {
-    /// Block uploads queued.
-    pub uploads: u64,
-    /// Bytes uploaded.
-    pub bytes_uploaded: u64,
-    /// Blocks that stream through the slot ring.
-    pub streamed_layers: usize,
-    /// Blocks kept permanently on the device (within the VRAM budget).
-    pub resident_layers: usize,
-    /// Bytes of the resident blocks.
-    pub resident_bytes: u64,
-    /// Bytes of one GPU slot times the number of slots.
-    pub slot_bytes: u64,
-    /// Bytes of host buffers this manager allocated.
-    pub host_bytes: u64,
-    /// Bytes of host buffers it streams from that another manager allocated (a shared
-    /// [`HostStore`]).
-    pub shared_host_bytes: u64,
-    /// Whether the host buffers are page-locked.
-    pub pinned: bool,
-    /// Seconds `initialize()` took.
-    pub init_seconds: f64,
-    /// Device milliseconds of the uploads timed so far (copy stream).
-    pub upload_ms: f64,
-    /// Uploads timed so far.
-    pub timed_uploads: u64,
-    /// Bytes of the uploads timed so far.
-    pub timed_bytes: u64,
-    /// Device milliseconds the compute stream spent waiting for uploads (the stall).
-    pub stall_ms: f64,
-    /// Per block (loop order): upload milliseconds, summed.
-    pub layer_upload_ms: Vec<f64>,
-    /// Per block (loop order): stall milliseconds, summed.
-    pub layer_stall_ms: Vec<f64>,
-    /// Peak bytes allocated on the compute device (libtorch's allocator, whole process) since
-    /// the process started or the last `accel::reset_peak_memory_stats`; 0 on the CPU.
-    pub peak_vram_bytes: u64,
-}
-
-impl OffloadStats {
-    /// Achieved upload bandwidth in GiB/s over the timed uploads (0 if none).
-    pub fn upload_gib_s(&self) -> f64 {
-        if self.upload_ms > 0.0 {
-            self.timed_bytes as f64 / (1u64 << 30) as f64 / (self.upload_ms / 1e3)
-        } else {
-            0.0
-        }
-    }
-}
-
-impl fmt::Display for OffloadStats {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-        writeln!(f, "| statistic | value |")?;
-        writeln!(f, "|---|---|")?;
-        writeln!(f, "| streamed blocks | {} |", self.streamed_layers)?;
-        writeln!(
-            f,
-            "| resident blocks | {} ({:.3} GiB) |",
-            self.resident_layers,
-            gib(self.resident_bytes)
-        )?;
-        writeln!(f, "| uploads | {} |", self.uploads)?;
-        writeln!(
-            f,
-            "| bytes uploaded | {:.3} GiB |",
-            gib(self.bytes_uploaded)
-        )?;
-        if self.timed_uploads > 0 {
-            writeln!(
-                f,
-                "| upload time | {:.1} ms ({:.1} GiB/s) |",
-                self.upload_ms,
-                self.upload_gib_s()
-            )?;
-            writeln!(f, "| compute stall | {:.1} ms |", self.stall_ms)?;
-        }
-        writeln!(f, "| GPU slot ring | {:.3} GiB |", gib(self.slot_bytes))?;
-        if self.peak_vram_bytes > 0 {
-            writeln!(
-                f,
-                "| peak VRAM allocated | {:.3} GiB |",
-                gib(self.peak_vram_bytes)
-            )?;
-        }
-        writeln!(
-            f,
-            "| host buffers | {:.3} GiB ({}) |",
-            gib(self.host_bytes),
-            if self.pinned { "pinned" } else { "pageable" }
-        )?;
-        if self.shared_host_bytes > 0 {
-            writeln!(
-                f,
-                "| shared host store | {:.3} GiB (allocated by another manager) |",
-                gib(self.shared_host_bytes)
-            )?;
-        }
-        write!(f, "| initialize | {:.2} s |", self.init_seconds)
-    }
-}
-
 /// Streams a model's per-block weights between host memory and the GPU, one block ahead of the
 /// compute, with the API of FastVideo's `LayerwiseOffloadManager` plus a guard-based layer loop.
 ///
@@ -510,72 +323,6 @@ struct Timed {
 struct Timeline {
     origin: Event,
     spans: Vec<TimelineSpan>,
-}
-
-/// What a timeline interval shows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Lane {
-    /// A block's upload on the copy stream.
-    Upload,
-    /// The compute stream waiting for a block's upload.
-    Stall,
-    /// A block's compute, from the end of its wait to its release.
-    Compute,
-}
-
-impl Lane {
-    fn thread(self) -> (u32, &'static str) {
-        match self {
-            Lane::Upload => (1, "copy stream"),
-            Lane::Stall | Lane::Compute => (2, "compute stream"),
-        }
-    }
-}
-
-/// One interval of a captured timeline, in milliseconds from the start of the capture.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TimelineSpan {
-    /// What happened.
-    pub lane: Lane,
-    /// The block (loop index).
-    pub layer: usize,
-    /// Start, ms after the capture began.
-    pub start_ms: f64,
-    /// End, ms after the capture began.
-    pub end_ms: f64,
-}
-
-/// Renders spans as a Chrome trace (the JSON that chrome://tracing and ui.perfetto.dev open):
-/// one track for the copy stream, one for the compute stream.
-pub fn chrome_trace_json(spans: &[TimelineSpan]) -> String {
-    let mut out = String::from("{\"displayTimeUnit\":\"ms\",\"traceEvents\":[");
-    let mut first = true;
-    for (tid, name) in [Lane::Upload.thread(), Lane::Compute.thread()] {
-        if !first {
-            out.push(',');
-        }
-        first = false;
-        out.push_str(&format!(
-            "{{\"ph\":\"M\",\"name\":\"thread_name\",\"pid\":1,\"tid\":{tid},\"args\":{{\"name\":\"{name}\"}}}}"
-        ));
-    }
-    for s in spans {
-        let (tid, _) = s.lane.thread();
-        let what = match s.lane {
-            Lane::Upload => "upload",
-            Lane::Stall => "stall",
-            Lane::Compute => "block",
-        };
-        out.push_str(&format!(
-            ",{{\"ph\":\"X\",\"name\":\"{what} {}\",\"cat\":\"{what}\",\"pid\":1,\"tid\":{tid},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{\"layer\":{}}}}}",
-            s.layer,
-            s.start_ms * 1e3,
-            ((s.end_ms - s.start_ms) * 1e3).max(0.0),
-            s.layer
-        ));
-    }
-    out.push_str("]}");
-    out
 }
 
 impl LayerwiseOffloadManager {

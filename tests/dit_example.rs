@@ -16,12 +16,11 @@ fn example() -> PathBuf {
 }
 
 fn run(args: &[&str]) -> Output {
-    let out = Command::new(example())
+    Command::new(example())
         .args(["--preset", "tiny", "--steps", "2"])
         .args(args)
         .output()
-        .expect("the example starts");
-    out
+        .expect("the example starts")
 }
 
 fn result(out: &Output) -> serde_json::Value {

@@ -307,8 +307,7 @@ fn run(spec: Spec, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     Tensor::full(old.size(), seed as f64 / 1000.0, (Kind::Float, Device::Cpu));
                 match m.update_tensor(&name, &new) {
                     Ok(()) => {
-                        let _ = st
-                            .expected
+                        st.expected
                             .iter_mut()
                             .find(|(n, _)| *n == name)
                             .unwrap()

@@ -1,0 +1,174 @@
+//! What the manager reports: [`OffloadStats`] (counters and event timings) and the timeline
+//! ([`TimelineSpan`], rendered as a Chrome trace by [`chrome_trace_json`]).
+
+use std::fmt;
+
+/// Counters of a manager's work so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OffloadStats {
+    /// Block uploads queued.
+    pub uploads: u64,
+    /// Bytes uploaded.
+    pub bytes_uploaded: u64,
+    /// Blocks that stream through the slot ring.
+    pub streamed_layers: usize,
+    /// Blocks kept permanently on the device (within the VRAM budget).
+    pub resident_layers: usize,
+    /// Bytes of the resident blocks.
+    pub resident_bytes: u64,
+    /// Bytes of one GPU slot times the number of slots.
+    pub slot_bytes: u64,
+    /// Bytes of host buffers this manager allocated.
+    pub host_bytes: u64,
+    /// Bytes of host buffers it streams from that another manager allocated (a shared
+    /// [`HostStore`](crate::HostStore)).
+    pub shared_host_bytes: u64,
+    /// Whether the host buffers are page-locked.
+    pub pinned: bool,
+    /// Seconds `initialize()` took.
+    pub init_seconds: f64,
+    /// Device milliseconds of the uploads timed so far (copy stream).
+    pub upload_ms: f64,
+    /// Uploads timed so far.
+    pub timed_uploads: u64,
+    /// Bytes of the uploads timed so far.
+    pub timed_bytes: u64,
+    /// Device milliseconds the compute stream spent waiting for uploads (the stall).
+    pub stall_ms: f64,
+    /// Per block (loop order): upload milliseconds, summed.
+    pub layer_upload_ms: Vec<f64>,
+    /// Per block (loop order): stall milliseconds, summed.
+    pub layer_stall_ms: Vec<f64>,
+    /// Peak bytes allocated on the compute device (libtorch's allocator, whole process) since
+    /// the process started or the last `accel::reset_peak_memory_stats`; 0 on the CPU.
+    pub peak_vram_bytes: u64,
+}
+
+impl OffloadStats {
+    /// Achieved upload bandwidth in GiB/s over the timed uploads (0 if none).
+    pub fn upload_gib_s(&self) -> f64 {
+        if self.upload_ms > 0.0 {
+            self.timed_bytes as f64 / (1u64 << 30) as f64 / (self.upload_ms / 1e3)
+        } else {
+            0.0
+        }
+    }
+}
+
+impl fmt::Display for OffloadStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        writeln!(f, "| statistic | value |")?;
+        writeln!(f, "|---|---|")?;
+        writeln!(f, "| streamed blocks | {} |", self.streamed_layers)?;
+        writeln!(
+            f,
+            "| resident blocks | {} ({:.3} GiB) |",
+            self.resident_layers,
+            gib(self.resident_bytes)
+        )?;
+        writeln!(f, "| uploads | {} |", self.uploads)?;
+        writeln!(
+            f,
+            "| bytes uploaded | {:.3} GiB |",
+            gib(self.bytes_uploaded)
+        )?;
+        if self.timed_uploads > 0 {
+            writeln!(
+                f,
+                "| upload time | {:.1} ms ({:.1} GiB/s) |",
+                self.upload_ms,
+                self.upload_gib_s()
+            )?;
+            writeln!(f, "| compute stall | {:.1} ms |", self.stall_ms)?;
+        }
+        writeln!(f, "| GPU slot ring | {:.3} GiB |", gib(self.slot_bytes))?;
+        if self.peak_vram_bytes > 0 {
+            writeln!(
+                f,
+                "| peak VRAM allocated | {:.3} GiB |",
+                gib(self.peak_vram_bytes)
+            )?;
+        }
+        writeln!(
+            f,
+            "| host buffers | {:.3} GiB ({}) |",
+            gib(self.host_bytes),
+            if self.pinned { "pinned" } else { "pageable" }
+        )?;
+        if self.shared_host_bytes > 0 {
+            writeln!(
+                f,
+                "| shared host store | {:.3} GiB (allocated by another manager) |",
+                gib(self.shared_host_bytes)
+            )?;
+        }
+        write!(f, "| initialize | {:.2} s |", self.init_seconds)
+    }
+}
+
+/// What a timeline interval shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// A block's upload on the copy stream.
+    Upload,
+    /// The compute stream waiting for a block's upload.
+    Stall,
+    /// A block's compute, from the end of its wait to its release.
+    Compute,
+}
+
+impl Lane {
+    pub(crate) fn thread(self) -> (u32, &'static str) {
+        match self {
+            Lane::Upload => (1, "copy stream"),
+            Lane::Stall | Lane::Compute => (2, "compute stream"),
+        }
+    }
+}
+
+/// One interval of a captured timeline, in milliseconds from the start of the capture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimelineSpan {
+    /// What happened.
+    pub lane: Lane,
+    /// The block (loop index).
+    pub layer: usize,
+    /// Start, ms after the capture began.
+    pub start_ms: f64,
+    /// End, ms after the capture began.
+    pub end_ms: f64,
+}
+
+/// Renders spans as a Chrome trace (the JSON that chrome://tracing and ui.perfetto.dev open):
+/// one track for the copy stream, one for the compute stream.
+pub fn chrome_trace_json(spans: &[TimelineSpan]) -> String {
+    let mut out = String::from("{\"displayTimeUnit\":\"ms\",\"traceEvents\":[");
+    let mut first = true;
+    for (tid, name) in [Lane::Upload.thread(), Lane::Compute.thread()] {
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        out.push_str(&format!(
+            "{{\"ph\":\"M\",\"name\":\"thread_name\",\"pid\":1,\"tid\":{tid},\"args\":{{\"name\":\"{name}\"}}}}"
+        ));
+    }
+    for s in spans {
+        let (tid, _) = s.lane.thread();
+        let what = match s.lane {
+            Lane::Upload => "upload",
+            Lane::Stall => "stall",
+            Lane::Compute => "block",
+        };
+        out.push_str(&format!(
+            ",{{\"ph\":\"X\",\"name\":\"{what} {}\",\"cat\":\"{what}\",\"pid\":1,\"tid\":{tid},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{\"layer\":{}}}}}",
+            s.layer,
+            s.start_ms * 1e3,
+            ((s.end_ms - s.start_ms) * 1e3).max(0.0),
+            s.layer
+        ));
+    }
+    out.push_str("]}");
+    out
+}
