@@ -63,7 +63,7 @@ impl HostStore {
         for (i, (a, b)) in plan.layers.iter().zip(&self.layers).enumerate() {
             if self.buffers[i].is_none() {
                 return Err(differ(format!(
-                    "block {i} was kept resident by the manager that made the store; build that manager without a VRAM budget"
+                    "block {i} was kept resident by the manager that made the store, without a host copy; build that manager with .shareable(true) or without a VRAM budget"
                 )));
             }
             if a.attr != b.attr || a.index != b.index || a.tensors.len() != b.tensors.len() {

@@ -74,6 +74,7 @@ pub struct OffloadConfig {
     budget: Option<Budget>,
     faults: Vec<Fault>,
     store: Option<Arc<HostStore>>,
+    shareable: bool,
 }
 
 /// A failure to inject, for tests of the error paths (the k-th such operation fails, counting
@@ -112,14 +113,26 @@ impl OffloadConfig {
             budget: None,
             faults: Vec::new(),
             store: None,
+            shareable: false,
         }
+    }
+
+    /// Keep a host copy of every block, the resident ones (under a VRAM budget) included, so
+    /// that this manager's [`HostStore`] can serve managers with other budgets on other
+    /// devices. Costs host memory for the resident blocks; without a budget it changes
+    /// nothing. Off by default.
+    pub fn shareable(mut self, on: bool) -> OffloadConfig {
+        self.shareable = on;
+        self
     }
 
     /// Stream from `store`, the host copy another manager of this process made (typically of
     /// the same model on another GPU), instead of copying this model's blocks into host memory
     /// of its own. The model's block tensors must have the store's names, shapes and dtypes;
     /// their values are not used (they become placeholders, freeing their memory). Non-block
-    /// tensors come from this model. Not combined with a VRAM budget yet.
+    /// tensors come from this model. With a VRAM budget, this manager's resident blocks are
+    /// filled from the store too (the store must hold every block: make it with no budget, or
+    /// with [`Self::shareable`]).
     pub fn host_store(mut self, store: Arc<HostStore>) -> OffloadConfig {
         self.store = Some(store);
         self
@@ -558,12 +571,6 @@ impl LayerwiseOffloadManager {
         };
         let plan = plan::build(&self.named, &self.config.lists, &allowed)?;
         if let Some(store) = &self.config.store {
-            if self.config.budget.is_some() {
-                return Err(Error::InvalidArgument {
-                    op: "initialize",
-                    message: "a shared host store cannot be combined with a VRAM budget yet; drop one of them".into(),
-                });
-            }
             store.check_plan(&plan)?;
         }
 
@@ -648,11 +655,13 @@ impl LayerwiseOffloadManager {
         }
 
         // 3. Non-block tensors and resident blocks to the compute device.
+        // (With a shared store, resident blocks get their values from the store below.)
+        let from_store = self.config.store.is_some();
         let resident_tensors = plan
             .layers
             .iter()
             .zip(&resident)
-            .filter(|(_, r)| **r)
+            .filter(|(_, r)| **r && !from_store)
             .flat_map(|(l, _)| l.tensors.iter().map(|t| t.source_index));
         let to_move: Vec<usize> = plan
             .resident
@@ -706,13 +715,52 @@ impl LayerwiseOffloadManager {
                         .map_err(|e| Error::from(("placing placeholders", e)))?;
                 }
             }
+            // Resident blocks: fresh device tensors filled from the store.
+            for i in (0..self.layers.len()).filter(|&i| resident[i]) {
+                let buf = store.buffers[i]
+                    .as_ref()
+                    .expect("check_plan: every block is in the store");
+                let layout = self.layout(i).clone();
+                let views = Self::views(buf, &layout)?;
+                for ((t, v), p) in layout
+                    .tensors
+                    .iter()
+                    .zip(&views)
+                    .zip(self.layers[i].params.iter_mut())
+                {
+                    let mut fresh = Tensor::f_empty_strided(
+                        t.shape.as_slice(),
+                        t.strides.as_slice(),
+                        (t.kind, compute),
+                    )
+                    .map_err(|e| {
+                        Error::from_torch(
+                            "filling resident blocks from the shared store",
+                            t.bytes as u64,
+                            e.to_string(),
+                        )
+                    })?;
+                    tch::no_grad(|| fresh.f_copy_(v))
+                        .map_err(|e| Error::from(("filling resident blocks", e)))?;
+                    p.f_set_data(&fresh)
+                        .map_err(|e| Error::from(("filling resident blocks", e)))?;
+                }
+            }
             self.stats.shared_host_bytes = store.bytes();
             self.store = Some(store);
         } else {
             for &i in &streamed {
-                if let Err(e) = self.fill_host(i) {
+                if let Err(e) = self.fill_host(i, true) {
                     self.detach_to_host();
                     return Err(e);
+                }
+            }
+            if self.config.shareable {
+                for i in (0..self.layers.len()).filter(|&i| resident[i]) {
+                    if let Err(e) = self.fill_host(i, false) {
+                        self.detach_to_host();
+                        return Err(e);
+                    }
                 }
             }
             let plan = self.plan.as_ref().expect("plan set above");
@@ -834,8 +882,9 @@ impl LayerwiseOffloadManager {
             .collect()
     }
 
-    /// Copies block `i`'s tensors into a new host buffer and points them at placeholders.
-    fn fill_host(&mut self, i: usize) -> Result<()> {
+    /// Copies block `i`'s tensors into a new host buffer and, if `release`, points them at
+    /// placeholders.
+    fn fill_host(&mut self, i: usize, release: bool) -> Result<()> {
         let layout = self.layout(i).clone();
         if self.injected(2) {
             return Err(Error::HostAlloc {
@@ -856,6 +905,9 @@ impl LayerwiseOffloadManager {
         })?;
         self.stats.host_bytes += layout.bytes as u64;
         rt.host = Some(host);
+        if !release {
+            return Ok(());
+        }
         // Point at placeholders: frees the original storage unless the caller holds it elsewhere.
         for (p, ph) in rt.params.iter_mut().zip(&rt.placeholders) {
             p.f_set_data(ph)
@@ -872,6 +924,9 @@ impl LayerwiseOffloadManager {
             return;
         }
         for i in 0..self.layers.len() {
+            if self.layers[i].resident {
+                continue; // real device tensors, not placeholders
+            }
             let Some(host) = self.layers[i].host.as_ref().map(|h| h.shallow_clone()) else {
                 continue;
             };
@@ -1427,6 +1482,12 @@ impl LayerwiseOffloadManager {
                 let mut view = Self::views(&host, self.layout(li))?.swap_remove(j);
                 tch::no_grad(|| view.f_copy_(value))
                     .map_err(|e| Error::from(("update_tensor", e)))?;
+                if self.layers[li].resident {
+                    // A resident block with a host copy (shareable): the device tensor too.
+                    let p = &mut self.layers[li].params[j];
+                    tch::no_grad(|| p.f_copy_(value))
+                        .map_err(|e| Error::from(("update_tensor", e)))?;
+                }
                 if let Some(s) = self.layers[li].slot {
                     self.evict(s)?;
                 }
@@ -1466,6 +1527,10 @@ impl LayerwiseOffloadManager {
                     }
                 }
                 self.layers[i].in_use = false;
+                if self.layers[i].host.take().is_some() {
+                    let bytes = self.layout(i).bytes as u64;
+                    self.stats.host_bytes = self.stats.host_bytes.saturating_sub(bytes);
+                }
                 continue;
             }
             let Some(host) = self.layers[i].host.as_ref().map(|h| h.shallow_clone()) else {

@@ -93,15 +93,79 @@ fn a_store_only_serves_the_same_model() -> anyhow::Result<()> {
         r => panic!("expected InvalidArgument, got {r:?}"),
     }
     assert_same(&other.snapshot(), &before);
-    // Not with a budget (yet).
-    let same = Model::new(tch::Device::Cpu, 3, false, 45);
-    let r = OffloadConfig::new("blocks", 3)
-        .cpu_test_mode(true)
-        .vram_budget(1 << 30)
-        .host_store(store)
-        .build(&same.vs)?
-        .initialize();
-    assert!(matches!(r, Err(Error::InvalidArgument { .. })));
     m0.restore()?;
+    Ok(())
+}
+
+#[rstest]
+fn shared_stores_serve_managers_with_their_own_budgets(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let model0 = Model::new(dev, 6, false, 46);
+    let mut model1 = Model::new(dev, 6, false, 47);
+    model1.vs.copy(&model0.vs)?;
+    let before = model0.snapshot();
+    let x = model0.input(8);
+    let want = model0.forward(&x, None);
+    let block = {
+        let probe = Model::new(tch::Device::Cpu, 6, false, 48);
+        let mut p = OffloadConfig::new("blocks", 6)
+            .cpu_test_mode(true)
+            .build(&probe.vs)?;
+        p.initialize()?;
+        p.plan().unwrap().max_layer_bytes() as u64
+    };
+    // The first manager keeps 3 blocks resident and, being shareable, host copies of all 6.
+    let mut m0 = mode
+        .config("blocks", 6)
+        .vram_budget(5 * block)
+        .shareable(true)
+        .build(&model0.vs)?;
+    m0.initialize()?;
+    assert_eq!(m0.stats().resident_layers, 3);
+    let store = m0.host_store().unwrap();
+    assert_eq!(store.bytes(), 6 * block);
+    // The second keeps 1 block resident, filled from the store (its own values are different).
+    let mut m1 = mode
+        .config("blocks", 6)
+        .vram_budget(3 * block)
+        .host_store(store.clone())
+        .build(&model1.vs)?;
+    m1.initialize()?;
+    assert_eq!(m1.stats().resident_layers, 1);
+    assert_eq!(m1.stats().host_bytes, 0);
+    for _ in 0..2 {
+        assert!(bits_equal(&model0.forward(&x, Some(&mut m0)), &want));
+        assert!(bits_equal(&model1.forward(&x, Some(&mut m1)), &want));
+    }
+    // A store made under a budget without host copies cannot serve: said clearly.
+    let model2 = Model::new(dev, 6, false, 49);
+    let mut m2 = mode
+        .config("blocks", 6)
+        .vram_budget(5 * block)
+        .build(&model2.vs)?;
+    m2.initialize()?;
+    let partial = m2.host_store().unwrap();
+    let model3 = Model::new(dev, 6, false, 50);
+    match mode
+        .config("blocks", 6)
+        .host_store(partial)
+        .build(&model3.vs)?
+        .initialize()
+    {
+        Err(e @ Error::InvalidArgument { .. }) => {
+            assert!(e.to_string().contains("shareable"), "{e}")
+        }
+        r => panic!("expected InvalidArgument, got {r:?}"),
+    }
+    drop(store);
+    m1.restore()?;
+    m0.restore()?;
+    m2.restore()?;
+    assert_same(&model0.snapshot(), &before);
+    assert_same(&model1.snapshot(), &before);
     Ok(())
 }
