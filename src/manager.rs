@@ -1291,7 +1291,8 @@ impl LayerwiseOffloadManager {
     }
 
     /// The seed's `release_layer`: takes block `layer` off the device (releasing it if
-    /// entered). A no-op when disabled, out of range or not on the device.
+    /// entered). A no-op when disabled, out of range or not on the device. Blocks kept resident
+    /// under a VRAM budget stay on the device (they are released, not evicted).
     pub fn release_layer(&mut self, layer: usize) -> Result<()> {
         if !self.is_enabled() {
             return Ok(());
