@@ -20,7 +20,9 @@
 #include <c10/util/Exception.h>
 
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -284,13 +286,61 @@ int lo_host_alloc(size_t bytes, int threads, void** out) {
   })
 }
 
+int lo_host_map_file(const char* path, size_t bytes, int create, int threads, void** out) {
+  LO_PROTECT({
+    TORCH_CHECK(bytes > 0, "cannot map 0 bytes");
+    int fd = create ? open(path, O_RDWR | O_CREAT | O_EXCL, 0600) : open(path, O_RDONLY);
+    TORCH_CHECK(fd >= 0, create ? "could not create " : "could not open ", path, ": ", std::strerror(errno));
+    struct Closer {
+      int fd;
+      ~Closer() { close(fd); }
+    } closer{fd};
+    if (create) {
+      if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+        int err = errno;
+        unlink(path);
+        TORCH_CHECK(false, "could not size ", path, " to ", bytes, " bytes: ", std::strerror(err));
+      }
+    } else {
+      struct stat st {};
+      TORCH_CHECK(fstat(fd, &st) == 0, "could not stat ", path, ": ", std::strerror(errno));
+      TORCH_CHECK(static_cast<size_t>(st.st_size) == bytes, path, " holds ", st.st_size,
+                  " bytes, the manifest says ", bytes);
+    }
+    const int prot = create ? PROT_READ | PROT_WRITE : PROT_READ;
+    void* p = mmap(nullptr, bytes, prot, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+      int err = errno;
+      if (create) unlink(path);
+      TORCH_CHECK(false, "could not map ", path, ": ", std::strerror(err));
+    }
+    if (create) {
+      // Allocate the shared pages now, from several threads (writing zeros), as lo_host_alloc.
+      const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+      const size_t n = std::max(1, threads);
+      const size_t pages = (bytes + page - 1) / page;
+      auto touch = [&](size_t first, size_t last) {
+        volatile char* base = static_cast<char*>(p);
+        for (size_t i = first; i < last; ++i) base[i * page] = 0;
+      };
+      std::vector<std::thread> workers;
+      const size_t per = (pages + n - 1) / n;
+      for (size_t t = 0; t < n; ++t) {
+        size_t first = t * per, last = std::min(pages, first + per);
+        if (first < last) workers.emplace_back(touch, first, last);
+      }
+      for (auto& w : workers) w.join();
+    }
+    *out = p;
+  })
+}
+
 int lo_host_free(void* ptr, size_t bytes) {
   LO_PROTECT(TORCH_CHECK(munmap(ptr, bytes) == 0, "munmap failed: ", std::strerror(errno)))
 }
 
-int lo_host_register(void* ptr, size_t bytes, int portable) {
+int lo_host_register(void* ptr, size_t bytes, unsigned int flags) {
   LO_PROTECT({
-    const unsigned int flags = portable ? 1u /* cudaHostRegisterPortable */ : 0u;
     check_cudart(cudart().host_register(ptr, bytes, flags), "cudaHostRegister");
   })
 }

@@ -446,12 +446,34 @@ pub fn alloc_host(bytes: usize, memory: HostMemory) -> Result<Tensor> {
     if unsafe { ffi::lo_host_alloc(bytes, host_threads(bytes), &mut p) } != 0 {
         return Err(host_err(last_error()));
     }
-    let registered = memory == HostMemory::Pinned;
-    if registered {
-        // SAFETY: p is a live mapping of exactly `bytes` bytes, registered once.
-        if unsafe { ffi::lo_host_register(p, bytes, 1) } != 0 {
+    // SAFETY: p is a fresh private mapping of exactly `bytes` bytes that nothing else uses.
+    unsafe {
+        own_mapping(
+            p,
+            bytes,
+            (memory == HostMemory::Pinned).then_some(1),
+            host_err,
+        )
+    }
+}
+
+/// Registers (with `flags`, if any) and wraps a mapping in a tensor that owns it.
+///
+/// # Safety
+/// `p` must be a live mapping of exactly `bytes` bytes from the shim, not registered, owned by
+/// nobody else: on success the tensor's deleter unregisters and unmaps it; on a registration
+/// failure it is unmapped here.
+unsafe fn own_mapping(
+    p: *mut c_void,
+    bytes: usize,
+    register_flags: Option<u32>,
+    host_err: impl Fn(String) -> Error,
+) -> Result<Tensor> {
+    if let Some(flags) = register_flags {
+        // SAFETY: p is a live mapping of exactly `bytes` bytes (caller), registered once.
+        if unsafe { ffi::lo_host_register(p, bytes, flags) } != 0 {
             let msg = last_error();
-            // SAFETY: p is our mapping of `bytes` bytes, not registered and not shared.
+            // SAFETY: p is the caller's mapping of `bytes` bytes, not registered.
             unsafe { ffi::lo_host_free(p, bytes) };
             return Err(host_err(msg));
         }
@@ -460,11 +482,78 @@ pub fn alloc_host(bytes: usize, memory: HostMemory) -> Result<Tensor> {
     // SAFETY: ownership of the mapping passes to the tensor's deleter. Should this fail (it only
     // can if libtorch cannot allocate the tensor object), the mapping is leaked rather than
     // risking a double free.
-    if unsafe { ffi::lo_host_tensor(p, bytes, registered as c_int, &mut t) } != 0 || t.is_null() {
+    if unsafe { ffi::lo_host_tensor(p, bytes, register_flags.is_some() as c_int, &mut t) } != 0
+        || t.is_null()
+    {
         return Err(host_err(last_error()));
     }
     // SAFETY: t is a fresh heap-allocated at::Tensor whose ownership passes to tch.
     Ok(unsafe { Tensor::from_ptr(t) })
+}
+
+/// How [`map_host_file`] maps a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileMapping {
+    /// Create the file (it must not exist) with the given size, read-write.
+    Create,
+    /// Open an existing file of exactly the given size, read-only.
+    OpenReadOnly,
+}
+
+/// Maps a file on a shared-memory file system (`/dev/shm/...`) as a 1-D `uint8` CPU tensor that
+/// owns the mapping, shared with every other process that maps it: host memory holds its
+/// bytes once. With [`HostMemory::Pinned`] the mapping is page-locked for CUDA in this process
+/// (portable; read-only for [`FileMapping::OpenReadOnly`]). A read-only mapping must never be
+/// written.
+pub fn map_host_file(
+    path: &std::path::Path,
+    bytes: usize,
+    mode: FileMapping,
+    memory: HostMemory,
+) -> Result<Tensor> {
+    let kind = match memory {
+        HostMemory::Pageable => "shared pageable",
+        HostMemory::Pinned => "shared pinned",
+    };
+    if bytes == 0 {
+        return Err(Error::InvalidArgument {
+            op: "map_host_file",
+            message: "cannot map 0 bytes".into(),
+        });
+    }
+    if memory == HostMemory::Pinned {
+        require_device("map_host_file(Pinned)", 0)?;
+    }
+    let host_err = |message: String| Error::HostAlloc {
+        kind,
+        bytes: bytes as u64,
+        source: TorchMessage(message),
+    };
+    let c = std::ffi::CString::new(path.to_string_lossy().as_bytes()).map_err(|_| {
+        Error::InvalidArgument {
+            op: "map_host_file",
+            message: format!("{} contains a NUL byte", path.display()),
+        }
+    })?;
+    let create = mode == FileMapping::Create;
+    let mut p: *mut c_void = std::ptr::null_mut();
+    // SAFETY: `c` is NUL-terminated and alive for the call; the out-pointer is a local.
+    if unsafe {
+        ffi::lo_host_map_file(
+            c.as_ptr(),
+            bytes,
+            create as c_int,
+            host_threads(bytes),
+            &mut p,
+        )
+    } != 0
+    {
+        return Err(host_err(last_error()));
+    }
+    // cudaHostRegisterPortable = 1, cudaHostRegisterReadOnly = 8.
+    let flags = (memory == HostMemory::Pinned).then_some(if create { 1 } else { 1 | 8 });
+    // SAFETY: p is a fresh shared mapping of exactly `bytes` bytes owned by this call.
+    unsafe { own_mapping(p, bytes, flags, host_err) }
 }
 
 /// Allocator statistics of one CUDA device, in bytes (libtorch's caching allocator).

@@ -53,7 +53,14 @@ unsafe extern "C" {
 
     pub fn lo_host_alloc(bytes: usize, threads: c_int, out: *mut *mut c_void) -> c_int;
     pub fn lo_host_free(ptr: *mut c_void, bytes: usize) -> c_int;
-    pub fn lo_host_register(ptr: *mut c_void, bytes: usize, portable: c_int) -> c_int;
+    pub fn lo_host_register(ptr: *mut c_void, bytes: usize, flags: u32) -> c_int;
+    pub fn lo_host_map_file(
+        path: *const c_char,
+        bytes: usize,
+        create: c_int,
+        threads: c_int,
+        out: *mut *mut c_void,
+    ) -> c_int;
     pub fn lo_host_tensor(
         ptr: *mut c_void,
         bytes: usize,

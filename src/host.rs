@@ -1,9 +1,24 @@
 //! The host side of the data path: [`HostStore`], the page-locked copy of every streamed block,
-//! shareable by managers on several devices of one process.
+//! shareable by managers on several devices of one process, and (through a file on a
+//! shared-memory file system) by managers in other processes.
 
+use crate::accel::{self, FileMapping, HostMemory};
 use crate::error::{Error, Result};
-use crate::plan::{LayerLayout, Plan};
-use tch::Tensor;
+use crate::plan::{LayerLayout, Plan, TensorLayout};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tch::{Kind, Tensor};
+
+/// Alignment of each block inside a shared-memory file.
+pub(crate) const FILE_ALIGN: usize = 4096;
+
+/// The manifest written next to a shared-memory store: `<path>.manifest`.
+pub(crate) fn manifest_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".manifest");
+    PathBuf::from(p)
+}
 
 /// The host copy of every streamed block of a model: one buffer per block, page-locked as
 /// portable memory (usable by every CUDA device of the process). Managers on several GPUs of one
@@ -18,6 +33,10 @@ pub struct HostStore {
     pub(crate) layers: Vec<LayerLayout>,
     pub(crate) buffers: Vec<Option<Tensor>>,
     pub(crate) pinned: bool,
+    /// Mapped read-only from another process's store: never written.
+    pub(crate) read_only: bool,
+    /// The shared-memory file this process created (removed when the store is dropped).
+    pub(crate) owner_path: Option<PathBuf>,
 }
 
 // SAFETY: the store is never written after construction: its buffers are only read (views are
@@ -45,6 +64,175 @@ impl HostStore {
     /// Whether the buffers are page-locked.
     pub fn is_pinned(&self) -> bool {
         self.pinned
+    }
+
+    /// The host buffer of block `i` (loop order) as a 1-D `uint8` CPU tensor, if the store
+    /// holds it. Read it, do not write it.
+    pub fn block(&self, i: usize) -> Option<Tensor> {
+        self.buffers.get(i)?.as_ref().map(|b| b.shallow_clone())
+    }
+
+    /// Whether the store was opened from another process's shared-memory file (read-only).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Opens the store another process of this machine published with
+    /// `OffloadConfig::shared_memory(path)`: maps its shared-memory file read-only (page-locked
+    /// in this process with [`HostMemory::Pinned`]) so that host memory holds the block weights
+    /// once for every process. Hand the result to [`crate::OffloadConfig::host_store`].
+    ///
+    /// The publishing process must have finished `initialize()` (the manifest appears last) and
+    /// must not have dropped its store yet (that removes the file; mappings made before stay
+    /// valid).
+    pub fn open_shared(path: impl AsRef<Path>, memory: HostMemory) -> Result<Arc<HostStore>> {
+        let path = path.as_ref();
+        let mpath = manifest_path(path);
+        let text = std::fs::read_to_string(&mpath).map_err(|e| Error::InvalidArgument {
+            op: "HostStore::open_shared",
+            message: format!(
+                "cannot read {}: {e}; has the publishing process finished initialize()?",
+                mpath.display()
+            ),
+        })?;
+        let bad = |line: &str| Error::InvalidArgument {
+            op: "HostStore::open_shared",
+            message: format!(
+                "{} is not a host store manifest (at {line:?})",
+                mpath.display()
+            ),
+        };
+        let mut lines = text.lines();
+        if lines.next() != Some("layerwise-offload host store 1") {
+            return Err(bad("first line"));
+        }
+        let total: usize = lines
+            .next()
+            .and_then(|l| l.strip_prefix("bytes "))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad("bytes"))?;
+        let file = accel::map_host_file(path, total, FileMapping::OpenReadOnly, memory)?;
+        let mut layers = Vec::new();
+        let mut buffers = Vec::new();
+        let mut attrs: Vec<String> = Vec::new();
+        for line in lines {
+            let f: Vec<&str> = line.split(' ').collect();
+            match f.as_slice() {
+                ["layer", attr, index, offset, bytes, _n] => {
+                    let (index, offset, bytes) = (
+                        index.parse().map_err(|_| bad(line))?,
+                        offset.parse::<i64>().map_err(|_| bad(line))?,
+                        bytes.parse::<usize>().map_err(|_| bad(line))?,
+                    );
+                    let list = match attrs.iter().position(|a| a == attr) {
+                        Some(i) => i,
+                        None => {
+                            attrs.push((*attr).to_owned());
+                            attrs.len() - 1
+                        }
+                    };
+                    if offset < 0 || offset as usize + bytes > total {
+                        return Err(bad(line));
+                    }
+                    let buf = file
+                        .f_narrow(0, offset, bytes as i64)
+                        .map_err(|e| Error::from(("HostStore::open_shared", e)))?;
+                    layers.push(LayerLayout {
+                        list,
+                        attr: (*attr).to_owned(),
+                        index,
+                        tensors: Vec::new(),
+                        bytes,
+                    });
+                    buffers.push(Some(buf));
+                }
+                ["tensor", name, offset, bytes, kind, shape, strides] => {
+                    let layer = layers.last_mut().ok_or_else(|| bad(line))?;
+                    let dims = |v: &str| -> Result<Vec<i64>> {
+                        if *v == *"-" {
+                            return Ok(Vec::new());
+                        }
+                        v.split(',')
+                            .map(|x| x.parse().map_err(|_| bad(line)))
+                            .collect()
+                    };
+                    let t = TensorLayout {
+                        name: (*name).to_owned(),
+                        offset: offset.parse().map_err(|_| bad(line))?,
+                        bytes: bytes.parse().map_err(|_| bad(line))?,
+                        shape: dims(shape)?,
+                        strides: dims(strides)?,
+                        kind: kind_from_name(kind).ok_or_else(|| bad(line))?,
+                        source_index: 0,
+                    };
+                    if t.offset + t.bytes > layer.bytes {
+                        return Err(bad(line));
+                    }
+                    layer.tensors.push(t);
+                }
+                _ => return Err(bad(line)),
+            }
+        }
+        Ok(Arc::new(HostStore {
+            layers,
+            buffers,
+            pinned: memory == HostMemory::Pinned,
+            read_only: true,
+            owner_path: None,
+        }))
+    }
+
+    /// Writes the manifest of a store whose block `i` sits at `offsets[i]` of a `total`-byte
+    /// file; written to a temporary name and renamed, so readers see all of it or nothing.
+    pub(crate) fn write_manifest(
+        &self,
+        path: &Path,
+        offsets: &[usize],
+        total: usize,
+    ) -> Result<()> {
+        let mut m = format!("layerwise-offload host store 1\nbytes {total}\n");
+        for (i, l) in self.layers.iter().enumerate() {
+            let _ = writeln!(
+                m,
+                "layer {} {} {} {} {}",
+                l.attr,
+                l.index,
+                offsets[i],
+                l.bytes,
+                l.tensors.len()
+            );
+            for t in &l.tensors {
+                let dims = |v: &[i64]| {
+                    if v.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        v.iter()
+                            .map(|x| x.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    }
+                };
+                let _ = writeln!(
+                    m,
+                    "tensor {} {} {} {:?} {} {}",
+                    t.name,
+                    t.offset,
+                    t.bytes,
+                    t.kind,
+                    dims(&t.shape),
+                    dims(&t.strides)
+                );
+            }
+        }
+        let mpath = manifest_path(path);
+        let mut tmp = mpath.clone().into_os_string();
+        tmp.push(".tmp");
+        let io = |e: std::io::Error| Error::InvalidArgument {
+            op: "OffloadConfig::shared_memory",
+            message: format!("cannot write {}: {e}", mpath.display()),
+        };
+        std::fs::write(&tmp, m).map_err(io)?;
+        std::fs::rename(&tmp, &mpath).map_err(io)
     }
 
     /// Checks that a plan has exactly the store's layout; says what differs.
@@ -87,4 +275,44 @@ impl HostStore {
         }
         Ok(())
     }
+}
+
+impl Drop for HostStore {
+    fn drop(&mut self) {
+        // The publishing process removes its file and manifest; mappings other processes made
+        // stay valid until they unmap.
+        if let Some(p) = &self.owner_path {
+            let _ = std::fs::remove_file(manifest_path(p));
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The element type named as `format!("{kind:?}")` writes it.
+fn kind_from_name(name: &str) -> Option<Kind> {
+    use Kind::*;
+    [
+        Uint8,
+        Int8,
+        Int16,
+        Int,
+        Int64,
+        Half,
+        Float,
+        Double,
+        ComplexHalf,
+        ComplexFloat,
+        ComplexDouble,
+        Bool,
+        QInt8,
+        QUInt8,
+        QInt32,
+        BFloat16,
+        Float8e5m2,
+        Float8e4m3fn,
+        Float8e5m2fnuz,
+        Float8e4m3fnuz,
+    ]
+    .into_iter()
+    .find(|k| format!("{k:?}") == name)
 }

@@ -75,6 +75,7 @@ pub struct OffloadConfig {
     faults: Vec<Fault>,
     store: Option<Arc<HostStore>>,
     shareable: bool,
+    shm: Option<std::path::PathBuf>,
 }
 
 /// A failure to inject, for tests of the error paths (the k-th such operation fails, counting
@@ -114,7 +115,20 @@ impl OffloadConfig {
             faults: Vec::new(),
             store: None,
             shareable: false,
+            shm: None,
         }
+    }
+
+    /// Put the host copy in a file on a shared-memory file system (e.g.
+    /// `/dev/shm/wan14b-blocks`, which must not exist yet) and publish it, with a manifest
+    /// written last, so that managers in other processes of this machine (one per GPU) stream
+    /// from the same physical memory: they open it with
+    /// [`HostStore::open_shared`](crate::HostStore::open_shared). The file is removed when this
+    /// manager's store is dropped; processes that mapped it keep their mapping. While
+    /// published, `update_tensor` on block weights is refused.
+    pub fn shared_memory(mut self, path: impl Into<std::path::PathBuf>) -> OffloadConfig {
+        self.shm = Some(path.into());
+        self
     }
 
     /// Keep a host copy of every block, the resident ones (under a VRAM budget) included, so
@@ -749,18 +763,46 @@ impl LayerwiseOffloadManager {
             self.stats.shared_host_bytes = store.bytes();
             self.store = Some(store);
         } else {
-            for &i in &streamed {
-                if let Err(e) = self.fill_host(i, true) {
-                    self.detach_to_host();
-                    return Err(e);
-                }
+            let n = self.layers.len();
+            let with_host: Vec<usize> = (0..n)
+                .filter(|&i| !resident[i] || self.config.shareable)
+                .collect();
+            // A shared-memory file: one mapping, each block at a 4 KiB aligned offset.
+            let mut offsets = vec![0usize; n];
+            let mut total = 0usize;
+            for &i in &with_host {
+                offsets[i] = total;
+                total += self.layout(i).bytes.div_ceil(crate::host::FILE_ALIGN)
+                    * crate::host::FILE_ALIGN;
             }
-            if self.config.shareable {
-                for i in (0..self.layers.len()).filter(|&i| resident[i]) {
-                    if let Err(e) = self.fill_host(i, false) {
-                        self.detach_to_host();
-                        return Err(e);
-                    }
+            let file = match &self.config.shm {
+                Some(path) if total > 0 => Some(accel::map_host_file(
+                    path,
+                    total,
+                    accel::FileMapping::Create,
+                    self.host_memory(),
+                )?),
+                _ => None,
+            };
+            let remove_file = |path: &Option<std::path::PathBuf>| {
+                if let Some(p) = path {
+                    let _ = std::fs::remove_file(p);
+                }
+            };
+            for &i in &with_host {
+                let buffer = match &file {
+                    Some(f) => Some(
+                        f.f_narrow(0, offsets[i] as i64, self.layout(i).bytes as i64)
+                            .map_err(|e| {
+                                Error::from(("mapping a block in the shared-memory file", e))
+                            })?,
+                    ),
+                    None => None,
+                };
+                if let Err(e) = self.fill_host(i, !resident[i], buffer) {
+                    self.detach_to_host();
+                    remove_file(&self.config.shm);
+                    return Err(e);
                 }
             }
             let plan = self.plan.as_ref().expect("plan set above");
@@ -772,7 +814,15 @@ impl LayerwiseOffloadManager {
                     .map(|l| l.host.as_ref().map(|h| h.shallow_clone()))
                     .collect(),
                 pinned: self.host_memory() == HostMemory::Pinned,
+                read_only: false,
+                owner_path: self.config.shm.clone().filter(|_| file.is_some()),
             }));
+            if let (Some(path), Some(store)) = (&self.config.shm, &self.store)
+                && file.is_some()
+            {
+                // Last: readers see the manifest only once every block is in place.
+                store.write_manifest(path, &offsets, total)?;
+            }
         }
         self.phase = Phase::Ready;
         self.stats.init_seconds = started.elapsed().as_secs_f64();
@@ -882,9 +932,9 @@ impl LayerwiseOffloadManager {
             .collect()
     }
 
-    /// Copies block `i`'s tensors into a new host buffer and, if `release`, points them at
-    /// placeholders.
-    fn fill_host(&mut self, i: usize, release: bool) -> Result<()> {
+    /// Copies block `i`'s tensors into `buffer` (or a new host buffer) and, if `release`,
+    /// points them at placeholders.
+    fn fill_host(&mut self, i: usize, release: bool, buffer: Option<Tensor>) -> Result<()> {
         let layout = self.layout(i).clone();
         if self.injected(2) {
             return Err(Error::HostAlloc {
@@ -893,7 +943,10 @@ impl LayerwiseOffloadManager {
                 source: crate::error::TorchMessage("injected fault".into()),
             });
         }
-        let host = accel::alloc_host(layout.bytes, self.host_memory())?;
+        let host = match buffer {
+            Some(b) => b,
+            None => accel::alloc_host(layout.bytes, self.host_memory())?,
+        };
         let views = Self::views(&host, &layout)?;
         let rt = &mut self.layers[i];
         tch::no_grad(|| -> Result<()> {
@@ -1462,15 +1515,13 @@ impl LayerwiseOffloadManager {
                         layer: li,
                     });
                 }
-                if self
-                    .store
-                    .as_ref()
-                    .is_some_and(|s| Arc::strong_count(s) > 1)
-                {
+                if self.store.as_ref().is_some_and(|s| {
+                    Arc::strong_count(s) > 1 || s.read_only || s.owner_path.is_some()
+                }) {
                     return Err(Error::InvalidArgument {
                         op: "update_tensor",
                         message: format!(
-                            "the host copy of {name:?} is shared with managers on other devices; update it before sharing the store, or restore the others first"
+                            "the host copy of {name:?} is shared with other managers or processes; update it before sharing or publishing the store, or restore the others first"
                         ),
                     });
                 }
