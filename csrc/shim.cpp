@@ -150,6 +150,31 @@ void check_cudart(int code, const char* what) {
   TORCH_CHECK(false, what, " failed: ", rt.error_string(code), " (cudaError ", code, ")");
 }
 
+
+// Faults in every page of [p, p + bytes) from up to `threads` threads (writing a zero to each
+// page): the kernel zeroes pages on first touch, which is the bulk of the cost of a large
+// allocation, and it scales with threads.
+void touch_pages(void* p, size_t bytes, int threads) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t n = static_cast<size_t>(std::max(1, threads));
+  const size_t pages = (bytes + page - 1) / page;
+  auto touch = [&](size_t first, size_t last) {
+    volatile char* base = static_cast<char*>(p);
+    for (size_t i = first; i < last; ++i) base[i * page] = 0;
+  };
+  if (n == 1 || pages < 1024) {
+    touch(0, pages);
+    return;
+  }
+  std::vector<std::thread> workers;
+  const size_t per = (pages + n - 1) / n;
+  for (size_t t = 0; t < n; ++t) {
+    size_t first = t * per, last = std::min(pages, first + per);
+    if (first < last) workers.emplace_back(touch, first, last);
+  }
+  for (auto& w : workers) w.join();
+}
+
 }  // namespace
 
 extern "C" {
@@ -262,26 +287,7 @@ int lo_host_alloc(size_t bytes, int threads, void** out) {
 #ifdef MADV_HUGEPAGE
     madvise(p, bytes, MADV_HUGEPAGE);  // a hint: fewer page faults and faster registration
 #endif
-    // Fault the pages in from several threads: the kernel zeroes each page on first touch,
-    // which is the bulk of the cost of a large pinned allocation.
-    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-    const size_t n = std::max(1, threads);
-    const size_t pages = (bytes + page - 1) / page;
-    auto touch = [&](size_t first, size_t last) {
-      volatile char* base = static_cast<char*>(p);
-      for (size_t i = first; i < last; ++i) base[i * page] = 0;
-    };
-    if (n == 1 || pages < 1024) {
-      touch(0, pages);
-    } else {
-      std::vector<std::thread> workers;
-      const size_t per = (pages + n - 1) / n;
-      for (size_t t = 0; t < n; ++t) {
-        size_t first = t * per, last = std::min(pages, first + per);
-        if (first < last) workers.emplace_back(touch, first, last);
-      }
-      for (auto& w : workers) w.join();
-    }
+    touch_pages(p, bytes, threads);
     *out = p;
   })
 }
@@ -314,23 +320,7 @@ int lo_host_map_file(const char* path, size_t bytes, int create, int threads, vo
       if (create) unlink(path);
       TORCH_CHECK(false, "could not map ", path, ": ", std::strerror(err));
     }
-    if (create) {
-      // Allocate the shared pages now, from several threads (writing zeros), as lo_host_alloc.
-      const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-      const size_t n = std::max(1, threads);
-      const size_t pages = (bytes + page - 1) / page;
-      auto touch = [&](size_t first, size_t last) {
-        volatile char* base = static_cast<char*>(p);
-        for (size_t i = first; i < last; ++i) base[i * page] = 0;
-      };
-      std::vector<std::thread> workers;
-      const size_t per = (pages + n - 1) / n;
-      for (size_t t = 0; t < n; ++t) {
-        size_t first = t * per, last = std::min(pages, first + per);
-        if (first < last) workers.emplace_back(touch, first, last);
-      }
-      for (auto& w : workers) w.join();
-    }
+    if (create) touch_pages(p, bytes, threads);  // allocate the shared pages now
     *out = p;
   })
 }
