@@ -246,18 +246,15 @@ impl OffloadConfig {
             });
         }
         let named = model.named_tensors()?;
-        let backend = if self.cpu_test_mode {
+        let backend = if !self.enabled {
+            Backend::Disabled
+        } else if self.cpu_test_mode {
             Backend::Cpu
-        } else if self.enabled && accel::cuda_device_count() > self.device {
+        } else if accel::cuda_device_count() > self.device {
             Backend::Cuda {
                 device: self.device,
                 copy: None,
             }
-        } else {
-            Backend::Disabled
-        };
-        let backend = if self.enabled {
-            backend
         } else {
             Backend::Disabled
         };
@@ -330,6 +327,8 @@ struct SlotRt {
     /// Recorded on the compute stream when the block using this slot was released.
     free: Option<Event>,
     free_recorded: bool,
+    /// The block now in the slot was released since its upload (so `free` covers its reads).
+    released: bool,
     last_used: u64,
 }
 
@@ -633,6 +632,7 @@ impl LayerwiseOffloadManager {
                 ready,
                 free,
                 free_recorded: false,
+                released: false,
                 last_used: 0,
             });
         }
@@ -1048,6 +1048,19 @@ impl LayerwiseOffloadManager {
 
     /// Forgets the block held by slot `s` (its tensors go back to placeholders).
     fn evict(&mut self, s: usize) -> Result<()> {
+        if self.slots[s].layer.is_some() && !self.slots[s].released {
+            // The block may have been read without an enter/release pair (the seed's
+            // `prefetch_layer` points its tensors at the slot): order the slot's next upload
+            // after all compute work queued so far.
+            if let Some(compute) = self.compute_stream()? {
+                let slot = &mut self.slots[s];
+                slot.free
+                    .as_mut()
+                    .expect("CUDA slots have events")
+                    .record(&compute)?;
+                slot.free_recorded = true;
+            }
+        }
         if let Some(old) = self.slots[s].layer.take() {
             let rt = &mut self.layers[old];
             rt.slot = None;
@@ -1123,6 +1136,7 @@ impl LayerwiseOffloadManager {
             }
         }
         slot.layer = Some(layer);
+        slot.released = false;
         self.layers[layer].slot = Some(s);
         self.stats.uploads += 1;
         self.stats.bytes_uploaded += bytes as u64;
@@ -1259,6 +1273,7 @@ impl LayerwiseOffloadManager {
                 .record(&compute)?;
             slot.free_recorded = true;
         }
+        self.slots[s].released = true;
         let rt = &mut self.layers[layer];
         for (p, ph) in rt.params.iter_mut().zip(&rt.placeholders) {
             p.f_set_data(ph)

@@ -202,3 +202,36 @@ fn the_timeline_shows_uploads_overlapping_compute() -> anyhow::Result<()> {
     m.restore()?;
     Ok(())
 }
+
+#[test]
+fn a_block_used_after_prefetch_layer_is_not_overwritten_under_it() -> anyhow::Result<()> {
+    // The seed's pattern without enter: prefetch_layer(i, false), run block i directly, then
+    // release_layer(i). Reusing the slot must wait for that compute (the slot's free event is
+    // recorded when the block is evicted without a release).
+    let Some(d) = common::cuda() else {
+        return Ok(());
+    };
+    let _lock = common::gpu_lock();
+    let model = Model::new(Device::Cuda(d), 4, false, 19);
+    let x = Tensor::randn([4, 4096, 16], (Kind::Float, Device::Cpu));
+    let want = model.forward(&x, None); // resident, on the same device
+    let mut m = OffloadConfig::new("blocks", 4).device(d).build(&model.vs)?;
+    m.initialize()?;
+    let got = tch::no_grad(|| -> anyhow::Result<Tensor> {
+        let dev = Device::Cuda(d);
+        let vars = model.vs.variables();
+        let mut h = x
+            .to_device(dev)
+            .linear(&vars["embed.weight"], Some(&vars["embed.bias"]));
+        for (i, b) in model.blocks().enumerate() {
+            m.prefetch_layer(i, false)?;
+            h = b.forward(&h);
+            m.release_layer(i)?; // the next prefetch may take this slot at once
+        }
+        Ok(h.linear(&vars["head.weight"], Some(&vars["head.bias"]))
+            .to_device(Device::Cpu))
+    })?;
+    assert!(common::model::bits_equal(&got, &want));
+    m.restore()?;
+    Ok(())
+}
