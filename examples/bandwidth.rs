@@ -3,10 +3,17 @@
 //! ceiling the layer loop is measured against.
 //!
 //! ```text
-//! cargo run --release --example bandwidth -- [--mib 1024] [--reps 10] [--device 0]
+//! cargo run --release --example bandwidth -- [--mib 1024] [--reps 10] [--device 0] [--gpus N]
 //! ```
 //! Prints a table and one `RESULT {json}` line. Without a CUDA device it says so and measures
 //! host memcpy bandwidth only.
+//!
+//! With `--gpus N` (N >= 2) it also measures what several GPUs of one host get from one pinned
+//! host copy: each GPU alone, all of them at once (from the same copy and from one copy each),
+//! device-to-device copies between GPU 0 and GPU 1, and the peer-split pattern (each of two GPUs
+//! uploads half of a buffer from the host and receives the other half from its peer), which is
+//! what a design that sends half of every block over the peer link would get. One more
+//! `RESULT {json}` line carries those figures.
 
 use anyhow::{Context, Result, bail};
 use layerwise_offload::accel::{self, Event, HostMemory, Stream};
@@ -17,6 +24,7 @@ struct Args {
     mib: usize,
     reps: usize,
     device: usize,
+    gpus: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -24,6 +32,7 @@ fn parse_args() -> Result<Args> {
         mib: 1024,
         reps: 10,
         device: 0,
+        gpus: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -37,15 +46,18 @@ fn parse_args() -> Result<Args> {
             "--mib" => a.mib = val("--mib")?,
             "--reps" => a.reps = val("--reps")?,
             "--device" => a.device = val("--device")?,
+            "--gpus" => a.gpus = val("--gpus")?,
             "-h" | "--help" => {
-                println!("usage: bandwidth [--mib N (1024)] [--reps N (10)] [--device N (0)]");
+                println!(
+                    "usage: bandwidth [--mib N (1024)] [--reps N (10)] [--device N (0)] [--gpus N (1)]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown flag {other} (try --help)"),
         }
     }
-    if a.mib == 0 || a.reps == 0 {
-        bail!("--mib and --reps must be positive");
+    if a.mib == 0 || a.reps == 0 || a.gpus == 0 {
+        bail!("--mib, --reps and --gpus must be positive");
     }
     Ok(a)
 }
@@ -135,6 +147,202 @@ fn main() -> Result<()> {
     println!(
         "RESULT {{\"device\":\"{name}\",\"mib\":{},\"reps\":{},\"pinned_h2d_gib_s\":{:.2},\"pinned_d2h_gib_s\":{:.2},\"pageable_h2d_gib_s\":{:.2},\"pageable_d2h_gib_s\":{:.2},\"pinned_alloc_s\":{:.3}}}",
         args.mib, args.reps, rows[0].1, rows[0].2, rows[1].1, rows[1].2, pin_s
+    );
+    if args.gpus > 1 {
+        drop((pinned, pageable, dev));
+        multi_gpu(&args, &name)?;
+    }
+    Ok(())
+}
+
+fn gib_s(bytes: usize, ms: f64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64 / (ms / 1e3)
+}
+
+/// Runs `enqueue(rep)` for `reps + 1` repetitions (the first is a warm-up) and returns, per
+/// stream, the milliseconds between an event recorded on it before the timed repetitions and one
+/// recorded after them, divided by `reps`; every stream is synchronized at the end.
+fn time_streams(
+    streams: &[Stream],
+    reps: usize,
+    mut enqueue: impl FnMut(usize) -> Result<()>,
+) -> Result<Vec<f64>> {
+    enqueue(0)?;
+    for s in streams {
+        s.synchronize()?;
+    }
+    let mut starts = Vec::new();
+    for s in streams {
+        let mut e = Event::with_timing()?;
+        e.record(s)?;
+        starts.push(e);
+    }
+    for r in 1..=reps {
+        enqueue(r)?;
+    }
+    let mut out = Vec::new();
+    for (s, start) in streams.iter().zip(&starts) {
+        let mut end = Event::with_timing()?;
+        end.record(s)?;
+        end.synchronize()?;
+        out.push(start.elapsed_ms(&end)? / reps as f64);
+    }
+    Ok(out)
+}
+
+/// Several GPUs fed from one pinned host copy (see the module docs).
+fn multi_gpu(args: &Args, name: &str) -> Result<()> {
+    let n = args.gpus;
+    if n > accel::cuda_device_count() {
+        bail!(
+            "--gpus {n} but {} CUDA devices are visible",
+            accel::cuda_device_count()
+        );
+    }
+    let bytes = args.mib << 20;
+    let half = bytes / 2;
+    let reps = args.reps;
+    let host = accel::alloc_host(bytes, HostMemory::Pinned)?;
+    let own: Vec<Tensor> = (0..n)
+        .map(|_| accel::alloc_host(bytes, HostMemory::Pinned))
+        .collect::<Result<_, _>>()?;
+    // Two device buffers per GPU, so that a repetition's uploads do not overwrite the buffer the
+    // previous repetition's peer copy still reads.
+    let mut bufs: Vec<[Tensor; 2]> = (0..n)
+        .map(|g| Ok([accel::alloc_device(bytes, g)?, accel::alloc_device(bytes, g)?]))
+        .collect::<Result<_>>()?;
+    let up: Vec<Stream> = (0..n).map(Stream::from_pool).collect::<Result<_, _>>()?;
+    let peer: Vec<Stream> = (0..n).map(Stream::from_pool).collect::<Result<_, _>>()?;
+    // Each GPU alone, from the shared copy.
+    let mut alone = Vec::new();
+    for g in 0..n {
+        let ms = time_streams(&up[g..=g], reps, |r| {
+            // SAFETY: host and the buffer outlive the copies; time_streams synchronizes the stream.
+            unsafe { accel::copy_async(&mut bufs[g][r % 2], &host, Some(&up[g]))? };
+            Ok(())
+        })?;
+        alone.push(gib_s(bytes, ms[0]));
+    }
+    // All at once, from the shared copy, then from one copy each.
+    let mut together = Vec::new();
+    for shared in [true, false] {
+        let ms = time_streams(&up, reps, |r| {
+            for g in 0..n {
+                let src = if shared { &host } else { &own[g] };
+                // SAFETY: as above; time_streams synchronizes every stream at the end.
+                unsafe { accel::copy_async(&mut bufs[g][r % 2], src, Some(&up[g]))? };
+            }
+            Ok(())
+        })?;
+        together.push(ms.iter().map(|&m| gib_s(bytes, m)).collect::<Vec<_>>());
+    }
+    // Device to device, GPU 0 -> GPU 1 (libtorch runs a cross-device copy on the source
+    // device's current stream, the guard's stream here) and both directions at once.
+    let d2d_one = {
+        let (a, b) = bufs.split_at_mut(1);
+        let src = a[0][0].shallow_clone();
+        let ms = time_streams(&peer[0..1], reps, |r| {
+            // SAFETY: both buffers outlive the copies; the stream is synchronized at the end.
+            unsafe { accel::copy_async(&mut b[0][r % 2], &src, Some(&peer[0]))? };
+            Ok(())
+        })?;
+        gib_s(bytes, ms[0])
+    };
+    let d2d_both = {
+        let (s0, s1) = (bufs[0][0].shallow_clone(), bufs[1][0].shallow_clone());
+        let (mut d0, mut d1) = (bufs[0][1].shallow_clone(), bufs[1][1].shallow_clone());
+        let ms = time_streams(&peer[0..2], reps, |_| {
+            // SAFETY: as above; each copy runs on its source device's stream.
+            unsafe {
+                accel::copy_async(&mut d1, &s0, Some(&peer[0]))?;
+                accel::copy_async(&mut d0, &s1, Some(&peer[1]))?;
+            }
+            Ok(())
+        })?;
+        ms.iter().map(|&m| gib_s(bytes, m)).collect::<Vec<_>>()
+    };
+    // Peer split on GPUs 0 and 1: GPU g uploads half g of the buffer from the host, then pushes
+    // it to the other GPU on a second stream while the next repetition's upload goes on; each
+    // GPU ends every repetition with the whole buffer.
+    let mut uploaded: Vec<Vec<Event>> = (0..2)
+        .map(|_| (0..2).map(|_| Event::new()).collect::<Result<_, _>>())
+        .collect::<Result<_, _>>()?;
+    let mut pushed: Vec<Vec<Event>> = (0..2)
+        .map(|_| (0..2).map(|_| Event::new()).collect::<Result<_, _>>())
+        .collect::<Result<_, _>>()?;
+    let mut first = [true, true];
+    let split = time_streams(&[up[0], up[1], peer[0], peer[1]], reps, |r| {
+        let slot = r % 2;
+        for g in 0..2 {
+            let mut dst = bufs[g][slot].narrow(0, (g * half) as i64, half as i64);
+            let src = host.narrow(0, (g * half) as i64, half as i64);
+            if !first[slot] {
+                // Upload into the slot only once both pushes out of and into it have finished.
+                pushed[0][slot].wait(&up[g])?;
+                pushed[1][slot].wait(&up[g])?;
+            }
+            // SAFETY: host and buffers outlive the copies; slot reuse waits for the pushes.
+            unsafe { accel::copy_async(&mut dst, &src, Some(&up[g]))? };
+            uploaded[g][slot].record(&up[g])?;
+        }
+        first[slot] = false;
+        for g in 0..2 {
+            let o = 1 - g;
+            let src = bufs[g][slot].narrow(0, (g * half) as i64, half as i64);
+            let mut dst = bufs[o][slot].narrow(0, (g * half) as i64, half as i64);
+            uploaded[g][slot].wait(&peer[g])?;
+            // The destination half of the peer is written by nobody else in this repetition.
+            // SAFETY: as above.
+            unsafe { accel::copy_async(&mut dst, &src, Some(&peer[g]))? };
+            pushed[g][slot].record(&peer[g])?;
+        }
+        Ok(())
+    })?;
+    let split_ms = split.iter().cloned().fold(0.0, f64::max);
+    let split_gib_s = gib_s(bytes, split_ms);
+    // The split is only worth anything if every GPU really ends up with the whole buffer.
+    let want = host.to_device(Device::Cuda(0));
+    for (g, pair) in bufs.iter().take(2).enumerate() {
+        for (slot, buf) in pair.iter().enumerate() {
+            if !buf.to_device(Device::Cuda(0)).equal(&want) {
+                bail!("peer split: GPU {g} buffer {slot} differs from the host copy");
+            }
+        }
+    }
+    println!();
+    println!("| {n} GPUs, {} MiB | GiB/s per GPU |", args.mib);
+    println!("|---|---|");
+    for (g, r) in alone.iter().enumerate() {
+        println!("| H2D, GPU {g} alone | {r:.1} |");
+    }
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.1}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    println!(
+        "| H2D, all at once, one shared host copy | {} (aggregate {:.1}) |",
+        fmt(&together[0]),
+        together[0].iter().sum::<f64>()
+    );
+    println!(
+        "| H2D, all at once, one host copy each | {} (aggregate {:.1}) |",
+        fmt(&together[1]),
+        together[1].iter().sum::<f64>()
+    );
+    println!("| D2D, GPU 0 -> GPU 1 | {d2d_one:.1} |");
+    println!("| D2D, both directions at once | {} |", fmt(&d2d_both));
+    println!(
+        "| peer split on GPUs 0+1 (half from the host, half from the peer) | {split_gib_s:.1} |"
+    );
+    println!(
+        "RESULT {{\"device\":\"{name}\",\"gpus\":{n},\"mib\":{},\"reps\":{reps},\"h2d_alone_gib_s\":[{}],\"h2d_together_shared_gib_s\":[{}],\"h2d_together_own_copy_gib_s\":[{}],\"d2d_gib_s\":{d2d_one:.2},\"d2d_both_ways_gib_s\":[{}],\"peer_split_gib_s\":{split_gib_s:.2}}}",
+        args.mib,
+        alone.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(","),
+        together[0].iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(","),
+        together[1].iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(","),
+        d2d_both.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(","),
     );
     Ok(())
 }

@@ -169,3 +169,66 @@ fn shared_stores_serve_managers_with_their_own_budgets(
     assert_same(&model1.snapshot(), &before);
     Ok(())
 }
+
+/// Two CUDA devices, one host copy: a manager on device 0 and one on device 1, driven from a
+/// thread each at the same time, both bit-identical to their own device's resident model. On a
+/// host with one CUDA device both managers use device 0 (still two managers with their own
+/// streams and slot rings over one store); `OFFLOAD_REQUIRE_GPUS=2` makes that a failure.
+#[test]
+fn managers_on_two_devices_share_one_host_copy() -> anyhow::Result<()> {
+    let Some(_) = common::cuda() else {
+        return Ok(());
+    };
+    let count = layerwise_offload::accel::cuda_device_count();
+    let d1 = if count >= 2 {
+        1
+    } else {
+        if std::env::var("OFFLOAD_REQUIRE_GPUS").as_deref() == Ok("2") {
+            panic!("OFFLOAD_REQUIRE_GPUS=2 but {count} CUDA device(s) are visible");
+        }
+        eprintln!("note: one CUDA device; both managers run on device 0");
+        0
+    };
+    let (dev0, dev1) = (tch::Device::Cuda(0), tch::Device::Cuda(d1));
+    let model0 = Model::new(dev0, 5, false, 51);
+    let mut model1 = Model::new(dev1, 5, false, 52);
+    model1.vs.copy(&model0.vs)?;
+    let before = model0.snapshot();
+    let x = model0.input(9);
+    let want0 = model0.forward(&x, None);
+    let want1 = model1.forward(&x, None);
+    let mut m0 = OffloadConfig::new("blocks", 5).device(0).build(&model0.vs)?;
+    m0.initialize()?;
+    let store = m0.host_store().unwrap();
+    let mut m1 = OffloadConfig::new("blocks", 5)
+        .device(d1)
+        .host_store(store.clone())
+        .build(&model1.vs)?;
+    m1.initialize()?;
+    assert_eq!(m1.stats().host_bytes, 0);
+    assert_eq!(m1.stats().shared_host_bytes, store.bytes());
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let run = |model: Model, mut m: layerwise_offload::LayerwiseOffloadManager| {
+        let (x, barrier) = (x.copy(), barrier.clone());
+        std::thread::spawn(move || {
+            barrier.wait();
+            let r: Vec<tch::Tensor> = (0..4).map(|_| model.forward(&x, Some(&mut m))).collect();
+            (model, m, r)
+        })
+    };
+    let (a, b) = (run(model0, m0), run(model1, m1));
+    let (model0, mut m0, r0) = a.join().unwrap();
+    let (model1, mut m1, r1) = b.join().unwrap();
+    for y in &r0 {
+        assert!(bits_equal(y, &want0), "device 0 output differs");
+    }
+    for y in &r1 {
+        assert!(bits_equal(y, &want1), "device {d1} output differs");
+    }
+    drop(store);
+    m0.restore()?;
+    m1.restore()?;
+    assert_same(&model0.snapshot(), &before);
+    assert_same(&model1.snapshot(), &before);
+    Ok(())
+}
