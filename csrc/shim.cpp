@@ -108,12 +108,18 @@ using host_register_fn = int (*)(void*, size_t, unsigned int);
 using host_unregister_fn = int (*)(void*);
 using get_error_string_fn = const char* (*)(int);
 using get_last_error_fn = int (*)();
+using can_access_peer_fn = int (*)(int*, int, int);
+using enable_peer_access_fn = int (*)(int, unsigned int);
+using memcpy_peer_async_fn = int (*)(void*, int, const void*, int, size_t, void*);
 
 struct Cudart {
   host_register_fn host_register = nullptr;
   host_unregister_fn host_unregister = nullptr;
   get_error_string_fn error_string = nullptr;
   get_last_error_fn last_error = nullptr;
+  can_access_peer_fn can_access_peer = nullptr;
+  enable_peer_access_fn enable_peer_access = nullptr;
+  memcpy_peer_async_fn memcpy_peer_async = nullptr;
 };
 
 void* cudart_symbol(const char* name) {
@@ -135,9 +141,16 @@ const Cudart& cudart() {
     r.host_unregister = reinterpret_cast<host_unregister_fn>(cudart_symbol("cudaHostUnregister"));
     r.error_string = reinterpret_cast<get_error_string_fn>(cudart_symbol("cudaGetErrorString"));
     r.last_error = reinterpret_cast<get_last_error_fn>(cudart_symbol("cudaGetLastError"));
+    r.can_access_peer =
+        reinterpret_cast<can_access_peer_fn>(cudart_symbol("cudaDeviceCanAccessPeer"));
+    r.enable_peer_access =
+        reinterpret_cast<enable_peer_access_fn>(cudart_symbol("cudaDeviceEnablePeerAccess"));
+    r.memcpy_peer_async =
+        reinterpret_cast<memcpy_peer_async_fn>(cudart_symbol("cudaMemcpyPeerAsync"));
     return r;
   }();
-  TORCH_CHECK(rt.host_register && rt.host_unregister && rt.error_string && rt.last_error,
+  TORCH_CHECK(rt.host_register && rt.host_unregister && rt.error_string && rt.last_error &&
+                  rt.can_access_peer && rt.enable_peer_access && rt.memcpy_peer_async,
               "the CUDA runtime (libcudart) is not loaded: cudaHostRegister is unavailable");
   return rt;
 }
@@ -264,6 +277,58 @@ int lo_copy_async(void* dst, void* src, const lo_stream* stream) {
     } else {
       d.copy_(s, /*non_blocking=*/true);
     }
+  })
+}
+
+int lo_copy_peer_async(void* dst, void* src, lo_stream stream, int* peer) {
+  LO_PROTECT({
+    auto& d = *static_cast<at::Tensor*>(dst);
+    const auto& s = *static_cast<at::Tensor*>(src);
+    TORCH_CHECK(d.is_cuda() && s.is_cuda(), "copy_peer_async: both tensors must be CUDA tensors");
+    TORCH_CHECK(d.is_contiguous() && s.is_contiguous(),
+                "copy_peer_async: both tensors must be contiguous");
+    TORCH_CHECK(d.nbytes() == s.nbytes(), "copy_peer_async: ", d.nbytes(), " destination bytes but ",
+                s.nbytes(), " source bytes");
+    const c10::Stream st = unpack(stream);
+    const int dd = d.device().index(), sd = s.device().index(), on = st.device_index();
+    TORCH_CHECK(on == dd || on == sd, "copy_peer_async: the stream (device ", on,
+                ") must belong to the source (", sd, ") or destination (", dd, ") device");
+    const Cudart& rt = cudart();
+    c10::impl::VirtualGuardImpl impl(kCuda);
+    const c10::Device prev = impl.exchangeDevice(st.device());
+    struct Restore {
+      c10::impl::VirtualGuardImpl& impl;
+      c10::Device prev;
+      ~Restore() { impl.uncheckedSetDevice(prev); }
+    } restore{impl, prev};
+    *peer = 0;
+    if (dd != sd) {
+      // Direct access from the stream's device to the other one, enabled once per pair (the
+      // runtime refuses a second enable with cudaErrorPeerAccessAlreadyEnabled, 704, which also
+      // covers pairs libtorch enabled).
+      static std::mutex mu;
+      static std::vector<std::pair<int, int>> enabled;
+      const int other = on == dd ? sd : dd;
+      std::lock_guard<std::mutex> lock(mu);
+      if (std::find(enabled.begin(), enabled.end(), std::make_pair(on, other)) != enabled.end()) {
+        *peer = 1;
+      } else {
+        int can = 0;
+        check_cudart(rt.can_access_peer(&can, on, other), "cudaDeviceCanAccessPeer");
+        if (can) {
+          const int code = rt.enable_peer_access(other, 0);
+          if (code != 0 && code != 704) check_cudart(code, "cudaDeviceEnablePeerAccess");
+          if (code == 704) rt.last_error();
+          enabled.emplace_back(on, other);
+          *peer = 1;
+        }
+      }
+    } else {
+      *peer = 1;
+    }
+    check_cudart(rt.memcpy_peer_async(d.data_ptr(), dd, s.data_ptr(), sd, s.nbytes(),
+                                      st.native_handle()),
+                 "cudaMemcpyPeerAsync");
   })
 }
 

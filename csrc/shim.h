@@ -53,6 +53,10 @@ int lo_event_elapsed_ms(void* start, void* end, double* out);
 
 // Copies and stream bookkeeping of tensors.
 int lo_copy_async(void* dst, void* src, const lo_stream* stream);
+// Queues cudaMemcpyPeerAsync of src's bytes into dst (contiguous CUDA tensors of equal byte size,
+// on any devices) on `stream`, a stream of either device, enabling peer access between the two
+// devices first where they have it. *peer: 1 if the copy can take the direct peer path.
+int lo_copy_peer_async(void* dst, void* src, lo_stream stream, int* peer);
 int lo_record_stream(void* tensor, lo_stream stream);
 int lo_tensor_is_pinned(void* tensor, int* out);
 

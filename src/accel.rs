@@ -372,6 +372,41 @@ pub unsafe fn copy_async(dst: &mut Tensor, src: &Tensor, stream: Option<&Stream>
     }
 }
 
+/// Queues a device-to-device copy of `src`'s bytes into `dst` on `stream` (`cudaMemcpyPeerAsync`):
+/// both contiguous CUDA tensors of the same byte size, on the same device or on two devices, and
+/// `stream` a stream of either. Between two devices it enables peer access once (where the pair
+/// has it: NVLink or PCIe peer-to-peer) so the copy goes over the direct link; without peer
+/// access the driver stages it. Unlike `dst.copy_(src)`, it orders itself after nothing but
+/// `stream`'s earlier work: no barrier with either device's current stream, so the caller
+/// orders it with events. Returns whether the direct peer path is available (always `true` on
+/// one device).
+///
+/// # Safety
+/// As [`copy_async`]: until the copy has finished on `stream`, both tensors' memory must stay
+/// allocated, nobody may read `dst` or write `src`, and a tensor freed meanwhile may be reused
+/// by libtorch's allocator, which knows nothing of this copy.
+pub unsafe fn copy_peer_async(dst: &Tensor, src: &Tensor, stream: &Stream) -> Result<bool> {
+    require_device("copy_peer_async", stream.device_index())?;
+    let bytes = (src.numel() * src.kind().elt_size_in_bytes()) as u64;
+    let mut peer: c_int = 0;
+    // SAFETY: both pointers are live tch tensors (the shim reads their metadata and queues a
+    // copy of their memory; the caller keeps that memory alive, see # Safety); the out-pointer
+    // is a valid local.
+    let rc = unsafe {
+        ffi::lo_copy_peer_async(
+            dst.as_ptr() as *mut _,
+            src.as_ptr() as *mut _,
+            stream.raw,
+            &mut peer,
+        )
+    };
+    if rc == 0 {
+        Ok(peer != 0)
+    } else {
+        Err(Error::from_torch("copy_peer_async", bytes, last_error()))
+    }
+}
+
 /// Tells libtorch's caching allocator that `tensor` (a CUDA tensor) is used on `stream`, so its
 /// memory is not reused before the work queued there so far has finished.
 pub fn record_stream(tensor: &Tensor, stream: &Stream) -> Result<()> {

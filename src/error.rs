@@ -140,6 +140,18 @@ pub enum Error {
         /// Number of offloaded blocks (all lists).
         num_layers: usize,
     },
+    /// A manager of a [`PeerGroup`](crate::PeerGroup) could not complete an upload with the other
+    /// members (they diverged, one failed or left, or one did not arrive in time). The group
+    /// stays unusable; the weights are safe in the host copies, so `restore` every member.
+    #[error(
+        "peer group member {rank}: {message}; every member must enter the same blocks in the same order (same model, configuration and loop): restore the managers and build a new group"
+    )]
+    PeerGroup {
+        /// The rank of the member that reports it.
+        rank: usize,
+        /// What happened.
+        message: String,
+    },
     /// Every GPU slot holds a block that is in use.
     #[error(
         "no free GPU slot for block {layer}: blocks {in_use:?} are still entered; release one (drop its guard or call after_layer) first, or raise prefetch_depth"

@@ -48,6 +48,12 @@ unsafe extern "C" {
 
     pub fn lo_copy_async(dst: *mut C_tensor, src: *mut C_tensor, stream: *const lo_stream)
     -> c_int;
+    pub fn lo_copy_peer_async(
+        dst: *mut C_tensor,
+        src: *mut C_tensor,
+        stream: lo_stream,
+        peer: *mut c_int,
+    ) -> c_int;
     pub fn lo_record_stream(tensor: *mut C_tensor, stream: lo_stream) -> c_int;
     pub fn lo_tensor_is_pinned(tensor: *mut C_tensor, out: *mut c_int) -> c_int;
 

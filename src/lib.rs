@@ -6,6 +6,7 @@ pub mod error;
 mod ffi;
 pub mod host;
 pub mod manager;
+pub mod peer;
 pub mod plan;
 pub mod script;
 pub mod source;
@@ -16,6 +17,7 @@ pub use host::HostStore;
 #[doc(hidden)]
 pub use manager::Fault;
 pub use manager::{LayerGuard, LayerwiseOffloadManager, OffloadConfig};
+pub use peer::PeerGroup;
 pub use plan::{LayerLayout, Plan, TensorLayout};
 pub use script::ScriptModule;
 pub use source::WeightSource;

@@ -51,6 +51,7 @@
 use crate::accel::{self, Event, HostMemory, Stream};
 use crate::error::{Error, Result};
 use crate::host::HostStore;
+use crate::peer::{self, PeerGroup, Post};
 use crate::plan::{self, LayerLayout, Plan};
 use crate::source::WeightSource;
 use crate::stats::{Lane, OffloadStats, TimelineSpan};
@@ -76,6 +77,7 @@ pub struct OffloadConfig {
     store: Option<Arc<HostStore>>,
     shareable: bool,
     shm: Option<std::path::PathBuf>,
+    peer: Option<(Arc<PeerGroup>, usize)>,
 }
 
 /// A failure to inject, for tests of the error paths (the k-th such operation fails, counting
@@ -116,7 +118,21 @@ impl OffloadConfig {
             store: None,
             shareable: false,
             shm: None,
+            peer: None,
         }
+    }
+
+    /// Make this manager member `rank` of `group`: each member uploads `1/n` of every block from
+    /// the host over its own PCIe link and sends it to the other members device to device
+    /// (NVLink or PCIe peer access), so each GPU receives every block while its host link
+    /// carries only its share. For data-parallel inference on several GPUs of one host: one
+    /// member per GPU, each driven by its own thread, all entering the same blocks in the same
+    /// order (see [`PeerGroup`]). Usually combined with [`Self::host_store`] so the host holds
+    /// one copy. The first block is uploaded at the first `enter`, not by `initialize`, since
+    /// uploads need every member.
+    pub fn peer_group(mut self, group: Arc<PeerGroup>, rank: usize) -> OffloadConfig {
+        self.peer = Some((group, rank));
+        self
     }
 
     /// Put the host copy in a file on a shared-memory file system (e.g.
@@ -245,6 +261,18 @@ impl OffloadConfig {
                 message: "prefetch_depth must be at least 1".into(),
             });
         }
+        if let Some((group, rank)) = &self.peer
+            && *rank >= group.size()
+        {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::peer_group",
+                message: format!(
+                    "rank {rank} is out of range for a group of {} (ranks 0..{})",
+                    group.size(),
+                    group.size()
+                ),
+            });
+        }
         let named = model.named_tensors()?;
         let backend = if !self.enabled {
             Backend::Disabled
@@ -275,6 +303,9 @@ impl OffloadConfig {
             spare: Vec::new(),
             counts: [0; 3],
             store: None,
+            push: None,
+            peer_round: 0,
+            joined: false,
         };
         if auto {
             m.initialize()?;
@@ -330,6 +361,12 @@ struct SlotRt {
     /// The block now in the slot was released since its upload (so `free` covers its reads).
     released: bool,
     last_used: u64,
+    /// Peer groups: recorded on the push stream after this slot's share went to the others.
+    pushed: Option<Event>,
+    pushed_recorded: bool,
+    /// Peer groups: the other members' shares of the block now in the slot have arrived once
+    /// these have completed.
+    incoming: Vec<Arc<Event>>,
 }
 
 /// Streams a model's per-block weights between host memory and the GPU, one block ahead of the
@@ -371,12 +408,20 @@ pub struct LayerwiseOffloadManager {
     counts: [usize; 3],
     /// The host store this manager streams from (its own, or one shared with it).
     store: Option<Arc<HostStore>>,
+    /// Peer groups: the stream this member's shares go out on (CUDA).
+    push: Option<Stream>,
+    /// Peer groups: uploads done so far (the k-th is the same block on every member).
+    peer_round: u64,
+    /// Peer groups: joined and not yet left.
+    joined: bool,
 }
 
 /// A device interval being timed: an upload on the copy stream or a wait on the compute stream.
 #[derive(Debug)]
 struct Timed {
     layer: usize,
+    /// Bytes moved (uploads).
+    bytes: u64,
     lane: Lane,
     start: Event,
     end: Event,
@@ -512,7 +557,7 @@ impl LayerwiseOffloadManager {
             }
             let t = self.pending.swap_remove(i);
             if let Ok(ms) = t.start.elapsed_ms(&t.end) {
-                let bytes = self.plan.as_ref().map_or(0, |p| p.layers[t.layer].bytes) as u64;
+                let bytes = t.bytes;
                 match t.lane {
                     Lane::Upload => {
                         self.stats.upload_ms += ms;
@@ -622,9 +667,13 @@ impl LayerwiseOffloadManager {
                 _ => Tensor::f_empty([slot_bytes as i64], (Kind::Uint8, Device::Cpu))
                     .map_err(|e| Error::from(("allocating CPU slots", e)))?,
             };
-            let (ready, free) = match self.backend {
-                Backend::Cuda { .. } => (Some(Event::new()?), Some(Event::new()?)),
-                _ => (None, None),
+            let (ready, free, pushed) = match self.backend {
+                Backend::Cuda { .. } => (
+                    Some(Event::new()?),
+                    Some(Event::new()?),
+                    Some(Event::new()?),
+                ),
+                _ => (None, None, None),
             };
             slots.push(SlotRt {
                 buf,
@@ -634,12 +683,24 @@ impl LayerwiseOffloadManager {
                 free_recorded: false,
                 released: false,
                 last_used: 0,
+                pushed,
+                pushed_recorded: false,
+                incoming: Vec::new(),
             });
         }
         if let Backend::Cuda { device, copy } = &mut self.backend
             && copy.is_none()
         {
             *copy = Some(Stream::from_pool(*device)?);
+        }
+        if let Some((group, rank)) = &self.config.peer {
+            if let Backend::Cuda { device, .. } = self.backend
+                && self.push.is_none()
+            {
+                self.push = Some(Stream::from_pool(device)?);
+            }
+            group.join(*rank, slots.iter().map(|s| s.buf.shallow_clone()).collect())?;
+            self.joined = true;
         }
 
         // 2. Runtime state per block: handles and placeholders.
@@ -827,8 +888,9 @@ impl LayerwiseOffloadManager {
         self.phase = Phase::Ready;
         self.stats.init_seconds = started.elapsed().as_secs_f64();
 
-        // 5. The first streamed block on the device, synchronously (as the seed does).
-        if let Some(&first) = streamed.first() {
+        // 5. The first streamed block on the device, synchronously (as the seed does). Not in a
+        //    peer group: an upload needs every member there.
+        if let (Some(&first), None) = (streamed.first(), &self.config.peer) {
             self.prefetch_layer(first, false)?;
         }
         Ok(())
@@ -1081,6 +1143,15 @@ impl LayerwiseOffloadManager {
                 source: crate::error::TorchMessage("injected fault".into()),
             });
         }
+        if let Some((group, rank)) = self.config.peer.clone() {
+            let r = self.upload_peer(&group, rank, layer, s);
+            if let Err(e) = &r
+                && !matches!(e, Error::PeerGroup { .. })
+            {
+                group.fail(rank, &e.to_string());
+            }
+            return r;
+        }
         let bytes = self.layout(layer).bytes;
         let timing = self.timing_pair()?;
         let host = self.layers[layer]
@@ -1124,6 +1195,7 @@ impl LayerwiseOffloadManager {
                     let traced = self.timeline.is_some();
                     self.pending.push(Timed {
                         layer,
+                        bytes: bytes as u64,
                         lane: Lane::Upload,
                         start,
                         end,
@@ -1141,6 +1213,155 @@ impl LayerwiseOffloadManager {
         self.stats.uploads += 1;
         self.stats.bytes_uploaded += bytes as u64;
         Ok(())
+    }
+
+    /// [`Self::upload`] in a peer group: this member's share from the host into its slot, then
+    /// from there into the other members' slots; their shares arrive in this slot the same way.
+    fn upload_peer(&mut self, group: &PeerGroup, rank: usize, layer: usize, s: usize) -> Result<()> {
+        let n = group.size();
+        let bytes = self.layout(layer).bytes;
+        let round = self.peer_round;
+        self.peer_round += 1;
+        let copy = match &self.backend {
+            Backend::Cuda { copy, .. } => *copy,
+            _ => None,
+        };
+        let timing = self.timing_pair()?;
+        let slot = &mut self.slots[s];
+        // 1. The slot may be written once compute released its previous block and this member's
+        //    share of that block has gone out to the others.
+        let writable = match copy {
+            Some(c) => {
+                if slot.free_recorded {
+                    slot.free.as_ref().expect("CUDA slots have events").wait(&c)?;
+                }
+                if slot.pushed_recorded {
+                    slot.pushed.as_ref().expect("CUDA slots have events").wait(&c)?;
+                }
+                let mut e = Event::new()?;
+                e.record(&c)?;
+                Some(Arc::new(e))
+            }
+            None => None,
+        };
+        slot.incoming.clear();
+        let dst = slot
+            .buf
+            .f_narrow(0, 0, bytes as i64)
+            .map_err(|e| Error::from(("upload", e)))?;
+        let posts = group.post(
+            round,
+            rank,
+            Post {
+                layer,
+                bytes,
+                buf: dst.shallow_clone(),
+                writable,
+            },
+        )?;
+        // 2. This member's share: host -> own slot -> every other member's slot.
+        let (off, len) = peer::share(bytes, n, rank);
+        let narrow = |t: &Tensor| {
+            t.f_narrow(0, off as i64, len as i64)
+                .map_err(|e| Error::from(("upload", e)))
+        };
+        let host = self.layers[layer]
+            .host
+            .as_ref()
+            .expect("initialized blocks have host buffers");
+        let src = narrow(host)?;
+        let mut mine = narrow(&dst)?;
+        let slot = &mut self.slots[s];
+        let mut delivered: Vec<Option<Arc<Event>>> = vec![None; n];
+        match (copy, self.push) {
+            (Some(c), Some(p)) => {
+                let timing = match timing {
+                    Some((mut start, end)) => {
+                        start.record(&c)?;
+                        Some((start, end))
+                    }
+                    None => None,
+                };
+                // SAFETY: the host buffer and the slot live until restore or Drop, which wait for
+                // the copy stream; the slot was made writable above (its previous block's compute
+                // and outgoing copies are done), and the compute stream reads it only after
+                // `ready` and the incoming events.
+                unsafe { accel::copy_async(&mut mine, &src, Some(&c))? };
+                let ready = slot.ready.as_mut().expect("CUDA slots have events");
+                ready.record(&c)?;
+                if let Some((start, mut end)) = timing {
+                    end.record(&c)?;
+                    let traced = self.timeline.is_some();
+                    self.pending.push(Timed {
+                        layer,
+                        bytes: len as u64,
+                        lane: Lane::Upload,
+                        start,
+                        end,
+                        traced,
+                    });
+                }
+                ready.wait(&p)?;
+                for (o, post) in posts.iter().enumerate().filter(|(o, _)| *o != rank) {
+                    if let Some(w) = &post.writable {
+                        w.wait(&p)?;
+                    }
+                    let theirs = narrow(&post.buf)?;
+                    // SAFETY: the peer's slot stays allocated until every member has left the
+                    // group, and each member waits for its push stream before leaving; the
+                    // stream waited above for the peer's `writable` (nothing reads or writes that
+                    // part of its slot until our event below, which its compute waits for), and
+                    // for our own share's upload into `mine`, which nothing overwrites before
+                    // `pushed` (waited by this slot's next upload).
+                    unsafe { accel::copy_peer_async(&theirs, &mine, &p)? };
+                    let mut e = Event::new()?;
+                    e.record(&p)?;
+                    delivered[o] = Some(Arc::new(e));
+                }
+                slot.pushed
+                    .as_mut()
+                    .expect("CUDA slots have events")
+                    .record(&p)?;
+                slot.pushed_recorded = true;
+            }
+            _ => {
+                tch::no_grad(|| mine.f_copy_(&src)).map_err(|e| Error::from(("upload", e)))?;
+                for (_, post) in posts.iter().enumerate().filter(|(o, _)| *o != rank) {
+                    let mut theirs = narrow(&post.buf)?;
+                    tch::no_grad(|| theirs.f_copy_(&mine))
+                        .map_err(|e| Error::from(("upload", e)))?;
+                }
+            }
+        }
+        let incoming = group.deliver(round, rank, delivered)?;
+        let slot = &mut self.slots[s];
+        slot.incoming = incoming;
+        slot.layer = Some(layer);
+        slot.released = false;
+        self.layers[layer].slot = Some(s);
+        self.stats.uploads += 1;
+        self.stats.bytes_uploaded += len as u64;
+        self.stats.peer_bytes += (bytes - len) as u64;
+        Ok(())
+    }
+
+    /// Waits for this member's outgoing and incoming peer copies and leaves the group.
+    fn leave_group(&mut self) {
+        if !self.joined {
+            return;
+        }
+        if let Some(p) = &self.push {
+            let _ = p.synchronize();
+        }
+        for slot in &self.slots {
+            for e in &slot.incoming {
+                let _ = e.synchronize();
+            }
+        }
+        if let Some((group, rank)) = &self.config.peer {
+            group.leave(*rank);
+        }
+        self.joined = false;
     }
 
     /// Points block `layer`'s tensors at views of its slot.
@@ -1197,17 +1418,26 @@ impl LayerwiseOffloadManager {
                 Some((mut start, mut end)) => {
                     start.record(&compute)?;
                     ready.wait(&compute)?;
+                    for e in &self.slots[s].incoming {
+                        e.wait(&compute)?;
+                    }
                     end.record(&compute)?;
                     let traced = self.timeline.is_some();
                     self.pending.push(Timed {
                         layer,
+                        bytes: 0,
                         lane: Lane::Stall,
                         start,
                         end,
                         traced,
                     });
                 }
-                None => ready.wait(&compute)?,
+                None => {
+                    ready.wait(&compute)?;
+                    for e in &self.slots[s].incoming {
+                        e.wait(&compute)?;
+                    }
+                }
             }
         }
         self.point_at_slot(layer)?;
@@ -1252,6 +1482,7 @@ impl LayerwiseOffloadManager {
                 end.record(&compute)?;
                 self.pending.push(Timed {
                     layer,
+                    bytes: 0,
                     lane: Lane::Compute,
                     start,
                     end,
@@ -1354,6 +1585,9 @@ impl LayerwiseOffloadManager {
         self.point_at_slot(layer)?;
         if !non_blocking && let Some(ready) = &self.slots[s].ready {
             ready.synchronize()?;
+            for e in &self.slots[s].incoming {
+                e.synchronize()?;
+            }
         }
         Ok(())
     }
@@ -1530,6 +1764,14 @@ impl LayerwiseOffloadManager {
                         layer: li,
                     });
                 }
+                if self.config.peer.is_some() {
+                    return Err(Error::InvalidArgument {
+                        op: "update_tensor",
+                        message: format!(
+                            "{name:?} is a block weight of a peer group member, whose blocks are assembled from every member's host copy; update the model before building the group"
+                        ),
+                    });
+                }
                 if self.store.as_ref().is_some_and(|s| {
                     Arc::strong_count(s) > 1 || s.read_only || s.owner_path.is_some()
                 }) {
@@ -1631,6 +1873,7 @@ impl LayerwiseOffloadManager {
         if let Backend::Cuda { device, .. } = self.backend {
             accel::synchronize_device(device)?;
         }
+        self.leave_group();
         self.slots.clear();
         self.store = None;
         self.stats.shared_host_bytes = 0;
@@ -1651,6 +1894,7 @@ impl Drop for LayerwiseOffloadManager {
             }
             self.detach_to_host();
         }
+        self.leave_group();
     }
 }
 

@@ -8,8 +8,11 @@ use std::fmt;
 pub struct OffloadStats {
     /// Block uploads queued.
     pub uploads: u64,
-    /// Bytes uploaded.
+    /// Bytes uploaded from the host (in a [`PeerGroup`](crate::PeerGroup): this member's shares).
     pub bytes_uploaded: u64,
+    /// Bytes received device to device from the other members of a
+    /// [`PeerGroup`](crate::PeerGroup) (0 outside one).
+    pub peer_bytes: u64,
     /// Blocks that stream through the slot ring.
     pub streamed_layers: usize,
     /// Blocks kept permanently on the device (within the VRAM budget).
@@ -73,6 +76,13 @@ impl fmt::Display for OffloadStats {
             "| bytes uploaded | {:.3} GiB |",
             gib(self.bytes_uploaded)
         )?;
+        if self.peer_bytes > 0 {
+            writeln!(
+                f,
+                "| bytes from peer GPUs | {:.3} GiB |",
+                gib(self.peer_bytes)
+            )?;
+        }
         if self.timed_uploads > 0 {
             writeln!(
                 f,

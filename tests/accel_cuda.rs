@@ -226,3 +226,49 @@ fn statistics_move_as_expected() -> anyhow::Result<()> {
     assert!(total > 0 && free <= total);
     Ok(())
 }
+
+#[test]
+fn peer_copies_move_the_bytes_and_check_their_arguments() -> anyhow::Result<()> {
+    let Some(d) = common::cuda() else {
+        return Ok(());
+    };
+    let _lock = common::gpu_lock();
+    let other = if accel::cuda_device_count() > 1 { 1 } else { d };
+    let n = 8 << 20;
+    let src = Tensor::randint(256, [n], (Kind::Uint8, Device::Cuda(d)));
+    for (to, on) in [(d, d), (other, d), (other, other)] {
+        let dst = Tensor::zeros([n], (Kind::Uint8, Device::Cuda(to)));
+        let stream = Stream::from_pool(on)?;
+        // The copy must wait for `src`, written on the current stream.
+        Stream::current(d)?.synchronize()?;
+        // SAFETY: both tensors live until the stream is synchronized below.
+        let direct = unsafe { accel::copy_peer_async(&dst, &src, &stream)? };
+        stream.synchronize()?;
+        assert!(direct || to != d, "one device is always direct");
+        assert!(
+            dst.to_device(Device::Cpu).equal(&src.to_device(Device::Cpu)),
+            "{d} -> {to} on a stream of {on}"
+        );
+    }
+    // A part of a buffer into a part of another: offsets are honoured.
+    let dst = Tensor::zeros([n], (Kind::Uint8, Device::Cuda(other)));
+    let stream = Stream::from_pool(d)?;
+    // SAFETY: as above.
+    unsafe {
+        accel::copy_peer_async(&dst.narrow(0, 4096, 1024), &src.narrow(0, 512, 1024), &stream)?
+    };
+    stream.synchronize()?;
+    let got = dst.to_device(Device::Cpu);
+    assert!(got.narrow(0, 4096, 1024).equal(&src.narrow(0, 512, 1024).to_device(Device::Cpu)));
+    assert_eq!(got.narrow(0, 0, 4096).count_nonzero(None).int64_value(&[]), 0);
+    // Refused: different sizes, a host tensor, a non-contiguous view.
+    let small = Tensor::zeros([16], (Kind::Uint8, Device::Cuda(d)));
+    let host = Tensor::zeros([n], (Kind::Uint8, Device::Cpu));
+    let strided = Tensor::zeros([n, 2], (Kind::Uint8, Device::Cuda(d))).select(1, 0);
+    for (dst, src) in [(&small, &src), (&host, &src), (&strided, &src)] {
+        // SAFETY: refused before anything is queued.
+        let r = unsafe { accel::copy_peer_async(dst, src, &stream) };
+        assert!(matches!(r, Err(Error::Torch { .. })), "{r:?}");
+    }
+    Ok(())
+}

@@ -52,14 +52,16 @@ fn offload_bench_runs_in_cpu_test_mode() {
         .filter_map(|l| l.strip_prefix("RESULT "))
         .map(|j| serde_json::from_str(j).expect("RESULT lines are JSON"))
         .collect();
-    let (shared, rows): (Vec<_>, Vec<_>) = rows
-        .into_iter()
-        .partition(|r| r["mode"] == "shared host copy");
+    let (multi, rows): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| !r["gpus"].is_null());
     assert_eq!(rows.len(), 3, "full streaming and two budgets:\n{stdout}");
-    // --gpus 2 (two CPU "devices" here): one row per device, one host copy, exact outputs.
-    assert_eq!(shared.len(), 2, "{stdout}");
-    for (g, r) in shared.iter().enumerate() {
-        assert_eq!(r["gpu"], g);
+    // --gpus 2 (two CPU "devices" here): one row per device and mode (each GPU uploading every
+    // block, then a peer group), one host copy, exact outputs.
+    assert_eq!(multi.len(), 4, "{stdout}");
+    for (i, r) in multi.iter().enumerate() {
+        let mode = if i < 2 { "shared host copy" } else { "peer split" };
+        assert_eq!(r["mode"], mode, "{r}");
+        assert_eq!(r["gpu"], i % 2);
+        assert!(r["delivered_gib_s"].as_f64().unwrap() > 0.0, "{r}");
         assert_eq!(r["max_abs_diff"].as_f64(), Some(0.0), "{r}");
         assert_eq!(
             r["host_bytes"], rows[0]["streamed_bytes"],

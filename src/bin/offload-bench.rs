@@ -8,7 +8,9 @@
 //! ```
 //! Configurations: full streaming, then one per VRAM budget in `--budgets` (GiB of block weights
 //! the manager may keep on the GPU), then with `--gpus N` N GPUs streaming at once from one
-//! shared pinned host copy (one driver thread each), then the resident model. Per configuration it prints a markdown table row and one `RESULT {json}` line: median ms per
+//! shared pinned host copy (one driver thread each), first each uploading every block, then as a
+//! peer group (each uploads 1/N of every block and sends it to the others), then the resident
+//! model. Per configuration it prints a markdown table row and one `RESULT {json}` line: median ms per
 //! forward (CUDA events, warm-up excluded), the floor max(resident, streamed bytes / measured
 //! pinned H2D bandwidth), floor/measured, compute stall, peak VRAM, init seconds and peak host
 //! memory. Without a CUDA device (or with --cpu) the tiny preset runs in the manager's CPU test
@@ -16,7 +18,7 @@
 
 use anyhow::{Context, Result, bail};
 use layerwise_offload::accel::{self, Event, HostMemory, Stream};
-use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig};
+use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig, PeerGroup};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -501,10 +503,21 @@ fn main() -> Result<()> {
             m.restore_to(Device::Cpu)?;
         }
     }
-    // Several GPUs streaming at once from one host copy.
-    let mut multi: Vec<(usize, i64, f64, Tensor)> = Vec::new();
+    // Several GPUs streaming at once from one host copy: each uploading every block itself, then
+    // as a peer group (each uploads 1/N of every block and sends it to the others).
+    let mut multi: Vec<(&str, usize, i64, f64, Tensor)> = Vec::new();
     let mut multi_host_bytes = 0u64;
-    if a.gpus > 1 {
+    let modes: &[&str] = if a.gpus > 1 {
+        &["shared host copy", "peer split"]
+    } else {
+        &[]
+    };
+    for &mode in modes {
+        let group = if mode == "peer split" {
+            Some(PeerGroup::new(a.gpus)?)
+        } else {
+            None
+        };
         // Each GPU's own model instance, made before the first manager empties the blocks:
         // non-block weights copied to its device, block tensors left uninitialized (they
         // become placeholders; the shared store has the values).
@@ -539,13 +552,17 @@ fn main() -> Result<()> {
                     let named_g = std::mem::take(&mut instances[g]);
                     let store = store.clone();
                     let (a, barrier) = (&a, &barrier);
+                    let group = group.clone();
                     scope.spawn(move || -> Result<Vec<(i64, f64, Tensor)>> {
-                        let mut m = OffloadConfig::new("blocks", s.layers)
+                        let mut cfg = OffloadConfig::new("blocks", s.layers)
                             .prefetch_depth(a.depth)
                             .cpu_test_mode(a.cpu)
                             .device(if let Device::Cuda(i) = dev_g { i } else { 0 })
-                            .host_store(store)
-                            .build(&named_g)?;
+                            .host_store(store);
+                        if let Some(group) = group {
+                            cfg = cfg.peer_group(group, g);
+                        }
+                        let mut m = cfg.build(&named_g)?;
                         m.initialize()?;
                         let stack = Stack::new(s, &named_g);
                         let mut out = Vec::new();
@@ -570,7 +587,7 @@ fn main() -> Result<()> {
         });
         for (g, r) in results.into_iter().enumerate() {
             for (tokens, ms, y) in r? {
-                multi.push((g, tokens, ms, y));
+                multi.push((mode, g, tokens, ms, y));
             }
         }
         m0.restore()?;
@@ -636,16 +653,23 @@ fn main() -> Result<()> {
             diff.map_or("null".into(), |d| format!("{d}")),
         );
     }
-    for &tokens in &a.tokens {
-        let rows_t: Vec<&(usize, i64, f64, Tensor)> =
-            multi.iter().filter(|r| r.1 == tokens).collect();
+    for (&mode, &tokens) in modes
+        .iter()
+        .flat_map(|m| a.tokens.iter().map(move |t| (m, t)))
+    {
+        let rows_t: Vec<&(&str, usize, i64, f64, Tensor)> = multi
+            .iter()
+            .filter(|r| r.0 == mode && r.2 == tokens)
+            .collect();
         if rows_t.is_empty() {
             continue;
         }
+        // Bytes every GPU receives per forward (from the host, or in a peer group from the host
+        // and its peers), over the slowest GPU's time.
         let streamed = rows_t.iter().map(|_| multi_host_bytes as f64).sum::<f64>();
-        let slowest = rows_t.iter().map(|r| r.2).fold(0.0, f64::max);
+        let slowest = rows_t.iter().map(|r| r.3).fold(0.0, f64::max);
         let aggregate = streamed / (1u64 << 30) as f64 / (slowest / 1e3);
-        for (g, _, ms, y) in &rows_t {
+        for (_, g, _, ms, y) in &rows_t {
             let diff = resident_ms.get(&tokens).map(|(_, out)| {
                 (out.to_device(Device::Cpu).to_kind(Kind::Float) - y.to_kind(Kind::Float))
                     .abs()
@@ -653,11 +677,11 @@ fn main() -> Result<()> {
                     .double_value(&[])
             });
             println!(
-                "| {device_name} | {} | {tokens} | stream d{} on GPU {g} of {} | {ms:.1} | | | | | |",
+                "| {device_name} | {} | {tokens} | stream d{}, {mode}, GPU {g} of {} | {ms:.1} | | | | | |",
                 s.preset, a.depth, a.gpus
             );
             println!(
-                "RESULT {{\"device\":\"{device_name}\",\"system\":\"layerwise-offload\",\"mode\":\"shared host copy\",\"gpus\":{},\"gpu\":{g},\"preset\":\"{}\",\"layers\":{},\"dim\":{},\"ffn\":{},\"tokens\":{tokens},\"depth\":{},\"ms\":{ms:.2},\"aggregate_h2d_gib_s\":{aggregate:.2},\"host_bytes\":{multi_host_bytes},\"max_abs_diff\":{}}}",
+                "RESULT {{\"device\":\"{device_name}\",\"system\":\"layerwise-offload\",\"mode\":\"{mode}\",\"gpus\":{},\"gpu\":{g},\"preset\":\"{}\",\"layers\":{},\"dim\":{},\"ffn\":{},\"tokens\":{tokens},\"depth\":{},\"ms\":{ms:.2},\"delivered_gib_s\":{aggregate:.2},\"host_bytes\":{multi_host_bytes},\"max_abs_diff\":{}}}",
                 a.gpus,
                 s.preset,
                 s.layers,
@@ -668,7 +692,7 @@ fn main() -> Result<()> {
             );
         }
         println!(
-            "| {device_name} | {} | {tokens} | {} GPUs, one host copy: aggregate {aggregate:.1} GiB/s | {slowest:.1} (slowest) | | | | | |",
+            "| {device_name} | {} | {tokens} | {} GPUs, {mode}: {aggregate:.1} GiB/s of blocks delivered | {slowest:.1} (slowest) | | | | | |",
             s.preset, a.gpus
         );
     }

@@ -1,0 +1,284 @@
+//! Peer groups: members split every upload (each sends its share of the block to the others).
+//! The CPU test mode runs the whole protocol with synchronous copies; on CUDA the members use
+//! devices 0 and 1 where there are two (both on device 0 otherwise, unless
+//! `OFFLOAD_REQUIRE_GPUS=2`).
+
+mod common;
+
+use common::Mode;
+use common::model::{Model, assert_same, bits_equal};
+use layerwise_offload::{Error, LayerwiseOffloadManager, OffloadConfig, PeerGroup};
+use rstest::rstest;
+use std::sync::Arc;
+use std::time::Duration;
+use tch::{Device, Tensor};
+
+/// The devices of `n` members in `mode` (None: CUDA asked for and absent, after SKIP).
+fn member_devices(mode: Mode, n: usize) -> Option<Vec<Device>> {
+    let dev = mode.device()?;
+    if dev == Device::Cpu {
+        return Some(vec![Device::Cpu; n]);
+    }
+    let count = layerwise_offload::accel::cuda_device_count();
+    if count < 2 {
+        if std::env::var("OFFLOAD_REQUIRE_GPUS").as_deref() == Ok("2") {
+            panic!("OFFLOAD_REQUIRE_GPUS=2 but {count} CUDA device(s) are visible");
+        }
+        eprintln!("note: one CUDA device; every member runs on device 0");
+    }
+    Some((0..n).map(|g| Device::Cuda(g % count.max(1))).collect())
+}
+
+fn config(mode: Mode, dev: Device, n: usize) -> OffloadConfig {
+    let cfg = mode.config("blocks", n);
+    match dev {
+        Device::Cuda(i) => cfg.device(i),
+        _ => cfg,
+    }
+}
+
+/// One instance of the model per member, with the same weights.
+fn models(devs: &[Device], blocks: usize) -> anyhow::Result<Vec<Model>> {
+    let mut models = vec![Model::new(devs[0], blocks, false, 61)];
+    for (g, &d) in devs.iter().enumerate().skip(1) {
+        let mut m = Model::new(d, blocks, false, 62 + g as i64);
+        m.vs.copy(&models[0].vs)?;
+        models.push(m);
+    }
+    Ok(models)
+}
+
+/// A manager per model over one host store, in one group (member g has rank g).
+fn members(
+    mode: Mode,
+    devs: &[Device],
+    models: Vec<Model>,
+    depth: usize,
+    group: &Arc<PeerGroup>,
+) -> anyhow::Result<Vec<(Model, LayerwiseOffloadManager)>> {
+    let blocks = models[0].num_blocks();
+    let mut out: Vec<(Model, LayerwiseOffloadManager)> = Vec::new();
+    let mut store = None;
+    for (g, model) in models.into_iter().enumerate() {
+        let mut cfg = config(mode, devs[g], blocks)
+            .prefetch_depth(depth)
+            .peer_group(group.clone(), g);
+        if let Some(s) = &store {
+            cfg = cfg.host_store(Arc::clone(s));
+        }
+        let mut m = cfg.build(&model.vs)?;
+        m.initialize()?;
+        if store.is_none() {
+            store = m.host_store();
+        }
+        out.push((model, m));
+    }
+    Ok(out)
+}
+
+/// Runs `forwards` forwards on every member, one thread each; returns the members and their
+/// outputs.
+fn run_all(
+    members: Vec<(Model, LayerwiseOffloadManager)>,
+    x: &Tensor,
+    forwards: usize,
+) -> Vec<(Model, LayerwiseOffloadManager, Vec<Tensor>)> {
+    let handles: Vec<_> = members
+        .into_iter()
+        .map(|(model, mut m)| {
+            let x = x.copy();
+            std::thread::spawn(move || {
+                let ys = (0..forwards)
+                    .map(|_| model.forward(&x, Some(&mut m)))
+                    .collect();
+                (model, m, ys)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[rstest]
+#[case::two(2, 1)]
+#[case::three_deeper(3, 2)]
+fn members_split_every_upload(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+    #[case] n: usize,
+    #[case] depth: usize,
+) -> anyhow::Result<()> {
+    let Some(devs) = member_devices(mode, n) else {
+        return Ok(());
+    };
+    let group = PeerGroup::new(n)?;
+    let models = models(&devs, 5)?;
+    let before = models[0].snapshot();
+    let x = models[0].input(3);
+    let wants: Vec<Tensor> = models.iter().map(|m| m.forward(&x, None)).collect();
+    let ms = members(mode, &devs, models, depth, &group)?;
+    let block_bytes = ms[0].1.plan().unwrap().layers[0].bytes as u64;
+    let done = run_all(ms, &x, 3);
+    for (g, ((model, mut m, ys), want)) in done.into_iter().zip(&wants).enumerate() {
+        for y in &ys {
+            assert!(bits_equal(y, want), "member {g}: output differs");
+        }
+        let st = m.stats().clone();
+        // Each upload moved the whole block into the slot, a 1/n share of it from the host.
+        assert!(st.uploads > 0);
+        assert_eq!(st.bytes_uploaded + st.peer_bytes, st.uploads * block_bytes);
+        let share = st.bytes_uploaded as f64 / (st.uploads * block_bytes) as f64;
+        assert!(
+            (share - 1.0 / n as f64).abs() < 0.05,
+            "member {g} uploaded {share:.3} of the bytes, expected about 1/{n}"
+        );
+        m.restore()?;
+        assert_same(&model.snapshot(), &before);
+    }
+    assert!(group.broken().is_none());
+    Ok(())
+}
+
+/// Enters blocks in `order` (without compute), stopping at the first error.
+fn enter_all(m: &mut LayerwiseOffloadManager, order: &[usize]) -> layerwise_offload::Result<()> {
+    for &i in order {
+        m.enter(i)?.finish()?;
+    }
+    Ok(())
+}
+
+#[test]
+fn members_that_diverge_get_an_error_not_a_hang() -> anyhow::Result<()> {
+    let devs = [Device::Cpu, Device::Cpu];
+    let group = PeerGroup::with_timeout(2, Duration::from_secs(20))?;
+    let models = models(&devs, 4)?;
+    let before = models[0].snapshot();
+    let mut ms = members(Mode::Cpu, &devs, models, 1, &group)?;
+    let (model1, mut m1) = ms.pop().unwrap();
+    let (model0, mut m0) = ms.pop().unwrap();
+    // Member 1 skips block 0: its first upload is block 1, member 0's is block 0.
+    let t = std::thread::spawn(move || {
+        let r = enter_all(&mut m1, &[1, 2, 3]);
+        (m1, r)
+    });
+    let r0 = enter_all(&mut m0, &[0, 1, 2, 3]);
+    let (mut m1, r1) = t.join().unwrap();
+    for (g, r) in [(0, r0), (1, r1)] {
+        match r {
+            Err(e @ Error::PeerGroup { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("block"), "member {g}: {text}");
+                assert!(text.contains("same blocks in the same order"), "{text}");
+            }
+            r => panic!("member {g}: expected a PeerGroup error, got {r:?}"),
+        }
+    }
+    assert!(group.broken().is_some());
+    // Broken for good: the next upload fails at once.
+    assert!(matches!(m0.enter(2).map(|_| ()), Err(Error::PeerGroup { .. })));
+    // Nothing lost.
+    m0.restore()?;
+    m1.restore()?;
+    assert_same(&model0.snapshot(), &before);
+    assert_same(&model1.snapshot(), &before);
+    Ok(())
+}
+
+#[test]
+fn a_member_that_leaves_fails_the_others_next_upload() -> anyhow::Result<()> {
+    let devs = [Device::Cpu, Device::Cpu];
+    let group = PeerGroup::with_timeout(2, Duration::from_secs(20))?;
+    let models = models(&devs, 4)?;
+    let before = models[0].snapshot();
+    let x = models[0].input(4);
+    let ms = members(Mode::Cpu, &devs, models, 1, &group)?;
+    let mut done = run_all(ms, &x, 1);
+    let (model1, mut m1, _) = done.pop().unwrap();
+    let (model0, mut m0, _) = done.pop().unwrap();
+    m1.restore()?;
+    assert_same(&model1.snapshot(), &before);
+    // Member 0's next upload needs member 1, which is gone: an error naming it, at once.
+    let t = std::time::Instant::now();
+    let r = enter_all(&mut m0, &[0, 1, 2, 3]);
+    match r {
+        Err(e @ Error::PeerGroup { .. }) => assert!(e.to_string().contains("left"), "{e}"),
+        r => panic!("expected a PeerGroup error, got {r:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(10));
+    m0.restore()?;
+    assert_same(&model0.snapshot(), &before);
+    Ok(())
+}
+
+#[test]
+fn a_member_that_never_comes_times_out() -> anyhow::Result<()> {
+    let group = PeerGroup::with_timeout(2, Duration::from_millis(200))?;
+    let model = Model::new(Device::Cpu, 3, false, 63);
+    let before = model.snapshot();
+    let mut m = OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .peer_group(group.clone(), 0)
+        .build(&model.vs)?;
+    m.initialize()?;
+    match m.enter(0).map(|_| ()) {
+        Err(e @ Error::PeerGroup { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("[1]") && text.contains("within"), "{text}");
+        }
+        r => panic!("expected a PeerGroup error, got {r:?}"),
+    }
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}
+
+#[test]
+fn ranks_are_checked() -> anyhow::Result<()> {
+    assert!(matches!(
+        PeerGroup::new(0),
+        Err(Error::InvalidArgument { .. })
+    ));
+    let group = PeerGroup::new(2)?;
+    let model = Model::new(Device::Cpu, 3, false, 64);
+    let cfg = || OffloadConfig::new("blocks", 3).cpu_test_mode(true);
+    match cfg().peer_group(group.clone(), 2).build(&model.vs) {
+        Err(e @ Error::InvalidArgument { .. }) => assert!(e.to_string().contains("rank 2"), "{e}"),
+        r => panic!("expected InvalidArgument, got {:?}", r.map(|_| ())),
+    }
+    let mut a = cfg().peer_group(group.clone(), 1).build(&model.vs)?;
+    a.initialize()?;
+    let other = Model::new(Device::Cpu, 3, false, 65);
+    let before = other.snapshot();
+    let mut b = cfg().peer_group(group.clone(), 1).build(&other.vs)?;
+    match b.initialize() {
+        Err(e @ Error::InvalidArgument { .. }) => assert!(e.to_string().contains("taken"), "{e}"),
+        r => panic!("expected InvalidArgument, got {r:?}"),
+    }
+    // The refused member changed nothing.
+    assert_same(&other.snapshot(), &before);
+    a.restore()?;
+    Ok(())
+}
+
+#[test]
+fn block_updates_are_refused_in_a_group() -> anyhow::Result<()> {
+    let group = PeerGroup::new(1)?;
+    let model = Model::new(Device::Cpu, 3, false, 66);
+    let mut m = OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .peer_group(group, 0)
+        .build(&model.vs)?;
+    let x = model.input(5);
+    let want = model.forward(&x, None);
+    m.initialize()?;
+    let name = "blocks.1.fc1.weight";
+    let w = m.tensor(name)?.copy();
+    assert!(matches!(
+        m.update_tensor(name, &w),
+        Err(Error::InvalidArgument { .. })
+    ));
+    // A group of one is an ordinary manager that uploads everything itself.
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    assert_eq!(m.stats().peer_bytes, 0);
+    m.restore()?;
+    assert!(bits_equal(&model.forward(&x, None), &want));
+    Ok(())
+}
