@@ -303,7 +303,7 @@ impl OffloadConfig {
             spare: Vec::new(),
             counts: [0; 3],
             store: None,
-            push: None,
+            push: Vec::new(),
             peer_round: 0,
             joined: false,
         };
@@ -361,8 +361,9 @@ struct SlotRt {
     /// The block now in the slot was released since its upload (so `free` covers its reads).
     released: bool,
     last_used: u64,
-    /// Peer groups: recorded on the push stream after this slot's share went to the others.
-    pushed: Option<Event>,
+    /// Peer groups, by receiving rank: recorded on the push stream to that member after this
+    /// slot's share went there.
+    pushed: Vec<Event>,
     pushed_recorded: bool,
     /// Peer groups: the other members' shares of the block now in the slot have arrived once
     /// these have completed.
@@ -408,8 +409,9 @@ pub struct LayerwiseOffloadManager {
     counts: [usize; 3],
     /// The host store this manager streams from (its own, or one shared with it).
     store: Option<Arc<HostStore>>,
-    /// Peer groups: the stream this member's shares go out on (CUDA).
-    push: Option<Stream>,
+    /// Peer groups, by receiving rank: the stream this member's shares go out on to that member
+    /// (CUDA; one per receiver, so a late receiver does not hold up the others).
+    push: Vec<Stream>,
     /// Peer groups: uploads done so far (the k-th is the same block on every member).
     peer_round: u64,
     /// Peer groups: joined and not yet left.
@@ -667,13 +669,15 @@ impl LayerwiseOffloadManager {
                 _ => Tensor::f_empty([slot_bytes as i64], (Kind::Uint8, Device::Cpu))
                     .map_err(|e| Error::from(("allocating CPU slots", e)))?,
             };
-            let (ready, free, pushed) = match self.backend {
-                Backend::Cuda { .. } => (
-                    Some(Event::new()?),
-                    Some(Event::new()?),
-                    Some(Event::new()?),
-                ),
-                _ => (None, None, None),
+            let (ready, free) = match self.backend {
+                Backend::Cuda { .. } => (Some(Event::new()?), Some(Event::new()?)),
+                _ => (None, None),
+            };
+            let pushed = match (&self.backend, &self.config.peer) {
+                (Backend::Cuda { .. }, Some((group, _))) => {
+                    (0..group.size()).map(|_| Event::new()).collect::<Result<_>>()?
+                }
+                _ => Vec::new(),
             };
             slots.push(SlotRt {
                 buf,
@@ -695,9 +699,11 @@ impl LayerwiseOffloadManager {
         }
         if let Some((group, rank)) = &self.config.peer {
             if let Backend::Cuda { device, .. } = self.backend
-                && self.push.is_none()
+                && self.push.is_empty()
             {
-                self.push = Some(Stream::from_pool(device)?);
+                self.push = (0..group.size())
+                    .map(|_| Stream::from_pool(device))
+                    .collect::<Result<_>>()?;
             }
             group.join(*rank, slots.iter().map(|s| s.buf.shallow_clone()).collect())?;
             self.joined = true;
@@ -1236,7 +1242,11 @@ impl LayerwiseOffloadManager {
                     slot.free.as_ref().expect("CUDA slots have events").wait(&c)?;
                 }
                 if slot.pushed_recorded {
-                    slot.pushed.as_ref().expect("CUDA slots have events").wait(&c)?;
+                    for (o, e) in slot.pushed.iter().enumerate() {
+                        if o != rank {
+                            e.wait(&c)?;
+                        }
+                    }
                 }
                 let mut e = Event::new()?;
                 e.record(&c)?;
@@ -1273,8 +1283,8 @@ impl LayerwiseOffloadManager {
         let mut mine = narrow(&dst)?;
         let slot = &mut self.slots[s];
         let mut delivered: Vec<Option<Arc<Event>>> = vec![None; n];
-        match (copy, self.push) {
-            (Some(c), Some(p)) => {
+        match copy {
+            Some(c) => {
                 let timing = match timing {
                     Some((mut start, end)) => {
                         start.record(&c)?;
@@ -1301,14 +1311,16 @@ impl LayerwiseOffloadManager {
                         traced,
                     });
                 }
-                ready.wait(&p)?;
+                let ready = slot.ready.as_ref().expect("CUDA slots have events");
                 for (o, post) in posts.iter().enumerate().filter(|(o, _)| *o != rank) {
+                    let p = self.push[o];
+                    ready.wait(&p)?;
                     if let Some(w) = &post.writable {
                         w.wait(&p)?;
                     }
                     let theirs = narrow(&post.buf)?;
                     // SAFETY: the peer's slot stays allocated until every member has left the
-                    // group, and each member waits for its push stream before leaving; the
+                    // group, and each member waits for its push streams before leaving; this
                     // stream waited above for the peer's `writable` (nothing reads or writes that
                     // part of its slot until our event below, which its compute waits for), and
                     // for our own share's upload into `mine`, which nothing overwrites before
@@ -1317,11 +1329,8 @@ impl LayerwiseOffloadManager {
                     let mut e = Event::new()?;
                     e.record(&p)?;
                     delivered[o] = Some(Arc::new(e));
+                    slot.pushed[o].record(&p)?;
                 }
-                slot.pushed
-                    .as_mut()
-                    .expect("CUDA slots have events")
-                    .record(&p)?;
                 slot.pushed_recorded = true;
             }
             _ => {
@@ -1350,7 +1359,7 @@ impl LayerwiseOffloadManager {
         if !self.joined {
             return;
         }
-        if let Some(p) = &self.push {
+        for p in &self.push {
             let _ = p.synchronize();
         }
         for slot in &self.slots {
