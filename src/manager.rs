@@ -78,6 +78,7 @@ pub struct OffloadConfig {
     shareable: bool,
     shm: Option<std::path::PathBuf>,
     peer: Option<(Arc<PeerGroup>, usize)>,
+    push_per_member: bool,
 }
 
 /// A failure to inject, for tests of the error paths (the k-th such operation fails, counting
@@ -119,6 +120,7 @@ impl OffloadConfig {
             shareable: false,
             shm: None,
             peer: None,
+            push_per_member: false,
         }
     }
 
@@ -165,6 +167,15 @@ impl OffloadConfig {
     /// with [`Self::shareable`]).
     pub fn host_store(mut self, store: Arc<HostStore>) -> OffloadConfig {
         self.store = Some(store);
+        self
+    }
+
+    /// Peer groups: send the shares to the other members on one stream per receiver (`true`)
+    /// instead of one stream for all (the default). For measurements; not part of the stable
+    /// API.
+    #[doc(hidden)]
+    pub fn push_stream_per_member(mut self, on: bool) -> OffloadConfig {
+        self.push_per_member = on;
         self
     }
 
@@ -410,7 +421,7 @@ pub struct LayerwiseOffloadManager {
     /// The host store this manager streams from (its own, or one shared with it).
     store: Option<Arc<HostStore>>,
     /// Peer groups, by receiving rank: the stream this member's shares go out on to that member
-    /// (CUDA; one per receiver, so a late receiver does not hold up the others).
+    /// (CUDA; the same stream for all unless `push_stream_per_member`).
     push: Vec<Stream>,
     /// Peer groups: uploads done so far (the k-th is the same block on every member).
     peer_round: u64,
@@ -701,8 +712,15 @@ impl LayerwiseOffloadManager {
             if let Backend::Cuda { device, .. } = self.backend
                 && self.push.is_empty()
             {
+                let one = Stream::from_pool(device)?;
                 self.push = (0..group.size())
-                    .map(|_| Stream::from_pool(device))
+                    .map(|_| {
+                        if self.config.push_per_member {
+                            Stream::from_pool(device)
+                        } else {
+                            Ok(one)
+                        }
+                    })
                     .collect::<Result<_>>()?;
             }
             group.join(*rank, slots.iter().map(|s| s.buf.shallow_clone()).collect())?;

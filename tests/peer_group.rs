@@ -55,6 +55,7 @@ fn members(
     models: Vec<Model>,
     depth: usize,
     group: &Arc<PeerGroup>,
+    push_per_member: bool,
 ) -> anyhow::Result<Vec<(Model, LayerwiseOffloadManager)>> {
     let blocks = models[0].num_blocks();
     let mut out: Vec<(Model, LayerwiseOffloadManager)> = Vec::new();
@@ -62,7 +63,8 @@ fn members(
     for (g, model) in models.into_iter().enumerate() {
         let mut cfg = config(mode, devs[g], blocks)
             .prefetch_depth(depth)
-            .peer_group(group.clone(), g);
+            .peer_group(group.clone(), g)
+            .push_stream_per_member(push_per_member);
         if let Some(s) = &store {
             cfg = cfg.host_store(Arc::clone(s));
         }
@@ -99,12 +101,14 @@ fn run_all(
 }
 
 #[rstest]
-#[case::two(2, 1)]
-#[case::three_deeper(3, 2)]
+#[case::two(2, 1, false)]
+#[case::three_deeper(3, 2, false)]
+#[case::three_push_per_member(3, 1, true)]
 fn members_split_every_upload(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
     #[case] n: usize,
     #[case] depth: usize,
+    #[case] push_per_member: bool,
 ) -> anyhow::Result<()> {
     let Some(devs) = member_devices(mode, n) else {
         return Ok(());
@@ -114,7 +118,7 @@ fn members_split_every_upload(
     let before = models[0].snapshot();
     let x = models[0].input(3);
     let wants: Vec<Tensor> = models.iter().map(|m| m.forward(&x, None)).collect();
-    let ms = members(mode, &devs, models, depth, &group)?;
+    let ms = members(mode, &devs, models, depth, &group, push_per_member)?;
     let block_bytes = ms[0].1.plan().unwrap().layers[0].bytes as u64;
     let done = run_all(ms, &x, 3);
     for (g, ((model, mut m, ys), want)) in done.into_iter().zip(&wants).enumerate() {
@@ -151,7 +155,7 @@ fn members_that_diverge_get_an_error_not_a_hang() -> anyhow::Result<()> {
     let group = PeerGroup::with_timeout(2, Duration::from_secs(20))?;
     let models = models(&devs, 4)?;
     let before = models[0].snapshot();
-    let mut ms = members(Mode::Cpu, &devs, models, 1, &group)?;
+    let mut ms = members(Mode::Cpu, &devs, models, 1, &group, false)?;
     let (model1, mut m1) = ms.pop().unwrap();
     let (model0, mut m0) = ms.pop().unwrap();
     // Member 1 skips block 0: its first upload is block 1, member 0's is block 0.
@@ -189,7 +193,7 @@ fn a_member_that_leaves_fails_the_others_next_upload() -> anyhow::Result<()> {
     let models = models(&devs, 4)?;
     let before = models[0].snapshot();
     let x = models[0].input(4);
-    let ms = members(Mode::Cpu, &devs, models, 1, &group)?;
+    let ms = members(Mode::Cpu, &devs, models, 1, &group, false)?;
     let mut done = run_all(ms, &x, 1);
     let (model1, mut m1, _) = done.pop().unwrap();
     let (model0, mut m0, _) = done.pop().unwrap();

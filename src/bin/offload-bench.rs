@@ -4,7 +4,8 @@
 //! ```text
 //! offload-bench [--preset tiny|wan-1.3b|wan-14b] [--layers N] [--dim N] [--ffn N] [--heads N]
 //!               [--tokens 1024,4096] [--ctx 512] [--depth 1] [--reps 5] [--warmup 2]
-//!               [--budgets 13,20] [--gpus N] [--trace FILE.json] [--no-resident] [--cpu]
+//!               [--budgets 13,20] [--gpus N] [--modes shared,peer] [--multi-only]
+//!               [--push-per-gpu] [--trace FILE.json] [--no-resident] [--cpu]
 //! ```
 //! Configurations: full streaming, then one per VRAM budget in `--budgets` (GiB of block weights
 //! the manager may keep on the GPU), then with `--gpus N` N GPUs streaming at once from one
@@ -44,6 +45,9 @@ struct Args {
     budgets: Vec<f64>,
     trace: Option<String>,
     gpus: usize,
+    modes: Vec<String>,
+    push_per_gpu: bool,
+    multi_only: bool,
 }
 
 fn preset(name: &str) -> Result<Shape> {
@@ -85,6 +89,9 @@ fn parse_args() -> Result<Args> {
         budgets: Vec::new(),
         trace: None,
         gpus: 1,
+        modes: vec!["shared".into(), "peer".into()],
+        push_per_gpu: false,
+        multi_only: false,
     };
     let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
@@ -110,6 +117,14 @@ fn parse_args() -> Result<Args> {
             "--no-resident" => a.resident = false,
             "--trace" => a.trace = Some(val()?),
             "--gpus" => a.gpus = val()?.parse()?,
+            "--modes" => {
+                a.modes = val()?.split(',').map(|m| m.trim().to_owned()).collect();
+                if let Some(m) = a.modes.iter().find(|m| !["shared", "peer"].contains(&m.as_str())) {
+                    bail!("unknown --modes entry {m:?} (shared, peer)");
+                }
+            }
+            "--push-per-gpu" => a.push_per_gpu = true,
+            "--multi-only" => a.multi_only = true,
             "--budgets" => {
                 a.budgets = val()?
                     .split(',')
@@ -427,6 +442,9 @@ fn main() -> Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut configs: Vec<Option<f64>> = vec![None];
     configs.extend(a.budgets.iter().map(|&b| Some(b)));
+    if a.multi_only {
+        configs.clear();
+    }
     let mut stats_table = String::new();
     for budget in configs {
         let label = match budget {
@@ -507,12 +525,15 @@ fn main() -> Result<()> {
     // as a peer group (each uploads 1/N of every block and sends it to the others).
     let mut multi: Vec<(&str, usize, i64, f64, Tensor)> = Vec::new();
     let mut multi_host_bytes = 0u64;
-    let modes: &[&str] = if a.gpus > 1 {
-        &["shared host copy", "peer split"]
+    let modes: Vec<&str> = if a.gpus > 1 {
+        a.modes
+            .iter()
+            .map(|m| if m == "peer" { "peer split" } else { "shared host copy" })
+            .collect()
     } else {
-        &[]
+        Vec::new()
     };
-    for &mode in modes {
+    for &mode in &modes {
         let group = if mode == "peer split" {
             Some(PeerGroup::new(a.gpus)?)
         } else {
@@ -544,12 +565,24 @@ fn main() -> Result<()> {
         m0.initialize()?;
         let store = m0.host_store().expect("initialized");
         multi_host_bytes = store.bytes();
+        // The inputs of the resident run, copied to each GPU here: seeding in the threads would
+        // race (tch::manual_seed reseeds every device's generator, process-wide).
+        let mut thread_inputs: Vec<Vec<(i64, Tensor, Tensor)>> = (0..a.gpus)
+            .map(|g| {
+                let dev_g = if a.cpu { Device::Cpu } else { Device::Cuda(g) };
+                inputs
+                    .iter()
+                    .map(|(t, x, c)| (*t, x.to_device(dev_g), c.to_device(dev_g)))
+                    .collect()
+            })
+            .collect();
         let barrier = std::sync::Barrier::new(a.gpus);
         let results: Vec<Result<Vec<(i64, f64, Tensor)>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..a.gpus)
                 .map(|g| {
                     let dev_g = if a.cpu { Device::Cpu } else { Device::Cuda(g) };
                     let named_g = std::mem::take(&mut instances[g]);
+                    let inputs_g = std::mem::take(&mut thread_inputs[g]);
                     let store = store.clone();
                     let (a, barrier) = (&a, &barrier);
                     let group = group.clone();
@@ -560,16 +593,15 @@ fn main() -> Result<()> {
                             .device(if let Device::Cuda(i) = dev_g { i } else { 0 })
                             .host_store(store);
                         if let Some(group) = group {
-                            cfg = cfg.peer_group(group, g);
+                            cfg = cfg
+                                .peer_group(group, g)
+                                .push_stream_per_member(a.push_per_gpu);
                         }
                         let mut m = cfg.build(&named_g)?;
                         m.initialize()?;
                         let stack = Stack::new(s, &named_g);
                         let mut out = Vec::new();
-                        for &tokens in &a.tokens {
-                            tch::manual_seed(tokens);
-                            let x = Tensor::randn([1, tokens, 64], (kind, dev_g));
-                            let ctx = Tensor::randn([1, s.ctx, s.dim], (kind, dev_g));
+                        for (tokens, x, ctx) in inputs_g {
                             barrier.wait();
                             let (ms, y) =
                                 time_forwards(a, || stack.forward(&x, &ctx, Some(&mut m)), dev_g)?;
