@@ -1160,6 +1160,18 @@ impl LayerwiseOffloadManager {
 
     /// Queues the upload of block `layer` into slot `s`.
     fn upload(&mut self, layer: usize, s: usize) -> Result<()> {
+        let r = self.upload_inner(layer, s);
+        // In a peer group the others wait for this member's part of the upload: a failure here
+        // breaks the group, so that they get an error now instead of at the timeout.
+        if let (Err(e), Some((group, rank))) = (&r, &self.config.peer)
+            && !matches!(e, Error::PeerGroup { .. })
+        {
+            group.fail(*rank, &e.to_string());
+        }
+        r
+    }
+
+    fn upload_inner(&mut self, layer: usize, s: usize) -> Result<()> {
         self.evict(s)?;
         if self.injected(1) {
             return Err(Error::Torch {
@@ -1168,13 +1180,7 @@ impl LayerwiseOffloadManager {
             });
         }
         if let Some((group, rank)) = self.config.peer.clone() {
-            let r = self.upload_peer(&group, rank, layer, s);
-            if let Err(e) = &r
-                && !matches!(e, Error::PeerGroup { .. })
-            {
-                group.fail(rank, &e.to_string());
-            }
-            return r;
+            return self.upload_peer(&group, rank, layer, s);
         }
         let bytes = self.layout(layer).bytes;
         let timing = self.timing_pair()?;

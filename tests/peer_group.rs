@@ -213,6 +213,47 @@ fn a_member_that_leaves_fails_the_others_next_upload() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_member_whose_upload_fails_fails_the_others_at_once() -> anyhow::Result<()> {
+    let devs = [Device::Cpu, Device::Cpu];
+    let group = PeerGroup::with_timeout(2, Duration::from_secs(60))?;
+    let models = models(&devs, 4)?;
+    let before = models[0].snapshot();
+    let mut it = models.into_iter();
+    let (model0, model1) = (it.next().unwrap(), it.next().unwrap());
+    let mut m0 = OffloadConfig::new("blocks", 4)
+        .cpu_test_mode(true)
+        .peer_group(group.clone(), 0)
+        .build(&model0.vs)?;
+    m0.initialize()?;
+    // Member 1's third upload fails (an injected device error).
+    let mut m1 = OffloadConfig::new("blocks", 4)
+        .cpu_test_mode(true)
+        .host_store(m0.host_store().unwrap())
+        .peer_group(group.clone(), 1)
+        .inject_fault(layerwise_offload::Fault::Upload(2))
+        .build(&model1.vs)?;
+    m1.initialize()?;
+    let t = std::time::Instant::now();
+    let h = std::thread::spawn(move || {
+        let r = enter_all(&mut m1, &[0, 1, 2, 3]);
+        (m1, r)
+    });
+    let r0 = enter_all(&mut m0, &[0, 1, 2, 3]);
+    let (mut m1, r1) = h.join().unwrap();
+    assert!(matches!(r1, Err(Error::Torch { .. })), "{r1:?}");
+    match r0 {
+        Err(e @ Error::PeerGroup { .. }) => assert!(e.to_string().contains("injected"), "{e}"),
+        r => panic!("expected a PeerGroup error, got {r:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(30), "waited for the timeout");
+    m0.restore()?;
+    m1.restore()?;
+    assert_same(&model0.snapshot(), &before);
+    assert_same(&model1.snapshot(), &before);
+    Ok(())
+}
+
+#[test]
 fn a_member_that_never_comes_times_out() -> anyhow::Result<()> {
     let group = PeerGroup::with_timeout(2, Duration::from_millis(200))?;
     let model = Model::new(Device::Cpu, 3, false, 63);
