@@ -1378,18 +1378,15 @@ impl LayerwiseOffloadManager {
         Ok(())
     }
 
-    /// Waits for this member's outgoing and incoming peer copies and leaves the group.
+    /// Waits for this member's outgoing peer copies and leaves the group. Copies into this
+    /// member's slots need no wait here: the group keeps every ring until each member has left,
+    /// and each one waits for its own outgoing copies first.
     fn leave_group(&mut self) {
         if !self.joined {
             return;
         }
         for p in &self.push {
             let _ = p.synchronize();
-        }
-        for slot in &self.slots {
-            for e in &slot.incoming {
-                let _ = e.synchronize();
-            }
         }
         if let Some((group, rank)) = &self.config.peer {
             group.leave(*rank);

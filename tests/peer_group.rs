@@ -15,18 +15,10 @@ use tch::{Device, Tensor};
 
 /// The devices of `n` members in `mode` (None: CUDA asked for and absent, after SKIP).
 fn member_devices(mode: Mode, n: usize) -> Option<Vec<Device>> {
-    let dev = mode.device()?;
-    if dev == Device::Cpu {
-        return Some(vec![Device::Cpu; n]);
+    match mode {
+        Mode::Cpu => Some(vec![Device::Cpu; n]),
+        Mode::Cuda => Some(common::cuda_devices(n)?.into_iter().map(Device::Cuda).collect()),
     }
-    let count = layerwise_offload::accel::cuda_device_count();
-    if count < 2 {
-        if std::env::var("OFFLOAD_REQUIRE_GPUS").as_deref() == Ok("2") {
-            panic!("OFFLOAD_REQUIRE_GPUS=2 but {count} CUDA device(s) are visible");
-        }
-        eprintln!("note: one CUDA device; every member runs on device 0");
-    }
-    Some((0..n).map(|g| Device::Cuda(g % count.max(1))).collect())
 }
 
 fn config(mode: Mode, dev: Device, n: usize) -> OffloadConfig {

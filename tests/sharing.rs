@@ -176,19 +176,10 @@ fn shared_stores_serve_managers_with_their_own_budgets(
 /// streams and slot rings over one store); `OFFLOAD_REQUIRE_GPUS=2` makes that a failure.
 #[test]
 fn managers_on_two_devices_share_one_host_copy() -> anyhow::Result<()> {
-    let Some(_) = common::cuda() else {
+    let Some(devs) = common::cuda_devices(2) else {
         return Ok(());
     };
-    let count = layerwise_offload::accel::cuda_device_count();
-    let d1 = if count >= 2 {
-        1
-    } else {
-        if std::env::var("OFFLOAD_REQUIRE_GPUS").as_deref() == Ok("2") {
-            panic!("OFFLOAD_REQUIRE_GPUS=2 but {count} CUDA device(s) are visible");
-        }
-        eprintln!("note: one CUDA device; both managers run on device 0");
-        0
-    };
+    let d1 = devs[1];
     let (dev0, dev1) = (tch::Device::Cuda(0), tch::Device::Cuda(d1));
     let model0 = Model::new(dev0, 5, false, 51);
     let mut model1 = Model::new(dev1, 5, false, 52);

@@ -16,6 +16,21 @@ pub fn cuda() -> Option<usize> {
     None
 }
 
+/// `n` CUDA device indices for tests that spread managers over devices: distinct where the
+/// host has enough, round robin otherwise (with a note), unless `OFFLOAD_REQUIRE_GPUS=2` and
+/// fewer than two are visible, where it panics. `None` (after SKIP) without a device.
+pub fn cuda_devices(n: usize) -> Option<Vec<usize>> {
+    cuda()?;
+    let count = layerwise_offload::accel::cuda_device_count();
+    if count < 2 {
+        if std::env::var("OFFLOAD_REQUIRE_GPUS").as_deref() == Ok("2") {
+            panic!("OFFLOAD_REQUIRE_GPUS=2 but {count} CUDA device(s) are visible");
+        }
+        eprintln!("note: one CUDA device; every manager runs on device 0");
+    }
+    Some((0..n).map(|g| g % count).collect())
+}
+
 /// Serialises the tests of one binary that read device-wide state (allocator statistics,
 /// timings): cargo runs a binary's tests on several threads at once.
 pub fn gpu_lock() -> MutexGuard<'static, ()> {
