@@ -357,35 +357,17 @@ int lo_host_alloc(size_t bytes, int threads, void** out) {
   })
 }
 
-int lo_host_map_file(const char* path, size_t bytes, int create, int threads, void** out) {
+int lo_host_map_fd(int fd, size_t bytes, int writable, int threads, void** out) {
   LO_PROTECT({
+    // The caller opened `fd` (and checked who owns the file), reserved its space when it
+    // created it (posix_fallocate, so that a full file system is an error there and not a
+    // SIGBUS here), and closes it: the mapping stays valid without the descriptor.
     TORCH_CHECK(bytes > 0, "cannot map 0 bytes");
-    int fd = create ? open(path, O_RDWR | O_CREAT | O_EXCL, 0600) : open(path, O_RDONLY);
-    TORCH_CHECK(fd >= 0, create ? "could not create " : "could not open ", path, ": ", std::strerror(errno));
-    struct Closer {
-      int fd;
-      ~Closer() { close(fd); }
-    } closer{fd};
-    if (create) {
-      if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
-        int err = errno;
-        unlink(path);
-        TORCH_CHECK(false, "could not size ", path, " to ", bytes, " bytes: ", std::strerror(err));
-      }
-    } else {
-      struct stat st {};
-      TORCH_CHECK(fstat(fd, &st) == 0, "could not stat ", path, ": ", std::strerror(errno));
-      TORCH_CHECK(static_cast<size_t>(st.st_size) == bytes, path, " holds ", st.st_size,
-                  " bytes, the manifest says ", bytes);
-    }
-    const int prot = create ? PROT_READ | PROT_WRITE : PROT_READ;
+    const int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
     void* p = mmap(nullptr, bytes, prot, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED) {
-      int err = errno;
-      if (create) unlink(path);
-      TORCH_CHECK(false, "could not map ", path, ": ", std::strerror(err));
-    }
-    if (create) touch_pages(p, bytes, threads);  // allocate the shared pages now
+    TORCH_CHECK(p != MAP_FAILED, "could not map ", bytes, " bytes of a shared-memory file: ",
+                std::strerror(errno));
+    if (writable) touch_pages(p, bytes, threads);  // fault the reserved pages in now
     *out = p;
   })
 }

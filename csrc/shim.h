@@ -65,10 +65,11 @@ int lo_host_alloc(size_t bytes, int threads, void** out);
 int lo_host_free(void* ptr, size_t bytes);
 // flags: cudaHostRegister's (1 portable, 8 read-only).
 int lo_host_register(void* ptr, size_t bytes, unsigned int flags);
-// Maps `path` (a file on a shared-memory file system, e.g. /dev/shm) with MAP_SHARED: creates it
-// with `bytes` bytes, read-write, pages allocated (create = 1), or opens an existing one of
-// exactly `bytes` bytes read-only (create = 0). Free with lo_host_free.
-int lo_host_map_file(const char* path, size_t bytes, int create, int threads, void** out);
+// Maps the first `bytes` bytes of the open file `fd` (on a shared-memory file system, e.g.
+// /dev/shm; at least that long, its space reserved) with MAP_SHARED: read-write with every page
+// faulted in (writable = 1), or read-only (writable = 0). The caller opens, checks and closes
+// the file. Free with lo_host_free.
+int lo_host_map_fd(int fd, size_t bytes, int writable, int threads, void** out);
 // Takes ownership of `ptr` (from lo_host_alloc; registered if `registered`) and returns a 1-D
 // uint8 CPU tensor over it whose deleter unregisters and unmaps it when the last view is gone.
 int lo_host_tensor(void* ptr, size_t bytes, int registered, void** out);

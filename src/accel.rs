@@ -564,20 +564,57 @@ pub fn map_host_file(
         bytes: bytes as u64,
         source: TorchMessage(message),
     };
-    let c = std::ffi::CString::new(path.to_string_lossy().as_bytes()).map_err(|_| {
-        Error::InvalidArgument {
-            op: "map_host_file",
-            message: format!("{} contains a NUL byte", path.display()),
-        }
-    })?;
     let create = mode == FileMapping::Create;
+    let file = if create {
+        let file = crate::shm::create_exclusive(path)?
+            .map_err(|e| host_err(format!("could not create {}: {e}", path.display())))?;
+        if let Err(e) = crate::shm::reserve(&file, bytes) {
+            let _ = std::fs::remove_file(path);
+            return Err(host_err(format!(
+                "could not reserve {bytes} bytes in {}: {e}; the file system must hold the whole store (see `df {}`)",
+                path.display(),
+                path.parent().unwrap_or(path).display()
+            )));
+        }
+        file
+    } else {
+        let (file, meta) = crate::shm::open_trusted(path)?
+            .map_err(|e| host_err(format!("could not open {}: {e}", path.display())))?;
+        if meta.len() != bytes as u64 {
+            return Err(Error::SharedFile {
+                path: path.to_owned(),
+                reason: format!(
+                    "holds {} bytes, the manifest says {bytes}: it is not the file the manifest describes",
+                    meta.len()
+                ),
+            });
+        }
+        file
+    };
+    let mapped = map_file_descriptor(&file, bytes, create, memory, host_err);
+    if mapped.is_err() && create {
+        let _ = std::fs::remove_file(path);
+    }
+    mapped
+}
+
+/// Maps the first `bytes` bytes of `file` (of at least that size) shared, and owns the mapping.
+fn map_file_descriptor(
+    file: &std::fs::File,
+    bytes: usize,
+    writable: bool,
+    memory: HostMemory,
+    host_err: impl Fn(String) -> Error,
+) -> Result<Tensor> {
+    use std::os::fd::AsRawFd as _;
     let mut p: *mut c_void = std::ptr::null_mut();
-    // SAFETY: `c` is NUL-terminated and alive for the call; the out-pointer is a local.
+    // SAFETY: the descriptor is open for the call (borrowed from `file`) and at least `bytes`
+    // long (created and reserved, or checked with fstat); the out-pointer is a local.
     if unsafe {
-        ffi::lo_host_map_file(
-            c.as_ptr(),
+        ffi::lo_host_map_fd(
+            file.as_raw_fd(),
             bytes,
-            create as c_int,
+            writable as c_int,
             host_threads(bytes),
             &mut p,
         )

@@ -53,6 +53,16 @@ pub enum Error {
         #[source]
         source: TorchMessage,
     },
+    /// A shared-memory store's file (or its manifest) cannot be used safely: a path taken by
+    /// another file or a symbolic link when publishing, or, when opening, a file that another
+    /// user owns or may write, a symbolic link, or a manifest that does not describe the file.
+    #[error("shared host store file {}: {reason}", path.display())]
+    SharedFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// The CUDA allocator has started already, so a per-process setting can no longer change.
     #[error(
         "{op}: the CUDA allocator already started in this process; call it before the first CUDA allocation"

@@ -60,10 +60,10 @@ unsafe extern "C" {
     pub fn lo_host_alloc(bytes: usize, threads: c_int, out: *mut *mut c_void) -> c_int;
     pub fn lo_host_free(ptr: *mut c_void, bytes: usize) -> c_int;
     pub fn lo_host_register(ptr: *mut c_void, bytes: usize, flags: u32) -> c_int;
-    pub fn lo_host_map_file(
-        path: *const c_char,
+    pub fn lo_host_map_fd(
+        fd: c_int,
         bytes: usize,
-        create: c_int,
+        writable: c_int,
         threads: c_int,
         out: *mut *mut c_void,
     ) -> c_int;

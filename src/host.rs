@@ -85,16 +85,21 @@ impl HostStore {
     /// The publishing process must have finished `initialize()` (the manifest appears last) and
     /// must not have dropped its store yet (that removes the file; mappings made before stay
     /// valid).
+    ///
+    /// Only a store this user published is opened: the file and the manifest must be regular
+    /// files (not symbolic links) owned by this process's user and writable by nobody else
+    /// (the publisher makes them 0600); anything else is [`Error::SharedFile`], checked on the
+    /// open file, so another local user can neither plant weights nor swap the file in between.
+    ///
+    /// A mapping survives the file's removal, not its truncation: should a process of the same
+    /// user (or root) truncate or shrink the file while this store is alive, this process dies
+    /// with SIGBUS at its next read of a lost page, and no error can be returned. The refusal of
+    /// other users' files is the guard (no other user can change the file); the publisher never
+    /// truncates it, and nothing else of the same user should touch it.
     pub fn open_shared(path: impl AsRef<Path>, memory: HostMemory) -> Result<Arc<HostStore>> {
         let path = path.as_ref();
         let mpath = manifest_path(path);
-        let text = std::fs::read_to_string(&mpath).map_err(|e| Error::InvalidArgument {
-            op: "HostStore::open_shared",
-            message: format!(
-                "cannot read {}: {e}; has the publishing process finished initialize()?",
-                mpath.display()
-            ),
-        })?;
+        let text = read_manifest(&mpath)?;
         let bad = |line: &str| Error::InvalidArgument {
             op: "HostStore::open_shared",
             message: format!(
@@ -224,15 +229,11 @@ impl HostStore {
                 );
             }
         }
-        let mpath = manifest_path(path);
-        let mut tmp = mpath.clone().into_os_string();
-        tmp.push(".tmp");
-        let io = |e: std::io::Error| Error::InvalidArgument {
-            op: "OffloadConfig::shared_memory",
-            message: format!("cannot write {}: {e}", mpath.display()),
-        };
-        std::fs::write(&tmp, m).map_err(io)?;
-        std::fs::rename(&tmp, &mpath).map_err(io)
+        crate::shm::write_private(
+            &manifest_path(path),
+            m.as_bytes(),
+            "OffloadConfig::shared_memory",
+        )
     }
 
     /// Checks that a plan has exactly the store's layout; says what differs.
@@ -286,6 +287,35 @@ impl Drop for HostStore {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// Largest manifest read: far above any model's (a few hundred bytes per tensor).
+const MANIFEST_MAX_BYTES: u64 = 64 << 20;
+
+/// Reads the manifest at `mpath`, a file this user owns and nobody else can write.
+fn read_manifest(mpath: &Path) -> Result<String> {
+    use std::io::Read as _;
+    let (file, meta) = crate::shm::open_trusted(mpath)?.map_err(|e| Error::InvalidArgument {
+        op: "HostStore::open_shared",
+        message: format!(
+            "cannot read {}: {e}; has the publishing process finished initialize()?",
+            mpath.display()
+        ),
+    })?;
+    if meta.len() > MANIFEST_MAX_BYTES {
+        return Err(Error::SharedFile {
+            path: mpath.to_owned(),
+            reason: format!("holds {} bytes, too many for a manifest", meta.len()),
+        });
+    }
+    let mut text = String::new();
+    file.take(MANIFEST_MAX_BYTES)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::SharedFile {
+            path: mpath.to_owned(),
+            reason: format!("cannot be read as a manifest: {e}"),
+        })?;
+    Ok(text)
 }
 
 /// The element type named as `format!("{kind:?}")` writes it.

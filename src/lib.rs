@@ -9,6 +9,7 @@ pub mod manager;
 pub mod peer;
 pub mod plan;
 pub mod script;
+mod shm;
 pub mod source;
 pub mod stats;
 

@@ -144,6 +144,13 @@ impl OffloadConfig {
     /// [`HostStore::open_shared`](crate::HostStore::open_shared). The file is removed when this
     /// manager's store is dropped; processes that mapped it keep their mapping. While
     /// published, `update_tensor` on block weights is refused.
+    ///
+    /// The file and its manifest are created with mode 0600, never over anything already at
+    /// the path nor through a symbolic link (either is [`Error::SharedFile`]), and the file's
+    /// space is reserved first: a file system too small for the store is
+    /// [`Error::HostAlloc`] ("No space left on device"), with the file removed. Readers must
+    /// run as the same user. Truncating the file while readers map it kills them with SIGBUS:
+    /// leave it alone until the store is dropped.
     pub fn shared_memory(mut self, path: impl Into<std::path::PathBuf>) -> OffloadConfig {
         self.shm = Some(path.into());
         self
