@@ -1,5 +1,6 @@
-//! Compiles the C++ shim in `csrc/` against the libtorch that torch-sys links, links libtorch's
-//! CUDA backend so that it registers, and writes libtorch's lib dir into the binaries' rpath.
+//! Compiles the C++ shim in `csrc/` against the libtorch that torch-sys links, tells the shim
+//! where that libtorch lives (it loads the CUDA backend from there at run time), and writes
+//! libtorch's lib dir into this package's own binaries' rpath.
 
 use anyhow::{Context, Result, bail};
 use std::env;
@@ -52,21 +53,26 @@ fn main() -> Result<()> {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
+        // Where the shim looks for libtorch_cuda.so if it finds no libtorch among the loaded
+        // objects at run time.
+        .define(
+            "LO_LIBTORCH_LIB",
+            Some(format!("{:?}", lib_dir.display().to_string()).as_str()),
+        )
         // libtorch's headers are noisy under -Wall; the shim's own code is kept warning-free.
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-deprecated-declarations")
         .files(&files)
         .compile("layerwise_offload_shim");
 
-    // Without --no-as-needed the linker drops libtorch_cuda (nothing references it directly),
-    // CUDA's backend never registers and every CUDA call fails.
-    if lib_dir.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
-    }
+    // libtorch_cuda is not linked here: the shim loads it at start-up (csrc/shim.cpp,
+    // `load_cuda_backend`), the same way in this package's binaries as in every crate that
+    // depends on this one, where link arguments from this script do not reach.
     // torch-sys's rpath flag does not reach downstream binaries.
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    // For the build scripts of crates that depend on this one (`links` makes it
+    // DEP_LAYERWISE_OFFLOAD_SHIM_LIBTORCH_LIB there): where libtorch is, to put in their rpath.
+    println!("cargo:libtorch_lib={}", lib_dir.display());
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-link-lib=dl");
     Ok(())

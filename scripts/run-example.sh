@@ -12,8 +12,10 @@ cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 source scripts/env.sh
 cargo build --release --quiet --examples
-target/release/examples/bandwidth --mib 256
-ex=target/release/examples/dit_layer_loop
+# Cargo's output directory: CARGO_TARGET_DIR when set (shared build machines often set it).
+bin="${CARGO_TARGET_DIR:-target}/release/examples"
+"$bin/bandwidth" --mib 256
+ex="$bin/dit_layer_loop"
 if (($#)); then
   exec "$ex" "$@"
 elif nvidia-smi -L >/dev/null 2>&1; then
