@@ -36,6 +36,34 @@ fn device_query_is_consistent() {
 }
 
 #[test]
+fn the_cuda_backend_says_where_it_came_from() {
+    let backend = accel::cuda_backend();
+    match backend {
+        accel::CudaBackend::Linked(path) | accel::CudaBackend::Loaded(path) => {
+            assert!(path.ends_with("/libtorch_cuda.so"), "{path}");
+            assert!(accel::cuda_compiled());
+        }
+        accel::CudaBackend::Unavailable(why) => {
+            assert!(!why.is_empty());
+            assert!(!accel::cuda_compiled());
+            assert!(!accel::cuda_is_available());
+        }
+    }
+    // This package's binaries do not link libtorch_cuda either: where libtorch has one, the
+    // crate loaded it at start-up.
+    if let Ok(dir) = std::env::var("LIBTORCH")
+        && std::path::Path::new(&dir).join("lib/libtorch_cuda.so").exists()
+    {
+        assert!(matches!(backend, accel::CudaBackend::Loaded(_)), "{backend:?}");
+    }
+    // Without a device, the reason says why; with one, there is none.
+    assert_eq!(
+        accel::cuda_unavailable_reason().is_some(),
+        !accel::cuda_is_available()
+    );
+}
+
+#[test]
 fn missing_device_gives_typed_errors() {
     let d = missing_device();
     assert_no_device(Stream::from_pool(d), "Stream::from_pool");
