@@ -4,14 +4,14 @@
 
 use crate::accel::{self, FileMapping, HostMemory};
 use crate::error::{Error, Result};
-use crate::plan::{LayerLayout, Plan, TensorLayout};
-use std::fmt::Write as _;
+use crate::manifest::Manifest;
+use crate::plan::{LayerLayout, Plan};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// Alignment of each block inside a shared-memory file.
-pub(crate) const FILE_ALIGN: usize = 4096;
+pub(crate) use crate::manifest::FILE_ALIGN;
 
 /// The manifest written next to a shared-memory store: `<path>.manifest`.
 pub(crate) fn manifest_path(path: &Path) -> PathBuf {
@@ -100,83 +100,22 @@ impl HostStore {
         let path = path.as_ref();
         let mpath = manifest_path(path);
         let text = read_manifest(&mpath)?;
-        let bad = |line: &str| Error::InvalidArgument {
-            op: "HostStore::open_shared",
-            message: format!(
-                "{} is not a host store manifest (at {line:?})",
-                mpath.display()
-            ),
-        };
-        let mut lines = text.lines();
-        if lines.next() != Some("layerwise-offload host store 1") {
-            return Err(bad("first line"));
-        }
-        let total: usize = lines
-            .next()
-            .and_then(|l| l.strip_prefix("bytes "))
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| bad("bytes"))?;
-        let file = accel::map_host_file(path, total, FileMapping::OpenReadOnly, memory)?;
-        let mut layers = Vec::new();
-        let mut buffers = Vec::new();
-        let mut attrs: Vec<String> = Vec::new();
-        for line in lines {
-            let f: Vec<&str> = line.split(' ').collect();
-            match f.as_slice() {
-                ["layer", attr, index, offset, bytes, _n] => {
-                    let (index, offset, bytes) = (
-                        index.parse().map_err(|_| bad(line))?,
-                        offset.parse::<i64>().map_err(|_| bad(line))?,
-                        bytes.parse::<usize>().map_err(|_| bad(line))?,
-                    );
-                    let list = match attrs.iter().position(|a| a == attr) {
-                        Some(i) => i,
-                        None => {
-                            attrs.push((*attr).to_owned());
-                            attrs.len() - 1
-                        }
-                    };
-                    if offset < 0 || offset as usize + bytes > total {
-                        return Err(bad(line));
-                    }
-                    let buf = file
-                        .f_narrow(0, offset, bytes as i64)
-                        .map_err(|e| Error::from(("HostStore::open_shared", e)))?;
-                    layers.push(LayerLayout {
-                        list,
-                        attr: (*attr).to_owned(),
-                        index,
-                        tensors: Vec::new(),
-                        bytes,
-                    });
-                    buffers.push(Some(buf));
-                }
-                ["tensor", name, offset, bytes, kind, shape, strides] => {
-                    let layer = layers.last_mut().ok_or_else(|| bad(line))?;
-                    let dims = |v: &str| -> Result<Vec<i64>> {
-                        if *v == *"-" {
-                            return Ok(Vec::new());
-                        }
-                        v.split(',')
-                            .map(|x| x.parse().map_err(|_| bad(line)))
-                            .collect()
-                    };
-                    let t = TensorLayout {
-                        name: (*name).to_owned(),
-                        offset: offset.parse().map_err(|_| bad(line))?,
-                        bytes: bytes.parse().map_err(|_| bad(line))?,
-                        shape: dims(shape)?,
-                        strides: dims(strides)?,
-                        kind: kind_from_name(kind).ok_or_else(|| bad(line))?,
-                        source_index: 0,
-                    };
-                    if t.offset + t.bytes > layer.bytes {
-                        return Err(bad(line));
-                    }
-                    layer.tensors.push(t);
-                }
-                _ => return Err(bad(line)),
-            }
+        let manifest = Manifest::parse(text.as_bytes()).map_err(|why| Error::SharedFile {
+            path: mpath.clone(),
+            reason: why.0,
+        })?;
+        let file = accel::map_host_file(path, manifest.bytes, FileMapping::OpenReadOnly, memory)?;
+        let mut layers = Vec::with_capacity(manifest.layers.len());
+        let mut buffers = Vec::with_capacity(manifest.layers.len());
+        for (layout, offset) in manifest.layers {
+            // In range: the manifest checked offset + bytes <= its file size, which the mapping
+            // checked against the file.
+            let buffer = offset
+                .map(|o| file.f_narrow(0, o as i64, layout.bytes as i64))
+                .transpose()
+                .map_err(|e| Error::from(("HostStore::open_shared", e)))?;
+            layers.push(layout);
+            buffers.push(buffer);
         }
         Ok(Arc::new(HostStore {
             layers,
@@ -188,50 +127,24 @@ impl HostStore {
     }
 
     /// Writes the manifest of a store whose block `i` sits at `offsets[i]` of a `total`-byte
-    /// file; written to a temporary name and renamed, so readers see all of it or nothing.
+    /// file (blocks without a host copy sit nowhere); mode 0600, written to a temporary name
+    /// and renamed, so readers see all of it or nothing.
     pub(crate) fn write_manifest(
         &self,
         path: &Path,
         offsets: &[usize],
         total: usize,
     ) -> Result<()> {
-        let mut m = format!("layerwise-offload host store 1\nbytes {total}\n");
-        for (i, l) in self.layers.iter().enumerate() {
-            let _ = writeln!(
-                m,
-                "layer {} {} {} {} {}",
-                l.attr,
-                l.index,
-                offsets[i],
-                l.bytes,
-                l.tensors.len()
-            );
-            for t in &l.tensors {
-                let dims = |v: &[i64]| {
-                    if v.is_empty() {
-                        "-".to_owned()
-                    } else {
-                        v.iter()
-                            .map(|x| x.to_string())
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    }
-                };
-                let _ = writeln!(
-                    m,
-                    "tensor {} {} {} {:?} {} {}",
-                    t.name,
-                    t.offset,
-                    t.bytes,
-                    t.kind,
-                    dims(&t.shape),
-                    dims(&t.strides)
-                );
-            }
-        }
+        let layers = self
+            .layers
+            .iter()
+            .zip(&self.buffers)
+            .zip(offsets)
+            .map(|((l, b), &o)| (l.clone(), b.as_ref().map(|_| o)))
+            .collect();
         crate::shm::write_private(
             &manifest_path(path),
-            m.as_bytes(),
+            Manifest::new(total, layers).to_json().as_bytes(),
             "OffloadConfig::shared_memory",
         )
     }
@@ -255,7 +168,11 @@ impl HostStore {
                     "block {i} was kept resident by the manager that made the store, without a host copy; build that manager with .shareable(true) or without a VRAM budget"
                 )));
             }
-            if a.attr != b.attr || a.index != b.index || a.tensors.len() != b.tensors.len() {
+            if a.attr != b.attr
+                || a.index != b.index
+                || a.tensors.len() != b.tensors.len()
+                || a.bytes != b.bytes
+            {
                 return Err(differ(format!(
                     "block {i} is {}.{} in the model and {}.{} in the store",
                     a.attr, a.index, b.attr, b.index
@@ -266,6 +183,8 @@ impl HostStore {
                     || x.shape != y.shape
                     || x.strides != y.strides
                     || x.kind != y.kind
+                    || x.offset != y.offset
+                    || x.bytes != y.bytes
                 {
                     return Err(differ(format!(
                         "{} is {:?} {:?} in the model, but the store holds {} as {:?} {:?}",
@@ -316,33 +235,4 @@ fn read_manifest(mpath: &Path) -> Result<String> {
             reason: format!("cannot be read as a manifest: {e}"),
         })?;
     Ok(text)
-}
-
-/// The element type named as `format!("{kind:?}")` writes it.
-fn kind_from_name(name: &str) -> Option<Kind> {
-    use Kind::*;
-    [
-        Uint8,
-        Int8,
-        Int16,
-        Int,
-        Int64,
-        Half,
-        Float,
-        Double,
-        ComplexHalf,
-        ComplexFloat,
-        ComplexDouble,
-        Bool,
-        QInt8,
-        QUInt8,
-        QInt32,
-        BFloat16,
-        Float8e5m2,
-        Float8e4m3fn,
-        Float8e5m2fnuz,
-        Float8e4m3fnuz,
-    ]
-    .into_iter()
-    .find(|k| format!("{k:?}") == name)
 }

@@ -6,6 +6,7 @@ pub mod error;
 mod ffi;
 pub mod host;
 pub mod manager;
+mod manifest;
 pub mod peer;
 pub mod plan;
 pub mod script;

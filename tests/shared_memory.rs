@@ -417,3 +417,206 @@ fn child_publishes_into_a_small_tmpfs() {
     }
     println!("NO_ROOM_REPORTED {}", r.unwrap_err());
 }
+
+#[test]
+fn names_with_spaces_and_newlines_round_trip() {
+    let path = shm_path("odd-names");
+    let odd = [
+        "blocks.0.a weight with spaces",
+        "blocks.0.b\nlayer blocks 9 0 4096 1",
+        "blocks.1.\"quoted\"\ttab\\",
+        "blocks.1.unicode\u{e9}\u{2603}",
+    ];
+    tch::manual_seed(3);
+    let named: Vec<(String, tch::Tensor)> = odd
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                tch::Tensor::randn([8, 4], (Kind::Float, Device::Cpu)),
+            )
+        })
+        .collect();
+    let want: Vec<tch::Tensor> = named.iter().map(|(_, t)| t.copy()).collect();
+    let mut m = OffloadConfig::new("blocks", 2)
+        .cpu_test_mode(true)
+        .shared_memory(&path)
+        .build(&named)
+        .unwrap();
+    m.initialize().unwrap();
+    let opened = HostStore::open_shared(&path, HostMemory::Pageable).expect("the manifest parses");
+    assert_eq!(opened.num_layers(), 2, "no line was injected");
+    assert_eq!(checksum(&opened), checksum(&m.host_store().unwrap()));
+    // A second model of the same names streams from the opened store, with the same values.
+    let named2: Vec<(String, tch::Tensor)> = odd
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                tch::Tensor::zeros([8, 4], (Kind::Float, Device::Cpu)),
+            )
+        })
+        .collect();
+    let mut m2 = OffloadConfig::new("blocks", 2)
+        .cpu_test_mode(true)
+        .host_store(opened)
+        .build(&named2)
+        .unwrap();
+    m2.initialize().unwrap();
+    for (n, w) in odd.iter().zip(&want) {
+        assert!(bits_equal(&m2.tensor(n).unwrap(), w), "{n:?}");
+    }
+}
+
+#[test]
+fn crafted_manifests_are_refused_not_panics() {
+    let path = shm_path("crafted-source");
+    let _m = publish(&path); // two blocks of 16x16 f32: 1 KiB each, at 0 and 4096
+    let copy = shm_path("crafted");
+    copy_store(&path, &copy);
+    let total = std::fs::metadata(&copy).unwrap().len();
+    let tensor = |offset: u64, bytes: u64, shape: &str, strides: &str| {
+        format!(
+            r#"{{"name":"blocks.0.w","dtype":"Float","offset":{offset},"bytes":{bytes},"shape":{shape},"strides":{strides}}}"#
+        )
+    };
+    let layer = |index: u64, offset: &str, bytes: u64, tensors: &str| {
+        format!(
+            r#"{{"attr":"blocks","index":{index},"offset":{offset},"bytes":{bytes},"tensors":[{tensors}]}}"#
+        )
+    };
+    let store = |layers: &[String]| {
+        format!(
+            r#"{{"format":"layerwise-offload host store","version":2,"bytes":{total},"layers":[{}]}}"#,
+            layers.join(",")
+        )
+    };
+    let ok_tensor = tensor(0, 1024, "[16,16]", "[16,1]");
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "the old line format, an offset + bytes that overflows",
+            format!(
+                "layerwise-offload host store 1\nbytes {total}\nlayer blocks 0 9223372036854775807 18446744073709551615 1\n"
+            ),
+        ),
+        (
+            "offset + bytes overflows",
+            store(&[layer(0, "18446744073709551615", 1024, &ok_tensor)]),
+        ),
+        (
+            "a block past the end of the file",
+            store(&[layer(0, "4096", 8192, &ok_tensor)]),
+        ),
+        (
+            "two blocks that overlap",
+            store(&[
+                layer(0, "0", 4096, &ok_tensor),
+                layer(1, "0", 4096, &ok_tensor.replace("blocks.0", "blocks.1")),
+            ]),
+        ),
+        (
+            "a tensor past the end of its block",
+            store(&[layer(
+                0,
+                "0",
+                4096,
+                &tensor(3584, 1024, "[16,16]", "[16,1]"),
+            )]),
+        ),
+        (
+            "a tensor offset that overflows",
+            store(&[layer(
+                0,
+                "0",
+                4096,
+                &tensor(u64::MAX, 1024, "[16,16]", "[16,1]"),
+            )]),
+        ),
+        (
+            "strides that reach outside the tensor's bytes",
+            store(&[layer(0, "0", 4096, &tensor(0, 1024, "[16,16]", "[1000,1]"))]),
+        ),
+        (
+            "bytes that do not match the shape",
+            store(&[layer(
+                0,
+                "0",
+                4096,
+                &tensor(0, 1024, "[4611686018427387904,4]", "[4,1]"),
+            )]),
+        ),
+        (
+            "a negative dimension",
+            store(&[layer(0, "0", 4096, &tensor(0, 1024, "[-16,-16]", "[16,1]"))]),
+        ),
+        (
+            "an unknown dtype",
+            store(&[layer(0, "0", 4096, &ok_tensor.replace("Float", "Quux"))]),
+        ),
+        ("not JSON at all", "\u{0}\u{1}garbage".to_owned()),
+        (
+            "a total that is not the file's size",
+            store(&[]).replace(&format!("{total}"), "1"),
+        ),
+    ];
+    for (what, text) in cases {
+        std::fs::write(manifest_of(&copy), &text).unwrap();
+        set_mode(&manifest_of(&copy), 0o600);
+        let r = std::panic::catch_unwind(|| HostStore::open_shared(&copy, HostMemory::Pageable));
+        match r {
+            Ok(Err(Error::SharedFile { reason, .. })) => {
+                assert!(!reason.is_empty(), "{what}")
+            }
+            Ok(Err(e)) => panic!("{what}: expected SharedFile, got {e:?}"),
+            Ok(Ok(_)) => panic!("{what}: accepted:\n{text}"),
+            Err(_) => panic!("{what}: open_shared panicked on:\n{text}"),
+        }
+    }
+    remove_store(&copy);
+}
+
+#[test]
+fn blocks_published_without_a_host_copy_are_not_read_from_another_block() {
+    // Under a VRAM budget without shareable(true), the publisher keeps some blocks resident with
+    // no host copy: the store holds no bytes for them, and a reader must not map any.
+    let path = shm_path("partial");
+    let named = square_blocks(4, 32); // 4 KiB blocks
+    let zeros: Vec<(String, tch::Tensor)> = named
+        .iter()
+        .map(|(n, t)| (n.clone(), t.zeros_like()))
+        .collect();
+    let block = 4096; // 32 x 32 f32
+    let mut m = OffloadConfig::new("blocks", 4)
+        .cpu_test_mode(true)
+        .vram_budget(3 * block) // a ring of two slots and one resident block
+        .shared_memory(&path)
+        .build(&named)
+        .unwrap();
+    m.initialize().unwrap();
+    let kept = m.stats().resident_layers;
+    assert!(
+        kept > 0 && kept < 4,
+        "some blocks resident, some streamed: {kept}"
+    );
+    let opened = HostStore::open_shared(&path, HostMemory::Pageable).unwrap();
+    let held = (0..4).filter(|&i| opened.block(i).is_some()).count();
+    assert_eq!(
+        held,
+        4 - kept,
+        "only the streamed blocks have bytes in the file"
+    );
+    assert_eq!(opened.bytes(), m.host_store().unwrap().bytes());
+    // A reader that needs every block is told why it cannot have them.
+    match OffloadConfig::new("blocks", 4)
+        .cpu_test_mode(true)
+        .host_store(opened)
+        .build(&zeros)
+        .unwrap()
+        .initialize()
+    {
+        Err(e @ Error::InvalidArgument { .. }) => {
+            assert!(e.to_string().contains("shareable"), "{e}")
+        }
+        r => panic!("expected InvalidArgument, got {r:?}"),
+    }
+}
