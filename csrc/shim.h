@@ -92,6 +92,18 @@ int lo_jit_forward(void* module, void** inputs, int n, void** out);
 int lo_jit_named_tensors(void* module, int buffers, void* ctx, void (*cb)(void*, const char*, void*));
 int lo_jit_eval(void* module);
 int lo_jit_set_optimize(int on);
+int lo_jit_get_optimize(int* on);
+// IValues are torch::jit::IValue* (torch-sys's `ivalue`), borrowed on input. Calls `method`
+// with positional then keyword arguments; *found = 0 (nothing else done) when the module has
+// no such method; else *out is a new IValue* the caller frees (torch-sys's ati_free).
+int lo_jit_call(void* module, const char* method, void** args, int n_args, const char** kw_names,
+                void** kw_values, int n_kw, int* found, void** out);
+// Calls cb(ctx, name) for each method of the module.
+int lo_jit_method_names(void* module, void* ctx, void (*cb)(void*, const char*));
+// *found = 0 when there is no such method; else cb(ctx, is_return, name, type, default or NULL)
+// for each argument (without `self`) and then each return value.
+int lo_jit_method_schema(void* module, const char* method, int* found, void* ctx,
+                         void (*cb)(void*, int, const char*, const char*, const char*));
 
 #ifdef __cplusplus
 }

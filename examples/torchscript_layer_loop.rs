@@ -4,22 +4,92 @@
 //! ```text
 //! python3 scripts/export_torchscript_dit.py /tmp/ts          # writes dit_scripted.pt, dit_traced.pt
 //! cargo run --release --example torchscript_layer_loop -- /tmp/ts/dit_scripted.pt [--blocks 4]
+//! cargo run --release --example torchscript_layer_loop -- tests/fixtures/wan_blocks
 //! ```
-//! The module's `forward` must be `head(blocks[n-1](… blocks[0](embed(x))))`, the layout the
-//! export script writes. The example compares the layer loop's output with the module's own
+//! With a `.pt` file the module's `forward` must be `head(blocks[n-1](… blocks[0](embed(x))))`,
+//! the layout the export script writes. With a directory written by
+//! `scripts/export_diffusers_block.py` it runs diffusers' Wan blocks traced one by one
+//! (`wan_blocks_per_block.pt`), passing each block's inputs by name (the rotary embedding as one
+//! `(cos, sin)` tuple) with the inputs the export saved. Either way the example prints block 0's
+//! signature as libtorch recorded it, compares the layer loop's output with the module's own
 //! `forward` (resident) and prints one `RESULT {json}` line with `max_abs_diff`. Without a CUDA
 //! device it runs in the manager's CPU test mode.
 
 use anyhow::{Context, Result, bail};
-use layerwise_offload::script::{ScriptModule, set_graph_optimizations};
-use layerwise_offload::{OffloadConfig, WeightSource, accel};
-use tch::{Device, Kind, Tensor};
+use layerwise_offload::script::{ScriptModule, with_graph_optimizations};
+use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig, WeightSource, accel};
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{Device, IValue, Kind, Tensor};
+
+/// How one block is called and what the module's whole `forward` takes.
+enum Model {
+    /// `scripts/export_torchscript_dit.py`: embed, blocks, head over one input `x`.
+    Dit {
+        embed: ScriptModule,
+        head: ScriptModule,
+        x: Tensor,
+    },
+    /// `scripts/export_diffusers_block.py`: Wan blocks with named inputs.
+    Wan { io: HashMap<String, Tensor> },
+}
+
+impl Model {
+    fn wan_args(io: &HashMap<String, Tensor>, h: &Tensor) -> Vec<(&'static str, IValue)> {
+        let iv = |t: &Tensor| IValue::Tensor(t.shallow_clone());
+        vec![
+            ("hidden_states", iv(h)),
+            ("encoder_hidden_states", iv(&io["encoder_hidden_states"])),
+            ("temb", iv(&io["temb"])),
+            (
+                "rotary_emb",
+                IValue::Tuple(vec![iv(&io["rotary_cos"]), iv(&io["rotary_sin"])]),
+            ),
+        ]
+    }
+
+    /// The whole module's own `forward`, resident.
+    fn resident(&self, module: &ScriptModule) -> layerwise_offload::Result<Tensor> {
+        match self {
+            Model::Dit { x, .. } => module.forward(&[x]),
+            Model::Wan { io } => Ok(Tensor::try_from(
+                module.call_named("forward", &Self::wan_args(io, &io["hidden_states"]))?,
+            )?),
+        }
+    }
+
+    /// The layer loop over `blocks` through the manager.
+    fn layer_loop(
+        &self,
+        m: &mut LayerwiseOffloadManager,
+        blocks: &[ScriptModule],
+    ) -> layerwise_offload::Result<Tensor> {
+        match self {
+            Model::Dit { embed, head, x } => {
+                let mut h = embed.forward(&[x])?;
+                for (i, b) in blocks.iter().enumerate() {
+                    let _on_device = m.enter(i)?;
+                    h = b.forward(&[&h])?;
+                }
+                head.forward(&[&h])
+            }
+            Model::Wan { io } => {
+                let mut h = io["hidden_states"].shallow_clone();
+                for (i, b) in blocks.iter().enumerate() {
+                    let _on_device = m.enter(i)?;
+                    h = Tensor::try_from(b.call_named("forward", &Self::wan_args(io, &h))?)?;
+                }
+                Ok(h)
+            }
+        }
+    }
+}
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let path = args
         .next()
-        .context("usage: torchscript_layer_loop MODULE.pt [--blocks N]")?;
+        .context("usage: torchscript_layer_loop MODULE.pt|FIXTURE_DIR [--blocks N]")?;
     let mut blocks = None;
     while let Some(flag) = args.next() {
         match flag.as_str() {
@@ -35,9 +105,13 @@ fn main() -> Result<()> {
     }
     let cuda = accel::cuda_is_available();
     let dev = if cuda { Device::Cuda(0) } else { Device::Cpu };
-    // Run ops one by one, as the layer loop does: fused graphs could round differently.
-    set_graph_optimizations(false)?;
-    let module = ScriptModule::load(&path, dev)?;
+    let dir = Path::new(&path);
+    let file = if dir.is_dir() {
+        dir.join("wan_blocks_per_block.pt")
+    } else {
+        dir.to_path_buf()
+    };
+    let module = ScriptModule::load(&file, dev)?;
     module.eval()?;
     let named = module.named_tensors()?;
     let n = match blocks {
@@ -54,41 +128,52 @@ fn main() -> Result<()> {
             .max()
             .map_or(0, |m| m + 1),
     };
-    let embed = module.submodule("embed")?;
-    let head = module.submodule("head")?;
     let block_mods = (0..n)
         .map(|i| module.submodule(&format!("blocks.{i}")))
         .collect::<layerwise_offload::Result<Vec<_>>>()?;
-
-    tch::manual_seed(0);
-    let x = Tensor::randn([2, 24, 16], (Kind::Float, dev));
-    let want = tch::no_grad(|| module.forward(&[&x]))?;
-
-    let mut m = OffloadConfig::new("blocks", n)
-        .cpu_test_mode(!cuda)
-        .build(&named)?;
-    m.initialize()?;
-    let buffers = module.named_buffers()?.len();
-    let got = tch::no_grad(|| -> layerwise_offload::Result<Tensor> {
-        let mut h = embed.forward(&[&x])?;
-        for (i, b) in block_mods.iter().enumerate() {
-            let _on_device = m.enter(i)?;
-            h = b.forward(&[&h])?;
+    if let Some(b) = block_mods.first() {
+        // A traced block takes its inputs in the order the trace used them: print it.
+        println!("blocks.0.{}", b.method_schema("forward")?);
+    }
+    let model = if dir.is_dir() {
+        let io = Tensor::read_safetensors(dir.join("wan_io.safetensors"))?
+            .into_iter()
+            .map(|(k, t)| (k, t.to_device(dev)))
+            .collect();
+        Model::Wan { io }
+    } else {
+        tch::manual_seed(0);
+        Model::Dit {
+            embed: module.submodule("embed")?,
+            head: module.submodule("head")?,
+            x: Tensor::randn([2, 24, 16], (Kind::Float, dev)),
         }
-        head.forward(&[&h])
-    })?;
-    let diff = (&got - &want).abs().max().double_value(&[]);
-    let exact = got.view_dtype(Kind::Int).equal(&want.view_dtype(Kind::Int));
-    println!("{}", m.stats());
-    m.restore()?;
-    // The module works on its own again.
-    let after = tch::no_grad(|| module.forward(&[&x]))?;
-    println!(
-        "RESULT {{\"device\":\"{}\",\"module\":\"{path}\",\"blocks\":{n},\"buffers\":{buffers},\"max_abs_diff\":{diff},\"bit_exact\":{exact},\"restored_exact\":{}}}",
-        if cuda { "cuda:0" } else { "cpu" },
-        after
-            .view_dtype(Kind::Int)
-            .equal(&want.view_dtype(Kind::Int))
-    );
-    Ok(())
+    };
+
+    // Run ops one by one, as the layer loop does: fused graphs could round differently. The
+    // setting is per thread, so it is made here, on the thread that runs both.
+    with_graph_optimizations(false, || -> Result<()> {
+        let want = tch::no_grad(|| model.resident(&module))?;
+        let mut m = OffloadConfig::new("blocks", n)
+            .cpu_test_mode(!cuda)
+            .build(&named)?;
+        m.initialize()?;
+        let buffers = module.named_buffers()?.len();
+        let got = tch::no_grad(|| model.layer_loop(&mut m, &block_mods))?;
+        let diff = (&got - &want).abs().max().double_value(&[]);
+        let exact = got.view_dtype(Kind::Int).equal(&want.view_dtype(Kind::Int));
+        println!("{}", m.stats());
+        m.restore()?;
+        // The module works on its own again.
+        let after = tch::no_grad(|| model.resident(&module))?;
+        println!(
+            "RESULT {{\"device\":\"{}\",\"module\":\"{}\",\"blocks\":{n},\"buffers\":{buffers},\"max_abs_diff\":{diff},\"bit_exact\":{exact},\"restored_exact\":{}}}",
+            if cuda { "cuda:0" } else { "cpu" },
+            file.display(),
+            after
+                .view_dtype(Kind::Int)
+                .equal(&want.view_dtype(Kind::Int))
+        );
+        Ok(())
+    })?
 }

@@ -3,13 +3,16 @@
 
 usage: export_torchscript_dit.py OUT_DIR [--blocks 4] [--dim 128] [--seed 0]
 
-Writes OUT_DIR/dit_scripted.pt (torch.jit.script) and OUT_DIR/dit_traced.pt (torch.jit.trace).
+Writes OUT_DIR/dit_scripted.pt (torch.jit.script) and OUT_DIR/dit_traced.pt (torch.jit.trace),
+and OUT_DIR/values_scripted.pt, a small scripted module whose methods take and return every
+kind of value a block call may carry (tuples, lists, scalars, strings, None, dicts).
 The module's forward is `head(blocks[n-1](... blocks[0](embed(x))))` over a `blocks`
 ModuleList, the layout examples/torchscript_layer_loop.rs drives from Rust. Each block has
 layer norms, attention, an MLP, biases and a buffer, so parameters and buffers both stream.
 """
 import argparse
 import os
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +53,38 @@ class Dit(nn.Module):
         return self.head(h)
 
 
+class Values(nn.Module):
+    """Arguments and results of every kind: a rotary (cos, sin) tuple, an optional tensor and a
+    float with defaults, a tuple return (as Flux's double blocks return (img, txt)), lists,
+    scalars, strings, None and a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.full((4,), 3.0))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Tuple[torch.Tensor, torch.Tensor],
+        bias: Optional[torch.Tensor] = None,
+        scale: float = 2.0,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        y = x * rope[0] + rope[1]
+        if bias is not None:
+            y = y + bias
+        return y * scale, x * self.w
+
+    @torch.jit.export
+    def kinds(
+        self, xs: List[torch.Tensor], ns: List[int], flag: bool, name: str, maybe: Optional[torch.Tensor]
+    ) -> Tuple[int, float, bool, str, List[torch.Tensor], List[int], Optional[torch.Tensor]]:
+        return len(xs), float(sum(ns)), not flag, name + "!", [t + 1 for t in xs], [n * 2 for n in ns], maybe
+
+    @torch.jit.export
+    def named(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {"double": x * 2, "w": self.w}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out_dir")
@@ -67,7 +102,8 @@ def main() -> None:
     with torch.no_grad():
         traced = torch.jit.trace(model, example)
     traced.save(os.path.join(a.out_dir, "dit_traced.pt"))
-    print(f"wrote {a.out_dir}/dit_scripted.pt and {a.out_dir}/dit_traced.pt ({a.blocks} blocks, dim {a.dim})")
+    torch.jit.script(Values()).save(os.path.join(a.out_dir, "values_scripted.pt"))
+    print(f"wrote {a.out_dir}/dit_scripted.pt, dit_traced.pt ({a.blocks} blocks, dim {a.dim}) and values_scripted.pt")
 
 
 if __name__ == "__main__":

@@ -198,6 +198,34 @@ pub enum Error {
         /// Shape and dtype given.
         got: String,
     },
+    /// A TorchScript module has no method of that name.
+    #[error("the TorchScript module has no method {name:?}; its methods are: {}", methods.join(", "))]
+    UnknownMethod {
+        /// The name asked for.
+        name: String,
+        /// The methods the module does have.
+        methods: Vec<String>,
+    },
+    /// A call by name passed an argument the TorchScript method does not take.
+    #[error("{method}() has no argument {name:?}; its arguments are ({}): pass those names (traced modules name and order them as the trace saw them)", expected.join(", "))]
+    UnknownArgument {
+        /// The method.
+        method: String,
+        /// The name given.
+        name: String,
+        /// The method's arguments, `name: Type` in schema order.
+        expected: Vec<String>,
+    },
+    /// A call by name left out an argument that has no default.
+    #[error("{method}() needs argument {name:?}, which has no default; its arguments are ({})", expected.join(", "))]
+    MissingArgument {
+        /// The method.
+        method: String,
+        /// The argument left out.
+        name: String,
+        /// The method's arguments, `name: Type` in schema order.
+        expected: Vec<String>,
+    },
     /// Any other failure inside libtorch.
     #[error("{op} failed in libtorch: {source}")]
     Torch {
@@ -244,5 +272,14 @@ pub(crate) fn is_oom_message(message: &str) -> bool {
 impl From<(&'static str, tch::TchError)> for Error {
     fn from((op, e): (&'static str, tch::TchError)) -> Error {
         Error::from_torch(op, 0, e.to_string())
+    }
+}
+
+/// So that `?` works on tch's `f_*` calls and `IValue` conversions (`Tensor::try_from(iv)?`)
+/// inside functions that return this crate's [`Result`]. Out-of-memory messages become
+/// [`Error::OutOfMemory`], the rest [`Error::Torch`] with op `"tch"`.
+impl From<tch::TchError> for Error {
+    fn from(e: tch::TchError) -> Error {
+        Error::from_torch("tch", 0, e.to_string())
     }
 }

@@ -5,7 +5,7 @@
 #![allow(missing_docs)]
 
 use std::ffi::{c_char, c_int, c_void};
-use torch_sys::C_tensor;
+use torch_sys::{C_tensor, CIValue};
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -107,4 +107,32 @@ unsafe extern "C" {
     ) -> c_int;
     pub fn lo_jit_eval(module: *mut c_void) -> c_int;
     pub fn lo_jit_set_optimize(on: c_int) -> c_int;
+    pub fn lo_jit_get_optimize(on: *mut c_int) -> c_int;
+    pub fn lo_jit_call(
+        module: *mut c_void,
+        method: *const c_char,
+        args: *const *mut CIValue,
+        n_args: c_int,
+        kw_names: *const *const c_char,
+        kw_values: *const *mut CIValue,
+        n_kw: c_int,
+        found: *mut c_int,
+        out: *mut *mut CIValue,
+    ) -> c_int;
+    pub fn lo_jit_method_names(
+        module: *mut c_void,
+        ctx: *mut c_void,
+        cb: unsafe extern "C" fn(*mut c_void, *const c_char),
+    ) -> c_int;
+    pub fn lo_jit_method_schema(
+        module: *mut c_void,
+        method: *const c_char,
+        found: *mut c_int,
+        ctx: *mut c_void,
+        cb: unsafe extern "C" fn(*mut c_void, c_int, *const c_char, *const c_char, *const c_char),
+    ) -> c_int;
+
+    /// The C library's `free`, for the strings torch-sys's `get_and_reset_last_err` and
+    /// `ati_to_string` return (allocated with `strdup`).
+    pub fn free(p: *mut c_void);
 }

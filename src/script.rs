@@ -1,18 +1,70 @@
 //! TorchScript modules from Rust: load a scripted or traced module, reach its submodules by
-//! path (`blocks.3`, `patch_embed`) and call their `forward`, and list its parameters and
-//! buffers so the manager can take them over. tch's `CModule` offers no submodules or buffers;
+//! path (`blocks.3`, `patch_embed`), call any of their methods with [`IValue`] arguments
+//! (positional or by name) and read their signatures, and list parameters and buffers so the
+//! manager can take them over. tch's `CModule` offers no submodules, buffers or signatures;
 //! this wraps libtorch's `torch::jit::Module` directly.
+//!
+//! Real exports are traced: `torch.jit.trace` orders (and names) a traced submodule's
+//! arguments by first use, so a block declared `forward(hidden_states, encoder_hidden_states,
+//! temb, rotary_emb)` may take them in another order. Read the order with
+//! [`ScriptModule::method_schema`] or, better, pass arguments by name with
+//! [`ScriptModule::call_named`]:
+//!
+//! ```
+//! # fn main() -> layerwise_offload::Result<()> {
+//! use layerwise_offload::script::ScriptModule;
+//! use tch::{IValue, Kind, Tensor};
+//! let t = |shape: &[i64]| IValue::Tensor(Tensor::zeros(shape, (Kind::Float, tch::Device::Cpu)));
+//! // Written by scripts/export_diffusers_block.py: diffusers' Wan blocks, traced one by one.
+//! let blocks = ScriptModule::load("tests/fixtures/wan_blocks/wan_blocks_per_block.pt", tch::Device::Cpu)?;
+//! let block = blocks.submodule("blocks.0")?;
+//! // forward(hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
+//! //         rotary_emb: Tuple[Tensor, Tensor]) -> Tensor
+//! println!("{}", block.method_schema("forward")?);
+//! let out = block.call_named(
+//!     "forward",
+//!     &[
+//!         ("temb", t(&[1, 6, 32])),
+//!         ("hidden_states", t(&[1, 32, 32])),
+//!         ("encoder_hidden_states", t(&[1, 8, 32])),
+//!         ("rotary_emb", IValue::Tuple(vec![t(&[1, 32, 1, 16]), t(&[1, 32, 1, 16])])),
+//!     ],
+//! )?;
+//! let h = Tensor::try_from(out)?; // tch's conversion error becomes this crate's Error
+//! # let _ = h; Ok(()) }
+//! ```
+
+mod ivalue;
+mod optimize;
+mod schema;
+
+pub use optimize::{
+    GraphOptimizationsGuard, graph_optimizations, set_graph_optimizations, with_graph_optimizations,
+};
+pub use schema::{Arg, MethodSchema};
 
 use crate::accel::last_error;
 use crate::error::{Error, Result, TorchMessage};
 use crate::ffi;
 use crate::source::WeightSource;
+use ivalue::OwnedIValue;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::path::Path;
 use std::ptr::NonNull;
-use tch::{Device, Tensor};
+use tch::{Device, IValue, Tensor};
+use torch_sys::CIValue;
 
 /// A TorchScript module (or one of its submodules: a handle that shares the parent's state).
+///
+/// # `tch::CModule`
+///
+/// There is no conversion to or from tch's [`tch::CModule`]: tch 0.24 keeps the module pointer
+/// of a `CModule` private (`pub(super)`) and has no constructor from one, so a `ScriptModule`
+/// cannot share a `CModule`'s module, and copying through `save`/`load` would give the manager
+/// weights the `CModule` does not use. Load the file with [`ScriptModule::load`] instead (the
+/// same `torch.jit.save` files), or hand the `CModule` itself to the manager: it is a
+/// [`WeightSource`] of its parameters (it cannot list buffers). Values move freely between the
+/// two: both take and return tch's [`IValue`].
 #[derive(Debug)]
 pub struct ScriptModule {
     ptr: NonNull<c_void>,
@@ -23,7 +75,7 @@ pub struct ScriptModule {
 // module from several threads at once are not promised to be safe by libtorch.
 unsafe impl Send for ScriptModule {}
 
-fn check(op: &'static str, rc: c_int) -> Result<()> {
+pub(crate) fn check(op: &'static str, rc: c_int) -> Result<()> {
     if rc == 0 {
         Ok(())
     } else {
@@ -36,6 +88,17 @@ fn cstring(op: &'static str, s: &str) -> Result<CString> {
         op,
         message: format!("{s:?} contains a NUL byte"),
     })
+}
+
+/// Adds the method's name to a libtorch failure inside a call.
+fn in_method(e: Error, name: &str) -> Error {
+    match e {
+        Error::Torch { op, source } => Error::Torch {
+            op,
+            source: TorchMessage(format!("in {name}(): {source}")),
+        },
+        e => e,
+    }
 }
 
 fn wrap(op: &'static str, p: *mut c_void) -> Result<ScriptModule> {
@@ -112,6 +175,149 @@ impl ScriptModule {
         Ok(unsafe { Tensor::from_ptr(out) })
     }
 
+    /// Calls the method `name` with positional arguments in schema order (see
+    /// [`method_schema`](Self::method_schema)) and returns its result: a tensor, a tuple
+    /// (`IValue::Tuple`, as a Flux double block returns), a list, a scalar or `None`. Arguments
+    /// may be tuples (a rotary `(cos, sin)`), lists (`IValue::TensorList` for `List[Tensor]`:
+    /// tch's `GenericList` builds a list of `Any`, which a typed list argument refuses), scalars
+    /// and `IValue::None` for an `Optional` argument. libtorch checks the types and fills
+    /// trailing defaults; a mismatch is an [`Error::Torch`] naming the argument.
+    pub fn call_method(&self, name: &str, args: &[IValue]) -> Result<IValue> {
+        self.call(name, args, &[])
+    }
+
+    /// `forward` with [`IValue`] arguments and result: [`call_method`](Self::call_method)`("forward", args)`.
+    pub fn forward_is(&self, args: &[IValue]) -> Result<IValue> {
+        self.call("forward", args, &[])
+    }
+
+    /// Calls the method `name` with every argument given by name, in any order. An unknown
+    /// name is [`Error::UnknownArgument`] and a missing argument without a default
+    /// [`Error::MissingArgument`], both listing the method's real arguments; a method that does
+    /// not exist is [`Error::UnknownMethod`]. Arguments with defaults may be left out.
+    pub fn call_named(&self, name: &str, args: &[(&str, IValue)]) -> Result<IValue> {
+        self.method_schema(name)?.check_named(args)?;
+        self.call(name, &[], args)
+    }
+
+    fn call(&self, name: &str, args: &[IValue], kwargs: &[(&str, IValue)]) -> Result<IValue> {
+        const OP: &str = "ScriptModule::call_method";
+        let method = cstring(OP, name)?;
+        let pos = args.iter().map(ivalue::to_c).collect::<Result<Vec<_>>>()?;
+        let kw = kwargs
+            .iter()
+            .map(|(_, v)| ivalue::to_c(v))
+            .collect::<Result<Vec<_>>>()?;
+        let kw_names = kwargs
+            .iter()
+            .map(|(n, _)| cstring(OP, n))
+            .collect::<Result<Vec<_>>>()?;
+        let pos_ptrs: Vec<*mut CIValue> = pos.iter().map(OwnedIValue::as_ptr).collect();
+        let kw_ptrs: Vec<*mut CIValue> = kw.iter().map(OwnedIValue::as_ptr).collect();
+        let name_ptrs: Vec<*const c_char> = kw_names.iter().map(|c| c.as_ptr()).collect();
+        let (mut found, mut out) = (0, std::ptr::null_mut());
+        // SAFETY: self.ptr is a live module; the argument arrays hold live IValue*s and C
+        // strings that outlive the call (the shim copies the values) with the lengths given;
+        // the out-pointers are locals.
+        check(OP, unsafe {
+            ffi::lo_jit_call(
+                self.ptr.as_ptr(),
+                method.as_ptr(),
+                pos_ptrs.as_ptr(),
+                pos_ptrs.len() as c_int,
+                name_ptrs.as_ptr(),
+                kw_ptrs.as_ptr(),
+                kw_ptrs.len() as c_int,
+                &mut found,
+                &mut out,
+            )
+        })
+        .map_err(|e| in_method(e, name))?;
+        if found == 0 {
+            return Err(self.unknown_method(name));
+        }
+        ivalue::from_c(OwnedIValue::from_shim(out)?)
+    }
+
+    fn unknown_method(&self, name: &str) -> Error {
+        Error::UnknownMethod {
+            name: name.to_owned(),
+            methods: self.method_names().unwrap_or_default(),
+        }
+    }
+
+    /// The names of the module's methods (`forward` and any other exported method).
+    pub fn method_names(&self) -> Result<Vec<String>> {
+        unsafe extern "C" fn push(ctx: *mut c_void, name: *const c_char) {
+            // SAFETY: ctx is the &mut Vec passed below, alive for the call; name is a
+            // NUL-terminated string valid during the callback.
+            unsafe {
+                let v = &mut *(ctx as *mut Vec<String>);
+                v.push(CStr::from_ptr(name).to_string_lossy().into_owned());
+            }
+        }
+        let mut v: Vec<String> = Vec::new();
+        // SAFETY: self.ptr is a live module; `push` matches the callback type and `v` outlives
+        // the call.
+        check("ScriptModule::method_names", unsafe {
+            ffi::lo_jit_method_names(self.ptr.as_ptr(), &mut v as *mut _ as *mut c_void, push)
+        })?;
+        Ok(v)
+    }
+
+    /// The signature of the method `name`: its arguments (names, TorchScript types, defaults)
+    /// in the order a positional call passes them, and its return types. For a traced module
+    /// this is the order the trace used, which may differ from the Python declaration.
+    pub fn method_schema(&self, name: &str) -> Result<MethodSchema> {
+        unsafe extern "C" fn push(
+            ctx: *mut c_void,
+            is_return: c_int,
+            name: *const c_char,
+            type_str: *const c_char,
+            default: *const c_char,
+        ) {
+            // SAFETY: ctx is the &mut MethodSchema passed below, alive for the call; name and
+            // type_str are NUL-terminated strings valid during the callback, default is one or
+            // null.
+            unsafe {
+                let s = &mut *(ctx as *mut MethodSchema);
+                let text = |p: *const c_char| CStr::from_ptr(p).to_string_lossy().into_owned();
+                let arg = Arg {
+                    name: text(name),
+                    type_str: text(type_str),
+                    default: (!default.is_null()).then(|| text(default)),
+                };
+                if is_return != 0 {
+                    s.returns.push(arg)
+                } else {
+                    s.args.push(arg)
+                }
+            }
+        }
+        let c = cstring("ScriptModule::method_schema", name)?;
+        let mut schema = MethodSchema {
+            name: name.to_owned(),
+            args: Vec::new(),
+            returns: Vec::new(),
+        };
+        let mut found = 0;
+        // SAFETY: self.ptr is a live module; `c` is NUL-terminated; `push` matches the callback
+        // type and `schema` outlives the call.
+        check("ScriptModule::method_schema", unsafe {
+            ffi::lo_jit_method_schema(
+                self.ptr.as_ptr(),
+                c.as_ptr(),
+                &mut found,
+                &mut schema as *mut _ as *mut c_void,
+                push,
+            )
+        })?;
+        if found == 0 {
+            return Err(self.unknown_method(name));
+        }
+        Ok(schema)
+    }
+
     /// Switches the module (and its submodules) to evaluation mode.
     pub fn eval(&self) -> Result<()> {
         // SAFETY: self.ptr is a live module.
@@ -179,15 +385,4 @@ impl WeightSource for ScriptModule {
         v.extend(self.named_buffers()?);
         Ok(v)
     }
-}
-
-/// Turns libtorch's graph-executor optimizations (profiling, fusion) on or off for the whole
-/// process. With them off a scripted module runs its ops one by one, exactly as calling its
-/// submodules one at a time does, so a layer loop over submodules reproduces the module's own
-/// `forward` bit for bit.
-pub fn set_graph_optimizations(enabled: bool) -> Result<()> {
-    // SAFETY: plain value argument.
-    check("set_graph_optimizations", unsafe {
-        ffi::lo_jit_set_optimize(enabled as c_int)
-    })
 }
