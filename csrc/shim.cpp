@@ -343,6 +343,10 @@ int lo_tensor_is_pinned(void* tensor, int* out) {
   })
 }
 
+int lo_tensor_impl(void* tensor, void** out) {
+  LO_PROTECT(*out = static_cast<at::Tensor*>(tensor)->unsafeGetTensorImpl())
+}
+
 int lo_host_alloc(size_t bytes, int threads, void** out) {
   LO_PROTECT({
     TORCH_CHECK(bytes > 0, "cannot allocate 0 bytes of host memory");

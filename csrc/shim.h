@@ -59,6 +59,8 @@ int lo_copy_async(void* dst, void* src, const lo_stream* stream);
 int lo_copy_peer_async(void* dst, void* src, lo_stream stream, int* peer);
 int lo_record_stream(void* tensor, lo_stream stream);
 int lo_tensor_is_pinned(void* tensor, int* out);
+// *out: the tensor's TensorImpl, the same for every handle (shallow copy) of one tensor.
+int lo_tensor_impl(void* tensor, void** out);
 
 // Host memory: page-aligned anonymous memory, optionally page-locked for the CUDA runtime.
 int lo_host_alloc(size_t bytes, int threads, void** out);

@@ -430,6 +430,18 @@ pub fn is_pinned(tensor: &Tensor) -> Result<bool> {
     Ok(out != 0)
 }
 
+/// The address of `tensor`'s `TensorImpl`: the same for every handle of one tensor (tch's
+/// `shallow_clone`, a `VarStore`'s variable), unchanged by `set_data`, and unique among live
+/// tensors. Tells whether two handles name the same model weight.
+pub(crate) fn tensor_identity(tensor: &Tensor) -> Result<usize> {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: the tensor pointer is a live tch tensor, only read; the out-pointer is a local.
+    check("tensor_identity", unsafe {
+        ffi::lo_tensor_impl(tensor.as_ptr() as *mut _, &mut out)
+    })?;
+    Ok(out as usize)
+}
+
 /// How host memory is allocated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HostMemory {

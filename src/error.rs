@@ -150,6 +150,29 @@ pub enum Error {
         /// Number of offloaded blocks (all lists).
         num_layers: usize,
     },
+    /// Another live manager has offloaded this tensor already (it is that manager's empty
+    /// placeholder now), so this one would plan from the placeholders.
+    #[error(
+        "tensor {name:?} is offloaded by another manager already (the model holds its placeholder); restore() or drop that manager before offloading the model again"
+    )]
+    AlreadyOffloaded {
+        /// The first block tensor found claimed.
+        name: String,
+    },
+    /// A `restore()` stopped part-way (e.g. out of device memory): some blocks are back in the
+    /// model, the others still in their host copies. The layer loop is over; only `restore` or
+    /// `restore_to` go on from here (reading and saving weights still work).
+    #[error(
+        "{op}: restore() stopped part-way ({restored} of {num_layers} blocks are back in the model); call restore() again (after freeing device memory) or restore_to(Device::Cpu) to finish"
+    )]
+    PartlyRestored {
+        /// The call.
+        op: &'static str,
+        /// Blocks back in the model.
+        restored: usize,
+        /// Number of offloaded blocks (all lists).
+        num_layers: usize,
+    },
     /// A manager of a [`PeerGroup`](crate::PeerGroup) could not complete an upload with the other
     /// members (they diverged, one failed or left, or one did not arrive in time). The group
     /// stays unusable; the weights are safe in the host copies, so `restore` every member.

@@ -56,6 +56,7 @@ unsafe extern "C" {
     ) -> c_int;
     pub fn lo_record_stream(tensor: *mut C_tensor, stream: lo_stream) -> c_int;
     pub fn lo_tensor_is_pinned(tensor: *mut C_tensor, out: *mut c_int) -> c_int;
+    pub fn lo_tensor_impl(tensor: *mut C_tensor, out: *mut *mut c_void) -> c_int;
 
     pub fn lo_host_alloc(bytes: usize, threads: c_int, out: *mut *mut c_void) -> c_int;
     pub fn lo_host_free(ptr: *mut c_void, bytes: usize) -> c_int;

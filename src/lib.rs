@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 pub mod accel;
+mod claims;
 pub mod error;
 mod ffi;
 pub mod host;

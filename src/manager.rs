@@ -49,6 +49,7 @@
 //! ```
 
 use crate::accel::{self, Event, HostMemory, Stream};
+use crate::claims::Claim;
 use crate::error::{Error, Result};
 use crate::host::HostStore;
 use crate::peer::{self, PeerGroup, Post};
@@ -92,7 +93,12 @@ pub enum Fault {
     Upload(usize),
     /// The k-th host buffer allocation is refused.
     HostAlloc(usize),
+    /// The k-th block that `restore` copies back from its host copy runs out of device memory.
+    Restore(usize),
 }
+
+/// The largest [`OffloadConfig::prefetch_depth`] accepted.
+pub const MAX_PREFETCH_DEPTH: usize = 1024;
 
 /// How much device memory the manager may hold for block weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,8 +229,9 @@ impl OffloadConfig {
         self
     }
 
-    /// How many blocks are uploaded ahead of the one computing (default 1, at least 1). The GPU
-    /// holds `prefetch_depth + 1` slots of the largest block's size.
+    /// How many blocks are uploaded ahead of the one computing (default 1, from 1 to
+    /// [`MAX_PREFETCH_DEPTH`]). The GPU holds `prefetch_depth + 1` slots of the largest block's
+    /// size, never more slots than there are streamed blocks.
     pub fn prefetch_depth(mut self, depth: usize) -> OffloadConfig {
         self.prefetch_depth = depth;
         self
@@ -279,6 +286,25 @@ impl OffloadConfig {
                 message: "prefetch_depth must be at least 1".into(),
             });
         }
+        if self.prefetch_depth > MAX_PREFETCH_DEPTH {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::prefetch_depth",
+                message: format!(
+                    "prefetch_depth {} is out of range: pass 1..={MAX_PREFETCH_DEPTH} (each step holds one more slot of the largest block on the GPU; more than the number of blocks gains nothing)",
+                    self.prefetch_depth
+                ),
+            });
+        }
+        if self.enabled
+            && let Some((attr, _)) = self.lists.iter().find(|(_, n)| *n == 0)
+        {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::new",
+                message: format!(
+                    "num_layers is 0 for {attr:?}: pass the number of blocks to offload (at least 1), or build with enabled(false) to offload nothing"
+                ),
+            });
+        }
         if let Some((group, rank)) = &self.peer
             && *rank >= group.size()
         {
@@ -319,7 +345,9 @@ impl OffloadConfig {
             open_compute: Vec::new(),
             timeline: None,
             spare: Vec::new(),
-            counts: [0; 3],
+            counts: [0; 4],
+            claim: None,
+            restored: 0,
             store: None,
             push: Vec::new(),
             peer_round: 0,
@@ -346,7 +374,22 @@ enum Backend {
 enum Phase {
     Configured,
     Ready,
+    /// A `restore` stopped part-way: only `restore` goes on from here.
+    Restoring,
     Restored,
+}
+
+/// What `initialize` changed so far, to put the model back as it was should a later step fail.
+#[derive(Debug, Default)]
+struct Undo {
+    /// The device of every source tensor before `initialize`.
+    devices: Vec<Device>,
+    /// Tensors re-pointed whose old value has no host copy of this manager's (moved to the
+    /// device, or given placeholders or fresh tensors from a shared store), each with an alias
+    /// of its old data.
+    repointed: Vec<(usize, Tensor)>,
+    /// The shared-memory file this `initialize` created.
+    created: Option<std::path::PathBuf>,
 }
 
 /// Runtime state of one block.
@@ -423,8 +466,13 @@ pub struct LayerwiseOffloadManager {
     timeline: Option<Timeline>,
     /// Timing events ready for reuse.
     spare: Vec<(Event, Event)>,
-    /// Slot allocations, uploads and host allocations so far (for injected faults).
-    counts: [usize; 3],
+    /// Slot allocations, uploads, host allocations and restored blocks so far (for injected
+    /// faults).
+    counts: [usize; 4],
+    /// This manager's hold on the model's block tensors, from `initialize` until `restore`.
+    claim: Option<Claim>,
+    /// Blocks back in the model during the latest `restore`.
+    restored: usize,
     /// The host store this manager streams from (its own, or one shared with it).
     store: Option<Arc<HostStore>>,
     /// Peer groups, by receiving rank: the stream this member's shares go out on to that member
@@ -626,21 +674,56 @@ impl LayerwiseOffloadManager {
     ///
     /// Works from a model on the CPU (block tensors go straight to their host buffers and each
     /// CPU tensor is freed once copied, so the model never has to fit on the GPU) or one
-    /// already on the compute device. On error nothing is lost: blocks already moved point at
-    /// their host copies and [`Self::restore`] brings everything back. If only the final
-    /// upload of the first block fails, that error is returned with the manager initialized:
-    /// the block is uploaded again when it is entered.
+    /// already on the compute device. An error leaves the model as it was: every tensor back on
+    /// its device with its value (block tensors in fresh tensors filled from their host copies;
+    /// should the device have no memory left for one, it points at its host copy on the CPU),
+    /// nothing published, the peer group rank free again, and calling `initialize()` again
+    /// starts over. If only the final upload of the first block fails, that error is returned
+    /// with the manager initialized: the block is uploaded again when it is entered.
+    ///
+    /// Refused with [`Error::AlreadyOffloaded`] while another manager holds the model's blocks.
     pub fn initialize(&mut self) -> Result<()> {
         if !self.is_enabled() || self.phase == Phase::Ready {
             return Ok(());
         }
-        if self.phase == Phase::Restored {
-            return Err(Error::InvalidArgument {
-                op: "initialize",
-                message: "the manager was restored; build a new manager to offload again".into(),
-            });
+        match self.phase {
+            Phase::Restored => {
+                return Err(Error::InvalidArgument {
+                    op: "initialize",
+                    message: "the manager was restored; build a new manager to offload again"
+                        .into(),
+                });
+            }
+            Phase::Restoring => return Err(self.partly_restored("initialize")),
+            Phase::Configured | Phase::Ready => {}
         }
         let started = Instant::now();
+        let mut undo = Undo {
+            devices: self.named.iter().map(|(_, t)| t.device()).collect(),
+            ..Undo::default()
+        };
+        let first = match self.offload(&mut undo) {
+            Ok(first) => first,
+            Err(e) => {
+                self.roll_back(undo);
+                return Err(e);
+            }
+        };
+        drop(undo); // frees the old storage of the tensors moved to the device
+        self.phase = Phase::Ready;
+        self.stats.init_seconds = started.elapsed().as_secs_f64();
+
+        // 5. The first streamed block on the device, synchronously (as the seed does). Not in a
+        //    peer group: an upload needs every member there.
+        if let (Some(first), None) = (first, &self.config.peer) {
+            self.prefetch_layer(first, false)?;
+        }
+        Ok(())
+    }
+
+    /// Steps 0 to 4 of [`Self::initialize`]; returns the first streamed block. Records in
+    /// `undo` what [`Self::roll_back`] needs to put the model back should a step fail.
+    fn offload(&mut self, undo: &mut Undo) -> Result<Option<usize>> {
         let compute = self.compute_device();
         let allowed = if compute == Device::Cpu {
             vec![Device::Cpu]
@@ -651,6 +734,12 @@ impl LayerwiseOffloadManager {
         if let Some(store) = &self.config.store {
             store.check_plan(&plan)?;
         }
+        // No other manager may hold these tensors: it would have left placeholders in them.
+        self.claim = Some(Claim::take(plan.layers.iter().flat_map(|l| {
+            l.tensors
+                .iter()
+                .map(|t| (t.name.as_str(), &self.named[t.source_index].1))
+        }))?);
 
         // 0. Which blocks stay resident (a VRAM budget), which stream.
         let resident = self.choose_resident(&plan)?;
@@ -663,7 +752,11 @@ impl LayerwiseOffloadManager {
             .map(|&i| plan.layers[i].bytes)
             .max()
             .unwrap_or(0);
-        let n_slots = (self.config.prefetch_depth + 1).min(streamed.len());
+        let n_slots = self
+            .config
+            .prefetch_depth
+            .saturating_add(1)
+            .min(streamed.len());
         let mut slots = Vec::with_capacity(n_slots);
         for _ in 0..n_slots {
             if self.injected(0) {
@@ -785,6 +878,10 @@ impl LayerwiseOffloadManager {
                         e.to_string(),
                     )
                 })?;
+                let old = t
+                    .f_detach()
+                    .map_err(|e| Error::from(("moving non-block tensors", e)))?;
+                undo.repointed.push((i, old));
                 t.f_set_data(&moved)
                     .map_err(|e| Error::from(("moving non-block tensors", e)))?;
             }
@@ -813,10 +910,22 @@ impl LayerwiseOffloadManager {
         // 4. Streamed blocks into their host buffers, one at a time, freeing each source as it
         //    goes.
         if let Some(store) = self.config.store.clone() {
+            // The model's own block values are not used, but they are kept until initialize
+            // succeeds, to be put back should it fail.
             for &i in &streamed {
+                let sources: Vec<usize> = self
+                    .layout(i)
+                    .tensors
+                    .iter()
+                    .map(|t| t.source_index)
+                    .collect();
                 let rt = &mut self.layers[i];
                 rt.host = store.buffers[i].as_ref().map(|b| b.shallow_clone());
-                for (p, ph) in rt.params.iter_mut().zip(&rt.placeholders) {
+                for ((p, ph), src) in rt.params.iter_mut().zip(&rt.placeholders).zip(sources) {
+                    let old = p
+                        .f_detach()
+                        .map_err(|e| Error::from(("placing placeholders", e)))?;
+                    undo.repointed.push((src, old));
                     p.f_set_data(ph)
                         .map_err(|e| Error::from(("placing placeholders", e)))?;
                 }
@@ -848,6 +957,10 @@ impl LayerwiseOffloadManager {
                     })?;
                     tch::no_grad(|| fresh.f_copy_(v))
                         .map_err(|e| Error::from(("filling resident blocks", e)))?;
+                    let old = p
+                        .f_detach()
+                        .map_err(|e| Error::from(("filling resident blocks", e)))?;
+                    undo.repointed.push((t.source_index, old));
                     p.f_set_data(&fresh)
                         .map_err(|e| Error::from(("filling resident blocks", e)))?;
                 }
@@ -868,18 +981,23 @@ impl LayerwiseOffloadManager {
                     * crate::host::FILE_ALIGN;
             }
             let file = match &self.config.shm {
-                Some(path) if total > 0 => Some(accel::map_host_file(
-                    path,
-                    total,
-                    accel::FileMapping::Create,
-                    self.host_memory(),
-                )?),
-                _ => None,
-            };
-            let remove_file = |path: &Option<std::path::PathBuf>| {
-                if let Some(p) = path {
-                    let _ = std::fs::remove_file(p);
+                Some(path) if total > 0 => {
+                    let f = accel::map_host_file(
+                        path,
+                        total,
+                        accel::FileMapping::Create,
+                        self.host_memory(),
+                    )?;
+                    undo.created = Some(path.clone());
+                    Some(f)
                 }
+                Some(_) => {
+                    return Err(Error::InvalidArgument {
+                        op: "OffloadConfig::shared_memory",
+                        message: "every block stays resident on the device under the VRAM budget, so there is no host copy to publish; build with .shareable(true) to publish the resident blocks too, or lower the budget".into(),
+                    });
+                }
+                None => None,
             };
             for &i in &with_host {
                 let buffer = match &file {
@@ -891,11 +1009,7 @@ impl LayerwiseOffloadManager {
                     ),
                     None => None,
                 };
-                if let Err(e) = self.fill_host(i, !resident[i], buffer) {
-                    self.detach_to_host();
-                    remove_file(&self.config.shm);
-                    return Err(e);
-                }
+                self.fill_host(i, !resident[i], buffer)?;
             }
             let plan = self.plan.as_ref().expect("plan set above");
             self.store = Some(Arc::new(HostStore {
@@ -912,19 +1026,71 @@ impl LayerwiseOffloadManager {
             if let (Some(path), Some(store)) = (&self.config.shm, &self.store)
                 && file.is_some()
             {
-                // Last: readers see the manifest only once every block is in place.
+                // Last: readers see the manifest only once every block is in place. Should
+                // writing it fail, the caller rolls back (the model gets its blocks back).
                 store.write_manifest(path, &offsets, total)?;
             }
         }
-        self.phase = Phase::Ready;
-        self.stats.init_seconds = started.elapsed().as_secs_f64();
+        Ok(streamed.first().copied())
+    }
 
-        // 5. The first streamed block on the device, synchronously (as the seed does). Not in a
-        //    peer group: an upload needs every member there.
-        if let (Some(&first), None) = (streamed.first(), &self.config.peer) {
-            self.prefetch_layer(first, false)?;
+    /// Undoes a failed [`Self::offload`]: own host copies go back into fresh tensors on their
+    /// old devices (or, without memory there, stay as host views), re-pointed tensors get their
+    /// old data back, and the slot ring, the plan, the store, the claim, the peer group rank
+    /// and the shared-memory file this call created are given up.
+    fn roll_back(&mut self, undo: Undo) {
+        self.sync_copies();
+        if self.config.store.is_none() && self.plan.is_some() {
+            for i in 0..self.layers.len() {
+                if self.layers[i].resident {
+                    continue; // moved to the device in step 3: in `undo.repointed`
+                }
+                let Some(host) = self.layers[i].host.take() else {
+                    continue; // not copied yet: untouched
+                };
+                let layout = self.layout(i).clone();
+                let Ok(views) = Self::views(&host, &layout) else {
+                    continue;
+                };
+                for ((t, v), p) in layout
+                    .tensors
+                    .iter()
+                    .zip(&views)
+                    .zip(self.layers[i].params.iter_mut())
+                {
+                    let device = undo.devices[t.source_index];
+                    let fresh = Tensor::f_empty_strided(
+                        t.shape.as_slice(),
+                        t.strides.as_slice(),
+                        (t.kind, device),
+                    )
+                    .and_then(|mut f| tch::no_grad(|| f.f_copy_(v)).map(|_| f));
+                    let _ = match fresh {
+                        Ok(f) => p.f_set_data(&f),
+                        Err(_) => p.f_set_data(v),
+                    };
+                }
+            }
         }
-        Ok(())
+        for (i, old) in undo.repointed.into_iter().rev() {
+            let _ = self.named[i].1.f_set_data(&old);
+        }
+        if self.joined
+            && let Some((group, rank)) = &self.config.peer
+        {
+            group.unjoin(*rank);
+        }
+        self.joined = false;
+        self.layers.clear();
+        self.slots.clear();
+        self.plan = None;
+        self.store = None; // a published store removes its file and manifest when dropped
+        self.claim = None;
+        self.stats = OffloadStats::default();
+        if let Some(path) = undo.created {
+            // The file this call created (the manifest's own writer removes its temporary).
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     /// Marks the blocks that stay on the device for good: as many as fit in the budget next to
@@ -959,8 +1125,9 @@ impl LayerwiseOffloadManager {
         if sizes.iter().sum::<u64>() <= budget {
             return Ok(vec![true; n]);
         }
-        let ring =
-            (self.config.prefetch_depth as u64 + 1) * sizes.iter().copied().max().unwrap_or(0);
+        let ring = (self.config.prefetch_depth as u64)
+            .saturating_add(1)
+            .saturating_mul(sizes.iter().copied().max().unwrap_or(0));
         if budget < ring {
             return Err(Error::InvalidArgument {
                 op: "vram_budget",
@@ -984,13 +1151,16 @@ impl LayerwiseOffloadManager {
         Ok(vec![false; n])
     }
 
-    /// Counts one operation of kind `which` (0 slot, 1 upload, 2 host) and says whether an
-    /// injected fault makes it fail.
+    /// Counts one operation of kind `which` (0 slot, 1 upload, 2 host, 3 restored block) and
+    /// says whether an injected fault makes it fail.
     fn injected(&mut self, which: usize) -> bool {
         let k = self.counts[which];
         self.counts[which] += 1;
         self.config.faults.iter().any(|f| match (which, f) {
-            (0, Fault::SlotAlloc(n)) | (1, Fault::Upload(n)) | (2, Fault::HostAlloc(n)) => *n == k,
+            (0, Fault::SlotAlloc(n))
+            | (1, Fault::Upload(n))
+            | (2, Fault::HostAlloc(n))
+            | (3, Fault::Restore(n)) => *n == k,
             _ => false,
         })
     }
@@ -1063,7 +1233,7 @@ impl LayerwiseOffloadManager {
     }
 
     /// Points every filled block's tensors at their host copies (CPU memory) and forgets the
-    /// slots: the state after a failed initialize and on drop.
+    /// slots: the state after drop.
     fn detach_to_host(&mut self) {
         self.sync_copies();
         if self.plan.is_none() {
@@ -1108,10 +1278,19 @@ impl LayerwiseOffloadManager {
     }
 
     fn check_ready(&self, op: &'static str) -> Result<()> {
-        if self.phase != Phase::Ready {
-            return Err(Error::NotInitialized { op });
+        match self.phase {
+            Phase::Ready => Ok(()),
+            Phase::Restoring => Err(self.partly_restored(op)),
+            Phase::Configured | Phase::Restored => Err(Error::NotInitialized { op }),
         }
-        Ok(())
+    }
+
+    fn partly_restored(&self, op: &'static str) -> Error {
+        Error::PartlyRestored {
+            op,
+            restored: self.restored,
+            num_layers: self.layers.len(),
+        }
     }
 
     fn check_range(&self, op: &'static str, layer: usize) -> Result<()> {
@@ -1673,11 +1852,18 @@ impl LayerwiseOffloadManager {
         }
         self.check_ready("layer_scope")?;
         let release = release.filter(|&r| r < self.layers.len());
+        let entered_here = release.filter(|&r| !self.layers[r].in_use);
         if let Some(r) = release {
             self.activate(r)?;
         }
-        if let Some(p) = prefetch {
-            self.prefetch_layer(p, true)?;
+        if let Some(p) = prefetch
+            && let Err(e) = self.prefetch_layer(p, true)
+        {
+            // `f` does not run: leave the block released, not entered forever.
+            if let Some(r) = entered_here {
+                let _ = self.release(r);
+            }
+            return Err(e);
         }
         let guard = LayerGuard {
             manager: self,
@@ -1850,7 +2036,9 @@ impl LayerwiseOffloadManager {
     /// shapes and strides, bit-identical), frees the slots and host buffers, and leaves the
     /// model usable without the manager. Needs device memory for the whole model; if it runs
     /// out, blocks restored so far stay restored and calling it again (after freeing memory)
-    /// or [`Self::restore_to`] the CPU finishes the job.
+    /// or [`Self::restore_to`] the CPU finishes the job. Once a restore has started the layer
+    /// loop is over, also if it fails: loop calls return [`Error::PartlyRestored`] until a
+    /// restore finishes, while [`Self::tensor`], [`Self::stats`] and the other reads work.
     pub fn restore(&mut self) -> Result<()> {
         let device = self.compute_device();
         self.restore_to(device)
@@ -1862,6 +2050,11 @@ impl LayerwiseOffloadManager {
             return Ok(());
         }
         self.sync_copies();
+        // The loop is over from here, also if a block below fails: loop calls are refused and
+        // the other members of a peer group learn at once that this one left.
+        self.phase = Phase::Restoring;
+        self.leave_group();
+        self.restored = 0;
         for i in 0..self.layers.len() {
             if self.layers[i].resident {
                 for p in &mut self.layers[i].params {
@@ -1877,12 +2070,21 @@ impl LayerwiseOffloadManager {
                     let bytes = self.layout(i).bytes as u64;
                     self.stats.host_bytes = self.stats.host_bytes.saturating_sub(bytes);
                 }
+                self.restored += 1;
                 continue;
             }
             let Some(host) = self.layers[i].host.as_ref().map(|h| h.shallow_clone()) else {
+                self.restored += 1; // restored by an earlier call
                 continue;
             };
             let layout = self.layout(i).clone();
+            if self.injected(3) {
+                return Err(Error::OutOfMemory {
+                    op: format!("restoring block {i}"),
+                    bytes: layout.bytes as u64,
+                    source: crate::error::TorchMessage("injected fault".into()),
+                });
+            }
             let views = Self::views(&host, &layout)?;
             let mut fresh = Vec::with_capacity(views.len());
             for (t, v) in layout.tensors.iter().zip(&views) {
@@ -1906,13 +2108,14 @@ impl LayerwiseOffloadManager {
             }
             self.stats.host_bytes = self.stats.host_bytes.saturating_sub(layout.bytes as u64);
             self.layers[i].host = None;
+            self.restored += 1;
         }
         if let Backend::Cuda { device, .. } = self.backend {
             accel::synchronize_device(device)?;
         }
-        self.leave_group();
         self.slots.clear();
         self.store = None;
+        self.claim = None;
         self.stats.shared_host_bytes = 0;
         self.phase = Phase::Restored;
         Ok(())

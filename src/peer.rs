@@ -18,8 +18,8 @@
 //! The slot rings of the members stay allocated until every member has left (restored or
 //! dropped), because a member may still be sending into another's slots.
 
-use crate::error::{Error, Result};
 use crate::accel::Event;
+use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -98,7 +98,8 @@ impl PeerGroup {
     }
 
     /// A group whose members give up waiting for the others after `timeout` (the wait between
-    /// one member's upload and the slowest member's arrival at the same upload).
+    /// one member's upload and the slowest member's arrival at the same upload). A timeout
+    /// beyond what the clock can represent (`Duration::MAX`) waits without limit.
     pub fn with_timeout(size: usize, timeout: Duration) -> Result<Arc<PeerGroup>> {
         if size == 0 {
             return Err(Error::InvalidArgument {
@@ -163,6 +164,18 @@ impl PeerGroup {
         Ok(())
     }
 
+    /// Undoes [`Self::join`] for a member whose `initialize` failed before any upload: the rank
+    /// is free again, so that the member (or another) can join with it.
+    pub(crate) fn unjoin(&self, rank: usize) {
+        let mut st = self.lock();
+        if st.members[rank] == Member::Joined {
+            st.members[rank] = Member::Vacant;
+            st.rings[rank].clear();
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+
     /// Member `rank` is done (its own copies have finished). The rings go once nobody is left.
     pub(crate) fn leave(&self, rank: usize) {
         let mut st = self.lock();
@@ -195,7 +208,8 @@ impl PeerGroup {
         what: &str,
         missing: impl Fn(&Round) -> Vec<usize>,
     ) -> Result<MutexGuard<'a, State>> {
-        let deadline = Instant::now() + self.timeout;
+        // A timeout too long to represent (`Duration::MAX`) means no deadline.
+        let deadline = Instant::now().checked_add(self.timeout);
         loop {
             if let Some(why) = &st.broken {
                 return Err(Error::PeerGroup {
@@ -216,6 +230,10 @@ impl PeerGroup {
                 self.cv.notify_all();
                 return Err(Error::PeerGroup { rank, message });
             }
+            let Some(deadline) = deadline else {
+                st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            };
             let now = Instant::now();
             if now >= deadline {
                 let message = format!(

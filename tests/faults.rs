@@ -100,11 +100,12 @@ fn a_refused_pinned_allocation(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> a
         Err(e @ Error::HostAlloc { .. }) => assert!(e.to_string().contains("host memory"), "{e}"),
         r => panic!("expected HostAlloc, got {r:?}"),
     }
-    // Blocks already offloaded point at their host copies: values intact, usable on the CPU.
+    // The model as it was: blocks already offloaded are back on their device, values intact.
+    assert!(!m.is_initialized());
     assert_same(&model.snapshot(), &before);
     assert_eq!(
         model.vs.variables()["double_blocks.0.fc1.weight"].device(),
-        Device::Cpu
+        dev
     );
     assert_eq!(
         model.vs.variables()["single_blocks.3.fc1.weight"].device(),
@@ -178,6 +179,183 @@ fn the_manager_moves_to_another_thread(
         assert!(bits_equal(g, &want));
     }
     let mut m = m;
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}
+
+/// Every variable's device, by name.
+fn devices(model: &Model) -> Vec<(String, Device)> {
+    let mut v: Vec<(String, Device)> = model
+        .vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.device()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn a_failed_publish_leaves_the_model_as_it_was() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("lo-failed-publish-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("blocks");
+    // A directory where the manifest goes: every block is published, then the manifest cannot
+    // be put in place (as on a full shared-memory file system).
+    let obstacle = dir.join("blocks.manifest");
+    std::fs::create_dir(&obstacle)?;
+    let model = Model::new(Device::Cpu, 4, false, 36);
+    let x = model.input(6);
+    let want = model.forward(&x, None);
+    let before = model.snapshot();
+    let where_before = devices(&model);
+    let mut m = Mode::Cpu
+        .config("blocks", 4)
+        .shared_memory(&path)
+        .build(&model.vs)?;
+    let err = m.initialize().expect_err("the manifest cannot be written");
+    assert!(err.to_string().contains("manifest"), "{err}");
+    // The model exactly as it was, nothing published, nothing left behind.
+    assert!(!m.is_initialized());
+    assert_same(&model.snapshot(), &before);
+    assert_eq!(devices(&model), where_before);
+    let left: Vec<String> = std::fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        left,
+        vec!["blocks.manifest".to_owned()],
+        "only the obstacle remains"
+    );
+    // Once the manifest can be written, the same manager publishes, and the loop is exact.
+    std::fs::remove_dir(&obstacle)?;
+    m.initialize()?;
+    assert!(path.exists());
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    drop(m);
+    assert!(!path.exists(), "the publisher's file goes with its store");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[rstest]
+fn a_failed_initialize_puts_every_tensor_back(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    // The model on the CPU, offloaded for the compute device: non-block tensors move to the
+    // device, blocks into host copies; the refused host allocation comes half-way.
+    let model = Model::new(Device::Cpu, 4, true, 37);
+    let before = model.snapshot();
+    let where_before = devices(&model);
+    let mut m = mode
+        .config("double_blocks", 4)
+        .with_list("single_blocks", 5)
+        .inject_fault(Fault::HostAlloc(4))
+        .build(&model.vs)?;
+    assert!(matches!(m.initialize(), Err(Error::HostAlloc { .. })));
+    assert!(!m.is_initialized());
+    assert_same(&model.snapshot(), &before);
+    assert_eq!(
+        devices(&model),
+        where_before,
+        "every tensor on its old device"
+    );
+    // The fault is spent: initializing again works; restore gives everything back.
+    m.initialize()?;
+    let x = model.input(7);
+    let got = model.forward(&x, Some(&mut m));
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    assert!(model.vs.variables().values().all(|t| t.device() == dev));
+    assert!(bits_equal(&model.forward(&x, None), &got));
+    Ok(())
+}
+
+#[rstest]
+fn a_restore_failing_part_way(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let model = Model::new(dev, 5, false, 38);
+    let x = model.input(8);
+    let want = model.forward(&x, None);
+    let before = model.snapshot();
+    let mut m = mode
+        .config("blocks", 5)
+        .prefetch_depth(2)
+        .inject_fault(Fault::Restore(2))
+        .build(&model.vs)?;
+    m.initialize()?;
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    match m.restore() {
+        Err(e @ Error::OutOfMemory { .. }) => assert!(e.to_string().contains("block 2"), "{e}"),
+        r => panic!("expected OutOfMemory, got {r:?}"),
+    }
+    // Every call is a typed error or works; none panics.
+    let partly = |r: layerwise_offload::Result<()>| match r {
+        Err(e @ Error::PartlyRestored { .. }) => {
+            assert!(e.to_string().contains("2 of 5 blocks"), "{e}");
+            assert!(e.to_string().contains("call restore() again"), "{e}");
+        }
+        r => panic!("expected PartlyRestored, got {r:?}"),
+    };
+    partly(m.enter(0).map(|_| ()));
+    partly(m.before_layer(3));
+    partly(m.after_layer(0));
+    partly(m.prefetch_layer(4, false));
+    partly(m.release_layer(1));
+    partly(m.release_all());
+    partly(m.layer_scope(Some(1), Some(0), || ()));
+    partly(m.initialize());
+    assert!(!m.is_initialized());
+    assert!(m.stats().uploads > 0);
+    // Weights read the same whether their block is back already or not.
+    let snap: std::collections::HashMap<String, tch::Tensor> = before.into_iter().collect();
+    for name in ["blocks.0.fc1.weight", "blocks.3.qkv.bias"] {
+        assert!(bits_equal(&m.tensor(name)?, &snap[name]), "{name}");
+    }
+    // The second restore finishes the job: every weight bit for bit, on the compute device.
+    m.restore()?;
+    let mut before: Vec<(String, tch::Tensor)> = snap.into_iter().collect();
+    before.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_same(&model.snapshot(), &before);
+    assert!(model.vs.variables().values().all(|t| t.device() == dev));
+    assert!(bits_equal(&model.forward(&x, None), &want));
+    Ok(())
+}
+
+#[rstest]
+fn layer_scope_whose_prefetch_fails(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let model = Model::new(dev, 4, false, 39);
+    let x = model.input(9);
+    let want = model.forward(&x, None);
+    let before = model.snapshot();
+    // Upload 0 is block 0 in initialize; upload 1 is the prefetch of block 1 below.
+    let mut m = mode
+        .config("blocks", 4)
+        .inject_fault(Fault::Upload(1))
+        .build(&model.vs)?;
+    m.initialize()?;
+    let mut ran = false;
+    let r = m.layer_scope(Some(1), Some(0), || ran = true);
+    match r {
+        Err(e) => assert!(e.to_string().contains("injected fault"), "{e}"),
+        Ok(()) => panic!("the prefetch of block 1 must fail"),
+    }
+    assert!(!ran, "the block does not run without its scope");
+    assert!(!m.is_entered(0), "block 0 is not left entered");
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
     m.restore()?;
     assert_same(&model.snapshot(), &before);
     Ok(())

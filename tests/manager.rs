@@ -520,3 +520,112 @@ fn chrome_trace_is_valid_json_with_both_streams() -> anyhow::Result<()> {
     assert!(m.finish_timeline()?.is_empty());
     Ok(())
 }
+
+#[rstest]
+fn a_second_manager_over_the_same_model_is_refused(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let model = Model::new(dev, 4, false, 71);
+    let x = model.input(4);
+    let want = model.forward(&x, None);
+    let before = model.snapshot();
+    let mut a = config(mode, &model).build(&model.vs)?;
+    let mut b = config(mode, &model).build(&model.vs)?;
+    a.initialize()?;
+    match b.initialize() {
+        Err(e @ Error::AlreadyOffloaded { .. }) => {
+            assert!(e.to_string().contains("blocks.0."), "{e}");
+            assert!(
+                e.to_string().contains("restore() or drop that manager"),
+                "{e}"
+            );
+        }
+        r => panic!("expected AlreadyOffloaded, got {r:?}"),
+    }
+    assert!(!b.is_initialized());
+    // The refused manager changed nothing: the first one's loop is exact.
+    assert!(bits_equal(&model.forward(&x, Some(&mut a)), &want));
+    a.restore()?;
+    drop(b);
+    assert_same(&model.snapshot(), &before);
+
+    // Once the first one let go, another manager may offload the model.
+    let mut c = config(mode, &model).build(&model.vs)?;
+    c.initialize()?;
+    assert!(bits_equal(&model.forward(&x, Some(&mut c)), &want));
+    drop(c); // dropping also lets go (the weights go to their host copies)
+    let mut d = config(mode, &model).build(&model.vs)?;
+    d.initialize()?;
+    d.restore()?;
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}
+
+#[test]
+fn out_of_range_configurations_are_typed() -> anyhow::Result<()> {
+    let model = Model::new(Device::Cpu, 3, false, 72);
+    let before = model.snapshot();
+    let cfg = || OffloadConfig::new("blocks", 3).cpu_test_mode(true);
+    for depth in [
+        usize::MAX,
+        layerwise_offload::manager::MAX_PREFETCH_DEPTH + 1,
+    ] {
+        match cfg().prefetch_depth(depth).build(&model.vs) {
+            Err(e @ Error::InvalidArgument { .. }) => {
+                assert!(e.to_string().contains("pass 1..="), "{e}")
+            }
+            r => panic!("expected InvalidArgument, got {:?}", r.map(|_| ())),
+        }
+    }
+    // The largest depth accepted works (never more slots than blocks).
+    let mut m = cfg()
+        .prefetch_depth(layerwise_offload::manager::MAX_PREFETCH_DEPTH)
+        .build(&model.vs)?;
+    let x = model.input(1);
+    let want = model.forward(&x, None);
+    m.initialize()?;
+    assert_eq!(m.slot_contents().len(), 3);
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    m.restore()?;
+    // num_layers 0, alone or in a second list, with or without a shared-memory file.
+    let shm = std::env::temp_dir().join(format!("lo-zero-layers-{}", std::process::id()));
+    for c in [
+        OffloadConfig::new("blocks", 0).cpu_test_mode(true),
+        cfg().with_list("blocks_b", 0),
+        OffloadConfig::new("blocks", 0)
+            .cpu_test_mode(true)
+            .shared_memory(&shm),
+    ] {
+        match c.build(&model.vs) {
+            Err(e @ Error::InvalidArgument { .. }) => {
+                assert!(e.to_string().contains("num_layers is 0"), "{e}")
+            }
+            r => panic!("expected InvalidArgument, got {:?}", r.map(|_| ())),
+        }
+    }
+    // A shared-memory file with nothing to publish (every block stays resident).
+    let mut m = cfg()
+        .vram_budget(u64::MAX)
+        .shared_memory(&shm)
+        .build(&model.vs)?;
+    match m.initialize() {
+        Err(e @ Error::InvalidArgument { .. }) => {
+            assert!(e.to_string().contains("shareable(true)"), "{e}")
+        }
+        r => panic!("expected InvalidArgument, got {r:?}"),
+    }
+    assert!(!m.is_initialized());
+    assert!(!shm.exists());
+    // A disabled manager offloads nothing and needs no blocks.
+    assert!(
+        !OffloadConfig::new("blocks", 0)
+            .enabled(false)
+            .build(&model.vs)?
+            .is_enabled()
+    );
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}

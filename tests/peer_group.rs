@@ -17,7 +17,12 @@ use tch::{Device, Tensor};
 fn member_devices(mode: Mode, n: usize) -> Option<Vec<Device>> {
     match mode {
         Mode::Cpu => Some(vec![Device::Cpu; n]),
-        Mode::Cuda => Some(common::cuda_devices(n)?.into_iter().map(Device::Cuda).collect()),
+        Mode::Cuda => Some(
+            common::cuda_devices(n)?
+                .into_iter()
+                .map(Device::Cuda)
+                .collect(),
+        ),
     }
 }
 
@@ -169,7 +174,10 @@ fn members_that_diverge_get_an_error_not_a_hang() -> anyhow::Result<()> {
     }
     assert!(group.broken().is_some());
     // Broken for good: the next upload fails at once.
-    assert!(matches!(m0.enter(2).map(|_| ()), Err(Error::PeerGroup { .. })));
+    assert!(matches!(
+        m0.enter(2).map(|_| ()),
+        Err(Error::PeerGroup { .. })
+    ));
     // Nothing lost.
     m0.restore()?;
     m1.restore()?;
@@ -237,7 +245,10 @@ fn a_member_whose_upload_fails_fails_the_others_at_once() -> anyhow::Result<()> 
         Err(e @ Error::PeerGroup { .. }) => assert!(e.to_string().contains("injected"), "{e}"),
         r => panic!("expected a PeerGroup error, got {r:?}"),
     }
-    assert!(t.elapsed() < Duration::from_secs(30), "waited for the timeout");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "waited for the timeout"
+    );
     m0.restore()?;
     m1.restore()?;
     assert_same(&model0.snapshot(), &before);
@@ -317,5 +328,45 @@ fn block_updates_are_refused_in_a_group() -> anyhow::Result<()> {
     assert_eq!(m.stats().peer_bytes, 0);
     m.restore()?;
     assert!(bits_equal(&model.forward(&x, None), &want));
+    Ok(())
+}
+
+#[test]
+fn a_member_may_retry_a_failed_initialize() -> anyhow::Result<()> {
+    let group = PeerGroup::new(1)?;
+    let model = Model::new(Device::Cpu, 3, false, 67);
+    let x = model.input(6);
+    let want = model.forward(&x, None);
+    let before = model.snapshot();
+    // The refused host allocation comes after the member joined the group.
+    let mut m = OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .peer_group(group.clone(), 0)
+        .inject_fault(layerwise_offload::Fault::HostAlloc(1))
+        .build(&model.vs)?;
+    assert!(matches!(m.initialize(), Err(Error::HostAlloc { .. })));
+    assert_same(&model.snapshot(), &before);
+    assert_eq!(group.broken(), None);
+    // Its rank is free again: the retry joins and runs.
+    m.initialize()?;
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}
+
+#[test]
+fn a_group_may_wait_without_limit() -> anyhow::Result<()> {
+    let group = PeerGroup::with_timeout(1, Duration::MAX)?;
+    let model = Model::new(Device::Cpu, 3, false, 68);
+    let x = model.input(7);
+    let want = model.forward(&x, None);
+    let mut m = OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .peer_group(group, 0)
+        .build(&model.vs)?;
+    m.initialize()?;
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    m.restore()?;
     Ok(())
 }
