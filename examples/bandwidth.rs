@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example bandwidth -- [--mib 1024] [--reps 10] [--device 0] [--gpus N]
+//! cargo run --release --example bandwidth -- --help
 //! ```
 //! Prints a table and one `RESULT {json}` line. Without a CUDA device it says so and measures
 //! host memcpy bandwidth only.
@@ -15,51 +16,49 @@
 //! what a design that sends half of every block over the peer link would get. One more
 //! `RESULT {json}` line carries those figures.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
+use clap::Parser;
 use layerwise_offload::accel::{self, Event, HostMemory, Stream};
+use serde_json::json;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
+/// Host <-> device copy bandwidth: pinned and pageable, H2D and D2H, timed with CUDA events on
+/// a side stream (median of the repetitions); with --gpus N, what several GPUs get from one
+/// pinned host copy. Without a CUDA device: host memcpy bandwidth only.
+#[derive(Debug, Parser)]
+#[command(name = "bandwidth", allow_negative_numbers = true)]
 struct Args {
+    /// MiB per copy.
+    #[arg(long, default_value_t = 1024, value_parser = int_in(1, 1 << 20))]
+    mib: i64,
+    /// Timed copies per measurement (the median is reported).
+    #[arg(long, default_value_t = 10, value_parser = int_in(1, 10_000))]
+    reps: i64,
+    /// CUDA device of the single-GPU measurements.
+    #[arg(long, default_value_t = 0, value_parser = int_in(0, 63))]
+    device: i64,
+    /// GPUs of the several-GPU measurements (2 or more to run them).
+    #[arg(long, default_value_t = 1, value_parser = int_in(1, 64))]
+    gpus: i64,
+}
+
+/// The flags, as sizes.
+struct Run {
     mib: usize,
     reps: usize,
     device: usize,
     gpus: usize,
 }
 
-fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        mib: 1024,
-        reps: 10,
-        device: 0,
-        gpus: 1,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = |name: &str| -> Result<usize> {
-            it.next()
-                .with_context(|| format!("{name} needs a value"))?
-                .parse()
-                .with_context(|| format!("{name} takes an integer"))
-        };
-        match flag.as_str() {
-            "--mib" => a.mib = val("--mib")?,
-            "--reps" => a.reps = val("--reps")?,
-            "--device" => a.device = val("--device")?,
-            "--gpus" => a.gpus = val("--gpus")?,
-            "-h" | "--help" => {
-                println!(
-                    "usage: bandwidth [--mib N (1024)] [--reps N (10)] [--device N (0)] [--gpus N (1)]"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown flag {other} (try --help)"),
-        }
-    }
-    if a.mib == 0 || a.reps == 0 || a.gpus == 0 {
-        bail!("--mib, --reps and --gpus must be positive");
-    }
-    Ok(a)
+fn parse_args() -> Result<Run> {
+    let a = Args::parse();
+    Ok(Run {
+        mib: a.mib as usize,
+        reps: a.reps as usize,
+        device: a.device as usize,
+        gpus: a.gpus as usize,
+    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -107,10 +106,8 @@ fn main() -> Result<()> {
             "host memcpy: {m:.1} GiB/s ({} MiB, median of {})",
             args.mib, args.reps
         );
-        println!(
-            "RESULT {{\"device\":null,\"mib\":{},\"host_memcpy_gib_s\":{m:.2}}}",
-            args.mib
-        );
+        let result = json!({"device": null, "mib": args.mib, "host_memcpy_gib_s": r2(m)});
+        println!("RESULT {result}");
         return Ok(());
     }
     accel::require_device("bandwidth", args.device)?;
@@ -144,15 +141,27 @@ fn main() -> Result<()> {
         println!("| {label} | {h2d:.1} | {d2h:.1} |");
     }
     println!("pinned allocation of {} MiB: {:.2} s", args.mib, pin_s);
-    println!(
-        "RESULT {{\"device\":\"{name}\",\"mib\":{},\"reps\":{},\"pinned_h2d_gib_s\":{:.2},\"pinned_d2h_gib_s\":{:.2},\"pageable_h2d_gib_s\":{:.2},\"pageable_d2h_gib_s\":{:.2},\"pinned_alloc_s\":{:.3}}}",
-        args.mib, args.reps, rows[0].1, rows[0].2, rows[1].1, rows[1].2, pin_s
-    );
+    let result = json!({
+        "device": name,
+        "mib": args.mib,
+        "reps": args.reps,
+        "pinned_h2d_gib_s": r2(rows[0].1),
+        "pinned_d2h_gib_s": r2(rows[0].2),
+        "pageable_h2d_gib_s": r2(rows[1].1),
+        "pageable_d2h_gib_s": r2(rows[1].2),
+        "pinned_alloc_s": (pin_s * 1e3).round() / 1e3,
+    });
+    println!("RESULT {result}");
     if args.gpus > 1 {
         drop((pinned, pageable, dev));
         multi_gpu(&args, &name)?;
     }
     Ok(())
+}
+
+/// `v` rounded to two decimals (NaN becomes null in the RESULT lines).
+fn r2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
 }
 
 fn gib_s(bytes: usize, ms: f64) -> f64 {
@@ -191,7 +200,7 @@ fn time_streams(
 }
 
 /// Several GPUs fed from one pinned host copy (see the module docs).
-fn multi_gpu(args: &Args, name: &str) -> Result<()> {
+fn multi_gpu(args: &Run, name: &str) -> Result<()> {
     let n = args.gpus;
     if n > accel::cuda_device_count() {
         bail!(
@@ -209,7 +218,12 @@ fn multi_gpu(args: &Args, name: &str) -> Result<()> {
     // Two device buffers per GPU, so that a repetition's uploads do not overwrite the buffer the
     // previous repetition's peer copy still reads.
     let mut bufs: Vec<[Tensor; 2]> = (0..n)
-        .map(|g| Ok([accel::alloc_device(bytes, g)?, accel::alloc_device(bytes, g)?]))
+        .map(|g| {
+            Ok([
+                accel::alloc_device(bytes, g)?,
+                accel::alloc_device(bytes, g)?,
+            ])
+        })
         .collect::<Result<_>>()?;
     let up: Vec<Stream> = (0..n).map(Stream::from_pool).collect::<Result<_, _>>()?;
     let peer: Vec<Stream> = (0..n).map(Stream::from_pool).collect::<Result<_, _>>()?;
@@ -336,14 +350,20 @@ fn multi_gpu(args: &Args, name: &str) -> Result<()> {
     println!(
         "| peer split on GPUs 0+1 (half from the host, half from the peer) | {split_gib_s:.1} |"
     );
-    println!(
-        "RESULT {{\"device\":\"{name}\",\"gpus\":{n},\"mib\":{},\"reps\":{reps},\"h2d_alone_gib_s\":[{}],\"h2d_together_shared_gib_s\":[{}],\"h2d_together_own_copy_gib_s\":[{}],\"d2d_gib_s\":{d2d_one:.2},\"d2d_both_ways_gib_s\":[{}],\"peer_split_gib_s\":{split_gib_s:.2}}}",
-        args.mib,
-        alone.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(","),
-        together[0].iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(","),
-        together[1].iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(","),
-        d2d_both.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(","),
-    );
+    let all = |v: &[f64]| v.iter().map(|&x| r2(x)).collect::<Vec<_>>();
+    let result = json!({
+        "device": name,
+        "gpus": n,
+        "mib": args.mib,
+        "reps": reps,
+        "h2d_alone_gib_s": all(&alone),
+        "h2d_together_shared_gib_s": all(&together[0]),
+        "h2d_together_own_copy_gib_s": all(&together[1]),
+        "d2d_gib_s": r2(d2d_one),
+        "d2d_both_ways_gib_s": all(&d2d_both),
+        "peer_split_gib_s": r2(split_gib_s),
+    });
+    println!("RESULT {result}");
     Ok(())
 }
 
@@ -361,4 +381,16 @@ fn device_name(d: usize) -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| format!("cuda:{d}"))
+}
+
+/// A parser of integers in `lo..=hi` whose error names the range, whatever the input (a
+/// negative number, one too large for any integer type, or no number).
+fn int_in(
+    lo: i64,
+    hi: i64,
+) -> impl Fn(&str) -> Result<i64, String> + Clone + Send + Sync + 'static {
+    move |s: &str| match s.trim().parse::<i128>() {
+        Ok(v) if (i128::from(lo)..=i128::from(hi)).contains(&v) => Ok(v as i64),
+        _ => Err(format!("{s:?} is not an integer in {lo}..={hi}")),
+    }
 }

@@ -2,9 +2,8 @@
 //! flow-matching Euler sampler, its block loop driven by the layerwise offload manager.
 //!
 //! ```text
-//! cargo run --release --example dit_layer_loop -- [--preset tiny|wan-1.3b|wan-14b] [--steps 4]
-//!     [--frames F --height H --width W] [--weights FILE.safetensors] [--budget GiB] [--depth 1]
-//!     [--vram-limit GiB] [--check] [--seed 0] [--init-seed N] [--save-weights FILE.safetensors]
+//! cargo run --release --example dit_layer_loop -- --help
+//! cargo run --release --example dit_layer_loop -- --preset wan-1.3b --vram-limit 2 --check
 //! ```
 //! The model: patch embedding of a video latent, a sinusoidal time embedding turned into adaLN
 //! modulation, blocks of self-attention, cross-attention to a text context and an MLP, and a final
@@ -15,7 +14,9 @@
 //! statistics and one `RESULT {json}` line.
 
 use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
 use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig, accel};
+use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 use tch::nn::{self, Module};
@@ -68,85 +69,122 @@ const PRESETS: [Preset; 3] = [
 const PATCH: i64 = 2; // spatial patch size (1 x 2 x 2 patches, as Wan)
 const FREQ_DIM: i64 = 256;
 
+/// Most latent frames, height and width accepted, and most tokens per forward
+/// (frames * height/2 * width/2): Wan2.1's 81-frame 720p video is 21 x 90 x 160, 75600 tokens.
+const MAX_FRAMES: i64 = 1024;
+const MAX_SIDE: i64 = 4096;
+const MAX_TOKENS: i64 = 1 << 17;
+
+/// Model presets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PresetName {
+    /// 6 blocks, dim 256 (the default without CUDA).
+    Tiny,
+    /// Wan2.1-1.3B's shape: 30 blocks, dim 1536 (the default with CUDA).
+    #[value(name = "wan-1.3b")]
+    Wan1_3b,
+    /// Wan2.1-14B's shape: 40 blocks, dim 5120.
+    #[value(name = "wan-14b")]
+    Wan14b,
+}
+
+/// A Wan-style diffusion transformer sampled with a flow-matching Euler sampler, its block loop
+/// driven by the layerwise offload manager.
+///
+/// Without --weights the weights are seeded random. Without a CUDA device the tiny preset runs
+/// in the manager's CPU test mode. --vram-limit caps this process's share of the GPU to show a
+/// model running on a smaller card; --check also runs the resident model (where it fits) and
+/// compares. The end: the manager's statistics and one `RESULT {json}` line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dit_layer_loop",
+    allow_negative_numbers = true,
+    args_override_self = true
+)]
 struct Args {
-    preset: Preset,
-    steps: usize,
+    /// Model preset (default: wan-1.3b with CUDA, tiny without).
+    #[arg(long, value_enum)]
+    preset: Option<PresetName>,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 4, value_parser = int_in(1, 10_000))]
+    steps: i64,
+    /// Latent frames (default: the preset's).
+    #[arg(long, value_parser = int_in(1, MAX_FRAMES))]
+    frames: Option<i64>,
+    /// Latent height, even (default: the preset's).
+    #[arg(long, value_parser = int_in(2, MAX_SIDE))]
+    height: Option<i64>,
+    /// Latent width, even (default: the preset's).
+    #[arg(long, value_parser = int_in(2, MAX_SIDE))]
+    width: Option<i64>,
+    /// Real weights (safetensors), named as the VarStore (blocks.0.self_attn.q.weight, ...),
+    /// in float32, bfloat16 or float16.
+    #[arg(long, value_name = "FILE.safetensors")]
     weights: Option<String>,
+    /// VRAM budget in GiB of block weights kept resident (the rest streams).
+    #[arg(long, value_name = "GiB", value_parser = gib(0.0))]
     budget: Option<f64>,
-    depth: usize,
+    /// Blocks uploaded ahead of the one computing.
+    #[arg(long, default_value_t = 1, value_parser = int_in(1, 16))]
+    depth: i64,
+    /// Cap this process's share of the GPU at this many GiB (needs a CUDA device).
+    #[arg(long, value_name = "GiB", value_parser = gib(f64::MIN_POSITIVE))]
     vram_limit: Option<f64>,
+    /// Also run the resident model and compare.
+    #[arg(long)]
     check: bool,
+    /// Seed of the noise and the text context.
+    #[arg(long, default_value_t = 0)]
     seed: i64,
+    /// Seed of the random weights (default: --seed).
+    #[arg(long)]
     init_seed: Option<i64>,
+    /// Write the weights (as the manager holds them) to this safetensors file.
+    #[arg(long, value_name = "FILE.safetensors")]
     save_weights: Option<String>,
 }
 
-fn parse_args() -> Result<Args> {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let cuda = accel::cuda_is_available();
-    let name = match argv.iter().position(|a| a == "--preset") {
-        Some(i) => argv.get(i + 1).context("--preset needs a value")?.clone(),
-        None => if cuda { "wan-1.3b" } else { "tiny" }.to_owned(),
+/// A parser of GiB: a finite number in [min, 1048576].
+fn gib(min: f64) -> impl Fn(&str) -> std::result::Result<f64, String> + Clone {
+    move |s: &str| match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= min && v <= 1048576.0 => Ok(v),
+        _ if min > 0.0 => Err(format!("{s:?} is not a number of GiB in (0, 1048576]")),
+        _ => Err(format!("{s:?} is not a number of GiB in [0, 1048576]")),
+    }
+}
+
+/// The flags and the preset they select; a bad value exits with a one-line error naming the
+/// flag and its range.
+fn parse_args() -> (Args, Preset) {
+    use clap::CommandFactory;
+    let a = Args::parse();
+    let fail = |msg: String| -> ! {
+        Args::command()
+            .error(clap::error::ErrorKind::ValueValidation, msg)
+            .exit()
     };
-    let preset = PRESETS
-        .iter()
-        .find(|p| p.name == name)
-        .cloned()
-        .with_context(|| format!("unknown preset {name:?}: use tiny, wan-1.3b or wan-14b"))?;
-    let mut a = Args {
-        preset,
-        steps: 4,
-        weights: None,
-        budget: None,
-        depth: 1,
-        vram_limit: None,
-        check: false,
-        seed: 0,
-        init_seed: None,
-        save_weights: None,
-    };
-    let mut it = argv.into_iter();
-    while let Some(flag) = it.next() {
-        let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--preset" => {
-                val()?;
-            }
-            "--steps" => a.steps = val()?.parse()?,
-            "--frames" => a.preset.latent[1] = val()?.parse()?,
-            "--height" => a.preset.latent[2] = val()?.parse()?,
-            "--width" => a.preset.latent[3] = val()?.parse()?,
-            "--weights" => a.weights = Some(val()?),
-            "--budget" => a.budget = Some(val()?.parse()?),
-            "--depth" => a.depth = val()?.parse()?,
-            "--vram-limit" => a.vram_limit = Some(val()?.parse()?),
-            "--check" => a.check = true,
-            "--seed" => a.seed = val()?.parse()?,
-            "--save-weights" => a.save_weights = Some(val()?),
-            "--init-seed" => a.init_seed = Some(val()?.parse()?),
-            "-h" | "--help" => {
-                println!(
-                    "{}",
-                    include_str!("dit_layer_loop.rs")
-                        .lines()
-                        .take(16)
-                        .map(|l| l.trim_start_matches("//!").trim_start_matches(' '))
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown flag {other} (try --help)"),
-        }
+    let name = a.preset.unwrap_or(if accel::cuda_is_available() {
+        PresetName::Wan1_3b
+    } else {
+        PresetName::Tiny
+    });
+    let mut preset = PRESETS[name as usize].clone();
+    let [_, f, h, w] = &mut preset.latent;
+    *f = a.frames.unwrap_or(*f);
+    *h = a.height.unwrap_or(*h);
+    *w = a.width.unwrap_or(*w);
+    if *h % PATCH != 0 || *w % PATCH != 0 {
+        fail(format!(
+            "--height {h} and --width {w} must be multiples of {PATCH}"
+        ));
     }
-    let [_, _, h, w] = a.preset.latent;
-    if h % PATCH != 0 || w % PATCH != 0 {
-        bail!("--height and --width must be multiples of {PATCH}");
+    let tokens = *f * (*h / PATCH) * (*w / PATCH);
+    if tokens > MAX_TOKENS {
+        fail(format!(
+            "--frames {f} --height {h} --width {w} make {tokens} tokens; at most {MAX_TOKENS}: lower them"
+        ));
     }
-    if a.steps == 0 {
-        bail!("--steps must be at least 1");
-    }
-    Ok(a)
+    (a, preset)
 }
 
 /// RMS norm with a learned scale (Wan's q/k norms).
@@ -377,6 +415,20 @@ fn load_weights(vs: &mut nn::VarStore, path: &str) -> Result<()> {
                 .map(|v| format!("{n}: file {:?}, model {:?}", t.size(), v.size()))
         })
         .collect();
+    // Float weights only: integers, booleans or other float formats would be converted
+    // silently into values the model was never trained with (NaN outputs, or garbage).
+    let accepted = [Kind::Float, Kind::BFloat16, Kind::Half];
+    let wrong_kind: Vec<String> = file
+        .iter()
+        .filter(|(_, t)| !accepted.contains(&t.kind()))
+        .map(|(n, t)| format!("{n} is {:?}", t.kind()))
+        .collect();
+    if !wrong_kind.is_empty() {
+        bail!(
+            "{path}: weights must be Float (f32), BFloat16 or Half (f16), but {}; convert the file",
+            wrong_kind.join(", ")
+        );
+    }
     if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
         let show = |v: Vec<String>| {
             if v.is_empty() {
@@ -453,11 +505,11 @@ fn sample(
 }
 
 fn main() -> Result<()> {
-    let a = parse_args()?;
+    let (a, preset) = parse_args();
     let cuda = accel::cuda_is_available();
     let dev = if cuda { Device::Cuda(0) } else { Device::Cpu };
     let kind = if cuda { Kind::BFloat16 } else { Kind::Float };
-    let c = &a.preset;
+    let c = &preset;
     if let Some(limit) = a.vram_limit {
         if !cuda {
             bail!("--vram-limit needs a CUDA device");
@@ -511,7 +563,7 @@ fn main() -> Result<()> {
     );
 
     let mut cfg = OffloadConfig::new("blocks", c.layers)
-        .prefetch_depth(a.depth)
+        .prefetch_depth(a.depth as usize)
         .cpu_test_mode(!cuda);
     if let Some(b) = a.budget {
         cfg = cfg.vram_budget((b * (1u64 << 30) as f64) as u64);
@@ -545,7 +597,14 @@ fn main() -> Result<()> {
         accel::reset_peak_memory_stats(0)?;
     }
 
-    let (streamed, step_times) = sample(&model, &noise, &ctx, a.steps, Some(&mut m), "offloaded")?;
+    let (streamed, step_times) = sample(
+        &model,
+        &noise,
+        &ctx,
+        a.steps as usize,
+        Some(&mut m),
+        "offloaded",
+    )?;
     let ms_per_step = median(&step_times) * 1e3;
     if cuda {
         accel::synchronize_device(0)?;
@@ -564,29 +623,35 @@ fn main() -> Result<()> {
     if a.check {
         match m.restore() {
             Ok(()) => {
-                let (x, times) = sample(&model, &noise, &ctx, a.steps, None, "resident")?;
+                let (x, times) = sample(&model, &noise, &ctx, a.steps as usize, None, "resident")?;
                 resident_ms = Some(median(&times) * 1e3);
                 diff = Some((x - &streamed).abs().max().double_value(&[]));
             }
             Err(e) => eprintln!("--check: the resident model does not fit ({e}); skipped"),
         }
     }
-    let json_opt = |v: Option<f64>| v.map_or("null".to_owned(), |x| format!("{x}"));
-    println!(
-        "RESULT {{\"device\":\"{device_name}\",\"preset\":\"{}\",\"tokens\":{tokens},\"steps\":{},\"ms_per_step\":{ms_per_step:.2},\"resident_ms_per_step\":{},\"max_abs_diff\":{},\"peak_vram_bytes\":{peak},\"h2d_gib_s\":{:.2},\"stall_ms\":{:.2},\"streamed_blocks\":{},\"resident_blocks\":{},\"init_s\":{init_s:.3},\"output_sum\":{}}}",
-        c.name,
-        a.steps,
-        json_opt(resident_ms.map(|v| (v * 100.0).round() / 100.0)),
-        json_opt(diff),
-        st.upload_gib_s(),
-        st.stall_ms,
-        st.streamed_layers,
-        st.resident_layers,
-        streamed
+    let round2 = |v: f64| (v * 100.0).round() / 100.0;
+    // serde_json writes NaN and infinities as null, so the line stays JSON whatever the values.
+    let result = json!({
+        "device": device_name,
+        "preset": c.name,
+        "tokens": tokens,
+        "steps": a.steps,
+        "ms_per_step": round2(ms_per_step),
+        "resident_ms_per_step": resident_ms.map(round2),
+        "max_abs_diff": diff,
+        "peak_vram_bytes": peak,
+        "h2d_gib_s": round2(st.upload_gib_s()),
+        "stall_ms": round2(st.stall_ms),
+        "streamed_blocks": st.streamed_layers,
+        "resident_blocks": st.resident_layers,
+        "init_s": (init_s * 1e3).round() / 1e3,
+        "output_sum": streamed
             .to_kind(Kind::Double)
             .sum(Kind::Double)
             .double_value(&[]),
-    );
+    });
+    println!("RESULT {result}");
     Ok(())
 }
 
@@ -594,4 +659,16 @@ fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+/// A parser of integers in `lo..=hi` whose error names the range, whatever the input (a
+/// negative number, one too large for any integer type, or no number).
+fn int_in(
+    lo: i64,
+    hi: i64,
+) -> impl Fn(&str) -> Result<i64, String> + Clone + Send + Sync + 'static {
+    move |s: &str| match s.trim().parse::<i128>() {
+        Ok(v) if (i128::from(lo)..=i128::from(hi)).contains(&v) => Ok(v as i64),
+        _ => Err(format!("{s:?} is not an integer in {lo}..={hi}")),
+    }
 }

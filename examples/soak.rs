@@ -5,13 +5,32 @@
 //!
 //! ```text
 //! cargo run --release --example soak -- [--forwards 1000] [--blocks 12] [--dim 512]
+//! cargo run --release --example soak -- --help
 //! ```
 //! Prints one `RESULT {json}` line and exits non-zero when an invariant breaks. Without a CUDA
 //! device it runs in the manager's CPU test mode.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
+use clap::Parser;
 use layerwise_offload::{OffloadConfig, accel};
+use serde_json::json;
 use tch::{Device, Kind, Tensor};
+
+/// Many forwards of a small stack through the manager; checks that memory stays flat and the
+/// last output equals the first.
+#[derive(Debug, Parser)]
+#[command(name = "soak", allow_negative_numbers = true)]
+struct Args {
+    /// Forwards to run.
+    #[arg(long, default_value_t = 1000, value_parser = int_in(2, 100_000_000))]
+    forwards: i64,
+    /// Blocks in the stack.
+    #[arg(long, default_value_t = 12, value_parser = int_in(2, 1000))]
+    blocks: i64,
+    /// Width of each block's square weight.
+    #[arg(long, default_value_t = 512, value_parser = int_in(1, 16384))]
+    dim: i64,
+}
 
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -25,19 +44,8 @@ fn rss_bytes() -> u64 {
 }
 
 fn main() -> Result<()> {
-    let mut forwards = 1000usize;
-    let mut blocks = 12usize;
-    let mut dim = 512i64;
-    let mut it = std::env::args().skip(1);
-    while let Some(f) = it.next() {
-        let v = it.next().with_context(|| format!("{f} needs a value"))?;
-        match f.as_str() {
-            "--forwards" => forwards = v.parse()?,
-            "--blocks" => blocks = v.parse()?,
-            "--dim" => dim = v.parse()?,
-            other => bail!("unknown flag {other}"),
-        }
-    }
+    let args = Args::parse();
+    let (forwards, blocks, dim) = (args.forwards as usize, args.blocks as usize, args.dim);
     let cuda = accel::cuda_is_available();
     let dev = if cuda { Device::Cuda(0) } else { Device::Cpu };
     tch::manual_seed(7);
@@ -98,13 +106,25 @@ fn main() -> Result<()> {
     let equal = first
         .view_dtype(Kind::Int)
         .equal(&last.view_dtype(Kind::Int));
-    println!(
-        "RESULT {{\"device\":\"{}\",\"forwards\":{forwards},\"blocks\":{blocks},\"resident_blocks\":{},\"uploads\":{},\"allocated_first\":{alloc1},\"allocated_last\":{alloc_n},\"allocated_max_sampled\":{max_alloc},\"reserved_first\":{reserved1},\"reserved_last\":{reserved_n},\"host_bytes_first\":{host1},\"host_bytes_last\":{host_n},\"rss_first\":{rss1},\"rss_last\":{rss_n},\"stall_ms\":{:.1},\"output_equal\":{equal}}}",
-        if cuda { "cuda:0" } else { "cpu" },
-        st.resident_layers,
-        st.uploads,
-        st.stall_ms
-    );
+    let result = json!({
+        "device": if cuda { "cuda:0" } else { "cpu" },
+        "forwards": forwards,
+        "blocks": blocks,
+        "resident_blocks": st.resident_layers,
+        "uploads": st.uploads,
+        "allocated_first": alloc1,
+        "allocated_last": alloc_n,
+        "allocated_max_sampled": max_alloc,
+        "reserved_first": reserved1,
+        "reserved_last": reserved_n,
+        "host_bytes_first": host1,
+        "host_bytes_last": host_n,
+        "rss_first": rss1,
+        "rss_last": rss_n,
+        "stall_ms": (st.stall_ms * 10.0).round() / 10.0,
+        "output_equal": equal,
+    });
+    println!("RESULT {result}");
     m.restore()?;
     if !equal {
         bail!("the output of forward {forwards} differs from forward 1");
@@ -116,4 +136,16 @@ fn main() -> Result<()> {
     }
     println!("soak ok: {forwards} forwards, memory flat, output equal");
     Ok(())
+}
+
+/// A parser of integers in `lo..=hi` whose error names the range, whatever the input (a
+/// negative number, one too large for any integer type, or no number).
+fn int_in(
+    lo: i64,
+    hi: i64,
+) -> impl Fn(&str) -> Result<i64, String> + Clone + Send + Sync + 'static {
+    move |s: &str| match s.trim().parse::<i128>() {
+        Ok(v) if (i128::from(lo)..=i128::from(hi)).contains(&v) => Ok(v as i64),
+        _ => Err(format!("{s:?} is not an integer in {lo}..={hi}")),
+    }
 }

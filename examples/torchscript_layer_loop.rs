@@ -15,9 +15,11 @@
 //! `forward` (resident) and prints one `RESULT {json}` line with `max_abs_diff`. Without a CUDA
 //! device it runs in the manager's CPU test mode.
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
+use clap::Parser;
 use layerwise_offload::script::{ScriptModule, with_graph_optimizations};
 use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig, WeightSource, accel};
+use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, IValue, Kind, Tensor};
@@ -85,24 +87,24 @@ impl Model {
     }
 }
 
+/// A TorchScript diffusion transformer (or traced diffusers Wan blocks) run block by block
+/// through the offload manager, compared with the module's own `forward`.
+#[derive(Debug, Parser)]
+#[command(name = "torchscript_layer_loop", allow_negative_numbers = true)]
+struct Args {
+    /// A module written by scripts/export_torchscript_dit.py, or a directory written by
+    /// scripts/export_diffusers_block.py.
+    #[arg(value_name = "MODULE.pt|FIXTURE_DIR")]
+    path: String,
+    /// Blocks of the module to run (default: all).
+    #[arg(long, value_parser = int_in(1, 10_000))]
+    blocks: Option<i64>,
+}
+
 fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let path = args
-        .next()
-        .context("usage: torchscript_layer_loop MODULE.pt|FIXTURE_DIR [--blocks N]")?;
-    let mut blocks = None;
-    while let Some(flag) = args.next() {
-        match flag.as_str() {
-            "--blocks" => {
-                blocks = Some(
-                    args.next()
-                        .context("--blocks needs a value")?
-                        .parse::<usize>()?,
-                )
-            }
-            other => bail!("unknown flag {other}"),
-        }
-    }
+    let args = Args::parse();
+    let path = args.path;
+    let blocks = args.blocks.map(|b| b as usize);
     let cuda = accel::cuda_is_available();
     let dev = if cuda { Device::Cuda(0) } else { Device::Cpu };
     let dir = Path::new(&path);
@@ -166,14 +168,30 @@ fn main() -> Result<()> {
         m.restore()?;
         // The module works on its own again.
         let after = tch::no_grad(|| model.resident(&module))?;
-        println!(
-            "RESULT {{\"device\":\"{}\",\"module\":\"{}\",\"blocks\":{n},\"buffers\":{buffers},\"max_abs_diff\":{diff},\"bit_exact\":{exact},\"restored_exact\":{}}}",
-            if cuda { "cuda:0" } else { "cpu" },
-            file.display(),
-            after
+        let result = json!({
+            "device": if cuda { "cuda:0" } else { "cpu" },
+            "module": file.display().to_string(),
+            "blocks": n,
+            "buffers": buffers,
+            "max_abs_diff": diff,
+            "bit_exact": exact,
+            "restored_exact": after
                 .view_dtype(Kind::Int)
-                .equal(&want.view_dtype(Kind::Int))
-        );
+                .equal(&want.view_dtype(Kind::Int)),
+        });
+        println!("RESULT {result}");
         Ok(())
     })?
+}
+
+/// A parser of integers in `lo..=hi` whose error names the range, whatever the input (a
+/// negative number, one too large for any integer type, or no number).
+fn int_in(
+    lo: i64,
+    hi: i64,
+) -> impl Fn(&str) -> Result<i64, String> + Clone + Send + Sync + 'static {
+    move |s: &str| match s.trim().parse::<i128>() {
+        Ok(v) if (i128::from(lo)..=i128::from(hi)).contains(&v) => Ok(v as i64),
+        _ => Err(format!("{s:?} is not an integer in {lo}..={hi}")),
+    }
 }

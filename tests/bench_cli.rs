@@ -4,19 +4,22 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The binary cargo built; or, where the tests were copied to another machine without the
-/// build tree, the copy next to them (`<dir>/tests/<test>` and `<dir>/bins/offload-bench`).
+/// The binary of the `offload-bench` workspace member, which `cargo build` / `cargo test` at the
+/// workspace root build: in cargo's target dir next to `deps/` (this test is in `deps/`), or,
+/// where the tests were copied to another machine without the build tree, the copy next to them
+/// (`<dir>/tests/<test>` and `<dir>/bins/offload-bench`).
 fn bench() -> PathBuf {
-    let built = PathBuf::from(env!("CARGO_BIN_EXE_offload-bench"));
-    if built.exists() {
-        return built;
-    }
     let exe = std::env::current_exe().expect("test binary path");
-    exe.parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("bins/offload-bench"))
-        .filter(|p| p.exists())
-        .unwrap_or(built)
+    let dir = exe.parent().and_then(|d| d.parent()).expect("a target dir");
+    [dir.join("offload-bench"), dir.join("bins/offload-bench")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "offload-bench is not built in {}: run `cargo build -p offload-bench` (or test from the workspace root)",
+                dir.display()
+            )
+        })
 }
 
 #[test]
@@ -58,7 +61,11 @@ fn offload_bench_runs_in_cpu_test_mode() {
     // block, then a peer group), one host copy, exact outputs.
     assert_eq!(multi.len(), 4, "{stdout}");
     for (i, r) in multi.iter().enumerate() {
-        let mode = if i < 2 { "shared host copy" } else { "peer split" };
+        let mode = if i < 2 {
+            "shared host copy"
+        } else {
+            "peer split"
+        };
         assert_eq!(r["mode"], mode, "{r}");
         assert_eq!(r["gpu"], i % 2);
         assert!(r["delivered_gib_s"].as_f64().unwrap() > 0.0, "{r}");
@@ -101,11 +108,73 @@ fn offload_bench_runs_in_cpu_test_mode() {
         stdout.contains("| device | preset | tokens |"),
         "markdown table header"
     );
-    // Bad input: a readable error, not a panic.
-    let bad = Command::new(bench())
-        .args(["--preset", "huge"])
+}
+
+/// Runs offload-bench with `args`; it must exit non-zero with an error naming `flag` (and no
+/// panic).
+fn assert_refused(args: &[&str], flag: &str) {
+    let out = Command::new(bench())
+        .args(args)
         .output()
-        .unwrap();
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown preset"));
+        .expect("offload-bench starts");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{args:?} was accepted:\n{}\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_ne!(out.status.code(), Some(101), "{args:?} panicked:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
+    let first = stderr.lines().next().unwrap_or("");
+    assert!(
+        first.starts_with("error:") && first.contains(flag),
+        "{args:?}: the first line of stderr must be an error naming {flag}:\n{stderr}"
+    );
+}
+
+#[test]
+fn bad_values_are_errors_naming_the_flag() {
+    let cpu = ["--cpu", "--preset", "tiny", "--reps", "1", "--warmup", "0"];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        cpu.iter().chain(extra).copied().collect()
+    };
+    assert_refused(&with(&["--preset", "huge"]), "--preset");
+    assert_refused(&with(&["--heads", "0"]), "--heads");
+    assert_refused(&with(&["--heads", "-4"]), "--heads");
+    assert_refused(&with(&["--dim", "-256"]), "--dim");
+    assert_refused(&with(&["--dim", "0"]), "--dim");
+    assert_refused(&with(&["--dim", "100", "--heads", "3"]), "--dim");
+    assert_refused(&with(&["--tokens", "-32"]), "--tokens");
+    assert_refused(&with(&["--tokens", "32,0"]), "--tokens");
+    assert_refused(&with(&["--ctx", "-1"]), "--ctx");
+    assert_refused(&with(&["--ffn", "0"]), "--ffn");
+    assert_refused(&with(&["--layers", "0"]), "--layers");
+    assert_refused(&with(&["--reps", "0"]), "--reps");
+    assert_refused(&with(&["--depth", "0"]), "--depth");
+    assert_refused(&with(&["--gpus", "0"]), "--gpus");
+    assert_refused(&with(&["--budgets", "NaN"]), "--budgets");
+    assert_refused(&with(&["--budgets", "1,-1"]), "--budgets");
+    assert_refused(&with(&["--modes", "shared,foo"]), "--modes");
+    // A timeline needs a CUDA device; without one (or with --cpu) --trace is an error, and a
+    // trace file in a directory that does not exist is one everywhere.
+    assert_refused(
+        &with(&["--trace", "/nonexistent-dir/trace.json"]),
+        "--trace",
+    );
+    assert_refused(&["--trace", "/nonexistent-dir/trace.json"], "--trace");
+    // --help lists every flag with its range.
+    let help = Command::new(bench()).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--preset",
+        "--heads",
+        "--tokens",
+        "--budgets",
+        "--trace",
+        "--gpus",
+        "--cpu",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    }
 }

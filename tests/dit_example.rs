@@ -96,3 +96,102 @@ fn dit_example_samples_exactly_and_round_trips_weights() {
     assert!(err.contains("head.head.weight: file"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Runs the example with `args` (after `--preset tiny --steps 2`); it must exit non-zero with
+/// an error naming `what` on the first line of stderr, and no panic.
+fn assert_refused(args: &[&str], what: &str) {
+    let out = run(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{args:?} was accepted:\n{}\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_ne!(out.status.code(), Some(101), "{args:?} panicked:\n{stderr}");
+    assert!(
+        !stderr.contains("panicked") && out.status.code().is_some(),
+        "{args:?} panicked or was killed ({:?}):\n{stderr}",
+        out.status
+    );
+    let first = stderr.lines().next().unwrap_or("");
+    assert!(
+        first.starts_with("Error:") || first.starts_with("error:"),
+        "{args:?}: stderr must start with an error:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(what),
+        "{args:?}: the error must name {what}:\n{stderr}"
+    );
+}
+
+#[test]
+fn bad_values_are_errors_naming_the_flag() {
+    for (flag, value) in [
+        ("--frames", "0"),
+        ("--frames", "-3"),
+        ("--frames", "100000000"),
+        ("--height", "0"),
+        ("--height", "-16"),
+        ("--height", "15"),
+        ("--width", "0"),
+        ("--width", "-16"),
+        ("--steps", "0"),
+        ("--steps", "18446744073709551615"),
+        ("--steps", "1000000000000"),
+        ("--steps", "-1"),
+        ("--budget", "-1"),
+        ("--budget", "NaN"),
+        ("--budget", "inf"),
+        ("--depth", "0"),
+        ("--vram-limit", "0"),
+        ("--vram-limit", "NaN"),
+        ("--preset", "huge"),
+    ] {
+        assert_refused(&[flag, value], flag);
+    }
+    // Each in range, together too many tokens for one forward.
+    assert_refused(
+        &["--frames", "1024", "--height", "4096", "--width", "4096"],
+        "--frames",
+    );
+}
+
+#[test]
+fn weights_of_other_dtypes_are_refused_naming_the_tensor() {
+    let dir = std::env::temp_dir().join(format!("lo-dit-dtypes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let saved = dir.join("tiny.safetensors");
+    result(&run(&["--save-weights", saved.to_str().unwrap()]));
+    let tensors = Tensor::read_safetensors(&saved).unwrap();
+    // Right names and shapes, wrong element types: each alone is refused, named with its dtype.
+    for (name, kind) in [
+        ("blocks.0.ffn.0.weight", tch::Kind::Int64),
+        ("blocks.1.self_attn.q.bias", tch::Kind::Bool),
+        ("head.head.weight", tch::Kind::Double),
+        ("blocks.2.modulation", tch::Kind::Uint8),
+    ] {
+        let changed: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    if n == name {
+                        t.to_kind(kind)
+                    } else {
+                        t.shallow_clone()
+                    },
+                )
+            })
+            .collect();
+        let bad = dir.join("bad.safetensors");
+        Tensor::write_safetensors(&changed, &bad).unwrap();
+        let out = run(&["--weights", bad.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{name} as {kind:?} was accepted:\n{err}"
+        );
+        assert!(err.contains(&format!("{name} is {kind:?}")), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -2,10 +2,8 @@
 //! resident and streamed through the layerwise offload manager, against the PCIe floor.
 //!
 //! ```text
-//! offload-bench [--preset tiny|wan-1.3b|wan-14b] [--layers N] [--dim N] [--ffn N] [--heads N]
-//!               [--tokens 1024,4096] [--ctx 512] [--depth 1] [--reps 5] [--warmup 2]
-//!               [--budgets 13,20] [--gpus N] [--modes shared,peer] [--multi-only]
-//!               [--push-per-gpu] [--trace FILE.json] [--no-resident] [--cpu]
+//! cargo run --release -p offload-bench -- --help
+//! offload-bench --preset wan-14b --tokens 1024,4096 --budgets 14.5 --trace trace.json
 //! ```
 //! Configurations: full streaming, then one per VRAM budget in `--budgets` (GiB of block weights
 //! the manager may keep on the GPU), then with `--gpus N` N GPUs streaming at once from one
@@ -17,9 +15,12 @@
 //! memory. Without a CUDA device (or with --cpu) the tiny preset runs in the manager's CPU test
 //! mode.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use clap::{CommandFactory, Parser, ValueEnum, error::ErrorKind};
 use layerwise_offload::accel::{self, Event, HostMemory, Stream};
 use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig, PeerGroup};
+use serde_json::json;
+use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -33,6 +34,170 @@ struct Shape {
     ctx: i64,
 }
 
+/// The model presets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Preset {
+    /// 6 blocks, dim 256, ffn 1024, 4 heads (the default without CUDA).
+    Tiny,
+    /// Wan2.1-1.3B's blocks: 30, dim 1536, ffn 8960, 12 heads (the default with CUDA).
+    #[value(name = "wan-1.3b")]
+    Wan1_3b,
+    /// Wan2.1-14B's blocks: 40, dim 5120, ffn 13824, 40 heads.
+    #[value(name = "wan-14b")]
+    Wan14b,
+}
+
+/// Several-GPU modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Each GPU uploads every block from the shared host copy.
+    Shared,
+    /// A peer group: each GPU uploads 1/N of every block and sends it to the others.
+    Peer,
+}
+
+/// Most blocks, model width, heads, MLP width, context tokens and tokens per forward accepted.
+const MAX_LAYERS: i64 = 1000;
+const MAX_DIM: i64 = 65536;
+const MAX_TOKENS: i64 = 1 << 20;
+
+/// A Wan2.1-shaped DiT block stack with seeded random weights, run resident and streamed
+/// through the layerwise offload manager, against the PCIe floor.
+///
+/// Configurations: full streaming, then one per VRAM budget in --budgets, then with --gpus N
+/// N GPUs streaming at once from one shared pinned host copy (each uploading every block, then
+/// as a peer group), then the resident model. Per configuration: a markdown table row and one
+/// `RESULT {json}` line (median ms per forward, the floor max(resident, streamed bytes /
+/// measured pinned H2D bandwidth), floor/measured, compute stall, peak VRAM, init seconds, peak
+/// host memory). Without a CUDA device (or with --cpu) it runs in the manager's CPU test mode.
+#[derive(Debug, Parser)]
+#[command(name = "offload-bench", version, allow_negative_numbers = true)]
+struct Cli {
+    /// Model preset (default: wan-1.3b with CUDA, tiny without).
+    #[arg(long, value_enum)]
+    preset: Option<Preset>,
+    /// Number of blocks (overrides the preset).
+    #[arg(long, value_parser = int_in(1, MAX_LAYERS))]
+    layers: Option<i64>,
+    /// Model width (overrides the preset); a multiple of --heads.
+    #[arg(long, value_parser = int_in(1, MAX_DIM))]
+    dim: Option<i64>,
+    /// MLP width (overrides the preset).
+    #[arg(long, value_parser = int_in(1, 4 * MAX_DIM))]
+    ffn: Option<i64>,
+    /// Attention heads (overrides the preset); must divide --dim.
+    #[arg(long, value_parser = int_in(1, 1024))]
+    heads: Option<i64>,
+    /// Tokens per forward, comma-separated: one measurement each (default 1024 with CUDA, 64
+    /// without).
+    #[arg(long, value_delimiter = ',', value_parser = int_in(1, MAX_TOKENS))]
+    tokens: Vec<i64>,
+    /// Text-context tokens of the cross-attention.
+    #[arg(long, default_value_t = 512, value_parser = int_in(1, MAX_DIM))]
+    ctx: i64,
+    /// Blocks uploaded ahead of the one computing.
+    #[arg(long, default_value_t = 1, value_parser = int_in(1, 16))]
+    depth: i64,
+    /// Timed forwards per configuration (the median is reported).
+    #[arg(long, default_value_t = 5, value_parser = int_in(1, 10_000))]
+    reps: i64,
+    /// Untimed forwards first.
+    #[arg(long, default_value_t = 2, value_parser = int_in(0, 10_000))]
+    warmup: i64,
+    /// VRAM budgets to measure, in GiB of block weights kept resident, comma-separated.
+    #[arg(long, value_delimiter = ',', value_parser = parse_gib)]
+    budgets: Vec<f64>,
+    /// GPUs streaming at once from one host copy (CPU test mode: that many CPU "devices").
+    #[arg(long, default_value_t = 1, value_parser = int_in(1, 64))]
+    gpus: i64,
+    /// Modes of the several-GPU runs, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Mode::Shared, Mode::Peer])]
+    modes: Vec<Mode>,
+    /// Only the several-GPU runs (and the resident one).
+    #[arg(long)]
+    multi_only: bool,
+    /// Peer groups: one push stream per receiving GPU.
+    #[arg(long)]
+    push_per_gpu: bool,
+    /// Write a Chrome trace of one streamed forward to this file (needs a CUDA device).
+    #[arg(long, value_name = "FILE.json")]
+    trace: Option<PathBuf>,
+    /// Skip the resident model.
+    #[arg(long)]
+    no_resident: bool,
+    /// Run on the CPU, in the manager's CPU test mode, even with a CUDA device.
+    #[arg(long)]
+    cpu: bool,
+}
+
+/// A number of GiB: finite, in [0, 1048576].
+fn parse_gib(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=1048576.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of GiB in [0, 1048576]")),
+    }
+}
+
+/// The checks clap's ranges cannot express; a bad value exits as clap's errors do.
+fn check(a: &Cli, s: &Shape, cuda: bool) {
+    let fail = |msg: String| -> ! { Cli::command().error(ErrorKind::ValueValidation, msg).exit() };
+    if s.dim % s.heads != 0 {
+        fail(format!(
+            "--dim {} is not a multiple of --heads {}: pick heads that divide dim",
+            s.dim, s.heads
+        ));
+    }
+    let cpu = a.cpu || !cuda;
+    if !cpu && a.gpus > accel::cuda_device_count().max(1) as i64 {
+        fail(format!(
+            "--gpus {} but {} CUDA devices are visible: use 1..={}",
+            a.gpus,
+            accel::cuda_device_count(),
+            accel::cuda_device_count().max(1)
+        ));
+    }
+    if let Some(path) = &a.trace {
+        if cpu {
+            fail(format!(
+                "--trace {} needs a CUDA device (timelines are recorded with CUDA events); drop --trace or --cpu",
+                path.display()
+            ));
+        }
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+            fail(format!(
+                "--trace {}: the directory {} does not exist",
+                path.display(),
+                dir.display()
+            ));
+        }
+    }
+}
+
+fn shape(a: &Cli, cuda: bool) -> Shape {
+    let preset = a
+        .preset
+        .unwrap_or(if cuda { Preset::Wan1_3b } else { Preset::Tiny });
+    let (layers, dim, ffn, heads) = match preset {
+        Preset::Tiny => (6, 256, 1024, 4),
+        Preset::Wan1_3b => (30, 1536, 8960, 12),
+        Preset::Wan14b => (40, 5120, 13824, 40),
+    };
+    Shape {
+        preset: preset
+            .to_possible_value()
+            .expect("named")
+            .get_name()
+            .to_owned(),
+        layers: a.layers.map_or(layers, |l| l as usize),
+        dim: a.dim.unwrap_or(dim),
+        ffn: a.ffn.unwrap_or(ffn),
+        heads: a.heads.unwrap_or(heads),
+        ctx: a.ctx,
+    }
+}
+
+/// The run, from the flags.
 #[derive(Debug)]
 struct Args {
     shape: Shape,
@@ -43,128 +208,45 @@ struct Args {
     resident: bool,
     cpu: bool,
     budgets: Vec<f64>,
-    trace: Option<String>,
+    trace: Option<PathBuf>,
     gpus: usize,
     modes: Vec<String>,
     push_per_gpu: bool,
     multi_only: bool,
 }
 
-fn preset(name: &str) -> Result<Shape> {
-    let (layers, dim, ffn, heads) = match name {
-        "tiny" => (6, 256, 1024, 4),
-        "wan-1.3b" => (30, 1536, 8960, 12),
-        "wan-14b" => (40, 5120, 13824, 40),
-        other => bail!("unknown preset {other:?}: use tiny, wan-1.3b or wan-14b"),
-    };
-    Ok(Shape {
-        preset: name.to_owned(),
-        layers,
-        dim,
-        ffn,
-        heads,
-        ctx: 512,
-    })
-}
-
-fn parse_args() -> Result<Args> {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
+/// Parses and checks the flags; a bad one exits with a one-line error naming it and its range.
+fn parse_args() -> Args {
+    let cli = Cli::parse();
     let cuda = accel::cuda_is_available();
-    let mut name = if cuda {
-        "wan-1.3b".to_owned()
-    } else {
-        "tiny".to_owned()
-    };
-    if let Some(i) = argv.iter().position(|a| a == "--preset") {
-        name = argv.get(i + 1).context("--preset needs a value")?.clone();
+    let shape = shape(&cli, cuda);
+    check(&cli, &shape, cuda);
+    Args {
+        shape,
+        tokens: if cli.tokens.is_empty() {
+            vec![if cuda && !cli.cpu { 1024 } else { 64 }]
+        } else {
+            cli.tokens
+        },
+        depth: cli.depth as usize,
+        reps: cli.reps as usize,
+        warmup: cli.warmup as usize,
+        resident: !cli.no_resident,
+        cpu: cli.cpu || !cuda,
+        budgets: cli.budgets,
+        trace: cli.trace,
+        gpus: cli.gpus as usize,
+        modes: cli
+            .modes
+            .iter()
+            .map(|m| match m {
+                Mode::Shared => "shared".to_owned(),
+                Mode::Peer => "peer".to_owned(),
+            })
+            .collect(),
+        push_per_gpu: cli.push_per_gpu,
+        multi_only: cli.multi_only,
     }
-    let mut a = Args {
-        shape: preset(&name)?,
-        tokens: vec![if cuda { 1024 } else { 64 }],
-        depth: 1,
-        reps: 5,
-        warmup: 2,
-        resident: true,
-        cpu: !cuda,
-        budgets: Vec::new(),
-        trace: None,
-        gpus: 1,
-        modes: vec!["shared".into(), "peer".into()],
-        push_per_gpu: false,
-        multi_only: false,
-    };
-    let mut it = argv.into_iter();
-    while let Some(flag) = it.next() {
-        let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--preset" => {
-                val()?;
-            }
-            "--layers" => a.shape.layers = val()?.parse()?,
-            "--dim" => a.shape.dim = val()?.parse()?,
-            "--ffn" => a.shape.ffn = val()?.parse()?,
-            "--heads" => a.shape.heads = val()?.parse()?,
-            "--ctx" => a.shape.ctx = val()?.parse()?,
-            "--tokens" => {
-                a.tokens = val()?
-                    .split(',')
-                    .map(|t| t.trim().parse())
-                    .collect::<Result<_, _>>()?;
-            }
-            "--depth" => a.depth = val()?.parse()?,
-            "--reps" => a.reps = val()?.parse()?,
-            "--warmup" => a.warmup = val()?.parse()?,
-            "--no-resident" => a.resident = false,
-            "--trace" => a.trace = Some(val()?),
-            "--gpus" => a.gpus = val()?.parse()?,
-            "--modes" => {
-                a.modes = val()?.split(',').map(|m| m.trim().to_owned()).collect();
-                if let Some(m) = a.modes.iter().find(|m| !["shared", "peer"].contains(&m.as_str())) {
-                    bail!("unknown --modes entry {m:?} (shared, peer)");
-                }
-            }
-            "--push-per-gpu" => a.push_per_gpu = true,
-            "--multi-only" => a.multi_only = true,
-            "--budgets" => {
-                a.budgets = val()?
-                    .split(',')
-                    .map(|t| t.trim().parse())
-                    .collect::<Result<_, _>>()?;
-            }
-            "--cpu" => a.cpu = true,
-            "-h" | "--help" => {
-                println!(
-                    "{}",
-                    include_str!("offload-bench.rs")
-                        .lines()
-                        .take(10)
-                        .map(|l| l.trim_start_matches("//!").trim_start_matches(' '))
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown flag {other} (try --help)"),
-        }
-    }
-    if a.shape.dim % a.shape.heads != 0 {
-        bail!(
-            "--dim {} is not a multiple of --heads {}",
-            a.shape.dim,
-            a.shape.heads
-        );
-    }
-    if a.gpus == 0 || (!a.cpu && a.gpus > accel::cuda_device_count().max(1)) {
-        bail!(
-            "--gpus {} but {} CUDA devices are visible",
-            a.gpus,
-            accel::cuda_device_count()
-        );
-    }
-    if a.reps == 0 || a.shape.layers == 0 {
-        bail!("--reps and --layers must be positive");
-    }
-    Ok(a)
 }
 
 /// The named weights of the stack, created on the CPU (uninitialized, then filled with seeded
@@ -310,6 +392,11 @@ impl<'a> Stack<'a> {
     }
 }
 
+/// `v` rounded to two decimals (NaN and infinities become JSON null in the RESULT lines).
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
 fn peak_host_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -377,7 +464,7 @@ fn pinned_h2d_gib_s(d: usize) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    let a = parse_args()?;
+    let a = parse_args();
     let s = &a.shape;
     let dev = if a.cpu { Device::Cpu } else { Device::Cuda(0) };
     let kind = if a.cpu { Kind::Float } else { Kind::BFloat16 };
@@ -507,10 +594,11 @@ fn main() -> Result<()> {
             let _ = stack.forward(x, ctx, Some(&mut m));
             let spans = m.finish_timeline()?;
             std::fs::write(path, layerwise_offload::chrome_trace_json(&spans))
-                .with_context(|| format!("writing {path}"))?;
+                .with_context(|| format!("writing --trace {}", path.display()))?;
             eprintln!(
-                "timeline of one forward ({} spans) written to {path}",
-                spans.len()
+                "timeline of one forward ({} spans) written to {}",
+                spans.len(),
+                path.display()
             );
         }
         stats_table = m.stats().to_string();
@@ -528,7 +616,13 @@ fn main() -> Result<()> {
     let modes: Vec<&str> = if a.gpus > 1 {
         a.modes
             .iter()
-            .map(|m| if m == "peer" { "peer split" } else { "shared host copy" })
+            .map(|m| {
+                if m == "peer" {
+                    "peer split"
+                } else {
+                    "shared host copy"
+                }
+            })
             .collect()
     } else {
         Vec::new()
@@ -665,25 +759,30 @@ fn main() -> Result<()> {
             r.stall,
             r.init_s
         );
-        println!(
-            "RESULT {{\"device\":\"{device_name}\",\"system\":\"layerwise-offload\",\"mode\":\"{}\",\"preset\":\"{}\",\"layers\":{},\"dim\":{},\"ffn\":{},\"tokens\":{},\"depth\":{},\"resident_blocks\":{},\"ms\":{:.2},\"resident_ms\":{},\"floor_ms\":{floor:.2},\"stall_ms\":{:.2},\"peak_vram_bytes\":{},\"h2d_gib_s\":{bw:.2},\"block_bytes\":{block_bytes},\"streamed_bytes\":{},\"init_s\":{:.3},\"host_peak_bytes\":{},\"max_abs_diff\":{}}}",
-            r.label,
-            s.preset,
-            s.layers,
-            s.dim,
-            s.ffn,
-            r.tokens,
-            a.depth,
-            r.resident_blocks,
-            r.ms,
-            res.map_or("null".into(), |x| format!("{:.2}", x.0)),
-            r.stall,
-            r.peak,
-            r.streamed_bytes,
-            r.init_s,
-            r.host_peak,
-            diff.map_or("null".into(), |d| format!("{d}")),
-        );
+        let result = json!({
+            "device": device_name,
+            "system": "layerwise-offload",
+            "mode": r.label,
+            "preset": s.preset,
+            "layers": s.layers,
+            "dim": s.dim,
+            "ffn": s.ffn,
+            "tokens": r.tokens,
+            "depth": a.depth,
+            "resident_blocks": r.resident_blocks,
+            "ms": round2(r.ms),
+            "resident_ms": res.map(|x| round2(x.0)),
+            "floor_ms": round2(floor),
+            "stall_ms": round2(r.stall),
+            "peak_vram_bytes": r.peak,
+            "h2d_gib_s": round2(bw),
+            "block_bytes": block_bytes,
+            "streamed_bytes": r.streamed_bytes,
+            "init_s": (r.init_s * 1e3).round() / 1e3,
+            "host_peak_bytes": r.host_peak,
+            "max_abs_diff": diff,
+        });
+        println!("RESULT {result}");
     }
     for (&mode, &tokens) in modes
         .iter()
@@ -712,16 +811,24 @@ fn main() -> Result<()> {
                 "| {device_name} | {} | {tokens} | stream d{}, {mode}, GPU {g} of {} | {ms:.1} | | | | | |",
                 s.preset, a.depth, a.gpus
             );
-            println!(
-                "RESULT {{\"device\":\"{device_name}\",\"system\":\"layerwise-offload\",\"mode\":\"{mode}\",\"gpus\":{},\"gpu\":{g},\"preset\":\"{}\",\"layers\":{},\"dim\":{},\"ffn\":{},\"tokens\":{tokens},\"depth\":{},\"ms\":{ms:.2},\"delivered_gib_s\":{aggregate:.2},\"host_bytes\":{multi_host_bytes},\"max_abs_diff\":{}}}",
-                a.gpus,
-                s.preset,
-                s.layers,
-                s.dim,
-                s.ffn,
-                a.depth,
-                diff.map_or("null".into(), |d| format!("{d}"))
-            );
+            let result = json!({
+                "device": device_name,
+                "system": "layerwise-offload",
+                "mode": mode,
+                "gpus": a.gpus,
+                "gpu": g,
+                "preset": s.preset,
+                "layers": s.layers,
+                "dim": s.dim,
+                "ffn": s.ffn,
+                "tokens": tokens,
+                "depth": a.depth,
+                "ms": round2(*ms),
+                "delivered_gib_s": round2(aggregate),
+                "host_bytes": multi_host_bytes,
+                "max_abs_diff": diff,
+            });
+            println!("RESULT {result}");
         }
         println!(
             "| {device_name} | {} | {tokens} | {} GPUs, {mode}: {aggregate:.1} GiB/s of blocks delivered | {slowest:.1} (slowest) | | | | | |",
@@ -740,4 +847,16 @@ fn main() -> Result<()> {
     }
     eprintln!("{stats_table}");
     Ok(())
+}
+
+/// A parser of integers in `lo..=hi` whose error names the range, whatever the input (a
+/// negative number, one too large for any integer type, or no number).
+fn int_in(
+    lo: i64,
+    hi: i64,
+) -> impl Fn(&str) -> Result<i64, String> + Clone + Send + Sync + 'static {
+    move |s: &str| match s.trim().parse::<i128>() {
+        Ok(v) if (i128::from(lo)..=i128::from(hi)).contains(&v) => Ok(v as i64),
+        _ => Err(format!("{s:?} is not an integer in {lo}..={hi}")),
+    }
 }
