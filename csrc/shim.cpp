@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/DeviceAccelerator.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/core/AllocatorConfig.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/core/Event.h>
@@ -20,6 +21,7 @@
 #include <c10/util/Exception.h>
 
 #include <dlfcn.h>
+#include <link.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -56,31 +58,102 @@ void set_error(const char* msg) { g_last_error = msg ? msg : "unknown error"; }
 
 constexpr auto kCuda = c10::DeviceType::CUDA;
 
-// libtorch registers its CUDA backend from static initializers in libtorch_cuda.so. A linker
-// that drops the library as unneeded leaves CUDA unregistered, so load it here if it is present
-// next to libc10 and not loaded yet. Must run before anything asks libtorch for its CUDA hooks
-// (they are cached on first use).
-void ensure_cuda_backend() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    if (dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_GLOBAL | RTLD_NOLOAD) != nullptr) return;
-    Dl_info info{};
-    if (dladdr(reinterpret_cast<void*>(&c10::impl::getDeviceGuardImpl), &info) == 0 ||
-        info.dli_fname == nullptr)
-      return;
-    std::string dir(info.dli_fname);
-    auto slash = dir.rfind('/');
-    if (slash == std::string::npos) return;
-    std::string path = dir.substr(0, slash) + "/libtorch_cuda.so";
-    // A CPU-only libtorch has no such file: dlopen fails and CUDA stays absent.
-    dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL);
-  });
+// libtorch registers its CUDA backend from static initializers in libtorch_cuda.so. Nothing in a
+// program references that library directly, so a linker with --as-needed (the default of most
+// toolchains, and what a crate that depends on this one gets) drops it and CUDA stays
+// unregistered. The shim loads it at start-up instead (a constructor of this object file, which
+// is linked into every binary that calls the crate), before anything asks libtorch for its CUDA
+// hooks: those are created once, on first use, and a program that asks before the library is
+// loaded has no CUDA for good.
+enum CudaBackendState { kLinked = 0, kLoaded = 1, kUnavailable = 2 };
+
+struct CudaBackend {
+  int state = kUnavailable;
+  std::string detail;  // the library's path, or why CUDA is unavailable
+};
+
+// The directory of the first loaded object named `name` (e.g. "libtorch_cpu.so"), or "".
+std::string loaded_object_dir(const char* name) {
+  struct Search {
+    const char* name;
+    std::string dir;
+  } search{name, {}};
+  dl_iterate_phdr(
+      [](struct dl_phdr_info* info, size_t, void* data) -> int {
+        auto* s = static_cast<Search*>(data);
+        if (info->dlpi_name == nullptr || info->dlpi_name[0] == '\0') return 0;
+        std::string path(info->dlpi_name);
+        auto slash = path.rfind('/');
+        if (slash == std::string::npos || path.compare(slash + 1, std::string::npos, s->name) != 0)
+          return 0;
+        s->dir = path.substr(0, slash);
+        return 1;
+      },
+      &search);
+  return search.dir;
 }
 
-bool cuda_registered() {
-  ensure_cuda_backend();
-  return c10::impl::hasDeviceGuardImpl(kCuda);
+CudaBackend load_cuda_backend() {
+  CudaBackend b;
+  std::string lib = loaded_object_dir("libtorch_cuda.so");
+  if (!lib.empty()) {
+    b.state = kLinked;
+    b.detail = lib + "/libtorch_cuda.so";
+  } else {
+    // libtorch's own directory: where the loaded libtorch_cpu.so (or libc10.so) lives, else the
+    // directory this crate was built against.
+    std::string dir = loaded_object_dir("libtorch_cpu.so");
+    if (dir.empty()) dir = loaded_object_dir("libc10.so");
+#ifdef LO_LIBTORCH_LIB
+    if (dir.empty()) dir = LO_LIBTORCH_LIB;
+#endif
+    if (dir.empty()) {
+      b.detail =
+          "libtorch's directory was not found (no libtorch_cpu.so or libc10.so among the loaded "
+          "objects), so libtorch_cuda.so could not be loaded";
+      return b;
+    }
+    std::string path = dir + "/libtorch_cuda.so";
+    if (access(path.c_str(), F_OK) != 0) {
+      b.detail = "the libtorch in " + dir +
+                 " is a CPU-only build (it has no libtorch_cuda.so); install a CUDA build of "
+                 "libtorch (e.g. PyPI's torch==2.11.0 for Linux x86-64)";
+      return b;
+    }
+    if (dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+      const char* why = dlerror();
+      b.detail = "loading " + path + " failed: " + (why ? why : "unknown dlopen error") +
+                 " (are the CUDA libraries libtorch was built with installed and findable?)";
+      return b;
+    }
+    b.state = kLoaded;
+    b.detail = path;
+  }
+  if (!c10::impl::hasDeviceGuardImpl(kCuda)) {
+    b.state = kUnavailable;
+    b.detail = b.detail + " is loaded but registered no CUDA backend";
+  } else if (!at::detail::getCUDAHooks().isBuilt()) {
+    b.state = kUnavailable;
+    b.detail =
+        "libtorch's CUDA hooks were created before " + b.detail +
+        " was loaded, so libtorch has no CUDA for the rest of this process (something asked "
+        "libtorch about CUDA before the layerwise-offload shim ran; link libtorch_cuda with "
+        "-Wl,--no-as-needed -ltorch_cuda to load it at start-up)";
+  }
+  return b;
 }
+
+const CudaBackend& cuda_backend() {
+  static const CudaBackend backend = load_cuda_backend();
+  return backend;
+}
+
+void ensure_cuda_backend() { cuda_backend(); }
+
+// Runs when the program (or the library that links this object) is loaded.
+__attribute__((constructor)) void load_cuda_backend_at_startup() { ensure_cuda_backend(); }
+
+bool cuda_registered() { return cuda_backend().state != kUnavailable; }
 
 const c10::impl::VirtualGuardImpl& cuda_impl() {
   ensure_cuda_backend();
@@ -197,19 +270,41 @@ const char* lo_last_error(void) { return g_last_error.c_str(); }
 // For csrc/jit.cpp: the same thread-local error slot.
 void lo_set_error(const char* msg) { set_error(msg); }
 
-int lo_cuda_compiled(int* out) { LO_PROTECT(*out = cuda_registered() ? 1 : 0) }
+int lo_cuda_backend(int* state, const char** detail) {
+  LO_PROTECT({
+    const CudaBackend& b = cuda_backend();
+    *state = b.state;
+    *detail = b.detail.c_str();  // lives as long as the process
+  })
+}
 
-int lo_cuda_device_count(int* out) {
+int lo_cuda_device_count(int* out, char* warning, size_t warning_cap) {
   LO_PROTECT({
     *out = 0;
+    if (warning_cap > 0) warning[0] = '\0';
     if (!cuda_registered()) return 0;
     // With CUDA libraries but no usable driver the backend reports 0 devices and warns once;
-    // the warning is the caller's to report, so silence it here.
-    struct Silent : c10::WarningHandler {
-      void process(const c10::Warning&) override {}
-    } silent;
-    c10::WarningUtils::WarningHandlerGuard guard(&silent);
-    *out = static_cast<int>(cuda_impl().deviceCount());
+    // the warning is the caller's to report, so it is caught here and handed back.
+    struct Catch : c10::WarningHandler {
+      std::string message;
+      void process(const c10::Warning& w) override {
+        if (message.empty()) message = w.msg();
+      }
+    } caught;
+    {
+      c10::WarningUtils::WarningHandlerGuard guard(&caught);
+      *out = static_cast<int>(cuda_impl().deviceCount());
+    }
+    // The runtime loads the driver library while it counts devices; when it is not loaded now,
+    // there is none (libtorch reports that case as zero devices, without a word).
+    if (*out == 0 && caught.message.empty() &&
+        dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD) == nullptr)
+      caught.message = "no NVIDIA driver was found (libcuda.so.1 is not installed)";
+    if (warning_cap > 0 && !caught.message.empty()) {
+      size_t n = std::min(warning_cap - 1, caught.message.size());
+      std::memcpy(warning, caught.message.data(), n);
+      warning[n] = '\0';
+    }
   })
 }
 

@@ -31,8 +31,13 @@ typedef struct lo_mem_stats {
 const char* lo_last_error(void);
 
 // Accelerator discovery.
-int lo_cuda_compiled(int* out);
-int lo_cuda_device_count(int* out);
+// How libtorch's CUDA backend came to be registered: *state 0 = libtorch_cuda.so was loaded at
+// start-up (linked), 1 = the shim loaded it from libtorch's directory, 2 = CUDA is unavailable.
+// *detail: the library's path, or why CUDA is unavailable (valid for the process's lifetime).
+int lo_cuda_backend(int* state, const char** detail);
+// *out: the number of CUDA devices. With none, the backend's warning (e.g. no driver), if it gave
+// one, is copied NUL-terminated into warning[0..warning_cap).
+int lo_cuda_device_count(int* out, char* warning, size_t warning_cap);
 int lo_synchronize_device(int device);
 
 // Streams.

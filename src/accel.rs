@@ -30,8 +30,56 @@ pub(crate) fn check(op: &'static str, rc: c_int) -> Result<()> {
     }
 }
 
+/// How libtorch's CUDA backend came to be registered in this process.
+///
+/// libtorch registers CUDA from static initializers in `libtorch_cuda.so`, a library nothing in
+/// a program references by symbol, so linkers that drop unneeded libraries (the default for a
+/// crate that depends on this one) leave it out. This crate's shim loads it from libtorch's own
+/// directory when the program starts, before anything asks libtorch about CUDA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CudaBackend {
+    /// `libtorch_cuda.so` (at this path) was already loaded when the program started: the
+    /// program links it.
+    Linked(String),
+    /// This crate loaded `libtorch_cuda.so` from this path, next to the libtorch in use.
+    Loaded(String),
+    /// CUDA is not available in this libtorch, and why (a CPU-only build, a library that failed
+    /// to load, or libtorch asked about CUDA before it could be loaded).
+    Unavailable(String),
+}
+
+impl CudaBackend {
+    /// Whether libtorch has a registered CUDA backend (a device may still be missing).
+    pub fn is_registered(&self) -> bool {
+        !matches!(self, CudaBackend::Unavailable(_))
+    }
+}
+
+/// How libtorch's CUDA backend was registered, or why it was not.
+pub fn cuda_backend() -> &'static CudaBackend {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    BACKEND.get_or_init(|| {
+        let mut state: c_int = 2;
+        let mut detail: *const std::ffi::c_char = std::ptr::null();
+        // SAFETY: both out-pointers are valid locals; on success `detail` points at a
+        // NUL-terminated string the shim keeps for the life of the process, copied at once.
+        let rc = unsafe { ffi::lo_cuda_backend(&mut state, &mut detail) };
+        if rc != 0 || detail.is_null() {
+            return CudaBackend::Unavailable(last_error());
+        }
+        // SAFETY: see above: non-null, NUL-terminated, never freed.
+        let detail = unsafe { CStr::from_ptr(detail) }
+            .to_string_lossy()
+            .into_owned();
+        match state {
+            0 => CudaBackend::Linked(detail),
+            1 => CudaBackend::Loaded(detail),
+            _ => CudaBackend::Unavailable(detail),
+        }
+    })
+}
+
 struct CudaInfo {
-    compiled: bool,
     count: usize,
     reason: String,
 }
@@ -39,34 +87,51 @@ struct CudaInfo {
 fn cuda_info() -> &'static CudaInfo {
     static INFO: OnceLock<CudaInfo> = OnceLock::new();
     INFO.get_or_init(|| {
-        let mut compiled: c_int = 0;
-        // SAFETY: the out-pointer is a valid local.
-        if unsafe { ffi::lo_cuda_compiled(&mut compiled) } != 0 || compiled == 0 {
+        if let CudaBackend::Unavailable(why) = cuda_backend() {
             return CudaInfo {
-                compiled: false,
                 count: 0,
-                reason: "this libtorch has no CUDA backend (a CPU-only build)".into(),
+                reason: format!("libtorch's CUDA backend is not registered: {why}"),
             };
         }
         let mut count: c_int = 0;
-        // SAFETY: the out-pointer is a valid local.
-        let rc = unsafe { ffi::lo_cuda_device_count(&mut count) };
+        let mut warning = [0 as std::ffi::c_char; 512];
+        // SAFETY: the out-pointer is a valid local and `warning` a writable buffer of the
+        // length passed; the shim writes at most that many bytes, NUL-terminated.
+        let rc =
+            unsafe { ffi::lo_cuda_device_count(&mut count, warning.as_mut_ptr(), warning.len()) };
         if rc != 0 {
-            return CudaInfo { compiled: true, count: 0, reason: last_error() };
+            return CudaInfo {
+                count: 0,
+                reason: last_error(),
+            };
         }
+        // SAFETY: the shim NUL-terminates the buffer (it was zeroed, and the shim writes at
+        // most len - 1 bytes before a NUL).
+        let warning = unsafe { CStr::from_ptr(warning.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let reason = if warning.is_empty() {
+            "no CUDA device is visible (no GPU, or CUDA_VISIBLE_DEVICES hides them)".to_owned()
+        } else {
+            format!("no CUDA device is usable: {}", warning.trim())
+        };
         CudaInfo {
-            compiled: true,
             count: count.max(0) as usize,
-            reason: "no CUDA device is visible (no GPU, no usable driver, or CUDA_VISIBLE_DEVICES hides them)"
-                .into(),
+            reason,
         }
     })
+}
+
+/// Why no CUDA device is usable (`None` when one is).
+pub fn cuda_unavailable_reason() -> Option<&'static str> {
+    let info = cuda_info();
+    (info.count == 0).then_some(info.reason.as_str())
 }
 
 /// Whether the libtorch this crate runs on has a CUDA backend (it was built with CUDA). A CUDA
 /// build can still find no device: see [`cuda_device_count`].
 pub fn cuda_compiled() -> bool {
-    cuda_info().compiled
+    cuda_backend().is_registered()
 }
 
 /// The number of usable CUDA devices; 0 without a GPU or driver.
@@ -541,9 +606,11 @@ unsafe fn own_mapping(
 /// How [`map_host_file`] maps a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileMapping {
-    /// Create the file (it must not exist) with the given size, read-write.
+    /// Create the file (nothing may be at the path, not even a symbolic link) with mode 0600
+    /// and the given size, its space reserved at once, read-write.
     Create,
-    /// Open an existing file of exactly the given size, read-only.
+    /// Open an existing file of exactly the given size, read-only. It must be a regular file
+    /// (not a symbolic link) owned by this user and writable by nobody else.
     OpenReadOnly,
 }
 
@@ -552,6 +619,15 @@ pub enum FileMapping {
 /// bytes once. With [`HostMemory::Pinned`] the mapping is page-locked for CUDA in this process
 /// (portable; read-only for [`FileMapping::OpenReadOnly`]). A read-only mapping must never be
 /// written.
+///
+/// A file system without room for a new file is [`Error::HostAlloc`] ("No space left on
+/// device"), and the file is removed; so is it on any other failure of [`FileMapping::Create`].
+/// A path taken by another file or link, and a file to open that is a link, belongs to another
+/// user or is writable by others, is [`Error::SharedFile`].
+///
+/// A mapping stays valid when the file is removed, but not when it is truncated: a process that
+/// touches a page past the new end dies with SIGBUS. Only this user can truncate a file this
+/// function opens (it refuses others' files), and this crate never truncates one.
 pub fn map_host_file(
     path: &std::path::Path,
     bytes: usize,
@@ -635,8 +711,9 @@ fn map_file_descriptor(
         return Err(host_err(last_error()));
     }
     // cudaHostRegisterPortable = 1, cudaHostRegisterReadOnly = 8.
-    let flags = (memory == HostMemory::Pinned).then_some(if create { 1 } else { 1 | 8 });
-    // SAFETY: p is a fresh shared mapping of exactly `bytes` bytes owned by this call.
+    let flags = (memory == HostMemory::Pinned).then_some(if writable { 1 } else { 1 | 8 });
+    // SAFETY: p is a fresh shared mapping of exactly `bytes` bytes owned by this call (the
+    // mapping outlives the descriptor, closed by the caller).
     unsafe { own_mapping(p, bytes, flags, host_err) }
 }
 

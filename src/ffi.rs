@@ -28,8 +28,9 @@ pub struct lo_mem_stats {
 unsafe extern "C" {
     pub fn lo_last_error() -> *const c_char;
 
-    pub fn lo_cuda_compiled(out: *mut c_int) -> c_int;
-    pub fn lo_cuda_device_count(out: *mut c_int) -> c_int;
+    pub fn lo_cuda_backend(state: *mut c_int, detail: *mut *const c_char) -> c_int;
+    pub fn lo_cuda_device_count(out: *mut c_int, warning: *mut c_char, warning_cap: usize)
+    -> c_int;
     pub fn lo_synchronize_device(device: c_int) -> c_int;
 
     pub fn lo_stream_from_pool(device: c_int, high_priority: c_int, out: *mut lo_stream) -> c_int;

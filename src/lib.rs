@@ -3,6 +3,7 @@
 
 pub mod accel;
 mod claims;
+pub mod driver;
 pub mod error;
 mod ffi;
 pub mod host;
@@ -15,6 +16,7 @@ mod shm;
 pub mod source;
 pub mod stats;
 
+pub use driver::{OffloadedBlocks, SharedManager};
 pub use error::{Error, Result, TorchMessage};
 pub use host::HostStore;
 #[doc(hidden)]

@@ -80,6 +80,7 @@ pub struct OffloadConfig {
     shm: Option<std::path::PathBuf>,
     peer: Option<(Arc<PeerGroup>, usize)>,
     push_per_member: bool,
+    allow_cpu_fallback: bool,
 }
 
 /// A failure to inject, for tests of the error paths (the k-th such operation fails, counting
@@ -127,6 +128,7 @@ impl OffloadConfig {
             shm: None,
             peer: None,
             push_per_member: false,
+            allow_cpu_fallback: false,
         }
     }
 
@@ -216,6 +218,16 @@ impl OffloadConfig {
         self
     }
 
+    /// Without a usable CUDA device, build a disabled manager (every call a no-op, the model
+    /// left on the CPU as it is) instead of failing (default false: [`Self::build`] returns
+    /// [`Error::NoDevice`] saying why CUDA is unusable). [`LayerwiseOffloadManager::is_enabled`]
+    /// tells which one was built. [`LayerwiseOffloadManager::new`], the seed's constructor,
+    /// turns this on and says so once on stderr.
+    pub fn allow_cpu_fallback(mut self, allow: bool) -> OffloadConfig {
+        self.allow_cpu_fallback = allow;
+        self
+    }
+
     /// Page-lock the host buffers (default true). Pageable buffers upload at about a third of
     /// the speed and the copies do not overlap compute.
     pub fn pin_cpu_memory(mut self, pin: bool) -> OffloadConfig {
@@ -279,6 +291,11 @@ impl OffloadConfig {
     }
 
     /// Builds the manager over `model`'s weights (and initializes it if `auto_initialize`).
+    ///
+    /// Without a usable CUDA device (outside the CPU test mode and unless disabled) this fails
+    /// with [`Error::NoDevice`], whose reason says what is missing: a CPU-only libtorch, a CUDA
+    /// backend that could not be loaded, no driver or no GPU, or a device index out of range.
+    /// [`Self::allow_cpu_fallback`] builds a disabled manager instead.
     pub fn build(self, model: &(impl WeightSource + ?Sized)) -> Result<LayerwiseOffloadManager> {
         if self.prefetch_depth == 0 {
             return Err(Error::InvalidArgument {
@@ -322,13 +339,23 @@ impl OffloadConfig {
             Backend::Disabled
         } else if self.cpu_test_mode {
             Backend::Cpu
-        } else if accel::cuda_device_count() > self.device {
-            Backend::Cuda {
-                device: self.device,
-                copy: None,
-            }
         } else {
-            Backend::Disabled
+            match accel::require_device("OffloadConfig::build", self.device) {
+                Ok(()) => Backend::Cuda {
+                    device: self.device,
+                    copy: None,
+                },
+                Err(_) if self.allow_cpu_fallback => Backend::Disabled,
+                Err(Error::NoDevice { op, reason }) => {
+                    return Err(Error::NoDevice {
+                        op,
+                        reason: format!(
+                            "{reason} (allow_cpu_fallback(true) builds a disabled manager instead)"
+                        ),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
         };
         let auto = self.auto_initialize;
         let mut m = LayerwiseOffloadManager {
@@ -506,7 +533,9 @@ struct Timeline {
 
 impl LayerwiseOffloadManager {
     /// The seed's constructor: `new(model, module_list_attr, num_layers, enabled,
-    /// pin_cpu_memory, auto_initialize)`. Disabled (all no-ops) without a CUDA device.
+    /// pin_cpu_memory, auto_initialize)`. As in the seed, disabled (all no-ops) without a usable
+    /// CUDA device; it then says why once per process on stderr, and [`Self::is_enabled`] is
+    /// false. [`OffloadConfig::build`] fails instead unless asked to fall back.
     pub fn new(
         model: &(impl WeightSource + ?Sized),
         module_list_attr: &str,
@@ -515,11 +544,22 @@ impl LayerwiseOffloadManager {
         pin_cpu_memory: bool,
         auto_initialize: bool,
     ) -> Result<LayerwiseOffloadManager> {
-        OffloadConfig::new(module_list_attr, num_layers)
+        let m = OffloadConfig::new(module_list_attr, num_layers)
             .enabled(enabled)
             .pin_cpu_memory(pin_cpu_memory)
             .auto_initialize(auto_initialize)
-            .build(model)
+            .allow_cpu_fallback(true)
+            .build(model)?;
+        if enabled && !m.is_enabled() {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                eprintln!(
+                    "layerwise-offload: the manager is disabled (every call is a no-op): {}",
+                    accel::cuda_unavailable_reason().unwrap_or("no CUDA device")
+                )
+            });
+        }
+        Ok(m)
     }
 
     /// Whether the manager does anything: false when disabled or without a CUDA device (outside
@@ -785,9 +825,9 @@ impl LayerwiseOffloadManager {
                 _ => (None, None),
             };
             let pushed = match (&self.backend, &self.config.peer) {
-                (Backend::Cuda { .. }, Some((group, _))) => {
-                    (0..group.size()).map(|_| Event::new()).collect::<Result<_>>()?
-                }
+                (Backend::Cuda { .. }, Some((group, _))) => (0..group.size())
+                    .map(|_| Event::new())
+                    .collect::<Result<_>>()?,
                 _ => Vec::new(),
             };
             slots.push(SlotRt {
@@ -1433,7 +1473,13 @@ impl LayerwiseOffloadManager {
 
     /// [`Self::upload`] in a peer group: this member's share from the host into its slot, then
     /// from there into the other members' slots; their shares arrive in this slot the same way.
-    fn upload_peer(&mut self, group: &PeerGroup, rank: usize, layer: usize, s: usize) -> Result<()> {
+    fn upload_peer(
+        &mut self,
+        group: &PeerGroup,
+        rank: usize,
+        layer: usize,
+        s: usize,
+    ) -> Result<()> {
         let n = group.size();
         let bytes = self.layout(layer).bytes;
         let round = self.peer_round;
@@ -1449,7 +1495,10 @@ impl LayerwiseOffloadManager {
         let writable = match copy {
             Some(c) => {
                 if slot.free_recorded {
-                    slot.free.as_ref().expect("CUDA slots have events").wait(&c)?;
+                    slot.free
+                        .as_ref()
+                        .expect("CUDA slots have events")
+                        .wait(&c)?;
                 }
                 if slot.pushed_recorded {
                     for (o, e) in slot.pushed.iter().enumerate() {

@@ -52,9 +52,14 @@ fn the_cuda_backend_says_where_it_came_from() {
     // This package's binaries do not link libtorch_cuda either: where libtorch has one, the
     // crate loaded it at start-up.
     if let Ok(dir) = std::env::var("LIBTORCH")
-        && std::path::Path::new(&dir).join("lib/libtorch_cuda.so").exists()
+        && std::path::Path::new(&dir)
+            .join("lib/libtorch_cuda.so")
+            .exists()
     {
-        assert!(matches!(backend, accel::CudaBackend::Loaded(_)), "{backend:?}");
+        assert!(
+            matches!(backend, accel::CudaBackend::Loaded(_)),
+            "{backend:?}"
+        );
     }
     // Without a device, the reason says why; with one, there is none.
     assert_eq!(

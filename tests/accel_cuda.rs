@@ -246,7 +246,8 @@ fn peer_copies_move_the_bytes_and_check_their_arguments() -> anyhow::Result<()> 
         stream.synchronize()?;
         assert!(direct || to != d, "one device is always direct");
         assert!(
-            dst.to_device(Device::Cpu).equal(&src.to_device(Device::Cpu)),
+            dst.to_device(Device::Cpu)
+                .equal(&src.to_device(Device::Cpu)),
             "{d} -> {to} on a stream of {on}"
         );
     }
@@ -255,12 +256,22 @@ fn peer_copies_move_the_bytes_and_check_their_arguments() -> anyhow::Result<()> 
     let stream = Stream::from_pool(d)?;
     // SAFETY: as above.
     unsafe {
-        accel::copy_peer_async(&dst.narrow(0, 4096, 1024), &src.narrow(0, 512, 1024), &stream)?
+        accel::copy_peer_async(
+            &dst.narrow(0, 4096, 1024),
+            &src.narrow(0, 512, 1024),
+            &stream,
+        )?
     };
     stream.synchronize()?;
     let got = dst.to_device(Device::Cpu);
-    assert!(got.narrow(0, 4096, 1024).equal(&src.narrow(0, 512, 1024).to_device(Device::Cpu)));
-    assert_eq!(got.narrow(0, 0, 4096).count_nonzero(None).int64_value(&[]), 0);
+    assert!(
+        got.narrow(0, 4096, 1024)
+            .equal(&src.narrow(0, 512, 1024).to_device(Device::Cpu))
+    );
+    assert_eq!(
+        got.narrow(0, 0, 4096).count_nonzero(None).int64_value(&[]),
+        0
+    );
     // Refused: different sizes, a host tensor, a non-contiguous view.
     let small = Tensor::zeros([16], (Kind::Uint8, Device::Cuda(d)));
     let host = Tensor::zeros([n], (Kind::Uint8, Device::Cpu));

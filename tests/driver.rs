@@ -66,7 +66,10 @@ fn offloaded_blocks_checks_the_block_count() -> anyhow::Result<()> {
     m.initialize()?;
     match OffloadedBlocks::new(vec![(); 2], m) {
         Err(Error::InvalidArgument { message, .. }) => {
-            assert!(message.contains("2 blocks") && message.contains("streams 3"), "{message}")
+            assert!(
+                message.contains("2 blocks") && message.contains("streams 3"),
+                "{message}"
+            )
         }
         other => panic!("expected InvalidArgument, got {other:?}"),
     }

@@ -188,7 +188,9 @@ fn managers_on_two_devices_share_one_host_copy() -> anyhow::Result<()> {
     let x = model0.input(9);
     let want0 = model0.forward(&x, None);
     let want1 = model1.forward(&x, None);
-    let mut m0 = OffloadConfig::new("blocks", 5).device(0).build(&model0.vs)?;
+    let mut m0 = OffloadConfig::new("blocks", 5)
+        .device(0)
+        .build(&model0.vs)?;
     m0.initialize()?;
     let store = m0.host_store().unwrap();
     let mut m1 = OffloadConfig::new("blocks", 5)
