@@ -9,6 +9,7 @@ mod ffi;
 pub mod host;
 pub mod manager;
 mod manifest;
+mod placement;
 pub mod peer;
 pub mod plan;
 pub mod script;

@@ -53,6 +53,7 @@ use crate::claims::Claim;
 use crate::error::{Error, Result};
 use crate::host::HostStore;
 use crate::peer::{self, PeerGroup, Post};
+use crate::placement::{self, Budget};
 use crate::plan::{self, LayerLayout, Plan};
 use crate::source::WeightSource;
 use crate::stats::{Lane, OffloadStats, TimelineSpan};
@@ -100,13 +101,6 @@ pub enum Fault {
 
 /// The largest [`OffloadConfig::prefetch_depth`] accepted.
 pub const MAX_PREFETCH_DEPTH: usize = 1024;
-
-/// How much device memory the manager may hold for block weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Budget {
-    Bytes(u64),
-    AllBut(u64),
-}
 
 impl OffloadConfig {
     /// Offload blocks `0..num_layers` of the list whose tensors are named
@@ -1162,33 +1156,7 @@ impl LayerwiseOffloadManager {
             }
         };
         let sizes: Vec<u64> = plan.layers.iter().map(|l| l.bytes as u64).collect();
-        if sizes.iter().sum::<u64>() <= budget {
-            return Ok(vec![true; n]);
-        }
-        let ring = (self.config.prefetch_depth as u64)
-            .saturating_add(1)
-            .saturating_mul(sizes.iter().copied().max().unwrap_or(0));
-        if budget < ring {
-            return Err(Error::InvalidArgument {
-                op: "vram_budget",
-                message: format!(
-                    "a budget of {budget} bytes cannot hold the slot ring of {ring} bytes ({} slots of the largest block); raise the budget or lower prefetch_depth",
-                    self.config.prefetch_depth + 1
-                ),
-            });
-        }
-        let avail = budget - ring;
-        for k in (1..n).rev() {
-            let picks = spread(n, k);
-            if picks.iter().map(|&i| sizes[i]).sum::<u64>() <= avail {
-                let mut r = vec![false; n];
-                for i in picks {
-                    r[i] = true;
-                }
-                return Ok(r);
-            }
-        }
-        Ok(vec![false; n])
+        placement::resident_blocks(&sizes, Some(budget), self.config.prefetch_depth)
     }
 
     /// Counts one operation of kind `which` (0 slot, 1 upload, 2 host, 3 restored block) and
@@ -2225,35 +2193,6 @@ impl Drop for LayerGuard<'_> {
             && self.layer < self.manager.layers.len()
         {
             let _ = self.manager.release(self.layer);
-        }
-    }
-}
-
-/// `k` of `n` positions spread evenly (the middle of each of `k` equal stretches).
-fn spread(n: usize, k: usize) -> Vec<usize> {
-    (0..k)
-        .map(|j| ((2 * j + 1) * n / (2 * k)).min(n - 1))
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::spread;
-
-    #[test]
-    fn spread_is_even_and_distinct() {
-        assert_eq!(
-            spread(40, 20),
-            (0..20).map(|j| 2 * j + 1).collect::<Vec<_>>()
-        );
-        assert_eq!(spread(10, 2), vec![2, 7]);
-        assert_eq!(spread(5, 4), vec![0, 1, 3, 4]);
-        for n in 1..50 {
-            for k in 1..=n {
-                let v = spread(n, k);
-                assert!(v.windows(2).all(|w| w[0] < w[1]), "{n} {k} {v:?}");
-                assert!(*v.last().unwrap() < n);
-            }
         }
     }
 }
