@@ -8,18 +8,18 @@ pub mod error;
 mod ffi;
 pub mod host;
 pub mod manager;
-mod manifest;
 mod placement;
 pub mod peer;
 pub mod plan;
 pub mod script;
-mod shm;
 pub mod source;
 pub mod stats;
 
 pub use driver::{OffloadedBlocks, SharedManager};
 pub use error::{Error, Result, TorchMessage};
 pub use host::HostStore;
+// The shared-memory file helpers, where the host file mapping in `accel` reaches them.
+use host::shm;
 #[doc(hidden)]
 pub use manager::Fault;
 pub use manager::{LayerGuard, LayerwiseOffloadManager, OffloadConfig};

@@ -1007,13 +1007,10 @@ impl LayerwiseOffloadManager {
                 .filter(|&i| !resident[i] || self.config.shareable)
                 .collect();
             // A shared-memory file: one mapping, each block at a 4 KiB aligned offset.
-            let mut offsets = vec![0usize; n];
-            let mut total = 0usize;
-            for &i in &with_host {
-                offsets[i] = total;
-                total += self.layout(i).bytes.div_ceil(crate::host::FILE_ALIGN)
-                    * crate::host::FILE_ALIGN;
-            }
+            let sizes: Vec<Option<usize>> = (0..n)
+                .map(|i| with_host.contains(&i).then(|| self.layout(i).bytes))
+                .collect();
+            let (offsets, total) = crate::host::file_offsets(&sizes);
             let file = match &self.config.shm {
                 Some(path) if total > 0 => {
                     let f = accel::map_host_file(
@@ -1046,17 +1043,15 @@ impl LayerwiseOffloadManager {
                 self.fill_host(i, !resident[i], buffer)?;
             }
             let plan = self.plan.as_ref().expect("plan set above");
-            self.store = Some(Arc::new(HostStore {
-                layers: plan.layers.clone(),
-                buffers: self
-                    .layers
+            self.store = Some(Arc::new(HostStore::own(
+                plan.layers.clone(),
+                self.layers
                     .iter()
                     .map(|l| l.host.as_ref().map(|h| h.shallow_clone()))
                     .collect(),
-                pinned: self.host_memory() == HostMemory::Pinned,
-                read_only: false,
-                owner_path: self.config.shm.clone().filter(|_| file.is_some()),
-            }));
+                self.host_memory() == HostMemory::Pinned,
+                self.config.shm.clone().filter(|_| file.is_some()),
+            )));
             if let (Some(path), Some(store)) = (&self.config.shm, &self.store)
                 && file.is_some()
             {

@@ -2,16 +2,31 @@
 //! shareable by managers on several devices of one process, and (through a file on a
 //! shared-memory file system) by managers in other processes.
 
+mod manifest;
+pub(crate) mod shm;
+
 use crate::accel::{self, FileMapping, HostMemory};
 use crate::error::{Error, Result};
-use crate::manifest::Manifest;
 use crate::plan::{LayerLayout, Plan};
+use manifest::{FILE_ALIGN, Manifest};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::Tensor;
 
-/// Alignment of each block inside a shared-memory file.
-pub(crate) use crate::manifest::FILE_ALIGN;
+/// Where each block sits in a shared-memory file: `bytes[i]` is block `i`'s buffer size, or
+/// None for a block without a host copy (which sits nowhere, at offset 0). Each block starts at
+/// a 4 KiB aligned offset. Returns the offsets and the file's size.
+pub(crate) fn file_offsets(bytes: &[Option<usize>]) -> (Vec<usize>, usize) {
+    let mut offsets = vec![0usize; bytes.len()];
+    let mut total = 0usize;
+    for (i, b) in bytes.iter().enumerate() {
+        if let Some(b) = b {
+            offsets[i] = total;
+            total += b.div_ceil(FILE_ALIGN) * FILE_ALIGN;
+        }
+    }
+    (offsets, total)
+}
 
 /// The manifest written next to a shared-memory store: `<path>.manifest`.
 pub(crate) fn manifest_path(path: &Path) -> PathBuf {
@@ -46,6 +61,24 @@ pub struct HostStore {
 unsafe impl Sync for HostStore {}
 
 impl HostStore {
+    /// A store over this process's own host buffers (`buffers[i]` is block `i`'s, None for a
+    /// block without a host copy); `owner_path` is the shared-memory file it published, removed
+    /// when the store is dropped.
+    pub(crate) fn own(
+        layers: Vec<LayerLayout>,
+        buffers: Vec<Option<Tensor>>,
+        pinned: bool,
+        owner_path: Option<PathBuf>,
+    ) -> HostStore {
+        HostStore {
+            layers,
+            buffers,
+            pinned,
+            read_only: false,
+            owner_path,
+        }
+    }
+
     /// Bytes of host memory the store holds.
     pub fn bytes(&self) -> u64 {
         self.layers
@@ -142,7 +175,7 @@ impl HostStore {
             .zip(offsets)
             .map(|((l, b), &o)| (l.clone(), b.as_ref().map(|_| o)))
             .collect();
-        crate::shm::write_private(
+        shm::write_private(
             &manifest_path(path),
             Manifest::new(total, layers).to_json().as_bytes(),
             "OffloadConfig::shared_memory",
@@ -214,7 +247,7 @@ const MANIFEST_MAX_BYTES: u64 = 64 << 20;
 /// Reads the manifest at `mpath`, a file this user owns and nobody else can write.
 fn read_manifest(mpath: &Path) -> Result<String> {
     use std::io::Read as _;
-    let (file, meta) = crate::shm::open_trusted(mpath)?.map_err(|e| Error::InvalidArgument {
+    let (file, meta) = shm::open_trusted(mpath)?.map_err(|e| Error::InvalidArgument {
         op: "HostStore::open_shared",
         message: format!(
             "cannot read {}: {e}; has the publishing process finished initialize()?",
