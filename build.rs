@@ -1,6 +1,7 @@
 //! Compiles the C++ shim in `csrc/` against the libtorch that torch-sys links, tells the shim
 //! where that libtorch lives (it loads the CUDA backend from there at run time), and writes
-//! libtorch's lib dir into this package's own binaries' rpath.
+//! libtorch's lib dir into this package's own binaries' rpath. Skips all of it when building
+//! documentation only (`DOCS_RS` set, or the `doc-only` feature).
 
 use anyhow::{Context, Result, bail};
 use std::env;
@@ -13,6 +14,11 @@ fn env_var(name: &str) -> Option<String> {
 }
 
 fn main() -> Result<()> {
+    // Documentation builds without libtorch (docs.rs, or the `doc-only` feature): torch-sys then
+    // reports no libtorch, and nothing is compiled against it.
+    if env_var("DOCS_RS").is_some() || env_var("CARGO_FEATURE_DOC_ONLY").is_some() {
+        return Ok(());
+    }
     // torch-sys (links = "tch") prints `cargo:libtorch_lib=<dir>`.
     let lib_dir = PathBuf::from(env_var("DEP_TCH_LIBTORCH_LIB").context(
         "DEP_TCH_LIBTORCH_LIB is not set: torch-sys did not report its libtorch lib dir \

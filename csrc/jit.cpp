@@ -1,12 +1,13 @@
 // C ABI over TorchScript modules: load, submodules by path, method calls (positional and by
 // keyword, with IValue arguments and results), method schemas, named parameters and buffers,
-// and the graph executor's optimization switch. Same conventions as shim.cpp: 0 on success, -1
-// with a thread-local message on failure; no exception crosses the boundary.
+// and the graph executor's optimization switch. Same conventions as shim.cpp (protect.h): 0 on
+// success, -1 with a thread-local message on failure; no exception crosses the boundary.
 //
 // IValues cross the boundary as `torch::jit::IValue*`, the `ivalue` type of torch-sys's
 // libtch/torch_api.h: the Rust side builds them with torch-sys's `ati_*` functions (compiled
 // against the same libtorch headers) and frees results with `ati_free` (`delete`).
 #include "shim.h"
+#include "protect.h"
 
 #include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
@@ -18,29 +19,12 @@
 #include <unordered_map>
 #include <vector>
 
-extern "C" void lo_set_error(const char* msg);  // defined in shim.cpp
-
-#define LO_JIT_PROTECT(...)                                  \
-  try {                                                      \
-    __VA_ARGS__;                                             \
-    return 0;                                                \
-  } catch (const c10::Error& e) {                            \
-    lo_set_error(e.what_without_backtrace());                \
-    return -1;                                               \
-  } catch (const std::exception& e) {                        \
-    lo_set_error(e.what());                                  \
-    return -1;                                               \
-  } catch (...) {                                            \
-    lo_set_error("unknown C++ exception in layerwise-offload shim"); \
-    return -1;                                               \
-  }
-
 using torch::jit::Module;
 
 extern "C" {
 
 int lo_jit_load(const char* path, int device_type, int device_index, void** out) {
-  LO_JIT_PROTECT({
+  LO_PROTECT({
     c10::Device device(static_cast<c10::DeviceType>(device_type), static_cast<c10::DeviceIndex>(device_index));
     *out = new Module(torch::jit::load(std::string(path), device));
   })
@@ -54,7 +38,7 @@ void lo_jit_free(void* module) {
 }
 
 int lo_jit_submodule(void* module, const char* path, void** out) {
-  LO_JIT_PROTECT({
+  LO_PROTECT({
     Module cur = *static_cast<Module*>(module);
     std::string p(path);
     size_t start = 0;
@@ -75,7 +59,7 @@ int lo_jit_submodule(void* module, const char* path, void** out) {
 }
 
 int lo_jit_forward(void* module, void** inputs, int n, void** out) {
-  LO_JIT_PROTECT({
+  LO_PROTECT({
     std::vector<c10::IValue> args;
     args.reserve(n);
     for (int i = 0; i < n; ++i) args.emplace_back(*static_cast<at::Tensor*>(inputs[i]));
@@ -86,7 +70,7 @@ int lo_jit_forward(void* module, void** inputs, int n, void** out) {
 }
 
 int lo_jit_named_tensors(void* module, int buffers, void* ctx, void (*cb)(void*, const char*, void*)) {
-  LO_JIT_PROTECT({
+  LO_PROTECT({
     auto& m = *static_cast<Module*>(module);
     if (buffers) {
       for (const auto& nb : m.named_buffers(/*recurse=*/true)) cb(ctx, nb.name.c_str(), new at::Tensor(nb.value));
@@ -98,7 +82,7 @@ int lo_jit_named_tensors(void* module, int buffers, void* ctx, void (*cb)(void*,
 
 int lo_jit_call(void* module, const char* method, void** args, int n_args, const char** kw_names,
                 void** kw_values, int n_kw, int* found, void** out) {
-  LO_JIT_PROTECT({
+  LO_PROTECT({
     *out = nullptr;
     auto m = static_cast<Module*>(module)->find_method(method);
     *found = m.has_value() ? 1 : 0;
@@ -114,14 +98,14 @@ int lo_jit_call(void* module, const char* method, void** args, int n_args, const
 }
 
 int lo_jit_method_names(void* module, void* ctx, void (*cb)(void*, const char*)) {
-  LO_JIT_PROTECT({
+  LO_PROTECT({
     for (const auto& m : static_cast<Module*>(module)->get_methods()) cb(ctx, m.name().c_str());
   })
 }
 
 int lo_jit_method_schema(void* module, const char* method, int* found, void* ctx,
                          void (*cb)(void*, int, const char*, const char*, const char*)) {
-  LO_JIT_PROTECT({
+  LO_PROTECT({
     auto m = static_cast<Module*>(module)->find_method(method);
     *found = m.has_value() ? 1 : 0;
     if (!m) return 0;
@@ -147,10 +131,10 @@ int lo_jit_method_schema(void* module, const char* method, int* found, void* ctx
   })
 }
 
-int lo_jit_eval(void* module) { LO_JIT_PROTECT(static_cast<Module*>(module)->eval()) }
+int lo_jit_eval(void* module) { LO_PROTECT(static_cast<Module*>(module)->eval()) }
 
-int lo_jit_set_optimize(int on) { LO_JIT_PROTECT(torch::jit::setGraphExecutorOptimize(on != 0)) }
+int lo_jit_set_optimize(int on) { LO_PROTECT(torch::jit::setGraphExecutorOptimize(on != 0)) }
 
-int lo_jit_get_optimize(int* on) { LO_JIT_PROTECT(*on = torch::jit::getGraphExecutorOptimize() ? 1 : 0) }
+int lo_jit_get_optimize(int* on) { LO_PROTECT(*on = torch::jit::getGraphExecutorOptimize() ? 1 : 0) }
 
 }  // extern "C"

@@ -4,9 +4,10 @@
 // calls libtorch does not wrap (cudaHostRegister / cudaHostUnregister) are looked up at run time
 // in the CUDA runtime libtorch_cuda already loaded.
 //
-// Every entry point runs its body inside LO_PROTECT: any C++ exception becomes -1 plus a
-// thread-local message, so no exception crosses into Rust.
+// Every entry point runs its body inside LO_PROTECT (protect.h): any C++ exception becomes -1
+// plus a thread-local message, so no exception crosses into Rust.
 #include "shim.h"
+#include "protect.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -35,26 +36,18 @@
 #include <thread>
 #include <vector>
 
+// The thread-local error slot of every shim entry point (protect.h).
+namespace lo {
 namespace {
-
 thread_local std::string g_last_error;
+}  // namespace
 
 void set_error(const char* msg) { g_last_error = msg ? msg : "unknown error"; }
 
-#define LO_PROTECT(...)                                    \
-  try {                                                    \
-    __VA_ARGS__;                                           \
-    return 0;                                              \
-  } catch (const c10::Error& e) {                          \
-    set_error(e.what_without_backtrace());                 \
-    return -1;                                             \
-  } catch (const std::exception& e) {                      \
-    set_error(e.what());                                   \
-    return -1;                                             \
-  } catch (...) {                                          \
-    set_error("unknown C++ exception in layerwise-offload shim"); \
-    return -1;                                             \
-  }
+const char* last_error() { return g_last_error.c_str(); }
+}  // namespace lo
+
+namespace {
 
 constexpr auto kCuda = c10::DeviceType::CUDA;
 
@@ -265,10 +258,7 @@ void touch_pages(void* p, size_t bytes, int threads) {
 
 extern "C" {
 
-const char* lo_last_error(void) { return g_last_error.c_str(); }
-
-// For csrc/jit.cpp: the same thread-local error slot.
-void lo_set_error(const char* msg) { set_error(msg); }
+const char* lo_last_error(void) { return lo::last_error(); }
 
 int lo_cuda_backend(int* state, const char** detail) {
   LO_PROTECT({

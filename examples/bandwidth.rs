@@ -23,6 +23,10 @@ use serde_json::json;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
+#[path = "common/util.rs"]
+mod util;
+use util::{gpu_name, int_in, median, round2};
+
 /// Host <-> device copy bandwidth: pinned and pageable, H2D and D2H, timed with CUDA events on
 /// a side stream (median of the repetitions); with --gpus N, what several GPUs get from one
 /// pinned host copy. Without a CUDA device: host memcpy bandwidth only.
@@ -61,11 +65,6 @@ fn parse_args() -> Result<Run> {
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// Median GiB/s of `reps` copies `dst <- src` on `stream`, timed with events.
 fn time_copies(dst: &mut Tensor, src: &Tensor, stream: &Stream, reps: usize) -> Result<f64> {
     let bytes = src.numel() as f64;
@@ -83,7 +82,7 @@ fn time_copies(dst: &mut Tensor, src: &Tensor, stream: &Stream, reps: usize) -> 
             rates.push(bytes / (start.elapsed_ms(&end)? / 1e3) / (1u64 << 30) as f64);
         }
     }
-    Ok(median(rates))
+    Ok(median(&rates))
 }
 
 fn main() -> Result<()> {
@@ -101,18 +100,18 @@ fn main() -> Result<()> {
             dst.copy_(&src);
             rates.push(bytes as f64 / t.elapsed().as_secs_f64() / (1u64 << 30) as f64);
         }
-        let m = median(rates);
+        let m = median(&rates);
         println!(
             "host memcpy: {m:.1} GiB/s ({} MiB, median of {})",
             args.mib, args.reps
         );
-        let result = json!({"device": null, "mib": args.mib, "host_memcpy_gib_s": r2(m)});
+        let result = json!({"device": null, "mib": args.mib, "host_memcpy_gib_s": round2(m)});
         println!("RESULT {result}");
         return Ok(());
     }
     accel::require_device("bandwidth", args.device)?;
     let d = args.device;
-    let name = device_name(d);
+    let name = gpu_name(d);
     println!(
         "accelerator: CUDA device {d} ({name}), {} device(s)",
         accel::cuda_device_count()
@@ -145,10 +144,10 @@ fn main() -> Result<()> {
         "device": name,
         "mib": args.mib,
         "reps": args.reps,
-        "pinned_h2d_gib_s": r2(rows[0].1),
-        "pinned_d2h_gib_s": r2(rows[0].2),
-        "pageable_h2d_gib_s": r2(rows[1].1),
-        "pageable_d2h_gib_s": r2(rows[1].2),
+        "pinned_h2d_gib_s": round2(rows[0].1),
+        "pinned_d2h_gib_s": round2(rows[0].2),
+        "pageable_h2d_gib_s": round2(rows[1].1),
+        "pageable_d2h_gib_s": round2(rows[1].2),
         "pinned_alloc_s": (pin_s * 1e3).round() / 1e3,
     });
     println!("RESULT {result}");
@@ -157,11 +156,6 @@ fn main() -> Result<()> {
         multi_gpu(&args, &name)?;
     }
     Ok(())
-}
-
-/// `v` rounded to two decimals (NaN becomes null in the RESULT lines).
-fn r2(v: f64) -> f64 {
-    (v * 100.0).round() / 100.0
 }
 
 fn gib_s(bytes: usize, ms: f64) -> f64 {
@@ -350,7 +344,7 @@ fn multi_gpu(args: &Run, name: &str) -> Result<()> {
     println!(
         "| peer split on GPUs 0+1 (half from the host, half from the peer) | {split_gib_s:.1} |"
     );
-    let all = |v: &[f64]| v.iter().map(|&x| r2(x)).collect::<Vec<_>>();
+    let all = |v: &[f64]| v.iter().map(|&x| round2(x)).collect::<Vec<_>>();
     let result = json!({
         "device": name,
         "gpus": n,
@@ -359,38 +353,10 @@ fn multi_gpu(args: &Run, name: &str) -> Result<()> {
         "h2d_alone_gib_s": all(&alone),
         "h2d_together_shared_gib_s": all(&together[0]),
         "h2d_together_own_copy_gib_s": all(&together[1]),
-        "d2d_gib_s": r2(d2d_one),
+        "d2d_gib_s": round2(d2d_one),
         "d2d_both_ways_gib_s": all(&d2d_both),
-        "peer_split_gib_s": r2(split_gib_s),
+        "peer_split_gib_s": round2(split_gib_s),
     });
     println!("RESULT {result}");
     Ok(())
-}
-
-/// The device's marketing name from nvidia-smi when it is there, else a generic label.
-fn device_name(d: usize) -> String {
-    std::process::Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=name",
-            "--format=csv,noheader",
-            &format!("--id={d}"),
-        ])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| format!("cuda:{d}"))
-}
-
-/// A parser of integers in `lo..=hi` whose error names the range, whatever the input (a
-/// negative number, one too large for any integer type, or no number).
-fn int_in(
-    lo: i64,
-    hi: i64,
-) -> impl Fn(&str) -> Result<i64, String> + Clone + Send + Sync + 'static {
-    move |s: &str| match s.trim().parse::<i128>() {
-        Ok(v) if (i128::from(lo)..=i128::from(hi)).contains(&v) => Ok(v as i64),
-        _ => Err(format!("{s:?} is not an integer in {lo}..={hi}")),
-    }
 }

@@ -22,6 +22,10 @@ use std::time::Instant;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+#[path = "common/util.rs"]
+mod util;
+use util::{gpu_name, int_in, median, round2};
+
 #[derive(Debug, Clone)]
 struct Preset {
     name: &'static str,
@@ -522,17 +526,7 @@ fn main() -> Result<()> {
             total as f64 / (1u64 << 30) as f64
         );
     }
-    let device_name = if cuda {
-        std::process::Command::new("nvidia-smi")
-            .args(["--query-gpu=name", "--format=csv,noheader", "--id=0"])
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| "cuda:0".into())
-    } else {
-        "cpu".into()
-    };
+    let device_name = if cuda { gpu_name(0) } else { "cpu".into() };
 
     // The model on the CPU: it never has to fit on the GPU.
     let t0 = Instant::now();
@@ -630,7 +624,6 @@ fn main() -> Result<()> {
             Err(e) => eprintln!("--check: the resident model does not fit ({e}); skipped"),
         }
     }
-    let round2 = |v: f64| (v * 100.0).round() / 100.0;
     // serde_json writes NaN and infinities as null, so the line stays JSON whatever the values.
     let result = json!({
         "device": device_name,
@@ -653,22 +646,4 @@ fn main() -> Result<()> {
     });
     println!("RESULT {result}");
     Ok(())
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
-}
-
-/// A parser of integers in `lo..=hi` whose error names the range, whatever the input (a
-/// negative number, one too large for any integer type, or no number).
-fn int_in(
-    lo: i64,
-    hi: i64,
-) -> impl Fn(&str) -> Result<i64, String> + Clone + Send + Sync + 'static {
-    move |s: &str| match s.trim().parse::<i128>() {
-        Ok(v) if (i128::from(lo)..=i128::from(hi)).contains(&v) => Ok(v as i64),
-        _ => Err(format!("{s:?} is not an integer in {lo}..={hi}")),
-    }
 }

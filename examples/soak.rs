@@ -16,6 +16,10 @@ use layerwise_offload::{OffloadConfig, accel};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
+#[path = "common/util.rs"]
+mod util;
+use util::{int_in, rss_bytes};
+
 /// Many forwards of a small stack through the manager; checks that memory stays flat and the
 /// last output equals the first.
 #[derive(Debug, Parser)]
@@ -30,17 +34,6 @@ struct Args {
     /// Width of each block's square weight.
     #[arg(long, default_value_t = 512, value_parser = int_in(1, 16384))]
     dim: i64,
-}
-
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
 }
 
 fn main() -> Result<()> {
@@ -136,16 +129,4 @@ fn main() -> Result<()> {
     }
     println!("soak ok: {forwards} forwards, memory flat, output equal");
     Ok(())
-}
-
-/// A parser of integers in `lo..=hi` whose error names the range, whatever the input (a
-/// negative number, one too large for any integer type, or no number).
-fn int_in(
-    lo: i64,
-    hi: i64,
-) -> impl Fn(&str) -> Result<i64, String> + Clone + Send + Sync + 'static {
-    move |s: &str| match s.trim().parse::<i128>() {
-        Ok(v) if (i128::from(lo)..=i128::from(hi)).contains(&v) => Ok(v as i64),
-        _ => Err(format!("{s:?} is not an integer in {lo}..={hi}")),
-    }
 }

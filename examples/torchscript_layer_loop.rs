@@ -24,6 +24,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, IValue, Kind, Tensor};
 
+#[path = "common/util.rs"]
+mod util;
+use util::int_in;
+
 /// How one block is called and what the module's whole `forward` takes.
 enum Model {
     /// `scripts/export_torchscript_dit.py`: embed, blocks, head over one input `x`.
@@ -182,16 +186,4 @@ fn main() -> Result<()> {
         println!("RESULT {result}");
         Ok(())
     })?
-}
-
-/// A parser of integers in `lo..=hi` whose error names the range, whatever the input (a
-/// negative number, one too large for any integer type, or no number).
-fn int_in(
-    lo: i64,
-    hi: i64,
-) -> impl Fn(&str) -> Result<i64, String> + Clone + Send + Sync + 'static {
-    move |s: &str| match s.trim().parse::<i128>() {
-        Ok(v) if (i128::from(lo)..=i128::from(hi)).contains(&v) => Ok(v as i64),
-        _ => Err(format!("{s:?} is not an integer in {lo}..={hi}")),
-    }
 }

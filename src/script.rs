@@ -43,7 +43,7 @@ pub use optimize::{
 };
 pub use schema::{Arg, MethodSchema};
 
-use crate::accel::last_error;
+use crate::accel::check;
 use crate::error::{Error, Result, TorchMessage};
 use crate::ffi;
 use crate::source::WeightSource;
@@ -74,14 +74,6 @@ pub struct ScriptModule {
 // thread affinity; it may be moved to and dropped on another thread. Not `Sync`: calls on one
 // module from several threads at once are not promised to be safe by libtorch.
 unsafe impl Send for ScriptModule {}
-
-pub(crate) fn check(op: &'static str, rc: c_int) -> Result<()> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(Error::from_torch(op, 0, last_error()))
-    }
-}
 
 fn cstring(op: &'static str, s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::InvalidArgument {

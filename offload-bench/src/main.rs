@@ -24,6 +24,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
+// The helpers the examples share (flag ranges, median, rounding, GPU name, peak RSS).
+#[path = "../../examples/common/util.rs"]
+mod util;
+use util::{gpu_name, int_in, median, peak_rss_bytes, round2};
+
 #[derive(Debug, Clone)]
 struct Shape {
     preset: String,
@@ -392,27 +397,6 @@ impl<'a> Stack<'a> {
     }
 }
 
-/// `v` rounded to two decimals (NaN and infinities become JSON null in the RESULT lines).
-fn round2(v: f64) -> f64 {
-    (v * 100.0).round() / 100.0
-}
-
-fn peak_host_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// Median milliseconds per forward, timed with events on the compute stream (wall clock on the
 /// CPU), and the last output.
 fn time_forwards(a: &Args, mut run: impl FnMut() -> Tensor, dev: Device) -> Result<(f64, Tensor)> {
@@ -440,7 +424,7 @@ fn time_forwards(a: &Args, mut run: impl FnMut() -> Tensor, dev: Device) -> Resu
         };
         out = Some(y);
     }
-    Ok((median(ms), out.expect("at least one forward")))
+    Ok((median(&ms), out.expect("at least one forward")))
 }
 
 fn pinned_h2d_gib_s(d: usize) -> Result<f64> {
@@ -460,7 +444,7 @@ fn pinned_h2d_gib_s(d: usize) -> Result<f64> {
             rates.push(bytes as f64 / (1u64 << 30) as f64 / (e0.elapsed_ms(&e1)? / 1e3));
         }
     }
-    Ok(median(rates))
+    Ok(median(&rates))
 }
 
 fn main() -> Result<()> {
@@ -470,13 +454,7 @@ fn main() -> Result<()> {
     let kind = if a.cpu { Kind::Float } else { Kind::BFloat16 };
     let origin = dev;
     let device_name = match dev {
-        Device::Cuda(_) => std::process::Command::new("nvidia-smi")
-            .args(["--query-gpu=name", "--format=csv,noheader", "--id=0"])
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| "cuda:0".into()),
+        Device::Cuda(d) => gpu_name(d),
         _ => "cpu".into(),
     };
     let bw = match dev {
@@ -499,7 +477,7 @@ fn main() -> Result<()> {
         block_bytes as f64 / (1u64 << 30) as f64,
         t0.elapsed().as_secs_f64()
     );
-    let host_before = peak_host_bytes();
+    let host_before = peak_rss_bytes();
     let stack = Stack::new(s, &named);
     let inputs: Vec<(i64, Tensor, Tensor)> = a
         .tokens
@@ -548,7 +526,7 @@ fn main() -> Result<()> {
         let mut m = cfg.build(&named)?;
         m.initialize()?;
         let init_s = t0.elapsed().as_secs_f64();
-        let host_peak = peak_host_bytes();
+        let host_peak = peak_rss_bytes();
         let st = m.stats().clone();
         let streamed_bytes = st.host_bytes;
         eprintln!(
@@ -847,16 +825,4 @@ fn main() -> Result<()> {
     }
     eprintln!("{stats_table}");
     Ok(())
-}
-
-/// A parser of integers in `lo..=hi` whose error names the range, whatever the input (a
-/// negative number, one too large for any integer type, or no number).
-fn int_in(
-    lo: i64,
-    hi: i64,
-) -> impl Fn(&str) -> Result<i64, String> + Clone + Send + Sync + 'static {
-    move |s: &str| match s.trim().parse::<i128>() {
-        Ok(v) if (i128::from(lo)..=i128::from(hi)).contains(&v) => Ok(v as i64),
-        _ => Err(format!("{s:?} is not an integer in {lo}..={hi}")),
-    }
 }

@@ -12,7 +12,7 @@ use crate::ffi;
 use std::ffi::c_int;
 use std::marker::PhantomData;
 
-use super::check;
+use crate::accel::check;
 
 /// Turns libtorch's graph-executor optimizations (profiling, fusion) on or off for the
 /// **calling thread** (other threads keep their own setting; each starts with it on). With them
