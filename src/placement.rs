@@ -102,7 +102,16 @@ mod tests {
     #[test]
     fn a_budget_below_the_ring_is_refused() {
         let e = resident_blocks(&[10; 4], Some(19), 1).unwrap_err();
-        assert!(matches!(e, Error::InvalidArgument { op: "vram_budget", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::InvalidArgument {
+                    op: "vram_budget",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,0 +1,138 @@
+//! FastVideo's API, under FastVideo's names: `LayerwiseOffloadManager::new(model,
+//! module_list_attr, num_layers, enabled, pin_cpu_memory, auto_initialize)`, `prefetch_layer`,
+//! `release_layer`, `release_all` and `layer_scope` (a "layer" there is a block here).
+//! `initialize` is in the lifecycle, shared with the builder's API.
+
+use crate::accel;
+use crate::error::{Error, Result};
+use crate::source::WeightSource;
+
+use super::{LayerGuard, LayerwiseOffloadManager, OffloadConfig};
+
+impl LayerwiseOffloadManager {
+    /// FastVideo's constructor: `new(model, module_list_attr, num_layers, enabled,
+    /// pin_cpu_memory, auto_initialize)`. As in FastVideo, disabled (all no-ops) without a
+    /// usable CUDA device; it then says why once per process on stderr, and
+    /// [`Self::is_enabled`] is false. [`OffloadConfig::build`] fails instead unless asked to
+    /// fall back.
+    pub fn new(
+        model: &(impl WeightSource + ?Sized),
+        module_list_attr: &str,
+        num_layers: usize,
+        enabled: bool,
+        pin_cpu_memory: bool,
+        auto_initialize: bool,
+    ) -> Result<LayerwiseOffloadManager> {
+        let m = OffloadConfig::new(module_list_attr, num_layers)
+            .enabled(enabled)
+            .pin_cpu_memory(pin_cpu_memory)
+            .auto_initialize(auto_initialize)
+            .allow_cpu_fallback(true)
+            .build(model)?;
+        if enabled && !m.is_enabled() {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                eprintln!(
+                    "layerwise-offload: the manager is disabled (every call is a no-op): {}",
+                    accel::cuda_unavailable_reason().unwrap_or("no CUDA device")
+                )
+            });
+        }
+        Ok(m)
+    }
+
+    /// FastVideo's `prefetch_layer`: queues the upload of block `layer` on the copy stream and
+    /// points its tensors at the slot. A no-op when disabled, out of range or already on the
+    /// device. With `non_blocking == false` it waits (on the host) for the upload; otherwise
+    /// the compute stream waits for it when the block is entered (`enter`, `before_layer` or
+    /// `layer_scope`).
+    pub fn prefetch_layer(&mut self, layer: usize, non_blocking: bool) -> Result<()> {
+        if !self.is_enabled() {
+            return Ok(());
+        }
+        self.check_ready("prefetch_layer")?;
+        if layer >= self.blocks.len()
+            || self.blocks[layer].slot.is_some()
+            || self.blocks[layer].resident
+        {
+            return Ok(());
+        }
+        let s = self.pick_slot(&[layer]).ok_or_else(|| Error::NoFreeSlot {
+            layer,
+            in_use: self.in_use(),
+        })?;
+        self.upload(layer, s)?;
+        self.point_at_slot(layer)?;
+        if !non_blocking {
+            self.slots[s].synchronize_ready()?;
+        }
+        Ok(())
+    }
+
+    /// FastVideo's `release_layer`: takes block `layer` off the device (releasing it if
+    /// entered). A no-op when disabled, out of range or not on the device. Blocks kept resident
+    /// under a VRAM budget stay on the device (they are released, not evicted).
+    pub fn release_layer(&mut self, layer: usize) -> Result<()> {
+        if !self.is_enabled() {
+            return Ok(());
+        }
+        self.check_ready("release_layer")?;
+        if layer >= self.blocks.len() {
+            return Ok(());
+        }
+        self.release(layer)?;
+        if let Some(s) = self.blocks[layer].slot {
+            self.evict(s)?;
+        }
+        Ok(())
+    }
+
+    /// FastVideo's `release_all`: takes every block off the device.
+    pub fn release_all(&mut self) -> Result<()> {
+        if !self.is_enabled() {
+            return Ok(());
+        }
+        self.check_ready("release_all")?;
+        for i in 0..self.blocks.len() {
+            self.release_layer(i)?;
+        }
+        Ok(())
+    }
+
+    /// FastVideo's `layer_scope(prefetch_layer_idx, release_layer_idx)` around one block: makes
+    /// block `run` usable (the block about to run, released when the scope ends), queues the
+    /// upload of block `prefetch`, runs `f`, then releases `run` (also if `f` panics).
+    pub fn layer_scope<R>(
+        &mut self,
+        prefetch: Option<usize>,
+        run: Option<usize>,
+        f: impl FnOnce() -> R,
+    ) -> Result<R> {
+        if !self.is_enabled() {
+            return Ok(f());
+        }
+        self.check_ready("layer_scope")?;
+        let run = run.filter(|&r| r < self.blocks.len());
+        let entered_here = run.filter(|&r| !self.blocks[r].in_use);
+        if let Some(r) = run {
+            self.activate(r)?;
+        }
+        if let Some(p) = prefetch
+            && let Err(e) = self.prefetch_layer(p, true)
+        {
+            // `f` does not run: leave the block released, not entered forever.
+            if let Some(r) = entered_here {
+                let _ = self.release(r);
+            }
+            return Err(e);
+        }
+        let guard = LayerGuard {
+            manager: self,
+            layer: run.unwrap_or(usize::MAX),
+            armed: run.is_some(),
+        };
+        let out = f();
+        guard.finish()?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,343 @@
+//! [`OffloadConfig`]: how a manager is set up, checked when it is built.
+
+use crate::error::{Error, Result};
+use crate::host::HostStore;
+use crate::peer::PeerGroup;
+use crate::placement::Budget;
+use crate::source::WeightSource;
+use std::sync::Arc;
+
+use super::LayerwiseOffloadManager;
+use super::device::Backend;
+
+/// How a manager is set up. Required values are positional in [`OffloadConfig::new`]; the rest
+/// are options with the seed's defaults.
+#[derive(Debug, Clone)]
+pub struct OffloadConfig {
+    pub(super) lists: Vec<(String, usize)>,
+    pub(super) enabled: bool,
+    pub(super) pin_cpu_memory: bool,
+    pub(super) auto_initialize: bool,
+    pub(super) prefetch_depth: usize,
+    pub(super) device: usize,
+    pub(super) cpu_test_mode: bool,
+    pub(super) timing: bool,
+    pub(super) budget: Option<Budget>,
+    pub(super) faults: Vec<Fault>,
+    pub(super) store: Option<Arc<HostStore>>,
+    pub(super) shareable: bool,
+    pub(super) shm: Option<std::path::PathBuf>,
+    pub(super) peer: Option<(Arc<PeerGroup>, usize)>,
+    pub(super) push_per_member: bool,
+    pub(super) allow_cpu_fallback: bool,
+}
+
+/// The largest [`OffloadConfig::prefetch_depth`] accepted.
+pub const MAX_PREFETCH_DEPTH: usize = 1024;
+
+impl OffloadConfig {
+    /// Offload blocks `0..num_layers` of the list whose tensors are named
+    /// `<module_list_attr>.<index>.…` (e.g. `"blocks"`, 40).
+    pub fn new(module_list_attr: impl Into<String>, num_layers: usize) -> OffloadConfig {
+        OffloadConfig {
+            lists: vec![(module_list_attr.into(), num_layers)],
+            enabled: true,
+            pin_cpu_memory: true,
+            auto_initialize: false,
+            prefetch_depth: 1,
+            device: 0,
+            cpu_test_mode: false,
+            timing: true,
+            budget: None,
+            faults: Vec::new(),
+            store: None,
+            shareable: false,
+            shm: None,
+            peer: None,
+            push_per_member: false,
+            allow_cpu_fallback: false,
+        }
+    }
+
+    /// Make this manager member `rank` of `group`: each member uploads `1/n` of every block from
+    /// the host over its own PCIe link and sends it to the other members device to device
+    /// (NVLink or PCIe peer access), so each GPU receives every block while its host link
+    /// carries only its share. For data-parallel inference on several GPUs of one host: one
+    /// member per GPU, each driven by its own thread, all entering the same blocks in the same
+    /// order (see [`PeerGroup`]). Usually combined with [`Self::host_store`] so the host holds
+    /// one copy. The first block is uploaded at the first `enter`, not by `initialize`, since
+    /// uploads need every member.
+    pub fn peer_group(mut self, group: Arc<PeerGroup>, rank: usize) -> OffloadConfig {
+        self.peer = Some((group, rank));
+        self
+    }
+
+    /// Put the host copy in a file on a shared-memory file system (e.g.
+    /// `/dev/shm/wan14b-blocks`, which must not exist yet) and publish it, with a manifest
+    /// written last, so that managers in other processes of this machine (one per GPU) stream
+    /// from the same physical memory: they open it with
+    /// [`HostStore::open_shared`](crate::HostStore::open_shared). The file is removed when this
+    /// manager's store is dropped; processes that mapped it keep their mapping. While
+    /// published, `update_tensor` on block weights is refused.
+    ///
+    /// The file and its manifest are created with mode 0600, never over anything already at
+    /// the path nor through a symbolic link (either is [`Error::SharedFile`]), and the file's
+    /// space is reserved first: a file system too small for the store is
+    /// [`Error::HostAlloc`] ("No space left on device"), with the file removed. Readers must
+    /// run as the same user. Truncating the file while readers map it kills them with SIGBUS:
+    /// leave it alone until the store is dropped.
+    pub fn shared_memory(mut self, path: impl Into<std::path::PathBuf>) -> OffloadConfig {
+        self.shm = Some(path.into());
+        self
+    }
+
+    /// Keep a host copy of every block, the resident ones (under a VRAM budget) included, so
+    /// that this manager's [`HostStore`] can serve managers with other budgets on other
+    /// devices. Costs host memory for the resident blocks; without a budget it changes
+    /// nothing. Off by default.
+    pub fn shareable(mut self, on: bool) -> OffloadConfig {
+        self.shareable = on;
+        self
+    }
+
+    /// Stream from `store`, the host copy another manager of this process made (typically of
+    /// the same model on another GPU), instead of copying this model's blocks into host memory
+    /// of its own. The model's block tensors must have the store's names, shapes and dtypes;
+    /// their values are not used (they become placeholders, freeing their memory). Non-block
+    /// tensors come from this model. With a VRAM budget, this manager's resident blocks are
+    /// filled from the store too (the store must hold every block: make it with no budget, or
+    /// with [`Self::shareable`]).
+    pub fn host_store(mut self, store: Arc<HostStore>) -> OffloadConfig {
+        self.store = Some(store);
+        self
+    }
+
+    /// Peer groups: send the shares to the other members on one stream per receiver (`true`)
+    /// instead of one stream for all (the default). For measurements; not part of the stable
+    /// API.
+    #[doc(hidden)]
+    pub fn push_stream_per_member(mut self, on: bool) -> OffloadConfig {
+        self.push_per_member = on;
+        self
+    }
+
+    /// Makes an operation fail on purpose, to test error paths. Not part of the stable API.
+    #[doc(hidden)]
+    pub fn inject_fault(mut self, fault: Fault) -> OffloadConfig {
+        self.faults.push(fault);
+        self
+    }
+
+    /// Adds another block list; the loop runs list by list in the order given (e.g. Flux's
+    /// `double_blocks`, then `single_blocks`).
+    pub fn with_list(
+        mut self,
+        module_list_attr: impl Into<String>,
+        num_layers: usize,
+    ) -> OffloadConfig {
+        self.lists.push((module_list_attr.into(), num_layers));
+        self
+    }
+
+    /// Off: every call is a no-op and the model is left as it is (default on).
+    pub fn enabled(mut self, enabled: bool) -> OffloadConfig {
+        self.enabled = enabled;
+        self
+    }
+
+    /// Without a usable CUDA device, build a disabled manager (every call a no-op, the model
+    /// left on the CPU as it is) instead of failing (default false: [`Self::build`] returns
+    /// [`Error::NoDevice`] saying why CUDA is unusable). [`LayerwiseOffloadManager::is_enabled`]
+    /// tells which one was built. [`LayerwiseOffloadManager::new`], the seed's constructor,
+    /// turns this on and says so once on stderr.
+    pub fn allow_cpu_fallback(mut self, allow: bool) -> OffloadConfig {
+        self.allow_cpu_fallback = allow;
+        self
+    }
+
+    /// Page-lock the host buffers (default true). Pageable buffers upload at about a third of
+    /// the speed and the copies do not overlap compute.
+    pub fn pin_cpu_memory(mut self, pin: bool) -> OffloadConfig {
+        self.pin_cpu_memory = pin;
+        self
+    }
+
+    /// Run [`LayerwiseOffloadManager::initialize`] inside `build` (default false).
+    pub fn auto_initialize(mut self, auto: bool) -> OffloadConfig {
+        self.auto_initialize = auto;
+        self
+    }
+
+    /// How many blocks are uploaded ahead of the one computing (default 1, from 1 to
+    /// [`MAX_PREFETCH_DEPTH`]). The GPU holds `prefetch_depth + 1` slots of the largest block's
+    /// size, never more slots than there are streamed blocks.
+    pub fn prefetch_depth(mut self, depth: usize) -> OffloadConfig {
+        self.prefetch_depth = depth;
+        self
+    }
+
+    /// The CUDA device that computes (default 0).
+    pub fn device(mut self, index: usize) -> OffloadConfig {
+        self.device = index;
+        self
+    }
+
+    /// Run everything with the CPU as the compute device: plain host buffers, CPU slots,
+    /// synchronous copies, no streams. For testing the manager's logic without a GPU; it saves
+    /// no memory. Off by default.
+    pub fn cpu_test_mode(mut self, on: bool) -> OffloadConfig {
+        self.cpu_test_mode = on;
+        self
+    }
+
+    /// Let the manager hold up to `bytes` of device memory for block weights: the slot ring
+    /// plus as many whole blocks kept permanently resident as fit next to it, spread evenly
+    /// through the loop so that uploads proceed while resident blocks compute. Only the other
+    /// blocks stream. A budget that holds every block makes the manager keep all of them
+    /// resident, with no slot ring and no uploads. Without a budget every block streams.
+    /// Non-block weights and activations are not counted.
+    pub fn vram_budget(mut self, bytes: u64) -> OffloadConfig {
+        self.budget = Some(Budget::Bytes(bytes));
+        self
+    }
+
+    /// [`Self::vram_budget`] of all but `reserve` bytes of what the device has free when
+    /// `initialize()` runs (after the non-block weights are on it), e.g. `8 << 30` to leave
+    /// 8 GiB for activations. Needs a CUDA device.
+    pub fn vram_budget_all_but(mut self, reserve: u64) -> OffloadConfig {
+        self.budget = Some(Budget::AllBut(reserve));
+        self
+    }
+
+    /// Time every upload and every compute-stream wait with CUDA events (default on; two events
+    /// per upload and per entered block, read back without blocking). Off: the statistics count
+    /// bytes and uploads only.
+    pub fn timing(mut self, on: bool) -> OffloadConfig {
+        self.timing = on;
+        self
+    }
+
+    /// Builds the manager over `model`'s weights (and initializes it if `auto_initialize`).
+    ///
+    /// Without a usable CUDA device (outside the CPU test mode and unless disabled) this fails
+    /// with [`Error::NoDevice`], whose reason says what is missing: a CPU-only libtorch, a CUDA
+    /// backend that could not be loaded, no driver or no GPU, or a device index out of range.
+    /// [`Self::allow_cpu_fallback`] builds a disabled manager instead.
+    pub fn build(self, model: &(impl WeightSource + ?Sized)) -> Result<LayerwiseOffloadManager> {
+        if self.prefetch_depth == 0 {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::prefetch_depth",
+                message: "prefetch_depth must be at least 1".into(),
+            });
+        }
+        if self.prefetch_depth > MAX_PREFETCH_DEPTH {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::prefetch_depth",
+                message: format!(
+                    "prefetch_depth {} is out of range: pass 1..={MAX_PREFETCH_DEPTH} (each step holds one more slot of the largest block on the GPU; more than the number of blocks gains nothing)",
+                    self.prefetch_depth
+                ),
+            });
+        }
+        if self.enabled
+            && let Some((attr, _)) = self.lists.iter().find(|(_, n)| *n == 0)
+        {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::new",
+                message: format!(
+                    "num_layers is 0 for {attr:?}: pass the number of blocks to offload (at least 1), or build with enabled(false) to offload nothing"
+                ),
+            });
+        }
+        if let Some((group, rank)) = &self.peer
+            && *rank >= group.size()
+        {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::peer_group",
+                message: format!(
+                    "rank {rank} is out of range for a group of {} (ranks 0..{})",
+                    group.size(),
+                    group.size()
+                ),
+            });
+        }
+        let named = model.named_tensors()?;
+        let backend = Backend::select(
+            self.enabled,
+            self.cpu_test_mode,
+            self.device,
+            self.allow_cpu_fallback,
+        )?;
+        let auto = self.auto_initialize;
+        let mut m = LayerwiseOffloadManager::configured(self, backend, named);
+        if auto {
+            m.initialize()?;
+        }
+        Ok(m)
+    }
+}
+
+/// A failure to inject, for tests of the error paths (the k-th such operation fails, counting
+/// from 0). Not part of the stable API.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The k-th slot allocation runs out of device memory.
+    SlotAlloc(usize),
+    /// The k-th upload fails.
+    Upload(usize),
+    /// The k-th host buffer allocation is refused.
+    HostAlloc(usize),
+    /// The k-th block that `restore` copies back from its host copy runs out of device memory.
+    Restore(usize),
+}
+
+/// Counts the operations that an injected [`Fault`] can make fail.
+#[derive(Debug, Default)]
+pub(super) struct FaultInjector {
+    faults: Vec<Fault>,
+    slot_allocs: usize,
+    uploads: usize,
+    host_allocs: usize,
+    restored_blocks: usize,
+}
+
+/// Counts one operation and returns the count before it.
+fn next(count: &mut usize) -> usize {
+    *count += 1;
+    *count - 1
+}
+
+impl FaultInjector {
+    /// An injector for the faults `config` asks for, every count at 0.
+    pub(super) fn new(config: &OffloadConfig) -> FaultInjector {
+        FaultInjector {
+            faults: config.faults.clone(),
+            ..FaultInjector::default()
+        }
+    }
+
+    /// Counts one slot allocation; whether it fails.
+    pub(super) fn slot_alloc(&mut self) -> bool {
+        let k = next(&mut self.slot_allocs);
+        self.faults.contains(&Fault::SlotAlloc(k))
+    }
+
+    /// Counts one upload; whether it fails.
+    pub(super) fn upload(&mut self) -> bool {
+        let k = next(&mut self.uploads);
+        self.faults.contains(&Fault::Upload(k))
+    }
+
+    /// Counts one host buffer allocation; whether it fails.
+    pub(super) fn host_alloc(&mut self) -> bool {
+        let k = next(&mut self.host_allocs);
+        self.faults.contains(&Fault::HostAlloc(k))
+    }
+
+    /// Counts one block that `restore` copies back; whether it fails.
+    pub(super) fn restore(&mut self) -> bool {
+        let k = next(&mut self.restored_blocks);
+        self.faults.contains(&Fault::Restore(k))
+    }
+}

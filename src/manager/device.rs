@@ -1,0 +1,185 @@
+//! Where blocks compute: a CUDA device with its copy stream, the CPU (the CPU test mode), or
+//! nowhere (disabled). The one place that knows the difference: the rest of the manager asks
+//! for streams, synchronization and memory through [`Backend`]'s methods.
+
+use crate::accel::{self, HostMemory, Stream};
+use crate::error::{Error, Result};
+use tch::{Device, Kind, Tensor};
+
+/// The compute backend of a manager.
+#[derive(Debug)]
+pub(super) enum Backend {
+    /// No CUDA device (or disabled): every call is a no-op.
+    Disabled,
+    /// Compute on the CPU, synchronous copies (the CPU test mode).
+    Cpu,
+    /// Compute on CUDA device `device`; uploads on `copy` (from the pool, taken at
+    /// `initialize`).
+    Cuda { device: usize, copy: Option<Stream> },
+}
+
+impl Backend {
+    /// The backend a configuration asks for: CUDA device `device` if usable, the CPU in the
+    /// test mode, disabled when off. Without a usable device: disabled with `allow_cpu_fallback`,
+    /// [`Error::NoDevice`] otherwise.
+    pub(super) fn select(
+        enabled: bool,
+        cpu_test_mode: bool,
+        device: usize,
+        allow_cpu_fallback: bool,
+    ) -> Result<Backend> {
+        Ok(if !enabled {
+            Backend::Disabled
+        } else if cpu_test_mode {
+            Backend::Cpu
+        } else {
+            match accel::require_device("OffloadConfig::build", device) {
+                Ok(()) => Backend::Cuda { device, copy: None },
+                Err(_) if allow_cpu_fallback => Backend::Disabled,
+                Err(Error::NoDevice { op, reason }) => {
+                    return Err(Error::NoDevice {
+                        op,
+                        reason: format!(
+                            "{reason} (allow_cpu_fallback(true) builds a disabled manager instead)"
+                        ),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        })
+    }
+
+    /// Whether the manager does anything.
+    pub(super) fn is_enabled(&self) -> bool {
+        !matches!(self, Backend::Disabled)
+    }
+
+    /// The CUDA device index, if blocks compute on CUDA.
+    pub(super) fn cuda(&self) -> Option<usize> {
+        match self {
+            Backend::Cuda { device, .. } => Some(*device),
+            _ => None,
+        }
+    }
+
+    /// The device blocks compute on.
+    pub(super) fn compute_device(&self) -> Device {
+        match self.cuda() {
+            Some(device) => Device::Cuda(device),
+            None => Device::Cpu,
+        }
+    }
+
+    /// The calling thread's current stream on the compute device (CUDA only).
+    pub(super) fn compute_stream(&self) -> Result<Option<Stream>> {
+        self.cuda().map(Stream::current).transpose()
+    }
+
+    /// The stream uploads run on (CUDA only, once taken).
+    pub(super) fn copy_stream(&self) -> Option<Stream> {
+        match self {
+            Backend::Cuda { copy, .. } => *copy,
+            _ => None,
+        }
+    }
+
+    /// Takes the copy stream from the pool if not yet taken (CUDA only).
+    pub(super) fn take_copy_stream(&mut self) -> Result<()> {
+        if let Backend::Cuda { device, copy } = self
+            && copy.is_none()
+        {
+            *copy = Some(Stream::from_pool(*device)?);
+        }
+        Ok(())
+    }
+
+    /// `n` streams from the pool for sending to peer group members: one shared by all, or one
+    /// each with `per_member`. Empty outside CUDA.
+    pub(super) fn push_streams(&self, n: usize, per_member: bool) -> Result<Vec<Stream>> {
+        let Some(device) = self.cuda() else {
+            return Ok(Vec::new());
+        };
+        let one = Stream::from_pool(device)?;
+        (0..n)
+            .map(|_| {
+                if per_member {
+                    Stream::from_pool(device)
+                } else {
+                    Ok(one)
+                }
+            })
+            .collect()
+    }
+
+    /// Waits on the host until every queued upload has finished.
+    pub(super) fn sync_copies(&self) {
+        if let Some(copy) = self.copy_stream() {
+            let _ = copy.synchronize();
+        }
+    }
+
+    /// Waits on the host until the compute device has finished all its work (CUDA only).
+    pub(super) fn synchronize(&self) -> Result<()> {
+        match self.cuda() {
+            Some(device) => accel::synchronize_device(device),
+            None => Ok(()),
+        }
+    }
+
+    /// How host buffers are allocated: pinned on CUDA when asked for, pageable otherwise.
+    pub(super) fn host_memory(&self, pin: bool) -> HostMemory {
+        match self {
+            Backend::Cuda { .. } if pin => HostMemory::Pinned,
+            _ => HostMemory::Pageable,
+        }
+    }
+
+    /// Whether device events exist (and so timing, slot events and timelines).
+    pub(super) fn has_events(&self) -> bool {
+        self.cuda().is_some()
+    }
+
+    /// Bytes free on the compute device (CUDA only; None elsewhere).
+    pub(super) fn free_memory(&self) -> Result<Option<u64>> {
+        self.cuda()
+            .map(|device| accel::memory_info(device).map(|(free, _)| free))
+            .transpose()
+    }
+
+    /// The peak of device memory allocated so far (CUDA only).
+    pub(super) fn peak_memory(&self) -> Option<u64> {
+        self.cuda()
+            .and_then(|device| accel::memory_stats(device).ok())
+            .map(|m| m.peak_allocated)
+    }
+
+    /// A `uint8` buffer of `bytes` bytes on the compute device, for one slot.
+    pub(super) fn alloc_slot(&self, bytes: usize) -> Result<Tensor> {
+        match self.cuda() {
+            Some(device) => accel::alloc_device(bytes, device),
+            None => Tensor::f_empty([bytes as i64], (Kind::Uint8, Device::Cpu))
+                .map_err(|e| Error::from(("allocating CPU slots", e))),
+        }
+    }
+}
+
+/// Copies `src` into `dst`: queued on `stream` where there is one (CUDA), at once otherwise
+/// (the CPU).
+///
+/// # Safety
+/// With a stream, both tensors must stay alive and `src` unwritten until the copy has run on
+/// it, and nothing may read `dst` before then without waiting for the stream.
+pub(super) unsafe fn copy(
+    dst: &mut Tensor,
+    src: &Tensor,
+    stream: Option<&Stream>,
+    op: &'static str,
+) -> Result<()> {
+    match stream {
+        // SAFETY: the caller's obligations, passed on.
+        Some(s) => unsafe { accel::copy_async(dst, src, Some(s)) },
+        None => tch::no_grad(|| dst.f_copy_(src))
+            .map(|_| ())
+            .map_err(|e| Error::from((op, e))),
+    }
+}

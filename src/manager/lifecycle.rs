@@ -1,0 +1,630 @@
+//! Setting up and taking down: `initialize` (plan, ring, block states, device tensors, host
+//! copies, each a named step that [`Undo`] can take back), `restore`, and what Drop leaves.
+
+use crate::accel::{self, HostMemory};
+use crate::claims::Claim;
+use crate::error::{Error, Result};
+use crate::host::HostStore;
+use crate::placement::{self, Budget};
+use crate::plan::{self, Plan};
+use crate::stats::OffloadStats;
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Tensor};
+
+use super::ring::Slot;
+use super::weights::{BlockState, views};
+use super::{LayerwiseOffloadManager, Phase};
+
+/// What `initialize` changed so far, to put the model back as it was should a later step fail.
+#[derive(Debug, Default)]
+struct Undo {
+    /// The device of every source tensor before `initialize`.
+    devices: Vec<Device>,
+    /// Tensors re-pointed whose old value has no host copy of this manager's (moved to the
+    /// device, or given placeholders or fresh tensors from a shared store), each with an alias
+    /// of its old data.
+    repointed: Vec<(usize, Tensor)>,
+    /// The shared-memory file this `initialize` created.
+    created: Option<std::path::PathBuf>,
+}
+
+impl LayerwiseOffloadManager {
+    /// Offloads every block tensor into its host buffer, leaves rank-preserving empty
+    /// placeholders in the model, moves non-block tensors to the compute device, allocates the
+    /// slot ring and uploads the first block synchronously. A no-op when disabled or already
+    /// initialized.
+    ///
+    /// Works from a model on the CPU (block tensors go straight to their host buffers and each
+    /// CPU tensor is freed once copied, so the model never has to fit on the GPU) or one
+    /// already on the compute device. An error leaves the model as it was: every tensor back on
+    /// its device with its value (block tensors in fresh tensors filled from their host copies;
+    /// should the device have no memory left for one, it points at its host copy on the CPU),
+    /// nothing published, the peer group rank free again, and calling `initialize()` again
+    /// starts over. If only the final upload of the first block fails, that error is returned
+    /// with the manager initialized: the block is uploaded again when it is entered.
+    ///
+    /// Refused with [`Error::AlreadyOffloaded`] while another manager holds the model's blocks.
+    pub fn initialize(&mut self) -> Result<()> {
+        if !self.is_enabled() || self.phase == Phase::Ready {
+            return Ok(());
+        }
+        match self.phase {
+            Phase::Restored => {
+                return Err(Error::InvalidArgument {
+                    op: "initialize",
+                    message: "the manager was restored; build a new manager to offload again"
+                        .into(),
+                });
+            }
+            Phase::Restoring => return Err(self.partly_restored("initialize")),
+            Phase::Configured | Phase::Ready => {}
+        }
+        let started = Instant::now();
+        let mut undo = Undo {
+            devices: self.named.iter().map(|(_, t)| t.device()).collect(),
+            ..Undo::default()
+        };
+        let first = match self.offload(&mut undo) {
+            Ok(first) => first,
+            Err(e) => {
+                self.roll_back(undo);
+                return Err(e);
+            }
+        };
+        drop(undo); // frees the old storage of the tensors moved to the device
+        self.phase = Phase::Ready;
+        self.stats.init_seconds = started.elapsed().as_secs_f64();
+
+        // The first streamed block on the device, synchronously (as FastVideo does). Not in a
+        // peer group: an upload needs every member there.
+        if let (Some(first), None) = (first, &self.config.peer) {
+            self.prefetch_layer(first, false)?;
+        }
+        Ok(())
+    }
+
+    /// The steps of [`Self::initialize`] that change the model; returns the first streamed
+    /// block. Records in `undo` what [`Self::roll_back`] needs to put the model back should a
+    /// step fail.
+    fn offload(&mut self, undo: &mut Undo) -> Result<Option<usize>> {
+        let plan = self.plan_and_claim()?;
+        // Which blocks stay resident (a VRAM budget), which stream.
+        let resident = self.choose_resident(&plan)?;
+        let streamed: Vec<usize> = (0..plan.layers.len()).filter(|&i| !resident[i]).collect();
+        // The slot ring first: running out of device memory here changes nothing.
+        let (slots, slot_bytes) = self.alloc_ring(&plan, &streamed)?;
+        self.join_group(&slots)?;
+        let blocks = self.block_states(&plan, &resident)?;
+        self.move_to_device(&plan, &resident, undo)?;
+
+        self.slots = slots;
+        self.blocks = blocks;
+        self.stats = OffloadStats {
+            streamed_layers: streamed.len(),
+            resident_layers: plan.layers.len() - streamed.len(),
+            resident_bytes: plan
+                .layers
+                .iter()
+                .zip(&resident)
+                .filter(|(_, r)| **r)
+                .map(|(l, _)| l.bytes as u64)
+                .sum(),
+            slot_bytes: (slot_bytes * self.slots.len()) as u64,
+            pinned: self.host_memory() == HostMemory::Pinned,
+            layer_upload_ms: vec![0.0; plan.layers.len()],
+            layer_stall_ms: vec![0.0; plan.layers.len()],
+            ..OffloadStats::default()
+        };
+        self.plan = Some(plan);
+
+        // Streamed blocks into their host buffers, one at a time, freeing each source as it
+        // goes.
+        match self.config.store.clone() {
+            Some(store) => self.fill_from_store(store, &streamed, &resident, undo)?,
+            None => self.fill_own_store(&resident, undo)?,
+        }
+        Ok(streamed.first().copied())
+    }
+
+    /// The plan of the model's blocks, checked against a shared store, and this manager's claim
+    /// on their tensors.
+    fn plan_and_claim(&mut self) -> Result<Plan> {
+        let compute = self.compute_device();
+        let allowed = if compute == Device::Cpu {
+            vec![Device::Cpu]
+        } else {
+            vec![compute, Device::Cpu]
+        };
+        let plan = plan::build(&self.named, &self.config.lists, &allowed)?;
+        if let Some(store) = &self.config.store {
+            store.check_plan(&plan)?;
+        }
+        // No other manager may hold these tensors: it would have left placeholders in them.
+        self.claim = Some(Claim::take(plan.layers.iter().flat_map(|l| {
+            l.tensors
+                .iter()
+                .map(|t| (t.name.as_str(), &self.named[t.source_index].1))
+        }))?);
+        Ok(plan)
+    }
+
+    /// The slot ring (`prefetch_depth + 1` slots of the largest streamed block, never more than
+    /// there are streamed blocks) and the copy stream; returns the slots and their size.
+    fn alloc_ring(&mut self, plan: &Plan, streamed: &[usize]) -> Result<(Vec<Slot>, usize)> {
+        let slot_bytes = streamed
+            .iter()
+            .map(|&i| plan.layers[i].bytes)
+            .max()
+            .unwrap_or(0);
+        let n_slots = self
+            .config
+            .prefetch_depth
+            .saturating_add(1)
+            .min(streamed.len());
+        let oom = |source| Error::OutOfMemory {
+            op: format!(
+                "allocating {n_slots} GPU slots of {slot_bytes} bytes (prefetch_depth + 1)"
+            ),
+            bytes: (slot_bytes * n_slots) as u64,
+            source,
+        };
+        let peer = self.config.peer.as_ref().map(|(g, r)| (g.size(), *r));
+        let mut slots = Vec::with_capacity(n_slots);
+        for _ in 0..n_slots {
+            if self.faults.slot_alloc() {
+                return Err(oom(crate::error::TorchMessage("injected fault".into())));
+            }
+            slots.push(Slot::new(&self.backend, slot_bytes, peer, oom)?);
+        }
+        self.backend.take_copy_stream()?;
+        Ok((slots, slot_bytes))
+    }
+
+    /// Peer groups: the push streams, and this member's ring joins the group.
+    fn join_group(&mut self, slots: &[Slot]) -> Result<()> {
+        if let Some((group, rank)) = &self.config.peer {
+            if self.peer.push.is_empty() {
+                self.peer.push = self
+                    .backend
+                    .push_streams(group.size(), self.config.push_per_member)?;
+            }
+            group.join(
+                *rank,
+                slots.iter().map(|s| s.buf().shallow_clone()).collect(),
+            )?;
+            self.peer.joined = true;
+        }
+        Ok(())
+    }
+
+    /// Per block: handles of the model's tensors and placeholders on the compute device.
+    fn block_states(&self, plan: &Plan, resident: &[bool]) -> Result<Vec<BlockState>> {
+        let compute = self.compute_device();
+        let mut blocks = Vec::with_capacity(plan.layers.len());
+        for (l, &r) in plan.layers.iter().zip(resident) {
+            let mut params = Vec::with_capacity(l.tensors.len());
+            let mut placeholders = Vec::with_capacity(l.tensors.len());
+            for t in &l.tensors {
+                params.push(self.named[t.source_index].1.shallow_clone());
+                let shape = vec![0i64; t.shape.len().max(1)];
+                placeholders.push(
+                    Tensor::f_empty(shape, (t.kind, compute))
+                        .map_err(|e| Error::from(("creating placeholders", e)))?,
+                );
+            }
+            blocks.push(BlockState::new(params, placeholders, r));
+        }
+        Ok(blocks)
+    }
+
+    /// Non-block tensors and resident blocks to the compute device. (With a shared store,
+    /// resident blocks get their values from the store instead.)
+    fn move_to_device(&mut self, plan: &Plan, resident: &[bool], undo: &mut Undo) -> Result<()> {
+        let compute = self.compute_device();
+        let from_store = self.config.store.is_some();
+        let resident_tensors = plan
+            .layers
+            .iter()
+            .zip(resident)
+            .filter(|(_, r)| **r && !from_store)
+            .flat_map(|(l, _)| l.tensors.iter().map(|t| t.source_index));
+        let to_move: Vec<usize> = plan
+            .resident
+            .iter()
+            .copied()
+            .chain(resident_tensors)
+            .collect();
+        for i in to_move {
+            let t = &mut self.named[i].1;
+            if t.device() != compute {
+                let moved = tch::no_grad(|| t.f_to_device(compute)).map_err(|e| {
+                    Error::from_torch(
+                        "moving non-block tensors to the compute device",
+                        0,
+                        e.to_string(),
+                    )
+                })?;
+                let old = t
+                    .f_detach()
+                    .map_err(|e| Error::from(("moving non-block tensors", e)))?;
+                undo.repointed.push((i, old));
+                t.f_set_data(&moved)
+                    .map_err(|e| Error::from(("moving non-block tensors", e)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// With a shared store: streamed blocks stream from it and get placeholders; resident
+    /// blocks get fresh device tensors filled from it. The model's own block values are not
+    /// used, but they are kept until initialize succeeds, to be put back should it fail.
+    fn fill_from_store(
+        &mut self,
+        store: Arc<HostStore>,
+        streamed: &[usize],
+        resident: &[bool],
+        undo: &mut Undo,
+    ) -> Result<()> {
+        let compute = self.compute_device();
+        for &i in streamed {
+            let sources: Vec<usize> = self
+                .layout(i)
+                .tensors
+                .iter()
+                .map(|t| t.source_index)
+                .collect();
+            let b = &mut self.blocks[i];
+            b.host = store.buffers[i].as_ref().map(|h| h.shallow_clone());
+            for ((p, ph), src) in b.params.iter_mut().zip(&b.placeholders).zip(sources) {
+                let old = p
+                    .f_detach()
+                    .map_err(|e| Error::from(("placing placeholders", e)))?;
+                undo.repointed.push((src, old));
+                p.f_set_data(ph)
+                    .map_err(|e| Error::from(("placing placeholders", e)))?;
+            }
+        }
+        for i in (0..self.blocks.len()).filter(|&i| resident[i]) {
+            let buf = store.buffers[i]
+                .as_ref()
+                .expect("check_plan: every block is in the store");
+            let layout = self.layout(i).clone();
+            let views = views(buf, &layout)?;
+            for ((t, v), p) in layout
+                .tensors
+                .iter()
+                .zip(&views)
+                .zip(self.blocks[i].params.iter_mut())
+            {
+                let mut fresh = Tensor::f_empty_strided(
+                    t.shape.as_slice(),
+                    t.strides.as_slice(),
+                    (t.kind, compute),
+                )
+                .map_err(|e| {
+                    Error::from_torch(
+                        "filling resident blocks from the shared store",
+                        t.bytes as u64,
+                        e.to_string(),
+                    )
+                })?;
+                tch::no_grad(|| fresh.f_copy_(v))
+                    .map_err(|e| Error::from(("filling resident blocks", e)))?;
+                let old = p
+                    .f_detach()
+                    .map_err(|e| Error::from(("filling resident blocks", e)))?;
+                undo.repointed.push((t.source_index, old));
+                p.f_set_data(&fresh)
+                    .map_err(|e| Error::from(("filling resident blocks", e)))?;
+            }
+        }
+        self.stats.shared_host_bytes = store.bytes();
+        self.store = Some(store);
+        Ok(())
+    }
+
+    /// Without a shared store: each streamed block (every block if `shareable`) copied into a
+    /// host buffer of this manager's, in a shared-memory file if asked for, which is published
+    /// with its manifest last; the buffers become this manager's [`HostStore`].
+    fn fill_own_store(&mut self, resident: &[bool], undo: &mut Undo) -> Result<()> {
+        let n = self.blocks.len();
+        let with_host: Vec<usize> = (0..n)
+            .filter(|&i| !resident[i] || self.config.shareable)
+            .collect();
+        // A shared-memory file: one mapping, each block at a 4 KiB aligned offset.
+        let sizes: Vec<Option<usize>> = (0..n)
+            .map(|i| with_host.contains(&i).then(|| self.layout(i).bytes))
+            .collect();
+        let (offsets, total) = crate::host::file_offsets(&sizes);
+        let file = match &self.config.shm {
+            Some(path) if total > 0 => {
+                let f = accel::map_host_file(
+                    path,
+                    total,
+                    accel::FileMapping::Create,
+                    self.host_memory(),
+                )?;
+                undo.created = Some(path.clone());
+                Some(f)
+            }
+            Some(_) => {
+                return Err(Error::InvalidArgument {
+                    op: "OffloadConfig::shared_memory",
+                    message: "every block stays resident on the device under the VRAM budget, so there is no host copy to publish; build with .shareable(true) to publish the resident blocks too, or lower the budget".into(),
+                });
+            }
+            None => None,
+        };
+        for &i in &with_host {
+            let buffer = match &file {
+                Some(f) => Some(
+                    f.f_narrow(0, offsets[i] as i64, self.layout(i).bytes as i64)
+                        .map_err(|e| {
+                            Error::from(("mapping a block in the shared-memory file", e))
+                        })?,
+                ),
+                None => None,
+            };
+            self.fill_host(i, !resident[i], buffer)?;
+        }
+        let plan = self.plan.as_ref().expect("plan set above");
+        self.store = Some(Arc::new(HostStore::own(
+            plan.layers.clone(),
+            self.blocks
+                .iter()
+                .map(|l| l.host.as_ref().map(|h| h.shallow_clone()))
+                .collect(),
+            self.host_memory() == HostMemory::Pinned,
+            self.config.shm.clone().filter(|_| file.is_some()),
+        )));
+        if let (Some(path), Some(store)) = (&self.config.shm, &self.store)
+            && file.is_some()
+        {
+            // Last: readers see the manifest only once every block is in place. Should
+            // writing it fail, the caller rolls back (the model gets its blocks back).
+            store.write_manifest(path, &offsets, total)?;
+        }
+        Ok(())
+    }
+
+    /// Marks the blocks that stay on the device for good: as many as fit in the budget next to
+    /// the slot ring, spread evenly through the loop. All of them if everything fits.
+    fn choose_resident(&self, plan: &Plan) -> Result<Vec<bool>> {
+        let n = plan.layers.len();
+        let Some(budget) = self.config.budget else {
+            return Ok(vec![false; n]);
+        };
+        let budget = match (budget, self.backend.free_memory()?) {
+            (Budget::Bytes(b), _) => b,
+            (Budget::AllBut(reserve), Some(free)) => {
+                // Non-block weights still on the CPU will take their share of what is free.
+                let pending: u64 = plan
+                    .resident
+                    .iter()
+                    .map(|&i| &self.named[i].1)
+                    .filter(|t| t.device() == Device::Cpu)
+                    .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+                    .sum();
+                free.saturating_sub(pending).saturating_sub(reserve)
+            }
+            (Budget::AllBut(_), _) => {
+                return Err(Error::InvalidArgument {
+                    op: "vram_budget_all_but",
+                    message: "a budget relative to free device memory needs a CUDA device; use vram_budget(bytes) in the CPU test mode".into(),
+                });
+            }
+        };
+        let sizes: Vec<u64> = plan.layers.iter().map(|l| l.bytes as u64).collect();
+        placement::resident_blocks(&sizes, Some(budget), self.config.prefetch_depth)
+    }
+
+    /// Copies block `i`'s tensors into `buffer` (or a new host buffer) and, if `release`,
+    /// points them at placeholders.
+    fn fill_host(&mut self, i: usize, release: bool, buffer: Option<Tensor>) -> Result<()> {
+        let layout = self.layout(i).clone();
+        if self.faults.host_alloc() {
+            return Err(Error::HostAlloc {
+                kind: "pinned",
+                bytes: layout.bytes as u64,
+                source: crate::error::TorchMessage("injected fault".into()),
+            });
+        }
+        let host = match buffer {
+            Some(b) => b,
+            None => accel::alloc_host(layout.bytes, self.host_memory())?,
+        };
+        let views = views(&host, &layout)?;
+        let rt = &mut self.blocks[i];
+        tch::no_grad(|| -> Result<()> {
+            for (mut v, p) in views.into_iter().zip(&rt.params) {
+                v.f_copy_(p)
+                    .map_err(|e| Error::from(("copying a block into its host buffer", e)))?;
+            }
+            Ok(())
+        })?;
+        self.stats.host_bytes += layout.bytes as u64;
+        rt.host = Some(host);
+        if !release {
+            return Ok(());
+        }
+        // Frees the original storage unless the caller holds it elsewhere.
+        rt.point_at_placeholders()
+    }
+
+    /// Undoes a failed [`Self::offload`]: own host copies go back into fresh tensors on their
+    /// old devices (or, without memory there, stay as host views), re-pointed tensors get their
+    /// old data back, and the slot ring, the plan, the store, the claim, the peer group rank
+    /// and the shared-memory file this call created are given up.
+    fn roll_back(&mut self, undo: Undo) {
+        self.backend.sync_copies();
+        if self.config.store.is_none() && self.plan.is_some() {
+            for i in 0..self.blocks.len() {
+                if self.blocks[i].resident {
+                    continue; // moved to the device in step 3: in `undo.repointed`
+                }
+                let Some(host) = self.blocks[i].host.take() else {
+                    continue; // not copied yet: untouched
+                };
+                let layout = self.layout(i).clone();
+                let Ok(views) = views(&host, &layout) else {
+                    continue;
+                };
+                for ((t, v), p) in layout
+                    .tensors
+                    .iter()
+                    .zip(&views)
+                    .zip(self.blocks[i].params.iter_mut())
+                {
+                    let device = undo.devices[t.source_index];
+                    let fresh = Tensor::f_empty_strided(
+                        t.shape.as_slice(),
+                        t.strides.as_slice(),
+                        (t.kind, device),
+                    )
+                    .and_then(|mut f| tch::no_grad(|| f.f_copy_(v)).map(|_| f));
+                    let _ = match fresh {
+                        Ok(f) => p.f_set_data(&f),
+                        Err(_) => p.f_set_data(v),
+                    };
+                }
+            }
+        }
+        for (i, old) in undo.repointed.into_iter().rev() {
+            let _ = self.named[i].1.f_set_data(&old);
+        }
+        if self.peer.joined
+            && let Some((group, rank)) = &self.config.peer
+        {
+            group.unjoin(*rank);
+        }
+        self.peer.joined = false;
+        self.blocks.clear();
+        self.slots.clear();
+        self.plan = None;
+        self.store = None; // a published store removes its file and manifest when dropped
+        self.claim = None;
+        self.stats = OffloadStats::default();
+        if let Some(path) = undo.created {
+            // The file this call created (the manifest's own writer removes its temporary).
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// Points every filled block's tensors at their host copies (CPU memory) and forgets the
+    /// slots: the state after drop.
+    pub(super) fn detach_to_host(&mut self) {
+        self.backend.sync_copies();
+        if self.plan.is_none() {
+            return;
+        }
+        for i in 0..self.blocks.len() {
+            if self.blocks[i].resident {
+                continue; // real device tensors, not placeholders
+            }
+            let Some(host) = self.blocks[i].host.as_ref().map(|h| h.shallow_clone()) else {
+                continue;
+            };
+            let Ok(views) = views(&host, self.layout(i)) else {
+                continue;
+            };
+            for (p, v) in self.blocks[i].params.iter_mut().zip(&views) {
+                let _ = p.f_set_data(v);
+            }
+            self.blocks[i].slot = None;
+            self.blocks[i].in_use = false;
+        }
+        for s in &mut self.slots {
+            s.take_block();
+        }
+    }
+
+    fn host_memory(&self) -> HostMemory {
+        self.backend.host_memory(self.config.pin_cpu_memory)
+    }
+
+    /// Puts every block tensor back on the compute device (fresh tensors with the original
+    /// shapes and strides, bit-identical), frees the slots and host buffers, and leaves the
+    /// model usable without the manager. Needs device memory for the whole model; if it runs
+    /// out, blocks restored so far stay restored and calling it again (after freeing memory)
+    /// or [`Self::restore_to`] the CPU finishes the job. Once a restore has started the layer
+    /// loop is over, also if it fails: loop calls return [`Error::PartlyRestored`] until a
+    /// restore finishes, while [`Self::tensor`], [`Self::stats`] and the other reads work.
+    pub fn restore(&mut self) -> Result<()> {
+        let device = self.compute_device();
+        self.restore_to(device)
+    }
+
+    /// [`Self::restore`] onto `device` (e.g. `Device::Cpu` for a model that does not fit).
+    pub fn restore_to(&mut self, device: Device) -> Result<()> {
+        if self.phase == Phase::Restored || self.plan.is_none() {
+            return Ok(());
+        }
+        self.backend.sync_copies();
+        // The loop is over from here, also if a block below fails: loop calls are refused and
+        // the other members of a peer group learn at once that this one left.
+        self.phase = Phase::Restoring;
+        self.leave_group();
+        self.restored = 0;
+        for i in 0..self.blocks.len() {
+            if self.blocks[i].resident {
+                for p in &mut self.blocks[i].params {
+                    if p.device() != device {
+                        let moved = tch::no_grad(|| p.f_to_device(device))
+                            .map_err(|e| Error::from_torch("restore", 0, e.to_string()))?;
+                        p.f_set_data(&moved)
+                            .map_err(|e| Error::from(("restore", e)))?;
+                    }
+                }
+                self.blocks[i].in_use = false;
+                if self.blocks[i].host.take().is_some() {
+                    let bytes = self.layout(i).bytes as u64;
+                    self.stats.host_bytes = self.stats.host_bytes.saturating_sub(bytes);
+                }
+                self.restored += 1;
+                continue;
+            }
+            let Some(host) = self.blocks[i].host.as_ref().map(|h| h.shallow_clone()) else {
+                self.restored += 1; // restored by an earlier call
+                continue;
+            };
+            let layout = self.layout(i).clone();
+            if self.faults.restore() {
+                return Err(Error::OutOfMemory {
+                    op: format!("restoring block {i}"),
+                    bytes: layout.bytes as u64,
+                    source: crate::error::TorchMessage("injected fault".into()),
+                });
+            }
+            let views = views(&host, &layout)?;
+            let mut fresh = Vec::with_capacity(views.len());
+            for (t, v) in layout.tensors.iter().zip(&views) {
+                let mut f = Tensor::f_empty_strided(
+                    t.shape.as_slice(),
+                    t.strides.as_slice(),
+                    (t.kind, device),
+                )
+                .map_err(|e| Error::from_torch("restore", t.bytes as u64, e.to_string()))?;
+                tch::no_grad(|| f.f_copy_(v))
+                    .map_err(|e| Error::from_torch("restore", t.bytes as u64, e.to_string()))?;
+                fresh.push(f);
+            }
+            let b = &mut self.blocks[i];
+            b.point_at(&fresh, "restore")?;
+            b.in_use = false;
+            if let Some(s) = b.slot.take() {
+                self.slots[s].take_block();
+            }
+            self.stats.host_bytes = self.stats.host_bytes.saturating_sub(layout.bytes as u64);
+            self.blocks[i].host = None;
+            self.restored += 1;
+        }
+        self.backend.synchronize()?;
+        self.slots.clear();
+        self.store = None;
+        self.claim = None;
+        self.stats.shared_host_bytes = 0;
+        self.phase = Phase::Restored;
+        Ok(())
+    }
+}

@@ -1,0 +1,350 @@
+//! [`LayerwiseOffloadManager`]: keeps each block's weights in one host buffer and streams them
+//! through a fixed ring of GPU slots, one block ahead of the compute.
+//!
+//! Data path of one block: host buffer (one allocation per block, tensors at 256-byte aligned
+//! offsets) → one non-blocking copy on the copy stream into a free slot → the slot's `ready`
+//! event → the compute stream waits on it when the block is entered → the block's tensors point
+//! (`set_data`) at views of the slot → the block runs → release records the slot's `free` event
+//! on the compute stream → the copy stream waits on that event before it overwrites the slot.
+//! No host synchronization happens in the loop.
+//!
+//! A complete loop that runs anywhere (the CPU test mode stands in for the GPU; on a CUDA
+//! machine drop `cpu_test_mode` and build the model on the CPU as here):
+//!
+//! ```
+//! use layerwise_offload::{OffloadConfig, Result};
+//! use tch::nn::{self, Module};
+//! use tch::{Device, Kind, Tensor};
+//!
+//! fn main() -> Result<()> {
+//!     let vs = nn::VarStore::new(Device::Cpu);
+//!     let blocks: Vec<nn::Linear> =
+//!         (0..4).map(|i| nn::linear(vs.root() / "blocks" / i, 8, 8, Default::default())).collect();
+//!     let x = Tensor::randn([2, 8], (Kind::Float, Device::Cpu));
+//!     let run = |m: Option<&mut layerwise_offload::LayerwiseOffloadManager>| -> Result<Tensor> {
+//!         let mut m = m;
+//!         let mut h = x.shallow_clone();
+//!         for (i, b) in blocks.iter().enumerate() {
+//!             let _guard = match m.as_deref_mut() {
+//!                 Some(m) => Some(m.enter(i)?), // block i on the device, block i + 1 on its way
+//!                 None => None,
+//!             };
+//!             h = b.forward(&h).relu();
+//!         }
+//!         Ok(h)
+//!     };
+//!     let resident = tch::no_grad(|| run(None))?;
+//!
+//!     let mut offload = OffloadConfig::new("blocks", 4).cpu_test_mode(true).build(&vs)?;
+//!     offload.initialize()?;
+//!     // The model's block tensors are empty placeholders now; the manager holds the values.
+//!     assert_eq!(vs.variables()["blocks.2.weight"].numel(), 0);
+//!     let streamed = tch::no_grad(|| run(Some(&mut offload)))?;
+//!     assert!(streamed.equal(&resident)); // bit for bit
+//!
+//!     offload.restore()?; // every weight back in the model
+//!     assert_eq!(vs.variables()["blocks.2.weight"].size(), vec![8, 8]);
+//!     Ok(())
+//! }
+//! ```
+
+mod compat;
+mod config;
+mod device;
+mod lifecycle;
+mod ring;
+mod schedule;
+mod timing;
+mod upload;
+mod weights;
+
+pub use config::{Fault, MAX_PREFETCH_DEPTH, OffloadConfig};
+
+use crate::claims::Claim;
+use crate::error::{Error, Result};
+use crate::host::HostStore;
+use crate::plan::{LayerLayout, Plan};
+use crate::stats::OffloadStats;
+use config::FaultInjector;
+use device::Backend;
+use ring::Slot;
+use std::sync::Arc;
+use tch::{Device, Tensor};
+use timing::Timer;
+use upload::PeerLink;
+use weights::BlockState;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Configured,
+    Ready,
+    /// A `restore` stopped part-way: only `restore` goes on from here.
+    Restoring,
+    Restored,
+}
+
+/// Streams a model's per-block weights between host memory and the GPU, one block ahead of the
+/// compute, with the API of FastVideo's `LayerwiseOffloadManager` plus a guard-based layer loop.
+///
+/// Blocks are numbered in loop order across all lists (list by list); [`Self::layer_index`]
+/// maps `(list, index)` to that number.
+///
+/// After [`Self::initialize`], a block's tensors are empty placeholders except while the block
+/// is on the device; non-block tensors stay on the compute device. [`Self::restore`] puts every
+/// weight back on the compute device. Dropping the manager without `restore` points each block
+/// tensor at its host copy (CPU memory), so no weight is ever lost.
+///
+/// Inference only: autograd must be off (`tch::no_grad`) while the loop runs, since slot
+/// memory is reused.
+///
+/// The manager is `Send` but not `Sync`: it may move to another thread, and every call uses the
+/// calling thread's current CUDA stream as the compute stream.
+#[derive(Debug)]
+pub struct LayerwiseOffloadManager {
+    config: OffloadConfig,
+    backend: Backend,
+    /// The source's tensors, by name, in the source's order.
+    named: Vec<(String, Tensor)>,
+    phase: Phase,
+    plan: Option<Plan>,
+    /// Per block, in loop order.
+    blocks: Vec<BlockState>,
+    /// The slot ring.
+    slots: Vec<Slot>,
+    /// Counts entered blocks (the slots' least-recently-used order).
+    tick: u64,
+    stats: OffloadStats,
+    timer: Timer,
+    faults: FaultInjector,
+    /// This manager's hold on the model's block tensors, from `initialize` until `restore`.
+    claim: Option<Claim>,
+    /// Blocks back in the model during the latest `restore`.
+    restored: usize,
+    /// The host store this manager streams from (its own, or one shared with it).
+    store: Option<Arc<HostStore>>,
+    /// Peer groups: this member's streams and progress.
+    peer: PeerLink,
+}
+
+impl LayerwiseOffloadManager {
+    /// A manager over `named` as `config` says, not initialized.
+    fn configured(
+        config: OffloadConfig,
+        backend: Backend,
+        named: Vec<(String, Tensor)>,
+    ) -> LayerwiseOffloadManager {
+        LayerwiseOffloadManager {
+            faults: FaultInjector::new(&config),
+            config,
+            backend,
+            named,
+            phase: Phase::Configured,
+            plan: None,
+            blocks: Vec::new(),
+            slots: Vec::new(),
+            tick: 0,
+            stats: OffloadStats::default(),
+            timer: Timer::default(),
+            claim: None,
+            restored: 0,
+            store: None,
+            peer: PeerLink::default(),
+        }
+    }
+
+    /// Whether the manager does anything: false when disabled or without a CUDA device (outside
+    /// the CPU test mode).
+    pub fn is_enabled(&self) -> bool {
+        self.backend.is_enabled()
+    }
+
+    /// Whether `initialize()` has run (and `restore()` has not).
+    pub fn is_initialized(&self) -> bool {
+        self.phase == Phase::Ready
+    }
+
+    /// The device blocks compute on.
+    pub fn compute_device(&self) -> Device {
+        self.backend.compute_device()
+    }
+
+    /// The plan (which tensors form which block), once initialized.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref()
+    }
+
+    /// Number of offloaded blocks over all lists (0 before `initialize`).
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The loop index of block `index` of list `module_list_attr`.
+    pub fn layer_index(&self, module_list_attr: &str, index: usize) -> Option<usize> {
+        self.plan
+            .as_ref()?
+            .layers
+            .iter()
+            .position(|l| l.attr == module_list_attr && l.index == index)
+    }
+
+    /// The host copy of the streamed blocks, to share with managers of the same model on other
+    /// devices of this process ([`OffloadConfig::host_store`]). None before `initialize`.
+    pub fn host_store(&self) -> Option<Arc<HostStore>> {
+        self.store.clone()
+    }
+
+    /// Whether block `layer`'s weights are on the device now (resident, or in a slot uploaded
+    /// or queued).
+    pub fn is_on_device(&self, layer: usize) -> bool {
+        self.blocks
+            .get(layer)
+            .is_some_and(|b| b.slot.is_some() || b.resident)
+    }
+
+    /// Whether block `layer` stays on the device for good (within the VRAM budget).
+    pub fn is_resident(&self, layer: usize) -> bool {
+        self.blocks.get(layer).is_some_and(|b| b.resident)
+    }
+
+    /// Whether block `layer` is entered.
+    pub fn is_entered(&self, layer: usize) -> bool {
+        self.blocks.get(layer).is_some_and(|b| b.in_use)
+    }
+
+    /// The blocks held by the slot ring now, slot by slot.
+    pub fn slot_contents(&self) -> Vec<Option<usize>> {
+        self.slots.iter().map(|s| s.block()).collect()
+    }
+
+    /// Enters block `layer` for computing: waits (on the device) for its upload, loading it at
+    /// once if nothing prefetched it, and queues the uploads of the next `prefetch_depth`
+    /// blocks. Dropping the guard releases the block. A disabled manager returns a guard that
+    /// does nothing.
+    pub fn enter(&mut self, layer: usize) -> Result<LayerGuard<'_>> {
+        if self.is_enabled() {
+            self.before_layer(layer)?;
+        }
+        Ok(LayerGuard {
+            manager: self,
+            layer,
+            armed: true,
+        })
+    }
+
+    /// [`Self::enter`] without a guard, for drivers that cannot hold one; pair it with
+    /// [`Self::after_layer`].
+    pub fn before_layer(&mut self, layer: usize) -> Result<()> {
+        if !self.is_enabled() {
+            return Ok(());
+        }
+        self.check_ready("before_layer")?;
+        self.check_range("before_layer", layer)?;
+        self.activate(layer)?;
+        if let Err(e) = self.prefetch_ahead(layer) {
+            // The caller gets no guard: leave the block released, not entered forever.
+            let _ = self.release(layer);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Releases block `layer` after its compute (no-op if it is not entered).
+    pub fn after_layer(&mut self, layer: usize) -> Result<()> {
+        if !self.is_enabled() {
+            return Ok(());
+        }
+        self.check_ready("after_layer")?;
+        self.check_range("after_layer", layer)?;
+        self.release(layer)
+    }
+
+    fn check_ready(&self, op: &'static str) -> Result<()> {
+        match self.phase {
+            Phase::Ready => Ok(()),
+            Phase::Restoring => Err(self.partly_restored(op)),
+            Phase::Configured | Phase::Restored => Err(Error::NotInitialized { op }),
+        }
+    }
+
+    fn partly_restored(&self, op: &'static str) -> Error {
+        Error::PartlyRestored {
+            op,
+            restored: self.restored,
+            num_layers: self.blocks.len(),
+        }
+    }
+
+    fn check_range(&self, op: &'static str, layer: usize) -> Result<()> {
+        if layer >= self.blocks.len() {
+            return Err(Error::LayerOutOfRange {
+                op,
+                layer,
+                num_layers: self.blocks.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn layout(&self, block: usize) -> &LayerLayout {
+        &self
+            .plan
+            .as_ref()
+            .expect("plan exists once blocks exist")
+            .layers[block]
+    }
+
+    /// Whether the guard of `block` may release it: the manager is running its loop and the
+    /// block exists.
+    fn can_release(&self, block: usize) -> bool {
+        self.is_enabled() && self.phase == Phase::Ready && block < self.blocks.len()
+    }
+}
+
+impl Drop for LayerwiseOffloadManager {
+    fn drop(&mut self) {
+        // Queued uploads read host buffers and write slots that are freed below: wait for them.
+        // Compute work that still reads a slot is ordered by libtorch's allocator (the slot was
+        // allocated on the compute stream). Then leave every block tensor pointing at its host
+        // copy, so the model keeps its weights.
+        if self.phase != Phase::Restored {
+            let _ = self.backend.synchronize();
+            self.detach_to_host();
+        }
+        self.leave_group();
+    }
+}
+
+/// A block entered with [`LayerwiseOffloadManager::enter`]; dropping it releases the block
+/// (also during a panic's unwinding).
+#[must_use = "the block is released when the guard drops"]
+#[derive(Debug)]
+pub struct LayerGuard<'a> {
+    manager: &'a mut LayerwiseOffloadManager,
+    layer: usize,
+    armed: bool,
+}
+
+impl LayerGuard<'_> {
+    /// The block's loop index.
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+
+    /// Releases the block now and reports an error, which `Drop` cannot.
+    pub fn finish(mut self) -> Result<()> {
+        self.armed = false;
+        if self.manager.can_release(self.layer) {
+            self.manager.release(self.layer)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for LayerGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.manager.can_release(self.layer) {
+            let _ = self.manager.release(self.layer);
+        }
+    }
+}

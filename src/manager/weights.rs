@@ -1,0 +1,214 @@
+//! The weights: each block's handles, placeholders and host copy ([`BlockState`]), typed views
+//! of a block buffer, and reading and writing tensors by name while offloaded (`tensor`,
+//! `named_tensors`, `update_tensor`, `save_safetensors`).
+
+use crate::error::{Error, Result};
+use crate::plan::LayerLayout;
+use std::path::Path;
+use std::sync::Arc;
+use tch::Tensor;
+
+use super::LayerwiseOffloadManager;
+
+/// The state of one block.
+#[derive(Debug)]
+pub(super) struct BlockState {
+    /// The block's host buffer (uint8), once filled.
+    pub(super) host: Option<Tensor>,
+    /// Handles of the model's tensors (same order as the layout's tensors).
+    pub(super) params: Vec<Tensor>,
+    /// Empty tensors the params point at while the block is not on the device.
+    pub(super) placeholders: Vec<Tensor>,
+    /// The slot holding the block's weights, if any.
+    pub(super) slot: Option<usize>,
+    /// Entered and not yet released.
+    pub(super) in_use: bool,
+    /// Kept on the compute device for good (within the VRAM budget): never streams.
+    pub(super) resident: bool,
+}
+
+impl BlockState {
+    /// A block whose tensors are `params`, with `placeholders` to point them at while off the
+    /// device; no host copy yet.
+    pub(super) fn new(
+        params: Vec<Tensor>,
+        placeholders: Vec<Tensor>,
+        resident: bool,
+    ) -> BlockState {
+        BlockState {
+            host: None,
+            params,
+            placeholders,
+            slot: None,
+            in_use: false,
+            resident,
+        }
+    }
+
+    /// The block's host buffer (filled once initialized).
+    pub(super) fn host(&self) -> &Tensor {
+        self.host
+            .as_ref()
+            .expect("initialized blocks have host buffers")
+    }
+
+    /// Points the block's tensors at their placeholders: frees their storage unless something
+    /// else holds it.
+    pub(super) fn point_at_placeholders(&mut self) -> Result<()> {
+        for (p, ph) in self.params.iter_mut().zip(&self.placeholders) {
+            p.f_set_data(ph)
+                .map_err(|e| Error::from(("placing placeholders", e)))?;
+        }
+        Ok(())
+    }
+
+    /// Points the block's tensors at `views` (one per tensor, from [`views`]).
+    pub(super) fn point_at(&mut self, views: &[Tensor], op: &'static str) -> Result<()> {
+        for (p, v) in self.params.iter_mut().zip(views) {
+            p.f_set_data(v).map_err(|e| Error::from((op, e)))?;
+        }
+        Ok(())
+    }
+}
+
+/// Typed views of a block buffer (host buffer or slot), one per tensor, with the original
+/// shapes and strides.
+pub(super) fn views(buf: &Tensor, layout: &LayerLayout) -> Result<Vec<Tensor>> {
+    layout
+        .tensors
+        .iter()
+        .map(|t| {
+            buf.f_narrow(0, t.offset as i64, t.bytes as i64)
+                .and_then(|v| v.f_view_dtype(t.kind))
+                .and_then(|v| v.f_as_strided(t.shape.as_slice(), t.strides.as_slice(), None))
+                .map_err(|e| Error::from(("making views of a block buffer", e)))
+        })
+        .collect()
+}
+
+impl LayerwiseOffloadManager {
+    /// Finds a managed tensor: `Ok(Some((layer, position)))` for a block tensor, `Ok(None)`
+    /// for a non-block tensor.
+    fn locate(&self, name: &str) -> Result<(usize, Option<(usize, usize)>)> {
+        let src = self
+            .named
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| Error::UnknownTensor {
+                name: name.to_owned(),
+            })?;
+        if let Some(plan) = &self.plan {
+            for (li, l) in plan.layers.iter().enumerate() {
+                if let Some(j) = l.tensors.iter().position(|t| t.source_index == src)
+                    && self.blocks[li].host.is_some()
+                {
+                    return Ok((src, Some((li, j))));
+                }
+            }
+        }
+        Ok((src, None))
+    }
+
+    /// The current value of tensor `name`: for an offloaded block tensor a view of its host
+    /// copy (CPU; read it, do not write it: use [`Self::update_tensor`]), otherwise the model's
+    /// tensor.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let (src, at) = self.locate(name)?;
+        match at {
+            Some((li, j)) => {
+                self.backend.sync_copies();
+                let mut all = views(self.blocks[li].host(), self.layout(li))?;
+                Ok(all.swap_remove(j))
+            }
+            None => Ok(self.named[src].1.shallow_clone()),
+        }
+    }
+
+    /// Every managed tensor's current value, in the source's order (see [`Self::tensor`]).
+    /// Saving the model's own `VarStore` while offloaded would write the placeholders; save
+    /// these instead (or use [`Self::save_safetensors`]).
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.named
+            .iter()
+            .map(|(n, _)| Ok((n.clone(), self.tensor(n)?)))
+            .collect()
+    }
+
+    /// Writes every weight (block tensors from their host copies) to a safetensors file.
+    pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
+        let tensors: Vec<(String, Tensor)> = self
+            .named_tensors()?
+            .into_iter()
+            .map(|(n, t)| (n, if t.is_contiguous() { t } else { t.contiguous() }))
+            .collect();
+        Tensor::write_safetensors(&tensors, path).map_err(|e| Error::from(("save_safetensors", e)))
+    }
+
+    /// Replaces the value of tensor `name` (e.g. after merging a LoRA): for a block tensor the
+    /// host copy is overwritten and the next upload carries the new value; for a non-block
+    /// tensor the model's tensor is overwritten in place. Shape and dtype must match. Waits for
+    /// queued uploads first; refused while the block is entered.
+    pub fn update_tensor(&mut self, name: &str, value: &Tensor) -> Result<()> {
+        let (src, at) = self.locate(name)?;
+        let (shape, kind) = match at {
+            Some((li, j)) => {
+                let t = &self.layout(li).tensors[j];
+                (t.shape.clone(), t.kind)
+            }
+            None => (self.named[src].1.size(), self.named[src].1.kind()),
+        };
+        if value.size() != shape || value.kind() != kind {
+            return Err(Error::Mismatch {
+                name: name.to_owned(),
+                expected: format!("{shape:?} {kind:?}"),
+                got: format!("{:?} {:?}", value.size(), value.kind()),
+            });
+        }
+        match at {
+            Some((li, j)) => {
+                if self.blocks[li].in_use {
+                    return Err(Error::LayerInUse {
+                        op: "update_tensor",
+                        layer: li,
+                    });
+                }
+                if self.config.peer.is_some() {
+                    return Err(Error::InvalidArgument {
+                        op: "update_tensor",
+                        message: format!(
+                            "{name:?} is a block weight of a peer group member, whose blocks are assembled from every member's host copy; update the model before building the group"
+                        ),
+                    });
+                }
+                if self.store.as_ref().is_some_and(|s| {
+                    Arc::strong_count(s) > 1 || s.read_only || s.owner_path.is_some()
+                }) {
+                    return Err(Error::InvalidArgument {
+                        op: "update_tensor",
+                        message: format!(
+                            "the host copy of {name:?} is shared with other managers or processes; update it before sharing or publishing the store, or restore the others first"
+                        ),
+                    });
+                }
+                self.backend.sync_copies();
+                let mut view = views(self.blocks[li].host(), self.layout(li))?.swap_remove(j);
+                tch::no_grad(|| view.f_copy_(value))
+                    .map_err(|e| Error::from(("update_tensor", e)))?;
+                if self.blocks[li].resident {
+                    // A resident block with a host copy (shareable): the device tensor too.
+                    let p = &mut self.blocks[li].params[j];
+                    tch::no_grad(|| p.f_copy_(value))
+                        .map_err(|e| Error::from(("update_tensor", e)))?;
+                }
+                if let Some(s) = self.blocks[li].slot {
+                    self.evict(s)?;
+                }
+            }
+            None => {
+                let t = &mut self.named[src].1;
+                tch::no_grad(|| t.f_copy_(value)).map_err(|e| Error::from(("update_tensor", e)))?;
+            }
+        }
+        Ok(())
+    }
+}
