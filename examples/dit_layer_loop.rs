@@ -573,7 +573,7 @@ fn main() -> Result<()> {
     let st = m.stats().clone();
     eprintln!(
         "initialize: {init_s:.2} s; {} blocks stream, {} stay resident",
-        st.streamed_layers, st.resident_layers
+        st.streamed_blocks, st.resident_blocks
     );
     if let Some(path) = &a.save_weights {
         // The VarStore holds placeholders now; the manager writes the real values.
@@ -636,8 +636,8 @@ fn main() -> Result<()> {
         "peak_vram_bytes": peak,
         "h2d_gib_s": round2(st.upload_gib_s()),
         "stall_ms": round2(st.stall_ms),
-        "streamed_blocks": st.streamed_layers,
-        "resident_blocks": st.resident_layers,
+        "streamed_blocks": st.streamed_blocks,
+        "resident_blocks": st.resident_blocks,
         "init_s": (init_s * 1e3).round() / 1e3,
         "output_sum": streamed
             .to_kind(Kind::Double)

@@ -103,7 +103,7 @@ fn main() -> Result<()> {
         "device": if cuda { "cuda:0" } else { "cpu" },
         "forwards": forwards,
         "blocks": blocks,
-        "resident_blocks": st.resident_layers,
+        "resident_blocks": st.resident_blocks,
         "uploads": st.uploads,
         "allocated_first": alloc1,
         "allocated_last": alloc_n,

@@ -107,14 +107,14 @@ impl<B> OffloadedBlocks<B> {
         let manager = manager.into();
         {
             let m = manager.lock();
-            if m.is_enabled() && m.is_initialized() && m.num_layers() != blocks.len() {
+            if m.is_enabled() && m.is_initialized() && m.num_blocks() != blocks.len() {
                 return Err(Error::InvalidArgument {
                     op: "OffloadedBlocks::new",
                     message: format!(
                         "{} blocks were given but the manager streams {}; pass the blocks of \
                          the lists it was configured with, in loop order",
                         blocks.len(),
-                        m.num_layers()
+                        m.num_blocks()
                     ),
                 });
             }

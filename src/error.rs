@@ -87,23 +87,23 @@ pub enum Error {
         /// The prefixes that do exist (paths in front of a numeric component).
         prefixes: Vec<String>,
     },
-    /// `num_layers` is larger than the number of blocks found.
+    /// `num_blocks` is larger than the number of blocks found.
     #[error(
-        "num_layers is {asked} for {attr:?}, but the model has only {found} such blocks; pass num_layers <= {found}"
+        "num_blocks is {asked} for {attr:?}, but the model has only {found} such blocks; pass num_blocks <= {found}"
     )]
-    TooFewLayers {
+    TooFewBlocks {
         /// The block list.
         attr: String,
-        /// The `num_layers` given.
+        /// The `num_blocks` given.
         asked: usize,
         /// Highest index found plus one.
         found: usize,
     },
-    /// Some block indices below `num_layers` have no tensors.
+    /// Some block indices below `num_blocks` have no tensors.
     #[error(
-        "blocks {missing:?} of {attr:?} have no tensors (gaps in the indices); check the names or lower num_layers"
+        "blocks {missing:?} of {attr:?} have no tensors (gaps in the indices); check the names or lower num_blocks"
     )]
-    MissingLayers {
+    MissingBlocks {
         /// The block list.
         attr: String,
         /// The indices with no tensor.
@@ -132,7 +132,7 @@ pub enum Error {
         /// Some tensors that are elsewhere, with their devices.
         found: Vec<(String, tch::Device)>,
     },
-    /// A layer-loop call came before `initialize()` (or after `restore()`).
+    /// A block-loop call came before `initialize()` (or after `restore()`).
     #[error("{op} called before initialize() (or after restore()); call initialize() first")]
     NotInitialized {
         /// The call.
@@ -140,15 +140,15 @@ pub enum Error {
     },
     /// A block index past the last block.
     #[error(
-        "{op}: block {layer} is out of range (the manager has {num_layers} blocks, indices 0..{num_layers})"
+        "{op}: block {block} is out of range (the manager has {num_blocks} blocks, indices 0..{num_blocks})"
     )]
-    LayerOutOfRange {
+    BlockOutOfRange {
         /// The call.
         op: &'static str,
         /// The index given.
-        layer: usize,
+        block: usize,
         /// Number of offloaded blocks (all lists).
-        num_layers: usize,
+        num_blocks: usize,
     },
     /// Another live manager has offloaded this tensor already (it is that manager's empty
     /// placeholder now), so this one would plan from the placeholders.
@@ -160,10 +160,10 @@ pub enum Error {
         name: String,
     },
     /// A `restore()` stopped part-way (e.g. out of device memory): some blocks are back in the
-    /// model, the others still in their host copies. The layer loop is over; only `restore` or
+    /// model, the others still in their host copies. The block loop is over; only `restore` or
     /// `restore_to` go on from here (reading and saving weights still work).
     #[error(
-        "{op}: restore() stopped part-way ({restored} of {num_layers} blocks are back in the model); call restore() again (after freeing device memory) or restore_to(Device::Cpu) to finish"
+        "{op}: restore() stopped part-way ({restored} of {num_blocks} blocks are back in the model); call restore() again (after freeing device memory) or restore_to(Device::Cpu) to finish"
     )]
     PartlyRestored {
         /// The call.
@@ -171,7 +171,7 @@ pub enum Error {
         /// Blocks back in the model.
         restored: usize,
         /// Number of offloaded blocks (all lists).
-        num_layers: usize,
+        num_blocks: usize,
     },
     /// A manager of a [`PeerGroup`](crate::PeerGroup) could not complete an upload with the other
     /// members (they diverged, one failed or left, or one did not arrive in time). The group
@@ -187,21 +187,21 @@ pub enum Error {
     },
     /// Every GPU slot holds a block that is in use.
     #[error(
-        "no free GPU slot for block {layer}: blocks {in_use:?} are still entered; release one (drop its guard or call after_layer) first, or raise prefetch_depth"
+        "no free GPU slot for block {block}: blocks {in_use:?} are still entered; release one (drop its guard or call after_block) first, or raise prefetch_depth"
     )]
     NoFreeSlot {
         /// The block that needed a slot.
-        layer: usize,
+        block: usize,
         /// Blocks currently entered.
         in_use: Vec<usize>,
     },
     /// The block is entered, so its weights cannot change now.
-    #[error("{op}: block {layer} is entered; release it first")]
-    LayerInUse {
+    #[error("{op}: block {block} is entered; release it first")]
+    BlockInUse {
         /// The call.
         op: &'static str,
         /// The block.
-        layer: usize,
+        block: usize,
     },
     /// No tensor of that name is managed.
     #[error("no tensor named {name:?} in the model")]

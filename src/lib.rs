@@ -22,9 +22,9 @@ pub use host::HostStore;
 use host::shm;
 #[doc(hidden)]
 pub use manager::Fault;
-pub use manager::{LayerGuard, LayerwiseOffloadManager, OffloadConfig};
+pub use manager::{BlockGuard, LayerwiseOffloadManager, OffloadConfig};
 pub use peer::PeerGroup;
-pub use plan::{LayerLayout, Plan, TensorLayout};
+pub use plan::{BlockLayout, Plan, TensorLayout};
 pub use script::ScriptModule;
 pub use source::WeightSource;
 pub use stats::{Lane, OffloadStats, TimelineSpan, chrome_trace_json};

@@ -62,7 +62,7 @@ struct Round {
 
 /// What a member announces for an upload: which block, and where its slot is.
 pub(crate) struct Post {
-    pub layer: usize,
+    pub block: usize,
     pub bytes: usize,
     /// The member's slot (its first `bytes` bytes).
     pub buf: Tensor,
@@ -73,7 +73,7 @@ pub(crate) struct Post {
 impl Post {
     fn share(&self) -> Post {
         Post {
-            layer: self.layer,
+            block: self.block,
             bytes: self.bytes,
             buf: self.buf.shallow_clone(),
             writable: self.writable.clone(),
@@ -279,11 +279,11 @@ impl PeerGroup {
         if let Some((o, p)) = posts
             .iter()
             .enumerate()
-            .find(|(_, p)| p.layer != mine.layer || p.bytes != mine.bytes)
+            .find(|(_, p)| p.block != mine.block || p.bytes != mine.bytes)
         {
             let message = format!(
                 "upload {round} is block {} here but block {} on member {o}",
-                mine.layer, p.layer
+                mine.block, p.block
             );
             self.fail(rank, &message);
             return Err(Error::PeerGroup { rank, message });

@@ -1,7 +1,7 @@
 //! Which tensor belongs to which block, and the byte layout of each block's buffer.
 //!
 //! A tensor belongs to block `i` of list `attr` when its name matches
-//! `(^|\.)<attr>\.(\d+)(\.|$)` with `i < num_layers` (the seed's rule). Each block's tensors are
+//! `(^|\.)<attr>\.(\d+)(\.|$)` with `i < num_blocks` (FastVideo's rule). Each block's tensors are
 //! laid out back to back in one buffer at [`ALIGN`]-byte aligned offsets, sorted by name, so one
 //! copy moves a whole block.
 
@@ -39,7 +39,7 @@ pub struct TensorLayout {
 
 /// One block: its list, its index in that list, and its tensors' layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LayerLayout {
+pub struct BlockLayout {
     /// Index of the block list (in the order the lists were configured).
     pub list: usize,
     /// The list's attribute name (e.g. `double_blocks`).
@@ -56,25 +56,25 @@ pub struct LayerLayout {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     /// Blocks in loop order.
-    pub layers: Vec<LayerLayout>,
+    pub blocks: Vec<BlockLayout>,
     /// Positions (in the source's list) of the tensors that stay on the compute device.
-    pub(crate) resident: Vec<usize>,
+    pub(crate) non_block: Vec<usize>,
 }
 
 impl Plan {
     /// The largest block buffer in bytes (the size of one GPU slot).
-    pub fn max_layer_bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.bytes).max().unwrap_or(0)
+    pub fn max_block_bytes(&self) -> usize {
+        self.blocks.iter().map(|l| l.bytes).max().unwrap_or(0)
     }
 
     /// Bytes of all block buffers together.
     pub fn total_bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.bytes).sum()
+        self.blocks.iter().map(|l| l.bytes).sum()
     }
 }
 
 /// The regex that finds block `i` of list `attr` in a tensor name.
-pub(crate) fn layer_regex(attr: &str) -> Regex {
+pub(crate) fn block_regex(attr: &str) -> Regex {
     Regex::new(&format!(r"(^|\.){}\.(\d+)(\.|$)", regex::escape(attr)))
         .expect("escaped attr makes a valid regex")
 }
@@ -119,7 +119,7 @@ pub(crate) fn candidate_prefixes<'a>(names: impl Iterator<Item = &'a str>) -> Ve
     out.into_iter().collect()
 }
 
-/// Builds the plan for `tensors` (name, tensor) and the lists `(attr, num_layers)`.
+/// Builds the plan for `tensors` (name, tensor) and the lists `(attr, num_blocks)`.
 ///
 /// `allowed` are the devices tensors may be on (the compute device and the CPU).
 pub(crate) fn build(
@@ -158,16 +158,16 @@ pub(crate) fn build(
     }
 
     let mut owner: Vec<Option<(usize, usize)>> = vec![None; tensors.len()];
-    let mut layers = Vec::new();
-    for (li, (attr, num_layers)) in lists.iter().enumerate() {
-        let re = layer_regex(attr);
+    let mut blocks = Vec::new();
+    for (li, (attr, num_blocks)) in lists.iter().enumerate() {
+        let re = block_regex(attr);
         let mut by_index: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (ti, (name, _)) in tensors.iter().enumerate() {
             let Some(c) = re.captures(name) else { continue };
             let Ok(idx) = c[2].parse::<usize>() else {
                 continue;
             };
-            if idx >= *num_layers {
+            if idx >= *num_blocks {
                 continue;
             }
             if let Some((other, _)) = owner[ti] {
@@ -194,18 +194,18 @@ pub(crate) fn build(
             .filter_map(|(n, _)| re.captures(n).and_then(|c| c[2].parse::<usize>().ok()))
             .max()
             .map_or(0, |m| m + 1);
-        if *num_layers > found {
-            return Err(Error::TooFewLayers {
+        if *num_blocks > found {
+            return Err(Error::TooFewBlocks {
                 attr: attr.clone(),
-                asked: *num_layers,
+                asked: *num_blocks,
                 found,
             });
         }
-        let missing: Vec<usize> = (0..*num_layers)
+        let missing: Vec<usize> = (0..*num_blocks)
             .filter(|i| !by_index.contains_key(i))
             .collect();
         if !missing.is_empty() {
-            return Err(Error::MissingLayers {
+            return Err(Error::MissingBlocks {
                 attr: attr.clone(),
                 missing,
             });
@@ -238,7 +238,7 @@ pub(crate) fn build(
                 });
                 offset = align_up(offset + bytes);
             }
-            layers.push(LayerLayout {
+            blocks.push(BlockLayout {
                 list: li,
                 attr: attr.clone(),
                 index: idx,
@@ -247,8 +247,11 @@ pub(crate) fn build(
             });
         }
     }
-    let resident = (0..tensors.len()).filter(|i| owner[*i].is_none()).collect();
-    Ok(Plan { layers, resident })
+    let non_block = (0..tensors.len()).filter(|i| owner[*i].is_none()).collect();
+    Ok(Plan {
+        blocks,
+        non_block,
+    })
 }
 
 #[cfg(test)]
@@ -256,8 +259,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn regex_follows_the_seed_rule() {
-        let re = layer_regex("blocks");
+    fn regex_follows_fastvideos_rule() {
+        let re = block_regex("blocks");
         for (name, idx) in [
             ("blocks.0.attn.weight", Some("0")),
             ("model.blocks.12.norm.bias", Some("12")),
@@ -273,8 +276,8 @@ mod tests {
             );
         }
         // Dots in the attribute are literal.
-        assert!(!layer_regex("a.b").is_match("axb.0.w"));
-        assert!(layer_regex("a.b").is_match("a.b.0.w"));
+        assert!(!block_regex("a.b").is_match("axb.0.w"));
+        assert!(block_regex("a.b").is_match("a.b.0.w"));
     }
 
     #[test]
@@ -326,7 +329,7 @@ mod tests {
             ("head".to_owned(), t(1, Kind::Float)),
         ];
         let plan = build(&named, &[("blocks".into(), 2)], &[Device::Cpu]).unwrap();
-        let l0 = &plan.layers[0];
+        let l0 = &plan.blocks[0];
         assert_eq!(
             l0.tensors
                 .iter()
@@ -337,8 +340,8 @@ mod tests {
         assert_eq!((l0.tensors[0].offset, l0.tensors[0].bytes), (0, 20));
         assert_eq!((l0.tensors[1].offset, l0.tensors[1].bytes), (256, 6));
         assert_eq!(l0.bytes, 512);
-        assert_eq!(plan.layers[1].bytes, 512);
-        assert_eq!(plan.max_layer_bytes(), 512);
-        assert_eq!(plan.resident, vec![3]);
+        assert_eq!(plan.blocks[1].bytes, 512);
+        assert_eq!(plan.max_block_bytes(), 512);
+        assert_eq!(plan.non_block, vec![3]);
     }
 }

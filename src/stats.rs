@@ -14,9 +14,9 @@ pub struct OffloadStats {
     /// [`PeerGroup`](crate::PeerGroup) (0 outside one).
     pub peer_bytes: u64,
     /// Blocks that stream through the slot ring.
-    pub streamed_layers: usize,
+    pub streamed_blocks: usize,
     /// Blocks kept permanently on the device (within the VRAM budget).
-    pub resident_layers: usize,
+    pub resident_blocks: usize,
     /// Bytes of the resident blocks.
     pub resident_bytes: u64,
     /// Bytes of one GPU slot times the number of slots.
@@ -39,9 +39,9 @@ pub struct OffloadStats {
     /// Device milliseconds the compute stream spent waiting for uploads (the stall).
     pub stall_ms: f64,
     /// Per block (loop order): upload milliseconds, summed.
-    pub layer_upload_ms: Vec<f64>,
+    pub block_upload_ms: Vec<f64>,
     /// Per block (loop order): stall milliseconds, summed.
-    pub layer_stall_ms: Vec<f64>,
+    pub block_stall_ms: Vec<f64>,
     /// Peak bytes allocated on the compute device (libtorch's allocator, whole process) since
     /// the process started or the last `accel::reset_peak_memory_stats`; 0 on the CPU.
     pub peak_vram_bytes: u64,
@@ -63,11 +63,11 @@ impl fmt::Display for OffloadStats {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         writeln!(f, "| statistic | value |")?;
         writeln!(f, "|---|---|")?;
-        writeln!(f, "| streamed blocks | {} |", self.streamed_layers)?;
+        writeln!(f, "| streamed blocks | {} |", self.streamed_blocks)?;
         writeln!(
             f,
             "| resident blocks | {} ({:.3} GiB) |",
-            self.resident_layers,
+            self.resident_blocks,
             gib(self.resident_bytes)
         )?;
         writeln!(f, "| uploads | {} |", self.uploads)?;
@@ -143,7 +143,7 @@ pub struct TimelineSpan {
     /// What happened.
     pub lane: Lane,
     /// The block (loop index).
-    pub layer: usize,
+    pub block: usize,
     /// Start, ms after the capture began.
     pub start_ms: f64,
     /// End, ms after the capture began.
@@ -173,10 +173,10 @@ pub fn chrome_trace_json(spans: &[TimelineSpan]) -> String {
         };
         out.push_str(&format!(
             ",{{\"ph\":\"X\",\"name\":\"{what} {}\",\"cat\":\"{what}\",\"pid\":1,\"tid\":{tid},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{\"layer\":{}}}}}",
-            s.layer,
+            s.block,
             s.start_ms * 1e3,
             ((s.end_ms - s.start_ms) * 1e3).max(0.0),
-            s.layer
+            s.block
         ));
     }
     out.push_str("]}");

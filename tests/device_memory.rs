@@ -100,7 +100,7 @@ fn vram_stays_flat_and_within_the_formula() -> anyhow::Result<()> {
         .iter()
         .map(|n| m.tensor(n).unwrap().numel() as u64 * 4)
         .sum();
-    let slots = ((depth + 1) * plan.max_layer_bytes()) as u64;
+    let slots = ((depth + 1) * plan.max_block_bytes()) as u64;
     eprintln!(
         "base {base}, after first forward {}, after 100 {}, slots {slots}, non-block {non_block}",
         after_first.allocated, after.allocated
@@ -178,10 +178,10 @@ fn the_timeline_shows_uploads_overlapping_compute() -> anyhow::Result<()> {
     m.start_timeline()?;
     let _ = model.forward(&x, Some(&mut m));
     let spans = m.finish_timeline()?;
-    let of = |lane: Lane, layer: usize| {
+    let of = |lane: Lane, block: usize| {
         spans
             .iter()
-            .find(|s| s.lane == lane && s.layer == layer)
+            .find(|s| s.lane == lane && s.block == block)
             .cloned()
     };
     for i in 0..4 {
@@ -205,7 +205,7 @@ fn the_timeline_shows_uploads_overlapping_compute() -> anyhow::Result<()> {
 
 #[test]
 fn a_block_used_after_prefetch_layer_is_not_overwritten_under_it() -> anyhow::Result<()> {
-    // The seed's pattern without enter: prefetch_layer(i, false), run block i directly, then
+    // FastVideo's pattern without enter: prefetch_layer(i, false), run block i directly, then
     // release_layer(i). Reusing the slot must wait for that compute (the slot's free event is
     // recorded when the block is evicted without a release).
     let Some(d) = common::cuda() else {

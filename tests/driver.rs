@@ -41,8 +41,8 @@ fn a_shared_manager_runs_blocks_from_a_shared_reference(
 
     // An index past the last block: a typed error, nothing left entered.
     match shared.with_block(4, || ()) {
-        Err(Error::LayerOutOfRange { .. }) => {}
-        other => panic!("expected LayerOutOfRange, got {other:?}"),
+        Err(Error::BlockOutOfRange { .. }) => {}
+        other => panic!("expected BlockOutOfRange, got {other:?}"),
     }
     // A panic inside a block poisons nothing: the block is released and the next forward is
     // exact.

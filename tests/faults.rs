@@ -306,8 +306,8 @@ fn a_restore_failing_part_way(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> an
         r => panic!("expected PartlyRestored, got {r:?}"),
     };
     partly(m.enter(0).map(|_| ()));
-    partly(m.before_layer(3));
-    partly(m.after_layer(0));
+    partly(m.before_block(3));
+    partly(m.after_block(0));
     partly(m.prefetch_layer(4, false));
     partly(m.release_layer(1));
     partly(m.release_all());

@@ -36,7 +36,7 @@ fn outputs_are_bit_identical(
         .prefetch_depth(depth)
         .build(&model.vs)?;
     m.initialize()?;
-    assert_eq!(m.num_layers(), model.num_blocks());
+    assert_eq!(m.num_blocks(), model.num_blocks());
     for round in 0..2 {
         for (x, want) in inputs.iter().zip(&expected) {
             let got = model.forward(x, Some(&mut m));
@@ -48,7 +48,7 @@ fn outputs_are_bit_identical(
     }
     // At most depth + 1 blocks on the device between forwards, and block 0 is among them
     // (the wrap-around prefetch).
-    let on: Vec<usize> = (0..m.num_layers()).filter(|&i| m.is_on_device(i)).collect();
+    let on: Vec<usize> = (0..m.num_blocks()).filter(|&i| m.is_on_device(i)).collect();
     assert!(on.len() <= depth + 1, "{on:?}");
     assert!(
         m.is_on_device(0),
@@ -72,13 +72,13 @@ fn placeholders_and_residency(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> an
     m.initialize()?;
     let vars = model.vs.variables();
     let plan = m.plan().unwrap().clone();
-    assert_eq!(plan.layers.len(), 5);
+    assert_eq!(plan.blocks.len(), 5);
     // After initialize only block 0 is on the device (uploaded synchronously).
     assert_eq!(
         (0..5).filter(|&i| m.is_on_device(i)).collect::<Vec<_>>(),
         vec![0]
     );
-    for (li, layer) in plan.layers.iter().enumerate() {
+    for (li, layer) in plan.blocks.iter().enumerate() {
         for t in &layer.tensors {
             assert_eq!(t.offset % layerwise_offload::plan::ALIGN, 0);
             let v = &vars[&t.name];
@@ -103,7 +103,7 @@ fn placeholders_and_residency(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> an
     // Entering block 2 loads it and prefetches 3 and 4; the ring has 3 slots.
     {
         let g = m.enter(2)?;
-        assert_eq!(g.layer(), 2);
+        assert_eq!(g.block(), 2);
     }
     assert!(m.is_on_device(2) && m.is_on_device(3) && m.is_on_device(4));
     assert!(!m.is_entered(2));
@@ -112,7 +112,7 @@ fn placeholders_and_residency(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> an
     // A released block's tensors are placeholders again.
     assert_eq!(vars["blocks.2.fc1.weight"].numel(), 0);
     // Entering 4 wraps around: blocks 0 and 1 come next.
-    m.before_layer(4)?;
+    m.before_block(4)?;
     assert!(m.is_entered(4));
     assert_eq!(
         vars["blocks.4.fc1.weight"].size(),
@@ -123,19 +123,19 @@ fn placeholders_and_residency(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> an
         "{:?}",
         m.slot_contents()
     );
-    m.after_layer(4)?;
+    m.after_block(4)?;
     assert!(!m.is_entered(4));
     // Slot reuse: the ring never holds more than its slots, uploads grow only on misses.
     let up = m.stats().uploads;
-    m.before_layer(0)?; // prefetched: no new upload for 0; prefetches 1 (present) and 2
-    m.after_layer(0)?;
+    m.before_block(0)?; // prefetched: no new upload for 0; prefetches 1 (present) and 2
+    m.after_block(0)?;
     assert_eq!(m.stats().uploads, up + 1, "only block 2 is new");
     m.restore()?;
     Ok(())
 }
 
 #[rstest]
-fn seed_api_and_no_ops(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
+fn fastvideo_api_and_no_ops(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
     let Some(dev) = mode.device() else {
         return Ok(());
     };
@@ -152,7 +152,7 @@ fn seed_api_and_no_ops(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::R
     m.prefetch_layer(99, true)?; // out of range
     m.release_layer(99)?;
     assert_eq!(m.stats().uploads, up);
-    // The seed's loop: layer_scope(prefetch = i + 1, release = i) around block i.
+    // FastVideo's loop: layer_scope(prefetch = i + 1, run = i) around block i.
     let got = tch::no_grad(|| -> anyhow::Result<Tensor> {
         let dev = m.compute_device();
         let mut h = x.to_device(dev);
@@ -196,7 +196,7 @@ fn model_head(model: &Model, h: &Tensor) -> Tensor {
 fn disabled_manager_changes_nothing() -> anyhow::Result<()> {
     let model = Model::new(Device::Cpu, 3, false, 3);
     let before = model.snapshot();
-    // enabled = false; and, on a machine without CUDA, the seed's constructor disables itself.
+    // enabled = false; and, on a machine without CUDA, FastVideo's constructor disables itself.
     let mut managers = vec![
         OffloadConfig::new("blocks", 3)
             .enabled(false)
@@ -214,8 +214,8 @@ fn disabled_manager_changes_nothing() -> anyhow::Result<()> {
         {
             let _g = m.enter(1)?;
         }
-        m.before_layer(2)?;
-        m.after_layer(2)?;
+        m.before_block(2)?;
+        m.after_block(2)?;
         m.release_all()?;
         m.restore()?;
         assert_eq!(m.stats().uploads, 0);
@@ -247,11 +247,11 @@ fn configuration_errors_are_typed(
     }
     match init(mode.config("double_blocks", 9)) {
         Err(
-            e @ Error::TooFewLayers {
+            e @ Error::TooFewBlocks {
                 asked: 9, found: 3, ..
             },
-        ) => assert!(e.to_string().contains("num_layers <= 3"), "{e}"),
-        r => panic!("expected TooFewLayers, got {r:?}"),
+        ) => assert!(e.to_string().contains("num_blocks <= 3"), "{e}"),
+        r => panic!("expected TooFewBlocks, got {r:?}"),
     }
     assert!(matches!(
         init(mode.config("double_blocks", 3).prefetch_depth(0)),
@@ -272,11 +272,11 @@ fn configuration_errors_are_typed(
         Err(Error::NotInitialized { .. })
     ));
     assert!(matches!(
-        m.before_layer(0),
+        m.before_block(0),
         Err(Error::NotInitialized { .. })
     ));
     assert!(matches!(
-        m.after_layer(0),
+        m.after_block(0),
         Err(Error::NotInitialized { .. })
     ));
     assert!(matches!(
@@ -290,23 +290,23 @@ fn configuration_errors_are_typed(
     m.initialize()?;
     match m.enter(3).map(|_| ()) {
         Err(
-            e @ Error::LayerOutOfRange {
-                layer: 3,
-                num_layers: 3,
+            e @ Error::BlockOutOfRange {
+                block: 3,
+                num_blocks: 3,
                 ..
             },
         ) => assert!(e.to_string().contains("0..3"), "{e}"),
-        r => panic!("expected LayerOutOfRange, got {r:?}"),
+        r => panic!("expected BlockOutOfRange, got {r:?}"),
     }
     // Entering more blocks than there are slots.
-    m.before_layer(0)?;
-    m.before_layer(1)?;
-    assert!(matches!(m.before_layer(2), Err(Error::NoFreeSlot { .. })));
+    m.before_block(0)?;
+    m.before_block(1)?;
+    assert!(matches!(m.before_block(2), Err(Error::NoFreeSlot { .. })));
     m.restore()?;
     assert_same(&model.snapshot(), &before);
     // After restore the manager is done: loop calls and a second initialize are refused.
     assert!(matches!(
-        m.before_layer(0),
+        m.before_block(0),
         Err(Error::NotInitialized { .. })
     ));
     match m.initialize() {
@@ -331,8 +331,8 @@ fn gaps_and_strides_and_devices() -> anyhow::Result<()> {
         .build(&named)?
         .initialize()
     {
-        Err(Error::MissingLayers { missing, .. }) => assert_eq!(missing, vec![1]),
-        r => panic!("expected MissingLayers, got {r:?}"),
+        Err(Error::MissingBlocks { missing, .. }) => assert_eq!(missing, vec![1]),
+        r => panic!("expected MissingBlocks, got {r:?}"),
     }
     // A slice is refused, naming the tensor; nothing changed.
     let base = t(&[8, 4]);
@@ -391,7 +391,7 @@ fn a_vram_budget_keeps_blocks_resident(
     let block = {
         let mut m = config(mode, &model).build(&model.vs)?;
         m.initialize()?;
-        let b = m.plan().unwrap().max_layer_bytes() as u64;
+        let b = m.plan().unwrap().max_block_bytes() as u64;
         m.restore()?;
         b
     };
@@ -417,7 +417,7 @@ fn a_vram_budget_keeps_blocks_resident(
     m.initialize()?;
     let resident: Vec<usize> = (0..8).filter(|&i| m.is_resident(i)).collect();
     assert_eq!(resident, vec![1, 3, 5, 7]);
-    assert_eq!(m.stats().resident_layers, 4);
+    assert_eq!(m.stats().resident_blocks, 4);
     assert_eq!(m.slot_contents().len(), 2);
     assert_eq!(
         model.vs.variables()["blocks.3.fc1.weight"].device(),
@@ -476,19 +476,19 @@ fn chrome_trace_is_valid_json_with_both_streams() -> anyhow::Result<()> {
     let spans = vec![
         TimelineSpan {
             lane: Lane::Upload,
-            layer: 1,
+            block: 1,
             start_ms: 0.5,
             end_ms: 2.0,
         },
         TimelineSpan {
             lane: Lane::Stall,
-            layer: 0,
+            block: 0,
             start_ms: 0.0,
             end_ms: 0.25,
         },
         TimelineSpan {
             lane: Lane::Compute,
-            layer: 0,
+            block: 0,
             start_ms: 0.25,
             end_ms: 3.0,
         },
@@ -601,7 +601,7 @@ fn out_of_range_configurations_are_typed() -> anyhow::Result<()> {
     ] {
         match c.build(&model.vs) {
             Err(e @ Error::InvalidArgument { .. }) => {
-                assert!(e.to_string().contains("num_layers is 0"), "{e}")
+                assert!(e.to_string().contains("num_blocks is 0"), "{e}")
             }
             r => panic!("expected InvalidArgument, got {:?}", r.map(|_| ())),
         }

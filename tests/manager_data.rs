@@ -75,13 +75,13 @@ fn update_tensor_writes_through(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> 
         Err(Error::Mismatch { .. })
     ));
     // Refused while the block is entered.
-    m.before_layer(1)?;
+    m.before_block(1)?;
     let same = m.tensor("blocks.1.fc1.weight")?.copy();
     assert!(matches!(
         m.update_tensor("blocks.1.fc1.weight", &same),
-        Err(Error::LayerInUse { layer: 1, .. })
+        Err(Error::BlockInUse { block: 1, .. })
     ));
-    m.after_layer(1)?;
+    m.after_block(1)?;
     m.restore()?;
     assert_same(&model.snapshot(), &reference.snapshot());
     Ok(())
@@ -103,7 +103,7 @@ fn dropping_the_manager_keeps_the_weights(
             .prefetch_depth(2)
             .build(&model.vs)?;
         m.initialize()?;
-        m.before_layer(5)?; // dropped while a block is entered and uploads are queued
+        m.before_block(5)?; // dropped while a block is entered and uploads are queued
     }
     // Block tensors now live in their host copies (CPU), values intact.
     assert_eq!(

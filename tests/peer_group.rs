@@ -116,7 +116,7 @@ fn members_split_every_upload(
     let x = models[0].input(3);
     let wants: Vec<Tensor> = models.iter().map(|m| m.forward(&x, None)).collect();
     let ms = members(mode, &devs, models, depth, &group, push_per_member)?;
-    let block_bytes = ms[0].1.plan().unwrap().layers[0].bytes as u64;
+    let block_bytes = ms[0].1.plan().unwrap().blocks[0].bytes as u64;
     let done = run_all(ms, &x, 3);
     for (g, ((model, mut m, ys), want)) in done.into_iter().zip(&wants).enumerate() {
         for y in &ys {

@@ -229,7 +229,7 @@ fn run(spec: Spec, ops: Vec<Op>) -> Result<(), TestCaseError> {
         .build(&st.named)
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     // Loop calls before initialize are refused.
-    let before_init = matches!(m.before_layer(0), Err(Error::NotInitialized { .. }));
+    let before_init = matches!(m.before_block(0), Err(Error::NotInitialized { .. }));
     prop_assert!(before_init, "a loop call before initialize must be refused");
     match m.initialize() {
         Ok(()) => {}
@@ -260,7 +260,7 @@ fn run(spec: Spec, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 if !entered.is_empty() {
                     // Entered blocks hold slots; finish them first, as a driver would.
                     for i in entered {
-                        m.after_layer(i)
+                        m.after_block(i)
                             .map_err(|e| TestCaseError::fail(e.to_string()))?;
                     }
                 }
@@ -276,16 +276,16 @@ fn run(spec: Spec, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     Err(e) => return Err(TestCaseError::fail(format!("forward: {e}"))),
                 }
             }
-            Op::Before(i) => match m.before_layer(i) {
+            Op::Before(i) => match m.before_block(i) {
                 Ok(()) => prop_assert!(m.is_entered(i)),
                 Err(e) if injected(&e) => prop_assert!(!m.is_entered(i) || entered.contains(&i)),
-                Err(Error::LayerOutOfRange { .. }) => prop_assert!(i >= n),
+                Err(Error::BlockOutOfRange { .. }) => prop_assert!(i >= n),
                 Err(Error::NoFreeSlot { .. }) => prop_assert!(!entered.is_empty()),
                 Err(e) => return Err(TestCaseError::fail(format!("before {i}: {e}"))),
             },
-            Op::After(i) => match m.after_layer(i) {
+            Op::After(i) => match m.after_block(i) {
                 Ok(()) => prop_assert!(!m.is_entered(i)),
-                Err(Error::LayerOutOfRange { .. }) => prop_assert!(i >= n),
+                Err(Error::BlockOutOfRange { .. }) => prop_assert!(i >= n),
                 Err(e) => return Err(TestCaseError::fail(format!("after {i}: {e}"))),
             },
             Op::ReleaseLayer(i) => {
@@ -314,7 +314,7 @@ fn run(spec: Spec, ops: Vec<Op>) -> Result<(), TestCaseError> {
                             .1
                             .copy_(&new);
                     }
-                    Err(Error::LayerInUse { .. }) => prop_assert!(m.is_entered(i)),
+                    Err(Error::BlockInUse { .. }) => prop_assert!(m.is_entered(i)),
                     Err(e) => return Err(TestCaseError::fail(format!("update {name}: {e}"))),
                 }
             }

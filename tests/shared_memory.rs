@@ -20,7 +20,7 @@ fn shm_path(tag: &str) -> PathBuf {
 }
 
 fn checksum(store: &HostStore) -> i64 {
-    (0..store.num_layers())
+    (0..store.num_blocks())
         .filter_map(|i| store.block(i))
         .map(|b| b.sum(Kind::Int64).int64_value(&[]))
         .sum()
@@ -445,7 +445,7 @@ fn names_with_spaces_and_newlines_round_trip() {
         .unwrap();
     m.initialize().unwrap();
     let opened = HostStore::open_shared(&path, HostMemory::Pageable).expect("the manifest parses");
-    assert_eq!(opened.num_layers(), 2, "no line was injected");
+    assert_eq!(opened.num_blocks(), 2, "no line was injected");
     assert_eq!(checksum(&opened), checksum(&m.host_store().unwrap()));
     // A second model of the same names streams from the opened store, with the same values.
     let named2: Vec<(String, tch::Tensor)> = odd
@@ -593,7 +593,7 @@ fn blocks_published_without_a_host_copy_are_not_read_from_another_block() {
         .build(&named)
         .unwrap();
     m.initialize().unwrap();
-    let kept = m.stats().resident_layers;
+    let kept = m.stats().resident_blocks;
     assert!(
         kept > 0 && kept < 4,
         "some blocks resident, some streamed: {kept}"

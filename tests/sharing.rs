@@ -32,7 +32,7 @@ fn two_managers_share_one_host_copy(
     let mut m0 = cfg().build(&model0.vs)?;
     m0.initialize()?;
     let store = m0.host_store().expect("an initialized manager has a store");
-    assert_eq!(store.num_layers(), 9);
+    assert_eq!(store.num_blocks(), 9);
     let mut m1 = cfg().host_store(store.clone()).build(&model1.vs)?;
     m1.initialize()?;
     // One copy: the same host memory behind both managers, counted once.
@@ -116,7 +116,7 @@ fn shared_stores_serve_managers_with_their_own_budgets(
             .cpu_test_mode(true)
             .build(&probe.vs)?;
         p.initialize()?;
-        p.plan().unwrap().max_layer_bytes() as u64
+        p.plan().unwrap().max_block_bytes() as u64
     };
     // The first manager keeps 3 blocks resident and, being shareable, host copies of all 6.
     let mut m0 = mode
@@ -125,7 +125,7 @@ fn shared_stores_serve_managers_with_their_own_budgets(
         .shareable(true)
         .build(&model0.vs)?;
     m0.initialize()?;
-    assert_eq!(m0.stats().resident_layers, 3);
+    assert_eq!(m0.stats().resident_blocks, 3);
     let store = m0.host_store().unwrap();
     assert_eq!(store.bytes(), 6 * block);
     // The second keeps 1 block resident, filled from the store (its own values are different).
@@ -135,7 +135,7 @@ fn shared_stores_serve_managers_with_their_own_budgets(
         .host_store(store.clone())
         .build(&model1.vs)?;
     m1.initialize()?;
-    assert_eq!(m1.stats().resident_layers, 1);
+    assert_eq!(m1.stats().resident_blocks, 1);
     assert_eq!(m1.stats().host_bytes, 0);
     for _ in 0..2 {
         assert!(bits_equal(&model0.forward(&x, Some(&mut m0)), &want));

@@ -531,8 +531,8 @@ fn main() -> Result<()> {
         let streamed_bytes = st.host_bytes;
         eprintln!(
             "{label}: initialize {init_s:.2} s; {} streamed, {} resident blocks; host peak {:.2} GiB (before: {:.2} GiB)",
-            st.streamed_layers,
-            st.resident_layers,
+            st.streamed_blocks,
+            st.resident_blocks,
             host_peak as f64 / (1u64 << 30) as f64,
             host_before as f64 / (1u64 << 30) as f64
         );
@@ -561,7 +561,7 @@ fn main() -> Result<()> {
                 peak,
                 init_s,
                 host_peak,
-                resident_blocks: st.resident_layers,
+                resident_blocks: st.resident_blocks,
                 out: y,
             });
         }

@@ -13,7 +13,7 @@
 //! ```
 //! A block without a host copy (kept resident by its publisher) has `"offset": null`.
 
-use crate::plan::{ALIGN, LayerLayout, TensorLayout, is_dense};
+use crate::plan::{ALIGN, BlockLayout, TensorLayout, is_dense};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use tch::Kind;
@@ -40,7 +40,7 @@ struct TensorEntry {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct LayerEntry {
+struct BlockEntry {
     attr: String,
     index: u64,
     /// Where the block sits in the file; `None` for a block the store holds no copy of.
@@ -55,7 +55,8 @@ struct Document {
     format: String,
     version: u32,
     bytes: u64,
-    layers: Vec<LayerEntry>,
+    #[serde(rename = "layers")]
+    blocks: Vec<BlockEntry>,
 }
 
 /// A validated manifest: the file's size and, per block in loop order, its layout and where
@@ -65,7 +66,7 @@ pub(crate) struct Manifest {
     /// Size of the store's file in bytes.
     pub(crate) bytes: usize,
     /// Per block: its layout and the offset of its copy in the file.
-    pub(crate) layers: Vec<(LayerLayout, Option<usize>)>,
+    pub(crate) blocks: Vec<(BlockLayout, Option<usize>)>,
 }
 
 /// Why a manifest is refused (the caller adds the path).
@@ -106,10 +107,10 @@ fn kind_from_name(name: &str) -> Option<Kind> {
 }
 
 impl Manifest {
-    /// The manifest of blocks `layers`, block `i` at `offsets[i]` of a `bytes`-byte file (or
+    /// The manifest of blocks `blocks`, block `i` at `offsets[i]` of a `bytes`-byte file (or
     /// nowhere).
-    pub(crate) fn new(bytes: usize, layers: Vec<(LayerLayout, Option<usize>)>) -> Manifest {
-        Manifest { bytes, layers }
+    pub(crate) fn new(bytes: usize, blocks: Vec<(BlockLayout, Option<usize>)>) -> Manifest {
+        Manifest { bytes, blocks }
     }
 
     /// The JSON text.
@@ -118,10 +119,10 @@ impl Manifest {
             format: FORMAT.into(),
             version: VERSION,
             bytes: self.bytes as u64,
-            layers: self
-                .layers
+            blocks: self
+                .blocks
                 .iter()
-                .map(|(l, offset)| LayerEntry {
+                .map(|(l, offset)| BlockEntry {
                     attr: l.attr.clone(),
                     index: l.index as u64,
                     offset: offset.map(|o| o as u64),
@@ -164,8 +165,8 @@ impl Manifest {
         let mut blocks = HashSet::new();
         let mut attrs: Vec<String> = Vec::new();
         let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (start, end, block)
-        let mut layers = Vec::with_capacity(doc.layers.len());
-        for (i, l) in doc.layers.into_iter().enumerate() {
+        let mut parsed = Vec::with_capacity(doc.blocks.len());
+        for (i, l) in doc.blocks.into_iter().enumerate() {
             let at = |what: String| Invalid(format!("block {i} ({}.{}): {what}", l.attr, l.index));
             if l.attr.is_empty() {
                 return Err(at("an empty attribute".into()));
@@ -220,8 +221,8 @@ impl Manifest {
             if tspans.windows(2).any(|w| w[1].0 < w[0].1) {
                 return Err(at("two tensors overlap".into()));
             }
-            layers.push((
-                LayerLayout {
+            parsed.push((
+                BlockLayout {
                     list,
                     attr: l.attr,
                     index,
@@ -240,7 +241,7 @@ impl Manifest {
         }
         Ok(Manifest {
             bytes: total,
-            layers,
+            blocks: parsed,
         })
     }
 }
@@ -312,7 +313,7 @@ mod tests {
     /// Independent of `parse`: what every accepted manifest must satisfy, in u128 arithmetic.
     fn assert_consistent(m: &Manifest) {
         let mut spans = Vec::new();
-        for (l, offset) in &m.layers {
+        for (l, offset) in &m.blocks {
             if let Some(o) = offset {
                 assert!(*o as u128 + l.bytes as u128 <= m.bytes as u128);
                 spans.push((*o as u128, *o as u128 + l.bytes as u128));
@@ -331,7 +332,7 @@ mod tests {
     /// A valid manifest of `blocks` blocks: tensors of the given shapes (contiguous, f32 or
     /// bf16), laid out as the plan and the publisher lay them out.
     fn valid(blocks: Vec<Vec<(Vec<i64>, bool)>>, names: &[String]) -> Manifest {
-        let mut layers = Vec::new();
+        let mut laid_out = Vec::new();
         let mut file = 0usize;
         let mut n = 0;
         for (index, tensors) in blocks.into_iter().enumerate() {
@@ -361,8 +362,8 @@ mod tests {
             if at.is_some() {
                 file += bytes.div_ceil(FILE_ALIGN) * FILE_ALIGN;
             }
-            layers.push((
-                LayerLayout {
+            laid_out.push((
+                BlockLayout {
                     list: 0,
                     attr: "blocks".into(),
                     index,
@@ -372,7 +373,7 @@ mod tests {
                 at,
             ));
         }
-        Manifest::new(file, layers)
+        Manifest::new(file, laid_out)
     }
 
     fn blocks_strategy() -> impl Strategy<Value = Vec<Vec<(Vec<i64>, bool)>>> {

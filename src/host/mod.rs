@@ -7,7 +7,7 @@ pub(crate) mod shm;
 
 use crate::accel::{self, FileMapping, HostMemory};
 use crate::error::{Error, Result};
-use crate::plan::{LayerLayout, Plan};
+use crate::plan::{BlockLayout, Plan};
 use manifest::{FILE_ALIGN, Manifest};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,7 +45,7 @@ pub(crate) fn manifest_path(path: &Path) -> PathBuf {
 /// manager holding the store is restored or dropped.
 #[derive(Debug)]
 pub struct HostStore {
-    pub(crate) layers: Vec<LayerLayout>,
+    pub(crate) blocks: Vec<BlockLayout>,
     pub(crate) buffers: Vec<Option<Tensor>>,
     pub(crate) pinned: bool,
     /// Mapped read-only from another process's store: never written.
@@ -65,13 +65,13 @@ impl HostStore {
     /// block without a host copy); `owner_path` is the shared-memory file it published, removed
     /// when the store is dropped.
     pub(crate) fn own(
-        layers: Vec<LayerLayout>,
+        blocks: Vec<BlockLayout>,
         buffers: Vec<Option<Tensor>>,
         pinned: bool,
         owner_path: Option<PathBuf>,
     ) -> HostStore {
         HostStore {
-            layers,
+            blocks,
             buffers,
             pinned,
             read_only: false,
@@ -81,7 +81,7 @@ impl HostStore {
 
     /// Bytes of host memory the store holds.
     pub fn bytes(&self) -> u64 {
-        self.layers
+        self.blocks
             .iter()
             .zip(&self.buffers)
             .filter(|(_, b)| b.is_some())
@@ -90,8 +90,8 @@ impl HostStore {
     }
 
     /// Number of blocks (loop order, all lists).
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
     }
 
     /// Whether the buffers are page-locked.
@@ -138,20 +138,20 @@ impl HostStore {
             reason: why.0,
         })?;
         let file = accel::map_host_file(path, manifest.bytes, FileMapping::OpenReadOnly, memory)?;
-        let mut layers = Vec::with_capacity(manifest.layers.len());
-        let mut buffers = Vec::with_capacity(manifest.layers.len());
-        for (layout, offset) in manifest.layers {
+        let mut blocks = Vec::with_capacity(manifest.blocks.len());
+        let mut buffers = Vec::with_capacity(manifest.blocks.len());
+        for (layout, offset) in manifest.blocks {
             // In range: the manifest checked offset + bytes <= its file size, which the mapping
             // checked against the file.
             let buffer = offset
                 .map(|o| file.f_narrow(0, o as i64, layout.bytes as i64))
                 .transpose()
                 .map_err(|e| Error::from(("HostStore::open_shared", e)))?;
-            layers.push(layout);
+            blocks.push(layout);
             buffers.push(buffer);
         }
         Ok(Arc::new(HostStore {
-            layers,
+            blocks,
             buffers,
             pinned: memory == HostMemory::Pinned,
             read_only: true,
@@ -168,8 +168,8 @@ impl HostStore {
         offsets: &[usize],
         total: usize,
     ) -> Result<()> {
-        let layers = self
-            .layers
+        let blocks = self
+            .blocks
             .iter()
             .zip(&self.buffers)
             .zip(offsets)
@@ -177,7 +177,7 @@ impl HostStore {
             .collect();
         shm::write_private(
             &manifest_path(path),
-            Manifest::new(total, layers).to_json().as_bytes(),
+            Manifest::new(total, blocks).to_json().as_bytes(),
             "OffloadConfig::shared_memory",
         )
     }
@@ -188,14 +188,14 @@ impl HostStore {
             op: "initialize with a shared host store",
             message,
         };
-        if plan.layers.len() != self.layers.len() {
+        if plan.blocks.len() != self.blocks.len() {
             return Err(differ(format!(
                 "the model has {} blocks, the store {}",
-                plan.layers.len(),
-                self.layers.len()
+                plan.blocks.len(),
+                self.blocks.len()
             )));
         }
-        for (i, (a, b)) in plan.layers.iter().zip(&self.layers).enumerate() {
+        for (i, (a, b)) in plan.blocks.iter().zip(&self.blocks).enumerate() {
             if self.buffers[i].is_none() {
                 return Err(differ(format!(
                     "block {i} was kept resident by the manager that made the store, without a host copy; build that manager with .shareable(true) or without a VRAM budget"

@@ -7,7 +7,7 @@ use crate::accel;
 use crate::error::{Error, Result};
 use crate::source::WeightSource;
 
-use super::{LayerGuard, LayerwiseOffloadManager, OffloadConfig};
+use super::{BlockGuard, LayerwiseOffloadManager, OffloadConfig};
 
 impl LayerwiseOffloadManager {
     /// FastVideo's constructor: `new(model, module_list_attr, num_layers, enabled,
@@ -44,7 +44,7 @@ impl LayerwiseOffloadManager {
     /// FastVideo's `prefetch_layer`: queues the upload of block `layer` on the copy stream and
     /// points its tensors at the slot. A no-op when disabled, out of range or already on the
     /// device. With `non_blocking == false` it waits (on the host) for the upload; otherwise
-    /// the compute stream waits for it when the block is entered (`enter`, `before_layer` or
+    /// the compute stream waits for it when the block is entered (`enter`, `before_block` or
     /// `layer_scope`).
     pub fn prefetch_layer(&mut self, layer: usize, non_blocking: bool) -> Result<()> {
         if !self.is_enabled() {
@@ -58,7 +58,7 @@ impl LayerwiseOffloadManager {
             return Ok(());
         }
         let s = self.pick_slot(&[layer]).ok_or_else(|| Error::NoFreeSlot {
-            layer,
+            block: layer,
             in_use: self.in_use(),
         })?;
         self.upload(layer, s)?;
@@ -126,9 +126,9 @@ impl LayerwiseOffloadManager {
             }
             return Err(e);
         }
-        let guard = LayerGuard {
+        let guard = BlockGuard {
             manager: self,
-            layer: run.unwrap_or(usize::MAX),
+            block: run.unwrap_or(usize::MAX),
             armed: run.is_some(),
         };
         let out = f();

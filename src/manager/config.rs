@@ -11,7 +11,7 @@ use super::LayerwiseOffloadManager;
 use super::device::Backend;
 
 /// How a manager is set up. Required values are positional in [`OffloadConfig::new`]; the rest
-/// are options with the seed's defaults.
+/// are options with FastVideo's defaults.
 #[derive(Debug, Clone)]
 pub struct OffloadConfig {
     pub(super) lists: Vec<(String, usize)>,
@@ -36,11 +36,11 @@ pub struct OffloadConfig {
 pub const MAX_PREFETCH_DEPTH: usize = 1024;
 
 impl OffloadConfig {
-    /// Offload blocks `0..num_layers` of the list whose tensors are named
+    /// Offload blocks `0..num_blocks` of the list whose tensors are named
     /// `<module_list_attr>.<index>.…` (e.g. `"blocks"`, 40).
-    pub fn new(module_list_attr: impl Into<String>, num_layers: usize) -> OffloadConfig {
+    pub fn new(module_list_attr: impl Into<String>, num_blocks: usize) -> OffloadConfig {
         OffloadConfig {
-            lists: vec![(module_list_attr.into(), num_layers)],
+            lists: vec![(module_list_attr.into(), num_blocks)],
             enabled: true,
             pin_cpu_memory: true,
             auto_initialize: false,
@@ -133,9 +133,9 @@ impl OffloadConfig {
     pub fn with_list(
         mut self,
         module_list_attr: impl Into<String>,
-        num_layers: usize,
+        num_blocks: usize,
     ) -> OffloadConfig {
-        self.lists.push((module_list_attr.into(), num_layers));
+        self.lists.push((module_list_attr.into(), num_blocks));
         self
     }
 
@@ -148,7 +148,7 @@ impl OffloadConfig {
     /// Without a usable CUDA device, build a disabled manager (every call a no-op, the model
     /// left on the CPU as it is) instead of failing (default false: [`Self::build`] returns
     /// [`Error::NoDevice`] saying why CUDA is unusable). [`LayerwiseOffloadManager::is_enabled`]
-    /// tells which one was built. [`LayerwiseOffloadManager::new`], the seed's constructor,
+    /// tells which one was built. [`LayerwiseOffloadManager::new`], FastVideo's constructor,
     /// turns this on and says so once on stderr.
     pub fn allow_cpu_fallback(mut self, allow: bool) -> OffloadConfig {
         self.allow_cpu_fallback = allow;
@@ -245,7 +245,7 @@ impl OffloadConfig {
             return Err(Error::InvalidArgument {
                 op: "OffloadConfig::new",
                 message: format!(
-                    "num_layers is 0 for {attr:?}: pass the number of blocks to offload (at least 1), or build with enabled(false) to offload nothing"
+                    "num_blocks is 0 for {attr:?}: pass the number of blocks to offload (at least 1), or build with enabled(false) to offload nothing"
                 ),
             });
         }

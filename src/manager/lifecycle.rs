@@ -91,7 +91,7 @@ impl LayerwiseOffloadManager {
         let plan = self.plan_and_claim()?;
         // Which blocks stay resident (a VRAM budget), which stream.
         let resident = self.choose_resident(&plan)?;
-        let streamed: Vec<usize> = (0..plan.layers.len()).filter(|&i| !resident[i]).collect();
+        let streamed: Vec<usize> = (0..plan.blocks.len()).filter(|&i| !resident[i]).collect();
         // The slot ring first: running out of device memory here changes nothing.
         let (slots, slot_bytes) = self.alloc_ring(&plan, &streamed)?;
         self.join_group(&slots)?;
@@ -101,10 +101,10 @@ impl LayerwiseOffloadManager {
         self.slots = slots;
         self.blocks = blocks;
         self.stats = OffloadStats {
-            streamed_layers: streamed.len(),
-            resident_layers: plan.layers.len() - streamed.len(),
+            streamed_blocks: streamed.len(),
+            resident_blocks: plan.blocks.len() - streamed.len(),
             resident_bytes: plan
-                .layers
+                .blocks
                 .iter()
                 .zip(&resident)
                 .filter(|(_, r)| **r)
@@ -112,8 +112,8 @@ impl LayerwiseOffloadManager {
                 .sum(),
             slot_bytes: (slot_bytes * self.slots.len()) as u64,
             pinned: self.host_memory() == HostMemory::Pinned,
-            layer_upload_ms: vec![0.0; plan.layers.len()],
-            layer_stall_ms: vec![0.0; plan.layers.len()],
+            block_upload_ms: vec![0.0; plan.blocks.len()],
+            block_stall_ms: vec![0.0; plan.blocks.len()],
             ..OffloadStats::default()
         };
         self.plan = Some(plan);
@@ -141,7 +141,7 @@ impl LayerwiseOffloadManager {
             store.check_plan(&plan)?;
         }
         // No other manager may hold these tensors: it would have left placeholders in them.
-        self.claim = Some(Claim::take(plan.layers.iter().flat_map(|l| {
+        self.claim = Some(Claim::take(plan.blocks.iter().flat_map(|l| {
             l.tensors
                 .iter()
                 .map(|t| (t.name.as_str(), &self.named[t.source_index].1))
@@ -154,7 +154,7 @@ impl LayerwiseOffloadManager {
     fn alloc_ring(&mut self, plan: &Plan, streamed: &[usize]) -> Result<(Vec<Slot>, usize)> {
         let slot_bytes = streamed
             .iter()
-            .map(|&i| plan.layers[i].bytes)
+            .map(|&i| plan.blocks[i].bytes)
             .max()
             .unwrap_or(0);
         let n_slots = self
@@ -201,8 +201,8 @@ impl LayerwiseOffloadManager {
     /// Per block: handles of the model's tensors and placeholders on the compute device.
     fn block_states(&self, plan: &Plan, resident: &[bool]) -> Result<Vec<BlockState>> {
         let compute = self.compute_device();
-        let mut blocks = Vec::with_capacity(plan.layers.len());
-        for (l, &r) in plan.layers.iter().zip(resident) {
+        let mut blocks = Vec::with_capacity(plan.blocks.len());
+        for (l, &r) in plan.blocks.iter().zip(resident) {
             let mut params = Vec::with_capacity(l.tensors.len());
             let mut placeholders = Vec::with_capacity(l.tensors.len());
             for t in &l.tensors {
@@ -224,13 +224,13 @@ impl LayerwiseOffloadManager {
         let compute = self.compute_device();
         let from_store = self.config.store.is_some();
         let resident_tensors = plan
-            .layers
+            .blocks
             .iter()
             .zip(resident)
             .filter(|(_, r)| **r && !from_store)
             .flat_map(|(l, _)| l.tensors.iter().map(|t| t.source_index));
         let to_move: Vec<usize> = plan
-            .resident
+            .non_block
             .iter()
             .copied()
             .chain(resident_tensors)
@@ -370,7 +370,7 @@ impl LayerwiseOffloadManager {
         }
         let plan = self.plan.as_ref().expect("plan set above");
         self.store = Some(Arc::new(HostStore::own(
-            plan.layers.clone(),
+            plan.blocks.clone(),
             self.blocks
                 .iter()
                 .map(|l| l.host.as_ref().map(|h| h.shallow_clone()))
@@ -391,7 +391,7 @@ impl LayerwiseOffloadManager {
     /// Marks the blocks that stay on the device for good: as many as fit in the budget next to
     /// the slot ring, spread evenly through the loop. All of them if everything fits.
     fn choose_resident(&self, plan: &Plan) -> Result<Vec<bool>> {
-        let n = plan.layers.len();
+        let n = plan.blocks.len();
         let Some(budget) = self.config.budget else {
             return Ok(vec![false; n]);
         };
@@ -400,7 +400,7 @@ impl LayerwiseOffloadManager {
             (Budget::AllBut(reserve), Some(free)) => {
                 // Non-block weights still on the CPU will take their share of what is free.
                 let pending: u64 = plan
-                    .resident
+                    .non_block
                     .iter()
                     .map(|&i| &self.named[i].1)
                     .filter(|t| t.device() == Device::Cpu)
@@ -415,7 +415,7 @@ impl LayerwiseOffloadManager {
                 });
             }
         };
-        let sizes: Vec<u64> = plan.layers.iter().map(|l| l.bytes as u64).collect();
+        let sizes: Vec<u64> = plan.blocks.iter().map(|l| l.bytes as u64).collect();
         placement::resident_blocks(&sizes, Some(budget), self.config.prefetch_depth)
     }
 
@@ -547,7 +547,7 @@ impl LayerwiseOffloadManager {
     /// shapes and strides, bit-identical), frees the slots and host buffers, and leaves the
     /// model usable without the manager. Needs device memory for the whole model; if it runs
     /// out, blocks restored so far stay restored and calling it again (after freeing memory)
-    /// or [`Self::restore_to`] the CPU finishes the job. Once a restore has started the layer
+    /// or [`Self::restore_to`] the CPU finishes the job. Once a restore has started the block
     /// loop is over, also if it fails: loop calls return [`Error::PartlyRestored`] until a
     /// restore finishes, while [`Self::tensor`], [`Self::stats`] and the other reads work.
     pub fn restore(&mut self) -> Result<()> {

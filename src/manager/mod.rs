@@ -63,7 +63,7 @@ pub use config::{Fault, MAX_PREFETCH_DEPTH, OffloadConfig};
 use crate::claims::Claim;
 use crate::error::{Error, Result};
 use crate::host::HostStore;
-use crate::plan::{LayerLayout, Plan};
+use crate::plan::{BlockLayout, Plan};
 use crate::stats::OffloadStats;
 use config::FaultInjector;
 use device::Backend;
@@ -84,9 +84,9 @@ enum Phase {
 }
 
 /// Streams a model's per-block weights between host memory and the GPU, one block ahead of the
-/// compute, with the API of FastVideo's `LayerwiseOffloadManager` plus a guard-based layer loop.
+/// compute, with the API of FastVideo's `LayerwiseOffloadManager` plus a guard-based block loop.
 ///
-/// Blocks are numbered in loop order across all lists (list by list); [`Self::layer_index`]
+/// Blocks are numbered in loop order across all lists (list by list); [`Self::block_index`]
 /// maps `(list, index)` to that number.
 ///
 /// After [`Self::initialize`], a block's tensors are empty placeholders except while the block
@@ -174,15 +174,15 @@ impl LayerwiseOffloadManager {
     }
 
     /// Number of offloaded blocks over all lists (0 before `initialize`).
-    pub fn num_layers(&self) -> usize {
+    pub fn num_blocks(&self) -> usize {
         self.blocks.len()
     }
 
     /// The loop index of block `index` of list `module_list_attr`.
-    pub fn layer_index(&self, module_list_attr: &str, index: usize) -> Option<usize> {
+    pub fn block_index(&self, module_list_attr: &str, index: usize) -> Option<usize> {
         self.plan
             .as_ref()?
-            .layers
+            .blocks
             .iter()
             .position(|l| l.attr == module_list_attr && l.index == index)
     }
@@ -193,22 +193,22 @@ impl LayerwiseOffloadManager {
         self.store.clone()
     }
 
-    /// Whether block `layer`'s weights are on the device now (resident, or in a slot uploaded
+    /// Whether block `block`'s weights are on the device now (resident, or in a slot uploaded
     /// or queued).
-    pub fn is_on_device(&self, layer: usize) -> bool {
+    pub fn is_on_device(&self, block: usize) -> bool {
         self.blocks
-            .get(layer)
+            .get(block)
             .is_some_and(|b| b.slot.is_some() || b.resident)
     }
 
-    /// Whether block `layer` stays on the device for good (within the VRAM budget).
-    pub fn is_resident(&self, layer: usize) -> bool {
-        self.blocks.get(layer).is_some_and(|b| b.resident)
+    /// Whether block `block` stays on the device for good (within the VRAM budget).
+    pub fn is_resident(&self, block: usize) -> bool {
+        self.blocks.get(block).is_some_and(|b| b.resident)
     }
 
-    /// Whether block `layer` is entered.
-    pub fn is_entered(&self, layer: usize) -> bool {
-        self.blocks.get(layer).is_some_and(|b| b.in_use)
+    /// Whether block `block` is entered.
+    pub fn is_entered(&self, block: usize) -> bool {
+        self.blocks.get(block).is_some_and(|b| b.in_use)
     }
 
     /// The blocks held by the slot ring now, slot by slot.
@@ -216,46 +216,46 @@ impl LayerwiseOffloadManager {
         self.slots.iter().map(|s| s.block()).collect()
     }
 
-    /// Enters block `layer` for computing: waits (on the device) for its upload, loading it at
+    /// Enters block `block` for computing: waits (on the device) for its upload, loading it at
     /// once if nothing prefetched it, and queues the uploads of the next `prefetch_depth`
     /// blocks. Dropping the guard releases the block. A disabled manager returns a guard that
     /// does nothing.
-    pub fn enter(&mut self, layer: usize) -> Result<LayerGuard<'_>> {
+    pub fn enter(&mut self, block: usize) -> Result<BlockGuard<'_>> {
         if self.is_enabled() {
-            self.before_layer(layer)?;
+            self.before_block(block)?;
         }
-        Ok(LayerGuard {
+        Ok(BlockGuard {
             manager: self,
-            layer,
+            block,
             armed: true,
         })
     }
 
     /// [`Self::enter`] without a guard, for drivers that cannot hold one; pair it with
-    /// [`Self::after_layer`].
-    pub fn before_layer(&mut self, layer: usize) -> Result<()> {
+    /// [`Self::after_block`].
+    pub fn before_block(&mut self, block: usize) -> Result<()> {
         if !self.is_enabled() {
             return Ok(());
         }
-        self.check_ready("before_layer")?;
-        self.check_range("before_layer", layer)?;
-        self.activate(layer)?;
-        if let Err(e) = self.prefetch_ahead(layer) {
+        self.check_ready("before_block")?;
+        self.check_range("before_block", block)?;
+        self.activate(block)?;
+        if let Err(e) = self.prefetch_ahead(block) {
             // The caller gets no guard: leave the block released, not entered forever.
-            let _ = self.release(layer);
+            let _ = self.release(block);
             return Err(e);
         }
         Ok(())
     }
 
-    /// Releases block `layer` after its compute (no-op if it is not entered).
-    pub fn after_layer(&mut self, layer: usize) -> Result<()> {
+    /// Releases block `block` after its compute (no-op if it is not entered).
+    pub fn after_block(&mut self, block: usize) -> Result<()> {
         if !self.is_enabled() {
             return Ok(());
         }
-        self.check_ready("after_layer")?;
-        self.check_range("after_layer", layer)?;
-        self.release(layer)
+        self.check_ready("after_block")?;
+        self.check_range("after_block", block)?;
+        self.release(block)
     }
 
     fn check_ready(&self, op: &'static str) -> Result<()> {
@@ -270,27 +270,27 @@ impl LayerwiseOffloadManager {
         Error::PartlyRestored {
             op,
             restored: self.restored,
-            num_layers: self.blocks.len(),
+            num_blocks: self.blocks.len(),
         }
     }
 
-    fn check_range(&self, op: &'static str, layer: usize) -> Result<()> {
-        if layer >= self.blocks.len() {
-            return Err(Error::LayerOutOfRange {
+    fn check_range(&self, op: &'static str, block: usize) -> Result<()> {
+        if block >= self.blocks.len() {
+            return Err(Error::BlockOutOfRange {
                 op,
-                layer,
-                num_layers: self.blocks.len(),
+                block,
+                num_blocks: self.blocks.len(),
             });
         }
         Ok(())
     }
 
-    fn layout(&self, block: usize) -> &LayerLayout {
+    fn layout(&self, block: usize) -> &BlockLayout {
         &self
             .plan
             .as_ref()
             .expect("plan exists once blocks exist")
-            .layers[block]
+            .blocks[block]
     }
 
     /// Whether the guard of `block` may release it: the manager is running its loop and the
@@ -318,33 +318,33 @@ impl Drop for LayerwiseOffloadManager {
 /// (also during a panic's unwinding).
 #[must_use = "the block is released when the guard drops"]
 #[derive(Debug)]
-pub struct LayerGuard<'a> {
+pub struct BlockGuard<'a> {
     manager: &'a mut LayerwiseOffloadManager,
-    layer: usize,
+    block: usize,
     armed: bool,
 }
 
-impl LayerGuard<'_> {
+impl BlockGuard<'_> {
     /// The block's loop index.
-    pub fn layer(&self) -> usize {
-        self.layer
+    pub fn block(&self) -> usize {
+        self.block
     }
 
     /// Releases the block now and reports an error, which `Drop` cannot.
     pub fn finish(mut self) -> Result<()> {
         self.armed = false;
-        if self.manager.can_release(self.layer) {
-            self.manager.release(self.layer)
+        if self.manager.can_release(self.block) {
+            self.manager.release(self.block)
         } else {
             Ok(())
         }
     }
 }
 
-impl Drop for LayerGuard<'_> {
+impl Drop for BlockGuard<'_> {
     fn drop(&mut self) {
-        if self.armed && self.manager.can_release(self.layer) {
-            let _ = self.manager.release(self.layer);
+        if self.armed && self.manager.can_release(self.block) {
+            let _ = self.manager.release(self.block);
         }
     }
 }

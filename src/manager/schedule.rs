@@ -70,7 +70,7 @@ impl LayerwiseOffloadManager {
             Some(s) => s,
             None => {
                 let s = self.pick_slot(&[block]).ok_or_else(|| Error::NoFreeSlot {
-                    layer: block,
+                    block,
                     in_use: self.in_use(),
                 })?;
                 self.upload(block, s)?;

@@ -83,11 +83,11 @@ impl Timer {
                         stats.upload_ms += ms;
                         stats.timed_uploads += 1;
                         stats.timed_bytes += t.bytes;
-                        stats.layer_upload_ms[t.block] += ms;
+                        stats.block_upload_ms[t.block] += ms;
                     }
                     Lane::Stall => {
                         stats.stall_ms += ms;
-                        stats.layer_stall_ms[t.block] += ms;
+                        stats.block_stall_ms[t.block] += ms;
                     }
                     Lane::Compute => {}
                 }
@@ -97,7 +97,7 @@ impl Timer {
                 {
                     tl.spans.push(TimelineSpan {
                         lane: t.lane,
-                        layer: t.block,
+                        block: t.block,
                         start_ms: a,
                         end_ms: b,
                     });

@@ -112,7 +112,7 @@ impl LayerwiseOffloadManager {
             round,
             rank,
             Post {
-                layer: block,
+                block,
                 bytes,
                 buf: dst.shallow_clone(),
                 writable,

@@ -3,7 +3,7 @@
 //! `named_tensors`, `update_tensor`, `save_safetensors`).
 
 use crate::error::{Error, Result};
-use crate::plan::LayerLayout;
+use crate::plan::BlockLayout;
 use std::path::Path;
 use std::sync::Arc;
 use tch::Tensor;
@@ -73,7 +73,7 @@ impl BlockState {
 
 /// Typed views of a block buffer (host buffer or slot), one per tensor, with the original
 /// shapes and strides.
-pub(super) fn views(buf: &Tensor, layout: &LayerLayout) -> Result<Vec<Tensor>> {
+pub(super) fn views(buf: &Tensor, layout: &BlockLayout) -> Result<Vec<Tensor>> {
     layout
         .tensors
         .iter()
@@ -87,7 +87,7 @@ pub(super) fn views(buf: &Tensor, layout: &LayerLayout) -> Result<Vec<Tensor>> {
 }
 
 impl LayerwiseOffloadManager {
-    /// Finds a managed tensor: `Ok(Some((layer, position)))` for a block tensor, `Ok(None)`
+    /// Finds a managed tensor: `Ok(Some((block, position)))` for a block tensor, `Ok(None)`
     /// for a non-block tensor.
     fn locate(&self, name: &str) -> Result<(usize, Option<(usize, usize)>)> {
         let src = self
@@ -98,7 +98,7 @@ impl LayerwiseOffloadManager {
                 name: name.to_owned(),
             })?;
         if let Some(plan) = &self.plan {
-            for (li, l) in plan.layers.iter().enumerate() {
+            for (li, l) in plan.blocks.iter().enumerate() {
                 if let Some(j) = l.tensors.iter().position(|t| t.source_index == src)
                     && self.blocks[li].host.is_some()
                 {
@@ -167,9 +167,9 @@ impl LayerwiseOffloadManager {
         match at {
             Some((li, j)) => {
                 if self.blocks[li].in_use {
-                    return Err(Error::LayerInUse {
+                    return Err(Error::BlockInUse {
                         op: "update_tensor",
-                        layer: li,
+                        block: li,
                     });
                 }
                 if self.config.peer.is_some() {
