@@ -20,7 +20,7 @@ pub use error::{Error, Result, TorchMessage};
 pub use host::HostStore;
 // The shared-memory file helpers, where the host file mapping in `accel` reaches them.
 use host::shm;
-#[doc(hidden)]
+#[cfg(feature = "testing")]
 pub use manager::Fault;
 pub use manager::{BlockGuard, LayerwiseOffloadManager, OffloadConfig};
 pub use peer::PeerGroup;

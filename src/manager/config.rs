@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use super::LayerwiseOffloadManager;
 use super::device::Backend;
+#[cfg(feature = "testing")]
+use super::faults::Fault;
 
 /// How a manager is set up. Required values are positional in [`OffloadConfig::new`]; the rest
 /// are options with FastVideo's defaults.
@@ -23,6 +25,7 @@ pub struct OffloadConfig {
     pub(super) cpu_test_mode: bool,
     pub(super) timing: bool,
     pub(super) budget: Option<Budget>,
+    #[cfg(feature = "testing")]
     pub(super) faults: Vec<Fault>,
     pub(super) store: Option<Arc<HostStore>>,
     pub(super) shareable: bool,
@@ -49,6 +52,7 @@ impl OffloadConfig {
             cpu_test_mode: false,
             timing: true,
             budget: None,
+            #[cfg(feature = "testing")]
             faults: Vec::new(),
             store: None,
             shareable: false,
@@ -113,16 +117,17 @@ impl OffloadConfig {
     }
 
     /// Peer groups: send the shares to the other members on one stream per receiver (`true`)
-    /// instead of one stream for all (the default). For measurements; not part of the stable
-    /// API.
-    #[doc(hidden)]
+    /// instead of one stream for all (the default). For measurements, with the `testing`
+    /// feature; not part of the stable API.
+    #[cfg(feature = "testing")]
     pub fn push_stream_per_member(mut self, on: bool) -> OffloadConfig {
         self.push_per_member = on;
         self
     }
 
-    /// Makes an operation fail on purpose, to test error paths. Not part of the stable API.
-    #[doc(hidden)]
+    /// Makes an operation fail on purpose, to test error paths. With the `testing` feature;
+    /// not part of the stable API.
+    #[cfg(feature = "testing")]
     pub fn inject_fault(mut self, fault: Fault) -> OffloadConfig {
         self.faults.push(fault);
         self
@@ -274,70 +279,5 @@ impl OffloadConfig {
             m.initialize()?;
         }
         Ok(m)
-    }
-}
-
-/// A failure to inject, for tests of the error paths (the k-th such operation fails, counting
-/// from 0). Not part of the stable API.
-#[doc(hidden)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// The k-th slot allocation runs out of device memory.
-    SlotAlloc(usize),
-    /// The k-th upload fails.
-    Upload(usize),
-    /// The k-th host buffer allocation is refused.
-    HostAlloc(usize),
-    /// The k-th block that `restore` copies back from its host copy runs out of device memory.
-    Restore(usize),
-}
-
-/// Counts the operations that an injected [`Fault`] can make fail.
-#[derive(Debug, Default)]
-pub(super) struct FaultInjector {
-    faults: Vec<Fault>,
-    slot_allocs: usize,
-    uploads: usize,
-    host_allocs: usize,
-    restored_blocks: usize,
-}
-
-/// Counts one operation and returns the count before it.
-fn next(count: &mut usize) -> usize {
-    *count += 1;
-    *count - 1
-}
-
-impl FaultInjector {
-    /// An injector for the faults `config` asks for, every count at 0.
-    pub(super) fn new(config: &OffloadConfig) -> FaultInjector {
-        FaultInjector {
-            faults: config.faults.clone(),
-            ..FaultInjector::default()
-        }
-    }
-
-    /// Counts one slot allocation; whether it fails.
-    pub(super) fn slot_alloc(&mut self) -> bool {
-        let k = next(&mut self.slot_allocs);
-        self.faults.contains(&Fault::SlotAlloc(k))
-    }
-
-    /// Counts one upload; whether it fails.
-    pub(super) fn upload(&mut self) -> bool {
-        let k = next(&mut self.uploads);
-        self.faults.contains(&Fault::Upload(k))
-    }
-
-    /// Counts one host buffer allocation; whether it fails.
-    pub(super) fn host_alloc(&mut self) -> bool {
-        let k = next(&mut self.host_allocs);
-        self.faults.contains(&Fault::HostAlloc(k))
-    }
-
-    /// Counts one block that `restore` copies back; whether it fails.
-    pub(super) fn restore(&mut self) -> bool {
-        let k = next(&mut self.restored_blocks);
-        self.faults.contains(&Fault::Restore(k))
     }
 }

@@ -51,6 +51,7 @@
 mod compat;
 mod config;
 mod device;
+mod faults;
 mod lifecycle;
 mod ring;
 mod schedule;
@@ -58,14 +59,16 @@ mod timing;
 mod upload;
 mod weights;
 
-pub use config::{Fault, MAX_PREFETCH_DEPTH, OffloadConfig};
+pub use config::{MAX_PREFETCH_DEPTH, OffloadConfig};
+#[cfg(feature = "testing")]
+pub use faults::Fault;
 
 use crate::claims::Claim;
 use crate::error::{Error, Result};
 use crate::host::HostStore;
 use crate::plan::{BlockLayout, Plan};
 use crate::stats::OffloadStats;
-use config::FaultInjector;
+use faults::FaultInjector;
 use device::Backend;
 use ring::Slot;
 use std::sync::Arc;
