@@ -248,10 +248,7 @@ pub(crate) fn build(
         }
     }
     let non_block = (0..tensors.len()).filter(|i| owner[*i].is_none()).collect();
-    Ok(Plan {
-        blocks,
-        non_block,
-    })
+    Ok(Plan { blocks, non_block })
 }
 
 #[cfg(test)]

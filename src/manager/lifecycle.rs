@@ -1,5 +1,6 @@
-//! Setting up and taking down: `initialize` (plan, ring, block states, device tensors, host
-//! copies, each a named step that [`Undo`] can take back), `restore`, and what Drop leaves.
+//! Setting up: `initialize`, a short sequence of named steps (plan and claim, residency, slot
+//! ring, peer group, block states, device tensors, host copies), each recorded in [`Undo`] so
+//! that a failure puts the model back (`restore.rs`).
 
 use crate::accel::{self, HostMemory};
 use crate::claims::Claim;
@@ -13,20 +14,20 @@ use std::time::Instant;
 use tch::{Device, Tensor};
 
 use super::ring::Slot;
-use super::weights::{BlockState, views};
+use super::weights::{BlockState, empty_like, views, zip_views};
 use super::{LayerwiseOffloadManager, Phase};
 
 /// What `initialize` changed so far, to put the model back as it was should a later step fail.
 #[derive(Debug, Default)]
-struct Undo {
+pub(super) struct Undo {
     /// The device of every source tensor before `initialize`.
-    devices: Vec<Device>,
+    pub(super) devices: Vec<Device>,
     /// Tensors re-pointed whose old value has no host copy of this manager's (moved to the
     /// device, or given placeholders or fresh tensors from a shared store), each with an alias
     /// of its old data.
-    repointed: Vec<(usize, Tensor)>,
+    pub(super) repointed: Vec<(usize, Tensor)>,
     /// The shared-memory file this `initialize` created.
-    created: Option<std::path::PathBuf>,
+    pub(super) created: Option<std::path::PathBuf>,
 }
 
 impl LayerwiseOffloadManager {
@@ -291,18 +292,8 @@ impl LayerwiseOffloadManager {
                 .expect("check_plan: every block is in the store");
             let layout = self.layout(i).clone();
             let views = views(buf, &layout)?;
-            for ((t, v), p) in layout
-                .tensors
-                .iter()
-                .zip(&views)
-                .zip(self.blocks[i].params.iter_mut())
-            {
-                let mut fresh = Tensor::f_empty_strided(
-                    t.shape.as_slice(),
-                    t.strides.as_slice(),
-                    (t.kind, compute),
-                )
-                .map_err(|e| {
+            for (t, v, p) in zip_views(&layout, &views, &mut self.blocks[i].params) {
+                let mut fresh = empty_like(t, compute).map_err(|e| {
                     Error::from_torch(
                         "filling resident blocks from the shared store",
                         t.bytes as u64,
@@ -452,179 +443,7 @@ impl LayerwiseOffloadManager {
         rt.point_at_placeholders()
     }
 
-    /// Undoes a failed [`Self::offload`]: own host copies go back into fresh tensors on their
-    /// old devices (or, without memory there, stay as host views), re-pointed tensors get their
-    /// old data back, and the slot ring, the plan, the store, the claim, the peer group rank
-    /// and the shared-memory file this call created are given up.
-    fn roll_back(&mut self, undo: Undo) {
-        self.backend.sync_copies();
-        if self.config.store.is_none() && self.plan.is_some() {
-            for i in 0..self.blocks.len() {
-                if self.blocks[i].resident {
-                    continue; // moved to the device in step 3: in `undo.repointed`
-                }
-                let Some(host) = self.blocks[i].host.take() else {
-                    continue; // not copied yet: untouched
-                };
-                let layout = self.layout(i).clone();
-                let Ok(views) = views(&host, &layout) else {
-                    continue;
-                };
-                for ((t, v), p) in layout
-                    .tensors
-                    .iter()
-                    .zip(&views)
-                    .zip(self.blocks[i].params.iter_mut())
-                {
-                    let device = undo.devices[t.source_index];
-                    let fresh = Tensor::f_empty_strided(
-                        t.shape.as_slice(),
-                        t.strides.as_slice(),
-                        (t.kind, device),
-                    )
-                    .and_then(|mut f| tch::no_grad(|| f.f_copy_(v)).map(|_| f));
-                    let _ = match fresh {
-                        Ok(f) => p.f_set_data(&f),
-                        Err(_) => p.f_set_data(v),
-                    };
-                }
-            }
-        }
-        for (i, old) in undo.repointed.into_iter().rev() {
-            let _ = self.named[i].1.f_set_data(&old);
-        }
-        if self.peer.joined
-            && let Some((group, rank)) = &self.config.peer
-        {
-            group.unjoin(*rank);
-        }
-        self.peer.joined = false;
-        self.blocks.clear();
-        self.slots.clear();
-        self.plan = None;
-        self.store = None; // a published store removes its file and manifest when dropped
-        self.claim = None;
-        self.stats = OffloadStats::default();
-        if let Some(path) = undo.created {
-            // The file this call created (the manifest's own writer removes its temporary).
-            let _ = std::fs::remove_file(path);
-        }
-    }
-
-    /// Points every filled block's tensors at their host copies (CPU memory) and forgets the
-    /// slots: the state after drop.
-    pub(super) fn detach_to_host(&mut self) {
-        self.backend.sync_copies();
-        if self.plan.is_none() {
-            return;
-        }
-        for i in 0..self.blocks.len() {
-            if self.blocks[i].resident {
-                continue; // real device tensors, not placeholders
-            }
-            let Some(host) = self.blocks[i].host.as_ref().map(|h| h.shallow_clone()) else {
-                continue;
-            };
-            let Ok(views) = views(&host, self.layout(i)) else {
-                continue;
-            };
-            for (p, v) in self.blocks[i].params.iter_mut().zip(&views) {
-                let _ = p.f_set_data(v);
-            }
-            self.blocks[i].slot = None;
-            self.blocks[i].in_use = false;
-        }
-        for s in &mut self.slots {
-            s.take_block();
-        }
-    }
-
     fn host_memory(&self) -> HostMemory {
         self.backend.host_memory(self.config.pin_cpu_memory)
-    }
-
-    /// Puts every block tensor back on the compute device (fresh tensors with the original
-    /// shapes and strides, bit-identical), frees the slots and host buffers, and leaves the
-    /// model usable without the manager. Needs device memory for the whole model; if it runs
-    /// out, blocks restored so far stay restored and calling it again (after freeing memory)
-    /// or [`Self::restore_to`] the CPU finishes the job. Once a restore has started the block
-    /// loop is over, also if it fails: loop calls return [`Error::PartlyRestored`] until a
-    /// restore finishes, while [`Self::tensor`], [`Self::stats`] and the other reads work.
-    pub fn restore(&mut self) -> Result<()> {
-        let device = self.compute_device();
-        self.restore_to(device)
-    }
-
-    /// [`Self::restore`] onto `device` (e.g. `Device::Cpu` for a model that does not fit).
-    pub fn restore_to(&mut self, device: Device) -> Result<()> {
-        if self.phase == Phase::Restored || self.plan.is_none() {
-            return Ok(());
-        }
-        self.backend.sync_copies();
-        // The loop is over from here, also if a block below fails: loop calls are refused and
-        // the other members of a peer group learn at once that this one left.
-        self.phase = Phase::Restoring;
-        self.leave_group();
-        self.restored = 0;
-        for i in 0..self.blocks.len() {
-            if self.blocks[i].resident {
-                for p in &mut self.blocks[i].params {
-                    if p.device() != device {
-                        let moved = tch::no_grad(|| p.f_to_device(device))
-                            .map_err(|e| Error::from_torch("restore", 0, e.to_string()))?;
-                        p.f_set_data(&moved)
-                            .map_err(|e| Error::from(("restore", e)))?;
-                    }
-                }
-                self.blocks[i].in_use = false;
-                if self.blocks[i].host.take().is_some() {
-                    let bytes = self.layout(i).bytes as u64;
-                    self.stats.host_bytes = self.stats.host_bytes.saturating_sub(bytes);
-                }
-                self.restored += 1;
-                continue;
-            }
-            let Some(host) = self.blocks[i].host.as_ref().map(|h| h.shallow_clone()) else {
-                self.restored += 1; // restored by an earlier call
-                continue;
-            };
-            let layout = self.layout(i).clone();
-            if self.faults.restore() {
-                return Err(Error::OutOfMemory {
-                    op: format!("restoring block {i}"),
-                    bytes: layout.bytes as u64,
-                    source: crate::error::TorchMessage("injected fault".into()),
-                });
-            }
-            let views = views(&host, &layout)?;
-            let mut fresh = Vec::with_capacity(views.len());
-            for (t, v) in layout.tensors.iter().zip(&views) {
-                let mut f = Tensor::f_empty_strided(
-                    t.shape.as_slice(),
-                    t.strides.as_slice(),
-                    (t.kind, device),
-                )
-                .map_err(|e| Error::from_torch("restore", t.bytes as u64, e.to_string()))?;
-                tch::no_grad(|| f.f_copy_(v))
-                    .map_err(|e| Error::from_torch("restore", t.bytes as u64, e.to_string()))?;
-                fresh.push(f);
-            }
-            let b = &mut self.blocks[i];
-            b.point_at(&fresh, "restore")?;
-            b.in_use = false;
-            if let Some(s) = b.slot.take() {
-                self.slots[s].take_block();
-            }
-            self.stats.host_bytes = self.stats.host_bytes.saturating_sub(layout.bytes as u64);
-            self.blocks[i].host = None;
-            self.restored += 1;
-        }
-        self.backend.synchronize()?;
-        self.slots.clear();
-        self.store = None;
-        self.claim = None;
-        self.stats.shared_host_bytes = 0;
-        self.phase = Phase::Restored;
-        Ok(())
     }
 }

@@ -3,10 +3,10 @@
 //! `named_tensors`, `update_tensor`, `save_safetensors`).
 
 use crate::error::{Error, Result};
-use crate::plan::BlockLayout;
+use crate::plan::{BlockLayout, TensorLayout};
 use std::path::Path;
 use std::sync::Arc;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use super::LayerwiseOffloadManager;
 
@@ -84,6 +84,28 @@ pub(super) fn views(buf: &Tensor, layout: &BlockLayout) -> Result<Vec<Tensor>> {
                 .map_err(|e| Error::from(("making views of a block buffer", e)))
         })
         .collect()
+}
+
+/// Each tensor of `layout` with its view (from [`views`]) and the model's handle of it.
+pub(super) fn zip_views<'a>(
+    layout: &'a BlockLayout,
+    views: &'a [Tensor],
+    params: &'a mut [Tensor],
+) -> impl Iterator<Item = (&'a TensorLayout, &'a Tensor, &'a mut Tensor)> {
+    layout
+        .tensors
+        .iter()
+        .zip(views)
+        .zip(params)
+        .map(|((t, v), p)| (t, v, p))
+}
+
+/// An uninitialized tensor on `device` with `t`'s shape, strides and dtype.
+pub(super) fn empty_like(
+    t: &TensorLayout,
+    device: Device,
+) -> std::result::Result<Tensor, tch::TchError> {
+    Tensor::f_empty_strided(t.shape.as_slice(), t.strides.as_slice(), (t.kind, device))
 }
 
 impl LayerwiseOffloadManager {
