@@ -1,0 +1,278 @@
+//! The model's configuration, read from a diffusers `config.json`.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The hyperparameters of a `WanTransformer3DModel`, as diffusers writes them to the
+/// transformer's `config.json` (unknown keys such as `_class_name` are ignored; absent keys take
+/// diffusers' defaults, which are Wan2.1-14B's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Patch size (frames, height, width) of the Conv3d patch embedding.
+    pub patch_size: [i64; 3],
+    /// Attention heads.
+    pub num_attention_heads: i64,
+    /// Channels per head; the model width is `num_attention_heads * attention_head_dim`.
+    pub attention_head_dim: i64,
+    /// Latent channels in.
+    pub in_channels: i64,
+    /// Latent channels out (`None`: `in_channels`).
+    pub out_channels: Option<i64>,
+    /// Width of the text embeddings (umT5-XXL: 4096).
+    pub text_dim: i64,
+    /// Width of the sinusoidal timestep embedding.
+    pub freq_dim: i64,
+    /// Inner width of the feed-forward network.
+    pub ffn_dim: i64,
+    /// Transformer blocks.
+    pub num_layers: i64,
+    /// Whether cross-attention's input is layer-normed (with a learned scale and shift).
+    pub cross_attn_norm: bool,
+    /// Query/key normalization. diffusers builds `norm_q`/`norm_k` (RMS norms over the full
+    /// inner dimension) whatever this says; so does this crate.
+    pub qk_norm: Option<String>,
+    /// Epsilon of every norm.
+    pub eps: f64,
+    /// Image embedding width (I2V models only; must be `None` here).
+    pub image_dim: Option<i64>,
+    /// Added key/value projections' width (I2V models only; must be `None` here).
+    pub added_kv_proj_dim: Option<i64>,
+    /// Positions the rotary tables cover per axis (post-patch frames, height, width).
+    pub rope_max_seq_len: i64,
+    /// Image position embedding length (Wan2.1 FLF2V only; must be `None` here).
+    pub pos_embed_seq_len: Option<i64>,
+}
+
+impl Default for Config {
+    /// diffusers' defaults of `WanTransformer3DModel.__init__`.
+    fn default() -> Config {
+        Config {
+            patch_size: [1, 2, 2],
+            num_attention_heads: 40,
+            attention_head_dim: 128,
+            in_channels: 16,
+            out_channels: Some(16),
+            text_dim: 4096,
+            freq_dim: 256,
+            ffn_dim: 13824,
+            num_layers: 40,
+            cross_attn_norm: true,
+            qk_norm: Some("rms_norm_across_heads".into()),
+            eps: 1e-6,
+            image_dim: None,
+            added_kv_proj_dim: None,
+            rope_max_seq_len: 1024,
+            pos_embed_seq_len: None,
+        }
+    }
+}
+
+impl Config {
+    /// Wan2.1-T2V-1.3B (`Wan-AI/Wan2.1-T2V-1.3B-Diffusers`, `transformer/config.json`): 30
+    /// blocks, 12 heads of 128 (width 1536), ffn 8960.
+    pub fn wan2_1_t2v_1_3b() -> Config {
+        Config {
+            num_attention_heads: 12,
+            ffn_dim: 8960,
+            num_layers: 30,
+            ..Config::default()
+        }
+    }
+
+    /// Wan2.1-T2V-14B (`Wan-AI/Wan2.1-T2V-14B-Diffusers`, `transformer/config.json`): 40
+    /// blocks, 40 heads of 128 (width 5120), ffn 13824.
+    pub fn wan2_1_t2v_14b() -> Config {
+        Config::default()
+    }
+
+    /// A small configuration for tests and CPU runs: 2 blocks, 2 heads of 16, ffn 64, 4
+    /// channels, text width 32 (the parity fixture's, see `scripts/export_wan_fixture.py`).
+    pub fn tiny() -> Config {
+        Config {
+            num_attention_heads: 2,
+            attention_head_dim: 16,
+            in_channels: 4,
+            out_channels: Some(4),
+            text_dim: 32,
+            freq_dim: 32,
+            ffn_dim: 64,
+            num_layers: 2,
+            rope_max_seq_len: 32,
+            ..Config::default()
+        }
+    }
+
+    /// Parses a diffusers `config.json` and checks it (see [`Config::validate`]).
+    pub fn from_json(text: &str) -> std::result::Result<Config, ConfigError> {
+        let c: Config = serde_json::from_str(text).map_err(ConfigError::Json)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reads and checks `path` (a transformer's `config.json`).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Config> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_json(&text).map_err(|source| Error::Config {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Checks that the sizes are positive, that the head dimension splits into the three
+    /// rotary axes, and that the model is text-to-video (no image conditioning).
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
+        let positive = [
+            ("num_attention_heads", self.num_attention_heads),
+            ("attention_head_dim", self.attention_head_dim),
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels()),
+            ("text_dim", self.text_dim),
+            ("freq_dim", self.freq_dim),
+            ("ffn_dim", self.ffn_dim),
+            ("num_layers", self.num_layers),
+            ("rope_max_seq_len", self.rope_max_seq_len),
+            ("patch_size[0]", self.patch_size[0]),
+            ("patch_size[1]", self.patch_size[1]),
+            ("patch_size[2]", self.patch_size[2]),
+        ];
+        for (field, value) in positive {
+            if value <= 0 {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: format!("is {value}, must be positive"),
+                });
+            }
+        }
+        if self.freq_dim % 2 != 0 {
+            return Err(ConfigError::Invalid {
+                field: "freq_dim",
+                reason: format!("is {}, must be even", self.freq_dim),
+            });
+        }
+        let [t, h, w] = self.rope_dims();
+        if t <= 0 || t % 2 != 0 || h <= 0 {
+            return Err(ConfigError::Invalid {
+                field: "attention_head_dim",
+                reason: format!(
+                    "is {}: the rotary axes (frames {t}, height {h}, width {w}) must be even and positive",
+                    self.attention_head_dim
+                ),
+            });
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(ConfigError::Invalid {
+                field: "eps",
+                reason: format!("is {}, must be positive", self.eps),
+            });
+        }
+        for (field, value) in [
+            ("image_dim", self.image_dim),
+            ("added_kv_proj_dim", self.added_kv_proj_dim),
+            ("pos_embed_seq_len", self.pos_embed_seq_len),
+        ] {
+            if let Some(v) = value {
+                return Err(ConfigError::Unsupported {
+                    field,
+                    reason: format!(
+                        "is {v}: image conditioning (I2V, FLF2V) is not implemented, only text-to-video"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The model width, `num_attention_heads * attention_head_dim`.
+    pub fn inner_dim(&self) -> i64 {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    /// Latent channels out.
+    pub fn out_channels(&self) -> i64 {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    /// The rotary dimensions of the frame, height and width axes (diffusers'
+    /// `WanRotaryPosEmbed`: height and width get `2 * (head_dim / 6)` each, frames the rest).
+    pub fn rope_dims(&self) -> [i64; 3] {
+        let hw = 2 * (self.attention_head_dim / 6);
+        [self.attention_head_dim - 2 * hw, hw, hw]
+    }
+}
+
+/// A `config.json` that does not parse or describes a model this crate does not build.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// Not JSON, or a field of the wrong type.
+    Json(serde_json::Error),
+    /// A value out of range.
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A feature of the diffusers model that this crate does not implement.
+    Unsupported {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::Json(e) => write!(f, "not a WanTransformer3DModel config: {e}"),
+            ConfigError::Invalid { field, reason } => write!(f, "{field} {reason}"),
+            ConfigError::Unsupported { field, reason } => write!(f, "{field} {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Json(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_diffusers_config_parses_with_unknown_keys() {
+        let c = Config::from_json(
+            r#"{"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0",
+               "added_kv_proj_dim": null, "attention_head_dim": 128, "cross_attn_norm": true,
+               "eps": 1e-06, "ffn_dim": 8960, "freq_dim": 256, "image_dim": null,
+               "in_channels": 16, "num_attention_heads": 12, "num_layers": 30,
+               "out_channels": 16, "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads",
+               "rope_max_seq_len": 1024, "text_dim": 4096}"#,
+        )
+        .unwrap();
+        assert_eq!(c, Config::wan2_1_t2v_1_3b());
+        assert_eq!(c.inner_dim(), 1536);
+        assert_eq!(c.rope_dims(), [44, 42, 42]);
+    }
+
+    #[test]
+    fn image_conditioning_and_bad_sizes_are_refused_by_name() {
+        let e = Config::from_json(r#"{"image_dim": 1280}"#).unwrap_err();
+        assert!(e.to_string().starts_with("image_dim is 1280"), "{e}");
+        let e = Config::from_json(r#"{"num_layers": 0}"#).unwrap_err();
+        assert_eq!(e.to_string(), "num_layers is 0, must be positive");
+        let e = Config::from_json(r#"{"patch_size": [1, 2]}"#).unwrap_err();
+        assert!(matches!(e, ConfigError::Json(_)), "{e}");
+    }
+}

@@ -1,0 +1,155 @@
+//! The crate's error type.
+
+use crate::config::ConfigError;
+use std::path::PathBuf;
+
+/// A tensor whose shape in the checkpoint differs from the model's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeMismatch {
+    /// The parameter's name (diffusers' `state_dict` key).
+    pub name: String,
+    /// Its shape in the checkpoint.
+    pub file: Vec<i64>,
+    /// Its shape in the model.
+    pub model: Vec<i64>,
+}
+
+/// A tensor stored in an element type the loader refuses (only F32, BF16 and F16 are taken:
+/// other types would be converted silently into values the model was never trained with).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DtypeMismatch {
+    /// The parameter's name.
+    pub name: String,
+    /// The element type, spelled as tch's `Kind` (`Int64`, `Bool`, `Double`, ...), or the
+    /// safetensors name where tch has none.
+    pub dtype: String,
+}
+
+/// What the checkpoint lacks, has in excess, or has in another shape or type than the model.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Parameters of the model absent from the checkpoint.
+    pub missing: Vec<String>,
+    /// Tensors of the checkpoint the model has no parameter for.
+    pub unexpected: Vec<String>,
+    /// Tensors of another shape than the model's parameter.
+    pub shapes: Vec<ShapeMismatch>,
+    /// Tensors of a refused element type.
+    pub dtypes: Vec<DtypeMismatch>,
+}
+
+impl Mismatch {
+    /// True when the checkpoint matches the model.
+    pub fn is_empty(&self) -> bool {
+        self.missing.is_empty()
+            && self.unexpected.is_empty()
+            && self.shapes.is_empty()
+            && self.dtypes.is_empty()
+    }
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: Vec<String>| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
+        write!(
+            f,
+            "  missing: {}\n  unexpected: {}\n  shape mismatches: {}\n  dtypes refused (F32, BF16 and F16 are taken): {}",
+            list(self.missing.clone()),
+            list(self.unexpected.clone()),
+            list(
+                self.shapes
+                    .iter()
+                    .map(|s| format!("{}: file {:?}, model {:?}", s.name, s.file, s.model))
+                    .collect()
+            ),
+            list(
+                self.dtypes
+                    .iter()
+                    .map(|d| format!("{} is {}", d.name, d.dtype))
+                    .collect()
+            ),
+        )
+    }
+}
+
+/// Errors of this crate.
+#[derive(Debug)]
+pub enum Error {
+    /// A file could not be read.
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A `config.json` that does not parse or is not supported.
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: ConfigError,
+    },
+    /// A safetensors file or shard index that is not well formed.
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The checkpoint does not match the model.
+    Mismatch {
+        /// The checkpoint (a directory or a file).
+        path: PathBuf,
+        /// The differences.
+        mismatch: Box<Mismatch>,
+    },
+    /// An input of the forward pass of the wrong shape.
+    Input {
+        /// What is wrong.
+        reason: String,
+    },
+    /// libtorch failed.
+    Torch {
+        /// What was being done.
+        context: String,
+        /// libtorch's error.
+        source: tch::TchError,
+    },
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Io { path, source } => write!(f, "reading {}: {source}", path.display()),
+            Error::Config { path, source } => write!(f, "{}: {source}", path.display()),
+            Error::Format { path, reason } => write!(f, "{}: {reason}", path.display()),
+            Error::Mismatch { path, mismatch } => write!(
+                f,
+                "{} does not match the model (names as diffusers' WanTransformer3DModel, e.g. blocks.0.attn1.to_q.weight):\n{mismatch}",
+                path.display()
+            ),
+            Error::Input { reason } => write!(f, "bad input: {reason}"),
+            Error::Torch { context, source } => write!(f, "{context}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            Error::Config { source, .. } => Some(source),
+            Error::Torch { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}

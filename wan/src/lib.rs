@@ -1,0 +1,65 @@
+//! Wan2.1's diffusion transformer as diffusers defines it (`WanTransformer3DModel`, diffusers
+//! 0.42), written with tch: the same module tree and parameter names, so a diffusers
+//! transformer directory loads as it is, and the same operations in the same order and
+//! precision, so that the output matches diffusers' (see the parity test in the repository).
+//!
+//! The forward is open so that a caller can wrap each block, e.g. to stream its weights:
+//!
+//! ```
+//! use tch::{nn, Device, Kind, Tensor};
+//! use wan::{Config, WanTransformer3DModel};
+//!
+//! let config = Config::tiny();
+//! let mut vs = nn::VarStore::new(Device::Cpu);
+//! let model = WanTransformer3DModel::new(vs.root(), &config);
+//! wan::set_kind(&mut vs, Kind::Float); // bf16 on a GPU: float32 where diffusers keeps it
+//! let latents = Tensor::randn([1, 4, 2, 8, 8], (Kind::Float, Device::Cpu));
+//! let text = Tensor::randn([1, 7, config.text_dim], (Kind::Float, Device::Cpu));
+//! let t = Tensor::from_slice(&[500.0f32]);
+//! let e = model.embed(&latents, &t, &text)?;
+//! let mut h = e.hidden.shallow_clone();
+//! for i in 0..model.blocks().len() {
+//!     h = model.block(i, &h, &e); // e.g. inside the offload manager's `enter(i)`
+//! }
+//! let out = model.head(&h, &e);
+//! assert_eq!(out.size(), [1, 4, 2, 8, 8]);
+//! assert!(out.equal(&model.forward(&latents, &t, &text)?));
+//! # Ok::<(), wan::Error>(())
+//! ```
+//!
+//! Supported: text-to-video Wan2.1 (and Wan2.2 A14B's per-expert transformers, which share the
+//! config keys) with one timestep per sample; not the image-conditioned variants (`image_dim`,
+//! `added_kv_proj_dim`) nor Wan2.2 TI2V's per-token timesteps. The text encoder (umT5-XXL) is
+//! not part of this crate: the model takes its output.
+#![deny(missing_docs)]
+
+mod block;
+mod config;
+mod error;
+mod load;
+mod model;
+mod rope;
+
+pub use block::{Attention, Block};
+pub use config::{Config, ConfigError};
+pub use error::{DtypeMismatch, Error, Mismatch, Result, ShapeMismatch};
+pub use load::{
+    INDEX_FILE, TensorInfo, WEIGHTS_FILE, checkpoint_files, compare, load_checkpoint, read_header,
+};
+pub use model::{Embedded, KEEP_IN_FP32_MODULES, WanTransformer3DModel, keeps_fp32, set_kind};
+pub use rope::{Rotary, RotaryEmbedding};
+
+/// Reads `dir/config.json`, builds the model under `vs`'s root, converts it to `kind` (float32
+/// where diffusers keeps it) and loads the directory's weights.
+pub fn from_pretrained(
+    vs: &mut tch::nn::VarStore,
+    dir: impl AsRef<std::path::Path>,
+    kind: tch::Kind,
+) -> Result<(Config, WanTransformer3DModel)> {
+    let dir = dir.as_ref();
+    let config = Config::from_file(dir.join("config.json"))?;
+    let model = WanTransformer3DModel::new(vs.root(), &config);
+    set_kind(vs, kind);
+    load_checkpoint(vs, dir)?;
+    Ok((config, model))
+}

@@ -1,0 +1,229 @@
+//! Loading a diffusers transformer checkpoint: `config.json` with
+//! `diffusion_pytorch_model.safetensors`, or shards listed in
+//! `diffusion_pytorch_model.safetensors.index.json`.
+//!
+//! Every file's header is read and checked against the model first (names, shapes, element
+//! types), so that a checkpoint that does not match is refused with the full list of
+//! differences before any weight is copied; then the shards are read one at a time through tch.
+
+use crate::error::{DtypeMismatch, Error, Mismatch, Result, ShapeMismatch};
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use tch::{Tensor, nn};
+
+/// The single-file weights of a diffusers model directory.
+pub const WEIGHTS_FILE: &str = "diffusion_pytorch_model.safetensors";
+/// The shard index of a diffusers model directory.
+pub const INDEX_FILE: &str = "diffusion_pytorch_model.safetensors.index.json";
+/// Checkpoint keys diffusers ignores when they are unexpected (`_keys_to_ignore_on_load_unexpected`).
+const IGNORED_UNEXPECTED: [&str; 1] = ["norm_added_q"];
+/// The largest safetensors header accepted (the format's own limit is 100 MB).
+const MAX_HEADER: u64 = 100 << 20;
+
+/// One tensor's entry in a safetensors header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Element type as safetensors spells it (`F32`, `BF16`, ...).
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<i64>,
+}
+
+#[derive(Deserialize)]
+struct RawInfo {
+    dtype: String,
+    shape: Vec<i64>,
+    data_offsets: [u64; 2],
+}
+
+/// Reads the header of the safetensors file `path`: each tensor's element type and shape.
+pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
+    let io = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let format = |reason: String| Error::Format {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let file_len = f.metadata().map_err(io)?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| format("shorter than a safetensors header".into()))?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER || n.checked_add(8).is_none_or(|end| end > file_len) {
+        return Err(format(format!(
+            "header length {n} does not fit the file ({file_len} bytes)"
+        )));
+    }
+    let mut text = vec![0u8; n as usize];
+    f.read_exact(&mut text).map_err(io)?;
+    let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&text)
+        .map_err(|e| format(format!("the header is not a JSON object: {e}")))?;
+    let data_len = file_len - 8 - n;
+    let mut out = BTreeMap::new();
+    for (name, value) in raw {
+        if name == "__metadata__" {
+            continue;
+        }
+        let info: RawInfo =
+            serde_json::from_value(value).map_err(|e| format(format!("tensor {name}: {e}")))?;
+        let [start, end] = info.data_offsets;
+        if start > end || end > data_len || info.shape.iter().any(|&d| d < 0) {
+            return Err(format(format!(
+                "tensor {name}: offsets {start}..{end} or shape {:?} out of range",
+                info.shape
+            )));
+        }
+        out.insert(
+            name,
+            TensorInfo {
+                dtype: info.dtype,
+                shape: info.shape,
+            },
+        );
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct Index {
+    weight_map: BTreeMap<String, String>,
+}
+
+/// The safetensors files of `path`: the file itself, or in a directory the shards its index
+/// lists (in name order), or its single weights file.
+pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let index = path.join(INDEX_FILE);
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
+            path: index.clone(),
+            source,
+        })?;
+        let parsed: Index = serde_json::from_str(&text).map_err(|e| Error::Format {
+            path: index.clone(),
+            reason: format!("not a shard index: {e}"),
+        })?;
+        let shards: BTreeSet<&String> = parsed.weight_map.values().collect();
+        for s in &shards {
+            if Path::new(s).components().count() != 1 {
+                return Err(Error::Format {
+                    path: index,
+                    reason: format!("shard {s:?} is not a file name in the directory"),
+                });
+            }
+        }
+        return Ok(shards.into_iter().map(|s| path.join(s)).collect());
+    }
+    let single = path.join(WEIGHTS_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(Error::Io {
+        path: single,
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("neither {WEIGHTS_FILE} nor {INDEX_FILE} is in the directory"),
+        ),
+    })
+}
+
+/// tch's name of a safetensors element type, where it has one.
+fn kind_name(dtype: &str) -> &str {
+    match dtype {
+        "F64" => "Double",
+        "F32" => "Float",
+        "F16" => "Half",
+        "BF16" => "BFloat16",
+        "I64" => "Int64",
+        "I32" => "Int",
+        "I16" => "Int16",
+        "I8" => "Int8",
+        "U8" => "Uint8",
+        "BOOL" => "Bool",
+        other => other,
+    }
+}
+
+/// Compares the checkpoint's tensors (from their headers) with the model's parameters.
+pub fn compare(
+    model: &BTreeMap<String, Vec<i64>>,
+    file: &BTreeMap<String, TensorInfo>,
+) -> Mismatch {
+    let mut m = Mismatch::default();
+    for name in model.keys() {
+        if !file.contains_key(name) {
+            m.missing.push(name.clone());
+        }
+    }
+    for (name, info) in file {
+        let Some(shape) = model.get(name) else {
+            if !IGNORED_UNEXPECTED.iter().any(|i| name.contains(i)) {
+                m.unexpected.push(name.clone());
+            }
+            continue;
+        };
+        if *shape != info.shape {
+            m.shapes.push(ShapeMismatch {
+                name: name.clone(),
+                file: info.shape.clone(),
+                model: shape.clone(),
+            });
+        }
+        if !["F32", "BF16", "F16"].contains(&info.dtype.as_str()) {
+            m.dtypes.push(DtypeMismatch {
+                name: name.clone(),
+                dtype: kind_name(&info.dtype).to_owned(),
+            });
+        }
+    }
+    m
+}
+
+/// Loads the checkpoint at `path` (a diffusers transformer directory, or one safetensors file)
+/// into the model's parameters in `vs`, converting each tensor to its parameter's type. Nothing
+/// is copied unless every tensor matches ([`Error::Mismatch`] lists all differences).
+pub fn load_checkpoint(vs: &nn::VarStore, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let files = checkpoint_files(path)?;
+    let vars = vs.variables();
+    let mut all = BTreeMap::new();
+    for f in &files {
+        all.extend(read_header(f)?);
+    }
+    let shapes: BTreeMap<String, Vec<i64>> =
+        vars.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+    let mismatch = compare(&shapes, &all);
+    if !mismatch.is_empty() {
+        return Err(Error::Mismatch {
+            path: path.to_owned(),
+            mismatch: Box::new(mismatch),
+        });
+    }
+    for f in &files {
+        let tensors = Tensor::read_safetensors(f).map_err(|source| Error::Torch {
+            context: format!("reading {}", f.display()),
+            source,
+        })?;
+        tch::no_grad(|| -> Result<()> {
+            for (name, t) in &tensors {
+                if let Some(v) = vars.get(name) {
+                    v.shallow_clone()
+                        .f_copy_(t)
+                        .map_err(|source| Error::Torch {
+                            context: format!("copying {name}"),
+                            source,
+                        })?;
+                }
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
