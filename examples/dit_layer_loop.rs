@@ -1,13 +1,17 @@
-//! The main job: a Wan-style diffusion transformer written with tch's `nn`, sampled with a
-//! flow-matching Euler sampler, its block loop driven by the layerwise offload manager.
+//! The main job: Wan2.1's transformer (the `wan` crate of this workspace: diffusers'
+//! `WanTransformer3DModel` in tch), sampled with a flow-matching Euler sampler, its block loop
+//! driven by the layerwise offload manager.
 //!
 //! ```text
 //! cargo run --release --example dit_layer_loop -- --help
 //! cargo run --release --example dit_layer_loop -- --preset wan-1.3b --vram-limit 2 --check
 //! ```
-//! The model: patch embedding of a video latent, a sinusoidal time embedding turned into adaLN
-//! modulation, blocks of self-attention, cross-attention to a text context and an MLP, and a final
-//! projection. Without `--weights` the weights are seeded random. Without a CUDA device the tiny
+//! The model: Conv3d patch embedding of a video latent, a sinusoidal time embedding turned into
+//! adaLN modulation, blocks of self-attention with a 3-axis rotary embedding, cross-attention to
+//! a text context and a gelu-tanh MLP, and a final projection. Without `--weights` or
+//! `--checkpoint DIR` (a diffusers transformer directory) the weights are seeded random; the text
+//! context is `--text-embeddings` (precomputed: the text encoder is not part of this example) or
+//! seeded random. Without a CUDA device the tiny
 //! preset runs in the manager's CPU test mode. `--vram-limit` caps this process's share of the
 //! GPU (libtorch's per-process memory fraction) to show a model running on a smaller card;
 //! `--check` also runs the resident model (where it fits) and compares. The end: the manager's
@@ -19,59 +23,55 @@ use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig, accel};
 use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
+use wan::WanTransformer3DModel;
 
 #[path = "common/util.rs"]
 mod util;
 use util::{gpu_name, int_in, median, round2};
 
+/// A preset: the transformer's configuration (diffusers' `config.json` values), the text
+/// tokens and the latent's default size.
 #[derive(Debug, Clone)]
 struct Preset {
     name: &'static str,
-    layers: usize,
-    dim: i64,
-    ffn: i64,
-    heads: i64,
-    text_dim: i64,
+    config: wan::Config,
     ctx_len: i64,
     latent: [i64; 4], // channels, frames, height, width
 }
 
-const PRESETS: [Preset; 3] = [
-    Preset {
-        name: "tiny",
-        layers: 6,
-        dim: 256,
-        ffn: 1024,
-        heads: 4,
-        text_dim: 128,
-        ctx_len: 32,
-        latent: [16, 4, 16, 16],
-    },
-    Preset {
-        name: "wan-1.3b",
-        layers: 30,
-        dim: 1536,
-        ffn: 8960,
-        heads: 12,
-        text_dim: 4096,
-        ctx_len: 512,
-        latent: [16, 5, 30, 52],
-    },
-    Preset {
-        name: "wan-14b",
-        layers: 40,
-        dim: 5120,
-        ffn: 13824,
-        heads: 40,
-        text_dim: 4096,
-        ctx_len: 512,
-        latent: [16, 5, 30, 52],
-    },
-];
+/// The presets: `tiny`, and Wan2.1-T2V-1.3B's and 14B's transformer configurations.
+fn presets(name: PresetName) -> Preset {
+    match name {
+        PresetName::Tiny => Preset {
+            name: "tiny",
+            config: wan::Config {
+                num_layers: 6,
+                num_attention_heads: 4,
+                attention_head_dim: 64,
+                ffn_dim: 1024,
+                text_dim: 128,
+                ..wan::Config::wan2_1_t2v_1_3b()
+            },
+            ctx_len: 32,
+            latent: [16, 4, 16, 16],
+        },
+        PresetName::Wan1_3b => Preset {
+            name: "wan-1.3b",
+            config: wan::Config::wan2_1_t2v_1_3b(),
+            ctx_len: 512,
+            latent: [16, 5, 30, 52],
+        },
+        PresetName::Wan14b => Preset {
+            name: "wan-14b",
+            config: wan::Config::wan2_1_t2v_14b(),
+            ctx_len: 512,
+            latent: [16, 5, 30, 52],
+        },
+    }
+}
 const PATCH: i64 = 2; // spatial patch size (1 x 2 x 2 patches, as Wan)
-const FREQ_DIM: i64 = 256;
 
 /// Most latent frames, height and width accepted, and most tokens per forward
 /// (frames * height/2 * width/2): Wan2.1's 81-frame 720p video is 21 x 90 x 160, 75600 tokens.
@@ -82,20 +82,21 @@ const MAX_TOKENS: i64 = 1 << 17;
 /// Model presets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum PresetName {
-    /// 6 blocks, dim 256 (the default without CUDA).
+    /// 6 blocks, 4 heads of 64 (dim 256), ffn 1024, text width 128 (the default without CUDA).
     Tiny,
-    /// Wan2.1-1.3B's shape: 30 blocks, dim 1536 (the default with CUDA).
+    /// Wan2.1-T2V-1.3B's config: 30 blocks, dim 1536, ffn 8960 (the default with CUDA).
     #[value(name = "wan-1.3b")]
     Wan1_3b,
-    /// Wan2.1-14B's shape: 40 blocks, dim 5120.
+    /// Wan2.1-T2V-14B's config: 40 blocks, dim 5120, ffn 13824.
     #[value(name = "wan-14b")]
     Wan14b,
 }
 
-/// A Wan-style diffusion transformer sampled with a flow-matching Euler sampler, its block loop
-/// driven by the layerwise offload manager.
+/// Wan2.1's transformer (diffusers' WanTransformer3DModel) sampled with a flow-matching Euler
+/// sampler, its block loop driven by the layerwise offload manager.
 ///
-/// Without --weights the weights are seeded random. Without a CUDA device the tiny preset runs
+/// Without --weights or --checkpoint the weights are seeded random. There is no text encoder:
+/// the text context is --text-embeddings (precomputed umT5 output) or seeded random. Without a CUDA device the tiny preset runs
 /// in the manager's CPU test mode. --vram-limit caps this process's share of the GPU to show a
 /// model running on a smaller card; --check also runs the resident model (where it fits) and
 /// compares. The end: the manager's statistics and one `RESULT {json}` line.
@@ -121,10 +122,21 @@ struct Args {
     /// Latent width, even (default: the preset's).
     #[arg(long, value_parser = int_in(2, MAX_SIDE))]
     width: Option<i64>,
-    /// Real weights (safetensors), named as the VarStore (blocks.0.self_attn.q.weight, ...),
-    /// in float32, bfloat16 or float16.
-    #[arg(long, value_name = "FILE.safetensors")]
+    /// Real weights (one safetensors file), named as diffusers' WanTransformer3DModel
+    /// (blocks.0.attn1.to_q.weight, ...), in float32, bfloat16 or float16, for the preset's
+    /// configuration.
+    #[arg(long, value_name = "FILE.safetensors", conflicts_with = "checkpoint")]
     weights: Option<String>,
+    /// A diffusers transformer directory (config.json with diffusion_pytorch_model.safetensors
+    /// or its sharded index), e.g. Wan2.1-T2V-14B-Diffusers/transformer: its config replaces
+    /// the preset's (the preset still gives the latent size and text tokens).
+    #[arg(long, value_name = "DIR")]
+    checkpoint: Option<String>,
+    /// Precomputed text embeddings (umT5-XXL's output for a prompt): a safetensors file with one
+    /// tensor (or one named prompt_embeds) of [tokens, text_dim] or [1, tokens, text_dim].
+    /// This example has no text encoder; without this flag the text context is seeded random.
+    #[arg(long, value_name = "FILE.safetensors")]
+    text_embeddings: Option<String>,
     /// VRAM budget in GiB of block weights kept resident (the rest streams).
     #[arg(long, value_name = "GiB", value_parser = gib(0.0))]
     budget: Option<f64>,
@@ -172,7 +184,7 @@ fn parse_args() -> (Args, Preset) {
     } else {
         PresetName::Tiny
     });
-    let mut preset = PRESETS[name as usize].clone();
+    let mut preset = presets(name);
     let [_, f, h, w] = &mut preset.latent;
     *f = a.frames.unwrap_or(*f);
     *h = a.height.unwrap_or(*h);
@@ -191,277 +203,66 @@ fn parse_args() -> (Args, Preset) {
     (a, preset)
 }
 
-/// RMS norm with a learned scale (Wan's q/k norms).
-fn rms(x: &Tensor, w: &Tensor) -> Tensor {
-    let xf = x.to_kind(Kind::Float);
-    let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-    (xf * (var + 1e-6).rsqrt()).to_kind(x.kind()) * w
-}
-
-struct Attention {
-    q: nn::Linear,
-    k: nn::Linear,
-    v: nn::Linear,
-    o: nn::Linear,
-    norm_q: Tensor,
-    norm_k: Tensor,
-    heads: i64,
-}
-
-impl Attention {
-    fn new(p: nn::Path, dim: i64, heads: i64) -> Attention {
-        let lin = |n: &str| nn::linear(&p / n, dim, dim, Default::default());
-        Attention {
-            q: lin("q"),
-            k: lin("k"),
-            v: lin("v"),
-            o: lin("o"),
-            norm_q: p.var("norm_q", &[dim], nn::Init::Const(1.0)),
-            norm_k: p.var("norm_k", &[dim], nn::Init::Const(1.0)),
-            heads,
-        }
-    }
-
-    fn forward(&self, x: &Tensor, ctx: &Tensor) -> Tensor {
-        let (b, t, d) = x.size3().unwrap();
-        let split = |y: Tensor| y.view([b, -1, self.heads, d / self.heads]).transpose(1, 2);
-        let q = split(rms(&self.q.forward(x), &self.norm_q));
-        let k = split(rms(&self.k.forward(ctx), &self.norm_k));
-        let v = split(self.v.forward(ctx));
-        let a = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        );
-        self.o.forward(&a.transpose(1, 2).reshape([b, t, d]))
-    }
-}
-
-struct Block {
-    self_attn: Attention,
-    cross_attn: Attention,
-    norm3: nn::LayerNorm,
-    ffn0: nn::Linear,
-    ffn2: nn::Linear,
-    modulation: Tensor,
-    dim: i64,
-}
-
-impl Block {
-    fn new(p: nn::Path, c: &Preset) -> Block {
-        let ln = nn::LayerNormConfig {
-            eps: 1e-6,
-            ..Default::default()
-        };
-        Block {
-            self_attn: Attention::new(&p / "self_attn", c.dim, c.heads),
-            cross_attn: Attention::new(&p / "cross_attn", c.dim, c.heads),
-            norm3: nn::layer_norm(&p / "norm3", vec![c.dim], ln),
-            ffn0: nn::linear(&p / "ffn" / 0, c.dim, c.ffn, Default::default()),
-            ffn2: nn::linear(&p / "ffn" / 2, c.ffn, c.dim, Default::default()),
-            modulation: p.var(
-                "modulation",
-                &[1, 6, c.dim],
-                nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.02,
-                },
-            ),
-            dim: c.dim,
-        }
-    }
-
-    /// `e`: the time modulation [B, 6, dim].
-    fn forward(&self, x: &Tensor, ctx: &Tensor, e: &Tensor) -> Tensor {
-        let m = (&self.modulation + e).chunk(6, 1);
-        let ln = |y: &Tensor| y.layer_norm([self.dim], None::<Tensor>, None::<Tensor>, 1e-6, false);
-        let h = ln(x) * (&m[1] + 1.0) + &m[0];
-        let x = x + self.self_attn.forward(&h, &h) * &m[2];
-        let x = &x + self.cross_attn.forward(&self.norm3.forward(&x), ctx);
-        let h = ln(&x) * (&m[4] + 1.0) + &m[3];
-        let y = self.ffn2.forward(&self.ffn0.forward(&h).gelu("tanh"));
-        x + y * &m[5]
-    }
-}
-
-struct Dit {
-    c: Preset,
-    patch_embedding: nn::Linear,
-    text0: nn::Linear,
-    text2: nn::Linear,
-    time0: nn::Linear,
-    time2: nn::Linear,
-    time_projection: nn::Linear,
-    blocks: Vec<Block>,
-    head: nn::Linear,
-    head_modulation: Tensor,
-}
-
-impl Dit {
-    fn new(vs: &nn::VarStore, c: &Preset) -> Dit {
-        let r = vs.root();
-        let cpp = c.latent[0] * PATCH * PATCH;
-        let lin = |p: nn::Path, i: i64, o: i64| nn::linear(p, i, o, Default::default());
-        Dit {
-            c: c.clone(),
-            patch_embedding: lin(&r / "patch_embedding", cpp, c.dim),
-            text0: lin(&r / "text_embedding" / 0, c.text_dim, c.dim),
-            text2: lin(&r / "text_embedding" / 2, c.dim, c.dim),
-            time0: lin(&r / "time_embedding" / 0, FREQ_DIM, c.dim),
-            time2: lin(&r / "time_embedding" / 2, c.dim, c.dim),
-            time_projection: lin(&r / "time_projection" / 1, c.dim, 6 * c.dim),
-            blocks: (0..c.layers)
-                .map(|i| Block::new(&r / "blocks" / i, c))
-                .collect(),
-            head: lin(&r / "head" / "head", c.dim, cpp),
-            head_modulation: (&r / "head").var(
-                "modulation",
-                &[1, 2, c.dim],
-                nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.02,
-                },
-            ),
-        }
-    }
-
-    fn sinusoidal(&self, t: f64, device: Device) -> Tensor {
-        let half = FREQ_DIM / 2;
-        let freqs =
-            (Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln()) / half as f64)).exp()
-                * t;
-        Tensor::cat(&[freqs.cos(), freqs.sin()], 0).unsqueeze(0)
-    }
-
-    /// Latent [C, F, H, W] -> tokens [1, F*H/2*W/2, C*4].
-    fn patchify(&self, x: &Tensor) -> Tensor {
-        let [c, f, h, w] = self.c.latent;
-        x.view([c, f, h / PATCH, PATCH, w / PATCH, PATCH])
-            .permute([1, 2, 4, 0, 3, 5])
-            .reshape([1, f * (h / PATCH) * (w / PATCH), c * PATCH * PATCH])
-    }
-
-    fn unpatchify(&self, y: &Tensor) -> Tensor {
-        let [c, f, h, w] = self.c.latent;
-        y.view([f, h / PATCH, w / PATCH, c, PATCH, PATCH])
-            .permute([3, 0, 1, 4, 2, 5])
-            .reshape([c, f, h, w])
-    }
-
-    /// The velocity at time `t` (0..1000) for latent `x`, text context `ctx` [1, L, text_dim].
-    fn forward(
-        &self,
-        x: &Tensor,
-        t: f64,
-        ctx: &Tensor,
-        mut mgr: Option<&mut LayerwiseOffloadManager>,
-    ) -> Result<Tensor> {
-        let kind = self.head.ws.kind();
-        let dev = self.head.ws.device();
-        let tokens = self
-            .patch_embedding
-            .forward(&self.patchify(&x.to_kind(kind)));
-        let ctx = self
-            .text2
-            .forward(&self.text0.forward(&ctx.to_kind(kind)).gelu("tanh"));
-        let temb = self.time2.forward(
-            &self
-                .time0
-                .forward(&self.sinusoidal(t, dev).to_kind(kind))
-                .silu(),
-        );
-        let e = self
-            .time_projection
-            .forward(&temb.silu())
-            .view([1, 6, self.c.dim]);
-        let mut h = tokens;
-        for (i, b) in self.blocks.iter().enumerate() {
-            match mgr.as_deref_mut() {
-                Some(m) => {
-                    let _on_gpu = m.enter(i)?;
-                    h = b.forward(&h, &ctx, &e);
-                }
-                None => h = b.forward(&h, &ctx, &e),
-            }
-        }
-        let m = (&self.head_modulation + temb.unsqueeze(1)).chunk(2, 1);
-        let h = h.layer_norm([self.c.dim], None::<Tensor>, None::<Tensor>, 1e-6, false)
-            * (&m[1] + 1.0)
-            + &m[0];
-        Ok(self.unpatchify(&self.head.forward(&h)).to_kind(Kind::Float))
-    }
-}
-
-/// Loads real weights, checking names and shapes against the model first.
-fn load_weights(vs: &mut nn::VarStore, path: &str) -> Result<()> {
-    let file = Tensor::read_safetensors(path).with_context(|| format!("reading {path}"))?;
-    let vars = vs.variables();
-    let names: std::collections::HashSet<&str> = file.iter().map(|(n, _)| n.as_str()).collect();
-    let missing: Vec<&String> = vars
-        .keys()
-        .filter(|n| !names.contains(n.as_str()))
-        .collect();
-    let unexpected: Vec<&str> = names
-        .iter()
-        .filter(|n| !vars.contains_key(**n))
-        .copied()
-        .collect();
-    let mismatched: Vec<String> = file
-        .iter()
-        .filter_map(|(n, t)| {
-            vars.get(n)
-                .filter(|v| v.size() != t.size())
-                .map(|v| format!("{n}: file {:?}, model {:?}", t.size(), v.size()))
-        })
-        .collect();
-    // Float weights only: integers, booleans or other float formats would be converted
-    // silently into values the model was never trained with (NaN outputs, or garbage).
-    let accepted = [Kind::Float, Kind::BFloat16, Kind::Half];
-    let wrong_kind: Vec<String> = file
-        .iter()
-        .filter(|(_, t)| !accepted.contains(&t.kind()))
-        .map(|(n, t)| format!("{n} is {:?}", t.kind()))
-        .collect();
-    if !wrong_kind.is_empty() {
+/// The text context: `--text-embeddings` (one tensor, or the one named `prompt_embeds`, of
+/// `[tokens, text_dim]` or `[1, tokens, text_dim]`), or seeded random ones.
+fn text_embeddings(path: Option<&str>, c: &Preset, text_dim: i64) -> Result<Tensor> {
+    let Some(path) = path else {
+        return Ok(Tensor::randn([1, c.ctx_len, text_dim], (Kind::Float, Device::Cpu)) * 0.5);
+    };
+    let mut file = Tensor::read_safetensors(path).with_context(|| format!("reading {path}"))?;
+    let t = match file.iter().position(|(n, _)| n == "prompt_embeds") {
+        Some(i) => file.swap_remove(i).1,
+        None if file.len() == 1 => file.remove(0).1,
+        None => bail!(
+            "{path}: holds {} tensors; give one, or name it prompt_embeds",
+            file.len()
+        ),
+    };
+    let t = if t.dim() == 2 { t.unsqueeze(0) } else { t };
+    let size = t.size();
+    if size.len() != 3 || size[0] != 1 || size[2] != text_dim || size[1] == 0 {
         bail!(
-            "{path}: weights must be Float (f32), BFloat16 or Half (f16), but {}; convert the file",
-            wrong_kind.join(", ")
+            "{path}: text embeddings must be [tokens, {text_dim}] or [1, tokens, {text_dim}], got {size:?}"
         );
     }
-    if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
-        let show = |v: Vec<String>| {
-            if v.is_empty() {
-                "none".to_owned()
-            } else {
-                v.join(", ")
-            }
-        };
+    if !t.is_floating_point() {
         bail!(
-            "{path} does not match the model (names as in the VarStore, e.g. blocks.0.self_attn.q.weight):\n  missing: {}\n  unexpected: {}\n  shape mismatches: {}",
-            show(missing.into_iter().cloned().collect()),
-            show(unexpected.into_iter().map(str::to_owned).collect()),
-            show(mismatched)
+            "{path}: text embeddings must be floating point, got {:?}",
+            t.kind()
         );
     }
-    tch::no_grad(|| {
-        for (n, t) in &file {
-            let mut v = vars[n].shallow_clone();
-            v.copy_(t);
+    Ok(t.to_kind(Kind::Float))
+}
+
+/// The velocity at time `t` (0..1000) for latent `x` `[C, F, H, W]` and text `ctx`
+/// `[1, L, text_dim]`, each block inside the manager's `enter` when one is given.
+fn forward(
+    model: &WanTransformer3DModel,
+    x: &Tensor,
+    t: f64,
+    ctx: &Tensor,
+    mut mgr: Option<&mut LayerwiseOffloadManager>,
+) -> Result<Tensor> {
+    let timestep = Tensor::from_slice(&[t as f32]).to_device(x.device());
+    let e = model.embed(&x.unsqueeze(0), &timestep, ctx)?;
+    let mut h = e.hidden.shallow_clone();
+    for i in 0..model.blocks().len() {
+        match mgr.as_deref_mut() {
+            Some(m) => {
+                let _on_gpu = m.enter(i)?;
+                h = model.block(i, &h, &e);
+            }
+            None => h = model.block(i, &h, &e),
         }
-    });
-    Ok(())
+    }
+    Ok(model.head(&h, &e).squeeze_dim(0).to_kind(Kind::Float))
 }
 
 /// Flow-matching Euler sampling over `steps` steps, from noise at sigma 1 to the sample at sigma
 /// 0, with a progress bar on a terminal (plain lines otherwise). Returns the sample and the
 /// seconds of each step.
 fn sample(
-    model: &Dit,
+    model: &WanTransformer3DModel,
     noise: &Tensor,
     ctx: &Tensor,
     steps: usize,
@@ -476,7 +277,7 @@ fn sample(
         let t0 = Instant::now();
         let sigma = 1.0 - s as f64 / steps as f64;
         let next = 1.0 - (s + 1) as f64 / steps as f64;
-        let v = tch::no_grad(|| model.forward(&x, sigma * 1000.0, ctx, mgr.as_deref_mut()))?;
+        let v = tch::no_grad(|| forward(model, &x, sigma * 1000.0, ctx, mgr.as_deref_mut()))?;
         x = &x + v * (next - sigma);
         if let Device::Cuda(d) = x.device() {
             accel::synchronize_device(d)?;
@@ -530,13 +331,25 @@ fn main() -> Result<()> {
 
     // The model on the CPU: it never has to fit on the GPU.
     let t0 = Instant::now();
+    let config = match &a.checkpoint {
+        Some(dir) => wan::Config::from_file(std::path::Path::new(dir).join("config.json"))?,
+        None => c.config.clone(),
+    };
+    // Read (and checked) before the model is built: a bad file fails at once.
+    let text_file = match a.text_embeddings.as_deref() {
+        Some(path) => Some(text_embeddings(Some(path), c, config.text_dim)?),
+        None => None,
+    };
     tch::manual_seed(a.init_seed.unwrap_or(a.seed));
     let mut vs = nn::VarStore::new(Device::Cpu);
-    let model = Dit::new(&vs, c);
-    if let Some(path) = &a.weights {
-        load_weights(&mut vs, path)?;
+    let model = WanTransformer3DModel::new(vs.root(), &config);
+    // bf16 on a GPU, float32 where diffusers keeps it; float32 on the CPU. Converted before
+    // loading, so a 14B checkpoint is never held in float32.
+    wan::set_kind(&mut vs, kind);
+    if let Some(path) = a.weights.as_ref().or(a.checkpoint.as_ref()) {
+        wan::load_checkpoint(&vs, path)?;
     }
-    vs.set_kind(kind);
+    let layers = config.num_layers as usize;
     let block_bytes: usize = vs
         .variables()
         .iter()
@@ -544,11 +357,12 @@ fn main() -> Result<()> {
         .map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes())
         .sum();
     eprintln!(
-        "{} preset: {} blocks, {:.2} GiB of block weights ({}), built in {:.1} s",
-        c.name,
-        c.layers,
+        "{}: {} blocks, dim {}, {:.2} GiB of block weights ({}), built in {:.1} s",
+        a.checkpoint.as_deref().unwrap_or(c.name),
+        layers,
+        config.inner_dim(),
         block_bytes as f64 / (1u64 << 30) as f64,
-        if a.weights.is_some() {
+        if a.weights.is_some() || a.checkpoint.is_some() {
             "loaded"
         } else {
             "seeded random"
@@ -556,7 +370,7 @@ fn main() -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
 
-    let mut cfg = OffloadConfig::new("blocks", c.layers)
+    let mut cfg = OffloadConfig::new("blocks", layers)
         .prefetch_depth(a.depth as usize)
         .cpu_test_mode(!cuda);
     if let Some(b) = a.budget {
@@ -581,12 +395,16 @@ fn main() -> Result<()> {
         eprintln!("weights written to {path}");
     }
 
-    let [ch, f, h, w] = c.latent;
+    let [_, f, h, w] = c.latent;
+    let ch = config.in_channels;
     let tokens = f * (h / PATCH) * (w / PATCH);
     tch::manual_seed(a.seed + 1);
     let noise = Tensor::randn([ch, f, h, w], (Kind::Float, Device::Cpu)).to_device(dev);
-    let ctx = (Tensor::randn([1, c.ctx_len, c.text_dim], (Kind::Float, Device::Cpu)) * 0.5)
-        .to_device(dev);
+    let ctx = match text_file {
+        Some(t) => t,
+        None => text_embeddings(None, c, config.text_dim)?,
+    }
+    .to_device(dev);
     if cuda {
         accel::reset_peak_memory_stats(0)?;
     }

@@ -80,9 +80,9 @@ fn dit_example_samples_exactly_and_round_trips_weights() {
     // A file that does not match: one name renamed, one tensor reshaped.
     let mut tensors = Tensor::read_safetensors(&saved).unwrap();
     for (n, t) in tensors.iter_mut() {
-        if n == "blocks.0.ffn.0.bias" {
-            *n = "blocks.0.ffn.1.bias".into();
-        } else if n == "head.head.weight" {
+        if n == "blocks.0.ffn.net.0.proj.bias" {
+            *n = "blocks.0.ffn.net.1.proj.bias".into();
+        } else if n == "proj_out.weight" {
             *t = t.flatten(0, -1);
         }
     }
@@ -91,9 +91,15 @@ fn dit_example_samples_exactly_and_round_trips_weights() {
     let out = run(&["--weights", bad.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("missing: blocks.0.ffn.0.bias"), "{err}");
-    assert!(err.contains("unexpected: blocks.0.ffn.1.bias"), "{err}");
-    assert!(err.contains("head.head.weight: file"), "{err}");
+    assert!(
+        err.contains("missing: blocks.0.ffn.net.0.proj.bias"),
+        "{err}"
+    );
+    assert!(
+        err.contains("unexpected: blocks.0.ffn.net.1.proj.bias"),
+        "{err}"
+    );
+    assert!(err.contains("proj_out.weight: file"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -165,10 +171,10 @@ fn weights_of_other_dtypes_are_refused_naming_the_tensor() {
     let tensors = Tensor::read_safetensors(&saved).unwrap();
     // Right names and shapes, wrong element types: each alone is refused, named with its dtype.
     for (name, kind) in [
-        ("blocks.0.ffn.0.weight", tch::Kind::Int64),
-        ("blocks.1.self_attn.q.bias", tch::Kind::Bool),
-        ("head.head.weight", tch::Kind::Double),
-        ("blocks.2.modulation", tch::Kind::Uint8),
+        ("blocks.0.ffn.net.0.proj.weight", tch::Kind::Int64),
+        ("blocks.1.attn1.to_q.bias", tch::Kind::Bool),
+        ("proj_out.weight", tch::Kind::Double),
+        ("blocks.2.scale_shift_table", tch::Kind::Uint8),
     ] {
         let changed: Vec<(String, Tensor)> = tensors
             .iter()
@@ -193,5 +199,31 @@ fn weights_of_other_dtypes_are_refused_naming_the_tensor() {
         );
         assert!(err.contains(&format!("{name} is {kind:?}")), "{err}");
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_diffusers_checkpoint_with_text_embeddings_samples_exactly() {
+    let dir = std::env::temp_dir().join(format!("lo-dit-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ckpt = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wan_tiny");
+    let text = dir.join("text.safetensors");
+    let emb = Tensor::randn([5, 32], (tch::Kind::Float, tch::Device::Cpu));
+    Tensor::write_safetensors(&[("prompt_embeds", &emb)], &text).unwrap();
+    let args = [
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--text-embeddings",
+        text.to_str().unwrap(),
+    ];
+    let r = result(&run(&[&args[..], &["--check"]].concat()));
+    assert_eq!(r["max_abs_diff"].as_f64(), Some(0.0), "{r}");
+    // The text embeddings reach the model: seeded random ones give another sample.
+    let random = result(&run(&args[..2]));
+    assert_ne!(random["output_sum"], r["output_sum"]);
+    // Embeddings of another width than the checkpoint's text_dim (32) are refused.
+    let wide = Tensor::randn([5, 48], (tch::Kind::Float, tch::Device::Cpu));
+    Tensor::write_safetensors(&[("prompt_embeds", &wide)], &text).unwrap();
+    assert_refused(&args, "text embeddings must be [tokens, 32]");
     std::fs::remove_dir_all(&dir).unwrap();
 }
