@@ -1,0 +1,218 @@
+//! Host memory: page-aligned buffers, page-locked for the CUDA runtime or not, and buffers over
+//! shared-memory files.
+
+use super::{last_error, require_device};
+use crate::error::{Error, Result, TorchMessage};
+use crate::ffi;
+use std::ffi::{c_int, c_void};
+use tch::Tensor;
+
+/// How host memory is allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HostMemory {
+    /// Ordinary pageable memory: needs no device, copies to the GPU at about a third of the
+    /// pinned rate and never overlap with compute.
+    Pageable,
+    /// Page-locked memory, registered with the CUDA runtime as portable (usable by every CUDA
+    /// device of the process): copies run at the link's full rate, asynchronously.
+    Pinned,
+}
+
+/// Threads used to fault in a large host allocation.
+fn host_threads(bytes: usize) -> c_int {
+    if bytes < (64 << 20) {
+        return 1;
+    }
+    std::thread::available_parallelism()
+        .map_or(4, |n| n.get())
+        .clamp(1, 16) as c_int
+}
+
+/// Allocates `bytes` of host memory, exactly (no power-of-two rounding as in libtorch's caching
+/// host allocator), and returns it as a 1-D `uint8` CPU tensor that owns it: the memory is
+/// unregistered and unmapped when the last view of the tensor is dropped. Large allocations are
+/// faulted in by several threads.
+///
+/// A pinned tensor must outlive every asynchronous copy that reads or writes it.
+pub fn alloc_host(bytes: usize, memory: HostMemory) -> Result<Tensor> {
+    let kind = match memory {
+        HostMemory::Pageable => "pageable",
+        HostMemory::Pinned => "pinned",
+    };
+    if bytes == 0 {
+        return Err(Error::InvalidArgument {
+            op: "alloc_host",
+            message: "cannot allocate 0 bytes".into(),
+        });
+    }
+    if memory == HostMemory::Pinned {
+        require_device("alloc_host(Pinned)", 0)?;
+    }
+    let host_err = |message: String| Error::HostAlloc {
+        kind,
+        bytes: bytes as u64,
+        source: TorchMessage(message),
+    };
+    let mut p: *mut c_void = std::ptr::null_mut();
+    // SAFETY: the out-pointer is a valid local; on success it holds a mapping of `bytes` bytes.
+    if unsafe { ffi::lo_host_alloc(bytes, host_threads(bytes), &mut p) } != 0 {
+        return Err(host_err(last_error()));
+    }
+    // SAFETY: p is a fresh private mapping of exactly `bytes` bytes that nothing else uses.
+    unsafe {
+        own_mapping(
+            p,
+            bytes,
+            (memory == HostMemory::Pinned).then_some(1),
+            host_err,
+        )
+    }
+}
+
+/// Registers (with `flags`, if any) and wraps a mapping in a tensor that owns it.
+///
+/// # Safety
+/// `p` must be a live mapping of exactly `bytes` bytes from the shim, not registered, owned by
+/// nobody else: on success the tensor's deleter unregisters and unmaps it; on a registration
+/// failure it is unmapped here.
+unsafe fn own_mapping(
+    p: *mut c_void,
+    bytes: usize,
+    register_flags: Option<u32>,
+    host_err: impl Fn(String) -> Error,
+) -> Result<Tensor> {
+    if let Some(flags) = register_flags {
+        // SAFETY: p is a live mapping of exactly `bytes` bytes (caller), registered once.
+        if unsafe { ffi::lo_host_register(p, bytes, flags) } != 0 {
+            let msg = last_error();
+            // SAFETY: p is the caller's mapping of `bytes` bytes, not registered.
+            unsafe { ffi::lo_host_free(p, bytes) };
+            return Err(host_err(msg));
+        }
+    }
+    let mut t: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    // SAFETY: ownership of the mapping passes to the tensor's deleter. Should this fail (it only
+    // can if libtorch cannot allocate the tensor object), the mapping is leaked rather than
+    // risking a double free.
+    if unsafe { ffi::lo_host_tensor(p, bytes, register_flags.is_some() as c_int, &mut t) } != 0
+        || t.is_null()
+    {
+        return Err(host_err(last_error()));
+    }
+    // SAFETY: t is a fresh heap-allocated at::Tensor whose ownership passes to tch.
+    Ok(unsafe { Tensor::from_ptr(t) })
+}
+
+/// How [`map_host_file`] maps a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileMapping {
+    /// Create the file (nothing may be at the path, not even a symbolic link) with mode 0600
+    /// and the given size, its space reserved at once, read-write.
+    Create,
+    /// Open an existing file of exactly the given size, read-only. It must be a regular file
+    /// (not a symbolic link) owned by this user and writable by nobody else.
+    OpenReadOnly,
+}
+
+/// Maps a file on a shared-memory file system (`/dev/shm/...`) as a 1-D `uint8` CPU tensor that
+/// owns the mapping, shared with every other process that maps it: host memory holds its
+/// bytes once. With [`HostMemory::Pinned`] the mapping is page-locked for CUDA in this process
+/// (portable; read-only for [`FileMapping::OpenReadOnly`]). A read-only mapping must never be
+/// written.
+///
+/// A file system without room for a new file is [`Error::HostAlloc`] ("No space left on
+/// device"), and the file is removed; so is it on any other failure of [`FileMapping::Create`].
+/// A path taken by another file or link, and a file to open that is a link, belongs to another
+/// user or is writable by others, is [`Error::SharedFile`].
+///
+/// A mapping stays valid when the file is removed, but not when it is truncated: a process that
+/// touches a page past the new end dies with SIGBUS. Only this user can truncate a file this
+/// function opens (it refuses others' files), and this crate never truncates one.
+pub fn map_host_file(
+    path: &std::path::Path,
+    bytes: usize,
+    mode: FileMapping,
+    memory: HostMemory,
+) -> Result<Tensor> {
+    let kind = match memory {
+        HostMemory::Pageable => "shared pageable",
+        HostMemory::Pinned => "shared pinned",
+    };
+    if bytes == 0 {
+        return Err(Error::InvalidArgument {
+            op: "map_host_file",
+            message: "cannot map 0 bytes".into(),
+        });
+    }
+    if memory == HostMemory::Pinned {
+        require_device("map_host_file(Pinned)", 0)?;
+    }
+    let host_err = |message: String| Error::HostAlloc {
+        kind,
+        bytes: bytes as u64,
+        source: TorchMessage(message),
+    };
+    let create = mode == FileMapping::Create;
+    let file = if create {
+        let file = crate::host::shm::create_exclusive(path)?
+            .map_err(|e| host_err(format!("could not create {}: {e}", path.display())))?;
+        if let Err(e) = crate::host::shm::reserve(&file, bytes) {
+            let _ = std::fs::remove_file(path);
+            return Err(host_err(format!(
+                "could not reserve {bytes} bytes in {}: {e}; the file system must hold the whole store (see `df {}`)",
+                path.display(),
+                path.parent().unwrap_or(path).display()
+            )));
+        }
+        file
+    } else {
+        let (file, meta) = crate::host::shm::open_trusted(path)?
+            .map_err(|e| host_err(format!("could not open {}: {e}", path.display())))?;
+        if meta.len() != bytes as u64 {
+            return Err(Error::SharedFile {
+                path: path.to_owned(),
+                reason: format!(
+                    "holds {} bytes, the manifest says {bytes}: it is not the file the manifest describes",
+                    meta.len()
+                ),
+            });
+        }
+        file
+    };
+    let mapped = map_file_descriptor(&file, bytes, create, memory, host_err);
+    if mapped.is_err() && create {
+        let _ = std::fs::remove_file(path);
+    }
+    mapped
+}
+
+/// Maps the first `bytes` bytes of `file` (of at least that size) shared, and owns the mapping.
+fn map_file_descriptor(
+    file: &std::fs::File,
+    bytes: usize,
+    writable: bool,
+    memory: HostMemory,
+    host_err: impl Fn(String) -> Error,
+) -> Result<Tensor> {
+    use std::os::fd::AsRawFd as _;
+    let mut p: *mut c_void = std::ptr::null_mut();
+    // SAFETY: the descriptor is open for the call (borrowed from `file`) and at least `bytes`
+    // long (created and reserved, or checked with fstat); the out-pointer is a local.
+    if unsafe {
+        ffi::lo_host_map_fd(
+            file.as_raw_fd(),
+            bytes,
+            writable as c_int,
+            host_threads(bytes),
+            &mut p,
+        )
+    } != 0
+    {
+        return Err(host_err(last_error()));
+    }
+    // cudaHostRegisterPortable = 1, cudaHostRegisterReadOnly = 8.
+    let flags = (memory == HostMemory::Pinned).then_some(if writable { 1 } else { 1 | 8 });
+    // SAFETY: p is a fresh shared mapping of exactly `bytes` bytes owned by this call (the
+    // mapping outlives the descriptor, closed by the caller).
+    unsafe { own_mapping(p, bytes, flags, host_err) }
+}

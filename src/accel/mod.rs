@@ -1,0 +1,196 @@
+//! Safe wrappers over the shim: CUDA streams, events, non-blocking copies, host memory and
+//! allocator statistics, through libtorch's device-generic API.
+//!
+//! Every function that needs a CUDA device first checks that one is usable and otherwise
+//! returns [`Error::NoDevice`]; none of them panics or aborts without a device.
+//!
+//! This module finds the device (how libtorch's CUDA backend was registered, how many devices
+//! there are) and turns the shim's status codes into `Result`; the rest is one file per kind of
+//! object: `stream` (streams, stream guards, events), `copy` (non-blocking and peer copies),
+//! `host_memory` (pinned and file-backed host buffers), `memory` (device allocations and the
+//! caching allocator's statistics).
+
+mod copy;
+mod host_memory;
+mod memory;
+mod stream;
+
+pub(crate) use copy::tensor_identity;
+pub use copy::{copy_async, copy_peer_async, is_pinned, record_stream};
+pub use host_memory::{FileMapping, HostMemory, alloc_host, map_host_file};
+pub use memory::{
+    MemoryStats, alloc_device, empty_cache, memory_info, memory_stats, reset_peak_memory_stats,
+    set_memory_fraction,
+};
+pub use stream::{Event, Stream, StreamGuard, with_stream};
+
+use crate::error::{Error, Result};
+use crate::ffi;
+use std::ffi::{CStr, c_int};
+use std::sync::OnceLock;
+
+/// The message of the last failed shim call on this thread.
+pub(crate) fn last_error() -> String {
+    // SAFETY: lo_last_error returns a pointer to a thread-local, NUL-terminated std::string
+    // buffer that stays valid until the next shim call on this thread; it is copied at once.
+    unsafe { CStr::from_ptr(ffi::lo_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Turns a shim status code into a `Result`, naming the operation.
+pub(crate) fn check(op: &'static str, rc: c_int) -> Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Error::from_torch(op, 0, last_error()))
+    }
+}
+
+/// How libtorch's CUDA backend came to be registered in this process.
+///
+/// libtorch registers CUDA from static initializers in `libtorch_cuda.so`, a library nothing in
+/// a program references by symbol, so linkers that drop unneeded libraries (the default for a
+/// crate that depends on this one) leave it out. This crate's shim loads it from libtorch's own
+/// directory when the program starts, before anything asks libtorch about CUDA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CudaBackend {
+    /// `libtorch_cuda.so` (at this path) was already loaded when the program started: the
+    /// program links it.
+    Linked(String),
+    /// This crate loaded `libtorch_cuda.so` from this path, next to the libtorch in use.
+    Loaded(String),
+    /// CUDA is not available in this libtorch, and why (a CPU-only build, a library that failed
+    /// to load, or libtorch asked about CUDA before it could be loaded).
+    Unavailable(String),
+}
+
+impl CudaBackend {
+    /// Whether libtorch has a registered CUDA backend (a device may still be missing).
+    pub fn is_registered(&self) -> bool {
+        !matches!(self, CudaBackend::Unavailable(_))
+    }
+}
+
+/// How libtorch's CUDA backend was registered, or why it was not.
+pub fn cuda_backend() -> &'static CudaBackend {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    BACKEND.get_or_init(|| {
+        let mut state: c_int = 2;
+        let mut detail: *const std::ffi::c_char = std::ptr::null();
+        // SAFETY: both out-pointers are valid locals; on success `detail` points at a
+        // NUL-terminated string the shim keeps for the life of the process, copied at once.
+        let rc = unsafe { ffi::lo_cuda_backend(&mut state, &mut detail) };
+        if rc != 0 || detail.is_null() {
+            return CudaBackend::Unavailable(last_error());
+        }
+        // SAFETY: see above: non-null, NUL-terminated, never freed.
+        let detail = unsafe { CStr::from_ptr(detail) }
+            .to_string_lossy()
+            .into_owned();
+        match state {
+            0 => CudaBackend::Linked(detail),
+            1 => CudaBackend::Loaded(detail),
+            _ => CudaBackend::Unavailable(detail),
+        }
+    })
+}
+
+struct CudaInfo {
+    count: usize,
+    reason: String,
+}
+
+fn cuda_info() -> &'static CudaInfo {
+    static INFO: OnceLock<CudaInfo> = OnceLock::new();
+    INFO.get_or_init(|| {
+        if let CudaBackend::Unavailable(why) = cuda_backend() {
+            return CudaInfo {
+                count: 0,
+                reason: format!("libtorch's CUDA backend is not registered: {why}"),
+            };
+        }
+        let mut count: c_int = 0;
+        let mut warning = [0 as std::ffi::c_char; 512];
+        // SAFETY: the out-pointer is a valid local and `warning` a writable buffer of the
+        // length passed; the shim writes at most that many bytes, NUL-terminated.
+        let rc =
+            unsafe { ffi::lo_cuda_device_count(&mut count, warning.as_mut_ptr(), warning.len()) };
+        if rc != 0 {
+            return CudaInfo {
+                count: 0,
+                reason: last_error(),
+            };
+        }
+        // SAFETY: the shim NUL-terminates the buffer (it was zeroed, and the shim writes at
+        // most len - 1 bytes before a NUL).
+        let warning = unsafe { CStr::from_ptr(warning.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let reason = if warning.is_empty() {
+            "no CUDA device is visible (no GPU, or CUDA_VISIBLE_DEVICES hides them)".to_owned()
+        } else {
+            format!("no CUDA device is usable: {}", warning.trim())
+        };
+        CudaInfo {
+            count: count.max(0) as usize,
+            reason,
+        }
+    })
+}
+
+/// Why no CUDA device is usable (`None` when one is).
+pub fn cuda_unavailable_reason() -> Option<&'static str> {
+    let info = cuda_info();
+    (info.count == 0).then_some(info.reason.as_str())
+}
+
+/// Whether the libtorch this crate runs on has a CUDA backend (it was built with CUDA). A CUDA
+/// build can still find no device: see [`cuda_device_count`].
+pub fn cuda_compiled() -> bool {
+    cuda_backend().is_registered()
+}
+
+/// The number of usable CUDA devices; 0 without a GPU or driver.
+pub fn cuda_device_count() -> usize {
+    cuda_info().count
+}
+
+/// Whether at least one CUDA device is usable.
+pub fn cuda_is_available() -> bool {
+    cuda_device_count() > 0
+}
+
+/// Checks that CUDA device `device` is usable, or says why not.
+pub fn require_device(op: &'static str, device: usize) -> Result<()> {
+    let info = cuda_info();
+    if info.count == 0 {
+        return Err(Error::NoDevice {
+            op,
+            reason: info.reason.clone(),
+        });
+    }
+    if device >= info.count {
+        return Err(Error::NoDevice {
+            op,
+            reason: format!(
+                "device index {device} is out of range ({} CUDA devices)",
+                info.count
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn dev(device: usize) -> c_int {
+    device as c_int
+}
+
+/// Blocks the host until all work on `device` has finished.
+pub fn synchronize_device(device: usize) -> Result<()> {
+    require_device("synchronize_device", device)?;
+    // SAFETY: plain value argument.
+    check("synchronize_device", unsafe {
+        ffi::lo_synchronize_device(dev(device))
+    })
+}
