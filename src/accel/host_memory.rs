@@ -28,6 +28,37 @@ fn host_threads(bytes: usize) -> c_int {
         .clamp(1, 16) as c_int
 }
 
+/// Checks a request of `op` for `bytes` of host memory of kind `memory` (not empty; pinned
+/// memory needs a CUDA device, checked as `pinned_op`), in a shared-memory file or not, and
+/// returns the error to give if the allocation fails.
+fn host_request(
+    (op, pinned_op): (&'static str, &'static str),
+    shared: bool,
+    bytes: usize,
+    memory: HostMemory,
+) -> Result<impl Fn(String) -> Error> {
+    let kind = match (shared, memory) {
+        (false, HostMemory::Pageable) => "pageable",
+        (false, HostMemory::Pinned) => "pinned",
+        (true, HostMemory::Pageable) => "shared pageable",
+        (true, HostMemory::Pinned) => "shared pinned",
+    };
+    if bytes == 0 {
+        return Err(Error::InvalidArgument {
+            op,
+            message: "cannot allocate 0 bytes".into(),
+        });
+    }
+    if memory == HostMemory::Pinned {
+        require_device(pinned_op, 0)?;
+    }
+    Ok(move |message: String| Error::HostAlloc {
+        kind,
+        bytes: bytes as u64,
+        source: TorchMessage(message),
+    })
+}
+
 /// Allocates `bytes` of host memory, exactly (no power-of-two rounding as in libtorch's caching
 /// host allocator), and returns it as a 1-D `uint8` CPU tensor that owns it: the memory is
 /// unregistered and unmapped when the last view of the tensor is dropped. Large allocations are
@@ -35,24 +66,7 @@ fn host_threads(bytes: usize) -> c_int {
 ///
 /// A pinned tensor must outlive every asynchronous copy that reads or writes it.
 pub fn alloc_host(bytes: usize, memory: HostMemory) -> Result<Tensor> {
-    let kind = match memory {
-        HostMemory::Pageable => "pageable",
-        HostMemory::Pinned => "pinned",
-    };
-    if bytes == 0 {
-        return Err(Error::InvalidArgument {
-            op: "alloc_host",
-            message: "cannot allocate 0 bytes".into(),
-        });
-    }
-    if memory == HostMemory::Pinned {
-        require_device("alloc_host(Pinned)", 0)?;
-    }
-    let host_err = |message: String| Error::HostAlloc {
-        kind,
-        bytes: bytes as u64,
-        source: TorchMessage(message),
-    };
+    let host_err = host_request(("alloc_host", "alloc_host(Pinned)"), false, bytes, memory)?;
     let mut p: *mut c_void = std::ptr::null_mut();
     // SAFETY: the out-pointer is a valid local; on success it holds a mapping of `bytes` bytes.
     if unsafe { ffi::lo_host_alloc(bytes, host_threads(bytes), &mut p) } != 0 {
@@ -134,24 +148,12 @@ pub fn map_host_file(
     mode: FileMapping,
     memory: HostMemory,
 ) -> Result<Tensor> {
-    let kind = match memory {
-        HostMemory::Pageable => "shared pageable",
-        HostMemory::Pinned => "shared pinned",
-    };
-    if bytes == 0 {
-        return Err(Error::InvalidArgument {
-            op: "map_host_file",
-            message: "cannot map 0 bytes".into(),
-        });
-    }
-    if memory == HostMemory::Pinned {
-        require_device("map_host_file(Pinned)", 0)?;
-    }
-    let host_err = |message: String| Error::HostAlloc {
-        kind,
-        bytes: bytes as u64,
-        source: TorchMessage(message),
-    };
+    let host_err = host_request(
+        ("map_host_file", "map_host_file(Pinned)"),
+        true,
+        bytes,
+        memory,
+    )?;
     let create = mode == FileMapping::Create;
     let file = if create {
         let file = crate::host::shm::create_exclusive(path)?

@@ -26,33 +26,35 @@ impl Stream {
     }
 
     fn pool(device: usize, high: bool) -> Result<Stream> {
-        require_device("Stream::from_pool", device)?;
+        // SAFETY: the shim writes the out-pointer, a valid local, and nothing else.
+        Stream::from_shim("Stream::from_pool", device, |raw| unsafe {
+            ffi::lo_stream_from_pool(dev(device), high as c_int, raw)
+        })
+    }
+
+    /// A stream of `device` written by the shim call `get` into its out-pointer.
+    fn from_shim(
+        op: &'static str,
+        device: usize,
+        get: impl FnOnce(*mut ffi::lo_stream) -> c_int,
+    ) -> Result<Stream> {
+        require_device(op, device)?;
         let mut raw = ffi::lo_stream {
             id: 0,
             device_index: 0,
             device_type: 0,
         };
-        // SAFETY: the out-pointer is a valid local.
-        check("Stream::from_pool", unsafe {
-            ffi::lo_stream_from_pool(dev(device), high as c_int, &mut raw)
-        })?;
+        check(op, get(&mut raw))?;
         Ok(Stream { raw })
     }
 
     /// The calling thread's current stream on `device` (libtorch keeps one per thread and
     /// device; it is the default stream unless something made another current).
     pub fn current(device: usize) -> Result<Stream> {
-        require_device("Stream::current", device)?;
-        let mut raw = ffi::lo_stream {
-            id: 0,
-            device_index: 0,
-            device_type: 0,
-        };
-        // SAFETY: the out-pointer is a valid local.
-        check("Stream::current", unsafe {
-            ffi::lo_stream_current(dev(device), &mut raw)
-        })?;
-        Ok(Stream { raw })
+        // SAFETY: the shim writes the out-pointer, a valid local, and nothing else.
+        Stream::from_shim("Stream::current", device, |raw| unsafe {
+            ffi::lo_stream_current(dev(device), raw)
+        })
     }
 
     /// The CUDA device index the stream belongs to.
