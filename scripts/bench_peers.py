@@ -3,6 +3,12 @@
 
 usage: bench_peers.py --system resident|diffusers|fastvideo [--preset wan-14b] [--tokens 1024,4096]
                       [--ctx 512] [--reps 5] [--warmup 2] [--fastvideo-wheel PATH]
+                      [--model stack|wan] [--device cuda|cpu]
+
+--model wan runs diffusers' own WanTransformer3DModel (the preset's Wan2.1-T2V config, bf16 with
+diffusers' float32 modules, seeded random weights; a 1-frame latent of --tokens patches, --ctx
+text tokens) instead of offload-bench's stack. --device cpu checks the script's logic on the CPU
+(wall-clock times; diffusers' group offloading without streams).
 
 - resident: the whole stack on the GPU.
 - diffusers: `diffusers.hooks.apply_group_offloading(block_level, num_blocks_per_group=1,
@@ -91,16 +97,62 @@ class Stack(nn.Module):
         return x @ self.head.t()
 
 
-def build(layers, d, f, heads):
+def build(layers, d, f, heads, gen_device="cuda"):
     """The stack on the CPU in bf16, every parameter filled with seeded random values made on the GPU."""
     with torch.device("meta"):
         m = Stack(layers, d, f, heads)
     m = m.to_empty(device="cpu").to(torch.bfloat16)
-    g = torch.Generator(device="cuda").manual_seed(1234)
+    g = torch.Generator(device=gen_device).manual_seed(1234)
     with torch.no_grad():
         for p in m.parameters():
-            p.copy_((torch.randn(p.shape, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02).cpu())
+            p.copy_((torch.randn(p.shape, generator=g, device=gen_device, dtype=torch.bfloat16) * 0.02).cpu())
     return m
+
+
+# diffusers' WanTransformer3DModel configs (Wan2.1-T2V transformer/config.json values; "tiny" is
+# the dit_layer_loop example's tiny preset).
+WAN_CONFIGS = {
+    "tiny": dict(num_layers=6, num_attention_heads=4, attention_head_dim=64, ffn_dim=1024, text_dim=128),
+    "wan-1.3b": dict(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, text_dim=4096),
+    "wan-14b": dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, text_dim=4096),
+}
+
+
+def build_wan(preset, gen_device):
+    """diffusers' own WanTransformer3DModel on the CPU in bf16 (float32 where diffusers keeps it,
+    `_keep_in_fp32_modules`), every parameter seeded random like `build`."""
+    from diffusers import WanTransformer3DModel
+
+    cfg = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, freq_dim=256, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024, **WAN_CONFIGS[preset])
+    with torch.device("meta"):
+        m = WanTransformer3DModel(**cfg)
+    m = m.to_empty(device="cpu").to(torch.bfloat16)
+    # to_empty drops the non-persistent rotary tables: rebuild them.
+    m.rope = type(m.rope)(cfg["attention_head_dim"], cfg["patch_size"], cfg["rope_max_seq_len"])
+    keep = m._keep_in_fp32_modules
+    g = torch.Generator(device=gen_device).manual_seed(1234)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            r = torch.randn(p.shape, generator=g, device=gen_device, dtype=torch.bfloat16) * 0.02
+            if any(k in name.split(".") for k in keep):
+                p.data = r.float().cpu()
+            else:
+                p.copy_(r.cpu())
+    return m.eval(), cfg
+
+
+def wan_inputs(tokens, ctx, cfg, dev):
+    """A latent of 1 frame with `tokens` patches (a x b, a the largest divisor <= sqrt), a
+    timestep, and `ctx` tokens of text embeddings, in bf16."""
+    a = max(i for i in range(1, int(tokens**0.5) + 1) if tokens % i == 0)
+    b = tokens // a
+    if b > cfg["rope_max_seq_len"]:
+        sys.exit(f"--tokens {tokens}: a 1 x {a} x {b} patch grid exceeds rope_max_seq_len {cfg['rope_max_seq_len']}")
+    x = torch.randn(1, cfg["in_channels"], 1, 2 * a, 2 * b, device=dev, dtype=torch.bfloat16)
+    t = torch.tensor([500.0], device=dev)
+    text = torch.randn(1, ctx, cfg["text_dim"], device=dev, dtype=torch.bfloat16)
+    return x, t, text
 
 
 def load_fastvideo_hooks(wheel):
@@ -131,11 +183,20 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--fastvideo-wheel", default=None)
+    ap.add_argument("--model", default="stack", choices=["stack", "wan"],
+                    help="stack: offload-bench's block stack; wan: diffusers' own WanTransformer3DModel")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: a check of the script's logic (wall-clock times, no streams)")
     a = ap.parse_args()
     layers, d, f, heads = PRESETS[a.preset]
-    dev = torch.device("cuda", 0)
+    cuda = a.device == "cuda"
+    dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
     t0 = time.perf_counter()
-    model = build(layers, d, f, heads)
+    if a.model == "wan":
+        model, wan_cfg = build_wan(a.preset, "cuda" if cuda else "cpu")
+        d = wan_cfg["num_attention_heads"] * wan_cfg["attention_head_dim"]
+    else:
+        model = build(layers, d, f, heads, "cuda" if cuda else "cpu")
     print(f"{a.system}: built {a.preset} on the CPU in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
@@ -145,39 +206,56 @@ def main():
         from diffusers.hooks import apply_group_offloading
 
         apply_group_offloading(model, onload_device=dev, offload_device=torch.device("cpu"), offload_type="block_level",
-                               num_blocks_per_group=1, use_stream=True)
+                               num_blocks_per_group=1, use_stream=cuda)
     else:
         lo = load_fastvideo_hooks(a.fastvideo_wheel)
         for name, p in model.named_parameters():
             if not name.startswith("blocks."):
                 p.data = p.data.to(dev)
         lo.enable_layerwise_offload(model)
-    torch.cuda.synchronize()
+    if a.model == "wan":
+        model.rope.to(dev)  # buffers outside the blocks, as the other non-block tensors
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     init_s = time.perf_counter() - t0
     print(f"{a.system}: init {init_s:.1f} s", file=sys.stderr, flush=True)
 
-    name = torch.cuda.get_device_name(0)
+    name = torch.cuda.get_device_name(0) if cuda else "cpu"
     for tokens in [int(t) for t in a.tokens.split(",")]:
         torch.manual_seed(tokens)
-        x = torch.randn(1, tokens, 64, device=dev, dtype=torch.bfloat16)
-        ctx = torch.randn(1, a.ctx, d, device=dev, dtype=torch.bfloat16)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if a.model == "wan":
+            x, t, ctx = wan_inputs(tokens, a.ctx, wan_cfg, dev)
+            run = lambda: model(x, t, ctx, return_dict=False)[0]  # noqa: E731
+        else:
+            x = torch.randn(1, tokens, 64, device=dev, dtype=torch.bfloat16)
+            ctx = torch.randn(1, a.ctx, d, device=dev, dtype=torch.bfloat16)
+            run = lambda: model(x, ctx)  # noqa: E731
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         times = []
         with torch.no_grad():
             for i in range(a.warmup + a.reps):
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                model(x, ctx)
-                e1.record()
-                e1.synchronize()
+                if cuda:
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record()
+                    run()
+                    e1.record()
+                    e1.synchronize()
+                    ms_i = e0.elapsed_time(e1)
+                else:
+                    w0 = time.perf_counter()
+                    run()
+                    ms_i = (time.perf_counter() - w0) * 1e3
                 if i >= a.warmup:
-                    times.append(e0.elapsed_time(e1))
+                    times.append(ms_i)
         times.sort()
         ms = times[len(times) // 2]
-        row = {"device": name, "system": a.system, "mode": a.system, "preset": a.preset, "layers": layers, "dim": d,
-               "ffn": f, "tokens": tokens, "ms": round(ms, 2), "resident_ms": None,
-               "peak_vram_bytes": torch.cuda.max_memory_allocated(), "init_s": round(init_s, 3), "max_abs_diff": None}
+        if a.model == "wan":
+            layers, f = wan_cfg["num_layers"], wan_cfg["ffn_dim"]
+        row = {"device": name, "system": a.system, "mode": a.system, "model": a.model, "preset": a.preset,
+               "layers": layers, "dim": d, "ffn": f, "tokens": tokens, "ms": round(ms, 2), "resident_ms": None,
+               "peak_vram_bytes": torch.cuda.max_memory_allocated() if cuda else 0, "init_s": round(init_s, 3), "max_abs_diff": None}
         print("RESULT " + json.dumps(row), flush=True)
         print(f"| {name} | {a.preset} | {tokens} | {a.system} | {ms:.1f} | init {init_s:.1f} s | peak {row['peak_vram_bytes'] / 2**30:.2f} GiB |",
               flush=True)
