@@ -178,3 +178,74 @@ fn bad_values_are_errors_naming_the_flag() {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
 }
+
+#[test]
+fn offload_bench_runs_the_wan_model_in_cpu_test_mode() {
+    let out = Command::new(bench())
+        .args([
+            "--cpu",
+            "--model",
+            "wan",
+            "--preset",
+            "tiny",
+            "--tokens",
+            "64",
+            "--ctx",
+            "16",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--budgets",
+            "1",
+        ])
+        .output()
+        .expect("offload-bench starts");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "offload-bench --model wan failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("RESULT "))
+        .map(|j| serde_json::from_str(j).expect("RESULT lines are JSON"))
+        .collect();
+    assert_eq!(rows.len(), 2, "full streaming and one budget:\n{stdout}");
+    for r in &rows {
+        assert_eq!(r["model"], "wan", "{r}");
+        assert_eq!(r["preset"], "tiny", "{r}");
+        assert_eq!(r["layers"], 6, "{r}");
+        assert_eq!(r["dim"], 256, "{r}");
+        assert_eq!(r["tokens"], 64, "{r}");
+        assert_eq!(
+            r["max_abs_diff"].as_f64(),
+            Some(0.0),
+            "streamed output differs from resident: {r}"
+        );
+        assert!(r["ms"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert_eq!(
+        rows[0]["resident_blocks"], 0,
+        "no budget: everything streams"
+    );
+    assert_eq!(rows[1]["resident_blocks"], 6, "1 GiB holds the tiny model");
+    assert!(stdout.contains("| tiny (wan) |"), "{stdout}");
+    // The several-GPU runs are the stack's: --model wan --gpus 2 is an error naming both.
+    assert_refused(
+        &["--cpu", "--model", "wan", "--preset", "tiny", "--gpus", "2"],
+        "--model wan",
+    );
+    assert_refused(
+        &["--cpu", "--model", "wan", "--preset", "tiny", "--gpus", "2"],
+        "--gpus 2",
+    );
+    // A patch grid wider than the rotary tables.
+    assert_refused(
+        &[
+            "--cpu", "--model", "wan", "--preset", "tiny", "--tokens", "1031",
+        ],
+        "--tokens",
+    );
+}

@@ -1,10 +1,17 @@
-//! `offload-bench`: a Wan2.1-shaped DiT block stack with seeded random bf16 weights, run
+//! `offload-bench`: a Wan2.1-shaped DiT block stack (`--model stack`, the default) or the wan
+//! crate's `WanTransformer3DModel` (`--model wan`: diffusers' Wan2.1-T2V model with its
+//! parameter names, rotary embedding and float32 modules) with seeded random bf16 weights, run
 //! resident and streamed through the layerwise offload manager, against the PCIe floor.
 //!
 //! ```text
 //! cargo run --release -p offload-bench -- --help
 //! offload-bench --preset wan-14b --tokens 1024,4096 --budgets 14.5 --trace trace.json
+//! offload-bench --model wan --preset wan-14b --tokens 1024,4096,16384 --ctx 512
 //! ```
+//! `--model wan` matches `scripts/bench_peers.py --model wan`: the same configurations, weights
+//! drawn the same way (N(0, 1) in bf16 times 0.02, seed 1234; float32 where diffusers keeps it),
+//! a 1-frame latent of `--tokens` patches (a x b, a the largest divisor of the count not above
+//! its square root), timestep 500 and `--ctx` text tokens.
 //! Configurations: full streaming, then one per VRAM budget in `--budgets` (GiB of block weights
 //! the manager may keep on the GPU), then with `--gpus N` N GPUs streaming at once from one
 //! shared pinned host copy (one driver thread each), first each uploading every block, then as a
@@ -22,7 +29,8 @@ use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig, PeerGroup};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor, nn};
+use wan::WanTransformer3DModel;
 
 // The helpers the examples share (flag ranges, median, rounding, GPU name, peak RSS).
 #[path = "../../examples/common/util.rs"]
@@ -37,6 +45,18 @@ struct Shape {
     ffn: i64,
     heads: i64,
     ctx: i64,
+    /// `--model wan`: the transformer's configuration (the preset's, with the overrides).
+    wan: Option<wan::Config>,
+}
+
+/// The models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Model {
+    /// offload-bench's own Wan2.1-shaped block stack (no rotary embedding, its own names).
+    Stack,
+    /// The wan crate's WanTransformer3DModel (diffusers' Wan2.1-T2V transformer), as
+    /// scripts/bench_peers.py --model wan builds diffusers' own.
+    Wan,
 }
 
 /// The model presets.
@@ -66,8 +86,10 @@ const MAX_LAYERS: i64 = 1000;
 const MAX_DIM: i64 = 65536;
 const MAX_TOKENS: i64 = 1 << 20;
 
-/// A Wan2.1-shaped DiT block stack with seeded random weights, run resident and streamed
-/// through the layerwise offload manager, against the PCIe floor.
+/// A Wan2.1-shaped DiT block stack (--model stack) or diffusers' Wan2.1 WanTransformer3DModel
+/// from the wan crate (--model wan, as scripts/bench_peers.py --model wan builds it) with seeded
+/// random weights, run resident and streamed through the layerwise offload manager, against the
+/// PCIe floor.
 ///
 /// Configurations: full streaming, then one per VRAM budget in --budgets, then with --gpus N
 /// N GPUs streaming at once from one shared pinned host copy (each uploading every block, then
@@ -78,6 +100,10 @@ const MAX_TOKENS: i64 = 1 << 20;
 #[derive(Debug, Parser)]
 #[command(name = "offload-bench", version, allow_negative_numbers = true)]
 struct Cli {
+    /// The model: offload-bench's block stack, or the wan crate's WanTransformer3DModel
+    /// (diffusers' Wan2.1; one GPU only).
+    #[arg(long, value_enum, default_value_t = Model::Stack)]
+    model: Model,
     /// Model preset (default: wan-1.3b with CUDA, tiny without).
     #[arg(long, value_enum)]
     preset: Option<Preset>,
@@ -97,7 +123,7 @@ struct Cli {
     /// without).
     #[arg(long, value_delimiter = ',', value_parser = int_in(1, MAX_TOKENS))]
     tokens: Vec<i64>,
-    /// Text-context tokens of the cross-attention.
+    /// Text-context tokens of the cross-attention (--model wan: text-embedding tokens).
     #[arg(long, default_value_t = 512, value_parser = int_in(1, MAX_DIM))]
     ctx: i64,
     /// Blocks uploaded ahead of the one computing.
@@ -152,6 +178,30 @@ fn check(a: &Cli, s: &Shape, cuda: bool) {
             s.dim, s.heads
         ));
     }
+    if let Some(c) = &s.wan {
+        if a.gpus > 1 {
+            fail(format!(
+                "--model wan runs on one GPU: --gpus {} needs --model stack",
+                a.gpus
+            ));
+        }
+        if let Err(e) = c.validate() {
+            fail(format!(
+                "--model wan with --dim {} --heads {}: {e}",
+                s.dim, s.heads
+            ));
+        }
+        for &t in &a.tokens {
+            let (_, w) = wan_grid(t);
+            if w > c.rope_max_seq_len {
+                fail(format!(
+                    "--tokens {t}: a 1 x {} x {w} patch grid exceeds rope_max_seq_len {}",
+                    t / w,
+                    c.rope_max_seq_len
+                ));
+            }
+        }
+    }
     let cpu = a.cpu || !cuda;
     if !cpu && a.gpus > accel::cuda_device_count().max(1) as i64 {
         fail(format!(
@@ -188,7 +238,7 @@ fn shape(a: &Cli, cuda: bool) -> Shape {
         Preset::Wan1_3b => (30, 1536, 8960, 12),
         Preset::Wan14b => (40, 5120, 13824, 40),
     };
-    Shape {
+    let mut s = Shape {
         preset: preset
             .to_possible_value()
             .expect("named")
@@ -199,7 +249,39 @@ fn shape(a: &Cli, cuda: bool) -> Shape {
         ffn: a.ffn.unwrap_or(ffn),
         heads: a.heads.unwrap_or(heads),
         ctx: a.ctx,
+        wan: None,
+    };
+    if a.model == Model::Wan {
+        // scripts/bench_peers.py's WAN_CONFIGS: Wan2.1-T2V-1.3B's and 14B's config.json, and a
+        // tiny one (the dit_layer_loop example's) on 1.3B's other values.
+        let base = match preset {
+            Preset::Tiny => wan::Config {
+                text_dim: 128,
+                ..wan::Config::wan2_1_t2v_1_3b()
+            },
+            Preset::Wan1_3b => wan::Config::wan2_1_t2v_1_3b(),
+            Preset::Wan14b => wan::Config::wan2_1_t2v_14b(),
+        };
+        s.wan = Some(wan::Config {
+            num_layers: s.layers as i64,
+            num_attention_heads: s.heads,
+            attention_head_dim: s.dim / s.heads,
+            ffn_dim: s.ffn,
+            ..base
+        });
     }
+    s
+}
+
+/// The patch grid of a 1-frame latent of `tokens` patches, as scripts/bench_peers.py makes it:
+/// a x b with a the largest divisor of `tokens` not above its square root.
+fn wan_grid(tokens: i64) -> (i64, i64) {
+    let a = (1..=tokens)
+        .take_while(|i| i * i <= tokens)
+        .filter(|i| tokens % i == 0)
+        .max()
+        .unwrap_or(1);
+    (a, tokens / a)
 }
 
 /// The run, from the flags.
@@ -288,6 +370,75 @@ fn build_weights(s: &Shape, origin: Device, kind: Kind) -> Vec<(String, Tensor)>
     }
     add("head.weight".into(), &[64, d], 0.02);
     named
+}
+
+/// The wan crate's WanTransformer3DModel with `config`, on the CPU, drawn as
+/// scripts/bench_peers.py's wan mode draws diffusers' own: every parameter (in name order) N(0, 1)
+/// in bf16 on `origin` after seed 1234, times 0.02 (in bf16), then converted to `kind`, or to
+/// float32 where diffusers keeps it (`wan::keeps_fp32`). Returns the model and its named
+/// parameters (handles sharing their storage with the model's).
+fn build_wan(
+    config: &wan::Config,
+    origin: Device,
+    kind: Kind,
+) -> (WanTransformer3DModel, Vec<(String, Tensor)>) {
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    // Created in `kind` (never all in float32: 14B would need 56 GiB), then diffusers' mixed
+    // precision.
+    vs.set_kind(kind);
+    let model = WanTransformer3DModel::new(vs.root(), config);
+    wan::set_kind(&mut vs, kind);
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::manual_seed(1234);
+    tch::no_grad(|| {
+        for (_, t) in &named {
+            let r = Tensor::randn(t.size(), (Kind::BFloat16, origin)) * 0.02;
+            t.shallow_clone().copy_(&r);
+        }
+    });
+    (model, named)
+}
+
+/// The model run: the stack, or the wan crate's model.
+enum Net<'a> {
+    Stack(Stack<'a>),
+    Wan(&'a WanTransformer3DModel),
+}
+
+impl Net<'_> {
+    /// One forward of `inputs` (the stack: tokens and context; wan: latent, timestep and text
+    /// embeddings), every block inside the manager's `enter` when there is one.
+    fn forward(&self, inputs: &[Tensor], mgr: Option<&mut LayerwiseOffloadManager>) -> Tensor {
+        match self {
+            Net::Stack(stack) => stack.forward(&inputs[0], &inputs[1], mgr),
+            Net::Wan(model) => wan_forward(model, inputs, mgr),
+        }
+    }
+}
+
+/// The wan model's forward with its block loop open (as the dit_layer_loop example).
+fn wan_forward(
+    model: &WanTransformer3DModel,
+    inputs: &[Tensor],
+    mut mgr: Option<&mut LayerwiseOffloadManager>,
+) -> Tensor {
+    tch::no_grad(|| {
+        let e = model
+            .embed(&inputs[0], &inputs[1], &inputs[2])
+            .expect("inputs of the model's shapes");
+        let mut h = e.hidden.shallow_clone();
+        for i in 0..model.blocks().len() {
+            match mgr.as_deref_mut() {
+                Some(m) => {
+                    let _g = m.enter(i).expect("enter");
+                    h = model.block(i, &h, &e);
+                }
+                None => h = model.block(i, &h, &e),
+            }
+        }
+        model.head(&h, &e)
+    })
 }
 
 /// The stack's forward pass over weights looked up by name.
@@ -461,12 +612,19 @@ fn main() -> Result<()> {
         Device::Cuda(d) => pinned_h2d_gib_s(d)?,
         _ => 0.0,
     };
+    let model_name = if s.wan.is_some() { "wan" } else { "stack" };
     eprintln!(
-        "building {} weights ({} blocks, dim {}, ffn {}) on the CPU...",
+        "building {} {model_name} weights ({} blocks, dim {}, ffn {}) on the CPU...",
         s.preset, s.layers, s.dim, s.ffn
     );
     let t0 = Instant::now();
-    let named = build_weights(s, origin, kind);
+    let (wan_model, named) = match &s.wan {
+        Some(c) => {
+            let (model, named) = build_wan(c, origin, kind);
+            (Some(model), named)
+        }
+        None => (None, build_weights(s, origin, kind)),
+    };
     let block_bytes: usize = named
         .iter()
         .filter(|(n, _)| n.starts_with("blocks."))
@@ -478,17 +636,33 @@ fn main() -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     let host_before = peak_rss_bytes();
-    let stack = Stack::new(s, &named);
-    let inputs: Vec<(i64, Tensor, Tensor)> = a
+    let stack = match &wan_model {
+        Some(model) => Net::Wan(model),
+        None => Net::Stack(Stack::new(s, &named)),
+    };
+    // Per token count, seeded with it: the stack's tokens and context; wan's latent (1 frame,
+    // `wan_grid` patches), timestep and text embeddings, as scripts/bench_peers.py's.
+    let inputs: Vec<(i64, Vec<Tensor>)> = a
         .tokens
         .iter()
         .map(|&t| {
             tch::manual_seed(t);
-            (
-                t,
-                Tensor::randn([1, t, 64], (kind, dev)),
-                Tensor::randn([1, s.ctx, s.dim], (kind, dev)),
-            )
+            let xs = match &s.wan {
+                None => vec![
+                    Tensor::randn([1, t, 64], (kind, dev)),
+                    Tensor::randn([1, s.ctx, s.dim], (kind, dev)),
+                ],
+                Some(c) => {
+                    let (gh, gw) = wan_grid(t);
+                    let [pt, ph, pw] = c.patch_size;
+                    vec![
+                        Tensor::randn([1, c.in_channels, pt, ph * gh, pw * gw], (kind, dev)),
+                        Tensor::from_slice(&[500f32]).to_device(dev),
+                        Tensor::randn([1, s.ctx, c.text_dim], (kind, dev)),
+                    ]
+                }
+            };
+            (t, xs)
         })
         .collect();
 
@@ -536,13 +710,13 @@ fn main() -> Result<()> {
             host_peak as f64 / (1u64 << 30) as f64,
             host_before as f64 / (1u64 << 30) as f64
         );
-        for (tokens, x, ctx) in &inputs {
+        for (tokens, xs) in &inputs {
             if let Device::Cuda(d) = dev {
                 accel::synchronize_device(d)?;
                 accel::reset_peak_memory_stats(d)?;
             }
             let stall0 = m.stats().stall_ms;
-            let (ms, y) = time_forwards(&a, || stack.forward(x, ctx, Some(&mut m)), dev)?;
+            let (ms, y) = time_forwards(&a, || stack.forward(xs, Some(&mut m)), dev)?;
             if let Device::Cuda(d) = dev {
                 accel::synchronize_device(d)?;
             }
@@ -567,9 +741,9 @@ fn main() -> Result<()> {
         }
         if let (Some(path), Device::Cuda(_), true) = (&a.trace, dev, budget.is_none()) {
             // One more forward of the first size, captured as a Chrome trace.
-            let (_, x, ctx) = &inputs[0];
+            let (_, xs) = &inputs[0];
             m.start_timeline()?;
-            let _ = stack.forward(x, ctx, Some(&mut m));
+            let _ = stack.forward(xs, Some(&mut m));
             let spans = m.finish_timeline()?;
             std::fs::write(path, layerwise_offload::chrome_trace_json(&spans))
                 .with_context(|| format!("writing --trace {}", path.display()))?;
@@ -639,12 +813,12 @@ fn main() -> Result<()> {
         multi_host_bytes = store.bytes();
         // The inputs of the resident run, copied to each GPU here: seeding in the threads would
         // race (tch::manual_seed reseeds every device's generator, process-wide).
-        let mut thread_inputs: Vec<Vec<(i64, Tensor, Tensor)>> = (0..a.gpus)
+        let mut thread_inputs: Vec<Vec<(i64, Vec<Tensor>)>> = (0..a.gpus)
             .map(|g| {
                 let dev_g = if a.cpu { Device::Cpu } else { Device::Cuda(g) };
                 inputs
                     .iter()
-                    .map(|(t, x, c)| (*t, x.to_device(dev_g), c.to_device(dev_g)))
+                    .map(|(t, xs)| (*t, xs.iter().map(|x| x.to_device(dev_g)).collect()))
                     .collect()
             })
             .collect();
@@ -671,12 +845,16 @@ fn main() -> Result<()> {
                         }
                         let mut m = cfg.build(&named_g)?;
                         m.initialize()?;
+                        // The stack only: --model wan with --gpus N > 1 is refused.
                         let stack = Stack::new(s, &named_g);
                         let mut out = Vec::new();
-                        for (tokens, x, ctx) in inputs_g {
+                        for (tokens, xs) in inputs_g {
                             barrier.wait();
-                            let (ms, y) =
-                                time_forwards(a, || stack.forward(&x, &ctx, Some(&mut m)), dev_g)?;
+                            let (ms, y) = time_forwards(
+                                a,
+                                || stack.forward(&xs[0], &xs[1], Some(&mut m)),
+                                dev_g,
+                            )?;
                             out.push((tokens, ms, y.to_device(Device::Cpu)));
                         }
                         m.restore_to(Device::Cpu)?;
@@ -701,13 +879,18 @@ fn main() -> Result<()> {
     let mut resident_ms = std::collections::HashMap::new();
     let on_device = named.iter().all(|(_, t)| t.device() == dev);
     if a.resident && on_device {
-        for (tokens, x, ctx) in &inputs {
-            let (ms, r) = time_forwards(&a, || stack.forward(x, ctx, None), dev)?;
+        for (tokens, xs) in &inputs {
+            let (ms, r) = time_forwards(&a, || stack.forward(xs, None), dev)?;
             resident_ms.insert(*tokens, (ms, r));
         }
     } else if a.resident {
         eprintln!("resident run skipped: the weights do not fit on the device");
     }
+    // The preset column names the model where it is not the default stack.
+    let preset_cell = match &s.wan {
+        Some(_) => format!("{} (wan)", s.preset),
+        None => s.preset.clone(),
+    };
     println!(
         "| device | preset | tokens | mode | ms/forward | floor ms | floor/measured | stall ms | peak VRAM GiB | init s |"
     );
@@ -728,8 +911,7 @@ fn main() -> Result<()> {
         });
         let gib = r.peak as f64 / (1u64 << 30) as f64;
         println!(
-            "| {device_name} | {} | {} | {} | {:.1} | {floor:.1} | {:.3} | {:.1} | {gib:.2} | {:.2} |",
-            s.preset,
+            "| {device_name} | {preset_cell} | {} | {} | {:.1} | {floor:.1} | {:.3} | {:.1} | {gib:.2} | {:.2} |",
             r.tokens,
             r.label,
             r.ms,
@@ -741,6 +923,7 @@ fn main() -> Result<()> {
             "device": device_name,
             "system": "layerwise-offload",
             "mode": r.label,
+            "model": model_name,
             "preset": s.preset,
             "layers": s.layers,
             "dim": s.dim,
@@ -793,6 +976,7 @@ fn main() -> Result<()> {
                 "device": device_name,
                 "system": "layerwise-offload",
                 "mode": mode,
+                "model": model_name,
                 "gpus": a.gpus,
                 "gpu": g,
                 "preset": s.preset,
@@ -818,11 +1002,62 @@ fn main() -> Result<()> {
         v.sort_by_key(|(t, _)| **t);
         v
     } {
-        println!(
-            "| {device_name} | {} | {tokens} | resident | {ms:.1} | | | | | |",
-            s.preset
-        );
+        println!("| {device_name} | {preset_cell} | {tokens} | resident | {ms:.1} | | | | | |");
     }
     eprintln!("{stats_table}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wan_grids_are_bench_peers_ones() {
+        // scripts/bench_peers.py: a = the largest divisor <= sqrt(tokens), b = tokens / a.
+        for (tokens, grid) in [
+            (64, (8, 8)),
+            (1000, (25, 40)),
+            (1024, (32, 32)),
+            (4096, (64, 64)),
+            (16384, (128, 128)),
+            (1031, (1, 1031)),
+            (1, (1, 1)),
+        ] {
+            assert_eq!(wan_grid(tokens), grid, "{tokens}");
+        }
+    }
+
+    #[test]
+    fn wan_weights_are_drawn_as_bench_peers_draws_them() {
+        let config = wan::Config {
+            num_layers: 2,
+            num_attention_heads: 4,
+            attention_head_dim: 64,
+            ffn_dim: 1024,
+            text_dim: 128,
+            ..wan::Config::wan2_1_t2v_1_3b()
+        };
+        let (model, named) = build_wan(&config, Device::Cpu, Kind::BFloat16);
+        assert_eq!(model.blocks().len(), 2);
+        for (name, t) in &named {
+            let want = if wan::keeps_fp32(name) {
+                Kind::Float
+            } else {
+                Kind::BFloat16
+            };
+            assert_eq!(t.kind(), want, "{name}");
+            if t.numel() >= 4096 {
+                let std = t.to_kind(Kind::Float).std(true).double_value(&[]);
+                assert!((std - 0.02).abs() < 0.002, "{name}: std {std}");
+            }
+        }
+        assert!(named.iter().any(|(n, _)| n == "blocks.0.norm2.weight"));
+        assert!(named.iter().any(|(n, _)| n == "scale_shift_table"));
+        // Seeded: a second build is equal.
+        let (_, again) = build_wan(&config, Device::Cpu, Kind::BFloat16);
+        for ((n, a), (_, b)) in named.iter().zip(&again) {
+            assert!(a.equal(b), "{n}");
+        }
+    }
 }
