@@ -2,6 +2,8 @@
 //! for bit, weights saved while offloaded load back to the same result, and a weights file that
 //! does not match the model is refused with the missing, unexpected and mis-shaped names.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use tch::Tensor;
@@ -106,24 +108,7 @@ fn dit_example_samples_exactly_and_round_trips_weights() {
 /// Runs the example with `args` (after `--preset tiny --steps 2`); it must exit non-zero with
 /// an error naming `what` on the first line of stderr, and no panic.
 fn assert_refused(args: &[&str], what: &str) {
-    let out = run(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "{args:?} was accepted:\n{}\n{stderr}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert_ne!(out.status.code(), Some(101), "{args:?} panicked:\n{stderr}");
-    assert!(
-        !stderr.contains("panicked") && out.status.code().is_some(),
-        "{args:?} panicked or was killed ({:?}):\n{stderr}",
-        out.status
-    );
-    let first = stderr.lines().next().unwrap_or("");
-    assert!(
-        first.starts_with("Error:") || first.starts_with("error:"),
-        "{args:?}: stderr must start with an error:\n{stderr}"
-    );
+    let stderr = common::cli::assert_refused(args, &run(args));
     assert!(
         stderr.contains(what),
         "{args:?}: the error must name {what}:\n{stderr}"

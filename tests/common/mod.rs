@@ -38,6 +38,7 @@ pub fn gpu_lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+pub mod cli;
 pub mod model;
 
 /// Where a test body runs.
