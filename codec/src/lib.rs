@@ -1,0 +1,1 @@
+//! Lossless bf16 weight codec (work in progress).
