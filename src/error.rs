@@ -249,6 +249,18 @@ pub enum Error {
         /// The method's arguments, `name: Type` in schema order.
         expected: Vec<String>,
     },
+    /// A checkpoint file or shard index cannot be used: missing, unreadable, malformed,
+    /// truncated, or inconsistent with its index.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// What is wrong and what to change.
+        reason: String,
+    },
+    /// The model's tensors and a checkpoint's do not match: every difference, by tensor name.
+    #[error("{0}")]
+    CheckpointMismatch(Box<crate::checkpoint::CheckpointMismatch>),
     /// Any other failure inside libtorch.
     #[error("{op} failed in libtorch: {source}")]
     Torch {

@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 pub mod accel;
+pub mod checkpoint;
 mod claims;
 pub mod driver;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod script;
 pub mod source;
 pub mod stats;
 
+pub use checkpoint::Checkpoint;
 pub use driver::{OffloadedBlocks, SharedManager};
 pub use error::{Error, Result, TorchMessage};
 pub use host::HostStore;

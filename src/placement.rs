@@ -57,6 +57,25 @@ pub(crate) fn resident_blocks(
     Ok(vec![false; n])
 }
 
+/// Marks the streamed blocks (of `sizes` bytes each, in loop order) whose host copy fits in a
+/// host budget of `budget` bytes: all if they fit, otherwise as many as fit, spread evenly
+/// through the loop (the others are read from the checkpoint at each forward, and spreading
+/// them lets their reads overlap the uploads of the blocks in memory).
+pub(crate) fn host_blocks(sizes: &[u64], budget: u64) -> Vec<bool> {
+    let n = sizes.len();
+    for k in (1..=n).rev() {
+        let picks = spread(n, k);
+        if picks.iter().map(|&i| sizes[i]).sum::<u64>() <= budget {
+            let mut r = vec![false; n];
+            for i in picks {
+                r[i] = true;
+            }
+            return r;
+        }
+    }
+    vec![false; n]
+}
+
 /// `k` of `n` positions spread evenly (the middle of each of `k` equal stretches).
 fn spread(n: usize, k: usize) -> Vec<usize> {
     (0..k)
@@ -66,8 +85,32 @@ fn spread(n: usize, k: usize) -> Vec<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::{resident_blocks, spread};
+    use super::{host_blocks, resident_blocks, spread};
     use crate::error::Error;
+
+    #[test]
+    fn host_blocks_fill_the_budget_evenly() {
+        let sizes = vec![10u64; 40];
+        assert_eq!(host_blocks(&sizes, 400), vec![true; 40]);
+        assert_eq!(host_blocks(&sizes, 9), vec![false; 40]);
+        let half = host_blocks(&sizes, 200);
+        assert_eq!(half.iter().filter(|h| **h).count(), 20);
+        // Alternating: no two disk-tier blocks in a row.
+        assert!(half.windows(2).all(|w| w[0] || w[1]));
+        let some = host_blocks(&sizes, 105);
+        assert_eq!(some.iter().filter(|h| **h).count(), 10);
+        // Unequal sizes: what is kept fits.
+        let sizes: Vec<u64> = (1..=12).collect();
+        for budget in 0..80 {
+            let kept: u64 = host_blocks(&sizes, budget)
+                .iter()
+                .zip(&sizes)
+                .filter(|(h, _)| **h)
+                .map(|(_, s)| s)
+                .sum();
+            assert!(kept <= budget);
+        }
+    }
 
     #[test]
     fn spread_is_even_and_distinct() {

@@ -45,6 +45,9 @@ pub struct OffloadStats {
     /// Peak bytes allocated on the compute device (libtorch's allocator, whole process) since
     /// the process started or the last `accel::reset_peak_memory_stats`; 0 on the CPU.
     pub peak_vram_bytes: u64,
+    /// Blocks on the disk tier (read from the checkpoint at every upload; see
+    /// [`OffloadConfig::host_budget`](crate::OffloadConfig::host_budget)).
+    pub disk_blocks: usize,
 }
 
 impl OffloadStats {

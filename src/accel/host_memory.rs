@@ -188,6 +188,29 @@ pub fn map_host_file(
     mapped
 }
 
+/// Maps the first `bytes` bytes of `file` (at `path`, for messages) read-only and shared, as
+/// a 1-D `uint8` CPU tensor that owns the mapping: the zero-copy checkpoint store. With
+/// [`HostMemory::Pinned`] the pages are page-locked in place (`cudaHostRegister`, portable
+/// and read-only), which reads them in if they are not in the page cache. The file must hold
+/// at least `bytes` bytes and must not be truncated while the tensor lives (SIGBUS).
+pub(crate) fn map_file_read_only(
+    file: &std::fs::File,
+    path: &std::path::Path,
+    bytes: usize,
+    memory: HostMemory,
+) -> Result<Tensor> {
+    let host_err = host_request(
+        ("zero_copy", "zero_copy (pinned)"),
+        true,
+        bytes,
+        memory,
+    )?;
+    let path = path.to_owned();
+    map_file_descriptor(file, bytes, false, memory, move |m| {
+        host_err(format!("mapping {}: {m}", path.display()))
+    })
+}
+
 /// Maps the first `bytes` bytes of `file` (of at least that size) shared, and owns the mapping.
 fn map_file_descriptor(
     file: &std::fs::File,

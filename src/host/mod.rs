@@ -35,6 +35,94 @@ pub(crate) fn manifest_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// A block's host copy: one buffer, or (the zero-copy checkpoint store) pieces of mapped
+/// checkpoint files, each a contiguous range of the block's layout. Every piece is a 1-D
+/// `uint8` CPU tensor.
+#[derive(Debug)]
+pub(crate) struct HostBlock {
+    /// `(offset in the block's layout, bytes)`, sorted by offset, not overlapping.
+    pieces: Vec<(usize, Tensor)>,
+}
+
+impl HostBlock {
+    /// A block held in one buffer.
+    pub(crate) fn whole(buf: Tensor) -> HostBlock {
+        HostBlock {
+            pieces: vec![(0, buf)],
+        }
+    }
+
+    /// A block held in pieces: `(offset in the layout, buffer)`.
+    pub(crate) fn pieces(mut pieces: Vec<(usize, Tensor)>) -> HostBlock {
+        pieces.sort_by_key(|(o, _)| *o);
+        HostBlock { pieces }
+    }
+
+    /// The buffer, if the block is held in one starting at offset 0.
+    pub(crate) fn as_whole(&self) -> Option<&Tensor> {
+        match self.pieces.as_slice() {
+            [(0, t)] => Some(t),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn shallow_clone(&self) -> HostBlock {
+        HostBlock {
+            pieces: self
+                .pieces
+                .iter()
+                .map(|(o, t)| (*o, t.shallow_clone()))
+                .collect(),
+        }
+    }
+
+    /// Bytes held (the pieces together).
+    pub(crate) fn bytes(&self) -> usize {
+        self.pieces.iter().map(|(_, t)| t.numel()).sum()
+    }
+
+    /// The parts of the pieces inside `[off, off + len)` of the layout: `(offset from off,
+    /// host bytes)`. Gaps between pieces (layout padding) are left out.
+    pub(crate) fn range(&self, off: usize, len: usize) -> Result<Vec<(usize, Tensor)>> {
+        let end = off + len;
+        let mut out = Vec::new();
+        for (o, t) in &self.pieces {
+            let (a, b) = ((*o).max(off), (o + t.numel()).min(end));
+            if a < b {
+                let part = t
+                    .f_narrow(0, (a - o) as i64, (b - a) as i64)
+                    .map_err(|e| Error::from(("reading a host block", e)))?;
+                out.push((a - off, part));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Typed views of the block's tensors (as [`crate::plan::BlockLayout`] places them), one
+    /// per tensor, with their shapes and strides.
+    pub(crate) fn views(&self, layout: &BlockLayout) -> Result<Vec<Tensor>> {
+        layout
+            .tensors
+            .iter()
+            .map(|t| {
+                let (o, buf) = self
+                    .pieces
+                    .iter()
+                    .rev()
+                    .find(|(o, b)| *o <= t.offset && t.offset + t.bytes <= o + b.numel())
+                    .ok_or_else(|| Error::InvalidArgument {
+                        op: "making views of a host block",
+                        message: format!("no piece of the host copy holds {}", t.name),
+                    })?;
+                buf.f_narrow(0, (t.offset - o) as i64, t.bytes as i64)
+                    .and_then(|v| v.f_view_dtype(t.kind))
+                    .and_then(|v| v.f_as_strided(t.shape.as_slice(), t.strides.as_slice(), None))
+                    .map_err(|e| Error::from(("making views of a host block", e)))
+            })
+            .collect()
+    }
+}
+
 /// The host copy of every streamed block of a model: one buffer per block, page-locked as
 /// portable memory (usable by every CUDA device of the process). Managers on several GPUs of one
 /// process can stream from one store, each with its own slot ring and streams, so host memory
@@ -46,7 +134,7 @@ pub(crate) fn manifest_path(path: &Path) -> PathBuf {
 #[derive(Debug)]
 pub struct HostStore {
     pub(crate) blocks: Vec<BlockLayout>,
-    pub(crate) buffers: Vec<Option<Tensor>>,
+    pub(crate) buffers: Vec<Option<HostBlock>>,
     pub(crate) pinned: bool,
     /// Mapped read-only from another process's store: never written.
     pub(crate) read_only: bool,
@@ -66,7 +154,7 @@ impl HostStore {
     /// when the store is dropped.
     pub(crate) fn own(
         blocks: Vec<BlockLayout>,
-        buffers: Vec<Option<Tensor>>,
+        buffers: Vec<Option<HostBlock>>,
         pinned: bool,
         owner_path: Option<PathBuf>,
     ) -> HostStore {
@@ -84,8 +172,8 @@ impl HostStore {
         self.blocks
             .iter()
             .zip(&self.buffers)
-            .filter(|(_, b)| b.is_some())
-            .map(|(l, _)| l.bytes as u64)
+            .filter_map(|(_, b)| b.as_ref())
+            .map(|b| b.bytes() as u64)
             .sum()
     }
 
@@ -100,9 +188,14 @@ impl HostStore {
     }
 
     /// The host buffer of block `i` (loop order) as a 1-D `uint8` CPU tensor, if the store
-    /// holds it. Read it, do not write it.
+    /// holds it in one buffer (a zero-copy checkpoint store holds blocks in pieces of the
+    /// checkpoint's files, and has no one buffer to give). Read it, do not write it.
     pub fn block(&self, i: usize) -> Option<Tensor> {
-        self.buffers.get(i)?.as_ref().map(|b| b.shallow_clone())
+        self.buffers
+            .get(i)?
+            .as_ref()?
+            .as_whole()
+            .map(|b| b.shallow_clone())
     }
 
     /// Whether the store was opened from another process's shared-memory file (read-only).
@@ -148,7 +241,7 @@ impl HostStore {
                 .transpose()
                 .map_err(|e| Error::from(("HostStore::open_shared", e)))?;
             blocks.push(layout);
-            buffers.push(buffer);
+            buffers.push(buffer.map(HostBlock::whole));
         }
         Ok(Arc::new(HostStore {
             blocks,
@@ -182,8 +275,11 @@ impl HostStore {
         )
     }
 
-    /// Checks that a plan has exactly the store's layout; says what differs.
-    pub(crate) fn check_plan(&self, plan: &Plan) -> Result<()> {
+    /// Checks that a plan has the store's blocks and tensors (names, shapes, element types,
+    /// sizes; says what differs), and takes the store's layout: where each tensor sits in the
+    /// block buffer (a zero-copy store lays blocks out as the checkpoint's files do) and its
+    /// strides.
+    pub(crate) fn adopt_plan(&self, plan: &mut Plan) -> Result<()> {
         let differ = |message: String| Error::InvalidArgument {
             op: "initialize with a shared host store",
             message,
@@ -198,32 +294,29 @@ impl HostStore {
         for (i, (a, b)) in plan.blocks.iter().zip(&self.blocks).enumerate() {
             if self.buffers[i].is_none() {
                 return Err(differ(format!(
-                    "block {i} was kept resident by the manager that made the store, without a host copy; build that manager with .shareable(true) or without a VRAM budget"
+                    "block {i} has no host copy in the store: the manager that made it kept the block resident (build it with .shareable(true) or without a VRAM budget) or on its disk tier (no host_budget)"
                 )));
             }
-            if a.attr != b.attr
-                || a.index != b.index
-                || a.tensors.len() != b.tensors.len()
-                || a.bytes != b.bytes
-            {
+            if a.attr != b.attr || a.index != b.index || a.tensors.len() != b.tensors.len() {
                 return Err(differ(format!(
                     "block {i} is {}.{} in the model and {}.{} in the store",
                     a.attr, a.index, b.attr, b.index
                 )));
             }
             for (x, y) in a.tensors.iter().zip(&b.tensors) {
-                if x.name != y.name
-                    || x.shape != y.shape
-                    || x.strides != y.strides
-                    || x.kind != y.kind
-                    || x.offset != y.offset
-                    || x.bytes != y.bytes
-                {
+                if x.name != y.name || x.shape != y.shape || x.kind != y.kind || x.bytes != y.bytes {
                     return Err(differ(format!(
                         "{} is {:?} {:?} in the model, but the store holds {} as {:?} {:?}",
                         x.name, x.shape, x.kind, y.name, y.shape, y.kind
                     )));
                 }
+            }
+        }
+        for (a, b) in plan.blocks.iter_mut().zip(&self.blocks) {
+            a.bytes = b.bytes;
+            for (x, y) in a.tensors.iter_mut().zip(&b.tensors) {
+                x.offset = y.offset;
+                x.strides = y.strides.clone();
             }
         }
         Ok(())

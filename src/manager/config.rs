@@ -1,5 +1,6 @@
 //! [`OffloadConfig`]: how a manager is set up, checked when it is built.
 
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::host::HostStore;
 use crate::peer::PeerGroup;
@@ -33,6 +34,11 @@ pub struct OffloadConfig {
     pub(super) peer: Option<(Arc<PeerGroup>, usize)>,
     pub(super) push_per_member: bool,
     pub(super) allow_cpu_fallback: bool,
+    pub(super) checkpoint: Option<Arc<Checkpoint>>,
+    pub(super) zero_copy: bool,
+    pub(super) host_budget: Option<u64>,
+    pub(super) allow_unexpected: bool,
+    pub(super) convert_dtypes: bool,
 }
 
 /// The largest [`OffloadConfig::prefetch_depth`] accepted.
@@ -60,6 +66,11 @@ impl OffloadConfig {
             peer: None,
             push_per_member: false,
             allow_cpu_fallback: false,
+            checkpoint: None,
+            zero_copy: false,
+            host_budget: None,
+            allow_unexpected: false,
+            convert_dtypes: false,
         }
     }
 
@@ -222,6 +233,75 @@ impl OffloadConfig {
         self
     }
 
+    /// Take the weights from a safetensors checkpoint ([`Checkpoint::open`]: a file or a
+    /// sharded directory) instead of the model's tensors. At `initialize()` the model's tensors
+    /// are matched with the checkpoint's by name (rename them with [`Checkpoint::rename`]);
+    /// every difference is one [`Error::CheckpointMismatch`] naming each tensor, before
+    /// anything changes. Then block tensors are read in parallel straight into their pinned
+    /// block buffers (or, with [`Self::zero_copy`], the file's own pages are the store;
+    /// with [`Self::host_budget`], blocks past the budget stay in the file), and non-block
+    /// tensors and resident blocks go to the compute device.
+    ///
+    /// The model's own values are never read: build it with uninitialized tensors
+    /// (`Tensor::empty`, which touch no memory until written) so the host never holds the model
+    /// twice. They are kept until `initialize()` succeeds (an error puts them back) and freed
+    /// then; `restore()` gives back the checkpoint's values.
+    pub fn checkpoint(mut self, checkpoint: impl Into<Arc<Checkpoint>>) -> OffloadConfig {
+        self.checkpoint = Some(checkpoint.into());
+        self
+    }
+
+    /// With [`Self::checkpoint`]: the host store is the checkpoint files' own pages, mapped
+    /// read-only and page-locked in place (`cudaHostRegister`, read-only), instead of a copy in
+    /// pinned buffers: `initialize()` costs page-ins and registration only, and processes of
+    /// one machine that open the same checkpoint share one page cache. A block whose tensors
+    /// lie in several runs of the files (safetensors orders tensors by dtype, then name, so a
+    /// block with fp32 norms and bf16 weights is two runs) uploads with one copy per run; the
+    /// slot places each run at a 256-byte boundary, tensors within a run keep the file's
+    /// relative alignment. The store is read-only: `update_tensor` on a block tensor is
+    /// refused.
+    ///
+    /// The files must not be truncated or rewritten while the manager holds them: the mapping
+    /// cannot turn that into an error. `initialize()` and `restore()` check each file's length
+    /// before reading through the mapping, but a truncation between that check and a read
+    /// kills the process with SIGBUS (copies the GPU makes go on from the pinned pages).
+    pub fn zero_copy(mut self, on: bool) -> OffloadConfig {
+        self.zero_copy = on;
+        self
+    }
+
+    /// With [`Self::checkpoint`]: keep at most `bytes` of streamed blocks in host memory; the
+    /// others (spread evenly through the loop, so their reads overlap the uploads of the
+    /// blocks in memory) are read from the checkpoint at every forward by a background thread
+    /// (`pread`, several threads per block) into a ring of three pinned staging buffers of the
+    /// largest block, ahead of the loop, and uploaded from there. For models larger than host
+    /// memory. A forward then takes at least the largest of: disk-tier bytes / read bandwidth,
+    /// streamed bytes / PCIe bandwidth, compute.
+    ///
+    /// `restore()` reads the disk-tier blocks back (host memory for the whole model); dropping
+    /// the manager without `restore` leaves their tensors empty (their values stay in the
+    /// checkpoint).
+    pub fn host_budget(mut self, bytes: u64) -> OffloadConfig {
+        self.host_budget = Some(bytes);
+        self
+    }
+
+    /// With [`Self::checkpoint`]: accept checkpoint tensors the model does not have (left
+    /// unread) instead of refusing them (default off).
+    pub fn allow_unexpected(mut self, on: bool) -> OffloadConfig {
+        self.allow_unexpected = on;
+        self
+    }
+
+    /// With [`Self::checkpoint`]: convert tensors stored in another element type to the
+    /// model's (default off: a different type is an error, no silent conversion). Converted
+    /// tensors are read through a temporary; not with [`Self::zero_copy`] or
+    /// [`Self::host_budget`], which stream the file's bytes as they are.
+    pub fn convert_dtypes(mut self, on: bool) -> OffloadConfig {
+        self.convert_dtypes = on;
+        self
+    }
+
     /// Builds the manager over `model`'s weights (and initializes it if `auto_initialize`).
     ///
     /// Without a usable CUDA device (outside the CPU test mode and unless disabled) this fails
@@ -266,6 +346,7 @@ impl OffloadConfig {
                 ),
             });
         }
+        self.check_checkpoint_options()?;
         let named = model.named_tensors()?;
         let backend = Backend::select(
             self.enabled,
@@ -279,5 +360,61 @@ impl OffloadConfig {
             m.initialize()?;
         }
         Ok(m)
+    }
+
+    /// The checkpoint options fit together.
+    fn check_checkpoint_options(&self) -> Result<()> {
+        let refuse = |op, message: &str| {
+            Err(Error::InvalidArgument {
+                op,
+                message: message.into(),
+            })
+        };
+        if self.checkpoint.is_none() {
+            if self.zero_copy {
+                return refuse(
+                    "OffloadConfig::zero_copy",
+                    "zero_copy maps a checkpoint's files; give one with .checkpoint(Checkpoint::open(path)?)",
+                );
+            }
+            if self.host_budget.is_some() {
+                return refuse(
+                    "OffloadConfig::host_budget",
+                    "host_budget reads the blocks past the budget from a checkpoint; give one with .checkpoint(Checkpoint::open(path)?)",
+                );
+            }
+            return Ok(());
+        }
+        if self.store.is_some() {
+            return refuse(
+                "OffloadConfig::checkpoint",
+                "a shared host store already holds the weights; give either a checkpoint or a host store",
+            );
+        }
+        if self.shm.is_some() && (self.zero_copy || self.host_budget.is_some()) {
+            return refuse(
+                "OffloadConfig::shared_memory",
+                "zero_copy and host_budget stream from the checkpoint's files, which other processes share through the page cache already; open the same checkpoint there instead of publishing a store",
+            );
+        }
+        if self.zero_copy && self.host_budget.is_some() {
+            return refuse(
+                "OffloadConfig::host_budget",
+                "zero_copy pins every page of the checkpoint; host_budget keeps part of it out of memory: choose one",
+            );
+        }
+        if self.host_budget.is_some() && self.peer.is_some() {
+            return refuse(
+                "OffloadConfig::host_budget",
+                "a peer group member uploads its share of every block from host memory; the disk tier does not serve groups yet, so give the group a host budget that holds every block",
+            );
+        }
+        if self.convert_dtypes && (self.zero_copy || self.host_budget.is_some()) {
+            return refuse(
+                "OffloadConfig::convert_dtypes",
+                "zero_copy and host_budget stream the checkpoint's bytes as stored; convert the checkpoint once instead",
+            );
+        }
+        Ok(())
     }
 }

@@ -183,3 +183,23 @@ pub(super) unsafe fn copy(
             .map_err(|e| Error::from((op, e))),
     }
 }
+
+/// Copies host pieces into `dst`: each `(offset in dst, bytes)` as [`copy`] does.
+///
+/// # Safety
+/// As [`copy`], for every piece.
+pub(super) unsafe fn copy_pieces(
+    dst: &Tensor,
+    pieces: &[(usize, Tensor)],
+    stream: Option<&Stream>,
+    op: &'static str,
+) -> Result<()> {
+    for (o, piece) in pieces {
+        let mut d = dst
+            .f_narrow(0, *o as i64, piece.numel() as i64)
+            .map_err(|e| Error::from((op, e)))?;
+        // SAFETY: the caller's obligations, passed on.
+        unsafe { copy(&mut d, piece, stream, op)? };
+    }
+    Ok(())
+}

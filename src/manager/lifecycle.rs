@@ -5,7 +5,7 @@
 use crate::accel::{self, HostMemory};
 use crate::claims::Claim;
 use crate::error::{Error, Result};
-use crate::host::HostStore;
+use crate::host::{HostBlock, HostStore};
 use crate::placement::{self, Budget};
 use crate::plan::{self, Plan};
 use crate::stats::OffloadStats;
@@ -89,7 +89,13 @@ impl LayerwiseOffloadManager {
     /// block. Records in `undo` what [`Self::roll_back`] needs to put the model back should a
     /// step fail.
     fn offload(&mut self, undo: &mut Undo) -> Result<Option<usize>> {
-        let plan = self.plan_and_claim()?;
+        let mut plan = self.plan_and_claim()?;
+        // With a checkpoint: what comes from where, before anything changes.
+        let checkpoint = self.config.checkpoint.clone();
+        let sources = match &checkpoint {
+            Some(c) => Some(self.match_checkpoint(c, &mut plan)?),
+            None => None,
+        };
         // Which blocks stay resident (a VRAM budget), which stream.
         let resident = self.choose_resident(&plan)?;
         let streamed: Vec<usize> = (0..plan.blocks.len()).filter(|&i| !resident[i]).collect();
@@ -97,7 +103,11 @@ impl LayerwiseOffloadManager {
         let (slots, slot_bytes) = self.alloc_ring(&plan, &streamed)?;
         self.join_group(&slots)?;
         let blocks = self.block_states(&plan, &resident)?;
-        self.move_to_device(&plan, &resident, undo)?;
+        let to_device = self.device_tensors(&plan, &resident);
+        match (&checkpoint, &sources) {
+            (Some(c), Some(s)) => self.load_to_device(c, s, &to_device, undo)?,
+            _ => self.move_to_device(&to_device, undo)?,
+        }
 
         self.slots = slots;
         self.blocks = blocks;
@@ -121,9 +131,10 @@ impl LayerwiseOffloadManager {
 
         // Streamed blocks into their host buffers, one at a time, freeing each source as it
         // goes.
-        match self.config.store.clone() {
-            Some(store) => self.fill_from_store(store, &streamed, &resident, undo)?,
-            None => self.fill_own_store(&resident, undo)?,
+        match (self.config.store.clone(), checkpoint, &sources) {
+            (Some(store), _, _) => self.fill_from_store(store, &streamed, &resident, undo)?,
+            (None, Some(c), Some(s)) => self.fill_from_checkpoint(c, s, &resident, undo)?,
+            _ => self.fill_own_store(&resident, undo)?,
         }
         Ok(streamed.first().copied())
     }
@@ -137,9 +148,9 @@ impl LayerwiseOffloadManager {
         } else {
             vec![compute, Device::Cpu]
         };
-        let plan = plan::build(&self.named, &self.config.lists, &allowed)?;
+        let mut plan = plan::build(&self.named, &self.config.lists, &allowed)?;
         if let Some(store) = &self.config.store {
-            store.check_plan(&plan)?;
+            store.adopt_plan(&mut plan)?;
         }
         // No other manager may hold these tensors: it would have left placeholders in them.
         self.claim = Some(Claim::take(plan.blocks.iter().flat_map(|l| {
@@ -219,10 +230,9 @@ impl LayerwiseOffloadManager {
         Ok(blocks)
     }
 
-    /// Non-block tensors and resident blocks to the compute device. (With a shared store,
-    /// resident blocks get their values from the store instead.)
-    fn move_to_device(&mut self, plan: &Plan, resident: &[bool], undo: &mut Undo) -> Result<()> {
-        let compute = self.compute_device();
+    /// The tensors that go to the compute device for good: non-block tensors and resident
+    /// blocks' (with a shared store, resident blocks get their values from the store instead).
+    fn device_tensors(&self, plan: &Plan, resident: &[bool]) -> Vec<usize> {
         let from_store = self.config.store.is_some();
         let resident_tensors = plan
             .blocks
@@ -230,13 +240,17 @@ impl LayerwiseOffloadManager {
             .zip(resident)
             .filter(|(_, r)| **r && !from_store)
             .flat_map(|(l, _)| l.tensors.iter().map(|t| t.source_index));
-        let to_move: Vec<usize> = plan
-            .non_block
+        plan.non_block
             .iter()
             .copied()
             .chain(resident_tensors)
-            .collect();
-        for i in to_move {
+            .collect()
+    }
+
+    /// Tensors `to_move` (source indices) to the compute device.
+    fn move_to_device(&mut self, to_move: &[usize], undo: &mut Undo) -> Result<()> {
+        let compute = self.compute_device();
+        for &i in to_move {
             let t = &mut self.named[i].1;
             if t.device() != compute {
                 let moved = tch::no_grad(|| t.f_to_device(compute)).map_err(|e| {
@@ -291,7 +305,7 @@ impl LayerwiseOffloadManager {
                 .as_ref()
                 .expect("check_plan: every block is in the store");
             let layout = self.layout(i).clone();
-            let views = views(buf, &layout)?;
+            let views = buf.views(&layout)?;
             for (t, v, p) in zip_views(&layout, &views, &mut self.blocks[i].params) {
                 let mut fresh = empty_like(t, compute).map_err(|e| {
                     Error::from_torch(
@@ -435,7 +449,7 @@ impl LayerwiseOffloadManager {
             Ok(())
         })?;
         self.stats.host_bytes += layout.bytes as u64;
-        rt.host = Some(host);
+        rt.host = Some(HostBlock::whole(host));
         if !release {
             return Ok(());
         }
@@ -443,7 +457,7 @@ impl LayerwiseOffloadManager {
         rt.point_at_placeholders()
     }
 
-    fn host_memory(&self) -> HostMemory {
+    pub(super) fn host_memory(&self) -> HostMemory {
         self.backend.host_memory(self.config.pin_cpu_memory)
     }
 }

@@ -51,8 +51,10 @@
 mod compat;
 mod config;
 mod device;
+mod disk;
 mod faults;
 mod lifecycle;
+mod load;
 mod restore;
 mod ring;
 mod schedule;
@@ -128,6 +130,8 @@ pub struct LayerwiseOffloadManager {
     store: Option<Arc<HostStore>>,
     /// Peer groups: this member's streams and progress.
     peer: PeerLink,
+    /// The disk tier (a host budget below the streamed blocks).
+    disk: Option<disk::DiskTier>,
 }
 
 impl LayerwiseOffloadManager {
@@ -153,6 +157,7 @@ impl LayerwiseOffloadManager {
             restored: 0,
             store: None,
             peer: PeerLink::default(),
+            disk: None,
         }
     }
 

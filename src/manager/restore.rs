@@ -7,7 +7,7 @@ use crate::stats::OffloadStats;
 use tch::Device;
 
 use super::lifecycle::Undo;
-use super::weights::{empty_like, views, zip_views};
+use super::weights::{empty_like, zip_views};
 use super::{LayerwiseOffloadManager, Phase};
 
 impl LayerwiseOffloadManager {
@@ -29,6 +29,10 @@ impl LayerwiseOffloadManager {
             return Ok(());
         }
         self.backend.sync_copies();
+        // Reading the zero-copy store's pages of a file truncated since would be SIGBUS.
+        if let (true, Some(c)) = (self.config.zero_copy, &self.config.checkpoint) {
+            c.check_lengths()?;
+        }
         // The loop is over from here, also if a block below fails: loop calls are refused and
         // the other members of a peer group learn at once that this one left.
         self.phase = Phase::Restoring;
@@ -52,10 +56,12 @@ impl LayerwiseOffloadManager {
                 self.restored += 1;
                 continue;
             }
-            let Some(host) = self.blocks[i].host.as_ref().map(|h| h.shallow_clone()) else {
+            if self.blocks[i].host.is_none() && !self.blocks[i].on_disk {
                 self.restored += 1; // restored by an earlier call
                 continue;
-            };
+            }
+            // A disk-tier block is read back from the checkpoint.
+            let host = self.host_copy(i)?;
             let layout = self.layout(i).clone();
             if self.faults.restore() {
                 return Err(Error::OutOfMemory {
@@ -64,7 +70,7 @@ impl LayerwiseOffloadManager {
                     source: crate::error::TorchMessage("injected fault".into()),
                 });
             }
-            let views = views(&host, &layout)?;
+            let views = host.views(&layout)?;
             let mut fresh = Vec::with_capacity(views.len());
             for (t, v) in layout.tensors.iter().zip(&views) {
                 let mut f = empty_like(t, device)
@@ -79,13 +85,17 @@ impl LayerwiseOffloadManager {
             if let Some(s) = b.slot.take() {
                 self.slots[s].take_block();
             }
-            self.stats.host_bytes = self.stats.host_bytes.saturating_sub(layout.bytes as u64);
-            self.blocks[i].host = None;
+            if self.blocks[i].host.take().is_some() {
+                let held = host.bytes() as u64;
+                self.stats.host_bytes = self.stats.host_bytes.saturating_sub(held);
+            }
+            self.blocks[i].on_disk = false;
             self.restored += 1;
         }
         self.backend.synchronize()?;
         self.slots.clear();
         self.store = None;
+        self.disk = None;
         self.claim = None;
         self.stats.shared_host_bytes = 0;
         self.phase = Phase::Restored;
@@ -98,7 +108,9 @@ impl LayerwiseOffloadManager {
     /// and the shared-memory file this call created are given up.
     pub(super) fn roll_back(&mut self, undo: Undo) {
         self.backend.sync_copies();
-        if self.config.store.is_none() && self.plan.is_some() {
+        // Blocks filled from a shared store or a checkpoint keep their old values in
+        // `undo.repointed`; own host copies of the model's values go back from here.
+        if self.config.store.is_none() && self.config.checkpoint.is_none() && self.plan.is_some() {
             for i in 0..self.blocks.len() {
                 if self.blocks[i].resident {
                     continue; // moved to the device in step 3: in `undo.repointed`
@@ -107,7 +119,7 @@ impl LayerwiseOffloadManager {
                     continue; // not copied yet: untouched
                 };
                 let layout = self.layout(i).clone();
-                let Ok(views) = views(&host, &layout) else {
+                let Ok(views) = host.views(&layout) else {
                     continue;
                 };
                 for (t, v, p) in zip_views(&layout, &views, &mut self.blocks[i].params) {
@@ -132,6 +144,7 @@ impl LayerwiseOffloadManager {
         self.peer.joined = false;
         self.blocks.clear();
         self.slots.clear();
+        self.disk = None;
         self.plan = None;
         self.store = None; // a published store removes its file and manifest when dropped
         self.claim = None;
@@ -156,7 +169,7 @@ impl LayerwiseOffloadManager {
             let Some(host) = self.blocks[i].host.as_ref().map(|h| h.shallow_clone()) else {
                 continue;
             };
-            let Ok(views) = views(&host, self.layout(i)) else {
+            let Ok(views) = host.views(self.layout(i)) else {
                 continue;
             };
             for (p, v) in self.blocks[i].params.iter_mut().zip(&views) {

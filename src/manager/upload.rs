@@ -23,7 +23,66 @@ pub(super) struct PeerLink {
     pub(super) joined: bool,
 }
 
+/// The host bytes of part of a block, ready to copy: from its host copy, or (the disk tier)
+/// from a staging buffer to give back with [`LayerwiseOffloadManager::release_staged`].
+pub(super) struct Staged {
+    /// `(offset from the start of the part, host bytes)`.
+    pub(super) pieces: Vec<(usize, Tensor)>,
+    /// The disk tier's staging buffer it sits in.
+    buffer: Option<usize>,
+}
+
 impl LayerwiseOffloadManager {
+    /// Bytes `[off, off + len)` of block `block`'s layout in host memory: pieces of its host
+    /// copy, or, on the disk tier, the staging buffer the block was read into (waiting for
+    /// the read if it is not done).
+    pub(super) fn host_range(&self, block: usize, off: usize, len: usize) -> Result<Staged> {
+        if let Some(h) = &self.blocks[block].host {
+            return Ok(Staged {
+                pieces: h.range(off, len)?,
+                buffer: None,
+            });
+        }
+        let Some(disk) = self.disk.as_ref().filter(|_| self.blocks[block].on_disk) else {
+            return Err(Error::InvalidArgument {
+                op: "upload",
+                message: format!("block {block} has no host copy"),
+            });
+        };
+        let (i, buf) = disk.take(block)?;
+        let part = buf
+            .f_narrow(0, off as i64, len as i64)
+            .map_err(|e| Error::from(("upload", e)));
+        match part {
+            Ok(part) => Ok(Staged {
+                pieces: vec![(0, part)],
+                buffer: Some(i),
+            }),
+            Err(e) => {
+                disk.release(i, None);
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives a disk-tier staging buffer back once the copies out of it queued so far on the
+    /// copy stream are done (an event the reader waits for before reading into it again).
+    pub(super) fn release_staged(&self, staged: Staged) -> Result<()> {
+        let (Some(i), Some(disk)) = (staged.buffer, &self.disk) else {
+            return Ok(());
+        };
+        let fence = match self.backend.copy_stream() {
+            Some(copy) => {
+                let mut e = Event::new()?;
+                e.record(&copy)?;
+                Some(e)
+            }
+            None => None,
+        };
+        disk.release(i, fence);
+        Ok(())
+    }
+
     /// Queues the upload of block `block` into slot `s`.
     pub(super) fn upload(&mut self, block: usize, s: usize) -> Result<()> {
         let r = self.upload_inner(block, s);
@@ -50,9 +109,29 @@ impl LayerwiseOffloadManager {
         }
         let bytes = self.layout(block).bytes;
         let pair = self.timing_pair()?;
-        let host = self.blocks[block].host();
+        let staged = self.host_range(block, 0, bytes)?;
+        // A staging buffer goes back also when the copy fails.
+        let copied = self.copy_into_slot(block, s, bytes, &staged.pieces, pair);
+        let released = self.release_staged(staged);
+        copied.and(released)?;
+        self.slots[s].hold(block, Vec::new());
+        self.blocks[block].slot = Some(s);
+        self.stats.uploads += 1;
+        self.stats.bytes_uploaded += bytes as u64;
+        Ok(())
+    }
+
+    /// Queues the copy of `host` (block `block`'s `bytes` bytes) into slot `s`.
+    fn copy_into_slot(
+        &mut self,
+        block: usize,
+        s: usize,
+        bytes: usize,
+        host: &[(usize, Tensor)],
+        pair: super::timing::Pair,
+    ) -> Result<()> {
         let slot = &mut self.slots[s];
-        let mut dst = slot.dst(bytes)?;
+        let dst = slot.dst(bytes)?;
         let copy = self.backend.copy_stream();
         match &copy {
             Some(copy) => {
@@ -63,19 +142,16 @@ impl LayerwiseOffloadManager {
                         // SAFETY: `host` and the slot live in the manager until Drop or restore,
                         // both of which synchronize the copy stream first; nothing writes the
                         // host buffer while an upload may read it (update_tensor synchronizes
-                        // first), and the compute stream reads the slot only after waiting on
-                        // `ready`.
-                        unsafe { device::copy(&mut dst, host, Some(copy), "upload")? };
+                        // first; a disk-tier staging buffer is read into again only after the
+                        // event recorded behind this copy), and the compute stream reads the
+                        // slot only after waiting on `ready`.
+                        unsafe { device::copy_pieces(&dst, host, Some(copy), "upload")? };
                         slot.mark_ready(copy)
                     })?;
             }
             // SAFETY: without a stream the copy is done when `copy` returns.
-            None => unsafe { device::copy(&mut dst, host, None, "upload")? },
+            None => unsafe { device::copy_pieces(&dst, host, None, "upload")? },
         }
-        slot.hold(block, Vec::new());
-        self.blocks[block].slot = Some(s);
-        self.stats.uploads += 1;
-        self.stats.bytes_uploaded += bytes as u64;
         Ok(())
     }
 
@@ -124,8 +200,9 @@ impl LayerwiseOffloadManager {
             t.f_narrow(0, off as i64, len as i64)
                 .map_err(|e| Error::from(("upload", e)))
         };
-        let src = narrow(self.blocks[block].host())?;
-        let mut mine = narrow(&dst)?;
+        let staged = self.host_range(block, off, len)?;
+        let src = &staged.pieces;
+        let mine = narrow(&dst)?;
         let slot = &mut self.slots[s];
         let mut delivered: Vec<Option<Arc<Event>>> = vec![None; n];
         match copy {
@@ -136,7 +213,7 @@ impl LayerwiseOffloadManager {
                         // wait for the copy stream; the slot was made writable above (its
                         // previous block's compute and outgoing copies are done), and the
                         // compute stream reads it only after `ready` and the incoming events.
-                        unsafe { device::copy(&mut mine, &src, Some(&c), "upload")? };
+                        unsafe { device::copy_pieces(&mine, src, Some(&c), "upload")? };
                         slot.mark_ready(&c)
                     })?;
                 for (o, post) in posts.iter().enumerate().filter(|(o, _)| *o != rank) {
@@ -162,7 +239,7 @@ impl LayerwiseOffloadManager {
             }
             None => {
                 // SAFETY: without a stream each copy is done when `copy` returns.
-                unsafe { device::copy(&mut mine, &src, None, "upload")? };
+                unsafe { device::copy_pieces(&mine, src, None, "upload")? };
                 for (_, post) in posts.iter().enumerate().filter(|(o, _)| *o != rank) {
                     let mut theirs = narrow(&post.buf)?;
                     // SAFETY: as above.
@@ -170,6 +247,7 @@ impl LayerwiseOffloadManager {
                 }
             }
         }
+        self.release_staged(staged)?;
         let incoming = group.deliver(round, rank, delivered)?;
         self.slots[s].hold(block, incoming);
         self.blocks[block].slot = Some(s);

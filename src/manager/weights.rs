@@ -3,6 +3,7 @@
 //! `named_tensors`, `update_tensor`, `save_safetensors`).
 
 use crate::error::{Error, Result};
+use crate::host::HostBlock;
 use crate::plan::{BlockLayout, TensorLayout};
 use std::path::Path;
 use std::sync::Arc;
@@ -13,8 +14,9 @@ use super::LayerwiseOffloadManager;
 /// The state of one block.
 #[derive(Debug)]
 pub(super) struct BlockState {
-    /// The block's host buffer (uint8), once filled.
-    pub(super) host: Option<Tensor>,
+    /// The block's host copy, once filled (None on the disk tier: read from the checkpoint
+    /// at each upload).
+    pub(super) host: Option<HostBlock>,
     /// Handles of the model's tensors (same order as the layout's tensors).
     pub(super) params: Vec<Tensor>,
     /// Empty tensors the params point at while the block is not on the device.
@@ -25,6 +27,8 @@ pub(super) struct BlockState {
     pub(super) in_use: bool,
     /// Kept on the compute device for good (within the VRAM budget): never streams.
     pub(super) resident: bool,
+    /// On the disk tier: no host copy, read from the checkpoint at each upload.
+    pub(super) on_disk: bool,
 }
 
 impl BlockState {
@@ -42,11 +46,12 @@ impl BlockState {
             slot: None,
             in_use: false,
             resident,
+            on_disk: false,
         }
     }
 
-    /// The block's host buffer (filled once initialized).
-    pub(super) fn host(&self) -> &Tensor {
+    /// The block's host copy (filled once initialized; not on the disk tier).
+    pub(super) fn host(&self) -> &HostBlock {
         self.host
             .as_ref()
             .expect("initialized blocks have host buffers")
@@ -122,7 +127,7 @@ impl LayerwiseOffloadManager {
         if let Some(plan) = &self.plan {
             for (li, l) in plan.blocks.iter().enumerate() {
                 if let Some(j) = l.tensors.iter().position(|t| t.source_index == src)
-                    && self.blocks[li].host.is_some()
+                    && (self.blocks[li].host.is_some() || self.blocks[li].on_disk)
                 {
                     return Ok((src, Some((li, j))));
                 }
@@ -139,7 +144,7 @@ impl LayerwiseOffloadManager {
         match at {
             Some((li, j)) => {
                 self.backend.sync_copies();
-                let mut all = views(self.blocks[li].host(), self.layout(li))?;
+                let mut all = self.host_copy(li)?.views(self.layout(li))?;
                 Ok(all.swap_remove(j))
             }
             None => Ok(self.named[src].1.shallow_clone()),
@@ -202,18 +207,26 @@ impl LayerwiseOffloadManager {
                         ),
                     });
                 }
+                if self.blocks[li].on_disk {
+                    return Err(Error::InvalidArgument {
+                        op: "update_tensor",
+                        message: format!(
+                            "{name:?} is in a block on the disk tier, read from the checkpoint at every upload; update the checkpoint, or raise host_budget so the block is held in host memory"
+                        ),
+                    });
+                }
                 if self.store.as_ref().is_some_and(|s| {
                     Arc::strong_count(s) > 1 || s.read_only || s.owner_path.is_some()
                 }) {
                     return Err(Error::InvalidArgument {
                         op: "update_tensor",
                         message: format!(
-                            "the host copy of {name:?} is shared with other managers or processes; update it before sharing or publishing the store, or restore the others first"
+                            "the host copy of {name:?} is shared with other managers or processes, or is the checkpoint's own read-only pages (zero_copy); update it before sharing or publishing the store, or restore the others first, or load without zero_copy"
                         ),
                     });
                 }
                 self.backend.sync_copies();
-                let mut view = views(self.blocks[li].host(), self.layout(li))?.swap_remove(j);
+                let mut view = self.blocks[li].host().views(self.layout(li))?.swap_remove(j);
                 tch::no_grad(|| view.f_copy_(value))
                     .map_err(|e| Error::from(("update_tensor", e)))?;
                 if self.blocks[li].resident {

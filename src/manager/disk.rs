@@ -1,0 +1,316 @@
+//! The disk tier ([`OffloadConfig::host_budget`](crate::OffloadConfig::host_budget)): blocks
+//! past the host budget have no host copy; a background thread reads each from the checkpoint
+//! (several `pread`s in parallel) into a ring of page-locked staging buffers, ahead of the loop
+//! in loop order, and the upload copies from there. A staging buffer is read into again only
+//! once the copy out of it has finished (its fence event).
+
+use crate::accel::{self, Event, HostMemory};
+use crate::checkpoint::{self, Checkpoint, CheckpointTensor};
+use crate::error::{Error, Result};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use tch::Tensor;
+
+/// Staging buffers: one being copied to the GPU, the others read ahead.
+pub(super) const STAGING_BUFFERS: usize = 3;
+
+/// What a staging buffer holds.
+#[derive(Debug)]
+enum Buf {
+    Free,
+    /// Waiting for the reader.
+    Queued(usize),
+    /// Being read into.
+    Reading(usize),
+    /// Read (or failed to be).
+    Ready(usize, Option<Error>),
+    /// Being copied out of by the manager.
+    InUse(usize),
+}
+
+impl Buf {
+    /// The block it holds or will hold.
+    fn block(&self) -> Option<usize> {
+        match self {
+            Buf::Free => None,
+            Buf::Queued(b) | Buf::Reading(b) | Buf::Ready(b, _) | Buf::InUse(b) => Some(*b),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    bufs: Vec<Buf>,
+    /// Per buffer: the event after the last copy out of it (CUDA), waited for before reading
+    /// into it again.
+    fences: Vec<Option<Event>>,
+    /// Buffers to read into, in order.
+    queue: VecDeque<usize>,
+    stop: bool,
+}
+
+/// What the reader thread needs.
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    ckpt: Arc<Checkpoint>,
+    /// Per block (loop order): the tensors to read and their offsets in the block's layout
+    /// (empty for blocks with a host copy).
+    reads: Vec<Vec<(CheckpointTensor, usize)>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The disk tier of one manager.
+#[derive(Debug)]
+pub(super) struct DiskTier {
+    shared: Arc<Shared>,
+    staging: Vec<Tensor>,
+    /// Disk-tier blocks in loop order.
+    order: Vec<usize>,
+    thread: Option<JoinHandle<()>>,
+    /// Bytes of each block's layout.
+    bytes: Vec<usize>,
+}
+
+impl DiskTier {
+    /// A disk tier for the blocks whose `reads` are not empty (`bytes[i]` is block `i`'s
+    /// layout size), staging in `memory`; starts its reader and reads the first blocks ahead.
+    pub(super) fn new(
+        ckpt: Arc<Checkpoint>,
+        reads: Vec<Vec<(CheckpointTensor, usize)>>,
+        bytes: Vec<usize>,
+        memory: HostMemory,
+    ) -> Result<DiskTier> {
+        let order: Vec<usize> = (0..reads.len()).filter(|&i| !reads[i].is_empty()).collect();
+        let largest = order.iter().map(|&i| bytes[i]).max().unwrap_or(0);
+        let n = STAGING_BUFFERS.min(order.len());
+        let staging = (0..n)
+            .map(|_| accel::alloc_host(largest, memory))
+            .collect::<Result<Vec<_>>>()?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                bufs: (0..n).map(|_| Buf::Free).collect(),
+                fences: (0..n).map(|_| None).collect(),
+                queue: VecDeque::new(),
+                stop: false,
+            }),
+            changed: Condvar::new(),
+            ckpt,
+            reads,
+        });
+        let thread = {
+            let shared = shared.clone();
+            let staging: Vec<Tensor> = staging.iter().map(|t| t.shallow_clone()).collect();
+            std::thread::Builder::new()
+                .name("offload-disk".into())
+                .spawn(move || reader(shared, staging))
+                .map_err(|e| Error::InvalidArgument {
+                    op: "host_budget",
+                    message: format!("cannot start the disk tier's reader thread: {e}"),
+                })?
+        };
+        let tier = DiskTier {
+            shared,
+            staging,
+            order,
+            thread: Some(thread),
+            bytes,
+        };
+        if let Some(&first) = tier.order.first() {
+            tier.ahead(&tier.next_blocks_from(first, true));
+        }
+        Ok(tier)
+    }
+
+    /// Blocks on the disk tier (loop order).
+    pub(super) fn blocks(&self) -> &[usize] {
+        &self.order
+    }
+
+    /// Waits until `block` sits in a staging buffer and hands that buffer out (narrowed to the
+    /// block's layout): the caller copies from it and gives it back with [`Self::release`].
+    /// Then queues the next disk-tier blocks in loop order.
+    pub(super) fn take(&self, block: usize) -> Result<(usize, Tensor)> {
+        let mut st = self.shared.lock();
+        let i = loop {
+            if let Some(i) = st.bufs.iter().position(|b| b.block() == Some(block)) {
+                match &mut st.bufs[i] {
+                    Buf::Ready(_, err) => {
+                        let err = err.take();
+                        st.bufs[i] = Buf::InUse(block);
+                        if let Some(e) = err {
+                            st.bufs[i] = Buf::Free;
+                            self.shared.changed.notify_all();
+                            return Err(e);
+                        }
+                        break i;
+                    }
+                    Buf::InUse(_) => {
+                        return Err(Error::InvalidArgument {
+                            op: "upload",
+                            message: format!("block {block} is being uploaded already"),
+                        });
+                    }
+                    _ => {
+                        st = self.wait(st);
+                        continue;
+                    }
+                }
+            }
+            // Not read ahead (out of loop order, or the first time): a free buffer, else one
+            // holding a block read ahead.
+            let free = st.bufs.iter().position(|b| matches!(b, Buf::Free)).or_else(|| {
+                st.bufs
+                    .iter()
+                    .position(|b| matches!(b, Buf::Ready(_, _)))
+            });
+            match free {
+                Some(i) => {
+                    st.bufs[i] = Buf::Queued(block);
+                    st.queue.push_front(i);
+                    self.shared.changed.notify_all();
+                }
+                None => st = self.wait(st),
+            }
+        };
+        drop(st);
+        self.ahead(&self.next_blocks_from(block, false));
+        let staged = self.staging[i]
+            .f_narrow(0, 0, self.bytes[block] as i64)
+            .map_err(|e| Error::from(("reading a disk-tier block", e)))?;
+        Ok((i, staged))
+    }
+
+    /// Gives back staging buffer `i` after the copy out of it was queued; `fence` completes
+    /// when that copy has (None: the copy is done).
+    pub(super) fn release(&self, i: usize, fence: Option<Event>) {
+        let mut st = self.shared.lock();
+        st.fences[i] = fence;
+        st.bufs[i] = Buf::Free;
+        self.shared.changed.notify_all();
+    }
+
+    /// Reads `block` now into `dst` (a host buffer of its layout's size), outside the ring
+    /// (for `restore` and `tensor`).
+    pub(super) fn read_into(&self, block: usize, dst: &Tensor) -> Result<()> {
+        read_block(&self.shared, block, dst)
+    }
+
+    /// The disk-tier blocks after `block` in loop order, as many as the ring reads ahead
+    /// (`block` itself first if `including`).
+    fn next_blocks_from(&self, block: usize, including: bool) -> Vec<usize> {
+        let Some(pos) = self.order.iter().position(|&b| b == block) else {
+            return Vec::new();
+        };
+        let n = self.order.len();
+        let ahead = self.staging.len().saturating_sub(1).max(1);
+        let start = if including { 0 } else { 1 };
+        let mut want: Vec<usize> = (start..start + ahead)
+            .map(|k| self.order[(pos + k) % n])
+            .filter(|&b| including || b != block)
+            .collect();
+        want.dedup();
+        want
+    }
+
+    /// Queues reads of `want` into free buffers (or ones holding blocks not wanted).
+    fn ahead(&self, want: &[usize]) {
+        let mut st = self.shared.lock();
+        for &b in want {
+            if st.bufs.iter().any(|x| x.block() == Some(b)) {
+                continue;
+            }
+            let slot = st.bufs.iter().position(|x| matches!(x, Buf::Free)).or_else(|| {
+                st.bufs.iter().position(
+                    |x| matches!(x, Buf::Ready(other, _) if !want.contains(other)),
+                )
+            });
+            let Some(i) = slot else { break };
+            st.bufs[i] = Buf::Queued(b);
+            st.queue.push_back(i);
+        }
+        self.shared.changed.notify_all();
+    }
+
+    fn wait<'a>(&self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.shared
+            .changed
+            .wait(st)
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for DiskTier {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.changed.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The reader thread: reads queued blocks into their staging buffers until stopped.
+fn reader(shared: Arc<Shared>, staging: Vec<Tensor>) {
+    loop {
+        let (i, block, fence) = {
+            let mut st = shared.lock();
+            loop {
+                if st.stop {
+                    return;
+                }
+                if let Some(i) = st.queue.pop_front() {
+                    match st.bufs[i] {
+                        Buf::Queued(b) => {
+                            st.bufs[i] = Buf::Reading(b);
+                            let fence = st.fences[i].take();
+                            break (i, b, fence);
+                        }
+                        _ => continue, // re-queued since: a stale entry
+                    }
+                }
+                st = shared
+                    .changed
+                    .wait(st)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        // The copy out of this buffer must be done before it is written.
+        let fenced = match fence {
+            Some(f) => f.synchronize(),
+            None => Ok(()),
+        };
+        let r = fenced.and_then(|()| read_block(&shared, block, &staging[i]));
+        let mut st = shared.lock();
+        st.bufs[i] = Buf::Ready(block, r.err());
+        shared.changed.notify_all();
+    }
+}
+
+/// Reads block `block`'s tensors from the checkpoint into `dst` at their layout offsets.
+fn read_block(shared: &Shared, block: usize, dst: &Tensor) -> Result<()> {
+    let reads = &shared.reads[block];
+    let len = dst.numel();
+    if reads.iter().any(|(t, at)| at + t.bytes > len) || dst.kind() != tch::Kind::Uint8 {
+        return Err(Error::InvalidArgument {
+            op: "reading a disk-tier block",
+            message: format!("block {block} does not fit its staging buffer of {len} bytes"),
+        });
+    }
+    // SAFETY: `dst` is a contiguous 1-D uint8 CPU tensor of `len` bytes (checked above; staging
+    // buffers and restore's buffers are made so) that nothing else reads or writes now: a
+    // staging buffer is Reading (the manager does not touch it, and the copy out of it before
+    // was fenced), a restore buffer is fresh. It stays alive for the call.
+    let buf = unsafe { std::slice::from_raw_parts_mut(dst.data_ptr() as *mut u8, len) };
+    let ranges: Vec<(usize, usize)> = reads.iter().map(|(t, at)| (*at, t.bytes)).collect();
+    let slices = checkpoint::disjoint_slices(buf, &ranges)?;
+    let jobs = checkpoint::split_jobs(reads.iter().map(|(t, _)| t).zip(slices));
+    checkpoint::read_parallel(&shared.ckpt, jobs, checkpoint::read_threads())
+}

@@ -1,0 +1,429 @@
+//! Initializing from a checkpoint ([`OffloadConfig::checkpoint`](crate::OffloadConfig::checkpoint)):
+//! the model's tensors matched with the checkpoint's, the zero-copy layout, block tensors read
+//! into their host buffers (or left in the files' own pages, or on the disk tier), and
+//! non-block tensors read onto the compute device.
+
+use crate::accel::{self, HostMemory};
+use crate::checkpoint::{self, Checkpoint, CheckpointTensor};
+use crate::error::{Error, Result};
+use crate::host::{HostBlock, HostStore};
+use crate::placement;
+use crate::plan::{ALIGN, BlockLayout, Plan};
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+use super::LayerwiseOffloadManager;
+use super::disk::DiskTier;
+use super::lifecycle::Undo;
+
+/// Where the model's values come from.
+#[derive(Debug)]
+pub(super) struct Sources {
+    /// The checkpoint tensor of each model tensor, by source index.
+    tensors: Vec<CheckpointTensor>,
+    /// Zero-copy store: per block, its runs in the files.
+    runs: Vec<Vec<Run>>,
+}
+
+/// A stretch of a checkpoint file holding consecutive tensors of one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    file: usize,
+    /// Byte offset in the file.
+    offset: u64,
+    bytes: usize,
+    /// Byte offset in the block's layout.
+    at: usize,
+}
+
+/// Row-major strides of `shape`.
+fn contiguous_strides(shape: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1i64; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * shape[d + 1].max(1);
+    }
+    strides
+}
+
+/// Lays block `l` out as its runs in the files (`src` by source index): tensors adjacent in
+/// one file stay adjacent, each run starts at an [`ALIGN`] boundary. Returns the runs.
+fn relayout(l: &mut BlockLayout, src: &[CheckpointTensor]) -> Vec<Run> {
+    let mut idx: Vec<usize> = (0..l.tensors.len()).collect();
+    idx.sort_by_key(|&j| {
+        let c = &src[l.tensors[j].source_index];
+        (c.file, c.offset)
+    });
+    let mut runs: Vec<Run> = Vec::new();
+    let mut end = 0usize;
+    for j in idx {
+        let c = &src[l.tensors[j].source_index];
+        match runs.last_mut() {
+            Some(r) if r.file == c.file && r.offset + r.bytes as u64 == c.offset => {
+                l.tensors[j].offset = r.at + r.bytes;
+                r.bytes += c.bytes;
+            }
+            _ => {
+                let at = end.next_multiple_of(ALIGN);
+                runs.push(Run {
+                    file: c.file,
+                    offset: c.offset,
+                    bytes: c.bytes,
+                    at,
+                });
+                l.tensors[j].offset = at;
+            }
+        }
+        end = runs.last().map_or(0, |r| r.at + r.bytes);
+    }
+    l.bytes = end.next_multiple_of(ALIGN).max(ALIGN);
+    runs
+}
+
+/// `c`'s value, read into a new CPU tensor of `kind` (converted if the file holds another
+/// type; the matching allowed that only with `convert_dtypes`).
+fn read_tensor(ckpt: &Checkpoint, c: &CheckpointTensor, kind: Kind) -> Result<Tensor> {
+    let stored = c.kind.ok_or_else(|| Error::Checkpoint {
+        path: ckpt.path().to_owned(),
+        reason: format!("{:?} is {}, which tch cannot hold", c.stored_name, c.dtype),
+    })?;
+    let t = Tensor::f_empty(c.shape.as_slice(), (stored, Device::Cpu))
+        .map_err(|e| Error::from_torch("reading a checkpoint tensor", c.bytes as u64, e.to_string()))?;
+    if t.numel() * stored.elt_size_in_bytes() != c.bytes {
+        return Err(Error::Checkpoint {
+            path: ckpt.path().to_owned(),
+            reason: format!(
+                "{:?} holds {} bytes, not what shape {:?} of {} takes",
+                c.stored_name, c.bytes, c.shape, c.dtype
+            ),
+        });
+    }
+    // SAFETY: `t` is a fresh contiguous CPU tensor of exactly `c.bytes` bytes (checked above),
+    // owned here and alive for the read; nothing else refers to it yet.
+    let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, c.bytes) };
+    let jobs = checkpoint::split_jobs([(c, buf)]);
+    checkpoint::read_parallel(ckpt, jobs, checkpoint::read_threads())?;
+    if stored == kind {
+        Ok(t)
+    } else {
+        t.f_to_kind(kind)
+            .map_err(|e| Error::from(("converting a checkpoint tensor", e)))
+    }
+}
+
+impl LayerwiseOffloadManager {
+    /// Matches the model's tensors with the checkpoint's (every difference in one error), and
+    /// adjusts the plan to the file: row-major strides (the file's bytes are row-major) and,
+    /// for the zero-copy store, each block laid out as its runs in the files.
+    pub(super) fn match_checkpoint(&self, ckpt: &Checkpoint, plan: &mut Plan) -> Result<Sources> {
+        let model: Vec<(&str, Vec<i64>, Kind)> = self
+            .named
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.size(), t.kind()))
+            .collect();
+        let found = checkpoint::match_tensors(
+            ckpt,
+            &model,
+            self.config.allow_unexpected,
+            self.config.convert_dtypes,
+        )?;
+        let tensors: Vec<CheckpointTensor> = found.into_iter().cloned().collect();
+        for t in plan.blocks.iter_mut().flat_map(|l| l.tensors.iter_mut()) {
+            t.strides = contiguous_strides(&t.shape);
+        }
+        let runs = if self.config.zero_copy {
+            plan.blocks
+                .iter_mut()
+                .map(|l| relayout(l, &tensors))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Sources { tensors, runs })
+    }
+
+    /// With a checkpoint: the non-block tensors and the resident blocks' tensors get their
+    /// values from it, on the compute device (the old ones kept in `undo`).
+    pub(super) fn load_to_device(
+        &mut self,
+        ckpt: &Checkpoint,
+        sources: &Sources,
+        to_load: &[usize],
+        undo: &mut Undo,
+    ) -> Result<()> {
+        let compute = self.compute_device();
+        for &i in to_load {
+            let kind = self.named[i].1.kind();
+            let value = read_tensor(ckpt, &sources.tensors[i], kind)?;
+            let value = if compute == Device::Cpu {
+                value
+            } else {
+                value.f_to_device(compute).map_err(|e| {
+                    Error::from_torch(
+                        "moving checkpoint tensors to the compute device",
+                        sources.tensors[i].bytes as u64,
+                        e.to_string(),
+                    )
+                })?
+            };
+            let t = &mut self.named[i].1;
+            let old = t
+                .f_detach()
+                .map_err(|e| Error::from(("loading a checkpoint", e)))?;
+            undo.repointed.push((i, old));
+            t.f_set_data(&value)
+                .map_err(|e| Error::from(("loading a checkpoint", e)))?;
+        }
+        Ok(())
+    }
+
+    /// With a checkpoint: each streamed block's host copy (read into a pinned buffer, or the
+    /// files' pages with `zero_copy`, or none on the disk tier past the host budget), the
+    /// model's block tensors pointed at placeholders (the old values kept in `undo`), and the
+    /// manager's [`HostStore`].
+    pub(super) fn fill_from_checkpoint(
+        &mut self,
+        ckpt: Arc<Checkpoint>,
+        sources: &Sources,
+        resident: &[bool],
+        undo: &mut Undo,
+    ) -> Result<()> {
+        let n = self.blocks.len();
+        let memory = self.host_memory();
+        let with_host: Vec<usize> = (0..n)
+            .filter(|&i| !resident[i] || self.config.shareable)
+            .collect();
+        let mut in_memory = vec![false; n];
+        match self.config.host_budget {
+            None => with_host.iter().for_each(|&i| in_memory[i] = true),
+            Some(budget) => {
+                let sizes: Vec<u64> = with_host
+                    .iter()
+                    .map(|&i| self.layout(i).bytes as u64)
+                    .collect();
+                for (&i, keep) in with_host.iter().zip(placement::host_blocks(&sizes, budget)) {
+                    in_memory[i] = keep;
+                }
+            }
+        }
+        let maps = if self.config.zero_copy {
+            ckpt.check_lengths()?;
+            ckpt.shards
+                .iter()
+                .map(|s| accel::map_file_read_only(&s.file, &s.path, s.map.len(), memory))
+                .collect::<Result<Vec<Tensor>>>()?
+        } else {
+            Vec::new()
+        };
+        for i in (0..n).filter(|&i| in_memory[i]) {
+            if self.faults.host_alloc() {
+                return Err(Error::HostAlloc {
+                    kind: "pinned",
+                    bytes: self.layout(i).bytes as u64,
+                    source: crate::error::TorchMessage("injected fault".into()),
+                });
+            }
+            let host = if self.config.zero_copy {
+                HostBlock::pieces(
+                    sources.runs[i]
+                        .iter()
+                        .map(|r| {
+                            maps[r.file]
+                                .f_narrow(0, r.offset as i64, r.bytes as i64)
+                                .map(|t| (r.at, t))
+                                .map_err(|e| Error::from(("mapping a checkpoint", e)))
+                        })
+                        .collect::<Result<Vec<_>>>()?,
+                )
+            } else {
+                let buf = accel::alloc_host(self.layout(i).bytes, memory)?;
+                self.read_block(&ckpt, sources, i, &buf)?;
+                HostBlock::whole(buf)
+            };
+            self.stats.host_bytes += host.bytes() as u64;
+            self.blocks[i].host = Some(host);
+        }
+        let reads: Vec<Vec<(CheckpointTensor, usize)>> = (0..n)
+            .map(|i| {
+                if resident[i] || in_memory[i] {
+                    return Vec::new();
+                }
+                self.layout(i)
+                    .tensors
+                    .iter()
+                    .map(|t| (sources.tensors[t.source_index].clone(), t.offset))
+                    .collect()
+            })
+            .collect();
+        if reads.iter().any(|r| !r.is_empty()) {
+            let bytes = (0..n).map(|i| self.layout(i).bytes).collect();
+            let disk = DiskTier::new(ckpt.clone(), reads, bytes, memory)?;
+            for &i in disk.blocks() {
+                self.blocks[i].on_disk = true;
+            }
+            self.stats.disk_blocks = disk.blocks().len();
+            self.disk = Some(disk);
+        }
+        for i in (0..n).filter(|&i| !resident[i]) {
+            let sources: Vec<usize> = self
+                .layout(i)
+                .tensors
+                .iter()
+                .map(|t| t.source_index)
+                .collect();
+            let b = &mut self.blocks[i];
+            for ((p, ph), src) in b.params.iter_mut().zip(&b.placeholders).zip(sources) {
+                let old = p
+                    .f_detach()
+                    .map_err(|e| Error::from(("placing placeholders", e)))?;
+                undo.repointed.push((src, old));
+                p.f_set_data(ph)
+                    .map_err(|e| Error::from(("placing placeholders", e)))?;
+            }
+        }
+        let plan = self.plan.as_ref().expect("plan set before the host copies");
+        let mut store = HostStore::own(
+            plan.blocks.clone(),
+            self.blocks
+                .iter()
+                .map(|b| b.host.as_ref().map(|h| h.shallow_clone()))
+                .collect(),
+            memory == HostMemory::Pinned,
+            None,
+        );
+        store.read_only = self.config.zero_copy;
+        self.store = Some(Arc::new(store));
+        Ok(())
+    }
+
+    /// Reads block `i`'s tensors from the checkpoint into `buf` (its layout's size), in
+    /// parallel; tensors stored in another type (with `convert_dtypes`) through a temporary.
+    fn read_block(
+        &self,
+        ckpt: &Checkpoint,
+        sources: &Sources,
+        i: usize,
+        buf: &Tensor,
+    ) -> Result<()> {
+        let layout = self.layout(i);
+        let len = layout.bytes;
+        debug_assert_eq!(buf.numel(), len);
+        let (same, converted): (Vec<_>, Vec<_>) = layout
+            .tensors
+            .iter()
+            .partition(|t| sources.tensors[t.source_index].kind == Some(t.kind));
+        {
+            // SAFETY: `buf` is a fresh contiguous 1-D uint8 host buffer of `len` bytes owned by
+            // the caller, which nothing reads or writes until this returns.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(buf.data_ptr() as *mut u8, len) };
+            let ranges: Vec<(usize, usize)> = same.iter().map(|t| (t.offset, t.bytes)).collect();
+            let slices = checkpoint::disjoint_slices(bytes, &ranges)?;
+            let jobs = checkpoint::split_jobs(
+                same.iter()
+                    .map(|t| &sources.tensors[t.source_index])
+                    .zip(slices),
+            );
+            checkpoint::read_parallel(ckpt, jobs, checkpoint::read_threads())?;
+        }
+        for t in converted {
+            let value = read_tensor(ckpt, &sources.tensors[t.source_index], t.kind)?;
+            let mut view = buf
+                .f_narrow(0, t.offset as i64, t.bytes as i64)
+                .and_then(|v| v.f_view_dtype(t.kind))
+                .and_then(|v| v.f_view(t.shape.as_slice()))
+                .map_err(|e| Error::from(("converting a checkpoint tensor", e)))?;
+            tch::no_grad(|| view.f_copy_(&value))
+                .map_err(|e| Error::from(("converting a checkpoint tensor", e)))?;
+        }
+        Ok(())
+    }
+
+    /// Block `i`'s host copy: its own, or for a disk-tier block one read now into a fresh
+    /// pageable buffer.
+    pub(super) fn host_copy(&self, i: usize) -> Result<HostBlock> {
+        if let Some(h) = &self.blocks[i].host {
+            return Ok(h.shallow_clone());
+        }
+        match (&self.disk, self.blocks[i].on_disk) {
+            (Some(disk), true) => {
+                let buf = accel::alloc_host(self.layout(i).bytes, HostMemory::Pageable)?;
+                disk.read_into(i, &buf)?;
+                Ok(HostBlock::whole(buf))
+            }
+            _ => Err(Error::InvalidArgument {
+                op: "reading a block's host copy",
+                message: format!("block {i} has no host copy"),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Run, contiguous_strides, relayout};
+    use crate::checkpoint::CheckpointTensor;
+    use crate::plan::{ALIGN, BlockLayout, TensorLayout};
+    use tch::Kind;
+
+    fn ct(file: usize, offset: u64, bytes: usize) -> CheckpointTensor {
+        CheckpointTensor {
+            stored_name: String::new(),
+            file,
+            dtype: "BF16".into(),
+            kind: Some(Kind::BFloat16),
+            shape: vec![(bytes / 2) as i64],
+            offset,
+            bytes,
+        }
+    }
+
+    fn tl(name: &str, src: usize, bytes: usize) -> TensorLayout {
+        TensorLayout {
+            name: name.into(),
+            offset: 0,
+            bytes,
+            shape: vec![(bytes / 2) as i64],
+            strides: vec![1],
+            kind: Kind::BFloat16,
+            source_index: src,
+        }
+    }
+
+    #[test]
+    fn strides_are_row_major() {
+        assert_eq!(contiguous_strides(&[2, 3, 4]), vec![12, 4, 1]);
+        assert_eq!(contiguous_strides(&[5]), vec![1]);
+        assert_eq!(contiguous_strides(&[]), Vec::<i64>::new());
+    }
+
+    #[test]
+    fn adjacent_tensors_make_one_run_and_others_start_aligned() {
+        // Tensors 0 and 1 adjacent in file 0 (in the file's order 1 then 0), tensor 2 elsewhere
+        // in file 0, tensor 3 in file 1.
+        let src = vec![ct(0, 1000, 100), ct(0, 900, 100), ct(0, 5000, 10), ct(1, 8, 6)];
+        let mut l = BlockLayout {
+            list: 0,
+            attr: "blocks".into(),
+            index: 0,
+            tensors: vec![tl("a", 0, 100), tl("b", 1, 100), tl("c", 2, 10), tl("d", 3, 6)],
+            bytes: 0,
+        };
+        let runs = relayout(&mut l, &src);
+        assert_eq!(
+            runs,
+            vec![
+                Run { file: 0, offset: 900, bytes: 200, at: 0 },
+                Run { file: 0, offset: 5000, bytes: 10, at: ALIGN },
+                Run { file: 1, offset: 8, bytes: 6, at: 2 * ALIGN },
+            ]
+        );
+        let offsets: Vec<usize> = l.tensors.iter().map(|t| t.offset).collect();
+        assert_eq!(offsets, vec![100, 0, ALIGN, 2 * ALIGN]);
+        assert_eq!(l.bytes, 3 * ALIGN);
+        // Every tensor lies inside its run, at the file's relative position.
+        for t in &l.tensors {
+            let c = &src[t.source_index];
+            let r = runs.iter().find(|r| r.at <= t.offset && t.offset < r.at + r.bytes.max(1)).unwrap();
+            assert_eq!(c.offset - r.offset, (t.offset - r.at) as u64);
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! Loading from safetensors checkpoints: single files and shards, renames, every mismatch,
+//! the zero-copy store, the disk tier under a host budget, and files that change underneath.
+
+mod common;
+
+use common::Mode;
+use common::model::{Model, assert_same, bits_equal};
+use layerwise_offload::checkpoint::CheckpointMismatch;
+use layerwise_offload::{Checkpoint, Error, Fault, OffloadConfig};
+use rstest::rstest;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// A fresh directory under the temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("lo-ckpt-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes `tensors` (on the CPU) as a checkpoint in `dir`: one file, or `shards` files with a
+/// `model.safetensors.index.json`, the tensors dealt out in name order so that blocks straddle
+/// files. Returns the path to open.
+fn write_checkpoint(dir: &Path, tensors: &[(String, Tensor)], shards: usize) -> PathBuf {
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_device(Device::Cpu).contiguous()))
+        .collect();
+    if shards == 1 {
+        let p = dir.join("model.safetensors");
+        Tensor::write_safetensors(&cpu, &p).unwrap();
+        return p;
+    }
+    let per = cpu.len().div_ceil(shards);
+    let mut map = BTreeMap::new();
+    for (k, chunk) in cpu.chunks(per).enumerate() {
+        let name = format!("model-{:05}-of-{shards:05}.safetensors", k + 1);
+        Tensor::write_safetensors(chunk, dir.join(&name)).unwrap();
+        for (n, _) in chunk {
+            map.insert(n.clone(), name.clone());
+        }
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": map });
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_string_pretty(&index).unwrap(),
+    )
+    .unwrap();
+    dir.to_owned()
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    /// Pinned (or plain) buffers read from the files.
+    Copied,
+    /// The files' own pages.
+    ZeroCopy,
+    /// Half the blocks in memory, the others read at each upload.
+    HalfOnDisk,
+}
+
+/// The model's weights from a checkpoint (another model's): the streamed forward equals the
+/// other model's resident forward bit for bit, reads give its values, and `restore` leaves
+/// them in the model.
+#[rstest]
+fn loads_the_checkpoint_bit_exact(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+    #[values(1, 3)] shards: usize,
+    #[values(Store::Copied, Store::ZeroCopy, Store::HalfOnDisk)] store: Store,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let dir = TempDir::new("exact");
+    let source = Model::new(dev, 5, false, 21);
+    let path = write_checkpoint(&dir.0, &source.snapshot(), shards);
+    let x = source.input(4);
+    let want = source.forward(&x, None);
+    // Another model of the same shape: its values must not matter.
+    let model = Model::new(dev, 5, false, 22);
+    let block_bytes: u64 = model
+        .vs
+        .variables()
+        .iter()
+        .filter(|(n, _)| n.starts_with("blocks.0."))
+        .map(|(_, t)| (t.numel() * 4) as u64)
+        .sum();
+    let mut config = mode
+        .config("blocks", 5)
+        .checkpoint(Checkpoint::open(&path)?);
+    config = match store {
+        Store::Copied => config,
+        Store::ZeroCopy => config.zero_copy(true),
+        Store::HalfOnDisk => config.host_budget(block_bytes * 5 / 2 + block_bytes / 4),
+    };
+    let mut m = config.build(&model.vs)?;
+    m.initialize()?;
+    match store {
+        Store::HalfOnDisk => assert_eq!(m.stats().disk_blocks, 3, "2 of 5 blocks fit"),
+        _ => assert_eq!(m.stats().disk_blocks, 0),
+    }
+    let host = m.host_store().expect("initialized");
+    assert_eq!(host.is_read_only(), matches!(store, Store::ZeroCopy));
+    if let (Store::ZeroCopy, 3) = (store, shards) {
+        // Blocks that straddle two files are held in pieces, not one buffer.
+        assert!((0..5).any(|i| host.block(i).is_none()));
+    }
+    for round in 0..3 {
+        let got = model.forward(&x, Some(&mut m));
+        assert!(bits_equal(&got, &want), "forward {round} differs");
+    }
+    // Reads while offloaded give the checkpoint's values, also for disk-tier blocks.
+    for name in ["blocks.1.fc1.weight", "blocks.4.norm2.bias", "embed.weight"] {
+        let v = m.tensor(name)?;
+        assert!(bits_equal(&v, &source.vs.variables()[name]), "{name}");
+    }
+    m.restore()?;
+    assert_same(&model.snapshot(), &source.snapshot());
+    assert!(bits_equal(&model.forward(&x, None), &want));
+    Ok(())
+}
+
+/// The disk tier serves blocks entered out of loop order and one block again and again.
+#[rstest]
+fn disk_tier_in_any_order(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let dir = TempDir::new("order");
+    let source = Model::new(dev, 6, false, 31);
+    let path = write_checkpoint(&dir.0, &source.snapshot(), 2);
+    let model = Model::new(dev, 6, false, 32);
+    let mut m = mode
+        .config("blocks", 6)
+        .checkpoint(Checkpoint::open(&path)?)
+        .host_budget(0)
+        .build(&model.vs)?;
+    m.initialize()?;
+    assert_eq!(m.stats().disk_blocks, 6);
+    let want = source.vs.variables();
+    for &b in &[3usize, 0, 5, 5, 1, 2, 4, 0, 3] {
+        let g = m.enter(b)?;
+        let name = format!("blocks.{b}.fc2.weight");
+        let got = model.vs.variables()[&name].shallow_clone();
+        assert!(bits_equal(&got, &want[&name]), "block {b}");
+        drop(g);
+    }
+    m.restore()?;
+    assert_same(&model.snapshot(), &source.snapshot());
+    Ok(())
+}
+
+#[test]
+fn renamed_tensors_load() -> anyhow::Result<()> {
+    let dir = TempDir::new("rename");
+    let source = Model::new(Device::Cpu, 3, false, 41);
+    let prefixed: Vec<(String, Tensor)> = source
+        .snapshot()
+        .into_iter()
+        .map(|(n, t)| (format!("model.diffusion_model.{n}"), t))
+        .collect();
+    let path = write_checkpoint(&dir.0, &prefixed, 2);
+    let x = source.input(1);
+    let want = source.forward(&x, None);
+
+    // Without the rename every tensor is both missing and unexpected.
+    let model = Model::new(Device::Cpu, 3, false, 42);
+    let before = model.snapshot();
+    let mut m = OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .checkpoint(Checkpoint::open(&path)?)
+        .build(&model.vs)?;
+    match m.initialize() {
+        Err(Error::CheckpointMismatch(mm)) => {
+            assert_eq!(mm.missing.len(), before.len());
+            assert_eq!(mm.unexpected.len(), before.len());
+            let text = mm.to_string();
+            assert!(text.contains("strip_prefix"), "{text}");
+        }
+        r => panic!("expected CheckpointMismatch, got {r:?}"),
+    }
+    assert_same(&model.snapshot(), &before);
+    drop(m);
+
+    let ckpt = Checkpoint::open(&path)?.strip_prefix("model.diffusion_model.")?;
+    let mut m = OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .checkpoint(ckpt)
+        .build(&model.vs)?;
+    m.initialize()?;
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    drop(m);
+
+    // A rename function; two names mapped to one is refused.
+    let ckpt = Checkpoint::open(&path)?
+        .rename(|n| n.strip_prefix("model.diffusion_model.").map(str::to_owned))?;
+    assert!(ckpt.get("blocks.0.qkv.weight").is_some());
+    assert_eq!(ckpt.tensors()["blocks.0.qkv.weight"].stored_name, "model.diffusion_model.blocks.0.qkv.weight");
+    match Checkpoint::open(&path)?.rename(|_| Some("same".into())) {
+        Err(e @ Error::Checkpoint { .. }) => assert!(e.to_string().contains("\"same\""), "{e}"),
+        r => panic!("expected Error::Checkpoint, got {r:?}"),
+    }
+    Ok(())
+}
+
+/// A missing tensor, an unexpected one, a shape and a dtype difference: one error names them
+/// all, and the model is left as it was.
+#[test]
+fn every_mismatch_is_named() -> anyhow::Result<()> {
+    let dir = TempDir::new("mismatch");
+    let source = Model::new(Device::Cpu, 3, false, 51);
+    let mut tensors = source.snapshot();
+    tensors.retain(|(n, _)| n != "blocks.1.proj.bias");
+    tensors.push(("blocks.1.extra".into(), Tensor::zeros([4], (Kind::Float, Device::Cpu))));
+    for (n, t) in tensors.iter_mut() {
+        if n == "head.weight" {
+            *t = Tensor::zeros([3, 3], (Kind::Float, Device::Cpu));
+        }
+        if n == "blocks.2.fc1.weight" {
+            *t = t.to_kind(Kind::Half);
+        }
+    }
+    let path = write_checkpoint(&dir.0, &tensors, 1);
+    let model = Model::new(Device::Cpu, 3, false, 52);
+    let before = model.snapshot();
+    let mut m = OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .checkpoint(Checkpoint::open(&path)?)
+        .build(&model.vs)?;
+    let mm: Box<CheckpointMismatch> = match m.initialize() {
+        Err(Error::CheckpointMismatch(mm)) => mm,
+        r => panic!("expected CheckpointMismatch, got {r:?}"),
+    };
+    assert_eq!(mm.missing, vec!["blocks.1.proj.bias".to_string()]);
+    assert_eq!(mm.unexpected, vec!["blocks.1.extra".to_string()]);
+    assert_eq!(mm.shape.len(), 1);
+    assert_eq!(mm.shape[0].name, "head.weight");
+    assert_eq!(mm.shape[0].checkpoint, vec![3, 3]);
+    assert_eq!(mm.dtype.len(), 1);
+    assert_eq!(mm.dtype[0].name, "blocks.2.fc1.weight");
+    assert_eq!(mm.dtype[0].checkpoint, "F16");
+    let text = Error::CheckpointMismatch(mm).to_string();
+    for needle in ["blocks.1.proj.bias", "blocks.1.extra", "head.weight", "F16", "convert_dtypes"] {
+        assert!(text.contains(needle), "{needle} not in: {text}");
+    }
+    assert_same(&model.snapshot(), &before);
+    // Calling again fails the same way (nothing half-done).
+    assert!(matches!(m.initialize(), Err(Error::CheckpointMismatch(_))));
+    Ok(())
+}
+
+/// With `allow_unexpected` and `convert_dtypes`, extra tensors are ignored and a half-precision
+/// tensor is converted to the model's f32 (exactly, since f16 -> f32 is exact).
+#[test]
+fn unexpected_and_converted_on_request() -> anyhow::Result<()> {
+    let dir = TempDir::new("convert");
+    let source = Model::new(Device::Cpu, 3, false, 61);
+    let mut tensors = source.snapshot();
+    tensors.push(("unused.weight".into(), Tensor::ones([2], (Kind::Float, Device::Cpu))));
+    let mut half = None;
+    for (n, t) in tensors.iter_mut() {
+        if n == "blocks.2.fc1.weight" || n == "head.bias" {
+            *t = t.to_kind(Kind::Half);
+            if n == "blocks.2.fc1.weight" {
+                half = Some(t.to_kind(Kind::Float));
+            }
+        }
+    }
+    let path = write_checkpoint(&dir.0, &tensors, 2);
+    let model = Model::new(Device::Cpu, 3, false, 62);
+    let mut m = OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .checkpoint(Checkpoint::open(&path)?)
+        .allow_unexpected(true)
+        .convert_dtypes(true)
+        .build(&model.vs)?;
+    m.initialize()?;
+    assert!(bits_equal(&m.tensor("blocks.2.fc1.weight")?, &half.unwrap()));
+    assert!(bits_equal(
+        &m.tensor("blocks.0.fc1.weight")?,
+        &source.vs.variables()["blocks.0.fc1.weight"]
+    ));
+    m.restore()?;
+    Ok(())
+}
+
+#[test]
+fn bad_files_are_refused_at_open() -> anyhow::Result<()> {
+    let dir = TempDir::new("bad");
+    let source = Model::new(Device::Cpu, 2, false, 71);
+    let path = write_checkpoint(&dir.0, &source.snapshot(), 2);
+    let expect = |r: layerwise_offload::Result<Checkpoint>, needle: &str| match r {
+        Err(e @ Error::Checkpoint { .. }) => {
+            assert!(e.to_string().contains(needle), "{needle:?} not in: {e}")
+        }
+        r => panic!("expected Error::Checkpoint containing {needle:?}, got {r:?}"),
+    };
+    // A shard cut short.
+    let shard = path.join("model-00002-of-00002.safetensors");
+    let bytes = std::fs::read(&shard)?;
+    std::fs::write(&shard, &bytes[..bytes.len() - 3])?;
+    expect(Checkpoint::open(&path), "not a valid safetensors file");
+    std::fs::write(&shard, &bytes)?;
+    Checkpoint::open(&path)?;
+    // The index names a shard that is not there.
+    let index = path.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index)?;
+    std::fs::write(&index, text.replace("model-00002-of-00002", "model-00009-of-00002"))?;
+    expect(Checkpoint::open(&path), "model-00009-of-00002");
+    // The index puts a tensor in the wrong shard.
+    let moved = text.replacen("model-00002-of-00002", "model-00001-of-00002", 1);
+    std::fs::write(&index, &moved)?;
+    expect(Checkpoint::open(&path), "lists");
+    // A shard outside the directory.
+    std::fs::write(&index, text.replace("model-00002-of-00002", "../elsewhere"))?;
+    expect(Checkpoint::open(&path), "not a file name");
+    // Two files and no index: which checkpoint is it?
+    std::fs::remove_file(&index)?;
+    expect(Checkpoint::open(&path), "several .safetensors files");
+    // Not a checkpoint at all.
+    let junk = dir.0.join("junk.safetensors");
+    std::fs::write(&junk, b"hello, world")?;
+    expect(Checkpoint::open(&junk), "not a valid safetensors file");
+    expect(Checkpoint::open(dir.0.join("nothing-here")), "cannot open");
+    let empty = TempDir::new("empty");
+    expect(Checkpoint::open(&empty.0), "holds no .safetensors file");
+    Ok(())
+}
+
+/// Files removed after opening still load (the descriptors stay open); a file truncated after
+/// opening is an error at `initialize`, not a crash, and the model is left as it was.
+#[rstest]
+fn files_changed_after_open(
+    #[values(false, true)] zero_copy: bool,
+) -> anyhow::Result<()> {
+    let dir = TempDir::new("changed");
+    let source = Model::new(Device::Cpu, 3, false, 81);
+    let path = write_checkpoint(&dir.0, &source.snapshot(), 1);
+    let x = source.input(2);
+    let want = source.forward(&x, None);
+
+    let ckpt = Checkpoint::open(&path)?;
+    std::fs::remove_file(&path)?;
+    let model = Model::new(Device::Cpu, 3, false, 82);
+    let mut m = OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .checkpoint(ckpt)
+        .zero_copy(zero_copy)
+        .build(&model.vs)?;
+    m.initialize()?;
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    m.restore()?;
+
+    let path = write_checkpoint(&dir.0, &source.snapshot(), 1);
+    let ckpt = Checkpoint::open(&path)?;
+    let len = std::fs::metadata(&path)?.len();
+    std::fs::OpenOptions::new().write(true).open(&path)?.set_len(len / 2)?;
+    let model = Model::new(Device::Cpu, 3, false, 83);
+    let before = model.snapshot();
+    let mut m = OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .checkpoint(ckpt)
+        .zero_copy(zero_copy)
+        .build(&model.vs)?;
+    match m.initialize() {
+        Err(e @ Error::Checkpoint { .. }) => assert!(e.to_string().contains("truncated"), "{e}"),
+        r => panic!("expected Error::Checkpoint, got {r:?}"),
+    }
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}
+
+/// A host allocation that fails part-way through the checkpoint fill puts the model back.
+#[rstest]
+fn a_failed_load_leaves_the_model_as_it_was(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let dir = TempDir::new("fault");
+    let source = Model::new(dev, 4, false, 91);
+    let path = write_checkpoint(&dir.0, &source.snapshot(), 2);
+    let model = Model::new(dev, 4, false, 92);
+    let before = model.snapshot();
+    let mut m = mode
+        .config("blocks", 4)
+        .checkpoint(Checkpoint::open(&path)?)
+        .inject_fault(Fault::HostAlloc(2))
+        .build(&model.vs)?;
+    assert!(matches!(m.initialize(), Err(Error::HostAlloc { .. })));
+    assert_same(&model.snapshot(), &before);
+    // Every tensor is back on its device.
+    assert!(model.vs.variables().values().all(|t| t.device() == dev));
+    Ok(())
+}
+
+#[rstest]
+fn updates_where_the_host_copy_is_writable(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let dir = TempDir::new("update");
+    let source = Model::new(dev, 4, false, 101);
+    let path = write_checkpoint(&dir.0, &source.snapshot(), 1);
+    let name = "blocks.1.fc1.weight";
+    let new = source.vs.variables()[name].to_device(Device::Cpu) * 2.0;
+    for (zero_copy, budget) in [(false, None), (true, None), (false, Some(0u64))] {
+        let model = Model::new(dev, 4, false, 102);
+        let mut config = mode
+            .config("blocks", 4)
+            .checkpoint(Checkpoint::open(&path)?)
+            .zero_copy(zero_copy);
+        if let Some(b) = budget {
+            config = config.host_budget(b);
+        }
+        let mut m = config.build(&model.vs)?;
+        m.initialize()?;
+        let r = m.update_tensor(name, &new);
+        if zero_copy || budget.is_some() {
+            match r {
+                Err(e @ Error::InvalidArgument { .. }) => {
+                    let want = if zero_copy { "zero_copy" } else { "disk tier" };
+                    assert!(e.to_string().contains(want), "{e}");
+                }
+                r => panic!("expected a refusal, got {r:?}"),
+            }
+        } else {
+            r?;
+            assert!(bits_equal(&m.tensor(name)?, &new));
+        }
+        m.restore()?;
+    }
+    Ok(())
+}
+
+#[test]
+fn options_that_do_not_fit_are_refused() -> anyhow::Result<()> {
+    let dir = TempDir::new("options");
+    let source = Model::new(Device::Cpu, 2, false, 111);
+    let path = write_checkpoint(&dir.0, &source.snapshot(), 1);
+    let model = Model::new(Device::Cpu, 2, false, 112);
+    let base = || OffloadConfig::new("blocks", 2).cpu_test_mode(true);
+    let refused = |c: OffloadConfig, needle: &str| match c.build(&model.vs) {
+        Err(e @ Error::InvalidArgument { .. }) => {
+            assert!(e.to_string().contains(needle), "{needle:?} not in: {e}")
+        }
+        r => panic!("expected InvalidArgument containing {needle:?}, got {:?}", r.map(|_| ())),
+    };
+    refused(base().zero_copy(true), "checkpoint");
+    refused(base().host_budget(1), "checkpoint");
+    let ckpt = std::sync::Arc::new(Checkpoint::open(&path)?);
+    refused(
+        base().checkpoint(ckpt.clone()).zero_copy(true).host_budget(1),
+        "choose one",
+    );
+    refused(
+        base().checkpoint(ckpt.clone()).host_budget(1).convert_dtypes(true),
+        "as stored",
+    );
+    refused(
+        base()
+            .checkpoint(ckpt.clone())
+            .zero_copy(true)
+            .shared_memory("/dev/shm/lo-never-created"),
+        "page cache",
+    );
+    // One checkpoint serves several managers.
+    let mut m = base().checkpoint(ckpt.clone()).build(&model.vs)?;
+    m.initialize()?;
+    m.restore()?;
+    assert_same(&model.snapshot(), &source.snapshot());
+    Ok(())
+}
