@@ -114,6 +114,60 @@ fn params_kept_in_fp32_follow_diffusers() {
 }
 
 /// A copy of the fixture directory in which `edit` changed shard 1.
+/// `new_empty` makes the parameters `new` and `set_kind` make (names, shapes, types) without
+/// drawing them; the fixture loaded through the offload manager's checkpoint path into such a
+/// model streams to the same output as the model `from_pretrained` loads, bit for bit.
+#[rstest]
+fn an_empty_model_loads_through_the_checkpoint_path(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let _rng = rng_lock();
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let kind = Kind::Float;
+    let mut vs = nn::VarStore::new(dev);
+    let (config, reference) = wan::from_pretrained(&mut vs, fixture(), kind)?;
+    let empty_vs = nn::VarStore::new(dev);
+    let model = wan::WanTransformer3DModel::new_empty(empty_vs.root(), &config, Kind::BFloat16);
+    let mut drawn = nn::VarStore::new(dev);
+    let _ = wan::WanTransformer3DModel::new(drawn.root(), &config);
+    wan::set_kind(&mut drawn, Kind::BFloat16);
+    let shape = |vs: &nn::VarStore| -> std::collections::BTreeMap<String, (Vec<i64>, Kind)> {
+        vs.variables()
+            .into_iter()
+            .map(|(n, t)| (n, (t.size(), t.kind())))
+            .collect()
+    };
+    assert_eq!(shape(&empty_vs), shape(&drawn));
+
+    // The fixture through the manager, into an empty float32 model.
+    let empty_vs = nn::VarStore::new(dev);
+    let model32 = wan::WanTransformer3DModel::new_empty(empty_vs.root(), &config, kind);
+    drop(model);
+    let mut m = mode
+        .config("blocks", config.num_layers as usize)
+        .checkpoint(layerwise_offload::Checkpoint::open(fixture())?)
+        .build(&empty_vs)?;
+    m.initialize()?;
+    let io = inputs();
+    let (latents, t, text) = (&io["latents"], &io["timestep"], &io["encoder_hidden_states"]);
+    let to = |x: &Tensor| x.to_device(dev);
+    let want = tch::no_grad(|| reference.forward(&to(latents), &to(t), &to(text)))?;
+    let got = tch::no_grad(|| -> anyhow::Result<Tensor> {
+        let e = model32.embed(&to(latents), &to(t), &to(text))?;
+        let mut h = e.hidden.shallow_clone();
+        for i in 0..config.num_layers as usize {
+            let _g = m.enter(i)?;
+            h = model32.block(i, &h, &e);
+        }
+        Ok(model32.head(&h, &e))
+    })?;
+    assert!(got.equal(&want), "streamed from the checkpoint differs from from_pretrained");
+    m.restore()?;
+    Ok(())
+}
+
 fn edited_checkpoint(tag: &str, edit: impl Fn(&mut Vec<(String, Tensor)>)) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lo-wan-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

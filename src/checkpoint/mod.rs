@@ -74,13 +74,20 @@ const INDEX_NAMES: [&str; 2] = [
     "model.safetensors.index.json",
 ];
 
+/// The single-file weights of a directory, looked for when it has no shard index (besides
+/// them it may hold other files, e.g. inputs saved for a test).
+const SINGLE_NAMES: [&str; 2] = ["diffusion_pytorch_model.safetensors", "model.safetensors"];
+
 /// The largest shard index read (an index lists a few hundred bytes per tensor).
 const MAX_INDEX_BYTES: u64 = 64 << 20;
 
 impl Checkpoint {
     /// Opens a checkpoint: a `.safetensors` file, a `*.safetensors.index.json` shard index, or
     /// a directory holding either (a diffusers model directory such as
-    /// `Wan2.1-T2V-14B-Diffusers/transformer`). Maps every file and checks its header; a
+    /// `Wan2.1-T2V-14B-Diffusers/transformer`): its shard index
+    /// (`diffusion_pytorch_model.safetensors.index.json`, `model.safetensors.index.json`, or
+    /// another `*.safetensors.index.json`), else `diffusion_pytorch_model.safetensors` or
+    /// `model.safetensors`, else its only `.safetensors` file. Maps every file and checks its header; a
     /// tensor that two shards both hold, a shard the index names that does not hold the
     /// tensor, a truncated file or a malformed header is [`Error::Checkpoint`].
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
@@ -359,6 +366,8 @@ fn resolve(path: &Path) -> Result<(Option<(PathBuf, BTreeMap<String, String>)>, 
             })
         {
             path.join(i)
+        } else if let Some(single) = SINGLE_NAMES.iter().find(|n| names.iter().any(|m| m == *n)) {
+            return Ok((None, vec![path.join(single)]));
         } else {
             let files: Vec<&String> = names.iter().filter(|n| n.ends_with(".safetensors")).collect();
             return match files.as_slice() {

@@ -2,6 +2,7 @@
 //! with `WanAttnProcessor`).
 
 use crate::config::Config;
+use crate::model::{Weights, linear, param};
 use crate::rope::Rotary;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -26,17 +27,21 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// The attention's parameters under `p`.
+    /// The attention's parameters under `p`, drawn at random.
     pub fn new(p: nn::Path, c: &Config) -> Attention {
+        Attention::build(p, c, Weights::Random)
+    }
+
+    pub(crate) fn build(p: nn::Path, c: &Config, w: Weights) -> Attention {
         let dim = c.inner_dim();
-        let lin = |name: &str| nn::linear(&p / name, dim, dim, Default::default());
+        let lin = |name: &str| linear(&p / name, dim, dim, w);
         Attention {
             to_q: lin("to_q"),
             to_k: lin("to_k"),
             to_v: lin("to_v"),
-            to_out: nn::linear(&p / "to_out" / 0, dim, dim, Default::default()),
-            norm_q: (&p / "norm_q").var("weight", &[dim], nn::Init::Const(1.0)),
-            norm_k: (&p / "norm_k").var("weight", &[dim], nn::Init::Const(1.0)),
+            to_out: linear(&p / "to_out" / 0, dim, dim, w),
+            norm_q: param(&(&p / "norm_q"), "weight", &[dim], nn::Init::Const(1.0), w),
+            norm_k: param(&(&p / "norm_k"), "weight", &[dim], nn::Init::Const(1.0), w),
             heads: c.num_attention_heads,
             inner: dim,
             eps: c.eps,
@@ -93,34 +98,35 @@ pub struct Block {
 }
 
 impl Block {
-    /// The block's parameters under `p` (`blocks.<i>`).
+    /// The block's parameters under `p` (`blocks.<i>`), drawn at random.
     pub fn new(p: nn::Path, c: &Config) -> Block {
+        Block::build(p, c, Weights::Random)
+    }
+
+    pub(crate) fn build(p: nn::Path, c: &Config, w: Weights) -> Block {
         let dim = c.inner_dim();
         let norm2 = c.cross_attn_norm.then(|| {
             let n = &p / "norm2";
             (
-                n.var("weight", &[dim], nn::Init::Const(1.0)),
-                n.var("bias", &[dim], nn::Init::Const(0.0)),
+                param(&n, "weight", &[dim], nn::Init::Const(1.0), w),
+                param(&n, "bias", &[dim], nn::Init::Const(0.0), w),
             )
         });
         Block {
-            attn1: Attention::new(&p / "attn1", c),
-            attn2: Attention::new(&p / "attn2", c),
+            attn1: Attention::build(&p / "attn1", c, w),
+            attn2: Attention::build(&p / "attn2", c, w),
             norm2,
-            ffn_in: nn::linear(
-                &p / "ffn" / "net" / 0 / "proj",
-                dim,
-                c.ffn_dim,
-                Default::default(),
-            ),
-            ffn_out: nn::linear(&p / "ffn" / "net" / 2, c.ffn_dim, dim, Default::default()),
-            scale_shift_table: p.var(
+            ffn_in: linear(&p / "ffn" / "net" / 0 / "proj", dim, c.ffn_dim, w),
+            ffn_out: linear(&p / "ffn" / "net" / 2, c.ffn_dim, dim, w),
+            scale_shift_table: param(
+                &p,
                 "scale_shift_table",
                 &[1, 6, dim],
                 nn::Init::Randn {
                     mean: 0.0,
                     stdev: 1.0 / (dim as f64).sqrt(),
                 },
+                w,
             ),
             dim,
             eps: c.eps,

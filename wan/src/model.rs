@@ -40,6 +40,42 @@ pub fn set_kind(vs: &mut nn::VarStore, kind: Kind) {
     });
 }
 
+/// How a constructor makes its parameters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Weights {
+    /// Drawn at random in the VarStore's type.
+    Random,
+    /// Uninitialized, in this type (float32 where diffusers keeps it).
+    Empty(Kind),
+}
+
+/// Parameter `name` under `p`: drawn with `init`, or uninitialized.
+pub(crate) fn param(p: &nn::Path, name: &str, dims: &[i64], init: nn::Init, w: Weights) -> Tensor {
+    match w {
+        Weights::Random => p.var(name, dims, init),
+        Weights::Empty(kind) => {
+            let kind = if keeps_fp32(&p.path(name)) {
+                Kind::Float
+            } else {
+                kind
+            };
+            p.add(name, Tensor::empty(dims, (kind, p.device())), true)
+        }
+    }
+}
+
+/// A linear layer (`weight` `[out, in]`, `bias` `[out]`) under `p`: tch's default
+/// initialization, or uninitialized.
+pub(crate) fn linear(p: nn::Path, i: i64, o: i64, w: Weights) -> nn::Linear {
+    match w {
+        Weights::Random => nn::linear(p, i, o, Default::default()),
+        Weights::Empty(_) => nn::Linear {
+            ws: param(&p, "weight", &[o, i], nn::Init::Const(0.0), w),
+            bs: Some(param(&p, "bias", &[o], nn::Init::Const(0.0), w)),
+        },
+    }
+}
+
 /// What the embedding part of a forward hands to the blocks and the head.
 #[derive(Debug)]
 pub struct Embedded {
@@ -82,10 +118,23 @@ impl WanTransformer3DModel {
     /// linear layers, unit norm scales, `scale_shift_table`s from N(0, 1/dim) as diffusers), in
     /// the VarStore's type. Call [`set_kind`] afterwards for diffusers' mixed precision.
     pub fn new(path: nn::Path, config: &Config) -> WanTransformer3DModel {
+        WanTransformer3DModel::build(path, config, Weights::Random)
+    }
+
+    /// The model's parameters under `path`, uninitialized (`Tensor::empty`, which touches no
+    /// memory until written), in `kind` and float32 where diffusers keeps it (see
+    /// [`keeps_fp32`]): for loading a checkpoint into, so that the host never holds the model
+    /// twice (with layerwise-offload's `OffloadConfig::checkpoint` the block weights are read
+    /// straight into their offload buffers and these tensors are never written).
+    pub fn new_empty(path: nn::Path, config: &Config, kind: Kind) -> WanTransformer3DModel {
+        WanTransformer3DModel::build(path, config, Weights::Empty(kind))
+    }
+
+    fn build(path: nn::Path, config: &Config, w: Weights) -> WanTransformer3DModel {
         let c = config;
         let dim = c.inner_dim();
         let [pt, ph, pw] = c.patch_size;
-        let lin = |p: nn::Path, i: i64, o: i64| nn::linear(p, i, o, Default::default());
+        let lin = |p: nn::Path, i: i64, o: i64| linear(p, i, o, w);
         let pe = &path / "patch_embedding";
         let fan_in = (c.in_channels * pt * ph * pw) as f64;
         let bound = 1.0 / fan_in.sqrt();
@@ -93,21 +142,25 @@ impl WanTransformer3DModel {
         WanTransformer3DModel {
             config: c.clone(),
             rope: RotaryEmbedding::new(c.rope_dims(), c.patch_size, c.rope_max_seq_len, 10000.0),
-            patch_weight: pe.var(
+            patch_weight: param(
+                &pe,
                 "weight",
                 &[dim, c.in_channels, pt, ph, pw],
                 nn::Init::Uniform {
                     lo: -bound,
                     up: bound,
                 },
+                w,
             ),
-            patch_bias: pe.var(
+            patch_bias: param(
+                &pe,
                 "bias",
                 &[dim],
                 nn::Init::Uniform {
                     lo: -bound,
                     up: bound,
                 },
+                w,
             ),
             time_1: lin(&ce / "time_embedder" / "linear_1", c.freq_dim, dim),
             time_2: lin(&ce / "time_embedder" / "linear_2", dim, dim),
@@ -115,16 +168,18 @@ impl WanTransformer3DModel {
             text_1: lin(&ce / "text_embedder" / "linear_1", c.text_dim, dim),
             text_2: lin(&ce / "text_embedder" / "linear_2", dim, dim),
             blocks: (0..c.num_layers)
-                .map(|i| Block::new(&path / "blocks" / i, c))
+                .map(|i| Block::build(&path / "blocks" / i, c, w))
                 .collect(),
             proj_out: lin(&path / "proj_out", dim, c.out_channels() * pt * ph * pw),
-            scale_shift_table: path.var(
+            scale_shift_table: param(
+                &path,
                 "scale_shift_table",
                 &[1, 2, dim],
                 nn::Init::Randn {
                     mean: 0.0,
                     stdev: 1.0 / (dim as f64).sqrt(),
                 },
+                w,
             ),
         }
     }
