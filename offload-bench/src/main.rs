@@ -25,7 +25,7 @@
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, ValueEnum, error::ErrorKind};
 use layerwise_offload::accel::{self, Event, HostMemory, Stream};
-use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig, PeerGroup};
+use layerwise_offload::{Checkpoint, LayerwiseOffloadManager, OffloadConfig, PeerGroup};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -159,6 +159,18 @@ struct Cli {
     /// Run on the CPU, in the manager's CPU test mode, even with a CUDA device.
     #[arg(long)]
     cpu: bool,
+    /// A diffusers Wan transformer directory (config.json with safetensors, single or
+    /// sharded): the weights come from it through the crate's checkpoint loader, and its
+    /// config.json replaces the preset. Needs --model wan.
+    #[arg(long, value_name = "DIR")]
+    checkpoint: Option<PathBuf>,
+    /// With --checkpoint: the files' own pages are the host store (OffloadConfig::zero_copy).
+    #[arg(long, requires = "checkpoint")]
+    zero_copy: bool,
+    /// With --checkpoint: GiB of blocks held in host memory; the others are read from the
+    /// checkpoint at every forward (OffloadConfig::host_budget).
+    #[arg(long, value_name = "GIB", requires = "checkpoint", value_parser = parse_gib)]
+    host_budget: Option<f64>,
 }
 
 /// A number of GiB: finite, in [0, 1048576].
@@ -176,6 +188,14 @@ fn check(a: &Cli, s: &Shape, cuda: bool) {
         fail(format!(
             "--dim {} is not a multiple of --heads {}: pick heads that divide dim",
             s.dim, s.heads
+        ));
+    }
+    if let Some(dir) = &a.checkpoint
+        && s.wan.is_none()
+    {
+        fail(format!(
+            "--checkpoint {} holds a Wan transformer: add --model wan",
+            dir.display()
         ));
     }
     if let Some(c) = &s.wan {
@@ -251,6 +271,23 @@ fn shape(a: &Cli, cuda: bool) -> Shape {
         ctx: a.ctx,
         wan: None,
     };
+    if let (Model::Wan, Some(dir)) = (a.model, &a.checkpoint) {
+        let c = wan::Config::from_file(dir.join("config.json")).unwrap_or_else(|e| {
+            Cli::command()
+                .error(
+                    ErrorKind::ValueValidation,
+                    format!("--checkpoint {}: {e}", dir.display()),
+                )
+                .exit()
+        });
+        s.preset = dir.display().to_string();
+        s.layers = c.num_layers as usize;
+        s.dim = c.inner_dim();
+        s.ffn = c.ffn_dim;
+        s.heads = c.num_attention_heads;
+        s.wan = Some(c);
+        return s;
+    }
     if a.model == Model::Wan {
         // scripts/bench_peers.py's WAN_CONFIGS: Wan2.1-T2V-1.3B's and 14B's config.json, and a
         // tiny one (the dit_layer_loop example's) on 1.3B's other values.
@@ -300,6 +337,8 @@ struct Args {
     modes: Vec<String>,
     push_per_gpu: bool,
     multi_only: bool,
+    /// The checkpoint, with its store options.
+    checkpoint: Option<(PathBuf, bool, Option<u64>)>,
 }
 
 /// Parses and checks the flags; a bad one exits with a one-line error naming it and its range.
@@ -333,6 +372,13 @@ fn parse_args() -> Args {
             .collect(),
         push_per_gpu: cli.push_per_gpu,
         multi_only: cli.multi_only,
+        checkpoint: cli.checkpoint.clone().map(|d| {
+            (
+                d,
+                cli.zero_copy,
+                cli.host_budget.map(|g| (g * (1u64 << 30) as f64) as u64),
+            )
+        }),
     }
 }
 
@@ -602,7 +648,12 @@ fn main() -> Result<()> {
     let a = parse_args();
     let s = &a.shape;
     let dev = if a.cpu { Device::Cpu } else { Device::Cuda(0) };
-    let kind = if a.cpu { Kind::Float } else { Kind::BFloat16 };
+    // A checkpoint streams as stored (bf16 with diffusers' fp32 modules), also on the CPU.
+    let kind = if a.cpu && a.checkpoint.is_none() {
+        Kind::Float
+    } else {
+        Kind::BFloat16
+    };
     let origin = dev;
     let device_name = match dev {
         Device::Cuda(d) => gpu_name(d),
@@ -618,12 +669,24 @@ fn main() -> Result<()> {
         s.preset, s.layers, s.dim, s.ffn
     );
     let t0 = Instant::now();
-    let (wan_model, named) = match &s.wan {
-        Some(c) => {
+    let ckpt = match &a.checkpoint {
+        Some((dir, _, _)) => Some(std::sync::Arc::new(Checkpoint::open(dir)?)),
+        None => None,
+    };
+    let (wan_model, named) = match (&s.wan, &ckpt) {
+        // Uninitialized: every manager below reads the checkpoint into it.
+        (Some(c), Some(_)) => {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let model = WanTransformer3DModel::new_empty(vs.root(), c, kind);
+            let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            (Some(model), named)
+        }
+        (Some(c), None) => {
             let (model, named) = build_wan(c, origin, kind);
             (Some(model), named)
         }
-        None => (None, build_weights(s, origin, kind)),
+        (None, _) => (None, build_weights(s, origin, kind)),
     };
     let block_bytes: usize = named
         .iter()
@@ -686,15 +749,26 @@ fn main() -> Result<()> {
     }
     let mut stats_table = String::new();
     for budget in configs {
-        let label = match budget {
+        let mut label = match budget {
             None => format!("stream d{}", a.depth),
             Some(b) => format!("budget {b} GiB d{}", a.depth),
         };
+        match &a.checkpoint {
+            Some((_, true, _)) => label.push_str(" zero-copy"),
+            Some((_, _, Some(h))) => label.push_str(&format!(" host {:.1} GiB", *h as f64 / (1u64 << 30) as f64)),
+            _ => {}
+        }
         let mut cfg = OffloadConfig::new("blocks", s.layers)
             .prefetch_depth(a.depth)
             .cpu_test_mode(a.cpu);
         if let Some(b) = budget {
             cfg = cfg.vram_budget((b * (1u64 << 30) as f64) as u64);
+        }
+        if let (Some(c), Some((_, zero_copy, host_budget))) = (&ckpt, &a.checkpoint) {
+            cfg = cfg.checkpoint(c.clone()).zero_copy(*zero_copy);
+            if let Some(h) = host_budget {
+                cfg = cfg.host_budget(*h);
+            }
         }
         let t0 = Instant::now();
         let mut m = cfg.build(&named)?;
@@ -702,7 +776,12 @@ fn main() -> Result<()> {
         let init_s = t0.elapsed().as_secs_f64();
         let host_peak = peak_rss_bytes();
         let st = m.stats().clone();
-        let streamed_bytes = st.host_bytes;
+        // Bytes streamed per forward: the host copies, and the disk tier's blocks too.
+        let streamed_bytes = if st.disk_blocks > 0 {
+            (block_bytes * st.streamed_blocks / s.layers) as u64
+        } else {
+            st.host_bytes
+        };
         eprintln!(
             "{label}: initialize {init_s:.2} s; {} streamed, {} resident blocks; host peak {:.2} GiB (before: {:.2} GiB)",
             st.streamed_blocks,

@@ -217,6 +217,23 @@ impl Checkpoint {
             })
     }
 
+    /// Asks the kernel to drop the checkpoint's pages from the page cache
+    /// (`posix_fadvise(POSIX_FADV_DONTNEED)`), so that the next read comes from the disk: for
+    /// measuring a cold start. Only clean pages that no process maps or page-locks go; the
+    /// files are not changed.
+    pub fn evict_page_cache(&self) -> Result<()> {
+        for s in &self.shards {
+            fadvise_dontneed(&s.file, 0, 0).map_err(|e| bad(&s.path, format!("posix_fadvise: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Drops `t`'s pages from the page cache once read (the disk tier: blocks read at every
+    /// forward should not fill host memory with their pages). Best effort.
+    pub(crate) fn forget(&self, t: &CheckpointTensor) {
+        let _ = fadvise_dontneed(&self.shards[t.file].file, t.offset, t.bytes as u64);
+    }
+
     /// Whether every file still has the length its header gave (a cheap check before reading
     /// through a mapping, where a truncated file would be SIGBUS).
     pub(crate) fn check_lengths(&self) -> Result<()> {
@@ -335,6 +352,26 @@ pub(crate) fn read_threads() -> usize {
         .map(|n| n.get())
         .unwrap_or(4)
         .min(16)
+}
+
+/// `posix_fadvise(fd, offset, len, POSIX_FADV_DONTNEED)` (`len` 0: to the end).
+fn fadvise_dontneed(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: the descriptor is open (borrowed from `file`) for the call; posix_fadvise only
+    // advises the kernel and touches no memory of this process.
+    let rc = unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
 }
 
 fn bad(path: &Path, reason: String) -> Error {

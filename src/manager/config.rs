@@ -274,7 +274,8 @@ impl OffloadConfig {
     /// others (spread evenly through the loop, so their reads overlap the uploads of the
     /// blocks in memory) are read from the checkpoint at every forward by a background thread
     /// (`pread`, several threads per block) into a ring of three pinned staging buffers of the
-    /// largest block, ahead of the loop, and uploaded from there. For models larger than host
+    /// largest block, ahead of the loop, and uploaded from there; their pages are dropped from
+    /// the page cache once read, so the disk tier does not fill host memory after all. For models larger than host
     /// memory. A forward then takes at least the largest of: disk-tier bytes / read bandwidth,
     /// streamed bytes / PCIe bandwidth, compute.
     ///

@@ -312,5 +312,11 @@ fn read_block(shared: &Shared, block: usize, dst: &Tensor) -> Result<()> {
     let ranges: Vec<(usize, usize)> = reads.iter().map(|(t, at)| (*at, t.bytes)).collect();
     let slices = checkpoint::disjoint_slices(buf, &ranges)?;
     let jobs = checkpoint::split_jobs(reads.iter().map(|(t, _)| t).zip(slices));
-    checkpoint::read_parallel(&shared.ckpt, jobs, checkpoint::read_threads())
+    checkpoint::read_parallel(&shared.ckpt, jobs, checkpoint::read_threads())?;
+    // Read again at the next forward: its pages would only crowd host memory, which the disk
+    // tier exists to spare.
+    for (t, _) in reads {
+        shared.ckpt.forget(t);
+    }
+    Ok(())
 }

@@ -147,11 +147,11 @@ impl Block {
         let (shift, scale, gate) = (&m[0], &m[1], &m[2]);
         let (c_shift, c_scale, c_gate) = (&m[3], &m[4], &m[5]);
 
-        // 1. Self-attention.
-        let h = (layer_norm(&x.to_kind(Kind::Float), self.dim, self.eps) * (scale + 1.0) + shift)
-            .to_kind(kind);
+        // 1. Self-attention. (`x` in float32 is made once, for the norm and the residual.)
+        let x32 = x.to_kind(Kind::Float);
+        let h = (layer_norm(&x32, self.dim, self.eps) * (scale + 1.0) + shift).to_kind(kind);
         let a = self.attn1.forward(&h, None, Some(rotary));
-        let x = (x.to_kind(Kind::Float) + a * gate).to_kind(kind);
+        let x = (x32 + a * gate).to_kind(kind);
 
         // 2. Cross-attention.
         let h = match &self.norm2 {
@@ -171,10 +171,9 @@ impl Block {
         let x = &x + a;
 
         // 3. Feed-forward.
-        let h = (layer_norm(&x.to_kind(Kind::Float), self.dim, self.eps) * (c_scale + 1.0)
-            + c_shift)
-            .to_kind(kind);
+        let x32 = x.to_kind(Kind::Float);
+        let h = (layer_norm(&x32, self.dim, self.eps) * (c_scale + 1.0) + c_shift).to_kind(kind);
         let y = self.ffn_out.forward(&self.ffn_in.forward(&h).gelu("tanh"));
-        (x.to_kind(Kind::Float) + y.to_kind(Kind::Float) * c_gate).to_kind(kind)
+        (x32 + y.to_kind(Kind::Float) * c_gate).to_kind(kind)
     }
 }

@@ -32,18 +32,19 @@ impl Rotary {
     }
 
     /// Rotates `x` `[batch, tokens, heads, head_dim]` pairwise (channels 2i and 2i+1), in the
-    /// promoted type of `x` and the float32 tables, and returns it in `x`'s type.
+    /// promoted type of `x` and the float32 tables, and returns it in `x`'s type. As diffusers'
+    /// `apply_rotary_emb`, the even and odd results are cast as they are copied into the strided
+    /// halves of a tensor like `x` (no float32 stack and cast: 2 fewer passes over q and k).
     pub fn apply(&self, x: &Tensor) -> Tensor {
         let pairs = x.unflatten(-1, [-1, 2]);
         let x1 = pairs.select(-1, 0);
         let x2 = pairs.select(-1, 1);
         let cos = self.cos.slice(-1, 0, None, 2);
         let sin = self.sin.slice(-1, 1, None, 2);
-        let even = &x1 * &cos - &x2 * &sin;
-        let odd = &x1 * &sin + &x2 * &cos;
-        Tensor::stack(&[even, odd], -1)
-            .flatten(-2, -1)
-            .to_kind(x.kind())
+        let out = x.empty_like();
+        out.slice(-1, 0, None, 2).copy_(&(&x1 * &cos - &x2 * &sin));
+        out.slice(-1, 1, None, 2).copy_(&(&x1 * &sin + &x2 * &cos));
+        out
     }
 }
 
