@@ -19,7 +19,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
-use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig, accel};
+use layerwise_offload::{Checkpoint, LayerwiseOffloadManager, OffloadConfig, accel};
 use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
@@ -122,10 +122,11 @@ struct Args {
     /// Latent width, even (default: the preset's).
     #[arg(long, value_parser = int_in(2, MAX_SIDE))]
     width: Option<i64>,
-    /// Real weights (one safetensors file), named as diffusers' WanTransformer3DModel
-    /// (blocks.0.attn1.to_q.weight, ...), in float32, bfloat16 or float16, for the preset's
-    /// configuration.
-    #[arg(long, value_name = "FILE.safetensors", conflicts_with = "checkpoint")]
+    /// Real weights for the preset's configuration, named as diffusers' WanTransformer3DModel
+    /// (blocks.0.attn1.to_q.weight, ...), in float32, bfloat16 or float16: a safetensors file,
+    /// or a directory or `*.safetensors.index.json` of shards. Read by the offload manager
+    /// straight into its block buffers.
+    #[arg(long, value_name = "PATH", conflicts_with = "checkpoint")]
     weights: Option<String>,
     /// A diffusers transformer directory (config.json with diffusion_pytorch_model.safetensors
     /// or its sharded index), e.g. Wan2.1-T2V-14B-Diffusers/transformer: its config replaces
@@ -340,15 +341,21 @@ fn main() -> Result<()> {
         Some(path) => Some(text_embeddings(Some(path), c, config.text_dim)?),
         None => None,
     };
-    tch::manual_seed(a.init_seed.unwrap_or(a.seed));
+    let weights = a.weights.as_ref().or(a.checkpoint.as_ref());
     let mut vs = nn::VarStore::new(Device::Cpu);
-    let model = WanTransformer3DModel::new(vs.root(), &config);
-    // bf16 on a GPU, float32 where diffusers keeps it; float32 on the CPU. Converted before
-    // loading, so a 14B checkpoint is never held in float32.
-    wan::set_kind(&mut vs, kind);
-    if let Some(path) = a.weights.as_ref().or(a.checkpoint.as_ref()) {
-        wan::load_checkpoint(&vs, path)?;
-    }
+    // bf16 on a GPU, float32 where diffusers keeps it; float32 on the CPU.
+    let model = match weights {
+        // Uninitialized: the manager reads the checkpoint straight into its block buffers (and
+        // the other weights onto the device), so the host never holds the model twice.
+        Some(_) => WanTransformer3DModel::new_empty(vs.root(), &config, kind),
+        None => {
+            tch::manual_seed(a.init_seed.unwrap_or(a.seed));
+            let model = WanTransformer3DModel::new(vs.root(), &config);
+            wan::set_kind(&mut vs, kind);
+            model
+        }
+    };
+    let checkpoint = weights.map(Checkpoint::open).transpose()?;
     let layers = config.num_layers as usize;
     let block_bytes: usize = vs
         .variables()
@@ -373,6 +380,10 @@ fn main() -> Result<()> {
     let mut cfg = OffloadConfig::new("blocks", layers)
         .prefetch_depth(a.depth as usize)
         .cpu_test_mode(!cuda);
+    if let Some(c) = checkpoint {
+        // Stored in another type than the model's (float32 on the CPU): converted on load.
+        cfg = cfg.checkpoint(c).convert_dtypes(true);
+    }
     if let Some(b) = a.budget {
         cfg = cfg.vram_budget((b * (1u64 << 30) as f64) as u64);
     } else if let Some(limit) = a.vram_limit {
