@@ -290,6 +290,38 @@ fn unexpected_and_converted_on_request() -> anyhow::Result<()> {
         .build(&model.vs)?;
     m.initialize()?;
     assert!(bits_equal(&m.tensor("blocks.2.fc1.weight")?, &half.unwrap()));
+    m.restore()?;
+    drop(m);
+    // Integers are never converted, asked or not.
+    for (n, t) in tensors.iter_mut() {
+        if n == "blocks.1.qkv.bias" {
+            *t = t.to_kind(Kind::Int64);
+        }
+    }
+    let ints = TempDir::new("convert-int");
+    let path2 = write_checkpoint(&ints.0, &tensors, 1);
+    let model2 = Model::new(Device::Cpu, 3, false, 63);
+    let mut m2 = OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .checkpoint(Checkpoint::open(&path2)?)
+        .allow_unexpected(true)
+        .convert_dtypes(true)
+        .build(&model2.vs)?;
+    match m2.initialize() {
+        Err(Error::CheckpointMismatch(mm)) => {
+            assert_eq!(mm.dtype.len(), 1);
+            assert_eq!(mm.dtype[0].name, "blocks.1.qkv.bias");
+            assert_eq!(mm.dtype[0].checkpoint, "I64");
+        }
+        r => panic!("expected CheckpointMismatch, got {r:?}"),
+    }
+    let mut m = OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .checkpoint(Checkpoint::open(&path)?)
+        .allow_unexpected(true)
+        .convert_dtypes(true)
+        .build(&model.vs)?;
+    m.initialize()?;
     assert!(bits_equal(
         &m.tensor("blocks.0.fc1.weight")?,
         &source.vs.variables()["blocks.0.fc1.weight"]

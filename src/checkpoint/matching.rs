@@ -41,9 +41,10 @@ pub struct CheckpointMismatch {
     pub unexpected: Vec<String>,
     /// Tensors of another shape.
     pub shape: Vec<ShapeDifference>,
-    /// Tensors of another element type (refused unless
-    /// [`OffloadConfig::convert_dtypes`](crate::OffloadConfig::convert_dtypes)), or of a type
-    /// tch cannot hold.
+    /// Tensors of another element type: refused unless both are floating-point types and
+    /// [`OffloadConfig::convert_dtypes`](crate::OffloadConfig::convert_dtypes) is on (an
+    /// integer, boolean or 8-bit float tensor where the model has another type is always
+    /// refused).
     pub dtype: Vec<DtypeDifference>,
 }
 
@@ -118,9 +119,14 @@ impl fmt::Display for CheckpointMismatch {
     }
 }
 
+/// Whether `k` is a floating-point type (the types `convert_dtypes` converts between).
+fn is_float(k: Kind) -> bool {
+    matches!(k, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double)
+}
+
 /// The checkpoint tensor of each model tensor (`model[i]` is `(name, shape, kind)`), in the
 /// model's order; every difference at once as [`Error::CheckpointMismatch`]. A dtype
-/// difference is allowed with `convert` (when tch has the checkpoint's type); checkpoint
+/// difference between floating-point types is allowed with `convert`; checkpoint
 /// tensors the model lacks are allowed with `allow_unexpected`.
 pub(crate) fn match_tensors<'c>(
     ckpt: &'c Checkpoint,
@@ -145,7 +151,8 @@ pub(crate) fn match_tensors<'c>(
                 checkpoint: t.shape.clone(),
             });
         }
-        if t.kind != Some(*kind) && !(convert && t.kind.is_some()) {
+        let convertible = t.kind.is_some_and(|k| is_float(k) && is_float(*kind));
+        if t.kind != Some(*kind) && !(convert && convertible) {
             m.dtype.push(DtypeDifference {
                 name: (*name).to_owned(),
                 model: *kind,

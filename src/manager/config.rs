@@ -294,8 +294,9 @@ impl OffloadConfig {
         self
     }
 
-    /// With [`Self::checkpoint`]: convert tensors stored in another element type to the
-    /// model's (default off: a different type is an error, no silent conversion). Converted
+    /// With [`Self::checkpoint`]: convert tensors stored in another floating-point type (f16,
+    /// bf16, f32, f64) to the model's (default off: a different type is an error, no silent
+    /// conversion; integer and boolean tensors are never converted). Converted
     /// tensors are read through a temporary; not with [`Self::zero_copy`] or
     /// [`Self::host_budget`], which stream the file's bytes as they are.
     pub fn convert_dtypes(mut self, on: bool) -> OffloadConfig {
