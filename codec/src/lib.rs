@@ -1,1 +1,15 @@
-//! Lossless bf16 weight codec (work in progress).
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
+mod decode;
+mod encode;
+pub mod error;
+pub mod format;
+#[cfg(feature = "gpu")]
+pub mod gpu;
+mod parallel;
+
+pub use decode::{decode, decode_with_threads, decoded_len, stats};
+pub use encode::{DEFAULT_CHUNK_VALUES, EncodePlan, Encoder, encode};
+pub use error::{CodecError, Result};
+pub use format::{Encoded, Header, Stats, max_encoded_len};

@@ -1,0 +1,158 @@
+//! Compression ratio and CPU speed of the codec on synthetic weight distributions: the measurements
+//! behind the format's choices (fixed k against the chosen k against an entropy coder's bound,
+//! chunk sizes), one `RESULT {json}` line per measurement.
+//!
+//! ```text
+//! cargo run --release -p layerwise-offload-codec --example ratio -- --mib 256
+//! ```
+
+#[path = "common/mod.rs"]
+mod common;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use common::{Dist, entropy, exponent_entropy, generate};
+use layerwise_offload_codec::{DEFAULT_CHUNK_VALUES, Encoder, decode_with_threads, stats};
+use serde_json::json;
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(about = "Compression ratio and CPU speed of the bf16 codec on synthetic weights")]
+struct Args {
+    /// MiB of bf16 data per distribution.
+    #[arg(long, default_value_t = 256)]
+    mib: usize,
+    /// Distributions (names: normal-0.02, row-scaled-normal, student-t4, xavier-uniform,
+    /// fp32-normal, random-bits); all when none is given.
+    #[arg(long, value_delimiter = ',')]
+    dist: Vec<String>,
+    /// Timed repetitions of each encode and decode (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Seed of the generated data.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let dists = if args.dist.is_empty() {
+        Dist::ALL.to_vec()
+    } else {
+        args.dist
+            .iter()
+            .map(|n| Dist::from_name(n).with_context(|| format!("unknown distribution {n}")))
+            .collect::<Result<_>>()?
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("{cores} cores");
+    for dist in dists {
+        let data = generate(dist, args.mib << 20, args.seed);
+        measure(dist, &data, cores, args.reps.max(1))?;
+    }
+    Ok(())
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn measure(dist: Dist, data: &[u8], cores: usize, reps: usize) -> Result<()> {
+    let name = dist.name();
+    let raw = data.len() as f64;
+    // Ratios: the encoder's choice of k, fixed k, chunk sizes, against entropy bounds.
+    let ratio = |enc: Encoder| -> Result<f64> { Ok(enc.encode(data)?.len() as f64 / raw) };
+    let mut fixed = serde_json::Map::new();
+    for k in 2..=5u8 {
+        fixed.insert(
+            format!("k{k}"),
+            json!(ratio(Encoder::new().with_code_bits(k..=k))?),
+        );
+    }
+    let mut by_chunk = serde_json::Map::new();
+    for cv in [4096u32, 16384, 32768, 65536, 262144] {
+        by_chunk.insert(
+            cv.to_string(),
+            json!(ratio(Encoder::new().with_chunk_values(cv))?),
+        );
+    }
+    // An order-0 entropy coder of each chunk's exponents, sign and mantissa raw, headers free.
+    let cv = DEFAULT_CHUNK_VALUES as usize;
+    let chunk_entropy_bits: f64 = data
+        .chunks(2 * cv)
+        .map(|c| {
+            let mut counts = [0u64; 256];
+            for v in c.chunks_exact(2) {
+                counts[usize::from((v[1] << 1) | (v[0] >> 7))] += 1;
+            }
+            entropy(&counts) * (c.len() / 2) as f64
+        })
+        .sum();
+    let values = (data.len() / 2) as f64;
+    let entropy_bound = (8.0 * values + chunk_entropy_bits) / (16.0 * values);
+    let global_h = exponent_entropy(data);
+
+    let encoded = Encoder::new().encode(data)?;
+    let st = stats(&encoded)?;
+    let mut out = vec![0u8; data.len()];
+    let mut timings = serde_json::Map::new();
+    for threads in [1, cores] {
+        let enc_s = median(
+            (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    let e = Encoder::new()
+                        .with_threads(threads)
+                        .encode(data)
+                        .expect("valid options");
+                    let s = t.elapsed().as_secs_f64();
+                    assert_eq!(e, encoded, "encoding is independent of the thread count");
+                    s
+                })
+                .collect(),
+        );
+        let mut dec = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            decode_with_threads(&encoded, &mut out, threads)?;
+            dec.push(t.elapsed().as_secs_f64());
+        }
+        if out != data {
+            bail!("MISMATCH: {name} did not round-trip");
+        }
+        let dec_s = median(dec);
+        timings.insert(
+            format!("threads_{threads}"),
+            json!({"encode_gbps": raw / enc_s / 1e9, "decode_gbps": raw / dec_s / 1e9}),
+        );
+    }
+    println!(
+        "{name:>18}: ratio {:.4} (k=3 {:.4}, k=4 {:.4}, entropy bound {entropy_bound:.4}), exponent entropy {global_h:.2} bits, chunks raw {} coded {} k {:?}, {}",
+        st.ratio(),
+        fixed["k3"].as_f64().unwrap_or(f64::NAN),
+        fixed["k4"].as_f64().unwrap_or(f64::NAN),
+        st.raw_chunks,
+        st.coded_chunks,
+        st.chunks_by_code_bits,
+        serde_json::Value::Object(timings.clone()),
+    );
+    let result = json!({
+        "measurement": "ratio",
+        "dist": name,
+        "raw_bytes": data.len(),
+        "encoded_bytes": encoded.len(),
+        "ratio": st.ratio(),
+        "fixed_k": fixed,
+        "by_chunk_values": by_chunk,
+        "entropy_bound_per_chunk": entropy_bound,
+        "exponent_entropy_bits": global_h,
+        "raw_chunks": st.raw_chunks,
+        "coded_chunks": st.coded_chunks,
+        "chunks_by_code_bits": st.chunks_by_code_bits,
+        "exceptions_per_value": st.exceptions as f64 / values,
+        "cpu": timings,
+    });
+    println!("RESULT {result}");
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! The CPU reference decoder: parses and checks the whole encoding first, then decodes chunks in
+//! parallel, each into its own part of the output.
+
+use crate::error::{CodecError, Result};
+use crate::format::{Chunk, ChunkData, Encoded, GROUP, Stats};
+use crate::parallel;
+
+/// Bytes `encoded` decodes to. Checks the whole header and directory.
+pub fn decoded_len(encoded: &[u8]) -> Result<usize> {
+    Ok(Encoded::parse(encoded)?.decoded_len())
+}
+
+/// Sizes and chunk modes of `encoded`. Checks the whole header and directory.
+pub fn stats(encoded: &[u8]) -> Result<Stats> {
+    Ok(Encoded::parse(encoded)?.stats())
+}
+
+/// Decodes `encoded` into `out`, whose length must be [`decoded_len`], on all available cores.
+///
+/// A truncated or corrupt encoding is an error, never a panic; `out` may then be partly written.
+pub fn decode(encoded: &[u8], out: &mut [u8]) -> Result<()> {
+    decode_with_threads(encoded, out, 0)
+}
+
+/// [`decode`] on `threads` threads (0: all available cores; 1: the calling thread only).
+pub fn decode_with_threads(encoded: &[u8], out: &mut [u8], threads: usize) -> Result<()> {
+    let encoded = Encoded::parse(encoded)?;
+    let header = *encoded.header();
+    if out.len() != encoded.decoded_len() {
+        return Err(CodecError::OutputLength {
+            expected: header.decoded_len(),
+            got: out.len() as u64,
+        });
+    }
+    let values_len = 2 * header.n_values() as usize;
+    let (values, tail) = out.split_at_mut(values_len);
+    if let Some(b) = header.tail() {
+        tail[0] = b;
+    }
+    let n_chunks = header.n_chunks() as usize;
+    let chunk_bytes = 2 * header.chunk_values() as usize;
+    let threads = parallel::threads(threads, n_chunks);
+    let mut parts = Vec::with_capacity(threads);
+    let mut rest = values;
+    for range in parallel::split(n_chunks, threads) {
+        let len = (range.len() * chunk_bytes).min(rest.len());
+        let (part, r) = rest.split_at_mut(len);
+        rest = r;
+        parts.push((range, part));
+    }
+    let results = parallel::map_each(parts, |(range, part)| {
+        for (i, dst) in range.zip(part.chunks_mut(chunk_bytes)) {
+            decode_chunk(encoded.chunk(i as u32), dst)?;
+        }
+        Ok(())
+    });
+    results.into_iter().collect()
+}
+
+/// Decodes one checked chunk into `out` (2n bytes).
+fn decode_chunk(chunk: Chunk<'_>, out: &mut [u8]) -> Result<()> {
+    match chunk.data {
+        ChunkData::Raw(bytes) => {
+            out.copy_from_slice(bytes);
+            Ok(())
+        }
+        ChunkData::Coded {
+            k,
+            table,
+            planes,
+            sign_mant,
+            exceptions,
+        } => {
+            let s = Sections {
+                table,
+                planes,
+                sign_mant,
+                exceptions,
+            };
+            let used = match k {
+                1 => s.decode::<1>(out),
+                2 => s.decode::<2>(out),
+                3 => s.decode::<3>(out),
+                4 => s.decode::<4>(out),
+                5 => s.decode::<5>(out),
+                6 => s.decode::<6>(out),
+                _ => s.decode::<7>(out),
+            };
+            match used {
+                Some(used) if used == exceptions.len() => Ok(()),
+                found => Err(CodecError::CorruptChunk {
+                    chunk: chunk.index.into(),
+                    reason: match found {
+                        Some(used) => format!(
+                            "{used} escape codes, {} exceptions stored",
+                            exceptions.len()
+                        ),
+                        None => format!(
+                            "more escape codes than the {} exceptions stored",
+                            exceptions.len()
+                        ),
+                    },
+                }),
+            }
+        }
+    }
+}
+
+/// The input sections of one coded chunk (lengths checked by the parser).
+struct Sections<'a> {
+    table: &'a [u8],
+    planes: &'a [u8],
+    sign_mant: &'a [u8],
+    exceptions: &'a [u8],
+}
+
+impl Sections<'_> {
+    /// Decodes into `out`; the number of exceptions used, or `None` when the escape codes
+    /// outnumber the stored exceptions.
+    fn decode<const K: usize>(&self, out: &mut [u8]) -> Option<usize> {
+        let escape = (1usize << K) - 1;
+        let mut x = 0;
+        let groups = out
+            .chunks_mut(2 * GROUP)
+            .zip(self.planes.chunks_exact(4 * K));
+        for (g, (dst, plane_bytes)) in groups.enumerate() {
+            let planes: [u32; K] = std::array::from_fn(|b| {
+                u32::from_le_bytes(plane_bytes[4 * b..4 * b + 4].try_into().expect("4 bytes"))
+            });
+            let sm = &self.sign_mant[g * GROUP..g * GROUP + dst.len() / 2];
+            // Byte l % 8 of codes[l / 8] is the code of value l of the group.
+            let codes: [u64; GROUP / 8] = std::array::from_fn(|q| {
+                planes
+                    .iter()
+                    .enumerate()
+                    .fold(0, |c, (b, p)| c | spread_bits(p >> (8 * q)) << b)
+            });
+            for (l, (v, &s)) in dst.chunks_exact_mut(2).zip(sm).enumerate() {
+                let c = ((codes[l / 8] >> (8 * (l % 8))) & 0xff) as usize;
+                let e = if c == escape {
+                    let e = *self.exceptions.get(x)?;
+                    x += 1;
+                    e
+                } else {
+                    self.table[c]
+                };
+                v[0] = (e << 7) | (s & 0x7f);
+                v[1] = (s & 0x80) | (e >> 1);
+            }
+        }
+        Some(x)
+    }
+}
+
+/// Bit i of the low byte of `p`, as bit 0 of byte i (the inverse of the encoder's gather).
+#[inline(always)]
+fn spread_bits(p: u32) -> u64 {
+    const LSB: u64 = 0x0101_0101_0101_0101;
+    // Byte i keeps bit i of the broadcast byte; then every non-zero byte becomes 1.
+    let y = (u64::from(p & 0xff).wrapping_mul(LSB)) & 0x8040_2010_0804_0201;
+    ((((y & !(LSB << 7)) + !(LSB << 7)) | y) >> 7) & LSB
+}

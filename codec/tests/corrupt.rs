@@ -1,0 +1,202 @@
+//! Truncated, extended and corrupted encodings are errors, never panics or out-of-bounds reads.
+
+#[path = "../examples/common/mod.rs"]
+mod common;
+
+use common::{Dist, generate};
+use layerwise_offload_codec::format::{ENTRY_LEN, HEADER_LEN, MAGIC};
+use layerwise_offload_codec::{CodecError, Encoded, Encoder, decode, decoded_len, stats};
+use proptest::prelude::*;
+
+/// A small encoding with coded chunks (with escapes), a raw chunk and an odd tail byte.
+fn sample() -> (Vec<u8>, Vec<u8>) {
+    let mut input = generate(Dist::Normal, 2 * 700, 1);
+    input.extend(generate(Dist::RandomBits, 2 * 256, 2));
+    input.extend(generate(Dist::StudentT, 2 * 300 + 1, 3));
+    let encoded = Encoder::new()
+        .with_chunk_values(256)
+        .encode(&input)
+        .unwrap();
+    let st = stats(&encoded).unwrap();
+    assert!(
+        st.raw_chunks > 0 && st.coded_chunks > 0 && st.exceptions > 0,
+        "{st:?}"
+    );
+    (input, encoded)
+}
+
+/// Decodes with every entry point; `Ok(output)` or the decode error. Never panics (the test
+/// fails if it does).
+fn try_decode(encoded: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let len = decoded_len(encoded)?;
+    stats(encoded)?;
+    let mut out = vec![0u8; len];
+    decode(encoded, &mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn every_truncation_and_extension_is_an_error() {
+    let (input, encoded) = sample();
+    assert_eq!(try_decode(&encoded).unwrap(), input);
+    for len in 0..encoded.len() {
+        assert!(
+            try_decode(&encoded[..len]).is_err(),
+            "truncated to {len} of {} bytes",
+            encoded.len()
+        );
+    }
+    let mut longer = encoded.clone();
+    longer.push(0);
+    assert!(try_decode(&longer).is_err());
+}
+
+#[test]
+fn every_byte_flip_decodes_or_errors_without_panic() {
+    let (_, encoded) = sample();
+    let data_offset = Encoded::parse(&encoded).unwrap().header().data_offset() as usize;
+    for at in 0..encoded.len() {
+        for mask in [0x01u8, 0x10, 0x80, 0xff] {
+            let mut bad = encoded.clone();
+            bad[at] ^= mask;
+            let result = try_decode(&bad);
+            // Every header and directory byte is checked, except the tail byte's value and
+            // n_values (the format has no checksum: n_values may move within the last chunk's
+            // padding, as chunk data may change, and decode to other bytes).
+            if at < data_offset && at != 7 && !(16..24).contains(&at) {
+                assert!(
+                    result.is_err(),
+                    "flip {mask:#x} at header/directory byte {at} accepted"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn header_fields_are_checked() {
+    let (_, encoded) = sample();
+    let set = |at: usize, bytes: &[u8]| {
+        let mut bad = encoded.clone();
+        bad[at..at + bytes.len()].copy_from_slice(bytes);
+        try_decode(&bad).unwrap_err()
+    };
+    assert!(matches!(set(0, b"XXXX"), CodecError::BadMagic { expected, .. } if expected == MAGIC));
+    assert!(matches!(
+        set(4, &2u16.to_le_bytes()),
+        CodecError::UnsupportedVersion { found: 2, .. }
+    ));
+    assert!(matches!(
+        set(6, &[2]),
+        CodecError::CorruptHeader {
+            field: "tail_len",
+            ..
+        }
+    ));
+    assert!(matches!(
+        set(8, &100u32.to_le_bytes()),
+        CodecError::CorruptHeader {
+            field: "chunk_values",
+            ..
+        }
+    ));
+    assert!(matches!(
+        set(8, &512u32.to_le_bytes()),
+        CodecError::CorruptHeader {
+            field: "n_chunks",
+            ..
+        }
+    ));
+    assert!(matches!(
+        set(16, &u64::MAX.to_le_bytes()),
+        CodecError::CorruptHeader {
+            field: "n_values",
+            ..
+        }
+    ));
+    assert!(matches!(
+        set(24, &1u64.to_le_bytes()),
+        CodecError::CorruptHeader {
+            field: "encoded_len",
+            ..
+        }
+    ));
+    // A directory that claims more chunks than the buffer holds.
+    let mut huge = encoded[..HEADER_LEN].to_vec();
+    huge[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+    huge[16..24].copy_from_slice(&(u64::from(u32::MAX) * 256).to_le_bytes());
+    huge[24..32].copy_from_slice(&(HEADER_LEN as u64).to_le_bytes());
+    assert!(matches!(
+        try_decode(&huge).unwrap_err(),
+        CodecError::Truncated {
+            what: "directory",
+            ..
+        }
+    ));
+}
+
+#[test]
+fn escape_count_must_match_the_stored_exceptions() {
+    let (_, encoded) = sample();
+    let view = Encoded::parse(&encoded).unwrap();
+    let n_chunks = view.header().n_chunks() as usize;
+    let mut checked = 0;
+    for i in 0..n_chunks {
+        let at = HEADER_LEN + ENTRY_LEN * i;
+        let e = u32::from_le_bytes(encoded[at + 8..at + 12].try_into().unwrap());
+        // Changing the count within the same 16-byte padding keeps every offset valid, so only
+        // the count of escape codes can tell.
+        if encoded[at + 12] == 1 && e % 16 != 0 && e % 16 != 15 {
+            for delta in [1i64, -1] {
+                let mut bad = encoded.clone();
+                bad[at + 8..at + 12]
+                    .copy_from_slice(&((i64::from(e) + delta) as u32).to_le_bytes());
+                assert!(
+                    matches!(try_decode(&bad).unwrap_err(), CodecError::CorruptChunk { chunk, .. } if chunk == i as u64),
+                    "chunk {i}: exceptions {e} -> {}",
+                    i64::from(e) + delta
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 0);
+}
+
+#[test]
+fn output_of_the_wrong_length_is_an_error() {
+    let (input, encoded) = sample();
+    for len in [0, input.len() - 1, input.len() + 1] {
+        let mut out = vec![0u8; len];
+        assert!(matches!(
+            decode(&encoded, &mut out),
+            Err(CodecError::OutputLength { .. })
+        ));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn garbage_after_a_valid_prefix_never_panics(
+        cut in 0usize..200,
+        garbage in proptest::collection::vec(any::<u8>(), 0..400),
+    ) {
+        let (_, encoded) = sample();
+        let mut bad = encoded[..cut.min(encoded.len())].to_vec();
+        bad.extend(garbage);
+        let _ = try_decode(&bad);
+    }
+
+    #[test]
+    fn random_bit_flips_never_panic(flips in proptest::collection::vec((any::<usize>(), 0u8..8), 1..6)) {
+        let (_, encoded) = sample();
+        let mut bad = encoded.clone();
+        for (at, bit) in flips {
+            let at = at % bad.len();
+            bad[at] ^= 1 << bit;
+        }
+        let _ = try_decode(&bad);
+    }
+}
