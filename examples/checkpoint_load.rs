@@ -19,7 +19,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
-use layerwise_offload::accel::{self, Event, HostMemory, Stream};
+use layerwise_offload::accel;
 use layerwise_offload::{Checkpoint, LayerwiseOffloadManager, OffloadConfig};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -31,7 +31,9 @@ use wan::WanTransformer3DModel;
 
 #[path = "common/util.rs"]
 mod util;
-use util::{gpu_name, int_in, median, peak_rss_bytes, rss_bytes, round2};
+use util::{
+    gpu_name, int_in, median, peak_rss_bytes, pinned_h2d_gib_s, round2, rss_bytes, wan_grid,
+};
 
 #[derive(Parser)]
 #[command(about = "Write a Wan2.1-shaped sharded checkpoint, or load one and time it")]
@@ -137,17 +139,27 @@ fn write(a: &WriteArgs) -> Result<()> {
     let _shape = WanTransformer3DModel::new_empty(vs.root(), &config, Kind::BFloat16);
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|x, y| x.0.cmp(&y.0));
-    let total: usize = vars.iter().map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum();
+    let total: usize = vars
+        .iter()
+        .map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes())
+        .sum();
     let shards = a.shards as usize;
     let per = total.div_ceil(shards);
-    let origin = if accel::cuda_is_available() { Device::Cuda(0) } else { Device::Cpu };
+    let origin = if accel::cuda_is_available() {
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    };
     tch::manual_seed(1234);
     let t0 = Instant::now();
     let name_of = |k: usize| {
         if shards == 1 {
             wan::WEIGHTS_FILE.to_string()
         } else {
-            format!("diffusion_pytorch_model-{:05}-of-{shards:05}.safetensors", k + 1)
+            format!(
+                "diffusion_pytorch_model-{:05}-of-{shards:05}.safetensors",
+                k + 1
+            )
         }
     };
     let mut weight_map = BTreeMap::new();
@@ -173,35 +185,20 @@ fn write(a: &WriteArgs) -> Result<()> {
     }
     if shards > 1 {
         let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-        std::fs::write(a.dir.join(wan::INDEX_FILE), serde_json::to_string_pretty(&index)?)?;
+        std::fs::write(
+            a.dir.join(wan::INDEX_FILE),
+            serde_json::to_string_pretty(&index)?,
+        )?;
     }
-    std::fs::write(a.dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    std::fs::write(
+        a.dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
     println!(
         "RESULT {}",
         json!({ "write": a.dir, "bytes": total, "shards": k, "seconds": round2(t0.elapsed().as_secs_f64()) })
     );
     Ok(())
-}
-
-/// Median host-to-device rate of pinned memory, GiB/s.
-fn pinned_h2d_gib_s(d: usize) -> Result<f64> {
-    let bytes = 512usize << 20;
-    let host = accel::alloc_host(bytes, HostMemory::Pinned)?;
-    let mut dev = accel::alloc_device(bytes, d)?;
-    let s = Stream::from_pool(d)?;
-    let mut rates = Vec::new();
-    for i in 0..6 {
-        let (mut e0, mut e1) = (Event::with_timing()?, Event::with_timing()?);
-        e0.record(&s)?;
-        // SAFETY: host and dev outlive the copy: e1 is synchronized right after.
-        unsafe { accel::copy_async(&mut dev, &host, Some(&s))? };
-        e1.record(&s)?;
-        e1.synchronize()?;
-        if i > 0 {
-            rates.push(bytes as f64 / (1u64 << 30) as f64 / (e0.elapsed_ms(&e1)? / 1e3));
-        }
-    }
-    Ok(median(&rates))
 }
 
 /// Read rate (GiB/s) of the tensors of blocks `blocks` from the checkpoint's files, cold (their
@@ -229,7 +226,9 @@ fn read_gib_s(ckpt: &Checkpoint, blocks: &[usize]) -> Result<f64> {
         }
     }
     let bytes: usize = jobs.iter().map(|j| j.2).sum();
-    let threads = std::thread::available_parallelism().map_or(4, |n| n.get()).min(16);
+    let threads = std::thread::available_parallelism()
+        .map_or(4, |n| n.get())
+        .min(16);
     let queue = std::sync::Mutex::new(jobs);
     let t0 = Instant::now();
     std::thread::scope(|s| {
@@ -247,16 +246,6 @@ fn read_gib_s(ckpt: &Checkpoint, blocks: &[usize]) -> Result<f64> {
     let secs = t0.elapsed().as_secs_f64();
     ckpt.evict_page_cache()?;
     Ok(bytes as f64 / (1u64 << 30) as f64 / secs)
-}
-
-/// The patch grid of a 1-frame latent of `tokens` patches (as offload-bench makes it).
-fn wan_grid(tokens: i64) -> (i64, i64) {
-    let a = (1..=tokens)
-        .take_while(|i| i * i <= tokens)
-        .filter(|i| tokens % i == 0)
-        .max()
-        .unwrap_or(1);
-    (a, tokens / a)
 }
 
 fn forward(
@@ -286,7 +275,10 @@ fn load(a: &LoadArgs) -> Result<()> {
     }
     // The checkpoint's types (bf16, float32 where diffusers keeps it) on either device: the
     // zero-copy and disk modes stream the file's bytes as stored.
-    let (dev, kind) = (if cuda { Device::Cuda(0) } else { Device::Cpu }, Kind::BFloat16);
+    let (dev, kind) = (
+        if cuda { Device::Cuda(0) } else { Device::Cpu },
+        Kind::BFloat16,
+    );
     let config = wan::Config::from_file(a.dir.join("config.json"))?;
     let layers = config.num_layers as usize;
     let probe = Checkpoint::open(&a.dir)?;
@@ -318,7 +310,10 @@ fn load(a: &LoadArgs) -> Result<()> {
                 wan::set_kind(&mut vs_kind, kind);
                 (model, vs_kind)
             } else {
-                (WanTransformer3DModel::new_empty(vs.root(), &config, kind), vs)
+                (
+                    WanTransformer3DModel::new_empty(vs.root(), &config, kind),
+                    vs,
+                )
             };
             phases.insert("build_s", round2(t0.elapsed().as_secs_f64()));
             let (model, vs) = model;

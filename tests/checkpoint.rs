@@ -209,7 +209,10 @@ fn renamed_tensors_load() -> anyhow::Result<()> {
     let ckpt = Checkpoint::open(&path)?
         .rename(|n| n.strip_prefix("model.diffusion_model.").map(str::to_owned))?;
     assert!(ckpt.get("blocks.0.qkv.weight").is_some());
-    assert_eq!(ckpt.tensors()["blocks.0.qkv.weight"].stored_name, "model.diffusion_model.blocks.0.qkv.weight");
+    assert_eq!(
+        ckpt.tensors()["blocks.0.qkv.weight"].stored_name,
+        "model.diffusion_model.blocks.0.qkv.weight"
+    );
     match Checkpoint::open(&path)?.rename(|_| Some("same".into())) {
         Err(e @ Error::Checkpoint { .. }) => assert!(e.to_string().contains("\"same\""), "{e}"),
         r => panic!("expected Error::Checkpoint, got {r:?}"),
@@ -225,7 +228,10 @@ fn every_mismatch_is_named() -> anyhow::Result<()> {
     let source = Model::new(Device::Cpu, 3, false, 51);
     let mut tensors = source.snapshot();
     tensors.retain(|(n, _)| n != "blocks.1.proj.bias");
-    tensors.push(("blocks.1.extra".into(), Tensor::zeros([4], (Kind::Float, Device::Cpu))));
+    tensors.push((
+        "blocks.1.extra".into(),
+        Tensor::zeros([4], (Kind::Float, Device::Cpu)),
+    ));
     for (n, t) in tensors.iter_mut() {
         if n == "head.weight" {
             *t = Tensor::zeros([3, 3], (Kind::Float, Device::Cpu));
@@ -254,7 +260,13 @@ fn every_mismatch_is_named() -> anyhow::Result<()> {
     assert_eq!(mm.dtype[0].name, "blocks.2.fc1.weight");
     assert_eq!(mm.dtype[0].checkpoint, "F16");
     let text = Error::CheckpointMismatch(mm).to_string();
-    for needle in ["blocks.1.proj.bias", "blocks.1.extra", "head.weight", "F16", "convert_dtypes"] {
+    for needle in [
+        "blocks.1.proj.bias",
+        "blocks.1.extra",
+        "head.weight",
+        "F16",
+        "convert_dtypes",
+    ] {
         assert!(text.contains(needle), "{needle} not in: {text}");
     }
     assert_same(&model.snapshot(), &before);
@@ -270,7 +282,10 @@ fn unexpected_and_converted_on_request() -> anyhow::Result<()> {
     let dir = TempDir::new("convert");
     let source = Model::new(Device::Cpu, 3, false, 61);
     let mut tensors = source.snapshot();
-    tensors.push(("unused.weight".into(), Tensor::ones([2], (Kind::Float, Device::Cpu))));
+    tensors.push((
+        "unused.weight".into(),
+        Tensor::ones([2], (Kind::Float, Device::Cpu)),
+    ));
     let mut half = None;
     for (n, t) in tensors.iter_mut() {
         if n == "blocks.2.fc1.weight" || n == "head.bias" {
@@ -289,7 +304,10 @@ fn unexpected_and_converted_on_request() -> anyhow::Result<()> {
         .convert_dtypes(true)
         .build(&model.vs)?;
     m.initialize()?;
-    assert!(bits_equal(&m.tensor("blocks.2.fc1.weight")?, &half.unwrap()));
+    assert!(bits_equal(
+        &m.tensor("blocks.2.fc1.weight")?,
+        &half.unwrap()
+    ));
     m.restore()?;
     drop(m);
     // Integers are never converted, asked or not.
@@ -351,7 +369,10 @@ fn bad_files_are_refused_at_open() -> anyhow::Result<()> {
     // The index names a shard that is not there.
     let index = path.join("model.safetensors.index.json");
     let text = std::fs::read_to_string(&index)?;
-    std::fs::write(&index, text.replace("model-00002-of-00002", "model-00009-of-00002"))?;
+    std::fs::write(
+        &index,
+        text.replace("model-00002-of-00002", "model-00009-of-00002"),
+    )?;
     expect(Checkpoint::open(&path), "model-00009-of-00002");
     // The index puts a tensor in the wrong shard.
     let moved = text.replacen("model-00002-of-00002", "model-00001-of-00002", 1);
@@ -376,9 +397,7 @@ fn bad_files_are_refused_at_open() -> anyhow::Result<()> {
 /// Files removed after opening still load (the descriptors stay open); a file truncated after
 /// opening is an error at `initialize`, not a crash, and the model is left as it was.
 #[rstest]
-fn files_changed_after_open(
-    #[values(false, true)] zero_copy: bool,
-) -> anyhow::Result<()> {
+fn files_changed_after_open(#[values(false, true)] zero_copy: bool) -> anyhow::Result<()> {
     let dir = TempDir::new("changed");
     let source = Model::new(Device::Cpu, 3, false, 81);
     let path = write_checkpoint(&dir.0, &source.snapshot(), 1);
@@ -400,7 +419,10 @@ fn files_changed_after_open(
     let path = write_checkpoint(&dir.0, &source.snapshot(), 1);
     let ckpt = Checkpoint::open(&path)?;
     let len = std::fs::metadata(&path)?.len();
-    std::fs::OpenOptions::new().write(true).open(&path)?.set_len(len / 2)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)?
+        .set_len(len / 2)?;
     let model = Model::new(Device::Cpu, 3, false, 83);
     let before = model.snapshot();
     let mut m = OffloadConfig::new("blocks", 3)
@@ -493,17 +515,26 @@ fn options_that_do_not_fit_are_refused() -> anyhow::Result<()> {
         Err(e @ Error::InvalidArgument { .. }) => {
             assert!(e.to_string().contains(needle), "{needle:?} not in: {e}")
         }
-        r => panic!("expected InvalidArgument containing {needle:?}, got {:?}", r.map(|_| ())),
+        r => panic!(
+            "expected InvalidArgument containing {needle:?}, got {:?}",
+            r.map(|_| ())
+        ),
     };
     refused(base().zero_copy(true), "checkpoint");
     refused(base().host_budget(1), "checkpoint");
     let ckpt = std::sync::Arc::new(Checkpoint::open(&path)?);
     refused(
-        base().checkpoint(ckpt.clone()).zero_copy(true).host_budget(1),
+        base()
+            .checkpoint(ckpt.clone())
+            .zero_copy(true)
+            .host_budget(1),
         "choose one",
     );
     refused(
-        base().checkpoint(ckpt.clone()).host_budget(1).convert_dtypes(true),
+        base()
+            .checkpoint(ckpt.clone())
+            .host_budget(1)
+            .convert_dtypes(true),
         "as stored",
     );
     refused(

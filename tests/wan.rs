@@ -151,7 +151,11 @@ fn an_empty_model_loads_through_the_checkpoint_path(
         .build(&empty_vs)?;
     m.initialize()?;
     let io = inputs();
-    let (latents, t, text) = (&io["latents"], &io["timestep"], &io["encoder_hidden_states"]);
+    let (latents, t, text) = (
+        &io["latents"],
+        &io["timestep"],
+        &io["encoder_hidden_states"],
+    );
     let to = |x: &Tensor| x.to_device(dev);
     let want = tch::no_grad(|| reference.forward(&to(latents), &to(t), &to(text)))?;
     let got = tch::no_grad(|| -> anyhow::Result<Tensor> {
@@ -163,7 +167,10 @@ fn an_empty_model_loads_through_the_checkpoint_path(
         }
         Ok(model32.head(&h, &e))
     })?;
-    assert!(got.equal(&want), "streamed from the checkpoint differs from from_pretrained");
+    assert!(
+        got.equal(&want),
+        "streamed from the checkpoint differs from from_pretrained"
+    );
     m.restore()?;
     Ok(())
 }

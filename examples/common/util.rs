@@ -68,3 +68,37 @@ pub fn rss_bytes() -> u64 {
 pub fn peak_rss_bytes() -> u64 {
     proc_status_bytes("VmHWM")
 }
+
+/// The patch grid of a 1-frame latent of `tokens` patches, as scripts/bench_peers.py makes it:
+/// a x b with a the largest divisor of `tokens` not above its square root.
+pub fn wan_grid(tokens: i64) -> (i64, i64) {
+    let a = (1..=tokens)
+        .take_while(|i| i * i <= tokens)
+        .filter(|i| tokens % i == 0)
+        .max()
+        .unwrap_or(1);
+    (a, tokens / a)
+}
+
+/// Median host-to-device rate of pinned memory on CUDA device `d`, GiB/s (a 512 MiB copy, 5
+/// times after one warm-up).
+pub fn pinned_h2d_gib_s(d: usize) -> layerwise_offload::Result<f64> {
+    use layerwise_offload::accel::{self, Event, HostMemory, Stream};
+    let bytes = 512usize << 20;
+    let host = accel::alloc_host(bytes, HostMemory::Pinned)?;
+    let mut dev = accel::alloc_device(bytes, d)?;
+    let s = Stream::from_pool(d)?;
+    let mut rates = Vec::new();
+    for i in 0..6 {
+        let (mut e0, mut e1) = (Event::with_timing()?, Event::with_timing()?);
+        e0.record(&s)?;
+        // SAFETY: host and dev outlive the copy: e1 is synchronized right after.
+        unsafe { accel::copy_async(&mut dev, &host, Some(&s))? };
+        e1.record(&s)?;
+        e1.synchronize()?;
+        if i > 0 {
+            rates.push(bytes as f64 / (1u64 << 30) as f64 / (e0.elapsed_ms(&e1)? / 1e3));
+        }
+    }
+    Ok(median(&rates))
+}

@@ -24,7 +24,7 @@
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, ValueEnum, error::ErrorKind};
-use layerwise_offload::accel::{self, Event, HostMemory, Stream};
+use layerwise_offload::accel::{self, Event, Stream};
 use layerwise_offload::{Checkpoint, LayerwiseOffloadManager, OffloadConfig, PeerGroup};
 use serde_json::json;
 use std::path::PathBuf;
@@ -35,7 +35,7 @@ use wan::WanTransformer3DModel;
 // The helpers the examples share (flag ranges, median, rounding, GPU name, peak RSS).
 #[path = "../../examples/common/util.rs"]
 mod util;
-use util::{gpu_name, int_in, median, peak_rss_bytes, round2};
+use util::{gpu_name, int_in, median, peak_rss_bytes, pinned_h2d_gib_s, round2, wan_grid};
 
 #[derive(Debug, Clone)]
 struct Shape {
@@ -308,17 +308,6 @@ fn shape(a: &Cli, cuda: bool) -> Shape {
         });
     }
     s
-}
-
-/// The patch grid of a 1-frame latent of `tokens` patches, as scripts/bench_peers.py makes it:
-/// a x b with a the largest divisor of `tokens` not above its square root.
-fn wan_grid(tokens: i64) -> (i64, i64) {
-    let a = (1..=tokens)
-        .take_while(|i| i * i <= tokens)
-        .filter(|i| tokens % i == 0)
-        .max()
-        .unwrap_or(1);
-    (a, tokens / a)
 }
 
 /// The run, from the flags.
@@ -624,26 +613,6 @@ fn time_forwards(a: &Args, mut run: impl FnMut() -> Tensor, dev: Device) -> Resu
     Ok((median(&ms), out.expect("at least one forward")))
 }
 
-fn pinned_h2d_gib_s(d: usize) -> Result<f64> {
-    let bytes = 512usize << 20;
-    let host = accel::alloc_host(bytes, HostMemory::Pinned)?;
-    let mut dev = accel::alloc_device(bytes, d)?;
-    let s = Stream::from_pool(d)?;
-    let mut rates = Vec::new();
-    for i in 0..6 {
-        let (mut e0, mut e1) = (Event::with_timing()?, Event::with_timing()?);
-        e0.record(&s)?;
-        // SAFETY: host and dev outlive the copy: e1 is synchronized right after.
-        unsafe { accel::copy_async(&mut dev, &host, Some(&s))? };
-        e1.record(&s)?;
-        e1.synchronize()?;
-        if i > 0 {
-            rates.push(bytes as f64 / (1u64 << 30) as f64 / (e0.elapsed_ms(&e1)? / 1e3));
-        }
-    }
-    Ok(median(&rates))
-}
-
 fn main() -> Result<()> {
     let a = parse_args();
     let s = &a.shape;
@@ -755,7 +724,9 @@ fn main() -> Result<()> {
         };
         match &a.checkpoint {
             Some((_, true, _)) => label.push_str(" zero-copy"),
-            Some((_, _, Some(h))) => label.push_str(&format!(" host {:.1} GiB", *h as f64 / (1u64 << 30) as f64)),
+            Some((_, _, Some(h))) => {
+                label.push_str(&format!(" host {:.1} GiB", *h as f64 / (1u64 << 30) as f64))
+            }
             _ => {}
         }
         let mut cfg = OffloadConfig::new("blocks", s.layers)

@@ -199,12 +199,7 @@ pub(crate) fn map_file_read_only(
     bytes: usize,
     memory: HostMemory,
 ) -> Result<Tensor> {
-    let host_err = host_request(
-        ("zero_copy", "zero_copy (pinned)"),
-        true,
-        bytes,
-        memory,
-    )?;
+    let host_err = host_request(("zero_copy", "zero_copy (pinned)"), true, bytes, memory)?;
     let path = path.to_owned();
     map_file_descriptor(file, bytes, false, memory, move |m| {
         host_err(format!("mapping {}: {m}", path.display()))

@@ -18,8 +18,8 @@
 
 mod matching;
 
-pub use matching::{CheckpointMismatch, DtypeDifference, ShapeDifference};
 pub(crate) use matching::match_tensors;
+pub use matching::{CheckpointMismatch, DtypeDifference, ShapeDifference};
 
 use crate::error::{Error, Result};
 use memmap2::Mmap;
@@ -223,7 +223,8 @@ impl Checkpoint {
     /// files are not changed.
     pub fn evict_page_cache(&self) -> Result<()> {
         for s in &self.shards {
-            fadvise_dontneed(&s.file, 0, 0).map_err(|e| bad(&s.path, format!("posix_fadvise: {e}")))?;
+            fadvise_dontneed(&s.file, 0, 0)
+                .map_err(|e| bad(&s.path, format!("posix_fadvise: {e}")))?;
         }
         Ok(())
     }
@@ -313,11 +314,18 @@ pub(crate) fn disjoint_slices<'a>(
         rest = tail;
         pos = off + len;
     }
-    Ok(out.into_iter().map(|s| s.expect("every range was placed")).collect())
+    Ok(out
+        .into_iter()
+        .map(|s| s.expect("every range was placed"))
+        .collect())
 }
 
 /// Runs `jobs` on `threads` threads (at least one); returns the first error.
-pub(crate) fn read_parallel(ckpt: &Checkpoint, jobs: Vec<ReadJob<'_>>, threads: usize) -> Result<()> {
+pub(crate) fn read_parallel(
+    ckpt: &Checkpoint,
+    jobs: Vec<ReadJob<'_>>,
+    threads: usize,
+) -> Result<()> {
     let threads = threads.clamp(1, jobs.len().max(1));
     if threads == 1 {
         for j in jobs {
@@ -406,7 +414,10 @@ fn resolve(path: &Path) -> Result<(Option<(PathBuf, BTreeMap<String, String>)>, 
         } else if let Some(single) = SINGLE_NAMES.iter().find(|n| names.iter().any(|m| m == *n)) {
             return Ok((None, vec![path.join(single)]));
         } else {
-            let files: Vec<&String> = names.iter().filter(|n| n.ends_with(".safetensors")).collect();
+            let files: Vec<&String> = names
+                .iter()
+                .filter(|n| n.ends_with(".safetensors"))
+                .collect();
             return match files.as_slice() {
                 [one] => Ok((None, vec![path.join(one)])),
                 [] => Err(bad(
@@ -437,8 +448,12 @@ fn resolve(path: &Path) -> Result<(Option<(PathBuf, BTreeMap<String, String>)>, 
     File::open(&index)
         .and_then(|f| f.take(MAX_INDEX_BYTES).read_to_string(&mut text))
         .map_err(|e| bad(&index, format!("cannot read: {e}")))?;
-    let parsed: Index = serde_json::from_str(&text)
-        .map_err(|e| bad(&index, format!("is not a shard index ({{\"weight_map\": {{...}}}}): {e}")))?;
+    let parsed: Index = serde_json::from_str(&text).map_err(|e| {
+        bad(
+            &index,
+            format!("is not a shard index ({{\"weight_map\": {{...}}}}): {e}"),
+        )
+    })?;
     let mut files: Vec<String> = parsed.weight_map.values().cloned().collect();
     files.sort();
     files.dedup();

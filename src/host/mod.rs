@@ -304,7 +304,8 @@ impl HostStore {
                 )));
             }
             for (x, y) in a.tensors.iter().zip(&b.tensors) {
-                if x.name != y.name || x.shape != y.shape || x.kind != y.kind || x.bytes != y.bytes {
+                if x.name != y.name || x.shape != y.shape || x.kind != y.kind || x.bytes != y.bytes
+                {
                     return Err(differ(format!(
                         "{} is {:?} {:?} in the model, but the store holds {} as {:?} {:?}",
                         x.name, x.shape, x.kind, y.name, y.shape, y.kind

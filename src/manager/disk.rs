@@ -166,11 +166,11 @@ impl DiskTier {
             }
             // Not read ahead (out of loop order, or the first time): a free buffer, else one
             // holding a block read ahead.
-            let free = st.bufs.iter().position(|b| matches!(b, Buf::Free)).or_else(|| {
-                st.bufs
-                    .iter()
-                    .position(|b| matches!(b, Buf::Ready(_, _)))
-            });
+            let free = st
+                .bufs
+                .iter()
+                .position(|b| matches!(b, Buf::Free))
+                .or_else(|| st.bufs.iter().position(|b| matches!(b, Buf::Ready(_, _))));
             match free {
                 Some(i) => {
                     st.bufs[i] = Buf::Queued(block);
@@ -227,11 +227,15 @@ impl DiskTier {
             if st.bufs.iter().any(|x| x.block() == Some(b)) {
                 continue;
             }
-            let slot = st.bufs.iter().position(|x| matches!(x, Buf::Free)).or_else(|| {
-                st.bufs.iter().position(
-                    |x| matches!(x, Buf::Ready(other, _) if !want.contains(other)),
-                )
-            });
+            let slot = st
+                .bufs
+                .iter()
+                .position(|x| matches!(x, Buf::Free))
+                .or_else(|| {
+                    st.bufs
+                        .iter()
+                        .position(|x| matches!(x, Buf::Ready(other, _) if !want.contains(other)))
+                });
             let Some(i) = slot else { break };
             st.bufs[i] = Buf::Queued(b);
             st.queue.push_back(i);
@@ -276,10 +280,7 @@ fn reader(shared: Arc<Shared>, staging: Vec<Tensor>) {
                         _ => continue, // re-queued since: a stale entry
                     }
                 }
-                st = shared
-                    .changed
-                    .wait(st)
-                    .unwrap_or_else(|p| p.into_inner());
+                st = shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
         // The copy out of this buffer must be done before it is written.

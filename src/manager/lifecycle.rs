@@ -30,7 +30,39 @@ pub(super) struct Undo {
     pub(super) created: Option<std::path::PathBuf>,
 }
 
+impl Undo {
+    /// Points `t` (the source's tensor `i`) at `value`, keeping an alias of its old data to put
+    /// back should `initialize` fail.
+    pub(super) fn repoint(
+        &mut self,
+        i: usize,
+        t: &mut Tensor,
+        value: &Tensor,
+        op: &'static str,
+    ) -> Result<()> {
+        let old = t.f_detach().map_err(|e| Error::from((op, e)))?;
+        self.repointed.push((i, old));
+        t.f_set_data(value).map_err(|e| Error::from((op, e)))
+    }
+}
+
 impl LayerwiseOffloadManager {
+    /// Points block `i`'s tensors at their placeholders (the block streams from a host store it
+    /// did not fill from them), their old data kept in `undo`.
+    pub(super) fn place_placeholders(&mut self, i: usize, undo: &mut Undo) -> Result<()> {
+        let sources: Vec<usize> = self
+            .layout(i)
+            .tensors
+            .iter()
+            .map(|t| t.source_index)
+            .collect();
+        let b = &mut self.blocks[i];
+        for ((p, ph), src) in b.params.iter_mut().zip(&b.placeholders).zip(sources) {
+            undo.repoint(src, p, ph, "placing placeholders")?;
+        }
+        Ok(())
+    }
+
     /// Offloads every block tensor into its host buffer, leaves rank-preserving empty
     /// placeholders in the model, moves non-block tensors to the compute device, allocates the
     /// slot ring and uploads the first block synchronously. A no-op when disabled or already
@@ -260,12 +292,7 @@ impl LayerwiseOffloadManager {
                         e.to_string(),
                     )
                 })?;
-                let old = t
-                    .f_detach()
-                    .map_err(|e| Error::from(("moving non-block tensors", e)))?;
-                undo.repointed.push((i, old));
-                t.f_set_data(&moved)
-                    .map_err(|e| Error::from(("moving non-block tensors", e)))?;
+                undo.repoint(i, t, &moved, "moving non-block tensors")?;
             }
         }
         Ok(())
@@ -283,22 +310,8 @@ impl LayerwiseOffloadManager {
     ) -> Result<()> {
         let compute = self.compute_device();
         for &i in streamed {
-            let sources: Vec<usize> = self
-                .layout(i)
-                .tensors
-                .iter()
-                .map(|t| t.source_index)
-                .collect();
-            let b = &mut self.blocks[i];
-            b.host = store.buffers[i].as_ref().map(|h| h.shallow_clone());
-            for ((p, ph), src) in b.params.iter_mut().zip(&b.placeholders).zip(sources) {
-                let old = p
-                    .f_detach()
-                    .map_err(|e| Error::from(("placing placeholders", e)))?;
-                undo.repointed.push((src, old));
-                p.f_set_data(ph)
-                    .map_err(|e| Error::from(("placing placeholders", e)))?;
-            }
+            self.blocks[i].host = store.buffers[i].as_ref().map(|h| h.shallow_clone());
+            self.place_placeholders(i, undo)?;
         }
         for i in (0..self.blocks.len()).filter(|&i| resident[i]) {
             let buf = store.buffers[i]
@@ -316,12 +329,7 @@ impl LayerwiseOffloadManager {
                 })?;
                 tch::no_grad(|| fresh.f_copy_(v))
                     .map_err(|e| Error::from(("filling resident blocks", e)))?;
-                let old = p
-                    .f_detach()
-                    .map_err(|e| Error::from(("filling resident blocks", e)))?;
-                undo.repointed.push((t.source_index, old));
-                p.f_set_data(&fresh)
-                    .map_err(|e| Error::from(("filling resident blocks", e)))?;
+                undo.repoint(t.source_index, p, &fresh, "filling resident blocks")?;
             }
         }
         self.stats.shared_host_bytes = store.bytes();

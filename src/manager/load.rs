@@ -86,8 +86,9 @@ fn read_tensor(ckpt: &Checkpoint, c: &CheckpointTensor, kind: Kind) -> Result<Te
         path: ckpt.path().to_owned(),
         reason: format!("{:?} is {}, which tch cannot hold", c.stored_name, c.dtype),
     })?;
-    let t = Tensor::f_empty(c.shape.as_slice(), (stored, Device::Cpu))
-        .map_err(|e| Error::from_torch("reading a checkpoint tensor", c.bytes as u64, e.to_string()))?;
+    let t = Tensor::f_empty(c.shape.as_slice(), (stored, Device::Cpu)).map_err(|e| {
+        Error::from_torch("reading a checkpoint tensor", c.bytes as u64, e.to_string())
+    })?;
     if t.numel() * stored.elt_size_in_bytes() != c.bytes {
         return Err(Error::Checkpoint {
             path: ckpt.path().to_owned(),
@@ -165,13 +166,7 @@ impl LayerwiseOffloadManager {
                     )
                 })?
             };
-            let t = &mut self.named[i].1;
-            let old = t
-                .f_detach()
-                .map_err(|e| Error::from(("loading a checkpoint", e)))?;
-            undo.repointed.push((i, old));
-            t.f_set_data(&value)
-                .map_err(|e| Error::from(("loading a checkpoint", e)))?;
+            undo.repoint(i, &mut self.named[i].1, &value, "loading a checkpoint")?;
         }
         Ok(())
     }
@@ -264,21 +259,7 @@ impl LayerwiseOffloadManager {
             self.disk = Some(disk);
         }
         for i in (0..n).filter(|&i| !resident[i]) {
-            let sources: Vec<usize> = self
-                .layout(i)
-                .tensors
-                .iter()
-                .map(|t| t.source_index)
-                .collect();
-            let b = &mut self.blocks[i];
-            for ((p, ph), src) in b.params.iter_mut().zip(&b.placeholders).zip(sources) {
-                let old = p
-                    .f_detach()
-                    .map_err(|e| Error::from(("placing placeholders", e)))?;
-                undo.repointed.push((src, old));
-                p.f_set_data(ph)
-                    .map_err(|e| Error::from(("placing placeholders", e)))?;
-            }
+            self.place_placeholders(i, undo)?;
         }
         let plan = self.plan.as_ref().expect("plan set before the host copies");
         let mut store = HostStore::own(
@@ -399,21 +380,46 @@ mod tests {
     fn adjacent_tensors_make_one_run_and_others_start_aligned() {
         // Tensors 0 and 1 adjacent in file 0 (in the file's order 1 then 0), tensor 2 elsewhere
         // in file 0, tensor 3 in file 1.
-        let src = vec![ct(0, 1000, 100), ct(0, 900, 100), ct(0, 5000, 10), ct(1, 8, 6)];
+        let src = vec![
+            ct(0, 1000, 100),
+            ct(0, 900, 100),
+            ct(0, 5000, 10),
+            ct(1, 8, 6),
+        ];
         let mut l = BlockLayout {
             list: 0,
             attr: "blocks".into(),
             index: 0,
-            tensors: vec![tl("a", 0, 100), tl("b", 1, 100), tl("c", 2, 10), tl("d", 3, 6)],
+            tensors: vec![
+                tl("a", 0, 100),
+                tl("b", 1, 100),
+                tl("c", 2, 10),
+                tl("d", 3, 6),
+            ],
             bytes: 0,
         };
         let runs = relayout(&mut l, &src);
         assert_eq!(
             runs,
             vec![
-                Run { file: 0, offset: 900, bytes: 200, at: 0 },
-                Run { file: 0, offset: 5000, bytes: 10, at: ALIGN },
-                Run { file: 1, offset: 8, bytes: 6, at: 2 * ALIGN },
+                Run {
+                    file: 0,
+                    offset: 900,
+                    bytes: 200,
+                    at: 0
+                },
+                Run {
+                    file: 0,
+                    offset: 5000,
+                    bytes: 10,
+                    at: ALIGN
+                },
+                Run {
+                    file: 1,
+                    offset: 8,
+                    bytes: 6,
+                    at: 2 * ALIGN
+                },
             ]
         );
         let offsets: Vec<usize> = l.tensors.iter().map(|t| t.offset).collect();
@@ -422,7 +428,10 @@ mod tests {
         // Every tensor lies inside its run, at the file's relative position.
         for t in &l.tensors {
             let c = &src[t.source_index];
-            let r = runs.iter().find(|r| r.at <= t.offset && t.offset < r.at + r.bytes.max(1)).unwrap();
+            let r = runs
+                .iter()
+                .find(|r| r.at <= t.offset && t.offset < r.at + r.bytes.max(1))
+                .unwrap();
             assert_eq!(c.offset - r.offset, (t.offset - r.at) as u64);
         }
     }

@@ -226,7 +226,10 @@ impl LayerwiseOffloadManager {
                     });
                 }
                 self.backend.sync_copies();
-                let mut view = self.blocks[li].host().views(self.layout(li))?.swap_remove(j);
+                let mut view = self.blocks[li]
+                    .host()
+                    .views(self.layout(li))?
+                    .swap_remove(j);
                 tch::no_grad(|| view.f_copy_(value))
                     .map_err(|e| Error::from(("update_tensor", e)))?;
                 if self.blocks[li].resident {
