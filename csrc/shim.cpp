@@ -318,6 +318,8 @@ int lo_stream_synchronize(lo_stream stream) { LO_PROTECT(unpack(stream).synchron
 
 int lo_stream_query(lo_stream stream, int* done) { LO_PROTECT(*done = unpack(stream).query() ? 1 : 0) }
 
+int lo_stream_native(lo_stream stream, void** out) { LO_PROTECT(*out = unpack(stream).native_handle()) }
+
 int lo_event_new(int enable_timing, void** out) {
   LO_PROTECT({
     cuda_impl();  // fails cleanly when CUDA is not registered

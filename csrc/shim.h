@@ -46,6 +46,8 @@ int lo_stream_current(int device, lo_stream* out);
 int lo_stream_exchange(lo_stream stream, lo_stream* previous);
 int lo_stream_synchronize(lo_stream stream);
 int lo_stream_query(lo_stream stream, int* done);
+// The stream's native handle (a cudaStream_t), for launching kernels libtorch does not know.
+int lo_stream_native(lo_stream stream, void** out);
 
 // Events (c10::Event on the CUDA backend).
 int lo_event_new(int enable_timing, void** out);

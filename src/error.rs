@@ -261,6 +261,16 @@ pub enum Error {
     /// The model's tensors and a checkpoint's do not match: every difference, by tensor name.
     #[error("{0}")]
     CheckpointMismatch(Box<crate::checkpoint::CheckpointMismatch>),
+    /// Compressed transport failed: the GPU decoder could not be built (NVRTC or the CUDA
+    /// driver library not found, a compile error) or the codec refused a buffer.
+    #[error("compressed transport, {op}: {source}")]
+    Codec {
+        /// What was attempted.
+        op: &'static str,
+        /// The codec's error.
+        #[source]
+        source: layerwise_offload_codec::CodecError,
+    },
     /// Any other failure inside libtorch.
     #[error("{op} failed in libtorch: {source}")]
     Torch {

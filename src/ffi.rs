@@ -38,6 +38,7 @@ unsafe extern "C" {
     pub fn lo_stream_exchange(stream: lo_stream, previous: *mut lo_stream) -> c_int;
     pub fn lo_stream_synchronize(stream: lo_stream) -> c_int;
     pub fn lo_stream_query(stream: lo_stream, done: *mut c_int) -> c_int;
+    pub fn lo_stream_native(stream: lo_stream, out: *mut *mut c_void) -> c_int;
 
     pub fn lo_event_new(enable_timing: c_int, out: *mut *mut c_void) -> c_int;
     pub fn lo_event_free(event: *mut c_void);

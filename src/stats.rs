@@ -48,6 +48,16 @@ pub struct OffloadStats {
     /// Blocks on the disk tier (read from the checkpoint at every upload; see
     /// [`OffloadConfig::host_budget`](crate::OffloadConfig::host_budget)).
     pub disk_blocks: usize,
+    /// Blocks whose host copy is encoded ([`OffloadConfig::compress`](crate::OffloadConfig::compress)).
+    pub encoded_blocks: usize,
+    /// Bytes of those blocks' encodings (what their uploads carry).
+    pub encoded_bytes: u64,
+    /// Bytes of those blocks raw (what their decodes write).
+    pub raw_encoded_bytes: u64,
+    /// Milliseconds the GPU spent decoding blocks (summed; timed decodes only).
+    pub decode_ms: f64,
+    /// Decodes timed so far.
+    pub timed_decodes: u64,
 }
 
 impl OffloadStats {
@@ -109,6 +119,24 @@ impl fmt::Display for OffloadStats {
             gib(self.host_bytes),
             if self.pinned { "pinned" } else { "pageable" }
         )?;
+        if self.encoded_blocks > 0 {
+            writeln!(
+                f,
+                "| encoded blocks | {} ({:.3} of {:.3} GiB, ratio {:.4}) |",
+                self.encoded_blocks,
+                gib(self.encoded_bytes),
+                gib(self.raw_encoded_bytes),
+                self.encoded_bytes as f64 / self.raw_encoded_bytes.max(1) as f64
+            )?;
+            if self.timed_decodes > 0 {
+                writeln!(
+                    f,
+                    "| decode time | {:.1} ms ({:.3} ms per block) |",
+                    self.decode_ms,
+                    self.decode_ms / self.timed_decodes as f64
+                )?;
+            }
+        }
         if self.shared_host_bytes > 0 {
             writeln!(
                 f,
@@ -129,6 +157,8 @@ pub enum Lane {
     Stall,
     /// A block's compute, from the end of its wait to its release.
     Compute,
+    /// A compressed block's decode into its slot, on the decode stream.
+    Decode,
 }
 
 impl Lane {
@@ -136,6 +166,7 @@ impl Lane {
         match self {
             Lane::Upload => (1, "copy stream"),
             Lane::Stall | Lane::Compute => (2, "compute stream"),
+            Lane::Decode => (3, "decode stream"),
         }
     }
 }
@@ -154,11 +185,15 @@ pub struct TimelineSpan {
 }
 
 /// Renders spans as a Chrome trace (the JSON that chrome://tracing and ui.perfetto.dev open):
-/// one track for the copy stream, one for the compute stream.
+/// one track for the copy stream, one for the compute stream, one for the decode stream.
 pub fn chrome_trace_json(spans: &[TimelineSpan]) -> String {
     let mut out = String::from("{\"displayTimeUnit\":\"ms\",\"traceEvents\":[");
     let mut first = true;
-    for (tid, name) in [Lane::Upload.thread(), Lane::Compute.thread()] {
+    for (tid, name) in [
+        Lane::Upload.thread(),
+        Lane::Compute.thread(),
+        Lane::Decode.thread(),
+    ] {
         if !first {
             out.push(',');
         }
@@ -173,6 +208,7 @@ pub fn chrome_trace_json(spans: &[TimelineSpan]) -> String {
             Lane::Upload => "upload",
             Lane::Stall => "stall",
             Lane::Compute => "block",
+            Lane::Decode => "decode",
         };
         out.push_str(&format!(
             ",{{\"ph\":\"X\",\"name\":\"{what} {}\",\"cat\":\"{what}\",\"pid\":1,\"tid\":{tid},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{\"layer\":{}}}}}",

@@ -94,6 +94,17 @@ impl Stream {
     pub(crate) fn raw(&self) -> ffi::lo_stream {
         self.raw
     }
+
+    /// The stream's native handle (a `cudaStream_t`, which is a driver API `CUstream`), for
+    /// launching kernels of other libraries on it.
+    pub fn native_handle(&self) -> Result<*mut c_void> {
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the out-pointer is a valid local.
+        check("Stream::native_handle", unsafe {
+            ffi::lo_stream_native(self.raw, &mut out)
+        })?;
+        Ok(out)
+    }
 }
 
 /// Makes a stream current on its device for the calling thread; dropping the guard restores

@@ -36,12 +36,15 @@ pub(crate) fn manifest_path(path: &Path) -> PathBuf {
 }
 
 /// A block's host copy: one buffer, or (the zero-copy checkpoint store) pieces of mapped
-/// checkpoint files, each a contiguous range of the block's layout. Every piece is a 1-D
-/// `uint8` CPU tensor.
+/// checkpoint files, each a contiguous range of the block's layout, or (compressed transport)
+/// one buffer holding the block's encoding. Every piece is a 1-D `uint8` CPU tensor.
 #[derive(Debug)]
 pub(crate) struct HostBlock {
-    /// `(offset in the block's layout, bytes)`, sorted by offset, not overlapping.
+    /// `(offset in the block's layout, bytes)`, sorted by offset, not overlapping; for an
+    /// encoded block its one buffer, at 0.
     pieces: Vec<(usize, Tensor)>,
+    /// Encoded: the raw block's size in bytes.
+    encoded: Option<usize>,
 }
 
 impl HostBlock {
@@ -49,19 +52,64 @@ impl HostBlock {
     pub(crate) fn whole(buf: Tensor) -> HostBlock {
         HostBlock {
             pieces: vec![(0, buf)],
+            encoded: None,
         }
     }
 
     /// A block held in pieces: `(offset in the layout, buffer)`.
     pub(crate) fn pieces(mut pieces: Vec<(usize, Tensor)>) -> HostBlock {
         pieces.sort_by_key(|(o, _)| *o);
-        HostBlock { pieces }
+        HostBlock {
+            pieces,
+            encoded: None,
+        }
     }
 
-    /// The buffer, if the block is held in one starting at offset 0.
+    /// A block held as its encoding (`buf`) of `raw_len` bytes.
+    pub(crate) fn encoded(buf: Tensor, raw_len: usize) -> HostBlock {
+        HostBlock {
+            pieces: vec![(0, buf)],
+            encoded: Some(raw_len),
+        }
+    }
+
+    /// For an encoded block: its encoding and its raw size.
+    pub(crate) fn encoding(&self) -> Option<(&Tensor, usize)> {
+        self.encoded.map(|raw| (&self.pieces[0].1, raw))
+    }
+
+    /// The block raw: itself, or an encoded block decoded (CPU reference decoder, all cores)
+    /// into a fresh pageable buffer.
+    pub(crate) fn decoded(&self) -> Result<HostBlock> {
+        let Some((enc, raw)) = self.encoding() else {
+            return Ok(self.shallow_clone());
+        };
+        let out = crate::accel::alloc_host(raw.max(1), crate::accel::HostMemory::Pageable)?;
+        // SAFETY: `enc` is a contiguous 1-D uint8 CPU tensor of `numel` bytes that nothing
+        // writes (host copies are written only by update_tensor, refused for encoded blocks);
+        // `out` is a fresh contiguous buffer of at least `raw` bytes owned here.
+        let (src, dst) = unsafe {
+            (
+                std::slice::from_raw_parts(enc.data_ptr() as *const u8, enc.numel()),
+                std::slice::from_raw_parts_mut(out.data_ptr() as *mut u8, raw),
+            )
+        };
+        let threads = std::thread::available_parallelism()
+            .map_or(4, |n| n.get())
+            .min(16);
+        layerwise_offload_codec::decode_with_threads(src, dst, threads).map_err(|e| {
+            Error::InvalidArgument {
+                op: "decoding a compressed host copy",
+                message: e.to_string(),
+            }
+        })?;
+        Ok(HostBlock::whole(out))
+    }
+
+    /// The buffer, if the block is held raw in one starting at offset 0.
     pub(crate) fn as_whole(&self) -> Option<&Tensor> {
-        match self.pieces.as_slice() {
-            [(0, t)] => Some(t),
+        match (self.pieces.as_slice(), self.encoded) {
+            ([(0, t)], None) => Some(t),
             _ => None,
         }
     }
@@ -73,6 +121,7 @@ impl HostBlock {
                 .iter()
                 .map(|(o, t)| (*o, t.shallow_clone()))
                 .collect(),
+            encoded: self.encoded,
         }
     }
 
@@ -84,6 +133,7 @@ impl HostBlock {
     /// The parts of the pieces inside `[off, off + len)` of the layout: `(offset from off,
     /// host bytes)`. Gaps between pieces (layout padding) are left out.
     pub(crate) fn range(&self, off: usize, len: usize) -> Result<Vec<(usize, Tensor)>> {
+        self.refuse_encoded()?;
         let end = off + len;
         let mut out = Vec::new();
         for (o, t) in &self.pieces {
@@ -98,9 +148,21 @@ impl HostBlock {
         Ok(out)
     }
 
+    /// Raw bytes of an encoded block exist only once decoded ([`Self::decoded`]).
+    fn refuse_encoded(&self) -> Result<()> {
+        match self.encoded {
+            Some(_) => Err(Error::InvalidArgument {
+                op: "reading a host block",
+                message: "the host copy is encoded; decode it first".into(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Typed views of the block's tensors (as [`crate::plan::BlockLayout`] places them), one
     /// per tensor, with their shapes and strides.
     pub(crate) fn views(&self, layout: &BlockLayout) -> Result<Vec<Tensor>> {
+        self.refuse_encoded()?;
         layout
             .tensors
             .iter()

@@ -39,6 +39,7 @@ pub struct OffloadConfig {
     pub(super) host_budget: Option<u64>,
     pub(super) allow_unexpected: bool,
     pub(super) convert_dtypes: bool,
+    pub(super) compress: bool,
 }
 
 /// The largest [`OffloadConfig::prefetch_depth`] accepted.
@@ -71,6 +72,7 @@ impl OffloadConfig {
             host_budget: None,
             allow_unexpected: false,
             convert_dtypes: false,
+            compress: false,
         }
     }
 
@@ -304,6 +306,24 @@ impl OffloadConfig {
         self
     }
 
+    /// Compressed transport (default off): each streamed block's host copy is encoded once at
+    /// `initialize()` with a lossless bf16 codec (the sign and mantissa byte of each value kept,
+    /// the exponent byte coded with a few bits per value and escapes; chunks that do not shrink,
+    /// such as fp32 or random bits, stay raw; see the `layerwise-offload-codec` crate), only the
+    /// encoding stays in pinned host memory, uploads carry the encoding, and a GPU kernel
+    /// (compiled at run time with NVRTC) decodes it into the slot on a decode stream before the
+    /// block's `ready` event. Outputs stay bit-identical. Two device buffers of the largest
+    /// encoding hold uploads waiting for their decode. Reads (`tensor`, `restore`) decode on the
+    /// CPU; the CPU test mode decodes with the CPU reference decoder.
+    ///
+    /// Not with a peer group, `shared_memory`, `zero_copy` or `host_budget` (which move the
+    /// checkpoint's raw bytes): refused at `build`. `update_tensor` on an encoded block is
+    /// refused.
+    pub fn compress(mut self, on: bool) -> OffloadConfig {
+        self.compress = on;
+        self
+    }
+
     /// Builds the manager over `model`'s weights (and initializes it if `auto_initialize`).
     ///
     /// Without a usable CUDA device (outside the CPU test mode and unless disabled) this fails
@@ -364,7 +384,7 @@ impl OffloadConfig {
         Ok(m)
     }
 
-    /// The checkpoint options fit together.
+    /// The checkpoint and compression options fit together.
     fn check_checkpoint_options(&self) -> Result<()> {
         let refuse = |op, message: &str| {
             Err(Error::InvalidArgument {
@@ -372,6 +392,26 @@ impl OffloadConfig {
                 message: message.into(),
             })
         };
+        if self.compress {
+            if self.peer.is_some() {
+                return refuse(
+                    "OffloadConfig::compress",
+                    "a peer group member uploads a share of each raw block; compressed transport does not serve groups yet: drop compress(true) or the group",
+                );
+            }
+            if self.shm.is_some() {
+                return refuse(
+                    "OffloadConfig::compress",
+                    "a published shared-memory store holds raw blocks; drop compress(true) or shared_memory",
+                );
+            }
+            if self.zero_copy || self.host_budget.is_some() {
+                return refuse(
+                    "OffloadConfig::compress",
+                    "zero_copy and host_budget stream the checkpoint's raw bytes; drop compress(true) or them",
+                );
+            }
+        }
         if self.checkpoint.is_none() {
             if self.zero_copy {
                 return refuse(

@@ -15,7 +15,12 @@ pub(super) enum Backend {
     Cpu,
     /// Compute on CUDA device `device`; uploads on `copy` (from the pool, taken at
     /// `initialize`).
-    Cuda { device: usize, copy: Option<Stream> },
+    /// Compressed blocks decode on `decode` (taken at `initialize` when a block is encoded).
+    Cuda {
+        device: usize,
+        copy: Option<Stream>,
+        decode: Option<Stream>,
+    },
 }
 
 impl Backend {
@@ -34,7 +39,11 @@ impl Backend {
             Backend::Cpu
         } else {
             match accel::require_device("OffloadConfig::build", device) {
-                Ok(()) => Backend::Cuda { device, copy: None },
+                Ok(()) => Backend::Cuda {
+                    device,
+                    copy: None,
+                    decode: None,
+                },
                 Err(_) if allow_cpu_fallback => Backend::Disabled,
                 Err(Error::NoDevice { op, reason }) => {
                     return Err(Error::NoDevice {
@@ -85,7 +94,7 @@ impl Backend {
 
     /// Takes the copy stream from the pool if not yet taken (CUDA only).
     pub(super) fn take_copy_stream(&mut self) -> Result<()> {
-        if let Backend::Cuda { device, copy } = self
+        if let Backend::Cuda { device, copy, .. } = self
             && copy.is_none()
         {
             *copy = Some(Stream::from_pool(*device)?);
@@ -111,10 +120,31 @@ impl Backend {
             .collect()
     }
 
-    /// Waits on the host until every queued upload has finished.
+    /// The stream compressed blocks are decoded on (CUDA only, once taken).
+    pub(super) fn decode_stream(&self) -> Option<Stream> {
+        match self {
+            Backend::Cuda { decode, .. } => *decode,
+            _ => None,
+        }
+    }
+
+    /// Takes the decode stream from the pool if not yet taken (CUDA only).
+    pub(super) fn take_decode_stream(&mut self) -> Result<()> {
+        if let Backend::Cuda { device, decode, .. } = self
+            && decode.is_none()
+        {
+            *decode = Some(Stream::from_pool(*device)?);
+        }
+        Ok(())
+    }
+
+    /// Waits on the host until every queued upload (and decode) has finished.
     pub(super) fn sync_copies(&self) {
-        if let Some(copy) = self.copy_stream() {
-            let _ = copy.synchronize();
+        for s in [self.copy_stream(), self.decode_stream()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = s.synchronize();
         }
     }
 

@@ -168,6 +168,8 @@ impl LayerwiseOffloadManager {
             (None, Some(c), Some(s)) => self.fill_from_checkpoint(c, s, &resident, undo)?,
             _ => self.fill_own_store(&resident, undo)?,
         }
+        // Encoded blocks (compress, or a shared store of them) decode on the GPU.
+        self.start_decoding()?;
         Ok(streamed.first().copied())
     }
 
@@ -309,6 +311,18 @@ impl LayerwiseOffloadManager {
         undo: &mut Undo,
     ) -> Result<()> {
         let compute = self.compute_device();
+        if self.config.peer.is_some()
+            && store
+                .buffers
+                .iter()
+                .flatten()
+                .any(|b| b.encoding().is_some())
+        {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::peer_group",
+                message: "the shared host store holds compressed blocks, which peer groups do not stream yet; build the store's manager without compress".into(),
+            });
+        }
         for &i in streamed {
             self.blocks[i].host = store.buffers[i].as_ref().map(|h| h.shallow_clone());
             self.place_placeholders(i, undo)?;
@@ -318,7 +332,7 @@ impl LayerwiseOffloadManager {
                 .as_ref()
                 .expect("check_plan: every block is in the store");
             let layout = self.layout(i).clone();
-            let views = buf.views(&layout)?;
+            let views = buf.decoded()?.views(&layout)?;
             for (t, v, p) in zip_views(&layout, &views, &mut self.blocks[i].params) {
                 let mut fresh = empty_like(t, compute).map_err(|e| {
                     Error::from_torch(
@@ -369,6 +383,7 @@ impl LayerwiseOffloadManager {
             }
             None => None,
         };
+        let mut scratch = None;
         for &i in &with_host {
             let buffer = match &file {
                 Some(f) => Some(
@@ -379,7 +394,7 @@ impl LayerwiseOffloadManager {
                 ),
                 None => None,
             };
-            self.fill_host(i, !resident[i], buffer)?;
+            self.fill_host(i, !resident[i], buffer, &mut scratch)?;
         }
         let plan = self.plan.as_ref().expect("plan set above");
         self.store = Some(Arc::new(HostStore::own(
@@ -434,7 +449,15 @@ impl LayerwiseOffloadManager {
 
     /// Copies block `i`'s tensors into `buffer` (or a new host buffer) and, if `release`,
     /// points them at placeholders.
-    fn fill_host(&mut self, i: usize, release: bool, buffer: Option<Tensor>) -> Result<()> {
+    /// With `compress`, the block is copied into `scratch` (a pageable buffer reused from block
+    /// to block) and its encoding becomes the host copy.
+    fn fill_host(
+        &mut self,
+        i: usize,
+        release: bool,
+        buffer: Option<Tensor>,
+        scratch: &mut Option<Tensor>,
+    ) -> Result<()> {
         let layout = self.layout(i).clone();
         if self.faults.host_alloc() {
             return Err(Error::HostAlloc {
@@ -443,8 +466,10 @@ impl LayerwiseOffloadManager {
                 source: crate::error::TorchMessage("injected fault".into()),
             });
         }
+        let encode = self.config.compress && buffer.is_none();
         let host = match buffer {
             Some(b) => b,
+            None if encode => scratch_buffer(scratch, layout.bytes)?,
             None => accel::alloc_host(layout.bytes, self.host_memory())?,
         };
         let views = views(&host, &layout)?;
@@ -456,8 +481,14 @@ impl LayerwiseOffloadManager {
             }
             Ok(())
         })?;
-        self.stats.host_bytes += layout.bytes as u64;
-        rt.host = Some(HostBlock::whole(host));
+        let copy = if encode {
+            self.encode_block(&host)?
+        } else {
+            self.stats.host_bytes += layout.bytes as u64;
+            HostBlock::whole(host)
+        };
+        let rt = &mut self.blocks[i];
+        rt.host = Some(copy);
         if !release {
             return Ok(());
         }
@@ -468,4 +499,16 @@ impl LayerwiseOffloadManager {
     pub(super) fn host_memory(&self) -> HostMemory {
         self.backend.host_memory(self.config.pin_cpu_memory)
     }
+}
+
+/// The first `bytes` of `scratch`, a pageable buffer grown to the largest size asked for.
+pub(super) fn scratch_buffer(scratch: &mut Option<Tensor>, bytes: usize) -> Result<Tensor> {
+    if scratch.as_ref().is_none_or(|s| s.numel() < bytes) {
+        *scratch = Some(accel::alloc_host(bytes.max(1), HostMemory::Pageable)?);
+    }
+    scratch
+        .as_ref()
+        .expect("set above")
+        .f_narrow(0, 0, bytes as i64)
+        .map_err(|e| Error::from(("a scratch buffer", e)))
 }

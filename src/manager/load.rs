@@ -209,6 +209,7 @@ impl LayerwiseOffloadManager {
         } else {
             Vec::new()
         };
+        let mut scratch = None;
         for i in (0..n).filter(|&i| in_memory[i]) {
             if self.faults.host_alloc() {
                 return Err(Error::HostAlloc {
@@ -229,6 +230,13 @@ impl LayerwiseOffloadManager {
                         })
                         .collect::<Result<Vec<_>>>()?,
                 )
+            } else if self.config.compress {
+                // Read into a reused pageable buffer; the encoding is the host copy.
+                let buf = super::lifecycle::scratch_buffer(&mut scratch, self.layout(i).bytes)?;
+                self.read_block(&ckpt, sources, i, &buf)?;
+                let encoded = self.encode_block(&buf)?;
+                self.blocks[i].host = Some(encoded);
+                continue;
             } else {
                 let buf = accel::alloc_host(self.layout(i).bytes, memory)?;
                 self.read_block(&ckpt, sources, i, &buf)?;
@@ -318,11 +326,11 @@ impl LayerwiseOffloadManager {
         Ok(())
     }
 
-    /// Block `i`'s host copy: its own, or for a disk-tier block one read now into a fresh
-    /// pageable buffer.
+    /// Block `i`'s host copy, raw: its own (decoded into a fresh pageable buffer if encoded),
+    /// or for a disk-tier block one read now into a fresh pageable buffer.
     pub(super) fn host_copy(&self, i: usize) -> Result<HostBlock> {
         if let Some(h) = &self.blocks[i].host {
-            return Ok(h.shallow_clone());
+            return h.decoded();
         }
         match (&self.disk, self.blocks[i].on_disk) {
             (Some(disk), true) => {

@@ -49,6 +49,7 @@
 //! ```
 
 mod compat;
+mod compress;
 mod config;
 mod device;
 mod disk;
@@ -132,6 +133,8 @@ pub struct LayerwiseOffloadManager {
     peer: PeerLink,
     /// The disk tier (a host budget below the streamed blocks).
     disk: Option<disk::DiskTier>,
+    /// Compressed transport on CUDA: the GPU decoder and its staging buffers.
+    decoding: Option<compress::Decoding>,
 }
 
 impl LayerwiseOffloadManager {
@@ -158,6 +161,7 @@ impl LayerwiseOffloadManager {
             store: None,
             peer: PeerLink::default(),
             disk: None,
+            decoding: None,
         }
     }
 

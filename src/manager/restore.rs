@@ -85,8 +85,8 @@ impl LayerwiseOffloadManager {
             if let Some(s) = b.slot.take() {
                 self.slots[s].take_block();
             }
-            if self.blocks[i].host.take().is_some() {
-                let held = host.bytes() as u64;
+            if let Some(h) = self.blocks[i].host.take() {
+                let held = h.bytes() as u64;
                 self.stats.host_bytes = self.stats.host_bytes.saturating_sub(held);
             }
             self.blocks[i].on_disk = false;
@@ -96,6 +96,7 @@ impl LayerwiseOffloadManager {
         self.slots.clear();
         self.store = None;
         self.disk = None;
+        self.decoding = None;
         self.claim = None;
         self.stats.shared_host_bytes = 0;
         self.phase = Phase::Restored;
@@ -119,7 +120,7 @@ impl LayerwiseOffloadManager {
                     continue; // not copied yet: untouched
                 };
                 let layout = self.layout(i).clone();
-                let Ok(views) = host.views(&layout) else {
+                let Ok(views) = host.decoded().and_then(|h| h.views(&layout)) else {
                     continue;
                 };
                 for (t, v, p) in zip_views(&layout, &views, &mut self.blocks[i].params) {
@@ -145,6 +146,7 @@ impl LayerwiseOffloadManager {
         self.blocks.clear();
         self.slots.clear();
         self.disk = None;
+        self.decoding = None;
         self.plan = None;
         self.store = None; // a published store removes its file and manifest when dropped
         self.claim = None;
@@ -169,7 +171,8 @@ impl LayerwiseOffloadManager {
             let Some(host) = self.blocks[i].host.as_ref().map(|h| h.shallow_clone()) else {
                 continue;
             };
-            let Ok(views) = host.views(self.layout(i)) else {
+            // An encoded host copy is decoded into pageable memory the tensors then own.
+            let Ok(views) = host.decoded().and_then(|h| h.views(self.layout(i))) else {
                 continue;
             };
             for (p, v) in self.blocks[i].params.iter_mut().zip(&views) {

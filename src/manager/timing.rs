@@ -89,6 +89,10 @@ impl Timer {
                         stats.stall_ms += ms;
                         stats.block_stall_ms[t.block] += ms;
                     }
+                    Lane::Decode => {
+                        stats.decode_ms += ms;
+                        stats.timed_decodes += 1;
+                    }
                     Lane::Compute => {}
                 }
                 if let (true, Some(tl)) = (t.traced, self.timeline.as_mut())

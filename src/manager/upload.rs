@@ -109,15 +109,28 @@ impl LayerwiseOffloadManager {
         }
         let bytes = self.layout(block).bytes;
         let pair = self.timing_pair()?;
-        let staged = self.host_range(block, 0, bytes)?;
-        // A staging buffer goes back also when the copy fails.
-        let copied = self.copy_into_slot(block, s, bytes, &staged.pieces, pair);
-        let released = self.release_staged(staged);
-        copied.and(released)?;
+        let encoded = self.blocks[block]
+            .host
+            .as_ref()
+            .and_then(|h| h.encoding().map(|(e, raw)| (e.shallow_clone(), raw)));
+        let moved = match encoded {
+            Some((enc, raw)) => {
+                self.upload_encoded(block, s, (&enc, raw), pair)?;
+                enc.numel()
+            }
+            None => {
+                let staged = self.host_range(block, 0, bytes)?;
+                // A staging buffer goes back also when the copy fails.
+                let copied = self.copy_into_slot(block, s, bytes, &staged.pieces, pair);
+                let released = self.release_staged(staged);
+                copied.and(released)?;
+                bytes
+            }
+        };
         self.slots[s].hold(block, Vec::new());
         self.blocks[block].slot = Some(s);
         self.stats.uploads += 1;
-        self.stats.bytes_uploaded += bytes as u64;
+        self.stats.bytes_uploaded += moved as u64;
         Ok(())
     }
 

@@ -207,6 +207,18 @@ impl LayerwiseOffloadManager {
                         ),
                     });
                 }
+                if self.blocks[li]
+                    .host
+                    .as_ref()
+                    .is_some_and(|h| h.encoding().is_some())
+                {
+                    return Err(Error::InvalidArgument {
+                        op: "update_tensor",
+                        message: format!(
+                            "{name:?} is in a block whose host copy is compressed (compress(true)); update the model before initialize(), or build the manager without compress"
+                        ),
+                    });
+                }
                 if self.blocks[li].on_disk {
                     return Err(Error::InvalidArgument {
                         op: "update_tensor",

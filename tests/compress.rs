@@ -1,0 +1,233 @@
+//! Compressed transport (`OffloadConfig::compress`): streamed blocks travel encoded and are
+//! decoded into their slots (on the GPU with CUDA, with the CPU reference decoder in the CPU
+//! test mode); everything the model computes and every weight read back stays bit-identical.
+
+mod common;
+
+use common::Mode;
+use common::model::{Model, assert_same, bits_equal};
+use layerwise_offload::{Checkpoint, Error, Fault, OffloadConfig};
+use rstest::rstest;
+use tch::{Device, Kind, Tensor};
+
+/// Streamed and compressed, the forward equals the resident forward bit for bit, at every
+/// prefetch depth, with and without a VRAM budget, over two block lists; reads and `restore`
+/// give the original weights back.
+#[rstest]
+fn compressed_streaming_is_bit_exact(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+    #[values(1, 2)] depth: usize,
+    #[values(false, true)] budget: bool,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let model = Model::new(dev, 3, true, 201);
+    let before = model.snapshot();
+    let x = model.input(5);
+    let want = model.forward(&x, None);
+    let mut cfg = mode
+        .config("double_blocks", 3)
+        .with_list("single_blocks", 4)
+        .prefetch_depth(depth)
+        .compress(true);
+    if budget {
+        let bytes: u64 = before
+            .iter()
+            .filter(|(n, _)| n.starts_with("double_blocks.0."))
+            .map(|(_, t)| (t.numel() * 4) as u64)
+            .sum();
+        cfg = cfg.vram_budget(bytes * 6);
+    }
+    let mut m = cfg.build(&model.vs)?;
+    m.initialize()?;
+    let st = m.stats().clone();
+    assert_eq!(st.encoded_blocks, st.streamed_blocks);
+    assert!(st.encoded_bytes > 0 && st.raw_encoded_bytes > 0);
+    for round in 0..3 {
+        assert!(
+            bits_equal(&model.forward(&x, Some(&mut m)), &want),
+            "forward {round}"
+        );
+    }
+    // Uploads carried the encodings.
+    assert!(m.stats().bytes_uploaded > 0);
+    let mut got = m.named_tensors()?;
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_same(&got, &before);
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}
+
+/// Block weights of a bf16 model drawn like a DiT's (N(0, 0.02)) shrink to about 0.7 of their
+/// size, and every block's weights arrive in the slot exactly.
+#[rstest]
+fn bf16_weights_shrink_and_arrive_exactly(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let _lock = common::gpu_lock();
+    tch::manual_seed(7);
+    let mut named: Vec<(String, Tensor)> = Vec::new();
+    for b in 0..4 {
+        for (name, shape) in [
+            ("w1", vec![256, 512]),
+            ("w2", vec![512, 256]),
+            ("bias", vec![512]),
+        ] {
+            let t = (Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)) * 0.02)
+                .to_kind(Kind::BFloat16);
+            named.push((format!("blocks.{b}.{name}"), t));
+        }
+        // Specials: NaN, infinities, subnormals and negative zero travel too.
+        let special = Tensor::from_slice(&[f32::NAN, f32::INFINITY, -f32::INFINITY, 1e-40, -0.0])
+            .to_kind(Kind::BFloat16);
+        named.push((format!("blocks.{b}.special"), special));
+    }
+    named.push((
+        "head".into(),
+        Tensor::ones([8], (Kind::BFloat16, Device::Cpu)),
+    ));
+    let before: Vec<(String, Tensor)> = named.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    let mut m = mode.config("blocks", 4).compress(true).build(&named)?;
+    m.initialize()?;
+    let st = m.stats().clone();
+    let ratio = st.encoded_bytes as f64 / st.raw_encoded_bytes as f64;
+    assert!(ratio < 0.75, "ratio {ratio}");
+    let host = m.host_store().expect("initialized");
+    assert!(
+        host.bytes() < st.raw_encoded_bytes,
+        "the host store shrinks too"
+    );
+    for &b in &[0usize, 3, 1, 2, 2, 0] {
+        let _g = m.enter(b)?;
+        for ((n, t), (_, live)) in before.iter().zip(&named) {
+            if n.starts_with(&format!("blocks.{b}.")) {
+                assert_eq!(live.device(), dev);
+                assert!(bits_equal(live, t), "{n}");
+            }
+        }
+    }
+    assert_same(&m.named_tensors()?, &before);
+    drop(m); // without restore: the weights come back from the encodings
+    assert_same(&named, &before);
+    Ok(())
+}
+
+#[rstest]
+fn what_compression_refuses(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let model = Model::new(dev, 3, false, 211);
+    let before = model.snapshot();
+    // update_tensor on an encoded block is refused; a non-block tensor still updates.
+    let mut m = mode.config("blocks", 3).compress(true).build(&model.vs)?;
+    m.initialize()?;
+    let w = m.tensor("blocks.1.fc1.weight")?;
+    match m.update_tensor("blocks.1.fc1.weight", &w) {
+        Err(e @ Error::InvalidArgument { .. }) => {
+            assert!(e.to_string().contains("compress"), "{e}")
+        }
+        r => panic!("expected a refusal, got {r:?}"),
+    }
+    let head = m.tensor("head.bias")?.copy();
+    m.update_tensor("head.bias", &head)?;
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    // Options it does not serve.
+    let refused = |c: OffloadConfig, needle: &str| match c.build(&model.vs) {
+        Err(e @ Error::InvalidArgument { .. }) => assert!(e.to_string().contains(needle), "{e}"),
+        r => panic!(
+            "expected InvalidArgument with {needle:?}, got {:?}",
+            r.map(|_| ())
+        ),
+    };
+    let group = layerwise_offload::PeerGroup::new(1)?;
+    refused(
+        mode.config("blocks", 3).compress(true).peer_group(group, 0),
+        "peer group",
+    );
+    refused(
+        mode.config("blocks", 3)
+            .compress(true)
+            .shared_memory("/dev/shm/lo-never-made"),
+        "shared_memory",
+    );
+    Ok(())
+}
+
+/// A shared host store of encoded blocks serves a second manager; a failed compressed
+/// `initialize` puts the model back.
+#[rstest]
+fn shared_encoded_store_and_roll_back(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let a = Model::new(dev, 4, false, 221);
+    let mut b = Model::new(dev, 4, false, 222);
+    b.vs.copy(&a.vs)?;
+    let x = a.input(3);
+    let want = a.forward(&x, None);
+    let mut ma = mode.config("blocks", 4).compress(true).build(&a.vs)?;
+    ma.initialize()?;
+    let store = ma.host_store().expect("initialized");
+    let mut mb = mode.config("blocks", 4).host_store(store).build(&b.vs)?;
+    mb.initialize()?;
+    assert!(bits_equal(&b.forward(&x, Some(&mut mb)), &want));
+    assert!(bits_equal(&a.forward(&x, Some(&mut ma)), &want));
+    mb.restore()?;
+    ma.restore()?;
+
+    let c = Model::new(dev, 4, false, 223);
+    let before = c.snapshot();
+    let mut mc = mode
+        .config("blocks", 4)
+        .compress(true)
+        .inject_fault(Fault::HostAlloc(2))
+        .build(&c.vs)?;
+    assert!(matches!(mc.initialize(), Err(Error::HostAlloc { .. })));
+    assert_same(&c.snapshot(), &before);
+    Ok(())
+}
+
+/// A checkpoint read straight into encoded host copies streams bit-exact.
+#[rstest]
+fn a_checkpoint_loads_compressed(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let dir =
+        std::env::temp_dir().join(format!("lo-compress-ckpt-{}-{mode:?}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let source = Model::new(dev, 3, false, 231);
+    let path = dir.join("model.safetensors");
+    let cpu: Vec<(String, Tensor)> = source
+        .snapshot()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_device(Device::Cpu)))
+        .collect();
+    Tensor::write_safetensors(&cpu, &path)?;
+    let x = source.input(1);
+    let want = source.forward(&x, None);
+    let model = Model::new(dev, 3, false, 232);
+    let mut m = mode
+        .config("blocks", 3)
+        .checkpoint(Checkpoint::open(&path)?)
+        .compress(true)
+        .build(&model.vs)?;
+    m.initialize()?;
+    assert_eq!(m.stats().encoded_blocks, 3);
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    m.restore()?;
+    assert_same(&model.snapshot(), &source.snapshot());
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
