@@ -72,6 +72,29 @@ enum Preset {
     Wan14b,
 }
 
+/// Weight distributions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Dist {
+    /// N(0, 0.02).
+    Normal,
+    /// N(0, 0.02) with a log-normal scale per row: exp(0.5 z), z ~ N(0, 1).
+    RowScaled,
+}
+
+/// `shape` drawn from `dist` on `origin` in bf16 (after the caller's seed).
+fn draw(shape: &[i64], origin: Device, dist: Dist) -> Tensor {
+    let t = Tensor::randn(shape, (Kind::BFloat16, origin)) * 0.02;
+    match (dist, shape.first()) {
+        (Dist::RowScaled, Some(&rows)) if shape.len() > 1 => {
+            let mut scale_shape = vec![rows];
+            scale_shape.extend(std::iter::repeat_n(1, shape.len() - 1));
+            let z = Tensor::randn(scale_shape.as_slice(), (Kind::Float, origin));
+            (t.to_kind(Kind::Float) * (z * 0.5).exp()).to_kind(Kind::BFloat16)
+        }
+        _ => t,
+    }
+}
+
 /// Several-GPU modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -167,6 +190,14 @@ struct Cli {
     /// With --checkpoint: the files' own pages are the host store (OffloadConfig::zero_copy).
     #[arg(long, requires = "checkpoint")]
     zero_copy: bool,
+    /// Every configuration also with compressed transport (OffloadConfig::compress), its rows
+    /// beside the raw ones.
+    #[arg(long)]
+    compress: bool,
+    /// The weights' distribution: N(0, 0.02) in bf16, or each row (output) of a weight with
+    /// its own scale 0.02 exp(0.5 z), z ~ N(0, 1), as trained linear layers' rows differ.
+    #[arg(long, value_enum, default_value_t = Dist::Normal)]
+    dist: Dist,
     /// With --checkpoint: GiB of blocks held in host memory; the others are read from the
     /// checkpoint at every forward (OffloadConfig::host_budget).
     #[arg(long, value_name = "GIB", requires = "checkpoint", value_parser = parse_gib)]
@@ -327,6 +358,8 @@ struct Args {
     push_per_gpu: bool,
     multi_only: bool,
     /// The checkpoint, with its store options.
+    compress: bool,
+    dist: Dist,
     checkpoint: Option<(PathBuf, bool, Option<u64>)>,
 }
 
@@ -361,6 +394,8 @@ fn parse_args() -> Args {
             .collect(),
         push_per_gpu: cli.push_per_gpu,
         multi_only: cli.multi_only,
+        compress: cli.compress,
+        dist: cli.dist,
         checkpoint: cli.checkpoint.clone().map(|d| {
             (
                 d,
@@ -373,12 +408,15 @@ fn parse_args() -> Args {
 
 /// The named weights of the stack, created on the CPU (uninitialized, then filled with seeded
 /// random values generated on `origin` and copied over).
-fn build_weights(s: &Shape, origin: Device, kind: Kind) -> Vec<(String, Tensor)> {
+fn build_weights(s: &Shape, origin: Device, kind: Kind, dist: Dist) -> Vec<(String, Tensor)> {
     let (d, f) = (s.dim, s.ffn);
     let mut named = Vec::new();
     let mut add = |name: String, shape: &[i64], scale: f64| {
         let mut t = Tensor::empty(shape, (kind, Device::Cpu));
-        let r = Tensor::randn(shape, (kind, origin)) * scale;
+        let r = match dist {
+            Dist::Normal => Tensor::randn(shape, (kind, origin)) * scale,
+            Dist::RowScaled => draw(shape, origin, dist) * (scale / 0.02),
+        };
         t.copy_(&r);
         named.push((name, t));
     };
@@ -416,6 +454,7 @@ fn build_wan(
     config: &wan::Config,
     origin: Device,
     kind: Kind,
+    dist: Dist,
 ) -> (WanTransformer3DModel, Vec<(String, Tensor)>) {
     let mut vs = nn::VarStore::new(Device::Cpu);
     // Created in `kind` (never all in float32: 14B would need 56 GiB), then diffusers' mixed
@@ -428,7 +467,7 @@ fn build_wan(
     tch::manual_seed(1234);
     tch::no_grad(|| {
         for (_, t) in &named {
-            let r = Tensor::randn(t.size(), (Kind::BFloat16, origin)) * 0.02;
+            let r = draw(&t.size(), origin, dist);
             t.shallow_clone().copy_(&r);
         }
     });
@@ -585,7 +624,15 @@ impl<'a> Stack<'a> {
 
 /// Median milliseconds per forward, timed with events on the compute stream (wall clock on the
 /// CPU), and the last output.
-fn time_forwards(a: &Args, mut run: impl FnMut() -> Tensor, dev: Device) -> Result<(f64, Tensor)> {
+/// Times `run`: the median of `reps` forwards after `warmup`, each between its own two events
+/// (the host waits for each), then the mean of `reps` forwards queued back to back between
+/// one pair (sustained: an upload cannot hide in the host's gap between forwards). Returns
+/// (median, sustained, the last output).
+fn time_forwards(
+    a: &Args,
+    mut run: impl FnMut() -> Tensor,
+    dev: Device,
+) -> Result<(f64, f64, Tensor)> {
     let mut out = None;
     let mut ms = Vec::new();
     for i in 0..a.warmup + a.reps {
@@ -610,7 +657,24 @@ fn time_forwards(a: &Args, mut run: impl FnMut() -> Tensor, dev: Device) -> Resu
         };
         out = Some(y);
     }
-    Ok((median(&ms), out.expect("at least one forward")))
+    let sustained = if let Device::Cuda(d) = dev {
+        let s = Stream::current(d)?;
+        let (mut e0, mut e1) = (Event::with_timing()?, Event::with_timing()?);
+        e0.record(&s)?;
+        for _ in 0..a.reps {
+            out = Some(run());
+        }
+        e1.record(&s)?;
+        e1.synchronize()?;
+        e0.elapsed_ms(&e1)? / a.reps as f64
+    } else {
+        let t = Instant::now();
+        for _ in 0..a.reps {
+            out = Some(run());
+        }
+        t.elapsed().as_secs_f64() * 1e3 / a.reps as f64
+    };
+    Ok((median(&ms), sustained, out.expect("at least one forward")))
 }
 
 fn main() -> Result<()> {
@@ -652,10 +716,10 @@ fn main() -> Result<()> {
             (Some(model), named)
         }
         (Some(c), None) => {
-            let (model, named) = build_wan(c, origin, kind);
+            let (model, named) = build_wan(c, origin, kind, a.dist);
             (Some(model), named)
         }
-        (None, _) => (None, build_weights(s, origin, kind)),
+        (None, _) => (None, build_weights(s, origin, kind, a.dist)),
     };
     let block_bytes: usize = named
         .iter()
@@ -702,7 +766,11 @@ fn main() -> Result<()> {
         label: String,
         tokens: i64,
         ms: f64,
+        ms_sustained: f64,
         streamed_bytes: u64,
+        /// The streamed blocks raw (equal to streamed_bytes without compression).
+        raw_bytes: u64,
+        decode_ms: f64,
         stall: f64,
         peak: u64,
         init_s: f64,
@@ -711,17 +779,25 @@ fn main() -> Result<()> {
         out: Tensor,
     }
     let mut rows: Vec<Row> = Vec::new();
-    let mut configs: Vec<Option<f64>> = vec![None];
-    configs.extend(a.budgets.iter().map(|&b| Some(b)));
+    let mut budgets: Vec<Option<f64>> = vec![None];
+    budgets.extend(a.budgets.iter().map(|&b| Some(b)));
     if a.multi_only {
-        configs.clear();
+        budgets.clear();
     }
+    // Each configuration raw, then compressed beside it (--compress).
+    let configs: Vec<(Option<f64>, bool)> = budgets
+        .iter()
+        .flat_map(|&b| std::iter::once((b, false)).chain(a.compress.then_some((b, true))))
+        .collect();
     let mut stats_table = String::new();
-    for budget in configs {
+    for (budget, compress) in configs {
         let mut label = match budget {
             None => format!("stream d{}", a.depth),
             Some(b) => format!("budget {b} GiB d{}", a.depth),
         };
+        if compress {
+            label.push_str(" compressed");
+        }
         match &a.checkpoint {
             Some((_, true, _)) => label.push_str(" zero-copy"),
             Some((_, _, Some(h))) => {
@@ -731,7 +807,8 @@ fn main() -> Result<()> {
         }
         let mut cfg = OffloadConfig::new("blocks", s.layers)
             .prefetch_depth(a.depth)
-            .cpu_test_mode(a.cpu);
+            .cpu_test_mode(a.cpu)
+            .compress(compress);
         if let Some(b) = budget {
             cfg = cfg.vram_budget((b * (1u64 << 30) as f64) as u64);
         }
@@ -753,6 +830,11 @@ fn main() -> Result<()> {
         } else {
             st.host_bytes
         };
+        let raw_bytes = if st.encoded_blocks > 0 {
+            st.raw_encoded_bytes
+        } else {
+            streamed_bytes
+        };
         eprintln!(
             "{label}: initialize {init_s:.2} s; {} streamed, {} resident blocks; host peak {:.2} GiB (before: {:.2} GiB)",
             st.streamed_blocks,
@@ -765,12 +847,14 @@ fn main() -> Result<()> {
                 accel::synchronize_device(d)?;
                 accel::reset_peak_memory_stats(d)?;
             }
-            let stall0 = m.stats().stall_ms;
-            let (ms, y) = time_forwards(&a, || stack.forward(xs, Some(&mut m)), dev)?;
+            let (stall0, decode0) = (m.stats().stall_ms, m.stats().decode_ms);
+            let (ms, ms_sustained, y) = time_forwards(&a, || stack.forward(xs, Some(&mut m)), dev)?;
             if let Device::Cuda(d) = dev {
                 accel::synchronize_device(d)?;
             }
-            let stall = (m.stats().stall_ms - stall0) / (a.warmup + a.reps) as f64;
+            let forwards = (a.warmup + 2 * a.reps) as f64;
+            let stall = (m.stats().stall_ms - stall0) / forwards;
+            let decode_ms = (m.stats().decode_ms - decode0) / forwards;
             let peak = if let Device::Cuda(d) = dev {
                 accel::memory_stats(d)?.peak_allocated
             } else {
@@ -780,7 +864,10 @@ fn main() -> Result<()> {
                 label: label.clone(),
                 tokens: *tokens,
                 ms,
+                ms_sustained,
                 streamed_bytes,
+                raw_bytes,
+                decode_ms,
                 stall,
                 peak,
                 init_s,
@@ -900,7 +987,7 @@ fn main() -> Result<()> {
                         let mut out = Vec::new();
                         for (tokens, xs) in inputs_g {
                             barrier.wait();
-                            let (ms, y) = time_forwards(
+                            let (ms, _, y) = time_forwards(
                                 a,
                                 || stack.forward(&xs[0], &xs[1], Some(&mut m)),
                                 dev_g,
@@ -930,7 +1017,7 @@ fn main() -> Result<()> {
     let on_device = named.iter().all(|(_, t)| t.device() == dev);
     if a.resident && on_device {
         for (tokens, xs) in &inputs {
-            let (ms, r) = time_forwards(&a, || stack.forward(xs, None), dev)?;
+            let (ms, _, r) = time_forwards(&a, || stack.forward(xs, None), dev)?;
             resident_ms.insert(*tokens, (ms, r));
         }
     } else if a.resident {
@@ -942,9 +1029,9 @@ fn main() -> Result<()> {
         None => s.preset.clone(),
     };
     println!(
-        "| device | preset | tokens | mode | ms/forward | floor ms | floor/measured | stall ms | peak VRAM GiB | init s |"
+        "| device | preset | tokens | mode | ms/forward | sustained ms | floor ms | floor/measured | raw floor ms | stall ms | peak VRAM GiB | init s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let res = resident_ms.get(&r.tokens);
         let link_ms = if bw > 0.0 {
@@ -953,6 +1040,13 @@ fn main() -> Result<()> {
             0.0
         };
         let floor = link_ms.max(res.map_or(0.0, |x| x.0));
+        // The floor of the raw bytes (without compression: the same).
+        let raw_floor = if bw > 0.0 {
+            r.raw_bytes as f64 / (1u64 << 30) as f64 / bw * 1e3
+        } else {
+            0.0
+        }
+        .max(res.map_or(0.0, |x| x.0));
         let diff = res.map(|(_, out)| {
             (out.to_kind(Kind::Float) - r.out.to_kind(Kind::Float))
                 .abs()
@@ -961,10 +1055,11 @@ fn main() -> Result<()> {
         });
         let gib = r.peak as f64 / (1u64 << 30) as f64;
         println!(
-            "| {device_name} | {preset_cell} | {} | {} | {:.1} | {floor:.1} | {:.3} | {:.1} | {gib:.2} | {:.2} |",
+            "| {device_name} | {preset_cell} | {} | {} | {:.1} | {:.1} | {floor:.1} | {:.3} | {raw_floor:.1} | {:.1} | {gib:.2} | {:.2} |",
             r.tokens,
             r.label,
             r.ms,
+            r.ms_sustained,
             if r.ms > 0.0 { floor / r.ms } else { 0.0 },
             r.stall,
             r.init_s
@@ -982,7 +1077,13 @@ fn main() -> Result<()> {
             "depth": a.depth,
             "resident_blocks": r.resident_blocks,
             "ms": round2(r.ms),
+            "ms_sustained": round2(r.ms_sustained),
             "resident_ms": res.map(|x| round2(x.0)),
+            "raw_floor_ms": round2(raw_floor),
+            "raw_streamed_bytes": r.raw_bytes,
+            "ratio": r.streamed_bytes as f64 / r.raw_bytes.max(1) as f64,
+            "decode_ms_per_forward": round2(r.decode_ms),
+            "dist": format!("{:?}", a.dist),
             "floor_ms": round2(floor),
             "stall_ms": round2(r.stall),
             "peak_vram_bytes": r.peak,
@@ -1088,7 +1189,7 @@ mod tests {
             text_dim: 128,
             ..wan::Config::wan2_1_t2v_1_3b()
         };
-        let (model, named) = build_wan(&config, Device::Cpu, Kind::BFloat16);
+        let (model, named) = build_wan(&config, Device::Cpu, Kind::BFloat16, Dist::Normal);
         assert_eq!(model.blocks().len(), 2);
         for (name, t) in &named {
             let want = if wan::keeps_fp32(name) {
@@ -1105,7 +1206,7 @@ mod tests {
         assert!(named.iter().any(|(n, _)| n == "blocks.0.norm2.weight"));
         assert!(named.iter().any(|(n, _)| n == "scale_shift_table"));
         // Seeded: a second build is equal.
-        let (_, again) = build_wan(&config, Device::Cpu, Kind::BFloat16);
+        let (_, again) = build_wan(&config, Device::Cpu, Kind::BFloat16, Dist::Normal);
         for ((n, a), (_, b)) in named.iter().zip(&again) {
             assert!(a.equal(b), "{n}");
         }
