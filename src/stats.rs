@@ -189,11 +189,12 @@ pub struct TimelineSpan {
 pub fn chrome_trace_json(spans: &[TimelineSpan]) -> String {
     let mut out = String::from("{\"displayTimeUnit\":\"ms\",\"traceEvents\":[");
     let mut first = true;
-    for (tid, name) in [
-        Lane::Upload.thread(),
-        Lane::Compute.thread(),
-        Lane::Decode.thread(),
-    ] {
+    // The decode stream's track only where something was decoded.
+    let decoded = spans.iter().any(|s| s.lane == Lane::Decode);
+    let tracks = [Lane::Upload, Lane::Compute]
+        .into_iter()
+        .chain(decoded.then_some(Lane::Decode));
+    for (tid, name) in tracks.map(Lane::thread) {
         if !first {
             out.push(',');
         }

@@ -194,6 +194,11 @@ struct Cli {
     /// beside the raw ones.
     #[arg(long)]
     compress: bool,
+    /// Run everything on a high-priority stream of the pool instead of the default stream, so
+    /// that the GPU schedules the model's kernels before the decode kernels of compressed
+    /// transport (the manager's copy and decode streams have normal priority).
+    #[arg(long)]
+    high_priority_compute: bool,
     /// The weights' distribution: N(0, 0.02) in bf16, or each row (output) of a weight with
     /// its own scale 0.02 exp(0.5 z), z ~ N(0, 1), as trained linear layers' rows differ.
     #[arg(long, value_enum, default_value_t = Dist::Normal)]
@@ -358,6 +363,7 @@ struct Args {
     push_per_gpu: bool,
     multi_only: bool,
     /// The checkpoint, with its store options.
+    high_priority_compute: bool,
     compress: bool,
     dist: Dist,
     checkpoint: Option<(PathBuf, bool, Option<u64>)>,
@@ -395,6 +401,7 @@ fn parse_args() -> Args {
         push_per_gpu: cli.push_per_gpu,
         multi_only: cli.multi_only,
         compress: cli.compress,
+        high_priority_compute: cli.high_priority_compute,
         dist: cli.dist,
         checkpoint: cli.checkpoint.clone().map(|d| {
             (
@@ -695,6 +702,15 @@ fn main() -> Result<()> {
     let bw = match dev {
         Device::Cuda(d) => pinned_h2d_gib_s(d)?,
         _ => 0.0,
+    };
+    // The compute stream of the whole run (the current stream of this thread).
+    let _compute = match (dev, a.high_priority_compute) {
+        (Device::Cuda(d), true) => {
+            let s = Stream::from_pool_high_priority(d)?;
+            eprintln!("compute on a high-priority stream");
+            Some(accel::StreamGuard::new(&s)?)
+        }
+        _ => None,
     };
     let model_name = if s.wan.is_some() { "wan" } else { "stack" };
     eprintln!(
@@ -1084,6 +1100,7 @@ fn main() -> Result<()> {
             "ratio": r.streamed_bytes as f64 / r.raw_bytes.max(1) as f64,
             "decode_ms_per_forward": round2(r.decode_ms),
             "dist": format!("{:?}", a.dist),
+            "compute_stream": if a.high_priority_compute { "high priority" } else { "default" },
             "floor_ms": round2(floor),
             "stall_ms": round2(r.stall),
             "peak_vram_bytes": r.peak,
