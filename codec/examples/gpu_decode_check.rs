@@ -5,6 +5,13 @@
 //! decode with CUDA events (median of `--reps`) and the CPU encode. One `RESULT {json}` line per
 //! measurement.
 //!
+//! `--variants` lists the decoders to check and time, each against the same encodings on the
+//! same card: `current` (the default kernel), `baseline` (the first kernel), each optionally
+//! followed by `:u=N` (windows loaded together for k <= 3), `:uw=N` (the same for k >= 4),
+//! `:mb=N` (`__launch_bounds__` minimum blocks per SM), `:xs=N` (exceptions staged in shared
+//! memory up to N per chunk) and `:bps=N` (at most N blocks per SM in the grid), e.g.
+//! `--variants baseline,current,current:bps=1`.
+//!
 //! Without a CUDA device it prints `SKIP: no CUDA device` to stderr and exits 0, or exits 1 when
 //! OFFLOAD_REQUIRE_CUDA=1.
 //!
@@ -18,7 +25,7 @@ mod common;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use common::{Dist, Rng, bf16_bits, generate};
-use layerwise_offload_codec::gpu::{self, GpuDecoder};
+use layerwise_offload_codec::gpu::{self, DecoderOptions, GpuDecoder, Kernel, Tuning};
 use layerwise_offload_codec::{Encoder, decode, stats};
 use serde_json::{Value, json};
 use std::time::Instant;
@@ -46,6 +53,54 @@ struct Args {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// Decoders to check and time (see the module docs): `current`, `baseline`, with
+    /// `:u=N`, `:uw=N`, `:mb=N`, `:xs=N`, `:bps=N` settings.
+    #[arg(long, value_delimiter = ',', default_value = "current")]
+    variants: Vec<String>,
+    /// Timed CPU encodes per distribution (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    encode_reps: usize,
+    /// Skip the test patterns (only the distributions).
+    #[arg(long)]
+    no_patterns: bool,
+}
+
+/// A decoder to check and time, with its name (`--variants` entry).
+struct Variant {
+    name: String,
+    decoder: GpuDecoder,
+}
+
+/// Parses one `--variants` entry.
+fn parse_variant(spec: &str) -> Result<DecoderOptions> {
+    let mut parts = spec.split(':');
+    let kernel = match parts.next().unwrap_or("") {
+        "current" => Kernel::Current,
+        "baseline" => Kernel::Baseline,
+        k => bail!("unknown kernel {k:?} in variant {spec:?} (current or baseline)"),
+    };
+    let mut tuning = Tuning::default();
+    let mut bps = None;
+    for part in parts {
+        let (key, value) = part
+            .split_once('=')
+            .with_context(|| format!("{part:?} in variant {spec:?} is not key=value"))?;
+        let value: u32 = value
+            .parse()
+            .with_context(|| format!("{part:?} in variant {spec:?}"))?;
+        match key {
+            "u" => tuning.unroll = Some(value),
+            "uw" => tuning.unroll_wide = Some(value),
+            "mb" => tuning.min_blocks_per_sm = Some(value),
+            "xs" => tuning.shared_exceptions = Some(value),
+            "bps" => bps = Some(value),
+            _ => bail!("unknown setting {key:?} in variant {spec:?} (u, uw, mb, xs, bps)"),
+        }
+    }
+    Ok(DecoderOptions::default()
+        .with_kernel(kernel)
+        .with_blocks_per_sm(bps)
+        .with_tuning(tuning))
 }
 
 fn main() {
@@ -78,28 +133,50 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn run(args: &Args) -> Result<()> {
-    let t = Instant::now();
-    let decoder = GpuDecoder::new(args.device).context("setting up the GPU decoder")?;
-    let device = decoder.device();
+    let device = gpu::Device::new(args.device).context("opening the CUDA device")?;
     let name = device.name()?;
+    let sms = device.multiprocessors()?;
+    let sm_registers = device.registers_per_multiprocessor()?;
     let (nv_major, nv_minor) = gpu::nvrtc::version()?;
     println!("libnvrtc: {}", gpu::nvrtc::library_path()?.display());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!(
-        "{name} ({}, {} SMs), NVRTC {nv_major}.{nv_minor}, kernel compiled and loaded in {:.0} ms; {cores} CPU cores",
-        decoder.arch(),
-        device.multiprocessors()?,
-        t.elapsed().as_secs_f64() * 1e3
-    );
-    let info = json!({"device": name, "arch": decoder.arch(), "nvrtc": format!("{nv_major}.{nv_minor}"), "cpu_cores": cores});
+    let mut variants = Vec::new();
+    for spec in &args.variants {
+        let options = parse_variant(spec)?;
+        let t = Instant::now();
+        let decoder = GpuDecoder::with_options(device.clone(), options)
+            .with_context(|| format!("setting up the GPU decoder {spec}"))?;
+        println!(
+            "{spec}: {} kernel for {}, compiled and loaded in {:.0} ms; {} registers/thread, {} blocks/SM of {} threads ({:.0}% of the SM's registers), grid {}",
+            match options.kernel {
+                Kernel::Current => "current",
+                Kernel::Baseline => "baseline",
+            },
+            decoder.arch(),
+            t.elapsed().as_secs_f64() * 1e3,
+            decoder.registers_per_thread(),
+            decoder.blocks_per_sm(),
+            decoder.threads_per_block(),
+            register_share(&decoder, sm_registers) * 100.0,
+            decoder.max_blocks(),
+        );
+        variants.push(Variant {
+            name: spec.clone(),
+            decoder,
+        });
+    }
+    println!("{name} ({sms} SMs), NVRTC {nv_major}.{nv_minor}; {cores} CPU cores");
+    let info = json!({"device": name, "sms": sms, "nvrtc": format!("{nv_major}.{nv_minor}"), "cpu_cores": cores, "sm_registers": sm_registers});
 
     // 1. Correctness on the test patterns.
-    let mut checked = 0;
-    for (case, input, encoder) in patterns() {
-        check(&decoder, &case, &input, &encoder, 0, &info)?;
-        checked += 1;
+    if !args.no_patterns {
+        let mut checked = 0;
+        for (case, input, encoder) in patterns() {
+            check(&variants, &case, &input, &encoder, 0, 1, &info)?;
+            checked += 1;
+        }
+        println!("{checked} pattern cases: the output of every variant equals the CPU reference");
     }
-    println!("{checked} pattern cases: GPU output equals the CPU reference");
 
     // 2. Large distributions: correctness, CPU encode time, GPU decode throughput.
     let dists: Vec<Dist> = args
@@ -107,42 +184,55 @@ fn run(args: &Args) -> Result<()> {
         .iter()
         .map(|n| Dist::from_name(n).with_context(|| format!("unknown distribution {n}")))
         .collect::<Result<_>>()?;
+    let reps = args.reps.max(1);
+    let encode_reps = args.encode_reps.max(1);
     for (i, dist) in dists.iter().enumerate() {
         let input = generate(*dist, args.mib << 20, 42 + i as u64);
         check(
-            &decoder,
+            &variants,
             dist.name(),
             &input,
             &Encoder::new(),
-            args.reps,
+            reps,
+            encode_reps,
             &info,
         )?;
         if i == 0 {
             for &cv in &args.chunk_values {
                 let case = format!("{}-chunk{cv}", dist.name());
                 check(
-                    &decoder,
+                    &variants,
                     &case,
                     &input,
                     &Encoder::new().with_chunk_values(cv),
-                    args.reps,
+                    reps,
+                    encode_reps,
                     &info,
                 )?;
             }
             // Every chunk raw: the kernel as a plain copy, for reference.
             let case = format!("{}-all-raw", dist.name());
             check(
-                &decoder,
+                &variants,
                 &case,
                 &input,
                 &Encoder::new().raw_only(),
-                args.reps,
+                reps,
+                encode_reps,
                 &info,
             )?;
         }
     }
-    println!("all cases: GPU output equals the CPU reference");
+    println!("all cases: the output of every variant equals the CPU reference");
     Ok(())
+}
+
+/// The share of an SM's registers that a full grid's resident blocks of `decoder` hold.
+fn register_share(decoder: &GpuDecoder, sm_registers: i32) -> f64 {
+    f64::from(decoder.registers_per_thread())
+        * f64::from(decoder.threads_per_block())
+        * f64::from(decoder.blocks_per_sm())
+        / f64::from(sm_registers.max(1))
 }
 
 /// The pattern cases: (name, input, encoder).
@@ -174,7 +264,7 @@ fn patterns() -> Vec<(String, Vec<u8>, Encoder)> {
         mixed[at] = s;
     }
     let mixed: Vec<u8> = mixed.into_iter().flat_map(u16::to_le_bytes).collect();
-    for k in [1u8, 3, 4, 7] {
+    for k in 1..=7u8 {
         cases.push((
             format!("specials-k{k}"),
             mixed.clone(),
@@ -214,6 +304,26 @@ fn patterns() -> Vec<(String, Vec<u8>, Encoder)> {
             Encoder::new(),
         ));
     }
+    // Chunks of 9 windows of 256 values (the kernel's warps get uneven shares), partial last
+    // chunks and groups.
+    for len in [4097usize, 100_001, 1 << 20] {
+        cases.push((
+            format!("normal-len{len}-chunk2304"),
+            normal[..len].to_vec(),
+            Encoder::new().with_chunk_values(2304),
+        ));
+    }
+    // Many escapes (fp32 bytes: about half the values), and a flatter exponent distribution.
+    cases.push((
+        "fp32-normal-1mib".into(),
+        generate(Dist::Fp32Normal, 1 << 20, 11),
+        Encoder::new(),
+    ));
+    cases.push((
+        "xavier-uniform-1mib".into(),
+        generate(Dist::Uniform, 1 << 20, 12),
+        Encoder::new(),
+    ));
     // Coded, raw and odd-sized chunks in one encoding.
     let mut mix = generate(Dist::StudentT, 300_000, 8);
     mix.extend(generate(Dist::RandomBits, 70_000, 9));
@@ -226,19 +336,21 @@ fn patterns() -> Vec<(String, Vec<u8>, Encoder)> {
     cases
 }
 
-/// Encodes `input` on the CPU (timed), checks the CPU decode, decodes on the GPU and compares;
-/// with `reps > 0`, times `reps` GPU decodes. Prints a RESULT line.
+/// Encodes `input` on the CPU (timed), checks the CPU decode, decodes it on the GPU with every
+/// variant and compares each output with the reference; with `reps > 0`, times `reps` GPU
+/// decodes of each variant. Prints a RESULT line per variant.
 fn check(
-    decoder: &GpuDecoder,
+    variants: &[Variant],
     case: &str,
     input: &[u8],
     encoder: &Encoder,
     reps: usize,
+    encode_reps: usize,
     info: &Value,
 ) -> Result<()> {
     // CPU encode with all cores: into a fresh Vec (its pages faulted in by the writing threads),
     // and planned then written into a reused buffer, as into page-locked memory.
-    let timed_reps = if reps > 0 { 3 } else { 1 };
+    let timed_reps = if reps > 0 { encode_reps } else { 1 };
     let mut fresh = Vec::new();
     let mut encoded = Vec::new();
     for _ in 0..timed_reps {
@@ -258,6 +370,7 @@ fn check(
     if buffer != encoded {
         bail!("{case}: plan + write differs from encode");
     }
+    drop(buffer);
     let st = stats(&encoded)?;
     let mut reference = vec![0u8; input.len()];
     let t = Instant::now();
@@ -268,107 +381,125 @@ fn check(
         bail!("CPU round trip failed for {case}");
     }
 
-    let device = decoder.device();
+    let Some(first) = variants.first() else {
+        return Ok(());
+    };
+    let device = first.decoder.device();
     let mut enc_dev = device.alloc(encoded.len())?;
     enc_dev.copy_from_host(&encoded)?;
     let mut out_dev = device.alloc(input.len().max(1))?;
-    out_dev.fill(0xA5)?;
     let stream = device.stream()?;
-    let launch = || -> Result<()> {
-        // SAFETY: both buffers are live device memory of the decoder's device with the lengths
-        // passed; nothing else uses them while the stream runs, and they outlive every launch
-        // (the stream is synchronised before they drop).
-        unsafe {
-            decoder.decode_async(
-                enc_dev.device_ptr(),
-                encoded.len(),
-                out_dev.device_ptr(),
-                input.len(),
-                stream.as_raw(),
-            )
-        }?;
-        Ok(())
-    };
-    launch()?;
-    stream.synchronize()?;
-    decoder
-        .synchronize_and_check()
-        .with_context(|| format!("{case}: the kernel refused the encoding"))?;
     let mut back = vec![0u8; input.len()];
-    out_dev.copy_to_host(&mut back)?;
-    if back != reference {
-        let first = back
-            .iter()
-            .zip(&reference)
-            .position(|(a, b)| a != b)
-            .unwrap_or(0);
-        let wrong = back.iter().zip(&reference).filter(|(a, b)| a != b).count();
-        println!(
-            "MISMATCH {case}: {wrong} of {} bytes differ, first at {first}",
-            input.len()
-        );
-        bail!("GPU output differs from the CPU reference for {case}");
-    }
-
-    let mut r = json!({
-        "measurement": if reps > 0 { "gpu_decode" } else { "gpu_decode_check" },
-        "case": case,
-        "match": true,
-        "raw_bytes": input.len(),
-        "encoded_bytes": encoded.len(),
-        "ratio": st.ratio(),
-        "chunks": st.chunks,
-        "raw_chunks": st.raw_chunks,
-        "chunks_by_code_bits": st.chunks_by_code_bits,
-        "cpu_encode_s": encode_s,
-        "cpu_encode_gbps": input.len() as f64 / encode_s / 1e9,
-        "cpu_encode_into_reused_s": encode_reused_s,
-        "cpu_decode_s": cpu_decode_s,
-    });
-    if reps > 0 {
-        // Warm-up, then `reps` timed decodes, each between two events on the stream.
+    for variant in variants {
+        let decoder = &variant.decoder;
+        let name = &variant.name;
+        out_dev.fill(0xA5)?;
+        let launch = || -> Result<()> {
+            // SAFETY: both buffers are live device memory of the decoder's device with the
+            // lengths passed; nothing else uses them while the stream runs, and they outlive
+            // every launch (the stream is synchronised before they drop).
+            unsafe {
+                decoder.decode_async(
+                    enc_dev.device_ptr(),
+                    encoded.len(),
+                    out_dev.device_ptr(),
+                    input.len(),
+                    stream.as_raw(),
+                )
+            }?;
+            Ok(())
+        };
         launch()?;
-        let (start, stop) = (device.event()?, device.event()?);
-        let mut ms = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            start.record(&stream)?;
-            launch()?;
-            stop.record(&stream)?;
-            ms.push(f64::from(stop.elapsed_ms_since(&start)?));
-        }
         stream.synchronize()?;
-        decoder.synchronize_and_check()?;
-        let med = median(ms.clone());
-        let best = ms.iter().copied().fold(f64::INFINITY, f64::min);
-        let gbps = |ms: f64| input.len() as f64 / (ms * 1e-3) / 1e9;
-        let extra = json!({
-            "reps": reps,
-            "gpu_decode_ms_median": med,
-            "gpu_decode_ms_min": best,
-            "gpu_decode_gbps_median": gbps(med),
-            "gpu_decode_gbps_best": gbps(best),
-            "gpu_input_gbps_median": encoded.len() as f64 / (med * 1e-3) / 1e9,
-            "cpu_encode_s_per_26gib": encode_s * (26.0 * (1u64 << 30) as f64) / input.len() as f64,
-            "cpu_encode_into_reused_s_per_26gib": encode_reused_s * (26.0 * (1u64 << 30) as f64) / input.len() as f64,
+        decoder
+            .synchronize_and_check()
+            .with_context(|| format!("{case} [{name}]: the kernel refused the encoding"))?;
+        out_dev.copy_to_host(&mut back)?;
+        if back != reference {
+            let first = back
+                .iter()
+                .zip(&reference)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            let wrong = back.iter().zip(&reference).filter(|(a, b)| a != b).count();
+            println!(
+                "MISMATCH {case} [{name}]: {wrong} of {} bytes differ, first at {first}",
+                input.len()
+            );
+            bail!("GPU output of {name} differs from the CPU reference for {case}");
+        }
+
+        let mut r = json!({
+            "measurement": if reps > 0 { "gpu_decode" } else { "gpu_decode_check" },
+            "case": case,
+            "variant": name,
+            "match": true,
+            "raw_bytes": input.len(),
+            "encoded_bytes": encoded.len(),
+            "ratio": st.ratio(),
+            "chunks": st.chunks,
+            "raw_chunks": st.raw_chunks,
+            "chunks_by_code_bits": st.chunks_by_code_bits,
+            "arch": decoder.arch(),
+            "registers_per_thread": decoder.registers_per_thread(),
+            "blocks_per_sm": decoder.blocks_per_sm(),
+            "grid": decoder.max_blocks(),
+            "cpu_encode_s": encode_s,
+            "cpu_encode_gbps": input.len() as f64 / encode_s / 1e9,
+            "cpu_encode_into_reused_s": encode_reused_s,
+            "cpu_decode_s": cpu_decode_s,
         });
+        if reps > 0 {
+            // Warm-up, then `reps` timed decodes, each between two events on the stream.
+            launch()?;
+            let (start, stop) = (device.event()?, device.event()?);
+            let mut ms = Vec::with_capacity(reps);
+            for _ in 0..reps {
+                start.record(&stream)?;
+                launch()?;
+                stop.record(&stream)?;
+                ms.push(f64::from(stop.elapsed_ms_since(&start)?));
+            }
+            stream.synchronize()?;
+            decoder.synchronize_and_check()?;
+            let med = median(ms.clone());
+            let best = ms.iter().copied().fold(f64::INFINITY, f64::min);
+            let gbps = |ms: f64| input.len() as f64 / (ms * 1e-3) / 1e9;
+            let sm_registers = info["sm_registers"].as_i64().unwrap_or(65536) as i32;
+            let share = register_share(decoder, sm_registers);
+            let extra = json!({
+                "reps": reps,
+                "gpu_decode_ms_median": med,
+                "gpu_decode_ms_min": best,
+                "gpu_decode_gbps_median": gbps(med),
+                "gpu_decode_gbps_best": gbps(best),
+                "gpu_input_gbps_median": encoded.len() as f64 / (med * 1e-3) / 1e9,
+                "sm_register_share": share,
+                "register_weighted_ms": med * share,
+                "cpu_encode_s_per_26gib": encode_s * (26.0 * (1u64 << 30) as f64) / input.len() as f64,
+                "cpu_encode_into_reused_s_per_26gib": encode_reused_s * (26.0 * (1u64 << 30) as f64) / input.len() as f64,
+            });
+            r.as_object_mut()
+                .expect("object")
+                .extend(extra.as_object().expect("object").clone());
+            println!(
+                "{case} [{name}]: ratio {:.4}, GPU decode {:.3} ms median ({:.0} GB/s of output, best {:.0}; {:.0}% of the SMs' registers held: {:.3} register-weighted ms), CPU encode {:.3} s ({:.2} GB/s; into a reused buffer {:.3} s), CPU decode {:.3} s",
+                st.ratio(),
+                med,
+                gbps(med),
+                gbps(best),
+                share * 100.0,
+                med * share,
+                encode_s,
+                input.len() as f64 / encode_s / 1e9,
+                encode_reused_s,
+                cpu_decode_s,
+            );
+        }
         r.as_object_mut()
             .expect("object")
-            .extend(extra.as_object().expect("object").clone());
-        println!(
-            "{case}: ratio {:.4}, GPU decode {:.3} ms median ({:.0} GB/s of output, best {:.0}), CPU encode {:.3} s ({:.2} GB/s; into a reused buffer {:.3} s), CPU decode {:.3} s",
-            st.ratio(),
-            med,
-            gbps(med),
-            gbps(best),
-            encode_s,
-            input.len() as f64 / encode_s / 1e9,
-            encode_reused_s,
-            cpu_decode_s,
-        );
+            .extend(info.as_object().expect("object").clone());
+        result(r);
     }
-    r.as_object_mut()
-        .expect("object")
-        .extend(info.as_object().expect("object").clone());
-    result(r);
     Ok(())
 }

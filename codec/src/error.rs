@@ -62,8 +62,8 @@ pub enum CodecError {
         /// The output buffer's length.
         got: u64,
     },
-    /// An encoder option is out of range.
-    #[error("invalid encoder option {option} = {value}: {reason}")]
+    /// An encoder or GPU decoder option is out of range.
+    #[error("invalid option {option} = {value}: {reason}")]
     InvalidOption {
         /// The option.
         option: &'static str,

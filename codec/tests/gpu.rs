@@ -7,7 +7,7 @@
 mod common;
 
 use common::{Dist, generate};
-use layerwise_offload_codec::gpu::{self, GpuDecoder};
+use layerwise_offload_codec::gpu::{self, DecoderOptions, GpuDecoder, Kernel};
 use layerwise_offload_codec::{CodecError, Encoder, decode};
 
 fn require_cuda() -> bool {
@@ -24,12 +24,25 @@ fn kernel_compiles_for_hopper_and_ampere() {
     if let Err(e) = gpu::nvrtc::version() {
         return skip(&format!("no libnvrtc ({e})"));
     }
+    // The current kernel with its default tuning and with other settings (every k's loads
+    // unrolled 4 times, 80 registers, exceptions read from global memory), and the baseline.
+    let tuned = format!(
+        "#define UNROLL 4\n#define UNROLL_WIDE 4\n#define MIN_BLOCKS 3\n#define EXC_SHARED 0\n{}",
+        gpu::kernel_source()
+    );
+    let sources = [
+        gpu::kernel_source(),
+        tuned.as_str(),
+        gpu::kernel_source_of(Kernel::Baseline),
+    ];
     for arch in ["sm_80", "sm_90"] {
-        let cubin = gpu::nvrtc::compile(gpu::kernel_source(), "lwbc_decode.cu", arch).unwrap();
-        assert!(
-            cubin.starts_with(b"\x7fELF"),
-            "{arch}: NVRTC returned no ELF cubin"
-        );
+        for source in sources {
+            let cubin = gpu::nvrtc::compile(source, "lwbc_decode.cu", arch).unwrap();
+            assert!(
+                cubin.starts_with(b"\x7fELF"),
+                "{arch}: NVRTC returned no ELF cubin"
+            );
+        }
     }
 }
 
@@ -111,6 +124,74 @@ fn gpu_decodes_every_pattern_like_the_cpu() {
         &Encoder::new(),
     )
     .unwrap();
+}
+
+#[test]
+fn gpu_baseline_kernel_decodes_like_the_cpu() {
+    let Some(decoder) = decoder() else { return };
+    let baseline = GpuDecoder::with_options(
+        decoder.device().clone(),
+        DecoderOptions::default().with_kernel(Kernel::Baseline),
+    )
+    .unwrap();
+    let normal = generate(Dist::Normal, 1 << 20, 4);
+    for encoder in [Encoder::new(), Encoder::new().with_chunk_values(256)] {
+        gpu_round_trip(&baseline, &normal, &encoder).unwrap();
+    }
+}
+
+#[test]
+fn gpu_reports_escape_codes_that_disagree_with_the_exception_count() {
+    let Some(decoder) = decoder() else { return };
+    let input = generate(Dist::Normal, 1 << 20, 5);
+    let mut encoded = Encoder::new()
+        .with_chunk_values(4096)
+        .with_code_bits(3..=3)
+        .encode(&input)
+        .unwrap();
+    // Every value of chunk 0's first group gets the escape code (all plane bits set): more
+    // escape codes than the chunk stores exceptions, with every size unchanged.
+    let offset = u64::from_le_bytes(encoded[32..40].try_into().unwrap()) as usize;
+    assert_eq!(
+        (encoded[44], encoded[45]),
+        (1, 3),
+        "chunk 0 coded with k = 3"
+    );
+    let planes = offset + 16; // the table of 7 bytes, padded to 16
+    encoded[planes..planes + 12].fill(0xff);
+    let mut cpu = vec![0u8; input.len()];
+    assert!(
+        decode(&encoded, &mut cpu).is_err(),
+        "the CPU refuses it too"
+    );
+    let device = decoder.device();
+    let mut enc = device.alloc(encoded.len()).unwrap();
+    enc.copy_from_host(&encoded).unwrap();
+    let out = device.alloc(input.len()).unwrap();
+    let baseline = GpuDecoder::with_options(
+        device.clone(),
+        DecoderOptions::default().with_kernel(Kernel::Baseline),
+    )
+    .unwrap();
+    for d in [&decoder, &baseline] {
+        // SAFETY: live buffers of the lengths passed; the legacy default stream (null).
+        unsafe {
+            d.decode_async(
+                enc.device_ptr(),
+                encoded.len(),
+                out.device_ptr(),
+                input.len(),
+                std::ptr::null_mut(),
+            )
+        }
+        .unwrap();
+        match d.synchronize_and_check() {
+            Err(CodecError::DeviceDecode { bits }) => {
+                assert_eq!(bits, gpu::status::EXCEPTIONS, "{:?}", d.options())
+            }
+            other => panic!("wrong escape count not reported: {other:?}"),
+        }
+    }
 }
 
 #[test]

@@ -1,11 +1,126 @@
 //! [`GpuDecoder`]: the decode kernel compiled for one device and launched on a caller's stream.
 
 use super::driver::{Device, DeviceBuffer, check};
-use super::ffi::{CUfunction, CUmodule};
+use super::ffi::{CU_FUNC_ATTRIBUTE_NUM_REGS, CUfunction, CUmodule};
 use super::{kernel, nvrtc};
 use crate::error::{CodecError, Result};
 use crate::format::{ALIGN, HEADER_LEN, MIN_CHUNK_VALUES};
 use std::ffi::{CString, c_void};
+
+/// Which decode kernel a [`GpuDecoder`] runs (see the kernel module's notes in the crate's
+/// README).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// The current kernel: code widths as template parameters, exponents looked up in
+    /// registers for k <= 3, one barrier per chunk, a warp-level running exception index.
+    #[default]
+    Current,
+    /// The first kernel (runtime code width, a block-wide scan per 8192 values), kept to
+    /// measure the current one against. Same format, same checks, same results.
+    Baseline,
+}
+
+/// How a [`GpuDecoder`] builds and launches its kernel. `Default` is what
+/// [`GpuDecoder::new`] uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct DecoderOptions {
+    /// The kernel.
+    pub kernel: Kernel,
+    /// At most this many blocks per SM in the grid (default: as many as can be resident).
+    /// Fewer blocks take longer but hold less of each SM while kernels run beside the decode.
+    pub blocks_per_sm: Option<u32>,
+    /// Compile-time settings of [`Kernel::Current`] (the baseline kernel takes none).
+    pub tuning: Tuning,
+}
+
+/// Compile-time settings of [`Kernel::Current`], for measurements; `None` keeps the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Tuning {
+    /// Windows of 256 values a warp loads together when k <= 3, 1..=4 (default 2).
+    pub unroll: Option<u32>,
+    /// The same when k >= 4, 1..=4 (default 1).
+    pub unroll_wide: Option<u32>,
+    /// The `__launch_bounds__` minimum of resident blocks per SM the compiler fits registers
+    /// for, 1..=8 (default 4: 64 registers per thread).
+    pub min_blocks_per_sm: Option<u32>,
+    /// A chunk's exceptions are copied into shared memory when there are at most this many,
+    /// a multiple of 16 in 0..=4096 (default 4096; 0: always read from global memory).
+    pub shared_exceptions: Option<u32>,
+}
+
+impl DecoderOptions {
+    /// The options with `kernel`.
+    pub fn with_kernel(mut self, kernel: Kernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// The options with at most `blocks` blocks per SM (`None`: as many as can be resident).
+    pub fn with_blocks_per_sm(mut self, blocks: Option<u32>) -> Self {
+        self.blocks_per_sm = blocks;
+        self
+    }
+
+    /// The options with the current kernel's compile-time settings `tuning`.
+    pub fn with_tuning(mut self, tuning: Tuning) -> Self {
+        self.tuning = tuning;
+        self
+    }
+
+    /// The CUDA source these options compile: the kernel's, after its tuning macros.
+    fn source(&self) -> Result<String> {
+        let t = self.tuning;
+        match self.kernel {
+            Kernel::Baseline if t == Tuning::default() => Ok(kernel::BASELINE_SOURCE.to_string()),
+            Kernel::Baseline => Err(CodecError::InvalidOption {
+                option: "tuning",
+                value: format!("{t:?}"),
+                reason: "the baseline kernel takes no tuning",
+            }),
+            Kernel::Current => {
+                let mut defines = String::new();
+                for (option, name, value, ok, reason) in [
+                    ("unroll", "UNROLL", t.unroll, 1..=4, "must be in 1..=4"),
+                    (
+                        "unroll_wide",
+                        "UNROLL_WIDE",
+                        t.unroll_wide,
+                        1..=4,
+                        "must be in 1..=4",
+                    ),
+                    (
+                        "min_blocks_per_sm",
+                        "MIN_BLOCKS",
+                        t.min_blocks_per_sm,
+                        1..=8,
+                        "must be in 1..=8",
+                    ),
+                    (
+                        "shared_exceptions",
+                        "EXC_SHARED",
+                        t.shared_exceptions,
+                        0..=4096,
+                        "must be a multiple of 16 in 0..=4096",
+                    ),
+                ] {
+                    if let Some(v) = value {
+                        if !ok.contains(&v) || (name == "EXC_SHARED" && v % 16 != 0) {
+                            return Err(CodecError::InvalidOption {
+                                option,
+                                value: v.to_string(),
+                                reason,
+                            });
+                        }
+                        defines.push_str(&format!("#define {name} {v}\n"));
+                    }
+                }
+                Ok(defines + kernel::SOURCE)
+            }
+        }
+    }
+}
 
 /// The decode kernel, compiled by NVRTC for one device's compute capability and loaded into its
 /// primary context.
@@ -17,8 +132,13 @@ pub struct GpuDecoder {
     device: Device,
     module: CUmodule,
     function: CUfunction,
-    /// The most blocks worth launching: resident blocks per SM times SMs.
+    /// The most blocks worth launching: blocks per SM (resident, or the options' cap) times SMs.
     max_blocks: u32,
+    /// Blocks per SM in a full grid.
+    blocks_per_sm: u32,
+    /// Registers per thread of the compiled kernel.
+    registers: u32,
+    options: DecoderOptions,
     /// A device u32 the kernel ORs [`status`](super::status) bits into.
     status: DeviceBuffer,
     arch: String,
@@ -38,6 +158,7 @@ impl std::fmt::Debug for GpuDecoder {
             .field("device", &self.device)
             .field("arch", &self.arch)
             .field("max_blocks", &self.max_blocks)
+            .field("options", &self.options)
             .finish()
     }
 }
@@ -51,13 +172,18 @@ impl GpuDecoder {
 
     /// [`new`](GpuDecoder::new) for a device already opened.
     pub fn on(device: Device) -> Result<GpuDecoder> {
+        GpuDecoder::with_options(device, DecoderOptions::default())
+    }
+
+    /// [`on`](GpuDecoder::on) with another kernel, grid or tuning.
+    pub fn with_options(device: Device, options: DecoderOptions) -> Result<GpuDecoder> {
         let (major, minor) = device.compute_capability()?;
         let arch = format!("sm_{major}{minor}");
-        let cubin = nvrtc::compile(kernel::SOURCE, "lwbc_decode.cu", &arch)?;
+        let cubin = nvrtc::compile(&options.source()?, "lwbc_decode.cu", &arch)?;
         let sms = device.multiprocessors()?;
         let mut status = device.alloc(4)?;
         status.fill(0)?;
-        let (module, function, per_sm) = device.with_context(|api| {
+        let (module, function, per_sm, regs) = device.with_context(|api| {
             let mut module: CUmodule = std::ptr::null_mut();
             // SAFETY: `cubin` is a complete cubin image for this device, alive for the call; the
             // context is current. Unloaded in Drop.
@@ -88,14 +214,31 @@ impl GpuDecoder {
                 unsafe { (api.cuModuleUnload)(module) };
                 return Err(e);
             }
-            Ok((module, function, per_sm))
+            let mut regs = 0;
+            // SAFETY: a valid out-pointer and function.
+            let code = unsafe {
+                (api.cuFuncGetAttribute)(&mut regs, CU_FUNC_ATTRIBUTE_NUM_REGS, function)
+            };
+            if let Err(e) = check(api, "cuFuncGetAttribute", code) {
+                // SAFETY: loaded above, unloaded once.
+                unsafe { (api.cuModuleUnload)(module) };
+                return Err(e);
+            }
+            Ok((module, function, per_sm, regs))
         })?;
-        let max_blocks = (per_sm.max(1) as u32).saturating_mul(sms.max(1) as u32);
+        let mut blocks_per_sm = per_sm.max(1) as u32;
+        if let Some(cap) = options.blocks_per_sm {
+            blocks_per_sm = blocks_per_sm.min(cap.max(1));
+        }
+        let max_blocks = blocks_per_sm.saturating_mul(sms.max(1) as u32);
         Ok(GpuDecoder {
             device,
             module,
             function,
             max_blocks,
+            blocks_per_sm,
+            registers: regs.max(0) as u32,
+            options,
             status,
             arch,
         })
@@ -109,6 +252,32 @@ impl GpuDecoder {
     /// The architecture the kernel was compiled for (`sm_90`).
     pub fn arch(&self) -> &str {
         &self.arch
+    }
+
+    /// The options it was made with.
+    pub fn options(&self) -> &DecoderOptions {
+        &self.options
+    }
+
+    /// Blocks per SM of a full grid: as many as can be resident, or the options' cap.
+    pub fn blocks_per_sm(&self) -> u32 {
+        self.blocks_per_sm
+    }
+
+    /// Registers per thread of the compiled kernel (with the threads per block, what a resident
+    /// block holds of an SM's register file).
+    pub fn registers_per_thread(&self) -> u32 {
+        self.registers
+    }
+
+    /// Threads per block.
+    pub fn threads_per_block(&self) -> u32 {
+        kernel::THREADS
+    }
+
+    /// The most blocks a decode launches (blocks per SM times SMs; fewer for a small output).
+    pub fn max_blocks(&self) -> u32 {
+        self.max_blocks
     }
 
     /// Queues the decode of the encoding at `encoded_dev` (`encoded_len` bytes) into `out_dev`

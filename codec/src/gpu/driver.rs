@@ -5,8 +5,9 @@
 
 use super::ffi::{
     CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
-    CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, CU_STREAM_NON_BLOCKING, CUDA_ERROR_NO_DEVICE,
-    CUDA_SUCCESS, CUcontext, CUdevice, CUdeviceptr, CUevent, CUresult, CUstream, DriverApi,
+    CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+    CU_STREAM_NON_BLOCKING, CUDA_ERROR_NO_DEVICE, CUDA_SUCCESS, CUcontext, CUdevice, CUdeviceptr,
+    CUevent, CUresult, CUstream, DriverApi,
 };
 use crate::error::{CodecError, Result};
 use libloading::Library;
@@ -212,6 +213,11 @@ impl Device {
     /// Streaming multiprocessors.
     pub fn multiprocessors(&self) -> Result<i32> {
         self.attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+    }
+
+    /// 32-bit registers of one multiprocessor (65536 on Hopper).
+    pub fn registers_per_multiprocessor(&self) -> Result<i32> {
+        self.attribute(CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR)
     }
 
     /// The device's name (`NVIDIA H100 80GB HBM3`).

@@ -23,6 +23,8 @@ pub const CUDA_ERROR_NO_DEVICE: CUresult = 100;
 pub const CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: c_int = 16;
 pub const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: c_int = 75;
 pub const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: c_int = 76;
+pub const CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR: c_int = 82;
+pub const CU_FUNC_ATTRIBUTE_NUM_REGS: c_int = 4;
 pub const CU_STREAM_NON_BLOCKING: c_uint = 1;
 pub const NVRTC_SUCCESS: nvrtcResult = 0;
 
@@ -83,6 +85,7 @@ api!(DriverApi, "libcuda", {
     cuModuleUnload: fn(CUmodule) -> CUresult;
     cuModuleGetFunction: fn(*mut CUfunction, CUmodule, *const c_char) -> CUresult;
     cuOccupancyMaxActiveBlocksPerMultiprocessor: fn(*mut c_int, CUfunction, c_int, usize) -> CUresult;
+    cuFuncGetAttribute: fn(*mut c_int, c_int, CUfunction) -> CUresult;
     cuLaunchKernel: fn(
         CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream,
         *mut *mut c_void, *mut *mut c_void

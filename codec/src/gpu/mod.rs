@@ -24,10 +24,18 @@ mod kernel;
 pub mod nvrtc;
 pub mod status;
 
-pub use decoder::GpuDecoder;
+pub use decoder::{DecoderOptions, GpuDecoder, Kernel, Tuning};
 pub use driver::{Device, DeviceBuffer, Event, Stream, device_count};
 
 /// The decode kernel's CUDA C source (for inspection and offline compilation checks).
 pub fn kernel_source() -> &'static str {
     kernel::SOURCE
+}
+
+/// The CUDA C source of `kernel` (for inspection and offline compilation checks).
+pub fn kernel_source_of(kernel: Kernel) -> &'static str {
+    match kernel {
+        Kernel::Current => kernel::SOURCE,
+        Kernel::Baseline => kernel::BASELINE_SOURCE,
+    }
 }

@@ -11,7 +11,9 @@ pub const HEADER: u32 = 1;
 /// A chunk's directory entry is invalid or its size disagrees with the offsets: the chunk was
 /// skipped.
 pub const CHUNK: u32 = 2;
-/// A chunk's escape codes and stored exception count differ.
+/// A chunk's escape codes and stored exception count differ. The current kernel counts the
+/// escape codes before it writes anything of the chunk, and skips it; the baseline kernel finds
+/// out while decoding, so part of the chunk may have been written.
 pub const EXCEPTIONS: u32 = 4;
 
 /// The names of the bits set in `bits`.
