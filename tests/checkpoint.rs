@@ -63,6 +63,13 @@ fn write_checkpoint(dir: &Path, tensors: &[(String, Tensor)], shards: usize) -> 
     dir.to_owned()
 }
 
+/// The CPU test mode's manager of `n` blocks over the checkpoint at `path`.
+fn on_cpu(n: usize, path: &Path) -> layerwise_offload::Result<OffloadConfig> {
+    Ok(OffloadConfig::new("blocks", n)
+        .cpu_test_mode(true)
+        .checkpoint(Checkpoint::open(path)?))
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Store {
     /// Pinned (or plain) buffers read from the files.
@@ -180,10 +187,7 @@ fn renamed_tensors_load() -> anyhow::Result<()> {
     // Without the rename every tensor is both missing and unexpected.
     let model = Model::new(Device::Cpu, 3, false, 42);
     let before = model.snapshot();
-    let mut m = OffloadConfig::new("blocks", 3)
-        .cpu_test_mode(true)
-        .checkpoint(Checkpoint::open(&path)?)
-        .build(&model.vs)?;
+    let mut m = on_cpu(3, &path)?.build(&model.vs)?;
     match m.initialize() {
         Err(Error::CheckpointMismatch(mm)) => {
             assert_eq!(mm.missing.len(), before.len());
@@ -243,10 +247,7 @@ fn every_mismatch_is_named() -> anyhow::Result<()> {
     let path = write_checkpoint(&dir.0, &tensors, 1);
     let model = Model::new(Device::Cpu, 3, false, 52);
     let before = model.snapshot();
-    let mut m = OffloadConfig::new("blocks", 3)
-        .cpu_test_mode(true)
-        .checkpoint(Checkpoint::open(&path)?)
-        .build(&model.vs)?;
+    let mut m = on_cpu(3, &path)?.build(&model.vs)?;
     let mm: Box<CheckpointMismatch> = match m.initialize() {
         Err(Error::CheckpointMismatch(mm)) => mm,
         r => panic!("expected CheckpointMismatch, got {r:?}"),
@@ -297,9 +298,7 @@ fn unexpected_and_converted_on_request() -> anyhow::Result<()> {
     }
     let path = write_checkpoint(&dir.0, &tensors, 2);
     let model = Model::new(Device::Cpu, 3, false, 62);
-    let mut m = OffloadConfig::new("blocks", 3)
-        .cpu_test_mode(true)
-        .checkpoint(Checkpoint::open(&path)?)
+    let mut m = on_cpu(3, &path)?
         .allow_unexpected(true)
         .convert_dtypes(true)
         .build(&model.vs)?;
@@ -319,9 +318,7 @@ fn unexpected_and_converted_on_request() -> anyhow::Result<()> {
     let ints = TempDir::new("convert-int");
     let path2 = write_checkpoint(&ints.0, &tensors, 1);
     let model2 = Model::new(Device::Cpu, 3, false, 63);
-    let mut m2 = OffloadConfig::new("blocks", 3)
-        .cpu_test_mode(true)
-        .checkpoint(Checkpoint::open(&path2)?)
+    let mut m2 = on_cpu(3, &path2)?
         .allow_unexpected(true)
         .convert_dtypes(true)
         .build(&model2.vs)?;
@@ -333,9 +330,7 @@ fn unexpected_and_converted_on_request() -> anyhow::Result<()> {
         }
         r => panic!("expected CheckpointMismatch, got {r:?}"),
     }
-    let mut m = OffloadConfig::new("blocks", 3)
-        .cpu_test_mode(true)
-        .checkpoint(Checkpoint::open(&path)?)
+    let mut m = on_cpu(3, &path)?
         .allow_unexpected(true)
         .convert_dtypes(true)
         .build(&model.vs)?;
