@@ -20,13 +20,19 @@ use super::timing::Pair;
 /// Device staging buffers: one being decoded from, one being uploaded into.
 const STAGING: usize = 2;
 
-/// The GPU side of decoding (CUDA only).
+/// The GPU side of decoding (CUDA only). Its events are made once and recorded again at each
+/// upload: nothing is allocated in the loop.
 #[derive(Debug)]
 pub(super) struct Decoding {
     gpu: GpuDecoder,
+    /// The decode stream's native handle (a `cudaStream_t`), as an address.
+    stream: usize,
     staging: Vec<Tensor>,
-    /// Per staging buffer: the event after the last decode out of it.
-    free: Vec<Option<Event>>,
+    /// Per staging buffer: recorded after the upload into it.
+    uploaded: Vec<Event>,
+    /// Per staging buffer: recorded after the last decode out of it (once `decoded[k]`).
+    free: Vec<Event>,
+    decoded: Vec<bool>,
     next: usize,
 }
 
@@ -92,14 +98,22 @@ impl LayerwiseOffloadManager {
             return Ok(());
         };
         self.backend.take_decode_stream()?;
+        let stream = match self.backend.decode_stream() {
+            Some(s) => s.native_handle()? as usize,
+            None => return Ok(()),
+        };
         let gpu = GpuDecoder::new(device).map_err(codec_error("building the GPU decoder"))?;
         let staging = (0..STAGING)
             .map(|_| accel::alloc_device(largest.next_multiple_of(16), device))
             .collect::<Result<Vec<_>>>()?;
+        let events = || (0..STAGING).map(|_| Event::new()).collect::<Result<Vec<_>>>();
         self.decoding = Some(Decoding {
             gpu,
+            stream,
             staging,
-            free: (0..STAGING).map(|_| None).collect(),
+            uploaded: events()?,
+            free: events()?,
+            decoded: vec![false; STAGING],
             next: 0,
         });
         Ok(())
@@ -141,8 +155,8 @@ impl LayerwiseOffloadManager {
             .f_narrow(0, 0, enc_len as i64)
             .map_err(|e| Error::from(("upload", e)))?;
         // 1. The encoding into staging buffer k, once the decode out of it before is done.
-        if let Some(free) = &dec.free[k] {
-            free.wait(&copy)?;
+        if dec.decoded[k] {
+            dec.free[k].wait(&copy)?;
         }
         self.timer
             .time(pair, &copy, (block, enc_len as u64, Lane::Upload), || {
@@ -152,15 +166,15 @@ impl LayerwiseOffloadManager {
                 // released by its previous decode (`free`, waited above).
                 unsafe { device::copy(&mut staged, enc, Some(&copy), "upload") }
             })?;
-        let mut uploaded = Event::new()?;
-        uploaded.record(&copy)?;
+        let dec = self.decoding.as_mut().expect("checked above");
+        dec.uploaded[k].record(&copy)?;
         // 2. The decode into the slot, once the encoding is there and the compute stream has
         //    released the slot's previous block.
-        uploaded.wait(&decode)?;
+        dec.uploaded[k].wait(&decode)?;
         self.slots[s].wait_writable(&decode)?;
         let decode_pair = self.timing_pair()?;
         let dec = self.decoding.as_mut().expect("checked above");
-        let native = decode.native_handle()?;
+        let native = dec.stream as *mut std::ffi::c_void;
         let (src, dst) = (staged.data_ptr() as u64, out.data_ptr() as u64);
         self.timer.time(
             decode_pair,
@@ -177,9 +191,9 @@ impl LayerwiseOffloadManager {
             },
         )?;
         self.slots[s].mark_ready(&decode)?;
-        let mut free = Event::new()?;
-        free.record(&decode)?;
-        self.decoding.as_mut().expect("checked above").free[k] = Some(free);
+        let dec = self.decoding.as_mut().expect("checked above");
+        dec.free[k].record(&decode)?;
+        dec.decoded[k] = true;
         Ok(())
     }
 }
