@@ -354,14 +354,6 @@ pub(crate) fn read_parallel(
     })
 }
 
-/// Threads used to read a checkpoint: the machine's cores, at most 16.
-pub(crate) fn read_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(4)
-        .min(16)
-}
-
 /// `posix_fadvise(fd, offset, len, POSIX_FADV_DONTNEED)` (`len` 0: to the end).
 fn fadvise_dontneed(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;

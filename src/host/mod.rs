@@ -35,6 +35,52 @@ pub(crate) fn manifest_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Threads for host-side work on weights (reading checkpoints, encoding, decoding): the
+/// machine's cores, at most 16.
+pub(crate) fn worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(4, |n| n.get())
+        .min(16)
+}
+
+/// Checks that `t` is a contiguous CPU tensor; returns its size in bytes.
+fn host_extent(t: &Tensor) -> Result<usize> {
+    if t.device() != tch::Device::Cpu || !t.is_contiguous() {
+        return Err(Error::InvalidArgument {
+            op: "viewing a host buffer as bytes",
+            message: format!(
+                "a contiguous CPU tensor is needed, got {:?} on {:?}",
+                t.size(),
+                t.device()
+            ),
+        });
+    }
+    Ok(t.numel() * t.kind().elt_size_in_bytes())
+}
+
+/// The bytes of host buffer `t` (a contiguous CPU tensor, checked).
+///
+/// # Safety
+/// Nothing may write `t`'s storage while the slice lives, and `t` must outlive it.
+pub(crate) unsafe fn bytes(t: &Tensor) -> Result<&[u8]> {
+    let len = host_extent(t)?;
+    // SAFETY: a contiguous CPU tensor's storage is `len` bytes from its data pointer; the
+    // caller guarantees it is neither written nor freed while the slice lives.
+    Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) })
+}
+
+/// The bytes of host buffer `t` (a contiguous CPU tensor, checked), to fill.
+///
+/// # Safety
+/// Nothing else may read or write `t`'s storage while the slice lives (no other slice, view or
+/// asynchronous copy), and `t` must outlive it.
+#[allow(clippy::mut_from_ref)]
+pub(crate) unsafe fn bytes_mut(t: &Tensor) -> Result<&mut [u8]> {
+    let len = host_extent(t)?;
+    // SAFETY: as in `bytes`, with exclusive access guaranteed by the caller.
+    Ok(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, len) })
+}
+
 /// A block's host copy: one buffer, or (the zero-copy checkpoint store) pieces of mapped
 /// checkpoint files, each a contiguous range of the block's layout, or (compressed transport)
 /// one buffer holding the block's encoding. Every piece is a 1-D `uint8` CPU tensor.
@@ -85,24 +131,14 @@ impl HostBlock {
             return Ok(self.shallow_clone());
         };
         let out = crate::accel::alloc_host(raw.max(1), crate::accel::HostMemory::Pageable)?;
-        // SAFETY: `enc` is a contiguous 1-D uint8 CPU tensor of `numel` bytes that nothing
-        // writes (host copies are written only by update_tensor, refused for encoded blocks);
-        // `out` is a fresh contiguous buffer of at least `raw` bytes owned here.
-        let (src, dst) = unsafe {
-            (
-                std::slice::from_raw_parts(enc.data_ptr() as *const u8, enc.numel()),
-                std::slice::from_raw_parts_mut(out.data_ptr() as *mut u8, raw),
-            )
-        };
-        let threads = std::thread::available_parallelism()
-            .map_or(4, |n| n.get())
-            .min(16);
-        layerwise_offload_codec::decode_with_threads(src, dst, threads).map_err(|e| {
-            Error::InvalidArgument {
+        // SAFETY: nothing writes `enc` (host copies are written only by update_tensor, refused
+        // for encoded blocks); `out` is a fresh buffer owned here; both outlive the slices.
+        let (src, dst) = unsafe { (bytes(enc)?, bytes_mut(&out)?) };
+        layerwise_offload_codec::decode_with_threads(src, &mut dst[..raw], worker_threads())
+            .map_err(|e| Error::InvalidArgument {
                 op: "decoding a compressed host copy",
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         Ok(HostBlock::whole(out))
     }
 

@@ -8,7 +8,7 @@
 
 use crate::accel::{self, Event};
 use crate::error::{Error, Result};
-use crate::host::HostBlock;
+use crate::host::{self, HostBlock};
 use crate::stats::Lane;
 use layerwise_offload_codec::{Encoder, gpu::GpuDecoder};
 use tch::Tensor;
@@ -36,43 +36,25 @@ pub(super) struct Decoding {
     next: usize,
 }
 
-/// Threads that encode and decode on the host.
-fn codec_threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(4, |n| n.get())
-        .min(16)
-}
-
 fn codec_error(op: &'static str) -> impl Fn(layerwise_offload_codec::CodecError) -> Error {
     move |source| Error::Codec { op, source }
-}
-
-/// The bytes of a contiguous 1-D uint8 CPU tensor.
-///
-/// # Safety
-/// `t` must be a contiguous 1-D `uint8` CPU tensor that nothing writes while the slice lives.
-unsafe fn bytes_of(t: &Tensor) -> &[u8] {
-    // SAFETY: the caller's obligations; numel bytes from data_ptr are the tensor's storage.
-    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, t.numel()) }
 }
 
 impl LayerwiseOffloadManager {
     /// Encodes `raw` (a block's raw host bytes, a contiguous 1-D uint8 CPU tensor) into a new
     /// host buffer of the manager's host memory kind, and counts it.
     pub(super) fn encode_block(&mut self, raw: &Tensor) -> Result<HostBlock> {
-        // SAFETY: the caller's raw buffer is a contiguous uint8 CPU tensor it filled and does
-        // not write while this runs.
-        let input = unsafe { bytes_of(raw) };
+        // SAFETY: the caller filled `raw` and does not write it while this runs.
+        let input = unsafe { host::bytes(raw)? };
         let plan = Encoder::new()
-            .with_threads(codec_threads())
+            .with_threads(host::worker_threads())
             .plan(input)
             .map_err(codec_error("encoding a block"))?;
         let out = accel::alloc_host(plan.encoded_len().max(1), self.host_memory())?;
-        // SAFETY: `out` is a fresh contiguous buffer of at least encoded_len bytes, owned here.
-        let dst = unsafe {
-            std::slice::from_raw_parts_mut(out.data_ptr() as *mut u8, plan.encoded_len())
-        };
-        plan.write(dst).map_err(codec_error("encoding a block"))?;
+        // SAFETY: `out` is a fresh buffer owned here.
+        let dst = unsafe { host::bytes_mut(&out)? };
+        plan.write(&mut dst[..plan.encoded_len()])
+            .map_err(codec_error("encoding a block"))?;
         let out = out
             .f_narrow(0, 0, plan.encoded_len() as i64)
             .map_err(|e| Error::from(("encoding a block", e)))?;
@@ -106,7 +88,11 @@ impl LayerwiseOffloadManager {
         let staging = (0..STAGING)
             .map(|_| accel::alloc_device(largest.next_multiple_of(16), device))
             .collect::<Result<Vec<_>>>()?;
-        let events = || (0..STAGING).map(|_| Event::new()).collect::<Result<Vec<_>>>();
+        let events = || {
+            (0..STAGING)
+                .map(|_| Event::new())
+                .collect::<Result<Vec<_>>>()
+        };
         self.decoding = Some(Decoding {
             gpu,
             stream,
@@ -139,13 +125,8 @@ impl LayerwiseOffloadManager {
             // SAFETY: the host copy is not written while uploads run (update_tensor is refused
             // for encoded blocks); the slot is a contiguous uint8 CPU buffer of at least
             // `raw_len` bytes that no block uses while it is being filled.
-            let (src, dst) = unsafe {
-                (
-                    bytes_of(enc),
-                    std::slice::from_raw_parts_mut(out.data_ptr() as *mut u8, raw_len),
-                )
-            };
-            return layerwise_offload_codec::decode_with_threads(src, dst, codec_threads())
+            let (src, dst) = unsafe { (host::bytes(enc)?, host::bytes_mut(&out)?) };
+            return layerwise_offload_codec::decode_with_threads(src, dst, host::worker_threads())
                 .map_err(codec_error("decoding a block"));
         };
         let k = dec.next;

@@ -309,11 +309,11 @@ fn read_block(shared: &Shared, block: usize, dst: &Tensor) -> Result<()> {
     // buffers and restore's buffers are made so) that nothing else reads or writes now: a
     // staging buffer is Reading (the manager does not touch it, and the copy out of it before
     // was fenced), a restore buffer is fresh. It stays alive for the call.
-    let buf = unsafe { std::slice::from_raw_parts_mut(dst.data_ptr() as *mut u8, len) };
+    let buf = unsafe { crate::host::bytes_mut(dst)? };
     let ranges: Vec<(usize, usize)> = reads.iter().map(|(t, at)| (*at, t.bytes)).collect();
     let slices = checkpoint::disjoint_slices(buf, &ranges)?;
     let jobs = checkpoint::split_jobs(reads.iter().map(|(t, _)| t).zip(slices));
-    checkpoint::read_parallel(&shared.ckpt, jobs, checkpoint::read_threads())?;
+    checkpoint::read_parallel(&shared.ckpt, jobs, crate::host::worker_threads())?;
     // Read again at the next forward: its pages would only crowd host memory, which the disk
     // tier exists to spare.
     for (t, _) in reads {

@@ -100,9 +100,9 @@ fn read_tensor(ckpt: &Checkpoint, c: &CheckpointTensor, kind: Kind) -> Result<Te
     }
     // SAFETY: `t` is a fresh contiguous CPU tensor of exactly `c.bytes` bytes (checked above),
     // owned here and alive for the read; nothing else refers to it yet.
-    let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, c.bytes) };
+    let buf = unsafe { crate::host::bytes_mut(&t)? };
     let jobs = checkpoint::split_jobs([(c, buf)]);
-    checkpoint::read_parallel(ckpt, jobs, checkpoint::read_threads())?;
+    checkpoint::read_parallel(ckpt, jobs, crate::host::worker_threads())?;
     if stored == kind {
         Ok(t)
     } else {
@@ -303,7 +303,7 @@ impl LayerwiseOffloadManager {
         {
             // SAFETY: `buf` is a fresh contiguous 1-D uint8 host buffer of `len` bytes owned by
             // the caller, which nothing reads or writes until this returns.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(buf.data_ptr() as *mut u8, len) };
+            let bytes = unsafe { crate::host::bytes_mut(buf)? };
             let ranges: Vec<(usize, usize)> = same.iter().map(|t| (t.offset, t.bytes)).collect();
             let slices = checkpoint::disjoint_slices(bytes, &ranges)?;
             let jobs = checkpoint::split_jobs(
@@ -311,7 +311,7 @@ impl LayerwiseOffloadManager {
                     .map(|t| &sources.tensors[t.source_index])
                     .zip(slices),
             );
-            checkpoint::read_parallel(ckpt, jobs, checkpoint::read_threads())?;
+            checkpoint::read_parallel(ckpt, jobs, crate::host::worker_threads())?;
         }
         for t in converted {
             let value = read_tensor(ckpt, &sources.tensors[t.source_index], t.kind)?;
