@@ -23,66 +23,7 @@ pub(super) struct PeerLink {
     pub(super) joined: bool,
 }
 
-/// The host bytes of part of a block, ready to copy: from its host copy, or (the disk tier)
-/// from a staging buffer to give back with [`LayerwiseOffloadManager::release_staged`].
-pub(super) struct Staged {
-    /// `(offset from the start of the part, host bytes)`.
-    pub(super) pieces: Vec<(usize, Tensor)>,
-    /// The disk tier's staging buffer it sits in.
-    buffer: Option<usize>,
-}
-
 impl LayerwiseOffloadManager {
-    /// Bytes `[off, off + len)` of block `block`'s layout in host memory: pieces of its host
-    /// copy, or, on the disk tier, the staging buffer the block was read into (waiting for
-    /// the read if it is not done).
-    pub(super) fn host_range(&self, block: usize, off: usize, len: usize) -> Result<Staged> {
-        if let Some(h) = &self.blocks[block].host {
-            return Ok(Staged {
-                pieces: h.range(off, len)?,
-                buffer: None,
-            });
-        }
-        let Some(disk) = self.disk.as_ref().filter(|_| self.blocks[block].on_disk) else {
-            return Err(Error::InvalidArgument {
-                op: "upload",
-                message: format!("block {block} has no host copy"),
-            });
-        };
-        let (i, buf) = disk.take(block)?;
-        let part = buf
-            .f_narrow(0, off as i64, len as i64)
-            .map_err(|e| Error::from(("upload", e)));
-        match part {
-            Ok(part) => Ok(Staged {
-                pieces: vec![(0, part)],
-                buffer: Some(i),
-            }),
-            Err(e) => {
-                disk.release(i, None);
-                Err(e)
-            }
-        }
-    }
-
-    /// Gives a disk-tier staging buffer back once the copies out of it queued so far on the
-    /// copy stream are done (an event the reader waits for before reading into it again).
-    pub(super) fn release_staged(&self, staged: Staged) -> Result<()> {
-        let (Some(i), Some(disk)) = (staged.buffer, &self.disk) else {
-            return Ok(());
-        };
-        let fence = match self.backend.copy_stream() {
-            Some(copy) => {
-                let mut e = Event::new()?;
-                e.record(&copy)?;
-                Some(e)
-            }
-            None => None,
-        };
-        disk.release(i, fence);
-        Ok(())
-    }
-
     /// Queues the upload of block `block` into slot `s`.
     pub(super) fn upload(&mut self, block: usize, s: usize) -> Result<()> {
         let r = self.upload_inner(block, s);
