@@ -164,6 +164,15 @@ impl PeerGroup {
         Ok(())
     }
 
+    /// Adds buffers other members send into (staging buffers of compressed transport) to
+    /// member `rank`'s ring: the group keeps them as long as it keeps the ring.
+    pub(crate) fn retain(&self, rank: usize, buffers: impl IntoIterator<Item = Tensor>) {
+        let mut st = self.lock();
+        if st.members[rank] == Member::Joined {
+            st.rings[rank].extend(buffers);
+        }
+    }
+
     /// Undoes [`Self::join`] for a member whose `initialize` failed before any upload: the rank
     /// is free again, so that the member (or another) can join with it.
     pub(crate) fn unjoin(&self, rank: usize) {
@@ -281,10 +290,17 @@ impl PeerGroup {
             .enumerate()
             .find(|(_, p)| p.block != mine.block || p.bytes != mine.bytes)
         {
-            let message = format!(
-                "upload {round} is block {} here but block {} on member {o}",
-                mine.block, p.block
-            );
+            let message = if p.block != mine.block {
+                format!(
+                    "upload {round} is block {} here but block {} on member {o}",
+                    mine.block, p.block
+                )
+            } else {
+                format!(
+                    "upload {round} (block {}) moves {} bytes here but {} on member {o}: the members need the same blocks, and the same host copies (all raw or all compressed)",
+                    mine.block, mine.bytes, p.bytes
+                )
+            };
             self.fail(rank, &message);
             return Err(Error::PeerGroup { rank, message });
         }

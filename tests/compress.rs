@@ -117,6 +117,159 @@ fn bf16_weights_shrink_and_arrive_exactly(
     Ok(())
 }
 
+/// A bf16 model of four DiT-like blocks (N(0, 0.02) weights and the special values), and a
+/// non-block tensor.
+fn bf16_blocks() -> Vec<(String, Tensor)> {
+    tch::manual_seed(7);
+    let mut named: Vec<(String, Tensor)> = Vec::new();
+    for b in 0..4 {
+        for (name, shape) in [
+            ("w1", vec![256, 512]),
+            ("w2", vec![512, 256]),
+            ("bias", vec![512]),
+        ] {
+            let t = (Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)) * 0.02)
+                .to_kind(Kind::BFloat16);
+            named.push((format!("blocks.{b}.{name}"), t));
+        }
+        let special = Tensor::from_slice(&[f32::NAN, f32::INFINITY, -f32::INFINITY, 1e-40, -0.0])
+            .to_kind(Kind::BFloat16);
+        named.push((format!("blocks.{b}.special"), special));
+    }
+    named.push((
+        "head".into(),
+        Tensor::ones([8], (Kind::BFloat16, Device::Cpu)),
+    ));
+    named
+}
+
+/// In a peer group of two, each member uploads about half of every encoding from the host and
+/// forwards it, still encoded, to the other; both decode whole blocks that equal the originals
+/// bit for bit, and `restore` gives every member its weights back.
+#[rstest]
+fn a_peer_group_forwards_encoded_shares(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let devs: Vec<Device> = match mode {
+        Mode::Cpu => vec![Device::Cpu; 2],
+        Mode::Cuda => match common::cuda_devices(2) {
+            Some(d) => d.into_iter().map(Device::Cuda).collect(),
+            None => return Ok(()),
+        },
+    };
+    let _lock = common::gpu_lock();
+    let group = layerwise_offload::PeerGroup::new(2)?;
+    let before = bf16_blocks();
+    let mut store = None;
+    let mut members = Vec::new();
+    for (rank, dev) in devs.iter().enumerate() {
+        let named: Vec<(String, Tensor)> =
+            before.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        let mut cfg = mode.config("blocks", 4).peer_group(group.clone(), rank);
+        if let Device::Cuda(i) = dev {
+            cfg = cfg.device(*i);
+        }
+        cfg = match &store {
+            Some(s) => cfg.host_store(std::sync::Arc::clone(s)),
+            None => cfg.compress(true),
+        };
+        let mut m = cfg.build(&named)?;
+        m.initialize()?;
+        store = store.or(m.host_store());
+        members.push((named, m));
+    }
+    let raw_block = members[0].1.plan().expect("initialized").blocks[0].bytes as u64;
+    let handles: Vec<_> = members
+        .into_iter()
+        .zip(devs)
+        .map(|((named, mut m), dev)| {
+            let before: Vec<(String, Tensor)> =
+                before.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+            std::thread::spawn(move || -> anyhow::Result<_> {
+                for &b in &[0usize, 3, 1, 2, 2, 0, 1] {
+                    let _g = m.enter(b)?;
+                    for ((n, t), (_, live)) in before.iter().zip(&named) {
+                        if n.starts_with(&format!("blocks.{b}.")) {
+                            assert_eq!(live.device(), dev);
+                            assert!(bits_equal(live, t), "{n}");
+                        }
+                    }
+                }
+                let st = m.stats().clone();
+                m.restore()?;
+                assert_same(&named, &before);
+                Ok(st)
+            })
+        })
+        .collect();
+    for (rank, h) in handles.into_iter().enumerate() {
+        let st = h.join().expect("member thread")?;
+        let moved = st.bytes_uploaded + st.peer_bytes;
+        assert!(st.uploads > 0);
+        let ratio = moved as f64 / (st.uploads * raw_block) as f64;
+        assert!(ratio < 0.75, "member {rank} moved {ratio:.3} of the raw bytes");
+        let share = st.bytes_uploaded as f64 / moved as f64;
+        assert!(
+            (share - 0.5).abs() < 0.05,
+            "member {rank} sent {share:.3} of the encoding from the host"
+        );
+    }
+    assert!(group.broken().is_none());
+    Ok(())
+}
+
+/// A group where one member's host copies are compressed and the other's raw cannot split
+/// uploads: both get a `PeerGroup` error naming the difference, and both restore bit-exact.
+#[rstest]
+fn a_group_of_raw_and_compressed_members_fails_cleanly(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let devs: Vec<Device> = match mode {
+        Mode::Cpu => vec![Device::Cpu; 2],
+        Mode::Cuda => match common::cuda_devices(2) {
+            Some(d) => d.into_iter().map(Device::Cuda).collect(),
+            None => return Ok(()),
+        },
+    };
+    let _lock = common::gpu_lock();
+    let group = layerwise_offload::PeerGroup::new(2)?;
+    let before = bf16_blocks();
+    let handles: Vec<_> = devs
+        .into_iter()
+        .enumerate()
+        .map(|(rank, dev)| {
+            let named: Vec<(String, Tensor)> =
+                before.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+            let before: Vec<(String, Tensor)> =
+                before.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+            let mut cfg = mode
+                .config("blocks", 4)
+                .peer_group(group.clone(), rank)
+                .compress(rank == 0);
+            if let Device::Cuda(i) = dev {
+                cfg = cfg.device(i);
+            }
+            std::thread::spawn(move || -> anyhow::Result<String> {
+                let mut m = cfg.build(&named)?;
+                m.initialize()?;
+                let err = match m.enter(0) {
+                    Err(e @ Error::PeerGroup { .. }) => e.to_string(),
+                    r => panic!("member {rank}: expected a PeerGroup error, got {:?}", r.err()),
+                };
+                m.restore()?;
+                assert_same(&named, &before);
+                Ok(err)
+            })
+        })
+        .collect();
+    for h in handles {
+        let err = h.join().expect("member thread")?;
+        assert!(err.contains("all raw or all compressed"), "{err}");
+    }
+    assert!(group.broken().is_some());
+    Ok(())
+}
+
 #[rstest]
 fn what_compression_refuses(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
     let Some(dev) = mode.device() else {
@@ -146,11 +299,6 @@ fn what_compression_refuses(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyh
             r.map(|_| ())
         ),
     };
-    let group = layerwise_offload::PeerGroup::new(1)?;
-    refused(
-        mode.config("blocks", 3).compress(true).peer_group(group, 0),
-        "peer group",
-    );
     refused(
         mode.config("blocks", 3)
             .compress(true)

@@ -917,23 +917,26 @@ fn main() -> Result<()> {
     // Several GPUs streaming at once from one host copy: each uploading every block itself, then
     // as a peer group (each uploads 1/N of every block and sends it to the others).
     let mut multi: Vec<(&str, usize, i64, f64, Tensor)> = Vec::new();
-    let mut multi_host_bytes = 0u64;
+    let mut multi_host_bytes = std::collections::HashMap::new();
+    // With --compress each mode runs raw, then compressed (the store holds the encodings; each
+    // GPU decodes; a peer group forwards encoded shares).
     let modes: Vec<&str> = if a.gpus > 1 {
         a.modes
             .iter()
-            .map(|m| {
-                if m == "peer" {
-                    "peer split"
+            .flat_map(|m| {
+                let (raw, encoded) = if m == "peer" {
+                    ("peer split", "peer split compressed")
                 } else {
-                    "shared host copy"
-                }
+                    ("shared host copy", "shared host copy compressed")
+                };
+                std::iter::once(raw).chain(a.compress.then_some(encoded))
             })
             .collect()
     } else {
         Vec::new()
     };
     for &mode in &modes {
-        let group = if mode == "peer split" {
+        let group = if mode.starts_with("peer split") {
             Some(PeerGroup::new(a.gpus)?)
         } else {
             None
@@ -960,10 +963,11 @@ fn main() -> Result<()> {
         let mut m0 = OffloadConfig::new("blocks", s.layers)
             .prefetch_depth(a.depth)
             .cpu_test_mode(a.cpu)
+            .compress(mode.ends_with("compressed"))
             .build(&named)?;
         m0.initialize()?;
         let store = m0.host_store().expect("initialized");
-        multi_host_bytes = store.bytes();
+        multi_host_bytes.insert(mode, store.bytes());
         // The inputs of the resident run, copied to each GPU here: seeding in the threads would
         // race (tch::manual_seed reseeds every device's generator, process-wide).
         let mut thread_inputs: Vec<Vec<(i64, Vec<Tensor>)>> = (0..a.gpus)
@@ -1126,7 +1130,11 @@ fn main() -> Result<()> {
         }
         // Bytes every GPU receives per forward (from the host, or in a peer group from the host
         // and its peers), over the slowest GPU's time.
-        let streamed = rows_t.iter().map(|_| multi_host_bytes as f64).sum::<f64>();
+        let host_bytes = multi_host_bytes[mode];
+        let streamed = rows_t.iter().map(|_| host_bytes as f64).sum::<f64>();
+        // A peer group member's link carries 1/N of the store's bytes per forward.
+        let link_floor = (mode.starts_with("peer split") && bw > 0.0)
+            .then(|| host_bytes as f64 / a.gpus as f64 / (1u64 << 30) as f64 / bw * 1e3);
         let slowest = rows_t.iter().map(|r| r.3).fold(0.0, f64::max);
         let aggregate = streamed / (1u64 << 30) as f64 / (slowest / 1e3);
         for (_, g, _, ms, y) in &rows_t {
@@ -1136,8 +1144,9 @@ fn main() -> Result<()> {
                     .max()
                     .double_value(&[])
             });
+            let floor = link_floor.map_or(String::new(), |f| format!("{f:.1}"));
             println!(
-                "| {device_name} | {} | {tokens} | stream d{}, {mode}, GPU {g} of {} | {ms:.1} | | | | | |",
+                "| {device_name} | {} | {tokens} | stream d{}, {mode}, GPU {g} of {} | {ms:.1} | | {floor} | | | |",
                 s.preset, a.depth, a.gpus
             );
             let result = json!({
@@ -1155,7 +1164,8 @@ fn main() -> Result<()> {
                 "depth": a.depth,
                 "ms": round2(*ms),
                 "delivered_gib_s": round2(aggregate),
-                "host_bytes": multi_host_bytes,
+                "host_bytes": host_bytes,
+                "link_floor_ms": link_floor.map(round2),
                 "max_abs_diff": diff,
             });
             println!("RESULT {result}");

@@ -6,34 +6,86 @@
 //! block run while this one decodes; a staging buffer is written again only after an event
 //! behind the decode out of it. The CPU test mode decodes with the CPU reference decoder.
 
-use crate::accel::{self, Event};
+use crate::accel::{self, Event, HostMemory, Stream};
 use crate::error::{Error, Result};
 use crate::host::{self, HostBlock};
+use crate::peer::{self, PeerGroup, Post};
 use crate::stats::Lane;
 use layerwise_offload_codec::{Encoder, gpu::GpuDecoder};
+use std::sync::Arc;
 use tch::Tensor;
 
 use super::LayerwiseOffloadManager;
 use super::device;
 use super::timing::Pair;
 
-/// Device staging buffers: one being decoded from, one being uploaded into.
+/// Staging buffers: one being decoded from, one being uploaded into.
 const STAGING: usize = 2;
 
-/// The GPU side of decoding (CUDA only). Its events are made once and recorded again at each
-/// upload: nothing is allocated in the loop.
+/// Where encodings wait for their decode: two staging buffers of the largest encoding (device
+/// memory with CUDA; host memory in a peer group of the CPU test mode, which has no other use
+/// for them) and, with CUDA, the decoder and the events that order the buffers' reuse. Its
+/// events are made once and recorded again at each upload: nothing is allocated in the loop.
 #[derive(Debug)]
 pub(super) struct Decoding {
-    gpu: GpuDecoder,
+    staging: Vec<Tensor>,
+    next: usize,
+    gpu: Option<GpuDecoding>,
+}
+
+/// The GPU side of [`Decoding`].
+#[derive(Debug)]
+struct GpuDecoding {
+    decoder: GpuDecoder,
     /// The decode stream's native handle (a `cudaStream_t`), as an address.
     stream: usize,
-    staging: Vec<Tensor>,
-    /// Per staging buffer: recorded after the upload into it.
+    /// Per staging buffer: recorded after the upload into it (this member's share of it in a
+    /// peer group).
     uploaded: Vec<Event>,
     /// Per staging buffer: recorded after the last decode out of it (once `decoded[k]`).
     free: Vec<Event>,
     decoded: Vec<bool>,
-    next: usize,
+    /// Peer groups, per staging buffer and receiving rank: recorded on the push stream after
+    /// this member's share went out of the buffer to that member (once `pushed_recorded[k]`).
+    pushed: Vec<Vec<Event>>,
+    pushed_recorded: Vec<bool>,
+}
+
+impl GpuDecoding {
+    /// Makes `copy` wait until staging buffer `k` may be written: the decode out of it is done
+    /// and (peer groups) this member's share of it has gone out to the others.
+    fn wait_writable(&self, k: usize, copy: &Stream, rank: usize) -> Result<()> {
+        if self.decoded[k] {
+            self.free[k].wait(copy)?;
+        }
+        if self.pushed_recorded[k] {
+            for (o, e) in self.pushed[k].iter().enumerate() {
+                if o != rank {
+                    e.wait(copy)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the decode of `staged` (an encoding) into `out` on the decode stream.
+    ///
+    /// # Safety
+    /// Both are device buffers of this device, alive until the decode stream has run it;
+    /// `staged` holds the whole encoding by the time the decode stream reaches this call (it
+    /// waited for every upload into it), nothing writes `staged` before `free[k]`, and nothing
+    /// reads `out` before an event recorded on the decode stream after it.
+    unsafe fn decode(&self, staged: &Tensor, out: &Tensor) -> Result<()> {
+        let native = self.stream as *mut std::ffi::c_void;
+        let (src, dst) = (staged.data_ptr() as u64, out.data_ptr() as u64);
+        // SAFETY: the caller's obligations; both buffers are 16-byte aligned (the allocator's
+        // blocks; a slot's block and a staging buffer's encoding start at their starts).
+        unsafe {
+            self.decoder
+                .decode_async(src, staged.numel(), dst, out.numel(), native)
+        }
+        .map_err(codec_error("decoding a block"))
+    }
 }
 
 fn codec_error(op: &'static str) -> impl Fn(layerwise_offload_codec::CodecError) -> Error {
@@ -65,12 +117,16 @@ impl LayerwiseOffloadManager {
         Ok(HostBlock::encoded(out, input.len()))
     }
 
-    /// Once blocks are encoded (CUDA): the decode stream, the GPU decoder (compiled for the
-    /// device) and the two staging buffers of the largest encoding.
+    /// Once blocks are encoded: the two staging buffers of the largest encoding and, with CUDA,
+    /// the decode stream and the GPU decoder (compiled for the device). The CPU test mode
+    /// decodes from the host copy directly and needs staging buffers only in a peer group. In a
+    /// group the staging buffers join the member's ring in the group, which keeps them while
+    /// another member may still be sending into them.
     pub(super) fn start_decoding(&mut self) -> Result<()> {
-        let Some(device) = self.backend.cuda() else {
+        let device = self.backend.cuda();
+        if device.is_none() && self.config.peer.is_none() {
             return Ok(());
-        };
+        }
         let largest = self
             .blocks
             .iter()
@@ -79,30 +135,59 @@ impl LayerwiseOffloadManager {
         let Some(largest) = largest else {
             return Ok(());
         };
-        self.backend.take_decode_stream()?;
-        let stream = match self.backend.decode_stream() {
-            Some(s) => s.native_handle()? as usize,
-            None => return Ok(()),
-        };
-        let gpu = GpuDecoder::new(device).map_err(codec_error("building the GPU decoder"))?;
+        let bytes = largest.next_multiple_of(16);
         let staging = (0..STAGING)
-            .map(|_| accel::alloc_device(largest.next_multiple_of(16), device))
+            .map(|_| match device {
+                Some(d) => accel::alloc_device(bytes, d),
+                None => accel::alloc_host(bytes, HostMemory::Pageable),
+            })
             .collect::<Result<Vec<_>>>()?;
-        let events = || {
-            (0..STAGING)
-                .map(|_| Event::new())
-                .collect::<Result<Vec<_>>>()
+        let gpu = match device {
+            Some(device) => {
+                self.backend.take_decode_stream()?;
+                let Some(stream) = self.backend.decode_stream() else {
+                    return Ok(());
+                };
+                let events = |n: usize| (0..n).map(|_| Event::new()).collect::<Result<Vec<_>>>();
+                let members = self.config.peer.as_ref().map_or(0, |(g, _)| g.size());
+                Some(GpuDecoding {
+                    decoder: GpuDecoder::new(device)
+                        .map_err(codec_error("building the GPU decoder"))?,
+                    stream: stream.native_handle()? as usize,
+                    uploaded: events(STAGING)?,
+                    free: events(STAGING)?,
+                    decoded: vec![false; STAGING],
+                    pushed: (0..STAGING)
+                        .map(|_| events(members))
+                        .collect::<Result<_>>()?,
+                    pushed_recorded: vec![false; STAGING],
+                })
+            }
+            None => None,
         };
+        if let Some((group, rank)) = &self.config.peer {
+            group.retain(*rank, staging.iter().map(Tensor::shallow_clone));
+        }
         self.decoding = Some(Decoding {
-            gpu,
-            stream,
             staging,
-            uploaded: events()?,
-            free: events()?,
-            decoded: vec![false; STAGING],
             next: 0,
+            gpu,
         });
         Ok(())
+    }
+
+    /// The next staging buffer (round robin), its first `len` bytes, and its index.
+    fn next_staging(&mut self, len: usize) -> Result<(usize, Tensor)> {
+        let dec = self.decoding.as_mut().ok_or(Error::InvalidArgument {
+            op: "upload",
+            message: "an encoded block with no staging buffer: this is a bug".into(),
+        })?;
+        let k = dec.next;
+        dec.next = (k + 1) % STAGING;
+        let staged = dec.staging[k]
+            .f_narrow(0, 0, len as i64)
+            .map_err(|e| Error::from(("upload", e)))?;
+        Ok((k, staged))
     }
 
     /// Uploads encoded block `block` (`enc`, `raw_len` bytes raw) into slot `s`: the encoding
@@ -116,29 +201,19 @@ impl LayerwiseOffloadManager {
         pair: Pair,
     ) -> Result<()> {
         let out = self.slots[s].dst(raw_len)?;
-        let (Some(copy), Some(decode), Some(dec)) = (
+        let (Some(copy), Some(decode), true) = (
             self.backend.copy_stream(),
             self.backend.decode_stream(),
-            self.decoding.as_mut(),
+            self.decoding.as_ref().is_some_and(|d| d.gpu.is_some()),
         ) else {
             // The CPU test mode: the reference decoder into the (host) slot.
-            // SAFETY: the host copy is not written while uploads run (update_tensor is refused
-            // for encoded blocks); the slot is a contiguous uint8 CPU buffer of at least
-            // `raw_len` bytes that no block uses while it is being filled.
-            let (src, dst) = unsafe { (host::bytes(enc)?, host::bytes_mut(&out)?) };
-            return layerwise_offload_codec::decode_with_threads(src, dst, host::worker_threads())
-                .map_err(codec_error("decoding a block"));
+            return decode_on_cpu(enc, &out);
         };
-        let k = dec.next;
-        dec.next = (k + 1) % STAGING;
         let enc_len = enc.numel();
-        let mut staged = dec.staging[k]
-            .f_narrow(0, 0, enc_len as i64)
-            .map_err(|e| Error::from(("upload", e)))?;
+        let (k, mut staged) = self.next_staging(enc_len)?;
+        let gpu = self.gpu_decoding()?;
         // 1. The encoding into staging buffer k, once the decode out of it before is done.
-        if dec.decoded[k] {
-            dec.free[k].wait(&copy)?;
-        }
+        gpu.wait_writable(k, &copy, 0)?;
         self.timer
             .time(pair, &copy, (block, enc_len as u64, Lane::Upload), || {
                 // SAFETY: the host encoding lives in the manager until restore or Drop, which
@@ -147,34 +222,186 @@ impl LayerwiseOffloadManager {
                 // released by its previous decode (`free`, waited above).
                 unsafe { device::copy(&mut staged, enc, Some(&copy), "upload") }
             })?;
-        let dec = self.decoding.as_mut().expect("checked above");
-        dec.uploaded[k].record(&copy)?;
-        // 2. The decode into the slot, once the encoding is there and the compute stream has
-        //    released the slot's previous block.
-        dec.uploaded[k].wait(&decode)?;
-        self.slots[s].wait_writable(&decode)?;
-        let decode_pair = self.timing_pair()?;
-        let dec = self.decoding.as_mut().expect("checked above");
-        let native = dec.stream as *mut std::ffi::c_void;
-        let (src, dst) = (staged.data_ptr() as u64, out.data_ptr() as u64);
-        self.timer.time(
-            decode_pair,
-            &decode,
-            (block, raw_len as u64, Lane::Decode),
-            || {
-                // SAFETY: both buffers are device memory of this device, 16-byte aligned (the
-                // allocator's blocks; the slot's block starts at its start), of the lengths
-                // given, alive until restore or Drop (which synchronize this stream first).
-                // The staging buffer holds the encoding once `uploaded` completes, which this
-                // stream waits for; the slot is not read until `ready`, recorded after.
-                unsafe { dec.gpu.decode_async(src, enc_len, dst, raw_len, native) }
-                    .map_err(codec_error("decoding a block"))
+        self.gpu_decoding_mut()?.uploaded[k].record(&copy)?;
+        // 2. The decode into the slot, once the encoding is there.
+        self.gpu_decoding()?.uploaded[k].wait(&decode)?;
+        self.decode_into_slot(block, s, k, &staged, &out, &decode)
+    }
+
+    /// [`Self::upload_encoded`] in a peer group (upload number `round`): this member's share of
+    /// the encoding from the host into its staging buffer and from there into the other
+    /// members' staging buffers; once their shares have arrived, every member decodes the whole
+    /// encoding into its own slot. Each link to the host carries 1/n of the encoding and the
+    /// peer links carry the rest, still encoded. Returns the bytes this member sent from the
+    /// host.
+    pub(super) fn upload_encoded_peer(
+        &mut self,
+        (group, rank): (&PeerGroup, usize),
+        block: usize,
+        s: usize,
+        (enc, raw_len): (&Tensor, usize),
+        round: u64,
+        pair: Pair,
+    ) -> Result<usize> {
+        let n = group.size();
+        let enc_len = enc.numel();
+        let out = self.slots[s].dst(raw_len)?;
+        let (k, staged) = self.next_staging(enc_len)?;
+        let streams = match (self.backend.copy_stream(), self.backend.decode_stream()) {
+            (Some(c), Some(d)) => Some((c, d)),
+            _ => None,
+        };
+        // 1. Staging buffer k may be written once its last decode is done and this member's
+        //    share of the encoding before has gone out of it.
+        let writable = match &streams {
+            Some((copy, _)) => {
+                self.gpu_decoding()?.wait_writable(k, copy, rank)?;
+                let mut e = Event::new()?;
+                e.record(copy)?;
+                Some(Arc::new(e))
+            }
+            None => None,
+        };
+        let posts = group.post(
+            round,
+            rank,
+            Post {
+                block,
+                bytes: enc_len,
+                buf: staged.shallow_clone(),
+                writable,
             },
         )?;
-        self.slots[s].mark_ready(&decode)?;
-        let dec = self.decoding.as_mut().expect("checked above");
-        dec.free[k].record(&decode)?;
-        dec.decoded[k] = true;
+        // 2. This member's share: host -> own staging buffer -> every other member's.
+        let (off, len) = peer::share(enc_len, n, rank);
+        let narrow = |t: &Tensor| {
+            t.f_narrow(0, off as i64, len as i64)
+                .map_err(|e| Error::from(("upload", e)))
+        };
+        let (src, mut mine) = (narrow(enc)?, narrow(&staged)?);
+        let mut delivered: Vec<Option<Arc<Event>>> = vec![None; n];
+        match streams {
+            Some((copy, decode)) => {
+                self.timer
+                    .time(pair, &copy, (block, len as u64, Lane::Upload), || {
+                        // SAFETY: the host encoding lives in the manager until restore or Drop,
+                        // which synchronize the copy stream first, and nothing writes it; the
+                        // staging buffer was made writable above, and nothing reads it before
+                        // `uploaded` (waited by the push streams and the decode below).
+                        unsafe { device::copy(&mut mine, &src, Some(&copy), "upload") }
+                    })?;
+                let gpu = self.gpu_decoding_mut()?;
+                gpu.uploaded[k].record(&copy)?;
+                for (o, post) in posts.iter().enumerate().filter(|(o, _)| *o != rank) {
+                    let p = self.peer.push[o];
+                    let gpu = self.gpu_decoding_mut()?;
+                    gpu.uploaded[k].wait(&p)?;
+                    if let Some(w) = &post.writable {
+                        w.wait(&p)?;
+                    }
+                    let theirs = narrow(&post.buf)?;
+                    // SAFETY: the peer's staging buffers stay allocated until every member has
+                    // left the group (they joined its ring), and each member waits for its push
+                    // streams before leaving; this stream waited above for the peer's
+                    // `writable` (its decode out of the buffer is done and nothing else writes
+                    // this part before its decode, which waits for our event below) and for our
+                    // share's upload into `mine`, which is not overwritten before `pushed`.
+                    unsafe { accel::copy_peer_async(&theirs, &mine, &p)? };
+                    let mut e = Event::new()?;
+                    e.record(&p)?;
+                    delivered[o] = Some(Arc::new(e));
+                    gpu.pushed[k][o].record(&p)?;
+                }
+                self.gpu_decoding_mut()?.pushed_recorded[k] = true;
+                let incoming = group.deliver(round, rank, delivered)?;
+                // 3. The whole encoding is here once this member's upload and every incoming
+                //    share are: then the decode.
+                self.gpu_decoding()?.uploaded[k].wait(&decode)?;
+                for e in &incoming {
+                    e.wait(&decode)?;
+                }
+                self.decode_into_slot(block, s, k, &staged, &out, &decode)?;
+            }
+            None => {
+                // SAFETY: without a stream each copy is done when `copy` returns.
+                unsafe { device::copy(&mut mine, &src, None, "upload")? };
+                for (_, post) in posts.iter().enumerate().filter(|(o, _)| *o != rank) {
+                    let mut theirs = narrow(&post.buf)?;
+                    // SAFETY: as above.
+                    unsafe { device::copy(&mut theirs, &mine, None, "upload")? };
+                }
+                // Every member has copied its share once all have delivered.
+                group.deliver(round, rank, delivered)?;
+                decode_on_cpu(&staged, &out)?;
+            }
+        }
+        Ok(len)
+    }
+
+    /// Queues the decode of staging buffer `k` (`staged`, its encoding) into slot `s` (`out`)
+    /// on the decode stream, once the compute stream has released the slot's previous block;
+    /// records the slot's `ready` and the buffer's `free` behind it. The caller made `decode`
+    /// wait for every upload into the buffer.
+    fn decode_into_slot(
+        &mut self,
+        block: usize,
+        s: usize,
+        k: usize,
+        staged: &Tensor,
+        out: &Tensor,
+        decode: &Stream,
+    ) -> Result<()> {
+        self.slots[s].wait_writable(decode)?;
+        let pair = self.timing_pair()?;
+        let gpu = self
+            .decoding
+            .as_ref()
+            .and_then(|d| d.gpu.as_ref())
+            .expect("checked by the callers");
+        self.timer
+            .time(pair, decode, (block, out.numel() as u64, Lane::Decode), || {
+                // SAFETY: the staging buffer and the slot are device memory of this device that
+                // live until restore or Drop (which synchronize this stream first); the caller
+                // made this stream wait for every upload into the buffer, which is written again
+                // only after `free` below; the slot is not read before `ready`, recorded after.
+                unsafe { gpu.decode(staged, out) }
+            })?;
+        self.slots[s].mark_ready(decode)?;
+        let gpu = self.gpu_decoding_mut()?;
+        gpu.free[k].record(decode)?;
+        gpu.decoded[k] = true;
         Ok(())
     }
+
+    fn gpu_decoding(&self) -> Result<&GpuDecoding> {
+        self.decoding
+            .as_ref()
+            .and_then(|d| d.gpu.as_ref())
+            .ok_or_else(no_decoder)
+    }
+
+    fn gpu_decoding_mut(&mut self) -> Result<&mut GpuDecoding> {
+        self.decoding
+            .as_mut()
+            .and_then(|d| d.gpu.as_mut())
+            .ok_or_else(no_decoder)
+    }
+}
+
+fn no_decoder() -> Error {
+    Error::InvalidArgument {
+        op: "upload",
+        message: "an encoded block on CUDA with no GPU decoder: this is a bug".into(),
+    }
+}
+
+/// Decodes `enc` into `out` (both host buffers) with the CPU reference decoder.
+fn decode_on_cpu(enc: &Tensor, out: &Tensor) -> Result<()> {
+    // SAFETY: `enc` is a host copy or staging buffer that nothing writes while uploads run
+    // (update_tensor is refused for encoded blocks; the members of a peer group have all
+    // delivered their shares); `out` is a contiguous uint8 host buffer of the slot that no
+    // block uses while it is being filled, and does not overlap `enc`.
+    let (src, dst) = unsafe { (host::bytes(enc)?, host::bytes_mut(out)?) };
+    layerwise_offload_codec::decode_with_threads(src, dst, host::worker_threads())
+        .map_err(codec_error("decoding a block"))
 }

@@ -316,9 +316,11 @@ impl OffloadConfig {
     /// encoding hold uploads waiting for their decode. Reads (`tensor`, `restore`) decode on the
     /// CPU; the CPU test mode decodes with the CPU reference decoder.
     ///
-    /// Not with a peer group, `shared_memory`, `zero_copy` or `host_budget` (which move the
-    /// checkpoint's raw bytes): refused at `build`. `update_tensor` on an encoded block is
-    /// refused.
+    /// In a peer group each member uploads its share of the encoding and sends it on, still
+    /// encoded, to the others' staging buffers; each member then decodes the whole block.
+    ///
+    /// Not with `shared_memory`, `zero_copy` or `host_budget` (which move the checkpoint's raw
+    /// bytes): refused at `build`. `update_tensor` on an encoded block is refused.
     pub fn compress(mut self, on: bool) -> OffloadConfig {
         self.compress = on;
         self
@@ -393,12 +395,6 @@ impl OffloadConfig {
             })
         };
         if self.compress {
-            if self.peer.is_some() {
-                return refuse(
-                    "OffloadConfig::compress",
-                    "a peer group member uploads a share of each raw block; compressed transport does not serve groups yet: drop compress(true) or the group",
-                );
-            }
             if self.shm.is_some() {
                 return refuse(
                     "OffloadConfig::compress",

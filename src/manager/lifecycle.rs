@@ -311,18 +311,6 @@ impl LayerwiseOffloadManager {
         undo: &mut Undo,
     ) -> Result<()> {
         let compute = self.compute_device();
-        if self.config.peer.is_some()
-            && store
-                .buffers
-                .iter()
-                .flatten()
-                .any(|b| b.encoding().is_some())
-        {
-            return Err(Error::InvalidArgument {
-                op: "OffloadConfig::peer_group",
-                message: "the shared host store holds compressed blocks, which peer groups do not stream yet; build the store's manager without compress".into(),
-            });
-        }
         for &i in streamed {
             self.blocks[i].host = store.buffers[i].as_ref().map(|h| h.shallow_clone());
             self.place_placeholders(i, undo)?;

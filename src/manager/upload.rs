@@ -111,6 +111,8 @@ impl LayerwiseOffloadManager {
 
     /// [`Self::upload`] in a peer group: this member's share from the host into its slot, then
     /// from there into the other members' slots; their shares arrive in this slot the same way.
+    /// An encoded block goes through the staging buffers instead
+    /// ([`Self::upload_encoded_peer`]).
     fn upload_peer(
         &mut self,
         group: &PeerGroup,
@@ -122,8 +124,22 @@ impl LayerwiseOffloadManager {
         let bytes = self.layout(block).bytes;
         let round = self.peer.round;
         self.peer.round += 1;
-        let copy = self.backend.copy_stream();
         let pair = self.timing_pair()?;
+        let encoded = self.blocks[block]
+            .host
+            .as_ref()
+            .and_then(|h| h.encoding().map(|(e, raw)| (e.shallow_clone(), raw)));
+        if let Some((enc, raw)) = encoded {
+            self.slots[s].clear_incoming();
+            let len = self.upload_encoded_peer((group, rank), block, s, (&enc, raw), round, pair)?;
+            self.slots[s].hold(block, Vec::new());
+            self.blocks[block].slot = Some(s);
+            self.stats.uploads += 1;
+            self.stats.bytes_uploaded += len as u64;
+            self.stats.peer_bytes += (enc.numel() - len) as u64;
+            return Ok(());
+        }
+        let copy = self.backend.copy_stream();
         let slot = &mut self.slots[s];
         // 1. The slot may be written once compute released its previous block and this member's
         //    share of that block has gone out to the others.
