@@ -207,7 +207,10 @@ fn a_peer_group_forwards_encoded_shares(
         let moved = st.bytes_uploaded + st.peer_bytes;
         assert!(st.uploads > 0);
         let ratio = moved as f64 / (st.uploads * raw_block) as f64;
-        assert!(ratio < 0.75, "member {rank} moved {ratio:.3} of the raw bytes");
+        assert!(
+            ratio < 0.75,
+            "member {rank} moved {ratio:.3} of the raw bytes"
+        );
         let share = st.bytes_uploaded as f64 / moved as f64;
         assert!(
             (share - 0.5).abs() < 0.05,
@@ -254,7 +257,10 @@ fn a_group_of_raw_and_compressed_members_fails_cleanly(
                 m.initialize()?;
                 let err = match m.enter(0) {
                     Err(e @ Error::PeerGroup { .. }) => e.to_string(),
-                    r => panic!("member {rank}: expected a PeerGroup error, got {:?}", r.err()),
+                    r => panic!(
+                        "member {rank}: expected a PeerGroup error, got {:?}",
+                        r.err()
+                    ),
                 };
                 m.restore()?;
                 assert_same(&named, &before);

@@ -6,6 +6,7 @@
 //! block run while this one decodes; a staging buffer is written again only after an event
 //! behind the decode out of it. The CPU test mode decodes with the CPU reference decoder.
 
+use super::upload::push_shares;
 use crate::accel::{self, Event, HostMemory, Stream};
 use crate::error::{Error, Result};
 use crate::host::{self, HostBlock};
@@ -290,27 +291,35 @@ impl LayerwiseOffloadManager {
                         // `uploaded` (waited by the push streams and the decode below).
                         unsafe { device::copy(&mut mine, &src, Some(&copy), "upload") }
                     })?;
-                let gpu = self.gpu_decoding_mut()?;
+                let gpu = self
+                    .decoding
+                    .as_mut()
+                    .and_then(|d| d.gpu.as_mut())
+                    .ok_or_else(no_decoder)?;
                 gpu.uploaded[k].record(&copy)?;
-                for (o, post) in posts.iter().enumerate().filter(|(o, _)| *o != rank) {
-                    let p = self.peer.push[o];
-                    let gpu = self.gpu_decoding_mut()?;
-                    gpu.uploaded[k].wait(&p)?;
-                    if let Some(w) = &post.writable {
-                        w.wait(&p)?;
-                    }
-                    let theirs = narrow(&post.buf)?;
-                    // SAFETY: the peer's staging buffers stay allocated until every member has
-                    // left the group (they joined its ring), and each member waits for its push
-                    // streams before leaving; this stream waited above for the peer's
-                    // `writable` (its decode out of the buffer is done and nothing else writes
-                    // this part before its decode, which waits for our event below) and for our
-                    // share's upload into `mine`, which is not overwritten before `pushed`.
-                    unsafe { accel::copy_peer_async(&theirs, &mine, &p)? };
-                    let mut e = Event::new()?;
-                    e.record(&p)?;
-                    delivered[o] = Some(Arc::new(e));
-                    gpu.pushed[k][o].record(&p)?;
+                // SAFETY: the peers' staging buffers stay allocated until every member has left
+                // the group (they joined its ring); each one posted `writable` once its decode
+                // out of the buffer was done, and its decode waits for our delivery events;
+                // `mine` is not overwritten before `pushed` (recorded below, waited before this
+                // staging buffer is written again).
+                delivered = unsafe {
+                    push_shares(
+                        &posts,
+                        rank,
+                        &self.peer.push,
+                        &mine,
+                        (off, len),
+                        &gpu.uploaded[k],
+                    )?
+                };
+                for (o, p) in self
+                    .peer
+                    .push
+                    .iter()
+                    .enumerate()
+                    .filter(|(o, _)| *o != rank)
+                {
+                    gpu.pushed[k][o].record(p)?;
                 }
                 self.gpu_decoding_mut()?.pushed_recorded[k] = true;
                 let incoming = group.deliver(round, rank, delivered)?;
@@ -358,14 +367,18 @@ impl LayerwiseOffloadManager {
             .as_ref()
             .and_then(|d| d.gpu.as_ref())
             .expect("checked by the callers");
-        self.timer
-            .time(pair, decode, (block, out.numel() as u64, Lane::Decode), || {
+        self.timer.time(
+            pair,
+            decode,
+            (block, out.numel() as u64, Lane::Decode),
+            || {
                 // SAFETY: the staging buffer and the slot are device memory of this device that
                 // live until restore or Drop (which synchronize this stream first); the caller
                 // made this stream wait for every upload into the buffer, which is written again
                 // only after `free` below; the slot is not read before `ready`, recorded after.
                 unsafe { gpu.decode(staged, out) }
-            })?;
+            },
+        )?;
         self.slots[s].mark_ready(decode)?;
         let gpu = self.gpu_decoding_mut()?;
         gpu.free[k].record(decode)?;

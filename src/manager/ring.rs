@@ -132,13 +132,14 @@ impl Slot {
             .record(copy)
     }
 
-    /// Makes `stream` wait for this member's upload into the slot (not the other members'
-    /// shares).
-    pub(super) fn wait_uploaded(&self, stream: &Stream) -> Result<()> {
-        self.ready
-            .as_ref()
-            .expect("CUDA slots have events")
-            .wait(stream)
+    /// Recorded after this member's upload into the slot (not the other members' shares).
+    pub(super) fn uploaded(&self) -> &Event {
+        self.ready.as_ref().expect("CUDA slots have events")
+    }
+
+    /// Makes `stream` wait for this member's upload into the slot.
+    fn wait_uploaded(&self, stream: &Stream) -> Result<()> {
+        self.uploaded().wait(stream)
     }
 
     /// Makes the compute stream wait until the whole block is in the slot: this member's upload

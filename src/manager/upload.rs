@@ -131,7 +131,8 @@ impl LayerwiseOffloadManager {
             .and_then(|h| h.encoding().map(|(e, raw)| (e.shallow_clone(), raw)));
         if let Some((enc, raw)) = encoded {
             self.slots[s].clear_incoming();
-            let len = self.upload_encoded_peer((group, rank), block, s, (&enc, raw), round, pair)?;
+            let len =
+                self.upload_encoded_peer((group, rank), block, s, (&enc, raw), round, pair)?;
             self.slots[s].hold(block, Vec::new());
             self.blocks[block].slot = Some(s);
             self.stats.uploads += 1;
@@ -186,24 +187,28 @@ impl LayerwiseOffloadManager {
                         unsafe { device::copy_pieces(&mine, src, Some(&c), "upload")? };
                         slot.mark_ready(&c)
                     })?;
-                for (o, post) in posts.iter().enumerate().filter(|(o, _)| *o != rank) {
-                    let p = self.peer.push[o];
-                    slot.wait_uploaded(&p)?;
-                    if let Some(w) = &post.writable {
-                        w.wait(&p)?;
-                    }
-                    let theirs = narrow(&post.buf)?;
-                    // SAFETY: the peer's slot stays allocated until every member has left the
-                    // group, and each member waits for its push streams before leaving; this
-                    // stream waited above for the peer's `writable` (nothing reads or writes that
-                    // part of its slot until our event below, which its compute waits for), and
-                    // for our own share's upload into `mine`, which nothing overwrites before
-                    // `pushed` (waited by this slot's next upload).
-                    unsafe { accel::copy_peer_async(&theirs, &mine, &p)? };
-                    let mut e = Event::new()?;
-                    e.record(&p)?;
-                    delivered[o] = Some(Arc::new(e));
-                    slot.mark_pushed(o, &p)?;
+                // SAFETY: the peers' slots stay allocated until every member has left the group;
+                // each one posted `writable` once compute released its previous block there and
+                // its compute waits for our delivery events; `mine` is not overwritten before
+                // `pushed` (recorded below, waited by this slot's next upload).
+                delivered = unsafe {
+                    push_shares(
+                        &posts,
+                        rank,
+                        &self.peer.push,
+                        &mine,
+                        (off, len),
+                        slot.uploaded(),
+                    )?
+                };
+                for (o, p) in self
+                    .peer
+                    .push
+                    .iter()
+                    .enumerate()
+                    .filter(|(o, _)| *o != rank)
+                {
+                    slot.mark_pushed(o, p)?;
                 }
                 slot.shares_pushed();
             }
@@ -242,4 +247,43 @@ impl LayerwiseOffloadManager {
         }
         self.peer.joined = false;
     }
+}
+
+/// Sends this member's share (`mine`, bytes `off..off + len` of the block or encoding, once
+/// `uploaded` has completed) into the same bytes of every other member's posted buffer, each
+/// on the push stream to that member after the member's `writable`; returns one delivery event
+/// per receiving rank.
+///
+/// # Safety
+/// Every posted buffer stays allocated until this member has left the group and waited for its
+/// push streams; its owner neither reads nor writes those bytes between its `writable` and our
+/// delivery event; `mine` is not written again before the push streams' work queued here has
+/// completed.
+pub(super) unsafe fn push_shares(
+    posts: &[Post],
+    rank: usize,
+    push: &[Stream],
+    mine: &Tensor,
+    (off, len): (usize, usize),
+    uploaded: &Event,
+) -> Result<Vec<Option<Arc<Event>>>> {
+    let mut delivered = vec![None; posts.len()];
+    for (o, post) in posts.iter().enumerate().filter(|(o, _)| *o != rank) {
+        let p = &push[o];
+        uploaded.wait(p)?;
+        if let Some(w) = &post.writable {
+            w.wait(p)?;
+        }
+        let theirs = post
+            .buf
+            .f_narrow(0, off as i64, len as i64)
+            .map_err(|e| Error::from(("upload", e)))?;
+        // SAFETY: the caller's obligations; this stream waited for `uploaded` (our share is in
+        // `mine`) and for the receiver's `writable`.
+        unsafe { accel::copy_peer_async(&theirs, mine, p)? };
+        let mut e = Event::new()?;
+        e.record(p)?;
+        delivered[o] = Some(Arc::new(e));
+    }
+    Ok(delivered)
 }
