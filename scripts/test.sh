@@ -12,3 +12,11 @@ cargo test --all-targets -- --nocapture 2>&1
 cargo test --doc
 cargo clippy --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
+# The library alone, without the `testing` feature its own tests turn on: what users build.
+cargo clippy -p layerwise-offload --lib -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc -p layerwise-offload --no-deps
+# The docs.rs path: no libtorch at all (tch's and torch-sys's doc-only features; build.rs skips
+# the shim), in its own target dir so that the main build's artifacts stay valid.
+env -u LIBTORCH -u LIBTORCH_USE_PYTORCH -u LIBTORCH_BYPASS_VERSION_CHECK DOCS_RS=1 \
+  CARGO_TARGET_DIR=target/doc-only RUSTDOCFLAGS="-D warnings" \
+  cargo doc -p layerwise-offload --no-deps --features doc-only
