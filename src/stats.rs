@@ -187,23 +187,22 @@ pub struct TimelineSpan {
 /// Renders spans as a Chrome trace (the JSON that chrome://tracing and ui.perfetto.dev open):
 /// one track for the copy stream, one for the compute stream, one for the decode stream.
 pub fn chrome_trace_json(spans: &[TimelineSpan]) -> String {
-    let mut out = String::from("{\"displayTimeUnit\":\"ms\",\"traceEvents\":[");
-    let mut first = true;
+    use serde_json::json;
     // The decode stream's track only where something was decoded.
     let decoded = spans.iter().any(|s| s.lane == Lane::Decode);
     let tracks = [Lane::Upload, Lane::Compute]
         .into_iter()
         .chain(decoded.then_some(Lane::Decode));
-    for (tid, name) in tracks.map(Lane::thread) {
-        if !first {
-            out.push(',');
-        }
-        first = false;
-        out.push_str(&format!(
-            "{{\"ph\":\"M\",\"name\":\"thread_name\",\"pid\":1,\"tid\":{tid},\"args\":{{\"name\":\"{name}\"}}}}"
-        ));
-    }
-    for s in spans {
+    let mut events: Vec<serde_json::Value> = tracks
+        .map(Lane::thread)
+        .map(|(tid, name)| {
+            json!({"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": name}})
+        })
+        .collect();
+    // Microseconds with nanosecond resolution; a non-finite time (never recorded) becomes null
+    // through serde_json, so the file stays valid JSON.
+    let us = |ms: f64| (ms * 1e6).round() / 1e3;
+    events.extend(spans.iter().map(|s| {
         let (tid, _) = s.lane.thread();
         let what = match s.lane {
             Lane::Upload => "upload",
@@ -211,14 +210,16 @@ pub fn chrome_trace_json(spans: &[TimelineSpan]) -> String {
             Lane::Compute => "block",
             Lane::Decode => "decode",
         };
-        out.push_str(&format!(
-            ",{{\"ph\":\"X\",\"name\":\"{what} {}\",\"cat\":\"{what}\",\"pid\":1,\"tid\":{tid},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{\"layer\":{}}}}}",
-            s.block,
-            s.start_ms * 1e3,
-            ((s.end_ms - s.start_ms) * 1e3).max(0.0),
-            s.block
-        ));
-    }
-    out.push_str("]}");
-    out
+        json!({
+            "ph": "X",
+            "name": format!("{what} {}", s.block),
+            "cat": what,
+            "pid": 1,
+            "tid": tid,
+            "ts": us(s.start_ms),
+            "dur": us(s.end_ms - s.start_ms).max(0.0),
+            "args": {"block": s.block},
+        })
+    }));
+    json!({"displayTimeUnit": "ms", "traceEvents": events}).to_string()
 }

@@ -507,6 +507,16 @@ fn chrome_trace_is_valid_json_with_both_streams() -> anyhow::Result<()> {
         upload["tid"], compute["tid"],
         "copy and compute streams are separate tracks"
     );
+    assert_eq!(upload["args"]["block"], 1);
+    // A time never recorded (NaN) stays valid JSON: null.
+    let never = [TimelineSpan {
+        lane: Lane::Upload,
+        block: 2,
+        start_ms: f64::NAN,
+        end_ms: 1.0,
+    }];
+    let v: serde_json::Value = serde_json::from_str(&chrome_trace_json(&never))?;
+    assert!(v["traceEvents"][2]["ts"].is_null(), "{v}");
     // Without a CUDA device there is nothing to capture: a typed error.
     let model = Model::new(Device::Cpu, 2, false, 3);
     let mut m = OffloadConfig::new("blocks", 2)
