@@ -20,7 +20,6 @@ pub use checkpoint::Checkpoint;
 pub use driver::{OffloadedBlocks, SharedManager};
 pub use error::{Error, Result, TorchMessage};
 pub use host::HostStore;
-// The shared-memory file helpers, where the host file mapping in `accel` reaches them.
 #[cfg(feature = "testing")]
 pub use manager::Fault;
 pub use manager::{BlockGuard, LayerwiseOffloadManager, OffloadConfig};
