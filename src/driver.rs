@@ -102,23 +102,11 @@ pub struct OffloadedBlocks<B> {
 
 impl<B> OffloadedBlocks<B> {
     /// Pairs `blocks` with `manager`. Fails when the manager is initialized and streams a
-    /// different number of blocks.
+    /// different number of blocks; a manager initialized later is checked at each run
+    /// ([`Self::run`], [`Self::f_forward_t`]) instead.
     pub fn new(blocks: Vec<B>, manager: impl Into<SharedManager>) -> Result<OffloadedBlocks<B>> {
         let manager = manager.into();
-        {
-            let m = manager.lock();
-            if m.is_enabled() && m.is_initialized() && m.num_blocks() != blocks.len() {
-                return Err(Error::InvalidArgument {
-                    op: "OffloadedBlocks::new",
-                    message: format!(
-                        "{} blocks were given but the manager streams {}; pass the blocks of \
-                         the lists it was configured with, in loop order",
-                        blocks.len(),
-                        m.num_blocks()
-                    ),
-                });
-            }
-        }
+        check_block_count("OffloadedBlocks::new", blocks.len(), &manager.lock())?;
         Ok(OffloadedBlocks { blocks, manager })
     }
 
@@ -134,7 +122,18 @@ impl<B> OffloadedBlocks<B> {
 
     /// Runs every block in loop order, each entered while `f(block, state)` computes the next
     /// state.
+    ///
+    /// Fails before any block runs when the manager is not initialized
+    /// ([`Error::NotInitialized`]) or streams a different number of blocks
+    /// ([`Error::InvalidArgument`]); a block whose entry or release fails stops the loop with
+    /// that error, the block released.
     pub fn run<T>(&self, mut state: T, mut f: impl FnMut(&B, T) -> T) -> Result<T> {
+        // Not initialized: entering block 0 gives the manager's own error, before any block.
+        check_block_count(
+            "OffloadedBlocks::run",
+            self.blocks.len(),
+            &self.manager.lock(),
+        )?;
         for (i, block) in self.blocks.iter().enumerate() {
             state = self.manager.with_block(i, || f(block, state))?;
         }
@@ -147,6 +146,25 @@ impl<B> OffloadedBlocks<B> {
     }
 }
 
+/// Fails when `manager` is initialized and streams other than `given` blocks.
+fn check_block_count(
+    op: &'static str,
+    given: usize,
+    manager: &LayerwiseOffloadManager,
+) -> Result<()> {
+    if manager.is_enabled() && manager.is_initialized() && manager.num_blocks() != given {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!(
+                "{given} blocks were given but the manager streams {}; pass the blocks of the \
+                 lists it was configured with, in loop order",
+                manager.num_blocks()
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl<B: nn::ModuleT> OffloadedBlocks<B> {
     /// `x = block.forward_t(x, train)` through every block, with the manager's errors returned.
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
@@ -155,12 +173,17 @@ impl<B: nn::ModuleT> OffloadedBlocks<B> {
 }
 
 impl<B: nn::ModuleT> nn::ModuleT for OffloadedBlocks<B> {
-    /// [`Self::f_forward_t`]; panics with the manager's error (tch's `forward_t` cannot return
-    /// one). The entered block is released on the way out and no weight is lost.
+    /// [`OffloadedBlocks::f_forward_t`], which returns the manager's errors; this one panics
+    /// with the error (tch's `forward_t` cannot return one), naming it and the fallible method.
+    /// No block is left entered and no weight is lost: after catching the panic the manager
+    /// still works, and `restore()` gives the weights back.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         match self.f_forward_t(xs, train) {
             Ok(y) => y,
-            Err(e) => panic!("layerwise-offload: {e}"),
+            Err(e) => panic!(
+                "layerwise-offload: OffloadedBlocks::forward_t failed: {e} ({e:?}); call \
+                 OffloadedBlocks::f_forward_t to get this error as a Result instead of a panic"
+            ),
         }
     }
 }

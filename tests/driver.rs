@@ -6,9 +6,10 @@ mod common;
 
 use common::Mode;
 use common::model::{Model, assert_same, bits_equal};
-use layerwise_offload::{Error, OffloadedBlocks, SharedManager};
+use layerwise_offload::{Error, Fault, OffloadedBlocks, SharedManager};
 use rstest::rstest;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use tch::nn::{self, ModuleT};
 
 #[rstest]
 fn a_shared_manager_runs_blocks_from_a_shared_reference(
@@ -87,4 +88,149 @@ fn model_head(model: &Model, h: &tch::Tensor) -> tch::Tensor {
         h.linear(&vars["head.weight"], Some(&vars["head.bias"]))
             .to_device(tch::Device::Cpu)
     })
+}
+
+/// `n` linear blocks under `blocks`, with non-zero weights, and their input.
+fn linear_stack(seed: i64, n: usize) -> (nn::VarStore, Vec<nn::Linear>, tch::Tensor) {
+    tch::manual_seed(seed);
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let blocks = (0..n)
+        .map(|i| nn::linear(vs.root() / "blocks" / i, 32, 32, Default::default()))
+        .collect();
+    let x = tch::Tensor::randn([4, 32], (tch::Kind::Float, tch::Device::Cpu));
+    (vs, blocks, x)
+}
+
+fn sorted_snapshot(vs: &nn::VarStore) -> Vec<(String, tch::Tensor)> {
+    let mut v: Vec<_> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.copy()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// The text of a caught panic.
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+fn no_block_entered<B>(stack: &OffloadedBlocks<B>) -> bool {
+    let m = stack.manager().lock();
+    (0..stack.blocks().len()).all(|i| !m.is_entered(i))
+}
+
+#[test]
+fn forward_t_before_initialize_is_a_typed_error_and_a_named_panic() -> anyhow::Result<()> {
+    let (vs, blocks, x) = linear_stack(7, 3);
+    let before = sorted_snapshot(&vs);
+    let want = tch::no_grad(|| {
+        blocks
+            .iter()
+            .fold(x.shallow_clone(), |h, b| b.forward_t(&h, false))
+    });
+    let m = Mode::Cpu.config("blocks", 3).build(&vs)?;
+    let stack = OffloadedBlocks::new(blocks, m)?;
+
+    match tch::no_grad(|| stack.f_forward_t(&x, false)) {
+        Err(Error::NotInitialized { .. }) => {}
+        other => panic!("expected NotInitialized, got {other:?}"),
+    }
+    let caught = catch_unwind(AssertUnwindSafe(|| {
+        tch::no_grad(|| stack.forward_t(&x, false))
+    }));
+    let text = panic_text(caught.expect_err("forward_t panics on a manager error"));
+    assert!(
+        text.contains("NotInitialized") && text.contains("initialize()"),
+        "names the error: {text}"
+    );
+    assert!(
+        text.contains("f_forward_t"),
+        "points to the fallible method: {text}"
+    );
+
+    // The manager still works: initialize it, and the forward is exact; restore gives every
+    // weight back bit for bit.
+    stack.manager().lock().initialize()?;
+    let got = tch::no_grad(|| stack.forward_t(&x, false));
+    assert!(bits_equal(&got, &want));
+    assert!(no_block_entered(&stack));
+    let (_, mut m) = stack.into_parts();
+    m.restore()?;
+    assert_same(&sorted_snapshot(&vs), &before);
+    Ok(())
+}
+
+#[test]
+fn a_block_count_mismatch_found_at_the_first_forward_is_a_typed_error() -> anyhow::Result<()> {
+    let (vs, mut blocks, x) = linear_stack(8, 3);
+    let before = sorted_snapshot(&vs);
+    blocks.truncate(2);
+    // Not initialized yet: the count cannot be checked at construction.
+    let m = Mode::Cpu.config("blocks", 3).build(&vs)?;
+    let stack = OffloadedBlocks::new(blocks, m)?;
+    stack.manager().lock().initialize()?;
+
+    match tch::no_grad(|| stack.f_forward_t(&x, false)) {
+        Err(Error::InvalidArgument { message, .. }) => {
+            assert!(
+                message.contains("2 blocks") && message.contains("streams 3"),
+                "{message}"
+            )
+        }
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    assert!(no_block_entered(&stack));
+    let uploads = stack.manager().stats().uploads;
+    let caught = catch_unwind(AssertUnwindSafe(|| {
+        tch::no_grad(|| stack.forward_t(&x, false))
+    }));
+    let text = panic_text(caught.expect_err("forward_t panics on a manager error"));
+    assert!(
+        text.contains("InvalidArgument") && text.contains("f_forward_t"),
+        "{text}"
+    );
+    // Nothing ran: no block entered, no upload queued, and every weight comes back.
+    assert!(no_block_entered(&stack));
+    assert_eq!(stack.manager().stats().uploads, uploads);
+    let (_, mut m) = stack.into_parts();
+    m.restore()?;
+    assert_same(&sorted_snapshot(&vs), &before);
+    Ok(())
+}
+
+#[test]
+fn a_failure_inside_the_loop_leaves_no_block_entered() -> anyhow::Result<()> {
+    let (vs, blocks, x) = linear_stack(9, 4);
+    let before = sorted_snapshot(&vs);
+    let want = tch::no_grad(|| {
+        blocks
+            .iter()
+            .fold(x.shallow_clone(), |h, b| b.forward_t(&h, false))
+    });
+    let mut m = Mode::Cpu
+        .config("blocks", 4)
+        .inject_fault(Fault::Upload(2))
+        .build(&vs)?;
+    m.initialize()?;
+    let stack = OffloadedBlocks::new(blocks, m)?;
+
+    let caught = catch_unwind(AssertUnwindSafe(|| {
+        tch::no_grad(|| stack.forward_t(&x, false))
+    }));
+    let text = panic_text(caught.expect_err("the injected upload failure panics forward_t"));
+    assert!(text.contains("f_forward_t"), "{text}");
+    assert!(no_block_entered(&stack), "a block was left entered");
+    // The manager still works (the fault is one-shot): the next forward is exact.
+    let got = tch::no_grad(|| stack.f_forward_t(&x, false))?;
+    assert!(bits_equal(&got, &want));
+    assert!(no_block_entered(&stack));
+    let (_, mut m) = stack.into_parts();
+    m.restore()?;
+    assert_same(&sorted_snapshot(&vs), &before);
+    Ok(())
 }
