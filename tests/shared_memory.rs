@@ -620,3 +620,93 @@ fn blocks_published_without_a_host_copy_are_not_read_from_another_block() {
         r => panic!("expected InvalidArgument, got {r:?}"),
     }
 }
+
+/// `path` with `suffix` appended (`.manifest`, `.manifest.tmp`).
+fn with_suffix(path: &std::path::Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// A new shared-memory file whose page-locking (`cudaHostRegister`) fails is removed, with
+/// its manifest and the manifest's temporary: the publisher gets a typed error and the model
+/// is as it was. The failure is injected with the `testing` knob
+/// `HostMemory::fail_next_registration`; registration only happens with CUDA (pinned host
+/// memory), so the CPU test mode shows the knob is never consumed there and the real check
+/// runs on a CUDA device (SKIP without one, unless OFFLOAD_REQUIRE_CUDA=1).
+#[test]
+fn a_failed_registration_of_a_new_file_removes_it() -> anyhow::Result<()> {
+    let leftovers = |path: &std::path::Path| -> Vec<PathBuf> {
+        [
+            path.to_owned(),
+            manifest_of(path),
+            with_suffix(path, ".manifest.tmp"),
+        ]
+        .into_iter()
+        .filter(|p| p.symlink_metadata().is_ok())
+        .collect()
+    };
+
+    // CPU test mode: host memory is pageable, nothing is registered, the knob stays armed.
+    let path = shm_path("register-cpu");
+    remove_store(&path);
+    let model = Model::new(Device::Cpu, 3, false, 61);
+    let mut m = OffloadConfig::new("blocks", 3)
+        .cpu_test_mode(true)
+        .shared_memory(&path)
+        .build(&model.vs)?;
+    HostMemory::fail_next_registration();
+    let r = m.initialize();
+    let still_armed = HostMemory::clear_registration_failure();
+    r?;
+    assert!(
+        still_armed,
+        "the CPU test mode registered host memory: this test must then run in it too"
+    );
+    drop(m);
+    remove_store(&path);
+
+    let Some(dev) = common::cuda() else {
+        return Ok(());
+    };
+    let path = shm_path("register-cuda");
+    remove_store(&path);
+    let model = Model::new(Device::Cuda(dev), 3, false, 62);
+    let before = model.snapshot();
+    let x = model.input(4);
+    let want = model.forward(&x, None);
+    let mut m = OffloadConfig::new("blocks", 3)
+        .pin_cpu_memory(true)
+        .shared_memory(&path)
+        .build(&model.vs)?;
+    HostMemory::fail_next_registration();
+    let r = m.initialize();
+    let still_armed = HostMemory::clear_registration_failure();
+    assert!(!still_armed, "initialize registered no host memory");
+    match &r {
+        Err(e @ Error::HostAlloc { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("shared pinned") && text.contains("injected"),
+                "the error of the shared file's registration: {text}"
+            );
+        }
+        other => panic!("expected HostAlloc from the failed registration, got {other:?}"),
+    }
+    let left = leftovers(&path);
+    remove_store(&path);
+    let _ = std::fs::remove_file(with_suffix(&path, ".manifest.tmp"));
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(!m.is_initialized());
+    assert_same(&model.snapshot(), &before);
+
+    // Nothing stale is in the way: initialize() again publishes, and the forward is exact.
+    m.initialize()?;
+    assert!(path.exists() && manifest_of(&path).exists());
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    drop(m);
+    remove_store(&path);
+    Ok(())
+}

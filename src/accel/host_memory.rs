@@ -18,6 +18,45 @@ pub enum HostMemory {
     Pinned,
 }
 
+#[cfg(feature = "testing")]
+thread_local! {
+    /// Armed by [`HostMemory::fail_next_registration`]: the next registration on this thread
+    /// fails.
+    static FAIL_NEXT_REGISTER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(feature = "testing")]
+impl HostMemory {
+    /// Test knob (the `testing` feature; not part of the stable API): the next page-locking
+    /// registration (`cudaHostRegister`) of host memory on the calling thread fails once, as
+    /// if the CUDA runtime had refused it: the mapping is released and the caller gets
+    /// [`Error::HostAlloc`]. Registration only happens for [`HostMemory::Pinned`], so only with
+    /// a CUDA device. For tests of the cleanup after a failed registration (a new
+    /// shared-memory file is removed). Other threads are not affected.
+    pub fn fail_next_registration() {
+        FAIL_NEXT_REGISTER.with(|f| f.set(true));
+    }
+
+    /// Disarms [`Self::fail_next_registration`] on the calling thread; whether it was still
+    /// armed (no registration consumed it).
+    pub fn clear_registration_failure() -> bool {
+        FAIL_NEXT_REGISTER.with(|f| f.replace(false))
+    }
+}
+
+/// Whether an armed [`HostMemory::fail_next_registration`] makes this registration fail
+/// (disarming it).
+#[cfg(feature = "testing")]
+fn injected_register_failure() -> bool {
+    FAIL_NEXT_REGISTER.with(|f| f.replace(false))
+}
+
+/// Without the `testing` feature no registration is made to fail.
+#[cfg(not(feature = "testing"))]
+fn injected_register_failure() -> bool {
+    false
+}
+
 /// Threads used to fault in a large host allocation.
 fn host_threads(bytes: usize) -> c_int {
     if bytes < (64 << 20) {
@@ -96,6 +135,13 @@ unsafe fn own_mapping(
     host_err: impl Fn(String) -> Error,
 ) -> Result<Tensor> {
     if let Some(flags) = register_flags {
+        if injected_register_failure() {
+            // SAFETY: p is the caller's mapping of `bytes` bytes, not registered.
+            unsafe { ffi::lo_host_free(p, bytes) };
+            return Err(host_err(
+                "cudaHostRegister failed (injected by HostMemory::fail_next_registration)".into(),
+            ));
+        }
         // SAFETY: p is a live mapping of exactly `bytes` bytes (caller), registered once.
         if unsafe { ffi::lo_host_register(p, bytes, flags) } != 0 {
             let msg = last_error();
