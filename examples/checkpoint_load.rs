@@ -34,6 +34,8 @@ mod util;
 use util::{
     gpu_name, int_in, median, peak_rss_bytes, pinned_h2d_gib_s, round2, rss_bytes, wan_grid,
 };
+#[path = "common/progress.rs"]
+mod progress;
 
 #[derive(Parser)]
 #[command(about = "Write a Wan2.1-shaped sharded checkpoint, or load one and time it")]
@@ -165,6 +167,8 @@ fn write(a: &WriteArgs) -> Result<()> {
     let mut weight_map = BTreeMap::new();
     let (mut shard, mut k, mut bytes) = (Vec::new(), 0usize, 0usize);
     let n = vars.len();
+    // Drawn tensors' bytes; the message names the shard being drawn or written.
+    let pb = progress::bytes(total as u64, format!("drawing shard 1 of {shards}"));
     for (i, (name, t)) in vars.into_iter().enumerate() {
         let value = tch::no_grad(|| {
             (Tensor::randn(t.size(), (Kind::BFloat16, origin)) * 0.02)
@@ -176,13 +180,17 @@ fn write(a: &WriteArgs) -> Result<()> {
         shard.push((name, value));
         if (bytes >= per * (k + 1) && k + 1 < shards) || i + 1 == n {
             let path = a.dir.join(name_of(k));
+            pb.set_message(format!("writing shard {} of {shards}", k + 1));
             Tensor::write_safetensors(&shard, &path)
                 .with_context(|| format!("writing {}", path.display()))?;
-            eprintln!("  wrote {} ({} tensors)", path.display(), shard.len());
+            pb.suspend(|| eprintln!("  wrote {} ({} tensors)", path.display(), shard.len()));
             shard.clear();
             k += 1;
+            pb.set_message(format!("drawing shard {} of {shards}", k + 1));
         }
+        pb.set_position(bytes as u64);
     }
+    pb.finish_and_clear();
     if shards > 1 {
         let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
         std::fs::write(
@@ -388,13 +396,16 @@ fn load(a: &LoadArgs) -> Result<()> {
             Ok(())
         };
         sync()?;
+        let pb = progress::steps(a.forwards as u64, "forwards");
         let t = Instant::now();
         for _ in 0..a.forwards {
             let f = Instant::now();
             let _ = forward(&model, &xs, &mut m)?;
             sync()?;
             per.push(f.elapsed().as_secs_f64() * 1e3);
+            pb.inc(1);
         }
+        pb.finish_and_clear();
         let sustained = t.elapsed().as_secs_f64() * 1e3 / a.forwards as f64;
         let streamed = st.streamed_blocks as u64 * block_bytes;
         let disk = st.disk_blocks as u64 * block_bytes;

@@ -21,7 +21,6 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use layerwise_offload::{Checkpoint, LayerwiseOffloadManager, OffloadConfig, accel};
 use serde_json::json;
-use std::io::{IsTerminal, Write};
 use std::time::Instant;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
@@ -30,6 +29,8 @@ use wan::WanTransformer3DModel;
 #[path = "common/util.rs"]
 mod util;
 use util::{gpu_name, int_in, median, round2};
+#[path = "common/progress.rs"]
+mod progress;
 
 /// A preset: the transformer's configuration (diffusers' `config.json` values), the text
 /// tokens and the latent's default size.
@@ -260,8 +261,8 @@ fn forward(
 }
 
 /// Flow-matching Euler sampling over `steps` steps, from noise at sigma 1 to the sample at sigma
-/// 0, with a progress bar on a terminal (plain lines otherwise). Returns the sample and the
-/// seconds of each step.
+/// 0, with a progress bar on a terminal (a plain line per step otherwise). Returns the sample and
+/// the seconds of each step.
 fn sample(
     model: &WanTransformer3DModel,
     noise: &Tensor,
@@ -270,7 +271,7 @@ fn sample(
     mut mgr: Option<&mut LayerwiseOffloadManager>,
     label: &str,
 ) -> Result<(Tensor, Vec<f64>)> {
-    let tty = std::io::stderr().is_terminal();
+    let pb = progress::steps(steps as u64, format!("{label} sampling"));
     let mut x = noise.shallow_clone();
     let mut times = Vec::with_capacity(steps);
     let mut last_stall = mgr.as_deref_mut().map_or(0.0, |m| m.stats().stall_ms);
@@ -292,21 +293,14 @@ fn sample(
             stall - last_stall
         );
         last_stall = stall;
-        if tty {
-            let filled = (s + 1) * 30 / steps;
-            eprint!(
-                "\r[{}{}] {line}   ",
-                "#".repeat(filled),
-                " ".repeat(30 - filled)
-            );
-            if s + 1 == steps {
-                eprintln!();
-            }
-            let _ = std::io::stderr().flush();
-        } else {
+        if pb.is_hidden() {
             eprintln!("{line}");
+        } else {
+            pb.set_message(line);
         }
+        pb.inc(1);
     }
+    pb.finish();
     Ok((x, times))
 }
 
@@ -343,6 +337,11 @@ fn main() -> Result<()> {
     };
     let weights = a.weights.as_ref().or(a.checkpoint.as_ref());
     let mut vs = nn::VarStore::new(Device::Cpu);
+    // Drawn inside the wan crate in one call: a spinner, not a bar.
+    let pb = progress::spinner(match weights {
+        Some(_) => "building the model (uninitialized)",
+        None => "drawing the seeded random weights",
+    });
     // bf16 on a GPU, float32 where diffusers keeps it; float32 on the CPU.
     let model = match weights {
         // Uninitialized: the manager reads the checkpoint straight into its block buffers (and
@@ -355,6 +354,7 @@ fn main() -> Result<()> {
             model
         }
     };
+    pb.finish_and_clear();
     let checkpoint = weights.map(Checkpoint::open).transpose()?;
     let layers = config.num_layers as usize;
     let block_bytes: usize = vs
@@ -392,8 +392,10 @@ fn main() -> Result<()> {
         cfg = cfg.vram_budget((limit * 0.7 * (1u64 << 30) as f64) as u64);
     }
     let t0 = Instant::now();
+    let pb = progress::spinner("initialize (blocks into host memory)");
     let mut m = cfg.build(&vs)?;
     m.initialize()?;
+    pb.finish_and_clear();
     let init_s = t0.elapsed().as_secs_f64();
     let st = m.stats().clone();
     eprintln!(

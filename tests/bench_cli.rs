@@ -1,5 +1,6 @@
-//! `offload-bench` end to end on the CPU (the manager's CPU test mode): full streaming and two
-//! budgets on the tiny preset, with results equal to the resident model's.
+//! `offload-bench` end to end on the CPU (the manager's CPU test mode): the wan crate's model on
+//! the tiny preset, full streaming, budgets and the several-"GPU" modes, with results equal to
+//! the resident model's.
 
 mod common;
 
@@ -35,12 +36,14 @@ fn offload_bench_runs_in_cpu_test_mode() {
             "4",
             "--tokens",
             "32",
+            "--ctx",
+            "16",
             "--reps",
             "1",
             "--warmup",
             "0",
             "--budgets",
-            "0.01,1",
+            "0.015,1",
             "--gpus",
             "2",
         ])
@@ -50,10 +53,13 @@ fn offload_bench_runs_in_cpu_test_mode() {
     let rows = common::cli::result_rows("offload-bench", &out);
     let (multi, rows): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| !r["gpus"].is_null());
     assert_eq!(rows.len(), 3, "full streaming and two budgets:\n{stdout}");
-    // --gpus 2 (two CPU "devices" here): one row per device and mode (each GPU uploading every
-    // block, then a peer group), one host copy, exact outputs.
+    // --gpus 2 (two CPU "devices" here, each with its own instance of the model): one row per
+    // device and mode (each GPU uploading every block, then a peer group), one host copy, exact
+    // outputs.
     assert_eq!(multi.len(), 4, "{stdout}");
     for (i, r) in multi.iter().enumerate() {
+        assert_eq!(r["model"], "wan", "{r}");
+        assert_eq!(r["layers"], 4, "{r}");
         let mode = if i < 2 {
             "shared host copy"
         } else {
@@ -69,6 +75,7 @@ fn offload_bench_runs_in_cpu_test_mode() {
         );
     }
     for r in &rows {
+        assert_eq!(r["model"], "wan", "{r}");
         assert_eq!(
             r["max_abs_diff"].as_f64(),
             Some(0.0),
@@ -92,9 +99,15 @@ fn offload_bench_runs_in_cpu_test_mode() {
         rows[0]["resident_blocks"], 0,
         "no budget: everything streams"
     );
+    let held = rows[1]["resident_blocks"].as_u64().unwrap();
+    assert!(
+        (1..4).contains(&held),
+        "0.015 GiB holds some of the 4 tiny blocks (4 MiB each, beside the slot ring), not all: {}",
+        rows[1]
+    );
     assert_eq!(
         rows[2]["resident_blocks"], 4,
-        "a 1 GiB budget holds the tiny stack"
+        "a 1 GiB budget holds the tiny model"
     );
     assert_eq!(rows[2]["streamed_bytes"], 0);
     assert!(
@@ -141,6 +154,8 @@ fn bad_values_are_errors_naming_the_flag() {
     assert_refused(&with(&["--budgets", "NaN"]), "--budgets");
     assert_refused(&with(&["--budgets", "1,-1"]), "--budgets");
     assert_refused(&with(&["--modes", "shared,foo"]), "--modes");
+    // One model: the block stack is gone.
+    assert_refused(&with(&["--model", "stack"]), "--model");
     // A timeline needs a CUDA device; without one (or with --cpu) --trace is an error, and a
     // trace file in a directory that does not exist is one everywhere.
     assert_refused(
@@ -165,6 +180,7 @@ fn bad_values_are_errors_naming_the_flag() {
     }
 }
 
+/// `--model wan`, the only model, stays accepted (scripts pass it), also with several GPUs.
 #[test]
 fn offload_bench_runs_the_wan_model_in_cpu_test_mode() {
     let out = Command::new(bench())
@@ -209,14 +225,56 @@ fn offload_bench_runs_the_wan_model_in_cpu_test_mode() {
     );
     assert_eq!(rows[1]["resident_blocks"], 6, "1 GiB holds the tiny model");
     assert!(stdout.contains("| tiny (wan) |"), "{stdout}");
-    // The several-GPU runs are the stack's: --model wan --gpus 2 is an error naming both.
-    assert_refused(
-        &["--cpu", "--model", "wan", "--preset", "tiny", "--gpus", "2"],
-        "--model wan",
+    // Several GPUs run the same model: a peer group, raw and compressed, exact on every member,
+    // the compressed store smaller.
+    let out = Command::new(bench())
+        .args([
+            "--cpu",
+            "--model",
+            "wan",
+            "--preset",
+            "tiny",
+            "--layers",
+            "2",
+            "--tokens",
+            "16",
+            "--ctx",
+            "8",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--gpus",
+            "2",
+            "--modes",
+            "peer",
+            "--multi-only",
+            "--compress",
+        ])
+        .output()
+        .expect("offload-bench starts");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let multi = common::cli::result_rows("offload-bench --model wan --gpus 2", &out);
+    let modes: Vec<&str> = multi.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(
+        modes,
+        [
+            "peer split",
+            "peer split",
+            "peer split compressed",
+            "peer split compressed"
+        ],
+        "--multi-only: only the several-GPU rows:\n{stdout}"
     );
-    assert_refused(
-        &["--cpu", "--model", "wan", "--preset", "tiny", "--gpus", "2"],
-        "--gpus 2",
+    for r in &multi {
+        assert_eq!(r["model"], "wan", "{r}");
+        assert_eq!(r["gpus"], 2, "{r}");
+        assert_eq!(r["max_abs_diff"].as_f64(), Some(0.0), "{r}");
+    }
+    let (raw, encoded) = (&multi[0]["host_bytes"], &multi[2]["host_bytes"]);
+    assert!(
+        encoded.as_u64().unwrap() < raw.as_u64().unwrap(),
+        "the compressed host copy is smaller: {encoded} of {raw}"
     );
     // A patch grid wider than the rotary tables.
     assert_refused(

@@ -1,29 +1,33 @@
-//! `offload-bench`: a Wan2.1-shaped DiT block stack (`--model stack`, the default) or the wan
-//! crate's `WanTransformer3DModel` (`--model wan`: diffusers' Wan2.1-T2V model with its
-//! parameter names, rotary embedding and float32 modules) with seeded random bf16 weights, run
-//! resident and streamed through the layerwise offload manager, against the PCIe floor.
+//! `offload-bench`: the wan crate's `WanTransformer3DModel` (diffusers' Wan2.1-T2V transformer:
+//! its parameter names, rotary embedding and float32 modules) with seeded random bf16 weights, or
+//! a diffusers checkpoint's, run resident and streamed through the layerwise offload manager, on
+//! one GPU or several, against the PCIe floor.
 //!
 //! ```text
 //! cargo run --release -p offload-bench -- --help
 //! offload-bench --preset wan-14b --tokens 1024,4096 --budgets 14.5 --trace trace.json
-//! offload-bench --model wan --preset wan-14b --tokens 1024,4096,16384 --ctx 512
+//! offload-bench --preset wan-14b --tokens 1024,4096,16384 --ctx 512
+//! offload-bench --preset wan-14b --gpus 2 --tokens 1024,4096 --compress
 //! ```
-//! `--model wan` matches `scripts/bench_peers.py --model wan`: the same configurations, weights
-//! drawn the same way (N(0, 1) in bf16 times 0.02, seed 1234; float32 where diffusers keeps it),
-//! a 1-frame latent of `--tokens` patches (a x b, a the largest divisor of the count not above
-//! its square root), timestep 500 and `--ctx` text tokens.
+//! The model is the one `scripts/bench_peers.py --model wan` runs (`--model wan`, the only
+//! value, is still accepted): the same configurations, weights drawn the same way (N(0, 1) in
+//! bf16 times 0.02, seed 1234; float32 where diffusers keeps it), a 1-frame latent of `--tokens`
+//! patches (a x b, a the largest divisor of the count not above its square root), timestep 500
+//! and `--ctx` text tokens.
 //! Configurations: full streaming, then one per VRAM budget in `--budgets` (GiB of block weights
 //! the manager may keep on the GPU), then with `--gpus N` N GPUs streaming at once from one
-//! shared pinned host copy (one driver thread each), first each uploading every block, then as a
-//! peer group (each uploads 1/N of every block and sends it to the others), then the resident
-//! model. Per configuration it prints a markdown table row and one `RESULT {json}` line: median ms per
-//! forward (CUDA events, warm-up excluded), the floor max(resident, streamed bytes / measured
-//! pinned H2D bandwidth), floor/measured, compute stall, peak VRAM, init seconds and peak host
-//! memory. Without a CUDA device (or with --cpu) the tiny preset runs in the manager's CPU test
-//! mode.
+//! shared pinned host copy (one driver thread each, each with its own instance of the model),
+//! first each uploading every block, then as a peer group (each uploads 1/N of every block and
+//! sends it to the others), then the resident model. Per configuration it prints a markdown
+//! table row and one `RESULT {json}` line: median ms per forward (CUDA events, warm-up excluded),
+//! the floor max(resident, streamed bytes / measured pinned H2D bandwidth), floor/measured,
+//! compute stall, peak VRAM, init seconds and peak host memory. Without a CUDA device (or with
+//! --cpu) the tiny preset runs in the manager's CPU test mode. Progress bars (weights, each
+//! configuration's forwards) go to stderr on a terminal.
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, ValueEnum, error::ErrorKind};
+use indicatif::{MultiProgress, ProgressBar};
 use layerwise_offload::accel::{self, Event, Stream};
 use layerwise_offload::{Checkpoint, LayerwiseOffloadManager, OffloadConfig, PeerGroup};
 use serde_json::json;
@@ -36,6 +40,8 @@ use wan::WanTransformer3DModel;
 #[path = "../../examples/common/util.rs"]
 mod util;
 use util::{gpu_name, int_in, median, peak_rss_bytes, pinned_h2d_gib_s, round2, wan_grid};
+#[path = "../../examples/common/progress.rs"]
+mod progress;
 
 #[derive(Debug, Clone)]
 struct Shape {
@@ -45,15 +51,13 @@ struct Shape {
     ffn: i64,
     heads: i64,
     ctx: i64,
-    /// `--model wan`: the transformer's configuration (the preset's, with the overrides).
-    wan: Option<wan::Config>,
+    /// The transformer's configuration (the preset's with the overrides, or the checkpoint's).
+    wan: wan::Config,
 }
 
-/// The models.
+/// The models: one, since offload-bench's own Wan-shaped block stack gave way to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Model {
-    /// offload-bench's own Wan2.1-shaped block stack (no rotary embedding, its own names).
-    Stack,
     /// The wan crate's WanTransformer3DModel (diffusers' Wan2.1-T2V transformer), as
     /// scripts/bench_peers.py --model wan builds diffusers' own.
     Wan,
@@ -62,12 +66,13 @@ enum Model {
 /// The model presets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Preset {
-    /// 6 blocks, dim 256, ffn 1024, 4 heads (the default without CUDA).
+    /// 6 blocks, dim 256 (4 heads of 64), ffn 1024, text width 128, Wan2.1-1.3B's other values
+    /// (the default without CUDA).
     Tiny,
-    /// Wan2.1-1.3B's blocks: 30, dim 1536, ffn 8960, 12 heads (the default with CUDA).
+    /// Wan2.1-T2V-1.3B: 30 blocks, dim 1536 (12 heads of 128), ffn 8960 (the default with CUDA).
     #[value(name = "wan-1.3b")]
     Wan1_3b,
-    /// Wan2.1-14B's blocks: 40, dim 5120, ffn 13824, 40 heads.
+    /// Wan2.1-T2V-14B: 40 blocks, dim 5120 (40 heads of 128), ffn 13824.
     #[value(name = "wan-14b")]
     Wan14b,
 }
@@ -109,23 +114,22 @@ const MAX_LAYERS: i64 = 1000;
 const MAX_DIM: i64 = 65536;
 const MAX_TOKENS: i64 = 1 << 20;
 
-/// A Wan2.1-shaped DiT block stack (--model stack) or diffusers' Wan2.1 WanTransformer3DModel
-/// from the wan crate (--model wan, as scripts/bench_peers.py --model wan builds it) with seeded
-/// random weights, run resident and streamed through the layerwise offload manager, against the
-/// PCIe floor.
+/// Diffusers' Wan2.1 WanTransformer3DModel from the wan crate (as scripts/bench_peers.py --model
+/// wan builds it) with seeded random weights or a checkpoint's, run resident and streamed
+/// through the layerwise offload manager, against the PCIe floor.
 ///
 /// Configurations: full streaming, then one per VRAM budget in --budgets, then with --gpus N
-/// N GPUs streaming at once from one shared pinned host copy (each uploading every block, then
-/// as a peer group), then the resident model. Per configuration: a markdown table row and one
-/// `RESULT {json}` line (median ms per forward, the floor max(resident, streamed bytes /
-/// measured pinned H2D bandwidth), floor/measured, compute stall, peak VRAM, init seconds, peak
-/// host memory). Without a CUDA device (or with --cpu) it runs in the manager's CPU test mode.
+/// N GPUs streaming at once from one shared pinned host copy (each GPU with its own instance of
+/// the model, each uploading every block, then as a peer group), then the resident model. Per
+/// configuration: a markdown table row and one `RESULT {json}` line (median ms per forward, the
+/// floor max(resident, streamed bytes / measured pinned H2D bandwidth), floor/measured, compute
+/// stall, peak VRAM, init seconds, peak host memory). Without a CUDA device (or with --cpu) it runs in the manager's CPU test mode.
 #[derive(Debug, Parser)]
 #[command(name = "offload-bench", version, allow_negative_numbers = true)]
 struct Cli {
-    /// The model: offload-bench's block stack, or the wan crate's WanTransformer3DModel
-    /// (diffusers' Wan2.1; one GPU only).
-    #[arg(long, value_enum, default_value_t = Model::Stack)]
+    /// The model: the wan crate's WanTransformer3DModel (diffusers' Wan2.1), the only one (the
+    /// flag stays for scripts that pass --model wan).
+    #[arg(long, value_enum, default_value_t = Model::Wan)]
     model: Model,
     /// Model preset (default: wan-1.3b with CUDA, tiny without).
     #[arg(long, value_enum)]
@@ -146,7 +150,7 @@ struct Cli {
     /// without).
     #[arg(long, value_delimiter = ',', value_parser = int_in(1, MAX_TOKENS))]
     tokens: Vec<i64>,
-    /// Text-context tokens of the cross-attention (--model wan: text-embedding tokens).
+    /// Text-embedding tokens (the cross-attention's context).
     #[arg(long, default_value_t = 512, value_parser = int_in(1, MAX_DIM))]
     ctx: i64,
     /// Blocks uploaded ahead of the one computing.
@@ -161,7 +165,8 @@ struct Cli {
     /// VRAM budgets to measure, in GiB of block weights kept resident, comma-separated.
     #[arg(long, value_delimiter = ',', value_parser = parse_gib)]
     budgets: Vec<f64>,
-    /// GPUs streaming at once from one host copy (CPU test mode: that many CPU "devices").
+    /// GPUs streaming at once from one host copy, each with its own instance of the model (CPU
+    /// test mode: that many CPU "devices").
     #[arg(long, default_value_t = 1, value_parser = int_in(1, 64))]
     gpus: i64,
     /// Modes of the several-GPU runs, comma-separated.
@@ -184,7 +189,8 @@ struct Cli {
     cpu: bool,
     /// A diffusers Wan transformer directory (config.json with safetensors, single or
     /// sharded): the weights come from it through the crate's checkpoint loader, and its
-    /// config.json replaces the preset. Needs --model wan.
+    /// config.json replaces the preset and the overrides. The several-GPU runs read it into
+    /// one pinned host copy (without --zero-copy or --host-budget).
     #[arg(long, value_name = "DIR")]
     checkpoint: Option<PathBuf>,
     /// With --checkpoint: the files' own pages are the host store (OffloadConfig::zero_copy).
@@ -226,36 +232,18 @@ fn check(a: &Cli, s: &Shape, cuda: bool) {
             s.dim, s.heads
         ));
     }
-    if let Some(dir) = &a.checkpoint
-        && s.wan.is_none()
-    {
-        fail(format!(
-            "--checkpoint {} holds a Wan transformer: add --model wan",
-            dir.display()
-        ));
+    let c = &s.wan;
+    if let Err(e) = c.validate() {
+        fail(format!("--dim {} --heads {}: {e}", s.dim, s.heads));
     }
-    if let Some(c) = &s.wan {
-        if a.gpus > 1 {
+    for &t in &a.tokens {
+        let (_, w) = wan_grid(t);
+        if w > c.rope_max_seq_len {
             fail(format!(
-                "--model wan runs on one GPU: --gpus {} needs --model stack",
-                a.gpus
+                "--tokens {t}: a 1 x {} x {w} patch grid exceeds rope_max_seq_len {}",
+                t / w,
+                c.rope_max_seq_len
             ));
-        }
-        if let Err(e) = c.validate() {
-            fail(format!(
-                "--model wan with --dim {} --heads {}: {e}",
-                s.dim, s.heads
-            ));
-        }
-        for &t in &a.tokens {
-            let (_, w) = wan_grid(t);
-            if w > c.rope_max_seq_len {
-                fail(format!(
-                    "--tokens {t}: a 1 x {} x {w} patch grid exceeds rope_max_seq_len {}",
-                    t / w,
-                    c.rope_max_seq_len
-                ));
-            }
         }
     }
     let cpu = a.cpu || !cuda;
@@ -294,20 +282,13 @@ fn shape(a: &Cli, cuda: bool) -> Shape {
         Preset::Wan1_3b => (30, 1536, 8960, 12),
         Preset::Wan14b => (40, 5120, 13824, 40),
     };
-    let mut s = Shape {
-        preset: preset
-            .to_possible_value()
-            .expect("named")
-            .get_name()
-            .to_owned(),
-        layers: a.layers.map_or(layers, |l| l as usize),
-        dim: a.dim.unwrap_or(dim),
-        ffn: a.ffn.unwrap_or(ffn),
-        heads: a.heads.unwrap_or(heads),
-        ctx: a.ctx,
-        wan: None,
-    };
-    if let (Model::Wan, Some(dir)) = (a.model, &a.checkpoint) {
+    let (layers, dim, ffn, heads) = (
+        a.layers.map_or(layers, |l| l as usize),
+        a.dim.unwrap_or(dim),
+        a.ffn.unwrap_or(ffn),
+        a.heads.unwrap_or(heads),
+    );
+    if let Some(dir) = &a.checkpoint {
         let c = wan::Config::from_file(dir.join("config.json")).unwrap_or_else(|e| {
             Cli::command()
                 .error(
@@ -316,34 +297,45 @@ fn shape(a: &Cli, cuda: bool) -> Shape {
                 )
                 .exit()
         });
-        s.preset = dir.display().to_string();
-        s.layers = c.num_layers as usize;
-        s.dim = c.inner_dim();
-        s.ffn = c.ffn_dim;
-        s.heads = c.num_attention_heads;
-        s.wan = Some(c);
-        return s;
-    }
-    if a.model == Model::Wan {
-        // scripts/bench_peers.py's WAN_CONFIGS: Wan2.1-T2V-1.3B's and 14B's config.json, and a
-        // tiny one (the dit_layer_loop example's) on 1.3B's other values.
-        let base = match preset {
-            Preset::Tiny => wan::Config {
-                text_dim: 128,
-                ..wan::Config::wan2_1_t2v_1_3b()
-            },
-            Preset::Wan1_3b => wan::Config::wan2_1_t2v_1_3b(),
-            Preset::Wan14b => wan::Config::wan2_1_t2v_14b(),
+        return Shape {
+            preset: dir.display().to_string(),
+            layers: c.num_layers as usize,
+            dim: c.inner_dim(),
+            ffn: c.ffn_dim,
+            heads: c.num_attention_heads,
+            ctx: a.ctx,
+            wan: c,
         };
-        s.wan = Some(wan::Config {
-            num_layers: s.layers as i64,
-            num_attention_heads: s.heads,
-            attention_head_dim: s.dim / s.heads,
-            ffn_dim: s.ffn,
-            ..base
-        });
     }
-    s
+    // scripts/bench_peers.py's WAN_CONFIGS: Wan2.1-T2V-1.3B's and 14B's config.json, and a tiny
+    // one (the dit_layer_loop example's) on 1.3B's other values.
+    let base = match preset {
+        Preset::Tiny => wan::Config {
+            text_dim: 128,
+            ..wan::Config::wan2_1_t2v_1_3b()
+        },
+        Preset::Wan1_3b => wan::Config::wan2_1_t2v_1_3b(),
+        Preset::Wan14b => wan::Config::wan2_1_t2v_14b(),
+    };
+    Shape {
+        preset: preset
+            .to_possible_value()
+            .expect("named")
+            .get_name()
+            .to_owned(),
+        layers,
+        dim,
+        ffn,
+        heads,
+        ctx: a.ctx,
+        wan: wan::Config {
+            num_layers: layers as i64,
+            num_attention_heads: heads,
+            attention_head_dim: dim / heads,
+            ffn_dim: ffn,
+            ..base
+        },
+    }
 }
 
 /// The run, from the flags.
@@ -372,6 +364,8 @@ struct Args {
 /// Parses and checks the flags; a bad one exits with a one-line error naming it and its range.
 fn parse_args() -> Args {
     let cli = Cli::parse();
+    // The only model (the flag is accepted for scripts that name it).
+    let Model::Wan = cli.model;
     let cuda = accel::cuda_is_available();
     let shape = shape(&cli, cuda);
     check(&cli, &shape, cuda);
@@ -413,45 +407,6 @@ fn parse_args() -> Args {
     }
 }
 
-/// The named weights of the stack, created on the CPU (uninitialized, then filled with seeded
-/// random values generated on `origin` and copied over).
-fn build_weights(s: &Shape, origin: Device, kind: Kind, dist: Dist) -> Vec<(String, Tensor)> {
-    let (d, f) = (s.dim, s.ffn);
-    let mut named = Vec::new();
-    let mut add = |name: String, shape: &[i64], scale: f64| {
-        let mut t = Tensor::empty(shape, (kind, Device::Cpu));
-        let r = match dist {
-            Dist::Normal => Tensor::randn(shape, (kind, origin)) * scale,
-            Dist::RowScaled => draw(shape, origin, dist) * (scale / 0.02),
-        };
-        t.copy_(&r);
-        named.push((name, t));
-    };
-    tch::manual_seed(1234);
-    add("embed.weight".into(), &[d, 64], 0.02);
-    add("time.weight".into(), &[6, d], 0.02);
-    for i in 0..s.layers {
-        let p = format!("blocks.{i}");
-        for attn in ["self_attn", "cross_attn"] {
-            for w in ["q", "k", "v", "o"] {
-                add(format!("{p}.{attn}.{w}.weight"), &[d, d], 0.02);
-                add(format!("{p}.{attn}.{w}.bias"), &[d], 0.02);
-            }
-            add(format!("{p}.{attn}.norm_q.weight"), &[d], 0.02);
-            add(format!("{p}.{attn}.norm_k.weight"), &[d], 0.02);
-        }
-        add(format!("{p}.norm3.weight"), &[d], 0.02);
-        add(format!("{p}.norm3.bias"), &[d], 0.02);
-        add(format!("{p}.ffn.0.weight"), &[f, d], 0.02);
-        add(format!("{p}.ffn.0.bias"), &[f], 0.02);
-        add(format!("{p}.ffn.2.weight"), &[d, f], 0.02);
-        add(format!("{p}.ffn.2.bias"), &[d], 0.02);
-        add(format!("{p}.modulation"), &[1, 6, d], 0.02);
-    }
-    add("head.weight".into(), &[64, d], 0.02);
-    named
-}
-
 /// The wan crate's WanTransformer3DModel with `config`, on the CPU, drawn as
 /// scripts/bench_peers.py's wan mode draws diffusers' own: every parameter (in name order) N(0, 1)
 /// in bf16 on `origin` after seed 1234, times 0.02 (in bf16), then converted to `kind`, or to
@@ -471,31 +426,55 @@ fn build_wan(
     wan::set_kind(&mut vs, kind);
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
+    let total: usize = named.iter().map(|(_, t)| tensor_bytes(t)).sum();
+    let pb = progress::bytes(total as u64, "drawing the weights");
     tch::manual_seed(1234);
     tch::no_grad(|| {
         for (_, t) in &named {
             let r = draw(&t.size(), origin, dist);
             t.shallow_clone().copy_(&r);
+            pb.inc(tensor_bytes(t) as u64);
         }
     });
+    pb.finish_and_clear();
     (model, named)
 }
 
-/// The model run: the stack, or the wan crate's model.
-enum Net<'a> {
-    Stack(Stack<'a>),
-    Wan(&'a WanTransformer3DModel),
+/// The bytes of `t`'s elements.
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.numel() * t.kind().elt_size_in_bytes()
 }
 
-impl Net<'_> {
-    /// One forward of `inputs` (the stack: tokens and context; wan: latent, timestep and text
-    /// embeddings), every block inside the manager's `enter` when there is one.
-    fn forward(&self, inputs: &[Tensor], mgr: Option<&mut LayerwiseOffloadManager>) -> Tensor {
-        match self {
-            Net::Stack(stack) => stack.forward(&inputs[0], &inputs[1], mgr),
-            Net::Wan(model) => wan_forward(model, inputs, mgr),
+/// A model and its named parameters (sharing their storage with the model's).
+type Instance = (WanTransformer3DModel, Vec<(String, Tensor)>);
+
+/// One GPU's own instance of the model for the several-GPU runs: the non-block weights copied
+/// from `named` (another instance's) to `dev`, the block tensors uninitialized on the CPU
+/// (`Tensor::empty` touches no memory): a manager over a shared host store makes them
+/// placeholders, the store has the values.
+fn wan_instance(
+    config: &wan::Config,
+    kind: Kind,
+    named: &[(String, Tensor)],
+    dev: Device,
+) -> Instance {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = WanTransformer3DModel::new_empty(vs.root(), config, kind);
+    let source: std::collections::HashMap<&str, &Tensor> =
+        named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut mine: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    mine.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::no_grad(|| {
+        for (n, t) in &mut mine {
+            if !n.starts_with("blocks.") {
+                let value = source
+                    .get(n.as_str())
+                    .unwrap_or_else(|| panic!("no weight {n} in the first instance"));
+                t.set_data(&value.to_device(dev));
+            }
         }
-    }
+    });
+    (model, mine)
 }
 
 /// The wan model's forward with its block loop open (as the dit_layer_loop example).
@@ -522,123 +501,16 @@ fn wan_forward(
     })
 }
 
-/// The stack's forward pass over weights looked up by name.
-struct Stack<'a> {
-    s: &'a Shape,
-    w: std::collections::HashMap<&'a str, &'a Tensor>,
-}
-
-impl<'a> Stack<'a> {
-    fn new(s: &'a Shape, named: &'a [(String, Tensor)]) -> Stack<'a> {
-        Stack {
-            s,
-            w: named.iter().map(|(n, t)| (n.as_str(), t)).collect(),
-        }
-    }
-
-    fn t(&self, name: &str) -> &Tensor {
-        self.w
-            .get(name)
-            .unwrap_or_else(|| panic!("no weight {name}"))
-    }
-
-    fn lin(&self, x: &Tensor, p: &str) -> Tensor {
-        x.linear(
-            self.t(&format!("{p}.weight")),
-            Some(self.t(&format!("{p}.bias"))),
-        )
-    }
-
-    fn rms(&self, x: &Tensor, w: &str) -> Tensor {
-        let var = x
-            .to_kind(Kind::Float)
-            .pow_tensor_scalar(2)
-            .mean_dim(-1, true, Kind::Float);
-        (x.to_kind(Kind::Float) * (var + 1e-6).rsqrt()).to_kind(x.kind()) * self.t(w)
-    }
-
-    fn attn(&self, x: &Tensor, ctx: &Tensor, p: &str) -> Tensor {
-        let (b, t, d) = x.size3().unwrap();
-        let h = self.s.heads;
-        let split = |y: Tensor| y.view([b, -1, h, d / h]).transpose(1, 2);
-        let q = split(self.rms(
-            &self.lin(x, &format!("{p}.q")),
-            &format!("{p}.norm_q.weight"),
-        ));
-        let k = split(self.rms(
-            &self.lin(ctx, &format!("{p}.k")),
-            &format!("{p}.norm_k.weight"),
-        ));
-        let v = split(self.lin(ctx, &format!("{p}.v")));
-        let a = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        );
-        self.lin(&a.transpose(1, 2).reshape([b, t, d]), &format!("{p}.o"))
-    }
-
-    fn block(&self, i: usize, x: &Tensor, ctx: &Tensor, e: &Tensor) -> Tensor {
-        let p = format!("blocks.{i}");
-        let d = self.s.dim;
-        let m = (self.t(&format!("{p}.modulation")) + e).chunk(6, 1);
-        let ln = |y: &Tensor| y.layer_norm([d], None::<Tensor>, None::<Tensor>, 1e-6, false);
-        let h = ln(x) * (&m[1] + 1.0) + &m[0];
-        let x = x + self.attn(&h, &h, &format!("{p}.self_attn")) * &m[2];
-        let h = x.layer_norm(
-            [d],
-            Some(self.t(&format!("{p}.norm3.weight"))),
-            Some(self.t(&format!("{p}.norm3.bias"))),
-            1e-6,
-            false,
-        );
-        let x = &x + self.attn(&h, ctx, &format!("{p}.cross_attn"));
-        let h = ln(&x) * (&m[4] + 1.0) + &m[3];
-        let y = self.lin(
-            &self.lin(&h, &format!("{p}.ffn.0")).gelu("tanh"),
-            &format!("{p}.ffn.2"),
-        );
-        x + y * &m[5]
-    }
-
-    fn forward(
-        &self,
-        input: &Tensor,
-        ctx: &Tensor,
-        mut mgr: Option<&mut LayerwiseOffloadManager>,
-    ) -> Tensor {
-        tch::no_grad(|| {
-            let mut x = input.matmul(&self.t("embed.weight").tr());
-            let e = self.t("time.weight").unsqueeze(0);
-            for i in 0..self.s.layers {
-                match mgr.as_deref_mut() {
-                    Some(m) => {
-                        let _g = m.enter(i).expect("enter");
-                        x = self.block(i, &x, ctx, &e);
-                    }
-                    None => x = self.block(i, &x, ctx, &e),
-                }
-            }
-            x.matmul(&self.t("head.weight").tr())
-        })
-    }
-}
-
-/// Median milliseconds per forward, timed with events on the compute stream (wall clock on the
-/// CPU), and the last output.
-/// Times `run`: the median of `reps` forwards after `warmup`, each between its own two events
-/// (the host waits for each), then the mean of `reps` forwards queued back to back between
-/// one pair (sustained: an upload cannot hide in the host's gap between forwards). Returns
+/// Times `run` with events on the compute stream (wall clock on the CPU): the median of `reps`
+/// forwards after `warmup`, each between its own two events (the host waits for each), then the
+/// mean of `reps` forwards queued back to back between one pair (sustained: an upload cannot
+/// hide in the host's gap between forwards). Each forward advances `pb` by one. Returns
 /// (median, sustained, the last output).
 fn time_forwards(
     a: &Args,
     mut run: impl FnMut() -> Tensor,
     dev: Device,
+    pb: &ProgressBar,
 ) -> Result<(f64, f64, Tensor)> {
     let mut out = None;
     let mut ms = Vec::new();
@@ -662,6 +534,7 @@ fn time_forwards(
             }
             y
         };
+        pb.inc(1);
         out = Some(y);
     }
     let sustained = if let Device::Cuda(d) = dev {
@@ -670,6 +543,7 @@ fn time_forwards(
         e0.record(&s)?;
         for _ in 0..a.reps {
             out = Some(run());
+            pb.inc(1);
         }
         e1.record(&s)?;
         e1.synchronize()?;
@@ -678,6 +552,7 @@ fn time_forwards(
         let t = Instant::now();
         for _ in 0..a.reps {
             out = Some(run());
+            pb.inc(1);
         }
         t.elapsed().as_secs_f64() * 1e3 / a.reps as f64
     };
@@ -712,7 +587,7 @@ fn main() -> Result<()> {
         }
         _ => None,
     };
-    let model_name = if s.wan.is_some() { "wan" } else { "stack" };
+    let model_name = "wan";
     eprintln!(
         "building {} {model_name} weights ({} blocks, dim {}, ffn {}) on the CPU...",
         s.preset, s.layers, s.dim, s.ffn
@@ -722,25 +597,22 @@ fn main() -> Result<()> {
         Some((dir, _, _)) => Some(std::sync::Arc::new(Checkpoint::open(dir)?)),
         None => None,
     };
-    let (wan_model, named) = match (&s.wan, &ckpt) {
+    let (model, named) = match &ckpt {
         // Uninitialized: every manager below reads the checkpoint into it.
-        (Some(c), Some(_)) => {
+        Some(_) => {
             let vs = nn::VarStore::new(Device::Cpu);
-            let model = WanTransformer3DModel::new_empty(vs.root(), c, kind);
+            let model = WanTransformer3DModel::new_empty(vs.root(), &s.wan, kind);
             let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
             named.sort_by(|a, b| a.0.cmp(&b.0));
-            (Some(model), named)
+            (model, named)
         }
-        (Some(c), None) => {
-            let (model, named) = build_wan(c, origin, kind, a.dist);
-            (Some(model), named)
-        }
-        (None, _) => (None, build_weights(s, origin, kind, a.dist)),
+        None => build_wan(&s.wan, origin, kind, a.dist),
     };
+    let model = &model;
     let block_bytes: usize = named
         .iter()
         .filter(|(n, _)| n.starts_with("blocks."))
-        .map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes())
+        .map(|(_, t)| tensor_bytes(t))
         .sum();
     eprintln!(
         "  {:.2} GiB of block weights in {:.1} s",
@@ -748,35 +620,26 @@ fn main() -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     let host_before = peak_rss_bytes();
-    let stack = match &wan_model {
-        Some(model) => Net::Wan(model),
-        None => Net::Stack(Stack::new(s, &named)),
-    };
-    // Per token count, seeded with it: the stack's tokens and context; wan's latent (1 frame,
-    // `wan_grid` patches), timestep and text embeddings, as scripts/bench_peers.py's.
+    // Per token count, seeded with it: the latent (1 frame, `wan_grid` patches), timestep and
+    // text embeddings, as scripts/bench_peers.py's.
     let inputs: Vec<(i64, Vec<Tensor>)> = a
         .tokens
         .iter()
         .map(|&t| {
             tch::manual_seed(t);
-            let xs = match &s.wan {
-                None => vec![
-                    Tensor::randn([1, t, 64], (kind, dev)),
-                    Tensor::randn([1, s.ctx, s.dim], (kind, dev)),
-                ],
-                Some(c) => {
-                    let (gh, gw) = wan_grid(t);
-                    let [pt, ph, pw] = c.patch_size;
-                    vec![
-                        Tensor::randn([1, c.in_channels, pt, ph * gh, pw * gw], (kind, dev)),
-                        Tensor::from_slice(&[500f32]).to_device(dev),
-                        Tensor::randn([1, s.ctx, c.text_dim], (kind, dev)),
-                    ]
-                }
-            };
+            let c = &s.wan;
+            let (gh, gw) = wan_grid(t);
+            let [pt, ph, pw] = c.patch_size;
+            let xs = vec![
+                Tensor::randn([1, c.in_channels, pt, ph * gh, pw * gw], (kind, dev)),
+                Tensor::from_slice(&[500f32]).to_device(dev),
+                Tensor::randn([1, s.ctx, c.text_dim], (kind, dev)),
+            ];
             (t, xs)
         })
         .collect();
+    // Forwards per configuration and token count: warm-up, timed, sustained.
+    let forwards = (a.warmup + 2 * a.reps) as u64;
 
     struct Row {
         label: String,
@@ -835,8 +698,10 @@ fn main() -> Result<()> {
             }
         }
         let t0 = Instant::now();
+        let pb = progress::spinner(format!("{label}: initialize"));
         let mut m = cfg.build(&named)?;
         m.initialize()?;
+        pb.finish_and_clear();
         let init_s = t0.elapsed().as_secs_f64();
         let host_peak = peak_rss_bytes();
         let st = m.stats().clone();
@@ -864,13 +729,15 @@ fn main() -> Result<()> {
                 accel::reset_peak_memory_stats(d)?;
             }
             let (stall0, decode0) = (m.stats().stall_ms, m.stats().decode_ms);
-            let (ms, ms_sustained, y) = time_forwards(&a, || stack.forward(xs, Some(&mut m)), dev)?;
+            let pb = progress::steps(forwards, format!("{label}, {tokens} tokens: forwards"));
+            let (ms, ms_sustained, y) =
+                time_forwards(&a, || wan_forward(model, xs, Some(&mut m)), dev, &pb)?;
+            pb.finish_and_clear();
             if let Device::Cuda(d) = dev {
                 accel::synchronize_device(d)?;
             }
-            let forwards = (a.warmup + 2 * a.reps) as f64;
-            let stall = (m.stats().stall_ms - stall0) / forwards;
-            let decode_ms = (m.stats().decode_ms - decode0) / forwards;
+            let stall = (m.stats().stall_ms - stall0) / forwards as f64;
+            let decode_ms = (m.stats().decode_ms - decode0) / forwards as f64;
             let peak = if let Device::Cuda(d) = dev {
                 accel::memory_stats(d)?.peak_allocated
             } else {
@@ -896,7 +763,7 @@ fn main() -> Result<()> {
             // One more forward of the first size, captured as a Chrome trace.
             let (_, xs) = &inputs[0];
             m.start_timeline()?;
-            let _ = stack.forward(xs, Some(&mut m));
+            let _ = wan_forward(model, xs, Some(&mut m));
             let spans = m.finish_timeline()?;
             std::fs::write(path, layerwise_offload::chrome_trace_json(&spans))
                 .with_context(|| format!("writing --trace {}", path.display()))?;
@@ -941,33 +808,30 @@ fn main() -> Result<()> {
         } else {
             None
         };
-        // Each GPU's own model instance, made before the first manager empties the blocks:
-        // non-block weights copied to its device, block tensors left uninitialized (they
-        // become placeholders; the shared store has the values).
-        let mut instances: Vec<Vec<(String, Tensor)>> = (0..a.gpus)
-            .map(|g| {
-                let dev_g = if a.cpu { Device::Cpu } else { Device::Cuda(g) };
-                named
-                    .iter()
-                    .map(|(n, t)| {
-                        let t = if n.starts_with("blocks.") {
-                            Tensor::empty(t.size(), (t.kind(), Device::Cpu))
-                        } else {
-                            t.to_device(dev_g)
-                        };
-                        (n.clone(), t)
-                    })
-                    .collect()
-            })
-            .collect();
-        let mut m0 = OffloadConfig::new("blocks", s.layers)
+        // The shared host store, filled from the model (or read from the checkpoint: then this
+        // manager also puts the checkpoint's non-block weights into `named`).
+        let mut cfg0 = OffloadConfig::new("blocks", s.layers)
             .prefetch_depth(a.depth)
             .cpu_test_mode(a.cpu)
-            .compress(mode.ends_with("compressed"))
-            .build(&named)?;
+            .compress(mode.ends_with("compressed"));
+        if let Some(c) = &ckpt {
+            cfg0 = cfg0.checkpoint(c.clone());
+        }
+        let pb = progress::spinner(format!("{mode}: host copy"));
+        let mut m0 = cfg0.build(&named)?;
         m0.initialize()?;
+        pb.finish_and_clear();
         let store = m0.host_store().expect("initialized");
         multi_host_bytes.insert(mode, store.bytes());
+        // Each GPU's own instance of the model: non-block weights copied to its device, block
+        // tensors left uninitialized (they become placeholders; the shared store has the
+        // values).
+        let mut instances: Vec<Option<Instance>> = (0..a.gpus)
+            .map(|g| {
+                let dev_g = if a.cpu { Device::Cpu } else { Device::Cuda(g) };
+                Some(wan_instance(&s.wan, kind, &named, dev_g))
+            })
+            .collect();
         // The inputs of the resident run, copied to each GPU here: seeding in the threads would
         // race (tch::manual_seed reseeds every device's generator, process-wide).
         let mut thread_inputs: Vec<Vec<(i64, Vec<Tensor>)>> = (0..a.gpus)
@@ -980,15 +844,21 @@ fn main() -> Result<()> {
             })
             .collect();
         let barrier = std::sync::Barrier::new(a.gpus);
+        // One bar per GPU: its forwards over every token count.
+        let bars = MultiProgress::new();
         let results: Vec<Result<Vec<(i64, f64, Tensor)>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..a.gpus)
                 .map(|g| {
                     let dev_g = if a.cpu { Device::Cpu } else { Device::Cuda(g) };
-                    let named_g = std::mem::take(&mut instances[g]);
+                    let (model_g, named_g) = instances[g].take().expect("one instance per GPU");
                     let inputs_g = std::mem::take(&mut thread_inputs[g]);
                     let store = store.clone();
                     let (a, barrier) = (&a, &barrier);
                     let group = group.clone();
+                    let pb = bars.add(progress::steps(
+                        forwards * inputs_g.len() as u64,
+                        format!("{mode}, GPU {g}: forwards"),
+                    ));
                     scope.spawn(move || -> Result<Vec<(i64, f64, Tensor)>> {
                         let mut cfg = OffloadConfig::new("blocks", s.layers)
                             .prefetch_depth(a.depth)
@@ -1002,18 +872,18 @@ fn main() -> Result<()> {
                         }
                         let mut m = cfg.build(&named_g)?;
                         m.initialize()?;
-                        // The stack only: --model wan with --gpus N > 1 is refused.
-                        let stack = Stack::new(s, &named_g);
                         let mut out = Vec::new();
                         for (tokens, xs) in inputs_g {
                             barrier.wait();
                             let (ms, _, y) = time_forwards(
                                 a,
-                                || stack.forward(&xs[0], &xs[1], Some(&mut m)),
+                                || wan_forward(&model_g, &xs, Some(&mut m)),
                                 dev_g,
+                                &pb,
                             )?;
                             out.push((tokens, ms, y.to_device(Device::Cpu)));
                         }
+                        pb.finish_and_clear();
                         m.restore_to(Device::Cpu)?;
                         Ok(out)
                     })
@@ -1037,17 +907,16 @@ fn main() -> Result<()> {
     let on_device = named.iter().all(|(_, t)| t.device() == dev);
     if a.resident && on_device {
         for (tokens, xs) in &inputs {
-            let (ms, _, r) = time_forwards(&a, || stack.forward(xs, None), dev)?;
+            let pb = progress::steps(forwards, format!("resident, {tokens} tokens: forwards"));
+            let (ms, _, r) = time_forwards(&a, || wan_forward(model, xs, None), dev, &pb)?;
+            pb.finish_and_clear();
             resident_ms.insert(*tokens, (ms, r));
         }
     } else if a.resident {
         eprintln!("resident run skipped: the weights do not fit on the device");
     }
-    // The preset column names the model where it is not the default stack.
-    let preset_cell = match &s.wan {
-        Some(_) => format!("{} (wan)", s.preset),
-        None => s.preset.clone(),
-    };
+    // The preset column names the model (the block stack's rows, before, named none).
+    let preset_cell = format!("{} ({model_name})", s.preset);
     println!(
         "| device | preset | tokens | mode | ms/forward | sustained ms | floor ms | floor/measured | raw floor ms | stall ms | peak VRAM GiB | init s |"
     );
@@ -1146,8 +1015,8 @@ fn main() -> Result<()> {
             });
             let floor = link_floor.map_or(String::new(), |f| format!("{f:.1}"));
             println!(
-                "| {device_name} | {} | {tokens} | stream d{}, {mode}, GPU {g} of {} | {ms:.1} | | {floor} | | | |",
-                s.preset, a.depth, a.gpus
+                "| {device_name} | {preset_cell} | {tokens} | stream d{}, {mode}, GPU {g} of {} | {ms:.1} | | {floor} | | | |",
+                a.depth, a.gpus
             );
             let result = json!({
                 "device": device_name,
@@ -1171,8 +1040,8 @@ fn main() -> Result<()> {
             println!("RESULT {result}");
         }
         println!(
-            "| {device_name} | {} | {tokens} | {} GPUs, {mode}: {aggregate:.1} GiB/s of blocks delivered | {slowest:.1} (slowest) | | | | | |",
-            s.preset, a.gpus
+            "| {device_name} | {preset_cell} | {tokens} | {} GPUs, {mode}: {aggregate:.1} GiB/s of blocks delivered | {slowest:.1} (slowest) | | | | | |",
+            a.gpus
         );
     }
     for (tokens, (ms, _)) in {

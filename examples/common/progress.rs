@@ -1,0 +1,45 @@
+//! Progress bars of the examples and `offload-bench` for their long loops (building weights,
+//! writing shards, sampling steps, forwards): indicatif on stderr, drawn on a terminal and hidden
+//! otherwise (indicatif's default), so logs and pipes get no control characters. The library has
+//! none.
+//!
+//! Included by path like `util.rs` (`#[path = "common/progress.rs"] mod progress;`, and from
+//! offload-bench `#[path = "../../examples/common/progress.rs"]`). Each user calls only some of
+//! the helpers.
+#![allow(dead_code)]
+
+use indicatif::{ProgressBar, ProgressStyle};
+use std::borrow::Cow;
+use std::time::Duration;
+
+/// A bar over `total` bytes, labelled `msg`.
+pub fn bytes(total: u64, msg: impl Into<Cow<'static, str>>) -> ProgressBar {
+    styled(
+        ProgressBar::new(total),
+        "{msg} [{bar:30}] {bytes}/{total_bytes} ({binary_bytes_per_sec}, {elapsed}, eta {eta})",
+    )
+    .with_message(msg)
+}
+
+/// A bar over `total` steps, labelled `msg`.
+pub fn steps(total: u64, msg: impl Into<Cow<'static, str>>) -> ProgressBar {
+    styled(
+        ProgressBar::new(total),
+        "{msg} [{bar:30}] {pos}/{len} ({elapsed}, eta {eta})",
+    )
+    .with_message(msg)
+}
+
+/// A spinner for one step of unknown length (ticking on its own), labelled `msg`.
+pub fn spinner(msg: impl Into<Cow<'static, str>>) -> ProgressBar {
+    let pb = styled(ProgressBar::new_spinner(), "{spinner} {msg} ({elapsed})").with_message(msg);
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb
+}
+
+fn styled(pb: ProgressBar, template: &str) -> ProgressBar {
+    let style = ProgressStyle::with_template(template)
+        .expect("a valid template")
+        .progress_chars("=> ");
+    pb.with_style(style)
+}
