@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""The offload-bench stack in PyTorch, under the Python systems this crate is compared with.
+"""offload-bench's model in PyTorch, under the Python systems this crate is compared with.
 
 usage: bench_peers.py --system resident|diffusers|fastvideo [--preset wan-14b] [--tokens 1024,4096]
                       [--ctx 512] [--reps 5] [--warmup 2] [--fastvideo-wheel PATH]
-                      [--model stack|wan] [--device cuda|cpu]
+                      [--model wan|stack] [--device cuda|cpu]
 
---model wan runs diffusers' own WanTransformer3DModel (the preset's Wan2.1-T2V config, bf16 with
-diffusers' float32 modules, seeded random weights; a 1-frame latent of --tokens patches, --ctx
-text tokens) instead of offload-bench's stack. --device cpu checks the script's logic on the CPU
+--model wan (the default) runs diffusers' own WanTransformer3DModel (the preset's Wan2.1-T2V
+config, bf16 with diffusers' float32 modules, seeded random weights; a 1-frame latent of
+--tokens patches, --ctx text tokens), as offload-bench runs the wan crate's. --model stack runs
+the Wan-shaped block stack earlier versions of offload-bench ran (the older tables of
+bench/RESULTS.md). --device cpu checks the script's logic on the CPU
 (wall-clock times; diffusers' group offloading without streams).
 
 - resident: the whole stack on the GPU.
@@ -183,8 +185,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--fastvideo-wheel", default=None)
-    ap.add_argument("--model", default="stack", choices=["stack", "wan"],
-                    help="stack: offload-bench's block stack; wan: diffusers' own WanTransformer3DModel")
+    ap.add_argument("--model", default="wan", choices=["wan", "stack"],
+                    help="wan: diffusers' own WanTransformer3DModel; stack: the block stack of earlier offload-bench versions")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a check of the script's logic (wall-clock times, no streams)")
     a = ap.parse_args()
