@@ -8,6 +8,8 @@ pub mod format;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 mod parallel;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 pub use decode::{decode, decode_with_threads, decoded_len, stats};
 pub use encode::{DEFAULT_CHUNK_VALUES, EncodePlan, Encoder, encode};
