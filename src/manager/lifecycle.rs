@@ -476,6 +476,9 @@ impl LayerwiseOffloadManager {
                 Ok(())
             })?;
             if encode {
+                // The bytes between tensors as encode_in_place sees them (0), so that a block
+                // encodes to the same bytes either way: peer group members compare lengths.
+                zero_gaps(&host, &layout)?;
                 self.encode_block(&host)?
             } else {
                 self.stats.host_bytes += layout.bytes as u64;
@@ -539,6 +542,27 @@ impl LayerwiseOffloadManager {
     }
 }
 
+/// Zeroes the bytes of `host` (a block's buffer) that no tensor of `layout` covers.
+fn zero_gaps(host: &Tensor, layout: &BlockLayout) -> Result<()> {
+    let mut spans: Vec<(usize, usize)> = layout
+        .tensors
+        .iter()
+        .map(|t| (t.offset, t.offset + t.bytes))
+        .collect();
+    spans.sort_unstable();
+    let mut at = 0;
+    for (start, end) in spans.into_iter().chain([(layout.bytes, layout.bytes)]) {
+        if start > at {
+            let _ = host
+                .f_narrow(0, at as i64, (start - at) as i64)
+                .and_then(|mut g| g.f_fill_(0))
+                .map_err(|e| Error::from(("zeroing a block's gaps", e)))?;
+        }
+        at = at.max(end);
+    }
+    Ok(())
+}
+
 /// Whether block tensors `params` can be encoded in place
 /// ([`LayerwiseOffloadManager::encode_in_place`]): each a contiguous CPU tensor of its layout's
 /// dtype, shape and strides, so that its bytes are what copying it into its view of the block's
@@ -592,6 +616,9 @@ mod tests {
             ),
             ("blocks.1.a".into(), weights(&[129, 300]).transpose(0, 1)),
             ("blocks.1.b".into(), weights(&[999])),
+            // Another copied block, whose gaps the scratch buffer held block 1's bytes in.
+            ("blocks.2.a".into(), weights(&[3, 5]).transpose(0, 1)),
+            ("blocks.2.b".into(), weights(&[100])),
             ("head".into(), weights(&[4, 4])),
         ]
     }
@@ -599,7 +626,7 @@ mod tests {
     #[test]
     fn contiguous_cpu_tensors_of_their_layout_are_read_in_place() {
         let named = model();
-        let plan = crate::plan::build(&named, &[("blocks".into(), 2)], &[Device::Cpu]).unwrap();
+        let plan = crate::plan::build(&named, &[("blocks".into(), 3)], &[Device::Cpu]).unwrap();
         let params = |b: usize| -> Vec<Tensor> {
             plan.blocks[b]
                 .tensors
@@ -618,33 +645,39 @@ mod tests {
         assert!(!in_place(&plan.blocks[0], &params(0)[..2]), "fewer tensors");
     }
 
-    /// Block 0 is encoded in place, block 1 from a scratch copy; block 0's encoding is that of
-    /// its buffer assembled with zero gaps, and every weight reads back exactly.
+    /// Block 0 is encoded in place, blocks 1 and 2 from a scratch copy; every block's encoding
+    /// is that of its buffer assembled with zero gaps (whichever way it was read), and every
+    /// weight reads back exactly.
     #[test]
     fn blocks_encode_in_place_or_from_a_copy_and_read_back_exactly() -> anyhow::Result<()> {
         let named = model();
         let before: Vec<(String, Tensor)> =
             named.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
-        let mut m = OffloadConfig::new("blocks", 2)
+        let mut m = OffloadConfig::new("blocks", 3)
             .cpu_test_mode(true)
             .compress(true)
             .build(&named)?;
         m.initialize()?;
-        assert_eq!(m.stats().encoded_blocks, 2);
-        // Block 0's buffer as the scratch path assembles it, with zero gaps.
-        let layout = m.layout(0).clone();
-        let buf = Tensor::zeros([layout.bytes as i64], (Kind::Uint8, Device::Cpu));
-        for (mut v, t) in views(&buf, &layout)?.into_iter().zip(&layout.tensors) {
-            v.copy_(&before[t.source_index].1);
+        assert_eq!(m.stats().encoded_blocks, 3);
+        for b in 0..3 {
+            // The block's buffer assembled with zero gaps.
+            let layout = m.layout(b).clone();
+            let buf = Tensor::zeros([layout.bytes as i64], (Kind::Uint8, Device::Cpu));
+            for (mut v, t) in views(&buf, &layout)?.into_iter().zip(&layout.tensors) {
+                v.copy_(&before[t.source_index].1);
+            }
+            // SAFETY: `buf` and the host copy live to the end of the test; nothing writes them.
+            let (raw, enc) = unsafe {
+                (
+                    crate::host::bytes(&buf)?,
+                    crate::host::bytes(m.blocks[b].host.as_ref().unwrap().encoding().unwrap().0)?,
+                )
+            };
+            assert!(
+                enc == layerwise_offload_codec::encode(raw).as_slice(),
+                "block {b} encodes differently"
+            );
         }
-        // SAFETY: `buf` and the host copy live to the end of the test and nothing writes them.
-        let (raw, enc) = unsafe {
-            (
-                crate::host::bytes(&buf)?,
-                crate::host::bytes(m.blocks[0].host.as_ref().unwrap().encoding().unwrap().0)?,
-            )
-        };
-        assert!(enc == layerwise_offload_codec::encode(raw).as_slice());
         let mut got = m.named_tensors()?;
         got.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(got.len(), before.len());
