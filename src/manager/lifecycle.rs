@@ -7,13 +7,13 @@ use crate::claims::Claim;
 use crate::error::{Error, Result};
 use crate::host::{HostBlock, HostStore};
 use crate::placement::{self, Budget};
-use crate::plan::{self, BlockLayout, Plan};
+use crate::plan::{self, Plan};
 use crate::stats::OffloadStats;
-use layerwise_offload_codec::Encoder;
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
+use super::compress::{in_place, zero_gaps};
 use super::ring::Slot;
 use super::weights::{BlockState, empty_like, views, zip_views};
 use super::{LayerwiseOffloadManager, Phase};
@@ -497,86 +497,6 @@ impl LayerwiseOffloadManager {
     pub(super) fn host_memory(&self) -> HostMemory {
         self.backend.host_memory(self.config.pin_cpu_memory)
     }
-
-    /// Encodes block `i` (`layout`, its layout) straight from its tensors, each read in place as
-    /// one piece of the block's buffer at its offset, the alignment gaps between them 0, into a
-    /// new host buffer of the manager's host memory kind, and counts it (as
-    /// [`Self::encode_block`] does for a block copied into one buffer). The caller checked
-    /// [`in_place`].
-    fn encode_in_place(&mut self, i: usize, layout: &BlockLayout) -> Result<HostBlock> {
-        let codec = |source| Error::Codec {
-            op: "encoding a block",
-            source,
-        };
-        let params = &self.blocks[i].params;
-        let mut pieces = Vec::with_capacity(params.len());
-        for (t, p) in layout.tensors.iter().zip(params) {
-            if t.bytes == 0 {
-                continue; // nothing to read (and an empty tensor may have no data pointer)
-            }
-            // SAFETY: `p` is a handle of the model's tensor held in the block state, which
-            // outlives `pieces` (nothing here drops or replaces it before the encoding is
-            // written below); `host::bytes` checks that it is a contiguous CPU tensor. Nothing
-            // writes it meanwhile: `initialize` holds the manager mutably, and the model's
-            // tensors are not to be written while it runs (the same condition under which the
-            // copy into a scratch buffer that this replaces reads them).
-            pieces.push((t.offset, unsafe { crate::host::bytes(p)? }));
-        }
-        let plan = Encoder::new()
-            .with_threads(crate::host::worker_threads())
-            .plan_pieces(&pieces, layout.bytes)
-            .map_err(codec)?;
-        let len = plan.encoded_len();
-        let out = accel::alloc_host(len.max(1), self.host_memory())?;
-        // SAFETY: `out` is a fresh buffer owned here.
-        let dst = unsafe { crate::host::bytes_mut(&out)? };
-        plan.write(&mut dst[..len]).map_err(codec)?;
-        let out = out
-            .f_narrow(0, 0, len as i64)
-            .map_err(|e| Error::from(("encoding a block", e)))?;
-        self.stats.encoded_blocks += 1;
-        self.stats.encoded_bytes += len as u64;
-        self.stats.raw_encoded_bytes += layout.bytes as u64;
-        self.stats.host_bytes += len as u64;
-        Ok(HostBlock::encoded(out, layout.bytes))
-    }
-}
-
-/// Zeroes the bytes of `host` (a block's buffer) that no tensor of `layout` covers.
-fn zero_gaps(host: &Tensor, layout: &BlockLayout) -> Result<()> {
-    let mut spans: Vec<(usize, usize)> = layout
-        .tensors
-        .iter()
-        .map(|t| (t.offset, t.offset + t.bytes))
-        .collect();
-    spans.sort_unstable();
-    let mut at = 0;
-    for (start, end) in spans.into_iter().chain([(layout.bytes, layout.bytes)]) {
-        if start > at {
-            let _ = host
-                .f_narrow(0, at as i64, (start - at) as i64)
-                .and_then(|mut g| g.f_fill_(0))
-                .map_err(|e| Error::from(("zeroing a block's gaps", e)))?;
-        }
-        at = at.max(end);
-    }
-    Ok(())
-}
-
-/// Whether block tensors `params` can be encoded in place
-/// ([`LayerwiseOffloadManager::encode_in_place`]): each a contiguous CPU tensor of its layout's
-/// dtype, shape and strides, so that its bytes are what copying it into its view of the block's
-/// buffer would write there.
-fn in_place(layout: &BlockLayout, params: &[Tensor]) -> bool {
-    layout.tensors.len() == params.len()
-        && layout.tensors.iter().zip(params).all(|(t, p)| {
-            p.device() == Device::Cpu
-                && p.kind() == t.kind
-                && p.is_contiguous()
-                && p.size() == t.shape
-                && p.stride() == t.strides
-                && p.numel() * p.kind().elt_size_in_bytes() == t.bytes
-        })
 }
 
 /// The first `bytes` of `scratch`, a pageable buffer grown to the largest size asked for.
@@ -589,106 +509,4 @@ pub(super) fn scratch_buffer(scratch: &mut Option<Tensor>, bytes: usize) -> Resu
         .expect("set above")
         .f_narrow(0, 0, bytes as i64)
         .map_err(|e| Error::from(("a scratch buffer", e)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{in_place, views};
-    use crate::OffloadConfig;
-    use tch::{Device, Kind, Tensor};
-
-    /// A bf16 tensor of N(0, 0.02) values.
-    fn weights(shape: &[i64]) -> Tensor {
-        (Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.02).to_kind(Kind::BFloat16)
-    }
-
-    /// Two blocks of odd-sized tensors (alignment gaps between them): block 0's all contiguous,
-    /// block 1's with a transposed (dense, not contiguous) one.
-    fn model() -> Vec<(String, Tensor)> {
-        tch::manual_seed(3);
-        vec![
-            ("blocks.0.a".into(), weights(&[33, 7])),
-            ("blocks.0.b".into(), weights(&[301, 129])),
-            ("blocks.0.c".into(), weights(&[5])),
-            (
-                "blocks.0.d".into(),
-                Tensor::zeros([0], (Kind::BFloat16, Device::Cpu)),
-            ),
-            ("blocks.1.a".into(), weights(&[129, 300]).transpose(0, 1)),
-            ("blocks.1.b".into(), weights(&[999])),
-            // Another copied block, whose gaps the scratch buffer held block 1's bytes in.
-            ("blocks.2.a".into(), weights(&[3, 5]).transpose(0, 1)),
-            ("blocks.2.b".into(), weights(&[100])),
-            ("head".into(), weights(&[4, 4])),
-        ]
-    }
-
-    #[test]
-    fn contiguous_cpu_tensors_of_their_layout_are_read_in_place() {
-        let named = model();
-        let plan = crate::plan::build(&named, &[("blocks".into(), 3)], &[Device::Cpu]).unwrap();
-        let params = |b: usize| -> Vec<Tensor> {
-            plan.blocks[b]
-                .tensors
-                .iter()
-                .map(|t| named[t.source_index].1.shallow_clone())
-                .collect()
-        };
-        assert!(in_place(&plan.blocks[0], &params(0)));
-        assert!(
-            !in_place(&plan.blocks[1], &params(1)),
-            "a transposed tensor"
-        );
-        let mut other = params(0);
-        other[1] = other[1].to_kind(Kind::Float);
-        assert!(!in_place(&plan.blocks[0], &other), "another dtype");
-        assert!(!in_place(&plan.blocks[0], &params(0)[..2]), "fewer tensors");
-    }
-
-    /// Block 0 is encoded in place, blocks 1 and 2 from a scratch copy; every block's encoding
-    /// is that of its buffer assembled with zero gaps (whichever way it was read), and every
-    /// weight reads back exactly.
-    #[test]
-    fn blocks_encode_in_place_or_from_a_copy_and_read_back_exactly() -> anyhow::Result<()> {
-        let named = model();
-        let before: Vec<(String, Tensor)> =
-            named.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
-        let mut m = OffloadConfig::new("blocks", 3)
-            .cpu_test_mode(true)
-            .compress(true)
-            .build(&named)?;
-        m.initialize()?;
-        assert_eq!(m.stats().encoded_blocks, 3);
-        for b in 0..3 {
-            // The block's buffer assembled with zero gaps.
-            let layout = m.layout(b).clone();
-            let buf = Tensor::zeros([layout.bytes as i64], (Kind::Uint8, Device::Cpu));
-            for (mut v, t) in views(&buf, &layout)?.into_iter().zip(&layout.tensors) {
-                v.copy_(&before[t.source_index].1);
-            }
-            // SAFETY: `buf` and the host copy live to the end of the test; nothing writes them.
-            let (raw, enc) = unsafe {
-                (
-                    crate::host::bytes(&buf)?,
-                    crate::host::bytes(m.blocks[b].host.as_ref().unwrap().encoding().unwrap().0)?,
-                )
-            };
-            assert!(
-                enc == layerwise_offload_codec::encode(raw).as_slice(),
-                "block {b} encodes differently"
-            );
-        }
-        let mut got = m.named_tensors()?;
-        got.sort_by(|a, b| a.0.cmp(&b.0));
-        assert_eq!(got.len(), before.len());
-        for ((n, g), (bn, b)) in got.iter().zip(&before) {
-            assert_eq!(n, bn);
-            assert!(g.to_device(Device::Cpu).equal(b), "{n} reads back changed");
-        }
-        m.restore()?;
-        for ((n, t), (_, b)) in named.iter().zip(&before) {
-            assert!(t.equal(b), "{n} restored changed");
-        }
-        Ok(())
-    }
 }
