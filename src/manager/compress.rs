@@ -114,6 +114,60 @@ impl LayerwiseOffloadManager {
         self.store_encoding(&plan)
     }
 
+    /// `update_tensor` on an encoded block `li`: decodes the block on the CPU, writes `value`
+    /// into its tensor `j`, encodes it again and puts the new encoding in place of the old one
+    /// (in the host store too), growing the staging buffers if it got longer. The caller
+    /// checked that nobody else holds the store, and waited for the copy and decode streams.
+    pub(super) fn reencode_with(&mut self, li: usize, j: usize, value: &Tensor) -> Result<()> {
+        let layout = self.layout(li).clone();
+        let old = self.blocks[li].host().shallow_clone();
+        let (old_len, raw_len) = match old.encoding() {
+            Some((e, raw)) => (e.numel(), raw),
+            None => return Ok(()),
+        };
+        if self
+            .store
+            .as_mut()
+            .is_some_and(|s| Arc::get_mut(s).is_none())
+        {
+            return Err(Error::InvalidArgument {
+                op: "update_tensor",
+                message: "the compressed host copy is shared with another manager; restore the others first".into(),
+            });
+        }
+        let raw = old.decoded()?;
+        let mut view = raw.views(&layout)?.swap_remove(j);
+        tch::no_grad(|| view.f_copy_(value)).map_err(|e| Error::from(("update_tensor", e)))?;
+        let buf = raw
+            .as_whole()
+            .expect("a decoded block is one buffer")
+            .shallow_clone();
+        zero_gaps(&buf, &layout)?;
+        let new = self.encode_block(&buf)?;
+        // The old encoding no longer counts.
+        self.stats.encoded_blocks -= 1;
+        self.stats.encoded_bytes -= old_len as u64;
+        self.stats.raw_encoded_bytes -= raw_len as u64;
+        self.stats.host_bytes -= old_len as u64;
+        let new_len = new.encoding().map_or(0, |(e, _)| e.numel());
+        if let Some(store) = self.store.as_mut().and_then(Arc::get_mut) {
+            store.buffers[li] = Some(new.shallow_clone());
+        }
+        self.blocks[li].host = Some(new);
+        if let Some(dec) = &mut self.decoding
+            && dec.staging.iter().any(|b| b.numel() < new_len)
+        {
+            let bytes = new_len.next_multiple_of(16);
+            for b in &mut dec.staging {
+                *b = match self.backend.cuda() {
+                    Some(d) => accel::alloc_device(bytes, d)?,
+                    None => accel::alloc_host(bytes, HostMemory::Pageable)?,
+                };
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the encoding `plan` into a new host buffer of the manager's host memory kind and
     /// counts it; returns the block's host copy.
     fn store_encoding(&mut self, plan: &EncodePlan<'_>) -> Result<HostBlock> {

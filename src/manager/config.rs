@@ -320,7 +320,8 @@ impl OffloadConfig {
     /// encoded, to the others' staging buffers; each member then decodes the whole block.
     ///
     /// Not with `shared_memory`, `zero_copy` or `host_budget` (which move the checkpoint's raw
-    /// bytes): refused at `build`. `update_tensor` on an encoded block is refused.
+    /// bytes): refused at `build`. `update_tensor` on an encoded block decodes it on the CPU,
+    /// writes the value and encodes the block again.
     pub fn compress(mut self, on: bool) -> OffloadConfig {
         self.compress = on;
         self

@@ -207,18 +207,6 @@ impl LayerwiseOffloadManager {
                         ),
                     });
                 }
-                if self.blocks[li]
-                    .host
-                    .as_ref()
-                    .is_some_and(|h| h.encoding().is_some())
-                {
-                    return Err(Error::InvalidArgument {
-                        op: "update_tensor",
-                        message: format!(
-                            "{name:?} is in a block whose host copy is compressed (compress(true)); update the model before initialize(), or build the manager without compress"
-                        ),
-                    });
-                }
                 if self.blocks[li].on_disk {
                     return Err(Error::InvalidArgument {
                         op: "update_tensor",
@@ -238,12 +226,17 @@ impl LayerwiseOffloadManager {
                     });
                 }
                 self.backend.sync_copies();
-                let mut view = self.blocks[li]
-                    .host()
-                    .views(self.layout(li))?
-                    .swap_remove(j);
-                tch::no_grad(|| view.f_copy_(value))
-                    .map_err(|e| Error::from(("update_tensor", e)))?;
+                if self.blocks[li].host().encoding().is_some() {
+                    // Compressed: the block decoded, updated and encoded again.
+                    self.reencode_with(li, j, value)?;
+                } else {
+                    let mut view = self.blocks[li]
+                        .host()
+                        .views(self.layout(li))?
+                        .swap_remove(j);
+                    tch::no_grad(|| view.f_copy_(value))
+                        .map_err(|e| Error::from(("update_tensor", e)))?;
+                }
                 if self.blocks[li].resident {
                     // A resident block with a host copy (shareable): the device tensor too.
                     let p = &mut self.blocks[li].params[j];
