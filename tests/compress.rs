@@ -70,27 +70,7 @@ fn bf16_weights_shrink_and_arrive_exactly(
         return Ok(());
     };
     let _lock = common::gpu_lock();
-    tch::manual_seed(7);
-    let mut named: Vec<(String, Tensor)> = Vec::new();
-    for b in 0..4 {
-        for (name, shape) in [
-            ("w1", vec![256, 512]),
-            ("w2", vec![512, 256]),
-            ("bias", vec![512]),
-        ] {
-            let t = (Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)) * 0.02)
-                .to_kind(Kind::BFloat16);
-            named.push((format!("blocks.{b}.{name}"), t));
-        }
-        // Specials: NaN, infinities, subnormals and negative zero travel too.
-        let special = Tensor::from_slice(&[f32::NAN, f32::INFINITY, -f32::INFINITY, 1e-40, -0.0])
-            .to_kind(Kind::BFloat16);
-        named.push((format!("blocks.{b}.special"), special));
-    }
-    named.push((
-        "head".into(),
-        Tensor::ones([8], (Kind::BFloat16, Device::Cpu)),
-    ));
+    let named = bf16_blocks();
     let before: Vec<(String, Tensor)> = named.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
     let mut m = mode.config("blocks", 4).compress(true).build(&named)?;
     m.initialize()?;
@@ -132,6 +112,7 @@ fn bf16_blocks() -> Vec<(String, Tensor)> {
                 .to_kind(Kind::BFloat16);
             named.push((format!("blocks.{b}.{name}"), t));
         }
+        // Specials: NaN, infinities, subnormals and negative zero travel too.
         let special = Tensor::from_slice(&[f32::NAN, f32::INFINITY, -f32::INFINITY, 1e-40, -0.0])
             .to_kind(Kind::BFloat16);
         named.push((format!("blocks.{b}.special"), special));
@@ -143,6 +124,19 @@ fn bf16_blocks() -> Vec<(String, Tensor)> {
     named
 }
 
+/// The devices of a peer group of two (None: CUDA asked for and absent, after SKIP).
+fn two_members(mode: Mode) -> Option<Vec<Device>> {
+    match mode {
+        Mode::Cpu => Some(vec![Device::Cpu; 2]),
+        Mode::Cuda => Some(
+            common::cuda_devices(2)?
+                .into_iter()
+                .map(Device::Cuda)
+                .collect(),
+        ),
+    }
+}
+
 /// In a peer group of two, each member uploads about half of every encoding from the host and
 /// forwards it, still encoded, to the other; both decode whole blocks that equal the originals
 /// bit for bit, and `restore` gives every member its weights back.
@@ -150,12 +144,8 @@ fn bf16_blocks() -> Vec<(String, Tensor)> {
 fn a_peer_group_forwards_encoded_shares(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
 ) -> anyhow::Result<()> {
-    let devs: Vec<Device> = match mode {
-        Mode::Cpu => vec![Device::Cpu; 2],
-        Mode::Cuda => match common::cuda_devices(2) {
-            Some(d) => d.into_iter().map(Device::Cuda).collect(),
-            None => return Ok(()),
-        },
+    let Some(devs) = two_members(mode) else {
+        return Ok(());
     };
     let _lock = common::gpu_lock();
     let group = layerwise_offload::PeerGroup::new(2)?;
@@ -274,12 +264,8 @@ fn updates_encode_the_block_again(
 fn a_group_of_raw_and_compressed_members_fails_cleanly(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
 ) -> anyhow::Result<()> {
-    let devs: Vec<Device> = match mode {
-        Mode::Cpu => vec![Device::Cpu; 2],
-        Mode::Cuda => match common::cuda_devices(2) {
-            Some(d) => d.into_iter().map(Device::Cuda).collect(),
-            None => return Ok(()),
-        },
+    let Some(devs) = two_members(mode) else {
+        return Ok(());
     };
     let _lock = common::gpu_lock();
     let group = layerwise_offload::PeerGroup::new(2)?;

@@ -119,6 +119,15 @@ fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_default()
 }
 
+/// The blocks' output on `x` without a manager.
+fn resident(blocks: &[nn::Linear], x: &tch::Tensor) -> tch::Tensor {
+    tch::no_grad(|| {
+        blocks
+            .iter()
+            .fold(x.shallow_clone(), |h, b| b.forward_t(&h, false))
+    })
+}
+
 fn no_block_entered<B>(stack: &OffloadedBlocks<B>) -> bool {
     let m = stack.manager().lock();
     (0..stack.blocks().len()).all(|i| !m.is_entered(i))
@@ -128,11 +137,7 @@ fn no_block_entered<B>(stack: &OffloadedBlocks<B>) -> bool {
 fn forward_t_before_initialize_is_a_typed_error_and_a_named_panic() -> anyhow::Result<()> {
     let (vs, blocks, x) = linear_stack(7, 3);
     let before = sorted_snapshot(&vs);
-    let want = tch::no_grad(|| {
-        blocks
-            .iter()
-            .fold(x.shallow_clone(), |h, b| b.forward_t(&h, false))
-    });
+    let want = resident(&blocks, &x);
     let m = Mode::Cpu.config("blocks", 3).build(&vs)?;
     let stack = OffloadedBlocks::new(blocks, m)?;
 
@@ -207,11 +212,7 @@ fn a_block_count_mismatch_found_at_the_first_forward_is_a_typed_error() -> anyho
 fn a_failure_inside_the_loop_leaves_no_block_entered() -> anyhow::Result<()> {
     let (vs, blocks, x) = linear_stack(9, 4);
     let before = sorted_snapshot(&vs);
-    let want = tch::no_grad(|| {
-        blocks
-            .iter()
-            .fold(x.shallow_clone(), |h, b| b.forward_t(&h, false))
-    });
+    let want = resident(&blocks, &x);
     let mut m = Mode::Cpu
         .config("blocks", 4)
         .inject_fault(Fault::Upload(2))

@@ -5,7 +5,7 @@
 #[path = "../examples/common/mod.rs"]
 mod common;
 
-use common::{Dist, Rng, generate};
+use common::{Dist, Rng, every_pattern, generate, values};
 use layerwise_offload_codec::Encoder;
 use layerwise_offload_codec::format::MAX_CODE_BITS;
 
@@ -25,10 +25,6 @@ fn fnv(parts: &[Vec<u8>]) -> u64 {
         }
     }
     h
-}
-
-fn values(bits: impl IntoIterator<Item = u16>) -> Vec<u8> {
-    bits.into_iter().flat_map(u16::to_le_bytes).collect()
 }
 
 /// The encodings of every distribution (odd length: a tail byte and a short last chunk) with
@@ -59,13 +55,7 @@ fn distributions() -> Vec<Vec<u8>> {
 
 /// Every bf16 pattern, in order and shuffled, with every fixed code width.
 fn patterns() -> Vec<Vec<u8>> {
-    let sequential = values(0..=u16::MAX);
-    let mut shuffled: Vec<u16> = (0..=u16::MAX).collect();
-    let mut rng = Rng::new(7, 0);
-    for i in (1..shuffled.len()).rev() {
-        shuffled.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-    }
-    let shuffled = values(shuffled);
+    let [sequential, shuffled] = every_pattern();
     let mut out = Vec::new();
     for input in [&sequential, &shuffled] {
         out.push(Encoder::new().encode(input).unwrap());

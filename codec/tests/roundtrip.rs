@@ -5,7 +5,7 @@
 #[path = "../examples/common/mod.rs"]
 mod common;
 
-use common::{Dist, Rng, bf16_bits, generate};
+use common::{Dist, Rng, bf16_bits, every_pattern, generate, values};
 use layerwise_offload_codec::format::{ENTRY_LEN, HEADER_LEN, MAX_CODE_BITS};
 use layerwise_offload_codec::{
     DEFAULT_CHUNK_VALUES, Encoded, Encoder, decode, decode_with_threads, decoded_len, encode,
@@ -53,19 +53,9 @@ fn round_trip(encoder: &Encoder, input: &[u8], chunk_values: u32) -> Vec<u8> {
     encoded
 }
 
-fn values(bits: impl IntoIterator<Item = u16>) -> Vec<u8> {
-    bits.into_iter().flat_map(u16::to_le_bytes).collect()
-}
-
 #[test]
 fn every_bf16_pattern_round_trips_with_every_code_width() {
-    let sequential = values(0..=u16::MAX);
-    let mut shuffled: Vec<u16> = (0..=u16::MAX).collect();
-    let mut rng = Rng::new(7, 0);
-    for i in (1..shuffled.len()).rev() {
-        shuffled.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-    }
-    let shuffled = values(shuffled);
+    let [sequential, shuffled] = every_pattern();
     for input in [&sequential, &shuffled] {
         round_trip(&Encoder::new(), input, DEFAULT_CHUNK_VALUES);
         for k in 1..=MAX_CODE_BITS {

@@ -191,3 +191,18 @@ pub fn entropy(counts: &[u64; 256]) -> f64 {
         })
         .sum()
 }
+
+/// bf16 bit patterns as little-endian bytes.
+pub fn values(bits: impl IntoIterator<Item = u16>) -> Vec<u8> {
+    bits.into_iter().flat_map(u16::to_le_bytes).collect()
+}
+
+/// Every bf16 bit pattern twice: in order, and shuffled (seed 7).
+pub fn every_pattern() -> [Vec<u8>; 2] {
+    let mut shuffled: Vec<u16> = (0..=u16::MAX).collect();
+    let mut rng = Rng::new(7, 0);
+    for i in (1..shuffled.len()).rev() {
+        shuffled.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    [values(0..=u16::MAX), values(shuffled)]
+}
