@@ -1,6 +1,7 @@
 //! The crate's error type.
 
 use crate::config::ConfigError;
+use crate::vae::VaeConfigError;
 use std::path::PathBuf;
 
 /// A tensor whose shape in the checkpoint differs from the model's.
@@ -95,6 +96,22 @@ pub enum Error {
         /// What is wrong.
         source: ConfigError,
     },
+    /// A VAE `config.json` (or a [`crate::VaeConfig`] built in code) that does not parse or is
+    /// not supported.
+    VaeConfig {
+        /// The file (`None` for a configuration built in code).
+        path: Option<PathBuf>,
+        /// What is wrong.
+        source: VaeConfigError,
+    },
+    /// A VAE checkpoint that does not match the decoder (the encoder's tensors are not
+    /// compared).
+    VaeMismatch {
+        /// The checkpoint (a directory or a file).
+        path: PathBuf,
+        /// The differences.
+        mismatch: Box<Mismatch>,
+    },
     /// A safetensors file or shard index that is not well formed.
     Format {
         /// The file.
@@ -131,6 +148,16 @@ impl std::fmt::Display for Error {
         match self {
             Error::Io { path, source } => write!(f, "reading {}: {source}", path.display()),
             Error::Config { path, source } => write!(f, "{}: {source}", path.display()),
+            Error::VaeConfig {
+                path: Some(path),
+                source,
+            } => write!(f, "{}: {source}", path.display()),
+            Error::VaeConfig { path: None, source } => write!(f, "VAE config: {source}"),
+            Error::VaeMismatch { path, mismatch } => write!(
+                f,
+                "{} does not match the VAE's decoder (names as diffusers' AutoencoderKLWan, e.g. decoder.conv_in.weight):\n{mismatch}",
+                path.display()
+            ),
             Error::Format { path, reason } => write!(f, "{}: {reason}", path.display()),
             Error::Mismatch { path, mismatch } => write!(
                 f,
@@ -148,6 +175,7 @@ impl std::error::Error for Error {
         match self {
             Error::Io { source, .. } => Some(source),
             Error::Config { source, .. } => Some(source),
+            Error::VaeConfig { source, .. } => Some(source),
             Error::Torch { source, .. } => Some(source),
             _ => None,
         }
