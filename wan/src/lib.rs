@@ -39,6 +39,8 @@ mod error;
 mod load;
 mod model;
 mod rope;
+pub mod tokenizer;
+pub mod umt5;
 
 pub use block::{Attention, Block};
 pub use config::{Config, ConfigError};
@@ -48,6 +50,8 @@ pub use load::{
 };
 pub use model::{Embedded, KEEP_IN_FP32_MODULES, WanTransformer3DModel, keeps_fp32, set_kind};
 pub use rope::{Rotary, RotaryEmbedding};
+pub use tokenizer::{Encoded, WanTokenizer, prompt_clean};
+pub use umt5::{TextEmbedded, UMT5EncoderModel, Umt5Config};
 
 /// Reads `dir/config.json`, builds the model under `vs`'s root, converts it to `kind` (float32
 /// where diffusers keeps it) and loads the directory's weights.
