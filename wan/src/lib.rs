@@ -39,6 +39,8 @@ mod error;
 mod load;
 mod model;
 mod rope;
+pub mod tokenizer;
+pub mod umt5;
 mod vae;
 
 pub use block::{Attention, Block};
@@ -49,6 +51,8 @@ pub use load::{
 };
 pub use model::{Embedded, KEEP_IN_FP32_MODULES, WanTransformer3DModel, keeps_fp32, set_kind};
 pub use rope::{Rotary, RotaryEmbedding};
+pub use tokenizer::{Encoded, WanTokenizer, prompt_clean};
+pub use umt5::{TextEmbedded, UMT5EncoderModel, Umt5Config};
 pub use vae::{
     CACHE_T, DecodeStats, ENCODER_PREFIXES, MAX_CHANNELS, MAX_LEVELS, MAX_RES_BLOCKS, VaeConfig,
     VaeConfigError, VideoChunk, WanVae, load_decoder, to_frames,
