@@ -1,6 +1,7 @@
 //! The crate's error type.
 
 use crate::config::ConfigError;
+use crate::scheduler::SchedulerError;
 use std::path::PathBuf;
 
 /// A tensor whose shape in the checkpoint differs from the model's.
@@ -114,6 +115,15 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A `scheduler_config.json` that does not parse or is not supported.
+    SchedulerConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: SchedulerError,
+    },
+    /// A scheduler refused a configuration or a call (see [`SchedulerError`]).
+    Scheduler(SchedulerError),
     /// libtorch failed.
     Torch {
         /// What was being done.
@@ -138,6 +148,8 @@ impl std::fmt::Display for Error {
                 path.display()
             ),
             Error::Input { reason } => write!(f, "bad input: {reason}"),
+            Error::SchedulerConfig { path, source } => write!(f, "{}: {source}", path.display()),
+            Error::Scheduler(source) => write!(f, "scheduler: {source}"),
             Error::Torch { context, source } => write!(f, "{context}: {source}"),
         }
     }
@@ -148,8 +160,16 @@ impl std::error::Error for Error {
         match self {
             Error::Io { source, .. } => Some(source),
             Error::Config { source, .. } => Some(source),
+            Error::SchedulerConfig { source, .. } => Some(source),
+            Error::Scheduler(source) => Some(source),
             Error::Torch { source, .. } => Some(source),
             _ => None,
         }
+    }
+}
+
+impl From<SchedulerError> for Error {
+    fn from(e: SchedulerError) -> Error {
+        Error::Scheduler(e)
     }
 }

@@ -39,6 +39,7 @@ mod error;
 mod load;
 mod model;
 mod rope;
+pub mod scheduler;
 
 pub use block::{Attention, Block};
 pub use config::{Config, ConfigError};
@@ -48,6 +49,7 @@ pub use load::{
 };
 pub use model::{Embedded, KEEP_IN_FP32_MODULES, WanTransformer3DModel, keeps_fp32, set_kind};
 pub use rope::{Rotary, RotaryEmbedding};
+pub use scheduler::{Scheduler, SchedulerError};
 
 /// Reads `dir/config.json`, builds the model under `vs`'s root, converts it to `kind` (float32
 /// where diffusers keeps it) and loads the directory's weights.
