@@ -2,6 +2,7 @@
 
 use crate::config::ConfigError;
 use crate::vae::VaeConfigError;
+use crate::scheduler::SchedulerError;
 use std::path::PathBuf;
 
 /// A tensor whose shape in the checkpoint differs from the model's.
@@ -131,6 +132,15 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A `scheduler_config.json` that does not parse or is not supported.
+    SchedulerConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: SchedulerError,
+    },
+    /// A scheduler refused a configuration or a call (see [`SchedulerError`]).
+    Scheduler(SchedulerError),
     /// libtorch failed.
     Torch {
         /// What was being done.
@@ -165,6 +175,8 @@ impl std::fmt::Display for Error {
                 path.display()
             ),
             Error::Input { reason } => write!(f, "bad input: {reason}"),
+            Error::SchedulerConfig { path, source } => write!(f, "{}: {source}", path.display()),
+            Error::Scheduler(source) => write!(f, "scheduler: {source}"),
             Error::Torch { context, source } => write!(f, "{context}: {source}"),
         }
     }
@@ -176,8 +188,16 @@ impl std::error::Error for Error {
             Error::Io { source, .. } => Some(source),
             Error::Config { source, .. } => Some(source),
             Error::VaeConfig { source, .. } => Some(source),
+            Error::SchedulerConfig { source, .. } => Some(source),
+            Error::Scheduler(source) => Some(source),
             Error::Torch { source, .. } => Some(source),
             _ => None,
         }
+    }
+}
+
+impl From<SchedulerError> for Error {
+    fn from(e: SchedulerError) -> Error {
+        Error::Scheduler(e)
     }
 }

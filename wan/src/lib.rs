@@ -42,6 +42,7 @@ mod rope;
 pub mod tokenizer;
 pub mod umt5;
 mod vae;
+pub mod scheduler;
 
 pub use block::{Attention, Block};
 pub use config::{Config, ConfigError};
@@ -57,6 +58,7 @@ pub use vae::{
     CACHE_T, DecodeStats, ENCODER_PREFIXES, MAX_CHANNELS, MAX_LEVELS, MAX_RES_BLOCKS, VaeConfig,
     VaeConfigError, VideoChunk, WanVae, load_decoder, to_frames,
 };
+pub use scheduler::{Scheduler, SchedulerError};
 
 /// Reads `dir/config.json`, builds the model under `vs`'s root, converts it to `kind` (float32
 /// where diffusers keeps it) and loads the directory's weights.

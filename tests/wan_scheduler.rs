@@ -1,0 +1,411 @@
+//! The schedulers of `wan::scheduler` (diffusers' `UniPCMultistepScheduler` with flow sigmas and
+//! `FlowMatchEulerDiscreteScheduler`) against diffusers' own on the fixture of
+//! `scripts/export_scheduler_fixture.py`: timesteps and sigmas for every configuration and step
+//! count, every step of a chain on fixed samples and model outputs (float32 and bfloat16), a
+//! second generation on the same scheduler, and the typed refusals of bad configurations and
+//! calls.
+
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+use wan::Error;
+use wan::scheduler::{FlowMatchEulerConfig, Scheduler, SchedulerError, SolverType, UniPcConfig};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schedulers")
+}
+
+fn cases() -> Vec<Value> {
+    let text = std::fs::read_to_string(fixture().join("cases.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+fn tensors() -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(fixture().join("runs.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn scheduler(case: &Value) -> Scheduler {
+    Scheduler::from_json(&case["config"].to_string()).unwrap()
+}
+
+/// Largest absolute difference allowed between a step's output here and diffusers' (samples of
+/// magnitude ~1-5). On the machine that wrote the fixture every output is equal bit for bit (the
+/// same libtorch operations on the same types in the same order); another CPU may round a
+/// vectorized kernel differently in the last float32 ulp. A wrong coefficient, order or sigma
+/// moves the outputs by 1e-3 or more.
+const TOLERANCE: f64 = 1e-6;
+
+/// Max |a - b| with NaNs required at the same places (diffusers' `bh1` with a final sigma of zero
+/// ends in NaN, and some orders without `lower_order_final` in infinities, and so must this
+/// crate); equal values (infinities included) differ by 0.
+fn max_diff(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.size(), want.size());
+    assert_eq!(got.kind(), want.kind(), "output dtype");
+    let (g, w) = (got.to_kind(Kind::Double), want.to_kind(Kind::Double));
+    assert!(g.isnan().equal(&w.isnan()), "NaNs at other places");
+    let both = g.isnan().logical_and(&w.isnan());
+    let same = g.eq_tensor(&w).logical_or(&both);
+    let d = (&g - &w).abs().masked_fill(&same, 0.0);
+    d.max().double_value(&[])
+}
+
+fn exact(got: &Tensor, want: &Tensor) -> bool {
+    let both = got.isnan().logical_and(&want.isnan());
+    got.eq_tensor(want).logical_or(&both).all().int64_value(&[]) == 1
+}
+
+#[test]
+fn timesteps_and_sigmas_equal_diffusers() {
+    let cases = cases();
+    assert!(cases.len() >= 70, "{} cases", cases.len());
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let mut s = scheduler(case);
+        let steps = case["steps"].as_u64().unwrap() as usize;
+        s.set_timesteps(steps).unwrap();
+        let want_t: Vec<f64> = case["timesteps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(s.timesteps(), want_t.as_slice(), "{name}: timesteps");
+        // The JSON holds each float32 sigma as its exact float64 value.
+        let want_s: Vec<f32> = case["sigmas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(s.sigmas(), want_s.as_slice(), "{name}: sigmas");
+        let kind = match case["timesteps_dtype"].as_str().unwrap() {
+            "int64" => Kind::Int64,
+            "float32" => Kind::Float,
+            k => panic!("{k}"),
+        };
+        let t = s.timesteps_tensor();
+        assert_eq!(t.kind(), kind, "{name}: timesteps dtype");
+        assert_eq!(
+            Vec::<f64>::try_from(&t.to_kind(Kind::Double)).unwrap(),
+            want_t
+        );
+        assert_eq!(s.init_noise_sigma(), 1.0);
+    }
+}
+
+/// Runs every chain of the fixture through `run` and compares every step's output; returns (max
+/// diff, outputs compared, outputs bit-exact).
+fn compare_runs(
+    mut run: impl FnMut(&Value, &Value, &HashMap<String, Tensor>) -> Vec<wan::Result<Tensor>>,
+) -> (f64, usize, usize) {
+    let tensors = tensors();
+    let (mut worst, mut compared, mut bit_exact) = (0.0f64, 0, 0);
+    for case in &cases() {
+        let name = case["name"].as_str().unwrap();
+        for r in case["runs"].as_array().unwrap() {
+            let outputs = run(case, r, &tensors);
+            let completed = r["completed_steps"].as_u64().unwrap() as usize;
+            let out_key = r["outputs"].as_str().unwrap();
+            for (k, got) in outputs.into_iter().enumerate() {
+                if k == completed {
+                    // diffusers failed here: a singular system (order 3 at a final zero sigma).
+                    assert!(r["error"].is_string(), "{name}: step {k} should not fail");
+                    match got {
+                        Err(Error::Scheduler(SchedulerError::Solve { step, .. })) => {
+                            assert_eq!(step, k)
+                        }
+                        other => panic!("{name}: step {k}: {other:?}, diffusers failed"),
+                    }
+                    break;
+                }
+                let got = got.unwrap_or_else(|e| panic!("{name} step {k}: {e}"));
+                let want = &tensors[&format!("{out_key}/{k}")];
+                let d = max_diff(&got, want);
+                assert!(
+                    d <= TOLERANCE,
+                    "{name} {}/{} step {k}: max diff {d:e}",
+                    r["model_output_dtype"],
+                    r["sample_dtype"]
+                );
+                worst = worst.max(d);
+                compared += 1;
+                bit_exact += exact(&got, want) as usize;
+            }
+        }
+    }
+    (worst, compared, bit_exact)
+}
+
+/// One chain as WanPipeline runs it: set_timesteps, set_begin_index(0), one step per timestep,
+/// each step's output the next step's sample. Stops at the first error.
+fn chain(
+    s: &mut Scheduler,
+    case: &Value,
+    r: &Value,
+    tensors: &HashMap<String, Tensor>,
+    begin_index: bool,
+) -> Vec<wan::Result<Tensor>> {
+    let steps = case["steps"].as_u64().unwrap() as usize;
+    s.set_timesteps(steps).unwrap();
+    if begin_index {
+        s.set_begin_index(0);
+    }
+    let key = r["inputs"].as_str().unwrap();
+    let mut sample = tensors[&format!("{key}/sample")].shallow_clone();
+    let mut outs = Vec::new();
+    for (k, &t) in s.timesteps().to_vec().iter().enumerate() {
+        let mo = &tensors[&format!("{key}/model_output/{k}")];
+        let out = s.step(mo, t, &sample);
+        if let Ok(o) = &out {
+            sample = o.shallow_clone();
+        }
+        let failed = out.is_err();
+        outs.push(out);
+        if failed {
+            break;
+        }
+    }
+    outs
+}
+
+#[test]
+fn every_step_equals_diffusers() {
+    let (worst, compared, bit_exact) =
+        compare_runs(|case, r, t| chain(&mut scheduler(case), case, r, t, true));
+    eprintln!(
+        "{compared} step outputs: max |rust - diffusers| = {worst:e}, bit-exact {bit_exact}/{compared}"
+    );
+    assert!(compared > 1000, "{compared}");
+    // Bit-exact where the fixture was written (asserted when SCHEDULER_PARITY_EXACT=1 is set).
+    if std::env::var("SCHEDULER_PARITY_EXACT").as_deref() == Ok("1") {
+        assert_eq!(bit_exact, compared);
+    }
+}
+
+#[test]
+fn a_second_generation_on_the_same_scheduler_repeats_diffusers() {
+    // Each chain runs twice on one scheduler (set_timesteps resets it); both must match.
+    let (worst, compared, _) = compare_runs(|case, r, t| {
+        let mut s = scheduler(case);
+        let first = chain(&mut s, case, r, t, true);
+        // Leave the scheduler mid-generation too before starting again.
+        let _ = chain(&mut s, case, r, t, true).into_iter().take(1).count();
+        let second = chain(&mut s, case, r, t, true);
+        assert_eq!(first.len(), second.len());
+        second
+    });
+    assert!(compared > 1000 && worst <= TOLERANCE);
+}
+
+#[test]
+fn the_first_timestep_finds_the_start_without_a_begin_index() {
+    let (worst, compared, _) =
+        compare_runs(|case, r, t| chain(&mut scheduler(case), case, r, t, false));
+    assert!(compared > 1000 && worst <= TOLERANCE);
+}
+
+#[test]
+fn wans_shipped_config_is_unipc_flow_shift_3() {
+    // Wan-AI/Wan2.1-T2V-*-Diffusers scheduler/scheduler_config.json.
+    let text = r#"{"_class_name":"UniPCMultistepScheduler","_diffusers_version":"0.33.0.dev0","beta_end":0.02,"beta_schedule":"linear","beta_start":0.0001,"disable_corrector":[],"dynamic_thresholding_ratio":0.995,"final_sigmas_type":"zero","flow_shift":3.0,"lower_order_final":true,"num_train_timesteps":1000,"predict_x0":true,"prediction_type":"flow_prediction","rescale_betas_zero_snr":false,"sample_max_value":1.0,"solver_order":2,"solver_p":null,"solver_type":"bh2","steps_offset":0,"thresholding":false,"timestep_spacing":"linspace","trained_betas":null,"use_beta_sigmas":false,"use_exponential_sigmas":false,"use_flow_sigmas":true,"use_karras_sigmas":false}"#;
+    let dir = std::env::temp_dir().join(format!("wan_scheduler_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("scheduler_config.json");
+    std::fs::write(&path, text).unwrap();
+    let s = Scheduler::from_file(&path).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    match &s {
+        Scheduler::UniPc(u) => {
+            assert_eq!(u.config(), &UniPcConfig::wan2_1());
+            assert_eq!(u.solver_type(), SolverType::Bh2);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.class_name(), "UniPCMultistepScheduler");
+    // diffusers maps the DPM-Solver names to bh2.
+    let s = Scheduler::from_json(&text.replace("\"bh2\"", "\"midpoint\"")).unwrap();
+    assert!(matches!(&s, Scheduler::UniPc(u) if u.solver_type() == SolverType::Bh2));
+    let s = Scheduler::from(FlowMatchEulerConfig::with_shift(5.0));
+    assert_eq!(s.class_name(), "FlowMatchEulerDiscreteScheduler");
+}
+
+fn refused(text: &str) -> SchedulerError {
+    Scheduler::from_json(text).unwrap_err()
+}
+
+fn unipc(extra: &str) -> String {
+    let mut v = serde_json::to_value(UniPcConfig::wan2_1()).unwrap();
+    let extra: Value = serde_json::from_str(extra).unwrap();
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    v["_class_name"] = "UniPCMultistepScheduler".into();
+    v.to_string()
+}
+
+fn euler(extra: &str) -> String {
+    let mut v: Value = serde_json::from_str(extra).unwrap();
+    v["_class_name"] = "FlowMatchEulerDiscreteScheduler".into();
+    v.to_string()
+}
+
+#[test]
+fn bad_configs_are_refused_by_key() {
+    let e = refused(r#"{"_class_name": "DDIMScheduler"}"#);
+    assert!(matches!(&e, SchedulerError::UnknownClass { name: Some(n) } if n == "DDIMScheduler"));
+    assert!(e.to_string().contains("DDIMScheduler"), "{e}");
+    assert!(matches!(
+        refused(r#"{"flow_shift": 3.0}"#),
+        SchedulerError::UnknownClass { name: None }
+    ));
+    assert!(matches!(refused("not json"), SchedulerError::Json(_)));
+    assert!(matches!(
+        refused(&unipc(r#"{"solver_order": "two"}"#)),
+        SchedulerError::Json(_)
+    ));
+    for (extra, key) in [
+        (r#"{"thresholding": true}"#, "thresholding"),
+        (r#"{"use_karras_sigmas": true}"#, "use_karras_sigmas"),
+        (
+            r#"{"use_exponential_sigmas": true}"#,
+            "use_exponential_sigmas",
+        ),
+        (r#"{"use_beta_sigmas": true}"#, "use_beta_sigmas"),
+        (r#"{"use_dynamic_shifting": true}"#, "use_dynamic_shifting"),
+        (r#"{"use_flow_sigmas": false}"#, "use_flow_sigmas"),
+        (r#"{"prediction_type": "epsilon"}"#, "prediction_type"),
+        (r#"{"prediction_type": "v_prediction"}"#, "prediction_type"),
+        (r#"{"predict_x0": false}"#, "predict_x0"),
+        (r#"{"shift_terminal": 0.1}"#, "shift_terminal"),
+        (
+            r#"{"solver_p": {"_class_name": "DDIMScheduler"}}"#,
+            "solver_p",
+        ),
+    ] {
+        match refused(&unipc(extra)) {
+            SchedulerError::Unsupported { key: k, .. } => assert_eq!(k, key, "{extra}"),
+            other => panic!("{extra}: {other:?}"),
+        }
+        let e = refused(&unipc(extra));
+        assert!(e.to_string().starts_with(key), "{e}");
+    }
+    for (extra, key) in [
+        (r#"{"solver_type": "bh3"}"#, "solver_type"),
+        (r#"{"solver_order": 0}"#, "solver_order"),
+        (r#"{"final_sigmas_type": "sigma_max"}"#, "final_sigmas_type"),
+        (r#"{"timestep_spacing": "uniform"}"#, "timestep_spacing"),
+        (r#"{"beta_schedule": "cosine"}"#, "beta_schedule"),
+        (r#"{"flow_shift": -1.0}"#, "flow_shift"),
+        (r#"{"num_train_timesteps": 0}"#, "num_train_timesteps"),
+    ] {
+        match refused(&unipc(extra)) {
+            SchedulerError::Invalid { key: k, .. } => assert_eq!(k, key, "{extra}"),
+            other => panic!("{extra}: {other:?}"),
+        }
+    }
+    for (extra, key) in [
+        (r#"{"use_dynamic_shifting": true}"#, "use_dynamic_shifting"),
+        (r#"{"invert_sigmas": true}"#, "invert_sigmas"),
+        (r#"{"stochastic_sampling": true}"#, "stochastic_sampling"),
+        (r#"{"use_karras_sigmas": true}"#, "use_karras_sigmas"),
+        (r#"{"shift_terminal": 0.1}"#, "shift_terminal"),
+    ] {
+        match refused(&euler(extra)) {
+            SchedulerError::Unsupported { key: k, .. } => assert_eq!(k, key, "{extra}"),
+            other => panic!("{extra}: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        refused(&euler(r#"{"shift": 0.0}"#)),
+        SchedulerError::Invalid { key: "shift", .. }
+    ));
+    // Unknown keys are ignored, as diffusers does.
+    Scheduler::from_json(&unipc(r#"{"some_future_key": [1, 2]}"#)).unwrap();
+    Scheduler::from_json(&euler(r#"{"shift": 3, "some_future_key": null}"#)).unwrap();
+}
+
+#[test]
+fn files_and_calls_are_refused_with_typed_errors() {
+    let missing = fixture().join("no_such_dir/scheduler_config.json");
+    match Scheduler::from_file(&missing) {
+        Err(Error::Io { path, .. }) => assert_eq!(path, missing),
+        other => panic!("{other:?}"),
+    }
+    let dir = std::env::temp_dir().join(format!("wan_scheduler_bad_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("scheduler_config.json");
+    std::fs::write(&bad, unipc(r#"{"use_karras_sigmas": true}"#)).unwrap();
+    let e = Scheduler::from_file(&bad).unwrap_err();
+    std::fs::remove_dir_all(&dir).unwrap();
+    match &e {
+        Error::SchedulerConfig {
+            path,
+            source: SchedulerError::Unsupported { key, .. },
+        } => {
+            assert_eq!(path, &bad);
+            assert_eq!(*key, "use_karras_sigmas");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(e.to_string().contains("use_karras_sigmas is true"), "{e}");
+
+    let x = Tensor::zeros([1, 4, 2, 3, 3], (Kind::Float, tch::Device::Cpu));
+    for mut s in [
+        Scheduler::from(UniPcConfig::wan2_1()),
+        Scheduler::from(FlowMatchEulerConfig::with_shift(3.0)),
+    ] {
+        let name = s.class_name();
+        assert!(matches!(
+            s.step(&x, 999.0, &x),
+            Err(Error::Scheduler(SchedulerError::NoTimesteps))
+        ));
+        assert!(matches!(
+            s.set_timesteps(0),
+            Err(Error::Scheduler(SchedulerError::Invalid {
+                key: "num_inference_steps",
+                ..
+            }))
+        ));
+        s.set_timesteps(2).unwrap();
+        let t = s.timesteps().to_vec();
+        let wrong = Tensor::zeros([1, 4, 2, 3, 2], (Kind::Float, tch::Device::Cpu));
+        assert!(
+            matches!(
+                s.step(&wrong, t[0], &x),
+                Err(Error::Scheduler(SchedulerError::Shape { .. }))
+            ),
+            "{name}"
+        );
+        assert_eq!(
+            s.step_index(),
+            None,
+            "{name}: a refused step changes nothing"
+        );
+        let _ = s.step(&x, t[0], &x).unwrap();
+        let _ = s.step(&x, t[1], &x).unwrap();
+        assert!(
+            matches!(
+                s.step(&x, t[1], &x),
+                Err(Error::Scheduler(SchedulerError::Finished { steps: 2 }))
+            ),
+            "{name}"
+        );
+    }
+    // Euler's first step must find its timestep (diffusers raises IndexError); UniPC takes the
+    // last index, as diffusers does.
+    let mut s = Scheduler::from(FlowMatchEulerConfig::with_shift(3.0));
+    s.set_timesteps(2).unwrap();
+    assert!(matches!(
+        s.step(&x, 123.5, &x),
+        Err(Error::Scheduler(SchedulerError::UnknownTimestep { .. }))
+    ));
+    let mut s = Scheduler::from(UniPcConfig::wan2_1());
+    s.set_timesteps(2).unwrap();
+    let _ = s.step(&x, 123.5, &x).unwrap();
+    assert_eq!(s.step_index(), Some(2));
+}
