@@ -96,7 +96,7 @@ fn tokenizer_cleans_and_truncates_as_the_pipeline() -> anyhow::Result<()> {
     let r = reference();
     let s = settings();
     let cases = s["tokenizer_cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 4);
+    assert_eq!(cases.len(), 5);
     for (i, case) in cases.iter().enumerate() {
         let raw = case["raw"].as_str().unwrap();
         assert_eq!(
@@ -117,7 +117,7 @@ fn tokenizer_cleans_and_truncates_as_the_pipeline() -> anyhow::Result<()> {
         assert_eq!(enc.truncated, [full.saturating_sub(512)], "case {i}");
     }
     // The long prompt: 511 tokens and </s>, no padding, and the dropped count reported.
-    let long = tok.encode(&[cases[3]["raw"].as_str().unwrap()], 512)?;
+    let long = tok.encode(&[cases[4]["raw"].as_str().unwrap()], 512)?;
     assert_eq!(long.lengths, [512]);
     assert!(long.truncated[0] > 1000);
     assert_eq!(long.input_ids.int64_value(&[0, 511]), 1);
