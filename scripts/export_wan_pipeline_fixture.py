@@ -393,6 +393,13 @@ def main():
                 assert out.dtype == dtype
                 t[f"{name}_last_hidden_state_{tag}"] = out
 
+    # The prompt's tokens alone, without padding (transformers then passes no mask to SDPA, only
+    # the position bias).
+    n = int(t["prompt_attention_mask"].sum())
+    with torch.no_grad():
+        ids = t["prompt_input_ids"][:, :n]
+        t["prompt_unpadded_last_hidden_state"] = pipe.text_encoder(ids, torch.ones_like(ids)).last_hidden_state
+
     # Tokenizer-only cases, through the loaded tokenizer as WanPipeline calls it.
     cases = []
     for i, raw in enumerate(TOKENIZER_CASES):

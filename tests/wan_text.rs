@@ -171,6 +171,13 @@ fn encoder_matches_transformers() -> anyhow::Result<()> {
                     > 0.0
         );
     }
+    // The prompt's tokens alone, no padding (transformers gives SDPA the position bias only).
+    let n = r["prompt_attention_mask"].sum(Kind::Int64).int64_value(&[]);
+    let ids = r["prompt_input_ids"].narrow(1, 0, n);
+    let got = tch::no_grad(|| model.forward(&ids, &ids.ones_like()))?;
+    let d = max_diff(&got, &r["prompt_unpadded_last_hidden_state"]);
+    eprintln!("unpadded prompt: max diff {d:e}");
+    assert!(d <= ENCODER_TOLERANCE);
     // Both prompts in one batch of 2.
     let ids = Tensor::cat(&[&r["prompt_input_ids"], &r["negative_input_ids"]], 0);
     let mask = Tensor::cat(
