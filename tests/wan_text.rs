@@ -63,15 +63,26 @@ fn tokenizer_matches_transformers() -> anyhow::Result<()> {
             enc.input_ids.equal(&r[&format!("{name}_input_ids")]),
             "{name}: ids differ"
         );
-        assert!(enc.attention_mask.equal(&r[&format!("{name}_attention_mask")]));
-        let n = r[&format!("{name}_attention_mask")].sum(Kind::Int64).int64_value(&[]);
+        assert!(
+            enc.attention_mask
+                .equal(&r[&format!("{name}_attention_mask")])
+        );
+        let n = r[&format!("{name}_attention_mask")]
+            .sum(Kind::Int64)
+            .int64_value(&[]);
         assert_eq!(enc.lengths, [n as usize]);
         assert_eq!(enc.truncated, [0]);
-        assert_eq!(wan::prompt_clean(prompt), s[format!("{key}_cleaned")].as_str().unwrap());
+        assert_eq!(
+            wan::prompt_clean(prompt),
+            s[format!("{key}_cleaned")].as_str().unwrap()
+        );
     }
     // Both prompts in one batch: the rows of the single encodings.
     let both = tok.encode(
-        &[s["prompt"].as_str().unwrap(), s["negative_prompt"].as_str().unwrap()],
+        &[
+            s["prompt"].as_str().unwrap(),
+            s["negative_prompt"].as_str().unwrap(),
+        ],
         512,
     )?;
     let ids = Tensor::cat(&[&r["prompt_input_ids"], &r["negative_input_ids"]], 0);
@@ -85,7 +96,7 @@ fn tokenizer_cleans_and_truncates_as_the_pipeline() -> anyhow::Result<()> {
     let r = reference();
     let s = settings();
     let cases = s["tokenizer_cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 4);
+    assert_eq!(cases.len(), 5);
     for (i, case) in cases.iter().enumerate() {
         let raw = case["raw"].as_str().unwrap();
         assert_eq!(
@@ -98,12 +109,15 @@ fn tokenizer_cleans_and_truncates_as_the_pipeline() -> anyhow::Result<()> {
             enc.input_ids.equal(&r[&format!("tok_case{i}_input_ids")]),
             "case {i}: ids differ from transformers'"
         );
-        assert!(enc.attention_mask.equal(&r[&format!("tok_case{i}_attention_mask")]));
+        assert!(
+            enc.attention_mask
+                .equal(&r[&format!("tok_case{i}_attention_mask")])
+        );
         let full = case["untruncated_len"].as_u64().unwrap() as usize;
         assert_eq!(enc.truncated, [full.saturating_sub(512)], "case {i}");
     }
     // The long prompt: 511 tokens and </s>, no padding, and the dropped count reported.
-    let long = tok.encode(&[cases[3]["raw"].as_str().unwrap()], 512)?;
+    let long = tok.encode(&[cases[4]["raw"].as_str().unwrap()], 512)?;
     assert_eq!(long.lengths, [512]);
     assert!(long.truncated[0] > 1000);
     assert_eq!(long.input_ids.int64_value(&[0, 511]), 1);
@@ -111,7 +125,12 @@ fn tokenizer_cleans_and_truncates_as_the_pipeline() -> anyhow::Result<()> {
     let short = tok.encode(&[s["prompt"].as_str().unwrap()], 8)?;
     assert_eq!(short.input_ids.size(), [1, 8]);
     assert_eq!(short.truncated, [12]);
-    assert!(short.input_ids.narrow(1, 0, 7).equal(&r["prompt_input_ids"].narrow(1, 0, 7)));
+    assert!(
+        short
+            .input_ids
+            .narrow(1, 0, 7)
+            .equal(&r["prompt_input_ids"].narrow(1, 0, 7))
+    );
     assert_eq!(short.input_ids.int64_value(&[0, 7]), 1);
     assert!(matches!(tok.encode(&["x"], 0), Err(Error::Input { .. })));
     Ok(())
@@ -142,13 +161,34 @@ fn encoder_matches_transformers() -> anyhow::Result<()> {
         assert!(d <= ENCODER_TOLERANCE, "{name}: max diff {d}");
         // The padded positions are computed too (the pipeline drops them afterwards).
         let n = mask.sum(Kind::Int64).int64_value(&[]);
-        assert!(d <= ENCODER_TOLERANCE && want.narrow(1, n, 512 - n).abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        assert!(
+            d <= ENCODER_TOLERANCE
+                && want
+                    .narrow(1, n, 512 - n)
+                    .abs()
+                    .sum(Kind::Float)
+                    .double_value(&[])
+                    > 0.0
+        );
     }
+    // The prompt's tokens alone, no padding (transformers gives SDPA the position bias only).
+    let n = r["prompt_attention_mask"].sum(Kind::Int64).int64_value(&[]);
+    let ids = r["prompt_input_ids"].narrow(1, 0, n);
+    let got = tch::no_grad(|| model.forward(&ids, &ids.ones_like()))?;
+    let d = max_diff(&got, &r["prompt_unpadded_last_hidden_state"]);
+    eprintln!("unpadded prompt: max diff {d:e}");
+    assert!(d <= ENCODER_TOLERANCE);
     // Both prompts in one batch of 2.
     let ids = Tensor::cat(&[&r["prompt_input_ids"], &r["negative_input_ids"]], 0);
-    let mask = Tensor::cat(&[&r["prompt_attention_mask"], &r["negative_attention_mask"]], 0);
+    let mask = Tensor::cat(
+        &[&r["prompt_attention_mask"], &r["negative_attention_mask"]],
+        0,
+    );
     let want = Tensor::cat(
-        &[&r["prompt_last_hidden_state"], &r["negative_last_hidden_state"]],
+        &[
+            &r["prompt_last_hidden_state"],
+            &r["negative_last_hidden_state"],
+        ],
         0,
     );
     let got = tch::no_grad(|| model.forward(&ids, &mask))?;
@@ -186,7 +226,14 @@ fn encoder_half_and_bfloat16_match_transformers() -> anyhow::Result<()> {
         let wo = vs.variables()["encoder.block.0.layer.1.DenseReluDense.wo.weight"].kind();
         let q = vs.variables()["encoder.block.0.layer.0.SelfAttention.q.weight"].kind();
         assert_eq!(q, kind);
-        assert_eq!(wo, if kind == Kind::Half { Kind::Float } else { kind });
+        assert_eq!(
+            wo,
+            if kind == Kind::Half {
+                Kind::Float
+            } else {
+                kind
+            }
+        );
         for name in ["prompt", "negative"] {
             let want = &r[&format!("{name}_last_hidden_state_{tag}")];
             let got = tch::no_grad(|| {
@@ -201,7 +248,11 @@ fn encoder_half_and_bfloat16_match_transformers() -> anyhow::Result<()> {
             eprintln!("{tag} {name}: max diff {d:e} (max |value| {scale:.3})");
             // Same operations in the same types: bit-identical here; elsewhere within a few
             // ulps of the type (bf16: 2^-8 relative).
-            let ulps = if kind == Kind::Half { 2f64.powi(-10) } else { 2f64.powi(-7) };
+            let ulps = if kind == Kind::Half {
+                2f64.powi(-10)
+            } else {
+                2f64.powi(-7)
+            };
             assert!(d <= 4.0 * ulps * scale, "{tag} {name}: max diff {d}");
         }
     }
@@ -227,7 +278,10 @@ fn prompt_embeds_match_the_pipeline() -> anyhow::Result<()> {
             max,
             Kind::Float,
         )?;
-        assert!(post.equal(want), "{name}: trimming differs from WanPipeline's");
+        assert!(
+            post.equal(want),
+            "{name}: trimming differs from WanPipeline's"
+        );
         // The whole text side from the prompt string.
         let enc = tok.encode(&[s[key].as_str().unwrap()], max)?;
         let hidden = tch::no_grad(|| model.forward(&enc.input_ids, &enc.attention_mask))?;
@@ -237,7 +291,11 @@ fn prompt_embeds_match_the_pipeline() -> anyhow::Result<()> {
         assert!(d <= ENCODER_TOLERANCE);
         let n = enc.lengths[0] as i64;
         assert_eq!(
-            embeds.narrow(1, n, max as i64 - n).abs().max().double_value(&[]),
+            embeds
+                .narrow(1, n, max as i64 - n)
+                .abs()
+                .max()
+                .double_value(&[]),
             0.0
         );
         let bf16 = umt5::trim_and_pad(&hidden, &enc.attention_mask, max, Kind::BFloat16)?;
@@ -245,7 +303,12 @@ fn prompt_embeds_match_the_pipeline() -> anyhow::Result<()> {
     }
     // A prompt longer than the target length is refused, not cut.
     let mask = Tensor::ones([1, 10], (Kind::Int64, Device::Cpu));
-    let err = umt5::trim_and_pad(&Tensor::zeros([1, 10, 4], (Kind::Float, Device::Cpu)), &mask, 8, Kind::Float);
+    let err = umt5::trim_and_pad(
+        &Tensor::zeros([1, 10, 4], (Kind::Float, Device::Cpu)),
+        &mask,
+        8,
+        Kind::Float,
+    );
     assert!(matches!(err, Err(Error::Input { .. })));
     Ok(())
 }
@@ -297,17 +360,34 @@ fn bad_inputs_give_typed_errors() -> anyhow::Result<()> {
     eprintln!("{err}");
     assert!(matches!(
         &err,
-        Error::Config { source: ConfigError::Unsupported { field: "feed_forward_proj", .. }, .. }
+        Error::Config {
+            source: ConfigError::Unsupported {
+                field: "feed_forward_proj",
+                ..
+            },
+            ..
+        }
     ));
     // T5 (not umT5) is refused as well.
     json["feed_forward_proj"] = "gated-gelu".into();
     json["model_type"] = "t5".into();
     std::fs::write(te.join("config.json"), json.to_string())?;
-    let err = umt5::from_pretrained(&mut nn::VarStore::new(Device::Cpu), &te, Kind::Float).unwrap_err();
-    assert!(matches!(&err, Error::Config { source: ConfigError::Unsupported { field: "model_type", .. }, .. }));
+    let err =
+        umt5::from_pretrained(&mut nn::VarStore::new(Device::Cpu), &te, Kind::Float).unwrap_err();
+    assert!(matches!(
+        &err,
+        Error::Config {
+            source: ConfigError::Unsupported {
+                field: "model_type",
+                ..
+            },
+            ..
+        }
+    ));
     // Not JSON of the right types.
     std::fs::write(te.join("config.json"), "{\"d_model\": \"big\"}")?;
-    let err = umt5::from_pretrained(&mut nn::VarStore::new(Device::Cpu), &te, Kind::Float).unwrap_err();
+    let err =
+        umt5::from_pretrained(&mut nn::VarStore::new(Device::Cpu), &te, Kind::Float).unwrap_err();
     assert!(matches!(err, Error::Format { .. }));
     // A config whose shapes do not match the weights: every difference listed, nothing loaded.
     json["model_type"] = "umt5".into();
@@ -328,7 +408,10 @@ fn bad_inputs_give_typed_errors() -> anyhow::Result<()> {
     let (_vs, model) = load_encoder(Kind::Float)?;
     let ids = Tensor::from_slice(&[3i64, 160, 1]).view([1, 3]);
     let mask = ids.ones_like();
-    assert!(matches!(model.forward(&ids, &mask), Err(Error::Input { .. })));
+    assert!(matches!(
+        model.forward(&ids, &mask),
+        Err(Error::Input { .. })
+    ));
     let ids = Tensor::from_slice(&[3i64, 5, 1]).view([1, 3]);
     assert!(matches!(
         model.forward(&ids, &Tensor::ones([1, 4], (Kind::Int64, Device::Cpu))),
@@ -348,10 +431,20 @@ fn tied_embedding_key_loads_as_shared() -> anyhow::Result<()> {
         fixture().join("text_encoder/config.json"),
         dir.join("config.json"),
     )?;
-    let renamed: Vec<(String, Tensor)> = Tensor::read_safetensors(fixture().join("text_encoder/model.safetensors"))?
-        .into_iter()
-        .map(|(k, t)| (if k == "shared.weight" { "encoder.embed_tokens.weight".into() } else { k }, t))
-        .collect();
+    let renamed: Vec<(String, Tensor)> =
+        Tensor::read_safetensors(fixture().join("text_encoder/model.safetensors"))?
+            .into_iter()
+            .map(|(k, t)| {
+                (
+                    if k == "shared.weight" {
+                        "encoder.embed_tokens.weight".into()
+                    } else {
+                        k
+                    },
+                    t,
+                )
+            })
+            .collect();
     Tensor::write_safetensors(&renamed, dir.join("model.safetensors"))?;
     let mut vs = nn::VarStore::new(Device::Cpu);
     umt5::from_pretrained(&mut vs, &dir, Kind::Float)?;

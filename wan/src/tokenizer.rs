@@ -5,6 +5,13 @@
 //!
 //! `WanPipeline` truncates a longer prompt silently; [`Encoded::truncated`] says how many tokens
 //! each prompt lost so that a caller can warn.
+//!
+//! The normalizer, pre-tokenizer and post-processor are the file's. transformers 5's
+//! `T5Tokenizer` instead rebuilds them on load: it keeps only a `Precompiled` normalizer (umT5's
+//! SentencePiece charsmap) and sets the pre-tokenizer to WhitespaceSplit + Metaspace(prepend
+//! "always"). For umT5's own file (Precompiled, Metaspace) the two agree on cleaned prompts,
+//! whose whitespace is single spaces; a file with another normalizer would be read as written
+//! here but not by transformers 5.
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -40,6 +47,9 @@ pub struct Encoded {
 pub struct WanTokenizer {
     /// No truncation, no padding: counts the tokens a prompt has.
     plain: Tokenizer,
+    /// Truncation and padding to [`MAX_SEQUENCE_LENGTH`], built once (umT5's vocabulary has
+    /// 256k pieces: not something to copy per call).
+    fixed: Tokenizer,
     pad_id: u32,
 }
 
@@ -72,7 +82,13 @@ impl WanTokenizer {
             .with_truncation(None)
             .map_err(|e| format(format!("clearing truncation: {e}")))?;
         plain.with_padding(None);
-        Ok(WanTokenizer { plain, pad_id })
+        let fixed = fixed_length(&plain, pad_id, MAX_SEQUENCE_LENGTH)
+            .map_err(|e| format(format!("truncation to {MAX_SEQUENCE_LENGTH} tokens: {e}")))?;
+        Ok(WanTokenizer {
+            plain,
+            fixed,
+            pad_id,
+        })
     }
 
     /// The id of `<pad>`.
@@ -101,23 +117,14 @@ impl WanTokenizer {
                 reason: "max_sequence_length must be at least 1".into(),
             });
         }
-        let mut fixed = self.plain.clone();
-        fixed
-            .with_truncation(Some(TruncationParams {
-                direction: TruncationDirection::Right,
-                max_length,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-            }))
-            .map_err(|e| self.input(format!("truncation to {max_length} tokens: {e}")))?;
-        fixed.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::Fixed(max_length),
-            direction: PaddingDirection::Right,
-            pad_to_multiple_of: None,
-            pad_id: self.pad_id,
-            pad_type_id: 0,
-            pad_token: PAD_TOKEN.to_owned(),
-        }));
+        let other;
+        let fixed = if max_length == MAX_SEQUENCE_LENGTH {
+            &self.fixed
+        } else {
+            other = fixed_length(&self.plain, self.pad_id, max_length)
+                .map_err(|e| self.input(format!("truncation to {max_length} tokens: {e}")))?;
+            &other
+        };
         let mut ids = Vec::with_capacity(prompts.len() * max_length);
         let mut mask = Vec::with_capacity(prompts.len() * max_length);
         let mut lengths = Vec::with_capacity(prompts.len());
@@ -152,6 +159,30 @@ impl WanTokenizer {
     }
 }
 
+/// `plain` with `WanPipeline`'s truncation and padding to `max_length` tokens.
+fn fixed_length(
+    plain: &Tokenizer,
+    pad_id: u32,
+    max_length: usize,
+) -> tokenizers::Result<Tokenizer> {
+    let mut fixed = plain.clone();
+    fixed.with_truncation(Some(TruncationParams {
+        direction: TruncationDirection::Right,
+        max_length,
+        strategy: TruncationStrategy::LongestFirst,
+        stride: 0,
+    }))?;
+    fixed.with_padding(Some(PaddingParams {
+        strategy: PaddingStrategy::Fixed(max_length),
+        direction: PaddingDirection::Right,
+        pad_to_multiple_of: None,
+        pad_id,
+        pad_type_id: 0,
+        pad_token: PAD_TOKEN.to_owned(),
+    }));
+    Ok(fixed)
+}
+
 /// `WanPipeline`'s `prompt_clean`: `whitespace_clean(basic_clean(text))`, i.e. HTML entities
 /// unescaped twice (`html.unescape(html.unescape(text))`), then every run of whitespace
 /// collapsed to one space, then the ends stripped.
@@ -160,8 +191,9 @@ impl WanTokenizer {
 /// is installed (diffusers does not require it; mojibake repair is left to the user). HTML
 /// unescaping covers numeric references (`&#39;`, `&#x27;`, with or without `;`) and the named
 /// entities [`NAMED_ENTITIES`] lists (`&amp;`, `&lt;`, `&gt;`, `&quot;`, `&apos;`, `&nbsp;`
-/// and a few typographic ones), not all 2231 of HTML5; numeric references to the C1 range are
-/// not remapped to Windows-1252 as Python does. Whitespace is Unicode's White_Space (what
+/// and a few typographic ones), not all 2231 of HTML5 (an unknown name stays as it is);
+/// numeric references to control characters are not dropped, nor those to the C1 range
+/// remapped to Windows-1252, as Python does. Whitespace is Unicode's White_Space (what
 /// `regex`'s `\s` matches); stripping also removes U+001C..U+001F as Python's `str.strip` does.
 pub fn prompt_clean(text: &str) -> String {
     let basic = html_unescape(&html_unescape(text));

@@ -206,7 +206,10 @@ impl Umt5Config {
         if exact < 1 {
             return invalid(
                 "relative_attention_num_buckets",
-                format!("is {}: must be at least 4", self.relative_attention_num_buckets),
+                format!(
+                    "is {}: must be at least 4",
+                    self.relative_attention_num_buckets
+                ),
             );
         }
         if self.relative_attention_max_distance <= exact {
@@ -313,10 +316,11 @@ impl T5LayerNorm {
 
     /// The norm of `h` `[..., d_model]`.
     pub fn forward(&self, h: &Tensor) -> Tensor {
-        let variance = h
-            .to_kind(Kind::Float)
-            .pow_tensor_scalar(2)
-            .mean_dim(Some([-1i64].as_slice()), true, None);
+        let variance = h.to_kind(Kind::Float).pow_tensor_scalar(2).mean_dim(
+            Some([-1i64].as_slice()),
+            true,
+            None,
+        );
         let mut h = h * (variance + self.eps).rsqrt();
         let kind = self.weight.kind();
         if matches!(kind, Kind::Half | Kind::BFloat16) {
@@ -561,7 +565,10 @@ impl UMT5EncoderModel {
             ));
         }
         if input_ids.numel() > 0 {
-            let (lo, hi) = (input_ids.min().int64_value(&[]), input_ids.max().int64_value(&[]));
+            let (lo, hi) = (
+                input_ids.min().int64_value(&[]),
+                input_ids.max().int64_value(&[]),
+            );
             if lo < 0 || hi >= self.config.vocab_size {
                 return bad(format!(
                     "token ids span {lo}..={hi}: the vocabulary has {} (a tokenizer of another model?)",
@@ -648,12 +655,11 @@ pub fn trim_and_pad(
     }
     let max = max_sequence_length as i64;
     let lens = attention_mask.gt(0).sum_dim_intlist(1, false, Kind::Int64);
-    let lens: Vec<i64> = Vec::<i64>::try_from(&lens.to_device(tch::Device::Cpu)).map_err(
-        |source| Error::Torch {
+    let lens: Vec<i64> =
+        Vec::<i64>::try_from(&lens.to_device(tch::Device::Cpu)).map_err(|source| Error::Torch {
             context: "reading the prompt lengths".into(),
             source,
-        },
-    )?;
+        })?;
     let rows = lens
         .iter()
         .enumerate()
