@@ -1,8 +1,8 @@
 //! The crate's error type.
 
 use crate::config::ConfigError;
-use crate::vae::VaeConfigError;
 use crate::scheduler::SchedulerError;
+use crate::vae::VaeConfigError;
 use std::path::PathBuf;
 
 /// A tensor whose shape in the checkpoint differs from the model's.
@@ -148,6 +148,24 @@ pub enum Error {
         /// libtorch's error.
         source: tch::TchError,
     },
+    /// A pipeline directory (or a set of components) that is not a Wan2.1 text-to-video
+    /// pipeline this crate runs: a missing component, another pipeline class, components that do
+    /// not fit together.
+    Pipeline {
+        /// The directory (empty for components built in code).
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The caller's block loop (a [`crate::BlockLoop`], e.g. an offload manager's) failed.
+    Blocks(Box<dyn std::error::Error + Send + Sync + 'static>),
+}
+
+impl Error {
+    /// An error of a [`crate::BlockLoop`] implementation (e.g. an offload manager's upload).
+    pub fn blocks(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error::Blocks(Box::new(e))
+    }
 }
 
 /// `Result` with this crate's [`Error`].
@@ -178,6 +196,8 @@ impl std::fmt::Display for Error {
             Error::SchedulerConfig { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Scheduler(source) => write!(f, "scheduler: {source}"),
             Error::Torch { context, source } => write!(f, "{context}: {source}"),
+            Error::Pipeline { path, reason } => write!(f, "{}: {reason}", path.display()),
+            Error::Blocks(e) => write!(f, "the block loop failed: {e}"),
         }
     }
 }

@@ -67,6 +67,16 @@ impl WanTokenizer {
             path: path.to_owned(),
             source,
         })?;
+        WanTokenizer::parse(&text, path)
+    }
+
+    /// A tokenizer from the text of a `tokenizer.json` (e.g. one built into a program with
+    /// `include_str!`); errors as [`WanTokenizer::from_file`]'s, naming no file.
+    pub fn from_json(text: &str) -> Result<WanTokenizer> {
+        WanTokenizer::parse(text, Path::new("<tokenizer.json text>"))
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<WanTokenizer> {
         let format = |reason: String| Error::Format {
             path: path.to_owned(),
             reason,

@@ -171,7 +171,9 @@ impl WanVae {
             ));
         }
         if b < 1 || t < 1 || h < 1 || w < 1 {
-            return bad(format!("latents of shape {z:?}: every dimension must be at least 1"));
+            return bad(format!(
+                "latents of shape {z:?}: every dimension must be at least 1"
+            ));
         }
         let (sf, tf) = (c.spatial_factor(), c.temporal_factor());
         let frames = (t - 1).checked_mul(tf).and_then(|f| f.checked_add(1));
@@ -181,7 +183,9 @@ impl WanVae {
             .try_fold(1i64, |acc, d| d.and_then(|d| acc.checked_mul(d)));
         match (frames, oh, ow, numel) {
             (Some(f), Some(oh), Some(ow), Some(_)) => Ok([b, c.out_channels, f, oh, ow]),
-            _ => bad(format!("latents of shape {z:?} decode to a video too large to index")),
+            _ => bad(format!(
+                "latents of shape {z:?} decode to a video too large to index"
+            )),
         }
     }
 
