@@ -97,10 +97,10 @@ struct Args {
     #[arg(long, value_name = "GiB", value_parser = float_in(0.5, 1048576.0), conflicts_with = "budget")]
     vram_limit: Option<f64>,
     /// VRAM for the transformer's block weights in GiB (resident blocks and slots); the rest
-    /// streams. Default: all blocks stream, or what --vram-limit leaves.
+    /// streams. Default: what the device (or --vram-limit) leaves beside the activations.
     #[arg(long, value_name = "GiB", value_parser = float_in(0.0, 1048576.0))]
     budget: Option<f64>,
-    /// Memory kept free for activations under --vram-limit, in GiB (default: estimated from the
+    /// Memory kept free for the transformer's activations, in GiB (default: estimated from the
     /// video's size).
     #[arg(long, value_name = "GiB", value_parser = float_in(0.0, 1048576.0))]
     reserve: Option<f64>,
@@ -229,6 +229,43 @@ fn activation_reserve(c: &wan::Config, tokens: i64, batch: i64) -> u64 {
     (2u64 << 30) + (batch * tokens * per_token) as u64
 }
 
+/// How the transformer's VRAM budget is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Plan {
+    /// `--budget`: this many bytes for block weights.
+    Bytes(u64),
+    /// `--vram-limit`: what the limit leaves once the memory in use, the transformer's non-block
+    /// weights and `reserve` bytes for activations are taken off (the device's own free memory
+    /// does not know the process's cap).
+    UnderLimit { limit: u64, reserve: u64 },
+    /// The default: what the device has free, less the transformer's non-block weights and
+    /// `reserve` bytes for activations (on a 24 GB card a part of the blocks stays resident;
+    /// on a card that holds the model, all of them).
+    Free { reserve: u64 },
+}
+
+impl Plan {
+    /// The budget for a manager about to be built over the `n_blocks` blocks of `vs`; `None`
+    /// (every block streams) where the limit leaves no room for resident blocks.
+    fn budget(self, vs: &nn::VarStore, n_blocks: usize) -> Result<Option<Budget>> {
+        // Memory the block weights may take: the cap less what is in use, or what is free.
+        let (room, reserve) = match self {
+            Plan::Bytes(b) => return Ok(Some(Budget::Bytes(b))),
+            Plan::UnderLimit { limit, reserve } => {
+                (limit.saturating_sub(accel::memory_stats(0)?.allocated), reserve)
+            }
+            Plan::Free { reserve } => (accel::memory_info(0)?.0, reserve),
+        };
+        let blocks = bytes_of(vs, "blocks.");
+        let non_block = bytes_of(vs, "") - blocks;
+        let left = room.saturating_sub(non_block + reserve);
+        // Two slots of a block are the ring; a budget without room for a resident block beside
+        // them buys nothing: stream everything.
+        let block = blocks / n_blocks.max(1) as u64;
+        Ok((left >= 3 * block).then_some(Budget::Bytes(left)))
+    }
+}
+
 /// Everything one run measured.
 #[derive(Debug, Default)]
 struct Run {
@@ -253,7 +290,7 @@ fn generate(
     r: &Request,
     dev: Device,
     offloaded: bool,
-    budget: Option<Budget>,
+    budget: Option<Plan>,
     compress: bool,
     label: &str,
 ) -> Result<Run> {
@@ -328,6 +365,10 @@ fn generate(
     let n_blocks = p.transformer.blocks().len();
     let mut manager = if offloaded {
         let pb = progress::spinner(format!("{label}: transformer (blocks into host memory)"));
+        let budget = match budget {
+            Some(plan) if cuda => plan.budget(&p.transformer_vs, n_blocks)?,
+            _ => None,
+        };
         let m = t2v::offload(
             &p.transformer_vs,
             "blocks",
@@ -513,12 +554,20 @@ fn main() -> Result<()> {
     let tokens = shape[2] / pt * (shape[3] / ph) * (shape[4] / pw);
     let batch = if r.guided() && r.batch_guidance { 2 } else { 1 };
     let budget = match (a.budget, a.vram_limit) {
-        (Some(b), _) => Some(Budget::Bytes((b * GIB) as u64)),
-        (None, Some(_)) => Some(Budget::AllBut(match a.reserve {
-            Some(g) => (g * GIB) as u64,
-            None => activation_reserve(p.transformer.config(), tokens, batch),
-        })),
-        (None, None) => None,
+        (Some(b), _) => Some(Plan::Bytes((b * GIB) as u64)),
+        (None, Some(limit)) => Some(Plan::UnderLimit {
+            limit: (limit * GIB) as u64,
+            reserve: match a.reserve {
+                Some(g) => (g * GIB) as u64,
+                None => activation_reserve(p.transformer.config(), tokens, batch),
+            },
+        }),
+        (None, None) => Some(Plan::Free {
+            reserve: match a.reserve {
+                Some(g) => (g * GIB) as u64,
+                None => activation_reserve(p.transformer.config(), tokens, batch),
+            },
+        }),
     };
     if cuda {
         accel::reset_peak_memory_stats(0)?;

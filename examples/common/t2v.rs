@@ -71,10 +71,8 @@ pub fn offload(
     let mut cfg = OffloadConfig::new(list, n)
         .cpu_test_mode(!cuda)
         .compress(compress);
-    match budget {
-        Some(Budget::Bytes(b)) => cfg = cfg.vram_budget(b),
-        Some(Budget::AllBut(r)) if cuda => cfg = cfg.vram_budget_all_but(r),
-        _ => {}
+    if let Some(Budget::Bytes(b)) = budget {
+        cfg = cfg.vram_budget(b);
     }
     let mut m = cfg.build(vs)?;
     m.initialize()?;
@@ -86,8 +84,6 @@ pub fn offload(
 pub enum Budget {
     /// This many bytes (slots included).
     Bytes(u64),
-    /// All but this many bytes of what is free at `initialize()`.
-    AllBut(u64),
 }
 
 /// Ends a stage: every block back on the CPU (bit for bit), the non-block weights too, the
