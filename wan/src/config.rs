@@ -275,4 +275,80 @@ mod tests {
         let e = Config::from_json(r#"{"patch_size": [1, 2]}"#).unwrap_err();
         assert!(matches!(e, ConfigError::Json(_)), "{e}");
     }
+
+    /// Each size far beyond any Wan model, alone: refused naming the key and its bound.
+    #[test]
+    fn huge_sizes_are_refused_naming_the_key_and_the_bound() {
+        for (key, json) in [
+            ("num_attention_heads", r#"{"num_attention_heads": 1000000000000}"#),
+            ("attention_head_dim", r#"{"attention_head_dim": 1099511627776}"#),
+            ("patch_size[1]", r#"{"patch_size": [1, 1099511627776, 2]}"#),
+            ("patch_size[0]", r#"{"patch_size": [9223372036854775807, 2, 2]}"#),
+            ("ffn_dim", r#"{"ffn_dim": 1125899906842624}"#),
+            ("rope_max_seq_len", r#"{"rope_max_seq_len": 1099511627776}"#),
+            ("num_layers", r#"{"num_layers": 1000000000}"#),
+            ("in_channels", r#"{"in_channels": 1000000000}"#),
+            ("out_channels", r#"{"out_channels": 1000000000}"#),
+            ("text_dim", r#"{"text_dim": 1000000000}"#),
+            ("freq_dim", r#"{"freq_dim": 1000000000}"#),
+        ] {
+            let e = Config::from_json(json).expect_err(json);
+            let text = e.to_string();
+            assert!(
+                matches!(&e, ConfigError::Invalid { field, .. } if *field == key),
+                "{json}: the error must name {key}: {text}"
+            );
+            assert!(text.contains("at most"), "{json}: the bound must be named: {text}");
+        }
+    }
+
+    /// Sizes each within its bound whose products are not: the model width, then the model's
+    /// size in bytes.
+    #[test]
+    fn products_of_sizes_are_checked() {
+        let e = Config::from_json(r#"{"num_attention_heads": 1000, "attention_head_dim": 1000}"#)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("num_attention_heads * attention_head_dim is 1000000"),
+            "{e}"
+        );
+        let e = Config::from_json(
+            r#"{"num_attention_heads": 512, "attention_head_dim": 128, "ffn_dim": 500000, "num_layers": 1000}"#,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Invalid { field: "parameters", .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("bytes"), "{e}");
+        // Every released Wan2.1/2.2 text-to-video transformer passes.
+        Config::wan2_1_t2v_14b().validate().unwrap();
+        Config::wan2_1_t2v_1_3b().validate().unwrap();
+        let ti2v_5b = Config {
+            num_attention_heads: 24,
+            in_channels: 48,
+            out_channels: Some(48),
+            ffn_dim: 14336,
+            num_layers: 30,
+            ..Config::default()
+        };
+        ti2v_5b.validate().unwrap();
+    }
+
+    /// A crafted config.json on disk: the error names the file and the key.
+    #[test]
+    fn a_crafted_config_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("wan-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        std::fs::write(&path, r#"{"attention_head_dim": 4611686018427387904}"#).unwrap();
+        let e = Config::from_file(&path).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("config.json") && text.contains("attention_head_dim"),
+            "{text}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
