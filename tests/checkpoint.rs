@@ -591,12 +591,21 @@ fn a_fifo_in_place_of_a_file_is_refused_without_blocking() -> anyhow::Result<()>
     std::fs::remove_file(&index)?;
     mkfifo(&index);
     check(open_within_timeout(&path, "the index"), "the index");
-    check(open_within_timeout(&index, "the index by name"), "the index by name");
+    check(
+        open_within_timeout(&index, "the index by name"),
+        "the index by name",
+    );
     // The single weights file of a directory, and a file opened by name.
     let dir = TempDir::new("fifo-single");
     let single = dir.0.join("model.safetensors");
     mkfifo(&single);
-    check(open_within_timeout(&dir.0, "the weights file"), "the weights file");
-    check(open_within_timeout(&single, "a file by name"), "a file by name");
+    check(
+        open_within_timeout(&dir.0, "the weights file"),
+        "the weights file",
+    );
+    check(
+        open_within_timeout(&single, "a file by name"),
+        "a file by name",
+    );
     Ok(())
 }

@@ -234,7 +234,10 @@ fn crafted_checkpoint(tag: &str, body: &str) -> PathBuf {
 fn a_checkpoint_config_with_huge_sizes_is_refused_naming_the_key() {
     for (key, body) in [
         ("ffn_dim", r#"{"ffn_dim": 1125899906842624}"#),
-        ("num_attention_heads", r#"{"num_attention_heads": 1000000000000}"#),
+        (
+            "num_attention_heads",
+            r#"{"num_attention_heads": 1000000000000}"#,
+        ),
         ("patch_size", r#"{"patch_size": [1, 1099511627776, 2]}"#),
         ("rope_max_seq_len", r#"{"rope_max_seq_len": 1099511627776}"#),
         (
@@ -266,7 +269,9 @@ fn checkpoint_load_refuses_bad_values_naming_the_flag() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for value in ["NaN", "-1", "1e-300", "0.0001", "inf", "1e30", "-inf", "-0.5", "x"] {
+    for value in [
+        "NaN", "-1", "1e-300", "0.0001", "inf", "1e30", "-inf", "-0.5", "x",
+    ] {
         let args = [
             "load",
             "--dir",
@@ -283,7 +288,11 @@ fn checkpoint_load_refuses_bad_values_naming_the_flag() {
             .expect("checkpoint_load starts");
         let stderr = common::cli::assert_refused(&args, &out);
         assert!(
-            stderr.lines().next().unwrap_or("").contains("--host-budget-gib"),
+            stderr
+                .lines()
+                .next()
+                .unwrap_or("")
+                .contains("--host-budget-gib"),
             "{value}: the error must name --host-budget-gib:\n{stderr}"
         );
     }

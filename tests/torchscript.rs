@@ -617,7 +617,10 @@ fn deeply_nested_values_are_refused_not_a_stack_overflow() -> anyhow::Result<()>
         "positional, 1000 deep",
     );
     // A result nested 300 deep.
-    check(m.call_method("nest", &[x(), IValue::Int(300)]), "a result 300 deep");
+    check(
+        m.call_method("nest", &[x(), IValue::Int(300)]),
+        "a result 300 deep",
+    );
     // The module still works.
     let out = m.call_method("nest", &[x(), IValue::Int(1)])?;
     assert_eq!(depth_of(&out), 1);

@@ -326,17 +326,83 @@ fn bad_forward_inputs_are_input_errors() {
     let ch = c.in_channels;
     let td = c.text_dim;
     let cases: Vec<(&str, Tensor, Tensor, Tensor, &str)> = vec![
-        ("batch 0", f(&[0, ch, 2, 8, 8]), t(0), f(&[0, 7, td]), "batch"),
-        ("latents batch 2, timestep 1", f(&[2, ch, 2, 8, 8]), t(1), f(&[2, 7, td]), "timestep"),
-        ("latents batch 2, text 1", f(&[2, ch, 2, 8, 8]), t(2), f(&[1, 7, td]), "text"),
-        ("channels", f(&[1, ch + 1, 2, 8, 8]), t(1), f(&[1, 7, td]), "channels"),
-        ("height not a multiple of the patch", f(&[1, ch, 2, 7, 8]), t(1), f(&[1, 7, td]), "patch"),
-        ("width not a multiple of the patch", f(&[1, ch, 2, 8, 9]), t(1), f(&[1, 7, td]), "patch"),
-        ("zero frames", f(&[1, ch, 0, 8, 8]), t(1), f(&[1, 7, td]), "patch"),
-        ("latents of rank 4", f(&[1, ch, 8, 8]), t(1), f(&[1, 7, td]), "latents"),
-        ("no text tokens", f(&[1, ch, 2, 8, 8]), t(1), f(&[1, 0, td]), "text"),
-        ("text width", f(&[1, ch, 2, 8, 8]), t(1), f(&[1, 7, td + 1]), "text"),
-        ("timestep of rank 2", f(&[1, ch, 2, 8, 8]), f(&[1, 1]), f(&[1, 7, td]), "timestep"),
+        (
+            "batch 0",
+            f(&[0, ch, 2, 8, 8]),
+            t(0),
+            f(&[0, 7, td]),
+            "batch",
+        ),
+        (
+            "latents batch 2, timestep 1",
+            f(&[2, ch, 2, 8, 8]),
+            t(1),
+            f(&[2, 7, td]),
+            "timestep",
+        ),
+        (
+            "latents batch 2, text 1",
+            f(&[2, ch, 2, 8, 8]),
+            t(2),
+            f(&[1, 7, td]),
+            "text",
+        ),
+        (
+            "channels",
+            f(&[1, ch + 1, 2, 8, 8]),
+            t(1),
+            f(&[1, 7, td]),
+            "channels",
+        ),
+        (
+            "height not a multiple of the patch",
+            f(&[1, ch, 2, 7, 8]),
+            t(1),
+            f(&[1, 7, td]),
+            "patch",
+        ),
+        (
+            "width not a multiple of the patch",
+            f(&[1, ch, 2, 8, 9]),
+            t(1),
+            f(&[1, 7, td]),
+            "patch",
+        ),
+        (
+            "zero frames",
+            f(&[1, ch, 0, 8, 8]),
+            t(1),
+            f(&[1, 7, td]),
+            "patch",
+        ),
+        (
+            "latents of rank 4",
+            f(&[1, ch, 8, 8]),
+            t(1),
+            f(&[1, 7, td]),
+            "latents",
+        ),
+        (
+            "no text tokens",
+            f(&[1, ch, 2, 8, 8]),
+            t(1),
+            f(&[1, 0, td]),
+            "text",
+        ),
+        (
+            "text width",
+            f(&[1, ch, 2, 8, 8]),
+            t(1),
+            f(&[1, 7, td + 1]),
+            "text",
+        ),
+        (
+            "timestep of rank 2",
+            f(&[1, ch, 2, 8, 8]),
+            f(&[1, 1]),
+            f(&[1, 7, td]),
+            "timestep",
+        ),
     ];
     for (case, latents, timestep, text, needle) in cases {
         for entry in ["forward", "embed"] {
@@ -399,7 +465,9 @@ fn the_wan_loader_refuses_a_fifo_without_blocking() {
     let p = config.clone();
     expect_err(
         "config.json",
-        within_timeout("config.json", move || wan::Config::from_file(&p).map(|_| ())),
+        within_timeout("config.json", move || {
+            wan::Config::from_file(&p).map(|_| ())
+        }),
     );
     // A safetensors file read by name.
     let single = dir.join(wan::WEIGHTS_FILE);
@@ -415,7 +483,9 @@ fn the_wan_loader_refuses_a_fifo_without_blocking() {
         "the weights file",
         within_timeout("the weights file", move || {
             wan::checkpoint_files(&p).and_then(|files| {
-                files.iter().try_for_each(|f| wan::read_header(f).map(|_| ()))
+                files
+                    .iter()
+                    .try_for_each(|f| wan::read_header(f).map(|_| ()))
             })
         }),
     );

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Dist, Rng, generate};
-use layerwise_offload_codec::{Encoder, decode, decoded_len, max_encoded_len};
+use layerwise_offload_codec::{CodecError, Encoder, decode, decoded_len, max_encoded_len, verify};
 
 /// An encoding with coded chunks of several widths (with escapes), raw chunks and a tail byte.
 fn sample() -> (Vec<u8>, Vec<u8>) {
@@ -31,7 +31,13 @@ fn assert_detected(bad: &[u8], what: &str) {
     match result {
         Err(_) => panic!("{what}: the decoder panicked"),
         Ok(Ok(_)) => panic!("{what}: decoded silently"),
-        Ok(Err(_)) => {}
+        Ok(Err(e)) => {
+            // verify, without decoding, finds it too.
+            assert!(
+                verify(bad).is_err(),
+                "{what}: decode refused it ({e}) but verify did not"
+            );
+        }
     }
 }
 
@@ -55,6 +61,14 @@ fn every_corruption_is_detected() {
             format!("case {case}: byte {at} set to {b:#x}")
         };
         assert_detected(&bad, &what);
+        // A change that parses is named as a checksum error.
+        if layerwise_offload_codec::Encoded::parse(&bad).is_ok() {
+            assert!(
+                matches!(verify(&bad), Err(CodecError::Checksum { .. })),
+                "{what}: {:?}",
+                verify(&bad)
+            );
+        }
     }
     // Several changes at once, far apart.
     for case in 0..500 {
@@ -71,19 +85,60 @@ fn every_corruption_is_detected() {
 
 #[test]
 fn size_helpers_do_not_overflow_on_extreme_arguments() {
-    for raw in [0usize, 1, 2, 511, 512, usize::MAX / 4, usize::MAX / 2, usize::MAX - 1, usize::MAX] {
-        for cv in [0u32, 1, 256, 32768, 1 << 22, u32::MAX] {
-            let _ = max_encoded_len(raw, cv);
+    for raw in [
+        0usize,
+        1,
+        2,
+        511,
+        512,
+        usize::MAX / 4,
+        usize::MAX / 2,
+        usize::MAX - 1,
+        usize::MAX,
+    ] {
+        // Chunk sizes the encoder refuses have no bound.
+        for cv in [0u32, 1, 255, 257, (1 << 22) + 256, u32::MAX] {
+            assert_eq!(
+                max_encoded_len(raw, cv),
+                None,
+                "raw {raw}, chunk_values {cv}"
+            );
+        }
+        for cv in [256u32, 32768, 1 << 22] {
+            let got = max_encoded_len(raw, cv);
+            // The bound in 128-bit arithmetic: header, an entry per chunk, the values padded.
+            let n_values = raw as u128 / 2;
+            let exact =
+                48 + 16 * n_values.div_ceil(u128::from(cv)) + (2 * n_values).div_ceil(16) * 16;
+            match got {
+                Some(b) => assert_eq!(b as u128, exact, "raw {raw}, chunk_values {cv}"),
+                None => assert!(
+                    exact > usize::MAX as u128,
+                    "raw {raw}, chunk_values {cv}: {exact} fits"
+                ),
+            }
         }
     }
+    // An empty input is the header alone.
+    assert_eq!(
+        max_encoded_len(0, 256),
+        Some(layerwise_offload_codec::format::HEADER_LEN)
+    );
 }
 
 #[test]
-fn chunk_len_past_the_last_chunk_does_not_underflow() {
-    let (_, encoded) = sample();
+fn chunk_len_past_the_last_chunk_is_none() {
+    let (input, encoded) = sample();
     let view = layerwise_offload_codec::Encoded::parse(&encoded).unwrap();
     let h = view.header();
+    let lens: Vec<usize> = (0..h.n_chunks()).map(|i| h.chunk_len(i).unwrap()).collect();
+    assert_eq!(lens.iter().sum::<usize>(), input.len() / 2);
+    assert!(lens[..lens.len() - 1].iter().all(|&n| n == 1024));
     for i in [h.n_chunks(), h.n_chunks() + 1, u32::MAX] {
-        let _ = h.chunk_len(i);
+        assert_eq!(h.chunk_len(i), None, "chunk {i} of {}", h.n_chunks());
     }
+    // And on an empty encoding, which has no chunk at all.
+    let empty = layerwise_offload_codec::encode(&[]);
+    let view = layerwise_offload_codec::Encoded::parse(&empty).unwrap();
+    assert_eq!(view.header().chunk_len(0), None);
 }
