@@ -516,3 +516,27 @@ fn the_wan_loader_refuses_a_fifo_without_blocking() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `Config::num_parameters`, which bounds a config's size, counts what the model builds.
+#[test]
+fn num_parameters_counts_the_built_model() {
+    for config in [
+        wan::Config::tiny(),
+        wan::Config {
+            cross_attn_norm: false,
+            out_channels: Some(6),
+            patch_size: [2, 2, 1],
+            num_layers: 3,
+            ..wan::Config::tiny()
+        },
+    ] {
+        config.validate().unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = wan::WanTransformer3DModel::new_empty(vs.root(), &config, Kind::Float);
+        let built: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+        assert_eq!(config.num_parameters(), Some(built as u64), "{config:?}");
+    }
+    // Wan2.1-14B has 14.3 billion parameters.
+    let n = wan::Config::wan2_1_t2v_14b().num_parameters().unwrap();
+    assert!((14_000_000_000..14_500_000_000).contains(&n), "{n}");
+}
