@@ -424,7 +424,9 @@ pub(crate) enum ChunkData<'a> {
 
 impl<'a> Encoded<'a> {
     /// Parses `bytes` and checks every field with checked arithmetic. Never panics and never
-    /// reads past `bytes`: a truncated or corrupt buffer is an error.
+    /// reads past `bytes`: a truncated or corrupt buffer is an error. This checks the structure
+    /// only; [`verify_with_threads`](Self::verify_with_threads) (or [`verify`](crate::verify))
+    /// also checks that no byte changed since the encoding was written.
     pub fn parse(bytes: &'a [u8]) -> Result<Self> {
         let header = Header::parse(bytes)?;
         let dir_end = header.data_offset();
