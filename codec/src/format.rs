@@ -57,7 +57,7 @@
 //! exactly. Bits of a group's planes past value n-1 are 0 and ignored.
 //!
 //! The checksum covers the header (but its own four bytes), the directory and every chunk with
-//! its padding, so any change to the bytes after they were written is found by [`verify`]
+//! its padding, so any change to the bytes after they were written is found by [`verify`](crate::verify)
 //! without decoding (CRC-32 finds every error burst of up to 32 bits, so every single-byte
 //! change). The CPU decoder verifies before it decodes. The GPU decoder does not: it reads the
 //! encoding from device memory and checks only its structure, so bytes that come from outside
