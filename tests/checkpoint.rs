@@ -546,3 +546,66 @@ fn options_that_do_not_fit_are_refused() -> anyhow::Result<()> {
     assert_same(&model.snapshot(), &source.snapshot());
     Ok(())
 }
+
+/// Makes a FIFO at `path`.
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path that lives for the call.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo {}", path.display());
+}
+
+/// `Checkpoint::open(path)` on another thread: its result within 20 s, or a failure naming the
+/// case (a thread blocked in `open` is left behind; the test binary exits anyway).
+fn open_within_timeout(path: &Path, case: &str) -> layerwise_offload::Result<Checkpoint> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_owned();
+    std::thread::spawn(move || {
+        let _ = tx.send(Checkpoint::open(&p));
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{case}: Checkpoint::open still blocked after 20 s"))
+}
+
+#[test]
+fn a_fifo_in_place_of_a_file_is_refused_without_blocking() -> anyhow::Result<()> {
+    let source = Model::new(Device::Cpu, 2, false, 73);
+    let check = |r: layerwise_offload::Result<Checkpoint>, case: &str| match r {
+        Err(e @ Error::Checkpoint { .. }) => assert!(
+            e.to_string().contains("not a regular file"),
+            "{case}: the error must say it is not a regular file: {e}"
+        ),
+        r => panic!("{case}: expected Error::Checkpoint, got {r:?}"),
+    };
+    // A shard named in the index.
+    let dir = TempDir::new("fifo-shard");
+    let path = write_checkpoint(&dir.0, &source.snapshot(), 2);
+    let shard = path.join("model-00002-of-00002.safetensors");
+    std::fs::remove_file(&shard)?;
+    mkfifo(&shard);
+    check(open_within_timeout(&path, "a shard"), "a shard");
+    // The index itself.
+    let dir = TempDir::new("fifo-index");
+    let path = write_checkpoint(&dir.0, &source.snapshot(), 2);
+    let index = path.join("model.safetensors.index.json");
+    std::fs::remove_file(&index)?;
+    mkfifo(&index);
+    check(open_within_timeout(&path, "the index"), "the index");
+    check(
+        open_within_timeout(&index, "the index by name"),
+        "the index by name",
+    );
+    // The single weights file of a directory, and a file opened by name.
+    let dir = TempDir::new("fifo-single");
+    let single = dir.0.join("model.safetensors");
+    mkfifo(&single);
+    check(
+        open_within_timeout(&dir.0, "the weights file"),
+        "the weights file",
+    );
+    check(
+        open_within_timeout(&single, "a file by name"),
+        "a file by name",
+    );
+    Ok(())
+}
