@@ -343,6 +343,11 @@ impl BlockGuard<'_> {
         self.block
     }
 
+    /// The manager the block was entered on.
+    pub(crate) fn manager_mut(&mut self) -> &mut LayerwiseOffloadManager {
+        self.manager
+    }
+
     /// Releases the block now and reports an error, which `Drop` cannot.
     pub fn finish(mut self) -> Result<()> {
         self.armed = false;
