@@ -255,69 +255,79 @@ fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send
 
 #[test]
 fn calls_from_inside_a_block_of_the_same_shared_manager_never_hang() {
-    within(60, "calls from inside with_block", || -> anyhow::Result<()> {
-        let (vs, blocks, x) = linear_stack(11, 4);
-        let before = sorted_snapshot(&vs);
-        let want = resident(&blocks, &x);
-        let mut m = Mode::Cpu.config("blocks", 4).build(&vs)?;
-        m.initialize()?;
-        let stack = OffloadedBlocks::new(blocks, m)?;
-        let shared = stack.manager();
+    within(
+        60,
+        "calls from inside with_block",
+        || -> anyhow::Result<()> {
+            let (vs, blocks, x) = linear_stack(11, 4);
+            let before = sorted_snapshot(&vs);
+            let want = resident(&blocks, &x);
+            let mut m = Mode::Cpu.config("blocks", 4).build(&vs)?;
+            m.initialize()?;
+            let stack = OffloadedBlocks::new(blocks, m)?;
+            let shared = stack.manager();
 
-        // stats() inside a block: the counters as of the block's entry (its prefetch of block
-        // 1 included), without waiting for the lock this thread holds.
-        let inside = shared.with_block(0, || shared.stats())?;
-        let after = shared.stats();
-        assert_eq!(inside.uploads, after.uploads, "the snapshot is taken after entry");
-        assert!(inside.uploads >= 2, "{} uploads", inside.uploads);
+            // stats() inside a block: the counters as of the block's entry (its prefetch of block
+            // 1 included), without waiting for the lock this thread holds.
+            let inside = shared.with_block(0, || shared.stats())?;
+            let after = shared.stats();
+            assert_eq!(
+                inside.uploads, after.uploads,
+                "the snapshot is taken after entry"
+            );
+            assert!(inside.uploads >= 2, "{} uploads", inside.uploads);
 
-        // A block entered from inside a block of the same manager: a typed error, its closure
-        // not run, the outer block released normally.
-        let mut ran = false;
-        let nested = shared.with_block(0, || shared.with_block(1, || ran = true))?;
-        match nested {
-            Err(Error::InvalidArgument { op, message }) => {
-                assert_eq!(op, "SharedManager::with_block");
-                assert!(message.contains("this thread holds the manager"), "{message}");
+            // A block entered from inside a block of the same manager: a typed error, its closure
+            // not run, the outer block released normally.
+            let mut ran = false;
+            let nested = shared.with_block(0, || shared.with_block(1, || ran = true))?;
+            match nested {
+                Err(Error::InvalidArgument { op, message }) => {
+                    assert_eq!(op, "SharedManager::with_block");
+                    assert!(
+                        message.contains("this thread holds the manager"),
+                        "{message}"
+                    );
+                }
+                other => panic!("expected InvalidArgument, got {other:?}"),
             }
-            other => panic!("expected InvalidArgument, got {other:?}"),
-        }
-        assert!(!ran, "the nested closure must not run");
+            assert!(!ran, "the nested closure must not run");
 
-        // The whole stack run from inside one of its blocks: the same error.
-        let nested_run = shared.with_block(2, || stack.run((), |_, ()| ()))?;
-        assert!(
-            matches!(nested_run, Err(Error::InvalidArgument { .. })),
-            "{nested_run:?}"
-        );
-        assert!(no_block_entered(&stack));
+            // The whole stack run from inside one of its blocks: the same error.
+            let nested_run = shared.with_block(2, || stack.run((), |_, ()| ()))?;
+            assert!(
+                matches!(nested_run, Err(Error::InvalidArgument { .. })),
+                "{nested_run:?}"
+            );
+            assert!(no_block_entered(&stack));
 
-        // The lock itself from inside a block: refused, not waited for.
-        match shared.with_block(3, || shared.lock().map(|_| ()))? {
-            Err(Error::InvalidArgument { op, .. }) => assert_eq!(op, "SharedManager::lock"),
-            other => panic!("expected InvalidArgument, got {other:?}"),
-        }
-        // While this thread holds the lock's guard, stats() answers from the snapshot and the
-        // loop is refused; once the guard drops, both work again.
-        {
-            let mut guard = shared.lock()?;
-            assert_eq!(shared.stats().uploads, guard.stats().uploads);
-            assert!(matches!(
-                shared.with_block(0, || ()),
-                Err(Error::InvalidArgument { .. })
-            ));
-            assert!(shared.lock().is_err());
-        }
-        shared.with_block(0, || ())?;
-        assert!(no_block_entered(&stack));
+            // The lock itself from inside a block: refused, not waited for.
+            match shared.with_block(3, || shared.lock().map(|_| ()))? {
+                Err(Error::InvalidArgument { op, .. }) => assert_eq!(op, "SharedManager::lock"),
+                other => panic!("expected InvalidArgument, got {other:?}"),
+            }
+            // While this thread holds the lock's guard, stats() answers from the snapshot and the
+            // loop is refused; once the guard drops, both work again.
+            {
+                let mut guard = shared.lock()?;
+                assert_eq!(shared.stats().uploads, guard.stats().uploads);
+                assert!(matches!(
+                    shared.with_block(0, || ()),
+                    Err(Error::InvalidArgument { .. })
+                ));
+                assert!(shared.lock().is_err());
+            }
+            shared.with_block(0, || ())?;
+            assert!(no_block_entered(&stack));
 
-        // Everything works afterwards: the forward is exact, restore gives every weight back.
-        let got = tch::no_grad(|| stack.f_forward_t(&x, false))?;
-        assert!(bits_equal(&got, &want));
-        let (_, mut m) = stack.into_parts();
-        m.restore()?;
-        assert_same(&sorted_snapshot(&vs), &before);
-        Ok(())
-    })
+            // Everything works afterwards: the forward is exact, restore gives every weight back.
+            let got = tch::no_grad(|| stack.f_forward_t(&x, false))?;
+            assert!(bits_equal(&got, &want));
+            let (_, mut m) = stack.into_parts();
+            m.restore()?;
+            assert_same(&sorted_snapshot(&vs), &before);
+            Ok(())
+        },
+    )
     .unwrap();
 }

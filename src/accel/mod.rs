@@ -17,8 +17,8 @@ mod stream;
 
 pub(crate) use copy::tensor_identity;
 pub use copy::{copy_async, copy_peer_async, is_pinned, record_stream};
-pub(crate) use host_memory::map_file_read_only;
 pub use host_memory::{FileMapping, HostMemory, alloc_host, map_host_file};
+pub(crate) use host_memory::{map_file_read_only, map_shared_file};
 pub use memory::{
     MemoryStats, alloc_device, empty_cache, memory_info, memory_stats, reset_peak_memory_stats,
     set_memory_fraction,

@@ -261,7 +261,9 @@ impl OffloadConfig {
     /// block with fp32 norms and bf16 weights is two runs) uploads with one copy per run; the
     /// slot places each run at a 256-byte boundary, tensors within a run keep the file's
     /// relative alignment. The store is read-only: `update_tensor` on a block tensor is
-    /// refused.
+    /// refused, `tensor(name)` of a block tensor is a copy, and dropping the manager without
+    /// `restore()` copies every block into memory the model owns (the pages are never left in
+    /// the model, where an in-place write would be SIGSEGV and a later truncation SIGBUS).
     ///
     /// The files must not be truncated or rewritten while the manager holds them: the mapping
     /// cannot turn that into an error. `initialize()` and `restore()` check each file's length

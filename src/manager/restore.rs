@@ -7,7 +7,7 @@ use crate::stats::OffloadStats;
 use tch::Device;
 
 use super::lifecycle::Undo;
-use super::weights::{empty_like, zip_views};
+use super::weights::{empty_like, owned_copy, zip_views};
 use super::{LayerwiseOffloadManager, Phase};
 
 impl LayerwiseOffloadManager {
@@ -158,12 +158,18 @@ impl LayerwiseOffloadManager {
     }
 
     /// Points every filled block's tensors at their host copies (CPU memory) and forgets the
-    /// slots: the state after drop.
+    /// slots: the state after drop. A host copy that is not this manager's alone (a read-only
+    /// mapping, a store shared with other managers or published to other processes) is copied
+    /// into memory the model then owns, so that writing the model's tensors later can neither
+    /// fault on read-only pages nor change another manager's weights, and truncating the file
+    /// later cannot reach them. Should that allocation fail, the tensor points at the shared
+    /// copy (readable, not writable), which is still better than losing the value.
     pub(super) fn detach_to_host(&mut self) {
         self.backend.sync_copies();
         if self.plan.is_none() {
             return;
         }
+        let shared = self.host_is_shared();
         for i in 0..self.blocks.len() {
             if self.blocks[i].resident {
                 continue; // real device tensors, not placeholders
@@ -172,11 +178,18 @@ impl LayerwiseOffloadManager {
                 continue;
             };
             // An encoded host copy is decoded into pageable memory the tensors then own.
-            let Ok(views) = host.decoded().and_then(|h| h.views(self.layout(i))) else {
+            let owned = shared && host.encoding().is_none();
+            let layout = self.layout(i).clone();
+            let Ok(views) = host.decoded().and_then(|h| h.views(&layout)) else {
                 continue;
             };
-            for (p, v) in self.blocks[i].params.iter_mut().zip(&views) {
-                let _ = p.f_set_data(v);
+            for (t, v, p) in zip_views(&layout, &views, &mut self.blocks[i].params) {
+                let value = match owned {
+                    true => owned_copy(t, v, "dropping the manager")
+                        .unwrap_or_else(|_| v.shallow_clone()),
+                    false => v.shallow_clone(),
+                };
+                let _ = p.f_set_data(&value);
             }
             self.blocks[i].slot = None;
             self.blocks[i].in_use = false;
