@@ -782,6 +782,21 @@ fn a_dropped_reader_leaves_writable_weights() -> anyhow::Result<()> {
         "writing HostStore::block's copy changed the store"
     );
     drop(opened);
+    // So is accel::map_host_file's read-only open of the file.
+    let len = std::fs::metadata(&path)?.len() as usize;
+    let mut mapped = layerwise_offload::accel::map_host_file(
+        &path,
+        len,
+        layerwise_offload::accel::FileMapping::OpenReadOnly,
+        HostMemory::Pageable,
+    )?;
+    let sum = |t: &tch::Tensor| t.sum(Kind::Int64).int64_value(&[]);
+    let published_sum = checksum(&m0.host_store().unwrap());
+    tch::no_grad(|| {
+        let _ = mapped.fill_(1);
+    });
+    assert_eq!(sum(&mapped), len as i64);
+    assert_eq!(checksum(&m0.host_store().unwrap()), published_sum);
 
     // The publisher restores (its file is removed), then the file is truncated.
     m0.restore()?;
