@@ -677,3 +677,105 @@ fn tensor_of_a_zero_copy_block_is_a_copy_to_write() -> anyhow::Result<()> {
     assert_same(&model.snapshot(), &source.snapshot());
     Ok(())
 }
+
+/// Enters every block of `m` in loop order; the first error, if any.
+fn enter_all(m: &mut layerwise_offload::LayerwiseOffloadManager) -> Option<Error> {
+    (0..m.num_blocks()).find_map(|i| m.enter(i).err())
+}
+
+/// A checkpoint file rewritten in place (same inode, same length, other weights) under a disk
+/// tier: the next forward stops with `Error::Checkpoint` naming the file (it served a mix of
+/// old and new weights), `restore()` refuses the same way with nothing changed (the disk-tier
+/// blocks' weights at `initialize()` are gone), and dropping the manager gives the blocks held
+/// in memory back bit for bit. With the modification time moved forward, or put back to its
+/// old value after the rewrite (the change time still tells).
+#[rstest]
+fn a_checkpoint_rewritten_under_the_disk_tier_is_an_error(
+    #[values(true, false)] mtime_forward: bool,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let dir = TempDir::new("rewrite");
+    let source = Model::new(Device::Cpu, 4, false, 151);
+    let path = write_checkpoint(&dir.0, &source.snapshot(), 1);
+    // The same tensors with other values: a file of the same length.
+    let other_dir = TempDir::new("rewrite-other");
+    let other = Model::new(Device::Cpu, 4, false, 152);
+    let new_bytes = std::fs::read(write_checkpoint(&other_dir.0, &other.snapshot(), 1))?;
+    assert_eq!(new_bytes.len() as u64, std::fs::metadata(&path)?.len());
+
+    let model = Model::new(Device::Cpu, 4, false, 153);
+    let x = source.input(3);
+    let want = source.forward(&x, None);
+    let block_bytes: u64 = source
+        .vs
+        .variables()
+        .iter()
+        .filter(|(n, _)| n.starts_with("blocks.0."))
+        .map(|(_, t)| (t.numel() * 4) as u64)
+        .sum();
+    let mut m = on_cpu(4, &path)?
+        .host_budget(block_bytes * 2 + block_bytes / 2)
+        .build(&model.vs)?;
+    m.initialize()?;
+    assert_eq!(m.stats().disk_blocks, 2);
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+
+    // Rewritten in place: same inode, same length, other bytes.
+    let old_mtime = std::fs::metadata(&path)?.modified()?;
+    std::thread::sleep(std::time::Duration::from_millis(50)); // past a coarse clock tick
+    let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+    file.write_all_at(&new_bytes, 0)?;
+    let hour = std::time::Duration::from_secs(3600);
+    file.set_modified(if mtime_forward {
+        old_mtime + hour
+    } else {
+        old_mtime
+    })?;
+    drop(file);
+
+    // The next forward stops at the first block read from the changed file (blocks read
+    // ahead before the rewrite hold the old bytes, whole); the one after too.
+    for round in 0..2 {
+        match enter_all(&mut m) {
+            Some(Error::Checkpoint { path: p, reason }) => {
+                assert_eq!(p, path, "names the file");
+                assert!(reason.contains("changed in place"), "{reason}");
+                let what = if mtime_forward { "modified" } else { "changed" };
+                assert!(reason.contains(what), "{reason}");
+            }
+            other => panic!("forward {round}: expected Error::Checkpoint, got {other:?}"),
+        }
+    }
+    // restore() refuses before changing anything.
+    match m.restore() {
+        Err(Error::Checkpoint { path: p, reason }) => {
+            assert_eq!(p, path);
+            assert!(reason.contains("restore() refuses"), "{reason}");
+        }
+        other => panic!("expected Error::Checkpoint from restore, got {other:?}"),
+    }
+    assert!(m.is_initialized());
+    // Dropped: the two blocks held in memory come back bit for bit, the disk-tier blocks'
+    // tensors stay empty; nothing holds another value.
+    drop(m);
+    let want_vars = source.vs.variables();
+    let mut whole = 0;
+    for b in 0..4 {
+        let prefix = format!("blocks.{b}.");
+        let tensors: Vec<(String, Tensor)> = model
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with(&prefix))
+            .collect();
+        if tensors.iter().all(|(_, t)| t.numel() == 0) {
+            continue;
+        }
+        for (n, t) in &tensors {
+            assert!(bits_equal(t, &want_vars[n]), "{n}");
+        }
+        whole += 1;
+    }
+    assert_eq!(whole, 2, "the blocks held in host memory");
+    Ok(())
+}

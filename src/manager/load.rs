@@ -184,6 +184,9 @@ impl LayerwiseOffloadManager {
     ) -> Result<()> {
         let n = self.blocks.len();
         let memory = self.host_memory();
+        // The files as they are before any block is read: checked after the reads below, and
+        // by the disk tier at each of its reads.
+        let stamps = ckpt.stamps()?;
         let with_host: Vec<usize> = (0..n)
             .filter(|&i| !resident[i] || self.config.shareable)
             .collect();
@@ -259,13 +262,19 @@ impl LayerwiseOffloadManager {
             .collect();
         if reads.iter().any(|r| !r.is_empty()) {
             let bytes = (0..n).map(|i| self.layout(i).bytes).collect();
-            let disk = DiskTier::new(ckpt.clone(), reads, bytes, memory)?;
+            let disk = DiskTier::new(ckpt.clone(), reads, bytes, memory, stamps.clone())?;
             for &i in disk.blocks() {
                 self.blocks[i].on_disk = true;
             }
             self.stats.disk_blocks = disk.blocks().len();
             self.disk = Some(disk);
         }
+        // The host copies were read from files that did not change meanwhile.
+        ckpt.check_unchanged(
+            &stamps,
+            0..stamps.len(),
+            "while initialize() read it: the blocks read from it may mix the old weights and the new; call initialize() again once the file is complete",
+        )?;
         for i in (0..n).filter(|&i| !resident[i]) {
             self.place_placeholders(i, undo)?;
         }

@@ -33,6 +33,11 @@ impl LayerwiseOffloadManager {
         if let (true, Some(c)) = (self.config.zero_copy, &self.config.checkpoint) {
             c.check_lengths()?;
         }
+        // Disk-tier blocks are read back from the checkpoint: refused, with nothing changed, if
+        // a file changed since initialize() (their old weights are gone).
+        if let Some(disk) = &self.disk {
+            disk.check_files()?;
+        }
         // The loop is over from here, also if a block below fails: loop calls are refused and
         // the other members of a peer group learn at once that this one left.
         self.phase = Phase::Restoring;
