@@ -30,7 +30,7 @@ use crate::manager::LayerwiseOffloadManager;
 use crate::stats::OffloadStats;
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, TryLockError};
 use tch::{Tensor, nn};
 
 thread_local! {
@@ -47,9 +47,10 @@ thread_local! {
 ///
 /// Calls from inside [`Self::with_block`]'s closure (or while this thread holds
 /// [`Self::lock`]'s guard) never wait for the lock this thread already holds:
-/// [`Self::stats`] answers from a snapshot taken when the block was entered (or the lock
-/// taken), and [`Self::with_block`], [`Self::lock`] and [`OffloadedBlocks::run`] return
-/// [`Error::InvalidArgument`] saying so.
+/// [`Self::with_block`], [`Self::lock`] and [`OffloadedBlocks::run`] return
+/// [`Error::InvalidArgument`] saying so, and [`Self::stats`] never waits for the lock at all
+/// (while anyone holds it, it answers from a snapshot taken when the block was entered or the
+/// lock taken), so a thread the block waits for may call it too.
 #[derive(Debug)]
 pub struct SharedManager {
     inner: Mutex<LayerwiseOffloadManager>,
@@ -81,15 +82,17 @@ impl SharedManager {
         Ok(out)
     }
 
-    /// The manager's counters so far (see [`LayerwiseOffloadManager::stats`]). From inside
-    /// [`Self::with_block`]'s closure (or while this thread holds [`Self::lock`]'s guard), the
-    /// counters as of the block's entry (or of the lock), without waiting for the lock.
+    /// The manager's counters so far (see [`LayerwiseOffloadManager::stats`]). Never waits
+    /// for the lock: while a block runs in [`Self::with_block`] (on any thread) or a
+    /// [`Self::lock`] guard is alive, the counters as of the block's entry (or of the lock).
     pub fn stats(&self) -> OffloadStats {
-        if self.held_here() {
-            return self.snapshot_lock().clone();
-        }
-        // The guard refreshes the snapshot when it drops.
-        self.lock_inner().stats().clone()
+        let guard = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return self.snapshot_lock().clone(),
+        };
+        // Free: the counters now (the guard refreshes the snapshot when it drops).
+        self.guard(guard).stats().clone()
     }
 
     /// The manager itself, for everything else (`initialize`, `restore`, timelines, weights).
@@ -139,10 +142,19 @@ impl SharedManager {
     fn lock_inner(&self) -> SharedManagerGuard<'_> {
         // A panic while the lock was held happened inside a block (its guard released it) or
         // inside a manager call that leaves the manager in a defined state: take it over.
-        let mut guard = self
+        let guard = self
             .inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.guard(guard)
+    }
+
+    /// The lock just taken, as this thread's guard (recorded in [`HELD`], the snapshot
+    /// refreshed).
+    fn guard<'a>(
+        &'a self,
+        mut guard: MutexGuard<'a, LayerwiseOffloadManager>,
+    ) -> SharedManagerGuard<'a> {
         let key = self.key();
         HELD.with(|h| h.borrow_mut().push(key));
         self.set_snapshot(&mut guard);

@@ -276,6 +276,11 @@ fn calls_from_inside_a_block_of_the_same_shared_manager_never_hang() {
                 "the snapshot is taken after entry"
             );
             assert!(inside.uploads >= 2, "{} uploads", inside.uploads);
+            // From another thread the block waits for: the same snapshot, without waiting.
+            let other = shared.with_block(1, || {
+                std::thread::scope(|s| s.spawn(|| shared.stats()).join().unwrap())
+            })?;
+            assert_eq!(other.uploads, shared.stats().uploads);
 
             // A block entered from inside a block of the same manager: a typed error, its closure
             // not run, the outer block released normally.
