@@ -17,9 +17,11 @@
 //! what that cannot catch.
 
 mod matching;
+mod stamp;
 
 pub(crate) use matching::match_tensors;
 pub use matching::{CheckpointMismatch, DtypeDifference, ShapeDifference};
+pub(crate) use stamp::FileStamp;
 
 use crate::error::{Error, Result};
 use memmap2::Mmap;
