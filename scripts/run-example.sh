@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The main example. Sets up libtorch on first use (scripts/env.sh), builds in release mode, prints
-# the accelerator and its measured copy bandwidths, then samples a Wan-style diffusion
-# transformer through the offload manager (examples/dit_layer_loop.rs):
-# - without a CUDA device: the tiny preset in the manager's CPU test mode, checked against the
-#   resident model (max_abs_diff 0);
-# - with one: the wan-1.3b-shaped model under a 2 GiB VRAM limit (below its 2.8 GiB of weights),
-#   then again without the limit and checked against the resident model.
-# Arguments, if any, go to dit_layer_loop instead (try --help).
+# the accelerator and its measured copy bandwidths, then makes a video from a prompt with Wan2.1's
+# text-to-video pipeline (examples/text_to_video.rs over the workspace's `wan/` crate), its text
+# encoder and transformer streamed by the offload manager:
+# - without a CUDA device: the tiny pipeline of seeded random weights, the managers in their CPU
+#   test mode, checked against the resident pipeline (max_abs_diff 0), written to video.gif;
+# - with one: the Wan2.1-T2V-1.3B-shaped pipeline (umT5-XXL, the 1.3B transformer, Wan2.1's VAE;
+#   seeded random weights, no download) at 480 x 832, 17 frames, 4 steps, under an 8 GiB VRAM
+#   limit, written to video.gif.
+# Arguments, if any, go to text_to_video instead (try --help; --pipeline DIR takes a diffusers
+# Wan2.1 pipeline directory such as Wan-AI/Wan2.1-T2V-14B-Diffusers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -15,12 +18,11 @@ cargo build --release --quiet --examples
 # Cargo's output directory: CARGO_TARGET_DIR when set (shared build machines often set it).
 bin="${CARGO_TARGET_DIR:-target}/release/examples"
 "$bin/bandwidth" --mib 256
-ex="$bin/dit_layer_loop"
+ex="$bin/text_to_video"
 if (($#)); then
   exec "$ex" "$@"
 elif nvidia-smi -L >/dev/null 2>&1; then
-  "$ex" --preset wan-1.3b --steps 4 --vram-limit 2
-  exec "$ex" --preset wan-1.3b --steps 4 --check
+  exec "$ex" --preset wan-1.3b --frames 17 --steps 4 --vram-limit 8 --out video.gif
 else
-  exec "$ex" --preset tiny --steps 4 --check
+  exec "$ex" --check --out video.gif
 fi

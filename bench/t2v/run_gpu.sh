@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The text-to-video comparison on a CUDA host, one machine session: the Rust pipeline
 # (examples/text_to_video, staged in .gpu/) and diffusers' WanPipeline (scripts/bench_wan_pipeline.py,
-# diffusers' wheel carried in .gpu/wheels), same shapes, same steps, same 24 GiB limit.
+# diffusers' wheel carried in .wheels/), same shapes, same steps, same 24 GiB limit.
 #   bash bench/t2v/run_gpu.sh PRESET STEPS FRAMES [SYSTEMS...]   (systems: rust group model)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -9,7 +9,7 @@ source .gpu/env.sh
 unset OFFLOAD_REQUIRE_CUDA
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-python3 -c 'import diffusers' 2>/dev/null || pip install -q --no-deps --no-index .gpu/wheels/*.whl
+python3 -c 'import diffusers' 2>/dev/null || pip install -q --no-deps --no-index .wheels/*.whl
 preset=$1 steps=$2 frames=$3
 shift 3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
