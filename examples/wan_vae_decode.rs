@@ -142,7 +142,11 @@ fn main() -> Result<()> {
         Mode::Stream => {
             let mut checksum = 0.0;
             let s = vae.decode_chunks(&z, |chunk: wan::VideoChunk| -> wan::Result<()> {
-                checksum += chunk.video.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
+                checksum += chunk
+                    .video
+                    .to_kind(Kind::Double)
+                    .sum(Kind::Double)
+                    .double_value(&[]);
                 Ok(())
             })?;
             println!("checksum {checksum:.3}");
@@ -163,8 +167,11 @@ fn main() -> Result<()> {
         a.width,
         if cuda { gpu_name(0) } else { "the CPU".into() },
         weights as f64 / (1 << 20) as f64,
-        peak.map(|p| format!("; peak {:.2} GiB above weights and latents", p as f64 / (1u64 << 30) as f64))
-            .unwrap_or_default()
+        peak.map(|p| format!(
+            "; peak {:.2} GiB above weights and latents",
+            p as f64 / (1u64 << 30) as f64
+        ))
+        .unwrap_or_default()
     );
     let result = json!({
         "mode": format!("{:?}", a.mode).to_lowercase(),

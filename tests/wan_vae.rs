@@ -68,7 +68,10 @@ fn float32_decode_matches_diffusers() -> anyhow::Result<()> {
     // Values the clamp cut are in the fixture (its conv_out is scaled for it), and many are not.
     let clamped = want.abs().ge(1.0).to_kind(Kind::Float).mean(Kind::Float);
     let clamped = clamped.double_value(&[]);
-    assert!(clamped > 0.005 && clamped < 0.2, "clamped fraction {clamped}");
+    assert!(
+        clamped > 0.005 && clamped < 0.2,
+        "clamped fraction {clamped}"
+    );
     assert_eq!(video.abs().max().double_value(&[]), 1.0);
 
     // postprocess_video(output_type="np").
@@ -78,7 +81,10 @@ fn float32_decode_matches_diffusers() -> anyhow::Result<()> {
     let fdiff = max_diff(&frames, &io["frames"]);
     eprintln!("frames: max diff {fdiff:e}");
     assert!(fdiff <= TOLERANCE / 2.0);
-    assert!(wan::to_frames(want).equal(&io["frames"]), "to_frames differs");
+    assert!(
+        wan::to_frames(want).equal(&io["frames"]),
+        "to_frames differs"
+    );
 
     // Not a vacuous comparison: other latents move the video far beyond the tolerance.
     let other = vae.decode(&(&z * 1.01))?;
@@ -94,7 +100,10 @@ fn bfloat16_decode_matches_diffusers() -> anyhow::Result<()> {
     // The latents are converted to bfloat16 first, 1/std is taken in bfloat16: same bits.
     let z = vae.denormalize(&io["latents"])?;
     assert_eq!(z.kind(), Kind::BFloat16);
-    assert!(z.equal(&io["denormalized_bf16"]), "bf16 denormalize differs");
+    assert!(
+        z.equal(&io["denormalized_bf16"]),
+        "bf16 denormalize differs"
+    );
     let video = vae.decode(&z)?;
     let want = &io["video_bf16"];
     assert_eq!(video.kind(), Kind::BFloat16);
@@ -321,12 +330,20 @@ fn latents_of_the_wrong_shape_or_type_are_refused() {
     assert!(r.contains("16 channels") && r.contains("z_dim is 4"), "{r}");
     let r = input(&Tensor::zeros([1, 4, 0, 4, 5], f));
     assert!(r.contains("at least 1"), "{r}");
-    let r = input(&Tensor::zeros([1, 4, 3, 4, 5], (Kind::BFloat16, Device::Cpu)));
+    let r = input(&Tensor::zeros(
+        [1, 4, 3, 4, 5],
+        (Kind::BFloat16, Device::Cpu),
+    ));
     assert!(r.contains("BFloat16") && r.contains("denormalize"), "{r}");
     // Sizes that overflow are an error, not a panic or an allocation.
     let err = vae.video_shape(&[1, 4, i64::MAX / 2, 4, 5]).unwrap_err();
     assert!(matches!(err, Error::Input { .. }), "{err}");
-    let err = vae.denormalize(&Tensor::zeros([1, 3, 2, 4, 5], f)).unwrap_err();
+    let err = vae
+        .denormalize(&Tensor::zeros([1, 3, 2, 4, 5], f))
+        .unwrap_err();
     assert!(matches!(err, Error::Input { .. }), "{err}");
-    assert_eq!(vae.video_shape(&[2, 4, 21, 60, 104]).unwrap(), [2, 3, 81, 480, 832]);
+    assert_eq!(
+        vae.video_shape(&[2, 4, 21, 60, 104]).unwrap(),
+        [2, 3, 81, 480, 832]
+    );
 }

@@ -168,7 +168,11 @@ mod tests {
         c.start_chunk();
         let prev = c.swap(&frames(4, 3.0)).unwrap();
         // The previous chunk's [1, 2]; now the last two of four.
-        assert_eq!(prev.mean_dim(&[0i64, 1, 3, 4][..], false, Kind::Float).size(), [2]);
+        assert_eq!(
+            prev.mean_dim(&[0i64, 1, 3, 4][..], false, Kind::Float)
+                .size(),
+            [2]
+        );
         assert_eq!(prev.select(2, 0).mean(Kind::Float).double_value(&[]), 1.0);
         assert_eq!(prev.select(2, 1).mean(Kind::Float).double_value(&[]), 2.0);
         assert_eq!(c.max_frames(), 2);

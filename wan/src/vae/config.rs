@@ -66,8 +66,8 @@ const WAN2_1_MEAN: [f64; 16] = [
 ];
 /// Wan2.1's `latents_std` (diffusers' default).
 const WAN2_1_STD: [f64; 16] = [
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
-    1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+    1.6382, 1.1253, 2.8251, 1.9160,
 ];
 
 impl Default for VaeConfig {
@@ -141,7 +141,8 @@ impl VaeConfig {
     /// finite values (the deviations non-zero), and that the configuration is Wan2.1's kind of
     /// VAE (not Wan2.2's residual one).
     pub fn validate(&self) -> std::result::Result<(), VaeConfigError> {
-        let invalid = |field: &'static str, reason: String| VaeConfigError::Invalid { field, reason };
+        let invalid =
+            |field: &'static str, reason: String| VaeConfigError::Invalid { field, reason };
         if self.is_residual {
             return Err(VaeConfigError::Unsupported {
                 field: "is_residual",
@@ -153,7 +154,9 @@ impl VaeConfig {
         {
             return Err(VaeConfigError::Unsupported {
                 field: "patch_size",
-                reason: format!("is {p}: Wan2.2's patched VAE is not implemented (absent or 1 only)"),
+                reason: format!(
+                    "is {p}: Wan2.2's patched VAE is not implemented (absent or 1 only)"
+                ),
             });
         }
         let channels = [
@@ -165,7 +168,10 @@ impl VaeConfig {
         ];
         for (field, v) in channels {
             if !(1..=MAX_CHANNELS).contains(&v) {
-                return Err(invalid(field, format!("is {v}, must be in 1..={MAX_CHANNELS}")));
+                return Err(invalid(
+                    field,
+                    format!("is {v}, must be in 1..={MAX_CHANNELS}"),
+                ));
             }
         }
         let levels = self.dim_mult.len();
@@ -204,7 +210,10 @@ impl VaeConfig {
         if !(0..=MAX_RES_BLOCKS).contains(&self.num_res_blocks) {
             return Err(invalid(
                 "num_res_blocks",
-                format!("is {}, must be in 0..={MAX_RES_BLOCKS}", self.num_res_blocks),
+                format!(
+                    "is {}, must be in 0..={MAX_RES_BLOCKS}",
+                    self.num_res_blocks
+                ),
             ));
         }
         if self.temperal_downsample.len() + 1 != levels {
@@ -218,7 +227,10 @@ impl VaeConfig {
             ));
         }
         if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
-            return Err(invalid("dropout", format!("is {}, must be in [0, 1)", self.dropout)));
+            return Err(invalid(
+                "dropout",
+                format!("is {}, must be in [0, 1)", self.dropout),
+            ));
         }
         for (field, values) in [
             ("latents_mean", &self.latents_mean),
@@ -227,7 +239,11 @@ impl VaeConfig {
             if values.len() as i64 != self.z_dim {
                 return Err(invalid(
                     field,
-                    format!("has {} values, must have z_dim = {}", values.len(), self.z_dim),
+                    format!(
+                        "has {} values, must have z_dim = {}",
+                        values.len(),
+                        self.z_dim
+                    ),
                 ));
             }
             if let Some(v) = values.iter().find(|v| !v.is_finite()) {
@@ -358,10 +374,22 @@ mod tests {
         assert_eq!(field(r#"{"base_dim": 0}"#), Some("base_dim"));
         assert_eq!(field(r#"{"z_dim": 4}"#), Some("latents_mean"));
         assert_eq!(field(r#"{"dim_mult": []}"#), Some("dim_mult"));
-        assert_eq!(field(r#"{"dim_mult": [1, 2, 4, 9223372036854775807]}"#), Some("dim_mult"));
-        assert_eq!(field(r#"{"base_dim": 1, "dim_mult": [1, 1, 1, 1]}"#), Some("dim_mult"));
-        assert_eq!(field(r#"{"num_res_blocks": 100000}"#), Some("num_res_blocks"));
-        assert_eq!(field(r#"{"temperal_downsample": [true]}"#), Some("temperal_downsample"));
+        assert_eq!(
+            field(r#"{"dim_mult": [1, 2, 4, 9223372036854775807]}"#),
+            Some("dim_mult")
+        );
+        assert_eq!(
+            field(r#"{"base_dim": 1, "dim_mult": [1, 1, 1, 1]}"#),
+            Some("dim_mult")
+        );
+        assert_eq!(
+            field(r#"{"num_res_blocks": 100000}"#),
+            Some("num_res_blocks")
+        );
+        assert_eq!(
+            field(r#"{"temperal_downsample": [true]}"#),
+            Some("temperal_downsample")
+        );
         assert_eq!(field(r#"{"dropout": 1.5}"#), Some("dropout"));
         assert!(VaeConfig::from_json(r#"{"patch_size": 1}"#).is_ok());
         assert!(matches!(

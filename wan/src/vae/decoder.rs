@@ -4,7 +4,7 @@
 
 use super::cache::FeatCache;
 use super::config::VaeConfig;
-use super::layers::{AttentionBlock, CausalConv3d, ResidualBlock, Resample, RmsNorm, Weights};
+use super::layers::{AttentionBlock, CausalConv3d, Resample, ResidualBlock, RmsNorm, Weights};
 use tch::{Tensor, nn};
 
 /// `WanMidBlock` with one attention: `resnets.0`, `attentions.0`, `resnets.1`.
@@ -98,7 +98,14 @@ impl Decoder3d {
             mid_block,
             up_blocks,
             norm_out: RmsNorm::new(&p / "norm_out", out_dim, false, w),
-            conv_out: CausalConv3d::new(&p / "conv_out", out_dim, c.out_channels, [3; 3], [1; 3], w),
+            conv_out: CausalConv3d::new(
+                &p / "conv_out",
+                out_dim,
+                c.out_channels,
+                [3; 3],
+                [1; 3],
+                w,
+            ),
         }
     }
 

@@ -86,7 +86,14 @@ impl CausalConv3d {
         } else {
             x.constant_pad_nd(padding)
         };
-        x.conv3d(&self.weight, Some(&self.bias), [1, 1, 1], [0, 0, 0], [1, 1, 1], 1)
+        x.conv3d(
+            &self.weight,
+            Some(&self.bias),
+            [1, 1, 1],
+            [0, 0, 0],
+            [1, 1, 1],
+            1,
+        )
     }
 
     /// The convolution with the slot's cache, which then keeps `x`'s last frames (the
@@ -138,7 +145,11 @@ pub(crate) struct RmsNorm {
 
 impl RmsNorm {
     pub(crate) fn new(p: nn::Path, dim: i64, images: bool, w: Weights) -> RmsNorm {
-        let dims: &[i64] = if images { &[dim, 1, 1] } else { &[dim, 1, 1, 1] };
+        let dims: &[i64] = if images {
+            &[dim, 1, 1]
+        } else {
+            &[dim, 1, 1, 1]
+        };
         RmsNorm {
             gamma: w.make(&p, "gamma", dims, nn::Init::Const(1.0)),
             scale: (dim as f64).sqrt(),
@@ -237,7 +248,10 @@ impl AttentionBlock {
             None,
             false,
         );
-        let y = y.squeeze_dim(1).permute([0, 2, 1]).reshape([b * t, c, h, w]);
+        let y = y
+            .squeeze_dim(1)
+            .permute([0, 2, 1])
+            .reshape([b * t, c, h, w]);
         let y = self.proj.forward(&y);
         let y = y.view([b, t, c, h, w]).permute([0, 2, 1, 3, 4]);
         y + x
@@ -255,13 +269,7 @@ pub(crate) struct Resample {
 }
 
 impl Resample {
-    pub(crate) fn new(
-        p: nn::Path,
-        dim: i64,
-        out_dim: i64,
-        temporal: bool,
-        w: Weights,
-    ) -> Resample {
+    pub(crate) fn new(p: nn::Path, dim: i64, out_dim: i64, temporal: bool, w: Weights) -> Resample {
         Resample {
             conv: Conv2d::new(&p / "resample" / 1, dim, out_dim, 3, w),
             time_conv: temporal.then(|| {
