@@ -347,3 +347,22 @@ fn latents_of_the_wrong_shape_or_type_are_refused() {
         [2, 3, 81, 480, 832]
     );
 }
+
+#[test]
+fn a_random_vae_converts_to_bfloat16_with_its_var_store() -> anyhow::Result<()> {
+    let _rng = common::gpu_lock();
+    tch::manual_seed(5);
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let vae = WanVae::new(vs.root(), &VaeConfig::tiny())?;
+    assert_eq!(vae.kind(), Kind::Float);
+    let z = Tensor::randn([1, 4, 2, 4, 5], (Kind::Float, Device::Cpu));
+    let v32 = vae.decode(&vae.denormalize(&z)?)?;
+    vs.set_kind(Kind::BFloat16);
+    assert_eq!(vae.kind(), Kind::BFloat16);
+    let v16 = vae.decode(&vae.denormalize(&z)?)?;
+    assert_eq!(v16.kind(), Kind::BFloat16);
+    // The same weights, rounded: close to the float32 video, not equal to it.
+    let diff = max_diff(&v16, &v32);
+    assert!(diff > 0.0 && diff < 0.25, "bf16 vs f32: {diff}");
+    Ok(())
+}
