@@ -85,6 +85,10 @@ fn float32_decode_matches_diffusers() -> anyhow::Result<()> {
         wan::to_frames(want).equal(&io["frames"]),
         "to_frames differs"
     );
+    // numpy_to_pil's 8-bit pixels.
+    let u8s = wan::frames_to_u8(&io["frames"]);
+    assert_eq!(u8s.kind(), Kind::Uint8);
+    assert!(u8s.equal(&io["frames_u8"]), "frames_to_u8 differs");
 
     // Not a vacuous comparison: other latents move the video far beyond the tolerance.
     let other = vae.decode(&(&z * 1.01))?;

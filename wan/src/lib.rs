@@ -51,7 +51,7 @@ pub use model::{Embedded, KEEP_IN_FP32_MODULES, WanTransformer3DModel, keeps_fp3
 pub use rope::{Rotary, RotaryEmbedding};
 pub use vae::{
     CACHE_T, DecodeStats, ENCODER_PREFIXES, MAX_CHANNELS, MAX_LEVELS, MAX_RES_BLOCKS, VaeConfig,
-    VaeConfigError, VideoChunk, WanVae, load_decoder, to_frames,
+    VaeConfigError, VideoChunk, WanVae, frames_to_u8, load_decoder, to_frames,
 };
 
 /// Reads `dir/config.json`, builds the model under `vs`'s root, converts it to `kind` (float32

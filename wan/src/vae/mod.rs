@@ -318,6 +318,12 @@ pub fn to_frames(video: &Tensor) -> Tensor {
     })
 }
 
+/// Frames from [`to_frames`] (float in [0, 1]) to 8-bit pixels, as diffusers' `numpy_to_pil`
+/// does before writing images: `(frames * 255).round()` (half to even) as `uint8`. Same shape.
+pub fn frames_to_u8(frames: &Tensor) -> Tensor {
+    tch::no_grad(|| (frames * 255.0).round().to_kind(Kind::Uint8))
+}
+
 /// Loads the decoder's tensors of the checkpoint at `path` (a diffusers `vae/` directory or one
 /// safetensors file) into `vs`, skipping the encoder's; nothing is copied unless every decoder
 /// tensor is there with its shape and a float type ([`Error::VaeMismatch`] lists the
