@@ -2,7 +2,8 @@
 save_pretrained: config.json and diffusion_pytorch_model.safetensors, encoder included), random
 latents of 3 latent frames (9 video frames, so the decoder's feature cache carries across chunks)
 and what diffusers makes of them on the CPU: WanPipeline's de-normalization, the decoded video in
-float32 and in bfloat16, and the frames of `postprocess_video(..., output_type="np")`.
+float32 and in bfloat16, the frames of `postprocess_video(..., output_type="np")` and their 8-bit form (as
+`numpy_to_pil` makes it).
 tests/wan_vae.rs decodes the same latents with the wan crate's WanVae and compares. Rerun only to
 regenerate the fixture (needs torch and diffusers):
 
@@ -84,6 +85,8 @@ def main():
             "denormalized": denorm.contiguous(),
             "video": video.contiguous(),
             "frames": torch.from_numpy(frames).contiguous(),
+            # VaeImageProcessor.numpy_to_pil's conversion (output_type="pil", and PNG files).
+            "frames_u8": torch.from_numpy((frames * 255).round().astype("uint8")).contiguous(),
             "denormalized_bf16": denorm_bf16.contiguous(),
             "video_bf16": video_bf16.contiguous(),
         },

@@ -85,6 +85,10 @@ fn float32_decode_matches_diffusers() -> anyhow::Result<()> {
         wan::to_frames(want).equal(&io["frames"]),
         "to_frames differs"
     );
+    // numpy_to_pil's 8-bit pixels.
+    let u8s = wan::frames_to_u8(&io["frames"]);
+    assert_eq!(u8s.kind(), Kind::Uint8);
+    assert!(u8s.equal(&io["frames_u8"]), "frames_to_u8 differs");
 
     // Not a vacuous comparison: other latents move the video far beyond the tolerance.
     let other = vae.decode(&(&z * 1.01))?;
@@ -346,4 +350,23 @@ fn latents_of_the_wrong_shape_or_type_are_refused() {
         vae.video_shape(&[2, 4, 21, 60, 104]).unwrap(),
         [2, 3, 81, 480, 832]
     );
+}
+
+#[test]
+fn a_random_vae_converts_to_bfloat16_with_its_var_store() -> anyhow::Result<()> {
+    let _rng = common::gpu_lock();
+    tch::manual_seed(5);
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let vae = WanVae::new(vs.root(), &VaeConfig::tiny())?;
+    assert_eq!(vae.kind(), Kind::Float);
+    let z = Tensor::randn([1, 4, 2, 4, 5], (Kind::Float, Device::Cpu));
+    let v32 = vae.decode(&vae.denormalize(&z)?)?;
+    vs.set_kind(Kind::BFloat16);
+    assert_eq!(vae.kind(), Kind::BFloat16);
+    let v16 = vae.decode(&vae.denormalize(&z)?)?;
+    assert_eq!(v16.kind(), Kind::BFloat16);
+    // The same weights, rounded: close to the float32 video, not equal to it.
+    let diff = max_diff(&v16, &v32);
+    assert!(diff > 0.0 && diff < 0.25, "bf16 vs f32: {diff}");
+    Ok(())
 }

@@ -59,7 +59,7 @@ pub use tokenizer::{Encoded, WanTokenizer, prompt_clean};
 pub use umt5::{TextEmbedded, UMT5EncoderModel, Umt5Config};
 pub use vae::{
     CACHE_T, DecodeStats, ENCODER_PREFIXES, MAX_CHANNELS, MAX_LEVELS, MAX_RES_BLOCKS, VaeConfig,
-    VaeConfigError, VideoChunk, WanVae, load_decoder, to_frames,
+    VaeConfigError, VideoChunk, WanVae, frames_to_u8, load_decoder, to_frames,
 };
 
 /// Reads `dir/config.json`, builds the model under `vs`'s root, converts it to `kind` (float32

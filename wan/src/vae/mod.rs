@@ -8,22 +8,7 @@
 //! keeping the last [`CACHE_T`] frames of its input for the next chunk, so that the activations
 //! live for one chunk and the cache stays the same size whatever the number of frames. The
 //! first latent frame gives one video frame, each further one `temporal_factor()` (4 for
-//! Wan2.1); every chunk is clamped to [-1, 1].
-//!
-//! ```
-//! use tch::{nn, Device, Kind, Tensor};
-//! use wan::{VaeConfig, WanVae};
-//!
-//! let config = VaeConfig::tiny();
-//! let vs = nn::VarStore::new(Device::Cpu);
-//! let vae = WanVae::new(vs.root(), &config)?;
-//! let latents = Tensor::randn([1, 4, 3, 4, 5], (Kind::Float, Device::Cpu));
-//! let video = vae.decode(&vae.denormalize(&latents)?)?; // [1, 3, 9, 32, 40] in [-1, 1]
-//! assert_eq!(video.size(), [1, 3, 9, 32, 40]);
-//! let frames = wan::to_frames(&video); // [1, 9, 32, 40, 3] in [0, 1], float32
-//! assert_eq!(frames.size(), [1, 9, 32, 40, 3]);
-//! # Ok::<(), wan::Error>(())
-//! ```
+//! Wan2.1); every chunk is clamped to [-1, 1]. See [`WanVae`] for an example.
 
 mod cache;
 mod config;
@@ -74,7 +59,32 @@ pub struct DecodeStats {
 }
 
 /// Wan's video VAE, decoder half: `post_quant_conv` and `decoder` (`WanDecoder3d`) with
-/// diffusers' module tree.
+/// diffusers' module tree and parameter names (`decoder.conv_in.weight`,
+/// `decoder.mid_block.attentions.0.to_qkv.weight`, `decoder.up_blocks.0.upsamplers.0.time_conv.weight`,
+/// ...). A diffusers `vae/` directory loads with [`WanVae::from_pretrained`]; the encoder's
+/// tensors in it are skipped.
+///
+/// Decoding follows diffusers' `AutoencoderKLWan._decode` (no tiling, no batch slicing):
+/// `post_quant_conv` over all latent frames, then the decoder one latent frame at a time with a
+/// per-convolution cache of the last [`CACHE_T`] frames, so that memory does not grow with the
+/// number of frames; the first latent frame gives one video frame, each further one
+/// [`VaeConfig::temporal_factor`] (4); the output is clamped to [-1, 1]. The whole path runs
+/// without autograd.
+///
+/// ```
+/// use tch::{nn, Device, Kind, Tensor};
+/// use wan::{VaeConfig, WanVae};
+///
+/// let config = VaeConfig::tiny();
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let vae = WanVae::new(vs.root(), &config)?;
+/// let latents = Tensor::randn([1, 4, 3, 4, 5], (Kind::Float, Device::Cpu));
+/// let video = vae.decode(&vae.denormalize(&latents)?)?; // [1, 3, 9, 32, 40] in [-1, 1]
+/// assert_eq!(video.size(), [1, 3, 9, 32, 40]);
+/// let frames = wan::to_frames(&video); // [1, 9, 32, 40, 3] in [0, 1], float32
+/// assert_eq!(frames.size(), [1, 9, 32, 40, 3]);
+/// # Ok::<(), wan::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct WanVae {
     config: VaeConfig,
@@ -236,9 +246,9 @@ impl WanVae {
     }
 
     /// Decodes latents `z` `[batch, z_dim, frames, height, width]` (de-normalized, in the VAE's
-    /// type and on its device) to a video `[batch, out_channels, 1 + temporal_factor * (frames
-    /// - 1), spatial_factor * height, spatial_factor * width]` in [-1, 1]. The output is
-    /// allocated once and each chunk copied in: memory is the video plus one chunk's
+    /// type and on its device) to a video `[batch, out_channels, 1 + temporal_factor *
+    /// (frames - 1), spatial_factor * height, spatial_factor * width]` in [-1, 1]. The output
+    /// is allocated once and each chunk copied in: memory is the video plus one chunk's
     /// activations plus the cache.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         let shape = self.check_latents(z)?;
@@ -306,6 +316,12 @@ pub fn to_frames(video: &Tensor) -> Tensor {
             .to_kind(Kind::Float)
             .contiguous()
     })
+}
+
+/// Frames from [`to_frames`] (float in [0, 1]) to 8-bit pixels, as diffusers' `numpy_to_pil`
+/// does before writing images: `(frames * 255).round()` (half to even) as `uint8`. Same shape.
+pub fn frames_to_u8(frames: &Tensor) -> Tensor {
+    tch::no_grad(|| (frames * 255.0).round().to_kind(Kind::Uint8))
 }
 
 /// Loads the decoder's tensors of the checkpoint at `path` (a diffusers `vae/` directory or one
