@@ -10,7 +10,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 use wan::Error;
-use wan::scheduler::{FlowMatchEulerConfig, Scheduler, SchedulerError, SolverType, UniPcConfig};
+use wan::scheduler::{
+    FlowMatchEulerConfig, FlowMatchEulerDiscreteScheduler, Scheduler, SchedulerError, SolverType,
+    UniPcConfig, UniPcMultistepScheduler,
+};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schedulers")
@@ -230,7 +233,9 @@ fn wans_shipped_config_is_unipc_flow_shift_3() {
     // diffusers maps the DPM-Solver names to bh2.
     let s = Scheduler::from_json(&text.replace("\"bh2\"", "\"midpoint\"")).unwrap();
     assert!(matches!(&s, Scheduler::UniPc(u) if u.solver_type() == SolverType::Bh2));
-    let s = Scheduler::from(FlowMatchEulerConfig::with_shift(5.0));
+    let s = Scheduler::from(
+        FlowMatchEulerDiscreteScheduler::new(FlowMatchEulerConfig::with_shift(5.0)).unwrap(),
+    );
     assert_eq!(s.class_name(), "FlowMatchEulerDiscreteScheduler");
 }
 
@@ -356,8 +361,10 @@ fn files_and_calls_are_refused_with_typed_errors() {
 
     let x = Tensor::zeros([1, 4, 2, 3, 3], (Kind::Float, tch::Device::Cpu));
     for mut s in [
-        Scheduler::from(UniPcConfig::wan2_1()),
-        Scheduler::from(FlowMatchEulerConfig::with_shift(3.0)),
+        Scheduler::from(UniPcMultistepScheduler::new(UniPcConfig::wan2_1()).unwrap()),
+        Scheduler::from(
+            FlowMatchEulerDiscreteScheduler::new(FlowMatchEulerConfig::with_shift(3.0)).unwrap(),
+        ),
     ] {
         let name = s.class_name();
         assert!(matches!(
@@ -398,13 +405,15 @@ fn files_and_calls_are_refused_with_typed_errors() {
     }
     // Euler's first step must find its timestep (diffusers raises IndexError); UniPC takes the
     // last index, as diffusers does.
-    let mut s = Scheduler::from(FlowMatchEulerConfig::with_shift(3.0));
+    let mut s = Scheduler::from(
+        FlowMatchEulerDiscreteScheduler::new(FlowMatchEulerConfig::with_shift(3.0)).unwrap(),
+    );
     s.set_timesteps(2).unwrap();
     assert!(matches!(
         s.step(&x, 123.5, &x),
         Err(Error::Scheduler(SchedulerError::UnknownTimestep { .. }))
     ));
-    let mut s = Scheduler::from(UniPcConfig::wan2_1());
+    let mut s = Scheduler::from(UniPcMultistepScheduler::new(UniPcConfig::wan2_1()).unwrap());
     s.set_timesteps(2).unwrap();
     let _ = s.step(&x, 123.5, &x).unwrap();
     assert_eq!(s.step_index(), Some(2));

@@ -13,9 +13,10 @@
 //!
 //! ```
 //! use tch::{Device, Kind, Tensor};
-//! use wan::scheduler::{Scheduler, UniPcConfig};
+//! use wan::scheduler::{Scheduler, UniPcConfig, UniPcMultistepScheduler};
 //!
-//! let mut scheduler = Scheduler::from(UniPcConfig::wan2_1());
+//! // Or Scheduler::from_file(pipeline_dir.join("scheduler/scheduler_config.json"))?
+//! let mut scheduler = Scheduler::from(UniPcMultistepScheduler::new(UniPcConfig::wan2_1())?);
 //! scheduler.set_timesteps(4)?;
 //! scheduler.set_begin_index(0); // as WanPipeline does
 //! let mut latents = Tensor::randn([1, 4, 2, 3, 3], (Kind::Float, Device::Cpu));
@@ -178,20 +179,15 @@ pub enum Scheduler {
     FlowMatchEuler(FlowMatchEulerDiscreteScheduler),
 }
 
-impl From<UniPcConfig> for Scheduler {
-    /// Panics if `config` is refused by [`UniPcMultistepScheduler::new`]; use that for a
-    /// configuration that was not checked.
-    fn from(config: UniPcConfig) -> Scheduler {
-        Scheduler::UniPc(UniPcMultistepScheduler::new(config).expect("a supported UniPC config"))
+impl From<UniPcMultistepScheduler> for Scheduler {
+    fn from(s: UniPcMultistepScheduler) -> Scheduler {
+        Scheduler::UniPc(s)
     }
 }
 
-impl From<FlowMatchEulerConfig> for Scheduler {
-    /// Panics if `config` is refused by [`FlowMatchEulerDiscreteScheduler::new`].
-    fn from(config: FlowMatchEulerConfig) -> Scheduler {
-        Scheduler::FlowMatchEuler(
-            FlowMatchEulerDiscreteScheduler::new(config).expect("a supported Euler config"),
-        )
+impl From<FlowMatchEulerDiscreteScheduler> for Scheduler {
+    fn from(s: FlowMatchEulerDiscreteScheduler) -> Scheduler {
+        Scheduler::FlowMatchEuler(s)
     }
 }
 

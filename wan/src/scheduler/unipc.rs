@@ -10,6 +10,8 @@ use tch::{Device, Kind, Tensor};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SolverType {
     /// `B(h) = h` (the UniPC paper recommends it for unconditional sampling under 10 steps).
+    /// With `final_sigmas_type` `zero` the last step's B(h) is infinite and diffusers' last
+    /// sample is NaN; this crate gives the same NaN (use `sigma_min` with `bh1`).
     Bh1,
     /// `B(h) = e^h - 1` (Wan2.1's).
     Bh2,
