@@ -36,9 +36,11 @@
 
 mod flow_match;
 mod unipc;
+mod unipc_config;
 
 pub use flow_match::{FlowMatchEulerConfig, FlowMatchEulerDiscreteScheduler};
-pub use unipc::{SolverType, UniPcConfig, UniPcMultistepScheduler};
+pub use unipc::UniPcMultistepScheduler;
+pub use unipc_config::{SolverType, UniPcConfig};
 
 use crate::error::{Error, Result};
 use std::path::Path;
