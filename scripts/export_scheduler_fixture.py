@@ -62,6 +62,15 @@ CONFIGS = {
     "unipc_disable_corrector_0": {**WAN, "disable_corrector": [0]},
     "unipc_disable_corrector_0_2_order3": {**WAN, "disable_corrector": [0, 2], "solver_order": 3},
     "unipc_trailing_shift1": {**WAN, "timestep_spacing": "trailing", "flow_shift": 1.0},
+    # Without flow sigmas (image models' configurations; WanPipeline does not use them).
+    "unipc_flow_sigmas_epsilon": {**WAN, "prediction_type": "epsilon"},
+    "unipc_epsilon_linear": {"_class_name": "UniPCMultistepScheduler"},
+    "unipc_epsilon_leading_sigma_min": {"_class_name": "UniPCMultistepScheduler", "timestep_spacing": "leading", "steps_offset": 1, "final_sigmas_type": "sigma_min"},
+    "unipc_v_scaled_linear_trailing": {"_class_name": "UniPCMultistepScheduler", "prediction_type": "v_prediction", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "trailing"},
+    "unipc_sample_order3_bh1": {"_class_name": "UniPCMultistepScheduler", "prediction_type": "sample", "solver_order": 3, "solver_type": "bh1"},
+    "unipc_epsilon_noise": {"_class_name": "UniPCMultistepScheduler", "predict_x0": False},
+    "unipc_v_noise_order3_sigma_min": {"_class_name": "UniPCMultistepScheduler", "prediction_type": "v_prediction", "predict_x0": False, "solver_order": 3, "final_sigmas_type": "sigma_min"},
+    "unipc_sample_noise_disable_corrector_1": {"_class_name": "UniPCMultistepScheduler", "prediction_type": "sample", "predict_x0": False, "disable_corrector": [1]},
     "euler_shift1": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0},
     "euler_shift7": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 7.0},
     "euler_shift3": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
@@ -99,8 +108,9 @@ def run(scheduler, tensors, steps, dtypes, out_key):
     for k, t in enumerate(scheduler.timesteps):
         try:
             sample = scheduler.step(tensors[f"{key}/model_output/{k}"], t, sample, return_dict=False)[0]
-        except torch.linalg.LinAlgError as e:
-            # Order 3 at a final sigma of zero without lower_order_final: a singular system.
+        except RuntimeError as e:
+            # Order 3 at a final sigma of zero without lower_order_final: a singular system
+            # (LinAlgError); bf16 model outputs without predict_x0: einsum of float32 and bf16.
             record["error_at_step"] = k
             record["error"] = str(e)
             break

@@ -29,10 +29,20 @@
 //! # Ok::<(), wan::Error>(())
 //! ```
 //!
-//! Supported: what Wan's pipelines configure. A known key with a value that is not implemented
-//! (thresholding, Karras/exponential/beta sigmas, dynamic shifting, non-flow UniPC, ...) is refused
-//! with [`SchedulerError::Unsupported`] naming the key; unknown keys are ignored, as diffusers
-//! does.
+//! Supported: UniPC with flow sigmas (Wan's: `flow_prediction`, any `flow_shift`,
+//! `solver_order` 1 and up, `bh1`/`bh2`, `lower_order_final`, `final_sigmas_type` `zero` or
+//! `sigma_min`, `disable_corrector`), UniPC with the sigmas of a `linear` or `scaled_linear` beta
+//! schedule (`epsilon`, `sample`, `v_prediction`; `predict_x0` true or false; `linspace`,
+//! `leading` or `trailing` spacing), and Euler with a static `shift`. A known key with a value
+//! that is not implemented (thresholding, Karras/exponential/beta sigmas, dynamic shifting,
+//! `shift_terminal`, `solver_p`, `trained_betas`, `squaredcos_cap_v2`, zero-SNR rescaling,
+//! inverted or stochastic Euler) is refused with [`SchedulerError::Unsupported`] naming the key;
+//! unknown keys are ignored, as diffusers does.
+//!
+//! Where diffusers fails or gives NaN, so does this crate: `bh1` with a final sigma of zero ends
+//! in NaN; order 3 without `lower_order_final` at a final sigma of zero is a singular system;
+//! `predict_x0` false with `epsilon`/`sample` prediction and bf16 model outputs on float32
+//! samples fails in `einsum` (both [`SchedulerError::Torch`]).
 
 mod flow_match;
 mod unipc;
@@ -95,11 +105,15 @@ pub enum SchedulerError {
         /// The sample's shape.
         sample: Vec<i64>,
     },
-    /// The UniPC order-`order` linear system is singular (diffusers fails the same way, e.g. with
-    /// `solver_order` 3, `lower_order_final` false and a final sigma of zero).
-    Solve {
+    /// A libtorch operation of a step failed where diffusers' fails too: UniPC's linear system
+    /// is singular (`solver_order` 3, `lower_order_final` false and a final sigma of zero), or
+    /// `einsum` got a bf16 model output and a float32 sample (`predict_x0` false with `epsilon`
+    /// or `sample` prediction keeps the model output's type).
+    Torch {
         /// The step.
         step: usize,
+        /// The operation (`linalg_solve`, `einsum`).
+        op: &'static str,
         /// libtorch's error.
         source: tch::TchError,
     },
@@ -143,8 +157,8 @@ impl std::fmt::Display for SchedulerError {
                 f,
                 "model output of shape {model_output:?} for a sample of shape {sample:?}: they must match, with batch and channel dimensions first"
             ),
-            SchedulerError::Solve { step, source } => {
-                write!(f, "step {step}: the UniPC coefficients' system: {source}")
+            SchedulerError::Torch { step, op, source } => {
+                write!(f, "step {step}: {op}: {source}")
             }
         }
     }
@@ -154,7 +168,7 @@ impl std::error::Error for SchedulerError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             SchedulerError::Json(e) => Some(e),
-            SchedulerError::Solve { source, .. } => Some(source),
+            SchedulerError::Torch { source, .. } => Some(source),
             _ => None,
         }
     }

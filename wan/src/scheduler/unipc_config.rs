@@ -16,24 +16,25 @@ pub enum SolverType {
 }
 
 /// The keys of a `UniPCMultistepScheduler`'s `scheduler_config.json`, with diffusers'
-/// defaults for absent keys (unknown keys are ignored). [`UniPcMultistepScheduler::new`] checks
+/// defaults for absent keys (unknown keys are ignored). [`UniPcMultistepScheduler::new`](super::UniPcMultistepScheduler::new) checks
 /// which values are implemented.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct UniPcConfig {
     /// Training timesteps (1000).
     pub num_train_timesteps: i64,
-    /// Betas' start (unused with flow sigmas).
+    /// Betas' start (unused with flow sigmas, as the three next keys).
     pub beta_start: f64,
     /// Betas' end (unused with flow sigmas).
     pub beta_end: f64,
-    /// `linear`, `scaled_linear` or `squaredcos_cap_v2` (unused with flow sigmas).
+    /// `linear` or `scaled_linear` (`squaredcos_cap_v2` is refused without flow sigmas).
     pub beta_schedule: String,
-    /// Explicit betas (unused with flow sigmas).
+    /// Explicit betas (unused with flow sigmas; refused without).
     pub trained_betas: Option<Vec<f64>>,
     /// The order of the predictor (1 or more; Wan: 2).
     pub solver_order: i64,
-    /// What the model predicts; only `flow_prediction` is implemented.
+    /// What the model predicts: `flow_prediction` (Wan, with flow sigmas), `epsilon`, `sample`
+    /// or `v_prediction` (with the betas' sigmas).
     pub prediction_type: String,
     /// Dynamic thresholding; only `false` is implemented.
     pub thresholding: bool,
@@ -41,8 +42,8 @@ pub struct UniPcConfig {
     pub dynamic_thresholding_ratio: f64,
     /// Thresholding's bound (unused).
     pub sample_max_value: f64,
-    /// Update on the predicted x0; only `true` is implemented (diffusers refuses `false` with
-    /// `flow_prediction`).
+    /// Update on the predicted x0 (`false`, the noise, is refused with `flow_prediction`, as
+    /// diffusers does).
     pub predict_x0: bool,
     /// `bh1` or `bh2` (`midpoint`, `heun` and `logrho` mean `bh2`, as in diffusers).
     pub solver_type: String,
@@ -58,17 +59,17 @@ pub struct UniPcConfig {
     pub use_exponential_sigmas: bool,
     /// Beta sigmas; only `false` is implemented.
     pub use_beta_sigmas: bool,
-    /// Flow-matching sigmas; only `true` is implemented.
+    /// Flow-matching sigmas (Wan's); `false`: the sigmas of the betas' schedule.
     pub use_flow_sigmas: bool,
     /// The flow shift (Wan2.1: 3.0 for 480p, 5.0 for 720p).
     pub flow_shift: f64,
-    /// `linspace`, `leading` or `trailing` (no effect with flow sigmas, checked as diffusers does).
+    /// `linspace`, `leading` or `trailing` (no effect with flow sigmas).
     pub timestep_spacing: String,
     /// Offset of `leading` spacing (no effect with flow sigmas).
     pub steps_offset: i64,
     /// The final sigma: `zero` or `sigma_min` (the last sigma of the schedule).
     pub final_sigmas_type: String,
-    /// Zero-terminal-SNR betas (no effect with flow sigmas).
+    /// Zero-terminal-SNR betas (no effect with flow sigmas; refused without).
     pub rescale_betas_zero_snr: bool,
     /// Resolution-dependent shifting; only `false` is implemented.
     pub use_dynamic_shifting: bool,
@@ -143,6 +144,28 @@ pub(super) struct Checked {
     pub(super) disable_corrector: Vec<i64>,
     pub(super) flow_shift: f64,
     pub(super) final_sigma_min: bool,
+    pub(super) flow: bool,
+    pub(super) prediction: Prediction,
+    pub(super) predict_x0: bool,
+    pub(super) spacing: Spacing,
+    pub(super) steps_offset: i64,
+}
+
+/// What the model predicts (`prediction_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Prediction {
+    Epsilon,
+    Sample,
+    V,
+    Flow,
+}
+
+/// `timestep_spacing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Spacing {
+    Linspace,
+    Leading,
+    Trailing,
 }
 
 pub(super) fn check(c: &UniPcConfig) -> std::result::Result<Checked, SchedulerError> {
@@ -193,13 +216,18 @@ pub(super) fn check(c: &UniPcConfig) -> std::result::Result<Checked, SchedulerEr
             reason: "must be \"linear\", \"scaled_linear\" or \"squaredcos_cap_v2\"",
         });
     }
-    if !["linspace", "leading", "trailing"].contains(&c.timestep_spacing.as_str()) {
-        return Err(SchedulerError::Invalid {
-            key: "timestep_spacing",
-            value: json(&c.timestep_spacing),
-            reason: "must be \"linspace\", \"leading\" or \"trailing\"",
-        });
-    }
+    let spacing = match c.timestep_spacing.as_str() {
+        "linspace" => Spacing::Linspace,
+        "leading" => Spacing::Leading,
+        "trailing" => Spacing::Trailing,
+        _ => {
+            return Err(SchedulerError::Invalid {
+                key: "timestep_spacing",
+                value: json(&c.timestep_spacing),
+                reason: "must be \"linspace\", \"leading\" or \"trailing\"",
+            });
+        }
+    };
     let final_sigma_min = match c.final_sigmas_type.as_str() {
         "zero" => false,
         "sigma_min" => true,
@@ -211,15 +239,47 @@ pub(super) fn check(c: &UniPcConfig) -> std::result::Result<Checked, SchedulerEr
             });
         }
     };
-    const FLOW: &str = "only flow sigmas with flow_prediction and predict_x0 (Wan's) are";
+    let prediction = match c.prediction_type.as_str() {
+        "epsilon" => Prediction::Epsilon,
+        "sample" => Prediction::Sample,
+        "v_prediction" => Prediction::V,
+        "flow_prediction" => Prediction::Flow,
+        _ => {
+            return Err(SchedulerError::Invalid {
+                key: "prediction_type",
+                value: json(&c.prediction_type),
+                reason: "must be \"epsilon\", \"sample\", \"v_prediction\" or \"flow_prediction\"",
+            });
+        }
+    };
+    if prediction == Prediction::Flow && !c.predict_x0 {
+        return Err(SchedulerError::Invalid {
+            key: "predict_x0",
+            value: "false".into(),
+            reason: "flow_prediction needs predict_x0 true (diffusers refuses it too)",
+        });
+    }
+    if prediction == Prediction::Flow && !c.use_flow_sigmas {
+        return unsupported(
+            "use_flow_sigmas",
+            "false".into(),
+            "flow_prediction is implemented with flow sigmas only",
+        );
+    }
     if !c.use_flow_sigmas {
-        return unsupported("use_flow_sigmas", "false".into(), FLOW);
-    }
-    if c.prediction_type != "flow_prediction" {
-        return unsupported("prediction_type", json(&c.prediction_type), FLOW);
-    }
-    if !c.predict_x0 {
-        return unsupported("predict_x0", "false".into(), FLOW);
+        if c.beta_schedule == "squaredcos_cap_v2" {
+            return unsupported(
+                "beta_schedule",
+                json(&c.beta_schedule),
+                "\"linear\" and \"scaled_linear\" are",
+            );
+        }
+        if c.rescale_betas_zero_snr {
+            return unsupported("rescale_betas_zero_snr", "true".into(), "only false is");
+        }
+        if let Some(b) = &c.trained_betas {
+            return unsupported("trained_betas", json(b), "only null is");
+        }
     }
     for (key, on) in [
         ("thresholding", c.thresholding),
@@ -251,5 +311,10 @@ pub(super) fn check(c: &UniPcConfig) -> std::result::Result<Checked, SchedulerEr
         disable_corrector: c.disable_corrector.clone(),
         flow_shift: c.flow_shift,
         final_sigma_min,
+        flow: c.use_flow_sigmas,
+        prediction,
+        predict_x0: c.predict_x0,
+        spacing,
+        steps_offset: c.steps_offset,
     })
 }
