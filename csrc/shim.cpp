@@ -298,6 +298,18 @@ int lo_cuda_device_count(int* out, char* warning, size_t warning_cap) {
   })
 }
 
+int lo_cuda_init(void) {
+  LO_PROTECT({
+    cuda_impl();  // fails cleanly when CUDA is not registered
+    // libtorch initializes CUDA lazily, on the first CUDA tensor or generator. Until then
+    // Context::isPinnedPtr answers false for every pointer (a pinned buffer reads as pageable)
+    // and the caching allocator has no per-device state (getDeviceStats and resetPeakStats
+    // throw "Invalid device argument"). This is the call libtorch itself makes at those first
+    // uses (CUDAHooks::init through the accelerator hooks), so no CUDA header is needed.
+    at::globalContext().lazyInitDevice(kCuda);
+  })
+}
+
 int lo_synchronize_device(int device) {
   LO_PROTECT(cuda_impl().synchronizeDevice(static_cast<c10::DeviceIndex>(device)))
 }

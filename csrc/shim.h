@@ -39,6 +39,11 @@ int lo_cuda_backend(int* state, const char** detail);
 // one, is copied NUL-terminated into warning[0..warning_cap).
 int lo_cuda_device_count(int* out, char* warning, size_t warning_cap);
 int lo_synchronize_device(int device);
+// Makes libtorch initialize its CUDA state now (at::globalContext().lazyInitDevice(CUDA), what
+// torch.cuda.init() does): the caching allocator for every device, the peer-access cache, and
+// the flag that lets libtorch answer pointer queries (is_pinned). Idempotent; a failure is
+// reported and may be retried.
+int lo_cuda_init(void);
 
 // Streams.
 int lo_stream_from_pool(int device, int high_priority, lo_stream* out);

@@ -95,8 +95,9 @@ struct LoadArgs {
     /// Drop the checkpoint's pages from the page cache first (a cold start).
     #[arg(long)]
     cold: bool,
-    /// Host budget of the disk mode in GiB (default: half the blocks).
-    #[arg(long)]
+    /// Host budget of the disk mode in GiB (default: half the blocks): 0 (every block read
+    /// from disk) or 0.001 (1 MiB) to 1048576.
+    #[arg(long, value_name = "GiB", value_parser = host_budget_gib, allow_hyphen_values = true)]
     host_budget_gib: Option<f64>,
     /// Forwards to time after loading (0: none).
     #[arg(long, default_value_t = 0, value_parser = int_in(0, 1000))]
@@ -110,6 +111,18 @@ struct LoadArgs {
     /// Run in the manager's CPU test mode (no CUDA needed; slow: bf16 on the CPU).
     #[arg(long)]
     cpu: bool,
+}
+
+/// A parser of `--host-budget-gib`: 0, or a finite number of GiB in [1/1024, 1048576] (a
+/// positive budget below 1 MiB would round to next to nothing, NaN or a negative one to 0 bytes,
+/// and an infinite one to every byte).
+fn host_budget_gib(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v == 0.0 || (v.is_finite() && (1.0 / 1024.0..=1048576.0).contains(&v)) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of GiB: 0 (every block read from disk) or 0.0009765625 (1 MiB) to 1048576"
+        )),
+    }
 }
 
 fn config_of(p: Preset) -> wan::Config {

@@ -12,7 +12,7 @@ layer norms, attention, an MLP, biases and a buffer, so parameters and buffers b
 """
 import argparse
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,14 @@ class Values(nn.Module):
     @torch.jit.export
     def named(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {"double": x * 2, "w": self.w}
+
+    @torch.jit.export
+    def nest(self, x: Any, n: int) -> Any:
+        """`x` inside `n` one-element tuples: a result as deeply nested as asked."""
+        out: Any = x
+        for _ in range(n):
+            out = (out,)
+        return out
 
 
 def main() -> None:

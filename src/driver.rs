@@ -28,50 +28,81 @@
 use crate::error::{Error, Result};
 use crate::manager::LayerwiseOffloadManager;
 use crate::stats::OffloadStats;
-use std::sync::{Mutex, MutexGuard};
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Mutex, MutexGuard, TryLockError};
 use tch::{Tensor, nn};
+
+thread_local! {
+    /// The shared managers this thread holds now (their addresses): a call that would lock one
+    /// of them again on the same thread would wait for itself for ever.
+    static HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
 
 /// A [`LayerwiseOffloadManager`] that is used through `&self`: each call locks it for its
 /// duration. For models whose `forward` takes `&self`.
 ///
 /// A panic inside [`Self::with_block`] releases the block on the way out (the guard's `Drop`),
 /// so the manager stays usable: a lock poisoned by such a panic is taken over, not reported.
+///
+/// Calls from inside [`Self::with_block`]'s closure (or while this thread holds
+/// [`Self::lock`]'s guard) never wait for the lock this thread already holds:
+/// [`Self::with_block`], [`Self::lock`] and [`OffloadedBlocks::run`] return
+/// [`Error::InvalidArgument`] saying so, and [`Self::stats`] never waits for the lock at all
+/// (while anyone holds it, it answers from a snapshot taken when the block was entered or the
+/// lock taken), so a thread the block waits for may call it too.
 #[derive(Debug)]
 pub struct SharedManager {
     inner: Mutex<LayerwiseOffloadManager>,
+    /// The manager's counters as of the latest time a holder of the lock entered a block, took
+    /// the lock or gave it back; read by [`Self::stats`] on the thread that holds the lock.
+    snapshot: Mutex<OffloadStats>,
 }
 
 impl SharedManager {
     /// Wraps `manager`.
-    pub fn new(manager: LayerwiseOffloadManager) -> SharedManager {
+    pub fn new(mut manager: LayerwiseOffloadManager) -> SharedManager {
         SharedManager {
+            snapshot: Mutex::new(manager.stats().clone()),
             inner: Mutex::new(manager),
         }
     }
 
     /// Enters block `block` (waiting for its upload and queueing the next one, as
     /// [`LayerwiseOffloadManager::enter`]), runs `f`, and releases the block.
+    ///
+    /// Called from inside another `with_block` of the same manager on the same thread (or while
+    /// this thread holds [`Self::lock`]'s guard): [`Error::InvalidArgument`], `f` not run.
     pub fn with_block<R>(&self, block: usize, f: impl FnOnce() -> R) -> Result<R> {
-        let mut manager = self.lock();
-        let guard = manager.enter(block)?;
+        let mut manager = self.hold("SharedManager::with_block")?;
+        let mut guard = manager.enter(block)?;
+        self.set_snapshot(guard.manager_mut());
         let out = f();
         guard.finish()?;
         Ok(out)
     }
 
-    /// The manager's counters so far (see [`LayerwiseOffloadManager::stats`]).
+    /// The manager's counters so far (see [`LayerwiseOffloadManager::stats`]). Never waits
+    /// for the lock: while a block runs in [`Self::with_block`] (on any thread) or a
+    /// [`Self::lock`] guard is alive, the counters as of the block's entry (or of the lock).
     pub fn stats(&self) -> OffloadStats {
-        self.lock().stats().clone()
+        let guard = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return self.snapshot_lock().clone(),
+        };
+        // Free: the counters now (the guard refreshes the snapshot when it drops).
+        self.guard(guard).stats().clone()
     }
 
     /// The manager itself, for everything else (`initialize`, `restore`, timelines, weights).
     /// Held until the returned guard drops.
-    pub fn lock(&self) -> MutexGuard<'_, LayerwiseOffloadManager> {
-        // A panic while the lock was held happened inside a block (its guard released it) or
-        // inside a manager call that leaves the manager in a defined state: take it over.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    ///
+    /// From inside [`Self::with_block`]'s closure, or while this thread holds another guard of
+    /// this manager: [`Error::InvalidArgument`] (the lock is this thread's already; waiting
+    /// for it would never end).
+    pub fn lock(&self) -> Result<SharedManagerGuard<'_>> {
+        self.hold("SharedManager::lock")
     }
 
     /// The manager back.
@@ -79,6 +110,106 @@ impl SharedManager {
         self.inner
             .into_inner()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// This manager's address, the key of [`HELD`].
+    fn key(&self) -> usize {
+        self as *const SharedManager as usize
+    }
+
+    /// Whether the calling thread holds the lock.
+    fn held_here(&self) -> bool {
+        let key = self.key();
+        HELD.with(|h| h.borrow().contains(&key))
+    }
+
+    /// The lock, or an error when this thread holds it already.
+    fn hold(&self, op: &'static str) -> Result<SharedManagerGuard<'_>> {
+        if self.held_here() {
+            return Err(Error::InvalidArgument {
+                op,
+                message: "this thread holds the manager already (the call comes from inside \
+                          SharedManager::with_block's closure, or while a SharedManager::lock \
+                          guard is alive) and would wait for itself for ever; call it after \
+                          the block, or use the guard you hold"
+                    .into(),
+            });
+        }
+        Ok(self.lock_inner())
+    }
+
+    /// Takes the lock (the caller checked that this thread does not hold it).
+    fn lock_inner(&self) -> SharedManagerGuard<'_> {
+        // A panic while the lock was held happened inside a block (its guard released it) or
+        // inside a manager call that leaves the manager in a defined state: take it over.
+        let guard = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.guard(guard)
+    }
+
+    /// The lock just taken, as this thread's guard (recorded in [`HELD`], the snapshot
+    /// refreshed).
+    fn guard<'a>(
+        &'a self,
+        mut guard: MutexGuard<'a, LayerwiseOffloadManager>,
+    ) -> SharedManagerGuard<'a> {
+        let key = self.key();
+        HELD.with(|h| h.borrow_mut().push(key));
+        self.set_snapshot(&mut guard);
+        SharedManagerGuard {
+            shared: self,
+            guard,
+        }
+    }
+
+    fn snapshot_lock(&self) -> MutexGuard<'_, OffloadStats> {
+        // Only ever held to copy counters in or out: a poisoned one holds whole counters.
+        self.snapshot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn set_snapshot(&self, manager: &mut LayerwiseOffloadManager) {
+        *self.snapshot_lock() = manager.stats().clone();
+    }
+}
+
+/// The lock of a [`SharedManager`], from [`SharedManager::lock`]: the manager itself (through
+/// `Deref`/`DerefMut`) until it drops.
+#[must_use = "the manager is locked only while the guard lives"]
+#[derive(Debug)]
+pub struct SharedManagerGuard<'a> {
+    shared: &'a SharedManager,
+    guard: MutexGuard<'a, LayerwiseOffloadManager>,
+}
+
+impl Deref for SharedManagerGuard<'_> {
+    type Target = LayerwiseOffloadManager;
+
+    fn deref(&self) -> &LayerwiseOffloadManager {
+        &self.guard
+    }
+}
+
+impl DerefMut for SharedManagerGuard<'_> {
+    fn deref_mut(&mut self) -> &mut LayerwiseOffloadManager {
+        &mut self.guard
+    }
+}
+
+impl Drop for SharedManagerGuard<'_> {
+    fn drop(&mut self) {
+        // Still holding the lock here: the snapshot is the manager's state as it is given back.
+        self.shared.set_snapshot(&mut self.guard);
+        let key = self.shared.key();
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(at) = h.iter().rposition(|&k| k == key) {
+                h.swap_remove(at);
+            }
+        });
     }
 }
 
@@ -106,7 +237,7 @@ impl<B> OffloadedBlocks<B> {
     /// ([`Self::run`], [`Self::f_forward_t`]) instead.
     pub fn new(blocks: Vec<B>, manager: impl Into<SharedManager>) -> Result<OffloadedBlocks<B>> {
         let manager = manager.into();
-        check_block_count("OffloadedBlocks::new", blocks.len(), &manager.lock())?;
+        check_block_count("OffloadedBlocks::new", blocks.len(), &*manager.lock()?)?;
         Ok(OffloadedBlocks { blocks, manager })
     }
 
@@ -125,14 +256,15 @@ impl<B> OffloadedBlocks<B> {
     ///
     /// Fails before any block runs when the manager is not initialized
     /// ([`Error::NotInitialized`]) or streams a different number of blocks
-    /// ([`Error::InvalidArgument`]); a block whose entry or release fails stops the loop with
-    /// that error, the block released.
+    /// ([`Error::InvalidArgument`]), or when called from inside a block of the same manager
+    /// ([`Error::InvalidArgument`], see [`SharedManager`]); a block whose entry or release fails
+    /// stops the loop with that error, the block released.
     pub fn run<T>(&self, mut state: T, mut f: impl FnMut(&B, T) -> T) -> Result<T> {
         // Not initialized: entering block 0 gives the manager's own error, before any block.
         check_block_count(
             "OffloadedBlocks::run",
             self.blocks.len(),
-            &self.manager.lock(),
+            &*self.manager.lock()?,
         )?;
         for (i, block) in self.blocks.iter().enumerate() {
             state = self.manager.with_block(i, || f(block, state))?;

@@ -32,6 +32,7 @@ unsafe extern "C" {
     pub fn lo_cuda_device_count(out: *mut c_int, warning: *mut c_char, warning_cap: usize)
     -> c_int;
     pub fn lo_synchronize_device(device: c_int) -> c_int;
+    pub fn lo_cuda_init() -> c_int;
 
     pub fn lo_stream_from_pool(device: c_int, high_priority: c_int, out: *mut lo_stream) -> c_int;
     pub fn lo_stream_current(device: c_int, out: *mut lo_stream) -> c_int;

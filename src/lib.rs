@@ -17,7 +17,7 @@ pub mod source;
 pub mod stats;
 
 pub use checkpoint::Checkpoint;
-pub use driver::{OffloadedBlocks, SharedManager};
+pub use driver::{OffloadedBlocks, SharedManager, SharedManagerGuard};
 pub use error::{Error, Result, TorchMessage};
 pub use host::HostStore;
 #[cfg(feature = "testing")]

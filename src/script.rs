@@ -173,7 +173,9 @@ impl ScriptModule {
     /// may be tuples (a rotary `(cos, sin)`), lists (`IValue::TensorList` for `List[Tensor]`:
     /// tch's `GenericList` builds a list of `Any`, which a typed list argument refuses), scalars
     /// and `IValue::None` for an `Optional` argument. libtorch checks the types and fills
-    /// trailing defaults; a mismatch is an [`Error::Torch`] naming the argument.
+    /// trailing defaults; a mismatch is an [`Error::Torch`] naming the argument. An argument or
+    /// a result nested more than 64 deep (tuples, lists or dicts inside each other) is
+    /// [`Error::InvalidArgument`]: converting it would overflow the stack.
     pub fn call_method(&self, name: &str, args: &[IValue]) -> Result<IValue> {
         self.call(name, args, &[])
     }
@@ -186,7 +188,8 @@ impl ScriptModule {
     /// Calls the method `name` with every argument given by name, in any order. An unknown
     /// name is [`Error::UnknownArgument`] and a missing argument without a default
     /// [`Error::MissingArgument`], both listing the method's real arguments; a method that does
-    /// not exist is [`Error::UnknownMethod`]. Arguments with defaults may be left out.
+    /// not exist is [`Error::UnknownMethod`]. Arguments with defaults may be left out. Values
+    /// nested more than 64 deep are refused as by [`call_method`](Self::call_method).
     pub fn call_named(&self, name: &str, args: &[(&str, IValue)]) -> Result<IValue> {
         self.method_schema(name)?.check_named(args)?;
         self.call(name, &[], args)

@@ -284,3 +284,45 @@ fn offload_bench_runs_the_wan_model_in_cpu_test_mode() {
         "--tokens",
     );
 }
+
+/// `--checkpoint DIR` whose config.json has sizes no Wan model has: a readable error naming the
+/// key, a non-zero exit, no panic (was: the model built from it, an allocation panic).
+#[test]
+fn a_checkpoint_config_with_huge_sizes_is_refused_naming_the_key() {
+    for (key, body) in [
+        ("ffn_dim", r#"{"ffn_dim": 1125899906842624}"#),
+        (
+            "attention_head_dim",
+            r#"{"attention_head_dim": 1099511627776}"#,
+        ),
+        ("patch_size", r#"{"patch_size": [1, 2, 1099511627776]}"#),
+        ("rope_max_seq_len", r#"{"rope_max_seq_len": 1099511627776}"#),
+        (
+            "parameters",
+            r#"{"num_attention_heads": 512, "ffn_dim": 500000, "num_layers": 1000}"#,
+        ),
+    ] {
+        let dir =
+            std::env::temp_dir().join(format!("lo-bench-config-{key}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), body).unwrap();
+        // A weights file that opens, so that only the config can stop the run.
+        let t = tch::Tensor::zeros([4], (tch::Kind::Float, tch::Device::Cpu));
+        tch::Tensor::write_safetensors(
+            &[("proj_out.bias", &t)],
+            dir.join("diffusion_pytorch_model.safetensors"),
+        )
+        .unwrap();
+        let args = [
+            "--cpu",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--checkpoint",
+            dir.to_str().unwrap(),
+        ];
+        assert_refused(&args, key);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -546,3 +546,299 @@ fn options_that_do_not_fit_are_refused() -> anyhow::Result<()> {
     assert_same(&model.snapshot(), &source.snapshot());
     Ok(())
 }
+
+/// Makes a FIFO at `path`.
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path that lives for the call.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo {}", path.display());
+}
+
+/// `Checkpoint::open(path)` on another thread: its result within 20 s, or a failure naming the
+/// case (a thread blocked in `open` is left behind; the test binary exits anyway).
+fn open_within_timeout(path: &Path, case: &str) -> layerwise_offload::Result<Checkpoint> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_owned();
+    std::thread::spawn(move || {
+        let _ = tx.send(Checkpoint::open(&p));
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{case}: Checkpoint::open still blocked after 20 s"))
+}
+
+#[test]
+fn a_fifo_in_place_of_a_file_is_refused_without_blocking() -> anyhow::Result<()> {
+    let source = Model::new(Device::Cpu, 2, false, 73);
+    let check = |r: layerwise_offload::Result<Checkpoint>, case: &str| match r {
+        Err(e @ Error::Checkpoint { .. }) => assert!(
+            e.to_string().contains("not a regular file"),
+            "{case}: the error must say it is not a regular file: {e}"
+        ),
+        r => panic!("{case}: expected Error::Checkpoint, got {r:?}"),
+    };
+    // A shard named in the index.
+    let dir = TempDir::new("fifo-shard");
+    let path = write_checkpoint(&dir.0, &source.snapshot(), 2);
+    let shard = path.join("model-00002-of-00002.safetensors");
+    std::fs::remove_file(&shard)?;
+    mkfifo(&shard);
+    check(open_within_timeout(&path, "a shard"), "a shard");
+    // The index itself.
+    let dir = TempDir::new("fifo-index");
+    let path = write_checkpoint(&dir.0, &source.snapshot(), 2);
+    let index = path.join("model.safetensors.index.json");
+    std::fs::remove_file(&index)?;
+    mkfifo(&index);
+    check(open_within_timeout(&path, "the index"), "the index");
+    check(
+        open_within_timeout(&index, "the index by name"),
+        "the index by name",
+    );
+    // The single weights file of a directory, and a file opened by name.
+    let dir = TempDir::new("fifo-single");
+    let single = dir.0.join("model.safetensors");
+    mkfifo(&single);
+    check(
+        open_within_timeout(&dir.0, "the weights file"),
+        "the weights file",
+    );
+    check(
+        open_within_timeout(&single, "a file by name"),
+        "a file by name",
+    );
+    Ok(())
+}
+
+/// The checkpoint's `.safetensors` files in `dir`.
+fn shard_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A zero-copy manager of a model of 4 blocks over a 2-shard checkpoint of another model, run
+/// once, then dropped without `restore()`; returns the source, the model, and the directory.
+fn zero_copy_dropped(tag: &str, seed: i64) -> anyhow::Result<(Model, Model, TempDir)> {
+    let dir = TempDir::new(tag);
+    let source = Model::new(Device::Cpu, 4, false, seed);
+    let path = write_checkpoint(&dir.0, &source.snapshot(), 2);
+    let model = Model::new(Device::Cpu, 4, false, seed + 1);
+    let x = source.input(3);
+    let mut m = on_cpu(4, &path)?.zero_copy(true).build(&model.vs)?;
+    m.initialize()?;
+    assert!(bits_equal(
+        &model.forward(&x, Some(&mut m)),
+        &source.forward(&x, None)
+    ));
+    drop(m);
+    Ok((source, model, dir))
+}
+
+/// Dropping a zero-copy manager without `restore()` leaves every block tensor in memory the
+/// model owns: `fill_`, `copy_` and `VarStore::load` write them (they were views of the
+/// checkpoint's read-only pages: SIGSEGV).
+#[test]
+fn a_dropped_zero_copy_manager_leaves_writable_weights() -> anyhow::Result<()> {
+    let (source, model, _dir) = zero_copy_dropped("zc-write", 121)?;
+    let want = source.vs.variables();
+    let blocks: Vec<(String, Tensor)> = model
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("blocks."))
+        .collect();
+    assert!(!blocks.is_empty());
+    for (n, t) in &blocks {
+        assert!(
+            bits_equal(t, &want[n]),
+            "{n}: the checkpoint's value after drop"
+        );
+        let mut t = t.shallow_clone();
+        tch::no_grad(|| {
+            let _ = t.fill_(1.5);
+        });
+        assert!(bits_equal(&t, &t.full_like(1.5)), "{n}: fill_");
+        tch::no_grad(|| t.copy_(&want[n]));
+        assert!(bits_equal(&t, &want[n]), "{n}: copy_");
+    }
+    // VarStore::load writes every variable in place.
+    let again = TempDir::new("zc-write-load");
+    let file = write_checkpoint(&again.0, &source.snapshot(), 1);
+    let mut vs = model.vs;
+    for (_, t) in &blocks {
+        let mut t = t.shallow_clone();
+        tch::no_grad(|| {
+            let _ = t.zero_();
+        });
+    }
+    vs.load(&file)?;
+    for (n, t) in &blocks {
+        assert!(bits_equal(t, &want[n]), "{n}: VarStore::load");
+    }
+    Ok(())
+}
+
+/// After dropping a zero-copy manager without `restore()`, truncating the checkpoint's files
+/// does not reach the model (it was a view of their pages: SIGBUS at the next read).
+#[test]
+fn a_dropped_zero_copy_manager_survives_truncated_files() -> anyhow::Result<()> {
+    let (source, model, dir) = zero_copy_dropped("zc-trunc", 131)?;
+    for f in shard_files(&dir.0) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)?
+            .set_len(0)?;
+    }
+    assert_same(&model.snapshot(), &source.snapshot());
+    let x = source.input(5);
+    assert!(bits_equal(
+        &model.forward(&x, None),
+        &source.forward(&x, None)
+    ));
+    Ok(())
+}
+
+/// `tensor(name)` of a block held as the checkpoint's read-only pages is a copy the caller
+/// owns: writing it works (it was a view of the pages: SIGSEGV) and changes nothing else.
+#[test]
+fn tensor_of_a_zero_copy_block_is_a_copy_to_write() -> anyhow::Result<()> {
+    let dir = TempDir::new("zc-tensor");
+    let source = Model::new(Device::Cpu, 3, false, 141);
+    let path = write_checkpoint(&dir.0, &source.snapshot(), 1);
+    let model = Model::new(Device::Cpu, 3, false, 142);
+    let x = source.input(2);
+    let want = source.forward(&x, None);
+    let mut m = on_cpu(3, &path)?.zero_copy(true).build(&model.vs)?;
+    m.initialize()?;
+    let name = "blocks.1.fc1.weight";
+    let mut t = m.tensor(name)?;
+    tch::no_grad(|| {
+        let _ = t.fill_(7.0);
+    });
+    assert!(bits_equal(&t, &t.full_like(7.0)));
+    assert!(bits_equal(&m.tensor(name)?, &source.vs.variables()[name]));
+    // Every block tensor read so (the others are the model's own tensors, as documented).
+    for (n, mut t) in m.named_tensors()? {
+        if !n.starts_with("blocks.") {
+            continue;
+        }
+        tch::no_grad(|| {
+            let _ = t.fill_(0.0);
+        });
+        assert!(
+            bits_equal(&m.tensor(&n)?, &source.vs.variables()[&n]),
+            "{n}"
+        );
+    }
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    m.restore()?;
+    assert_same(&model.snapshot(), &source.snapshot());
+    Ok(())
+}
+
+/// Enters every block of `m` in loop order; the first error, if any.
+fn enter_all(m: &mut layerwise_offload::LayerwiseOffloadManager) -> Option<Error> {
+    (0..m.num_blocks()).find_map(|i| m.enter(i).err())
+}
+
+/// A checkpoint file rewritten in place (same inode, same length, other weights) under a disk
+/// tier: the next forward stops with `Error::Checkpoint` naming the file (it served a mix of
+/// old and new weights), `restore()` refuses the same way with nothing changed (the disk-tier
+/// blocks' weights at `initialize()` are gone), and dropping the manager gives the blocks held
+/// in memory back bit for bit. With the modification time moved forward, or put back to its
+/// old value after the rewrite (the change time still tells).
+#[rstest]
+fn a_checkpoint_rewritten_under_the_disk_tier_is_an_error(
+    #[values(true, false)] mtime_forward: bool,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let dir = TempDir::new("rewrite");
+    let source = Model::new(Device::Cpu, 4, false, 151);
+    let path = write_checkpoint(&dir.0, &source.snapshot(), 1);
+    // The same tensors with other values: a file of the same length.
+    let other_dir = TempDir::new("rewrite-other");
+    let other = Model::new(Device::Cpu, 4, false, 152);
+    let new_bytes = std::fs::read(write_checkpoint(&other_dir.0, &other.snapshot(), 1))?;
+    assert_eq!(new_bytes.len() as u64, std::fs::metadata(&path)?.len());
+
+    let model = Model::new(Device::Cpu, 4, false, 153);
+    let x = source.input(3);
+    let want = source.forward(&x, None);
+    let block_bytes: u64 = source
+        .vs
+        .variables()
+        .iter()
+        .filter(|(n, _)| n.starts_with("blocks.0."))
+        .map(|(_, t)| (t.numel() * 4) as u64)
+        .sum();
+    let mut m = on_cpu(4, &path)?
+        .host_budget(block_bytes * 2 + block_bytes / 2)
+        .build(&model.vs)?;
+    m.initialize()?;
+    assert_eq!(m.stats().disk_blocks, 2);
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+
+    // Rewritten in place: same inode, same length, other bytes.
+    let old_mtime = std::fs::metadata(&path)?.modified()?;
+    std::thread::sleep(std::time::Duration::from_millis(50)); // past a coarse clock tick
+    let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+    file.write_all_at(&new_bytes, 0)?;
+    let hour = std::time::Duration::from_secs(3600);
+    file.set_modified(if mtime_forward {
+        old_mtime + hour
+    } else {
+        old_mtime
+    })?;
+    drop(file);
+
+    // The next forward stops at the first block read from the changed file (blocks read
+    // ahead before the rewrite hold the old bytes, whole); the one after too.
+    for round in 0..2 {
+        match enter_all(&mut m) {
+            Some(Error::Checkpoint { path: p, reason }) => {
+                assert_eq!(p, path, "names the file");
+                assert!(reason.contains("changed in place"), "{reason}");
+                let what = if mtime_forward { "modified" } else { "changed" };
+                assert!(reason.contains(what), "{reason}");
+            }
+            other => panic!("forward {round}: expected Error::Checkpoint, got {other:?}"),
+        }
+    }
+    // restore() refuses before changing anything.
+    match m.restore() {
+        Err(Error::Checkpoint { path: p, reason }) => {
+            assert_eq!(p, path);
+            assert!(reason.contains("restore() refuses"), "{reason}");
+        }
+        other => panic!("expected Error::Checkpoint from restore, got {other:?}"),
+    }
+    assert!(m.is_initialized());
+    // Dropped: the two blocks held in memory come back bit for bit, the disk-tier blocks'
+    // tensors stay empty; nothing holds another value.
+    drop(m);
+    let want_vars = source.vs.variables();
+    let mut whole = 0;
+    for b in 0..4 {
+        let prefix = format!("blocks.{b}.");
+        let tensors: Vec<(String, Tensor)> = model
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with(&prefix))
+            .collect();
+        if tensors.iter().all(|(_, t)| t.numel() == 0) {
+            continue;
+        }
+        for (n, t) in &tensors {
+            assert!(bits_equal(t, &want_vars[n]), "{n}");
+        }
+        whole += 1;
+    }
+    assert_eq!(whole, 2, "the blocks held in host memory");
+    Ok(())
+}

@@ -220,3 +220,103 @@ fn a_diffusers_checkpoint_with_text_embeddings_samples_exactly() {
     assert_refused(&args, "text embeddings must be [tokens, 32]");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A checkpoint directory holding only `config.json` with `body` (no weights: the config is
+/// read and checked first).
+fn crafted_checkpoint(tag: &str, body: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lo-dit-config-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), body).unwrap();
+    dir
+}
+
+#[test]
+fn a_checkpoint_config_with_huge_sizes_is_refused_naming_the_key() {
+    for (key, body) in [
+        ("ffn_dim", r#"{"ffn_dim": 1125899906842624}"#),
+        (
+            "num_attention_heads",
+            r#"{"num_attention_heads": 1000000000000}"#,
+        ),
+        ("patch_size", r#"{"patch_size": [1, 1099511627776, 2]}"#),
+        ("rope_max_seq_len", r#"{"rope_max_seq_len": 1099511627776}"#),
+        (
+            "parameters",
+            r#"{"num_attention_heads": 512, "ffn_dim": 500000, "num_layers": 1000}"#,
+        ),
+    ] {
+        let dir = crafted_checkpoint(key, body);
+        assert_refused(&["--checkpoint", dir.to_str().unwrap()], key);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// The checkpoint_load example, next to dit_layer_loop.
+fn checkpoint_load() -> PathBuf {
+    example().with_file_name("checkpoint_load")
+}
+
+#[test]
+fn checkpoint_load_refuses_bad_values_naming_the_flag() {
+    let dir = std::env::temp_dir().join(format!("lo-ckload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(checkpoint_load())
+        .args(["write", "--dir", dir.to_str().unwrap(), "--shards", "2"])
+        .output()
+        .expect("checkpoint_load starts");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for value in [
+        "NaN", "-1", "1e-300", "0.0001", "inf", "1e30", "-inf", "-0.5", "x",
+    ] {
+        let args = [
+            "load",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--mode",
+            "disk",
+            "--cpu",
+            "--host-budget-gib",
+            value,
+        ];
+        let out = Command::new(checkpoint_load())
+            .args(args)
+            .output()
+            .expect("checkpoint_load starts");
+        let stderr = common::cli::assert_refused(&args, &out);
+        assert!(
+            stderr
+                .lines()
+                .next()
+                .unwrap_or("")
+                .contains("--host-budget-gib"),
+            "{value}: the error must name --host-budget-gib:\n{stderr}"
+        );
+    }
+    // A budget in range loads, and 0 (every block from disk) is a budget too.
+    let args = [
+        "load",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--mode",
+        "disk",
+        "--cpu",
+        "--host-budget-gib",
+    ];
+    for value in ["0.01", "0"] {
+        let out = Command::new(checkpoint_load())
+            .args(args)
+            .arg(value)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{value}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

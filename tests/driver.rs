@@ -51,7 +51,7 @@ fn a_shared_manager_runs_blocks_from_a_shared_reference(
         shared.with_block(1, || panic!("deliberate panic inside block 1"))
     }));
     assert!(panicked.is_err());
-    assert!(!shared.lock().is_entered(1));
+    assert!(!shared.lock()?.is_entered(1));
     assert!(bits_equal(&run(&shared)?, &want));
 
     let mut m = shared.into_inner();
@@ -129,7 +129,7 @@ fn resident(blocks: &[nn::Linear], x: &tch::Tensor) -> tch::Tensor {
 }
 
 fn no_block_entered<B>(stack: &OffloadedBlocks<B>) -> bool {
-    let m = stack.manager().lock();
+    let m = stack.manager().lock().expect("not held by this thread");
     (0..stack.blocks().len()).all(|i| !m.is_entered(i))
 }
 
@@ -160,7 +160,7 @@ fn forward_t_before_initialize_is_a_typed_error_and_a_named_panic() -> anyhow::R
 
     // The manager still works: initialize it, and the forward is exact; restore gives every
     // weight back bit for bit.
-    stack.manager().lock().initialize()?;
+    stack.manager().lock()?.initialize()?;
     let got = tch::no_grad(|| stack.forward_t(&x, false));
     assert!(bits_equal(&got, &want));
     assert!(no_block_entered(&stack));
@@ -178,7 +178,7 @@ fn a_block_count_mismatch_found_at_the_first_forward_is_a_typed_error() -> anyho
     // Not initialized yet: the count cannot be checked at construction.
     let m = Mode::Cpu.config("blocks", 3).build(&vs)?;
     let stack = OffloadedBlocks::new(blocks, m)?;
-    stack.manager().lock().initialize()?;
+    stack.manager().lock()?.initialize()?;
 
     match tch::no_grad(|| stack.f_forward_t(&x, false)) {
         Err(Error::InvalidArgument { message, .. }) => {
@@ -234,4 +234,105 @@ fn a_failure_inside_the_loop_leaves_no_block_entered() -> anyhow::Result<()> {
     m.restore()?;
     assert_same(&sorted_snapshot(&vs), &before);
     Ok(())
+}
+
+/// Runs `f` on its own thread and returns its result; fails (instead of hanging the test run)
+/// when it has not returned within `secs` seconds.
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::sync::mpsc::{RecvTimeoutError, channel};
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(v) => v,
+        Err(RecvTimeoutError::Timeout) => {
+            panic!("{what} did not return within {secs} s: the manager waits for itself")
+        }
+        Err(RecvTimeoutError::Disconnected) => panic!("{what} panicked (see above)"),
+    }
+}
+
+#[test]
+fn calls_from_inside_a_block_of_the_same_shared_manager_never_hang() {
+    within(
+        60,
+        "calls from inside with_block",
+        || -> anyhow::Result<()> {
+            let (vs, blocks, x) = linear_stack(11, 4);
+            let before = sorted_snapshot(&vs);
+            let want = resident(&blocks, &x);
+            let mut m = Mode::Cpu.config("blocks", 4).build(&vs)?;
+            m.initialize()?;
+            let stack = OffloadedBlocks::new(blocks, m)?;
+            let shared = stack.manager();
+
+            // stats() inside a block: the counters as of the block's entry (its prefetch of block
+            // 1 included), without waiting for the lock this thread holds.
+            let inside = shared.with_block(0, || shared.stats())?;
+            let after = shared.stats();
+            assert_eq!(
+                inside.uploads, after.uploads,
+                "the snapshot is taken after entry"
+            );
+            assert!(inside.uploads >= 2, "{} uploads", inside.uploads);
+            // From another thread the block waits for: the same snapshot, without waiting.
+            let other = shared.with_block(1, || {
+                std::thread::scope(|s| s.spawn(|| shared.stats()).join().unwrap())
+            })?;
+            assert_eq!(other.uploads, shared.stats().uploads);
+
+            // A block entered from inside a block of the same manager: a typed error, its closure
+            // not run, the outer block released normally.
+            let mut ran = false;
+            let nested = shared.with_block(0, || shared.with_block(1, || ran = true))?;
+            match nested {
+                Err(Error::InvalidArgument { op, message }) => {
+                    assert_eq!(op, "SharedManager::with_block");
+                    assert!(
+                        message.contains("this thread holds the manager"),
+                        "{message}"
+                    );
+                }
+                other => panic!("expected InvalidArgument, got {other:?}"),
+            }
+            assert!(!ran, "the nested closure must not run");
+
+            // The whole stack run from inside one of its blocks: the same error.
+            let nested_run = shared.with_block(2, || stack.run((), |_, ()| ()))?;
+            assert!(
+                matches!(nested_run, Err(Error::InvalidArgument { .. })),
+                "{nested_run:?}"
+            );
+            assert!(no_block_entered(&stack));
+
+            // The lock itself from inside a block: refused, not waited for.
+            match shared.with_block(3, || shared.lock().map(|_| ()))? {
+                Err(Error::InvalidArgument { op, .. }) => assert_eq!(op, "SharedManager::lock"),
+                other => panic!("expected InvalidArgument, got {other:?}"),
+            }
+            // While this thread holds the lock's guard, stats() answers from the snapshot and the
+            // loop is refused; once the guard drops, both work again.
+            {
+                let mut guard = shared.lock()?;
+                assert_eq!(shared.stats().uploads, guard.stats().uploads);
+                assert!(matches!(
+                    shared.with_block(0, || ()),
+                    Err(Error::InvalidArgument { .. })
+                ));
+                assert!(shared.lock().is_err());
+            }
+            shared.with_block(0, || ())?;
+            assert!(no_block_entered(&stack));
+
+            // Everything works afterwards: the forward is exact, restore gives every weight back.
+            let got = tch::no_grad(|| stack.f_forward_t(&x, false))?;
+            assert!(bits_equal(&got, &want));
+            let (_, mut m) = stack.into_parts();
+            m.restore()?;
+            assert_same(&sorted_snapshot(&vs), &before);
+            Ok(())
+        },
+    )
+    .unwrap();
 }

@@ -710,3 +710,99 @@ fn a_failed_registration_of_a_new_file_removes_it() -> anyhow::Result<()> {
     remove_store(&path);
     Ok(())
 }
+
+/// A reader of a published store (a manager over `HostStore::open_shared`) dropped without
+/// `restore()` leaves its model's block tensors in memory the model owns: in-place writes work
+/// (they were views of the read-only mapping: SIGSEGV), truncating the file afterwards does
+/// not reach them (SIGBUS), and `HostStore::block` of a read-only store is a copy to write.
+#[test]
+fn a_dropped_reader_leaves_writable_weights() -> anyhow::Result<()> {
+    let path = shm_path("reader-drop");
+    let model0 = Model::new(Device::Cpu, 4, false, 61);
+    // The reader's model: the publisher's other tensors, zeros in its blocks (their values come
+    // from the store).
+    let mut model1 = Model::new(Device::Cpu, 4, false, 62);
+    model1.vs.copy(&model0.vs)?;
+    for (n, mut t) in model1.vs.variables() {
+        if n.starts_with("blocks.") {
+            tch::no_grad(|| {
+                let _ = t.zero_();
+            });
+        }
+    }
+    let before = model0.snapshot();
+    let x = model0.input(3);
+    let want = model0.forward(&x, None);
+    let mut m0 = OffloadConfig::new("blocks", 4)
+        .cpu_test_mode(true)
+        .shared_memory(&path)
+        .build(&model0.vs)?;
+    m0.initialize()?;
+    // Kept open to truncate the file once the publisher has let go of it.
+    let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+
+    let opened = HostStore::open_shared(&path, HostMemory::Pageable)?;
+    let mut m1 = OffloadConfig::new("blocks", 4)
+        .cpu_test_mode(true)
+        .host_store(opened.clone())
+        .build(&model1.vs)?;
+    m1.initialize()?;
+    assert!(bits_equal(&model1.forward(&x, Some(&mut m1)), &want));
+    drop(m1);
+
+    // The reader's model holds the published values, in memory of its own.
+    assert_same(&model1.snapshot(), &before);
+    for (n, t) in model1.vs.variables() {
+        if !n.starts_with("blocks.") {
+            continue;
+        }
+        let mut t = t.shallow_clone();
+        tch::no_grad(|| {
+            let _ = t.fill_(2.5);
+        });
+        assert!(bits_equal(&t, &t.full_like(2.5)), "{n}: fill_");
+        let old = before
+            .iter()
+            .find(|(b, _)| *b == n)
+            .unwrap()
+            .1
+            .shallow_clone();
+        tch::no_grad(|| t.copy_(&old));
+    }
+    assert_same(&model1.snapshot(), &before);
+
+    // HostStore::block of the read-only store: a copy, which may be written.
+    let mut block = opened.block(0).expect("one buffer per block");
+    tch::no_grad(|| {
+        let _ = block.fill_(0);
+    });
+    assert_eq!(
+        checksum(&opened),
+        checksum(&m0.host_store().unwrap()),
+        "writing HostStore::block's copy changed the store"
+    );
+    drop(opened);
+    // So is accel::map_host_file's read-only open of the file.
+    let len = std::fs::metadata(&path)?.len() as usize;
+    let mut mapped = layerwise_offload::accel::map_host_file(
+        &path,
+        len,
+        layerwise_offload::accel::FileMapping::OpenReadOnly,
+        HostMemory::Pageable,
+    )?;
+    let sum = |t: &tch::Tensor| t.sum(Kind::Int64).int64_value(&[]);
+    let published_sum = checksum(&m0.host_store().unwrap());
+    tch::no_grad(|| {
+        let _ = mapped.fill_(1);
+    });
+    assert_eq!(sum(&mapped), len as i64);
+    assert_eq!(checksum(&m0.host_store().unwrap()), published_sum);
+
+    // The publisher restores (its file is removed), then the file is truncated.
+    m0.restore()?;
+    assert!(!path.exists());
+    file.set_len(0)?;
+    assert_same(&model1.snapshot(), &before);
+    assert!(bits_equal(&model1.forward(&x, None), &want));
+    Ok(())
+}

@@ -184,7 +184,7 @@ fn methods_take_and_return_values_of_every_kind() -> anyhow::Result<()> {
     let m = ScriptModule::load(exported().join("values_scripted.pt"), Device::Cpu)?;
     let mut names = m.method_names()?;
     names.sort();
-    assert_eq!(names, ["forward", "kinds", "named"]);
+    assert_eq!(names, ["forward", "kinds", "named", "nest"]);
 
     let schema = m.method_schema("forward")?;
     assert_eq!(schema.arg_names(), ["x", "rope", "bias", "scale"]);
@@ -566,5 +566,63 @@ fn a_traced_diffusers_wan_block_loop_is_bit_exact(
         "{file}: the layer loop differs from forward()"
     );
     m.restore()?;
+    Ok(())
+}
+
+/// `x` inside `depth` one-element tuples.
+fn nested(depth: usize, x: IValue) -> IValue {
+    (0..depth).fold(x, |v, _| IValue::Tuple(vec![v]))
+}
+
+/// How many one-element tuples wrap the value.
+fn depth_of(mut v: &IValue) -> usize {
+    let mut d = 0;
+    while let IValue::Tuple(items) = v {
+        d += 1;
+        v = &items[0];
+    }
+    d
+}
+
+/// Arguments and results nested deeper than the conversion allows are typed errors, not a
+/// stack overflow, in both directions; a moderately nested value goes through.
+#[test]
+fn deeply_nested_values_are_refused_not_a_stack_overflow() -> anyhow::Result<()> {
+    let m = ScriptModule::load(exported().join("values_scripted.pt"), Device::Cpu)?;
+    let x = || IValue::Tensor(t(&[1., 2.]));
+    // Within the bound, both ways.
+    let out = m.call_method("nest", &[nested(32, x()), IValue::Int(0)])?;
+    assert_eq!(depth_of(&out), 32);
+    let out = m.call_method("nest", &[x(), IValue::Int(40)])?;
+    assert_eq!(depth_of(&out), 40);
+    let out = m.call_named("nest", &[("x", nested(20, x())), ("n", IValue::Int(20))])?;
+    assert_eq!(depth_of(&out), 40);
+    // An argument nested 200 deep, positional and by name.
+    let check = |r: layerwise_offload::Result<IValue>, case: &str| match r {
+        Err(e @ Error::InvalidArgument { .. }) => {
+            assert!(e.to_string().contains("nested"), "{case}: {e}")
+        }
+        r => panic!("{case}: expected InvalidArgument, got {r:?}"),
+    };
+    check(
+        m.call_method("nest", &[nested(200, x()), IValue::Int(0)]),
+        "positional, 200 deep",
+    );
+    check(
+        m.call_named("nest", &[("x", nested(200, x())), ("n", IValue::Int(0))]),
+        "by name, 200 deep",
+    );
+    check(
+        m.call_method("nest", &[nested(1000, x()), IValue::Int(0)]),
+        "positional, 1000 deep",
+    );
+    // A result nested 300 deep.
+    check(
+        m.call_method("nest", &[x(), IValue::Int(300)]),
+        "a result 300 deep",
+    );
+    // The module still works.
+    let out = m.call_method("nest", &[x(), IValue::Int(1)])?;
+    assert_eq!(depth_of(&out), 1);
     Ok(())
 }

@@ -313,3 +313,230 @@ fn streamed_equals_resident(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyh
     m.restore()?;
     Ok(())
 }
+
+/// Inputs the model cannot take are `Error::Input` from `forward` and `embed`, before any
+/// kernel runs: never a panic inside the model.
+#[test]
+fn bad_forward_inputs_are_input_errors() {
+    let _rng = rng_lock();
+    let (_vs, model) = seeded(3);
+    let c = model.config().clone();
+    let f = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
+    let t = |b: usize| Tensor::from_slice(&vec![500.0f32; b]);
+    let ch = c.in_channels;
+    let td = c.text_dim;
+    let cases: Vec<(&str, Tensor, Tensor, Tensor, &str)> = vec![
+        (
+            "batch 0",
+            f(&[0, ch, 2, 8, 8]),
+            t(0),
+            f(&[0, 7, td]),
+            "batch",
+        ),
+        (
+            "latents batch 2, timestep 1",
+            f(&[2, ch, 2, 8, 8]),
+            t(1),
+            f(&[2, 7, td]),
+            "timestep",
+        ),
+        (
+            "latents batch 2, text 1",
+            f(&[2, ch, 2, 8, 8]),
+            t(2),
+            f(&[1, 7, td]),
+            "text",
+        ),
+        (
+            "channels",
+            f(&[1, ch + 1, 2, 8, 8]),
+            t(1),
+            f(&[1, 7, td]),
+            "channels",
+        ),
+        (
+            "height not a multiple of the patch",
+            f(&[1, ch, 2, 7, 8]),
+            t(1),
+            f(&[1, 7, td]),
+            "patch",
+        ),
+        (
+            "width not a multiple of the patch",
+            f(&[1, ch, 2, 8, 9]),
+            t(1),
+            f(&[1, 7, td]),
+            "patch",
+        ),
+        (
+            "zero frames",
+            f(&[1, ch, 0, 8, 8]),
+            t(1),
+            f(&[1, 7, td]),
+            "patch",
+        ),
+        (
+            "latents of rank 4",
+            f(&[1, ch, 8, 8]),
+            t(1),
+            f(&[1, 7, td]),
+            "latents",
+        ),
+        (
+            "no text tokens",
+            f(&[1, ch, 2, 8, 8]),
+            t(1),
+            f(&[1, 0, td]),
+            "text",
+        ),
+        (
+            "text width",
+            f(&[1, ch, 2, 8, 8]),
+            t(1),
+            f(&[1, 7, td + 1]),
+            "text",
+        ),
+        (
+            "timestep of rank 2",
+            f(&[1, ch, 2, 8, 8]),
+            f(&[1, 1]),
+            f(&[1, 7, td]),
+            "timestep",
+        ),
+    ];
+    for (case, latents, timestep, text, needle) in cases {
+        for entry in ["forward", "embed"] {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                tch::no_grad(|| match entry {
+                    "forward" => model.forward(&latents, &timestep, &text).map(|_| ()),
+                    _ => model.embed(&latents, &timestep, &text).map(|_| ()),
+                })
+            }));
+            match r {
+                Err(_) => panic!("{case}: {entry} panicked"),
+                Ok(Ok(())) => panic!("{case}: {entry} accepted it"),
+                Ok(Err(e @ wan::Error::Input { .. })) => {
+                    assert!(e.to_string().contains(needle), "{case}: {e}")
+                }
+                Ok(Err(e)) => panic!("{case}: {entry}: not an input error: {e}"),
+            }
+        }
+    }
+    // The same model takes good inputs.
+    let out = tch::no_grad(|| model.forward(&f(&[2, ch, 2, 8, 8]), &t(2), &f(&[2, 7, td])));
+    assert_eq!(out.unwrap().size(), [2, c.out_channels(), 2, 8, 8]);
+}
+
+/// Makes a FIFO at `path`.
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path that lives for the call.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo {}", path.display());
+}
+
+/// `f()` on another thread; its result within 20 s, or a failure naming the case.
+fn within_timeout<T: Send + 'static>(case: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{case}: still blocked after 20 s"))
+}
+
+/// A FIFO where the wan loader expects a file (config.json, the weights file, the index, a
+/// shard named by the index) is an error at once, never a read that waits for a writer.
+#[test]
+fn the_wan_loader_refuses_a_fifo_without_blocking() {
+    let dir = std::env::temp_dir().join(format!("lo-wan-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let expect_err = |case: &str, r: wan::Result<()>| match r {
+        Err(e) => assert!(
+            e.to_string().contains("not a regular file"),
+            "{case}: the error must say it is not a regular file: {e}"
+        ),
+        Ok(()) => panic!("{case}: accepted"),
+    };
+    // config.json.
+    let config = dir.join("config.json");
+    mkfifo(&config);
+    let p = config.clone();
+    expect_err(
+        "config.json",
+        within_timeout("config.json", move || {
+            wan::Config::from_file(&p).map(|_| ())
+        }),
+    );
+    // A safetensors file read by name.
+    let single = dir.join(wan::WEIGHTS_FILE);
+    mkfifo(&single);
+    let p = single.clone();
+    expect_err(
+        "read_header",
+        within_timeout("read_header", move || wan::read_header(&p).map(|_| ())),
+    );
+    // The weights file of a directory.
+    let p = dir.clone();
+    expect_err(
+        "the weights file",
+        within_timeout("the weights file", move || {
+            wan::checkpoint_files(&p).and_then(|files| {
+                files
+                    .iter()
+                    .try_for_each(|f| wan::read_header(f).map(|_| ()))
+            })
+        }),
+    );
+    // The index, then a shard it names.
+    let index = dir.join(wan::INDEX_FILE);
+    mkfifo(&index);
+    let p = dir.clone();
+    expect_err(
+        "the index",
+        within_timeout("the index", move || wan::checkpoint_files(&p).map(|_| ())),
+    );
+    std::fs::remove_file(&index).unwrap();
+    std::fs::write(
+        &index,
+        r#"{"weight_map": {"proj_out.weight": "shard-1.safetensors"}}"#,
+    )
+    .unwrap();
+    mkfifo(&dir.join("shard-1.safetensors"));
+    let p = dir.clone();
+    expect_err(
+        "a shard",
+        within_timeout("a shard", move || {
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let _ = wan::WanTransformer3DModel::new(vs.root(), &wan::Config::tiny());
+            wan::set_kind(&mut vs, Kind::Float);
+            wan::load_checkpoint(&vs, &p)
+        }),
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `Config::num_parameters`, which bounds a config's size, counts what the model builds.
+#[test]
+fn num_parameters_counts_the_built_model() {
+    for config in [
+        wan::Config::tiny(),
+        wan::Config {
+            cross_attn_norm: false,
+            out_channels: Some(6),
+            patch_size: [2, 2, 1],
+            num_layers: 3,
+            ..wan::Config::tiny()
+        },
+    ] {
+        config.validate().unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = wan::WanTransformer3DModel::new_empty(vs.root(), &config, Kind::Float);
+        let built: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+        assert_eq!(config.num_parameters(), Some(built as u64), "{config:?}");
+    }
+    // Wan2.1-14B has 14.3 billion parameters.
+    let n = wan::Config::wan2_1_t2v_14b().num_parameters().unwrap();
+    assert!((14_000_000_000..14_500_000_000).contains(&n), "{n}");
+}

@@ -1,6 +1,7 @@
 //! CPU speed of the encoder's two phases (plan, write) on N(0, 0.02) bf16 weights, next to a
-//! plain copy of the same bytes (what the manager's scratch copy of a block costs), per thread
-//! count; one `RESULT {json}` line per thread count.
+//! plain copy of the same bytes (what the manager's scratch copy of a block costs), and of the
+//! checksum check (`verify`, in MB/s of encoded bytes) and the CPU decode, per thread count; one
+//! `RESULT {json}` line per thread count.
 //!
 //! ```text
 //! cargo run --release -p layerwise-offload-codec --example encode_speed -- --mib 256
@@ -104,6 +105,14 @@ fn main() -> Result<()> {
         });
         assert!(out == reference, "plan + write differs from encode");
         let total_s = plan_s + write_s;
+        let view = layerwise_offload_codec::Encoded::parse(&reference)?;
+        let verify_s = time(reps, args.best, || {
+            view.verify_with_threads(t).expect("a sealed encoding")
+        });
+        let decode_s = time(reps, args.best, || {
+            layerwise_offload_codec::decode_with_threads(&reference, &mut scratch, t)
+                .expect("decodes")
+        });
         let mut row = json!({
             "threads": t,
             "bytes": data.len(),
@@ -116,6 +125,10 @@ fn main() -> Result<()> {
             "write_gbps_per_thread": gb / write_s / t as f64,
             "encode_gbps_per_thread": gb / total_s / t as f64,
             "copy_share_of_copy_plus_encode": copy_s / (copy_s + total_s),
+            "encoded_bytes": reference.len(),
+            "verify_mb_s": reference.len() as f64 / 1e6 / verify_s,
+            "decode_gbps": gb / decode_s,
+            "verify_share_of_decode": verify_s / decode_s,
         });
         if !pieces.is_empty() {
             let mut out = vec![0u8; assembled_ref.len()];

@@ -15,9 +15,20 @@ pub fn stats(encoded: &[u8]) -> Result<Stats> {
     Ok(Encoded::parse(encoded)?.stats())
 }
 
+/// Checks that `encoded` is a well-formed encoding whose bytes are those its encoder wrote
+/// (header, directory and the checksum of every byte), on all available cores, without
+/// decoding it. Call it on bytes that crossed a process or file boundary before they are handed
+/// to the GPU decoder, which checks the structure only.
+pub fn verify(encoded: &[u8]) -> Result<()> {
+    Encoded::parse(encoded)?.verify_with_threads(0)
+}
+
 /// Decodes `encoded` into `out`, whose length must be [`decoded_len`], on all available cores.
 ///
-/// A truncated or corrupt encoding is an error, never a panic; `out` may then be partly written.
+/// The encoding is verified first (see [`verify`]): a truncated, corrupt or changed encoding is
+/// an error, never a panic and never other bytes; `out` is then left as it was (or partly
+/// written when the checksum matches but a chunk is inconsistent, which only an encoding
+/// written with a wrong checksum on purpose can be).
 pub fn decode(encoded: &[u8], out: &mut [u8]) -> Result<()> {
     decode_with_threads(encoded, out, 0)
 }
@@ -32,6 +43,7 @@ pub fn decode_with_threads(encoded: &[u8], out: &mut [u8], threads: usize) -> Re
             got: out.len() as u64,
         });
     }
+    encoded.verify_with_threads(threads)?;
     let values_len = 2 * header.n_values() as usize;
     let (values, tail) = out.split_at_mut(values_len);
     if let Some(b) = header.tail() {

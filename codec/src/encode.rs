@@ -7,9 +7,9 @@ use crate::format::{
     ChunkMode, CodedLayout, ENTRY_LEN, Entry, GROUP, HEADER_LEN, Header, MAX_CHUNK_VALUES,
     MAX_CODE_BITS, MIN_CHUNK_VALUES,
 };
-use crate::parallel;
 #[cfg(target_arch = "x86_64")]
 use crate::simd;
+use crate::{format, parallel};
 use std::ops::{Range, RangeInclusive};
 
 /// Values per chunk unless [`Encoder::with_chunk_values`] says otherwise: 32 Ki values, 64 KiB of
@@ -376,6 +376,7 @@ impl EncodePlan<'_> {
                 self.plans[i].write(values, dst);
             }
         });
+        format::seal(out, self.threads);
         Ok(())
     }
 }

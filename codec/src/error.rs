@@ -6,7 +6,8 @@
 /// Parsing never panics and never reads out of bounds: a truncated or corrupt encoding is one of
 /// [`Truncated`](CodecError::Truncated), [`BadMagic`](CodecError::BadMagic),
 /// [`UnsupportedVersion`](CodecError::UnsupportedVersion),
-/// [`CorruptHeader`](CodecError::CorruptHeader) or [`CorruptChunk`](CodecError::CorruptChunk).
+/// [`CorruptHeader`](CodecError::CorruptHeader), [`CorruptChunk`](CodecError::CorruptChunk) or,
+/// for bytes that changed but still parse, [`Checksum`](CodecError::Checksum).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CodecError {
@@ -28,8 +29,10 @@ pub enum CodecError {
         /// The format's magic.
         expected: [u8; 4],
     },
-    /// A format version this build cannot read.
-    #[error("encoding has format version {found}, this build reads version {supported}")]
+    /// A format version this build cannot read (version 1, before checksums, among them).
+    #[error(
+        "encoding has format version {found}, this build reads version {supported}: encode the data again with this build"
+    )]
     UnsupportedVersion {
         /// The version in the header.
         found: u16,
@@ -53,6 +56,17 @@ pub enum CodecError {
         chunk: u64,
         /// What is inconsistent.
         reason: String,
+    },
+    /// The bytes changed after the encoding was written: the checksum in its header is not the
+    /// checksum of its bytes.
+    #[error(
+        "encoding corrupt: checksum {computed:#010x} of its bytes, {stored:#010x} stored in its header (the bytes changed after they were encoded)"
+    )]
+    Checksum {
+        /// The checksum stored in the header.
+        stored: u32,
+        /// The checksum of the bytes as they are.
+        computed: u32,
     },
     /// The output buffer is not the decoded length.
     #[error("output buffer has {got} bytes, the encoding decodes to {expected}")]

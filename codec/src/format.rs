@@ -1,6 +1,6 @@
 //! The byte layout of an encoding, its parser and its writer.
 //!
-//! # Layout, version 1
+//! # Layout, version 2
 //!
 //! All integers are little-endian. "pad16(x)" is x rounded up to a multiple of 16. A bf16 value
 //! is the 16-bit word `lo | hi << 8` of two input bytes; its sign is bit 15, its exponent bits
@@ -9,14 +9,16 @@
 //! ```text
 //! offset  size        field
 //! 0       4           magic "LWBC"
-//! 4       2           version = 1
+//! 4       2           version = 2
 //! 6       1           tail_len: 0, or 1 when the input had an odd byte count
 //! 7       1           tail_byte: the input's last byte when tail_len = 1, else 0
 //! 8       4           chunk_values: values per chunk, a multiple of 256 in 256..=4194304
 //! 12      4           n_chunks = ceil(n_values / chunk_values)
 //! 16      8           n_values: bf16 values (the input's byte count / 2, rounded down)
 //! 24      8           encoded_len: bytes of the whole encoding, this header included
-//! 32      16*n_chunks directory: one entry per chunk
+//! 32      4           checksum: CRC-32 (IEEE) of every byte of the encoding but these four
+//! 36      12          reserved, 0
+//! 48      16*n_chunks directory: one entry per chunk
 //! ...                 chunk data, chunk i at its entry's offset
 //! ```
 //!
@@ -32,7 +34,7 @@
 //!
 //! Chunk i holds values `i*chunk_values ..` up to `chunk_values` of them (the last one may hold
 //! fewer); call that count n. Its data starts at its offset, and chunks follow one another with
-//! no gap: chunk 0 starts right after the directory (32 + 16*n_chunks, a multiple of 16), each
+//! no gap: chunk 0 starts right after the directory (48 + 16*n_chunks, a multiple of 16), each
 //! next chunk at the previous one's offset plus its size, and `encoded_len` is where the last
 //! chunk ends. The offsets are therefore redundant; they are stored so that a GPU block finds
 //! its chunk with one load, and the parser checks that they are what the sizes say.
@@ -54,6 +56,14 @@
 //! next unused byte of `exceptions`. The number of escape codes among the chunk's n values is e
 //! exactly. Bits of a group's planes past value n-1 are 0 and ignored.
 //!
+//! The checksum covers the header (but its own four bytes), the directory and every chunk with
+//! its padding, so any change to the bytes after they were written is found by [`verify`](crate::verify)
+//! without decoding (CRC-32 finds every error burst of up to 32 bits, so every single-byte
+//! change). The CPU decoder verifies before it decodes. The GPU decoder does not: it reads the
+//! encoding from device memory and checks only its structure, so bytes that come from outside
+//! the process (a file, another process's memory) are verified on the host before they are
+//! uploaded. Version 1 (a 32-byte header without checksum) is refused by its version number.
+//!
 //! Why this layout: every value's exponent code sits at the same bit of k words, so a GPU
 //! thread decodes 8 values with k word loads and shifts, and a warp's loads and stores are
 //! contiguous; the exceptions need no positions (an escape takes 8 bits, not 24), at the cost of
@@ -66,9 +76,11 @@ use std::ops::Range;
 /// The format's magic, the encoding's first four bytes.
 pub const MAGIC: [u8; 4] = *b"LWBC";
 /// The format version this build writes and reads.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes of the fixed header.
-pub const HEADER_LEN: usize = 32;
+pub const HEADER_LEN: usize = 48;
+/// Where the checksum sits in the header (4 bytes, little-endian).
+pub const CHECKSUM_AT: usize = 32;
 /// Bytes of one directory entry.
 pub const ENTRY_LEN: usize = 16;
 /// Alignment of every chunk and section, in bytes.
@@ -140,6 +152,13 @@ impl Header {
                 supported: VERSION,
             });
         }
+        if h[CHECKSUM_AT + 4..HEADER_LEN].iter().any(|&b| b != 0) {
+            return Err(CodecError::CorruptHeader {
+                field: "reserved",
+                value: u64::from_le_bytes(h[40..48].try_into().expect("8 bytes")),
+                reason: "header bytes 36..48 must be 0",
+            });
+        }
         let corrupt = |field, value: u64, reason| {
             Err(CodecError::CorruptHeader {
                 field,
@@ -197,7 +216,8 @@ impl Header {
         })
     }
 
-    /// Writes the header into the first [`HEADER_LEN`] bytes of `out`.
+    /// Writes the header into the first [`HEADER_LEN`] bytes of `out`, with a zero checksum
+    /// (the writer seals the encoding once every byte is written).
     pub(crate) fn write(&self, out: &mut [u8]) {
         let h = &mut out[..HEADER_LEN];
         h[0..4].copy_from_slice(&MAGIC);
@@ -208,6 +228,7 @@ impl Header {
         h[12..16].copy_from_slice(&self.n_chunks.to_le_bytes());
         h[16..24].copy_from_slice(&self.n_values.to_le_bytes());
         h[24..32].copy_from_slice(&self.encoded_len.to_le_bytes());
+        h[CHECKSUM_AT..HEADER_LEN].fill(0);
     }
 
     /// Values per chunk (the last chunk may have fewer).
@@ -245,10 +266,19 @@ impl Header {
         HEADER_LEN as u64 + ENTRY_LEN as u64 * u64::from(self.n_chunks)
     }
 
-    /// Values in chunk `i` (`i < n_chunks`).
-    pub fn chunk_len(&self, i: u32) -> usize {
+    /// Values in chunk `i`, or `None` when there is no chunk `i` (`i >= n_chunks`).
+    pub fn chunk_len(&self, i: u32) -> Option<usize> {
+        (i < self.n_chunks).then(|| self.len_of(i))
+    }
+
+    /// Values in chunk `i < n_chunks` (then `i * chunk_values < n_values`: no underflow, and
+    /// the count is at most `chunk_values`).
+    fn len_of(&self, i: u32) -> usize {
+        debug_assert!(i < self.n_chunks);
         let start = u64::from(i) * u64::from(self.chunk_values);
-        (self.n_values - start).min(u64::from(self.chunk_values)) as usize
+        self.n_values
+            .saturating_sub(start)
+            .min(u64::from(self.chunk_values)) as usize
     }
 }
 
@@ -394,7 +424,9 @@ pub(crate) enum ChunkData<'a> {
 
 impl<'a> Encoded<'a> {
     /// Parses `bytes` and checks every field with checked arithmetic. Never panics and never
-    /// reads past `bytes`: a truncated or corrupt buffer is an error.
+    /// reads past `bytes`: a truncated or corrupt buffer is an error. This checks the structure
+    /// only; [`verify_with_threads`](Self::verify_with_threads) (or [`verify`](crate::verify))
+    /// also checks that no byte changed since the encoding was written.
     pub fn parse(bytes: &'a [u8]) -> Result<Self> {
         let header = Header::parse(bytes)?;
         let dir_end = header.data_offset();
@@ -408,7 +440,7 @@ impl<'a> Encoded<'a> {
         let encoded = Encoded { bytes, header };
         let mut expected = dir_end;
         for i in 0..header.n_chunks {
-            let n = header.chunk_len(i);
+            let n = header.len_of(i);
             let entry = encoded.entry(i)?;
             if entry.offset != expected {
                 return Err(CodecError::CorruptChunk {
@@ -445,6 +477,18 @@ impl<'a> Encoded<'a> {
         &self.header
     }
 
+    /// Checks the stored checksum against the bytes, on `threads` threads (0: all available
+    /// cores): [`CodecError::Checksum`] when any byte changed after the encoding was written.
+    pub fn verify_with_threads(&self, threads: usize) -> Result<()> {
+        let stored = stored_checksum(self.bytes);
+        let computed = checksum_with_threads(self.bytes, threads);
+        if stored == computed {
+            Ok(())
+        } else {
+            Err(CodecError::Checksum { stored, computed })
+        }
+    }
+
     /// The encoded bytes.
     pub fn bytes(&self) -> &'a [u8] {
         self.bytes
@@ -460,12 +504,12 @@ impl<'a> Encoded<'a> {
     fn entry(&self, i: u32) -> Result<Entry> {
         let at = HEADER_LEN + ENTRY_LEN * i as usize;
         let e = self.bytes[at..at + ENTRY_LEN].try_into().expect("16 bytes");
-        Entry::parse(e, i, self.header.chunk_len(i))
+        Entry::parse(e, i, self.header.len_of(i))
     }
 
     /// Chunk `i < n_chunks`, its sections sliced out of the checked buffer.
     pub(crate) fn chunk(&self, i: u32) -> Chunk<'a> {
-        let n = self.header.chunk_len(i);
+        let n = self.header.len_of(i);
         let entry = self.entry(i).expect("entries checked by parse");
         let start = entry.offset as usize;
         let data = match entry.mode {
@@ -544,8 +588,66 @@ impl Stats {
 /// The largest encoding of `raw_len` input bytes in chunks of `chunk_values`: the input, the
 /// header, a directory entry per chunk and the last chunk's padding. The encoder never exceeds
 /// it, since it stores a chunk raw whenever coding would not make it smaller.
-pub fn max_encoded_len(raw_len: usize, chunk_values: u32) -> usize {
+///
+/// `None` when `chunk_values` is not one the encoder accepts (a multiple of 256 in
+/// 256..=4194304) or the size does not fit a `usize`.
+pub fn max_encoded_len(raw_len: usize, chunk_values: u32) -> Option<usize> {
+    if !(MIN_CHUNK_VALUES..=MAX_CHUNK_VALUES).contains(&chunk_values)
+        || !chunk_values.is_multiple_of(MIN_CHUNK_VALUES)
+    {
+        return None;
+    }
     let n_values = raw_len / 2;
-    let n_chunks = n_values.div_ceil(chunk_values.max(1) as usize);
-    HEADER_LEN + ENTRY_LEN * n_chunks + pad16(2 * n_values)
+    let n_chunks = n_values.div_ceil(chunk_values as usize);
+    let values = (2 * n_values).checked_add(ALIGN - 1)? & !(ALIGN - 1);
+    ENTRY_LEN
+        .checked_mul(n_chunks)?
+        .checked_add(HEADER_LEN)?
+        .checked_add(values)
+}
+
+/// The checksum stored in the header of `bytes` (at least [`HEADER_LEN`] bytes).
+fn stored_checksum(bytes: &[u8]) -> u32 {
+    u32::from_le_bytes(
+        bytes[CHECKSUM_AT..CHECKSUM_AT + 4]
+            .try_into()
+            .expect("4 bytes"),
+    )
+}
+
+/// Bytes hashed per piece when the checksum is computed on several threads.
+const CHECKSUM_PIECE: usize = 4 << 20;
+
+/// The checksum of an encoding as the format defines it: CRC-32 (IEEE) of `bytes` without the
+/// four checksum bytes of the header (`bytes` holds at least [`HEADER_LEN`] bytes). Pieces are
+/// hashed on `threads` threads (0: all available cores) and combined.
+pub(crate) fn checksum_with_threads(bytes: &[u8], threads: usize) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&bytes[..CHECKSUM_AT]);
+    h.update(&bytes[CHECKSUM_AT + 4..HEADER_LEN]);
+    let body = &bytes[HEADER_LEN..];
+    let pieces: Vec<&[u8]> = body.chunks(CHECKSUM_PIECE).collect();
+    let threads = crate::parallel::threads(threads, pieces.len());
+    if threads <= 1 {
+        h.update(body);
+        return h.finalize();
+    }
+    let ranges = crate::parallel::split(pieces.len(), threads);
+    let parts = crate::parallel::map_each(ranges, |range| {
+        let mut p = crc32fast::Hasher::new();
+        for piece in &pieces[range] {
+            p.update(piece);
+        }
+        p
+    });
+    for p in parts {
+        h.combine(&p);
+    }
+    h.finalize()
+}
+
+/// Writes the checksum of `bytes` (a complete encoding) into its header.
+pub(crate) fn seal(bytes: &mut [u8], threads: usize) {
+    let c = checksum_with_threads(bytes, threads);
+    bytes[CHECKSUM_AT..CHECKSUM_AT + 4].copy_from_slice(&c.to_le_bytes());
 }

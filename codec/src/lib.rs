@@ -11,7 +11,7 @@ mod parallel;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
-pub use decode::{decode, decode_with_threads, decoded_len, stats};
+pub use decode::{decode, decode_with_threads, decoded_len, stats, verify};
 pub use encode::{DEFAULT_CHUNK_VALUES, EncodePlan, Encoder, encode};
 pub use error::{CodecError, Result};
 pub use format::{Encoded, Header, Stats, max_encoded_len};

@@ -3,7 +3,7 @@
 #[path = "../examples/common/mod.rs"]
 mod common;
 
-use common::{Dist, generate};
+use common::{Dist, as_version1, generate, reseal};
 use layerwise_offload_codec::format::{ENTRY_LEN, HEADER_LEN, MAGIC};
 use layerwise_offload_codec::{CodecError, Encoded, Encoder, decode, decoded_len, stats};
 use proptest::prelude::*;
@@ -52,23 +52,63 @@ fn every_truncation_and_extension_is_an_error() {
 }
 
 #[test]
-fn every_byte_flip_decodes_or_errors_without_panic() {
+fn every_byte_flip_is_an_error() {
     let (_, encoded) = sample();
-    let data_offset = Encoded::parse(&encoded).unwrap().header().data_offset() as usize;
     for at in 0..encoded.len() {
         for mask in [0x01u8, 0x10, 0x80, 0xff] {
             let mut bad = encoded.clone();
             bad[at] ^= mask;
-            let result = try_decode(&bad);
-            // Every header and directory byte is checked, except the tail byte's value and
-            // n_values (the format has no checksum: n_values may move within the last chunk's
-            // padding, as chunk data may change, and decode to other bytes).
-            if at < data_offset && at != 7 && !(16..24).contains(&at) {
-                assert!(
-                    result.is_err(),
-                    "flip {mask:#x} at header/directory byte {at} accepted"
-                );
-            }
+            // Header, directory, chunk data and padding: the checksum covers every byte.
+            assert!(
+                try_decode(&bad).is_err(),
+                "flip {mask:#x} at byte {at} of {} accepted",
+                encoded.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn changed_bytes_are_a_checksum_error_and_verify_finds_them() {
+    let (_, encoded) = sample();
+    layerwise_offload_codec::verify(&encoded).unwrap();
+    let data_offset = Encoded::parse(&encoded).unwrap().header().data_offset() as usize;
+    // A chunk byte, the tail byte and n_values within the last chunk's padding parse but are
+    // caught by the checksum; so is a change of the checksum itself.
+    for at in [data_offset + 40, encoded.len() - 20, 7, 32, 35] {
+        let mut bad = encoded.clone();
+        bad[at] ^= 0x04;
+        for r in [
+            layerwise_offload_codec::verify(&bad),
+            decode(&bad, &mut vec![0u8; decoded_len(&bad).unwrap()]),
+        ] {
+            assert!(
+                matches!(r, Err(CodecError::Checksum { .. })),
+                "byte {at}: {r:?}"
+            );
+        }
+        // Sealed again (as a writer that means it would), the bytes decode.
+        reseal(&mut bad);
+        layerwise_offload_codec::verify(&bad).unwrap();
+    }
+}
+
+#[test]
+fn version_1_encodings_are_refused_by_their_version() {
+    let (_, encoded) = sample();
+    let v1 = as_version1(&encoded);
+    for r in [
+        layerwise_offload_codec::verify(&v1).map(|_| 0),
+        decoded_len(&v1),
+    ] {
+        match r {
+            Err(
+                e @ CodecError::UnsupportedVersion {
+                    found: 1,
+                    supported: 2,
+                },
+            ) => assert!(e.to_string().contains("encode the data again"), "{e}"),
+            r => panic!("expected UnsupportedVersion, got {r:?}"),
         }
     }
 }
@@ -82,9 +122,18 @@ fn header_fields_are_checked() {
         try_decode(&bad).unwrap_err()
     };
     assert!(matches!(set(0, b"XXXX"), CodecError::BadMagic { expected, .. } if expected == MAGIC));
+    for old_or_new in [0u16, 1, 3] {
+        assert!(matches!(
+            set(4, &old_or_new.to_le_bytes()),
+            CodecError::UnsupportedVersion { found, .. } if found == old_or_new
+        ));
+    }
     assert!(matches!(
-        set(4, &2u16.to_le_bytes()),
-        CodecError::UnsupportedVersion { found: 2, .. }
+        set(40, &[1]),
+        CodecError::CorruptHeader {
+            field: "reserved",
+            ..
+        }
     ));
     assert!(matches!(
         set(6, &[2]),
@@ -151,6 +200,9 @@ fn escape_count_must_match_the_stored_exceptions() {
                 let mut bad = encoded.clone();
                 bad[at + 8..at + 12]
                     .copy_from_slice(&((i64::from(e) + delta) as u32).to_le_bytes());
+                // With a matching checksum (a writer's bug, not a changed byte), the decoder's
+                // own count of escape codes finds it.
+                reseal(&mut bad);
                 assert!(
                     matches!(try_decode(&bad).unwrap_err(), CodecError::CorruptChunk { chunk, .. } if chunk == i as u64),
                     "chunk {i}: exceptions {e} -> {}",

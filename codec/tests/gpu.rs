@@ -7,6 +7,7 @@
 mod common;
 
 use common::{Dist, generate};
+use layerwise_offload_codec::format::{HEADER_LEN, VERSION};
 use layerwise_offload_codec::gpu::{self, DecoderOptions, GpuDecoder, Kernel};
 use layerwise_offload_codec::{CodecError, Encoder, decode};
 
@@ -17,6 +18,22 @@ fn require_cuda() -> bool {
 fn skip(why: &str) {
     assert!(!require_cuda(), "OFFLOAD_REQUIRE_CUDA=1 but {why}");
     eprintln!("SKIP: {why}");
+}
+
+/// Both kernels read the header with the format's constants (no NVRTC or device needed).
+#[test]
+fn kernels_read_the_format_this_build_writes() {
+    for kernel in [Kernel::Current, Kernel::Baseline] {
+        let source = gpu::kernel_source_of(kernel);
+        assert!(
+            source.contains(&format!("#define HEADER_BYTES {HEADER_LEN}\n")),
+            "{kernel:?}: header length"
+        );
+        assert!(
+            source.contains(&format!("#define FORMAT_VERSION {VERSION}u\n")),
+            "{kernel:?}: format version"
+        );
+    }
 }
 
 #[test]
@@ -151,9 +168,10 @@ fn gpu_reports_escape_codes_that_disagree_with_the_exception_count() {
         .unwrap();
     // Every value of chunk 0's first group gets the escape code (all plane bits set): more
     // escape codes than the chunk stores exceptions, with every size unchanged.
-    let offset = u64::from_le_bytes(encoded[32..40].try_into().unwrap()) as usize;
+    let entry = HEADER_LEN; // chunk 0's directory entry
+    let offset = u64::from_le_bytes(encoded[entry..entry + 8].try_into().unwrap()) as usize;
     assert_eq!(
-        (encoded[44], encoded[45]),
+        (encoded[entry + 12], encoded[entry + 13]),
         (1, 3),
         "chunk 0 coded with k = 3"
     );
@@ -203,7 +221,7 @@ fn gpu_refuses_a_corrupt_encoding_without_faulting() {
         .encode(&input)
         .unwrap();
     // Chunk 1's offset points past the buffer.
-    encoded[32 + 16..32 + 24].copy_from_slice(&u64::MAX.to_le_bytes());
+    encoded[HEADER_LEN + 16..HEADER_LEN + 24].copy_from_slice(&u64::MAX.to_le_bytes());
     let device = decoder.device();
     let mut enc = device.alloc(encoded.len()).unwrap();
     enc.copy_from_host(&encoded).unwrap();

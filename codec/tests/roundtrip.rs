@@ -25,11 +25,11 @@ fn round_trip(encoder: &Encoder, input: &[u8], chunk_values: u32) -> Vec<u8> {
     assert!(dirty == encoded, "plan + write differs from encode");
     assert!(plan.write(&mut vec![0u8; encoded.len() + 1]).is_err());
     assert!(
-        encoded.len() <= max_encoded_len(input.len(), chunk_values),
+        encoded.len() <= max_encoded_len(input.len(), chunk_values).unwrap(),
         "{} bytes encoded to {}, over the bound {}",
         input.len(),
         encoded.len(),
-        max_encoded_len(input.len(), chunk_values)
+        max_encoded_len(input.len(), chunk_values).unwrap()
     );
     assert_eq!(decoded_len(&encoded).expect("parses"), input.len());
     let st = stats(&encoded).expect("parses");

@@ -1,7 +1,7 @@
 //! Copies queued on a stream: host <-> device and device <-> device (peer), and the stream
 //! bookkeeping of tensors.
 
-use super::{Stream, check, cuda_is_available, last_error, require_device};
+use super::{Stream, check, cuda_is_available, init_cuda_state, last_error, require_cuda_state};
 use crate::error::{Error, Result};
 use crate::ffi;
 use std::ffi::{c_int, c_void};
@@ -19,9 +19,9 @@ use tch::Tensor;
 pub unsafe fn copy_async(dst: &mut Tensor, src: &Tensor, stream: Option<&Stream>) -> Result<()> {
     let bytes = (src.numel() * src.kind().elt_size_in_bytes()) as u64;
     if let Some(s) = stream {
-        require_device("copy_async", s.device_index())?;
+        require_cuda_state("copy_async", s.device_index())?;
     } else if dst.device().is_cuda() || src.device().is_cuda() {
-        require_device("copy_async", 0)?;
+        require_cuda_state("copy_async", 0)?;
     }
     let raw = stream.map(|s| s.raw());
     let sp = raw
@@ -51,7 +51,7 @@ pub unsafe fn copy_async(dst: &mut Tensor, src: &Tensor, stream: Option<&Stream>
 /// allocated, nobody may read `dst` or write `src`, and a tensor freed meanwhile may be reused
 /// by libtorch's allocator, which knows nothing of this copy.
 pub unsafe fn copy_peer_async(dst: &Tensor, src: &Tensor, stream: &Stream) -> Result<bool> {
-    require_device("copy_peer_async", stream.device_index())?;
+    require_cuda_state("copy_peer_async", stream.device_index())?;
     let bytes = (src.numel() * src.kind().elt_size_in_bytes()) as u64;
     let mut peer: c_int = 0;
     // SAFETY: both pointers are live tch tensors (the shim reads their metadata and queues a
@@ -75,18 +75,21 @@ pub unsafe fn copy_peer_async(dst: &Tensor, src: &Tensor, stream: &Stream) -> Re
 /// Tells libtorch's caching allocator that `tensor` (a CUDA tensor) is used on `stream`, so its
 /// memory is not reused before the work queued there so far has finished.
 pub fn record_stream(tensor: &Tensor, stream: &Stream) -> Result<()> {
-    require_device("record_stream", stream.device_index())?;
+    require_cuda_state("record_stream", stream.device_index())?;
     // SAFETY: the tensor pointer is a live tch tensor; record_stream does not modify its data.
     check("record_stream", unsafe {
         ffi::lo_record_stream(tensor.as_ptr() as *mut _, stream.raw())
     })
 }
 
-/// Whether a CPU tensor's memory is page-locked for CUDA (false without a device).
+/// Whether a CPU tensor's memory is page-locked for CUDA (false without a device). The same
+/// answer first thing in a process as later: libtorch's CUDA state is initialized first
+/// (before that, libtorch reads every buffer as not pinned).
 pub fn is_pinned(tensor: &Tensor) -> Result<bool> {
     if !cuda_is_available() {
         return Ok(false);
     }
+    init_cuda_state("is_pinned")?;
     let mut out: c_int = 0;
     // SAFETY: the tensor pointer is a live tch tensor; the out-pointer is a valid local.
     check("is_pinned", unsafe {

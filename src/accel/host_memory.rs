@@ -177,8 +177,13 @@ pub enum FileMapping {
 /// Maps a file on a shared-memory file system (`/dev/shm/...`) as a 1-D `uint8` CPU tensor that
 /// owns the mapping, shared with every other process that maps it: host memory holds its
 /// bytes once. With [`HostMemory::Pinned`] the mapping is page-locked for CUDA in this process
-/// (portable; read-only for [`FileMapping::OpenReadOnly`]). A read-only mapping must never be
-/// written.
+/// (portable).
+///
+/// [`FileMapping::OpenReadOnly`] gives the file's bytes in memory this process owns (a copy,
+/// page-locked with [`HostMemory::Pinned`]): the file is mapped read-only, and a tensor over
+/// those pages would be writable by any in-place operation, which kills the process with
+/// SIGSEGV. [`HostStore::open_shared`](crate::HostStore::open_shared), which never hands its
+/// pages out, maps them without a copy.
 ///
 /// A file system without room for a new file is [`Error::HostAlloc`] ("No space left on
 /// device"), and the file is removed; so is it on any other failure of [`FileMapping::Create`].
@@ -189,6 +194,24 @@ pub enum FileMapping {
 /// touches a page past the new end dies with SIGBUS. Only this user can truncate a file this
 /// function opens (it refuses others' files), and this crate never truncates one.
 pub fn map_host_file(
+    path: &std::path::Path,
+    bytes: usize,
+    mode: FileMapping,
+    memory: HostMemory,
+) -> Result<Tensor> {
+    let mapped = map_shared_file(path, bytes, mode, memory)?;
+    if mode == FileMapping::Create {
+        return Ok(mapped);
+    }
+    let mut owned = alloc_host(bytes, memory)?;
+    tch::no_grad(|| owned.f_copy_(&mapped))
+        .map_err(|e| Error::from(("map_host_file (copying a read-only file)", e)))?;
+    Ok(owned)
+}
+
+/// [`map_host_file`] without the copy: with [`FileMapping::OpenReadOnly`] the tensor is the
+/// file's read-only pages, which the caller must never write nor hand out.
+pub(crate) fn map_shared_file(
     path: &std::path::Path,
     bytes: usize,
     mode: FileMapping,

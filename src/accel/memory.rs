@@ -1,6 +1,6 @@
 //! Device memory: allocations and libtorch's caching allocator (statistics, cache, cap).
 
-use super::{check, dev, require_device};
+use super::{check, dev, init_cuda_state, require_cuda_state, require_device};
 use crate::error::{Error, Result};
 use crate::ffi;
 use std::ffi::c_int;
@@ -23,7 +23,7 @@ pub struct MemoryStats {
 
 /// The caching allocator's statistics for `device`.
 pub fn memory_stats(device: usize) -> Result<MemoryStats> {
-    require_device("memory_stats", device)?;
+    require_cuda_state("memory_stats", device)?;
     let mut s = ffi::lo_mem_stats::default();
     // SAFETY: the out-pointer is a valid local.
     check("memory_stats", unsafe {
@@ -41,14 +41,16 @@ pub fn memory_stats(device: usize) -> Result<MemoryStats> {
 
 /// Resets the peaks of [`memory_stats`] to the current values.
 pub fn reset_peak_memory_stats(device: usize) -> Result<()> {
-    require_device("reset_peak_memory_stats", device)?;
+    require_cuda_state("reset_peak_memory_stats", device)?;
     // SAFETY: plain value argument.
     check("reset_peak_memory_stats", unsafe {
         ffi::lo_reset_peak_stats(dev(device))
     })
 }
 
-/// `(free, total)` bytes of `device` as the driver reports them.
+/// `(free, total)` bytes of `device` as the driver reports them. Does not start libtorch's
+/// CUDA state (the driver answers through a device guard, whatever libtorch initialized), so
+/// it may come before [`set_memory_fraction`].
 pub fn memory_info(device: usize) -> Result<(u64, u64)> {
     require_device("memory_info", device)?;
     let (mut free, mut total) = (0usize, 0usize);
@@ -61,7 +63,7 @@ pub fn memory_info(device: usize) -> Result<(u64, u64)> {
 
 /// Returns the caching allocator's unused cached blocks to the driver.
 pub fn empty_cache() -> Result<()> {
-    require_device("empty_cache", 0)?;
+    require_cuda_state("empty_cache", 0)?;
     // SAFETY: no arguments.
     check("empty_cache", unsafe { ffi::lo_empty_cache() })
 }
@@ -87,13 +89,14 @@ pub fn set_memory_fraction(fraction: f64) -> Result<()> {
         return Err(Error::AllocatorStarted { op: OP });
     }
     // SAFETY: plain value argument.
-    check(OP, unsafe { ffi::lo_set_memory_fraction(fraction) })
+    check(OP, unsafe { ffi::lo_set_memory_fraction(fraction) })?;
+    init_cuda_state(OP)
 }
 
 /// Allocates an uninitialized `uint8` tensor of `bytes` bytes on CUDA device `device`; running
 /// out of memory (also under a [`set_memory_fraction`] cap) is [`Error::OutOfMemory`].
 pub fn alloc_device(bytes: usize, device: usize) -> Result<Tensor> {
-    require_device("alloc_device", device)?;
+    require_cuda_state("alloc_device", device)?;
     Tensor::f_empty(
         [bytes as i64],
         (tch::Kind::Uint8, tch::Device::Cuda(device)),

@@ -17,8 +17,8 @@ mod stream;
 
 pub(crate) use copy::tensor_identity;
 pub use copy::{copy_async, copy_peer_async, is_pinned, record_stream};
-pub(crate) use host_memory::map_file_read_only;
 pub use host_memory::{FileMapping, HostMemory, alloc_host, map_host_file};
+pub(crate) use host_memory::{map_file_read_only, map_shared_file};
 pub use memory::{
     MemoryStats, alloc_device, empty_cache, memory_info, memory_stats, reset_peak_memory_stats,
     set_memory_fraction,
@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::ffi;
 use std::ffi::{CStr, c_int};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The message of the last failed shim call on this thread.
 pub(crate) fn last_error() -> String {
@@ -183,15 +184,93 @@ pub fn require_device(op: &'static str, device: usize) -> Result<()> {
     Ok(())
 }
 
+/// How many times [`init_cuda_state`] called into libtorch (at most once per process).
+static INIT_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// Makes libtorch initialize its CUDA state, once per process, and returns that one outcome
+/// ever after. Needs a usable device (callers check [`require_device`] first).
+///
+/// libtorch initializes CUDA lazily, when the process makes its first CUDA tensor. Until then
+/// some of its answers depend on what ran before rather than on the question: a pinned buffer
+/// (page-locked by this crate with `cudaHostRegister`, not by libtorch) reads as not pinned,
+/// since libtorch answers "no pointer is pinned" for a device it has not initialized, and the
+/// caching allocator has no state for any device, so its statistics and `resetPeakStats` throw
+/// "Invalid device argument". Every public function of this module that asks libtorch about
+/// CUDA state, or changes it, calls this first, so that each gives the same answer whatever
+/// ran before it in the process. Device discovery ([`cuda_device_count`], [`require_device`]),
+/// [`memory_info`] (the driver's numbers), host allocations and [`set_memory_fraction`]
+/// (which must come before the allocator starts, and initializes right after) do not.
+pub(crate) fn init_cuda_state(op: &'static str) -> Result<()> {
+    static INIT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    let outcome = INIT.get_or_init(|| {
+        INIT_CALLS.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: no arguments; the shim catches every exception.
+        match unsafe { ffi::lo_cuda_init() } {
+            0 => Ok(()),
+            _ => Err(last_error()),
+        }
+    });
+    outcome.clone().map_err(|m| {
+        Error::from_torch(
+            op,
+            0,
+            format!("libtorch could not initialize its CUDA state: {m}"),
+        )
+    })
+}
+
+/// [`require_device`], then [`init_cuda_state`]: for every call that asks libtorch about CUDA
+/// state or changes it.
+pub(crate) fn require_cuda_state(op: &'static str, device: usize) -> Result<()> {
+    require_device(op, device)?;
+    init_cuda_state(op)
+}
+
 fn dev(device: usize) -> c_int {
     device as c_int
 }
 
 /// Blocks the host until all work on `device` has finished.
 pub fn synchronize_device(device: usize) -> Result<()> {
-    require_device("synchronize_device", device)?;
+    require_cuda_state("synchronize_device", device)?;
     // SAFETY: plain value argument.
     check("synchronize_device", unsafe {
         ffi::lo_synchronize_device(dev(device))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// libtorch's CUDA initialization is attempted only with a device, and at most once
+    /// however many threads ask at once; without a device every caller gets `NoDevice`.
+    #[test]
+    fn cuda_state_is_initialized_once_and_only_with_a_device() {
+        if cuda_is_available() {
+            let threads: Vec<_> = (0..8)
+                .map(|_| std::thread::spawn(|| require_cuda_state("test", 0)))
+                .collect();
+            for t in threads {
+                t.join().unwrap().unwrap();
+            }
+            assert_eq!(INIT_CALLS.load(Ordering::SeqCst), 1);
+            let past = require_cuda_state("test", cuda_device_count());
+            assert!(matches!(past, Err(Error::NoDevice { .. })), "{past:?}");
+            assert_eq!(INIT_CALLS.load(Ordering::SeqCst), 1);
+        } else {
+            for _ in 0..3 {
+                let r = require_cuda_state("test", 0);
+                assert!(matches!(r, Err(Error::NoDevice { .. })), "{r:?}");
+            }
+            assert!(matches!(memory_stats(0), Err(Error::NoDevice { .. })));
+            let t = tch::Tensor::zeros([16], (tch::Kind::Uint8, tch::Device::Cpu));
+            assert!(!is_pinned(&t).unwrap());
+            assert_eq!(
+                INIT_CALLS.load(Ordering::SeqCst),
+                0,
+                "no CUDA initialization is attempted without a device"
+            );
+        }
+    }
 }

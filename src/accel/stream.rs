@@ -1,6 +1,6 @@
 //! CUDA streams, the guard that makes one current, and events.
 
-use super::{check, dev, require_device};
+use super::{check, dev, require_cuda_state};
 use crate::error::{Error, Result, TorchMessage};
 use crate::ffi;
 use std::ffi::{c_int, c_void};
@@ -38,7 +38,7 @@ impl Stream {
         device: usize,
         get: impl FnOnce(*mut ffi::lo_stream) -> c_int,
     ) -> Result<Stream> {
-        require_device(op, device)?;
+        require_cuda_state(op, device)?;
         let mut raw = ffi::lo_stream {
             id: 0,
             device_index: 0,
@@ -180,7 +180,7 @@ impl Event {
     }
 
     fn create(timing: bool) -> Result<Event> {
-        require_device("Event::new", 0)?;
+        require_cuda_state("Event::new", 0)?;
         let mut p: *mut c_void = std::ptr::null_mut();
         // SAFETY: the out-pointer is a valid local; on success it holds a new c10::Event.
         check("Event::new", unsafe {

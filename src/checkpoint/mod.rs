@@ -17,9 +17,11 @@
 //! what that cannot catch.
 
 mod matching;
+mod stamp;
 
 pub(crate) use matching::match_tensors;
 pub use matching::{CheckpointMismatch, DtypeDifference, ShapeDifference};
+pub(crate) use stamp::FileStamp;
 
 use crate::error::{Error, Result};
 use memmap2::Mmap;
@@ -381,6 +383,54 @@ fn bad(path: &Path, reason: String) -> Error {
     }
 }
 
+/// Opens `path` read-only if it is a regular file, without blocking: a FIFO (whose `open`
+/// would wait for a writer forever), a device, a socket or a directory is refused. The file is
+/// opened with `O_NONBLOCK`, its type checked on the open descriptor (`fstat`, so it cannot be
+/// swapped in between), then `O_NONBLOCK` is cleared.
+fn open_regular(path: &Path) -> Result<File> {
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    use std::os::unix::io::AsRawFd as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| bad(path, format!("cannot open: {e}")))?;
+    let t = file
+        .metadata()
+        .map_err(|e| bad(path, format!("cannot be examined: {e}")))?
+        .file_type();
+    if !t.is_file() {
+        let what = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "of another kind"
+        };
+        return Err(bad(
+            path,
+            format!("is {what}, not a regular file: a checkpoint is read from regular files only"),
+        ));
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: `fd` is the open descriptor of `file`, alive for both calls; F_GETFL and F_SETFL
+    // read and set its status flags and touch no memory.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(bad(
+            path,
+            format!("cannot be opened for blocking reads: {e}"),
+        ));
+    }
+    Ok(file)
+}
+
 /// The shard index (if any, with its weight map) and the files of the checkpoint at `path`.
 #[allow(clippy::type_complexity)]
 fn resolve(path: &Path) -> Result<(Option<(PathBuf, BTreeMap<String, String>)>, Vec<PathBuf>)> {
@@ -437,8 +487,9 @@ fn resolve(path: &Path) -> Result<(Option<(PathBuf, BTreeMap<String, String>)>, 
     }
     use std::io::Read as _;
     let mut text = String::new();
-    File::open(&index)
-        .and_then(|f| f.take(MAX_INDEX_BYTES).read_to_string(&mut text))
+    open_regular(&index)?
+        .take(MAX_INDEX_BYTES)
+        .read_to_string(&mut text)
         .map_err(|e| bad(&index, format!("cannot read: {e}")))?;
     let parsed: Index = serde_json::from_str(&text).map_err(|e| {
         bad(
@@ -463,7 +514,7 @@ fn resolve(path: &Path) -> Result<(Option<(PathBuf, BTreeMap<String, String>)>, 
 
 /// Maps one file and reads its header: its tensors, with offsets from the file's start.
 fn open_shard(path: &Path, k: usize) -> Result<(Shard, Vec<(String, CheckpointTensor)>)> {
-    let file = File::open(path).map_err(|e| bad(path, format!("cannot open: {e}")))?;
+    let file = open_regular(path)?;
     // SAFETY: the mapping is read-only and private to this crate. Through it the header is
     // parsed here and, with `zero_copy`, block tensors are read; the file's data may change
     // underneath (another process writing it), which changes values but is no memory-safety

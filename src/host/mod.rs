@@ -287,13 +287,19 @@ impl HostStore {
 
     /// The host buffer of block `i` (loop order) as a 1-D `uint8` CPU tensor, if the store
     /// holds it in one buffer (a zero-copy checkpoint store holds blocks in pieces of the
-    /// checkpoint's files, and has no one buffer to give). Read it, do not write it.
+    /// checkpoint's files, and has no one buffer to give). Read it, do not write it: it is the
+    /// buffer managers stream from. For a store opened read-only ([`Self::is_read_only`]) it is
+    /// a copy in memory the caller owns (None if that cannot be allocated): the store's pages
+    /// are a read-only mapping, which an in-place write would turn into SIGSEGV.
     pub fn block(&self, i: usize) -> Option<Tensor> {
-        self.buffers
-            .get(i)?
-            .as_ref()?
-            .as_whole()
-            .map(|b| b.shallow_clone())
+        let buf = self.buffers.get(i)?.as_ref()?.as_whole()?;
+        if self.read_only {
+            let mut copy = Tensor::f_empty_like(buf).ok()?;
+            tch::no_grad(|| copy.f_copy_(buf)).ok()?;
+            Some(copy)
+        } else {
+            Some(buf.shallow_clone())
+        }
     }
 
     /// Whether the store was opened from another process's shared-memory file (read-only).
@@ -319,7 +325,9 @@ impl HostStore {
     /// user (or root) truncate or shrink the file while this store is alive, this process dies
     /// with SIGBUS at its next read of a lost page, and no error can be returned. The refusal of
     /// other users' files is the guard (no other user can change the file); the publisher never
-    /// truncates it, and nothing else of the same user should touch it.
+    /// truncates it, and nothing else of the same user should touch it. The pages never leave
+    /// the store: [`Self::block`], a manager's `tensor(name)` and a manager dropped without
+    /// `restore()` give copies, so nothing outside the store can write them or outlive it.
     pub fn open_shared(path: impl AsRef<Path>, memory: HostMemory) -> Result<Arc<HostStore>> {
         let path = path.as_ref();
         let mpath = manifest_path(path);
@@ -328,7 +336,9 @@ impl HostStore {
             path: mpath.clone(),
             reason: why.0,
         })?;
-        let file = accel::map_host_file(path, manifest.bytes, FileMapping::OpenReadOnly, memory)?;
+        // The pages stay inside the store: views of them go only to uploads, and every public
+        // read of them ([`Self::block`], a manager's `tensor`, its drop) is a copy.
+        let file = accel::map_shared_file(path, manifest.bytes, FileMapping::OpenReadOnly, memory)?;
         let mut blocks = Vec::with_capacity(manifest.blocks.len());
         let mut buffers = Vec::with_capacity(manifest.blocks.len());
         for (layout, offset) in manifest.blocks {

@@ -261,7 +261,9 @@ impl OffloadConfig {
     /// block with fp32 norms and bf16 weights is two runs) uploads with one copy per run; the
     /// slot places each run at a 256-byte boundary, tensors within a run keep the file's
     /// relative alignment. The store is read-only: `update_tensor` on a block tensor is
-    /// refused.
+    /// refused, `tensor(name)` of a block tensor is a copy, and dropping the manager without
+    /// `restore()` copies every block into memory the model owns (the pages are never left in
+    /// the model, where an in-place write would be SIGSEGV and a later truncation SIGBUS).
     ///
     /// The files must not be truncated or rewritten while the manager holds them: the mapping
     /// cannot turn that into an error. `initialize()` and `restore()` check each file's length
@@ -284,6 +286,22 @@ impl OffloadConfig {
     /// `restore()` reads the disk-tier blocks back (host memory for the whole model); dropping
     /// the manager without `restore` leaves their tensors empty (their values stay in the
     /// checkpoint).
+    ///
+    /// The files must stay as they are while the manager uses them. What is guaranteed: every
+    /// block the disk tier uploads (or `tensor`, `restore` read) was read from files whose
+    /// length, modification time and change time (`fstat` of the open descriptor, checked after
+    /// each block's reads; about 1 µs) are those of when `initialize()` began reading; a file
+    /// changed in place since (a rewrite of the same inode, even of the same length and with
+    /// its modification time put back: the change time cannot be set back) makes that read,
+    /// hence the forward, fail with [`Error::Checkpoint`] naming the file and what changed,
+    /// instead of serving a mix of old and new weights. The disk-tier blocks' old weights are
+    /// gone with the old contents, so `restore()` then refuses the same way before changing
+    /// anything; dropping the manager gives back the blocks held in host memory. A file
+    /// replaced by a new one (written elsewhere and renamed over the path) is no change at all:
+    /// the manager reads the old file through its open descriptor. Limits: timestamps have the
+    /// file system's granularity (nanoseconds on Linux 6.13+ for ext4, xfs, btrfs and tmpfs; a
+    /// clock tick of a few milliseconds before), and writes through another process's shared
+    /// writable mapping of the file set its times only when the kernel writes the pages back.
     pub fn host_budget(mut self, bytes: u64) -> OffloadConfig {
         self.host_budget = Some(bytes);
         self

@@ -5,7 +5,7 @@
 //! once the copy out of it has finished (its fence event).
 
 use crate::accel::{self, Event, HostMemory};
-use crate::checkpoint::{self, Checkpoint, CheckpointTensor};
+use crate::checkpoint::{self, Checkpoint, CheckpointTensor, FileStamp};
 use crate::error::{Error, Result};
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -123,6 +123,22 @@ struct Shared {
     /// Per block (loop order): the tensors to read and their offsets in the block's layout
     /// (empty for blocks with a host copy).
     reads: Vec<Vec<(CheckpointTensor, usize)>>,
+    /// Every file's stamp when `initialize()` began reading the checkpoint: each read checks
+    /// that the files it read from still have it.
+    stamps: Vec<FileStamp>,
+}
+
+/// Why a file changed since `initialize()` stops the disk tier.
+const CHANGED: &str = "since initialize() began reading it: the disk tier reads blocks from it at every forward and would serve a mix of the old weights and the new, so it stops here; the old weights of the blocks it holds on disk are gone with the old contents, so restore() refuses too. Keep checkpoint files unchanged while a manager with a host_budget uses them; to use the new weights, drop this manager (the blocks held in host memory go back to the model, the disk-tier blocks' tensors stay empty) and build a new one";
+
+impl Shared {
+    /// Checks that the files block `block` is read from are as `initialize()` found them.
+    fn check_files(&self, block: usize) -> Result<()> {
+        let mut files: Vec<usize> = self.reads[block].iter().map(|(t, _)| t.file).collect();
+        files.sort_unstable();
+        files.dedup();
+        self.ckpt.check_unchanged(&self.stamps, files, CHANGED)
+    }
 }
 
 impl Shared {
@@ -146,11 +162,14 @@ pub(super) struct DiskTier {
 impl DiskTier {
     /// A disk tier for the blocks whose `reads` are not empty (`bytes[i]` is block `i`'s
     /// layout size), staging in `memory`; starts its reader and reads the first blocks ahead.
+    /// Every read checks that its files still have their `stamps` (taken when `initialize()`
+    /// began reading the checkpoint).
     pub(super) fn new(
         ckpt: Arc<Checkpoint>,
         reads: Vec<Vec<(CheckpointTensor, usize)>>,
         bytes: Vec<usize>,
         memory: HostMemory,
+        stamps: Vec<FileStamp>,
     ) -> Result<DiskTier> {
         let order: Vec<usize> = (0..reads.len()).filter(|&i| !reads[i].is_empty()).collect();
         let largest = order.iter().map(|&i| bytes[i]).max().unwrap_or(0);
@@ -168,6 +187,7 @@ impl DiskTier {
             changed: Condvar::new(),
             ckpt,
             reads,
+            stamps,
         });
         let thread = {
             let shared = shared.clone();
@@ -265,6 +285,14 @@ impl DiskTier {
     /// (for `restore` and `tensor`).
     pub(super) fn read_into(&self, block: usize, dst: &Tensor) -> Result<()> {
         read_block(&self.shared, block, dst)
+    }
+
+    /// Checks that every file a disk-tier block is read from is as `initialize()` found it
+    /// (before `restore` changes anything).
+    pub(super) fn check_files(&self) -> Result<()> {
+        self.order
+            .iter()
+            .try_for_each(|&b| self.shared.check_files(b))
     }
 
     /// The disk-tier blocks after `block` in loop order, as many as the ring reads ahead
@@ -378,6 +406,9 @@ fn read_block(shared: &Shared, block: usize, dst: &Tensor) -> Result<()> {
     let slices = checkpoint::disjoint_slices(buf, &ranges)?;
     let jobs = checkpoint::split_jobs(reads.iter().map(|(t, _)| t).zip(slices));
     checkpoint::read_parallel(&shared.ckpt, jobs, crate::host::worker_threads())?;
+    // After the reads: a change that could have reached the bytes just read has set the
+    // files' times by now.
+    shared.check_files(block)?;
     // Read again at the next forward: its pages would only crowd host memory, which the disk
     // tier exists to spare.
     for (t, _) in reads {

@@ -4,7 +4,7 @@
 //! non-block tensors read onto the compute device.
 
 use crate::accel::{self, HostMemory};
-use crate::checkpoint::{self, Checkpoint, CheckpointTensor};
+use crate::checkpoint::{self, Checkpoint, CheckpointTensor, FileStamp};
 use crate::error::{Error, Result};
 use crate::host::{HostBlock, HostStore};
 use crate::placement;
@@ -23,6 +23,9 @@ pub(super) struct Sources {
     tensors: Vec<CheckpointTensor>,
     /// Zero-copy store: per block, its runs in the files.
     runs: Vec<Vec<Run>>,
+    /// Every file's stamp before anything was read from it: checked once `initialize()` has
+    /// read what it reads, and by the disk tier at each of its reads.
+    stamps: Vec<FileStamp>,
 }
 
 /// A stretch of a checkpoint file holding consecutive tensors of one block.
@@ -139,7 +142,13 @@ impl LayerwiseOffloadManager {
         } else {
             Vec::new()
         };
-        Ok(Sources { tensors, runs })
+        // Before anything is read.
+        let stamps = ckpt.stamps()?;
+        Ok(Sources {
+            tensors,
+            runs,
+            stamps,
+        })
     }
 
     /// With a checkpoint: the non-block tensors and the resident blocks' tensors get their
@@ -184,6 +193,7 @@ impl LayerwiseOffloadManager {
     ) -> Result<()> {
         let n = self.blocks.len();
         let memory = self.host_memory();
+        let stamps = &sources.stamps;
         let with_host: Vec<usize> = (0..n)
             .filter(|&i| !resident[i] || self.config.shareable)
             .collect();
@@ -259,13 +269,20 @@ impl LayerwiseOffloadManager {
             .collect();
         if reads.iter().any(|r| !r.is_empty()) {
             let bytes = (0..n).map(|i| self.layout(i).bytes).collect();
-            let disk = DiskTier::new(ckpt.clone(), reads, bytes, memory)?;
+            let disk = DiskTier::new(ckpt.clone(), reads, bytes, memory, stamps.clone())?;
             for &i in disk.blocks() {
                 self.blocks[i].on_disk = true;
             }
             self.stats.disk_blocks = disk.blocks().len();
             self.disk = Some(disk);
         }
+        // Everything initialize() read (non-block tensors, resident blocks, host copies) came
+        // from files that did not change meanwhile.
+        ckpt.check_unchanged(
+            stamps,
+            0..stamps.len(),
+            "while initialize() read it: the blocks read from it may mix the old weights and the new; call initialize() again once the file is complete",
+        )?;
         for i in (0..n).filter(|&i| !resident[i]) {
             self.place_placeholders(i, undo)?;
         }

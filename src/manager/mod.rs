@@ -99,7 +99,10 @@ enum Phase {
 /// After [`Self::initialize`], a block's tensors are empty placeholders except while the block
 /// is on the device; non-block tensors stay on the compute device. [`Self::restore`] puts every
 /// weight back on the compute device. Dropping the manager without `restore` points each block
-/// tensor at its host copy (CPU memory), so no weight is ever lost.
+/// tensor at its host copy (CPU memory), so no weight is ever lost; a host copy that is not
+/// the manager's alone (the checkpoint's read-only pages with `zero_copy`, a store opened from
+/// another process, one shared with other managers or published) is first copied into memory
+/// the model owns, so the model's tensors can be written afterwards.
 ///
 /// Inference only: autograd must be off (`tch::no_grad`) while the loop runs, since slot
 /// memory is reused.
@@ -341,6 +344,11 @@ impl BlockGuard<'_> {
     /// The block's loop index.
     pub fn block(&self) -> usize {
         self.block
+    }
+
+    /// The manager the block was entered on.
+    pub(crate) fn manager_mut(&mut self) -> &mut LayerwiseOffloadManager {
+        self.manager
     }
 
     /// Releases the block now and reports an error, which `Drop` cannot.

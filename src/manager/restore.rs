@@ -7,7 +7,7 @@ use crate::stats::OffloadStats;
 use tch::Device;
 
 use super::lifecycle::Undo;
-use super::weights::{empty_like, zip_views};
+use super::weights::{empty_like, owned_copy, zip_views};
 use super::{LayerwiseOffloadManager, Phase};
 
 impl LayerwiseOffloadManager {
@@ -32,6 +32,11 @@ impl LayerwiseOffloadManager {
         // Reading the zero-copy store's pages of a file truncated since would be SIGBUS.
         if let (true, Some(c)) = (self.config.zero_copy, &self.config.checkpoint) {
             c.check_lengths()?;
+        }
+        // Disk-tier blocks are read back from the checkpoint: refused, with nothing changed, if
+        // a file changed since initialize() (their old weights are gone).
+        if let Some(disk) = &self.disk {
+            disk.check_files()?;
         }
         // The loop is over from here, also if a block below fails: loop calls are refused and
         // the other members of a peer group learn at once that this one left.
@@ -158,12 +163,18 @@ impl LayerwiseOffloadManager {
     }
 
     /// Points every filled block's tensors at their host copies (CPU memory) and forgets the
-    /// slots: the state after drop.
+    /// slots: the state after drop. A host copy that is not this manager's alone (a read-only
+    /// mapping, a store shared with other managers or published to other processes) is copied
+    /// into memory the model then owns, so that writing the model's tensors later can neither
+    /// fault on read-only pages nor change another manager's weights, and truncating the file
+    /// later cannot reach them. Should that allocation fail, the tensor points at the shared
+    /// copy (readable, not writable), which is still better than losing the value.
     pub(super) fn detach_to_host(&mut self) {
         self.backend.sync_copies();
         if self.plan.is_none() {
             return;
         }
+        let shared = self.host_is_shared();
         for i in 0..self.blocks.len() {
             if self.blocks[i].resident {
                 continue; // real device tensors, not placeholders
@@ -172,11 +183,18 @@ impl LayerwiseOffloadManager {
                 continue;
             };
             // An encoded host copy is decoded into pageable memory the tensors then own.
-            let Ok(views) = host.decoded().and_then(|h| h.views(self.layout(i))) else {
+            let owned = shared && host.encoding().is_none();
+            let layout = self.layout(i).clone();
+            let Ok(views) = host.decoded().and_then(|h| h.views(&layout)) else {
                 continue;
             };
-            for (p, v) in self.blocks[i].params.iter_mut().zip(&views) {
-                let _ = p.f_set_data(v);
+            for (t, v, p) in zip_views(&layout, &views, &mut self.blocks[i].params) {
+                let value = match owned {
+                    true => owned_copy(t, v, "dropping the manager")
+                        .unwrap_or_else(|_| v.shallow_clone()),
+                    false => v.shallow_clone(),
+                };
+                let _ = p.f_set_data(&value);
             }
             self.blocks[i].slot = None;
             self.blocks[i].in_use = false;

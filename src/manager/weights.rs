@@ -105,6 +105,16 @@ pub(super) fn zip_views<'a>(
         .map(|((t, v), p)| (t, v, p))
 }
 
+/// `view` (tensor `t` of a block's host copy) copied into a new CPU tensor with the same shape,
+/// strides and dtype, in memory the caller owns.
+pub(super) fn owned_copy(t: &TensorLayout, view: &Tensor, op: &'static str) -> Result<Tensor> {
+    let mut fresh = empty_like(t, Device::Cpu)
+        .map_err(|e| Error::from_torch(op, t.bytes as u64, e.to_string()))?;
+    tch::no_grad(|| fresh.f_copy_(view))
+        .map_err(|e| Error::from_torch(op, t.bytes as u64, e.to_string()))?;
+    Ok(fresh)
+}
+
 /// An uninitialized tensor on `device` with `t`'s shape, strides and dtype.
 pub(super) fn empty_like(
     t: &TensorLayout,
@@ -136,16 +146,49 @@ impl LayerwiseOffloadManager {
         Ok((src, None))
     }
 
+    /// Whether the host copy is not this manager's alone: shared with other managers (or held
+    /// by a caller of [`Self::host_store`]), published to other processes, or a read-only
+    /// mapping (the checkpoint's pages with `zero_copy`, a store opened from another process).
+    pub(super) fn host_is_shared(&self) -> bool {
+        self.store
+            .as_ref()
+            .is_some_and(|s| Arc::strong_count(s) > 1 || s.read_only || s.owner_path.is_some())
+    }
+
+    /// Whether block `li`'s host copy is raw pages of a read-only mapping, which an in-place
+    /// write would turn into SIGSEGV.
+    fn host_is_read_only(&self, li: usize) -> bool {
+        self.store.as_ref().is_some_and(|s| s.read_only)
+            && self.blocks[li]
+                .host
+                .as_ref()
+                .is_some_and(|h| h.encoding().is_none())
+    }
+
     /// The current value of tensor `name`: for an offloaded block tensor a view of its host
     /// copy (CPU; read it, do not write it: use [`Self::update_tensor`]), otherwise the model's
-    /// tensor.
+    /// tensor. Where the host copy is a read-only mapping (`zero_copy`, a store opened with
+    /// [`HostStore::open_shared`](crate::HostStore::open_shared)) it is a copy the caller owns
+    /// instead: writing it changes nothing else. A disk-tier or compressed block's value is
+    /// always a fresh tensor (read or decoded for the call).
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.value(name, true)
+    }
+
+    /// [`Self::tensor`]; with `owned` false, a view of a read-only host copy too (for reads
+    /// that never leave this crate).
+    fn value(&self, name: &str, owned: bool) -> Result<Tensor> {
         let (src, at) = self.locate(name)?;
         match at {
             Some((li, j)) => {
                 self.backend.sync_copies();
                 let mut all = self.host_copy(li)?.views(self.layout(li))?;
-                Ok(all.swap_remove(j))
+                let view = all.swap_remove(j);
+                if owned && self.host_is_read_only(li) {
+                    owned_copy(&self.layout(li).tensors[j], &view, "tensor")
+                } else {
+                    Ok(view)
+                }
             }
             None => Ok(self.named[src].1.shallow_clone()),
         }
@@ -163,11 +206,18 @@ impl LayerwiseOffloadManager {
 
     /// Writes every weight (block tensors from their host copies) to a safetensors file.
     pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
+        // Only read, by the writer below: views of a read-only host copy need no copy.
         let tensors: Vec<(String, Tensor)> = self
-            .named_tensors()?
-            .into_iter()
-            .map(|(n, t)| (n, if t.is_contiguous() { t } else { t.contiguous() }))
-            .collect();
+            .named
+            .iter()
+            .map(|(n, _)| {
+                let t = self.value(n, false)?;
+                Ok((
+                    n.clone(),
+                    if t.is_contiguous() { t } else { t.contiguous() },
+                ))
+            })
+            .collect::<Result<_>>()?;
         Tensor::write_safetensors(&tensors, path).map_err(|e| Error::from(("save_safetensors", e)))
     }
 
@@ -215,9 +265,7 @@ impl LayerwiseOffloadManager {
                         ),
                     });
                 }
-                if self.store.as_ref().is_some_and(|s| {
-                    Arc::strong_count(s) > 1 || s.read_only || s.owner_path.is_some()
-                }) {
+                if self.host_is_shared() {
                     return Err(Error::InvalidArgument {
                         op: "update_tensor",
                         message: format!(

@@ -14,6 +14,21 @@ use torch_sys::{C_tensor, CIValue};
 
 const OP: &str = "IValue conversion";
 
+/// How deeply tuples, lists and dicts may nest in an argument or a result: the conversion
+/// recurses once per level, and a value nested hundreds deep would overflow the thread's stack
+/// (an abort, not an error). Block calls pass a few levels at most.
+pub(crate) const MAX_DEPTH: usize = 64;
+
+/// The error for a value nested deeper than [`MAX_DEPTH`].
+fn too_deep(what: &str) -> Error {
+    Error::InvalidArgument {
+        op: OP,
+        message: format!(
+            "{what} is nested more than {MAX_DEPTH} deep (tuples, lists or dicts inside each other): pass a flatter value"
+        ),
+    }
+}
+
 /// A `torch::jit::IValue*` made by torch-sys (`ati_*`) or returned by the shim; freed once, on
 /// drop, with `ati_free`.
 #[derive(Debug)]
@@ -99,7 +114,17 @@ fn unsupported(what: &str) -> Error {
 }
 
 /// Builds a libtorch IValue from tch's. Tensors are shared (handles are copied, not data).
+/// A value nested deeper than [`MAX_DEPTH`] is an `InvalidArgument` error.
 pub(crate) fn to_c(v: &IValue) -> Result<OwnedIValue> {
+    to_c_at(v, 0)
+}
+
+/// [`to_c`] of a value inside `depth` containers.
+fn to_c_at(v: &IValue, depth: usize) -> Result<OwnedIValue> {
+    if depth > MAX_DEPTH {
+        return Err(too_deep("an argument"));
+    }
+    let child = |x: &IValue| to_c_at(x, depth + 1);
     // Every branch ends in a fresh IValue* (or an error), owned by `OwnedIValue::new` below.
     let p = match v {
         IValue::None => ati!(ati_none())?,
@@ -113,7 +138,7 @@ pub(crate) fn to_c(v: &IValue) -> Result<OwnedIValue> {
             ati!(ati_string(c.as_ptr()))?
         }
         IValue::Tuple(items) | IValue::GenericList(items) => {
-            let owned = items.iter().map(to_c).collect::<Result<Vec<_>>>()?;
+            let owned = items.iter().map(child).collect::<Result<Vec<_>>>()?;
             let ptrs: Vec<*mut CIValue> = owned.iter().map(OwnedIValue::as_ptr).collect();
             let n = len(ptrs.len())?;
             if matches!(v, IValue::Tuple(_)) {
@@ -125,8 +150,8 @@ pub(crate) fn to_c(v: &IValue) -> Result<OwnedIValue> {
         IValue::GenericDict(pairs) => {
             let mut owned = Vec::with_capacity(2 * pairs.len());
             for (k, v) in pairs {
-                owned.push(to_c(k)?);
-                owned.push(to_c(v)?);
+                owned.push(child(k)?);
+                owned.push(child(v)?);
             }
             let ptrs: Vec<*mut CIValue> = owned.iter().map(OwnedIValue::as_ptr).collect();
             let n = len(pairs.len())?;
@@ -180,8 +205,13 @@ pub(crate) fn to_c(v: &IValue) -> Result<OwnedIValue> {
     OwnedIValue::new(p, "torch-sys")
 }
 
-/// Reads `n` child IValues that `fill` writes into an array, taking ownership of each.
-fn children(n: c_int, fill: impl FnOnce(*mut *mut CIValue) -> Result<()>) -> Result<Vec<IValue>> {
+/// Reads `n` child IValues that `fill` writes into an array, taking ownership of each; they sit
+/// inside `depth` containers.
+fn children(
+    n: c_int,
+    depth: usize,
+    fill: impl FnOnce(*mut *mut CIValue) -> Result<()>,
+) -> Result<Vec<IValue>> {
     let mut raw = vec![std::ptr::null_mut::<CIValue>(); n.max(0) as usize];
     let filled = fill(raw.as_mut_ptr());
     // Own whatever was written, even on error, so that nothing leaks.
@@ -194,13 +224,22 @@ fn children(n: c_int, fill: impl FnOnce(*mut *mut CIValue) -> Result<()>) -> Res
         .into_iter()
         .map(|o| {
             o.ok_or_else(|| unsupported("torch-sys returned a null element"))
-                .and_then(from_c)
+                .and_then(|v| from_c_at(v, depth))
         })
         .collect()
 }
 
-/// Turns a libtorch IValue into tch's, consuming (freeing) the handle.
+/// Turns a libtorch IValue into tch's, consuming (freeing) the handle. A value nested deeper
+/// than [`MAX_DEPTH`] is an `InvalidArgument` error (the handle is freed all the same).
 pub(crate) fn from_c(v: OwnedIValue) -> Result<IValue> {
+    from_c_at(v, 0)
+}
+
+/// [`from_c`] of a value inside `depth` containers.
+fn from_c_at(v: OwnedIValue, depth: usize) -> Result<IValue> {
+    if depth > MAX_DEPTH {
+        return Err(too_deep("the method's result"));
+    }
     let p = v.as_ptr();
     // `p` stays alive (owned by `v`) for the whole function; each output array has exactly the
     // length torch-sys is told.
@@ -220,7 +259,7 @@ pub(crate) fn from_c(v: OwnedIValue) -> Result<IValue> {
         4 => IValue::Bool(ati!(ati_to_bool(p))? != 0),
         5 => {
             let n = ati!(ati_tuple_length(p))?;
-            IValue::Tuple(children(n, |out| ati!(ati_to_tuple(p, out, n)))?)
+            IValue::Tuple(children(n, depth + 1, |out| ati!(ati_to_tuple(p, out, n)))?)
         }
         6 => {
             let n = ati!(ati_length(p))?;
@@ -272,11 +311,13 @@ pub(crate) fn from_c(v: OwnedIValue) -> Result<IValue> {
         }
         12 => {
             let n = ati!(ati_length(p))?;
-            IValue::GenericList(children(n, |out| ati!(ati_to_generic_list(p, out, n)))?)
+            IValue::GenericList(children(n, depth + 1, |out| {
+                ati!(ati_to_generic_list(p, out, n))
+            })?)
         }
         13 => {
             let n = ati!(ati_length(p))?;
-            let flat = children(n.saturating_mul(2), |out| {
+            let flat = children(n.saturating_mul(2), depth + 1, |out| {
                 ati!(ati_to_generic_dict(p, out, n))
             })?;
             let mut it = flat.into_iter();

@@ -114,20 +114,22 @@ impl Config {
     /// Reads and checks `path` (a transformer's `config.json`).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Config> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        // A FIFO or device in place of the file is refused instead of waited on.
+        let text = crate::load::read_regular_to_string(path)?;
         Config::from_json(&text).map_err(|source| Error::Config {
             path: path.to_owned(),
             source,
         })
     }
 
-    /// Checks that the sizes are positive, that the head dimension splits into the three
-    /// rotary axes, and that the model is text-to-video (no image conditioning).
+    /// Checks that the sizes are positive and within [`Config::MAX_SIZES`] (far above every
+    /// released Wan model's), that the model width and the model's size in float32 stay within
+    /// [`Config::MAX_INNER_DIM`] and [`Config::MAX_PARAMETER_BYTES`], that the head dimension
+    /// splits into the three rotary axes, and that the model is text-to-video (no image
+    /// conditioning). A config that passes builds without overflow in any size the model
+    /// computes from it.
     pub fn validate(&self) -> std::result::Result<(), ConfigError> {
-        let positive = [
+        let sizes = [
             ("num_attention_heads", self.num_attention_heads),
             ("attention_head_dim", self.attention_head_dim),
             ("in_channels", self.in_channels),
@@ -141,13 +143,47 @@ impl Config {
             ("patch_size[1]", self.patch_size[1]),
             ("patch_size[2]", self.patch_size[2]),
         ];
-        for (field, value) in positive {
+        for (field, value) in sizes {
             if value <= 0 {
                 return Err(ConfigError::Invalid {
                     field,
                     reason: format!("is {value}, must be positive"),
                 });
             }
+            let max = Config::max_size(field);
+            if value > max {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: format!(
+                        "is {value}, must be at most {max} (no Wan model comes near; is the config.json right?)"
+                    ),
+                });
+            }
+        }
+        // Each factor is at most 1024 (checked above): no overflow.
+        let inner = self.num_attention_heads * self.attention_head_dim;
+        if inner > Config::MAX_INNER_DIM {
+            return Err(ConfigError::Invalid {
+                field: "num_attention_heads * attention_head_dim",
+                reason: format!(
+                    "is {inner} (the model width), must be at most {}",
+                    Config::MAX_INNER_DIM
+                ),
+            });
+        }
+        let params = self.num_parameters();
+        let bytes = params.and_then(|n| n.checked_mul(4));
+        if bytes.is_none_or(|b| b > Config::MAX_PARAMETER_BYTES) {
+            let big = || "more than 2^64".to_owned();
+            return Err(ConfigError::Invalid {
+                field: "parameters",
+                reason: format!(
+                    "would take {} bytes in float32 ({} parameters), must be at most {} bytes (1 TiB): check num_layers, ffn_dim, num_attention_heads, attention_head_dim, in_channels and patch_size",
+                    bytes.map_or_else(big, |b| b.to_string()),
+                    params.map_or_else(big, |n| n.to_string()),
+                    Config::MAX_PARAMETER_BYTES
+                ),
+            });
         }
         if self.freq_dim % 2 != 0 {
             return Err(ConfigError::Invalid {
@@ -186,6 +222,73 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The largest value each size key may have: far above every released Wan2.1 and Wan2.2
+    /// model (Wan2.1-14B: 40 heads of 128, ffn 13824, 40 layers, 16 channels, text 4096, patch
+    /// 1x2x2, rope 1024; Wan2.2 TI2V-5B: 48 channels), low enough that nothing the model
+    /// computes from them overflows.
+    pub const MAX_SIZES: [(&'static str, i64); 10] = [
+        ("num_attention_heads", 1024),
+        ("attention_head_dim", 1024),
+        ("in_channels", 4096),
+        ("out_channels", 4096),
+        ("text_dim", 65536),
+        ("freq_dim", 65536),
+        ("ffn_dim", 1 << 20),
+        ("num_layers", 1024),
+        ("rope_max_seq_len", 65536),
+        ("patch_size", 64),
+    ];
+    /// The largest model width, `num_attention_heads * attention_head_dim` (Wan2.1-14B: 5120).
+    pub const MAX_INNER_DIM: i64 = 65536;
+    /// The largest model size in float32 bytes, 1 TiB (Wan2.1-14B: 57 GB).
+    pub const MAX_PARAMETER_BYTES: u64 = 1 << 40;
+
+    /// The bound of `field` in [`Config::MAX_SIZES`] (`patch_size[i]` is `patch_size`'s).
+    fn max_size(field: &str) -> i64 {
+        let key = field.split('[').next().unwrap_or(field);
+        Config::MAX_SIZES
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or(i64::MAX, |&(_, v)| v)
+    }
+
+    /// The model's number of parameters (every weight, bias, norm scale and modulation table
+    /// that [`WanTransformer3DModel`](crate::WanTransformer3DModel) builds), or `None` if it
+    /// does not fit a `u64` or a size is negative.
+    pub fn num_parameters(&self) -> Option<u64> {
+        let u = |v: i64| u64::try_from(v).ok();
+        let dim = u(self.num_attention_heads)?.checked_mul(u(self.attention_head_dim)?)?;
+        let [pt, ph, pw] = self.patch_size;
+        let patch = u(pt)?.checked_mul(u(ph)?)?.checked_mul(u(pw)?)?;
+        let linear = |i: u64, o: u64| i.checked_mul(o)?.checked_add(o);
+        let add = |xs: &[Option<u64>]| xs.iter().try_fold(0u64, |acc, x| acc.checked_add((*x)?));
+        let ffn = u(self.ffn_dim)?;
+        let attention = add(&[linear(dim, dim)?.checked_mul(4), dim.checked_mul(2)])?;
+        let norm2 = if self.cross_attn_norm {
+            dim.checked_mul(2)?
+        } else {
+            0
+        };
+        let block = add(&[
+            attention.checked_mul(2),
+            Some(norm2),
+            linear(dim, ffn),
+            linear(ffn, dim),
+            dim.checked_mul(6),
+        ])?;
+        add(&[
+            linear(u(self.in_channels)?.checked_mul(patch)?, dim),
+            linear(u(self.freq_dim)?, dim),
+            linear(dim, dim),
+            linear(dim, dim.checked_mul(6)?),
+            linear(u(self.text_dim)?, dim),
+            linear(dim, dim),
+            block.checked_mul(u(self.num_layers)?),
+            linear(dim, u(self.out_channels())?.checked_mul(patch)?),
+            dim.checked_mul(2),
+        ])
     }
 
     /// The model width, `num_attention_heads * attention_head_dim`.
@@ -274,5 +377,99 @@ mod tests {
         assert_eq!(e.to_string(), "num_layers is 0, must be positive");
         let e = Config::from_json(r#"{"patch_size": [1, 2]}"#).unwrap_err();
         assert!(matches!(e, ConfigError::Json(_)), "{e}");
+    }
+
+    /// Each size far beyond any Wan model, alone: refused naming the key and its bound.
+    #[test]
+    fn huge_sizes_are_refused_naming_the_key_and_the_bound() {
+        for (key, json) in [
+            (
+                "num_attention_heads",
+                r#"{"num_attention_heads": 1000000000000}"#,
+            ),
+            (
+                "attention_head_dim",
+                r#"{"attention_head_dim": 1099511627776}"#,
+            ),
+            ("patch_size[1]", r#"{"patch_size": [1, 1099511627776, 2]}"#),
+            (
+                "patch_size[0]",
+                r#"{"patch_size": [9223372036854775807, 2, 2]}"#,
+            ),
+            ("ffn_dim", r#"{"ffn_dim": 1125899906842624}"#),
+            ("rope_max_seq_len", r#"{"rope_max_seq_len": 1099511627776}"#),
+            ("num_layers", r#"{"num_layers": 1000000000}"#),
+            ("in_channels", r#"{"in_channels": 1000000000}"#),
+            ("out_channels", r#"{"out_channels": 1000000000}"#),
+            ("text_dim", r#"{"text_dim": 1000000000}"#),
+            ("freq_dim", r#"{"freq_dim": 1000000000}"#),
+        ] {
+            let e = Config::from_json(json).expect_err(json);
+            let text = e.to_string();
+            assert!(
+                matches!(&e, ConfigError::Invalid { field, .. } if *field == key),
+                "{json}: the error must name {key}: {text}"
+            );
+            assert!(
+                text.contains("at most"),
+                "{json}: the bound must be named: {text}"
+            );
+        }
+    }
+
+    /// Sizes each within its bound whose products are not: the model width, then the model's
+    /// size in bytes.
+    #[test]
+    fn products_of_sizes_are_checked() {
+        let e = Config::from_json(r#"{"num_attention_heads": 1000, "attention_head_dim": 1000}"#)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("num_attention_heads * attention_head_dim is 1000000"),
+            "{e}"
+        );
+        let e = Config::from_json(
+            r#"{"num_attention_heads": 512, "attention_head_dim": 128, "ffn_dim": 500000, "num_layers": 1000}"#,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ConfigError::Invalid {
+                    field: "parameters",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("bytes"), "{e}");
+        // Every released Wan2.1/2.2 text-to-video transformer passes.
+        Config::wan2_1_t2v_14b().validate().unwrap();
+        Config::wan2_1_t2v_1_3b().validate().unwrap();
+        let ti2v_5b = Config {
+            num_attention_heads: 24,
+            in_channels: 48,
+            out_channels: Some(48),
+            ffn_dim: 14336,
+            num_layers: 30,
+            ..Config::default()
+        };
+        ti2v_5b.validate().unwrap();
+    }
+
+    /// A crafted config.json on disk: the error names the file and the key.
+    #[test]
+    fn a_crafted_config_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("wan-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        std::fs::write(&path, r#"{"attention_head_dim": 4611686018427387904}"#).unwrap();
+        let e = Config::from_file(&path).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("config.json") && text.contains("attention_head_dim"),
+            "{text}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::config::ConfigError;
 use crate::scheduler::SchedulerError;
+use crate::vae::VaeConfigError;
 use std::path::PathBuf;
 
 /// A tensor whose shape in the checkpoint differs from the model's.
@@ -96,6 +97,22 @@ pub enum Error {
         /// What is wrong.
         source: ConfigError,
     },
+    /// A VAE `config.json` (or a [`crate::VaeConfig`] built in code) that does not parse or is
+    /// not supported.
+    VaeConfig {
+        /// The file (`None` for a configuration built in code).
+        path: Option<PathBuf>,
+        /// What is wrong.
+        source: VaeConfigError,
+    },
+    /// A VAE checkpoint that does not match the decoder (the encoder's tensors are not
+    /// compared).
+    VaeMismatch {
+        /// The checkpoint (a directory or a file).
+        path: PathBuf,
+        /// The differences.
+        mismatch: Box<Mismatch>,
+    },
     /// A safetensors file or shard index that is not well formed.
     Format {
         /// The file.
@@ -131,6 +148,24 @@ pub enum Error {
         /// libtorch's error.
         source: tch::TchError,
     },
+    /// A pipeline directory (or a set of components) that is not a Wan2.1 text-to-video
+    /// pipeline this crate runs: a missing component, another pipeline class, components that do
+    /// not fit together.
+    Pipeline {
+        /// The directory (empty for components built in code).
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The caller's block loop (a [`crate::BlockLoop`], e.g. an offload manager's) failed.
+    Blocks(Box<dyn std::error::Error + Send + Sync + 'static>),
+}
+
+impl Error {
+    /// An error of a [`crate::BlockLoop`] implementation (e.g. an offload manager's upload).
+    pub fn blocks(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error::Blocks(Box::new(e))
+    }
 }
 
 /// `Result` with this crate's [`Error`].
@@ -141,6 +176,16 @@ impl std::fmt::Display for Error {
         match self {
             Error::Io { path, source } => write!(f, "reading {}: {source}", path.display()),
             Error::Config { path, source } => write!(f, "{}: {source}", path.display()),
+            Error::VaeConfig {
+                path: Some(path),
+                source,
+            } => write!(f, "{}: {source}", path.display()),
+            Error::VaeConfig { path: None, source } => write!(f, "VAE config: {source}"),
+            Error::VaeMismatch { path, mismatch } => write!(
+                f,
+                "{} does not match the VAE's decoder (names as diffusers' AutoencoderKLWan, e.g. decoder.conv_in.weight):\n{mismatch}",
+                path.display()
+            ),
             Error::Format { path, reason } => write!(f, "{}: {reason}", path.display()),
             Error::Mismatch { path, mismatch } => write!(
                 f,
@@ -151,6 +196,8 @@ impl std::fmt::Display for Error {
             Error::SchedulerConfig { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Scheduler(source) => write!(f, "scheduler: {source}"),
             Error::Torch { context, source } => write!(f, "{context}: {source}"),
+            Error::Pipeline { path, reason } => write!(f, "{}: {reason}", path.display()),
+            Error::Blocks(e) => write!(f, "the block loop failed: {e}"),
         }
     }
 }
@@ -160,6 +207,7 @@ impl std::error::Error for Error {
         match self {
             Error::Io { source, .. } => Some(source),
             Error::Config { source, .. } => Some(source),
+            Error::VaeConfig { source, .. } => Some(source),
             Error::SchedulerConfig { source, .. } => Some(source),
             Error::Scheduler(source) => Some(source),
             Error::Torch { source, .. } => Some(source),

@@ -38,8 +38,12 @@ mod config;
 mod error;
 mod load;
 mod model;
+pub mod pipeline;
 mod rope;
 pub mod scheduler;
+pub mod tokenizer;
+pub mod umt5;
+mod vae;
 
 pub use block::{Attention, Block};
 pub use config::{Config, ConfigError};
@@ -48,8 +52,15 @@ pub use load::{
     INDEX_FILE, TensorInfo, WEIGHTS_FILE, checkpoint_files, compare, load_checkpoint, read_header,
 };
 pub use model::{Embedded, KEEP_IN_FP32_MODULES, WanTransformer3DModel, keeps_fp32, set_kind};
+pub use pipeline::{BlockLoop, Component, ModelIndex, Request, Resident, Step, WanPipeline};
 pub use rope::{Rotary, RotaryEmbedding};
 pub use scheduler::{Scheduler, SchedulerError};
+pub use tokenizer::{Encoded, WanTokenizer, prompt_clean};
+pub use umt5::{TextEmbedded, UMT5EncoderModel, Umt5Config};
+pub use vae::{
+    CACHE_T, DecodeStats, ENCODER_PREFIXES, MAX_CHANNELS, MAX_LEVELS, MAX_RES_BLOCKS, VaeConfig,
+    VaeConfigError, VideoChunk, WanVae, load_decoder, to_frames,
+};
 
 /// Reads `dir/config.json`, builds the model under `vs`'s root, converts it to `kind` (float32
 /// where diffusers keeps it) and loads the directory's weights.

@@ -9,6 +9,7 @@
 use crate::error::{DtypeMismatch, Error, Mismatch, Result, ShapeMismatch};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::{Tensor, nn};
@@ -38,7 +39,65 @@ struct RawInfo {
     data_offsets: [u64; 2],
 }
 
+/// Opens `path` for reading if it is a regular file, without blocking: a FIFO (which `open`
+/// would wait on for a writer forever), a device, a socket or a directory is an [`Error::Io`]
+/// saying it is not a regular file. The file is opened with `O_NONBLOCK`, checked with `fstat`
+/// on the open descriptor (so it cannot be swapped in between), and `O_NONBLOCK` is cleared.
+pub(crate) fn open_regular(path: &Path) -> Result<File> {
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    use std::os::unix::io::AsRawFd as _;
+    let io = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io)?;
+    let t = f.metadata().map_err(io)?.file_type();
+    if !t.is_file() {
+        let what = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("is {what}, not a regular file"),
+        )));
+    }
+    let fd = f.as_raw_fd();
+    // SAFETY: `fd` is the open descriptor of `f`, which outlives both calls; F_GETFL and
+    // F_SETFL read and set its status flags and touch no memory.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    Ok(f)
+}
+
+/// The contents of the regular file `path` as text (see [`open_regular`]).
+pub(crate) fn read_regular_to_string(path: &Path) -> Result<String> {
+    let mut text = String::new();
+    open_regular(path)?
+        .read_to_string(&mut text)
+        .map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(text)
+}
+
 /// Reads the header of the safetensors file `path`: each tensor's element type and shape.
+/// `path` must be a regular file (a FIFO is refused at once, see [`checkpoint_files`]).
 pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
     let io = |source| Error::Io {
         path: path.to_owned(),
@@ -48,7 +107,7 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
         path: path.to_owned(),
         reason,
     };
-    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut f = open_regular(path)?;
     let file_len = f.metadata().map_err(io)?.len();
     let mut len = [0u8; 8];
     f.read_exact(&mut len)
@@ -95,17 +154,22 @@ struct Index {
 }
 
 /// The safetensors files of `path`: the file itself, or in a directory the shards its index
-/// lists (in name order), or its single weights file.
+/// lists (in name order), or its single weights file. Only regular files are read: an index
+/// that is a FIFO (or a device, or a directory) is an error, as is such a file listed here when
+/// [`read_header`] or [`load_checkpoint`] opens it.
 pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
-    if path.is_file() {
+    let is_dir = std::fs::metadata(path)
+        .map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?
+        .is_dir();
+    if !is_dir {
         return Ok(vec![path.to_owned()]);
     }
     let index = path.join(INDEX_FILE);
-    if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
-            path: index.clone(),
-            source,
-        })?;
+    if index.symlink_metadata().is_ok() {
+        let text = read_regular_to_string(&index)?;
         let parsed: Index = serde_json::from_str(&text).map_err(|e| Error::Format {
             path: index.clone(),
             reason: format!("not a shard index: {e}"),
@@ -122,7 +186,7 @@ pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
         return Ok(shards.into_iter().map(|s| path.join(s)).collect());
     }
     let single = path.join(WEIGHTS_FILE);
-    if single.is_file() {
+    if single.symlink_metadata().is_ok() {
         return Ok(vec![single]);
     }
     Err(Error::Io {
@@ -207,6 +271,8 @@ pub fn load_checkpoint(vs: &nn::VarStore, path: impl AsRef<Path>) -> Result<()> 
         });
     }
     for f in &files {
+        // tch opens the file by name: check again that it is still a regular file.
+        drop(open_regular(f)?);
         let tensors = Tensor::read_safetensors(f).map_err(|source| Error::Torch {
             context: format!("reading {}", f.display()),
             source,

@@ -208,7 +208,9 @@ impl WanTransformer3DModel {
     /// Patch-embeds `latents` `[batch, in_channels, frames, height, width]` (frames, height and
     /// width multiples of the patch size), embeds `timestep` `[batch]` (0..1000) and projects
     /// the text embeddings `text` `[batch, text_tokens, text_dim]`. Inputs are converted to the
-    /// model's type.
+    /// model's type. Every shape is checked before any kernel runs: a batch of 0, batches that
+    /// differ between the three inputs, another channel count, sizes that are not positive
+    /// multiples of the patch, or no text token are [`Error::Input`].
     pub fn embed(&self, latents: &Tensor, timestep: &Tensor, text: &Tensor) -> Result<Embedded> {
         let c = &self.config;
         let size = latents.size();
@@ -218,6 +220,11 @@ impl WanTransformer3DModel {
                 "latents must be [batch, channels, frames, height, width], got {size:?}"
             ));
         };
+        if b < 1 {
+            return bad(format!(
+                "latents {size:?} have a batch of {b}: the batch must be at least 1"
+            ));
+        }
         if ch != c.in_channels {
             return bad(format!(
                 "latents have {ch} channels, the model takes {}",
@@ -245,6 +252,11 @@ impl WanTransformer3DModel {
             return bad(format!(
                 "text embeddings must be [{b}, tokens, {}], got {ts:?}",
                 c.text_dim
+            ));
+        }
+        if ts[1] < 1 {
+            return bad(format!(
+                "text embeddings {ts:?} have no token: cross-attention needs at least one"
             ));
         }
         let kind = self.patch_weight.kind();

@@ -206,3 +206,35 @@ pub fn every_pattern() -> [Vec<u8>; 2] {
     }
     [values(0..=u16::MAX), values(shuffled)]
 }
+
+/// `encoded` (format version 2) rewritten in version 1's layout: the 32-byte header without
+/// checksum, every chunk 16 bytes earlier. For the tests that pin the chunk bytes across the
+/// header change and check that old encodings are refused by their version.
+pub fn as_version1(encoded: &[u8]) -> Vec<u8> {
+    const V2_HEADER: usize = 48;
+    const V1_HEADER: usize = 32;
+    let n_chunks = u32::from_le_bytes(encoded[12..16].try_into().unwrap()) as usize;
+    let mut v1 = Vec::with_capacity(encoded.len() - 16);
+    v1.extend_from_slice(&encoded[..V1_HEADER]);
+    v1.extend_from_slice(&encoded[V2_HEADER..]);
+    v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+    let len = v1.len() as u64;
+    v1[24..32].copy_from_slice(&len.to_le_bytes());
+    for i in 0..n_chunks {
+        let at = V1_HEADER + 16 * i;
+        let offset = u64::from_le_bytes(v1[at..at + 8].try_into().unwrap()) - 16;
+        v1[at..at + 8].copy_from_slice(&offset.to_le_bytes());
+    }
+    v1
+}
+
+/// Writes the checksum of `encoded`'s bytes into its header (CRC-32 of every byte but the four
+/// at 32..36, as the format defines it), so that a test can change bytes on purpose and reach
+/// the structural checks behind the checksum.
+pub fn reseal(encoded: &mut [u8]) {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&encoded[..32]);
+    h.update(&encoded[36..]);
+    let c = h.finalize();
+    encoded[32..36].copy_from_slice(&c.to_le_bytes());
+}

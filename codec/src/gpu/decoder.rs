@@ -289,6 +289,12 @@ impl GpuDecoder {
     /// skipped where refused and reported by [`synchronize_and_check`](Self::synchronize_and_check);
     /// the kernel never reads or writes outside the two ranges. Errors here are launch errors.
     ///
+    /// The kernel checks the encoding's structure, not its checksum: bytes that changed but
+    /// still parse decode to other bytes. Bytes that came from outside this process (a file,
+    /// another process's shared memory) must be checked on the host with
+    /// [`verify`](crate::verify) before they are uploaded; an encoding made in this process by
+    /// [`Encoder`](crate::Encoder) and kept in its memory needs no check.
+    ///
     /// # Safety
     /// - `encoded_dev..+encoded_len` is device memory of this device's context, readable, and
     ///   not written until the decode is done; `out_dev..+out_len` likewise writable and neither

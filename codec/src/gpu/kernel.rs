@@ -45,6 +45,10 @@ pub(crate) const THREADS: u32 = 256;
 /// The current kernel's CUDA C source. No includes: NVRTC needs no CUDA headers for it. Its
 /// tuning macros (`UNROLL`, `UNROLL_WIDE`, `MIN_BLOCKS`, `EXC_SHARED`) may be defined before it.
 pub(crate) const SOURCE: &str = r#"
+/* The encoding's format (crate::format::HEADER_LEN and VERSION; a test checks they agree). */
+#define HEADER_BYTES 48
+#define FORMAT_VERSION 2u
+
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -365,7 +369,7 @@ struct Entry {
 };
 
 __device__ __forceinline__ Entry load_entry(const u8* enc, u32 c, u32 n_chunks, u64 enc_len) {
-    const u8* entry = enc + 32ull + 16ull * c;
+    const u8* entry = enc + (u64)HEADER_BYTES + 16ull * c;
     Entry e;
     e.off = ld64(entry);
     e.n_exc = ld32(entry + 8);
@@ -388,8 +392,8 @@ lwbc_decode(const u8* __restrict__ enc, u64 enc_len, u8* __restrict__ out, u64 o
     const u32 tid = threadIdx.x;
     const bool leader = blockIdx.x == 0 && tid == 0;
 
-    // Header (32 bytes), read by every block.
-    if (enc_len < 32) { if (leader) raise_status(status, STATUS_HEADER); return; }
+    // Header (HEADER_BYTES), read by every block.
+    if (enc_len < HEADER_BYTES) { if (leader) raise_status(status, STATUS_HEADER); return; }
     const u32 magic = ld32(enc);
     const u32 w1 = ld32(enc + 4);
     const u32 cv = ld32(enc + 8);
@@ -397,8 +401,8 @@ lwbc_decode(const u8* __restrict__ enc, u64 enc_len, u8* __restrict__ out, u64 o
     const u64 n_values = ld64(enc + 16);
     const u64 encoded_len = ld64(enc + 24);
     const u32 version = w1 & 0xffffu, tail_len = (w1 >> 16) & 0xffu, tail_byte = w1 >> 24;
-    const u64 data_offset = 32ull + 16ull * n_chunks;
-    const bool header_ok = magic == 0x4342574Cu /* "LWBC" */ && version == 1u && tail_len <= 1u
+    const u64 data_offset = (u64)HEADER_BYTES + 16ull * n_chunks;
+    const bool header_ok = magic == 0x4342574Cu /* "LWBC" */ && version == FORMAT_VERSION && tail_len <= 1u
         && cv >= 256u && cv <= (1u << 22) && cv % 256u == 0u && n_values <= (~0ull >> 2)
         && (u64)n_chunks == (n_values + cv - 1) / cv && encoded_len == enc_len
         && n_values * 2ull + tail_len == out_len && data_offset <= enc_len;
@@ -469,6 +473,10 @@ lwbc_decode(const u8* __restrict__ enc, u64 enc_len, u8* __restrict__ out, u64 o
 
 /// The first kernel's CUDA C source (runtime k, a block-wide scan per 8192 values).
 pub(crate) const BASELINE_SOURCE: &str = r#"
+/* The encoding's format (crate::format::HEADER_LEN and VERSION; a test checks they agree). */
+#define HEADER_BYTES 48
+#define FORMAT_VERSION 2u
+
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -503,8 +511,8 @@ lwbc_decode(const u8* __restrict__ enc, u64 enc_len, u8* __restrict__ out, u64 o
     const u32 tid = threadIdx.x;
     const bool leader = blockIdx.x == 0 && tid == 0;
 
-    // Header (32 bytes), read by every block.
-    if (enc_len < 32) { if (leader) raise_status(status, STATUS_HEADER); return; }
+    // Header (HEADER_BYTES), read by every block.
+    if (enc_len < HEADER_BYTES) { if (leader) raise_status(status, STATUS_HEADER); return; }
     const u32 magic = ld32(enc);
     const u32 w1 = ld32(enc + 4);
     const u32 cv = ld32(enc + 8);
@@ -512,8 +520,8 @@ lwbc_decode(const u8* __restrict__ enc, u64 enc_len, u8* __restrict__ out, u64 o
     const u64 n_values = ld64(enc + 16);
     const u64 encoded_len = ld64(enc + 24);
     const u32 version = w1 & 0xffffu, tail_len = (w1 >> 16) & 0xffu, tail_byte = w1 >> 24;
-    const u64 data_offset = 32ull + 16ull * n_chunks;
-    const bool header_ok = magic == 0x4342574Cu /* "LWBC" */ && version == 1u && tail_len <= 1u
+    const u64 data_offset = (u64)HEADER_BYTES + 16ull * n_chunks;
+    const bool header_ok = magic == 0x4342574Cu /* "LWBC" */ && version == FORMAT_VERSION && tail_len <= 1u
         && cv >= 256u && cv <= (1u << 22) && cv % 256u == 0u && n_values <= (~0ull >> 2)
         && (u64)n_chunks == (n_values + cv - 1) / cv && encoded_len == enc_len
         && n_values * 2ull + tail_len == out_len && data_offset <= enc_len;
@@ -523,7 +531,7 @@ lwbc_decode(const u8* __restrict__ enc, u64 enc_len, u8* __restrict__ out, u64 o
     const u32 lane = tid & 31u, warp = tid >> 5;
     for (u32 c = blockIdx.x; c < n_chunks; c += gridDim.x) {
         // Directory entry: offset, exceptions, mode | k << 8 | reserved << 16.
-        const u8* entry = enc + 32ull + 16ull * c;
+        const u8* entry = enc + (u64)HEADER_BYTES + 16ull * c;
         const u64 off = ld64(entry);
         const u32 n_exc = ld32(entry + 8);
         const u32 mk = ld32(entry + 12);
