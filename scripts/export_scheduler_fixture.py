@@ -6,6 +6,9 @@ and model outputs with every step's output. tests/wan_scheduler.rs compares the 
 
     .venv/bin/python scripts/export_scheduler_fixture.py [--out tests/fixtures/schedulers]
 
+With --device cuda (on a CUDA host, --out elsewhere) the same chains run there; tests/wan_scheduler.rs
+compares its CUDA steps with such a directory when SCHEDULER_CUDA_FIXTURE names it.
+
 Files: cases.json (one entry per configuration and step count: the configuration as
 scheduler_config.json would hold it, timesteps, sigmas, and the runs) and runs.safetensors (the
 inputs, shared by all cases with the same step count and dtypes, and each run's outputs).
@@ -62,6 +65,15 @@ CONFIGS = {
     "unipc_disable_corrector_0": {**WAN, "disable_corrector": [0]},
     "unipc_disable_corrector_0_2_order3": {**WAN, "disable_corrector": [0, 2], "solver_order": 3},
     "unipc_trailing_shift1": {**WAN, "timestep_spacing": "trailing", "flow_shift": 1.0},
+    # Without flow sigmas (image models' configurations; WanPipeline does not use them).
+    "unipc_flow_sigmas_epsilon": {**WAN, "prediction_type": "epsilon"},
+    "unipc_epsilon_linear": {"_class_name": "UniPCMultistepScheduler"},
+    "unipc_epsilon_leading_sigma_min": {"_class_name": "UniPCMultistepScheduler", "timestep_spacing": "leading", "steps_offset": 1, "final_sigmas_type": "sigma_min"},
+    "unipc_v_scaled_linear_trailing": {"_class_name": "UniPCMultistepScheduler", "prediction_type": "v_prediction", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "trailing"},
+    "unipc_sample_order3_bh1": {"_class_name": "UniPCMultistepScheduler", "prediction_type": "sample", "solver_order": 3, "solver_type": "bh1"},
+    "unipc_epsilon_noise": {"_class_name": "UniPCMultistepScheduler", "predict_x0": False},
+    "unipc_v_noise_order3_sigma_min": {"_class_name": "UniPCMultistepScheduler", "prediction_type": "v_prediction", "predict_x0": False, "solver_order": 3, "final_sigmas_type": "sigma_min"},
+    "unipc_sample_noise_disable_corrector_1": {"_class_name": "UniPCMultistepScheduler", "prediction_type": "sample", "predict_x0": False, "disable_corrector": [1]},
     "euler_shift1": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0},
     "euler_shift7": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 7.0},
     "euler_shift3": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
@@ -90,21 +102,26 @@ def inputs(tensors, steps, dtypes):
     return key
 
 
+DEVICE = "cpu"
+
+
 def run(scheduler, tensors, steps, dtypes, out_key):
     key = inputs(tensors, steps, dtypes)
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(steps, device=DEVICE)  # as WanPipeline does
     scheduler.set_begin_index(0)  # as WanPipeline does
-    sample = tensors[key + "/sample"]
+    sample = tensors[key + "/sample"].to(DEVICE)
     record = {"model_output_dtype": dtypes[0], "sample_dtype": dtypes[1], "inputs": key, "outputs": out_key}
     for k, t in enumerate(scheduler.timesteps):
         try:
-            sample = scheduler.step(tensors[f"{key}/model_output/{k}"], t, sample, return_dict=False)[0]
-        except torch.linalg.LinAlgError as e:
-            # Order 3 at a final sigma of zero without lower_order_final: a singular system.
+            mo = tensors[f"{key}/model_output/{k}"].to(DEVICE)
+            sample = scheduler.step(mo, t, sample, return_dict=False)[0]
+        except RuntimeError as e:
+            # Order 3 at a final sigma of zero without lower_order_final: a singular system
+            # (LinAlgError); bf16 model outputs without predict_x0: einsum of float32 and bf16.
             record["error_at_step"] = k
             record["error"] = str(e)
             break
-        tensors[f"{out_key}/{k}"] = sample.contiguous()
+        tensors[f"{out_key}/{k}"] = sample.contiguous().cpu()
     record["completed_steps"] = k + 1 if "error" not in record else k
     record["output_dtype"] = str(sample.dtype).removeprefix("torch.")
     return record
@@ -113,7 +130,10 @@ def run(scheduler, tensors, steps, dtypes, out_key):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "schedulers"))
+    ap.add_argument("--device", default="cpu", help="where the steps run (the inputs are drawn on the CPU)")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = a.device
     tensors = {}
     cases = []
     for name, config in CONFIGS.items():
@@ -150,6 +170,7 @@ def main():
 
     with open(os.path.join(a.out, "cases.json"), "w") as f:
         json.dump({"versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "numpy": numpy.__version__},
+               "device": str(torch.cuda.get_device_name(0)) if DEVICE.startswith("cuda") else DEVICE,
                    "shape": list(SHAPE), "cases": cases}, f, indent=1)
         f.write("\n")
     print("wrote", a.out, len(cases), "cases", len(tensors), "tensors")

@@ -13,9 +13,10 @@
 //!
 //! ```
 //! use tch::{Device, Kind, Tensor};
-//! use wan::scheduler::{Scheduler, UniPcConfig};
+//! use wan::scheduler::{Scheduler, UniPcConfig, UniPcMultistepScheduler};
 //!
-//! let mut scheduler = Scheduler::from(UniPcConfig::wan2_1());
+//! // Or Scheduler::from_file(pipeline_dir.join("scheduler/scheduler_config.json"))?
+//! let mut scheduler = Scheduler::from(UniPcMultistepScheduler::new(UniPcConfig::wan2_1())?);
 //! scheduler.set_timesteps(4)?;
 //! scheduler.set_begin_index(0); // as WanPipeline does
 //! let mut latents = Tensor::randn([1, 4, 2, 3, 3], (Kind::Float, Device::Cpu));
@@ -28,16 +29,28 @@
 //! # Ok::<(), wan::Error>(())
 //! ```
 //!
-//! Supported: what Wan's pipelines configure. A known key with a value that is not implemented
-//! (thresholding, Karras/exponential/beta sigmas, dynamic shifting, non-flow UniPC, ...) is refused
-//! with [`SchedulerError::Unsupported`] naming the key; unknown keys are ignored, as diffusers
-//! does.
+//! Supported: UniPC with flow sigmas (Wan's: `flow_prediction`, any `flow_shift`,
+//! `solver_order` 1 and up, `bh1`/`bh2`, `lower_order_final`, `final_sigmas_type` `zero` or
+//! `sigma_min`, `disable_corrector`), UniPC with the sigmas of a `linear` or `scaled_linear` beta
+//! schedule (`epsilon`, `sample`, `v_prediction`; `predict_x0` true or false; `linspace`,
+//! `leading` or `trailing` spacing), and Euler with a static `shift`. A known key with a value
+//! that is not implemented (thresholding, Karras/exponential/beta sigmas, dynamic shifting,
+//! `shift_terminal`, `solver_p`, `trained_betas`, `squaredcos_cap_v2`, zero-SNR rescaling,
+//! inverted or stochastic Euler) is refused with [`SchedulerError::Unsupported`] naming the key;
+//! unknown keys are ignored, as diffusers does.
+//!
+//! Where diffusers fails or gives NaN, so does this crate: `bh1` with a final sigma of zero ends
+//! in NaN; order 3 without `lower_order_final` at a final sigma of zero is a singular system;
+//! `predict_x0` false with `epsilon`/`sample` prediction and bf16 model outputs on float32
+//! samples fails in `einsum` (both [`SchedulerError::Torch`]).
 
 mod flow_match;
 mod unipc;
+mod unipc_config;
 
 pub use flow_match::{FlowMatchEulerConfig, FlowMatchEulerDiscreteScheduler};
-pub use unipc::{SolverType, UniPcConfig, UniPcMultistepScheduler};
+pub use unipc::UniPcMultistepScheduler;
+pub use unipc_config::{SolverType, UniPcConfig};
 
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -92,11 +105,15 @@ pub enum SchedulerError {
         /// The sample's shape.
         sample: Vec<i64>,
     },
-    /// The UniPC order-`order` linear system is singular (diffusers fails the same way, e.g. with
-    /// `solver_order` 3, `lower_order_final` false and a final sigma of zero).
-    Solve {
+    /// A libtorch operation of a step failed where diffusers' fails too: UniPC's linear system
+    /// is singular (`solver_order` 3, `lower_order_final` false and a final sigma of zero), or
+    /// `einsum` got a bf16 model output and a float32 sample (`predict_x0` false with `epsilon`
+    /// or `sample` prediction keeps the model output's type).
+    Torch {
         /// The step.
         step: usize,
+        /// The operation (`linalg_solve`, `einsum`).
+        op: &'static str,
         /// libtorch's error.
         source: tch::TchError,
     },
@@ -140,8 +157,8 @@ impl std::fmt::Display for SchedulerError {
                 f,
                 "model output of shape {model_output:?} for a sample of shape {sample:?}: they must match, with batch and channel dimensions first"
             ),
-            SchedulerError::Solve { step, source } => {
-                write!(f, "step {step}: the UniPC coefficients' system: {source}")
+            SchedulerError::Torch { step, op, source } => {
+                write!(f, "step {step}: {op}: {source}")
             }
         }
     }
@@ -151,7 +168,7 @@ impl std::error::Error for SchedulerError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             SchedulerError::Json(e) => Some(e),
-            SchedulerError::Solve { source, .. } => Some(source),
+            SchedulerError::Torch { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -178,20 +195,15 @@ pub enum Scheduler {
     FlowMatchEuler(FlowMatchEulerDiscreteScheduler),
 }
 
-impl From<UniPcConfig> for Scheduler {
-    /// Panics if `config` is refused by [`UniPcMultistepScheduler::new`]; use that for a
-    /// configuration that was not checked.
-    fn from(config: UniPcConfig) -> Scheduler {
-        Scheduler::UniPc(UniPcMultistepScheduler::new(config).expect("a supported UniPC config"))
+impl From<UniPcMultistepScheduler> for Scheduler {
+    fn from(s: UniPcMultistepScheduler) -> Scheduler {
+        Scheduler::UniPc(s)
     }
 }
 
-impl From<FlowMatchEulerConfig> for Scheduler {
-    /// Panics if `config` is refused by [`FlowMatchEulerDiscreteScheduler::new`].
-    fn from(config: FlowMatchEulerConfig) -> Scheduler {
-        Scheduler::FlowMatchEuler(
-            FlowMatchEulerDiscreteScheduler::new(config).expect("a supported Euler config"),
-        )
+impl From<FlowMatchEulerDiscreteScheduler> for Scheduler {
+    fn from(s: FlowMatchEulerDiscreteScheduler) -> Scheduler {
+        Scheduler::FlowMatchEuler(s)
     }
 }
 

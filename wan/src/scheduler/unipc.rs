@@ -1,258 +1,12 @@
 //! diffusers' `UniPCMultistepScheduler` (`scheduling_unipc_multistep.py`, diffusers 0.42.1)
-//! with flow sigmas, `flow_prediction` and `predict_x0`: the configuration Wan2.1 ships.
+//! with flow sigmas, `flow_prediction` and `predict_x0` (the configuration Wan2.1 ships), and
+//! with the sigmas of a linear or scaled-linear beta schedule for `epsilon`, `sample` and
+//! `v_prediction` models.
 
-use super::{SchedulerError, check_shapes, json, linspace};
+use super::unipc_config::{Checked, Prediction, Spacing, check};
+use super::{SchedulerError, SolverType, UniPcConfig, check_shapes, linspace};
 use crate::error::Result;
-use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
-
-/// UniPC's B(h): `bh1` is `h`, `bh2` is `expm1(h)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SolverType {
-    /// `B(h) = h` (the UniPC paper recommends it for unconditional sampling under 10 steps).
-    Bh1,
-    /// `B(h) = e^h - 1` (Wan2.1's).
-    Bh2,
-}
-
-/// The keys of a `UniPCMultistepScheduler`'s `scheduler_config.json`, with diffusers'
-/// defaults for absent keys (unknown keys are ignored). [`UniPcMultistepScheduler::new`] checks
-/// which values are implemented.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct UniPcConfig {
-    /// Training timesteps (1000).
-    pub num_train_timesteps: i64,
-    /// Betas' start (unused with flow sigmas).
-    pub beta_start: f64,
-    /// Betas' end (unused with flow sigmas).
-    pub beta_end: f64,
-    /// `linear`, `scaled_linear` or `squaredcos_cap_v2` (unused with flow sigmas).
-    pub beta_schedule: String,
-    /// Explicit betas (unused with flow sigmas).
-    pub trained_betas: Option<Vec<f64>>,
-    /// The order of the predictor (1 or more; Wan: 2).
-    pub solver_order: i64,
-    /// What the model predicts; only `flow_prediction` is implemented.
-    pub prediction_type: String,
-    /// Dynamic thresholding; only `false` is implemented.
-    pub thresholding: bool,
-    /// Thresholding's quantile (unused).
-    pub dynamic_thresholding_ratio: f64,
-    /// Thresholding's bound (unused).
-    pub sample_max_value: f64,
-    /// Update on the predicted x0; only `true` is implemented (diffusers refuses `false` with
-    /// `flow_prediction`).
-    pub predict_x0: bool,
-    /// `bh1` or `bh2` (`midpoint`, `heun` and `logrho` mean `bh2`, as in diffusers).
-    pub solver_type: String,
-    /// Lower the order on the final steps.
-    pub lower_order_final: bool,
-    /// Steps whose corrector is skipped (the corrector of step `i` runs at step `i + 1`).
-    pub disable_corrector: Vec<i64>,
-    /// Another scheduler as predictor; only `null` is implemented.
-    pub solver_p: Option<serde_json::Value>,
-    /// Karras sigmas; only `false` is implemented.
-    pub use_karras_sigmas: bool,
-    /// Exponential sigmas; only `false` is implemented.
-    pub use_exponential_sigmas: bool,
-    /// Beta sigmas; only `false` is implemented.
-    pub use_beta_sigmas: bool,
-    /// Flow-matching sigmas; only `true` is implemented.
-    pub use_flow_sigmas: bool,
-    /// The flow shift (Wan2.1: 3.0 for 480p, 5.0 for 720p).
-    pub flow_shift: f64,
-    /// `linspace`, `leading` or `trailing` (no effect with flow sigmas, checked as diffusers does).
-    pub timestep_spacing: String,
-    /// Offset of `leading` spacing (no effect with flow sigmas).
-    pub steps_offset: i64,
-    /// The final sigma: `zero` or `sigma_min` (the last sigma of the schedule).
-    pub final_sigmas_type: String,
-    /// Zero-terminal-SNR betas (no effect with flow sigmas).
-    pub rescale_betas_zero_snr: bool,
-    /// Resolution-dependent shifting; only `false` is implemented.
-    pub use_dynamic_shifting: bool,
-    /// The dynamic shift's form (unused).
-    pub time_shift_type: String,
-    /// Karras/exponential sigmas' bound (unused).
-    pub sigma_min: Option<f64>,
-    /// Karras/exponential sigmas' bound (unused).
-    pub sigma_max: Option<f64>,
-    /// Stretch the schedule to end here; only `null` is implemented.
-    pub shift_terminal: Option<f64>,
-}
-
-impl Default for UniPcConfig {
-    /// diffusers' defaults of `UniPCMultistepScheduler.__init__` (epsilon prediction, which this
-    /// crate refuses: start from [`UniPcConfig::wan2_1`] instead).
-    fn default() -> UniPcConfig {
-        UniPcConfig {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: "linear".into(),
-            trained_betas: None,
-            solver_order: 2,
-            prediction_type: "epsilon".into(),
-            thresholding: false,
-            dynamic_thresholding_ratio: 0.995,
-            sample_max_value: 1.0,
-            predict_x0: true,
-            solver_type: "bh2".into(),
-            lower_order_final: true,
-            disable_corrector: Vec::new(),
-            solver_p: None,
-            use_karras_sigmas: false,
-            use_exponential_sigmas: false,
-            use_beta_sigmas: false,
-            use_flow_sigmas: false,
-            flow_shift: 1.0,
-            timestep_spacing: "linspace".into(),
-            steps_offset: 0,
-            final_sigmas_type: "zero".into(),
-            rescale_betas_zero_snr: false,
-            use_dynamic_shifting: false,
-            time_shift_type: "exponential".into(),
-            sigma_min: None,
-            sigma_max: None,
-            shift_terminal: None,
-        }
-    }
-}
-
-impl UniPcConfig {
-    /// Wan2.1's `scheduler/scheduler_config.json` (`Wan-AI/Wan2.1-T2V-*-Diffusers`): flow sigmas,
-    /// `flow_shift` 3.0, order 2, `bh2`, final sigma zero.
-    pub fn wan2_1() -> UniPcConfig {
-        UniPcConfig {
-            prediction_type: "flow_prediction".into(),
-            use_flow_sigmas: true,
-            flow_shift: 3.0,
-            ..UniPcConfig::default()
-        }
-    }
-}
-
-/// The checked configuration.
-#[derive(Debug, Clone)]
-struct Checked {
-    num_train_timesteps: i64,
-    order: usize,
-    solver_type: SolverType,
-    lower_order_final: bool,
-    disable_corrector: Vec<i64>,
-    flow_shift: f64,
-    final_sigma_min: bool,
-}
-
-fn check(c: &UniPcConfig) -> std::result::Result<Checked, SchedulerError> {
-    let unsupported = |key, value: String, supported| {
-        Err(SchedulerError::Unsupported {
-            key,
-            value,
-            supported,
-        })
-    };
-    if c.num_train_timesteps < 1 {
-        return Err(SchedulerError::Invalid {
-            key: "num_train_timesteps",
-            value: c.num_train_timesteps.to_string(),
-            reason: "must be positive",
-        });
-    }
-    if c.solver_order < 1 {
-        return Err(SchedulerError::Invalid {
-            key: "solver_order",
-            value: c.solver_order.to_string(),
-            reason: "must be 1 or more",
-        });
-    }
-    if !(c.flow_shift.is_finite() && c.flow_shift > 0.0) {
-        return Err(SchedulerError::Invalid {
-            key: "flow_shift",
-            value: c.flow_shift.to_string(),
-            reason: "must be positive",
-        });
-    }
-    let solver_type = match c.solver_type.as_str() {
-        "bh1" => SolverType::Bh1,
-        // diffusers registers these as bh2.
-        "bh2" | "midpoint" | "heun" | "logrho" => SolverType::Bh2,
-        _ => {
-            return Err(SchedulerError::Invalid {
-                key: "solver_type",
-                value: json(&c.solver_type),
-                reason: "must be \"bh1\" or \"bh2\"",
-            });
-        }
-    };
-    if !["linear", "scaled_linear", "squaredcos_cap_v2"].contains(&c.beta_schedule.as_str()) {
-        return Err(SchedulerError::Invalid {
-            key: "beta_schedule",
-            value: json(&c.beta_schedule),
-            reason: "must be \"linear\", \"scaled_linear\" or \"squaredcos_cap_v2\"",
-        });
-    }
-    if !["linspace", "leading", "trailing"].contains(&c.timestep_spacing.as_str()) {
-        return Err(SchedulerError::Invalid {
-            key: "timestep_spacing",
-            value: json(&c.timestep_spacing),
-            reason: "must be \"linspace\", \"leading\" or \"trailing\"",
-        });
-    }
-    let final_sigma_min = match c.final_sigmas_type.as_str() {
-        "zero" => false,
-        "sigma_min" => true,
-        _ => {
-            return Err(SchedulerError::Invalid {
-                key: "final_sigmas_type",
-                value: json(&c.final_sigmas_type),
-                reason: "must be \"zero\" or \"sigma_min\"",
-            });
-        }
-    };
-    const FLOW: &str = "only flow sigmas with flow_prediction and predict_x0 (Wan's) are";
-    if !c.use_flow_sigmas {
-        return unsupported("use_flow_sigmas", "false".into(), FLOW);
-    }
-    if c.prediction_type != "flow_prediction" {
-        return unsupported("prediction_type", json(&c.prediction_type), FLOW);
-    }
-    if !c.predict_x0 {
-        return unsupported("predict_x0", "false".into(), FLOW);
-    }
-    for (key, on) in [
-        ("thresholding", c.thresholding),
-        ("use_karras_sigmas", c.use_karras_sigmas),
-        ("use_exponential_sigmas", c.use_exponential_sigmas),
-        ("use_beta_sigmas", c.use_beta_sigmas),
-        ("use_dynamic_shifting", c.use_dynamic_shifting),
-    ] {
-        if on {
-            return unsupported(key, "true".into(), "only false is");
-        }
-    }
-    if let Some(p) = &c.solver_p
-        && !p.is_null()
-    {
-        return unsupported("solver_p", p.to_string(), "only null is");
-    }
-    // diffusers tests `if self.config.shift_terminal:`, so 0 is off too.
-    if let Some(t) = c.shift_terminal
-        && t != 0.0
-    {
-        return unsupported("shift_terminal", t.to_string(), "only null is");
-    }
-    Ok(Checked {
-        num_train_timesteps: c.num_train_timesteps,
-        order: c.solver_order as usize,
-        solver_type,
-        lower_order_final: c.lower_order_final,
-        disable_corrector: c.disable_corrector.clone(),
-        flow_shift: c.flow_shift,
-        final_sigma_min,
-    })
-}
 
 /// The schedule of one generation and the solver's memory of the previous steps.
 #[derive(Debug)]
@@ -272,14 +26,34 @@ struct State {
     begin_index: Option<usize>,
 }
 
-/// diffusers' `UniPCMultistepScheduler` for flow matching (see the module docs for what is
-/// implemented). Build it from a checked [`UniPcConfig`], call
+/// diffusers' `UniPCMultistepScheduler` (see the module docs for what is implemented). Build it from a checked [`UniPcConfig`], call
 /// [`set_timesteps`](UniPcMultistepScheduler::set_timesteps) before each generation.
 #[derive(Debug)]
 pub struct UniPcMultistepScheduler {
     config: UniPcConfig,
     checked: Checked,
+    /// Without flow sigmas: `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5` of the training
+    /// schedule (float32, diffusers' `self.sigmas` at `__init__`).
+    train_sigmas: Option<Tensor>,
     state: State,
+}
+
+/// The training schedule's sigmas of a non-flow configuration, with diffusers' float32 torch
+/// operations.
+fn train_sigmas(c: &UniPcConfig) -> Tensor {
+    let options = (Kind::Float, Device::Cpu);
+    let n = c.num_train_timesteps;
+    let betas = match () {
+        _ if c.beta_schedule == "scaled_linear" => {
+            Tensor::linspace(c.beta_start.powf(0.5), c.beta_end.powf(0.5), n, options)
+                .pow_tensor_scalar(2)
+        }
+        _ => Tensor::linspace(c.beta_start, c.beta_end, n, options),
+    };
+    let alphas: Tensor = 1.0 - betas;
+    let alphas_cumprod = alphas.cumprod(0, None::<Kind>);
+    let one_minus: Tensor = 1.0 - &alphas_cumprod;
+    (one_minus / &alphas_cumprod).pow_tensor_scalar(0.5)
 }
 
 /// `alpha`, `sigma` and `lambda = log(alpha) - log(sigma)` of one sigma, as 0-d float32 tensors
@@ -296,6 +70,7 @@ impl UniPcMultistepScheduler {
         let checked = check(&config)?;
         let order = checked.order;
         Ok(UniPcMultistepScheduler {
+            train_sigmas: (!checked.flow).then(|| train_sigmas(&config)),
             config,
             checked,
             state: State {
@@ -322,10 +97,12 @@ impl UniPcMultistepScheduler {
         self.checked.solver_type
     }
 
-    /// diffusers' `set_timesteps(steps)` with flow sigmas: sigmas
-    /// `linspace(1, 1/N, steps + 1)[:-1]` shifted by `flow_shift` (float64, the first lowered by
-    /// 1e-6 when it is 1), timesteps `sigma * N` truncated to integers, the final sigma appended,
-    /// all sigmas rounded to float32. Resets the previous generation's state.
+    /// diffusers' `set_timesteps(steps)`. With flow sigmas: sigmas `linspace(1, 1/N, steps +
+    /// 1)[:-1]` shifted by `flow_shift` (float64, the first lowered by 1e-6 when it is 1),
+    /// timesteps `sigma * N` truncated to integers. Without: integer timesteps spaced by
+    /// `timestep_spacing` (`trailing` may give another count than `steps`, as in diffusers) and
+    /// the training sigmas at them. Then the final sigma appended and all sigmas rounded to
+    /// float32. Resets the previous generation's state.
     pub fn set_timesteps(&mut self, steps: usize) -> Result<()> {
         if steps == 0 {
             return Err(SchedulerError::Invalid {
@@ -335,29 +112,24 @@ impl UniPcMultistepScheduler {
             }
             .into());
         }
-        let c = &self.checked;
-        let n = c.num_train_timesteps as f64;
-        let shift = c.flow_shift;
-        let mut sigmas: Vec<f64> = linspace(1.0, 1.0 / n, steps + 1)[..steps]
-            .iter()
-            .map(|&s| shift * s / (1.0 + (shift - 1.0) * s))
-            .collect();
-        let eps = 1e-6;
-        if (sigmas[0] - 1.0).abs() < eps {
-            sigmas[0] -= eps;
-        }
-        // `torch.from_numpy(float64).to(int64)`: truncation.
-        let timesteps = sigmas.iter().map(|&s| ((s * n) as i64) as f64).collect();
-        let last = if c.final_sigma_min {
-            sigmas[steps - 1]
+        let (timesteps, mut sigmas) = match &self.train_sigmas {
+            None => self.flow_sigmas(steps),
+            Some(train) => self.beta_sigmas(train, steps),
+        };
+        let last = if self.checked.final_sigma_min {
+            match &self.train_sigmas {
+                None => sigmas[sigmas.len() - 1],
+                // `((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5`
+                Some(train) => train.double_value(&[0]),
+            }
         } else {
             0.0
         };
         sigmas.push(last);
         let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
-        let order = c.order;
+        let order = self.checked.order;
         self.state = State {
-            timesteps,
+            timesteps: timesteps.iter().map(|&t| t as f64).collect(),
             sigmas_t: Tensor::from_slice(&sigmas),
             sigmas,
             model_outputs: (0..order).map(|_| None).collect(),
@@ -368,6 +140,68 @@ impl UniPcMultistepScheduler {
             begin_index: None,
         };
         Ok(())
+    }
+
+    /// Timesteps and float64 sigmas (before the final one) with flow sigmas.
+    fn flow_sigmas(&self, steps: usize) -> (Vec<i64>, Vec<f64>) {
+        let n = self.checked.num_train_timesteps as f64;
+        let shift = self.checked.flow_shift;
+        let mut sigmas: Vec<f64> = linspace(1.0, 1.0 / n, steps + 1)[..steps]
+            .iter()
+            .map(|&s| shift * s / (1.0 + (shift - 1.0) * s))
+            .collect();
+        let eps = 1e-6;
+        if (sigmas[0] - 1.0).abs() < eps {
+            sigmas[0] -= eps;
+        }
+        // `torch.from_numpy(float64).to(int64)`: truncation.
+        let timesteps = sigmas.iter().map(|&s| (s * n) as i64).collect();
+        (timesteps, sigmas)
+    }
+
+    /// Timesteps and float64 sigmas (before the final one) of the betas' schedule:
+    /// `np.interp(timesteps, arange, train_sigmas)`, which at integer timesteps is the training
+    /// sigma there.
+    fn beta_sigmas(&self, train: &Tensor, steps: usize) -> (Vec<i64>, Vec<f64>) {
+        let n = self.checked.num_train_timesteps;
+        let timesteps: Vec<i64> = match self.checked.spacing {
+            Spacing::Linspace => linspace(0.0, (n - 1) as f64, steps + 1)
+                .iter()
+                .rev()
+                .take(steps)
+                .map(|t| t.round_ties_even() as i64)
+                .collect(),
+            Spacing::Leading => {
+                let ratio = n / (steps as i64 + 1);
+                (0..=steps as i64)
+                    .rev()
+                    .take(steps)
+                    .map(|i| i * ratio + self.checked.steps_offset)
+                    .collect()
+            }
+            Spacing::Trailing => {
+                // np.arange(N, 0, -ratio): ceil(N / ratio) values, start + i * (second - start).
+                let ratio = n as f64 / steps as f64;
+                let start = n as f64;
+                let len = ((0.0 - start) / -ratio).ceil() as usize;
+                let delta = (start + -ratio) - start;
+                (0..len)
+                    .map(|i| match i {
+                        0 => start,
+                        1 => start + -ratio,
+                        _ => start + i as f64 * delta,
+                    })
+                    .map(|t| t.round_ties_even() as i64 - 1)
+                    .collect()
+            }
+        };
+        let train = Vec::<f32>::try_from(train).expect("float32 sigmas");
+        let last = train.len() as i64 - 1;
+        let sigmas = timesteps
+            .iter()
+            .map(|&t| f64::from(train[t.clamp(0, last) as usize]))
+            .collect();
+        (timesteps, sigmas)
     }
 
     /// See [`Scheduler::set_begin_index`](super::Scheduler::set_begin_index).
@@ -410,9 +244,25 @@ impl UniPcMultistepScheduler {
         }
     }
 
+    /// diffusers' `_sigma_to_alpha_sigma_t`: `(1 - sigma, sigma)` with flow sigmas, else
+    /// `alpha = 1 / (sigma ** 2 + 1) ** 0.5` and `sigma * alpha`.
+    fn alpha_sigma(&self, sigma: Tensor) -> (Tensor, Tensor) {
+        if self.checked.flow {
+            (1.0 - &sigma, sigma)
+        } else {
+            // `1 / x` is `x.reciprocal() * 1` in torch.
+            let alpha = (sigma.pow_tensor_scalar(2) + 1)
+                .pow_tensor_scalar(0.5)
+                .reciprocal()
+                * 1i64;
+            let sigma_t = sigma * &alpha;
+            (alpha, sigma_t)
+        }
+    }
+
     fn point(&self, index: usize, device: Device) -> Point {
-        let sigma = self.state.sigmas_t.get(index as i64).to_device(device);
-        let alpha: Tensor = 1.0 - &sigma;
+        let (alpha, sigma) =
+            self.alpha_sigma(self.state.sigmas_t.get(index as i64).to_device(device));
         let lambda = alpha.log() - sigma.log();
         Point {
             alpha,
@@ -421,14 +271,18 @@ impl UniPcMultistepScheduler {
         }
     }
 
-    /// `(hh, h_phi_1, B_h, R, b)` of `multistep_uni_{p,c}_bh_update` for `predict_x0`.
+    /// `(h_phi_1, B_h, R, b)` of `multistep_uni_{p,c}_bh_update`.
     fn coefficients(
         &self,
         h: &Tensor,
         rks: &Tensor,
         order: usize,
     ) -> (Tensor, Tensor, Tensor, Tensor) {
-        let hh = -h;
+        let hh = if self.checked.predict_x0 {
+            -h
+        } else {
+            h.shallow_clone()
+        };
         let h_phi_1 = hh.expm1();
         let mut h_phi_k = &h_phi_1 / &hh - 1;
         let mut factorial_i: i64 = 1;
@@ -476,17 +330,65 @@ impl UniPcMultistepScheduler {
         (Tensor::stack(&rks, 0), d1s)
     }
 
-    fn solve(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        Tensor::f_linalg_solve(a, b, true).map_err(|source| {
-            SchedulerError::Solve {
+    fn torch<T>(&self, op: &'static str, r: std::result::Result<T, tch::TchError>) -> Result<T> {
+        r.map_err(|source| {
+            SchedulerError::Torch {
                 step: self.state.step_index.unwrap_or(0),
+                op,
                 source,
             }
             .into()
         })
     }
 
-    /// diffusers' `multistep_uni_p_bh_update` (predict_x0).
+    fn solve(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.torch("linalg_solve", Tensor::f_linalg_solve(a, b, true))
+    }
+
+    /// `torch.einsum("k,bkc...->bc...", rhos, D1s)`.
+    fn einsum(&self, rhos: Tensor, d1s: Tensor) -> Result<Tensor> {
+        let r = Tensor::f_einsum("k,bkc...->bc...", &[rhos, d1s], None::<&[i64]>);
+        self.torch("einsum", r)
+    }
+
+    /// `x_t_` and the factor of the update, `alpha_t * B_h` (`sigma_t * B_h` without
+    /// `predict_x0`).
+    fn base(
+        &self,
+        t: &Point,
+        s0: &Point,
+        h_phi_1: &Tensor,
+        b_h: &Tensor,
+        x: &Tensor,
+        m0: &Tensor,
+    ) -> (Tensor, Tensor) {
+        if self.checked.predict_x0 {
+            let x_t_ = (&t.sigma / &s0.sigma) * x - (&t.alpha * h_phi_1) * m0;
+            (x_t_, &t.alpha * b_h)
+        } else {
+            let x_t_ = (&t.alpha / &s0.alpha) * x - (&t.sigma * h_phi_1) * m0;
+            (x_t_, &t.sigma * b_h)
+        }
+    }
+
+    /// diffusers' `convert_model_output`: the predicted x0 (`predict_x0`) or noise.
+    fn convert(&self, model_output: &Tensor, sample: &Tensor, index: usize) -> Tensor {
+        let sigma = self.state.sigmas_t.get(index as i64);
+        let (alpha_t, sigma_t) = self.alpha_sigma(sigma.shallow_clone());
+        match (self.checked.predict_x0, self.checked.prediction) {
+            (true, Prediction::Epsilon) => (sample - &sigma_t * model_output) / &alpha_t,
+            (true, Prediction::Sample) | (false, Prediction::Epsilon) => {
+                model_output.shallow_clone()
+            }
+            (true, Prediction::V) => &alpha_t * sample - &sigma_t * model_output,
+            (true, Prediction::Flow) => sample - &sigma * model_output,
+            (false, Prediction::Sample) => (sample - &alpha_t * model_output) / &sigma_t,
+            (false, Prediction::V) => &alpha_t * model_output + &sigma_t * sample,
+            (false, Prediction::Flow) => unreachable!("refused by the config check"),
+        }
+    }
+
+    /// diffusers' `multistep_uni_p_bh_update`.
     fn predictor(&self, x: &Tensor, order: usize) -> Result<Tensor> {
         let i = self.state.step_index.expect("a step index");
         let device = x.device();
@@ -510,11 +412,10 @@ impl UniPcMultistepScheduler {
             }
             None => None,
         };
-        let x_t_ = (&t.sigma / &s0.sigma) * x - (&t.alpha * &h_phi_1) * m0;
-        let ab = &t.alpha * &b_h;
+        let (x_t_, ab) = self.base(&t, &s0, &h_phi_1, &b_h, x, m0);
         let x_t = match (rhos_p, d1s) {
             (Some(rhos), Some(d1s)) => {
-                let pred_res = Tensor::einsum("k,bkc...->bc...", &[rhos, d1s], None::<&[i64]>);
+                let pred_res = self.einsum(rhos, d1s)?;
                 x_t_ - ab * pred_res
             }
             // diffusers: `pred_res = 0`, and `alpha_t * B_h * 0` is NaN where B_h is infinite
@@ -524,7 +425,7 @@ impl UniPcMultistepScheduler {
         Ok(x_t.to_kind(x.kind()))
     }
 
-    /// diffusers' `multistep_uni_c_bh_update` (predict_x0).
+    /// diffusers' `multistep_uni_c_bh_update`.
     fn corrector(
         &self,
         model_t: &Tensor,
@@ -546,23 +447,19 @@ impl UniPcMultistepScheduler {
         } else {
             self.solve(&r, &b)?.to_device(device).to_kind(x.kind())
         };
-        let x_t_ = (&t.sigma / &s0.sigma) * x - (&t.alpha * &h_phi_1) * m0;
+        let (x_t_, ab) = self.base(&t, &s0, &h_phi_1, &b_h, x, m0);
         let k = rhos_c.size()[0] - 1;
         let d1_t = model_t - m0;
         let last = rhos_c.get(k) * d1_t;
         let res = match d1s {
             Some(d1s) => {
-                let corr_res = Tensor::einsum(
-                    "k,bkc...->bc...",
-                    &[rhos_c.narrow(0, 0, k), d1s],
-                    None::<&[i64]>,
-                );
+                let corr_res = self.einsum(rhos_c.narrow(0, 0, k), d1s)?;
                 corr_res + last
             }
             // diffusers: `0 + rhos_c[-1] * D1_t`.
             None => last + 0i64,
         };
-        let x_t = x_t_ - (&t.alpha * &b_h) * res;
+        let x_t = x_t_ - ab * res;
         Ok(x_t.to_kind(x.kind()))
     }
 
@@ -594,8 +491,7 @@ impl UniPcMultistepScheduler {
         let use_corrector = i > 0
             && !self.checked.disable_corrector.contains(&(i as i64 - 1))
             && self.state.last_sample.is_some();
-        // convert_model_output: x0 = sample - sigma_t * model_output (sigma on the CPU).
-        let converted = sample - self.state.sigmas_t.get(i as i64) * model_output;
+        let converted = self.convert(model_output, sample, i);
         let sample = if use_corrector {
             let last = self.state.last_sample.as_ref().expect("a last sample");
             self.corrector(&converted, last, sample, self.state.this_order)?
