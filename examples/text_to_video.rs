@@ -49,6 +49,15 @@ enum Preset {
     Wan14b,
 }
 
+/// Compute types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Dtype {
+    /// float32 (diffusers' reference precision).
+    Float32,
+    /// bfloat16 (Wan's).
+    Bfloat16,
+}
+
 /// Text to video with Wan2.1 (diffusers' WanPipeline), the text encoder and the transformer
 /// streamed from host memory by the layerwise offload manager.
 #[derive(Debug, Parser)]
@@ -124,6 +133,10 @@ struct Args {
     /// Also run every model resident on the GPU (where it fits) and compare the frames.
     #[arg(long)]
     check: bool,
+    /// The text encoder's and the transformer's type (default: bfloat16 with CUDA, float32
+    /// without; float32 where transformers and diffusers keep it; the VAE runs in float32).
+    #[arg(long, value_enum)]
+    dtype: Option<Dtype>,
     /// Write the frames as float32 to this safetensors file (tensor "frames", [F, H, W, 3]).
     #[arg(long, value_name = "FILE.safetensors")]
     save_frames: Option<PathBuf>,
@@ -251,9 +264,10 @@ impl Plan {
         // Memory the block weights may take: the cap less what is in use, or what is free.
         let (room, reserve) = match self {
             Plan::Bytes(b) => return Ok(Some(Budget::Bytes(b))),
-            Plan::UnderLimit { limit, reserve } => {
-                (limit.saturating_sub(accel::memory_stats(0)?.allocated), reserve)
-            }
+            Plan::UnderLimit { limit, reserve } => (
+                limit.saturating_sub(accel::memory_stats(0)?.allocated),
+                reserve,
+            ),
             Plan::Free { reserve } => (accel::memory_info(0)?.0, reserve),
         };
         let blocks = bytes_of(vs, "blocks.");
@@ -492,7 +506,12 @@ fn main() -> Result<()> {
     let cuda = accel::cuda_is_available();
     let dev = if cuda { Device::Cuda(0) } else { Device::Cpu };
     // bf16 on a GPU (float32 where diffusers and transformers keep it); float32 on the CPU.
-    let kind = if cuda { Kind::BFloat16 } else { Kind::Float };
+    let kind = match a.dtype {
+        Some(Dtype::Float32) => Kind::Float,
+        Some(Dtype::Bfloat16) => Kind::BFloat16,
+        None if cuda => Kind::BFloat16,
+        None => Kind::Float,
+    };
     let tiny = a.pipeline.is_none() && a.preset == Preset::Tiny;
     let mut r = Request::new(a.prompt.clone());
     r.negative_prompt = a.negative_prompt.clone();
@@ -615,7 +634,7 @@ fn main() -> Result<()> {
         "pipeline": a.pipeline.as_deref().map(Path::display).map(|d| d.to_string()),
         "preset": if a.pipeline.is_none() { Some(format!("{:?}", a.preset).to_lowercase()) } else { None },
         "height": r.height, "width": r.width, "frames": r.num_frames, "steps": r.num_inference_steps,
-        "tokens": tokens, "guidance": r.guidance_scale, "batch_guidance": r.batch_guidance,
+        "tokens": tokens, "dtype": format!("{kind:?}"), "guidance": r.guidance_scale, "batch_guidance": r.batch_guidance,
         "vram_limit_gib": a.vram_limit, "compress": a.compress,
         "s_per_step": round3(median(&run.step_s)),
         "step_s": run.step_s.iter().map(|s| round3(*s)).collect::<Vec<_>>(),

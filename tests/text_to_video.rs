@@ -462,6 +462,8 @@ fn the_example_writes_the_video() -> anyhow::Result<()> {
         "--save-frames",
         floats.to_str().unwrap(),
         "--check",
+        "--dtype",
+        "float32",
     ]
     .iter()
     .map(|a| a.to_string())
@@ -490,7 +492,10 @@ fn the_example_writes_the_video() -> anyhow::Result<()> {
     let frames = Tensor::read_safetensors(&floats)?.remove(0).1;
     let d = max_diff(&frames, &reference["video"]);
     eprintln!("the example's frames against diffusers': max diff {d:e}");
-    assert!(d <= 1e-3, "{d}");
+    // On CUDA, float32 convolutions run on cuDNN with TF32 (libtorch's default, as PyTorch's),
+    // about 1e-3 relative per layer: a looser bound there.
+    let bound = if row["device"] == "cpu" { 1e-3 } else { 1e-2 };
+    assert!(d <= bound, "{d} (bound {bound} on {})", row["device"]);
 
     let out = Command::new(example())
         .args(["--out", tmp.join("tiny.gif").to_str().unwrap()])

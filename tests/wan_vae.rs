@@ -116,8 +116,10 @@ fn bfloat16_decode_matches_diffusers() -> anyhow::Result<()> {
         "bfloat16 decode: max |rust - diffusers| = {diff:e}; bit-exact: {}",
         video.equal(want)
     );
-    // One bfloat16 ulp at 1 is 2^-8: allow two, for a machine that rounds differently.
-    assert!(diff <= 2.0 / 256.0, "bf16 video differs by {diff:e}");
+    // One bfloat16 ulp at 1 is 2^-8. Bit-exact on the machine that wrote the fixture; another
+    // CPU's bfloat16 convolution kernels round differently and the differences grow through
+    // the decoder's layers (1.95e-2, five ulps, on the x86 host of an H100 machine): allow 8.
+    assert!(diff <= 8.0 / 256.0, "bf16 video differs by {diff:e}");
     // bf16 is not float32 in disguise: it differs from the float32 video.
     assert!(max_diff(&video, &io["video"]) > 1e-3);
     Ok(())
@@ -206,8 +208,11 @@ fn cuda_decode_memory_does_not_grow_with_frames() -> anyhow::Result<()> {
     }
     // 9 more latent frames through post_quant_conv: 9 * 16 * 30 * 52 * 4 bytes (0.9 MiB).
     let latent_growth = 9 * 16 * 30 * 52 * 4;
+    // Slack: the caching allocator rounds large allocations up to 2 MiB blocks (measured on an
+    // H100: 2.0 MiB of growth for 0.9 MiB of latents). Holding the 36 more frames of video would
+    // add 41 MiB.
     assert!(
-        peaks[1] <= peaks[0] + latent_growth + (1 << 20),
+        peaks[1] <= peaks[0] + latent_growth + (4 << 20),
         "peak grew from {} to {} bytes",
         peaks[0],
         peaks[1]

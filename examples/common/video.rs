@@ -154,7 +154,7 @@ fn write_gif(path: &Path, frames: &[Vec<u8>], w: u32, h: u32, fps: u32) -> Resul
     use image::{Delay, Frame, RgbaImage};
     let file =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut enc = GifEncoder::new_with_speed(std::io::BufWriter::new(file), 10);
+    let mut enc = GifEncoder::new_with_speed(std::io::BufWriter::new(file), 30);
     enc.set_repeat(Repeat::Infinite)?;
     let delay = Delay::from_numer_denom_ms(1000, fps.max(1));
     for f in frames {
