@@ -524,7 +524,13 @@ fn main() -> Result<()> {
     r.max_sequence_length = a.max_sequence_length as usize;
     r.batch_guidance = !a.no_batch_guidance;
     let out = a.out.clone().unwrap_or_else(video::default_out);
-    video::Format::of(&out)?; // a bad file name fails before any work
+    // A bad file name, or MP4 without ffmpeg, fails before any work.
+    if video::Format::of(&out)? == video::Format::Mp4 && !video::ffmpeg_available() {
+        bail!(
+            "{}: writing MP4 needs ffmpeg on PATH (install it, e.g. `apt-get install ffmpeg`), or name a .gif file",
+            out.display()
+        );
+    }
     if a.vram_limit.is_some() && !cuda {
         bail!("--vram-limit needs a CUDA device");
     }
@@ -551,6 +557,16 @@ fn main() -> Result<()> {
     pb.finish_and_clear();
     p.check_request(&r)?;
     let load_s = t0.elapsed().as_secs_f64();
+    // WanPipeline cuts long prompts without a word; this example says so.
+    let cut = p.truncated_tokens(&[&r.prompt, &r.negative_prompt], r.max_sequence_length)?;
+    for (what, n) in ["prompt", "negative prompt"].iter().zip(&cut) {
+        if *n > 0 {
+            eprintln!(
+                "warning: the {what} is {n} tokens longer than --max-sequence-length {}; those tokens are dropped (as diffusers drops them)",
+                r.max_sequence_length
+            );
+        }
+    }
     let weights = [
         bytes_of(&p.text_encoder_vs, ""),
         bytes_of(&p.transformer_vs, ""),
