@@ -530,7 +530,14 @@ fn the_example_refuses_bad_flags() {
     }
     // MP4 goes through ffmpeg: without one on PATH, an error before any work.
     let args = ["--out", "video.mp4"];
-    let out = Command::new(example()).args(args).env("PATH", "").output().unwrap();
+    let out = Command::new(example())
+        .args(args)
+        .env("PATH", "")
+        .output()
+        .unwrap();
     let stderr = assert_refused(&args, &out);
-    assert!(stderr.contains("ffmpeg") && stderr.contains(".gif"), "{stderr}");
+    assert!(
+        stderr.contains("ffmpeg") && stderr.contains(".gif"),
+        "{stderr}"
+    );
 }

@@ -449,6 +449,8 @@ fn within_timeout<T: Send + 'static>(case: &str, f: impl FnOnce() -> T + Send + 
 /// shard named by the index) is an error at once, never a read that waits for a writer.
 #[test]
 fn the_wan_loader_refuses_a_fifo_without_blocking() {
+    // It builds a random model: hold the generator's lock as the seeded tests do.
+    let _rng = rng_lock();
     let dir = std::env::temp_dir().join(format!("lo-wan-fifo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

@@ -71,8 +71,8 @@ pub fn from_pretrained(
 ) -> Result<(Config, WanTransformer3DModel)> {
     let dir = dir.as_ref();
     let config = Config::from_file(dir.join("config.json"))?;
-    let model = WanTransformer3DModel::new(vs.root(), &config);
-    set_kind(vs, kind);
+    // Uninitialized (every value comes from the files): no random draw, no memory touched twice.
+    let model = WanTransformer3DModel::new_empty(vs.root(), &config, kind);
     load_checkpoint(vs, dir)?;
     Ok((config, model))
 }

@@ -256,21 +256,45 @@ pub fn compare(
 pub fn load_checkpoint(vs: &nn::VarStore, path: impl AsRef<Path>) -> Result<()> {
     let path = path.as_ref();
     let files = checkpoint_files(path)?;
+    load_files(
+        vs,
+        path,
+        &files,
+        |key| Some(key),
+        |path, mismatch| Error::Mismatch { path, mismatch },
+    )
+}
+
+/// Loads the safetensors `files` of the checkpoint at `path` into the parameters of `vs`: the
+/// stored tensor `key` goes to the parameter `rename(key)` (`None`: not the model's, skipped),
+/// converted to the parameter's type. Every header is compared first: nothing is copied unless
+/// every parameter is there with its shape and a float type (otherwise the error `mismatch`
+/// makes of the differences). Each file is checked to be a regular file again before libtorch
+/// opens it by name. The one loader of the transformer's, the text encoder's and the VAE's
+/// checkpoints.
+pub(crate) fn load_files(
+    vs: &nn::VarStore,
+    path: &Path,
+    files: &[PathBuf],
+    rename: impl Fn(&str) -> Option<&str>,
+    mismatch: impl FnOnce(PathBuf, Box<Mismatch>) -> Error,
+) -> Result<()> {
     let vars = vs.variables();
-    let mut all = BTreeMap::new();
-    for f in &files {
-        all.extend(read_header(f)?);
+    let mut headers = BTreeMap::new();
+    for f in files {
+        for (key, info) in read_header(f)? {
+            if let Some(name) = rename(&key) {
+                headers.insert(name.to_owned(), info);
+            }
+        }
     }
     let shapes: BTreeMap<String, Vec<i64>> =
         vars.iter().map(|(n, t)| (n.clone(), t.size())).collect();
-    let mismatch = compare(&shapes, &all);
-    if !mismatch.is_empty() {
-        return Err(Error::Mismatch {
-            path: path.to_owned(),
-            mismatch: Box::new(mismatch),
-        });
+    let differences = compare(&shapes, &headers);
+    if !differences.is_empty() {
+        return Err(mismatch(path.to_owned(), Box::new(differences)));
     }
-    for f in &files {
+    for f in files {
         // tch opens the file by name: check again that it is still a regular file.
         drop(open_regular(f)?);
         let tensors = Tensor::read_safetensors(f).map_err(|source| Error::Torch {
@@ -278,15 +302,16 @@ pub fn load_checkpoint(vs: &nn::VarStore, path: impl AsRef<Path>) -> Result<()> 
             source,
         })?;
         tch::no_grad(|| -> Result<()> {
-            for (name, t) in &tensors {
-                if let Some(v) = vars.get(name) {
-                    v.shallow_clone()
-                        .f_copy_(t)
-                        .map_err(|source| Error::Torch {
-                            context: format!("copying {name}"),
-                            source,
-                        })?;
-                }
+            for (key, t) in &tensors {
+                let Some(v) = rename(key).and_then(|name| vars.get(name)) else {
+                    continue;
+                };
+                v.shallow_clone()
+                    .f_copy_(t)
+                    .map_err(|source| Error::Torch {
+                        context: format!("copying {key}"),
+                        source,
+                    })?;
             }
             Ok(())
         })?;

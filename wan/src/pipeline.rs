@@ -424,7 +424,9 @@ impl WanPipeline {
     }
 
     /// The initial noise of `r` as `WanPipeline.prepare_latents` draws it with a CPU generator
-    /// seeded with `r.seed`: float32 normal values on the CPU, then moved to `device`.
+    /// seeded with `r.seed`: float32 normal values on the CPU, then moved to `device`. It reseeds
+    /// libtorch's global CPU generator (tch has no generator objects): a thread drawing random
+    /// values at the same time changes the noise.
     pub fn prepare_latents(&self, r: &Request, device: Device) -> Result<Tensor> {
         self.check_request(r)?;
         let shape = self.latent_shape(r);

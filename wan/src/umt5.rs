@@ -38,7 +38,7 @@
 
 use crate::config::ConfigError;
 use crate::error::{Error, Result};
-use crate::load::{compare, read_header};
+use crate::load::{load_files, read_header};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -742,48 +742,17 @@ fn model_name(key: &str, has_shared: bool) -> Option<&str> {
 pub fn load_checkpoint(vs: &nn::VarStore, path: impl AsRef<Path>) -> Result<()> {
     let path = path.as_ref();
     let files = checkpoint_files(path)?;
-    let vars = vs.variables();
-    let mut headers = BTreeMap::new();
+    let mut has_shared = false;
     for f in &files {
-        headers.extend(read_header(f)?);
+        has_shared |= read_header(f)?.contains_key("shared.weight");
     }
-    let has_shared = headers.contains_key("shared.weight");
-    let renamed = headers
-        .into_iter()
-        .filter_map(|(k, v)| model_name(&k, has_shared).map(|n| (n.to_owned(), v)))
-        .collect();
-    let shapes: BTreeMap<String, Vec<i64>> =
-        vars.iter().map(|(n, t)| (n.clone(), t.size())).collect();
-    let mismatch = compare(&shapes, &renamed);
-    if !mismatch.is_empty() {
-        return Err(Error::Mismatch {
-            path: path.to_owned(),
-            mismatch: Box::new(mismatch),
-        });
-    }
-    for f in &files {
-        let tensors = Tensor::read_safetensors(f).map_err(|source| Error::Torch {
-            context: format!("reading {}", f.display()),
-            source,
-        })?;
-        tch::no_grad(|| -> Result<()> {
-            for (key, t) in &tensors {
-                let Some(name) = model_name(key, has_shared) else {
-                    continue;
-                };
-                if let Some(v) = vars.get(name) {
-                    v.shallow_clone()
-                        .f_copy_(t)
-                        .map_err(|source| Error::Torch {
-                            context: format!("copying {key}"),
-                            source,
-                        })?;
-                }
-            }
-            Ok(())
-        })?;
-    }
-    Ok(())
+    load_files(
+        vs,
+        path,
+        &files,
+        |key| model_name(key, has_shared),
+        |path, mismatch| Error::Mismatch { path, mismatch },
+    )
 }
 
 /// Reads `dir/config.json`, builds the encoder under `vs`'s root (uninitialized), in `kind`

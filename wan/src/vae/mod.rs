@@ -19,11 +19,10 @@ pub use cache::CACHE_T;
 pub use config::{MAX_CHANNELS, MAX_LEVELS, MAX_RES_BLOCKS, VaeConfig, VaeConfigError};
 
 use crate::error::{Error, Result};
-use crate::load::{checkpoint_files, compare, read_header};
+use crate::load::{checkpoint_files, load_files};
 use cache::FeatCache;
 use decoder::Decoder3d;
 use layers::{CausalConv3d, Weights};
-use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor, nn};
 
@@ -331,43 +330,12 @@ pub fn frames_to_u8(frames: &Tensor) -> Tensor {
 pub fn load_decoder(vs: &nn::VarStore, path: impl AsRef<Path>) -> Result<()> {
     let path = path.as_ref();
     let files = checkpoint_files(path)?;
-    let vars = vs.variables();
     let is_encoder = |name: &str| ENCODER_PREFIXES.iter().any(|p| name.starts_with(p));
-    let mut all = BTreeMap::new();
-    for f in &files {
-        all.extend(
-            read_header(f)?
-                .into_iter()
-                .filter(|(name, _)| !is_encoder(name)),
-        );
-    }
-    let shapes: BTreeMap<String, Vec<i64>> =
-        vars.iter().map(|(n, t)| (n.clone(), t.size())).collect();
-    let mismatch = compare(&shapes, &all);
-    if !mismatch.is_empty() {
-        return Err(Error::VaeMismatch {
-            path: path.to_owned(),
-            mismatch: Box::new(mismatch),
-        });
-    }
-    for f in &files {
-        let tensors = Tensor::read_safetensors(f).map_err(|source| Error::Torch {
-            context: format!("reading {}", f.display()),
-            source,
-        })?;
-        tch::no_grad(|| -> Result<()> {
-            for (name, t) in &tensors {
-                if let Some(v) = vars.get(name) {
-                    v.shallow_clone()
-                        .f_copy_(t)
-                        .map_err(|source| Error::Torch {
-                            context: format!("copying {name}"),
-                            source,
-                        })?;
-                }
-            }
-            Ok(())
-        })?;
-    }
-    Ok(())
+    load_files(
+        vs,
+        path,
+        &files,
+        |key| (!is_encoder(key)).then_some(key),
+        |path, mismatch| Error::VaeMismatch { path, mismatch },
+    )
 }
