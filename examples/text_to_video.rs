@@ -234,6 +234,15 @@ fn bytes_of(vs: &nn::VarStore, prefix: &str) -> u64 {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// This process's host memory now and at its peak so far, for the stage lines.
+fn host_memory() -> String {
+    format!(
+        "host memory {:.2} GiB (peak {:.2})",
+        util::rss_bytes() as f64 / GIB,
+        peak_rss_bytes() as f64 / GIB
+    )
+}
+
 /// Device memory to keep free for the transformer's activations at `tokens` tokens per sample
 /// and `batch` samples: 2 GiB plus, per token, 16 bytes per model channel and 4 per FFN channel
 /// (the bf16 hidden state and its float32 norms, q/k/v/out, the FFN's two intermediates).
@@ -337,6 +346,13 @@ fn generate(
             false,
         )?;
         run.text_init_s = t0.elapsed().as_secs_f64();
+        pb.suspend(|| {
+            eprintln!(
+                "{label}: text encoder ready in {:.2} s; {}",
+                run.text_init_s,
+                host_memory()
+            )
+        });
         pb.set_message(format!("{label}: encoding the prompts"));
         let e = {
             let mut blocks = Managed {
@@ -371,7 +387,11 @@ fn generate(
     };
     sync()?;
     run.text_s = t0.elapsed().as_secs_f64();
-    eprintln!("{label}: text encoding {:.2} s", run.text_s);
+    eprintln!(
+        "{label}: text encoding {:.2} s; {}",
+        run.text_s,
+        host_memory()
+    );
 
     // 2. Denoising: the transformer streamed under the budget.
     let t0 = Instant::now();
@@ -403,8 +423,11 @@ fn generate(
         run.resident_blocks = st.resident_blocks;
         run.streamed_blocks = st.streamed_blocks;
         eprintln!(
-            "{label}: transformer ready in {:.2} s: {} blocks stream, {} stay resident",
-            run.transformer_init_s, st.streamed_blocks, st.resident_blocks
+            "{label}: transformer ready in {:.2} s: {} blocks stream, {} stay resident; {}",
+            run.transformer_init_s,
+            st.streamed_blocks,
+            st.resident_blocks,
+            host_memory()
         );
     }
     let t_loop = Instant::now();
@@ -477,7 +500,11 @@ fn generate(
     }
     pb.finish_and_clear();
     run.decode_s = t0.elapsed().as_secs_f64();
-    eprintln!("{label}: VAE decode {:.2} s", run.decode_s);
+    eprintln!(
+        "{label}: VAE decode {:.2} s; {}",
+        run.decode_s,
+        host_memory()
+    );
     run.frames = Some(frames);
     Ok(run)
 }
@@ -574,14 +601,15 @@ fn main() -> Result<()> {
     ];
     let total_weights: u64 = weights.iter().sum();
     eprintln!(
-        "{}: text encoder {:.2} GiB, transformer {:.2} GiB, VAE {:.2} GiB; ready in {load_s:.1} s",
+        "{}: text encoder {:.2} GiB, transformer {:.2} GiB, VAE {:.2} GiB; ready in {load_s:.1} s; {}",
         a.pipeline.as_deref().map_or_else(
-            || format!("{:?} (seeded random)", a.preset),
+            || format!("{} (seeded random)", preset_name(a.preset)),
             |d| d.display().to_string()
         ),
         weights[0] as f64 / GIB,
         weights[1] as f64 / GIB,
         weights[2] as f64 / GIB,
+        host_memory(),
     );
 
     let shape = p.latent_shape(&r);
@@ -648,7 +676,7 @@ fn main() -> Result<()> {
     let result = json!({
         "device": device_name,
         "pipeline": a.pipeline.as_deref().map(Path::display).map(|d| d.to_string()),
-        "preset": if a.pipeline.is_none() { Some(format!("{:?}", a.preset).to_lowercase()) } else { None },
+        "preset": a.pipeline.is_none().then(|| preset_name(a.preset)),
         "height": r.height, "width": r.width, "frames": r.num_frames, "steps": r.num_inference_steps,
         "tokens": tokens, "dtype": format!("{kind:?}"), "guidance": r.guidance_scale, "batch_guidance": r.batch_guidance,
         "vram_limit_gib": a.vram_limit, "compress": a.compress,
@@ -673,6 +701,12 @@ fn main() -> Result<()> {
     });
     println!("RESULT {result}");
     Ok(())
+}
+
+/// The preset's name as its flag spells it (`wan-1.3b`).
+fn preset_name(p: Preset) -> String {
+    p.to_possible_value()
+        .map_or_else(|| format!("{p:?}"), |v| v.get_name().to_owned())
 }
 
 /// `v` rounded to three decimals.

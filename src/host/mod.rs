@@ -265,6 +265,16 @@ impl HostStore {
         }
     }
 
+    /// Gives up block `i`'s buffer once its weights live elsewhere (a restore copied them
+    /// out), so that its memory is freed as soon as nothing else holds it, instead of when the
+    /// whole store goes. Only the store's one owner can call it (`Arc::get_mut`): a store
+    /// shared with other managers keeps every block.
+    pub(crate) fn release(&mut self, i: usize) {
+        if let Some(b) = self.buffers.get_mut(i) {
+            *b = None;
+        }
+    }
+
     /// Bytes of host memory the store holds.
     pub fn bytes(&self) -> u64 {
         self.blocks

@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::stats::OffloadStats;
+use std::sync::Arc;
 use tch::Device;
 
 use super::lifecycle::Undo;
@@ -58,6 +59,9 @@ impl LayerwiseOffloadManager {
                     let bytes = self.layout(i).bytes as u64;
                     self.stats.host_bytes = self.stats.host_bytes.saturating_sub(bytes);
                 }
+                if let Some(store) = self.store.as_mut().and_then(Arc::get_mut) {
+                    store.release(i);
+                }
                 self.restored += 1;
                 continue;
             }
@@ -93,6 +97,11 @@ impl LayerwiseOffloadManager {
             if let Some(h) = self.blocks[i].host.take() {
                 let held = h.bytes() as u64;
                 self.stats.host_bytes = self.stats.host_bytes.saturating_sub(held);
+            }
+            // The store held the buffer too: without this, restoring onto the CPU needs the
+            // model twice in host memory until the last block is done.
+            if let Some(store) = self.store.as_mut().and_then(Arc::get_mut) {
+                store.release(i);
             }
             self.blocks[i].on_disk = false;
             self.restored += 1;
