@@ -1,9 +1,20 @@
-//! Wan2.1's diffusion transformer as diffusers defines it (`WanTransformer3DModel`, diffusers
-//! 0.42), written with tch: the same module tree and parameter names, so a diffusers
-//! transformer directory loads as it is, and the same operations in the same order and
-//! precision, so that the output matches diffusers' (see the parity test in the repository).
+//! Wan2.1 text to video as diffusers defines it (diffusers 0.42, transformers 5), written with
+//! tch: the same module trees and parameter names, so a diffusers pipeline directory loads as it
+//! is, and the same operations in the same order and precision, so that the outputs match
+//! diffusers' (see the parity tests in the repository):
 //!
-//! The forward is open so that a caller can wrap each block, e.g. to stream its weights:
+//! - [`WanPipeline`]: diffusers' `WanPipeline` (`model_index.json` and its components), its
+//!   stages open ([`WanPipeline::encode_prompts`], [`WanPipeline::prepare_latents`],
+//!   [`WanPipeline::denoise`], [`WanPipeline::decode`]) and each model's block loop run through
+//!   a [`BlockLoop`], so that a caller can stream the blocks' weights;
+//! - [`WanTokenizer`] (`tokenizer.json`, the pipeline's prompt cleaning, padding and truncation)
+//!   and [`UMT5EncoderModel`] (the umT5 text encoder);
+//! - [`WanTransformer3DModel`], the diffusion transformer;
+//! - [`Scheduler`] (`UniPCMultistepScheduler`, `FlowMatchEulerDiscreteScheduler`);
+//! - [`WanVae`] (`AutoencoderKLWan`'s decoder, frame by frame with its feature cache).
+//!
+//! The transformer's forward is open so that a caller can wrap each block, e.g. to stream its
+//! weights:
 //!
 //! ```
 //! use tch::{nn, Device, Kind, Tensor};
@@ -29,8 +40,8 @@
 //!
 //! Supported: text-to-video Wan2.1 (and Wan2.2 A14B's per-expert transformers, which share the
 //! config keys) with one timestep per sample; not the image-conditioned variants (`image_dim`,
-//! `added_kv_proj_dim`) nor Wan2.2 TI2V's per-token timesteps. The text encoder (umT5-XXL) is
-//! not part of this crate: the model takes its output.
+//! `added_kv_proj_dim`) nor Wan2.2 TI2V's per-token timesteps. The pipeline runs one
+//! transformer (Wan2.1); Wan2.2's two experts (`transformer_2`) are refused by name.
 #![deny(missing_docs)]
 
 mod block;

@@ -8,7 +8,26 @@
 //! [`WanPipeline::prepare_latents`], [`WanPipeline::denoise`], [`WanPipeline::decode`]. The two
 //! block loops (the text encoder's `encoder.block.<i>` and the transformer's `blocks.<i>`) run
 //! through a [`BlockLoop`], which an offload manager implements; [`Resident`] runs them as they
-//! are.
+//! are:
+//!
+//! ```no_run
+//! use tch::{Device, Kind};
+//! use wan::{Request, Resident, WanPipeline};
+//!
+//! let mut p = WanPipeline::from_pretrained("Wan2.1-T2V-1.3B-Diffusers", Kind::Float)?;
+//! let mut r = Request::new("a red fox runs through fresh snow at dawn");
+//! r.negative_prompt = "blurry, low quality".into();
+//! (r.num_frames, r.num_inference_steps) = (17, 30);
+//! let prompts = [r.prompt.as_str(), r.negative_prompt.as_str()];
+//! let text = p.encode_prompts(&prompts, r.max_sequence_length, Device::Cpu, &mut Resident)?;
+//! let (cond, uncond) = (text.narrow(0, 0, 1), text.narrow(0, 1, 1));
+//! let noise = p.prepare_latents(&r, Device::Cpu)?;
+//! let latents = p.denoise(&r, &noise, &cond, Some(&uncond), &mut Resident, &mut |s, _| {
+//!     eprintln!("step {}/{}", s.done, s.total)
+//! })?;
+//! let frames = p.decode(&latents)?; // [1, 17, 480, 832, 3], float32 in [0, 1]
+//! # Ok::<(), wan::Error>(())
+//! ```
 
 use crate::error::{Error, Result};
 use crate::model::WanTransformer3DModel;
