@@ -208,19 +208,13 @@ fn random_pipeline(preset: Preset, kind: Kind, on: Device) -> Result<WanPipeline
     let vae_vs = nn::VarStore::new(Device::Cpu);
     let vae = wan::WanVae::new_empty(vae_vs.root(), &vae_cfg, Kind::Float)?;
     fill_random(&vae_vs, 3, on)?;
-    let p = WanPipeline {
+    Ok(WanPipeline::from_parts(
         tokenizer,
-        text_encoder,
-        text_encoder_vs,
-        transformer,
-        transformer_vs,
-        vae,
-        vae_vs,
+        (text_encoder, text_encoder_vs),
+        (transformer, transformer_vs),
+        (vae, vae_vs),
         scheduler,
-        dir: None,
-    };
-    p.check_components()?;
-    Ok(p)
+    )?)
 }
 
 /// Bytes of the tensors of `vs` whose names start with `prefix`.

@@ -288,16 +288,44 @@ impl WanPipeline {
             crate::from_pretrained(&mut transformer_vs, dir.join("transformer"), kind)?;
         let mut vae_vs = nn::VarStore::new(Device::Cpu);
         let vae = WanVae::from_pretrained(&mut vae_vs, dir.join("vae"), Kind::Float)?;
+        let mut p = WanPipeline::from_parts(
+            tokenizer,
+            (text_encoder, text_encoder_vs),
+            (transformer, transformer_vs),
+            (vae, vae_vs),
+            scheduler,
+        )
+        .map_err(|e| match e {
+            Error::Pipeline { reason, .. } => Error::Pipeline {
+                path: dir.to_owned(),
+                reason,
+            },
+            e => e,
+        })?;
+        p.dir = Some(dir.to_owned());
+        Ok(p)
+    }
+
+    /// A pipeline of components built in code (e.g. with seeded random weights, for a
+    /// benchmark), each model with the `VarStore` that holds its weights; checked to fit
+    /// together ([`Self::check_components`]).
+    pub fn from_parts(
+        tokenizer: WanTokenizer,
+        text_encoder: (UMT5EncoderModel, nn::VarStore),
+        transformer: (WanTransformer3DModel, nn::VarStore),
+        vae: (WanVae, nn::VarStore),
+        scheduler: Scheduler,
+    ) -> Result<WanPipeline> {
         let p = WanPipeline {
             tokenizer,
-            text_encoder,
-            text_encoder_vs,
-            transformer,
-            transformer_vs,
-            vae,
-            vae_vs,
+            text_encoder: text_encoder.0,
+            text_encoder_vs: text_encoder.1,
+            transformer: transformer.0,
+            transformer_vs: transformer.1,
+            vae: vae.0,
+            vae_vs: vae.1,
             scheduler,
-            dir: Some(dir.to_owned()),
+            dir: None,
         };
         p.check_components()?;
         Ok(p)
