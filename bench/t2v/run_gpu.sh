@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The text-to-video comparison on a CUDA host, one machine session: the Rust pipeline
+# The text-to-video comparison on one CUDA host, all runs on the same machine: the Rust pipeline
 # (examples/text_to_video, staged in .gpu/) and diffusers' WanPipeline (scripts/bench_wan_pipeline.py,
 # diffusers' wheel carried in .wheels/), same shapes, same steps, same 24 GiB limit.
 #   bash bench/t2v/run_gpu.sh PRESET STEPS FRAMES [SYSTEMS...]   (systems: rust group model)
