@@ -54,8 +54,9 @@ thread_local! {
 #[derive(Debug)]
 pub struct SharedManager {
     inner: Mutex<LayerwiseOffloadManager>,
-    /// The manager's counters as of the latest time a holder of the lock entered a block, took
-    /// the lock or gave it back; read by [`Self::stats`] on the thread that holds the lock.
+    /// The manager's counters as of the latest time a holder of the lock entered a block or took
+    /// [`Self::lock`]: read by [`Self::stats`] while the lock is held. Refreshed once per block
+    /// (the loop's only cost for it); between holders the manager does not change.
     snapshot: Mutex<OffloadStats>,
 }
 
@@ -91,8 +92,10 @@ impl SharedManager {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return self.snapshot_lock().clone(),
         };
-        // Free: the counters now (the guard refreshes the snapshot when it drops).
-        self.guard(guard).stats().clone()
+        // Free: the counters now. No user code runs under this lock, so it is not recorded
+        // as held.
+        let mut manager = guard;
+        manager.stats().clone()
     }
 
     /// The manager itself, for everything else (`initialize`, `restore`, timelines, weights).
@@ -102,7 +105,9 @@ impl SharedManager {
     /// this manager: [`Error::InvalidArgument`] (the lock is this thread's already; waiting
     /// for it would never end).
     pub fn lock(&self) -> Result<SharedManagerGuard<'_>> {
-        self.hold("SharedManager::lock")
+        let mut guard = self.hold("SharedManager::lock")?;
+        self.set_snapshot(&mut guard);
+        Ok(guard)
     }
 
     /// The manager back.
@@ -146,18 +151,8 @@ impl SharedManager {
             .inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.guard(guard)
-    }
-
-    /// The lock just taken, as this thread's guard (recorded in [`HELD`], the snapshot
-    /// refreshed).
-    fn guard<'a>(
-        &'a self,
-        mut guard: MutexGuard<'a, LayerwiseOffloadManager>,
-    ) -> SharedManagerGuard<'a> {
         let key = self.key();
         HELD.with(|h| h.borrow_mut().push(key));
-        self.set_snapshot(&mut guard);
         SharedManagerGuard {
             shared: self,
             guard,
@@ -201,8 +196,6 @@ impl DerefMut for SharedManagerGuard<'_> {
 
 impl Drop for SharedManagerGuard<'_> {
     fn drop(&mut self) {
-        // Still holding the lock here: the snapshot is the manager's state as it is given back.
-        self.shared.set_snapshot(&mut self.guard);
         let key = self.shared.key();
         HELD.with(|h| {
             let mut h = h.borrow_mut();
