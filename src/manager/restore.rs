@@ -80,14 +80,12 @@ impl LayerwiseOffloadManager {
                 });
             }
             let views = host.views(&layout)?;
-            let mut fresh = Vec::with_capacity(views.len());
-            for (t, v) in layout.tensors.iter().zip(&views) {
-                let mut f = empty_like(t, device)
-                    .map_err(|e| Error::from_torch("restore", t.bytes as u64, e.to_string()))?;
-                tch::no_grad(|| f.f_copy_(v))
-                    .map_err(|e| Error::from_torch("restore", t.bytes as u64, e.to_string()))?;
-                fresh.push(f);
-            }
+            let fresh = layout
+                .tensors
+                .iter()
+                .zip(&views)
+                .map(|(t, v)| owned_copy(t, v, device, "restore"))
+                .collect::<Result<Vec<_>>>()?;
             let b = &mut self.blocks[i];
             b.point_at(&fresh, "restore")?;
             b.in_use = false;
@@ -199,7 +197,7 @@ impl LayerwiseOffloadManager {
             };
             for (t, v, p) in zip_views(&layout, &views, &mut self.blocks[i].params) {
                 let value = match owned {
-                    true => owned_copy(t, v, "dropping the manager")
+                    true => owned_copy(t, v, Device::Cpu, "dropping the manager")
                         .unwrap_or_else(|_| v.shallow_clone()),
                     false => v.shallow_clone(),
                 };

@@ -105,11 +105,16 @@ pub(super) fn zip_views<'a>(
         .map(|((t, v), p)| (t, v, p))
 }
 
-/// `view` (tensor `t` of a block's host copy) copied into a new CPU tensor with the same shape,
-/// strides and dtype, in memory the caller owns.
-pub(super) fn owned_copy(t: &TensorLayout, view: &Tensor, op: &'static str) -> Result<Tensor> {
-    let mut fresh = empty_like(t, Device::Cpu)
-        .map_err(|e| Error::from_torch(op, t.bytes as u64, e.to_string()))?;
+/// `view` (tensor `t` of a block's host copy) copied into a new tensor on `device` with the same
+/// shape, strides and dtype, in memory the caller owns.
+pub(super) fn owned_copy(
+    t: &TensorLayout,
+    view: &Tensor,
+    device: Device,
+    op: &'static str,
+) -> Result<Tensor> {
+    let mut fresh =
+        empty_like(t, device).map_err(|e| Error::from_torch(op, t.bytes as u64, e.to_string()))?;
     tch::no_grad(|| fresh.f_copy_(view))
         .map_err(|e| Error::from_torch(op, t.bytes as u64, e.to_string()))?;
     Ok(fresh)
@@ -185,7 +190,7 @@ impl LayerwiseOffloadManager {
                 let mut all = self.host_copy(li)?.views(self.layout(li))?;
                 let view = all.swap_remove(j);
                 if owned && self.host_is_read_only(li) {
-                    owned_copy(&self.layout(li).tensors[j], &view, "tensor")
+                    owned_copy(&self.layout(li).tensors[j], &view, Device::Cpu, "tensor")
                 } else {
                     Ok(view)
                 }
