@@ -32,7 +32,7 @@ mod t2v;
 mod util;
 #[path = "common/video.rs"]
 mod video;
-use t2v::{Budget, Managed};
+use t2v::Managed;
 use util::{gpu_name, int_in, median, peak_rss_bytes, round2};
 
 /// Pipelines of seeded random weights.
@@ -263,10 +263,10 @@ enum Plan {
 impl Plan {
     /// The budget for a manager about to be built over the `n_blocks` blocks of `vs`; `None`
     /// (every block streams) where the limit leaves no room for resident blocks.
-    fn budget(self, vs: &nn::VarStore, n_blocks: usize) -> Result<Option<Budget>> {
+    fn budget(self, vs: &nn::VarStore, n_blocks: usize) -> Result<Option<u64>> {
         // Memory the block weights may take: the cap less what is in use, or what is free.
         let (room, reserve) = match self {
-            Plan::Bytes(b) => return Ok(Some(Budget::Bytes(b))),
+            Plan::Bytes(b) => return Ok(Some(b)),
             Plan::UnderLimit { limit, reserve } => (
                 limit.saturating_sub(accel::memory_stats(0)?.allocated),
                 reserve,
@@ -279,7 +279,7 @@ impl Plan {
         // Two slots of a block are the ring; a budget without room for a resident block beside
         // them buys nothing: stream everything.
         let block = blocks / n_blocks.max(1) as u64;
-        Ok((left >= 3 * block).then_some(Budget::Bytes(left)))
+        Ok((left >= 3 * block).then_some(left))
     }
 }
 

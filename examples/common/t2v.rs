@@ -59,31 +59,24 @@ pub fn move_all(vs: &nn::VarStore, device: Device) -> anyhow::Result<()> {
 }
 
 /// A manager over `vs`'s block list `list` of `n` blocks on CUDA device 0 (the CPU test mode
-/// without CUDA), with an optional VRAM budget for resident blocks, initialized.
+/// without CUDA), with an optional VRAM budget in bytes for resident blocks, initialized.
 pub fn offload(
     vs: &nn::VarStore,
     list: &str,
     n: usize,
     cuda: bool,
-    budget: Option<Budget>,
+    budget: Option<u64>,
     compress: bool,
 ) -> layerwise_offload::Result<LayerwiseOffloadManager> {
     let mut cfg = OffloadConfig::new(list, n)
         .cpu_test_mode(!cuda)
         .compress(compress);
-    if let Some(Budget::Bytes(b)) = budget {
+    if let Some(b) = budget {
         cfg = cfg.vram_budget(b);
     }
     let mut m = cfg.build(vs)?;
     m.initialize()?;
     Ok(m)
-}
-
-/// How much device memory a manager may keep resident blocks in.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Budget {
-    /// This many bytes (slots included).
-    Bytes(u64),
 }
 
 /// Ends a stage: every block back on the CPU (bit for bit), the non-block weights too, the

@@ -448,12 +448,7 @@ impl WanPipeline {
             Ok(te.final_norm(&h))
         })?;
         let kind = self.transformer_kind();
-        crate::umt5::trim_and_pad(
-            &hidden,
-            &enc.attention_mask.to_device(device),
-            max_len,
-            kind,
-        )
+        crate::umt5::trim_and_pad(&hidden, &mask, max_len, kind)
     }
 
     /// Tokens each of `prompts` loses to truncation at `max_len` (0 where it fits):
