@@ -33,7 +33,7 @@ mod util;
 #[path = "common/video.rs"]
 mod video;
 use t2v::Managed;
-use util::{gpu_name, int_in, median, peak_rss_bytes, round2};
+use util::{float_in, gpu_name, int_in, median, peak_rss_bytes, round2};
 
 /// Pipelines of seeded random weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -140,14 +140,6 @@ struct Args {
     /// Write the frames as float32 to this safetensors file (tensor "frames", [F, H, W, 3]).
     #[arg(long, value_name = "FILE.safetensors")]
     save_frames: Option<PathBuf>,
-}
-
-/// A parser of floats in `lo..=hi` whose error names the range.
-fn float_in(lo: f64, hi: f64) -> impl Fn(&str) -> std::result::Result<f64, String> + Clone {
-    move |s: &str| match s.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= lo && v <= hi => Ok(v),
-        _ => Err(format!("{s:?} is not a number in {lo}..={hi}")),
-    }
 }
 
 /// The tiny fixture's tokenizer, built into the binary so that the random pipelines need no

@@ -18,6 +18,14 @@ pub fn int_in(
     }
 }
 
+/// A parser of floats in `lo..=hi` whose error names the range.
+pub fn float_in(lo: f64, hi: f64) -> impl Fn(&str) -> Result<f64, String> + Clone {
+    move |s: &str| match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= lo && v <= hi => Ok(v),
+        _ => Err(format!("{s:?} is not a number in {lo}..={hi}")),
+    }
+}
+
 /// The median of `v` (the upper one of an even count; 0 for an empty slice).
 pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
