@@ -5,6 +5,7 @@ pub mod accel;
 pub mod checkpoint;
 mod claims;
 pub mod driver;
+pub mod empty;
 pub mod error;
 mod ffi;
 pub mod host;
