@@ -4,7 +4,8 @@
 //! Spans (target `layerwise_offload`): `initialize` (info, field `checkpoint`), `host_copy`
 //! and `load` (info: the blocks copied into host memory, or read from a checkpoint, with
 //! `blocks` and `bytes`), `restore` (info, field `blocks`), and per block `encode`, `upload`
-//! and `decode` (debug, fields `block` and `bytes`). A span times the host's work: on CUDA an
+//! and `decode` (debug, fields `block` and `bytes`; `block` is left out where the span sits
+//! inside its block's `upload` or inside `host_copy`/`load`). A span times the host's work: on CUDA an
 //! upload's or a decode's span ends once the copy or the kernel is queued (the statistics and
 //! the timeline time them on the device); in the CPU test mode it covers the copy itself.
 
