@@ -284,6 +284,14 @@ fn an_empty_model_loads_the_written_checkpoint_and_runs_bit_for_bit() -> Result<
         .build(&vs)?;
     again.initialize()?;
     let dir2 = tempdir("from-manager");
+    // The VarStore itself holds placeholders now: refused, naming what to write instead.
+    match write_sharded(&vs, &dir2, 96 << 10) {
+        Err(Error::InvalidArgument { message, .. }) => {
+            assert!(message.contains("manager.named_tensors()"), "{message}")
+        }
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    assert!(files_in(&dir2).is_empty());
     write_sharded(&again.named_tensors()?, &dir2, 96 << 10)?;
     again.restore()?;
     let back = read_back(&dir2);

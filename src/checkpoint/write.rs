@@ -83,7 +83,8 @@ impl ShardedWriter {
     /// Refused with [`Error::InvalidArgument`] before anything is written: a limit of 0, a
     /// tensor larger than the limit (it fits in no shard: the message names it and the limit
     /// that would hold it), two tensors of one name, no tensor at all, a stem that is empty or
-    /// holds a `/`. Refused with [`Error::Checkpoint`]: a directory that already holds a
+    /// holds a `/`, a tensor a live manager has offloaded (the model's own tensor is a
+    /// placeholder then: pass `manager.named_tensors()?`). Refused with [`Error::Checkpoint`]: a directory that already holds a
     /// `.safetensors` file or a shard index (a reader could mix the two checkpoints; write into
     /// an empty directory), a file that cannot be written.
     pub fn write(&self, model: &(impl WeightSource + ?Sized)) -> Result<WrittenCheckpoint> {
@@ -107,6 +108,13 @@ impl ShardedWriter {
         }
         if let Some(w) = tensors.windows(2).find(|w| w[0].0 == w[1].0) {
             return Err(invalid(format!("two tensors are named {:?}", w[0].0)));
+        }
+        for (name, t) in &tensors {
+            if crate::claims::is_claimed(t)? {
+                return Err(invalid(format!(
+                    "{name:?} is offloaded by a live manager, so the model's tensor is an empty placeholder: write manager.named_tensors()? instead (the values the manager holds), or restore() first"
+                )));
+            }
         }
         let size = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
         if let Some((name, t)) = tensors.iter().find(|(_, t)| size(t) > self.max_shard_bytes) {
