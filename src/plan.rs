@@ -120,7 +120,7 @@ pub(crate) fn candidate_prefixes<'a>(names: impl Iterator<Item = &'a str>) -> Ve
 }
 
 /// The number of blocks of list `attr` among `names`: one more than the largest index `i` of a
-/// name matching `(^|\.)<attr>\.(\d+)(\.|$)`. Gaps in the indices are left to [`build`] (an
+/// name matching `(^|\.)<attr>\.(\d+)(\.|$)`. Gaps in the indices are left to the plan (an
 /// [`Error::MissingBlocks`] naming them). No name matching is [`Error::NoMatch`], listing the
 /// prefixes that do exist.
 pub fn count_blocks<'a>(
