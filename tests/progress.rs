@@ -209,3 +209,27 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     d
 }
+
+#[test]
+fn on_cuda_the_non_block_weights_report_their_move_to_the_device() -> Result<()> {
+    let Some(_) = common::cuda() else {
+        return Ok(());
+    };
+    let model = Model::new(Device::Cpu, 2, false, 4);
+    let non_block: u64 = model
+        .vs
+        .variables()
+        .iter()
+        .filter(|(n, _)| !n.starts_with("blocks."))
+        .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+        .sum();
+    let (callback, seen) = recorder();
+    let mut m = layerwise_offload::offload_with(&model.vs, "blocks", |c| c.on_progress(callback))?;
+    let stages = by_stage(&seen.lock().unwrap());
+    let names: Vec<Stage> = stages.iter().map(|(s, _)| *s).collect();
+    assert_eq!(names, [Stage::ToDevice, Stage::HostCopy]);
+    assert_eq!(stages[0].1[0].total, non_block);
+    assert_eq!(stages[1].1[0].total, m.plan().unwrap().total_bytes() as u64);
+    m.restore()?;
+    Ok(())
+}

@@ -221,3 +221,30 @@ fn a_copy_from_the_model_records_host_copy_and_the_warning_is_an_event() -> Resu
     }
     Ok(())
 }
+
+#[test]
+fn on_cuda_every_upload_has_its_span() -> Result<()> {
+    let Some(_) = common::cuda() else {
+        return Ok(());
+    };
+    let model = Model::new(Device::Cpu, 3, false, 3);
+    let rec = Recorder::default();
+    let uploads = tracing::subscriber::with_default(rec.clone(), || -> Result<u64> {
+        let mut m = layerwise_offload::offload(&model.vs, "blocks")?;
+        forward(&model, &mut m);
+        forward(&model, &mut m);
+        let uploads = m.stats().uploads;
+        m.restore()?;
+        Ok(uploads)
+    })?;
+    let upload = rec.spans("upload");
+    assert_eq!(upload.len() as u64, uploads);
+    assert!(uploads >= 6, "{uploads}");
+    assert_eq!(rec.spans("host_copy").len(), 1);
+    assert_eq!(rec.spans("restore").len(), 1);
+    assert!(
+        rec.spans("decode").is_empty(),
+        "raw transport decodes nothing"
+    );
+    Ok(())
+}

@@ -14,8 +14,8 @@ impl LayerwiseOffloadManager {
     /// pin_cpu_memory, auto_initialize)`. As in FastVideo, disabled (all no-ops) without a
     /// usable CUDA device; [`Self::is_enabled`] is then false and
     /// [`accel::cuda_unavailable_reason`] says why (with the `tracing` feature, also a warning
-    /// event, once per process; the library prints nothing). [`OffloadConfig::build`] fails instead unless asked to
-    /// fall back.
+    /// event, once per process; the library prints nothing). [`OffloadConfig::build`] fails
+    /// instead unless asked to fall back.
     pub fn new(
         model: &(impl WeightSource + ?Sized),
         module_list_attr: &str,
