@@ -105,6 +105,7 @@ impl LayerwiseOffloadManager {
     /// Encodes `raw` (a block's raw host bytes, a contiguous 1-D uint8 CPU tensor) into a new
     /// host buffer of the manager's host memory kind, and counts it.
     pub(super) fn encode_block(&mut self, raw: &Tensor) -> Result<HostBlock> {
+        let _span = crate::observe::encode(None, raw.numel());
         // SAFETY: the caller filled `raw` and does not write it while this runs.
         let input = unsafe { host::bytes(raw)? };
         let plan = Encoder::new()
@@ -430,6 +431,7 @@ impl LayerwiseOffloadManager {
         decode: &Stream,
     ) -> Result<()> {
         self.slots[s].wait_writable(decode)?;
+        let _span = crate::observe::decode(Some(block), out.numel());
         let pair = self.timing_pair()?;
         let gpu = self
             .decoding
@@ -479,6 +481,7 @@ fn no_decoder() -> Error {
 
 /// Decodes `enc` into `out` (both host buffers) with the CPU reference decoder.
 fn decode_on_cpu(enc: &Tensor, out: &Tensor) -> Result<()> {
+    let _span = crate::observe::decode(None, out.numel());
     // SAFETY: `enc` is a host copy or staging buffer that nothing writes while uploads run
     // (update_tensor is refused for encoded blocks; the members of a peer group have all
     // delivered their shares); `out` is a contiguous uint8 host buffer of the slot that no
@@ -495,6 +498,7 @@ impl LayerwiseOffloadManager {
     /// [`Self::encode_block`] does for a block copied into one buffer). The caller checked
     /// [`in_place`].
     pub(super) fn encode_in_place(&mut self, i: usize, layout: &BlockLayout) -> Result<HostBlock> {
+        let _span = crate::observe::encode(Some(i), layout.bytes);
         // Handles of the model's tensors (sharing their storage), so that the encoding can be
         // stored by `&mut self` while the pieces borrow from them.
         let params: Vec<Tensor> = self.blocks[i]

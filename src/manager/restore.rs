@@ -29,6 +29,7 @@ impl LayerwiseOffloadManager {
         if self.phase == Phase::Restored || self.plan.is_none() {
             return Ok(());
         }
+        let _span = crate::observe::restore(self.blocks.len());
         self.backend.sync_copies();
         // Reading the zero-copy store's pages of a file truncated since would be SIGBUS.
         if let (true, Some(c)) = (self.config.zero_copy, &self.config.checkpoint) {

@@ -38,6 +38,7 @@ impl LayerwiseOffloadManager {
     }
 
     fn upload_inner(&mut self, block: usize, s: usize) -> Result<()> {
+        let _span = crate::observe::upload(block, self.layout(block).bytes);
         self.evict(s)?;
         if self.faults.upload() {
             return Err(Error::Torch {
