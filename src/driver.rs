@@ -306,7 +306,7 @@ impl<B: nn::ModuleT> nn::ModuleT for OffloadedBlocks<B> {
         match self.f_forward_t(xs, train) {
             Ok(y) => y,
             Err(e) => panic!(
-                "layerwise-offload: OffloadedBlocks::forward_t failed: {e} ({e:?}); call \
+                "layerwise-offload: OffloadedBlocks::forward_t failed: {e:?}\n\ncall \
                  OffloadedBlocks::f_forward_t to get this error as a Result instead of a panic"
             ),
         }
