@@ -449,11 +449,12 @@ mod tests {
         let path = dir.join("config.json");
         std::fs::write(&path, r#"{"attention_head_dim": 4611686018427387904}"#).unwrap();
         let e = Config::from_file(&path).unwrap_err();
-        let text = e.to_string();
-        assert!(
-            text.contains("config.json") && text.contains("attention_head_dim"),
-            "{text}"
-        );
+        // The file in the message, the key in its source (the ConfigError), each once.
+        assert!(e.to_string().contains("config.json"), "{e:?}");
+        let source = std::error::Error::source(&e).expect("the ConfigError is the source");
+        assert!(source.is::<ConfigError>(), "{e:?}");
+        assert!(source.to_string().contains("attention_head_dim"), "{e:?}");
+        assert_eq!(format!("{e:?}").matches("attention_head_dim").count(), 1, "{e:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -214,3 +214,111 @@ impl std::fmt::Debug for Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, Scheduler, VaeConfig};
+    use std::error::Error as _;
+
+    /// The messages of `e`'s chain, `e` first.
+    fn chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+        std::iter::successors(Some(e), |&e| e.source())
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    /// No message repeats its source's, and `{:?}` holds each exactly once.
+    fn each_cause_once(e: &Error) {
+        let messages = chain(e);
+        for pair in messages.windows(2) {
+            assert!(!pair[0].contains(&pair[1]), "{pair:?}");
+        }
+        let debug = format!("{e:?}");
+        for m in &messages {
+            assert_eq!(debug.matches(m.as_str()).count(), 1, "{m:?} in:\n{debug}");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_io_with_its_kind() {
+        let missing = std::env::temp_dir().join(format!("wan-none-{}/config.json", std::process::id()));
+        let e = Config::from_file(&missing).unwrap_err();
+        assert!(matches!(&e, Error::Io { path, .. } if path == &missing), "{e:?}");
+        let io = e.source().unwrap().downcast_ref::<std::io::Error>().unwrap();
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+        each_cause_once(&e);
+    }
+
+    #[test]
+    fn json_errors_are_the_source_of_the_config_errors() {
+        // Transformer config: Error::Config -> ConfigError::Json -> serde_json::Error.
+        let json_error = Config::from_json("{not json").unwrap_err();
+        let e = Error::Config {
+            path: "config.json".into(),
+            source: json_error,
+        };
+        let config = e.source().unwrap();
+        assert!(matches!(
+            config.downcast_ref::<ConfigError>(),
+            Some(ConfigError::Json(_))
+        ));
+        assert!(config.source().unwrap().is::<serde_json::Error>());
+        assert_eq!(chain(&e).len(), 3);
+        each_cause_once(&e);
+        // VAE config built in code: no path, the same chain.
+        let e = Error::VaeConfig {
+            path: None,
+            source: VaeConfig::from_json("{not json").unwrap_err(),
+        };
+        assert!(e.to_string().starts_with("(built in code)"), "{e}");
+        let vae = e.source().unwrap();
+        assert!(matches!(
+            vae.downcast_ref::<VaeConfigError>(),
+            Some(VaeConfigError::Json(_))
+        ));
+        assert!(vae.source().unwrap().is::<serde_json::Error>());
+        each_cause_once(&e);
+        // Scheduler config.
+        let e = Error::SchedulerConfig {
+            path: "scheduler_config.json".into(),
+            source: Scheduler::from_json("{").map(|_| ()).unwrap_err(),
+        };
+        let sched = e.source().unwrap();
+        assert!(matches!(
+            sched.downcast_ref::<SchedulerError>(),
+            Some(SchedulerError::Json(_))
+        ));
+        assert!(sched.source().unwrap().is::<serde_json::Error>());
+        each_cause_once(&e);
+    }
+
+    #[test]
+    fn libtorch_and_block_loop_errors_are_sources() {
+        let e = Error::Torch {
+            context: "reading weights".into(),
+            source: tch::TchError::Torch("bad file".into()),
+        };
+        assert!(e.source().unwrap().is::<tch::TchError>());
+        assert!(!e.to_string().contains("bad file"), "{e}");
+        each_cause_once(&e);
+        // A scheduler step's libtorch failure: Error::Scheduler -> SchedulerError::Torch -> TchError.
+        let e = Error::from(SchedulerError::Torch {
+            step: 3,
+            op: "linalg_solve",
+            source: tch::TchError::Torch("singular".into()),
+        });
+        let step = e.source().unwrap();
+        assert!(step.to_string().contains("step 3: linalg_solve"), "{step}");
+        assert!(step.source().unwrap().is::<tch::TchError>());
+        assert_eq!(chain(&e).len(), 3);
+        each_cause_once(&e);
+        // The caller's block loop error, kept whole.
+        let e = Error::blocks(std::io::Error::other("upload failed"));
+        let inner = e.source().unwrap().downcast_ref::<std::io::Error>().unwrap();
+        assert_eq!(inner.kind(), std::io::ErrorKind::Other);
+        each_cause_once(&e);
+        let debug = format!("{e:?}");
+        assert_eq!(debug, "the block loop failed\n\nCaused by:\n    upload failed");
+    }
+}
