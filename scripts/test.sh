@@ -25,9 +25,12 @@ RUSTDOCFLAGS="-D warnings" cargo doc -p layerwise-offload --no-deps
 env -u LIBTORCH -u LIBTORCH_USE_PYTORCH -u LIBTORCH_BYPASS_VERSION_CHECK DOCS_RS=1 \
   CARGO_TARGET_DIR=target/doc-only RUSTDOCFLAGS="-D warnings" \
   cargo doc -p layerwise-offload --no-deps --features doc-only
-# Packaging: the two publishable crates' file lists (a full `cargo publish --dry-run` would need
-# layerwise-offload-codec on crates.io first).
-cargo package --quiet --no-verify --allow-dirty --list -p layerwise-offload-wan >/dev/null
+# Packaging: the codec and wan crates as `cargo publish` would upload them (without building the
+# packages again); the library's file list (its dry run needs layerwise-offload-codec on
+# crates.io first).
+for p in layerwise-offload-codec layerwise-offload-wan; do
+  cargo publish --quiet --dry-run --no-verify --allow-dirty -p "$p" --target-dir target/package
+done
 cargo package --quiet --no-verify --allow-dirty --list -p layerwise-offload >/dev/null
 # The minimum supported Rust version (rust-version = "1.88" in the manifests): the library crates,
 # in their own target dir.

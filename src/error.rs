@@ -355,7 +355,10 @@ impl fmt::Debug for Error {
 }
 
 /// Writes `error`'s message and, below it, each error of its `source()` chain.
-pub(crate) fn write_chain(error: &dyn std::error::Error, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+pub(crate) fn write_chain(
+    error: &dyn std::error::Error,
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
     write!(f, "{error}")?;
     let causes: Vec<&dyn std::error::Error> =
         std::iter::successors(error.source(), |e| e.source()).collect();
@@ -370,6 +373,15 @@ pub(crate) fn write_chain(error: &dyn std::error::Error, f: &mut fmt::Formatter<
             Ok(())
         }
     }
+}
+
+/// `error`'s message and its causes on one line, joined by ": " (for messages that carry
+/// another error as text, such as a peer group's reason for breaking).
+pub(crate) fn chain_text(error: &dyn std::error::Error) -> String {
+    std::iter::successors(Some(error), |&e| e.source())
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Names the operation on a failed tch call: `f_copy_(&src).context("upload")?` instead of

@@ -21,8 +21,7 @@ impl WeightSource for tch::nn::VarStore {
 
 impl WeightSource for tch::CModule {
     fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        self.named_parameters()
-            .context("CModule::named_parameters")
+        self.named_parameters().context("CModule::named_parameters")
     }
 }
 

@@ -47,7 +47,10 @@ fn a_missing_checkpoint_is_an_io_error_whose_kind_is_not_found() {
         .and_then(|s| s.downcast_ref::<std::io::Error>())
         .expect("the io::Error is the source");
     assert_eq!(io.kind(), ErrorKind::NotFound);
-    assert!(e.to_string().contains("no-such-checkpoint.safetensors"), "{e}");
+    assert!(
+        e.to_string().contains("no-such-checkpoint.safetensors"),
+        "{e}"
+    );
     assert!(e.to_string().contains("cannot open"), "{e}");
     each_cause_once(&e);
 }
@@ -62,7 +65,11 @@ fn an_unreadable_checkpoint_is_an_io_error_whose_kind_is_permission_denied() {
             path: "x.safetensors".into(),
             source: std::io::Error::from(ErrorKind::PermissionDenied),
         };
-        let io = e.source().unwrap().downcast_ref::<std::io::Error>().unwrap();
+        let io = e
+            .source()
+            .unwrap()
+            .downcast_ref::<std::io::Error>()
+            .unwrap();
         assert_eq!(io.kind(), ErrorKind::PermissionDenied);
         each_cause_once(&e);
         return;
@@ -75,7 +82,11 @@ fn an_unreadable_checkpoint_is_an_io_error_whose_kind_is_permission_denied() {
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o000)).unwrap();
     let e = Checkpoint::open(&file).expect_err("an unreadable file opens");
     let _ = std::fs::remove_dir_all(&dir);
-    let io = e.source().unwrap().downcast_ref::<std::io::Error>().unwrap();
+    let io = e
+        .source()
+        .unwrap()
+        .downcast_ref::<std::io::Error>()
+        .unwrap();
     assert_eq!(io.kind(), ErrorKind::PermissionDenied);
     each_cause_once(&e);
 }

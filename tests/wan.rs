@@ -458,9 +458,10 @@ fn the_wan_loader_refuses_a_fifo_without_blocking() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let expect_err = |case: &str, r: wan::Result<()>| match r {
+        // In the message or its source (`{:?}` is both).
         Err(e) => assert!(
-            e.to_string().contains("not a regular file"),
-            "{case}: the error must say it is not a regular file: {e}"
+            format!("{e:?}").contains("not a regular file"),
+            "{case}: the error must say it is not a regular file: {e:?}"
         ),
         Ok(()) => panic!("{case}: accepted"),
     };

@@ -202,7 +202,10 @@ fn main_returning_the_crates_result_prints_the_advice() {
         stderr.contains("run it on a machine with a CUDA GPU, or use the CPU test mode"),
         "the NoDevice advice: {stderr}"
     );
-    assert!(stderr.contains("allow_cpu_fallback"), "the reason: {stderr}");
+    assert!(
+        stderr.contains("allow_cpu_fallback"),
+        "the reason: {stderr}"
+    );
     assert!(!stderr.contains("NoDevice {"), "a struct dump: {stderr}");
 }
 

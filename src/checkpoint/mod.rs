@@ -227,8 +227,7 @@ impl Checkpoint {
     /// files are not changed.
     pub fn evict_page_cache(&self) -> Result<()> {
         for s in &self.shards {
-            fadvise_dontneed(&s.file, 0, 0)
-                .map_err(|e| Error::io("posix_fadvise", &s.path, e))?;
+            fadvise_dontneed(&s.file, 0, 0).map_err(|e| Error::io("posix_fadvise", &s.path, e))?;
         }
         Ok(())
     }

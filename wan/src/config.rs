@@ -454,7 +454,11 @@ mod tests {
         let source = std::error::Error::source(&e).expect("the ConfigError is the source");
         assert!(source.is::<ConfigError>(), "{e:?}");
         assert!(source.to_string().contains("attention_head_dim"), "{e:?}");
-        assert_eq!(format!("{e:?}").matches("attention_head_dim").count(), 1, "{e:?}");
+        assert_eq!(
+            format!("{e:?}").matches("attention_head_dim").count(),
+            1,
+            "{e:?}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

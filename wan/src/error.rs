@@ -242,10 +242,18 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_io_with_its_kind() {
-        let missing = std::env::temp_dir().join(format!("wan-none-{}/config.json", std::process::id()));
+        let missing =
+            std::env::temp_dir().join(format!("wan-none-{}/config.json", std::process::id()));
         let e = Config::from_file(&missing).unwrap_err();
-        assert!(matches!(&e, Error::Io { path, .. } if path == &missing), "{e:?}");
-        let io = e.source().unwrap().downcast_ref::<std::io::Error>().unwrap();
+        assert!(
+            matches!(&e, Error::Io { path, .. } if path == &missing),
+            "{e:?}"
+        );
+        let io = e
+            .source()
+            .unwrap()
+            .downcast_ref::<std::io::Error>()
+            .unwrap();
         assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
         each_cause_once(&e);
     }
@@ -315,10 +323,17 @@ mod tests {
         each_cause_once(&e);
         // The caller's block loop error, kept whole.
         let e = Error::blocks(std::io::Error::other("upload failed"));
-        let inner = e.source().unwrap().downcast_ref::<std::io::Error>().unwrap();
+        let inner = e
+            .source()
+            .unwrap()
+            .downcast_ref::<std::io::Error>()
+            .unwrap();
         assert_eq!(inner.kind(), std::io::ErrorKind::Other);
         each_cause_once(&e);
         let debug = format!("{e:?}");
-        assert_eq!(debug, "the block loop failed\n\nCaused by:\n    upload failed");
+        assert_eq!(
+            debug,
+            "the block loop failed\n\nCaused by:\n    upload failed"
+        );
     }
 }

@@ -102,14 +102,18 @@ pub enum SchedulerError {
     },
     /// The first `step` of a generation got a timestep that is not in the schedule (and no
     /// begin index was set).
-    #[error("timestep {timestep} is not in the schedule: pass one of timesteps(), or call set_begin_index")]
+    #[error(
+        "timestep {timestep} is not in the schedule: pass one of timesteps(), or call set_begin_index"
+    )]
     UnknownTimestep {
         /// The timestep passed.
         timestep: f64,
     },
     /// The model output's shape differs from the sample's, or the sample has fewer than two
     /// dimensions (batch and channels).
-    #[error("model output of shape {model_output:?} for a sample of shape {sample:?}: they must match, with batch and channel dimensions first")]
+    #[error(
+        "model output of shape {model_output:?} for a sample of shape {sample:?}: they must match, with batch and channel dimensions first"
+    )]
     Shape {
         /// The model output's shape.
         model_output: Vec<i64>,
