@@ -355,7 +355,7 @@ impl fmt::Debug for Error {
 }
 
 /// Writes `error`'s message and, below it, each error of its `source()` chain.
-pub(crate) fn write_chain(
+fn write_chain(
     error: &dyn std::error::Error,
     f: &mut fmt::Formatter<'_>,
 ) -> fmt::Result {
