@@ -355,10 +355,7 @@ impl fmt::Debug for Error {
 }
 
 /// Writes `error`'s message and, below it, each error of its `source()` chain.
-fn write_chain(
-    error: &dyn std::error::Error,
-    f: &mut fmt::Formatter<'_>,
-) -> fmt::Result {
+fn write_chain(error: &dyn std::error::Error, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     write!(f, "{error}")?;
     let causes: Vec<&dyn std::error::Error> =
         std::iter::successors(error.source(), |e| e.source()).collect();
