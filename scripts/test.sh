@@ -25,6 +25,9 @@ RUSTDOCFLAGS="-D warnings" cargo doc -p layerwise-offload --no-deps
 env -u LIBTORCH -u LIBTORCH_USE_PYTORCH -u LIBTORCH_BYPASS_VERSION_CHECK DOCS_RS=1 \
   CARGO_TARGET_DIR=target/doc-only RUSTDOCFLAGS="-D warnings" \
   cargo doc -p layerwise-offload --no-deps --features doc-only
+env -u LIBTORCH -u LIBTORCH_USE_PYTORCH -u LIBTORCH_BYPASS_VERSION_CHECK DOCS_RS=1 \
+  CARGO_TARGET_DIR=target/doc-only RUSTDOCFLAGS="-D warnings" \
+  cargo doc -p layerwise-offload-wan --no-deps --features tch/doc-only
 # Packaging: the codec and wan crates as `cargo publish` would upload them (without building the
 # packages again); the library's file list (its dry run needs layerwise-offload-codec on
 # crates.io first).
