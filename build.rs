@@ -2,6 +2,11 @@
 //! where that libtorch lives (it loads the CUDA backend from there at run time), and writes
 //! libtorch's lib dir into this package's own binaries' rpath. Skips all of it when building
 //! documentation only (`DOCS_RS` set, or the `doc-only` feature).
+//!
+//! tch is a range of releases (Cargo.toml); each accepts one libtorch. The libtorch version is
+//! read from its headers, refused outside the range the shim is written for, and passed on to
+//! the crate (`LO_LIBTORCH_VERSION`, for `layerwise_offload::LIBTORCH_VERSION`) and to the
+//! build scripts of dependent crates (`DEP_LAYERWISE_OFFLOAD_SHIM_LIBTORCH_VERSION`).
 
 use anyhow::{Context, Result, bail};
 use std::env;
@@ -11,6 +16,44 @@ use std::path::PathBuf;
 fn env_var(name: &str) -> Option<String> {
     println!("cargo:rerun-if-env-changed={name}");
     env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The libtorch releases the shim is written for (major, minor): those of tch 0.24 to 0.26.
+const SUPPORTED: std::ops::RangeInclusive<(u32, u32)> = (2, 11)..=(2, 13);
+
+/// libtorch's version (major, minor, patch) from its headers under `include`:
+/// `torch/headeronly/version.h` since 2.9, `torch/csrc/api/include/torch/version.h` before.
+fn libtorch_version(include: &std::path::Path) -> Result<(u32, u32, u32)> {
+    let candidates = [
+        include.join("torch/headeronly/version.h"),
+        include.join("torch/csrc/api/include/torch/version.h"),
+    ];
+    for header in &candidates {
+        let Ok(text) = std::fs::read_to_string(header) else {
+            continue;
+        };
+        let define = |name: &str| -> Option<u32> {
+            text.lines().find_map(|l| {
+                let rest = l.trim().strip_prefix("#define ")?.strip_prefix(name)?;
+                rest.trim().parse().ok()
+            })
+        };
+        if let (Some(major), Some(minor), Some(patch)) = (
+            define("TORCH_VERSION_MAJOR"),
+            define("TORCH_VERSION_MINOR"),
+            define("TORCH_VERSION_PATCH"),
+        ) {
+            return Ok((major, minor, patch));
+        }
+    }
+    bail!(
+        "cannot read libtorch's version: none of {} defines TORCH_VERSION_MAJOR/MINOR/PATCH",
+        candidates
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 fn main() -> Result<()> {
@@ -38,6 +81,27 @@ fn main() -> Result<()> {
             );
         }
     }
+    let (major, minor, patch) = libtorch_version(&includes[0])?;
+    if !SUPPORTED.contains(&(major, minor)) {
+        bail!(
+            "libtorch {major}.{minor}.{patch} (at {}) is outside the releases layerwise-offload \
+             supports, {}.{} to {}.{} (tch 0.24 to 0.26, each with its own libtorch): point \
+             LIBTORCH at a supported libtorch and pin the matching tch in your Cargo.toml",
+            root.display(),
+            SUPPORTED.start().0,
+            SUPPORTED.start().1,
+            SUPPORTED.end().0,
+            SUPPORTED.end().1,
+        );
+    }
+    println!("cargo:rustc-env=LO_LIBTORCH_VERSION={major}.{minor}.{patch}");
+    println!("cargo:libtorch_version={major}.{minor}.{patch}");
+    // libtorch 2.13's headers use C++20 (default member initializers of bit-fields).
+    let std = if (major, minor) >= (2, 13) {
+        "-std=c++20"
+    } else {
+        "-std=c++17"
+    };
     let abi = env_var("LIBTORCH_CXX11_ABI").unwrap_or_else(|| "1".to_owned());
 
     let mut files = Vec::new();
@@ -56,7 +120,7 @@ fn main() -> Result<()> {
         .cpp(true)
         .pic(true)
         .includes(&includes)
-        .flag("-std=c++17")
+        .flag(std)
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         // Where the shim looks for libtorch_cuda.so if it finds no libtorch among the loaded

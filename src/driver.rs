@@ -316,7 +316,7 @@ impl<B: nn::ModuleT> nn::Module for OffloadedBlocks<B> {
         match self.f_forward(xs) {
             Ok(y) => y,
             Err(e) => panic!(
-                "layerwise-offload: OffloadedBlocks::forward failed: {e} ({e:?}); call \
+                "layerwise-offload: OffloadedBlocks::forward failed: {e:?}\n\ncall \
                  OffloadedBlocks::f_forward (or f_forward_t) to get this error as a Result \
                  instead of a panic"
             ),

@@ -1,6 +1,14 @@
 //! The crate's one error type.
+//!
+//! Each cause is reported once in a chain: a variant that wraps another error (libtorch's
+//! message, an I/O error, the codec's error) returns it from
+//! [`source()`](std::error::Error::source) and does not repeat it in its own message. `{:?}`
+//! (what `fn main() -> Result<(), Error>` prints on failure, and what `unwrap` shows) writes
+//! the message followed by every cause, so the advice of a variant such as
+//! [`Error::NoDevice`] survives `?` in `main`.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 /// A message libtorch (or the CUDA runtime under it) gave for a failed call, kept as the
 /// `source` of an [`Error`].
@@ -16,7 +24,11 @@ impl fmt::Display for TorchMessage {
 impl std::error::Error for TorchMessage {}
 
 /// Everything that can go wrong in this crate. Each variant says what to change.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Display` (`{}`) is this error's own message; the cause, where there is one, is its
+/// [`source()`](std::error::Error::source). `Debug` (`{:?}`) is the message with every cause
+/// below it, as `main` should print it.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The operation needs a CUDA device and none is usable in this process.
@@ -43,7 +55,7 @@ pub enum Error {
         source: TorchMessage,
     },
     /// Host memory could not be allocated or page-locked.
-    #[error("could not allocate {bytes} bytes of {kind} host memory: {source}")]
+    #[error("could not allocate {bytes} bytes of {kind} host memory")]
     HostAlloc {
         /// "pinned" or "pageable".
         kind: &'static str,
@@ -249,8 +261,8 @@ pub enum Error {
         /// The method's arguments, `name: Type` in schema order.
         expected: Vec<String>,
     },
-    /// A checkpoint file or shard index cannot be used: missing, unreadable, malformed,
-    /// truncated, or inconsistent with its index.
+    /// A checkpoint file or shard index cannot be used: malformed, truncated, or inconsistent
+    /// with its index. A file that cannot be opened or read at all is [`Error::Io`].
     #[error("checkpoint {path}: {reason}")]
     Checkpoint {
         /// The file or directory.
@@ -263,7 +275,7 @@ pub enum Error {
     CheckpointMismatch(Box<crate::checkpoint::CheckpointMismatch>),
     /// Compressed transport failed: the GPU decoder could not be built (NVRTC or the CUDA
     /// driver library not found, a compile error) or the codec refused a buffer.
-    #[error("compressed transport, {op}: {source}")]
+    #[error("compressed transport, {op}")]
     Codec {
         /// What was attempted.
         op: &'static str,
@@ -271,8 +283,24 @@ pub enum Error {
         #[source]
         source: layerwise_offload_codec::CodecError,
     },
+    /// A file could not be opened, examined, read, mapped or written (a checkpoint, a shard
+    /// index, a shared host store's file). The operating system's error is the
+    /// [`source()`](std::error::Error::source): its [`kind()`](std::io::Error::kind) tells a
+    /// missing file (`NotFound`) from a refused one (`PermissionDenied`).
+    #[error("{}: {op}", path.display())]
+    Io {
+        /// What could not be done, and what may be wrong: "cannot open", "cannot read
+        /// \"blocks.0.w\" (4096 bytes at 80); was the file changed or truncated after it was
+        /// opened?".
+        op: String,
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Any other failure inside libtorch.
-    #[error("{op} failed in libtorch: {source}")]
+    #[error("{op} failed in libtorch")]
     Torch {
         /// What was attempted.
         op: &'static str,
@@ -306,6 +334,64 @@ impl Error {
     /// True for [`Error::OutOfMemory`].
     pub fn is_out_of_memory(&self) -> bool {
         matches!(self, Error::OutOfMemory { .. })
+    }
+
+    /// [`Error::Io`]: `op` (e.g. "cannot open") failed on `path`.
+    pub(crate) fn io(op: impl Into<String>, path: &Path, source: std::io::Error) -> Error {
+        Error::Io {
+            op: op.into(),
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// The message, then every cause below it (the `source()` chain), one per line. This is what
+/// `fn main() -> Result<(), Error>` prints when it fails, and what `unwrap()` shows.
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_chain(self, f)
+    }
+}
+
+/// Writes `error`'s message and, below it, each error of its `source()` chain.
+fn write_chain(error: &dyn std::error::Error, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    write!(f, "{error}")?;
+    let causes: Vec<&dyn std::error::Error> =
+        std::iter::successors(error.source(), |e| e.source()).collect();
+    match causes.as_slice() {
+        [] => Ok(()),
+        [one] => write!(f, "\n\nCaused by:\n    {one}"),
+        many => {
+            write!(f, "\n\nCaused by:")?;
+            for (i, cause) in many.iter().enumerate() {
+                write!(f, "\n    {i}: {cause}")?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `error`'s message and its causes on one line, joined by ": " (for messages that carry
+/// another error as text, such as a peer group's reason for breaking).
+pub(crate) fn chain_text(error: &dyn std::error::Error) -> String {
+    std::iter::successors(Some(error), |&e| e.source())
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// Names the operation on a failed tch call: `f_copy_(&src).context("upload")?` instead of
+/// `.map_err(|e| Error::from(("upload", e)))?`. Out-of-memory messages become
+/// [`Error::OutOfMemory`], the rest [`Error::Torch`], libtorch's message their source.
+pub(crate) trait Context<T> {
+    /// This result, its error turned into this crate's [`Error`] for operation `op`.
+    fn context(self, op: &'static str) -> Result<T>;
+}
+
+impl<T> Context<T> for std::result::Result<T, tch::TchError> {
+    fn context(self, op: &'static str) -> Result<T> {
+        self.map_err(|e| Error::from((op, e)))
     }
 }
 

@@ -34,3 +34,11 @@ pub use progress::{Progress, Stage};
 pub use script::ScriptModule;
 pub use source::WeightSource;
 pub use stats::{Lane, OffloadStats, TimelineSpan, chrome_trace_json};
+
+/// The libtorch release this build of the crate was compiled against (`"2.11.0"` with tch
+/// 0.24, `"2.13.0"` with tch 0.26): the application's `tch` requirement picks the pair. Empty
+/// in a documentation-only build, which compiles nothing against libtorch.
+pub const LIBTORCH_VERSION: &str = match option_env!("LO_LIBTORCH_VERSION") {
+    Some(v) => v,
+    None => "",
+};

@@ -1,6 +1,6 @@
 //! Where weights come from: anything that can list its named tensors as shared handles.
 
-use crate::error::{Error, Result};
+use crate::error::{Context as _, Result};
 use tch::Tensor;
 
 /// A model whose weights the manager can take over: it lists `(name, tensor)` pairs whose
@@ -21,8 +21,7 @@ impl WeightSource for tch::nn::VarStore {
 
 impl WeightSource for tch::CModule {
     fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        self.named_parameters()
-            .map_err(|e| Error::from(("CModule::named_parameters", e)))
+        self.named_parameters().context("CModule::named_parameters")
     }
 }
 

@@ -349,10 +349,10 @@ fn bad_files_are_refused_at_open() -> anyhow::Result<()> {
     let source = Model::new(Device::Cpu, 2, false, 71);
     let path = write_checkpoint(&dir.0, &source.snapshot(), 2);
     let expect = |r: layerwise_offload::Result<Checkpoint>, needle: &str| match r {
-        Err(e @ Error::Checkpoint { .. }) => {
+        Err(e @ (Error::Checkpoint { .. } | Error::Io { .. })) => {
             assert!(e.to_string().contains(needle), "{needle:?} not in: {e}")
         }
-        r => panic!("expected Error::Checkpoint containing {needle:?}, got {r:?}"),
+        r => panic!("expected Error::Checkpoint or Io containing {needle:?}, got {r:?}"),
     };
     // A shard cut short.
     let shard = path.join("model-00002-of-00002.safetensors");
@@ -426,8 +426,17 @@ fn files_changed_after_open(#[values(false, true)] zero_copy: bool) -> anyhow::R
         .zero_copy(zero_copy)
         .build(&model.vs)?;
     match m.initialize() {
+        // Zero-copy checks the lengths first.
         Err(e @ Error::Checkpoint { .. }) => assert!(e.to_string().contains("truncated"), "{e}"),
-        r => panic!("expected Error::Checkpoint, got {r:?}"),
+        // A read past the new end: the io error is the source, its kind matchable.
+        Err(e @ Error::Io { .. }) => {
+            assert!(e.to_string().contains("truncated"), "{e}");
+            let io = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .expect("the io::Error is the source");
+            assert_eq!(io.kind(), std::io::ErrorKind::UnexpectedEof, "{e:?}");
+        }
+        r => panic!("expected Error::Checkpoint or Io, got {r:?}"),
     }
     assert_same(&model.snapshot(), &before);
     Ok(())

@@ -224,7 +224,7 @@ fn run(spec: Spec, ops: Vec<Op>) -> Result<(), TestCaseError> {
     if let Some(k) = spec.upload_fault {
         cfg = cfg.inject_fault(layerwise_offload::Fault::Upload(k));
     }
-    let injected = |e: &Error| e.to_string().contains("injected fault");
+    let injected = |e: &Error| format!("{e:?}").contains("injected fault"); // message and source
     let mut m = cfg
         .build(&st.named)
         .map_err(|e| TestCaseError::fail(e.to_string()))?;

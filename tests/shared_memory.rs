@@ -405,7 +405,10 @@ fn child_publishes_into_a_small_tmpfs() {
     let r = m.initialize();
     match &r {
         Err(e @ Error::HostAlloc { .. }) => {
-            assert!(e.to_string().contains("No space left"), "{e}")
+            // The system's message is the source, printed once below the error's own.
+            let cause = std::error::Error::source(e).expect("a source").to_string();
+            assert!(cause.contains("No space left"), "{e:?}");
+            assert!(!e.to_string().contains("No space left"), "{e:?}");
         }
         other => panic!("expected HostAlloc (no space), got {other:?}"),
     }
@@ -685,7 +688,7 @@ fn a_failed_registration_of_a_new_file_removes_it() -> anyhow::Result<()> {
     assert!(!still_armed, "initialize registered no host memory");
     match &r {
         Err(e @ Error::HostAlloc { .. }) => {
-            let text = e.to_string();
+            let text = format!("{e:?}"); // the message and its source
             assert!(
                 text.contains("shared pinned") && text.contains("injected"),
                 "the error of the shared file's registration: {text}"

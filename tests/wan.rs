@@ -244,10 +244,13 @@ fn a_checkpoint_that_does_not_match_is_refused_naming_each_tensor() {
     std::fs::write(dir.join("config.json"), cfg).unwrap();
     let err =
         wan::from_pretrained(&mut nn::VarStore::new(Device::Cpu), &dir, Kind::Float).unwrap_err();
-    assert!(
-        matches!(err, wan::Error::Config { .. }) && err.to_string().contains("image_dim is 1280"),
-        "{err}"
-    );
+    // The config error is the source, printed once: in the chain, not in the message.
+    assert!(matches!(err, wan::Error::Config { .. }), "{err:?}");
+    let source = std::error::Error::source(&err).expect("the config error is the source");
+    assert!(source.is::<wan::ConfigError>(), "{err:?}");
+    assert!(source.to_string().contains("image_dim is 1280"), "{err:?}");
+    assert!(!err.to_string().contains("image_dim is 1280"), "{err:?}");
+    assert_eq!(format!("{err:?}").matches("image_dim is 1280").count(), 1);
     std::fs::remove_file(dir.join(wan::INDEX_FILE)).unwrap();
     let err = wan::checkpoint_files(&dir).unwrap_err();
     assert!(err.to_string().contains(wan::WEIGHTS_FILE), "{err}");
@@ -455,9 +458,10 @@ fn the_wan_loader_refuses_a_fifo_without_blocking() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let expect_err = |case: &str, r: wan::Result<()>| match r {
+        // In the message or its source (`{:?}` is both).
         Err(e) => assert!(
-            e.to_string().contains("not a regular file"),
-            "{case}: the error must say it is not a regular file: {e}"
+            format!("{e:?}").contains("not a regular file"),
+            "{case}: the error must say it is not a regular file: {e:?}"
         ),
         Ok(()) => panic!("{case}: accepted"),
     };

@@ -446,7 +446,23 @@ fn files_and_calls_are_refused_with_typed_errors() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(e.to_string().contains("use_karras_sigmas is true"), "{e}");
+    // The scheduler's error is the source, printed once (below the message in `{:?}`).
+    let source = std::error::Error::source(&e).expect("a source");
+    assert!(source.is::<SchedulerError>(), "{e:?}");
+    assert!(
+        source.to_string().contains("use_karras_sigmas is true"),
+        "{e:?}"
+    );
+    assert!(
+        !e.to_string().contains("use_karras_sigmas is true"),
+        "{e:?}"
+    );
+    assert_eq!(
+        format!("{e:?}")
+            .matches("use_karras_sigmas is true")
+            .count(),
+        1
+    );
 
     let x = Tensor::zeros([1, 4, 2, 3, 3], (Kind::Float, tch::Device::Cpu));
     for mut s in [

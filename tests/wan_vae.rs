@@ -247,7 +247,14 @@ fn bad_configs_are_refused_with_the_key() {
         };
         assert_eq!(path, &dir.join("config.json"));
         assert_eq!(source.field(), Some(key), "{err}");
-        assert!(err.to_string().contains(key), "{err}");
+        // The key is in the source (the VaeConfigError), printed once below the message.
+        assert!(
+            std::error::Error::source(&err)
+                .unwrap()
+                .to_string()
+                .contains(key),
+            "{err:?}"
+        );
         assert!(vs.variables().is_empty(), "{key}: nothing built");
     }
     // Built in code, the same check.

@@ -37,6 +37,17 @@ fn binary() -> PathBuf {
     staged.join("bins/layerwise-offload-dependent")
 }
 
+/// A binary of this crate by name, found as [`binary`] finds the main one.
+fn named_binary(built: &str, name: &str) -> PathBuf {
+    let built = PathBuf::from(built);
+    if built.exists() {
+        return built;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let staged = exe.parent().and_then(|d| d.parent()).unwrap();
+    staged.join("bins").join(name)
+}
+
 /// The libtorch this crate was built against: torch-sys's LIBTORCH, as scripts/env.sh sets it.
 fn libtorch_has_cuda() -> Option<bool> {
     let dir = std::env::var("LIBTORCH").ok()?;
@@ -207,5 +218,45 @@ fn the_readme_rpath_line_finds_libtorch_without_ld_library_path() {
     // The CUDA backend came from the crate, not from a link flag.
     if libtorch_has_cuda() == Some(true) {
         assert!(stdout.contains("CUDA backend: Loaded("), "{stdout}");
+    }
+}
+
+/// `fn main() -> Result<(), layerwise_offload::Error>` that fails prints `Error: ` and the
+/// error's `Debug`: the message with its advice, not the variant's fields.
+#[test]
+fn main_returning_the_crates_result_prints_the_advice() {
+    let bin = named_binary(
+        env!("CARGO_BIN_EXE_main_returns_error"),
+        "main_returns_error",
+    );
+    let out = Command::new(&bin).output().expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("Error: "), "{stderr}");
+    assert!(
+        stderr.contains("run it on a machine with a CUDA GPU, or use the CPU test mode"),
+        "the NoDevice advice: {stderr}"
+    );
+    assert!(
+        stderr.contains("allow_cpu_fallback"),
+        "the reason: {stderr}"
+    );
+    assert!(!stderr.contains("NoDevice {"), "a struct dump: {stderr}");
+}
+
+/// The build took the libtorch of the tch release the lock file picked: scripts/test.sh and
+/// scripts/test-next.sh say which one they set up (`OFFLOAD_EXPECT_LIBTORCH`), so that the run
+/// against the second tch release cannot quietly test the first.
+#[test]
+fn the_build_took_the_libtorch_the_script_set_up() {
+    let version = layerwise_offload::LIBTORCH_VERSION;
+    let supported = ["2.11.", "2.12.", "2.13."];
+    assert!(
+        supported.iter().any(|s| version.starts_with(s)),
+        "{version:?}"
+    );
+    match std::env::var("OFFLOAD_EXPECT_LIBTORCH") {
+        Ok(want) => assert_eq!(version, want),
+        Err(_) => eprintln!("built against libtorch {version} (OFFLOAD_EXPECT_LIBTORCH not set)"),
     }
 }

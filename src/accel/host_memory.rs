@@ -2,7 +2,7 @@
 //! shared-memory files.
 
 use super::{last_error, require_device};
-use crate::error::{Error, Result, TorchMessage};
+use crate::error::{Context as _, Error, Result, TorchMessage};
 use crate::ffi;
 use std::ffi::{c_int, c_void};
 use tch::Tensor;
@@ -204,8 +204,7 @@ pub fn map_host_file(
         return Ok(mapped);
     }
     let mut owned = alloc_host(bytes, memory)?;
-    tch::no_grad(|| owned.f_copy_(&mapped))
-        .map_err(|e| Error::from(("map_host_file (copying a read-only file)", e)))?;
+    tch::no_grad(|| owned.f_copy_(&mapped)).context("map_host_file (copying a read-only file)")?;
     Ok(owned)
 }
 
@@ -226,7 +225,7 @@ pub(crate) fn map_shared_file(
     let create = mode == FileMapping::Create;
     let file = if create {
         let file = crate::host::shm::create_exclusive(path)?
-            .map_err(|e| host_err(format!("could not create {}: {e}", path.display())))?;
+            .map_err(|e| Error::io("cannot create the shared host store file", path, e))?;
         if let Err(e) = crate::host::shm::reserve(&file, bytes) {
             let _ = std::fs::remove_file(path);
             return Err(host_err(format!(
@@ -238,7 +237,7 @@ pub(crate) fn map_shared_file(
         file
     } else {
         let (file, meta) = crate::host::shm::open_trusted(path)?
-            .map_err(|e| host_err(format!("could not open {}: {e}", path.display())))?;
+            .map_err(|e| Error::io("cannot open the shared host store file", path, e))?;
         if meta.len() != bytes as u64 {
             return Err(Error::SharedFile {
                 path: path.to_owned(),

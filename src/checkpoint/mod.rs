@@ -203,7 +203,8 @@ impl Checkpoint {
     }
 
     /// Reads `t`'s bytes from `at` bytes into its data into `dst` (`pread`); a file shorter
-    /// than its header says (truncated since it was opened) is [`Error::Checkpoint`].
+    /// than its header says (truncated since it was opened) is [`Error::Io`] of kind
+    /// `UnexpectedEof`.
     pub(crate) fn read(&self, t: &CheckpointTensor, at: usize, dst: &mut [u8]) -> Result<()> {
         let shard = &self.shards[t.file];
         debug_assert!(at + dst.len() <= t.bytes);
@@ -211,12 +212,13 @@ impl Checkpoint {
             .file
             .read_exact_at(dst, t.offset + at as u64)
             .map_err(|e| {
-                bad(
-                    &shard.path,
+                Error::io(
                     format!(
-                        "cannot read {:?} ({} bytes at {}): {e}; was the file changed or truncated after it was opened?",
+                        "cannot read {:?} ({} bytes at {}); was the file changed or truncated after it was opened?",
                         t.stored_name, t.bytes, t.offset
                     ),
+                    &shard.path,
+                    e,
                 )
             })
     }
@@ -227,8 +229,7 @@ impl Checkpoint {
     /// files are not changed.
     pub fn evict_page_cache(&self) -> Result<()> {
         for s in &self.shards {
-            fadvise_dontneed(&s.file, 0, 0)
-                .map_err(|e| bad(&s.path, format!("posix_fadvise: {e}")))?;
+            fadvise_dontneed(&s.file, 0, 0).map_err(|e| Error::io("posix_fadvise", &s.path, e))?;
         }
         Ok(())
     }
@@ -246,7 +247,7 @@ impl Checkpoint {
             let len = s
                 .file
                 .metadata()
-                .map_err(|e| bad(&s.path, format!("cannot stat: {e}")))?
+                .map_err(|e| Error::io("cannot stat", &s.path, e))?
                 .len();
             if len != s.map.len() as u64 {
                 return Err(bad(
@@ -396,10 +397,10 @@ fn open_regular(path: &Path) -> Result<File> {
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| bad(path, format!("cannot open: {e}")))?;
+        .map_err(|e| Error::io("cannot open", path, e))?;
     let t = file
         .metadata()
-        .map_err(|e| bad(path, format!("cannot be examined: {e}")))?
+        .map_err(|e| Error::io("cannot be examined", path, e))?
         .file_type();
     if !t.is_file() {
         let what = if t.is_fifo() {
@@ -425,10 +426,7 @@ fn open_regular(path: &Path) -> Result<File> {
     // SAFETY: as above.
     if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
         let e = std::io::Error::last_os_error();
-        return Err(bad(
-            path,
-            format!("cannot be opened for blocking reads: {e}"),
-        ));
+        return Err(Error::io("cannot be opened for blocking reads", path, e));
     }
     Ok(file)
 }
@@ -436,10 +434,10 @@ fn open_regular(path: &Path) -> Result<File> {
 /// The shard index (if any, with its weight map) and the files of the checkpoint at `path`.
 #[allow(clippy::type_complexity)]
 fn resolve(path: &Path) -> Result<(Option<(PathBuf, BTreeMap<String, String>)>, Vec<PathBuf>)> {
-    let meta = std::fs::metadata(path).map_err(|e| bad(path, format!("cannot open: {e}")))?;
+    let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot open", path, e))?;
     let index = if meta.is_dir() {
         let mut names: Vec<String> = std::fs::read_dir(path)
-            .map_err(|e| bad(path, format!("cannot list: {e}")))?
+            .map_err(|e| Error::io("cannot list", path, e))?
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .collect();
         names.sort();
@@ -492,7 +490,7 @@ fn resolve(path: &Path) -> Result<(Option<(PathBuf, BTreeMap<String, String>)>, 
     open_regular(&index)?
         .take(MAX_INDEX_BYTES)
         .read_to_string(&mut text)
-        .map_err(|e| bad(&index, format!("cannot read: {e}")))?;
+        .map_err(|e| Error::io("cannot read", &index, e))?;
     let parsed: Index = serde_json::from_str(&text).map_err(|e| {
         bad(
             &index,
@@ -523,7 +521,7 @@ fn open_shard(path: &Path, k: usize) -> Result<(Shard, Vec<(String, CheckpointTe
     // issue for bytes copied out, and its truncation is checked before any read through the
     // mapping (`check_lengths`; see `OffloadConfig::zero_copy` for the window that remains).
     let map = unsafe { memmap2::MmapOptions::new().map(&file) }
-        .map_err(|e| bad(path, format!("cannot map: {e}")))?;
+        .map_err(|e| Error::io("cannot map", path, e))?;
     let (n, metadata) = SafeTensors::read_metadata(&map[..])
         .map_err(|e| bad(path, format!("is not a valid safetensors file: {e}")))?;
     let data_start = 8 + n as u64;

@@ -56,7 +56,7 @@ impl Checkpoint {
         let m = s
             .file
             .metadata()
-            .map_err(|e| bad(&s.path, format!("cannot stat: {e}")))?;
+            .map_err(|e| crate::Error::io("cannot stat", &s.path, e))?;
         Ok(FileStamp {
             len: m.size(),
             mtime: (m.mtime(), m.mtime_nsec()),

@@ -6,7 +6,7 @@ mod manifest;
 pub(crate) mod shm;
 
 use crate::accel::{self, FileMapping, HostMemory};
-use crate::error::{Error, Result};
+use crate::error::{Context as _, Error, Result};
 use crate::plan::{BlockLayout, Plan};
 use manifest::{FILE_ALIGN, Manifest};
 use std::path::{Path, PathBuf};
@@ -135,9 +135,9 @@ impl HostBlock {
         // for encoded blocks); `out` is a fresh buffer owned here; both outlive the slices.
         let (src, dst) = unsafe { (bytes(enc)?, bytes_mut(&out)?) };
         layerwise_offload_codec::decode_with_threads(src, &mut dst[..raw], worker_threads())
-            .map_err(|e| Error::InvalidArgument {
+            .map_err(|source| Error::Codec {
                 op: "decoding a compressed host copy",
-                message: e.to_string(),
+                source,
             })?;
         Ok(HostBlock::whole(out))
     }
@@ -177,7 +177,7 @@ impl HostBlock {
             if a < b {
                 let part = t
                     .f_narrow(0, (a - o) as i64, (b - a) as i64)
-                    .map_err(|e| Error::from(("reading a host block", e)))?;
+                    .context("reading a host block")?;
                 out.push((a - off, part));
             }
         }
@@ -215,7 +215,7 @@ impl HostBlock {
                 buf.f_narrow(0, (t.offset - o) as i64, t.bytes as i64)
                     .and_then(|v| v.f_view_dtype(t.kind))
                     .and_then(|v| v.f_as_strided(t.shape.as_slice(), t.strides.as_slice(), None))
-                    .map_err(|e| Error::from(("making views of a host block", e)))
+                    .context("making views of a host block")
             })
             .collect()
     }
@@ -357,7 +357,7 @@ impl HostStore {
             let buffer = offset
                 .map(|o| file.f_narrow(0, o as i64, layout.bytes as i64))
                 .transpose()
-                .map_err(|e| Error::from(("HostStore::open_shared", e)))?;
+                .context("HostStore::open_shared")?;
             blocks.push(layout);
             buffers.push(buffer.map(HostBlock::whole));
         }
@@ -459,12 +459,12 @@ const MANIFEST_MAX_BYTES: u64 = 64 << 20;
 /// Reads the manifest at `mpath`, a file this user owns and nobody else can write.
 fn read_manifest(mpath: &Path) -> Result<String> {
     use std::io::Read as _;
-    let (file, meta) = shm::open_trusted(mpath)?.map_err(|e| Error::InvalidArgument {
-        op: "HostStore::open_shared",
-        message: format!(
-            "cannot read {}: {e}; has the publishing process finished initialize()?",
-            mpath.display()
-        ),
+    let (file, meta) = shm::open_trusted(mpath)?.map_err(|e| {
+        Error::io(
+            "cannot read the shared host store's manifest; has the publishing process finished initialize()?",
+            mpath,
+            e,
+        )
     })?;
     if meta.len() > MANIFEST_MAX_BYTES {
         return Err(Error::SharedFile {
@@ -475,9 +475,6 @@ fn read_manifest(mpath: &Path) -> Result<String> {
     let mut text = String::new();
     file.take(MANIFEST_MAX_BYTES)
         .read_to_string(&mut text)
-        .map_err(|e| Error::SharedFile {
-            path: mpath.to_owned(),
-            reason: format!("cannot be read as a manifest: {e}"),
-        })?;
+        .map_err(|e| Error::io("cannot be read as a manifest", mpath, e))?;
     Ok(text)
 }

@@ -86,11 +86,11 @@ pub(crate) fn open_trusted(
                 "is a symbolic link; open the file the publisher created, not a link to it".into(),
             ));
         }
-        Err(e) => return Err(refused(path, format!("cannot be opened: {e}"))),
+        Err(e) => return Err(Error::io("cannot be opened", path, e)),
     };
     let meta = file
         .metadata()
-        .map_err(|e| refused(path, format!("cannot be examined: {e}")))?;
+        .map_err(|e| Error::io("cannot be examined", path, e))?;
     if !meta.file_type().is_file() {
         return Err(refused(path, "is not a regular file".into()));
     }
@@ -136,10 +136,7 @@ pub(crate) fn write_private(path: &Path, contents: &[u8], op: &'static str) -> R
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
-    let io = |e: std::io::Error| Error::InvalidArgument {
-        op,
-        message: format!("cannot write {}: {e}", path.display()),
-    };
+    let io = |e: std::io::Error| Error::io(format!("cannot write ({op})"), path, e);
     let mut file = create_exclusive(&tmp)?.map_err(io)?;
     let written = file.write_all(contents).and_then(|()| file.sync_all());
     drop(file);

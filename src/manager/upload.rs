@@ -32,7 +32,7 @@ impl LayerwiseOffloadManager {
         if let (Err(e), Some((group, rank))) = (&r, &self.config.peer)
             && !matches!(e, Error::PeerGroup { .. })
         {
-            group.fail(*rank, &e.to_string());
+            group.fail(*rank, &crate::error::chain_text(e));
         }
         r
     }

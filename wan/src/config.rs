@@ -310,11 +310,13 @@ impl Config {
 }
 
 /// A `config.json` that does not parse or describes a model this crate does not build.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// Not JSON, or a field of the wrong type.
-    Json(serde_json::Error),
+    #[error("not a WanTransformer3DModel config")]
+    Json(#[source] serde_json::Error),
     /// A value out of range.
+    #[error("{field} {reason}")]
     Invalid {
         /// The field.
         field: &'static str,
@@ -322,31 +324,13 @@ pub enum ConfigError {
         reason: String,
     },
     /// A feature of the diffusers model that this crate does not implement.
+    #[error("{field} {reason}")]
     Unsupported {
         /// The field.
         field: &'static str,
         /// What is wrong with it.
         reason: String,
     },
-}
-
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConfigError::Json(e) => write!(f, "not a WanTransformer3DModel config: {e}"),
-            ConfigError::Invalid { field, reason } => write!(f, "{field} {reason}"),
-            ConfigError::Unsupported { field, reason } => write!(f, "{field} {reason}"),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ConfigError::Json(e) => Some(e),
-            _ => None,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -465,10 +449,15 @@ mod tests {
         let path = dir.join("config.json");
         std::fs::write(&path, r#"{"attention_head_dim": 4611686018427387904}"#).unwrap();
         let e = Config::from_file(&path).unwrap_err();
-        let text = e.to_string();
-        assert!(
-            text.contains("config.json") && text.contains("attention_head_dim"),
-            "{text}"
+        // The file in the message, the key in its source (the ConfigError), each once.
+        assert!(e.to_string().contains("config.json"), "{e:?}");
+        let source = std::error::Error::source(&e).expect("the ConfigError is the source");
+        assert!(source.is::<ConfigError>(), "{e:?}");
+        assert!(source.to_string().contains("attention_head_dim"), "{e:?}");
+        assert_eq!(
+            format!("{e:?}").matches("attention_head_dim").count(),
+            1,
+            "{e:?}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

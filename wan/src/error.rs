@@ -81,32 +81,45 @@ impl std::fmt::Display for Mismatch {
 }
 
 /// Errors of this crate.
-#[derive(Debug)]
+///
+/// Each cause is reported once in a chain: a variant that wraps another error (an I/O error,
+/// a config or scheduler error, libtorch's error, the block loop's error) returns it from
+/// [`source()`](std::error::Error::source) and does not repeat it in its own message. `{:?}`
+/// (what `fn main() -> Result<(), wan::Error>` prints on failure) writes the message and every
+/// cause below it.
+#[derive(thiserror::Error)]
 pub enum Error {
     /// A file could not be read.
+    #[error("reading {}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The I/O error.
+        #[source]
         source: std::io::Error,
     },
     /// A `config.json` that does not parse or is not supported.
+    #[error("{}: transformer config refused", path.display())]
     Config {
         /// The file.
         path: PathBuf,
         /// What is wrong.
+        #[source]
         source: ConfigError,
     },
     /// A VAE `config.json` (or a [`crate::VaeConfig`] built in code) that does not parse or is
     /// not supported.
+    #[error("{}: VAE config refused", path.as_deref().map_or("(built in code)".into(), |p| p.display().to_string()))]
     VaeConfig {
         /// The file (`None` for a configuration built in code).
         path: Option<PathBuf>,
         /// What is wrong.
+        #[source]
         source: VaeConfigError,
     },
     /// A VAE checkpoint that does not match the decoder (the encoder's tensors are not
     /// compared).
+    #[error("{} does not match the VAE's decoder (names as diffusers' AutoencoderKLWan, e.g. decoder.conv_in.weight):\n{mismatch}", path.display())]
     VaeMismatch {
         /// The checkpoint (a directory or a file).
         path: PathBuf,
@@ -114,6 +127,7 @@ pub enum Error {
         mismatch: Box<Mismatch>,
     },
     /// A safetensors file or shard index that is not well formed.
+    #[error("{}: {reason}", path.display())]
     Format {
         /// The file.
         path: PathBuf,
@@ -121,6 +135,7 @@ pub enum Error {
         reason: String,
     },
     /// The checkpoint does not match the model.
+    #[error("{} does not match the model (names as diffusers' WanTransformer3DModel, e.g. blocks.0.attn1.to_q.weight):\n{mismatch}", path.display())]
     Mismatch {
         /// The checkpoint (a directory or a file).
         path: PathBuf,
@@ -128,29 +143,36 @@ pub enum Error {
         mismatch: Box<Mismatch>,
     },
     /// An input of the forward pass of the wrong shape.
+    #[error("bad input: {reason}")]
     Input {
         /// What is wrong.
         reason: String,
     },
     /// A `scheduler_config.json` that does not parse or is not supported.
+    #[error("{}: scheduler config refused", path.display())]
     SchedulerConfig {
         /// The file.
         path: PathBuf,
         /// What is wrong.
+        #[source]
         source: SchedulerError,
     },
     /// A scheduler refused a configuration or a call (see [`SchedulerError`]).
-    Scheduler(SchedulerError),
+    #[error("the scheduler refused the call")]
+    Scheduler(#[from] SchedulerError),
     /// libtorch failed.
+    #[error("{context}")]
     Torch {
         /// What was being done.
         context: String,
         /// libtorch's error.
+        #[source]
         source: tch::TchError,
     },
     /// A pipeline directory (or a set of components) that is not a Wan2.1 text-to-video
     /// pipeline this crate runs: a missing component, another pipeline class, components that do
     /// not fit together.
+    #[error("{}: {reason}", path.display())]
     Pipeline {
         /// The directory (empty for components built in code).
         path: PathBuf,
@@ -158,7 +180,8 @@ pub enum Error {
         reason: String,
     },
     /// The caller's block loop (a [`crate::BlockLoop`], e.g. an offload manager's) failed.
-    Blocks(Box<dyn std::error::Error + Send + Sync + 'static>),
+    #[error("the block loop failed")]
+    Blocks(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
 impl Error {
@@ -171,53 +194,146 @@ impl Error {
 /// `Result` with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
-impl std::fmt::Display for Error {
+/// The message, then every cause below it (the `source()` chain), one per line: what
+/// `fn main() -> Result<(), wan::Error>` prints when it fails, and what `unwrap()` shows.
+impl std::fmt::Debug for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Error::Io { path, source } => write!(f, "reading {}: {source}", path.display()),
-            Error::Config { path, source } => write!(f, "{}: {source}", path.display()),
-            Error::VaeConfig {
-                path: Some(path),
-                source,
-            } => write!(f, "{}: {source}", path.display()),
-            Error::VaeConfig { path: None, source } => write!(f, "VAE config: {source}"),
-            Error::VaeMismatch { path, mismatch } => write!(
-                f,
-                "{} does not match the VAE's decoder (names as diffusers' AutoencoderKLWan, e.g. decoder.conv_in.weight):\n{mismatch}",
-                path.display()
-            ),
-            Error::Format { path, reason } => write!(f, "{}: {reason}", path.display()),
-            Error::Mismatch { path, mismatch } => write!(
-                f,
-                "{} does not match the model (names as diffusers' WanTransformer3DModel, e.g. blocks.0.attn1.to_q.weight):\n{mismatch}",
-                path.display()
-            ),
-            Error::Input { reason } => write!(f, "bad input: {reason}"),
-            Error::SchedulerConfig { path, source } => write!(f, "{}: {source}", path.display()),
-            Error::Scheduler(source) => write!(f, "scheduler: {source}"),
-            Error::Torch { context, source } => write!(f, "{context}: {source}"),
-            Error::Pipeline { path, reason } => write!(f, "{}: {reason}", path.display()),
-            Error::Blocks(e) => write!(f, "the block loop failed: {e}"),
+        write!(f, "{self}")?;
+        let causes: Vec<&dyn std::error::Error> =
+            std::iter::successors(std::error::Error::source(self), |e| e.source()).collect();
+        match causes.as_slice() {
+            [] => Ok(()),
+            [one] => write!(f, "\n\nCaused by:\n    {one}"),
+            many => {
+                write!(f, "\n\nCaused by:")?;
+                for (i, cause) in many.iter().enumerate() {
+                    write!(f, "\n    {i}: {cause}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Error::Io { source, .. } => Some(source),
-            Error::Config { source, .. } => Some(source),
-            Error::VaeConfig { source, .. } => Some(source),
-            Error::SchedulerConfig { source, .. } => Some(source),
-            Error::Scheduler(source) => Some(source),
-            Error::Torch { source, .. } => Some(source),
-            _ => None,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, Scheduler, VaeConfig};
+    use std::error::Error as _;
+
+    /// The messages of `e`'s chain, `e` first.
+    fn chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+        std::iter::successors(Some(e), |&e| e.source())
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    /// No message repeats its source's, and `{:?}` holds each exactly once.
+    fn each_cause_once(e: &Error) {
+        let messages = chain(e);
+        for pair in messages.windows(2) {
+            assert!(!pair[0].contains(&pair[1]), "{pair:?}");
+        }
+        let debug = format!("{e:?}");
+        for m in &messages {
+            assert_eq!(debug.matches(m.as_str()).count(), 1, "{m:?} in:\n{debug}");
         }
     }
-}
 
-impl From<SchedulerError> for Error {
-    fn from(e: SchedulerError) -> Error {
-        Error::Scheduler(e)
+    #[test]
+    fn a_missing_file_is_io_with_its_kind() {
+        let missing =
+            std::env::temp_dir().join(format!("wan-none-{}/config.json", std::process::id()));
+        let e = Config::from_file(&missing).unwrap_err();
+        assert!(
+            matches!(&e, Error::Io { path, .. } if path == &missing),
+            "{e:?}"
+        );
+        let io = e
+            .source()
+            .unwrap()
+            .downcast_ref::<std::io::Error>()
+            .unwrap();
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+        each_cause_once(&e);
+    }
+
+    #[test]
+    fn json_errors_are_the_source_of_the_config_errors() {
+        // Transformer config: Error::Config -> ConfigError::Json -> serde_json::Error.
+        let json_error = Config::from_json("{not json").unwrap_err();
+        let e = Error::Config {
+            path: "config.json".into(),
+            source: json_error,
+        };
+        let config = e.source().unwrap();
+        assert!(matches!(
+            config.downcast_ref::<ConfigError>(),
+            Some(ConfigError::Json(_))
+        ));
+        assert!(config.source().unwrap().is::<serde_json::Error>());
+        assert_eq!(chain(&e).len(), 3);
+        each_cause_once(&e);
+        // VAE config built in code: no path, the same chain.
+        let e = Error::VaeConfig {
+            path: None,
+            source: VaeConfig::from_json("{not json").unwrap_err(),
+        };
+        assert!(e.to_string().starts_with("(built in code)"), "{e}");
+        let vae = e.source().unwrap();
+        assert!(matches!(
+            vae.downcast_ref::<VaeConfigError>(),
+            Some(VaeConfigError::Json(_))
+        ));
+        assert!(vae.source().unwrap().is::<serde_json::Error>());
+        each_cause_once(&e);
+        // Scheduler config.
+        let e = Error::SchedulerConfig {
+            path: "scheduler_config.json".into(),
+            source: Scheduler::from_json("{").map(|_| ()).unwrap_err(),
+        };
+        let sched = e.source().unwrap();
+        assert!(matches!(
+            sched.downcast_ref::<SchedulerError>(),
+            Some(SchedulerError::Json(_))
+        ));
+        assert!(sched.source().unwrap().is::<serde_json::Error>());
+        each_cause_once(&e);
+    }
+
+    #[test]
+    fn libtorch_and_block_loop_errors_are_sources() {
+        let e = Error::Torch {
+            context: "reading weights".into(),
+            source: tch::TchError::Torch("bad file".into()),
+        };
+        assert!(e.source().unwrap().is::<tch::TchError>());
+        assert!(!e.to_string().contains("bad file"), "{e}");
+        each_cause_once(&e);
+        // A scheduler step's libtorch failure: Error::Scheduler -> SchedulerError::Torch -> TchError.
+        let e = Error::from(SchedulerError::Torch {
+            step: 3,
+            op: "linalg_solve",
+            source: tch::TchError::Torch("singular".into()),
+        });
+        let step = e.source().unwrap();
+        assert!(step.to_string().contains("step 3: linalg_solve"), "{step}");
+        assert!(step.source().unwrap().is::<tch::TchError>());
+        assert_eq!(chain(&e).len(), 3);
+        each_cause_once(&e);
+        // The caller's block loop error, kept whole.
+        let e = Error::blocks(std::io::Error::other("upload failed"));
+        let inner = e
+            .source()
+            .unwrap()
+            .downcast_ref::<std::io::Error>()
+            .unwrap();
+        assert_eq!(inner.kind(), std::io::ErrorKind::Other);
+        each_cause_once(&e);
+        let debug = format!("{e:?}");
+        assert_eq!(
+            debug,
+            "the block loop failed\n\nCaused by:\n    upload failed"
+        );
     }
 }

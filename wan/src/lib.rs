@@ -87,3 +87,8 @@ pub fn from_pretrained(
     load_checkpoint(vs, dir)?;
     Ok((config, model))
 }
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -57,16 +57,22 @@ use std::path::Path;
 use tch::Tensor;
 
 /// A scheduler configuration or call that this crate refuses.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
     /// Not JSON, or a key with a value of the wrong JSON type.
-    Json(serde_json::Error),
+    #[error("not a scheduler config")]
+    Json(#[source] serde_json::Error),
     /// `_class_name` names a scheduler this crate does not implement (or is absent).
+    #[error("{}", match name {
+        Some(name) => format!("_class_name is {name:?}: only \"UniPCMultistepScheduler\" and \"FlowMatchEulerDiscreteScheduler\" are implemented"),
+        None => "_class_name is missing: say \"UniPCMultistepScheduler\" or \"FlowMatchEulerDiscreteScheduler\"".to_owned(),
+    })]
     UnknownClass {
         /// The class named (`None`: the key is absent).
         name: Option<String>,
     },
     /// A known key with a value diffusers accepts but this crate does not implement.
+    #[error("{key} is {value}: not implemented; {supported}")]
     Unsupported {
         /// The key.
         key: &'static str,
@@ -76,6 +82,7 @@ pub enum SchedulerError {
         supported: &'static str,
     },
     /// A value out of range (that diffusers refuses too or that makes no schedule).
+    #[error("{key} is {value}: {reason}")]
     Invalid {
         /// The key or argument.
         key: &'static str,
@@ -85,20 +92,28 @@ pub enum SchedulerError {
         reason: &'static str,
     },
     /// `step` before `set_timesteps`.
+    #[error("step called before set_timesteps")]
     NoTimesteps,
     /// `step` after the last timestep of the schedule.
+    #[error("step called after the last of {steps} steps: call set_timesteps for a new generation")]
     Finished {
         /// The number of steps in the schedule.
         steps: usize,
     },
     /// The first `step` of a generation got a timestep that is not in the schedule (and no
     /// begin index was set).
+    #[error(
+        "timestep {timestep} is not in the schedule: pass one of timesteps(), or call set_begin_index"
+    )]
     UnknownTimestep {
         /// The timestep passed.
         timestep: f64,
     },
     /// The model output's shape differs from the sample's, or the sample has fewer than two
     /// dimensions (batch and channels).
+    #[error(
+        "model output of shape {model_output:?} for a sample of shape {sample:?}: they must match, with batch and channel dimensions first"
+    )]
     Shape {
         /// The model output's shape.
         model_output: Vec<i64>,
@@ -109,69 +124,16 @@ pub enum SchedulerError {
     /// is singular (`solver_order` 3, `lower_order_final` false and a final sigma of zero), or
     /// `einsum` got a bf16 model output and a float32 sample (`predict_x0` false with `epsilon`
     /// or `sample` prediction keeps the model output's type).
+    #[error("step {step}: {op} failed in libtorch")]
     Torch {
         /// The step.
         step: usize,
         /// The operation (`linalg_solve`, `einsum`).
         op: &'static str,
         /// libtorch's error.
+        #[source]
         source: tch::TchError,
     },
-}
-
-impl std::fmt::Display for SchedulerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SchedulerError::Json(e) => write!(f, "not a scheduler config: {e}"),
-            SchedulerError::UnknownClass { name: Some(name) } => write!(
-                f,
-                "_class_name is {name:?}: only \"UniPCMultistepScheduler\" and \"FlowMatchEulerDiscreteScheduler\" are implemented"
-            ),
-            SchedulerError::UnknownClass { name: None } => write!(
-                f,
-                "_class_name is missing: say \"UniPCMultistepScheduler\" or \"FlowMatchEulerDiscreteScheduler\""
-            ),
-            SchedulerError::Unsupported {
-                key,
-                value,
-                supported,
-            } => write!(f, "{key} is {value}: not implemented; {supported}"),
-            SchedulerError::Invalid { key, value, reason } => {
-                write!(f, "{key} is {value}: {reason}")
-            }
-            SchedulerError::NoTimesteps => {
-                write!(f, "step called before set_timesteps")
-            }
-            SchedulerError::Finished { steps } => write!(
-                f,
-                "step called after the last of {steps} steps: call set_timesteps for a new generation"
-            ),
-            SchedulerError::UnknownTimestep { timestep } => write!(
-                f,
-                "timestep {timestep} is not in the schedule: pass one of timesteps(), or call set_begin_index"
-            ),
-            SchedulerError::Shape {
-                model_output,
-                sample,
-            } => write!(
-                f,
-                "model output of shape {model_output:?} for a sample of shape {sample:?}: they must match, with batch and channel dimensions first"
-            ),
-            SchedulerError::Torch { step, op, source } => {
-                write!(f, "step {step}: {op}: {source}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for SchedulerError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            SchedulerError::Json(e) => Some(e),
-            SchedulerError::Torch { source, .. } => Some(source),
-            _ => None,
-        }
-    }
 }
 
 /// The class names [`Scheduler::from_json`] knows, as diffusers writes them to `_class_name`.

@@ -293,11 +293,13 @@ impl VaeConfig {
 }
 
 /// A `vae/config.json` that does not parse or describes a VAE this crate does not build.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum VaeConfigError {
     /// Not JSON, or a field of the wrong type.
-    Json(serde_json::Error),
+    #[error("not an AutoencoderKLWan config")]
+    Json(#[source] serde_json::Error),
     /// A value out of range.
+    #[error("{field} {reason}")]
     Invalid {
         /// The field.
         field: &'static str,
@@ -305,6 +307,7 @@ pub enum VaeConfigError {
         reason: String,
     },
     /// A feature of diffusers' `AutoencoderKLWan` that this crate does not implement.
+    #[error("{field} {reason}")]
     Unsupported {
         /// The field.
         field: &'static str,
@@ -321,25 +324,6 @@ impl VaeConfigError {
             VaeConfigError::Invalid { field, .. } | VaeConfigError::Unsupported { field, .. } => {
                 Some(field)
             }
-        }
-    }
-}
-
-impl std::fmt::Display for VaeConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            VaeConfigError::Json(e) => write!(f, "not an AutoencoderKLWan config: {e}"),
-            VaeConfigError::Invalid { field, reason } => write!(f, "{field} {reason}"),
-            VaeConfigError::Unsupported { field, reason } => write!(f, "{field} {reason}"),
-        }
-    }
-}
-
-impl std::error::Error for VaeConfigError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            VaeConfigError::Json(e) => Some(e),
-            _ => None,
         }
     }
 }
