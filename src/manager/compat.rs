@@ -52,7 +52,7 @@ impl LayerwiseOffloadManager {
         }
         self.check_ready("prefetch_layer")?;
         if layer >= self.blocks.len()
-            || self.blocks[layer].slot.is_some()
+            || self.ring.slot_of(layer).is_some()
             || self.blocks[layer].resident
         {
             return Ok(());
@@ -64,7 +64,7 @@ impl LayerwiseOffloadManager {
         self.upload(layer, s)?;
         self.point_at_slot(layer)?;
         if !non_blocking {
-            self.slots[s].synchronize_ready()?;
+            self.ring.slot(s).synchronize_ready()?;
         }
         Ok(())
     }
@@ -81,7 +81,7 @@ impl LayerwiseOffloadManager {
             return Ok(());
         }
         self.release(layer)?;
-        if let Some(s) = self.blocks[layer].slot {
+        if let Some(s) = self.ring.slot_of(layer) {
             self.evict(s)?;
         }
         Ok(())

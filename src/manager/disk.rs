@@ -4,7 +4,7 @@
 //! in loop order, and the upload copies from there. A staging buffer is read into again only
 //! once the copy out of it has finished (its fence event).
 
-use crate::accel::{self, Event, HostMemory};
+use crate::accel::{self, Event, HostMemory, Stream};
 use crate::checkpoint::{self, Checkpoint, CheckpointTensor, FileStamp};
 use crate::error::{Error, Result};
 use std::collections::VecDeque;
@@ -12,10 +12,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use tch::Tensor;
 
-use super::LayerwiseOffloadManager;
-
 /// The host bytes of part of a block, ready to copy: from its host copy, or (the disk tier)
-/// from a staging buffer to give back with [`LayerwiseOffloadManager::release_staged`].
+/// from a staging buffer to give back with [`DiskTier::unstage`].
+#[derive(Debug)]
 pub(super) struct Staged {
     /// `(offset from the start of the part, host bytes)`.
     pub(super) pieces: Vec<(usize, Tensor)>,
@@ -23,24 +22,21 @@ pub(super) struct Staged {
     buffer: Option<usize>,
 }
 
-impl LayerwiseOffloadManager {
-    /// Bytes `[off, off + len)` of block `block`'s layout in host memory: pieces of its host
-    /// copy, or, on the disk tier, the staging buffer the block was read into (waiting for
-    /// the read if it is not done).
-    pub(super) fn host_range(&self, block: usize, off: usize, len: usize) -> Result<Staged> {
-        if let Some(h) = &self.blocks[block].host {
-            return Ok(Staged {
-                pieces: h.range(off, len)?,
-                buffer: None,
-            });
+impl Staged {
+    /// Host bytes held elsewhere (a host copy): nothing to give back.
+    pub(super) fn host(pieces: Vec<(usize, Tensor)>) -> Staged {
+        Staged {
+            pieces,
+            buffer: None,
         }
-        let Some(disk) = self.disk.as_ref().filter(|_| self.blocks[block].on_disk) else {
-            return Err(Error::InvalidArgument {
-                op: "upload",
-                message: format!("block {block} has no host copy"),
-            });
-        };
-        let (i, buf) = disk.take(block)?;
+    }
+}
+
+impl DiskTier {
+    /// Bytes `[off, off + len)` of disk-tier block `block`'s layout: the staging buffer the
+    /// block was read into (waiting for the read if it is not done).
+    pub(super) fn stage(&self, block: usize, off: usize, len: usize) -> Result<Staged> {
+        let (i, buf) = self.take(block)?;
         let part = buf
             .f_narrow(0, off as i64, len as i64)
             .map_err(|e| Error::from(("upload", e)));
@@ -50,28 +46,28 @@ impl LayerwiseOffloadManager {
                 buffer: Some(i),
             }),
             Err(e) => {
-                disk.release(i, None);
+                self.release(i, None);
                 Err(e)
             }
         }
     }
 
-    /// Gives a disk-tier staging buffer back once the copies out of it queued so far on the
-    /// copy stream are done (an event the reader waits for before reading into it again; a
-    /// new one per upload, since the reader thread takes it).
-    pub(super) fn release_staged(&self, staged: Staged) -> Result<()> {
-        let (Some(i), Some(disk)) = (staged.buffer, &self.disk) else {
+    /// Gives a staging buffer back once the copies out of it queued so far on `copy` are done
+    /// (an event the reader waits for before reading into it again; a new one per upload,
+    /// since the reader thread takes it). Nothing to do for host bytes held elsewhere.
+    pub(super) fn unstage(&self, staged: Staged, copy: Option<&Stream>) -> Result<()> {
+        let Some(i) = staged.buffer else {
             return Ok(());
         };
-        let fence = match self.backend.copy_stream() {
+        let fence = match copy {
             Some(copy) => {
                 let mut e = Event::new()?;
-                e.record(&copy)?;
+                e.record(copy)?;
                 Some(e)
             }
             None => None,
         };
-        disk.release(i, fence);
+        self.release(i, fence);
         Ok(())
     }
 }
@@ -221,7 +217,7 @@ impl DiskTier {
     /// Waits until `block` sits in a staging buffer and hands that buffer out (narrowed to the
     /// block's layout): the caller copies from it and gives it back with [`Self::release`].
     /// Then queues the next disk-tier blocks in loop order.
-    pub(super) fn take(&self, block: usize) -> Result<(usize, Tensor)> {
+    fn take(&self, block: usize) -> Result<(usize, Tensor)> {
         let mut st = self.shared.lock();
         let i = loop {
             if let Some(i) = st.bufs.iter().position(|b| b.block() == Some(block)) {
@@ -274,7 +270,7 @@ impl DiskTier {
 
     /// Gives back staging buffer `i` after the copy out of it was queued; `fence` completes
     /// when that copy has (None: the copy is done).
-    pub(super) fn release(&self, i: usize, fence: Option<Event>) {
+    fn release(&self, i: usize, fence: Option<Event>) {
         let mut st = self.shared.lock();
         st.fences[i] = fence;
         st.bufs[i] = Buf::Free;

@@ -14,7 +14,7 @@ use std::time::Instant;
 use tch::{Device, Tensor};
 
 use super::compress::{in_place, zero_gaps};
-use super::ring::Slot;
+use super::ring::SlotRing;
 use super::weights::{BlockState, empty_like, views, zip_views};
 use super::{LayerwiseOffloadManager, Phase};
 
@@ -133,8 +133,8 @@ impl LayerwiseOffloadManager {
         let resident = self.choose_resident(&plan)?;
         let streamed: Vec<usize> = (0..plan.blocks.len()).filter(|&i| !resident[i]).collect();
         // The slot ring first: running out of device memory here changes nothing.
-        let (slots, slot_bytes) = self.alloc_ring(&plan, &streamed)?;
-        self.join_group(&slots)?;
+        let (ring, slot_bytes) = self.alloc_ring(&plan, &streamed)?;
+        self.join_group(&ring)?;
         let blocks = self.block_states(&plan, &resident)?;
         let to_device = self.device_tensors(&plan, &resident);
         match (&checkpoint, &sources) {
@@ -142,7 +142,7 @@ impl LayerwiseOffloadManager {
             _ => self.move_to_device(&to_device, undo)?,
         }
 
-        self.slots = slots;
+        self.ring = ring;
         self.blocks = blocks;
         self.stats = OffloadStats {
             streamed_blocks: streamed.len(),
@@ -154,7 +154,7 @@ impl LayerwiseOffloadManager {
                 .filter(|(_, r)| **r)
                 .map(|(l, _)| l.bytes as u64)
                 .sum(),
-            slot_bytes: (slot_bytes * self.slots.len()) as u64,
+            slot_bytes: (slot_bytes * self.ring.len()) as u64,
             pinned: self.host_memory() == HostMemory::Pinned,
             block_upload_ms: vec![0.0; plan.blocks.len()],
             block_stall_ms: vec![0.0; plan.blocks.len()],
@@ -196,50 +196,27 @@ impl LayerwiseOffloadManager {
         Ok(plan)
     }
 
-    /// The slot ring (`prefetch_depth + 1` slots of the largest streamed block, never more than
-    /// there are streamed blocks) and the copy stream; returns the slots and their size.
-    fn alloc_ring(&mut self, plan: &Plan, streamed: &[usize]) -> Result<(Vec<Slot>, usize)> {
-        let slot_bytes = streamed
-            .iter()
-            .map(|&i| plan.blocks[i].bytes)
-            .max()
-            .unwrap_or(0);
-        let n_slots = self
-            .config
-            .prefetch_depth
-            .saturating_add(1)
-            .min(streamed.len());
-        let oom = |source| Error::OutOfMemory {
-            op: format!(
-                "allocating {n_slots} GPU slots of {slot_bytes} bytes (prefetch_depth + 1)"
-            ),
-            bytes: (slot_bytes * n_slots) as u64,
-            source,
-        };
+    /// The slot ring ([`SlotRing::size`]) and the copy stream; returns the ring and the size
+    /// of a slot.
+    fn alloc_ring(&mut self, plan: &Plan, streamed: &[usize]) -> Result<(SlotRing, usize)> {
+        let sizes: Vec<usize> = streamed.iter().map(|&i| plan.blocks[i].bytes).collect();
+        let (n, slot_bytes) = SlotRing::size(self.config.prefetch_depth, &sizes);
         let peer = self.config.peer.as_ref().map(|(g, r)| (g.size(), *r));
-        let mut slots = Vec::with_capacity(n_slots);
-        for _ in 0..n_slots {
-            if self.faults.slot_alloc() {
-                return Err(oom(crate::error::TorchMessage("injected fault".into())));
-            }
-            slots.push(Slot::new(&self.backend, slot_bytes, peer, oom)?);
-        }
+        let faults = &mut self.faults;
+        let ring = SlotRing::alloc(&self.backend, (n, slot_bytes), peer, || faults.slot_alloc())?;
         self.backend.take_copy_stream()?;
-        Ok((slots, slot_bytes))
+        Ok((ring, slot_bytes))
     }
 
     /// Peer groups: the push streams, and this member's ring joins the group.
-    fn join_group(&mut self, slots: &[Slot]) -> Result<()> {
+    fn join_group(&mut self, ring: &SlotRing) -> Result<()> {
         if let Some((group, rank)) = &self.config.peer {
             if self.peer.push.is_empty() {
                 self.peer.push = self
                     .backend
                     .push_streams(group.size(), self.config.push_per_member)?;
             }
-            group.join(
-                *rank,
-                slots.iter().map(|s| s.buf().shallow_clone()).collect(),
-            )?;
+            group.join(*rank, ring.buffers())?;
             self.peer.joined = true;
         }
         Ok(())

@@ -51,14 +51,17 @@
 mod compat;
 mod compress;
 mod config;
+mod decode;
 mod device;
 mod disk;
 mod faults;
+mod fence;
 mod lifecycle;
 mod load;
 mod restore;
 mod ring;
 mod schedule;
+mod share;
 mod timing;
 mod upload;
 mod weights;
@@ -74,11 +77,11 @@ use crate::plan::{BlockLayout, Plan};
 use crate::stats::OffloadStats;
 use device::Backend;
 use faults::FaultInjector;
-use ring::Slot;
+use ring::SlotRing;
+use share::PeerLink;
 use std::sync::Arc;
 use tch::{Device, Tensor};
 use timing::Timer;
-use upload::PeerLink;
 use weights::BlockState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,9 +123,7 @@ pub struct LayerwiseOffloadManager {
     /// Per block, in loop order.
     blocks: Vec<BlockState>,
     /// The slot ring.
-    slots: Vec<Slot>,
-    /// Counts entered blocks (the slots' least-recently-used order).
-    tick: u64,
+    ring: SlotRing,
     stats: OffloadStats,
     timer: Timer,
     faults: FaultInjector,
@@ -137,7 +138,7 @@ pub struct LayerwiseOffloadManager {
     /// The disk tier (a host budget below the streamed blocks).
     disk: Option<disk::DiskTier>,
     /// Compressed transport on CUDA: the GPU decoder and its staging buffers.
-    decoding: Option<compress::Decoding>,
+    decoding: Option<decode::Decoding>,
 }
 
 impl LayerwiseOffloadManager {
@@ -155,8 +156,7 @@ impl LayerwiseOffloadManager {
             phase: Phase::Configured,
             plan: None,
             blocks: Vec::new(),
-            slots: Vec::new(),
-            tick: 0,
+            ring: SlotRing::default(),
             stats: OffloadStats::default(),
             timer: Timer::default(),
             claim: None,
@@ -214,7 +214,7 @@ impl LayerwiseOffloadManager {
     pub fn is_on_device(&self, block: usize) -> bool {
         self.blocks
             .get(block)
-            .is_some_and(|b| b.slot.is_some() || b.resident)
+            .is_some_and(|b| b.resident || self.ring.slot_of(block).is_some())
     }
 
     /// Whether block `block` stays on the device for good (within the VRAM budget).
@@ -229,7 +229,7 @@ impl LayerwiseOffloadManager {
 
     /// The blocks held by the slot ring now, slot by slot.
     pub fn slot_contents(&self) -> Vec<Option<usize>> {
-        self.slots.iter().map(|s| s.block()).collect()
+        self.ring.contents()
     }
 
     /// Enters block `block` for computing: waits (on the device) for its upload, loading it at

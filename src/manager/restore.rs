@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tch::Device;
 
 use super::lifecycle::Undo;
+use super::ring::SlotRing;
 use super::weights::{empty_like, owned_copy, zip_views};
 use super::{LayerwiseOffloadManager, Phase};
 
@@ -89,9 +90,7 @@ impl LayerwiseOffloadManager {
             let b = &mut self.blocks[i];
             b.point_at(&fresh, "restore")?;
             b.in_use = false;
-            if let Some(s) = b.slot.take() {
-                self.slots[s].take_block();
-            }
+            self.ring.forget(i);
             if let Some(h) = self.blocks[i].host.take() {
                 let held = h.bytes() as u64;
                 self.stats.host_bytes = self.stats.host_bytes.saturating_sub(held);
@@ -105,7 +104,7 @@ impl LayerwiseOffloadManager {
             self.restored += 1;
         }
         self.backend.synchronize()?;
-        self.slots.clear();
+        self.ring = SlotRing::default();
         self.store = None;
         self.disk = None;
         self.decoding = None;
@@ -156,7 +155,7 @@ impl LayerwiseOffloadManager {
         }
         self.peer.joined = false;
         self.blocks.clear();
-        self.slots.clear();
+        self.ring = SlotRing::default();
         self.disk = None;
         self.decoding = None;
         self.plan = None;
@@ -203,11 +202,8 @@ impl LayerwiseOffloadManager {
                 };
                 let _ = p.f_set_data(&value);
             }
-            self.blocks[i].slot = None;
             self.blocks[i].in_use = false;
         }
-        for s in &mut self.slots {
-            s.take_block();
-        }
+        self.ring.forget_all();
     }
 }

@@ -7,41 +7,26 @@ use crate::stats::Lane;
 use super::LayerwiseOffloadManager;
 
 impl LayerwiseOffloadManager {
-    /// A slot that holds no entered block and none of `protect`: empty ones first, then the
-    /// least recently used.
+    /// A slot for an upload: one that holds no entered block and none of `protect` (the
+    /// ring's choice).
     pub(super) fn pick_slot(&self, protect: &[usize]) -> Option<usize> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| match s.block() {
-                None => true,
-                Some(b) => !self.blocks[b].in_use && !protect.contains(&b),
-            })
-            .min_by_key(|(_, s)| (s.block().is_some(), s.last_used()))
-            .map(|(i, _)| i)
+        self.ring
+            .pick(|b| self.blocks[b].in_use || protect.contains(&b))
     }
 
-    /// Forgets the block held by slot `s` (its tensors go back to placeholders).
+    /// Empties slot `s` for another block (its old block's tensors go back to placeholders).
     pub(super) fn evict(&mut self, s: usize) -> Result<()> {
-        if self.slots[s].block().is_some() && !self.slots[s].is_released() {
-            // The block may have been read without an enter/release pair (FastVideo's
-            // `prefetch_layer` points its tensors at the slot): order the slot's next upload
-            // after all compute work queued so far.
-            let compute = self.backend.compute_stream()?;
-            self.slots[s].mark_free(compute.as_ref())?;
-        }
-        if let Some(old) = self.slots[s].take_block() {
-            let b = &mut self.blocks[old];
-            b.slot = None;
-            b.point_at_placeholders()?;
+        let backend = &self.backend;
+        if let Some(old) = self.ring.evict(s, || backend.compute_stream())? {
+            self.blocks[old].point_at_placeholders()?;
         }
         Ok(())
     }
 
     /// Points block `block`'s tensors at views of its slot.
     pub(super) fn point_at_slot(&mut self, block: usize) -> Result<()> {
-        let s = self.blocks[block].slot.expect("block is in a slot");
-        let views = super::weights::views(self.slots[s].buf(), self.layout(block))?;
+        let s = self.ring.slot_of(block).expect("block is in a slot");
+        let views = super::weights::views(self.ring.slot(s).buf(), self.layout(block))?;
         self.blocks[block].point_at(&views, "pointing a block at its slot")
     }
 
@@ -66,7 +51,7 @@ impl LayerwiseOffloadManager {
             self.blocks[block].in_use = true;
             return Ok(());
         }
-        let s = match self.blocks[block].slot {
+        let s = match self.ring.slot_of(block) {
             Some(s) => s,
             None => {
                 let s = self.pick_slot(&[block]).ok_or_else(|| Error::NoFreeSlot {
@@ -79,15 +64,14 @@ impl LayerwiseOffloadManager {
         };
         if let Some(compute) = self.backend.compute_stream()? {
             let pair = self.timing_pair()?;
-            let slot = &self.slots[s];
+            let slot = self.ring.slot(s);
             self.timer
                 .time(pair, &compute, (block, 0, Lane::Stall), || {
                     slot.wait_ready(&compute)
                 })?;
         }
         self.point_at_slot(block)?;
-        self.tick += 1;
-        self.slots[s].touch(self.tick);
+        self.ring.touch(s);
         self.blocks[block].in_use = true;
         Ok(())
     }
@@ -102,7 +86,7 @@ impl LayerwiseOffloadManager {
             .take(self.config.prefetch_depth)
             .collect();
         for &next in &upcoming {
-            if self.blocks[next].slot.is_some() {
+            if self.ring.slot_of(next).is_some() {
                 continue;
             }
             let Some(s) = self.pick_slot(&upcoming) else {
@@ -127,12 +111,12 @@ impl LayerwiseOffloadManager {
         if self.blocks[block].resident {
             return Ok(());
         }
-        let s = self.blocks[block]
-            .slot
+        let s = self
+            .ring
+            .slot_of(block)
             .expect("an entered block is in a slot");
         let compute = self.backend.compute_stream()?;
-        self.slots[s].mark_free(compute.as_ref())?;
-        self.slots[s].mark_released();
+        self.ring.release(s, compute.as_ref())?;
         self.blocks[block].point_at_placeholders()
     }
 

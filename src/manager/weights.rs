@@ -21,8 +21,6 @@ pub(super) struct BlockState {
     pub(super) params: Vec<Tensor>,
     /// Empty tensors the params point at while the block is not on the device.
     pub(super) placeholders: Vec<Tensor>,
-    /// The slot holding the block's weights, if any.
-    pub(super) slot: Option<usize>,
     /// Entered and not yet released.
     pub(super) in_use: bool,
     /// Kept on the compute device for good (within the VRAM budget): never streams.
@@ -43,7 +41,6 @@ impl BlockState {
             host: None,
             params,
             placeholders,
-            slot: None,
             in_use: false,
             resident,
             on_disk: false,
@@ -296,7 +293,7 @@ impl LayerwiseOffloadManager {
                     tch::no_grad(|| p.f_copy_(value))
                         .map_err(|e| Error::from(("update_tensor", e)))?;
                 }
-                if let Some(s) = self.blocks[li].slot {
+                if let Some(s) = self.ring.slot_of(li) {
                     self.evict(s)?;
                 }
             }
