@@ -9,10 +9,11 @@
 //! buffer and sends it on, still encoded, to the others' staging buffers; each member decodes
 //! the whole block.
 
-use crate::accel;
+use crate::accel::{self, HostMemory};
 use crate::error::{Error, Result};
 use crate::host::{self, HostBlock};
 use crate::plan::BlockLayout;
+use crate::stats::OffloadStats;
 use layerwise_offload_codec::{EncodePlan, Encoder};
 use std::sync::Arc;
 use tch::{Device, Tensor};
@@ -20,82 +21,101 @@ use tch::{Device, Tensor};
 use super::LayerwiseOffloadManager;
 use super::decode::{Decoding, codec_error};
 
+/// Encodes `raw` (a block's raw host bytes, a contiguous 1-D uint8 CPU tensor) into a new
+/// host buffer of `memory`, and counts it in `stats`.
+fn encode(raw: &Tensor, memory: HostMemory, stats: &mut OffloadStats) -> Result<HostBlock> {
+    // SAFETY: the caller filled `raw` and does not write it while this runs.
+    let input = unsafe { host::bytes(raw)? };
+    let plan = Encoder::new()
+        .with_threads(host::worker_threads())
+        .plan(input)
+        .map_err(codec_error("encoding a block"))?;
+    store_encoding(&plan, memory, stats)
+}
+
+/// Writes the encoding `plan` into a new host buffer of `memory` and counts it in `stats`;
+/// returns the block's host copy.
+fn store_encoding(
+    plan: &EncodePlan<'_>,
+    memory: HostMemory,
+    stats: &mut OffloadStats,
+) -> Result<HostBlock> {
+    let (len, raw) = (plan.encoded_len(), plan.header().decoded_len() as usize);
+    let out = accel::alloc_host(len.max(1), memory)?;
+    // SAFETY: `out` is a fresh buffer owned here.
+    let dst = unsafe { host::bytes_mut(&out)? };
+    plan.write(&mut dst[..len])
+        .map_err(codec_error("encoding a block"))?;
+    let out = out
+        .f_narrow(0, 0, len as i64)
+        .map_err(|e| Error::from(("encoding a block", e)))?;
+    stats.encoded_blocks += 1;
+    stats.encoded_bytes += len as u64;
+    stats.raw_encoded_bytes += raw as u64;
+    stats.host_bytes += len as u64;
+    Ok(HostBlock::encoded(out, raw))
+}
+
 impl LayerwiseOffloadManager {
     /// Encodes `raw` (a block's raw host bytes, a contiguous 1-D uint8 CPU tensor) into a new
     /// host buffer of the manager's host memory kind, and counts it.
     pub(super) fn encode_block(&mut self, raw: &Tensor) -> Result<HostBlock> {
-        // SAFETY: the caller filled `raw` and does not write it while this runs.
-        let input = unsafe { host::bytes(raw)? };
-        let plan = Encoder::new()
-            .with_threads(host::worker_threads())
-            .plan(input)
-            .map_err(codec_error("encoding a block"))?;
-        self.store_encoding(&plan)
+        encode(raw, self.host_memory(), &mut self.stats)
     }
 
-    /// `update_tensor` on an encoded block `li`: decodes the block on the CPU, writes `value`
-    /// into its tensor `j`, encodes it again and puts the new encoding in place of the old one
-    /// (in the host store too), growing the staging buffers if it got longer. The caller
-    /// checked that nobody else holds the store, and waited for the copy and decode streams.
-    pub(super) fn reencode_with(&mut self, li: usize, j: usize, value: &Tensor) -> Result<()> {
-        let layout = self.layout(li).clone();
-        let old = self.blocks[li].host().shallow_clone();
-        let (old_len, raw_len) = match old.encoding() {
-            Some((e, raw)) => (e.numel(), raw),
-            None => return Ok(()),
-        };
-        if self
-            .store
-            .as_mut()
-            .is_some_and(|s| Arc::get_mut(s).is_none())
+    /// `update_tensor`'s write of `value` into tensor `j` of block `li`'s host copy
+    /// ([`HostTier::update`](super::tier::HostTier::update)). An encoded copy is encoded again:
+    /// the new encoding is counted instead of the old one, takes its place in the host store,
+    /// and the staging buffers grow if it got longer. The caller checked that nobody else holds
+    /// the store, and waited for the copy and decode streams.
+    pub(super) fn update_host(
+        &mut self,
+        name: &str,
+        li: usize,
+        j: usize,
+        value: &Tensor,
+    ) -> Result<()> {
+        if self.blocks[li].tier.encoding().is_some()
+            && self
+                .store
+                .as_mut()
+                .is_some_and(|s| Arc::get_mut(s).is_none())
         {
             return Err(Error::InvalidArgument {
                 op: "update_tensor",
                 message: "the compressed host copy is shared with another manager; restore the others first".into(),
             });
         }
-        let raw = old.decoded()?;
-        let mut view = raw.views(&layout)?.swap_remove(j);
-        tch::no_grad(|| view.f_copy_(value)).map_err(|e| Error::from(("update_tensor", e)))?;
-        let buf = raw
-            .as_whole()
-            .expect("a decoded block is one buffer")
-            .shallow_clone();
-        zero_gaps(&buf, &layout)?;
-        let new = self.encode_block(&buf)?;
+        let layout = self.layout(li).clone();
+        let memory = self.host_memory();
+        let stats = &mut self.stats;
+        let old = self.blocks[li]
+            .tier
+            .update(name, &layout, j, value, |raw| encode(raw, memory, stats))?;
+        let Some((old_len, raw_len)) = old
+            .as_ref()
+            .and_then(|o| o.encoding())
+            .map(|(e, r)| (e.numel(), r))
+        else {
+            return Ok(());
+        };
         // The old encoding no longer counts.
         self.stats.encoded_blocks -= 1;
         self.stats.encoded_bytes -= old_len as u64;
         self.stats.raw_encoded_bytes -= raw_len as u64;
         self.stats.host_bytes -= old_len as u64;
-        let new_len = new.encoding().map_or(0, |(e, _)| e.numel());
+        let new = self.blocks[li].tier.host().map(HostBlock::shallow_clone);
+        let new_len = new
+            .as_ref()
+            .and_then(|h| h.encoding())
+            .map_or(0, |(e, _)| e.numel());
         if let Some(store) = self.store.as_mut().and_then(Arc::get_mut) {
-            store.buffers[li] = Some(new.shallow_clone());
+            store.buffers[li] = new;
         }
-        self.blocks[li].host = Some(new);
         if let Some(dec) = &mut self.decoding {
             dec.grow(&self.backend, new_len)?;
         }
         Ok(())
-    }
-
-    /// Writes the encoding `plan` into a new host buffer of the manager's host memory kind and
-    /// counts it; returns the block's host copy.
-    fn store_encoding(&mut self, plan: &EncodePlan<'_>) -> Result<HostBlock> {
-        let (len, raw) = (plan.encoded_len(), plan.header().decoded_len() as usize);
-        let out = accel::alloc_host(len.max(1), self.host_memory())?;
-        // SAFETY: `out` is a fresh buffer owned here.
-        let dst = unsafe { host::bytes_mut(&out)? };
-        plan.write(&mut dst[..len])
-            .map_err(codec_error("encoding a block"))?;
-        let out = out
-            .f_narrow(0, 0, len as i64)
-            .map_err(|e| Error::from(("encoding a block", e)))?;
-        self.stats.encoded_blocks += 1;
-        self.stats.encoded_bytes += len as u64;
-        self.stats.raw_encoded_bytes += raw as u64;
-        self.stats.host_bytes += len as u64;
-        Ok(HostBlock::encoded(out, raw))
     }
 
     /// Once blocks are encoded: the two staging buffers of the largest encoding and, with CUDA,
@@ -106,7 +126,7 @@ impl LayerwiseOffloadManager {
         let largest = self
             .blocks
             .iter()
-            .filter_map(|b| b.host.as_ref()?.encoding().map(|(e, _)| e.numel()))
+            .filter_map(|b| b.tier.encoding().map(|(e, _)| e.numel()))
             .max();
         let Some(largest) = largest else {
             return Ok(());
@@ -150,7 +170,7 @@ impl LayerwiseOffloadManager {
             .with_threads(host::worker_threads())
             .plan_pieces(&pieces, layout.bytes)
             .map_err(codec_error("encoding a block"))?;
-        self.store_encoding(&plan)
+        store_encoding(&plan, self.host_memory(), &mut self.stats)
     }
 }
 
@@ -271,7 +291,7 @@ mod tests {
             let (raw, enc) = unsafe {
                 (
                     crate::host::bytes(&buf)?,
-                    crate::host::bytes(m.blocks[b].host.as_ref().unwrap().encoding().unwrap().0)?,
+                    crate::host::bytes(m.blocks[b].tier.encoding().unwrap().0)?,
                 )
             };
             assert!(

@@ -12,39 +12,18 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use tch::Tensor;
 
-/// The host bytes of part of a block, ready to copy: from its host copy, or (the disk tier)
-/// from a staging buffer to give back with [`DiskTier::unstage`].
-#[derive(Debug)]
-pub(super) struct Staged {
-    /// `(offset from the start of the part, host bytes)`.
-    pub(super) pieces: Vec<(usize, Tensor)>,
-    /// The disk tier's staging buffer it sits in.
-    buffer: Option<usize>,
-}
-
-impl Staged {
-    /// Host bytes held elsewhere (a host copy): nothing to give back.
-    pub(super) fn host(pieces: Vec<(usize, Tensor)>) -> Staged {
-        Staged {
-            pieces,
-            buffer: None,
-        }
-    }
-}
+use super::tier::Staged;
 
 impl DiskTier {
     /// Bytes `[off, off + len)` of disk-tier block `block`'s layout: the staging buffer the
     /// block was read into (waiting for the read if it is not done).
-    pub(super) fn stage(&self, block: usize, off: usize, len: usize) -> Result<Staged> {
+    pub(super) fn stage(self: &Arc<Self>, block: usize, off: usize, len: usize) -> Result<Staged> {
         let (i, buf) = self.take(block)?;
         let part = buf
             .f_narrow(0, off as i64, len as i64)
             .map_err(|e| Error::from(("upload", e)));
         match part {
-            Ok(part) => Ok(Staged {
-                pieces: vec![(0, part)],
-                buffer: Some(i),
-            }),
+            Ok(part) => Ok(Staged::disk(part, self.clone(), i)),
             Err(e) => {
                 self.release(i, None);
                 Err(e)
@@ -52,13 +31,10 @@ impl DiskTier {
         }
     }
 
-    /// Gives a staging buffer back once the copies out of it queued so far on `copy` are done
-    /// (an event the reader waits for before reading into it again; a new one per upload,
-    /// since the reader thread takes it). Nothing to do for host bytes held elsewhere.
-    pub(super) fn unstage(&self, staged: Staged, copy: Option<&Stream>) -> Result<()> {
-        let Some(i) = staged.buffer else {
-            return Ok(());
-        };
+    /// Gives staging buffer `i` back once the copies out of it queued so far on `copy` are
+    /// done (an event the reader waits for before reading into it again; a new one per upload,
+    /// since the reader thread takes it).
+    pub(super) fn unstage(&self, i: usize, copy: Option<&Stream>) -> Result<()> {
         let fence = match copy {
             Some(copy) => {
                 let mut e = Event::new()?;
@@ -147,7 +123,12 @@ impl Shared {
 #[derive(Debug)]
 pub(super) struct DiskTier {
     shared: Arc<Shared>,
-    staging: Vec<Tensor>,
+    /// The staging buffers (handles; the reader thread has its own). In a mutex so that the
+    /// tier can be shared by the blocks on it ([`HostTier::Disk`](super::tier::HostTier)):
+    /// only the manager's thread takes it, to narrow a buffer.
+    staging: Mutex<Vec<Tensor>>,
+    /// Number of staging buffers.
+    buffers: usize,
     /// Disk-tier blocks in loop order.
     order: Vec<usize>,
     thread: Option<JoinHandle<()>>,
@@ -198,7 +179,8 @@ impl DiskTier {
         };
         let tier = DiskTier {
             shared,
-            staging,
+            buffers: staging.len(),
+            staging: Mutex::new(staging),
             order,
             thread: Some(thread),
             bytes,
@@ -262,7 +244,7 @@ impl DiskTier {
         };
         drop(st);
         self.ahead(&self.next_blocks_from(block, false));
-        let staged = self.staging[i]
+        let staged = self.staging.lock().unwrap_or_else(|p| p.into_inner())[i]
             .f_narrow(0, 0, self.bytes[block] as i64)
             .map_err(|e| Error::from(("reading a disk-tier block", e)))?;
         Ok((i, staged))
@@ -298,7 +280,7 @@ impl DiskTier {
             return Vec::new();
         };
         let n = self.order.len();
-        let ahead = self.staging.len().saturating_sub(1).max(1);
+        let ahead = self.buffers.saturating_sub(1).max(1);
         let start = if including { 0 } else { 1 };
         let mut want: Vec<usize> = (start..start + ahead)
             .map(|k| self.order[(pos + k) % n])

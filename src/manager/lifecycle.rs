@@ -15,6 +15,7 @@ use tch::{Device, Tensor};
 
 use super::compress::{in_place, zero_gaps};
 use super::ring::SlotRing;
+use super::tier::HostTier;
 use super::weights::{BlockState, empty_like, views, zip_views};
 use super::{LayerwiseOffloadManager, Phase};
 
@@ -290,7 +291,7 @@ impl LayerwiseOffloadManager {
     ) -> Result<()> {
         let compute = self.compute_device();
         for &i in streamed {
-            self.blocks[i].host = store.buffers[i].as_ref().map(|h| h.shallow_clone());
+            self.blocks[i].tier = HostTier::from_store(&store, i);
             self.place_placeholders(i, undo)?;
         }
         for i in (0..self.blocks.len()).filter(|&i| resident[i]) {
@@ -367,7 +368,7 @@ impl LayerwiseOffloadManager {
             plan.blocks.clone(),
             self.blocks
                 .iter()
-                .map(|l| l.host.as_ref().map(|h| h.shallow_clone()))
+                .map(|b| b.tier.host().map(HostBlock::shallow_clone))
                 .collect(),
             self.host_memory() == HostMemory::Pinned,
             self.config.shm.clone().filter(|_| file.is_some()),
@@ -435,6 +436,8 @@ impl LayerwiseOffloadManager {
             });
         }
         let encode = self.config.compress && buffer.is_none();
+        // A block in the shared-memory file is a block of the store published there.
+        let in_file = buffer.is_some();
         let copy = if encode && in_place(&layout, &self.blocks[i].params) {
             self.encode_in_place(i, &layout)?
         } else {
@@ -463,7 +466,13 @@ impl LayerwiseOffloadManager {
             }
         };
         let rt = &mut self.blocks[i];
-        rt.host = Some(copy);
+        rt.tier = match in_file {
+            true => HostTier::SharedMemory {
+                host: copy,
+                opened: false,
+            },
+            false => HostTier::Pinned(copy),
+        };
         if !release {
             return Ok(());
         }

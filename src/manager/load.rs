@@ -15,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 use super::LayerwiseOffloadManager;
 use super::disk::DiskTier;
 use super::lifecycle::Undo;
+use super::tier::HostTier;
 
 /// Where the model's values come from.
 #[derive(Debug)]
@@ -228,8 +229,8 @@ impl LayerwiseOffloadManager {
                     source: crate::error::TorchMessage("injected fault".into()),
                 });
             }
-            let host = if self.config.zero_copy {
-                HostBlock::pieces(
+            let tier = if self.config.zero_copy {
+                HostTier::FilePages(HostBlock::pieces(
                     sources.runs[i]
                         .iter()
                         .map(|r| {
@@ -239,21 +240,21 @@ impl LayerwiseOffloadManager {
                                 .map_err(|e| Error::from(("mapping a checkpoint", e)))
                         })
                         .collect::<Result<Vec<_>>>()?,
-                )
+                ))
             } else if self.config.compress {
                 // Read into a reused pageable buffer; the encoding is the host copy.
                 let buf = super::lifecycle::scratch_buffer(&mut scratch, self.layout(i).bytes)?;
                 self.read_block(&ckpt, sources, i, &buf)?;
                 let encoded = self.encode_block(&buf)?;
-                self.blocks[i].host = Some(encoded);
+                self.blocks[i].tier = HostTier::Pinned(encoded);
                 continue;
             } else {
                 let buf = accel::alloc_host(self.layout(i).bytes, memory)?;
                 self.read_block(&ckpt, sources, i, &buf)?;
-                HostBlock::whole(buf)
+                HostTier::Pinned(HostBlock::whole(buf))
             };
-            self.stats.host_bytes += host.bytes() as u64;
-            self.blocks[i].host = Some(host);
+            self.stats.host_bytes += tier.host().map_or(0, |h| h.bytes()) as u64;
+            self.blocks[i].tier = tier;
         }
         let reads: Vec<Vec<(CheckpointTensor, usize)>> = (0..n)
             .map(|i| {
@@ -269,9 +270,15 @@ impl LayerwiseOffloadManager {
             .collect();
         if reads.iter().any(|r| !r.is_empty()) {
             let bytes = (0..n).map(|i| self.layout(i).bytes).collect();
-            let disk = DiskTier::new(ckpt.clone(), reads, bytes, memory, stamps.clone())?;
+            let disk = Arc::new(DiskTier::new(
+                ckpt.clone(),
+                reads,
+                bytes,
+                memory,
+                stamps.clone(),
+            )?);
             for &i in disk.blocks() {
-                self.blocks[i].on_disk = true;
+                self.blocks[i].tier = HostTier::Disk(disk.clone());
             }
             self.stats.disk_blocks = disk.blocks().len();
             self.disk = Some(disk);
@@ -291,12 +298,13 @@ impl LayerwiseOffloadManager {
             plan.blocks.clone(),
             self.blocks
                 .iter()
-                .map(|b| b.host.as_ref().map(|h| h.shallow_clone()))
+                .map(|b| b.tier.host().map(HostBlock::shallow_clone))
                 .collect(),
             memory == HostMemory::Pinned,
             None,
         );
         store.read_only = self.config.zero_copy;
+        store.file_pages = self.config.zero_copy;
         self.store = Some(Arc::new(store));
         Ok(())
     }
@@ -341,25 +349,6 @@ impl LayerwiseOffloadManager {
                 .map_err(|e| Error::from(("converting a checkpoint tensor", e)))?;
         }
         Ok(())
-    }
-
-    /// Block `i`'s host copy, raw: its own (decoded into a fresh pageable buffer if encoded),
-    /// or for a disk-tier block one read now into a fresh pageable buffer.
-    pub(super) fn host_copy(&self, i: usize) -> Result<HostBlock> {
-        if let Some(h) = &self.blocks[i].host {
-            return h.decoded();
-        }
-        match (&self.disk, self.blocks[i].on_disk) {
-            (Some(disk), true) => {
-                let buf = accel::alloc_host(self.layout(i).bytes, HostMemory::Pageable)?;
-                disk.read_into(i, &buf)?;
-                Ok(HostBlock::whole(buf))
-            }
-            _ => Err(Error::InvalidArgument {
-                op: "reading a block's host copy",
-                message: format!("block {i} has no host copy"),
-            }),
-        }
     }
 }
 

@@ -62,6 +62,7 @@ mod restore;
 mod ring;
 mod schedule;
 mod share;
+mod tier;
 mod timing;
 mod upload;
 mod weights;
@@ -136,7 +137,7 @@ pub struct LayerwiseOffloadManager {
     /// Peer groups: this member's streams and progress.
     peer: PeerLink,
     /// The disk tier (a host budget below the streamed blocks).
-    disk: Option<disk::DiskTier>,
+    disk: Option<Arc<disk::DiskTier>>,
     /// Compressed transport on CUDA: the GPU decoder and its staging buffers.
     decoding: Option<decode::Decoding>,
 }

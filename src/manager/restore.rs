@@ -9,7 +9,8 @@ use tch::Device;
 
 use super::lifecycle::Undo;
 use super::ring::SlotRing;
-use super::weights::{empty_like, owned_copy, zip_views};
+use super::tier::HostTier;
+use super::weights::{empty_like, zip_views};
 use super::{LayerwiseOffloadManager, Phase};
 
 impl LayerwiseOffloadManager {
@@ -56,7 +57,8 @@ impl LayerwiseOffloadManager {
                     }
                 }
                 self.blocks[i].in_use = false;
-                if self.blocks[i].host.take().is_some() {
+                let tier = std::mem::replace(&mut self.blocks[i].tier, HostTier::Model);
+                if tier.host().is_some() {
                     let bytes = self.layout(i).bytes as u64;
                     self.stats.host_bytes = self.stats.host_bytes.saturating_sub(bytes);
                 }
@@ -66,32 +68,25 @@ impl LayerwiseOffloadManager {
                 self.restored += 1;
                 continue;
             }
-            if self.blocks[i].host.is_none() && !self.blocks[i].on_disk {
+            if !self.blocks[i].tier.is_offloaded() {
                 self.restored += 1; // restored by an earlier call
                 continue;
             }
-            // A disk-tier block is read back from the checkpoint.
-            let host = self.host_copy(i)?;
-            let layout = self.layout(i).clone();
             if self.faults.restore() {
                 return Err(Error::OutOfMemory {
                     op: format!("restoring block {i}"),
-                    bytes: layout.bytes as u64,
+                    bytes: self.layout(i).bytes as u64,
                     source: crate::error::TorchMessage("injected fault".into()),
                 });
             }
-            let views = host.views(&layout)?;
-            let fresh = layout
-                .tensors
-                .iter()
-                .zip(&views)
-                .map(|(t, v)| owned_copy(t, v, device, "restore"))
-                .collect::<Result<Vec<_>>>()?;
+            // A disk-tier block is read back from the checkpoint.
+            let fresh = self.blocks[i].tier.restore(i, self.layout(i), device)?;
             let b = &mut self.blocks[i];
             b.point_at(&fresh, "restore")?;
             b.in_use = false;
             self.ring.forget(i);
-            if let Some(h) = self.blocks[i].host.take() {
+            let tier = std::mem::replace(&mut self.blocks[i].tier, HostTier::Model);
+            if let Some(h) = tier.host() {
                 let held = h.bytes() as u64;
                 self.stats.host_bytes = self.stats.host_bytes.saturating_sub(held);
             }
@@ -100,7 +95,6 @@ impl LayerwiseOffloadManager {
             if let Some(store) = self.store.as_mut().and_then(Arc::get_mut) {
                 store.release(i);
             }
-            self.blocks[i].on_disk = false;
             self.restored += 1;
         }
         self.backend.synchronize()?;
@@ -127,7 +121,8 @@ impl LayerwiseOffloadManager {
                 if self.blocks[i].resident {
                     continue; // moved to the device in step 3: in `undo.repointed`
                 }
-                let Some(host) = self.blocks[i].host.take() else {
+                let tier = std::mem::replace(&mut self.blocks[i].tier, HostTier::Model);
+                let Some(host) = tier.host() else {
                     continue; // not copied yet: untouched
                 };
                 let layout = self.layout(i).clone();
@@ -185,22 +180,11 @@ impl LayerwiseOffloadManager {
             if self.blocks[i].resident {
                 continue; // real device tensors, not placeholders
             }
-            let Some(host) = self.blocks[i].host.as_ref().map(|h| h.shallow_clone()) else {
+            let Some(values) = self.blocks[i].tier.detach(self.layout(i), shared) else {
                 continue;
             };
-            // An encoded host copy is decoded into pageable memory the tensors then own.
-            let owned = shared && host.encoding().is_none();
-            let layout = self.layout(i).clone();
-            let Ok(views) = host.decoded().and_then(|h| h.views(&layout)) else {
-                continue;
-            };
-            for (t, v, p) in zip_views(&layout, &views, &mut self.blocks[i].params) {
-                let value = match owned {
-                    true => owned_copy(t, v, Device::Cpu, "dropping the manager")
-                        .unwrap_or_else(|_| v.shallow_clone()),
-                    false => v.shallow_clone(),
-                };
-                let _ = p.f_set_data(&value);
+            for (p, v) in self.blocks[i].params.iter_mut().zip(&values) {
+                let _ = p.f_set_data(v);
             }
             self.blocks[i].in_use = false;
         }

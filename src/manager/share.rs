@@ -12,8 +12,8 @@ use std::sync::Arc;
 use tch::Tensor;
 
 use super::device;
-use super::disk::Staged;
 use super::fence::Fenced;
+use super::tier::Staged;
 use super::timing::{Pair, Timer};
 
 /// A peer group member's own state.

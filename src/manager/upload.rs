@@ -12,10 +12,9 @@ use tch::Tensor;
 use super::LayerwiseOffloadManager;
 use super::decode::decode_on_cpu;
 use super::device;
-use super::disk::{DiskTier, Staged};
 use super::share::Share;
+use super::tier::Staged;
 use super::timing::Pair;
-use super::weights::BlockState;
 
 /// What one upload moved.
 struct Moved {
@@ -50,9 +49,9 @@ impl LayerwiseOffloadManager {
             });
         }
         let encoded = self.blocks[block]
-            .host
-            .as_ref()
-            .and_then(|h| h.encoding().map(|(e, raw)| (e.shallow_clone(), raw)));
+            .tier
+            .encoding()
+            .map(|(e, raw)| (e.shallow_clone(), raw));
         let Moved {
             sent,
             total,
@@ -82,23 +81,10 @@ impl LayerwiseOffloadManager {
         Ok(())
     }
 
-    /// Host bytes `[off, off + len)` of block `block`'s layout, ready to copy.
-    fn stage(&self, block: usize, off: usize, len: usize) -> Result<Staged> {
-        stage(&self.blocks, self.disk.as_ref(), block, off, len)
-    }
-
-    /// Gives back what [`Self::stage`] handed out, once the copies out of it are queued.
-    fn unstage(&self, staged: Staged) -> Result<()> {
-        match &self.disk {
-            Some(disk) => disk.unstage(staged, self.backend.copy_stream().as_ref()),
-            None => Ok(()),
-        }
-    }
-
     /// Queues the copy of raw block `block` into slot `s`; returns the bytes moved.
     fn upload_raw(&mut self, block: usize, s: usize, pair: Pair) -> Result<usize> {
         let bytes = self.layout(block).bytes;
-        let staged = self.stage(block, 0, bytes)?;
+        let staged = self.blocks[block].tier.stage(block, 0, bytes)?;
         let dst = self.ring.slot(s).dst(bytes);
         let copied = dst.and_then(|dst| match self.backend.copy_stream() {
             Some(copy) => {
@@ -120,7 +106,7 @@ impl LayerwiseOffloadManager {
             None => device::copy_pieces_now(&dst, &staged.pieces, "upload"),
         });
         // A staging buffer goes back also when the copy fails.
-        let released = self.unstage(staged);
+        let released = staged.finish(self.backend.copy_stream().as_ref());
         copied.and(released)?;
         Ok(bytes)
     }
@@ -210,9 +196,9 @@ impl LayerwiseOffloadManager {
                 target,
                 copy.as_ref(),
                 (&mut self.timer, pair),
-                |off, len| stage(&self.blocks, self.disk.as_ref(), block, off, len),
+                |off, len| self.blocks[block].tier.stage(block, off, len),
             )?;
-            self.unstage(staged)?;
+            staged.finish(copy.as_ref())?;
             let incoming = group.deliver(round, rank, delivered)?;
             return Ok(Moved {
                 sent: share.range().1,
@@ -278,27 +264,6 @@ impl LayerwiseOffloadManager {
             group.leave(*rank);
         }
         self.peer.joined = false;
-    }
-}
-
-/// Host bytes `[off, off + len)` of block `block`'s layout: pieces of its host copy, or, on
-/// the disk tier, the staging buffer the block was read into.
-fn stage(
-    blocks: &[BlockState],
-    disk: Option<&DiskTier>,
-    block: usize,
-    off: usize,
-    len: usize,
-) -> Result<Staged> {
-    if let Some(h) = &blocks[block].host {
-        return Ok(Staged::host(h.range(off, len)?));
-    }
-    match disk.filter(|_| blocks[block].on_disk) {
-        Some(disk) => disk.stage(block, off, len),
-        None => Err(Error::InvalidArgument {
-            op: "upload",
-            message: format!("block {block} has no host copy"),
-        }),
     }
 }
 

@@ -3,20 +3,19 @@
 //! `named_tensors`, `update_tensor`, `save_safetensors`).
 
 use crate::error::{Error, Result};
-use crate::host::HostBlock;
 use crate::plan::{BlockLayout, TensorLayout};
 use std::path::Path;
 use std::sync::Arc;
 use tch::{Device, Tensor};
 
 use super::LayerwiseOffloadManager;
+use super::tier::HostTier;
 
 /// The state of one block.
 #[derive(Debug)]
 pub(super) struct BlockState {
-    /// The block's host copy, once filled (None on the disk tier: read from the checkpoint
-    /// at each upload).
-    pub(super) host: Option<HostBlock>,
+    /// Where the block's bytes live.
+    pub(super) tier: HostTier,
     /// Handles of the model's tensors (same order as the layout's tensors).
     pub(super) params: Vec<Tensor>,
     /// Empty tensors the params point at while the block is not on the device.
@@ -25,8 +24,6 @@ pub(super) struct BlockState {
     pub(super) in_use: bool,
     /// Kept on the compute device for good (within the VRAM budget): never streams.
     pub(super) resident: bool,
-    /// On the disk tier: no host copy, read from the checkpoint at each upload.
-    pub(super) on_disk: bool,
 }
 
 impl BlockState {
@@ -38,20 +35,12 @@ impl BlockState {
         resident: bool,
     ) -> BlockState {
         BlockState {
-            host: None,
+            tier: HostTier::Model,
             params,
             placeholders,
             in_use: false,
             resident,
-            on_disk: false,
         }
-    }
-
-    /// The block's host copy (filled once initialized; not on the disk tier).
-    pub(super) fn host(&self) -> &HostBlock {
-        self.host
-            .as_ref()
-            .expect("initialized blocks have host buffers")
     }
 
     /// Points the block's tensors at their placeholders: frees their storage unless something
@@ -139,7 +128,7 @@ impl LayerwiseOffloadManager {
         if let Some(plan) = &self.plan {
             for (li, l) in plan.blocks.iter().enumerate() {
                 if let Some(j) = l.tensors.iter().position(|t| t.source_index == src)
-                    && (self.blocks[li].host.is_some() || self.blocks[li].on_disk)
+                    && self.blocks[li].tier.is_offloaded()
                 {
                     return Ok((src, Some((li, j))));
                 }
@@ -155,16 +144,6 @@ impl LayerwiseOffloadManager {
         self.store
             .as_ref()
             .is_some_and(|s| Arc::strong_count(s) > 1 || s.read_only || s.owner_path.is_some())
-    }
-
-    /// Whether block `li`'s host copy is raw pages of a read-only mapping, which an in-place
-    /// write would turn into SIGSEGV.
-    fn host_is_read_only(&self, li: usize) -> bool {
-        self.store.as_ref().is_some_and(|s| s.read_only)
-            && self.blocks[li]
-                .host
-                .as_ref()
-                .is_some_and(|h| h.encoding().is_none())
     }
 
     /// The current value of tensor `name`: for an offloaded block tensor a view of its host
@@ -184,13 +163,7 @@ impl LayerwiseOffloadManager {
         match at {
             Some((li, j)) => {
                 self.backend.sync_copies();
-                let mut all = self.host_copy(li)?.views(self.layout(li))?;
-                let view = all.swap_remove(j);
-                if owned && self.host_is_read_only(li) {
-                    owned_copy(&self.layout(li).tensors[j], &view, Device::Cpu, "tensor")
-                } else {
-                    Ok(view)
-                }
+                self.blocks[li].tier.tensor(li, self.layout(li), j, owned)
             }
             None => Ok(self.named[src].1.shallow_clone()),
         }
@@ -259,14 +232,7 @@ impl LayerwiseOffloadManager {
                         ),
                     });
                 }
-                if self.blocks[li].on_disk {
-                    return Err(Error::InvalidArgument {
-                        op: "update_tensor",
-                        message: format!(
-                            "{name:?} is in a block on the disk tier, read from the checkpoint at every upload; update the checkpoint, or raise host_budget so the block is held in host memory"
-                        ),
-                    });
-                }
+                self.blocks[li].tier.refuse_update(name)?;
                 if self.host_is_shared() {
                     return Err(Error::InvalidArgument {
                         op: "update_tensor",
@@ -276,17 +242,7 @@ impl LayerwiseOffloadManager {
                     });
                 }
                 self.backend.sync_copies();
-                if self.blocks[li].host().encoding().is_some() {
-                    // Compressed: the block decoded, updated and encoded again.
-                    self.reencode_with(li, j, value)?;
-                } else {
-                    let mut view = self.blocks[li]
-                        .host()
-                        .views(self.layout(li))?
-                        .swap_remove(j);
-                    tch::no_grad(|| view.f_copy_(value))
-                        .map_err(|e| Error::from(("update_tensor", e)))?;
-                }
+                self.update_host(name, li, j, value)?;
                 if self.blocks[li].resident {
                     // A resident block with a host copy (shareable): the device tensor too.
                     let p = &mut self.blocks[li].params[j];
