@@ -20,6 +20,9 @@ use tch::{Device, Tensor};
 
 use super::LayerwiseOffloadManager;
 use super::decode::{Decoding, codec_error};
+use super::device::Backend;
+use super::phase::Runtime;
+use super::weights::BlockState;
 
 /// Encodes `raw` (a block's raw host bytes, a contiguous 1-D uint8 CPU tensor) into a new
 /// host buffer of `memory`, and counts it in `stats`.
@@ -62,33 +65,30 @@ impl LayerwiseOffloadManager {
     pub(super) fn encode_block(&mut self, raw: &Tensor) -> Result<HostBlock> {
         encode(raw, self.host_memory(), &mut self.stats)
     }
+}
 
+impl Runtime {
     /// `update_tensor`'s write of `value` into tensor `j` of block `li`'s host copy
-    /// ([`HostTier::update`](super::tier::HostTier::update)). An encoded copy is encoded again:
-    /// the new encoding is counted instead of the old one, takes its place in the host store,
-    /// and the staging buffers grow if it got longer. The caller checked that nobody else holds
-    /// the store, and waited for the copy and decode streams.
+    /// ([`HostTier::update`](super::tier::HostTier::update)). An encoded copy is encoded again
+    /// into a new buffer of `memory`: the new encoding is counted in `stats` instead of the old
+    /// one, takes its place in the host store, and the staging buffers grow if it got longer.
+    /// The caller checked that nobody else holds the store, and waited for the copy and decode
+    /// streams.
     pub(super) fn update_host(
         &mut self,
         name: &str,
-        li: usize,
-        j: usize,
+        (li, j): (usize, usize),
         value: &Tensor,
+        (memory, stats): (HostMemory, &mut OffloadStats),
+        backend: &Backend,
     ) -> Result<()> {
-        if self.blocks[li].tier.encoding().is_some()
-            && self
-                .store
-                .as_mut()
-                .is_some_and(|s| Arc::get_mut(s).is_none())
-        {
+        if self.blocks[li].tier.encoding().is_some() && Arc::get_mut(&mut self.store).is_none() {
             return Err(Error::InvalidArgument {
                 op: "update_tensor",
                 message: "the compressed host copy is shared with another manager; restore the others first".into(),
             });
         }
         let layout = self.layout(li).clone();
-        let memory = self.host_memory();
-        let stats = &mut self.stats;
         let old = self.blocks[li]
             .tier
             .update(name, &layout, j, value, |raw| encode(raw, memory, stats))?;
@@ -100,67 +100,64 @@ impl LayerwiseOffloadManager {
             return Ok(());
         };
         // The old encoding no longer counts.
-        self.stats.encoded_blocks -= 1;
-        self.stats.encoded_bytes -= old_len as u64;
-        self.stats.raw_encoded_bytes -= raw_len as u64;
-        self.stats.host_bytes -= old_len as u64;
+        stats.encoded_blocks -= 1;
+        stats.encoded_bytes -= old_len as u64;
+        stats.raw_encoded_bytes -= raw_len as u64;
+        stats.host_bytes -= old_len as u64;
         let new = self.blocks[li].tier.host().map(HostBlock::shallow_clone);
         let new_len = new
             .as_ref()
             .and_then(|h| h.encoding())
             .map_or(0, |(e, _)| e.numel());
-        if let Some(store) = self.store.as_mut().and_then(Arc::get_mut) {
+        if let Some(store) = Arc::get_mut(&mut self.store) {
             store.buffers[li] = new;
         }
         if let Some(dec) = &mut self.decoding {
-            dec.grow(&self.backend, new_len)?;
-        }
-        Ok(())
-    }
-
-    /// Once blocks are encoded: the two staging buffers of the largest encoding and, with CUDA,
-    /// the decode stream and the GPU decoder ([`Decoding::start`]). In a group the staging
-    /// buffers join the member's ring in the group, which keeps them while another member may
-    /// still be sending into them.
-    pub(super) fn start_decoding(&mut self) -> Result<()> {
-        let largest = self
-            .blocks
-            .iter()
-            .filter_map(|b| b.tier.encoding().map(|(e, _)| e.numel()))
-            .max();
-        let Some(largest) = largest else {
-            return Ok(());
-        };
-        let peer = self.config.peer.as_ref().map(|(g, r)| (g.size(), *r));
-        self.decoding = Decoding::start(&mut self.backend, largest, peer)?;
-        if let (Some((group, rank)), Some(dec)) = (&self.config.peer, &self.decoding) {
-            group.retain(*rank, dec.buffers());
+            dec.grow(backend, new_len)?;
         }
         Ok(())
     }
 }
 
 impl LayerwiseOffloadManager {
-    /// Encodes block `i` (`layout`, its layout) straight from its tensors, each read in place as
+    /// Once `blocks` are encoded: the two staging buffers of the largest encoding and, with
+    /// CUDA, the decode stream and the GPU decoder ([`Decoding::start`]); None without encoded
+    /// blocks. In a group the staging buffers join the member's ring in the group, which keeps
+    /// them while another member may still be sending into them.
+    pub(super) fn start_decoding(&mut self, blocks: &[BlockState]) -> Result<Option<Decoding>> {
+        let largest = blocks
+            .iter()
+            .filter_map(|b| b.tier.encoding().map(|(e, _)| e.numel()))
+            .max();
+        let Some(largest) = largest else {
+            return Ok(None);
+        };
+        let peer = self.config.peer.as_ref().map(|(g, r)| (g.size(), *r));
+        let decoding = Decoding::start(&mut self.backend, largest, peer)?;
+        if let (Some((group, rank)), Some(dec)) = (&self.config.peer, &decoding) {
+            group.retain(*rank, dec.buffers());
+        }
+        Ok(decoding)
+    }
+
+    /// Encodes a block (`layout`) straight from its tensors `params`, each read in place as
     /// one piece of the block's buffer at its offset, the alignment gaps between them 0, into a
     /// new host buffer of the manager's host memory kind, and counts it (as
     /// [`Self::encode_block`] does for a block copied into one buffer). The caller checked
     /// [`in_place`].
-    pub(super) fn encode_in_place(&mut self, i: usize, layout: &BlockLayout) -> Result<HostBlock> {
-        // Handles of the model's tensors (sharing their storage), so that the encoding can be
-        // stored by `&mut self` while the pieces borrow from them.
-        let params: Vec<Tensor> = self.blocks[i]
-            .params
-            .iter()
-            .map(Tensor::shallow_clone)
-            .collect();
+    pub(super) fn encode_in_place(
+        &mut self,
+        params: &[Tensor],
+        layout: &BlockLayout,
+    ) -> Result<HostBlock> {
         let mut pieces = Vec::with_capacity(params.len());
-        for (t, p) in layout.tensors.iter().zip(&params) {
+        for (t, p) in layout.tensors.iter().zip(params) {
             if t.bytes == 0 {
                 continue; // nothing to read (and an empty tensor may have no data pointer)
             }
             // SAFETY: `p` is a handle of the model's tensor, which outlives `pieces` (nothing
-            // here drops or replaces it before the encoding is written below); `host::bytes` checks that it is a contiguous CPU tensor. Nothing
+            // here drops or replaces it before the encoding is written below); `host::bytes`
+            // checks that it is a contiguous CPU tensor. Nothing
             // writes it meanwhile: `initialize` holds the manager mutably, and the model's
             // tensors are not to be written while it runs (the same condition under which the
             // copy into a scratch buffer that this replaces reads them).
@@ -280,9 +277,10 @@ mod tests {
             .build(&named)?;
         m.initialize()?;
         assert_eq!(m.stats().encoded_blocks, 3);
+        let rt = m.phase.runtime().unwrap();
         for b in 0..3 {
             // The block's buffer assembled with zero gaps.
-            let layout = m.layout(b).clone();
+            let layout = rt.layout(b).clone();
             let buf = Tensor::zeros([layout.bytes as i64], (Kind::Uint8, Device::Cpu));
             for (mut v, t) in views(&buf, &layout)?.into_iter().zip(&layout.tensors) {
                 v.copy_(&before[t.source_index].1);
@@ -291,7 +289,7 @@ mod tests {
             let (raw, enc) = unsafe {
                 (
                     crate::host::bytes(&buf)?,
-                    crate::host::bytes(m.blocks[b].tier.encoding().unwrap().0)?,
+                    crate::host::bytes(rt.blocks[b].tier.encoding().unwrap().0)?,
                 )
             };
             assert!(

@@ -13,11 +13,14 @@ use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
+use super::LayerwiseOffloadManager;
 use super::compress::{in_place, zero_gaps};
+use super::decode::Decoding;
+use super::disk::DiskTier;
+use super::phase::{Phase, Runtime};
 use super::ring::SlotRing;
 use super::tier::HostTier;
 use super::weights::{BlockState, empty_like, views, zip_views};
-use super::{LayerwiseOffloadManager, Phase};
 
 /// What `initialize` changed so far, to put the model back as it was should a later step fail.
 #[derive(Debug, Default)]
@@ -30,6 +33,45 @@ pub(super) struct Undo {
     pub(super) repointed: Vec<(usize, Tensor)>,
     /// The shared-memory file this `initialize` created.
     pub(super) created: Option<std::path::PathBuf>,
+    /// The runtime built so far, once its blocks exist (their host copies give the model its
+    /// values back).
+    pub(super) building: Option<Building>,
+}
+
+/// A [`Runtime`] being built by `initialize`: what exists before the host store.
+#[derive(Debug)]
+pub(super) struct Building {
+    pub(super) plan: Plan,
+    pub(super) blocks: Vec<BlockState>,
+    pub(super) ring: SlotRing,
+    pub(super) claim: Claim,
+    pub(super) disk: Option<Arc<DiskTier>>,
+}
+
+impl Building {
+    /// Points block `i`'s tensors at their placeholders (the block streams from a host store it
+    /// did not fill from them), their old data kept in `undo`.
+    pub(super) fn place_placeholders(&mut self, i: usize, undo: &mut Undo) -> Result<()> {
+        let b = &mut self.blocks[i];
+        let sources = self.plan.blocks[i].tensors.iter().map(|t| t.source_index);
+        for ((p, ph), src) in b.params.iter_mut().zip(&b.placeholders).zip(sources) {
+            undo.repoint(src, p, ph, "placing placeholders")?;
+        }
+        Ok(())
+    }
+
+    /// The runtime, with the host `store` and the decoder.
+    fn finish(self, store: Arc<HostStore>, decoding: Option<Decoding>) -> Runtime {
+        Runtime {
+            plan: self.plan,
+            blocks: self.blocks,
+            ring: self.ring,
+            store,
+            disk: self.disk,
+            decoding,
+            claim: self.claim,
+        }
+    }
 }
 
 impl Undo {
@@ -49,22 +91,6 @@ impl Undo {
 }
 
 impl LayerwiseOffloadManager {
-    /// Points block `i`'s tensors at their placeholders (the block streams from a host store it
-    /// did not fill from them), their old data kept in `undo`.
-    pub(super) fn place_placeholders(&mut self, i: usize, undo: &mut Undo) -> Result<()> {
-        let sources: Vec<usize> = self
-            .layout(i)
-            .tensors
-            .iter()
-            .map(|t| t.source_index)
-            .collect();
-        let b = &mut self.blocks[i];
-        for ((p, ph), src) in b.params.iter_mut().zip(&b.placeholders).zip(sources) {
-            undo.repoint(src, p, ph, "placing placeholders")?;
-        }
-        Ok(())
-    }
-
     /// Offloads every block tensor into its host buffer, leaves rank-preserving empty
     /// placeholders in the model, moves non-block tensors to the compute device, allocates the
     /// slot ring and uploads the first block synchronously. A no-op when disabled or already
@@ -81,34 +107,35 @@ impl LayerwiseOffloadManager {
     ///
     /// Refused with [`Error::AlreadyOffloaded`] while another manager holds the model's blocks.
     pub fn initialize(&mut self) -> Result<()> {
-        if !self.is_enabled() || self.phase == Phase::Ready {
+        if !self.is_enabled() {
             return Ok(());
         }
-        match self.phase {
-            Phase::Restored => {
+        match &self.phase {
+            Phase::Ready(_) => return Ok(()),
+            Phase::Restored { .. } => {
                 return Err(Error::InvalidArgument {
                     op: "initialize",
                     message: "the manager was restored; build a new manager to offload again"
                         .into(),
                 });
             }
-            Phase::Restoring => return Err(self.partly_restored("initialize")),
-            Phase::Configured | Phase::Ready => {}
+            Phase::Restoring { .. } => return Err(self.phase.not_ready("initialize")),
+            Phase::Configured => {}
         }
         let started = Instant::now();
         let mut undo = Undo {
             devices: self.named.iter().map(|(_, t)| t.device()).collect(),
             ..Undo::default()
         };
-        let first = match self.offload(&mut undo) {
-            Ok(first) => first,
+        let (rt, first) = match self.offload(&mut undo) {
+            Ok(built) => built,
             Err(e) => {
                 self.roll_back(undo);
                 return Err(e);
             }
         };
         drop(undo); // frees the old storage of the tensors moved to the device
-        self.phase = Phase::Ready;
+        self.phase = Phase::Ready(rt);
         self.stats.init_seconds = started.elapsed().as_secs_f64();
 
         // The first streamed block on the device, synchronously (as FastVideo does). Not in a
@@ -119,11 +146,11 @@ impl LayerwiseOffloadManager {
         Ok(())
     }
 
-    /// The steps of [`Self::initialize`] that change the model; returns the first streamed
-    /// block. Records in `undo` what [`Self::roll_back`] needs to put the model back should a
-    /// step fail.
-    fn offload(&mut self, undo: &mut Undo) -> Result<Option<usize>> {
-        let mut plan = self.plan_and_claim()?;
+    /// The steps of [`Self::initialize`] that change the model; returns the runtime and the
+    /// first streamed block. Records in `undo` what [`Self::roll_back`] needs to put the model
+    /// back should a step fail.
+    fn offload(&mut self, undo: &mut Undo) -> Result<(Runtime, Option<usize>)> {
+        let (mut plan, claim) = self.plan_and_claim()?;
         // With a checkpoint: what comes from where, before anything changes.
         let checkpoint = self.config.checkpoint.clone();
         let sources = match &checkpoint {
@@ -142,9 +169,6 @@ impl LayerwiseOffloadManager {
             (Some(c), Some(s)) => self.load_to_device(c, s, &to_device, undo)?,
             _ => self.move_to_device(&to_device, undo)?,
         }
-
-        self.ring = ring;
-        self.blocks = blocks;
         self.stats = OffloadStats {
             streamed_blocks: streamed.len(),
             resident_blocks: plan.blocks.len() - streamed.len(),
@@ -155,29 +179,40 @@ impl LayerwiseOffloadManager {
                 .filter(|(_, r)| **r)
                 .map(|(l, _)| l.bytes as u64)
                 .sum(),
-            slot_bytes: (slot_bytes * self.ring.len()) as u64,
+            slot_bytes: (slot_bytes * ring.len()) as u64,
             pinned: self.host_memory() == HostMemory::Pinned,
             block_upload_ms: vec![0.0; plan.blocks.len()],
             block_stall_ms: vec![0.0; plan.blocks.len()],
             ..OffloadStats::default()
         };
-        self.plan = Some(plan);
-
+        let mut b = Building {
+            plan,
+            blocks,
+            ring,
+            claim,
+            disk: None,
+        };
         // Streamed blocks into their host buffers, one at a time, freeing each source as it
         // goes.
-        match (self.config.store.clone(), checkpoint, &sources) {
-            (Some(store), _, _) => self.fill_from_store(store, &streamed, &resident, undo)?,
-            (None, Some(c), Some(s)) => self.fill_from_checkpoint(c, s, &resident, undo)?,
-            _ => self.fill_own_store(&resident, undo)?,
-        }
+        let filled = match (self.config.store.clone(), checkpoint, &sources) {
+            (Some(store), _, _) => self.fill_from_store(&mut b, store, &streamed, &resident, undo),
+            (None, Some(c), Some(s)) => self.fill_from_checkpoint(&mut b, c, s, &resident, undo),
+            _ => self.fill_own_store(&mut b, &resident, undo),
+        };
         // Encoded blocks (compress, or a shared store of them) decode on the GPU.
-        self.start_decoding()?;
-        Ok(streamed.first().copied())
+        let built = filled.and_then(|store| Ok((store, self.start_decoding(&b.blocks)?)));
+        match built {
+            Ok((store, decoding)) => Ok((b.finish(store, decoding), streamed.first().copied())),
+            Err(e) => {
+                undo.building = Some(b);
+                Err(e)
+            }
+        }
     }
 
     /// The plan of the model's blocks, checked against a shared store, and this manager's claim
     /// on their tensors.
-    fn plan_and_claim(&mut self) -> Result<Plan> {
+    fn plan_and_claim(&mut self) -> Result<(Plan, Claim)> {
         let compute = self.compute_device();
         let allowed = if compute == Device::Cpu {
             vec![Device::Cpu]
@@ -189,12 +224,12 @@ impl LayerwiseOffloadManager {
             store.adopt_plan(&mut plan)?;
         }
         // No other manager may hold these tensors: it would have left placeholders in them.
-        self.claim = Some(Claim::take(plan.blocks.iter().flat_map(|l| {
+        let claim = Claim::take(plan.blocks.iter().flat_map(|l| {
             l.tensors
                 .iter()
                 .map(|t| (t.name.as_str(), &self.named[t.source_index].1))
-        }))?);
-        Ok(plan)
+        }))?;
+        Ok((plan, claim))
     }
 
     /// The slot ring ([`SlotRing::size`]) and the copy stream; returns the ring and the size
@@ -284,23 +319,24 @@ impl LayerwiseOffloadManager {
     /// used, but they are kept until initialize succeeds, to be put back should it fail.
     fn fill_from_store(
         &mut self,
+        b: &mut Building,
         store: Arc<HostStore>,
         streamed: &[usize],
         resident: &[bool],
         undo: &mut Undo,
-    ) -> Result<()> {
+    ) -> Result<Arc<HostStore>> {
         let compute = self.compute_device();
         for &i in streamed {
-            self.blocks[i].tier = HostTier::from_store(&store, i);
-            self.place_placeholders(i, undo)?;
+            b.blocks[i].tier = HostTier::from_store(&store, i);
+            b.place_placeholders(i, undo)?;
         }
-        for i in (0..self.blocks.len()).filter(|&i| resident[i]) {
+        for i in (0..b.blocks.len()).filter(|&i| resident[i]) {
             let buf = store.buffers[i]
                 .as_ref()
                 .expect("check_plan: every block is in the store");
-            let layout = self.layout(i).clone();
-            let views = buf.decoded()?.views(&layout)?;
-            for (t, v, p) in zip_views(&layout, &views, &mut self.blocks[i].params) {
+            let layout = &b.plan.blocks[i];
+            let views = buf.decoded()?.views(layout)?;
+            for (t, v, p) in zip_views(layout, &views, &mut b.blocks[i].params) {
                 let mut fresh = empty_like(t, compute).map_err(|e| {
                     Error::from_torch(
                         "filling resident blocks from the shared store",
@@ -314,21 +350,25 @@ impl LayerwiseOffloadManager {
             }
         }
         self.stats.shared_host_bytes = store.bytes();
-        self.store = Some(store);
-        Ok(())
+        Ok(store)
     }
 
     /// Without a shared store: each streamed block (every block if `shareable`) copied into a
     /// host buffer of this manager's, in a shared-memory file if asked for, which is published
     /// with its manifest last; the buffers become this manager's [`HostStore`].
-    fn fill_own_store(&mut self, resident: &[bool], undo: &mut Undo) -> Result<()> {
-        let n = self.blocks.len();
+    fn fill_own_store(
+        &mut self,
+        b: &mut Building,
+        resident: &[bool],
+        undo: &mut Undo,
+    ) -> Result<Arc<HostStore>> {
+        let n = b.blocks.len();
         let with_host: Vec<usize> = (0..n)
             .filter(|&i| !resident[i] || self.config.shareable)
             .collect();
         // A shared-memory file: one mapping, each block at a 4 KiB aligned offset.
         let sizes: Vec<Option<usize>> = (0..n)
-            .map(|i| with_host.contains(&i).then(|| self.layout(i).bytes))
+            .map(|i| with_host.contains(&i).then(|| b.plan.blocks[i].bytes))
             .collect();
         let (offsets, total) = crate::host::file_offsets(&sizes);
         let file = match &self.config.shm {
@@ -354,33 +394,32 @@ impl LayerwiseOffloadManager {
         for &i in &with_host {
             let buffer = match &file {
                 Some(f) => Some(
-                    f.f_narrow(0, offsets[i] as i64, self.layout(i).bytes as i64)
+                    f.f_narrow(0, offsets[i] as i64, b.plan.blocks[i].bytes as i64)
                         .map_err(|e| {
                             Error::from(("mapping a block in the shared-memory file", e))
                         })?,
                 ),
                 None => None,
             };
-            self.fill_host(i, !resident[i], buffer, &mut scratch)?;
+            self.fill_host(b, i, !resident[i], buffer, &mut scratch)?;
         }
-        let plan = self.plan.as_ref().expect("plan set above");
-        self.store = Some(Arc::new(HostStore::own(
-            plan.blocks.clone(),
-            self.blocks
+        let store = Arc::new(HostStore::own(
+            b.plan.blocks.clone(),
+            b.blocks
                 .iter()
                 .map(|b| b.tier.host().map(HostBlock::shallow_clone))
                 .collect(),
             self.host_memory() == HostMemory::Pinned,
             self.config.shm.clone().filter(|_| file.is_some()),
-        )));
-        if let (Some(path), Some(store)) = (&self.config.shm, &self.store)
+        ));
+        if let Some(path) = &self.config.shm
             && file.is_some()
         {
             // Last: readers see the manifest only once every block is in place. Should
             // writing it fail, the caller rolls back (the model gets its blocks back).
             store.write_manifest(path, &offsets, total)?;
         }
-        Ok(())
+        Ok(store)
     }
 
     /// Marks the blocks that stay on the device for good: as many as fit in the budget next to
@@ -422,12 +461,13 @@ impl LayerwiseOffloadManager {
     /// buffer reused from block to block).
     fn fill_host(
         &mut self,
+        b: &mut Building,
         i: usize,
         release: bool,
         buffer: Option<Tensor>,
         scratch: &mut Option<Tensor>,
     ) -> Result<()> {
-        let layout = self.layout(i).clone();
+        let layout = &b.plan.blocks[i];
         if self.faults.host_alloc() {
             return Err(Error::HostAlloc {
                 kind: "pinned",
@@ -438,16 +478,16 @@ impl LayerwiseOffloadManager {
         let encode = self.config.compress && buffer.is_none();
         // A block in the shared-memory file is a block of the store published there.
         let in_file = buffer.is_some();
-        let copy = if encode && in_place(&layout, &self.blocks[i].params) {
-            self.encode_in_place(i, &layout)?
+        let copy = if encode && in_place(layout, &b.blocks[i].params) {
+            self.encode_in_place(&b.blocks[i].params, layout)?
         } else {
             let host = match buffer {
                 Some(b) => b,
                 None if encode => scratch_buffer(scratch, layout.bytes)?,
                 None => accel::alloc_host(layout.bytes, self.host_memory())?,
             };
-            let views = views(&host, &layout)?;
-            let rt = &mut self.blocks[i];
+            let views = views(&host, layout)?;
+            let rt = &mut b.blocks[i];
             tch::no_grad(|| -> Result<()> {
                 for (mut v, p) in views.into_iter().zip(&rt.params) {
                     v.f_copy_(p)
@@ -458,14 +498,14 @@ impl LayerwiseOffloadManager {
             if encode {
                 // The bytes between tensors as encode_in_place sees them (0), so that a block
                 // encodes to the same bytes either way: peer group members compare lengths.
-                zero_gaps(&host, &layout)?;
+                zero_gaps(&host, layout)?;
                 self.encode_block(&host)?
             } else {
                 self.stats.host_bytes += layout.bytes as u64;
                 HostBlock::whole(host)
             }
         };
-        let rt = &mut self.blocks[i];
+        let rt = &mut b.blocks[i];
         rt.tier = match in_file {
             true => HostTier::SharedMemory {
                 host: copy,

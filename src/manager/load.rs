@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::LayerwiseOffloadManager;
 use super::disk::DiskTier;
-use super::lifecycle::Undo;
+use super::lifecycle::{Building, Undo};
 use super::tier::HostTier;
 
 /// Where the model's values come from.
@@ -187,12 +187,13 @@ impl LayerwiseOffloadManager {
     /// manager's [`HostStore`].
     pub(super) fn fill_from_checkpoint(
         &mut self,
+        b: &mut Building,
         ckpt: Arc<Checkpoint>,
         sources: &Sources,
         resident: &[bool],
         undo: &mut Undo,
-    ) -> Result<()> {
-        let n = self.blocks.len();
+    ) -> Result<Arc<HostStore>> {
+        let n = b.blocks.len();
         let memory = self.host_memory();
         let stamps = &sources.stamps;
         let with_host: Vec<usize> = (0..n)
@@ -204,7 +205,7 @@ impl LayerwiseOffloadManager {
             Some(budget) => {
                 let sizes: Vec<u64> = with_host
                     .iter()
-                    .map(|&i| self.layout(i).bytes as u64)
+                    .map(|&i| b.plan.blocks[i].bytes as u64)
                     .collect();
                 for (&i, keep) in with_host.iter().zip(placement::host_blocks(&sizes, budget)) {
                     in_memory[i] = keep;
@@ -225,7 +226,7 @@ impl LayerwiseOffloadManager {
             if self.faults.host_alloc() {
                 return Err(Error::HostAlloc {
                     kind: "pinned",
-                    bytes: self.layout(i).bytes as u64,
+                    bytes: b.plan.blocks[i].bytes as u64,
                     source: crate::error::TorchMessage("injected fault".into()),
                 });
             }
@@ -243,25 +244,25 @@ impl LayerwiseOffloadManager {
                 ))
             } else if self.config.compress {
                 // Read into a reused pageable buffer; the encoding is the host copy.
-                let buf = super::lifecycle::scratch_buffer(&mut scratch, self.layout(i).bytes)?;
-                self.read_block(&ckpt, sources, i, &buf)?;
+                let buf = super::lifecycle::scratch_buffer(&mut scratch, b.plan.blocks[i].bytes)?;
+                read_block(&ckpt, sources, &b.plan.blocks[i], &buf)?;
                 let encoded = self.encode_block(&buf)?;
-                self.blocks[i].tier = HostTier::Pinned(encoded);
+                b.blocks[i].tier = HostTier::Pinned(encoded);
                 continue;
             } else {
-                let buf = accel::alloc_host(self.layout(i).bytes, memory)?;
-                self.read_block(&ckpt, sources, i, &buf)?;
+                let buf = accel::alloc_host(b.plan.blocks[i].bytes, memory)?;
+                read_block(&ckpt, sources, &b.plan.blocks[i], &buf)?;
                 HostTier::Pinned(HostBlock::whole(buf))
             };
             self.stats.host_bytes += tier.host().map_or(0, |h| h.bytes()) as u64;
-            self.blocks[i].tier = tier;
+            b.blocks[i].tier = tier;
         }
         let reads: Vec<Vec<(CheckpointTensor, usize)>> = (0..n)
             .map(|i| {
                 if resident[i] || in_memory[i] {
                     return Vec::new();
                 }
-                self.layout(i)
+                b.plan.blocks[i]
                     .tensors
                     .iter()
                     .map(|t| (sources.tensors[t.source_index].clone(), t.offset))
@@ -269,7 +270,7 @@ impl LayerwiseOffloadManager {
             })
             .collect();
         if reads.iter().any(|r| !r.is_empty()) {
-            let bytes = (0..n).map(|i| self.layout(i).bytes).collect();
+            let bytes = (0..n).map(|i| b.plan.blocks[i].bytes).collect();
             let disk = Arc::new(DiskTier::new(
                 ckpt.clone(),
                 reads,
@@ -278,10 +279,10 @@ impl LayerwiseOffloadManager {
                 stamps.clone(),
             )?);
             for &i in disk.blocks() {
-                self.blocks[i].tier = HostTier::Disk(disk.clone());
+                b.blocks[i].tier = HostTier::Disk(disk.clone());
             }
             self.stats.disk_blocks = disk.blocks().len();
-            self.disk = Some(disk);
+            b.disk = Some(disk);
         }
         // Everything initialize() read (non-block tensors, resident blocks, host copies) came
         // from files that did not change meanwhile.
@@ -291,12 +292,11 @@ impl LayerwiseOffloadManager {
             "while initialize() read it: the blocks read from it may mix the old weights and the new; call initialize() again once the file is complete",
         )?;
         for i in (0..n).filter(|&i| !resident[i]) {
-            self.place_placeholders(i, undo)?;
+            b.place_placeholders(i, undo)?;
         }
-        let plan = self.plan.as_ref().expect("plan set before the host copies");
         let mut store = HostStore::own(
-            plan.blocks.clone(),
-            self.blocks
+            b.plan.blocks.clone(),
+            b.blocks
                 .iter()
                 .map(|b| b.tier.host().map(HostBlock::shallow_clone))
                 .collect(),
@@ -305,51 +305,48 @@ impl LayerwiseOffloadManager {
         );
         store.read_only = self.config.zero_copy;
         store.file_pages = self.config.zero_copy;
-        self.store = Some(Arc::new(store));
-        Ok(())
+        Ok(Arc::new(store))
     }
+}
 
-    /// Reads block `i`'s tensors from the checkpoint into `buf` (its layout's size), in
-    /// parallel; tensors stored in another type (with `convert_dtypes`) through a temporary.
-    fn read_block(
-        &self,
-        ckpt: &Checkpoint,
-        sources: &Sources,
-        i: usize,
-        buf: &Tensor,
-    ) -> Result<()> {
-        let layout = self.layout(i);
-        let len = layout.bytes;
-        debug_assert_eq!(buf.numel(), len);
-        let (same, converted): (Vec<_>, Vec<_>) = layout
-            .tensors
-            .iter()
-            .partition(|t| sources.tensors[t.source_index].kind == Some(t.kind));
-        {
-            // SAFETY: `buf` is a fresh contiguous 1-D uint8 host buffer of `len` bytes owned by
-            // the caller, which nothing reads or writes until this returns.
-            let bytes = unsafe { crate::host::bytes_mut(buf)? };
-            let ranges: Vec<(usize, usize)> = same.iter().map(|t| (t.offset, t.bytes)).collect();
-            let slices = checkpoint::disjoint_slices(bytes, &ranges)?;
-            let jobs = checkpoint::split_jobs(
-                same.iter()
-                    .map(|t| &sources.tensors[t.source_index])
-                    .zip(slices),
-            );
-            checkpoint::read_parallel(ckpt, jobs, crate::host::worker_threads())?;
-        }
-        for t in converted {
-            let value = read_tensor(ckpt, &sources.tensors[t.source_index], t.kind)?;
-            let mut view = buf
-                .f_narrow(0, t.offset as i64, t.bytes as i64)
-                .and_then(|v| v.f_view_dtype(t.kind))
-                .and_then(|v| v.f_view(t.shape.as_slice()))
-                .map_err(|e| Error::from(("converting a checkpoint tensor", e)))?;
-            tch::no_grad(|| view.f_copy_(&value))
-                .map_err(|e| Error::from(("converting a checkpoint tensor", e)))?;
-        }
-        Ok(())
+/// Reads a block's tensors (`layout`) from the checkpoint into `buf` (the layout's size), in
+/// parallel; tensors stored in another type (with `convert_dtypes`) through a temporary.
+fn read_block(
+    ckpt: &Checkpoint,
+    sources: &Sources,
+    layout: &BlockLayout,
+    buf: &Tensor,
+) -> Result<()> {
+    let len = layout.bytes;
+    debug_assert_eq!(buf.numel(), len);
+    let (same, converted): (Vec<_>, Vec<_>) = layout
+        .tensors
+        .iter()
+        .partition(|t| sources.tensors[t.source_index].kind == Some(t.kind));
+    {
+        // SAFETY: `buf` is a fresh contiguous 1-D uint8 host buffer of `len` bytes owned by
+        // the caller, which nothing reads or writes until this returns.
+        let bytes = unsafe { crate::host::bytes_mut(buf)? };
+        let ranges: Vec<(usize, usize)> = same.iter().map(|t| (t.offset, t.bytes)).collect();
+        let slices = checkpoint::disjoint_slices(bytes, &ranges)?;
+        let jobs = checkpoint::split_jobs(
+            same.iter()
+                .map(|t| &sources.tensors[t.source_index])
+                .zip(slices),
+        );
+        checkpoint::read_parallel(ckpt, jobs, crate::host::worker_threads())?;
     }
+    for t in converted {
+        let value = read_tensor(ckpt, &sources.tensors[t.source_index], t.kind)?;
+        let mut view = buf
+            .f_narrow(0, t.offset as i64, t.bytes as i64)
+            .and_then(|v| v.f_view_dtype(t.kind))
+            .and_then(|v| v.f_view(t.shape.as_slice()))
+            .map_err(|e| Error::from(("converting a checkpoint tensor", e)))?;
+        tch::no_grad(|| view.f_copy_(&value))
+            .map_err(|e| Error::from(("converting a checkpoint tensor", e)))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

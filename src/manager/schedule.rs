@@ -4,36 +4,37 @@
 use crate::error::{Error, Result};
 use crate::stats::Lane;
 
-use super::LayerwiseOffloadManager;
+use super::phase::Loop;
 
-impl LayerwiseOffloadManager {
+impl Loop<'_> {
     /// A slot for an upload: one that holds no entered block and none of `protect` (the
     /// ring's choice).
     pub(super) fn pick_slot(&self, protect: &[usize]) -> Option<usize> {
-        self.ring
-            .pick(|b| self.blocks[b].in_use || protect.contains(&b))
+        self.rt
+            .ring
+            .pick(|b| self.rt.blocks[b].in_use || protect.contains(&b))
     }
 
     /// Empties slot `s` for another block (its old block's tensors go back to placeholders).
     pub(super) fn evict(&mut self, s: usize) -> Result<()> {
-        let backend = &self.backend;
-        if let Some(old) = self.ring.evict(s, || backend.compute_stream())? {
-            self.blocks[old].point_at_placeholders()?;
-        }
-        Ok(())
+        self.rt.evict(s, self.backend)
     }
 
     /// Points block `block`'s tensors at views of its slot.
     pub(super) fn point_at_slot(&mut self, block: usize) -> Result<()> {
-        let s = self.ring.slot_of(block).expect("block is in a slot");
-        let views = super::weights::views(self.ring.slot(s).buf(), self.layout(block))?;
-        self.blocks[block].point_at(&views, "pointing a block at its slot")
+        let s = self
+            .rt
+            .ring
+            .slot_of(block)
+            .ok_or_else(|| not_in_slot(block))?;
+        let views = super::weights::views(self.rt.ring.slot(s).buf(), self.rt.layout(block))?;
+        self.rt.blocks[block].point_at(&views, "pointing a block at its slot")
     }
 
     /// Makes block `block` usable by the compute stream: uploads it if no slot holds it, makes
     /// the compute stream wait for its upload, points its tensors at the slot.
     pub(super) fn activate(&mut self, block: usize) -> Result<()> {
-        if self.blocks[block].in_use {
+        if self.rt.blocks[block].in_use {
             return Ok(());
         }
         self.activate_inner(block)?;
@@ -47,16 +48,16 @@ impl LayerwiseOffloadManager {
     }
 
     fn activate_inner(&mut self, block: usize) -> Result<()> {
-        if self.blocks[block].resident {
-            self.blocks[block].in_use = true;
+        if self.rt.blocks[block].resident {
+            self.rt.blocks[block].in_use = true;
             return Ok(());
         }
-        let s = match self.ring.slot_of(block) {
+        let s = match self.rt.ring.slot_of(block) {
             Some(s) => s,
             None => {
                 let s = self.pick_slot(&[block]).ok_or_else(|| Error::NoFreeSlot {
                     block,
-                    in_use: self.in_use(),
+                    in_use: self.rt.in_use(),
                 })?;
                 self.upload(block, s)?;
                 s
@@ -64,29 +65,29 @@ impl LayerwiseOffloadManager {
         };
         if let Some(compute) = self.backend.compute_stream()? {
             let pair = self.timing_pair()?;
-            let slot = self.ring.slot(s);
+            let slot = self.rt.ring.slot(s);
             self.timer
                 .time(pair, &compute, (block, 0, Lane::Stall), || {
                     slot.wait_ready(&compute)
                 })?;
         }
         self.point_at_slot(block)?;
-        self.ring.touch(s);
-        self.blocks[block].in_use = true;
+        self.rt.ring.touch(s);
+        self.rt.blocks[block].in_use = true;
         Ok(())
     }
 
     /// Queues the uploads of the `prefetch_depth` blocks after `block` in loop order, wrapping
     /// from the last block to the first. Stops quietly when no slot is free.
     pub(super) fn prefetch_ahead(&mut self, block: usize) -> Result<()> {
-        let n = self.blocks.len();
+        let n = self.rt.blocks.len();
         let upcoming: Vec<usize> = (1..n)
             .map(|k| (block + k) % n)
-            .filter(|&i| !self.blocks[i].resident)
+            .filter(|&i| !self.rt.blocks[i].resident)
             .take(self.config.prefetch_depth)
             .collect();
         for &next in &upcoming {
-            if self.ring.slot_of(next).is_some() {
+            if self.rt.ring.slot_of(next).is_some() {
                 continue;
             }
             let Some(s) = self.pick_slot(&upcoming) else {
@@ -101,29 +102,31 @@ impl LayerwiseOffloadManager {
     /// and the block's tensors go back to placeholders. The slot keeps the block's bytes until
     /// another block needs it, so re-entering it soon costs no upload.
     pub(super) fn release(&mut self, block: usize) -> Result<()> {
-        if !self.blocks[block].in_use {
+        if !self.rt.blocks[block].in_use {
             return Ok(());
         }
-        self.blocks[block].in_use = false;
-        let backend = &self.backend;
+        self.rt.blocks[block].in_use = false;
+        let backend = self.backend;
         self.timer
             .close_compute(block, || backend.compute_stream())?;
-        if self.blocks[block].resident {
+        if self.rt.blocks[block].resident {
             return Ok(());
         }
         let s = self
+            .rt
             .ring
             .slot_of(block)
-            .expect("an entered block is in a slot");
+            .ok_or_else(|| not_in_slot(block))?;
         let compute = self.backend.compute_stream()?;
-        self.ring.release(s, compute.as_ref())?;
-        self.blocks[block].point_at_placeholders()
+        self.rt.ring.release(s, compute.as_ref())?;
+        self.rt.blocks[block].point_at_placeholders()
     }
+}
 
-    /// The blocks entered now.
-    pub(super) fn in_use(&self) -> Vec<usize> {
-        (0..self.blocks.len())
-            .filter(|&i| self.blocks[i].in_use)
-            .collect()
+/// A streamed block that should be in a slot is in none: a broken invariant.
+fn not_in_slot(block: usize) -> Error {
+    Error::InvalidArgument {
+        op: "enter",
+        message: format!("block {block} is in no slot of the ring: this is a bug"),
     }
 }

@@ -9,9 +9,9 @@ use crate::stats::Lane;
 use std::sync::Arc;
 use tch::Tensor;
 
-use super::LayerwiseOffloadManager;
 use super::decode::decode_on_cpu;
 use super::device;
+use super::phase::Loop;
 use super::share::Share;
 use super::tier::Staged;
 use super::timing::Pair;
@@ -26,7 +26,7 @@ struct Moved {
     incoming: Vec<Arc<Event>>,
 }
 
-impl LayerwiseOffloadManager {
+impl Loop<'_> {
     /// Queues the upload of block `block` into slot `s`.
     pub(super) fn upload(&mut self, block: usize, s: usize) -> Result<()> {
         let r = self.upload_inner(block, s);
@@ -48,7 +48,7 @@ impl LayerwiseOffloadManager {
                 source: crate::error::TorchMessage("injected fault".into()),
             });
         }
-        let encoded = self.blocks[block]
+        let encoded = self.rt.blocks[block]
             .tier
             .encoding()
             .map(|(e, raw)| (e.shallow_clone(), raw));
@@ -74,7 +74,7 @@ impl LayerwiseOffloadManager {
                 }
             }
         };
-        self.ring.hold(s, block, incoming);
+        self.rt.ring.hold(s, block, incoming);
         self.stats.uploads += 1;
         self.stats.bytes_uploaded += sent as u64;
         self.stats.peer_bytes += (total - sent) as u64;
@@ -83,12 +83,12 @@ impl LayerwiseOffloadManager {
 
     /// Queues the copy of raw block `block` into slot `s`; returns the bytes moved.
     fn upload_raw(&mut self, block: usize, s: usize, pair: Pair) -> Result<usize> {
-        let bytes = self.layout(block).bytes;
-        let staged = self.blocks[block].tier.stage(block, 0, bytes)?;
-        let dst = self.ring.slot(s).dst(bytes);
+        let bytes = self.rt.layout(block).bytes;
+        let staged = self.rt.blocks[block].tier.stage(block, 0, bytes)?;
+        let dst = self.rt.ring.slot(s).dst(bytes);
         let copied = dst.and_then(|dst| match self.backend.copy_stream() {
             Some(copy) => {
-                let slot = self.ring.slot_mut(s).fenced_mut();
+                let slot = self.rt.ring.slot_mut(s).fenced_mut();
                 // The compute stream released the slot's previous block: wait for that work.
                 slot.wait_writable(&copy)?;
                 self.timer
@@ -121,12 +121,12 @@ impl LayerwiseOffloadManager {
         (enc, raw_len): (&Tensor, usize),
         pair: Pair,
     ) -> Result<()> {
-        let out = self.ring.slot(s).dst(raw_len)?;
+        let out = self.rt.ring.slot(s).dst(raw_len)?;
         let decode_pair = self.timing_pair()?;
         let (Some(copy), Some(decode), Some(dec)) = (
             self.backend.copy_stream(),
             self.backend.decode_stream(),
-            self.decoding.as_mut().filter(|d| d.on_gpu()),
+            self.rt.decoding.as_mut().filter(|d| d.on_gpu()),
         ) else {
             // The CPU test mode: the reference decoder into the (host) slot.
             return decode_on_cpu(enc, &out);
@@ -148,14 +148,14 @@ impl LayerwiseOffloadManager {
         buf.mark_ready(&copy)?;
         // 2. The decode into the slot, once the encoding is there.
         buf.wait_ready(&decode)?;
-        let slot = self.ring.slot_mut(s).fenced_mut();
+        let slot = self.rt.ring.slot_mut(s).fenced_mut();
         dec.decode_into(
             k,
             enc_len,
             (slot, &out),
             &decode,
             block,
-            (&mut self.timer, decode_pair),
+            (&mut *self.timer, decode_pair),
         )
     }
 
@@ -180,7 +180,7 @@ impl LayerwiseOffloadManager {
             Some(_) => self.timing_pair()?,
             None => None,
         };
-        self.ring.slot_mut(s).clear_incoming();
+        self.rt.ring.slot_mut(s).clear_incoming();
         let copy = self.backend.copy_stream();
         let mut share = Share {
             group,
@@ -188,15 +188,15 @@ impl LayerwiseOffloadManager {
             round,
             push: &self.peer.push,
             block,
-            bytes: self.layout(block).bytes,
+            bytes: self.rt.layout(block).bytes,
         };
         let Some((enc, raw_len)) = encoded else {
-            let target = self.ring.slot_mut(s).fenced_mut();
+            let target = self.rt.ring.slot_mut(s).fenced_mut();
             let (delivered, staged) = share.send(
                 target,
                 copy.as_ref(),
-                (&mut self.timer, pair),
-                |off, len| self.blocks[block].tier.stage(block, off, len),
+                (&mut *self.timer, pair),
+                |off, len| self.rt.blocks[block].tier.stage(block, off, len),
             )?;
             staged.finish(copy.as_ref())?;
             let incoming = group.deliver(round, rank, delivered)?;
@@ -207,13 +207,13 @@ impl LayerwiseOffloadManager {
             });
         };
         share.bytes = enc.numel();
-        let out = self.ring.slot(s).dst(raw_len)?;
-        let dec = self.decoding.as_mut().ok_or_else(no_staging)?;
+        let out = self.rt.ring.slot(s).dst(raw_len)?;
+        let dec = self.rt.decoding.as_mut().ok_or_else(no_staging)?;
         let k = dec.next();
         let (delivered, _) = share.send(
             dec.staging_mut(k),
             copy.as_ref(),
-            (&mut self.timer, pair),
+            (&mut *self.timer, pair),
             |off, len| {
                 let part = enc
                     .f_narrow(0, off as i64, len as i64)
@@ -230,8 +230,8 @@ impl LayerwiseOffloadManager {
                 for e in &incoming {
                     e.wait(&decode)?;
                 }
-                let slot = self.ring.slot_mut(s).fenced_mut();
-                let (timer, enc_len) = (&mut self.timer, share.bytes);
+                let slot = self.rt.ring.slot_mut(s).fenced_mut();
+                let (timer, enc_len) = (&mut *self.timer, share.bytes);
                 dec.decode_into(
                     k,
                     enc_len,
@@ -248,22 +248,6 @@ impl LayerwiseOffloadManager {
             total: share.bytes,
             incoming: Vec::new(),
         })
-    }
-
-    /// Waits for this member's outgoing peer copies and leaves the group. Copies into this
-    /// member's slots need no wait here: the group keeps every ring until each member has left,
-    /// and each one waits for its own outgoing copies first.
-    pub(super) fn leave_group(&mut self) {
-        if !self.peer.joined {
-            return;
-        }
-        for p in &self.peer.push {
-            let _ = p.synchronize();
-        }
-        if let Some((group, rank)) = &self.config.peer {
-            group.leave(*rank);
-        }
-        self.peer.joined = false;
     }
 }
 

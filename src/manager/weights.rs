@@ -5,7 +5,6 @@
 use crate::error::{Error, Result};
 use crate::plan::{BlockLayout, TensorLayout};
 use std::path::Path;
-use std::sync::Arc;
 use tch::{Device, Tensor};
 
 use super::LayerwiseOffloadManager;
@@ -125,25 +124,16 @@ impl LayerwiseOffloadManager {
             .ok_or_else(|| Error::UnknownTensor {
                 name: name.to_owned(),
             })?;
-        if let Some(plan) = &self.plan {
-            for (li, l) in plan.blocks.iter().enumerate() {
+        if let Some(rt) = self.phase.runtime() {
+            for (li, l) in rt.plan.blocks.iter().enumerate() {
                 if let Some(j) = l.tensors.iter().position(|t| t.source_index == src)
-                    && self.blocks[li].tier.is_offloaded()
+                    && rt.blocks[li].tier.is_offloaded()
                 {
                     return Ok((src, Some((li, j))));
                 }
             }
         }
         Ok((src, None))
-    }
-
-    /// Whether the host copy is not this manager's alone: shared with other managers (or held
-    /// by a caller of [`Self::host_store`]), published to other processes, or a read-only
-    /// mapping (the checkpoint's pages with `zero_copy`, a store opened from another process).
-    pub(super) fn host_is_shared(&self) -> bool {
-        self.store
-            .as_ref()
-            .is_some_and(|s| Arc::strong_count(s) > 1 || s.read_only || s.owner_path.is_some())
     }
 
     /// The current value of tensor `name`: for an offloaded block tensor a view of its host
@@ -160,12 +150,12 @@ impl LayerwiseOffloadManager {
     /// that never leave this crate).
     fn value(&self, name: &str, owned: bool) -> Result<Tensor> {
         let (src, at) = self.locate(name)?;
-        match at {
-            Some((li, j)) => {
+        match (at, self.phase.runtime()) {
+            (Some((li, j)), Some(rt)) => {
                 self.backend.sync_copies();
-                self.blocks[li].tier.tensor(li, self.layout(li), j, owned)
+                rt.blocks[li].tier.tensor(li, rt.layout(li), j, owned)
             }
-            None => Ok(self.named[src].1.shallow_clone()),
+            _ => Ok(self.named[src].1.shallow_clone()),
         }
     }
 
@@ -202,9 +192,11 @@ impl LayerwiseOffloadManager {
     /// queued uploads first; refused while the block is entered.
     pub fn update_tensor(&mut self, name: &str, value: &Tensor) -> Result<()> {
         let (src, at) = self.locate(name)?;
-        let (shape, kind) = match at {
-            Some((li, j)) => {
-                let t = &self.layout(li).tensors[j];
+        let memory = self.host_memory();
+        let located = at.zip(self.phase.runtime_mut());
+        let (shape, kind) = match &located {
+            Some(((li, j), rt)) => {
+                let t = &rt.layout(*li).tensors[*j];
                 (t.shape.clone(), t.kind)
             }
             None => (self.named[src].1.size(), self.named[src].1.kind()),
@@ -216,47 +208,49 @@ impl LayerwiseOffloadManager {
                 got: format!("{:?} {:?}", value.size(), value.kind()),
             });
         }
-        match at {
-            Some((li, j)) => {
-                if self.blocks[li].in_use {
-                    return Err(Error::BlockInUse {
-                        op: "update_tensor",
-                        block: li,
-                    });
-                }
-                if self.config.peer.is_some() {
-                    return Err(Error::InvalidArgument {
-                        op: "update_tensor",
-                        message: format!(
-                            "{name:?} is a block weight of a peer group member, whose blocks are assembled from every member's host copy; update the model before building the group"
-                        ),
-                    });
-                }
-                self.blocks[li].tier.refuse_update(name)?;
-                if self.host_is_shared() {
-                    return Err(Error::InvalidArgument {
-                        op: "update_tensor",
-                        message: format!(
-                            "the host copy of {name:?} is shared with other managers or processes, or is the checkpoint's own read-only pages (zero_copy); update it before sharing or publishing the store, or restore the others first, or load without zero_copy"
-                        ),
-                    });
-                }
-                self.backend.sync_copies();
-                self.update_host(name, li, j, value)?;
-                if self.blocks[li].resident {
-                    // A resident block with a host copy (shareable): the device tensor too.
-                    let p = &mut self.blocks[li].params[j];
-                    tch::no_grad(|| p.f_copy_(value))
-                        .map_err(|e| Error::from(("update_tensor", e)))?;
-                }
-                if let Some(s) = self.ring.slot_of(li) {
-                    self.evict(s)?;
-                }
-            }
-            None => {
-                let t = &mut self.named[src].1;
-                tch::no_grad(|| t.f_copy_(value)).map_err(|e| Error::from(("update_tensor", e)))?;
-            }
+        let Some(((li, j), rt)) = located else {
+            let t = &mut self.named[src].1;
+            tch::no_grad(|| t.f_copy_(value)).map_err(|e| Error::from(("update_tensor", e)))?;
+            return Ok(());
+        };
+        if rt.blocks[li].in_use {
+            return Err(Error::BlockInUse {
+                op: "update_tensor",
+                block: li,
+            });
+        }
+        if self.config.peer.is_some() {
+            return Err(Error::InvalidArgument {
+                op: "update_tensor",
+                message: format!(
+                    "{name:?} is a block weight of a peer group member, whose blocks are assembled from every member's host copy; update the model before building the group"
+                ),
+            });
+        }
+        rt.blocks[li].tier.refuse_update(name)?;
+        if rt.host_is_shared() {
+            return Err(Error::InvalidArgument {
+                op: "update_tensor",
+                message: format!(
+                    "the host copy of {name:?} is shared with other managers or processes, or is the checkpoint's own read-only pages (zero_copy); update it before sharing or publishing the store, or restore the others first, or load without zero_copy"
+                ),
+            });
+        }
+        self.backend.sync_copies();
+        rt.update_host(
+            name,
+            (li, j),
+            value,
+            (memory, &mut self.stats),
+            &self.backend,
+        )?;
+        if rt.blocks[li].resident {
+            // A resident block with a host copy (shareable): the device tensor too.
+            let p = &mut rt.blocks[li].params[j];
+            tch::no_grad(|| p.f_copy_(value)).map_err(|e| Error::from(("update_tensor", e)))?;
+        }
+        if let Some(s) = rt.ring.slot_of(li) {
+            rt.evict(s, &self.backend)?;
         }
         Ok(())
     }
