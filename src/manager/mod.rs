@@ -48,6 +48,7 @@
 //! }
 //! ```
 
+mod build;
 mod compat;
 mod compress;
 mod config;
@@ -56,11 +57,13 @@ mod device;
 mod disk;
 mod faults;
 mod fence;
+mod fill;
 mod lifecycle;
 mod load;
 mod phase;
 mod restore;
 mod ring;
+mod runs;
 mod schedule;
 mod share;
 mod tier;
