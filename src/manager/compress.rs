@@ -285,15 +285,10 @@ mod tests {
             for (mut v, t) in views(&buf, &layout)?.into_iter().zip(&layout.tensors) {
                 v.copy_(&before[t.source_index].1);
             }
-            // SAFETY: `buf` and the host copy live to the end of the test; nothing writes them.
-            let (raw, enc) = unsafe {
-                (
-                    crate::host::bytes(&buf)?,
-                    crate::host::bytes(rt.blocks[b].tier.encoding().unwrap().0)?,
-                )
-            };
+            let raw = Vec::<u8>::try_from(&buf)?;
+            let enc = Vec::<u8>::try_from(rt.blocks[b].tier.encoding().unwrap().0)?;
             assert!(
-                enc == layerwise_offload_codec::encode(raw).as_slice(),
+                enc == layerwise_offload_codec::encode(&raw),
                 "block {b} encodes differently"
             );
         }

@@ -46,9 +46,8 @@ fn raw(named: &[(String, Tensor)], layout: &BlockLayout) -> Tensor {
 }
 
 fn encoded(buf: &Tensor) -> HostBlock {
-    // SAFETY: `buf` lives to the end of the call and nothing writes it.
-    let bytes = unsafe { crate::host::bytes(buf).unwrap() };
-    let enc = layerwise_offload_codec::encode(bytes);
+    let bytes = Vec::<u8>::try_from(buf).unwrap();
+    let enc = layerwise_offload_codec::encode(&bytes);
     HostBlock::encoded(Tensor::from_slice(&enc), bytes.len())
 }
 
