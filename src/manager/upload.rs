@@ -7,13 +7,12 @@ use crate::error::{Error, Result};
 use crate::peer::PeerGroup;
 use crate::stats::Lane;
 use std::sync::Arc;
-use tch::Tensor;
 
 use super::decode::decode_on_cpu;
 use super::device;
 use super::phase::Loop;
 use super::share::Share;
-use super::tier::Staged;
+use super::tier::Transport;
 use super::timing::Pair;
 
 /// What one upload moved.
@@ -48,28 +47,26 @@ impl Loop<'_> {
                 source: crate::error::TorchMessage("injected fault".into()),
             });
         }
-        let encoded = self.rt.blocks[block]
+        let transport = self.rt.blocks[block]
             .tier
-            .encoding()
-            .map(|(e, raw)| (e.shallow_clone(), raw));
+            .transport(self.rt.layout(block).bytes);
         let Moved {
             sent,
             total,
             incoming,
         } = match self.config.peer.clone() {
-            Some((group, rank)) => self.upload_peer(&group, rank, block, s, encoded)?,
+            Some((group, rank)) => self.upload_peer(&group, rank, block, s, transport)?,
             None => {
                 let pair = self.timing_pair()?;
-                let moved = match encoded {
-                    Some((enc, raw)) => {
-                        self.upload_encoded(block, s, (&enc, raw), pair)?;
-                        enc.numel()
+                match transport {
+                    Transport::Raw { bytes } => self.upload_raw(block, s, bytes, pair)?,
+                    Transport::Encoded { len, raw } => {
+                        self.upload_encoded(block, s, (len, raw), pair)?;
                     }
-                    None => self.upload_raw(block, s, pair)?,
-                };
+                }
                 Moved {
-                    sent: moved,
-                    total: moved,
+                    sent: transport.len(),
+                    total: transport.len(),
                     incoming: Vec::new(),
                 }
             }
@@ -81,9 +78,8 @@ impl Loop<'_> {
         Ok(())
     }
 
-    /// Queues the copy of raw block `block` into slot `s`; returns the bytes moved.
-    fn upload_raw(&mut self, block: usize, s: usize, pair: Pair) -> Result<usize> {
-        let bytes = self.rt.layout(block).bytes;
+    /// Queues the copy of raw block `block` (`bytes` long) into slot `s`.
+    fn upload_raw(&mut self, block: usize, s: usize, bytes: usize, pair: Pair) -> Result<()> {
         let staged = self.rt.blocks[block].tier.stage(block, 0, bytes)?;
         let dst = self.rt.ring.slot(s).dst(bytes);
         let copied = dst.and_then(|dst| match self.backend.copy_stream() {
@@ -107,51 +103,60 @@ impl Loop<'_> {
         });
         // A staging buffer goes back also when the copy fails.
         let released = staged.finish(self.backend.copy_stream().as_ref());
-        copied.and(released)?;
-        Ok(bytes)
+        copied.and(released)
     }
 
-    /// Uploads encoded block `block` (`enc`, `raw_len` bytes raw) into slot `s`: the encoding
-    /// into a staging buffer on the copy stream, the decode into the slot on the decode stream
-    /// (CUDA), or straight into the slot on the CPU.
+    /// Uploads encoded block `block` (an encoding of `len` bytes, `raw` bytes raw) into slot
+    /// `s`: the encoding into a staging buffer on the copy stream, the decode into the slot on
+    /// the decode stream (CUDA), or straight into the slot on the CPU.
     fn upload_encoded(
         &mut self,
         block: usize,
         s: usize,
-        (enc, raw_len): (&Tensor, usize),
+        (len, raw): (usize, usize),
         pair: Pair,
     ) -> Result<()> {
-        let out = self.rt.ring.slot(s).dst(raw_len)?;
+        let out = self.rt.ring.slot(s).dst(raw)?;
         let decode_pair = self.timing_pair()?;
-        let (Some(copy), Some(decode), Some(dec)) = (
-            self.backend.copy_stream(),
+        let staged = self.rt.blocks[block].tier.stage(block, 0, len)?;
+        let copy = self.backend.copy_stream();
+        let (Some(c), Some(decode), Some(dec)) = (
+            copy,
             self.backend.decode_stream(),
             self.rt.decoding.as_mut().filter(|d| d.on_gpu()),
         ) else {
             // The CPU test mode: the reference decoder into the (host) slot.
-            return decode_on_cpu(enc, &out);
+            let decoded = staged
+                .contiguous(len)
+                .and_then(|enc| decode_on_cpu(&enc, &out));
+            return decoded.and(staged.finish(None));
         };
-        let enc_len = enc.numel();
         let k = dec.next();
         let buf = dec.staging_mut(k);
-        let mut staged = buf.head(enc_len)?;
+        let dst = buf.head(len);
         // 1. The encoding into staging buffer k, once the decode out of it before is done.
-        buf.wait_writable(&copy)?;
-        self.timer
-            .time(pair, &copy, (block, enc_len as u64, Lane::Upload), || {
-                // SAFETY: the host encoding lives in the manager until restore or Drop, which
-                // synchronize the copy and decode streams first, and nothing writes it; the
-                // staging buffer is not read by a decode until `ready` below, and was released
-                // by its previous decode (`free`, waited above).
-                unsafe { device::copy(&mut staged, enc, &copy) }
-            })?;
-        buf.mark_ready(&copy)?;
+        let copied = dst.and_then(|dst| {
+            buf.wait_writable(&c)?;
+            self.timer
+                .time(pair, &c, (block, len as u64, Lane::Upload), || {
+                    // SAFETY: the host encoding lives in the manager until restore or Drop,
+                    // which synchronize the copy and decode streams first, and nothing writes
+                    // it meanwhile (a disk-tier staging buffer is read into again only after
+                    // the event recorded behind this copy); the staging buffer is not read by
+                    // a decode until `ready` below, and was released by its previous decode
+                    // (`free`, waited above).
+                    unsafe { device::copy_pieces(&dst, &staged.pieces, &c, "upload") }
+                })?;
+            buf.mark_ready(&c)
+        });
+        let released = staged.finish(Some(&c));
+        copied.and(released)?;
         // 2. The decode into the slot, once the encoding is there.
-        buf.wait_ready(&decode)?;
+        dec.staging(k).wait_ready(&decode)?;
         let slot = self.rt.ring.slot_mut(s).fenced_mut();
         dec.decode_into(
             k,
-            enc_len,
+            len,
             (slot, &out),
             &decode,
             block,
@@ -171,56 +176,45 @@ impl Loop<'_> {
         rank: usize,
         block: usize,
         s: usize,
-        encoded: Option<(Tensor, usize)>,
+        transport: Transport,
     ) -> Result<Moved> {
         let round = self.peer.round;
         self.peer.round += 1;
         let pair = self.timing_pair()?;
-        let decode_pair = match encoded {
-            Some(_) => self.timing_pair()?,
-            None => None,
+        let decode_pair = match transport {
+            Transport::Encoded { .. } => self.timing_pair()?,
+            Transport::Raw { .. } => None,
         };
         self.rt.ring.slot_mut(s).clear_incoming();
         let copy = self.backend.copy_stream();
-        let mut share = Share {
+        let share = Share {
             group,
             rank,
             round,
             push: &self.peer.push,
             block,
-            bytes: self.rt.layout(block).bytes,
+            bytes: transport.len(),
         };
-        let Some((enc, raw_len)) = encoded else {
+        let moved = |incoming| Moved {
+            sent: share.range().1,
+            total: share.bytes,
+            incoming,
+        };
+        let tier = &self.rt.blocks[block].tier;
+        let source = |off, len| tier.stage(block, off, len);
+        let Transport::Encoded { len, raw } = transport else {
             let target = self.rt.ring.slot_mut(s).fenced_mut();
-            let (delivered, staged) = share.send(
-                target,
-                copy.as_ref(),
-                (&mut *self.timer, pair),
-                |off, len| self.rt.blocks[block].tier.stage(block, off, len),
-            )?;
+            let timer = (&mut *self.timer, pair);
+            let (delivered, staged) = share.send(target, copy.as_ref(), timer, source)?;
             staged.finish(copy.as_ref())?;
-            let incoming = group.deliver(round, rank, delivered)?;
-            return Ok(Moved {
-                sent: share.range().1,
-                total: share.bytes,
-                incoming,
-            });
+            return Ok(moved(group.deliver(round, rank, delivered)?));
         };
-        share.bytes = enc.numel();
-        let out = self.rt.ring.slot(s).dst(raw_len)?;
+        let out = self.rt.ring.slot(s).dst(raw)?;
         let dec = self.rt.decoding.as_mut().ok_or_else(no_staging)?;
         let k = dec.next();
-        let (delivered, _) = share.send(
-            dec.staging_mut(k),
-            copy.as_ref(),
-            (&mut *self.timer, pair),
-            |off, len| {
-                let part = enc
-                    .f_narrow(0, off as i64, len as i64)
-                    .map_err(|e| Error::from(("upload", e)))?;
-                Ok(Staged::host(vec![(0, part)]))
-            },
-        )?;
+        let timer = (&mut *self.timer, pair);
+        let (delivered, staged) = share.send(dec.staging_mut(k), copy.as_ref(), timer, source)?;
+        staged.finish(copy.as_ref())?;
         let incoming = group.deliver(round, rank, delivered)?;
         // The whole encoding is here once this member's upload and every incoming share are:
         // then the decode.
@@ -231,23 +225,12 @@ impl Loop<'_> {
                     e.wait(&decode)?;
                 }
                 let slot = self.rt.ring.slot_mut(s).fenced_mut();
-                let (timer, enc_len) = (&mut *self.timer, share.bytes);
-                dec.decode_into(
-                    k,
-                    enc_len,
-                    (slot, &out),
-                    &decode,
-                    block,
-                    (timer, decode_pair),
-                )?;
+                let timer = (&mut *self.timer, decode_pair);
+                dec.decode_into(k, len, (slot, &out), &decode, block, timer)?;
             }
-            _ => decode_on_cpu(&dec.staging(k).head(share.bytes)?, &out)?,
+            _ => decode_on_cpu(&dec.staging(k).head(len)?, &out)?,
         }
-        Ok(Moved {
-            sent: share.range().1,
-            total: share.bytes,
-            incoming: Vec::new(),
-        })
+        Ok(moved(Vec::new()))
     }
 }
 

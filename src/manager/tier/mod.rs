@@ -69,12 +69,52 @@ impl Staged {
         }
     }
 
+    /// The first `len` bytes as one contiguous host tensor: the one piece itself when it is
+    /// that, else a copy (for the CPU reference decoder).
+    pub(super) fn contiguous(&self, len: usize) -> Result<Tensor> {
+        if let [(0, t)] = self.pieces.as_slice()
+            && t.numel() == len
+        {
+            return Ok(t.shallow_clone());
+        }
+        let out = crate::accel::alloc_host(len.max(1), HostMemory::Pageable)?;
+        let out = out
+            .f_narrow(0, 0, len as i64)
+            .map_err(|e| Error::from(("upload", e)))?;
+        for (o, t) in &self.pieces {
+            let mut d = out
+                .f_narrow(0, *o as i64, t.numel() as i64)
+                .map_err(|e| Error::from(("upload", e)))?;
+            tch::no_grad(|| d.f_copy_(t)).map_err(|e| Error::from(("upload", e)))?;
+        }
+        Ok(out)
+    }
+
     /// Gives a staging buffer back once the copies out of it queued so far on `copy` are done
     /// (at once without a stream); nothing to do for host bytes held elsewhere.
     pub(super) fn finish(self, copy: Option<&Stream>) -> Result<()> {
         match self.buffer {
             Some((disk, i)) => disk.unstage(i, copy),
             None => Ok(()),
+        }
+    }
+}
+
+/// What an upload of a block moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Transport {
+    /// The raw block, `bytes` long (its layout's size).
+    Raw { bytes: usize },
+    /// The block's encoding, `len` bytes, which decodes into the raw block of `raw` bytes.
+    Encoded { len: usize, raw: usize },
+}
+
+impl Transport {
+    /// Bytes moved from the host.
+    pub(super) fn len(self) -> usize {
+        match self {
+            Transport::Raw { bytes } => bytes,
+            Transport::Encoded { len, .. } => len,
         }
     }
 }
@@ -131,15 +171,33 @@ impl HostTier {
         }
     }
 
-    /// Bytes `[off, off + len)` of block `block`'s layout in host memory, raw: pieces of its
-    /// host copy, or the disk tier's staging buffer the block was read into (waiting for the
-    /// read). An encoded copy has no raw bytes to hand out: upload its encoding.
+    /// What an upload of the block moves: the raw block (`bytes`, its layout's size) or its
+    /// encoding.
+    pub(super) fn transport(&self, bytes: usize) -> Transport {
+        match self.encoding() {
+            Some((enc, raw)) => Transport::Encoded {
+                len: enc.numel(),
+                raw,
+            },
+            None => Transport::Raw { bytes },
+        }
+    }
+
+    /// Bytes `[off, off + len)` of what an upload of block `block` moves ([`Self::transport`]):
+    /// of its layout, raw (pieces of its host copy, or the disk tier's staging buffer the block
+    /// was read into, waiting for the read), or of its encoding.
     pub(super) fn stage(&self, block: usize, off: usize, len: usize) -> Result<Staged> {
         match self {
             HostTier::Disk(disk) => disk.stage(block, off, len),
-            _ => match self.host() {
-                Some(h) => Ok(Staged::host(h.range(off, len)?)),
-                None => Err(no_host_copy("upload", block)),
+            _ => match (self.host(), self.encoding()) {
+                (Some(_), Some((enc, _))) => {
+                    let part = enc
+                        .f_narrow(0, off as i64, len as i64)
+                        .map_err(|e| Error::from(("upload", e)))?;
+                    Ok(Staged::host(vec![(0, part)]))
+                }
+                (Some(h), None) => Ok(Staged::host(h.range(off, len)?)),
+                (None, _) => Err(no_host_copy("upload", block)),
             },
         }
     }

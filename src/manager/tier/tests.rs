@@ -1,6 +1,6 @@
 //! [`HostTier`](super::HostTier)'s tests, one or more per tier, without a manager.
 
-use super::{HostTier, Staged};
+use super::{HostTier, Staged, Transport};
 use crate::accel::HostMemory;
 use crate::checkpoint::{self, Checkpoint};
 use crate::host::{HostBlock, HostStore};
@@ -81,6 +81,12 @@ fn a_pinned_block_is_read_in_place_and_written_in_place() -> R {
     let buf = raw(&named, &layout);
     let mut tier = HostTier::Pinned(HostBlock::whole(buf.shallow_clone()));
     assert!(tier.is_offloaded() && !tier.is_read_only() && tier.encoding().is_none());
+    assert_eq!(
+        tier.transport(layout.bytes),
+        Transport::Raw {
+            bytes: layout.bytes
+        }
+    );
     reads_back(&tier, &named, &layout)?;
     // tensor() is a view of the host copy, restore() a copy of it.
     assert!(shares_memory(&tier.tensor(0, &layout, 1, true)?, &buf));
@@ -91,6 +97,11 @@ fn a_pinned_block_is_read_in_place_and_written_in_place() -> R {
     // An upload's bytes are the buffer's own.
     let staged = tier.stage(0, 256, layout.bytes - 256)?;
     assert_eq!(staged.pieces.len(), 1);
+    let whole = staged.contiguous(layout.bytes - 256)?;
+    assert!(
+        shares_memory(&whole, &buf),
+        "one piece is handed out as it is"
+    );
     assert!(
         staged.pieces[0]
             .1
@@ -157,10 +168,23 @@ fn an_encoded_block_decodes_on_the_way_out_and_is_encoded_again_on_update() -> R
     let buf = raw(&named, &layout);
     let mut tier = HostTier::Pinned(encoded(&buf));
     assert_eq!(tier.encoding().map(|(_, n)| n), Some(layout.bytes));
-    assert!(
-        tier.stage(0, 0, 16).is_err(),
-        "an encoding has no raw bytes to stage"
+    // An upload moves the encoding.
+    let enc = tier.encoding().unwrap().0.shallow_clone();
+    let n = enc.numel();
+    assert_eq!(
+        tier.transport(layout.bytes),
+        Transport::Encoded {
+            len: n,
+            raw: layout.bytes
+        }
     );
+    let staged = tier.stage(0, 3, n - 3)?;
+    assert!(
+        staged
+            .contiguous(n - 3)?
+            .equal(&enc.narrow(0, 3, n as i64 - 3))
+    );
+    staged.finish(None)?;
     reads_back(&tier, &named, &layout)?;
     let value = Tensor::full([3], -2.5, (Kind::Float, Device::Cpu));
     let mut asked = None;
