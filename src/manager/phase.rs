@@ -253,6 +253,15 @@ mod tests {
         assert_eq!(p.plan().unwrap().blocks.len(), 2);
     }
 
+    /// The manager may move to another thread with its runtime (the disk tier is shared by
+    /// the blocks on it).
+    #[test]
+    fn a_manager_with_its_runtime_is_send() {
+        fn send<T: Send>() {}
+        send::<Runtime>();
+        send::<crate::LayerwiseOffloadManager>();
+    }
+
     #[test]
     fn the_runtime_holds_the_claim_until_it_is_dropped() {
         let named = model();
