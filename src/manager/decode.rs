@@ -190,3 +190,43 @@ pub(super) fn decode_on_cpu(enc: &Tensor, out: &Tensor) -> Result<()> {
     layerwise_offload_codec::decode_with_threads(src, dst, host::worker_threads())
         .map_err(codec_error("decoding a block"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Decoding, decode_on_cpu};
+    use crate::manager::device::Backend;
+    use tch::{Device, Kind, Tensor};
+
+    #[test]
+    fn the_cpu_test_mode_stages_only_in_a_peer_group() -> crate::Result<()> {
+        let mut cpu = Backend::Cpu;
+        assert!(Decoding::start(&mut cpu, 100, None)?.is_none());
+        let mut dec = Decoding::start(&mut cpu, 100, Some((2, 1)))?.unwrap();
+        assert!(!dec.on_gpu());
+        // Two buffers of the largest encoding, rounded up to 16 bytes, used in turn.
+        assert_eq!(
+            dec.buffers().iter().map(Tensor::numel).collect::<Vec<_>>(),
+            [112, 112]
+        );
+        assert_eq!((dec.next(), dec.next(), dec.next()), (0, 1, 0));
+        dec.grow(&cpu, 64)?;
+        assert_eq!(dec.staging(0).len(), 112, "long enough already");
+        dec.grow(&cpu, 200)?;
+        assert!((0..2).all(|k| dec.staging(k).len() == 208));
+        Ok(())
+    }
+
+    #[test]
+    fn the_reference_decoder_fills_the_slot_exactly() -> crate::Result<()> {
+        let raw = (Tensor::randn([4096], (Kind::Float, Device::Cpu)) * 0.02)
+            .to_kind(Kind::BFloat16)
+            .view_dtype(Kind::Uint8);
+        let bytes = Vec::<u8>::try_from(&raw).unwrap();
+        let enc = Tensor::from_slice(&layerwise_offload_codec::encode(&bytes));
+        assert!(enc.numel() < raw.numel(), "bf16 weights shrink");
+        let out = Tensor::zeros([raw.numel() as i64], (Kind::Uint8, Device::Cpu));
+        decode_on_cpu(&enc, &out)?;
+        assert!(out.equal(&raw));
+        Ok(())
+    }
+}
