@@ -142,3 +142,71 @@ impl Share<'_> {
         Ok((delivered, staged))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Share;
+    use crate::manager::fence::Fenced;
+    use crate::manager::tier::Staged;
+    use crate::manager::timing::Timer;
+    use crate::peer::PeerGroup;
+    use tch::{Device, Kind, Tensor};
+
+    /// Two members of a CPU group, each with host bytes right only inside its own share:
+    /// each member's buffer ends up holding every byte right, so each share came from the host
+    /// of its member and went on to the other.
+    #[test]
+    fn each_member_sends_its_share_and_receives_the_others() {
+        const BYTES: usize = 1000;
+        let group = PeerGroup::new(2).unwrap();
+        let truth = Tensor::arange(BYTES as i64, (Kind::Uint8, Device::Cpu));
+        let results: Vec<Tensor> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2)
+                .map(|rank| {
+                    let (group, truth) = (group.clone(), truth.shallow_clone());
+                    scope.spawn(move || {
+                        let share = Share {
+                            group: &group,
+                            rank,
+                            round: 0,
+                            push: &[],
+                            block: 3,
+                            bytes: BYTES,
+                        };
+                        let (off, len) = share.range();
+                        // Host bytes wrong everywhere but in this member's share.
+                        let host = Tensor::full([BYTES as i64], 7, (Kind::Uint8, Device::Cpu));
+                        host.narrow(0, off as i64, len as i64)
+                            .copy_(&truth.narrow(0, off as i64, len as i64));
+                        let buf = Tensor::zeros([BYTES as i64 + 24], (Kind::Uint8, Device::Cpu));
+                        let mut target =
+                            Fenced::new(buf.shallow_clone(), false, Some((2, rank))).unwrap();
+                        let mut asked = Vec::new();
+                        let (delivered, staged) = share
+                            .send(&mut target, None, (&mut Timer::default(), None), |o, l| {
+                                asked.push((o, l));
+                                Ok(Staged::host(vec![(0, host.narrow(0, o as i64, l as i64))]))
+                            })
+                            .unwrap();
+                        assert_eq!(asked, [(off, len)], "only this member's share is read");
+                        assert!(
+                            delivered.iter().all(Option::is_none),
+                            "no events on the CPU"
+                        );
+                        staged.finish(None).unwrap();
+                        let incoming = group.deliver(0, rank, delivered).unwrap();
+                        assert!(incoming.is_empty());
+                        buf
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, buf) in results.iter().enumerate() {
+            assert!(
+                buf.narrow(0, 0, BYTES as i64).equal(&truth),
+                "member {rank} holds every share"
+            );
+        }
+    }
+}
