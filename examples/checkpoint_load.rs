@@ -340,18 +340,23 @@ fn load(a: &LoadArgs) -> Result<()> {
             let (model, vs) = model;
             wan::load_checkpoint(&vs, &a.dir)?;
             phases.insert("read_s", round2(t0.elapsed().as_secs_f64()));
+            let (bar, report) = progress::offload("initialize");
             let mut m = OffloadConfig::new("blocks", layers)
                 .cpu_test_mode(!cuda)
+                .on_progress(report)
                 .build(&vs)?;
             m.initialize()?;
+            bar.finish_and_clear();
             (model, m)
         }
         LoadMode::Copy | LoadMode::ZeroCopy | LoadMode::Disk => {
             let model = WanTransformer3DModel::new_empty(vs.root(), &config, kind);
             let ckpt = Checkpoint::open(&a.dir)?;
+            let (bar, report) = progress::offload("loading");
             let mut cfg = OffloadConfig::new("blocks", layers)
                 .cpu_test_mode(!cuda)
-                .checkpoint(ckpt);
+                .checkpoint(ckpt)
+                .on_progress(report);
             if a.mode == LoadMode::ZeroCopy {
                 cfg = cfg.zero_copy(true);
             }
@@ -364,6 +369,7 @@ fn load(a: &LoadArgs) -> Result<()> {
             }
             let mut m = cfg.build(&vs)?;
             m.initialize()?;
+            bar.finish_and_clear();
             (model, m)
         }
     };

@@ -322,7 +322,7 @@ fn generate(
     };
     let max_len = r.max_sequence_length;
     let embeds = if offloaded {
-        let pb = progress::spinner(format!("{label}: text encoder (blocks into host memory)"));
+        let (bar, report) = progress::offload(format!("{label}: text encoder"));
         let mut m = t2v::offload(
             &p.text_encoder_vs,
             "encoder.block",
@@ -330,7 +330,10 @@ fn generate(
             cuda,
             None,
             false,
+            Some(Box::new(report)),
         )?;
+        bar.finish_and_clear();
+        let pb = progress::spinner(format!("{label}: text encoder ready"));
         run.text_init_s = t0.elapsed().as_secs_f64();
         pb.suspend(|| {
             eprintln!(
@@ -384,11 +387,11 @@ fn generate(
     let latents = p.prepare_latents(r, dev)?;
     let n_blocks = p.transformer.blocks().len();
     let mut manager = if offloaded {
-        let pb = progress::spinner(format!("{label}: transformer (blocks into host memory)"));
         let budget = match budget {
             Some(plan) if cuda => plan.budget(&p.transformer_vs, n_blocks)?,
             _ => None,
         };
+        let (bar, report) = progress::offload(format!("{label}: transformer"));
         let m = t2v::offload(
             &p.transformer_vs,
             "blocks",
@@ -396,8 +399,9 @@ fn generate(
             cuda,
             budget,
             compress,
+            Some(Box::new(report)),
         )?;
-        pb.finish_and_clear();
+        bar.finish_and_clear();
         run.transformer_init_s = t0.elapsed().as_secs_f64();
         Some(m)
     } else {

@@ -10,6 +10,10 @@ source scripts/env.sh
 cargo build --quiet --all-targets
 cargo test --all-targets -- --nocapture 2>&1
 cargo test --doc
+# The optional `tracing` feature: its spans recorded by a test subscriber, and the library with
+# the feature on passes clippy too.
+cargo test -p layerwise-offload --features tracing --test tracing_spans -- --nocapture 2>&1
+cargo clippy -p layerwise-offload --all-targets --features tracing -- -D warnings
 cargo clippy --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 # The library alone, without the `testing` feature its own tests turn on: what users build.

@@ -57,6 +57,13 @@ impl Claim {
     }
 }
 
+/// Whether a live manager holds `t` (its value is then in the manager, and `t` itself an empty
+/// placeholder or a view of a slot).
+pub(crate) fn is_claimed(t: &Tensor) -> Result<bool> {
+    let key = accel::tensor_identity(t)?;
+    Ok(claimed().contains_key(&key))
+}
+
 impl Drop for Claim {
     fn drop(&mut self) {
         let mut map = claimed();

@@ -4,22 +4,20 @@
 //! `&self` (tch's [`nn::Module`] and [`nn::ModuleT`] do). [`SharedManager`] puts the manager
 //! behind a mutex so that a block can be entered through a shared reference, and
 //! [`OffloadedBlocks`] owns a model's blocks together with their manager and is itself an
-//! [`nn::ModuleT`]:
+//! [`nn::Module`] (and so, through tch's blanket implementation, an [`nn::ModuleT`]):
 //!
 //! ```no_run
-//! use layerwise_offload::{OffloadConfig, OffloadedBlocks, Result};
-//! use tch::{nn, nn::ModuleT, Device, Tensor};
+//! use layerwise_offload::{OffloadedBlocks, Result, offload};
+//! use tch::{nn, nn::Module, Device, Tensor};
 //!
 //! fn main() -> Result<()> {
 //!     let vs = nn::VarStore::new(Device::Cpu);
 //!     let blocks: Vec<nn::Linear> = (0..4)
 //!         .map(|i| nn::linear(&vs.root() / "blocks" / i, 64, 64, Default::default()))
 //!         .collect();
-//!     let mut manager = OffloadConfig::new("blocks", blocks.len()).build(&vs)?;
-//!     manager.initialize()?;
-//!     let stack = OffloadedBlocks::new(blocks, manager)?;
+//!     let stack = OffloadedBlocks::new(blocks, offload(&vs, "blocks")?)?;
 //!     let x = Tensor::zeros([8, 64], (tch::Kind::Float, Device::Cuda(0)));
-//!     let y = tch::no_grad(|| stack.forward_t(&x, false)); // blocks stream in, one ahead
+//!     let y = tch::no_grad(|| stack.forward(&x)); // blocks stream in, one ahead
 //!     println!("{}", stack.manager().stats());
 //!     Ok(())
 //! }
@@ -215,8 +213,9 @@ impl From<LayerwiseOffloadManager> for SharedManager {
 /// A model's blocks together with the manager that streams their weights: running it enters
 /// each block in turn, from `&self`.
 ///
-/// Block `i` of `blocks` is the manager's block `i` (loop order). As an [`nn::ModuleT`] it runs
-/// `x = block.forward_t(x)` through every block; [`Self::run`] threads any state through blocks
+/// Block `i` of `blocks` is the manager's block `i` (loop order; with several lists, the first
+/// list's blocks, then the next list's). As an [`nn::Module`] (and [`nn::ModuleT`]) it runs
+/// `x = block.forward_t(x, false)` through every block; [`Self::run`] threads any state through blocks
 /// with other signatures (a DiT block that also takes the text context and the time embedding).
 #[derive(Debug)]
 pub struct OffloadedBlocks<B> {
@@ -295,19 +294,31 @@ impl<B: nn::ModuleT> OffloadedBlocks<B> {
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.run(xs.shallow_clone(), |block, x| block.forward_t(&x, train))
     }
+
+    /// [`Self::f_forward_t`] for inference (`train` false): what [`nn::Module::forward`] runs,
+    /// with the manager's errors returned.
+    pub fn f_forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.f_forward_t(xs, false)
+    }
 }
 
-impl<B: nn::ModuleT> nn::ModuleT for OffloadedBlocks<B> {
-    /// [`OffloadedBlocks::f_forward_t`], which returns the manager's errors; this one panics
-    /// with the error (tch's `forward_t` cannot return one), naming it and the fallible method.
-    /// No block is left entered and no weight is lost: after catching the panic the manager
-    /// still works, and `restore()` gives the weights back.
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        match self.f_forward_t(xs, train) {
+/// `model.forward(&x)` streams: `x = block.forward_t(x, false)` through every block
+/// ([`OffloadedBlocks::f_forward`]). tch makes every [`nn::Module`] an [`nn::ModuleT`] too, so
+/// `forward_t(&x, train)` works and runs the same inference forward whatever `train` says
+/// (streaming is inference only: slot memory is reused under autograd's feet); call
+/// [`OffloadedBlocks::f_forward_t`] to hand `train` to the blocks.
+///
+/// tch's `forward` cannot return an error: a manager error panics, naming the error and the
+/// fallible method. No block is left entered and no weight is lost: after catching the panic
+/// the manager still works, and `restore()` gives the weights back.
+impl<B: nn::ModuleT> nn::Module for OffloadedBlocks<B> {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        match self.f_forward(xs) {
             Ok(y) => y,
             Err(e) => panic!(
-                "layerwise-offload: OffloadedBlocks::forward_t failed: {e} ({e:?}); call \
-                 OffloadedBlocks::f_forward_t to get this error as a Result instead of a panic"
+                "layerwise-offload: OffloadedBlocks::forward failed: {e} ({e:?}); call \
+                 OffloadedBlocks::f_forward (or f_forward_t) to get this error as a Result \
+                 instead of a panic"
             ),
         }
     }

@@ -119,6 +119,29 @@ pub(crate) fn candidate_prefixes<'a>(names: impl Iterator<Item = &'a str>) -> Ve
     out.into_iter().collect()
 }
 
+/// The number of blocks of list `attr` among `names`: one more than the largest index `i` of a
+/// name matching `(^|\.)<attr>\.(\d+)(\.|$)`. Gaps in the indices are left to the plan (an
+/// [`Error::MissingBlocks`] naming them). No name matching is [`Error::NoMatch`], listing the
+/// prefixes that do exist.
+pub fn count_blocks<'a>(
+    names: impl IntoIterator<Item = &'a str> + Clone,
+    attr: &str,
+) -> Result<usize> {
+    let re = block_regex(attr);
+    let max = names
+        .clone()
+        .into_iter()
+        .filter_map(|n| re.captures(n).and_then(|c| c[2].parse::<usize>().ok()))
+        .max();
+    match max {
+        Some(m) => Ok(m + 1),
+        None => Err(Error::NoMatch {
+            attr: attr.to_owned(),
+            prefixes: candidate_prefixes(names.into_iter()),
+        }),
+    }
+}
+
 /// Builds the plan for `tensors` (name, tensor) and the lists `(attr, num_blocks)`.
 ///
 /// `allowed` are the devices tensors may be on (the compute device and the CPU).
@@ -275,6 +298,31 @@ mod tests {
         // Dots in the attribute are literal.
         assert!(!block_regex("a.b").is_match("axb.0.w"));
         assert!(block_regex("a.b").is_match("a.b.0.w"));
+    }
+
+    #[test]
+    fn block_counts_come_from_the_names() {
+        let names = [
+            "embed.weight",
+            "double_blocks.0.w",
+            "double_blocks.1.w",
+            "single_blocks.0.w",
+            "single_blocks.2.b",
+            "model.blocks.11.norm.weight",
+        ];
+        assert_eq!(count_blocks(names, "double_blocks").unwrap(), 2);
+        assert_eq!(count_blocks(names, "single_blocks").unwrap(), 3);
+        assert_eq!(count_blocks(names, "blocks").unwrap(), 12);
+        match count_blocks(names, "layers") {
+            Err(Error::NoMatch { attr, prefixes }) => {
+                assert_eq!(attr, "layers");
+                assert!(
+                    prefixes.contains(&"double_blocks".to_owned()),
+                    "{prefixes:?}"
+                );
+            }
+            r => panic!("expected NoMatch, got {r:?}"),
+        }
     }
 
     #[test]

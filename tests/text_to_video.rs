@@ -217,8 +217,9 @@ fn streamed_equals_resident(device: Device, kind: Kind) -> anyhow::Result<()> {
         cuda,
         None,
         false,
+        None,
     )?;
-    let mut tr = t2v::offload(&p.transformer_vs, "blocks", n, cuda, None, false)?;
+    let mut tr = t2v::offload(&p.transformer_vs, "blocks", n, cuda, None, false, None)?;
     let streamed = {
         let mut blocks = t2v::Managed {
             text: Some(&mut text),

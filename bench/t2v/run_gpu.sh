@@ -9,8 +9,12 @@ source .gpu/env.sh
 unset OFFLOAD_REQUIRE_CUDA
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-python3 -c 'import diffusers' 2>/dev/null || pip install -q --no-deps --no-index .wheels/*.whl
+if ! python3 -c 'import diffusers' 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .wheels/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
+fi
 preset=$1 steps=$2 frames=$3
+limit=${LIMIT_S:-300}  # seconds per system
 shift 3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for sys in "$@"; do
@@ -18,10 +22,10 @@ for sys in "$@"; do
   echo "=== $preset $sys" | tee "$log"
   t0=$(date +%s)
   if [[ $sys == rust ]]; then
-    .gpu/bin/examples/text_to_video --preset "$preset" --steps "$steps" --frames "$frames" \
+    timeout "$limit" .gpu/bin/examples/text_to_video --preset "$preset" --steps "$steps" --frames "$frames" \
       --height 480 --width 832 --vram-limit 24 --out "/tmp/${preset}.gif" >>"$log" 2>&1
   else
-    python3 scripts/bench_wan_pipeline.py --mode "$sys" --preset "$preset" --steps "$steps" \
+    timeout "$limit" python3 scripts/bench_wan_pipeline.py --mode "$sys" --preset "$preset" --steps "$steps" \
       --frames "$frames" --height 480 --width 832 --vram-limit 24 >>"$log" 2>&1
   fi
   echo "exit $? after $(( $(date +%s) - t0 )) s" | tee -a "$log"

@@ -48,7 +48,8 @@ impl ModuleT for Block {
 pub struct Model {
     /// The weights.
     pub vs: nn::VarStore,
-    embed: nn::Linear,
+    /// The input projection (not a block: it stays on the device).
+    pub embed: nn::Linear,
     /// The blocks, in loop order.
     pub blocks: Vec<Block>,
 }

@@ -84,6 +84,41 @@ fn a_streamed_loop_matches_the_resident_model() -> Result<(), Error> {
 }
 
 #[test]
+fn three_lines_with_the_one_call_and_module_forward() -> Result<(), Error> {
+    use layerwise_offload::{OffloadedBlocks, offload_with};
+    use tch::nn::Module;
+    let cuda = cuda().is_some();
+    let device = if cuda { Device::Cuda(0) } else { Device::Cpu };
+    let x = Model::input(device, 11);
+    let mut resident = Model::new(21);
+    resident.vs.set_device(device);
+    let want = tch::no_grad(|| resident.forward(&x));
+
+    let Model { vs, embed, blocks } = Model::new(21); // built on the CPU
+    // The three lines: offload (the block count read from the names), wrap, forward.
+    let manager = offload_with(&vs, "blocks", |c| c.cpu_test_mode(!cuda))?;
+    let model = OffloadedBlocks::new(blocks, manager)?;
+    let got = tch::no_grad(|| model.forward(&embed.forward(&x)));
+
+    assert!(layerwise_offload_dependent::bits_equal(&got, &want));
+    assert_eq!(got.device(), device);
+    let stats = model.manager().stats();
+    assert_eq!(stats.streamed_blocks, BLOCKS);
+    assert!(stats.uploads >= BLOCKS as u64, "{stats:?}");
+    // The weights come back bit for bit.
+    let (_, mut manager) = model.into_parts();
+    manager.restore_to(Device::Cpu)?;
+    let fresh = Model::new(21);
+    for (name, t) in fresh.vs.variables() {
+        assert!(
+            layerwise_offload_dependent::bits_equal(&vs.variables()[&name], &t),
+            "{name}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
 fn no_device_is_an_error_unless_a_fallback_is_asked_for() -> Result<(), Error> {
     let model = Model::new(3);
     let before: Vec<_> = model

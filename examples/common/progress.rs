@@ -43,3 +43,32 @@ fn styled(pb: ProgressBar, template: &str) -> ProgressBar {
         .progress_chars("=> ");
     pb.with_style(style)
 }
+
+/// A bar over the bytes of `initialize()`'s stages, and the callback that drives it from the
+/// manager's reports (`OffloadConfig::on_progress`): labelled `label: <stage> (blocks done of
+/// total)`, reset at each stage. Finish it (`finish_and_clear`) once `initialize()` returns.
+pub fn offload(
+    label: impl Into<String>,
+) -> (
+    ProgressBar,
+    impl Fn(&layerwise_offload::Progress) + Send + Sync + 'static,
+) {
+    let label = label.into();
+    let pb = bytes(0, format!("{label}: initializing"));
+    let bar = pb.clone();
+    let stage = std::sync::Mutex::new(None);
+    let report = move |p: &layerwise_offload::Progress| {
+        let mut current = stage.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != Some(p.stage) {
+            *current = Some(p.stage);
+            bar.reset();
+            bar.set_length(p.total);
+        }
+        bar.set_message(format!(
+            "{label}: {} ({}/{})",
+            p.stage, p.blocks_done, p.blocks_total
+        ));
+        bar.set_position(p.done);
+    };
+    (pb, report)
+}

@@ -6,7 +6,7 @@
 //! `tests/text_to_video.rs`.
 #![allow(dead_code)]
 
-use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig};
+use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig, Progress};
 use tch::{Device, nn};
 use wan::{BlockLoop, Component};
 
@@ -58,8 +58,12 @@ pub fn move_all(vs: &nn::VarStore, device: Device) -> anyhow::Result<()> {
     })
 }
 
+/// A callback for `initialize()`'s progress reports (a progress bar's).
+pub type OnProgress = Box<dyn Fn(&Progress) + Send + Sync>;
+
 /// A manager over `vs`'s block list `list` of `n` blocks on CUDA device 0 (the CPU test mode
-/// without CUDA), with an optional VRAM budget in bytes for resident blocks, initialized.
+/// without CUDA), with an optional VRAM budget in bytes for resident blocks, initialized,
+/// reporting its progress to `progress`.
 pub fn offload(
     vs: &nn::VarStore,
     list: &str,
@@ -67,12 +71,16 @@ pub fn offload(
     cuda: bool,
     budget: Option<u64>,
     compress: bool,
+    progress: Option<OnProgress>,
 ) -> layerwise_offload::Result<LayerwiseOffloadManager> {
     let mut cfg = OffloadConfig::new(list, n)
         .cpu_test_mode(!cuda)
         .compress(compress);
     if let Some(b) = budget {
         cfg = cfg.vram_budget(b);
+    }
+    if let Some(report) = progress {
+        cfg = cfg.on_progress(report);
     }
     let mut m = cfg.build(vs)?;
     m.initialize()?;

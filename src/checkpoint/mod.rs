@@ -1,6 +1,6 @@
 //! Safetensors checkpoints, read straight into the manager's buffers: a single file or a
 //! sharded checkpoint (`*.safetensors.index.json` with its shards, as diffusers and transformers
-//! write them).
+//! write them). [`ShardedWriter`] writes one from any model's tensors.
 //!
 //! [`Checkpoint::open`] maps every file (`memmap2`) and parses its header (`safetensors`): the
 //! parser checks that the tensors tile the data exactly and that the file is as long as its
@@ -18,10 +18,12 @@
 
 mod matching;
 mod stamp;
+mod write;
 
 pub(crate) use matching::match_tensors;
 pub use matching::{CheckpointMismatch, DtypeDifference, ShapeDifference};
 pub(crate) use stamp::FileStamp;
+pub use write::{ShardedWriter, WrittenCheckpoint, write_sharded};
 
 use crate::error::{Error, Result};
 use memmap2::Mmap;

@@ -13,9 +13,10 @@ use super::{BlockGuard, LayerwiseOffloadManager, OffloadConfig};
 impl LayerwiseOffloadManager {
     /// FastVideo's constructor: `new(model, module_list_attr, num_layers, enabled,
     /// pin_cpu_memory, auto_initialize)`. As in FastVideo, disabled (all no-ops) without a
-    /// usable CUDA device; it then says why once per process on stderr, and
-    /// [`Self::is_enabled`] is false. [`OffloadConfig::build`] fails instead unless asked to
-    /// fall back.
+    /// usable CUDA device; [`Self::is_enabled`] is then false and
+    /// [`accel::cuda_unavailable_reason`] says why (with the `tracing` feature, also a warning
+    /// event, once per process; the library prints nothing). [`OffloadConfig::build`] fails
+    /// instead unless asked to fall back.
     pub fn new(
         model: &(impl WeightSource + ?Sized),
         module_list_attr: &str,
@@ -33,10 +34,10 @@ impl LayerwiseOffloadManager {
         if enabled && !m.is_enabled() {
             static SAID: std::sync::Once = std::sync::Once::new();
             SAID.call_once(|| {
-                eprintln!(
+                crate::observe::warn(&format!(
                     "layerwise-offload: the manager is disabled (every call is a no-op): {}",
                     accel::cuda_unavailable_reason().unwrap_or("no CUDA device")
-                )
+                ))
             });
         }
         Ok(m)

@@ -27,6 +27,7 @@ use super::weights::BlockState;
 /// Encodes `raw` (a block's raw host bytes, a contiguous 1-D uint8 CPU tensor) into a new
 /// host buffer of `memory`, and counts it in `stats`.
 fn encode(raw: &Tensor, memory: HostMemory, stats: &mut OffloadStats) -> Result<HostBlock> {
+    let _span = crate::observe::encode(None, raw.numel());
     // SAFETY: the caller filled `raw` and does not write it while this runs.
     let input = unsafe { host::bytes(raw)? };
     let plan = Encoder::new()
@@ -140,16 +141,18 @@ impl LayerwiseOffloadManager {
         Ok(decoding)
     }
 
-    /// Encodes a block (`layout`) straight from its tensors `params`, each read in place as
+    /// Encodes block `i` (`layout`) straight from its tensors `params`, each read in place as
     /// one piece of the block's buffer at its offset, the alignment gaps between them 0, into a
     /// new host buffer of the manager's host memory kind, and counts it (as
     /// [`Self::encode_block`] does for a block copied into one buffer). The caller checked
     /// [`in_place`].
     pub(super) fn encode_in_place(
         &mut self,
+        i: usize,
         params: &[Tensor],
         layout: &BlockLayout,
     ) -> Result<HostBlock> {
+        let _span = crate::observe::encode(Some(i), layout.bytes);
         let mut pieces = Vec::with_capacity(params.len());
         for (t, p) in layout.tensors.iter().zip(params) {
             if t.bytes == 0 {

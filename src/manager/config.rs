@@ -40,6 +40,7 @@ pub struct OffloadConfig {
     pub(super) allow_unexpected: bool,
     pub(super) convert_dtypes: bool,
     pub(super) compress: bool,
+    pub(super) progress: Option<crate::progress::ProgressCallback>,
 }
 
 /// The largest [`OffloadConfig::prefetch_depth`] accepted.
@@ -73,6 +74,7 @@ impl OffloadConfig {
             allow_unexpected: false,
             convert_dtypes: false,
             compress: false,
+            progress: None,
         }
     }
 
@@ -167,7 +169,7 @@ impl OffloadConfig {
     /// left on the CPU as it is) instead of failing (default false: [`Self::build`] returns
     /// [`Error::NoDevice`] saying why CUDA is unusable). [`LayerwiseOffloadManager::is_enabled`]
     /// tells which one was built. [`LayerwiseOffloadManager::new`], FastVideo's constructor,
-    /// turns this on and says so once on stderr.
+    /// turns this on (with the `tracing` feature it says so in a warning event).
     pub fn allow_cpu_fallback(mut self, allow: bool) -> OffloadConfig {
         self.allow_cpu_fallback = allow;
         self
@@ -342,6 +344,18 @@ impl OffloadConfig {
     /// writes the value and encodes the block again.
     pub fn compress(mut self, on: bool) -> OffloadConfig {
         self.compress = on;
+        self
+    }
+
+    /// Calls `f` with the progress of `initialize()`'s long steps (copying blocks into host
+    /// memory, reading a checkpoint, moving weights to the device; see
+    /// [`Progress`](crate::Progress)), on the thread that runs `initialize()`. Nothing by
+    /// default: the library prints nothing.
+    pub fn on_progress(
+        mut self,
+        f: impl Fn(&crate::progress::Progress) + Send + Sync + 'static,
+    ) -> OffloadConfig {
+        self.progress = Some(crate::progress::ProgressCallback::new(f));
         self
     }
 }

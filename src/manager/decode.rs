@@ -140,6 +140,7 @@ impl Decoding {
         let gpu = self.gpu.as_ref().ok_or_else(no_decoder)?;
         let staged = self.staging[k].head(enc_len)?;
         slot.wait_writable(decode)?;
+        let _span = crate::observe::decode(Some(block), out.numel());
         let (src, dst) = (staged.data_ptr() as u64, out.data_ptr() as u64);
         let native = gpu.stream as *mut std::ffi::c_void;
         timer.time(
@@ -182,6 +183,7 @@ fn no_decoder() -> Error {
 
 /// Decodes `enc` into `out` (both host buffers) with the CPU reference decoder.
 pub(super) fn decode_on_cpu(enc: &Tensor, out: &Tensor) -> Result<()> {
+    let _span = crate::observe::decode(None, out.numel());
     // SAFETY: `enc` is a host copy or staging buffer that nothing writes while uploads run
     // (update_tensor waits for them; the members of a peer group have all delivered their
     // shares); `out` is a contiguous uint8 host buffer of the slot that no block uses while it

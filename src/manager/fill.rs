@@ -5,6 +5,7 @@
 use crate::accel::{self, HostMemory};
 use crate::error::{Error, Result};
 use crate::host::{HostBlock, HostStore};
+use crate::progress::{Reporter, Stage};
 use std::sync::Arc;
 use tch::Tensor;
 
@@ -92,6 +93,12 @@ impl LayerwiseOffloadManager {
             None => None,
         };
         let mut scratch = None;
+        let sizes: Vec<u64> = with_host
+            .iter()
+            .map(|&i| b.plan.blocks[i].bytes as u64)
+            .collect();
+        let _span = crate::observe::stage(false, sizes.len(), sizes.iter().sum());
+        let mut progress = Reporter::start(self.config.progress.as_ref(), Stage::HostCopy, sizes);
         for &i in &with_host {
             let buffer = match &file {
                 Some(f) => Some(
@@ -103,6 +110,7 @@ impl LayerwiseOffloadManager {
                 None => None,
             };
             self.fill_host(b, i, !resident[i], buffer, &mut scratch)?;
+            progress.advance(b.plan.blocks[i].bytes as u64);
         }
         let store = Arc::new(HostStore::own(
             b.plan.blocks.clone(),
@@ -149,7 +157,7 @@ impl LayerwiseOffloadManager {
         // A block in the shared-memory file is a block of the store published there.
         let in_file = buffer.is_some();
         let copy = if encode && in_place(layout, &b.blocks[i].params) {
-            self.encode_in_place(&b.blocks[i].params, layout)?
+            self.encode_in_place(i, &b.blocks[i].params, layout)?
         } else {
             let host = match buffer {
                 Some(b) => b,

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::host::HostStore;
 use crate::placement::{self, Budget};
 use crate::plan::{self, Plan};
+use crate::progress::{Reporter, Stage};
 use crate::stats::OffloadStats;
 use std::sync::Arc;
 use std::time::Instant;
@@ -121,6 +122,7 @@ impl LayerwiseOffloadManager {
             Phase::Configured => {}
         }
         let started = Instant::now();
+        let _span = crate::observe::initialize(self.config.checkpoint.is_some());
         let mut undo = Undo {
             devices: self.named.iter().map(|(_, t)| t.device()).collect(),
             ..Undo::default()
@@ -296,6 +298,12 @@ impl LayerwiseOffloadManager {
     /// Tensors `to_move` (source indices) to the compute device.
     fn move_to_device(&mut self, to_move: &[usize], undo: &mut Undo) -> Result<()> {
         let compute = self.compute_device();
+        let sizes = to_move
+            .iter()
+            .map(|&i| &self.named[i].1)
+            .filter(|t| t.device() != compute);
+        let sizes = sizes.map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64);
+        let mut progress = Reporter::start(self.config.progress.as_ref(), Stage::ToDevice, sizes);
         for &i in to_move {
             let t = &mut self.named[i].1;
             if t.device() != compute {
@@ -307,6 +315,7 @@ impl LayerwiseOffloadManager {
                     )
                 })?;
                 undo.repoint(i, t, &moved, "moving non-block tensors")?;
+                progress.advance((moved.numel() * moved.kind().elt_size_in_bytes()) as u64);
             }
         }
         Ok(())

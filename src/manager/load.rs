@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::host::{HostBlock, HostStore};
 use crate::placement;
 use crate::plan::{BlockLayout, Plan};
+use crate::progress::{Reporter, Stage};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
@@ -109,6 +110,12 @@ impl LayerwiseOffloadManager {
         undo: &mut Undo,
     ) -> Result<()> {
         let compute = self.compute_device();
+        let sizes = to_load.iter().map(|&i| sources.tensors[i].bytes as u64);
+        let mut progress = Reporter::start(
+            self.config.progress.as_ref(),
+            Stage::CheckpointToDevice,
+            sizes,
+        );
         for &i in to_load {
             let kind = self.named[i].1.kind();
             let value = read_tensor(ckpt, &sources.tensors[i], kind)?;
@@ -124,6 +131,7 @@ impl LayerwiseOffloadManager {
                 })?
             };
             undo.repoint(i, &mut self.named[i].1, &value, "loading a checkpoint")?;
+            progress.advance(sources.tensors[i].bytes as u64);
         }
         Ok(())
     }
@@ -169,6 +177,13 @@ impl LayerwiseOffloadManager {
             Vec::new()
         };
         let mut scratch = None;
+        let sizes: Vec<u64> = (0..n)
+            .filter(|&i| in_memory[i])
+            .map(|i| b.plan.blocks[i].bytes as u64)
+            .collect();
+        let _span = crate::observe::stage(true, sizes.len(), sizes.iter().sum());
+        let mut progress =
+            Reporter::start(self.config.progress.as_ref(), Stage::CheckpointRead, sizes);
         for i in (0..n).filter(|&i| in_memory[i]) {
             if self.faults.host_alloc() {
                 return Err(Error::HostAlloc {
@@ -195,6 +210,7 @@ impl LayerwiseOffloadManager {
                 read_block(&ckpt, sources, &b.plan.blocks[i], &buf)?;
                 let encoded = self.encode_block(&buf)?;
                 b.blocks[i].tier = HostTier::Pinned(encoded);
+                progress.advance(b.plan.blocks[i].bytes as u64);
                 continue;
             } else {
                 let buf = accel::alloc_host(b.plan.blocks[i].bytes, memory)?;
@@ -203,6 +219,7 @@ impl LayerwiseOffloadManager {
             };
             self.stats.host_bytes += tier.host().map_or(0, |h| h.bytes()) as u64;
             b.blocks[i].tier = tier;
+            progress.advance(b.plan.blocks[i].bytes as u64);
         }
         let reads: Vec<Vec<(CheckpointTensor, usize)>> = (0..n)
             .map(|i| {

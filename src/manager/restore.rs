@@ -32,6 +32,7 @@ impl LayerwiseOffloadManager {
         let Some(rt) = self.phase.runtime() else {
             return Ok(()); // never initialized, or restored already
         };
+        let _span = crate::observe::restore(rt.blocks.len());
         self.backend.sync_copies();
         // Reading the zero-copy store's pages of a file truncated since would be SIGBUS.
         if let (true, Some(c)) = (self.config.zero_copy, &self.config.checkpoint) {

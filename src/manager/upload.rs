@@ -40,6 +40,7 @@ impl Loop<'_> {
     }
 
     fn upload_inner(&mut self, block: usize, s: usize) -> Result<()> {
+        let _span = crate::observe::upload(block, self.rt.layout(block).bytes);
         self.evict(s)?;
         if self.faults.upload() {
             return Err(Error::Torch {
