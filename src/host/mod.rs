@@ -238,6 +238,8 @@ pub struct HostStore {
     pub(crate) read_only: bool,
     /// The shared-memory file this process created (removed when the store is dropped).
     pub(crate) owner_path: Option<PathBuf>,
+    /// The buffers are the pages of a checkpoint's files (`zero_copy`; read-only too).
+    pub(crate) file_pages: bool,
 }
 
 // SAFETY: the store is never written after construction: its buffers are only read (views are
@@ -262,6 +264,7 @@ impl HostStore {
             pinned,
             read_only: false,
             owner_path,
+            file_pages: false,
         }
     }
 
@@ -367,6 +370,7 @@ impl HostStore {
             pinned: memory == HostMemory::Pinned,
             read_only: true,
             owner_path: None,
+            file_pages: false,
         }))
     }
 

@@ -7,6 +7,7 @@ use crate::accel;
 use crate::error::{Error, Result};
 use crate::source::WeightSource;
 
+use super::phase::Loop;
 use super::{BlockGuard, LayerwiseOffloadManager, OffloadConfig};
 
 impl LayerwiseOffloadManager {
@@ -51,23 +52,8 @@ impl LayerwiseOffloadManager {
         if !self.is_enabled() {
             return Ok(());
         }
-        self.check_ready("prefetch_layer")?;
-        if layer >= self.blocks.len()
-            || self.blocks[layer].slot.is_some()
-            || self.blocks[layer].resident
-        {
-            return Ok(());
-        }
-        let s = self.pick_slot(&[layer]).ok_or_else(|| Error::NoFreeSlot {
-            block: layer,
-            in_use: self.in_use(),
-        })?;
-        self.upload(layer, s)?;
-        self.point_at_slot(layer)?;
-        if !non_blocking {
-            self.slots[s].synchronize_ready()?;
-        }
-        Ok(())
+        self.running("prefetch_layer")?
+            .prefetch_layer(layer, non_blocking)
     }
 
     /// FastVideo's `release_layer`: takes block `layer` off the device (releasing it if
@@ -77,15 +63,7 @@ impl LayerwiseOffloadManager {
         if !self.is_enabled() {
             return Ok(());
         }
-        self.check_ready("release_layer")?;
-        if layer >= self.blocks.len() {
-            return Ok(());
-        }
-        self.release(layer)?;
-        if let Some(s) = self.blocks[layer].slot {
-            self.evict(s)?;
-        }
-        Ok(())
+        self.running("release_layer")?.release_layer(layer)
     }
 
     /// FastVideo's `release_all`: takes every block off the device.
@@ -93,9 +71,9 @@ impl LayerwiseOffloadManager {
         if !self.is_enabled() {
             return Ok(());
         }
-        self.check_ready("release_all")?;
-        for i in 0..self.blocks.len() {
-            self.release_layer(i)?;
+        let mut l = self.running("release_all")?;
+        for i in 0..l.rt.blocks.len() {
+            l.release_layer(i)?;
         }
         Ok(())
     }
@@ -112,18 +90,18 @@ impl LayerwiseOffloadManager {
         if !self.is_enabled() {
             return Ok(f());
         }
-        self.check_ready("layer_scope")?;
-        let run = run.filter(|&r| r < self.blocks.len());
-        let entered_here = run.filter(|&r| !self.blocks[r].in_use);
+        let mut l = self.running("layer_scope")?;
+        let run = run.filter(|&r| r < l.rt.blocks.len());
+        let entered_here = run.filter(|&r| !l.rt.blocks[r].in_use);
         if let Some(r) = run {
-            self.activate(r)?;
+            l.activate(r)?;
         }
         if let Some(p) = prefetch
-            && let Err(e) = self.prefetch_layer(p, true)
+            && let Err(e) = l.prefetch_layer(p, true)
         {
             // `f` does not run: leave the block released, not entered forever.
             if let Some(r) = entered_here {
-                let _ = self.release(r);
+                let _ = l.release(r);
             }
             return Err(e);
         }
@@ -135,5 +113,39 @@ impl LayerwiseOffloadManager {
         let out = f();
         guard.finish()?;
         Ok(out)
+    }
+}
+
+impl Loop<'_> {
+    /// [`LayerwiseOffloadManager::prefetch_layer`] of a ready manager.
+    fn prefetch_layer(&mut self, layer: usize, non_blocking: bool) -> Result<()> {
+        if layer >= self.rt.blocks.len()
+            || self.rt.ring.slot_of(layer).is_some()
+            || self.rt.blocks[layer].resident
+        {
+            return Ok(());
+        }
+        let s = self.pick_slot(&[layer]).ok_or_else(|| Error::NoFreeSlot {
+            block: layer,
+            in_use: self.rt.in_use(),
+        })?;
+        self.upload(layer, s)?;
+        self.point_at_slot(layer)?;
+        if !non_blocking {
+            self.rt.ring.slot(s).synchronize_ready()?;
+        }
+        Ok(())
+    }
+
+    /// [`LayerwiseOffloadManager::release_layer`] of a ready manager.
+    fn release_layer(&mut self, layer: usize) -> Result<()> {
+        if layer >= self.rt.blocks.len() {
+            return Ok(());
+        }
+        self.release(layer)?;
+        if let Some(s) = self.rt.ring.slot_of(layer) {
+            self.evict(s)?;
+        }
+        Ok(())
     }
 }

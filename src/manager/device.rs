@@ -193,43 +193,66 @@ impl Backend {
     }
 }
 
-/// Copies `src` into `dst`: queued on `stream` where there is one (CUDA), at once otherwise
-/// (the CPU).
+/// Queues the copy of `src` into `dst` on `stream` (CUDA).
 ///
 /// # Safety
-/// With a stream, both tensors must stay alive and `src` unwritten until the copy has run on
-/// it, and nothing may read `dst` before then without waiting for the stream.
-pub(super) unsafe fn copy(
-    dst: &mut Tensor,
-    src: &Tensor,
-    stream: Option<&Stream>,
-    op: &'static str,
-) -> Result<()> {
-    match stream {
-        // SAFETY: the caller's obligations, passed on.
-        Some(s) => unsafe { accel::copy_async(dst, src, Some(s)) },
-        None => tch::no_grad(|| dst.f_copy_(src))
-            .map(|_| ())
-            .map_err(|e| Error::from((op, e))),
-    }
+/// Both tensors must stay alive and `src` unwritten until the copy has run on `stream`, and
+/// nothing may read `dst` before then without waiting for the stream.
+pub(super) unsafe fn copy(dst: &mut Tensor, src: &Tensor, stream: &Stream) -> Result<()> {
+    // SAFETY: the caller's obligations, passed on.
+    unsafe { accel::copy_async(dst, src, Some(stream)) }
 }
 
-/// Copies host pieces into `dst`: each `(offset in dst, bytes)` as [`copy`] does.
+/// Copies `src` into `dst` now, on the host's side of every stream (the CPU test mode).
+pub(super) fn copy_now(dst: &mut Tensor, src: &Tensor, op: &'static str) -> Result<()> {
+    tch::no_grad(|| dst.f_copy_(src))
+        .map(|_| ())
+        .map_err(|e| Error::from((op, e)))
+}
+
+/// `dst`'s part at each piece's offset: `(part of dst, piece)` for host pieces `(offset in dst,
+/// bytes)`.
+fn parts<'a>(
+    dst: &Tensor,
+    pieces: &'a [(usize, Tensor)],
+    op: &'static str,
+) -> Result<Vec<(Tensor, &'a Tensor)>> {
+    pieces
+        .iter()
+        .map(|(o, piece)| {
+            dst.f_narrow(0, *o as i64, piece.numel() as i64)
+                .map(|d| (d, piece))
+                .map_err(|e| Error::from((op, e)))
+        })
+        .collect()
+}
+
+/// Queues the copies of host pieces into `dst` on `stream`: each `(offset in dst, bytes)` as
+/// [`copy`] does.
 ///
 /// # Safety
 /// As [`copy`], for every piece.
 pub(super) unsafe fn copy_pieces(
     dst: &Tensor,
     pieces: &[(usize, Tensor)],
-    stream: Option<&Stream>,
+    stream: &Stream,
     op: &'static str,
 ) -> Result<()> {
-    for (o, piece) in pieces {
-        let mut d = dst
-            .f_narrow(0, *o as i64, piece.numel() as i64)
-            .map_err(|e| Error::from((op, e)))?;
+    for (mut d, piece) in parts(dst, pieces, op)? {
         // SAFETY: the caller's obligations, passed on.
-        unsafe { copy(&mut d, piece, stream, op)? };
+        unsafe { copy(&mut d, piece, stream)? };
+    }
+    Ok(())
+}
+
+/// Copies host pieces into `dst` now, as [`copy_now`] does.
+pub(super) fn copy_pieces_now(
+    dst: &Tensor,
+    pieces: &[(usize, Tensor)],
+    op: &'static str,
+) -> Result<()> {
+    for (mut d, piece) in parts(dst, pieces, op)? {
+        copy_now(&mut d, piece, op)?;
     }
     Ok(())
 }

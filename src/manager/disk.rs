@@ -4,7 +4,7 @@
 //! in loop order, and the upload copies from there. A staging buffer is read into again only
 //! once the copy out of it has finished (its fence event).
 
-use crate::accel::{self, Event, HostMemory};
+use crate::accel::{self, Event, HostMemory, Stream};
 use crate::checkpoint::{self, Checkpoint, CheckpointTensor, FileStamp};
 use crate::error::{Error, Result};
 use std::collections::VecDeque;
@@ -12,66 +12,38 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use tch::Tensor;
 
-use super::LayerwiseOffloadManager;
+use super::tier::Staged;
 
-/// The host bytes of part of a block, ready to copy: from its host copy, or (the disk tier)
-/// from a staging buffer to give back with [`LayerwiseOffloadManager::release_staged`].
-pub(super) struct Staged {
-    /// `(offset from the start of the part, host bytes)`.
-    pub(super) pieces: Vec<(usize, Tensor)>,
-    /// The disk tier's staging buffer it sits in.
-    buffer: Option<usize>,
-}
-
-impl LayerwiseOffloadManager {
-    /// Bytes `[off, off + len)` of block `block`'s layout in host memory: pieces of its host
-    /// copy, or, on the disk tier, the staging buffer the block was read into (waiting for
-    /// the read if it is not done).
-    pub(super) fn host_range(&self, block: usize, off: usize, len: usize) -> Result<Staged> {
-        if let Some(h) = &self.blocks[block].host {
-            return Ok(Staged {
-                pieces: h.range(off, len)?,
-                buffer: None,
-            });
-        }
-        let Some(disk) = self.disk.as_ref().filter(|_| self.blocks[block].on_disk) else {
-            return Err(Error::InvalidArgument {
-                op: "upload",
-                message: format!("block {block} has no host copy"),
-            });
-        };
-        let (i, buf) = disk.take(block)?;
+impl DiskTier {
+    /// Bytes `[off, off + len)` of disk-tier block `block`'s layout: the staging buffer the
+    /// block was read into (waiting for the read if it is not done).
+    pub(super) fn stage(self: &Arc<Self>, block: usize, off: usize, len: usize) -> Result<Staged> {
+        let (i, buf) = self.take(block)?;
         let part = buf
             .f_narrow(0, off as i64, len as i64)
             .map_err(|e| Error::from(("upload", e)));
         match part {
-            Ok(part) => Ok(Staged {
-                pieces: vec![(0, part)],
-                buffer: Some(i),
-            }),
+            Ok(part) => Ok(Staged::disk(part, self.clone(), i)),
             Err(e) => {
-                disk.release(i, None);
+                self.release(i, None);
                 Err(e)
             }
         }
     }
 
-    /// Gives a disk-tier staging buffer back once the copies out of it queued so far on the
-    /// copy stream are done (an event the reader waits for before reading into it again; a
-    /// new one per upload, since the reader thread takes it).
-    pub(super) fn release_staged(&self, staged: Staged) -> Result<()> {
-        let (Some(i), Some(disk)) = (staged.buffer, &self.disk) else {
-            return Ok(());
-        };
-        let fence = match self.backend.copy_stream() {
+    /// Gives staging buffer `i` back once the copies out of it queued so far on `copy` are
+    /// done (an event the reader waits for before reading into it again; a new one per upload,
+    /// since the reader thread takes it).
+    pub(super) fn unstage(&self, i: usize, copy: Option<&Stream>) -> Result<()> {
+        let fence = match copy {
             Some(copy) => {
                 let mut e = Event::new()?;
-                e.record(&copy)?;
+                e.record(copy)?;
                 Some(e)
             }
             None => None,
         };
-        disk.release(i, fence);
+        self.release(i, fence);
         Ok(())
     }
 }
@@ -151,7 +123,12 @@ impl Shared {
 #[derive(Debug)]
 pub(super) struct DiskTier {
     shared: Arc<Shared>,
-    staging: Vec<Tensor>,
+    /// The staging buffers (handles; the reader thread has its own). In a mutex so that the
+    /// tier can be shared by the blocks on it ([`HostTier::Disk`](super::tier::HostTier)):
+    /// only the manager's thread takes it, to narrow a buffer.
+    staging: Mutex<Vec<Tensor>>,
+    /// Number of staging buffers.
+    buffers: usize,
     /// Disk-tier blocks in loop order.
     order: Vec<usize>,
     thread: Option<JoinHandle<()>>,
@@ -202,7 +179,8 @@ impl DiskTier {
         };
         let tier = DiskTier {
             shared,
-            staging,
+            buffers: staging.len(),
+            staging: Mutex::new(staging),
             order,
             thread: Some(thread),
             bytes,
@@ -221,7 +199,7 @@ impl DiskTier {
     /// Waits until `block` sits in a staging buffer and hands that buffer out (narrowed to the
     /// block's layout): the caller copies from it and gives it back with [`Self::release`].
     /// Then queues the next disk-tier blocks in loop order.
-    pub(super) fn take(&self, block: usize) -> Result<(usize, Tensor)> {
+    fn take(&self, block: usize) -> Result<(usize, Tensor)> {
         let mut st = self.shared.lock();
         let i = loop {
             if let Some(i) = st.bufs.iter().position(|b| b.block() == Some(block)) {
@@ -266,7 +244,7 @@ impl DiskTier {
         };
         drop(st);
         self.ahead(&self.next_blocks_from(block, false));
-        let staged = self.staging[i]
+        let staged = self.staging.lock().unwrap_or_else(|p| p.into_inner())[i]
             .f_narrow(0, 0, self.bytes[block] as i64)
             .map_err(|e| Error::from(("reading a disk-tier block", e)))?;
         Ok((i, staged))
@@ -274,7 +252,7 @@ impl DiskTier {
 
     /// Gives back staging buffer `i` after the copy out of it was queued; `fence` completes
     /// when that copy has (None: the copy is done).
-    pub(super) fn release(&self, i: usize, fence: Option<Event>) {
+    fn release(&self, i: usize, fence: Option<Event>) {
         let mut st = self.shared.lock();
         st.fences[i] = fence;
         st.bufs[i] = Buf::Free;
@@ -302,7 +280,7 @@ impl DiskTier {
             return Vec::new();
         };
         let n = self.order.len();
-        let ahead = self.staging.len().saturating_sub(1).max(1);
+        let ahead = self.buffers.saturating_sub(1).max(1);
         let start = if including { 0 } else { 1 };
         let mut want: Vec<usize> = (start..start + ahead)
             .map(|k| self.order[(pos + k) % n])

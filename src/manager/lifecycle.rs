@@ -2,10 +2,10 @@
 //! ring, peer group, block states, device tensors, host copies), each recorded in [`Undo`] so
 //! that a failure puts the model back (`restore.rs`).
 
-use crate::accel::{self, HostMemory};
+use crate::accel::HostMemory;
 use crate::claims::Claim;
 use crate::error::{Error, Result};
-use crate::host::{HostBlock, HostStore};
+use crate::host::HostStore;
 use crate::placement::{self, Budget};
 use crate::plan::{self, Plan};
 use crate::progress::{Reporter, Stage};
@@ -14,10 +14,12 @@ use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
-use super::compress::{in_place, zero_gaps};
-use super::ring::Slot;
-use super::weights::{BlockState, empty_like, views, zip_views};
-use super::{LayerwiseOffloadManager, Phase};
+use super::LayerwiseOffloadManager;
+use super::decode::Decoding;
+use super::disk::DiskTier;
+use super::phase::{Phase, Runtime};
+use super::ring::SlotRing;
+use super::weights::BlockState;
 
 /// What `initialize` changed so far, to put the model back as it was should a later step fail.
 #[derive(Debug, Default)]
@@ -30,6 +32,45 @@ pub(super) struct Undo {
     pub(super) repointed: Vec<(usize, Tensor)>,
     /// The shared-memory file this `initialize` created.
     pub(super) created: Option<std::path::PathBuf>,
+    /// The runtime built so far, once its blocks exist (their host copies give the model its
+    /// values back).
+    pub(super) building: Option<Building>,
+}
+
+/// A [`Runtime`] being built by `initialize`: what exists before the host store.
+#[derive(Debug)]
+pub(super) struct Building {
+    pub(super) plan: Plan,
+    pub(super) blocks: Vec<BlockState>,
+    pub(super) ring: SlotRing,
+    pub(super) claim: Claim,
+    pub(super) disk: Option<Arc<DiskTier>>,
+}
+
+impl Building {
+    /// Points block `i`'s tensors at their placeholders (the block streams from a host store it
+    /// did not fill from them), their old data kept in `undo`.
+    pub(super) fn place_placeholders(&mut self, i: usize, undo: &mut Undo) -> Result<()> {
+        let b = &mut self.blocks[i];
+        let sources = self.plan.blocks[i].tensors.iter().map(|t| t.source_index);
+        for ((p, ph), src) in b.params.iter_mut().zip(&b.placeholders).zip(sources) {
+            undo.repoint(src, p, ph, "placing placeholders")?;
+        }
+        Ok(())
+    }
+
+    /// The runtime, with the host `store` and the decoder.
+    fn finish(self, store: Arc<HostStore>, decoding: Option<Decoding>) -> Runtime {
+        Runtime {
+            plan: self.plan,
+            blocks: self.blocks,
+            ring: self.ring,
+            store,
+            disk: self.disk,
+            decoding,
+            claim: self.claim,
+        }
+    }
 }
 
 impl Undo {
@@ -49,22 +90,6 @@ impl Undo {
 }
 
 impl LayerwiseOffloadManager {
-    /// Points block `i`'s tensors at their placeholders (the block streams from a host store it
-    /// did not fill from them), their old data kept in `undo`.
-    pub(super) fn place_placeholders(&mut self, i: usize, undo: &mut Undo) -> Result<()> {
-        let sources: Vec<usize> = self
-            .layout(i)
-            .tensors
-            .iter()
-            .map(|t| t.source_index)
-            .collect();
-        let b = &mut self.blocks[i];
-        for ((p, ph), src) in b.params.iter_mut().zip(&b.placeholders).zip(sources) {
-            undo.repoint(src, p, ph, "placing placeholders")?;
-        }
-        Ok(())
-    }
-
     /// Offloads every block tensor into its host buffer, leaves rank-preserving empty
     /// placeholders in the model, moves non-block tensors to the compute device, allocates the
     /// slot ring and uploads the first block synchronously. A no-op when disabled or already
@@ -81,19 +106,20 @@ impl LayerwiseOffloadManager {
     ///
     /// Refused with [`Error::AlreadyOffloaded`] while another manager holds the model's blocks.
     pub fn initialize(&mut self) -> Result<()> {
-        if !self.is_enabled() || self.phase == Phase::Ready {
+        if !self.is_enabled() {
             return Ok(());
         }
-        match self.phase {
-            Phase::Restored => {
+        match &self.phase {
+            Phase::Ready(_) => return Ok(()),
+            Phase::Restored { .. } => {
                 return Err(Error::InvalidArgument {
                     op: "initialize",
                     message: "the manager was restored; build a new manager to offload again"
                         .into(),
                 });
             }
-            Phase::Restoring => return Err(self.partly_restored("initialize")),
-            Phase::Configured | Phase::Ready => {}
+            Phase::Restoring { .. } => return Err(self.phase.not_ready("initialize")),
+            Phase::Configured => {}
         }
         let started = Instant::now();
         let _span = crate::observe::initialize(self.config.checkpoint.is_some());
@@ -101,15 +127,15 @@ impl LayerwiseOffloadManager {
             devices: self.named.iter().map(|(_, t)| t.device()).collect(),
             ..Undo::default()
         };
-        let first = match self.offload(&mut undo) {
-            Ok(first) => first,
+        let (rt, first) = match self.offload(&mut undo) {
+            Ok(built) => built,
             Err(e) => {
                 self.roll_back(undo);
                 return Err(e);
             }
         };
         drop(undo); // frees the old storage of the tensors moved to the device
-        self.phase = Phase::Ready;
+        self.phase = Phase::Ready(rt);
         self.stats.init_seconds = started.elapsed().as_secs_f64();
 
         // The first streamed block on the device, synchronously (as FastVideo does). Not in a
@@ -120,11 +146,11 @@ impl LayerwiseOffloadManager {
         Ok(())
     }
 
-    /// The steps of [`Self::initialize`] that change the model; returns the first streamed
-    /// block. Records in `undo` what [`Self::roll_back`] needs to put the model back should a
-    /// step fail.
-    fn offload(&mut self, undo: &mut Undo) -> Result<Option<usize>> {
-        let mut plan = self.plan_and_claim()?;
+    /// The steps of [`Self::initialize`] that change the model; returns the runtime and the
+    /// first streamed block. Records in `undo` what [`Self::roll_back`] needs to put the model
+    /// back should a step fail.
+    fn offload(&mut self, undo: &mut Undo) -> Result<(Runtime, Option<usize>)> {
+        let (mut plan, claim) = self.plan_and_claim()?;
         // With a checkpoint: what comes from where, before anything changes.
         let checkpoint = self.config.checkpoint.clone();
         let sources = match &checkpoint {
@@ -135,17 +161,14 @@ impl LayerwiseOffloadManager {
         let resident = self.choose_resident(&plan)?;
         let streamed: Vec<usize> = (0..plan.blocks.len()).filter(|&i| !resident[i]).collect();
         // The slot ring first: running out of device memory here changes nothing.
-        let (slots, slot_bytes) = self.alloc_ring(&plan, &streamed)?;
-        self.join_group(&slots)?;
+        let (ring, slot_bytes) = self.alloc_ring(&plan, &streamed)?;
+        self.join_group(&ring)?;
         let blocks = self.block_states(&plan, &resident)?;
         let to_device = self.device_tensors(&plan, &resident);
         match (&checkpoint, &sources) {
             (Some(c), Some(s)) => self.load_to_device(c, s, &to_device, undo)?,
             _ => self.move_to_device(&to_device, undo)?,
         }
-
-        self.slots = slots;
-        self.blocks = blocks;
         self.stats = OffloadStats {
             streamed_blocks: streamed.len(),
             resident_blocks: plan.blocks.len() - streamed.len(),
@@ -156,29 +179,40 @@ impl LayerwiseOffloadManager {
                 .filter(|(_, r)| **r)
                 .map(|(l, _)| l.bytes as u64)
                 .sum(),
-            slot_bytes: (slot_bytes * self.slots.len()) as u64,
+            slot_bytes: (slot_bytes * ring.len()) as u64,
             pinned: self.host_memory() == HostMemory::Pinned,
             block_upload_ms: vec![0.0; plan.blocks.len()],
             block_stall_ms: vec![0.0; plan.blocks.len()],
             ..OffloadStats::default()
         };
-        self.plan = Some(plan);
-
+        let mut b = Building {
+            plan,
+            blocks,
+            ring,
+            claim,
+            disk: None,
+        };
         // Streamed blocks into their host buffers, one at a time, freeing each source as it
         // goes.
-        match (self.config.store.clone(), checkpoint, &sources) {
-            (Some(store), _, _) => self.fill_from_store(store, &streamed, &resident, undo)?,
-            (None, Some(c), Some(s)) => self.fill_from_checkpoint(c, s, &resident, undo)?,
-            _ => self.fill_own_store(&resident, undo)?,
-        }
+        let filled = match (self.config.store.clone(), checkpoint, &sources) {
+            (Some(store), _, _) => self.fill_from_store(&mut b, store, &streamed, &resident, undo),
+            (None, Some(c), Some(s)) => self.fill_from_checkpoint(&mut b, c, s, &resident, undo),
+            _ => self.fill_own_store(&mut b, &resident, undo),
+        };
         // Encoded blocks (compress, or a shared store of them) decode on the GPU.
-        self.start_decoding()?;
-        Ok(streamed.first().copied())
+        let built = filled.and_then(|store| Ok((store, self.start_decoding(&b.blocks)?)));
+        match built {
+            Ok((store, decoding)) => Ok((b.finish(store, decoding), streamed.first().copied())),
+            Err(e) => {
+                undo.building = Some(b);
+                Err(e)
+            }
+        }
     }
 
     /// The plan of the model's blocks, checked against a shared store, and this manager's claim
     /// on their tensors.
-    fn plan_and_claim(&mut self) -> Result<Plan> {
+    fn plan_and_claim(&mut self) -> Result<(Plan, Claim)> {
         let compute = self.compute_device();
         let allowed = if compute == Device::Cpu {
             vec![Device::Cpu]
@@ -190,58 +224,35 @@ impl LayerwiseOffloadManager {
             store.adopt_plan(&mut plan)?;
         }
         // No other manager may hold these tensors: it would have left placeholders in them.
-        self.claim = Some(Claim::take(plan.blocks.iter().flat_map(|l| {
+        let claim = Claim::take(plan.blocks.iter().flat_map(|l| {
             l.tensors
                 .iter()
                 .map(|t| (t.name.as_str(), &self.named[t.source_index].1))
-        }))?);
-        Ok(plan)
+        }))?;
+        Ok((plan, claim))
     }
 
-    /// The slot ring (`prefetch_depth + 1` slots of the largest streamed block, never more than
-    /// there are streamed blocks) and the copy stream; returns the slots and their size.
-    fn alloc_ring(&mut self, plan: &Plan, streamed: &[usize]) -> Result<(Vec<Slot>, usize)> {
-        let slot_bytes = streamed
-            .iter()
-            .map(|&i| plan.blocks[i].bytes)
-            .max()
-            .unwrap_or(0);
-        let n_slots = self
-            .config
-            .prefetch_depth
-            .saturating_add(1)
-            .min(streamed.len());
-        let oom = |source| Error::OutOfMemory {
-            op: format!(
-                "allocating {n_slots} GPU slots of {slot_bytes} bytes (prefetch_depth + 1)"
-            ),
-            bytes: (slot_bytes * n_slots) as u64,
-            source,
-        };
+    /// The slot ring ([`SlotRing::size`]) and the copy stream; returns the ring and the size
+    /// of a slot.
+    fn alloc_ring(&mut self, plan: &Plan, streamed: &[usize]) -> Result<(SlotRing, usize)> {
+        let sizes: Vec<usize> = streamed.iter().map(|&i| plan.blocks[i].bytes).collect();
+        let (n, slot_bytes) = SlotRing::size(self.config.prefetch_depth, &sizes);
         let peer = self.config.peer.as_ref().map(|(g, r)| (g.size(), *r));
-        let mut slots = Vec::with_capacity(n_slots);
-        for _ in 0..n_slots {
-            if self.faults.slot_alloc() {
-                return Err(oom(crate::error::TorchMessage("injected fault".into())));
-            }
-            slots.push(Slot::new(&self.backend, slot_bytes, peer, oom)?);
-        }
+        let faults = &mut self.faults;
+        let ring = SlotRing::alloc(&self.backend, (n, slot_bytes), peer, || faults.slot_alloc())?;
         self.backend.take_copy_stream()?;
-        Ok((slots, slot_bytes))
+        Ok((ring, slot_bytes))
     }
 
     /// Peer groups: the push streams, and this member's ring joins the group.
-    fn join_group(&mut self, slots: &[Slot]) -> Result<()> {
+    fn join_group(&mut self, ring: &SlotRing) -> Result<()> {
         if let Some((group, rank)) = &self.config.peer {
             if self.peer.push.is_empty() {
                 self.peer.push = self
                     .backend
                     .push_streams(group.size(), self.config.push_per_member)?;
             }
-            group.join(
-                *rank,
-                slots.iter().map(|s| s.buf().shallow_clone()).collect(),
-            )?;
+            group.join(*rank, ring.buffers())?;
             self.peer.joined = true;
         }
         Ok(())
@@ -310,117 +321,6 @@ impl LayerwiseOffloadManager {
         Ok(())
     }
 
-    /// With a shared store: streamed blocks stream from it and get placeholders; resident
-    /// blocks get fresh device tensors filled from it. The model's own block values are not
-    /// used, but they are kept until initialize succeeds, to be put back should it fail.
-    fn fill_from_store(
-        &mut self,
-        store: Arc<HostStore>,
-        streamed: &[usize],
-        resident: &[bool],
-        undo: &mut Undo,
-    ) -> Result<()> {
-        let compute = self.compute_device();
-        for &i in streamed {
-            self.blocks[i].host = store.buffers[i].as_ref().map(|h| h.shallow_clone());
-            self.place_placeholders(i, undo)?;
-        }
-        for i in (0..self.blocks.len()).filter(|&i| resident[i]) {
-            let buf = store.buffers[i]
-                .as_ref()
-                .expect("check_plan: every block is in the store");
-            let layout = self.layout(i).clone();
-            let views = buf.decoded()?.views(&layout)?;
-            for (t, v, p) in zip_views(&layout, &views, &mut self.blocks[i].params) {
-                let mut fresh = empty_like(t, compute).map_err(|e| {
-                    Error::from_torch(
-                        "filling resident blocks from the shared store",
-                        t.bytes as u64,
-                        e.to_string(),
-                    )
-                })?;
-                tch::no_grad(|| fresh.f_copy_(v))
-                    .map_err(|e| Error::from(("filling resident blocks", e)))?;
-                undo.repoint(t.source_index, p, &fresh, "filling resident blocks")?;
-            }
-        }
-        self.stats.shared_host_bytes = store.bytes();
-        self.store = Some(store);
-        Ok(())
-    }
-
-    /// Without a shared store: each streamed block (every block if `shareable`) copied into a
-    /// host buffer of this manager's, in a shared-memory file if asked for, which is published
-    /// with its manifest last; the buffers become this manager's [`HostStore`].
-    fn fill_own_store(&mut self, resident: &[bool], undo: &mut Undo) -> Result<()> {
-        let n = self.blocks.len();
-        let with_host: Vec<usize> = (0..n)
-            .filter(|&i| !resident[i] || self.config.shareable)
-            .collect();
-        // A shared-memory file: one mapping, each block at a 4 KiB aligned offset.
-        let sizes: Vec<Option<usize>> = (0..n)
-            .map(|i| with_host.contains(&i).then(|| self.layout(i).bytes))
-            .collect();
-        let (offsets, total) = crate::host::file_offsets(&sizes);
-        let file = match &self.config.shm {
-            Some(path) if total > 0 => {
-                let f = accel::map_host_file(
-                    path,
-                    total,
-                    accel::FileMapping::Create,
-                    self.host_memory(),
-                )?;
-                undo.created = Some(path.clone());
-                Some(f)
-            }
-            Some(_) => {
-                return Err(Error::InvalidArgument {
-                    op: "OffloadConfig::shared_memory",
-                    message: "every block stays resident on the device under the VRAM budget, so there is no host copy to publish; build with .shareable(true) to publish the resident blocks too, or lower the budget".into(),
-                });
-            }
-            None => None,
-        };
-        let mut scratch = None;
-        let sizes: Vec<u64> = with_host
-            .iter()
-            .map(|&i| self.layout(i).bytes as u64)
-            .collect();
-        let _span = crate::observe::stage(false, sizes.len(), sizes.iter().sum());
-        let mut progress = Reporter::start(self.config.progress.as_ref(), Stage::HostCopy, sizes);
-        for &i in &with_host {
-            let buffer = match &file {
-                Some(f) => Some(
-                    f.f_narrow(0, offsets[i] as i64, self.layout(i).bytes as i64)
-                        .map_err(|e| {
-                            Error::from(("mapping a block in the shared-memory file", e))
-                        })?,
-                ),
-                None => None,
-            };
-            self.fill_host(i, !resident[i], buffer, &mut scratch)?;
-            progress.advance(self.layout(i).bytes as u64);
-        }
-        let plan = self.plan.as_ref().expect("plan set above");
-        self.store = Some(Arc::new(HostStore::own(
-            plan.blocks.clone(),
-            self.blocks
-                .iter()
-                .map(|l| l.host.as_ref().map(|h| h.shallow_clone()))
-                .collect(),
-            self.host_memory() == HostMemory::Pinned,
-            self.config.shm.clone().filter(|_| file.is_some()),
-        )));
-        if let (Some(path), Some(store)) = (&self.config.shm, &self.store)
-            && file.is_some()
-        {
-            // Last: readers see the manifest only once every block is in place. Should
-            // writing it fail, the caller rolls back (the model gets its blocks back).
-            store.write_manifest(path, &offsets, total)?;
-        }
-        Ok(())
-    }
-
     /// Marks the blocks that stay on the device for good: as many as fit in the budget next to
     /// the slot ring, spread evenly through the loop. All of them if everything fits.
     fn choose_resident(&self, plan: &Plan) -> Result<Vec<bool>> {
@@ -451,78 +351,4 @@ impl LayerwiseOffloadManager {
         let sizes: Vec<u64> = plan.blocks.iter().map(|l| l.bytes as u64).collect();
         placement::resident_blocks(&sizes, Some(budget), self.config.prefetch_depth)
     }
-
-    /// Copies block `i`'s tensors into `buffer` (or a new host buffer) and, if `release`,
-    /// points them at placeholders.
-    /// With `compress`, the block's encoding becomes the host copy: encoded straight from its
-    /// tensors when each is a contiguous CPU tensor laid out as the block's layout says
-    /// ([`Self::encode_in_place`]), else from a copy of the block in `scratch` (a pageable
-    /// buffer reused from block to block).
-    fn fill_host(
-        &mut self,
-        i: usize,
-        release: bool,
-        buffer: Option<Tensor>,
-        scratch: &mut Option<Tensor>,
-    ) -> Result<()> {
-        let layout = self.layout(i).clone();
-        if self.faults.host_alloc() {
-            return Err(Error::HostAlloc {
-                kind: "pinned",
-                bytes: layout.bytes as u64,
-                source: crate::error::TorchMessage("injected fault".into()),
-            });
-        }
-        let encode = self.config.compress && buffer.is_none();
-        let copy = if encode && in_place(&layout, &self.blocks[i].params) {
-            self.encode_in_place(i, &layout)?
-        } else {
-            let host = match buffer {
-                Some(b) => b,
-                None if encode => scratch_buffer(scratch, layout.bytes)?,
-                None => accel::alloc_host(layout.bytes, self.host_memory())?,
-            };
-            let views = views(&host, &layout)?;
-            let rt = &mut self.blocks[i];
-            tch::no_grad(|| -> Result<()> {
-                for (mut v, p) in views.into_iter().zip(&rt.params) {
-                    v.f_copy_(p)
-                        .map_err(|e| Error::from(("copying a block into its host buffer", e)))?;
-                }
-                Ok(())
-            })?;
-            if encode {
-                // The bytes between tensors as encode_in_place sees them (0), so that a block
-                // encodes to the same bytes either way: peer group members compare lengths.
-                zero_gaps(&host, &layout)?;
-                self.encode_block(&host)?
-            } else {
-                self.stats.host_bytes += layout.bytes as u64;
-                HostBlock::whole(host)
-            }
-        };
-        let rt = &mut self.blocks[i];
-        rt.host = Some(copy);
-        if !release {
-            return Ok(());
-        }
-        // Frees the original storage unless the caller holds it elsewhere.
-        rt.point_at_placeholders()
-    }
-
-    pub(super) fn host_memory(&self) -> HostMemory {
-        self.backend.host_memory(self.config.pin_cpu_memory)
-    }
-}
-
-/// The first `bytes` of `scratch`, a pageable buffer grown to the largest size asked for.
-pub(super) fn scratch_buffer(scratch: &mut Option<Tensor>, bytes: usize) -> Result<Tensor> {
-    if scratch.as_ref().is_none_or(|s| s.numel() < bytes) {
-        *scratch = Some(accel::alloc_host(bytes.max(1), HostMemory::Pageable)?);
-    }
-    scratch
-        .as_ref()
-        .expect("set above")
-        .f_narrow(0, 0, bytes as i64)
-        .map_err(|e| Error::from(("a scratch buffer", e)))
 }

@@ -8,14 +8,16 @@ use crate::checkpoint::{self, Checkpoint, CheckpointTensor, FileStamp};
 use crate::error::{Error, Result};
 use crate::host::{HostBlock, HostStore};
 use crate::placement;
-use crate::plan::{ALIGN, BlockLayout, Plan};
+use crate::plan::{BlockLayout, Plan};
 use crate::progress::{Reporter, Stage};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use super::LayerwiseOffloadManager;
 use super::disk::DiskTier;
-use super::lifecycle::Undo;
+use super::lifecycle::{Building, Undo};
+use super::runs::{Run, contiguous_strides, relayout};
+use super::tier::HostTier;
 
 /// Where the model's values come from.
 #[derive(Debug)]
@@ -27,60 +29,6 @@ pub(super) struct Sources {
     /// Every file's stamp before anything was read from it: checked once `initialize()` has
     /// read what it reads, and by the disk tier at each of its reads.
     stamps: Vec<FileStamp>,
-}
-
-/// A stretch of a checkpoint file holding consecutive tensors of one block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Run {
-    file: usize,
-    /// Byte offset in the file.
-    offset: u64,
-    bytes: usize,
-    /// Byte offset in the block's layout.
-    at: usize,
-}
-
-/// Row-major strides of `shape`.
-fn contiguous_strides(shape: &[i64]) -> Vec<i64> {
-    let mut strides = vec![1i64; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        strides[d] = strides[d + 1] * shape[d + 1].max(1);
-    }
-    strides
-}
-
-/// Lays block `l` out as its runs in the files (`src` by source index): tensors adjacent in
-/// one file stay adjacent, each run starts at an [`ALIGN`] boundary. Returns the runs.
-fn relayout(l: &mut BlockLayout, src: &[CheckpointTensor]) -> Vec<Run> {
-    let mut idx: Vec<usize> = (0..l.tensors.len()).collect();
-    idx.sort_by_key(|&j| {
-        let c = &src[l.tensors[j].source_index];
-        (c.file, c.offset)
-    });
-    let mut runs: Vec<Run> = Vec::new();
-    let mut end = 0usize;
-    for j in idx {
-        let c = &src[l.tensors[j].source_index];
-        match runs.last_mut() {
-            Some(r) if r.file == c.file && r.offset + r.bytes as u64 == c.offset => {
-                l.tensors[j].offset = r.at + r.bytes;
-                r.bytes += c.bytes;
-            }
-            _ => {
-                let at = end.next_multiple_of(ALIGN);
-                runs.push(Run {
-                    file: c.file,
-                    offset: c.offset,
-                    bytes: c.bytes,
-                    at,
-                });
-                l.tensors[j].offset = at;
-            }
-        }
-        end = runs.last().map_or(0, |r| r.at + r.bytes);
-    }
-    l.bytes = end.next_multiple_of(ALIGN).max(ALIGN);
-    runs
 }
 
 /// `c`'s value, read into a new CPU tensor of `kind` (converted if the file holds another
@@ -194,12 +142,13 @@ impl LayerwiseOffloadManager {
     /// manager's [`HostStore`].
     pub(super) fn fill_from_checkpoint(
         &mut self,
+        b: &mut Building,
         ckpt: Arc<Checkpoint>,
         sources: &Sources,
         resident: &[bool],
         undo: &mut Undo,
-    ) -> Result<()> {
-        let n = self.blocks.len();
+    ) -> Result<Arc<HostStore>> {
+        let n = b.blocks.len();
         let memory = self.host_memory();
         let stamps = &sources.stamps;
         let with_host: Vec<usize> = (0..n)
@@ -211,7 +160,7 @@ impl LayerwiseOffloadManager {
             Some(budget) => {
                 let sizes: Vec<u64> = with_host
                     .iter()
-                    .map(|&i| self.layout(i).bytes as u64)
+                    .map(|&i| b.plan.blocks[i].bytes as u64)
                     .collect();
                 for (&i, keep) in with_host.iter().zip(placement::host_blocks(&sizes, budget)) {
                     in_memory[i] = keep;
@@ -230,7 +179,7 @@ impl LayerwiseOffloadManager {
         let mut scratch = None;
         let sizes: Vec<u64> = (0..n)
             .filter(|&i| in_memory[i])
-            .map(|i| self.layout(i).bytes as u64)
+            .map(|i| b.plan.blocks[i].bytes as u64)
             .collect();
         let _span = crate::observe::stage(true, sizes.len(), sizes.iter().sum());
         let mut progress =
@@ -239,12 +188,12 @@ impl LayerwiseOffloadManager {
             if self.faults.host_alloc() {
                 return Err(Error::HostAlloc {
                     kind: "pinned",
-                    bytes: self.layout(i).bytes as u64,
+                    bytes: b.plan.blocks[i].bytes as u64,
                     source: crate::error::TorchMessage("injected fault".into()),
                 });
             }
-            let host = if self.config.zero_copy {
-                HostBlock::pieces(
+            let tier = if self.config.zero_copy {
+                HostTier::FilePages(HostBlock::pieces(
                     sources.runs[i]
                         .iter()
                         .map(|r| {
@@ -254,30 +203,30 @@ impl LayerwiseOffloadManager {
                                 .map_err(|e| Error::from(("mapping a checkpoint", e)))
                         })
                         .collect::<Result<Vec<_>>>()?,
-                )
+                ))
             } else if self.config.compress {
                 // Read into a reused pageable buffer; the encoding is the host copy.
-                let buf = super::lifecycle::scratch_buffer(&mut scratch, self.layout(i).bytes)?;
-                self.read_block(&ckpt, sources, i, &buf)?;
+                let buf = super::fill::scratch_buffer(&mut scratch, b.plan.blocks[i].bytes)?;
+                read_block(&ckpt, sources, &b.plan.blocks[i], &buf)?;
                 let encoded = self.encode_block(&buf)?;
-                self.blocks[i].host = Some(encoded);
-                progress.advance(self.layout(i).bytes as u64);
+                b.blocks[i].tier = HostTier::Pinned(encoded);
+                progress.advance(b.plan.blocks[i].bytes as u64);
                 continue;
             } else {
-                let buf = accel::alloc_host(self.layout(i).bytes, memory)?;
-                self.read_block(&ckpt, sources, i, &buf)?;
-                HostBlock::whole(buf)
+                let buf = accel::alloc_host(b.plan.blocks[i].bytes, memory)?;
+                read_block(&ckpt, sources, &b.plan.blocks[i], &buf)?;
+                HostTier::Pinned(HostBlock::whole(buf))
             };
-            self.stats.host_bytes += host.bytes() as u64;
-            self.blocks[i].host = Some(host);
-            progress.advance(self.layout(i).bytes as u64);
+            self.stats.host_bytes += tier.host().map_or(0, |h| h.bytes()) as u64;
+            b.blocks[i].tier = tier;
+            progress.advance(b.plan.blocks[i].bytes as u64);
         }
         let reads: Vec<Vec<(CheckpointTensor, usize)>> = (0..n)
             .map(|i| {
                 if resident[i] || in_memory[i] {
                     return Vec::new();
                 }
-                self.layout(i)
+                b.plan.blocks[i]
                     .tensors
                     .iter()
                     .map(|t| (sources.tensors[t.source_index].clone(), t.offset))
@@ -285,13 +234,19 @@ impl LayerwiseOffloadManager {
             })
             .collect();
         if reads.iter().any(|r| !r.is_empty()) {
-            let bytes = (0..n).map(|i| self.layout(i).bytes).collect();
-            let disk = DiskTier::new(ckpt.clone(), reads, bytes, memory, stamps.clone())?;
+            let bytes = (0..n).map(|i| b.plan.blocks[i].bytes).collect();
+            let disk = Arc::new(DiskTier::new(
+                ckpt.clone(),
+                reads,
+                bytes,
+                memory,
+                stamps.clone(),
+            )?);
             for &i in disk.blocks() {
-                self.blocks[i].on_disk = true;
+                b.blocks[i].tier = HostTier::Disk(disk.clone());
             }
             self.stats.disk_blocks = disk.blocks().len();
-            self.disk = Some(disk);
+            b.disk = Some(disk);
         }
         // Everything initialize() read (non-block tensors, resident blocks, host copies) came
         // from files that did not change meanwhile.
@@ -301,180 +256,59 @@ impl LayerwiseOffloadManager {
             "while initialize() read it: the blocks read from it may mix the old weights and the new; call initialize() again once the file is complete",
         )?;
         for i in (0..n).filter(|&i| !resident[i]) {
-            self.place_placeholders(i, undo)?;
+            b.place_placeholders(i, undo)?;
         }
-        let plan = self.plan.as_ref().expect("plan set before the host copies");
         let mut store = HostStore::own(
-            plan.blocks.clone(),
-            self.blocks
+            b.plan.blocks.clone(),
+            b.blocks
                 .iter()
-                .map(|b| b.host.as_ref().map(|h| h.shallow_clone()))
+                .map(|b| b.tier.host().map(HostBlock::shallow_clone))
                 .collect(),
             memory == HostMemory::Pinned,
             None,
         );
         store.read_only = self.config.zero_copy;
-        self.store = Some(Arc::new(store));
-        Ok(())
-    }
-
-    /// Reads block `i`'s tensors from the checkpoint into `buf` (its layout's size), in
-    /// parallel; tensors stored in another type (with `convert_dtypes`) through a temporary.
-    fn read_block(
-        &self,
-        ckpt: &Checkpoint,
-        sources: &Sources,
-        i: usize,
-        buf: &Tensor,
-    ) -> Result<()> {
-        let layout = self.layout(i);
-        let len = layout.bytes;
-        debug_assert_eq!(buf.numel(), len);
-        let (same, converted): (Vec<_>, Vec<_>) = layout
-            .tensors
-            .iter()
-            .partition(|t| sources.tensors[t.source_index].kind == Some(t.kind));
-        {
-            // SAFETY: `buf` is a fresh contiguous 1-D uint8 host buffer of `len` bytes owned by
-            // the caller, which nothing reads or writes until this returns.
-            let bytes = unsafe { crate::host::bytes_mut(buf)? };
-            let ranges: Vec<(usize, usize)> = same.iter().map(|t| (t.offset, t.bytes)).collect();
-            let slices = checkpoint::disjoint_slices(bytes, &ranges)?;
-            let jobs = checkpoint::split_jobs(
-                same.iter()
-                    .map(|t| &sources.tensors[t.source_index])
-                    .zip(slices),
-            );
-            checkpoint::read_parallel(ckpt, jobs, crate::host::worker_threads())?;
-        }
-        for t in converted {
-            let value = read_tensor(ckpt, &sources.tensors[t.source_index], t.kind)?;
-            let mut view = buf
-                .f_narrow(0, t.offset as i64, t.bytes as i64)
-                .and_then(|v| v.f_view_dtype(t.kind))
-                .and_then(|v| v.f_view(t.shape.as_slice()))
-                .map_err(|e| Error::from(("converting a checkpoint tensor", e)))?;
-            tch::no_grad(|| view.f_copy_(&value))
-                .map_err(|e| Error::from(("converting a checkpoint tensor", e)))?;
-        }
-        Ok(())
-    }
-
-    /// Block `i`'s host copy, raw: its own (decoded into a fresh pageable buffer if encoded),
-    /// or for a disk-tier block one read now into a fresh pageable buffer.
-    pub(super) fn host_copy(&self, i: usize) -> Result<HostBlock> {
-        if let Some(h) = &self.blocks[i].host {
-            return h.decoded();
-        }
-        match (&self.disk, self.blocks[i].on_disk) {
-            (Some(disk), true) => {
-                let buf = accel::alloc_host(self.layout(i).bytes, HostMemory::Pageable)?;
-                disk.read_into(i, &buf)?;
-                Ok(HostBlock::whole(buf))
-            }
-            _ => Err(Error::InvalidArgument {
-                op: "reading a block's host copy",
-                message: format!("block {i} has no host copy"),
-            }),
-        }
+        store.file_pages = self.config.zero_copy;
+        Ok(Arc::new(store))
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::{Run, contiguous_strides, relayout};
-    use crate::checkpoint::CheckpointTensor;
-    use crate::plan::{ALIGN, BlockLayout, TensorLayout};
-    use tch::Kind;
-
-    fn ct(file: usize, offset: u64, bytes: usize) -> CheckpointTensor {
-        CheckpointTensor {
-            stored_name: String::new(),
-            file,
-            dtype: "BF16".into(),
-            kind: Some(Kind::BFloat16),
-            shape: vec![(bytes / 2) as i64],
-            offset,
-            bytes,
-        }
-    }
-
-    fn tl(name: &str, src: usize, bytes: usize) -> TensorLayout {
-        TensorLayout {
-            name: name.into(),
-            offset: 0,
-            bytes,
-            shape: vec![(bytes / 2) as i64],
-            strides: vec![1],
-            kind: Kind::BFloat16,
-            source_index: src,
-        }
-    }
-
-    #[test]
-    fn strides_are_row_major() {
-        assert_eq!(contiguous_strides(&[2, 3, 4]), vec![12, 4, 1]);
-        assert_eq!(contiguous_strides(&[5]), vec![1]);
-        assert_eq!(contiguous_strides(&[]), Vec::<i64>::new());
-    }
-
-    #[test]
-    fn adjacent_tensors_make_one_run_and_others_start_aligned() {
-        // Tensors 0 and 1 adjacent in file 0 (in the file's order 1 then 0), tensor 2 elsewhere
-        // in file 0, tensor 3 in file 1.
-        let src = vec![
-            ct(0, 1000, 100),
-            ct(0, 900, 100),
-            ct(0, 5000, 10),
-            ct(1, 8, 6),
-        ];
-        let mut l = BlockLayout {
-            list: 0,
-            attr: "blocks".into(),
-            index: 0,
-            tensors: vec![
-                tl("a", 0, 100),
-                tl("b", 1, 100),
-                tl("c", 2, 10),
-                tl("d", 3, 6),
-            ],
-            bytes: 0,
-        };
-        let runs = relayout(&mut l, &src);
-        assert_eq!(
-            runs,
-            vec![
-                Run {
-                    file: 0,
-                    offset: 900,
-                    bytes: 200,
-                    at: 0
-                },
-                Run {
-                    file: 0,
-                    offset: 5000,
-                    bytes: 10,
-                    at: ALIGN
-                },
-                Run {
-                    file: 1,
-                    offset: 8,
-                    bytes: 6,
-                    at: 2 * ALIGN
-                },
-            ]
+/// Reads a block's tensors (`layout`) from the checkpoint into `buf` (the layout's size), in
+/// parallel; tensors stored in another type (with `convert_dtypes`) through a temporary.
+fn read_block(
+    ckpt: &Checkpoint,
+    sources: &Sources,
+    layout: &BlockLayout,
+    buf: &Tensor,
+) -> Result<()> {
+    let len = layout.bytes;
+    debug_assert_eq!(buf.numel(), len);
+    let (same, converted): (Vec<_>, Vec<_>) = layout
+        .tensors
+        .iter()
+        .partition(|t| sources.tensors[t.source_index].kind == Some(t.kind));
+    {
+        // SAFETY: `buf` is a fresh contiguous 1-D uint8 host buffer of `len` bytes owned by
+        // the caller, which nothing reads or writes until this returns.
+        let bytes = unsafe { crate::host::bytes_mut(buf)? };
+        let ranges: Vec<(usize, usize)> = same.iter().map(|t| (t.offset, t.bytes)).collect();
+        let slices = checkpoint::disjoint_slices(bytes, &ranges)?;
+        let jobs = checkpoint::split_jobs(
+            same.iter()
+                .map(|t| &sources.tensors[t.source_index])
+                .zip(slices),
         );
-        let offsets: Vec<usize> = l.tensors.iter().map(|t| t.offset).collect();
-        assert_eq!(offsets, vec![100, 0, ALIGN, 2 * ALIGN]);
-        assert_eq!(l.bytes, 3 * ALIGN);
-        // Every tensor lies inside its run, at the file's relative position.
-        for t in &l.tensors {
-            let c = &src[t.source_index];
-            let r = runs
-                .iter()
-                .find(|r| r.at <= t.offset && t.offset < r.at + r.bytes.max(1))
-                .unwrap();
-            assert_eq!(c.offset - r.offset, (t.offset - r.at) as u64);
-        }
+        checkpoint::read_parallel(ckpt, jobs, crate::host::worker_threads())?;
     }
+    for t in converted {
+        let value = read_tensor(ckpt, &sources.tensors[t.source_index], t.kind)?;
+        let mut view = buf
+            .f_narrow(0, t.offset as i64, t.bytes as i64)
+            .and_then(|v| v.f_view_dtype(t.kind))
+            .and_then(|v| v.f_view(t.shape.as_slice()))
+            .map_err(|e| Error::from(("converting a checkpoint tensor", e)))?;
+        tch::no_grad(|| view.f_copy_(&value))
+            .map_err(|e| Error::from(("converting a checkpoint tensor", e)))?;
+    }
+    Ok(())
 }

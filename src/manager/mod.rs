@@ -48,17 +48,25 @@
 //! }
 //! ```
 
+mod build;
 mod compat;
 mod compress;
 mod config;
+mod decode;
 mod device;
 mod disk;
 mod faults;
+mod fence;
+mod fill;
 mod lifecycle;
 mod load;
+mod phase;
 mod restore;
 mod ring;
+mod runs;
 mod schedule;
+mod share;
+mod tier;
 mod timing;
 mod upload;
 mod weights;
@@ -67,28 +75,17 @@ pub use config::{MAX_PREFETCH_DEPTH, OffloadConfig};
 #[cfg(feature = "testing")]
 pub use faults::Fault;
 
-use crate::claims::Claim;
 use crate::error::{Error, Result};
 use crate::host::HostStore;
-use crate::plan::{BlockLayout, Plan};
+use crate::plan::Plan;
 use crate::stats::OffloadStats;
 use device::Backend;
 use faults::FaultInjector;
-use ring::Slot;
+use phase::{Loop, Phase};
+use share::PeerLink;
 use std::sync::Arc;
 use tch::{Device, Tensor};
 use timing::Timer;
-use upload::PeerLink;
-use weights::BlockState;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Configured,
-    Ready,
-    /// A `restore` stopped part-way: only `restore` goes on from here.
-    Restoring,
-    Restored,
-}
 
 /// Streams a model's per-block weights between host memory and the GPU, one block ahead of the
 /// compute, with the API of FastVideo's `LayerwiseOffloadManager` plus a guard-based block loop.
@@ -115,29 +112,13 @@ pub struct LayerwiseOffloadManager {
     backend: Backend,
     /// The source's tensors, by name, in the source's order.
     named: Vec<(String, Tensor)>,
+    /// Where the manager is in its life, with the runtime while initialized.
     phase: Phase,
-    plan: Option<Plan>,
-    /// Per block, in loop order.
-    blocks: Vec<BlockState>,
-    /// The slot ring.
-    slots: Vec<Slot>,
-    /// Counts entered blocks (the slots' least-recently-used order).
-    tick: u64,
     stats: OffloadStats,
     timer: Timer,
     faults: FaultInjector,
-    /// This manager's hold on the model's block tensors, from `initialize` until `restore`.
-    claim: Option<Claim>,
-    /// Blocks back in the model during the latest `restore`.
-    restored: usize,
-    /// The host store this manager streams from (its own, or one shared with it).
-    store: Option<Arc<HostStore>>,
     /// Peer groups: this member's streams and progress.
     peer: PeerLink,
-    /// The disk tier (a host budget below the streamed blocks).
-    disk: Option<disk::DiskTier>,
-    /// Compressed transport on CUDA: the GPU decoder and its staging buffers.
-    decoding: Option<compress::Decoding>,
 }
 
 impl LayerwiseOffloadManager {
@@ -153,18 +134,9 @@ impl LayerwiseOffloadManager {
             backend,
             named,
             phase: Phase::Configured,
-            plan: None,
-            blocks: Vec::new(),
-            slots: Vec::new(),
-            tick: 0,
             stats: OffloadStats::default(),
             timer: Timer::default(),
-            claim: None,
-            restored: 0,
-            store: None,
             peer: PeerLink::default(),
-            disk: None,
-            decoding: None,
         }
     }
 
@@ -176,7 +148,7 @@ impl LayerwiseOffloadManager {
 
     /// Whether `initialize()` has run (and `restore()` has not).
     pub fn is_initialized(&self) -> bool {
-        self.phase == Phase::Ready
+        matches!(self.phase, Phase::Ready(_))
     }
 
     /// The device blocks compute on.
@@ -186,18 +158,18 @@ impl LayerwiseOffloadManager {
 
     /// The plan (which tensors form which block), once initialized.
     pub fn plan(&self) -> Option<&Plan> {
-        self.plan.as_ref()
+        self.phase.plan()
     }
 
     /// Number of offloaded blocks over all lists (0 before `initialize`).
     pub fn num_blocks(&self) -> usize {
-        self.blocks.len()
+        self.phase.blocks().len()
     }
 
     /// The loop index of block `index` of list `module_list_attr`.
     pub fn block_index(&self, module_list_attr: &str, index: usize) -> Option<usize> {
-        self.plan
-            .as_ref()?
+        self.phase
+            .plan()?
             .blocks
             .iter()
             .position(|l| l.attr == module_list_attr && l.index == index)
@@ -206,30 +178,38 @@ impl LayerwiseOffloadManager {
     /// The host copy of the streamed blocks, to share with managers of the same model on other
     /// devices of this process ([`OffloadConfig::host_store`]). None before `initialize`.
     pub fn host_store(&self) -> Option<Arc<HostStore>> {
-        self.store.clone()
+        self.phase.runtime().map(|rt| rt.store.clone())
     }
 
     /// Whether block `block`'s weights are on the device now (resident, or in a slot uploaded
     /// or queued).
     pub fn is_on_device(&self, block: usize) -> bool {
-        self.blocks
+        let in_slot = || {
+            self.phase
+                .runtime()
+                .is_some_and(|rt| rt.ring.slot_of(block).is_some())
+        };
+        self.phase
+            .blocks()
             .get(block)
-            .is_some_and(|b| b.slot.is_some() || b.resident)
+            .is_some_and(|b| b.resident || in_slot())
     }
 
     /// Whether block `block` stays on the device for good (within the VRAM budget).
     pub fn is_resident(&self, block: usize) -> bool {
-        self.blocks.get(block).is_some_and(|b| b.resident)
+        self.phase.blocks().get(block).is_some_and(|b| b.resident)
     }
 
     /// Whether block `block` is entered.
     pub fn is_entered(&self, block: usize) -> bool {
-        self.blocks.get(block).is_some_and(|b| b.in_use)
+        self.phase.blocks().get(block).is_some_and(|b| b.in_use)
     }
 
     /// The blocks held by the slot ring now, slot by slot.
     pub fn slot_contents(&self) -> Vec<Option<usize>> {
-        self.slots.iter().map(|s| s.block()).collect()
+        self.phase
+            .runtime()
+            .map_or_else(Vec::new, |rt| rt.ring.contents())
     }
 
     /// Enters block `block` for computing: waits (on the device) for its upload, loading it at
@@ -253,12 +233,12 @@ impl LayerwiseOffloadManager {
         if !self.is_enabled() {
             return Ok(());
         }
-        self.check_ready("before_block")?;
-        self.check_range("before_block", block)?;
-        self.activate(block)?;
-        if let Err(e) = self.prefetch_ahead(block) {
+        let mut l = self.running("before_block")?;
+        l.check_range("before_block", block)?;
+        l.activate(block)?;
+        if let Err(e) = l.prefetch_ahead(block) {
             // The caller gets no guard: leave the block released, not entered forever.
-            let _ = self.release(block);
+            let _ = l.release(block);
             return Err(e);
         }
         Ok(())
@@ -269,50 +249,64 @@ impl LayerwiseOffloadManager {
         if !self.is_enabled() {
             return Ok(());
         }
-        self.check_ready("after_block")?;
-        self.check_range("after_block", block)?;
-        self.release(block)
+        let mut l = self.running("after_block")?;
+        l.check_range("after_block", block)?;
+        l.release(block)
     }
 
-    fn check_ready(&self, op: &'static str) -> Result<()> {
-        match self.phase {
-            Phase::Ready => Ok(()),
-            Phase::Restoring => Err(self.partly_restored(op)),
-            Phase::Configured | Phase::Restored => Err(Error::NotInitialized { op }),
+    /// The block loop's view of the manager, if it is ready (else why `op` cannot run).
+    fn running(&mut self, op: &'static str) -> Result<Loop<'_>> {
+        Ok(Loop {
+            rt: self.phase.ready(op)?,
+            config: &self.config,
+            backend: &self.backend,
+            timer: &mut self.timer,
+            stats: &mut self.stats,
+            faults: &mut self.faults,
+            peer: &mut self.peer,
+        })
+    }
+
+    /// Releases block `block` for its guard, if the manager is running its loop and the block
+    /// exists.
+    fn release_for_guard(&mut self, block: usize) -> Result<()> {
+        if !self.is_enabled() {
+            return Ok(());
+        }
+        match self.running("release") {
+            Ok(mut l) if block < l.rt.blocks.len() => l.release(block),
+            _ => Ok(()),
         }
     }
 
-    fn partly_restored(&self, op: &'static str) -> Error {
-        Error::PartlyRestored {
-            op,
-            restored: self.restored,
-            num_blocks: self.blocks.len(),
+    /// Waits for this member's outgoing peer copies and leaves the group. Copies into this
+    /// member's slots need no wait here: the group keeps every ring until each member has left,
+    /// and each one waits for its own outgoing copies first.
+    fn leave_group(&mut self) {
+        if !self.peer.joined {
+            return;
         }
+        for p in &self.peer.push {
+            let _ = p.synchronize();
+        }
+        if let Some((group, rank)) = &self.config.peer {
+            group.leave(*rank);
+        }
+        self.peer.joined = false;
     }
+}
 
+impl Loop<'_> {
     fn check_range(&self, op: &'static str, block: usize) -> Result<()> {
-        if block >= self.blocks.len() {
+        let num_blocks = self.rt.blocks.len();
+        if block >= num_blocks {
             return Err(Error::BlockOutOfRange {
                 op,
                 block,
-                num_blocks: self.blocks.len(),
+                num_blocks,
             });
         }
         Ok(())
-    }
-
-    fn layout(&self, block: usize) -> &BlockLayout {
-        &self
-            .plan
-            .as_ref()
-            .expect("plan exists once blocks exist")
-            .blocks[block]
-    }
-
-    /// Whether the guard of `block` may release it: the manager is running its loop and the
-    /// block exists.
-    fn can_release(&self, block: usize) -> bool {
-        self.is_enabled() && self.phase == Phase::Ready && block < self.blocks.len()
     }
 }
 
@@ -322,7 +316,7 @@ impl Drop for LayerwiseOffloadManager {
         // Compute work that still reads a slot is ordered by libtorch's allocator (the slot was
         // allocated on the compute stream). Then leave every block tensor pointing at its host
         // copy, so the model keeps its weights.
-        if self.phase != Phase::Restored {
+        if !matches!(self.phase, Phase::Restored { .. }) {
             let _ = self.backend.synchronize();
             self.detach_to_host();
         }
@@ -354,18 +348,14 @@ impl BlockGuard<'_> {
     /// Releases the block now and reports an error, which `Drop` cannot.
     pub fn finish(mut self) -> Result<()> {
         self.armed = false;
-        if self.manager.can_release(self.block) {
-            self.manager.release(self.block)
-        } else {
-            Ok(())
-        }
+        self.manager.release_for_guard(self.block)
     }
 }
 
 impl Drop for BlockGuard<'_> {
     fn drop(&mut self) {
-        if self.armed && self.manager.can_release(self.block) {
-            let _ = self.manager.release(self.block);
+        if self.armed {
+            let _ = self.manager.release_for_guard(self.block);
         }
     }
 }

@@ -7,9 +7,12 @@ use crate::stats::OffloadStats;
 use std::sync::Arc;
 use tch::Device;
 
+use super::LayerwiseOffloadManager;
+use super::faults::FaultInjector;
 use super::lifecycle::Undo;
-use super::weights::{empty_like, owned_copy, zip_views};
-use super::{LayerwiseOffloadManager, Phase};
+use super::phase::{Phase, Runtime};
+use super::tier::HostTier;
+use super::weights::{empty_like, zip_views};
 
 impl LayerwiseOffloadManager {
     /// Puts every block tensor back on the compute device (fresh tensors with the original
@@ -26,10 +29,10 @@ impl LayerwiseOffloadManager {
 
     /// [`Self::restore`] onto `device` (e.g. `Device::Cpu` for a model that does not fit).
     pub fn restore_to(&mut self, device: Device) -> Result<()> {
-        if self.phase == Phase::Restored || self.plan.is_none() {
-            return Ok(());
-        }
-        let _span = crate::observe::restore(self.blocks.len());
+        let Some(rt) = self.phase.runtime() else {
+            return Ok(()); // never initialized, or restored already
+        };
+        let _span = crate::observe::restore(rt.blocks.len());
         self.backend.sync_copies();
         // Reading the zero-copy store's pages of a file truncated since would be SIGBUS.
         if let (true, Some(c)) = (self.config.zero_copy, &self.config.checkpoint) {
@@ -37,82 +40,41 @@ impl LayerwiseOffloadManager {
         }
         // Disk-tier blocks are read back from the checkpoint: refused, with nothing changed, if
         // a file changed since initialize() (their old weights are gone).
-        if let Some(disk) = &self.disk {
+        if let Some(disk) = &rt.disk {
             disk.check_files()?;
         }
         // The loop is over from here, also if a block below fails: loop calls are refused and
         // the other members of a peer group learn at once that this one left.
-        self.phase = Phase::Restoring;
+        self.phase = match std::mem::take(&mut self.phase) {
+            Phase::Ready(rt) | Phase::Restoring { rt, .. } => Phase::Restoring { rt, restored: 0 },
+            other => other,
+        };
         self.leave_group();
-        self.restored = 0;
-        for i in 0..self.blocks.len() {
-            if self.blocks[i].resident {
-                for p in &mut self.blocks[i].params {
-                    if p.device() != device {
-                        let moved = tch::no_grad(|| p.f_to_device(device))
-                            .map_err(|e| Error::from_torch("restore", 0, e.to_string()))?;
-                        p.f_set_data(&moved)
-                            .map_err(|e| Error::from(("restore", e)))?;
-                    }
-                }
-                self.blocks[i].in_use = false;
-                if self.blocks[i].host.take().is_some() {
-                    let bytes = self.layout(i).bytes as u64;
-                    self.stats.host_bytes = self.stats.host_bytes.saturating_sub(bytes);
-                }
-                if let Some(store) = self.store.as_mut().and_then(Arc::get_mut) {
-                    store.release(i);
-                }
-                self.restored += 1;
-                continue;
-            }
-            if self.blocks[i].host.is_none() && !self.blocks[i].on_disk {
-                self.restored += 1; // restored by an earlier call
-                continue;
-            }
-            // A disk-tier block is read back from the checkpoint.
-            let host = self.host_copy(i)?;
-            let layout = self.layout(i).clone();
-            if self.faults.restore() {
-                return Err(Error::OutOfMemory {
-                    op: format!("restoring block {i}"),
-                    bytes: layout.bytes as u64,
-                    source: crate::error::TorchMessage("injected fault".into()),
-                });
-            }
-            let views = host.views(&layout)?;
-            let fresh = layout
-                .tensors
-                .iter()
-                .zip(&views)
-                .map(|(t, v)| owned_copy(t, v, device, "restore"))
-                .collect::<Result<Vec<_>>>()?;
-            let b = &mut self.blocks[i];
-            b.point_at(&fresh, "restore")?;
-            b.in_use = false;
-            if let Some(s) = b.slot.take() {
-                self.slots[s].take_block();
-            }
-            if let Some(h) = self.blocks[i].host.take() {
-                let held = h.bytes() as u64;
-                self.stats.host_bytes = self.stats.host_bytes.saturating_sub(held);
-            }
-            // The store held the buffer too: without this, restoring onto the CPU needs the
-            // model twice in host memory until the last block is done.
-            if let Some(store) = self.store.as_mut().and_then(Arc::get_mut) {
-                store.release(i);
-            }
-            self.blocks[i].on_disk = false;
-            self.restored += 1;
+        let Phase::Restoring { rt, restored } = &mut self.phase else {
+            return Ok(());
+        };
+        for i in 0..rt.blocks.len() {
+            restore_block(rt, i, device, &mut self.stats, &mut self.faults)?;
+            *restored += 1;
         }
         self.backend.synchronize()?;
-        self.slots.clear();
-        self.store = None;
-        self.disk = None;
-        self.decoding = None;
-        self.claim = None;
+        let Phase::Restoring { rt, .. } = std::mem::take(&mut self.phase) else {
+            unreachable!("set above");
+        };
+        let Runtime {
+            plan,
+            blocks,
+            ring,
+            store,
+            disk,
+            decoding,
+            claim,
+        } = rt;
+        // Given up in this order: the slots, the host store, the disk tier, the staging
+        // buffers, the claim on the model's tensors.
+        drop((ring, store, disk, decoding, claim));
         self.stats.shared_host_bytes = 0;
-        self.phase = Phase::Restored;
+        self.phase = Phase::Restored { plan, blocks };
         Ok(())
     }
 
@@ -122,22 +84,33 @@ impl LayerwiseOffloadManager {
     /// and the shared-memory file this call created are given up.
     pub(super) fn roll_back(&mut self, undo: Undo) {
         self.backend.sync_copies();
+        let Undo {
+            devices,
+            repointed,
+            created,
+            mut building,
+        } = undo;
         // Blocks filled from a shared store or a checkpoint keep their old values in
-        // `undo.repointed`; own host copies of the model's values go back from here.
-        if self.config.store.is_none() && self.config.checkpoint.is_none() && self.plan.is_some() {
-            for i in 0..self.blocks.len() {
-                if self.blocks[i].resident {
-                    continue; // moved to the device in step 3: in `undo.repointed`
+        // `repointed`; own host copies of the model's values go back from here.
+        if let (None, None, Some(b)) = (
+            &self.config.store,
+            &self.config.checkpoint,
+            building.as_mut(),
+        ) {
+            for (i, layout) in b.plan.blocks.iter().enumerate() {
+                let block = &mut b.blocks[i];
+                if block.resident {
+                    continue; // moved to the device in step 3: in `repointed`
                 }
-                let Some(host) = self.blocks[i].host.take() else {
+                let tier = std::mem::replace(&mut block.tier, HostTier::Model);
+                let Some(host) = tier.host() else {
                     continue; // not copied yet: untouched
                 };
-                let layout = self.layout(i).clone();
-                let Ok(views) = host.decoded().and_then(|h| h.views(&layout)) else {
+                let Ok(views) = host.decoded().and_then(|h| h.views(layout)) else {
                     continue;
                 };
-                for (t, v, p) in zip_views(&layout, &views, &mut self.blocks[i].params) {
-                    let device = undo.devices[t.source_index];
+                for (t, v, p) in zip_views(layout, &views, &mut block.params) {
+                    let device = devices[t.source_index];
                     let fresh = empty_like(t, device)
                         .and_then(|mut f| tch::no_grad(|| f.f_copy_(v)).map(|_| f));
                     let _ = match fresh {
@@ -147,7 +120,7 @@ impl LayerwiseOffloadManager {
                 }
             }
         }
-        for (i, old) in undo.repointed.into_iter().rev() {
+        for (i, old) in repointed.into_iter().rev() {
             let _ = self.named[i].1.f_set_data(&old);
         }
         if self.peer.joined
@@ -156,15 +129,10 @@ impl LayerwiseOffloadManager {
             group.unjoin(*rank);
         }
         self.peer.joined = false;
-        self.blocks.clear();
-        self.slots.clear();
-        self.disk = None;
-        self.decoding = None;
-        self.plan = None;
-        self.store = None; // a published store removes its file and manifest when dropped
-        self.claim = None;
+        // The blocks, the ring, the disk tier and the claim.
+        drop(building);
         self.stats = OffloadStats::default();
-        if let Some(path) = undo.created {
+        if let Some(path) = created {
             // The file this call created (the manifest's own writer removes its temporary).
             let _ = std::fs::remove_file(path);
         }
@@ -179,36 +147,80 @@ impl LayerwiseOffloadManager {
     /// copy (readable, not writable), which is still better than losing the value.
     pub(super) fn detach_to_host(&mut self) {
         self.backend.sync_copies();
-        if self.plan.is_none() {
+        let Some(rt) = self.phase.runtime_mut() else {
             return;
-        }
-        let shared = self.host_is_shared();
-        for i in 0..self.blocks.len() {
-            if self.blocks[i].resident {
+        };
+        let shared = rt.host_is_shared();
+        for (i, b) in rt.blocks.iter_mut().enumerate() {
+            if b.resident {
                 continue; // real device tensors, not placeholders
             }
-            let Some(host) = self.blocks[i].host.as_ref().map(|h| h.shallow_clone()) else {
+            let Some(values) = b.tier.detach(&rt.plan.blocks[i], shared) else {
                 continue;
             };
-            // An encoded host copy is decoded into pageable memory the tensors then own.
-            let owned = shared && host.encoding().is_none();
-            let layout = self.layout(i).clone();
-            let Ok(views) = host.decoded().and_then(|h| h.views(&layout)) else {
-                continue;
-            };
-            for (t, v, p) in zip_views(&layout, &views, &mut self.blocks[i].params) {
-                let value = match owned {
-                    true => owned_copy(t, v, Device::Cpu, "dropping the manager")
-                        .unwrap_or_else(|_| v.shallow_clone()),
-                    false => v.shallow_clone(),
-                };
-                let _ = p.f_set_data(&value);
+            for (p, v) in b.params.iter_mut().zip(&values) {
+                let _ = p.f_set_data(v);
             }
-            self.blocks[i].slot = None;
-            self.blocks[i].in_use = false;
+            b.in_use = false;
         }
-        for s in &mut self.slots {
-            s.take_block();
-        }
+        rt.ring.forget_all();
     }
+}
+
+/// Block `i` of `rt` back in the model, on `device` (fresh tensors; a resident block's tensors
+/// moved there); its host copy given up (also from the store, when it is this manager's
+/// alone). A block restored by an earlier call is left as it is.
+fn restore_block(
+    rt: &mut Runtime,
+    i: usize,
+    device: Device,
+    stats: &mut OffloadStats,
+    faults: &mut FaultInjector,
+) -> Result<()> {
+    let layout = &rt.plan.blocks[i];
+    let b = &mut rt.blocks[i];
+    if b.resident {
+        for p in &mut b.params {
+            if p.device() != device {
+                let moved = tch::no_grad(|| p.f_to_device(device))
+                    .map_err(|e| Error::from_torch("restore", 0, e.to_string()))?;
+                p.f_set_data(&moved)
+                    .map_err(|e| Error::from(("restore", e)))?;
+            }
+        }
+        b.in_use = false;
+        let tier = std::mem::replace(&mut b.tier, HostTier::Model);
+        if tier.host().is_some() {
+            stats.host_bytes = stats.host_bytes.saturating_sub(layout.bytes as u64);
+        }
+        if let Some(store) = Arc::get_mut(&mut rt.store) {
+            store.release(i);
+        }
+        return Ok(());
+    }
+    if !b.tier.is_offloaded() {
+        return Ok(()); // restored by an earlier call
+    }
+    if faults.restore() {
+        return Err(Error::OutOfMemory {
+            op: format!("restoring block {i}"),
+            bytes: layout.bytes as u64,
+            source: crate::error::TorchMessage("injected fault".into()),
+        });
+    }
+    // A disk-tier block is read back from the checkpoint.
+    let fresh = b.tier.restore(i, layout, device)?;
+    b.point_at(&fresh, "restore")?;
+    b.in_use = false;
+    rt.ring.forget(i);
+    let tier = std::mem::replace(&mut b.tier, HostTier::Model);
+    if let Some(h) = tier.host() {
+        stats.host_bytes = stats.host_bytes.saturating_sub(h.bytes() as u64);
+    }
+    // The store held the buffer too: without this, restoring onto the CPU needs the model
+    // twice in host memory until the last block is done.
+    if let Some(store) = Arc::get_mut(&mut rt.store) {
+        store.release(i);
+    }
+    Ok(())
 }

@@ -4,51 +4,37 @@
 use crate::error::{Error, Result};
 use crate::stats::Lane;
 
-use super::LayerwiseOffloadManager;
+use super::phase::Loop;
 
-impl LayerwiseOffloadManager {
-    /// A slot that holds no entered block and none of `protect`: empty ones first, then the
-    /// least recently used.
+impl Loop<'_> {
+    /// A slot for an upload: one that holds no entered block and none of `protect` (the
+    /// ring's choice).
     pub(super) fn pick_slot(&self, protect: &[usize]) -> Option<usize> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| match s.block() {
-                None => true,
-                Some(b) => !self.blocks[b].in_use && !protect.contains(&b),
-            })
-            .min_by_key(|(_, s)| (s.block().is_some(), s.last_used()))
-            .map(|(i, _)| i)
+        self.rt
+            .ring
+            .pick(|b| self.rt.blocks[b].in_use || protect.contains(&b))
     }
 
-    /// Forgets the block held by slot `s` (its tensors go back to placeholders).
+    /// Empties slot `s` for another block (its old block's tensors go back to placeholders).
     pub(super) fn evict(&mut self, s: usize) -> Result<()> {
-        if self.slots[s].block().is_some() && !self.slots[s].is_released() {
-            // The block may have been read without an enter/release pair (FastVideo's
-            // `prefetch_layer` points its tensors at the slot): order the slot's next upload
-            // after all compute work queued so far.
-            let compute = self.backend.compute_stream()?;
-            self.slots[s].mark_free(compute.as_ref())?;
-        }
-        if let Some(old) = self.slots[s].take_block() {
-            let b = &mut self.blocks[old];
-            b.slot = None;
-            b.point_at_placeholders()?;
-        }
-        Ok(())
+        self.rt.evict(s, self.backend)
     }
 
     /// Points block `block`'s tensors at views of its slot.
     pub(super) fn point_at_slot(&mut self, block: usize) -> Result<()> {
-        let s = self.blocks[block].slot.expect("block is in a slot");
-        let views = super::weights::views(self.slots[s].buf(), self.layout(block))?;
-        self.blocks[block].point_at(&views, "pointing a block at its slot")
+        let s = self
+            .rt
+            .ring
+            .slot_of(block)
+            .ok_or_else(|| not_in_slot(block))?;
+        let views = super::weights::views(self.rt.ring.slot(s).buf(), self.rt.layout(block))?;
+        self.rt.blocks[block].point_at(&views, "pointing a block at its slot")
     }
 
     /// Makes block `block` usable by the compute stream: uploads it if no slot holds it, makes
     /// the compute stream wait for its upload, points its tensors at the slot.
     pub(super) fn activate(&mut self, block: usize) -> Result<()> {
-        if self.blocks[block].in_use {
+        if self.rt.blocks[block].in_use {
             return Ok(());
         }
         self.activate_inner(block)?;
@@ -62,16 +48,16 @@ impl LayerwiseOffloadManager {
     }
 
     fn activate_inner(&mut self, block: usize) -> Result<()> {
-        if self.blocks[block].resident {
-            self.blocks[block].in_use = true;
+        if self.rt.blocks[block].resident {
+            self.rt.blocks[block].in_use = true;
             return Ok(());
         }
-        let s = match self.blocks[block].slot {
+        let s = match self.rt.ring.slot_of(block) {
             Some(s) => s,
             None => {
                 let s = self.pick_slot(&[block]).ok_or_else(|| Error::NoFreeSlot {
                     block,
-                    in_use: self.in_use(),
+                    in_use: self.rt.in_use(),
                 })?;
                 self.upload(block, s)?;
                 s
@@ -79,30 +65,29 @@ impl LayerwiseOffloadManager {
         };
         if let Some(compute) = self.backend.compute_stream()? {
             let pair = self.timing_pair()?;
-            let slot = &self.slots[s];
+            let slot = self.rt.ring.slot(s);
             self.timer
                 .time(pair, &compute, (block, 0, Lane::Stall), || {
                     slot.wait_ready(&compute)
                 })?;
         }
         self.point_at_slot(block)?;
-        self.tick += 1;
-        self.slots[s].touch(self.tick);
-        self.blocks[block].in_use = true;
+        self.rt.ring.touch(s);
+        self.rt.blocks[block].in_use = true;
         Ok(())
     }
 
     /// Queues the uploads of the `prefetch_depth` blocks after `block` in loop order, wrapping
     /// from the last block to the first. Stops quietly when no slot is free.
     pub(super) fn prefetch_ahead(&mut self, block: usize) -> Result<()> {
-        let n = self.blocks.len();
+        let n = self.rt.blocks.len();
         let upcoming: Vec<usize> = (1..n)
             .map(|k| (block + k) % n)
-            .filter(|&i| !self.blocks[i].resident)
+            .filter(|&i| !self.rt.blocks[i].resident)
             .take(self.config.prefetch_depth)
             .collect();
         for &next in &upcoming {
-            if self.blocks[next].slot.is_some() {
+            if self.rt.ring.slot_of(next).is_some() {
                 continue;
             }
             let Some(s) = self.pick_slot(&upcoming) else {
@@ -117,29 +102,31 @@ impl LayerwiseOffloadManager {
     /// and the block's tensors go back to placeholders. The slot keeps the block's bytes until
     /// another block needs it, so re-entering it soon costs no upload.
     pub(super) fn release(&mut self, block: usize) -> Result<()> {
-        if !self.blocks[block].in_use {
+        if !self.rt.blocks[block].in_use {
             return Ok(());
         }
-        self.blocks[block].in_use = false;
-        let backend = &self.backend;
+        self.rt.blocks[block].in_use = false;
+        let backend = self.backend;
         self.timer
             .close_compute(block, || backend.compute_stream())?;
-        if self.blocks[block].resident {
+        if self.rt.blocks[block].resident {
             return Ok(());
         }
-        let s = self.blocks[block]
-            .slot
-            .expect("an entered block is in a slot");
+        let s = self
+            .rt
+            .ring
+            .slot_of(block)
+            .ok_or_else(|| not_in_slot(block))?;
         let compute = self.backend.compute_stream()?;
-        self.slots[s].mark_free(compute.as_ref())?;
-        self.slots[s].mark_released();
-        self.blocks[block].point_at_placeholders()
+        self.rt.ring.release(s, compute.as_ref())?;
+        self.rt.blocks[block].point_at_placeholders()
     }
+}
 
-    /// The blocks entered now.
-    pub(super) fn in_use(&self) -> Vec<usize> {
-        (0..self.blocks.len())
-            .filter(|&i| self.blocks[i].in_use)
-            .collect()
+/// A streamed block that should be in a slot is in none: a broken invariant.
+fn not_in_slot(block: usize) -> Error {
+    Error::InvalidArgument {
+        op: "enter",
+        message: format!("block {block} is in no slot of the ring: this is a bug"),
     }
 }

@@ -226,11 +226,4 @@ impl LayerwiseOffloadManager {
         self.timer.harvest(&mut self.stats);
         Ok(self.timer.finish_timeline())
     }
-
-    /// A pair of timing events, recycled when possible; None when timing is off or without
-    /// device events.
-    pub(super) fn timing_pair(&mut self) -> Result<Pair> {
-        let on = self.config.timing && self.backend.has_events();
-        self.timer.pair(on, &mut self.stats)
-    }
 }

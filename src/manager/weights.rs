@@ -3,32 +3,26 @@
 //! `named_tensors`, `update_tensor`, `save_safetensors`).
 
 use crate::error::{Error, Result};
-use crate::host::HostBlock;
 use crate::plan::{BlockLayout, TensorLayout};
 use std::path::Path;
-use std::sync::Arc;
 use tch::{Device, Tensor};
 
 use super::LayerwiseOffloadManager;
+use super::tier::HostTier;
 
 /// The state of one block.
 #[derive(Debug)]
 pub(super) struct BlockState {
-    /// The block's host copy, once filled (None on the disk tier: read from the checkpoint
-    /// at each upload).
-    pub(super) host: Option<HostBlock>,
+    /// Where the block's bytes live.
+    pub(super) tier: HostTier,
     /// Handles of the model's tensors (same order as the layout's tensors).
     pub(super) params: Vec<Tensor>,
     /// Empty tensors the params point at while the block is not on the device.
     pub(super) placeholders: Vec<Tensor>,
-    /// The slot holding the block's weights, if any.
-    pub(super) slot: Option<usize>,
     /// Entered and not yet released.
     pub(super) in_use: bool,
     /// Kept on the compute device for good (within the VRAM budget): never streams.
     pub(super) resident: bool,
-    /// On the disk tier: no host copy, read from the checkpoint at each upload.
-    pub(super) on_disk: bool,
 }
 
 impl BlockState {
@@ -40,21 +34,12 @@ impl BlockState {
         resident: bool,
     ) -> BlockState {
         BlockState {
-            host: None,
+            tier: HostTier::Model,
             params,
             placeholders,
-            slot: None,
             in_use: false,
             resident,
-            on_disk: false,
         }
-    }
-
-    /// The block's host copy (filled once initialized; not on the disk tier).
-    pub(super) fn host(&self) -> &HostBlock {
-        self.host
-            .as_ref()
-            .expect("initialized blocks have host buffers")
     }
 
     /// Points the block's tensors at their placeholders: frees their storage unless something
@@ -139,35 +124,16 @@ impl LayerwiseOffloadManager {
             .ok_or_else(|| Error::UnknownTensor {
                 name: name.to_owned(),
             })?;
-        if let Some(plan) = &self.plan {
-            for (li, l) in plan.blocks.iter().enumerate() {
+        if let Some(rt) = self.phase.runtime() {
+            for (li, l) in rt.plan.blocks.iter().enumerate() {
                 if let Some(j) = l.tensors.iter().position(|t| t.source_index == src)
-                    && (self.blocks[li].host.is_some() || self.blocks[li].on_disk)
+                    && rt.blocks[li].tier.is_offloaded()
                 {
                     return Ok((src, Some((li, j))));
                 }
             }
         }
         Ok((src, None))
-    }
-
-    /// Whether the host copy is not this manager's alone: shared with other managers (or held
-    /// by a caller of [`Self::host_store`]), published to other processes, or a read-only
-    /// mapping (the checkpoint's pages with `zero_copy`, a store opened from another process).
-    pub(super) fn host_is_shared(&self) -> bool {
-        self.store
-            .as_ref()
-            .is_some_and(|s| Arc::strong_count(s) > 1 || s.read_only || s.owner_path.is_some())
-    }
-
-    /// Whether block `li`'s host copy is raw pages of a read-only mapping, which an in-place
-    /// write would turn into SIGSEGV.
-    fn host_is_read_only(&self, li: usize) -> bool {
-        self.store.as_ref().is_some_and(|s| s.read_only)
-            && self.blocks[li]
-                .host
-                .as_ref()
-                .is_some_and(|h| h.encoding().is_none())
     }
 
     /// The current value of tensor `name`: for an offloaded block tensor a view of its host
@@ -184,18 +150,12 @@ impl LayerwiseOffloadManager {
     /// that never leave this crate).
     fn value(&self, name: &str, owned: bool) -> Result<Tensor> {
         let (src, at) = self.locate(name)?;
-        match at {
-            Some((li, j)) => {
+        match (at, self.phase.runtime()) {
+            (Some((li, j)), Some(rt)) => {
                 self.backend.sync_copies();
-                let mut all = self.host_copy(li)?.views(self.layout(li))?;
-                let view = all.swap_remove(j);
-                if owned && self.host_is_read_only(li) {
-                    owned_copy(&self.layout(li).tensors[j], &view, Device::Cpu, "tensor")
-                } else {
-                    Ok(view)
-                }
+                rt.blocks[li].tier.tensor(li, rt.layout(li), j, owned)
             }
-            None => Ok(self.named[src].1.shallow_clone()),
+            _ => Ok(self.named[src].1.shallow_clone()),
         }
     }
 
@@ -232,9 +192,11 @@ impl LayerwiseOffloadManager {
     /// queued uploads first; refused while the block is entered.
     pub fn update_tensor(&mut self, name: &str, value: &Tensor) -> Result<()> {
         let (src, at) = self.locate(name)?;
-        let (shape, kind) = match at {
-            Some((li, j)) => {
-                let t = &self.layout(li).tensors[j];
+        let memory = self.host_memory();
+        let located = at.zip(self.phase.runtime_mut());
+        let (shape, kind) = match &located {
+            Some(((li, j), rt)) => {
+                let t = &rt.layout(*li).tensors[*j];
                 (t.shape.clone(), t.kind)
             }
             None => (self.named[src].1.size(), self.named[src].1.kind()),
@@ -246,64 +208,49 @@ impl LayerwiseOffloadManager {
                 got: format!("{:?} {:?}", value.size(), value.kind()),
             });
         }
-        match at {
-            Some((li, j)) => {
-                if self.blocks[li].in_use {
-                    return Err(Error::BlockInUse {
-                        op: "update_tensor",
-                        block: li,
-                    });
-                }
-                if self.config.peer.is_some() {
-                    return Err(Error::InvalidArgument {
-                        op: "update_tensor",
-                        message: format!(
-                            "{name:?} is a block weight of a peer group member, whose blocks are assembled from every member's host copy; update the model before building the group"
-                        ),
-                    });
-                }
-                if self.blocks[li].on_disk {
-                    return Err(Error::InvalidArgument {
-                        op: "update_tensor",
-                        message: format!(
-                            "{name:?} is in a block on the disk tier, read from the checkpoint at every upload; update the checkpoint, or raise host_budget so the block is held in host memory"
-                        ),
-                    });
-                }
-                if self.host_is_shared() {
-                    return Err(Error::InvalidArgument {
-                        op: "update_tensor",
-                        message: format!(
-                            "the host copy of {name:?} is shared with other managers or processes, or is the checkpoint's own read-only pages (zero_copy); update it before sharing or publishing the store, or restore the others first, or load without zero_copy"
-                        ),
-                    });
-                }
-                self.backend.sync_copies();
-                if self.blocks[li].host().encoding().is_some() {
-                    // Compressed: the block decoded, updated and encoded again.
-                    self.reencode_with(li, j, value)?;
-                } else {
-                    let mut view = self.blocks[li]
-                        .host()
-                        .views(self.layout(li))?
-                        .swap_remove(j);
-                    tch::no_grad(|| view.f_copy_(value))
-                        .map_err(|e| Error::from(("update_tensor", e)))?;
-                }
-                if self.blocks[li].resident {
-                    // A resident block with a host copy (shareable): the device tensor too.
-                    let p = &mut self.blocks[li].params[j];
-                    tch::no_grad(|| p.f_copy_(value))
-                        .map_err(|e| Error::from(("update_tensor", e)))?;
-                }
-                if let Some(s) = self.blocks[li].slot {
-                    self.evict(s)?;
-                }
-            }
-            None => {
-                let t = &mut self.named[src].1;
-                tch::no_grad(|| t.f_copy_(value)).map_err(|e| Error::from(("update_tensor", e)))?;
-            }
+        let Some(((li, j), rt)) = located else {
+            let t = &mut self.named[src].1;
+            tch::no_grad(|| t.f_copy_(value)).map_err(|e| Error::from(("update_tensor", e)))?;
+            return Ok(());
+        };
+        if rt.blocks[li].in_use {
+            return Err(Error::BlockInUse {
+                op: "update_tensor",
+                block: li,
+            });
+        }
+        if self.config.peer.is_some() {
+            return Err(Error::InvalidArgument {
+                op: "update_tensor",
+                message: format!(
+                    "{name:?} is a block weight of a peer group member, whose blocks are assembled from every member's host copy; update the model before building the group"
+                ),
+            });
+        }
+        rt.blocks[li].tier.refuse_update(name)?;
+        if rt.host_is_shared() {
+            return Err(Error::InvalidArgument {
+                op: "update_tensor",
+                message: format!(
+                    "the host copy of {name:?} is shared with other managers or processes, or is the checkpoint's own read-only pages (zero_copy); update it before sharing or publishing the store, or restore the others first, or load without zero_copy"
+                ),
+            });
+        }
+        self.backend.sync_copies();
+        rt.update_host(
+            name,
+            (li, j),
+            value,
+            (memory, &mut self.stats),
+            &self.backend,
+        )?;
+        if rt.blocks[li].resident {
+            // A resident block with a host copy (shareable): the device tensor too.
+            let p = &mut rt.blocks[li].params[j];
+            tch::no_grad(|| p.f_copy_(value)).map_err(|e| Error::from(("update_tensor", e)))?;
+        }
+        if let Some(s) = rt.ring.slot_of(li) {
+            rt.evict(s, &self.backend)?;
         }
         Ok(())
     }

@@ -1,0 +1,141 @@
+//! [`OffloadConfig::build`]: the options checked together, the backend chosen, the manager
+//! made (and initialized with `auto_initialize`).
+
+use crate::error::{Error, Result};
+use crate::source::WeightSource;
+
+use super::LayerwiseOffloadManager;
+use super::config::{MAX_PREFETCH_DEPTH, OffloadConfig};
+use super::device::Backend;
+
+impl OffloadConfig {
+    /// Builds the manager over `model`'s weights (and initializes it if `auto_initialize`).
+    ///
+    /// Without a usable CUDA device (outside the CPU test mode and unless disabled) this fails
+    /// with [`Error::NoDevice`], whose reason says what is missing: a CPU-only libtorch, a CUDA
+    /// backend that could not be loaded, no driver or no GPU, or a device index out of range.
+    /// [`Self::allow_cpu_fallback`] builds a disabled manager instead.
+    pub fn build(self, model: &(impl WeightSource + ?Sized)) -> Result<LayerwiseOffloadManager> {
+        if self.prefetch_depth == 0 {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::prefetch_depth",
+                message: "prefetch_depth must be at least 1".into(),
+            });
+        }
+        if self.prefetch_depth > MAX_PREFETCH_DEPTH {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::prefetch_depth",
+                message: format!(
+                    "prefetch_depth {} is out of range: pass 1..={MAX_PREFETCH_DEPTH} (each step holds one more slot of the largest block on the GPU; more than the number of blocks gains nothing)",
+                    self.prefetch_depth
+                ),
+            });
+        }
+        if self.enabled
+            && let Some((attr, _)) = self.lists.iter().find(|(_, n)| *n == 0)
+        {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::new",
+                message: format!(
+                    "num_blocks is 0 for {attr:?}: pass the number of blocks to offload (at least 1), or build with enabled(false) to offload nothing"
+                ),
+            });
+        }
+        if let Some((group, rank)) = &self.peer
+            && *rank >= group.size()
+        {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::peer_group",
+                message: format!(
+                    "rank {rank} is out of range for a group of {} (ranks 0..{})",
+                    group.size(),
+                    group.size()
+                ),
+            });
+        }
+        self.check_checkpoint_options()?;
+        let named = model.named_tensors()?;
+        let backend = Backend::select(
+            self.enabled,
+            self.cpu_test_mode,
+            self.device,
+            self.allow_cpu_fallback,
+        )?;
+        let auto = self.auto_initialize;
+        let mut m = LayerwiseOffloadManager::configured(self, backend, named);
+        if auto {
+            m.initialize()?;
+        }
+        Ok(m)
+    }
+
+    /// The checkpoint and compression options fit together.
+    fn check_checkpoint_options(&self) -> Result<()> {
+        let refuse = |op, message: &str| {
+            Err(Error::InvalidArgument {
+                op,
+                message: message.into(),
+            })
+        };
+        if self.compress {
+            if self.shm.is_some() {
+                return refuse(
+                    "OffloadConfig::compress",
+                    "a published shared-memory store holds raw blocks; drop compress(true) or shared_memory",
+                );
+            }
+            if self.zero_copy || self.host_budget.is_some() {
+                return refuse(
+                    "OffloadConfig::compress",
+                    "zero_copy and host_budget stream the checkpoint's raw bytes; drop compress(true) or them",
+                );
+            }
+        }
+        if self.checkpoint.is_none() {
+            if self.zero_copy {
+                return refuse(
+                    "OffloadConfig::zero_copy",
+                    "zero_copy maps a checkpoint's files; give one with .checkpoint(Checkpoint::open(path)?)",
+                );
+            }
+            if self.host_budget.is_some() {
+                return refuse(
+                    "OffloadConfig::host_budget",
+                    "host_budget reads the blocks past the budget from a checkpoint; give one with .checkpoint(Checkpoint::open(path)?)",
+                );
+            }
+            return Ok(());
+        }
+        if self.store.is_some() {
+            return refuse(
+                "OffloadConfig::checkpoint",
+                "a shared host store already holds the weights; give either a checkpoint or a host store",
+            );
+        }
+        if self.shm.is_some() && (self.zero_copy || self.host_budget.is_some()) {
+            return refuse(
+                "OffloadConfig::shared_memory",
+                "zero_copy and host_budget stream from the checkpoint's files, which other processes share through the page cache already; open the same checkpoint there instead of publishing a store",
+            );
+        }
+        if self.zero_copy && self.host_budget.is_some() {
+            return refuse(
+                "OffloadConfig::host_budget",
+                "zero_copy pins every page of the checkpoint; host_budget keeps part of it out of memory: choose one",
+            );
+        }
+        if self.host_budget.is_some() && self.peer.is_some() {
+            return refuse(
+                "OffloadConfig::host_budget",
+                "a peer group member uploads its share of every block from host memory; the disk tier does not serve groups yet, so give the group a host budget that holds every block",
+            );
+        }
+        if self.convert_dtypes && (self.zero_copy || self.host_budget.is_some()) {
+            return refuse(
+                "OffloadConfig::convert_dtypes",
+                "zero_copy and host_budget stream the checkpoint's bytes as stored; convert the checkpoint once instead",
+            );
+        }
+        Ok(())
+    }
+}
