@@ -10,6 +10,7 @@
 //! the whole block.
 
 use crate::accel::{self, HostMemory};
+use crate::error::Context;
 use crate::error::{Error, Result};
 use crate::host::{self, HostBlock};
 use crate::plan::BlockLayout;
@@ -50,9 +51,7 @@ fn store_encoding(
     let dst = unsafe { host::bytes_mut(&out)? };
     plan.write(&mut dst[..len])
         .map_err(codec_error("encoding a block"))?;
-    let out = out
-        .f_narrow(0, 0, len as i64)
-        .map_err(|e| Error::from(("encoding a block", e)))?;
+    let out = out.f_narrow(0, 0, len as i64).context("encoding a block")?;
     stats.encoded_blocks += 1;
     stats.encoded_bytes += len as u64;
     stats.raw_encoded_bytes += raw as u64;
@@ -188,7 +187,7 @@ pub(super) fn zero_gaps(host: &Tensor, layout: &BlockLayout) -> Result<()> {
             let _ = host
                 .f_narrow(0, at as i64, (start - at) as i64)
                 .and_then(|mut g| g.f_fill_(0))
-                .map_err(|e| Error::from(("zeroing a block's gaps", e)))?;
+                .context("zeroing a block's gaps")?;
         }
         at = at.max(end);
     }

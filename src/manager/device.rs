@@ -3,6 +3,7 @@
 //! for streams, synchronization and memory through [`Backend`]'s methods.
 
 use crate::accel::{self, HostMemory, Stream};
+use crate::error::Context;
 use crate::error::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -188,7 +189,7 @@ impl Backend {
         match self.cuda() {
             Some(device) => accel::alloc_device(bytes, device),
             None => Tensor::f_empty([bytes as i64], (Kind::Uint8, Device::Cpu))
-                .map_err(|e| Error::from(("allocating CPU slots", e))),
+                .context("allocating CPU slots"),
         }
     }
 }

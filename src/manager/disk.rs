@@ -6,6 +6,7 @@
 
 use crate::accel::{self, Event, HostMemory, Stream};
 use crate::checkpoint::{self, Checkpoint, CheckpointTensor, FileStamp};
+use crate::error::Context;
 use crate::error::{Error, Result};
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -19,9 +20,7 @@ impl DiskTier {
     /// block was read into (waiting for the read if it is not done).
     pub(super) fn stage(self: &Arc<Self>, block: usize, off: usize, len: usize) -> Result<Staged> {
         let (i, buf) = self.take(block)?;
-        let part = buf
-            .f_narrow(0, off as i64, len as i64)
-            .map_err(|e| Error::from(("upload", e)));
+        let part = buf.f_narrow(0, off as i64, len as i64).context("upload");
         match part {
             Ok(part) => Ok(Staged::disk(part, self.clone(), i)),
             Err(e) => {
@@ -246,7 +245,7 @@ impl DiskTier {
         self.ahead(&self.next_blocks_from(block, false));
         let staged = self.staging.lock().unwrap_or_else(|p| p.into_inner())[i]
             .f_narrow(0, 0, self.bytes[block] as i64)
-            .map_err(|e| Error::from(("reading a disk-tier block", e)))?;
+            .context("reading a disk-tier block")?;
         Ok((i, staged))
     }
 

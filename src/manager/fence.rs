@@ -12,6 +12,7 @@
 //! copy into it is done when queued: the waits do nothing.
 
 use crate::accel::{Event, Stream};
+use crate::error::Context;
 use crate::error::{Error, Result};
 use tch::Tensor;
 
@@ -102,9 +103,7 @@ impl<E: Fence> Fenced<E> {
 
     /// The first `bytes` bytes of the buffer.
     pub(super) fn head(&self, bytes: usize) -> Result<Tensor> {
-        self.buf
-            .f_narrow(0, 0, bytes as i64)
-            .map_err(|e| Error::from(("upload", e)))
+        self.buf.f_narrow(0, 0, bytes as i64).context("upload")
     }
 
     fn events(&self) -> Result<&Events<E>> {

@@ -3,6 +3,7 @@
 //! taken from a host store another manager made.
 
 use crate::accel::{self, HostMemory};
+use crate::error::Context;
 use crate::error::{Error, Result};
 use crate::host::{HostBlock, HostStore};
 use crate::progress::{Reporter, Stage};
@@ -46,8 +47,7 @@ impl LayerwiseOffloadManager {
                         e.to_string(),
                     )
                 })?;
-                tch::no_grad(|| fresh.f_copy_(v))
-                    .map_err(|e| Error::from(("filling resident blocks", e)))?;
+                tch::no_grad(|| fresh.f_copy_(v)).context("filling resident blocks")?;
                 undo.repoint(t.source_index, p, &fresh, "filling resident blocks")?;
             }
         }
@@ -169,7 +169,7 @@ impl LayerwiseOffloadManager {
             tch::no_grad(|| -> Result<()> {
                 for (mut v, p) in views.into_iter().zip(&rt.params) {
                     v.f_copy_(p)
-                        .map_err(|e| Error::from(("copying a block into its host buffer", e)))?;
+                        .context("copying a block into its host buffer")?;
                 }
                 Ok(())
             })?;
@@ -212,5 +212,5 @@ pub(super) fn scratch_buffer(scratch: &mut Option<Tensor>, bytes: usize) -> Resu
         .as_ref()
         .expect("set above")
         .f_narrow(0, 0, bytes as i64)
-        .map_err(|e| Error::from(("a scratch buffer", e)))
+        .context("a scratch buffer")
 }

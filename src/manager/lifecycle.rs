@@ -4,6 +4,7 @@
 
 use crate::accel::HostMemory;
 use crate::claims::Claim;
+use crate::error::Context;
 use crate::error::{Error, Result};
 use crate::host::HostStore;
 use crate::placement::{self, Budget};
@@ -269,8 +270,7 @@ impl LayerwiseOffloadManager {
                 params.push(self.named[t.source_index].1.shallow_clone());
                 let shape = vec![0i64; t.shape.len().max(1)];
                 placeholders.push(
-                    Tensor::f_empty(shape, (t.kind, compute))
-                        .map_err(|e| Error::from(("creating placeholders", e)))?,
+                    Tensor::f_empty(shape, (t.kind, compute)).context("creating placeholders")?,
                 );
             }
             blocks.push(BlockState::new(params, placeholders, r));

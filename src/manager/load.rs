@@ -5,6 +5,7 @@
 
 use crate::accel::{self, HostMemory};
 use crate::checkpoint::{self, Checkpoint, CheckpointTensor, FileStamp};
+use crate::error::Context;
 use crate::error::{Error, Result};
 use crate::host::{HostBlock, HostStore};
 use crate::placement;
@@ -58,8 +59,7 @@ fn read_tensor(ckpt: &Checkpoint, c: &CheckpointTensor, kind: Kind) -> Result<Te
     if stored == kind {
         Ok(t)
     } else {
-        t.f_to_kind(kind)
-            .map_err(|e| Error::from(("converting a checkpoint tensor", e)))
+        t.f_to_kind(kind).context("converting a checkpoint tensor")
     }
 }
 
@@ -200,7 +200,7 @@ impl LayerwiseOffloadManager {
                             maps[r.file]
                                 .f_narrow(0, r.offset as i64, r.bytes as i64)
                                 .map(|t| (r.at, t))
-                                .map_err(|e| Error::from(("mapping a checkpoint", e)))
+                                .context("mapping a checkpoint")
                         })
                         .collect::<Result<Vec<_>>>()?,
                 ))
@@ -306,9 +306,8 @@ fn read_block(
             .f_narrow(0, t.offset as i64, t.bytes as i64)
             .and_then(|v| v.f_view_dtype(t.kind))
             .and_then(|v| v.f_view(t.shape.as_slice()))
-            .map_err(|e| Error::from(("converting a checkpoint tensor", e)))?;
-        tch::no_grad(|| view.f_copy_(&value))
-            .map_err(|e| Error::from(("converting a checkpoint tensor", e)))?;
+            .context("converting a checkpoint tensor")?;
+        tch::no_grad(|| view.f_copy_(&value)).context("converting a checkpoint tensor")?;
     }
     Ok(())
 }

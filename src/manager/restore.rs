@@ -2,6 +2,7 @@
 //! the roll-back of a failed `initialize`, and what Drop leaves (each block tensor pointing at
 //! its host copy).
 
+use crate::error::Context;
 use crate::error::{Error, Result};
 use crate::stats::OffloadStats;
 use std::sync::Arc;
@@ -184,8 +185,7 @@ fn restore_block(
             if p.device() != device {
                 let moved = tch::no_grad(|| p.f_to_device(device))
                     .map_err(|e| Error::from_torch("restore", 0, e.to_string()))?;
-                p.f_set_data(&moved)
-                    .map_err(|e| Error::from(("restore", e)))?;
+                p.f_set_data(&moved).context("restore")?;
             }
         }
         b.in_use = false;

@@ -5,7 +5,8 @@
 //! buffer, written once here.
 
 use crate::accel::{self, Event, Stream};
-use crate::error::{Error, Result};
+use crate::error::Context;
+use crate::error::Result;
 use crate::peer::{self, PeerGroup, Post};
 use crate::stats::Lane;
 use std::sync::Arc;
@@ -87,10 +88,7 @@ impl Share<'_> {
         )?;
         // 2. This member's share: host -> own buffer -> every other member's.
         let (off, len) = self.range();
-        let narrow = |t: &Tensor| {
-            t.f_narrow(0, off as i64, len as i64)
-                .map_err(|e| Error::from(("upload", e)))
-        };
+        let narrow = |t: &Tensor| t.f_narrow(0, off as i64, len as i64).context("upload");
         let staged = source(off, len)?;
         let mine = narrow(&dst)?;
         let mut delivered: Vec<Option<Arc<Event>>> = vec![None; n];

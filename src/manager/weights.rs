@@ -2,6 +2,7 @@
 //! of a block buffer, and reading and writing tensors by name while offloaded (`tensor`,
 //! `named_tensors`, `update_tensor`, `save_safetensors`).
 
+use crate::error::Context;
 use crate::error::{Error, Result};
 use crate::plan::{BlockLayout, TensorLayout};
 use std::path::Path;
@@ -46,8 +47,7 @@ impl BlockState {
     /// else holds it.
     pub(super) fn point_at_placeholders(&mut self) -> Result<()> {
         for (p, ph) in self.params.iter_mut().zip(&self.placeholders) {
-            p.f_set_data(ph)
-                .map_err(|e| Error::from(("placing placeholders", e)))?;
+            p.f_set_data(ph).context("placing placeholders")?;
         }
         Ok(())
     }
@@ -71,7 +71,7 @@ pub(super) fn views(buf: &Tensor, layout: &BlockLayout) -> Result<Vec<Tensor>> {
             buf.f_narrow(0, t.offset as i64, t.bytes as i64)
                 .and_then(|v| v.f_view_dtype(t.kind))
                 .and_then(|v| v.f_as_strided(t.shape.as_slice(), t.strides.as_slice(), None))
-                .map_err(|e| Error::from(("making views of a block buffer", e)))
+                .context("making views of a block buffer")
         })
         .collect()
 }
@@ -183,7 +183,7 @@ impl LayerwiseOffloadManager {
                 ))
             })
             .collect::<Result<_>>()?;
-        Tensor::write_safetensors(&tensors, path).map_err(|e| Error::from(("save_safetensors", e)))
+        Tensor::write_safetensors(&tensors, path).context("save_safetensors")
     }
 
     /// Replaces the value of tensor `name` (e.g. after merging a LoRA): for a block tensor the
@@ -210,7 +210,7 @@ impl LayerwiseOffloadManager {
         }
         let Some(((li, j), rt)) = located else {
             let t = &mut self.named[src].1;
-            tch::no_grad(|| t.f_copy_(value)).map_err(|e| Error::from(("update_tensor", e)))?;
+            tch::no_grad(|| t.f_copy_(value)).context("update_tensor")?;
             return Ok(());
         };
         if rt.blocks[li].in_use {
@@ -247,7 +247,7 @@ impl LayerwiseOffloadManager {
         if rt.blocks[li].resident {
             // A resident block with a host copy (shareable): the device tensor too.
             let p = &mut rt.blocks[li].params[j];
-            tch::no_grad(|| p.f_copy_(value)).map_err(|e| Error::from(("update_tensor", e)))?;
+            tch::no_grad(|| p.f_copy_(value)).context("update_tensor")?;
         }
         if let Some(s) = rt.ring.slot_of(li) {
             rt.evict(s, &self.backend)?;

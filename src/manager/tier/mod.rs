@@ -7,6 +7,7 @@
 //! manager asks only these methods.
 
 use crate::accel::{HostMemory, Stream};
+use crate::error::Context;
 use crate::error::{Error, Result};
 use crate::host::{HostBlock, HostStore};
 use crate::plan::BlockLayout;
@@ -78,14 +79,12 @@ impl Staged {
             return Ok(t.shallow_clone());
         }
         let out = crate::accel::alloc_host(len.max(1), HostMemory::Pageable)?;
-        let out = out
-            .f_narrow(0, 0, len as i64)
-            .map_err(|e| Error::from(("upload", e)))?;
+        let out = out.f_narrow(0, 0, len as i64).context("upload")?;
         for (o, t) in &self.pieces {
             let mut d = out
                 .f_narrow(0, *o as i64, t.numel() as i64)
-                .map_err(|e| Error::from(("upload", e)))?;
-            tch::no_grad(|| d.f_copy_(t)).map_err(|e| Error::from(("upload", e)))?;
+                .context("upload")?;
+            tch::no_grad(|| d.f_copy_(t)).context("upload")?;
         }
         Ok(out)
     }
@@ -191,9 +190,7 @@ impl HostTier {
             HostTier::Disk(disk) => disk.stage(block, off, len),
             _ => match (self.host(), self.encoding()) {
                 (Some(_), Some((enc, _))) => {
-                    let part = enc
-                        .f_narrow(0, off as i64, len as i64)
-                        .map_err(|e| Error::from(("upload", e)))?;
+                    let part = enc.f_narrow(0, off as i64, len as i64).context("upload")?;
                     Ok(Staged::host(vec![(0, part)]))
                 }
                 (Some(h), None) => Ok(Staged::host(h.range(off, len)?)),
@@ -276,7 +273,7 @@ impl HostTier {
         }
         let write = |raw: &HostBlock| -> Result<()> {
             let mut view = raw.views(layout)?.swap_remove(j);
-            tch::no_grad(|| view.f_copy_(value)).map_err(|e| Error::from(("update_tensor", e)))?;
+            tch::no_grad(|| view.f_copy_(value)).context("update_tensor")?;
             Ok(())
         };
         let host = match self {
