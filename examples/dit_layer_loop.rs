@@ -47,14 +47,7 @@ fn presets(name: PresetName) -> Preset {
     match name {
         PresetName::Tiny => Preset {
             name: "tiny",
-            config: wan::Config {
-                num_layers: 6,
-                num_attention_heads: 4,
-                attention_head_dim: 64,
-                ffn_dim: 1024,
-                text_dim: 128,
-                ..wan::Config::wan2_1_t2v_1_3b()
-            },
+            config: wan::Config::small(),
             ctx_len: 32,
             latent: [16, 4, 16, 16],
         },

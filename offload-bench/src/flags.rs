@@ -53,6 +53,17 @@ pub enum Dist {
     RowScaled,
 }
 
+impl Preset {
+    /// The preset's transformer configuration, from the wan crate.
+    fn config(self) -> wan::Config {
+        match self {
+            Preset::Tiny => wan::Config::small(),
+            Preset::Wan1_3b => wan::Config::wan2_1_t2v_1_3b(),
+            Preset::Wan14b => wan::Config::wan2_1_t2v_14b(),
+        }
+    }
+}
+
 /// Several-GPU modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -235,17 +246,6 @@ fn shape(a: &Cli, cuda: bool) -> Shape {
     let preset = a
         .preset
         .unwrap_or(if cuda { Preset::Wan1_3b } else { Preset::Tiny });
-    let (layers, dim, ffn, heads) = match preset {
-        Preset::Tiny => (6, 256, 1024, 4),
-        Preset::Wan1_3b => (30, 1536, 8960, 12),
-        Preset::Wan14b => (40, 5120, 13824, 40),
-    };
-    let (layers, dim, ffn, heads) = (
-        a.layers.map_or(layers, |l| l as usize),
-        a.dim.unwrap_or(dim),
-        a.ffn.unwrap_or(ffn),
-        a.heads.unwrap_or(heads),
-    );
     if let Some(dir) = &a.checkpoint {
         let c = wan::Config::from_file(dir.join("config.json"))
             .unwrap_or_else(|e| fail(format!("--checkpoint {}: {e}", dir.display())));
@@ -259,16 +259,14 @@ fn shape(a: &Cli, cuda: bool) -> Shape {
             wan: c,
         };
     }
-    // scripts/bench_peers.py's WAN_CONFIGS: Wan2.1-T2V-1.3B's and 14B's config.json, and a tiny
-    // one (the dit_layer_loop example's) on 1.3B's other values.
-    let base = match preset {
-        Preset::Tiny => wan::Config {
-            text_dim: 128,
-            ..wan::Config::wan2_1_t2v_1_3b()
-        },
-        Preset::Wan1_3b => wan::Config::wan2_1_t2v_1_3b(),
-        Preset::Wan14b => wan::Config::wan2_1_t2v_14b(),
-    };
+    // The wan crate's presets (scripts/bench_peers.py's WAN_CONFIGS, checked against them by
+    // tests/wan.rs): Wan2.1-T2V-1.3B's and 14B's config.json, and a small one on 1.3B's other
+    // values; the flags override their sizes.
+    let base = preset.config();
+    let layers = a.layers.map_or(base.num_layers as usize, |l| l as usize);
+    let dim = a.dim.unwrap_or(base.inner_dim());
+    let ffn = a.ffn.unwrap_or(base.ffn_dim);
+    let heads = a.heads.unwrap_or(base.num_attention_heads);
     Shape {
         preset: preset
             .to_possible_value()
