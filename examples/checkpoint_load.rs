@@ -29,13 +29,11 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor, nn};
 use wan::WanTransformer3DModel;
 
-#[path = "common/util.rs"]
-mod util;
+use offload_testkit::progress;
+use offload_testkit::util;
 use util::{
     gpu_name, int_in, median, peak_rss_bytes, pinned_h2d_gib_s, round2, rss_bytes, wan_grid,
 };
-#[path = "common/progress.rs"]
-mod progress;
 
 #[derive(Parser)]
 #[command(about = "Write a Wan2.1-shaped sharded checkpoint, or load one and time it")]

@@ -26,11 +26,9 @@ use tch::nn;
 use tch::{Device, Kind, Tensor};
 use wan::WanTransformer3DModel;
 
-#[path = "common/util.rs"]
-mod util;
+use offload_testkit::progress;
+use offload_testkit::util;
 use util::{gpu_name, int_in, median, round2};
-#[path = "common/progress.rs"]
-mod progress;
 
 /// A preset: the transformer's configuration (diffusers' `config.json` values), the text
 /// tokens and the latent's default size.

@@ -24,14 +24,10 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor, nn};
 use wan::{Request, WanPipeline};
 
-#[path = "common/progress.rs"]
-mod progress;
-#[path = "common/t2v.rs"]
-mod t2v;
-#[path = "common/util.rs"]
-mod util;
-#[path = "common/video.rs"]
-mod video;
+use offload_testkit::progress;
+use offload_testkit::t2v;
+use offload_testkit::util;
+use offload_testkit::video;
 use t2v::Managed;
 use util::{float_in, gpu_name, int_in, median, peak_rss_bytes, round2};
 

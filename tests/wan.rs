@@ -3,7 +3,7 @@
 //! loader's refusals, and the model streamed through the offload manager against the resident
 //! model, bit for bit, on the CPU and on CUDA.
 
-mod common;
+use offload_testkit as common;
 
 use common::Mode;
 use rstest::rstest;

@@ -30,11 +30,9 @@ mod model;
 mod report;
 mod runs;
 
-// The helpers the examples share (flag ranges, median, rounding, GPU name, peak RSS).
-#[path = "../../examples/common/progress.rs"]
-mod progress;
-#[path = "../../examples/common/util.rs"]
-mod util;
+// The helpers the examples share (flag ranges, median, rounding, GPU name, peak RSS, progress
+// bars).
+use offload_testkit::{progress, util};
 
 fn main() -> anyhow::Result<()> {
     let a = flags::parse_args();
