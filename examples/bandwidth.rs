@@ -23,8 +23,7 @@ use serde_json::json;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-#[path = "common/util.rs"]
-mod util;
+use offload_testkit::util;
 use util::{gpu_name, int_in, median, round2};
 
 /// Host <-> device copy bandwidth: pinned and pageable, H2D and D2H, timed with CUDA events on

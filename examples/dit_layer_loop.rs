@@ -26,11 +26,9 @@ use tch::nn;
 use tch::{Device, Kind, Tensor};
 use wan::WanTransformer3DModel;
 
-#[path = "common/util.rs"]
-mod util;
+use offload_testkit::progress;
+use offload_testkit::util;
 use util::{gpu_name, int_in, median, round2};
-#[path = "common/progress.rs"]
-mod progress;
 
 /// A preset: the transformer's configuration (diffusers' `config.json` values), the text
 /// tokens and the latent's default size.
@@ -47,14 +45,7 @@ fn presets(name: PresetName) -> Preset {
     match name {
         PresetName::Tiny => Preset {
             name: "tiny",
-            config: wan::Config {
-                num_layers: 6,
-                num_attention_heads: 4,
-                attention_head_dim: 64,
-                ffn_dim: 1024,
-                text_dim: 128,
-                ..wan::Config::wan2_1_t2v_1_3b()
-            },
+            config: wan::Config::small(),
             ctx_len: 32,
             latent: [16, 4, 16, 16],
         },

@@ -16,8 +16,7 @@ use layerwise_offload::{OffloadConfig, accel};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-#[path = "common/util.rs"]
-mod util;
+use offload_testkit::util;
 use util::{int_in, rss_bytes};
 
 /// Many forwards of a small stack through the manager; checks that memory stays flat and the

@@ -24,14 +24,10 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor, nn};
 use wan::{Request, WanPipeline};
 
-#[path = "common/progress.rs"]
-mod progress;
-#[path = "common/t2v.rs"]
-mod t2v;
-#[path = "common/util.rs"]
-mod util;
-#[path = "common/video.rs"]
-mod video;
+use offload_testkit::progress;
+use offload_testkit::t2v;
+use offload_testkit::util;
+use offload_testkit::video;
 use t2v::Managed;
 use util::{float_in, gpu_name, int_in, median, peak_rss_bytes, round2};
 
@@ -151,12 +147,6 @@ const TINY_TEXT_ENCODER: &str =
 const TINY_TRANSFORMER: &str =
     include_str!("../tests/fixtures/wan_pipeline_tiny/transformer/config.json");
 const TINY_VAE: &str = include_str!("../tests/fixtures/wan_pipeline_tiny/vae/config.json");
-/// Wan2.1-T2V's `scheduler/scheduler_config.json`.
-const WAN_SCHEDULER: &str = r#"{"_class_name":"UniPCMultistepScheduler","beta_end":0.02,"beta_schedule":"linear","beta_start":0.0001,"disable_corrector":[],"dynamic_thresholding_ratio":0.995,"final_sigmas_type":"zero","flow_shift":3.0,"lower_order_final":true,"num_train_timesteps":1000,"predict_x0":true,"prediction_type":"flow_prediction","rescale_betas_zero_snr":false,"sample_max_value":1.0,"solver_order":2,"solver_p":null,"solver_type":"bh2","steps_offset":0,"thresholding":false,"timestep_spacing":"linspace","trained_betas":null,"use_beta_sigmas":false,"use_exponential_sigmas":false,"use_flow_sigmas":true,"use_karras_sigmas":false}"#;
-/// umT5-XXL (`google/umt5-xxl`, Wan2.1's `text_encoder/config.json`).
-const UMT5_XXL: &str = r#"{"architectures":["UMT5EncoderModel"],"d_ff":10240,"d_kv":64,"d_model":4096,"dense_act_fn":"gelu_new","dropout_rate":0.1,"feed_forward_proj":"gated-gelu","is_gated_act":true,"layer_norm_epsilon":1e-06,"model_type":"umt5","num_heads":64,"num_layers":24,"relative_attention_max_distance":128,"relative_attention_num_buckets":32,"vocab_size":256384}"#;
-/// Wan2.1's VAE (`vae/config.json`).
-const WAN_VAE: &str = r#"{"_class_name":"AutoencoderKLWan","attn_scales":[],"base_dim":96,"dim_mult":[1,2,4,4],"dropout":0.0,"latents_mean":[-0.7571,-0.7089,-0.9113,0.1075,-0.1745,0.9653,-0.1517,1.5508,0.4134,-0.0715,0.5517,-0.3632,-0.1922,-0.9497,0.2503,-0.2921],"latents_std":[2.8184,1.4541,2.3275,2.6558,1.2196,1.7708,2.6052,2.0743,3.2687,2.1526,2.8652,1.5579,1.6382,1.1253,2.8251,1.916],"num_res_blocks":2,"temperal_downsample":[false,true,true],"z_dim":16}"#;
 
 /// Fills every tensor of `vs` with N(0, 0.02) values drawn on `on` (the GPU when there is one:
 /// seconds for billions of values) in its own type, seeded.
@@ -174,7 +164,10 @@ fn fill_random(vs: &nn::VarStore, seed: i64, on: Device) -> Result<()> {
 /// A pipeline of seeded random weights for `preset`, on the CPU.
 fn random_pipeline(preset: Preset, kind: Kind, on: Device) -> Result<WanPipeline> {
     let tokenizer = wan::WanTokenizer::from_json(TINY_TOKENIZER)?;
-    let scheduler = wan::Scheduler::from_json(WAN_SCHEDULER)?;
+    // Wan2.1-T2V's `scheduler/scheduler_config.json`.
+    let scheduler = wan::Scheduler::from(wan::scheduler::UniPcMultistepScheduler::new(
+        wan::scheduler::UniPcConfig::wan2_1(),
+    )?);
     let (te_cfg, tr_cfg, vae_cfg) = match preset {
         Preset::Tiny => (
             wan::Umt5Config::from_json(TINY_TEXT_ENCODER)?,
@@ -182,13 +175,13 @@ fn random_pipeline(preset: Preset, kind: Kind, on: Device) -> Result<WanPipeline
             wan::VaeConfig::from_json(TINY_VAE)?,
         ),
         Preset::Wan1_3b | Preset::Wan14b => (
-            wan::Umt5Config::from_json(UMT5_XXL)?,
+            wan::Umt5Config::umt5_xxl(),
             if preset == Preset::Wan14b {
                 wan::Config::wan2_1_t2v_14b()
             } else {
                 wan::Config::wan2_1_t2v_1_3b()
             },
-            wan::VaeConfig::from_json(WAN_VAE)?,
+            wan::VaeConfig::wan2_1(),
         ),
     };
     let text_encoder_vs = nn::VarStore::new(Device::Cpu);

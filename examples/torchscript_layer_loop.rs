@@ -24,8 +24,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, IValue, Kind, Tensor};
 
-#[path = "common/util.rs"]
-mod util;
+use offload_testkit::util;
 use util::int_in;
 
 /// How one block is called and what the module's whole `forward` takes.

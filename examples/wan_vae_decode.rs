@@ -19,8 +19,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor, nn};
 use wan::{VaeConfig, WanVae};
 
-#[path = "common/util.rs"]
-mod util;
+use offload_testkit::util;
 use util::{gpu_name, peak_rss_bytes, round2};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The wan crate's presets (wan::Config::small/tiny, wan2_1_t2v_1_3b, wan2_1_t2v_14b, Umt5Config::umt5_xxl);
+# tests/wan.rs (the_python_scripts_presets_are_the_wan_crates) checks these copies against them.
 PRESETS = {"tiny": (6, 256, 1024, 4), "wan-1.3b": (30, 1536, 8960, 12), "wan-14b": (40, 5120, 13824, 40)}
 
 

@@ -33,6 +33,8 @@ import time
 
 import torch
 
+# The wan crate's presets (wan::Config::small/tiny, wan2_1_t2v_1_3b, wan2_1_t2v_14b, Umt5Config::umt5_xxl);
+# tests/wan.rs (the_python_scripts_presets_are_the_wan_crates) checks these copies against them.
 WAN = {
     "tiny": dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64),
     "wan-1.3b": dict(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960),

@@ -311,6 +311,7 @@ def main():
     a = ap.parse_args()
     cuda = a.device == "cuda"
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    # wan::Config::tiny()'s and wan2_1_t2v_14b()'s sizes; tests/wan.rs checks them.
     if a.tiny:
         heads, head_dim, ffn, grid, ctx_len = 2, 16, 64, (16, 16), 8
     else:

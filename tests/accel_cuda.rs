@@ -2,7 +2,7 @@
 //! memory, event timing and allocator statistics. Without a device each test prints
 //! `SKIP: no CUDA device` and passes, unless OFFLOAD_REQUIRE_CUDA=1.
 
-mod common;
+use offload_testkit as common;
 
 use layerwise_offload::Error;
 use layerwise_offload::accel::{self, Event, HostMemory, Stream};

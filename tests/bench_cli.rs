@@ -2,7 +2,7 @@
 //! the tiny preset, full streaming, budgets and the several-"GPU" modes, with results equal to
 //! the resident model's.
 
-mod common;
+use offload_testkit as common;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! Loading from safetensors checkpoints: single files and shards, renames, every mismatch,
 //! the zero-copy store, the disk tier under a host budget, and files that change underneath.
 
-mod common;
+use offload_testkit as common;
 
 use common::Mode;
 use common::model::{Model, assert_same, bits_equal};

@@ -3,7 +3,7 @@
 //! refused before anything is written; `empty` builds models with uninitialized weights that a
 //! checkpoint fills.
 
-mod common;
+use offload_testkit as common;
 
 use common::model::{Block, DIM, Model, assert_same, bits_equal};
 use layerwise_offload::checkpoint::{ShardedWriter, write_sharded};

@@ -2,7 +2,7 @@
 //! decoded into their slots (on the GPU with CUDA, with the CPU reference decoder in the CPU
 //! test mode); everything the model computes and every weight read back stays bit-identical.
 
-mod common;
+use offload_testkit as common;
 
 use common::Mode;
 use common::model::{Model, assert_same, bits_equal};

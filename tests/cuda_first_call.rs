@@ -13,7 +13,7 @@
 //! On a machine without a device the same children check the answers without one (`NoDevice`,
 //! `is_pinned` false), and the CUDA expectations print `SKIP: no CUDA device`.
 
-mod common;
+use offload_testkit as common;
 
 use layerwise_offload::Error;
 use layerwise_offload::accel::{self, Event, HostMemory, Stream};

@@ -2,7 +2,7 @@
 //! test at a time): running out while allocating the slot ring, VRAM that stays flat over many
 //! forwards, and uploads that hide behind compute.
 
-mod common;
+use offload_testkit as common;
 
 use common::model::{Model, assert_same};
 use layerwise_offload::{Error, OffloadConfig, accel};

@@ -2,7 +2,7 @@
 //! for bit, weights saved while offloaded load back to the same result, and a weights file that
 //! does not match the model is refused with the missing, unexpected and mis-shaped names.
 
-mod common;
+use offload_testkit as common;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

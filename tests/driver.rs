@@ -2,7 +2,7 @@
 //! reference, give the same output as the guard loop, and survive errors and panics inside a
 //! block with every weight intact.
 
-mod common;
+use offload_testkit as common;
 
 use common::Mode;
 use common::model::{Model, assert_same, bits_equal};

@@ -3,7 +3,7 @@
 //! refused pinned allocation, a panic inside a block. After each: a typed error, nothing lost,
 //! and the next forward works.
 
-mod common;
+use offload_testkit as common;
 
 use common::Mode;
 use common::model::{Model, assert_same, bits_equal};

@@ -1,7 +1,7 @@
 //! The manager's behaviour, each body run in the CPU test mode (everywhere) and on CUDA (on a
 //! GPU machine; `SKIP: no CUDA device` elsewhere, a failure with OFFLOAD_REQUIRE_CUDA=1).
 
-mod common;
+use offload_testkit as common;
 
 use common::Mode;
 use common::model::{Model, assert_same, bits_equal};

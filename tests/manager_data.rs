@@ -1,7 +1,7 @@
 //! Weights as user data: reading, saving and replacing them while offloaded, dropping the
 //! manager without restore, running out of device memory, and VRAM that stays flat.
 
-mod common;
+use offload_testkit as common;
 
 use common::Mode;
 use common::model::{Model, assert_same, bits_equal};

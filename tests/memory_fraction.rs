@@ -1,7 +1,7 @@
 //! A per-process memory fraction makes an over-large allocation fail with a typed error. In its
 //! own test binary: the cap must be set before the process's first CUDA allocation.
 
-mod common;
+use offload_testkit as common;
 
 use layerwise_offload::Error;
 use layerwise_offload::accel;

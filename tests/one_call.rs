@@ -3,7 +3,7 @@
 //! `nn::Module::forward`. Bit for bit against the resident model, in the CPU test mode and on
 //! CUDA.
 
-mod common;
+use offload_testkit as common;
 
 use common::Mode;
 use common::model::bits_equal;

@@ -3,7 +3,7 @@
 //! devices 0 and 1 where there are two (both on device 0 otherwise, unless
 //! `OFFLOAD_REQUIRE_GPUS=2`).
 
-mod common;
+use offload_testkit as common;
 
 use common::Mode;
 use common::model::{Model, assert_same, bits_equal};

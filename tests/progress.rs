@@ -2,7 +2,7 @@
 //! report per block (or tensor), and ends at its total; the totals are the bytes the stage
 //! moves. In the CPU test mode, from the model and from a sharded checkpoint.
 
-mod common;
+use offload_testkit as common;
 
 use common::model::{Block, Model};
 use layerwise_offload::checkpoint::ShardedWriter;

@@ -1,7 +1,7 @@
 //! A host copy published in a shared-memory file and streamed by a manager of another process
 //! (here: a second mapping in this process, and a child process that maps it too).
 
-mod common;
+use offload_testkit as common;
 
 use common::model::{Model, assert_same, bits_equal};
 use layerwise_offload::accel::HostMemory;

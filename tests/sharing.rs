@@ -2,7 +2,7 @@
 //! here the CPU test mode, and CUDA device 0 where present) streams from the store the first one
 //! made, with bit-identical outputs and the host bytes held once.
 
-mod common;
+use offload_testkit as common;
 
 use common::Mode;
 use common::model::{Model, assert_same, bits_equal};

@@ -4,9 +4,8 @@
 //! loops streamed through offload managers against the resident pipeline, bit for bit (CPU test
 //! mode and CUDA); bad pipeline directories and requests; the example end to end.
 
-mod common;
-#[path = "../examples/common/t2v.rs"]
-mod t2v;
+use offload_testkit as common;
+use offload_testkit::t2v;
 
 use common::cli::{assert_refused, result_rows};
 use std::collections::HashMap;

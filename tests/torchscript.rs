@@ -5,7 +5,7 @@
 //! scripts/export_diffusers_block.py (committed under tests/fixtures/wan_blocks, so no diffusers
 //! is needed here).
 
-mod common;
+use offload_testkit as common;
 
 use common::Mode;
 use layerwise_offload::script::{

@@ -4,7 +4,7 @@
 //! (scripts/test.sh does).
 #![cfg(feature = "tracing")]
 
-mod common;
+use offload_testkit as common;
 
 use common::model::{Block, DIM, Model};
 use layerwise_offload::checkpoint::ShardedWriter;

@@ -3,7 +3,7 @@
 //! loader's refusals, and the model streamed through the offload manager against the resident
 //! model, bit for bit, on the CPU and on CUDA.
 
-mod common;
+use offload_testkit as common;
 
 use common::Mode;
 use rstest::rstest;
@@ -548,4 +548,157 @@ fn num_parameters_counts_the_built_model() {
     // Wan2.1-14B has 14.3 billion parameters.
     let n = wan::Config::wan2_1_t2v_14b().num_parameters().unwrap();
     assert!((14_000_000_000..14_500_000_000).contains(&n), "{n}");
+}
+
+/// The keyword arguments of a Python `dict(k=v, ...)` or the items of a tuple, by position,
+/// from `text` (values without nested commas, as the scripts' presets are).
+fn python_kwargs(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.split(',')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
+        })
+        .collect()
+}
+
+/// The text between `start` (first occurrence after `after`) and the next `end`.
+fn between<'a>(text: &'a str, after: &str, start: &str, end: &str) -> &'a str {
+    let from = text.find(after).unwrap_or_else(|| panic!("no {after:?}")) + after.len();
+    let rest = &text[from..];
+    let s = rest
+        .find(start)
+        .unwrap_or_else(|| panic!("no {start:?} after {after:?}"))
+        + start.len();
+    let e = rest[s..]
+        .find(end)
+        .unwrap_or_else(|| panic!("no {end:?} after {start:?}"));
+    &rest[s..s + e]
+}
+
+/// The Python scripts that build diffusers' own models (scripts/bench_peers.py for
+/// offload-bench's peers, scripts/bench_wan_pipeline.py for text_to_video's, and
+/// scripts/profile_wan_block.py) keep their own copies of the presets: they are the wan crate's.
+#[test]
+fn the_python_scripts_presets_are_the_wan_crates() {
+    let script = |name: &str| {
+        std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("scripts")
+                .join(name),
+        )
+        .unwrap()
+    };
+    let sizes = |c: &wan::Config| {
+        [
+            ("num_layers", c.num_layers.to_string()),
+            ("num_attention_heads", c.num_attention_heads.to_string()),
+            ("attention_head_dim", c.attention_head_dim.to_string()),
+            ("ffn_dim", c.ffn_dim.to_string()),
+        ]
+    };
+    let presets = [
+        ("tiny", wan::Config::small()),
+        ("wan-1.3b", wan::Config::wan2_1_t2v_1_3b()),
+        ("wan-14b", wan::Config::wan2_1_t2v_14b()),
+    ];
+    let peers = script("bench_peers.py");
+    for (name, c) in &presets {
+        // PRESETS: (layers, dim, ffn, heads) of the block-stack model.
+        let tuple = between(&peers, "PRESETS = {", &format!("\"{name}\": ("), ")");
+        let want = format!(
+            "{}, {}, {}, {}",
+            c.num_layers,
+            c.inner_dim(),
+            c.ffn_dim,
+            c.num_attention_heads
+        );
+        assert_eq!(tuple, want, "bench_peers.py PRESETS[{name:?}]");
+        // WAN_CONFIGS: diffusers' WanTransformer3DModel arguments.
+        let kw = python_kwargs(between(
+            &peers,
+            "WAN_CONFIGS = {",
+            &format!("\"{name}\": dict("),
+            ")",
+        ));
+        for (k, v) in sizes(c) {
+            assert_eq!(
+                kw.get(k),
+                Some(&v),
+                "bench_peers.py WAN_CONFIGS[{name:?}][{k}]"
+            );
+        }
+        assert_eq!(kw.get("text_dim"), Some(&c.text_dim.to_string()), "{name}");
+    }
+    let pipeline = script("bench_wan_pipeline.py");
+    for (name, c) in [
+        ("tiny", wan::Config::tiny()),
+        ("wan-1.3b", wan::Config::wan2_1_t2v_1_3b()),
+        ("wan-14b", wan::Config::wan2_1_t2v_14b()),
+    ] {
+        let kw = python_kwargs(between(
+            &pipeline,
+            "WAN = {",
+            &format!("\"{name}\": dict("),
+            ")",
+        ));
+        for (k, v) in sizes(&c) {
+            assert_eq!(
+                kw.get(k),
+                Some(&v),
+                "bench_wan_pipeline.py WAN[{name:?}][{k}]"
+            );
+        }
+    }
+    let kw = python_kwargs(between(&pipeline, "", "UMT5_XXL = dict(", ")"));
+    let u = wan::Umt5Config::umt5_xxl();
+    for (k, v) in [
+        ("vocab_size", u.vocab_size),
+        ("d_model", u.d_model),
+        ("d_kv", u.d_kv),
+        ("d_ff", u.d_ff),
+        ("num_layers", u.num_layers),
+        ("num_heads", u.num_heads),
+        (
+            "relative_attention_num_buckets",
+            u.relative_attention_num_buckets,
+        ),
+        (
+            "relative_attention_max_distance",
+            u.relative_attention_max_distance,
+        ),
+    ] {
+        assert_eq!(
+            kw.get(k),
+            Some(&v.to_string()),
+            "bench_wan_pipeline.py UMT5_XXL[{k}]"
+        );
+    }
+    assert_eq!(kw["feed_forward_proj"], u.feed_forward_proj);
+    assert_eq!(
+        kw["layer_norm_epsilon"].parse::<f64>(),
+        Ok(u.layer_norm_epsilon)
+    );
+    // profile_wan_block.py: heads, head_dim, ffn of --tiny (the wan crate's tiny), else 14B.
+    let profile = script("profile_wan_block.py");
+    let assigned: Vec<&str> = profile
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("heads, head_dim, ffn, grid, ctx_len = ")
+        })
+        .collect();
+    assert_eq!(assigned.len(), 2, "profile_wan_block.py: {assigned:?}");
+    for (c, values) in [wan::Config::tiny(), wan::Config::wan2_1_t2v_14b()]
+        .iter()
+        .zip(assigned)
+    {
+        let want = format!(
+            "{}, {}, {}, ",
+            c.num_attention_heads, c.attention_head_dim, c.ffn_dim
+        );
+        assert!(
+            values.starts_with(&want),
+            "profile_wan_block.py: {values}, want {want}"
+        );
+    }
 }

@@ -5,7 +5,7 @@
 //! second generation on the same scheduler, and the typed refusals of bad configurations and
 //! calls.
 
-mod common;
+use offload_testkit as common;
 
 use serde_json::Value;
 use std::collections::HashMap;

@@ -4,7 +4,7 @@
 //! feature cache (bounded, and causal); and the refusals of bad configs, checkpoints and
 //! latents.
 
-mod common;
+use offload_testkit as common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -7,8 +7,7 @@
 //! cargo run --release -p layerwise-offload-codec --example encode_speed -- --mib 256
 //! ```
 
-#[path = "common/mod.rs"]
-mod common;
+use codec_testkit as common;
 
 use anyhow::Result;
 use clap::Parser;

@@ -19,8 +19,7 @@
 //! cargo run --release -p layerwise-offload-codec --features gpu --example gpu_decode_check
 //! ```
 
-#[path = "common/mod.rs"]
-mod common;
+use codec_testkit as common;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;

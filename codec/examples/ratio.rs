@@ -6,8 +6,7 @@
 //! cargo run --release -p layerwise-offload-codec --example ratio -- --mib 256
 //! ```
 
-#[path = "common/mod.rs"]
-mod common;
+use codec_testkit as common;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;

@@ -1,7 +1,6 @@
 //! Truncated, extended and corrupted encodings are errors, never panics or out-of-bounds reads.
 
-#[path = "../examples/common/mod.rs"]
-mod common;
+use codec_testkit as common;
 
 use common::{Dist, as_version1, generate, reseal};
 use layerwise_offload_codec::format::{ENTRY_LEN, HEADER_LEN, MAGIC};

@@ -7,8 +7,7 @@
 //! lower) must still hash to them, which shows that the change left every chunk's bytes as they
 //! were. The version 2 hashes were recorded when the header changed, once that check passed.
 
-#[path = "../examples/common/mod.rs"]
-mod common;
+use codec_testkit as common;
 
 use common::{Dist, Rng, as_version1, every_pattern, generate, values};
 use layerwise_offload_codec::Encoder;

@@ -3,8 +3,7 @@
 //! NVRTC or a device these tests print `SKIP: …` and pass, unless OFFLOAD_REQUIRE_CUDA=1.
 #![cfg(feature = "gpu")]
 
-#[path = "../examples/common/mod.rs"]
-mod common;
+use codec_testkit as common;
 
 use common::{Dist, generate};
 use layerwise_offload_codec::format::{HEADER_LEN, VERSION};

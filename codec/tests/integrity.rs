@@ -1,8 +1,7 @@
 //! Integrity of encodings that cross a process or file boundary, and the public size helpers on
 //! extreme arguments: a corrupted encoding is a typed error, never other bytes and never a panic.
 
-#[path = "../examples/common/mod.rs"]
-mod common;
+use codec_testkit as common;
 
 use common::{Dist, Rng, generate};
 use layerwise_offload_codec::{CodecError, Encoder, decode, decoded_len, max_encoded_len, verify};

@@ -2,8 +2,7 @@
 //! encodes byte for byte as the assembled input does, whatever the layout: odd offsets and
 //! lengths, pieces across chunk edges, gaps, adjacent and empty pieces, an odd total length.
 
-#[path = "../examples/common/mod.rs"]
-mod common;
+use codec_testkit as common;
 
 use common::{Dist, generate};
 use layerwise_offload_codec::{CodecError, Encoder};

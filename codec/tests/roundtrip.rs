@@ -2,8 +2,7 @@
 //! exponent distributions round-trip byte for byte; sizes stay within their bounds; encodings do
 //! not depend on the thread count.
 
-#[path = "../examples/common/mod.rs"]
-mod common;
+use codec_testkit as common;
 
 use common::{Dist, Rng, bf16_bits, every_pattern, generate, values};
 use layerwise_offload_codec::format::{ENTRY_LEN, HEADER_LEN, MAX_CODE_BITS};

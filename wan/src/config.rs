@@ -87,6 +87,21 @@ impl Config {
         Config::default()
     }
 
+    /// The `tiny` preset of offload-bench, the dit_layer_loop and checkpoint_load examples and
+    /// `scripts/bench_peers.py`: 6 blocks, 4 heads of 64 (width 256), ffn 1024, text width 128,
+    /// Wan2.1-T2V-1.3B's other values. Big enough to time on a CPU, small enough for tests
+    /// (about 1 M parameters per block).
+    pub fn small() -> Config {
+        Config {
+            num_layers: 6,
+            num_attention_heads: 4,
+            attention_head_dim: 64,
+            ffn_dim: 1024,
+            text_dim: 128,
+            ..Config::wan2_1_t2v_1_3b()
+        }
+    }
+
     /// A small configuration for tests and CPU runs: 2 blocks, 2 heads of 16, ffn 64, 4
     /// channels, text width 32 (the parity fixture's, see `scripts/export_wan_fixture.py`).
     pub fn tiny() -> Config {

@@ -2,11 +2,13 @@
 //! `diffusion_pytorch_model.safetensors`, or shards listed in
 //! `diffusion_pytorch_model.safetensors.index.json`.
 //!
-//! Every file's header is read and checked against the model first (names, shapes, element
+//! Every file's header is read (parsed and validated by the `safetensors` crate, see
+//! [`read_header`]) and checked against the model first (names, shapes, element
 //! types), so that a checkpoint that does not match is refused with the full list of
 //! differences before any weight is copied; then the shards are read one at a time through tch.
 
 use crate::error::{DtypeMismatch, Error, Mismatch, Result, ShapeMismatch};
+use safetensors::tensor as st;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -30,13 +32,6 @@ pub struct TensorInfo {
     pub dtype: String,
     /// Shape.
     pub shape: Vec<i64>,
-}
-
-#[derive(Deserialize)]
-struct RawInfo {
-    dtype: String,
-    shape: Vec<i64>,
-    data_offsets: [u64; 2],
 }
 
 /// Opens `path` for reading if it is a regular file, without blocking: a FIFO (which `open`
@@ -98,6 +93,12 @@ pub(crate) fn read_regular_to_string(path: &Path) -> Result<String> {
 
 /// Reads the header of the safetensors file `path`: each tensor's element type and shape.
 /// `path` must be a regular file (a FIFO is refused at once, see [`checkpoint_files`]).
+///
+/// Only the header is read. Its entries are parsed and validated by the `safetensors` crate
+/// (`safetensors::tensor::TensorInfo` per tensor, then `Metadata`, which checks that the data
+/// sections follow one another from offset 0, each the size of its shape and type); this
+/// function adds the checks that need the file: the header fits it, and the data sections end
+/// within it.
 pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
     let io = |source| Error::Io {
         path: path.to_owned(),
@@ -120,31 +121,53 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
     }
     let mut text = vec![0u8; n as usize];
     f.read_exact(&mut text).map_err(io)?;
-    let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&text)
+    let raw: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)
         .map_err(|e| format(format!("the header is not a JSON object: {e}")))?;
     let data_len = file_len - 8 - n;
-    let mut out = BTreeMap::new();
+    let mut metadata = None;
+    let mut tensors = Vec::with_capacity(raw.len());
     for (name, value) in raw {
         if name == "__metadata__" {
+            metadata = Some(
+                serde_json::from_value(value).map_err(|e| format(format!("__metadata__: {e}")))?,
+            );
             continue;
         }
-        let info: RawInfo =
+        let info: st::TensorInfo =
             serde_json::from_value(value).map_err(|e| format(format!("tensor {name}: {e}")))?;
-        let [start, end] = info.data_offsets;
-        if start > end || end > data_len || info.shape.iter().any(|&d| d < 0) {
-            return Err(format(format!(
-                "tensor {name}: offsets {start}..{end} or shape {:?} out of range",
-                info.shape
-            )));
-        }
-        out.insert(
-            name,
-            TensorInfo {
-                dtype: info.dtype,
-                shape: info.shape,
-            },
-        );
+        tensors.push((name, info));
     }
+    // The data sections in file order, then checked by safetensors' own validation.
+    tensors.sort_by_key(|(_, info)| info.data_offsets);
+    let out_of_range = |(name, info): &(String, st::TensorInfo)| {
+        let (start, end) = info.data_offsets;
+        format(format!(
+            "tensor {name}: offsets {start}..{end} or shape {:?} out of range",
+            info.shape
+        ))
+    };
+    if let Some(last) = tensors
+        .last()
+        .filter(|(_, i)| i.data_offsets.1 as u64 > data_len)
+    {
+        return Err(out_of_range(last));
+    }
+    let mut out = BTreeMap::new();
+    for t @ (name, info) in &tensors {
+        let shape: Option<Vec<i64>> = info.shape.iter().map(|&d| i64::try_from(d).ok()).collect();
+        let Some(shape) = shape else {
+            return Err(out_of_range(t));
+        };
+        let dtype = info.dtype.to_string();
+        out.insert(name.clone(), TensorInfo { dtype, shape });
+    }
+    st::Metadata::new(metadata, tensors.clone()).map_err(|e| match &e {
+        st::SafeTensorError::InvalidOffset(name) => match tensors.iter().find(|(n, _)| n == name) {
+            Some(t) => out_of_range(t),
+            None => format(format!("the data sections: {e}")),
+        },
+        _ => format(format!("the data sections: {e}")),
+    })?;
     Ok(out)
 }
 
@@ -317,4 +340,143 @@ pub(crate) fn load_files(
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file of `header` (JSON text) followed by `data` zero bytes, or the raw
+    /// bytes `raw` when given.
+    fn file(case: &str, header: &str, data: usize) -> PathBuf {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.resize(bytes.len() + data, 0);
+        raw_file(case, &bytes)
+    }
+
+    fn raw_file(case: &str, bytes: &[u8]) -> PathBuf {
+        let p = std::env::temp_dir().join(format!(
+            "wan-read-header-{}-{case}.safetensors",
+            std::process::id()
+        ));
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    /// `read_header`'s error for the file, as text (the file is removed).
+    fn refused(p: PathBuf) -> String {
+        let r = read_header(&p);
+        std::fs::remove_file(&p).unwrap();
+        match r {
+            Err(e @ Error::Format { .. }) => e.to_string(),
+            other => panic!("{}: expected a format error, got {other:?}", p.display()),
+        }
+    }
+
+    #[test]
+    fn a_header_gives_each_tensors_type_and_shape() {
+        let p = file(
+            "good",
+            r#"{"__metadata__":{"format":"pt"},
+                "b":{"dtype":"BF16","shape":[4],"data_offsets":[24,32]},
+                "a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},
+                "e":{"dtype":"F16","shape":[0,5],"data_offsets":[32,32]}}"#,
+            32,
+        );
+        let h = read_header(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        let want = |dtype: &str, shape: &[i64]| TensorInfo {
+            dtype: dtype.into(),
+            shape: shape.to_vec(),
+        };
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h["a"], want("F32", &[2, 3]));
+        assert_eq!(h["b"], want("BF16", &[4]));
+        assert_eq!(h["e"], want("F16", &[0, 5]));
+    }
+
+    #[test]
+    fn bad_headers_are_format_errors_saying_what_is_wrong() {
+        let a = r#""a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}"#;
+        for (case, path, want) in [
+            (
+                "short",
+                raw_file("short", b"\x08\0\0"),
+                "shorter than a safetensors header",
+            ),
+            (
+                "long-header",
+                raw_file("long-header", &[0xff, 0, 0, 0, 0, 0, 0, 0, b'{', b'}']),
+                "header length 255 does not fit the file (10 bytes)",
+            ),
+            (
+                "not-json",
+                file("not-json", "[1, 2]", 0),
+                "the header is not a JSON object",
+            ),
+            (
+                "no-dtype",
+                file("no-dtype", r#"{"a":{"shape":[1],"data_offsets":[0,4]}}"#, 4),
+                "tensor a: missing field `dtype`",
+            ),
+            (
+                "unknown-dtype",
+                file(
+                    "unknown-dtype",
+                    r#"{"a":{"dtype":"F99","shape":[1],"data_offsets":[0,4]}}"#,
+                    4,
+                ),
+                "tensor a: unknown variant `F99`",
+            ),
+            (
+                "negative-shape",
+                file(
+                    "negative-shape",
+                    r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
+                    4,
+                ),
+                "tensor a: invalid value",
+            ),
+            (
+                "past-the-end",
+                file(
+                    "past-the-end",
+                    &format!(r#"{{{a},"b":{{"dtype":"F32","shape":[4],"data_offsets":[24,40]}}}}"#),
+                    32,
+                ),
+                "tensor b: offsets 24..40 or shape [4] out of range",
+            ),
+            (
+                "gap",
+                file(
+                    "gap",
+                    &format!(r#"{{{a},"b":{{"dtype":"F32","shape":[2],"data_offsets":[28,36]}}}}"#),
+                    36,
+                ),
+                "tensor b: offsets 28..36 or shape [2] out of range",
+            ),
+            (
+                "size-and-shape-disagree",
+                file(
+                    "size-and-shape-disagree",
+                    r#"{"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}}"#,
+                    20,
+                ),
+                "the data sections:",
+            ),
+            (
+                "huge-dimension",
+                file(
+                    "huge-dimension",
+                    r#"{"a":{"dtype":"F32","shape":[0,9223372036854775808],"data_offsets":[0,0]}}"#,
+                    0,
+                ),
+                "tensor a: offsets 0..0 or shape [0, 9223372036854775808] out of range",
+            ),
+        ] {
+            let e = refused(path);
+            assert!(e.contains(want), "{case}: {e}\nshould contain: {want}");
+        }
+    }
 }

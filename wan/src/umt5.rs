@@ -769,3 +769,15 @@ pub fn from_pretrained(
     load_checkpoint(vs, dir)?;
     Ok((config, model))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn umt5_xxl_is_wans_shipped_text_encoder_config() {
+        // Wan-AI/Wan2.1-T2V-*-Diffusers text_encoder/config.json (google/umt5-xxl's).
+        let text = r#"{"architectures":["UMT5EncoderModel"],"d_ff":10240,"d_kv":64,"d_model":4096,"dense_act_fn":"gelu_new","dropout_rate":0.1,"feed_forward_proj":"gated-gelu","is_gated_act":true,"layer_norm_epsilon":1e-06,"model_type":"umt5","num_heads":64,"num_layers":24,"relative_attention_max_distance":128,"relative_attention_num_buckets":32,"vocab_size":256384}"#;
+        assert_eq!(Umt5Config::from_json(text).unwrap(), Umt5Config::umt5_xxl());
+    }
+}

@@ -73,7 +73,7 @@ impl DecoderOptions {
     fn source(&self) -> Result<String> {
         let t = self.tuning;
         match self.kernel {
-            Kernel::Baseline if t == Tuning::default() => Ok(kernel::BASELINE_SOURCE.to_string()),
+            Kernel::Baseline if t == Tuning::default() => Ok(kernel::BASELINE_SOURCE.clone()),
             Kernel::Baseline => Err(CodecError::InvalidOption {
                 option: "tuning",
                 value: format!("{t:?}"),
@@ -116,7 +116,7 @@ impl DecoderOptions {
                         defines.push_str(&format!("#define {name} {v}\n"));
                     }
                 }
-                Ok(defines + kernel::SOURCE)
+                Ok(defines + kernel::SOURCE.as_str())
             }
         }
     }

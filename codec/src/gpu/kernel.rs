@@ -1,5 +1,11 @@
 //! The decode kernels' CUDA C source, compiled at run time by NVRTC.
 //!
+//! The source lives in `kernels/`: `prelude.cuh` (types and helpers both kernels use),
+//! `decode.cu` ([`SOURCE`]) and `decode_baseline.cu` ([`BASELINE_SOURCE`]), embedded with
+//! `include_str!`. Each kernel's source is [`constants`] (the `#define`s of every constant it
+//! shares with Rust: the format's, the [`status`](super::status) bits, [`THREADS`]), then the
+//! prelude, then the kernel: each of those constants is defined once, in Rust.
+//!
 //! [`SOURCE`], the kernel [`GpuDecoder`](super::GpuDecoder) runs by default: one thread block of
 //! 256 threads (8 warps) decodes one chunk at a time (grid-stride over chunks). Each warp takes a
 //! contiguous eighth of the chunk in windows of 256 values (8 groups of 32); in a window, thread
@@ -37,619 +43,122 @@
 //!
 //! [`Kernel::Baseline`]: super::Kernel::Baseline
 
+use std::sync::LazyLock;
+
 /// Name of the kernel function (both sources).
 pub(crate) const KERNEL_NAME: &str = "lwbc_decode";
 /// Threads per block (both kernels' `THREADS`).
 pub(crate) const THREADS: u32 = 256;
 
+/// Types and helpers both kernels use.
+const PRELUDE: &str = include_str!("kernels/prelude.cuh");
+/// The current kernel, after the prelude.
+const CURRENT: &str = include_str!("kernels/decode.cu");
+/// The baseline kernel, after the prelude.
+const BASELINE: &str = include_str!("kernels/decode_baseline.cu");
+
+/// The `#define`s of the constants the kernels share with Rust, generated from the Rust
+/// constants: the format's header and directory layout, magic, version and chunk sizes, the
+/// status bits, and the threads per block.
+pub(crate) fn constants() -> String {
+    use super::status;
+    use crate::format::{
+        ENTRY_LEN, HEADER_LEN, MAGIC, MAX_CHUNK_VALUES, MIN_CHUNK_VALUES, VERSION,
+    };
+    format!(
+        "/* Generated from the Rust constants (codec/src/gpu/kernel.rs, crate::format, gpu::status). */
+#define HEADER_BYTES {HEADER_LEN}
+#define ENTRY_BYTES {ENTRY_LEN}
+#define FORMAT_MAGIC 0x{magic:08X}u
+#define FORMAT_VERSION {VERSION}u
+#define MIN_CHUNK_VALUES {MIN_CHUNK_VALUES}u
+#define MAX_CHUNK_VALUES {MAX_CHUNK_VALUES}u
+#define STATUS_HEADER {header}u
+#define STATUS_CHUNK {chunk}u
+#define STATUS_EXCEPTIONS {exceptions}u
+#define THREADS {THREADS}
+",
+        magic = u32::from_le_bytes(MAGIC),
+        header = status::HEADER,
+        chunk = status::CHUNK,
+        exceptions = status::EXCEPTIONS,
+    )
+}
+
+/// `kernel`'s full source: the generated constants, the prelude, the kernel.
+fn assemble(kernel: &str) -> String {
+    format!("{}\n{PRELUDE}\n{kernel}", constants())
+}
+
 /// The current kernel's CUDA C source. No includes: NVRTC needs no CUDA headers for it. Its
 /// tuning macros (`UNROLL`, `UNROLL_WIDE`, `MIN_BLOCKS`, `EXC_SHARED`) may be defined before it.
-pub(crate) const SOURCE: &str = r#"
-/* The encoding's format (crate::format::HEADER_LEN and VERSION; a test checks they agree). */
-#define HEADER_BYTES 48
-#define FORMAT_VERSION 2u
-
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
-#define THREADS 256
-#define WARPS (THREADS / 32)
-#define UNIT 8                /* values per thread and window */
-#define WINDOW (32 * UNIT)    /* values per warp and window: 8 groups of 32 */
-#ifndef UNROLL
-#define UNROLL 2              /* windows a warp loads together when K <= 3 */
-#endif
-#ifndef UNROLL_WIDE
-#define UNROLL_WIDE 1         /* the same when K >= 4 */
-#endif
-#ifndef MIN_BLOCKS
-#define MIN_BLOCKS 4              /* __launch_bounds__: registers for 4 blocks per SM (64) */
-#endif
-
-#ifndef EXC_SHARED
-#define EXC_SHARED 4096       /* a chunk's exceptions are staged in shared memory up to this many */
-#endif
-#define EXC_VECS (EXC_SHARED > 0 ? EXC_SHARED / 16 : 1)
-
-#define STATUS_HEADER 1u
-#define STATUS_CHUNK 2u
-#define STATUS_EXCEPTIONS 4u
-
-struct alignas(16) v16 { u32 a, b, c, d; };
-
-__device__ __forceinline__ u32 ld32(const u8* p) { return *(const u32*)p; }
-__device__ __forceinline__ u64 ld64(const u8* p) { return *(const u64*)p; }
-__device__ __forceinline__ u64 pad16(u64 x) { return (x + 15ull) & ~15ull; }
-__device__ __forceinline__ u32 min32(u32 a, u32 b) { return a < b ? a : b; }
-__device__ __forceinline__ u64 min64(u64 a, u64 b) { return a < b ? a : b; }
-__device__ __forceinline__ void raise_status(u32* status, u32 bit) { if (status) atomicOr(status, bit); }
-
-// byte_perm without the selector masking __byte_perm adds (every selector here has its nibbles'
-// bit 3 clear, so plain prmt does the same).
-__device__ __forceinline__ u32 perm(u32 a, u32 b, u32 s) {
-#ifdef __CUDA_ARCH__
-    u32 r;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s));
-    return r;
-#else
-    return __byte_perm(a, b, s);
-#endif
-}
-
-// Exchanges the bits at positions p and p + d of x for every p in m.
-__device__ __forceinline__ u32 swap_bits(u32 x, u32 m, u32 d) {
-    const u32 t = ((x >> d) ^ x) & m;
-    return x ^ t ^ (t << d);
-}
-
-// The escape flags of group g (bit l: value 32g + l has the escape code, i.e. all K code bits
-// set), values at or past n cleared (only a chunk whose n is not a multiple of 32, `ragged`,
-// has a group with such values). 0 for a group past the chunk (its words p are 0).
-template <int K>
-__device__ __forceinline__ u32 group_escapes(const u32 (&p)[K], u32 g, u32 n, bool ragged) {
-    u32 e = p[0];
-#pragma unroll
-    for (int j = 1; j < K; j++) e &= p[j];
-    const u32 first = 32u * g;
-    if (ragged && first < n && n - first < 32u) e &= (1u << (n - first)) - 1u;
-    return e;
-}
-
-template <int K>
-__device__ __forceinline__ void load_planes(const u8* planes, u32 g, bool ok, u32 (&p)[K]) {
-#pragma unroll
-    for (int j = 0; j < K; j++) p[j] = ok ? ld32(planes + 4u * (g * K + j)) : 0u;
-}
-
-// Sign and mantissa bytes of 4 values, the low half of each output word pair: output word i
-// of a value pair (a, b) is [lo(a), hi(a), lo(b), hi(b)]; this gives s & 0x7f in the low byte
-// and s & 0x80 in the high byte of each value.
-__device__ __forceinline__ u32 sign_mant(u32 s, u32 sel) {
-    return perm(s, 0u, sel) & 0x807F807Fu;
-}
-
-// Decodes the 8 values of a thread when K <= 3. p: the K plane words of its group; sh: 8 x its
-// quarter of the group; the codes of its 8 values are byte sh/8 of each word. tl/th: byte c is
-// the low/high byte contribution of table entry c ((e << 7) & 0x80 and e >> 1), 0 for the
-// escape code. o: the 4 output words (value pairs), exponent 0 where the value escapes.
-template <int K>
-__device__ __forceinline__ void unit_small(const u32 (&p)[K], u32 s_lo, u32 s_hi, u32 sh, u32 sel_a,
-                                           u32 sel_b, u32 tl0, u32 tl1, u32 th0, u32 th1, u32 (&o)[4]) {
-    // w: byte j = the thread's byte of plane j (bit l: bit j of value l's code), byte 3 = 0.
-    u32 w;
-    if constexpr (K == 1) w = (p[0] >> sh) & 0xffu;
-    else if constexpr (K == 2) w = perm(p[0], p[1], sel_a) & 0xffffu;
-    else w = perm(perm(p[0], p[1], sel_a), p[2], sel_b) & 0xffffffu;
-    // Bit 8j + l -> bit 4n + j with n = 4 l1 + 2 l0 + l2 (l = 4 l2 + 2 l1 + l0): swaps of index
-    // bits 0 <-> 3 and 1 <-> 4. Nibble n is then the code of value l: nibbles 0-3 hold values
-    // 0, 4, 1, 5 and nibbles 4-7 values 2, 6, 3, 7, a byte_perm selector each.
-    const u32 c = swap_bits(swap_bits(w, 0x00AA00AAu, 7), 0x0000CCCCu, 14);
-    const u32 ch = c >> 16;
-    const u32 xl = perm(tl0, tl1, c), xh = perm(tl0, tl1, ch);
-    const u32 yl = perm(th0, th1, c), yh = perm(th0, th1, ch);
-    o[0] = perm(xl, yl, 0x6240u) | sign_mant(s_lo, 0x1100u);  // values 0, 1
-    o[1] = perm(xh, yh, 0x6240u) | sign_mant(s_lo, 0x3322u);  // values 2, 3
-    o[2] = perm(xl, yl, 0x7351u) | sign_mant(s_hi, 0x1100u);  // values 4, 5
-    o[3] = perm(xh, yh, 0x7351u) | sign_mant(s_hi, 0x3322u);  // values 6, 7
-}
-
-// Decodes the 8 values of a thread when K >= 4: an 8x8 bit transpose gives one code per byte,
-// looked up in the shared table (whose escape entry is 0).
-template <int K>
-__device__ __forceinline__ void unit_wide(const u32 (&p)[K], u32 s_lo, u32 s_hi, u32 sh,
-                                          const u8* table, u32 (&o)[4]) {
-    u32 lo = 0u, hi = 0u;
-#pragma unroll
-    for (int j = 0; j < K; j++) {
-        const u32 b = (p[j] >> sh) & 0xffu;
-        if (j < 4) lo |= b << (8 * j); else hi |= b << (8 * (j - 4));
-    }
-    // 8x8 transpose of the 64-bit hi:lo (byte j bit l -> byte l bit j): index bits 0 <-> 3,
-    // 1 <-> 4 within each half, then 2 <-> 5 across them.
-    lo = swap_bits(swap_bits(lo, 0x00AA00AAu, 7), 0x0000CCCCu, 14);
-    hi = swap_bits(swap_bits(hi, 0x00AA00AAu, 7), 0x0000CCCCu, 14);
-    const u32 t = ((hi << 4) ^ lo) & 0xF0F0F0F0u;
-    lo ^= t;
-    hi ^= t >> 4;
-    const u32 e_lo = (u32)table[lo & 0xffu] | ((u32)table[(lo >> 8) & 0xffu] << 8)
-        | ((u32)table[(lo >> 16) & 0xffu] << 16) | ((u32)table[lo >> 24] << 24);
-    const u32 e_hi = (u32)table[hi & 0xffu] | ((u32)table[(hi >> 8) & 0xffu] << 8)
-        | ((u32)table[(hi >> 16) & 0xffu] << 16) | ((u32)table[hi >> 24] << 24);
-    const u32 xl = (e_lo << 7) & 0x80808080u, yl = (e_lo >> 1) & 0x7F7F7F7Fu;
-    const u32 xh = (e_hi << 7) & 0x80808080u, yh = (e_hi >> 1) & 0x7F7F7F7Fu;
-    o[0] = perm(xl, yl, 0x5140u) | sign_mant(s_lo, 0x1100u);
-    o[1] = perm(xl, yl, 0x7362u) | sign_mant(s_lo, 0x3322u);
-    o[2] = perm(xh, yh, 0x5140u) | sign_mant(s_hi, 0x1100u);
-    o[3] = perm(xh, yh, 0x7362u) | sign_mant(s_hi, 0x3322u);
-}
-
-// ORs the exponents of the escaped values among the thread's 8 (bit l of m: value l) into o,
-// taken from exc (shared or global memory) in order from index idx (in bounds: the chunk's
-// escapes were counted first).
-__device__ __forceinline__ void patch_escapes(u32 m, u32 idx, const u8* exc, u32 (&o)[4]) {
-    while (m) {
-        const u32 l = (u32)__ffs(m) - 1u;
-        m &= m - 1u;
-        const u32 e = (u32)exc[idx++] << (7u + 16u * (l & 1u));
-        const u32 h = l >> 1;
-        o[0] |= h == 0u ? e : 0u;
-        o[1] |= h == 1u ? e : 0u;
-        o[2] |= h == 2u ? e : 0u;
-        o[3] |= h == 3u ? e : 0u;
-    }
-}
-
-__device__ __forceinline__ void store_unit(u8* __restrict__ dst, u32 v, u32 n, const u32 (&o)[4]) {
-    if (v + UNIT <= n) {
-        v16 x; x.a = o[0]; x.b = o[1]; x.c = o[2]; x.d = o[3];
-        *(v16*)(dst + 2ull * v) = x;
-    } else {
-        u16* d = (u16*)dst + v;
-#pragma unroll
-        for (u32 l = 0; l < UNIT; l++)
-            if (v + l < n) d[l] = (u16)(o[l / 2] >> (16u * (l % 2u)));
-    }
-}
-
-__device__ __forceinline__ u32 warp_sum(u32 x) {
-#pragma unroll
-    for (int d = 16; d > 0; d >>= 1) x += __shfl_xor_sync(0xffffffffu, x, d);
-    return x;
-}
-
-// Per-thread constants of the lane layout.
-struct Lane {
-    u32 tid, lane, warp;
-    u32 sh;      // 8 x the thread's quarter of its group
-    u32 below;   // the bits of the group's values before the thread's 8
-    u32 sel_a;   // byte_perm: [byte of p0, byte of p1]
-    u32 sel_b;   // byte_perm: [w byte 0, w byte 1, byte of p2]
-};
-
-// What a warp loads for U windows: each thread's K plane words of its group and its 8 sign and
-// mantissa bytes per window.
-template <int K, int U>
-struct Loads {
-    u32 p[U][K];
-    u32 s_lo[U], s_hi[U];
-};
-
-// Decodes coded chunk (K code bits, n values, n_exc exceptions) at src into dst. Each warp
-// takes a contiguous run of windows; it first counts its escapes (an AND of the K plane words
-// per group) so that one barrier gives every warp its first exception index, then decodes its
-// windows in order, U at a time, loading the next U while it decodes these, and keeps a running
-// exception index with one scan over its 8 groups per U windows.
-template <int K, int U>
-__device__ __forceinline__ void decode_coded(const u8* __restrict__ src, u32 n, u32 n_exc, u8* __restrict__ dst,
-                                             u8* table, u32* counts, u8* exc_s, const Lane& ln,
-                                             u32* __restrict__ status) {
-    static_assert(U >= 1 && U <= 4, "the escape counts of U windows share one u64");
-    const u32 t = (1u << K) - 1u;
-    const u8* planes = src + pad16(t);
-    const u32 groups = (n + 31u) / 32u;
-    const u8* sm = planes + pad16(4ull * groups * K);
-    const u8* exc = sm + pad16(n);
-    const bool ragged = (n & 31u) != 0u;
-
-    const u32 windows = (n + WINDOW - 1u) / WINDOW;
-    const u32 per_warp = (windows + WARPS - 1u) / WARPS;
-    const u32 w0 = min32(ln.warp * per_warp, windows), w1 = min32(w0 + per_warp, windows);
-
-    // Loads of windows win..win+U-1 (zeros past the warp's run or the chunk).
-    auto load = [&](u32 win, Loads<K, U>& d) {
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const u32 v = (win + u) * WINDOW + ln.lane * UNIT;
-            const u32 g = v / 32u;
-            const bool in = win + u < w1;
-            load_planes<K>(planes, g, in && g < groups, d.p[u]);
-            d.s_lo[u] = 0u;
-            d.s_hi[u] = 0u;
-            if (in && v < n) {
-                const uint2 s = __ldcs((const uint2*)(sm + v));
-                d.s_lo[u] = s.x;
-                d.s_hi[u] = s.y;
-            }
-        }
-    };
-    Loads<K, U> cur, next;
-    load(w0, cur);
-
-    // The chunk's exceptions, if few enough, into shared memory (the section is 16-byte aligned
-    // and padded), read after the barrier below.
-    static_assert(EXC_SHARED % 16 == 0 && EXC_SHARED <= 16 * THREADS, "one 16-byte copy per thread");
-    const bool staged = n_exc <= EXC_SHARED;
-    if (staged && ln.tid < (n_exc + 15u) / 16u) ((v16*)exc_s)[ln.tid] = ((const v16*)exc)[ln.tid];
-    const u8* ex = staged ? (const u8*)exc_s : exc;
-
-    u32 tl0 = 0u, tl1 = 0u, th0 = 0u, th1 = 0u;
-    if constexpr (K <= 3) {
-        // The table section is at least 16 bytes (padded); keep entries 0..t-1, 0 at t.
-        u32 t0 = ld32(src), t1 = ld32(src + 4);
-        if constexpr (K == 1) { t0 &= 0xffu; t1 = 0u; }
-        else if constexpr (K == 2) { t0 &= 0xffffffu; t1 = 0u; }
-        else t1 &= 0xffffffu;
-        tl0 = (t0 << 7) & 0x80808080u; tl1 = (t1 << 7) & 0x80808080u;
-        th0 = (t0 >> 1) & 0x7F7F7F7Fu; th1 = (t1 >> 1) & 0x7F7F7F7Fu;
-    } else if (ln.tid <= t) {
-        table[ln.tid] = ln.tid < t ? src[ln.tid] : (u8)0;
-    }
-
-    // Escapes in the warp's windows.
-    u32 count = 0;
-    const u32 g_end = min32(w1 * (WINDOW / 32u), groups);
-#pragma unroll 4
-    for (u32 g = w0 * (WINDOW / 32u) + ln.lane; g < g_end; g += 32u) {
-        u32 p[K];
-        load_planes<K>(planes, g, true, p);
-        count += __popc(group_escapes<K>(p, g, n, ragged));
-    }
-    count = warp_sum(count);
-    if (ln.lane == 0u) counts[ln.warp] = count;
-    __syncthreads();
-    u32 base = 0u, total = 0u;
-#pragma unroll
-    for (u32 w = 0; w < WARPS; w++) {
-        const u32 x = counts[w];
-        base += w < ln.warp ? x : 0u;
-        total += x;
-    }
-    if (total != n_exc) {
-        if (ln.tid == 0u) raise_status(status, STATUS_EXCEPTIONS);
-        return;
-    }
-
-    for (u32 win = w0; win < w1; win += U) {
-        if (win + U < w1) load(win + U, next);
-        u32 esc[U];
-        u64 cg = 0;  // escapes of the thread's group per window, 16 bits each
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const u32 g = ((win + u) * WINDOW + ln.lane * UNIT) / 32u;
-            esc[u] = group_escapes<K>(cur.p[u], g, n, ragged);
-            cg |= (u64)__popc(esc[u]) << (16 * u);
-        }
-        // Inclusive scan over the warp's 8 groups (lanes 4g..4g+3 hold group g); a window has
-        // at most 256 escapes, so the 16-bit fields never carry into each other.
-        u64 incl = cg;
-#pragma unroll
-        for (u32 d = 4; d < 32u; d <<= 1) {
-            const u64 y = __shfl_up_sync(0xffffffffu, incl, d);
-            if (ln.lane >= d) incl += y;
-        }
-        const u64 tot = __shfl_sync(0xffffffffu, incl, 31);
-        const u64 excl = incl - cg;
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const u32 v = (win + u) * WINDOW + ln.lane * UNIT;
-            const u32 idx = base + (u32)((excl >> (16 * u)) & 0xffffu) + __popc(esc[u] & ln.below);
-            base += (u32)((tot >> (16 * u)) & 0xffffu);
-            if (win + u < w1 && v < n) {
-                u32 o[4];
-                if constexpr (K <= 3)
-                    unit_small<K>(cur.p[u], cur.s_lo[u], cur.s_hi[u], ln.sh, ln.sel_a, ln.sel_b, tl0, tl1, th0, th1, o);
-                else
-                    unit_wide<K>(cur.p[u], cur.s_lo[u], cur.s_hi[u], ln.sh, table, o);
-                const u32 m = (esc[u] >> ln.sh) & 0xffu;
-                if (m) patch_escapes(m, idx, ex, o);
-                store_unit(dst, v, n, o);
-            }
-        }
-        cur = next;
-    }
-}
-
-// Directory entry c: its chunk's offset, exceptions, mode | k << 8 | reserved << 16, and where
-// the chunk must end (the next chunk's offset, or enc_len for the last one).
-struct Entry {
-    u64 off, next;
-    u32 n_exc, mk;
-};
-
-__device__ __forceinline__ Entry load_entry(const u8* enc, u32 c, u32 n_chunks, u64 enc_len) {
-    const u8* entry = enc + (u64)HEADER_BYTES + 16ull * c;
-    Entry e;
-    e.off = ld64(entry);
-    e.n_exc = ld32(entry + 8);
-    e.mk = ld32(entry + 12);
-    e.next = c + 1u < n_chunks ? ld64(entry + 16) : enc_len;
-    return e;
-}
-
-// Decodes the encoding at `enc` (`enc_len` bytes, 16-byte aligned) into `out` (`out_len`
-// bytes, 16-byte aligned). `status` (may be null) collects STATUS_* bits of what was refused.
-extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
-lwbc_decode(const u8* __restrict__ enc, u64 enc_len, u8* __restrict__ out, u64 out_len, u32* __restrict__ status)
-{
-    // Double-buffered by chunk parity, so that one barrier per chunk suffices: a warp still
-    // decoding chunk i reads buffer i % 2 while others fill buffer (i + 1) % 2, and none can
-    // fill buffer i % 2 again before every warp has passed chunk i + 1's barrier.
-    __shared__ u8 tables[2][128];
-    __shared__ u32 counts[2][WARPS];
-    __shared__ v16 exceptions[2][EXC_VECS];
-    const u32 tid = threadIdx.x;
-    const bool leader = blockIdx.x == 0 && tid == 0;
-
-    // Header (HEADER_BYTES), read by every block.
-    if (enc_len < HEADER_BYTES) { if (leader) raise_status(status, STATUS_HEADER); return; }
-    const u32 magic = ld32(enc);
-    const u32 w1 = ld32(enc + 4);
-    const u32 cv = ld32(enc + 8);
-    const u32 n_chunks = ld32(enc + 12);
-    const u64 n_values = ld64(enc + 16);
-    const u64 encoded_len = ld64(enc + 24);
-    const u32 version = w1 & 0xffffu, tail_len = (w1 >> 16) & 0xffu, tail_byte = w1 >> 24;
-    const u64 data_offset = (u64)HEADER_BYTES + 16ull * n_chunks;
-    const bool header_ok = magic == 0x4342574Cu /* "LWBC" */ && version == FORMAT_VERSION && tail_len <= 1u
-        && cv >= 256u && cv <= (1u << 22) && cv % 256u == 0u && n_values <= (~0ull >> 2)
-        && (u64)n_chunks == (n_values + cv - 1) / cv && encoded_len == enc_len
-        && n_values * 2ull + tail_len == out_len && data_offset <= enc_len;
-    if (!header_ok) { if (leader) raise_status(status, STATUS_HEADER); return; }
-    if (leader && tail_len) out[n_values * 2ull] = (u8)tail_byte;
-
-    Lane ln;
-    ln.tid = tid;
-    ln.lane = tid & 31u;
-    ln.warp = tid >> 5;
-    const u32 q = ln.lane & 3u;
-    ln.sh = 8u * q;
-    ln.below = (1u << ln.sh) - 1u;
-    ln.sel_a = q | ((4u + q) << 4);
-    ln.sel_b = 0x10u | ((4u + q) << 8);
-    u32 parity = 0;
-    // The block's next directory entry is loaded one chunk ahead.
-    Entry ahead = load_entry(enc, blockIdx.x, n_chunks, enc_len);
-    for (u32 c = blockIdx.x; c < n_chunks; c += gridDim.x) {
-        const Entry e = ahead;
-        if (c + gridDim.x < n_chunks) ahead = load_entry(enc, c + gridDim.x, n_chunks, enc_len);
-        const u64 off = e.off;
-        const u32 n_exc = e.n_exc;
-        const u32 mk = e.mk;
-        const u32 mode = mk & 0xffu, k = (mk >> 8) & 0xffu;
-        const u64 first = (u64)c * cv;
-        const u32 n = (u32)min64((u64)cv, n_values - first);
-        const u64 next = e.next;
-        const u32 t = mode == 1u && k >= 1u && k <= 7u ? (1u << k) - 1u : 0u;
-        const u64 planes_len = 4ull * ((n + 31u) / 32u) * k;
-        u64 size = 0;
-        bool ok = (off & 15ull) == 0 && (mk >> 16) == 0 && off >= data_offset && off <= enc_len;
-        if (mode == 0u) {
-            size = pad16(2ull * n);
-            ok = ok && k == 0u && n_exc == 0u;
-        } else if (t != 0u && n_exc <= n) {
-            size = pad16(t) + pad16(planes_len) + pad16(n) + pad16(n_exc);
-        } else {
-            ok = false;
-        }
-        ok = ok && size <= enc_len - off && off + size == next;
-        if (!ok) { if (tid == 0) raise_status(status, STATUS_CHUNK); continue; }
-
-        const u8* src = enc + off;
-        u8* dst = out + first * 2ull;
-        if (mode == 0u) {
-            const u64 bytes = 2ull * n, vecs = bytes / 16ull;
-            for (u64 i = tid; i < vecs; i += THREADS) ((v16*)dst)[i] = ((const v16*)src)[i];
-            for (u64 i = vecs * 16ull + tid; i < bytes; i += THREADS) dst[i] = src[i];
-            continue;
-        }
-        u8* table = tables[parity];
-        u32* cnt = counts[parity];
-        u8* exc_s = (u8*)exceptions[parity];
-        parity ^= 1u;
-        switch (k) {
-            case 1: decode_coded<1, UNROLL>(src, n, n_exc, dst, table, cnt, exc_s, ln, status); break;
-            case 2: decode_coded<2, UNROLL>(src, n, n_exc, dst, table, cnt, exc_s, ln, status); break;
-            case 3: decode_coded<3, UNROLL>(src, n, n_exc, dst, table, cnt, exc_s, ln, status); break;
-            case 4: decode_coded<4, UNROLL_WIDE>(src, n, n_exc, dst, table, cnt, exc_s, ln, status); break;
-            case 5: decode_coded<5, UNROLL_WIDE>(src, n, n_exc, dst, table, cnt, exc_s, ln, status); break;
-            case 6: decode_coded<6, UNROLL_WIDE>(src, n, n_exc, dst, table, cnt, exc_s, ln, status); break;
-            default: decode_coded<7, UNROLL_WIDE>(src, n, n_exc, dst, table, cnt, exc_s, ln, status); break;
-        }
-    }
-}
-"#;
+pub(crate) static SOURCE: LazyLock<String> = LazyLock::new(|| assemble(CURRENT));
 
 /// The first kernel's CUDA C source (runtime k, a block-wide scan per 8192 values).
-pub(crate) const BASELINE_SOURCE: &str = r#"
-/* The encoding's format (crate::format::HEADER_LEN and VERSION; a test checks they agree). */
-#define HEADER_BYTES 48
-#define FORMAT_VERSION 2u
+pub(crate) static BASELINE_SOURCE: LazyLock<String> = LazyLock::new(|| assemble(BASELINE));
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-#define THREADS 256
-#define UNIT 8
-#define ROUNDS 4
-#define ROUND_VALUES (THREADS * UNIT)
-#define STEP_VALUES (ROUND_VALUES * ROUNDS)
+    /// The generated names, each defined in Rust only: no kernel file defines one itself.
+    const GENERATED: [&str; 10] = [
+        "HEADER_BYTES",
+        "ENTRY_BYTES",
+        "FORMAT_MAGIC",
+        "FORMAT_VERSION",
+        "MIN_CHUNK_VALUES",
+        "MAX_CHUNK_VALUES",
+        "STATUS_HEADER",
+        "STATUS_CHUNK",
+        "STATUS_EXCEPTIONS",
+        "THREADS",
+    ];
 
-#define STATUS_HEADER 1u
-#define STATUS_CHUNK 2u
-#define STATUS_EXCEPTIONS 4u
-
-struct alignas(16) v16 { u32 a, b, c, d; };
-
-__device__ __forceinline__ u32 ld32(const u8* p) { return *(const u32*)p; }
-__device__ __forceinline__ u64 ld64(const u8* p) { return *(const u64*)p; }
-__device__ __forceinline__ u64 pad16(u64 x) { return (x + 15ull) & ~15ull; }
-__device__ __forceinline__ u32 min32(u32 a, u32 b) { return a < b ? a : b; }
-__device__ __forceinline__ u64 min64(u64 a, u64 b) { return a < b ? a : b; }
-__device__ __forceinline__ void raise_status(u32* status, u32 bit) { if (status) atomicOr(status, bit); }
-
-// Decodes the encoding at `enc` (`enc_len` bytes, 16-byte aligned) into `out` (`out_len`
-// bytes, 16-byte aligned). `status` (may be null) collects STATUS_* bits of what was refused.
-extern "C" __global__ void __launch_bounds__(THREADS)
-lwbc_decode(const u8* __restrict__ enc, u64 enc_len, u8* __restrict__ out, u64 out_len, u32* __restrict__ status)
-{
-    __shared__ u8 table[128];
-    __shared__ u64 warp_sums[THREADS / 32];
-    const u32 tid = threadIdx.x;
-    const bool leader = blockIdx.x == 0 && tid == 0;
-
-    // Header (HEADER_BYTES), read by every block.
-    if (enc_len < HEADER_BYTES) { if (leader) raise_status(status, STATUS_HEADER); return; }
-    const u32 magic = ld32(enc);
-    const u32 w1 = ld32(enc + 4);
-    const u32 cv = ld32(enc + 8);
-    const u32 n_chunks = ld32(enc + 12);
-    const u64 n_values = ld64(enc + 16);
-    const u64 encoded_len = ld64(enc + 24);
-    const u32 version = w1 & 0xffffu, tail_len = (w1 >> 16) & 0xffu, tail_byte = w1 >> 24;
-    const u64 data_offset = (u64)HEADER_BYTES + 16ull * n_chunks;
-    const bool header_ok = magic == 0x4342574Cu /* "LWBC" */ && version == FORMAT_VERSION && tail_len <= 1u
-        && cv >= 256u && cv <= (1u << 22) && cv % 256u == 0u && n_values <= (~0ull >> 2)
-        && (u64)n_chunks == (n_values + cv - 1) / cv && encoded_len == enc_len
-        && n_values * 2ull + tail_len == out_len && data_offset <= enc_len;
-    if (!header_ok) { if (leader) raise_status(status, STATUS_HEADER); return; }
-    if (leader && tail_len) out[n_values * 2ull] = (u8)tail_byte;
-
-    const u32 lane = tid & 31u, warp = tid >> 5;
-    for (u32 c = blockIdx.x; c < n_chunks; c += gridDim.x) {
-        // Directory entry: offset, exceptions, mode | k << 8 | reserved << 16.
-        const u8* entry = enc + (u64)HEADER_BYTES + 16ull * c;
-        const u64 off = ld64(entry);
-        const u32 n_exc = ld32(entry + 8);
-        const u32 mk = ld32(entry + 12);
-        const u32 mode = mk & 0xffu, k = (mk >> 8) & 0xffu;
-        const u64 first = (u64)c * cv;
-        const u32 n = (u32)min64((u64)cv, n_values - first);
-        const u64 next = c + 1u < n_chunks ? ld64(entry + 16) : enc_len;
-        const u32 t = mode == 1u && k >= 1u && k <= 7u ? (1u << k) - 1u : 0u;
-        const u64 planes_len = 4ull * ((n + 31u) / 32u) * k;
-        u64 size = 0;
-        bool ok = (off & 15ull) == 0 && (mk >> 16) == 0 && off >= data_offset && off <= enc_len;
-        if (mode == 0u) {
-            size = pad16(2ull * n);
-            ok = ok && k == 0u && n_exc == 0u;
-        } else if (t != 0u && n_exc <= n) {
-            size = pad16(t) + pad16(planes_len) + pad16(n) + pad16(n_exc);
-        } else {
-            ok = false;
+    #[test]
+    fn shared_constants_are_defined_once_from_rust() {
+        let defines = constants();
+        for name in GENERATED {
+            assert_eq!(
+                defines.matches(&format!("#define {name} ")).count(),
+                1,
+                "{name}:\n{defines}"
+            );
+            for (file, text) in [
+                ("prelude.cuh", PRELUDE),
+                ("decode.cu", CURRENT),
+                ("decode_baseline.cu", BASELINE),
+            ] {
+                assert!(
+                    !text.contains(&format!("#define {name} ")),
+                    "{file} defines {name}, which Rust generates"
+                );
+            }
         }
-        ok = ok && size <= enc_len - off && off + size == next;
-        if (!ok) { if (tid == 0) raise_status(status, STATUS_CHUNK); continue; }
+        assert!(
+            defines.contains("#define FORMAT_MAGIC 0x4342574Cu\n"),
+            "{defines}"
+        );
+        assert!(defines.contains(&format!("#define THREADS {THREADS}\n")));
+        assert!(defines.contains(&format!(
+            "#define STATUS_EXCEPTIONS {}u\n",
+            super::super::status::EXCEPTIONS
+        )));
+    }
 
-        const u8* src = enc + off;
-        u8* dst = out + first * 2ull;
-        if (mode == 0u) {
-            const u64 bytes = 2ull * n, vecs = bytes / 16ull;
-            for (u64 i = tid; i < vecs; i += THREADS) ((v16*)dst)[i] = ((const v16*)src)[i];
-            for (u64 i = vecs * 16ull + tid; i < bytes; i += THREADS) dst[i] = src[i];
-            continue;
+    #[test]
+    fn each_source_is_the_constants_the_prelude_and_its_kernel() {
+        for (source, kernel) in [(&*SOURCE, CURRENT), (&*BASELINE_SOURCE, BASELINE)] {
+            let c = source.find("#define HEADER_BYTES").unwrap();
+            let p = source.find("typedef unsigned char u8;").unwrap();
+            let k = source.find("lwbc_decode(").unwrap();
+            assert!(c < p && p < k);
+            assert!(source.ends_with(kernel));
+            assert_eq!(source.matches("typedef unsigned char u8;").count(), 1);
+            // No includes: NVRTC compiles it without CUDA headers.
+            assert!(!source.contains("#include"));
         }
-
-        if (tid < t) table[tid] = src[tid];
-        const u8* planes = src + pad16(t);
-        const u8* sm = planes + pad16(planes_len);
-        const u8* exc = sm + pad16(n);
-        __syncthreads();
-
-        u32 exc_base = 0;
-        bool exc_bad = false;
-        for (u32 base = 0; base < n; base += STEP_VALUES) {
-            u64 bits[ROUNDS];   // byte j: bit j of the codes of the thread's 8 values
-            u32 esc[ROUNDS];    // the thread's escaped values, one bit each
-            u64 counts = 0;     // escapes per round, 16 bits each
-#pragma unroll
-            for (int r = 0; r < ROUNDS; r++) {
-                const u32 v = base + r * ROUND_VALUES + tid * UNIT;
-                bits[r] = 0;
-                esc[r] = 0;
-                if (v < n) {
-                    const u32 g = v / 32u, shift = v % 32u;
-                    const u32 lanes = min32(n - v, (u32)UNIT);
-                    u32 e = lanes == UNIT ? 0xffu : (1u << lanes) - 1u;
-                    for (u32 j = 0; j < k; j++) {
-                        const u32 b = (ld32(planes + 4u * (g * k + j)) >> shift) & 0xffu;
-                        bits[r] |= (u64)b << (8u * j);
-                        e &= b;
-                    }
-                    esc[r] = e;
-                    counts |= (u64)__popc(e) << (16 * r);
-                }
-            }
-            // Block-wide exclusive scan of the packed counts (a round's total is at most 2048,
-            // so the 16-bit fields never carry into each other).
-            u64 incl = counts;
-#pragma unroll
-            for (int d = 1; d < 32; d <<= 1) {
-                const u64 y = __shfl_up_sync(0xffffffffu, incl, d);
-                if (lane >= (u32)d) incl += y;
-            }
-            if (lane == 31u) warp_sums[warp] = incl;
-            __syncthreads();
-            u64 before = 0, total = 0;
-#pragma unroll
-            for (u32 w = 0; w < THREADS / 32; w++) {
-                const u64 s = warp_sums[w];
-                if (w < warp) before += s;
-                total += s;
-            }
-            const u64 excl = before + incl - counts;
-
-            u32 round_base = exc_base;
-#pragma unroll
-            for (int r = 0; r < ROUNDS; r++) {
-                const u32 v = base + r * ROUND_VALUES + tid * UNIT;
-                u32 idx = round_base + (u32)((excl >> (16 * r)) & 0xffffu);
-                round_base += (u32)((total >> (16 * r)) & 0xffffu);
-                if (v < n) {
-                    const u32 lanes = min32(n - v, (u32)UNIT);
-                    const u64 s8 = ld64(sm + v);
-                    u32 w[4];
-#pragma unroll
-                    for (int l = 0; l < UNIT; l++) {
-                        u32 code = 0;
-                        for (u32 j = 0; j < k; j++) code |= (u32)((bits[r] >> (8u * j + l)) & 1ull) << j;
-                        u32 e;
-                        if ((esc[r] >> l) & 1u) {
-                            if (idx < n_exc) e = exc[idx]; else { e = 0; exc_bad = true; }
-                            idx++;
-                        } else {
-                            e = table[code];
-                        }
-                        const u32 s = (u32)(s8 >> (8 * l)) & 0xffu;
-                        const u32 val = ((s & 0x80u) << 8) | (e << 7) | (s & 0x7fu);
-                        if (l % 2 == 0) w[l / 2] = val; else w[l / 2] |= val << 16;
-                    }
-                    if (lanes == UNIT) {
-                        v16 o; o.a = w[0]; o.b = w[1]; o.c = w[2]; o.d = w[3];
-                        *(v16*)(dst + 2ull * v) = o;
-                    } else {
-                        for (u32 l = 0; l < lanes; l++) ((u16*)dst)[v + l] = (u16)(w[l / 2] >> (16 * (l % 2)));
-                    }
-                }
-            }
-            exc_base = round_base;
-            __syncthreads();  // warp_sums is written again in the next step
-        }
-        if (exc_bad || (tid == 0 && exc_base != n_exc)) raise_status(status, STATUS_EXCEPTIONS);
-        __syncthreads();  // table is written again for the next chunk
+        assert!(SOURCE.contains("__launch_bounds__(THREADS, MIN_BLOCKS)"));
+        assert!(BASELINE_SOURCE.contains("ROUNDS"));
     }
 }
-"#;

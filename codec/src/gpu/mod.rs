@@ -29,13 +29,13 @@ pub use driver::{Device, DeviceBuffer, Event, Stream, device_count};
 
 /// The decode kernel's CUDA C source (for inspection and offline compilation checks).
 pub fn kernel_source() -> &'static str {
-    kernel::SOURCE
+    kernel::SOURCE.as_str()
 }
 
 /// The CUDA C source of `kernel` (for inspection and offline compilation checks).
 pub fn kernel_source_of(kernel: Kernel) -> &'static str {
     match kernel {
-        Kernel::Current => kernel::SOURCE,
-        Kernel::Baseline => kernel::BASELINE_SOURCE,
+        Kernel::Current => kernel::SOURCE.as_str(),
+        Kernel::Baseline => kernel::BASELINE_SOURCE.as_str(),
     }
 }

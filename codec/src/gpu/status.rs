@@ -2,7 +2,7 @@
 //!
 //! The kernel never reads or writes out of bounds; what it refuses it skips (its output there
 //! is left as it was) and reports here. [`GpuDecoder::synchronize_and_check`] reads and clears
-//! the word.
+//! the word. The kernels' `STATUS_*` macros are generated from these constants.
 //!
 //! [`GpuDecoder::synchronize_and_check`]: super::GpuDecoder::synchronize_and_check
 

@@ -1,8 +1,5 @@
 //! Writing a generated video: PNG frames, an MP4 (H.264) through an `ffmpeg` found on `PATH`, or an
 //! animated GIF through the `image` crate where there is no ffmpeg.
-//!
-//! Included by path like `util.rs` (`#[path = "common/video.rs"] mod video;`).
-#![allow(dead_code)]
 
 use anyhow::{Context, Result, bail};
 use std::io::Write;

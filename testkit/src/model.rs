@@ -4,6 +4,7 @@
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+/// One block: pre-norm self-attention and a GELU MLP, each with a residual.
 pub struct Block {
     norm1: nn::LayerNorm,
     qkv: nn::Linear,
@@ -15,6 +16,7 @@ pub struct Block {
 }
 
 impl Block {
+    /// A block of width `dim`, MLP width `hidden`, `heads` attention heads, under `p`.
     pub fn new(p: nn::Path, dim: i64, hidden: i64, heads: i64) -> Block {
         Block {
             norm1: nn::layer_norm(&p / "norm1", vec![dim], Default::default()),
@@ -27,6 +29,7 @@ impl Block {
         }
     }
 
+    /// The block on `x` `[batch, tokens, dim]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let (b, t, d) = x.size3().unwrap();
         let h = self.norm1.forward(x);
@@ -55,12 +58,15 @@ impl Block {
 
 /// Model shape: lists of (attr, blocks, width multiplier of the MLP).
 pub struct Model {
+    /// Every parameter.
     pub vs: nn::VarStore,
     embed: nn::Linear,
+    /// The block lists: attribute name and blocks.
     pub lists: Vec<(String, Vec<Block>)>,
     head: nn::Linear,
 }
 
+/// The model width.
 pub const DIM: i64 = 64;
 
 impl Model {
@@ -100,6 +106,7 @@ impl Model {
         }
     }
 
+    /// Blocks over every list.
     pub fn num_blocks(&self) -> usize {
         self.lists.iter().map(|(_, b)| b.len()).sum()
     }
@@ -109,6 +116,7 @@ impl Model {
         self.lists.iter().flat_map(|(_, b)| b.iter())
     }
 
+    /// A seeded input `[2, 8, 16]` on the CPU.
     pub fn input(&self, seed: i64) -> Tensor {
         tch::manual_seed(seed);
         Tensor::randn([2, 8, 16], (Kind::Float, Device::Cpu))

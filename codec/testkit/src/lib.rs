@@ -1,6 +1,6 @@
 //! Synthetic weights for the codec's examples and tests: seeded, reproducible, generated in
-//! parallel. Shared with `#[path]`; not every user calls every function.
-#![allow(dead_code)]
+//! parallel. The tests and examples name it `common` (`use codec_testkit as common;`).
+#![deny(missing_docs)]
 
 /// A weight distribution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

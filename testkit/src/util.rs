@@ -1,10 +1,5 @@
 //! Helpers shared by the examples and `offload-bench`: flag parsing, statistics, rounding for the
 //! `RESULT` lines and what the host reports about itself (GPU name, memory use).
-//!
-//! Included by path (`#[path = "common/util.rs"] mod util;`, and from offload-bench
-//! `#[path = "../../examples/common/util.rs"]`): this directory has no `main.rs`, so cargo does
-//! not take it for an example. Each user calls only some of the helpers.
-#![allow(dead_code)]
 
 /// A parser of integers in `lo..=hi` whose error names the range, whatever the input (a
 /// negative number, one too large for any integer type, or no number).

@@ -2,9 +2,7 @@
 //! managers: the adapter (`Managed`, a `wan::BlockLoop`) and the moves between stages (a model's
 //! weights streamed for its stage, then every weight back on the CPU where it was built).
 //!
-//! Included by path (`#[path = "common/t2v.rs"] mod t2v;`) by `examples/text_to_video.rs` and
-//! `tests/text_to_video.rs`.
-#![allow(dead_code)]
+//! Used by `examples/text_to_video.rs` and `tests/text_to_video.rs`.
 
 use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig, Progress};
 use tch::{Device, nn};

@@ -2,11 +2,6 @@
 //! writing shards, sampling steps, forwards): indicatif on stderr, drawn on a terminal and hidden
 //! otherwise (indicatif's default), so logs and pipes get no control characters. The library has
 //! none.
-//!
-//! Included by path like `util.rs` (`#[path = "common/progress.rs"] mod progress;`, and from
-//! offload-bench `#[path = "../../examples/common/progress.rs"]`). Each user calls only some of
-//! the helpers.
-#![allow(dead_code)]
 
 use indicatif::{ProgressBar, ProgressStyle};
 use std::borrow::Cow;

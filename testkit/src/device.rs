@@ -1,5 +1,5 @@
-//! Shared helpers of the integration tests.
-#![allow(dead_code)]
+//! Where a test runs: CUDA device 0 when one is usable (else a loud skip, or a failure with
+//! `OFFLOAD_REQUIRE_CUDA=1`), several devices, or the manager's CPU test mode.
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -37,9 +37,6 @@ pub fn gpu_lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
-
-pub mod cli;
-pub mod model;
 
 /// Where a test body runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,387 @@
+//! The report: a markdown table row and one `RESULT {json}` line per measurement. A
+//! [`Measurement`] is what a `RESULT` line is made of (serde, keys in alphabetical order as
+//! serde_json writes a map); the floors and ratios are derived here from what the runs measured.
+
+use crate::flags::Args;
+use crate::runs::{Bench, MODEL_NAME, MultiRuns, Streamed};
+use crate::util::round2;
+use serde::Serialize;
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+/// One `RESULT` line: the fields every row has, and those of its kind.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Measurement {
+    /// nvidia-smi's name of the device, or `cpu`.
+    pub device: String,
+    /// Always `layerwise-offload` (scripts/bench_peers.py writes its peers' names here).
+    pub system: &'static str,
+    /// The configuration (`stream d1`, `budget 14.5 GiB d1 compressed`, `peer split`, ...).
+    pub mode: String,
+    /// The model (`wan`).
+    pub model: &'static str,
+    /// The preset's name, or the checkpoint's directory.
+    pub preset: String,
+    pub layers: usize,
+    pub dim: i64,
+    pub ffn: i64,
+    pub tokens: i64,
+    /// Blocks uploaded ahead.
+    pub depth: usize,
+    /// Median ms per forward.
+    pub ms: f64,
+    /// The largest difference from the resident model's output (none without it).
+    pub max_abs_diff: Option<f64>,
+    /// What the kind of run adds.
+    #[serde(flatten)]
+    pub detail: Detail,
+}
+
+/// The fields of a single-GPU configuration, or of one GPU of a several-GPU run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Detail {
+    /// Full streaming or a VRAM budget, on one GPU.
+    Single {
+        resident_blocks: usize,
+        /// Mean ms per forward, back to back.
+        ms_sustained: f64,
+        resident_ms: Option<f64>,
+        /// The floor of the raw bytes (without compression: `floor_ms`).
+        raw_floor_ms: f64,
+        raw_streamed_bytes: u64,
+        /// Streamed bytes over raw bytes.
+        ratio: f64,
+        decode_ms_per_forward: f64,
+        /// The weights' distribution (`Normal`, `RowScaled`).
+        dist: String,
+        /// `default` or `high priority`.
+        compute_stream: &'static str,
+        /// max(resident, streamed bytes / pinned H2D bandwidth).
+        floor_ms: f64,
+        stall_ms: f64,
+        peak_vram_bytes: u64,
+        h2d_gib_s: f64,
+        block_bytes: usize,
+        streamed_bytes: u64,
+        init_s: f64,
+        host_peak_bytes: u64,
+    },
+    /// One GPU of several streaming from one host copy.
+    SeveralGpus {
+        gpus: usize,
+        gpu: usize,
+        /// Bytes every GPU receives per forward, over the slowest GPU's time.
+        delivered_gib_s: f64,
+        /// The shared host store's bytes.
+        host_bytes: u64,
+        /// A peer group member's link floor (1/N of the store per forward).
+        link_floor_ms: Option<f64>,
+    },
+}
+
+impl Measurement {
+    /// The `RESULT` line's JSON: keys in alphabetical order (serde_json's map), floats that are
+    /// not finite as null.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("a measurement serializes")
+    }
+}
+
+/// ms to move `bytes` at `bw` GiB/s (0 without a measured link).
+fn link_ms(bytes: u64, bw: f64) -> f64 {
+    if bw > 0.0 {
+        bytes as f64 / (1u64 << 30) as f64 / bw * 1e3
+    } else {
+        0.0
+    }
+}
+
+/// The largest absolute difference between two outputs, in float32 on the CPU.
+fn max_abs_diff(want: &Tensor, got: &Tensor) -> f64 {
+    let cpu = |t: &Tensor| t.to_device(Device::Cpu).to_kind(Kind::Float);
+    (cpu(want) - cpu(got)).abs().max().double_value(&[])
+}
+
+/// Prints the table and the `RESULT` lines of every run: the single-GPU configurations, the
+/// several-GPU rows with one summary row per mode and token count, then the resident rows.
+pub fn print(
+    a: &Args,
+    b: &Bench,
+    streamed: &[Streamed],
+    multi: &MultiRuns,
+    resident: &HashMap<i64, (f64, Tensor)>,
+) {
+    let s = &a.shape;
+    let device_name = &b.device_name;
+    let bw = b.bw;
+    // The preset column names the model (the block stack's rows, before, named none).
+    let preset_cell = format!("{} ({MODEL_NAME})", s.preset);
+    let common =
+        |mode: &str, tokens: i64, ms: f64, max_abs_diff: Option<f64>, detail| Measurement {
+            device: device_name.clone(),
+            system: "layerwise-offload",
+            mode: mode.to_owned(),
+            model: MODEL_NAME,
+            preset: s.preset.clone(),
+            layers: s.layers,
+            dim: s.dim,
+            ffn: s.ffn,
+            tokens,
+            depth: a.depth,
+            ms: round2(ms),
+            max_abs_diff,
+            detail,
+        };
+    println!(
+        "| device | preset | tokens | mode | ms/forward | sustained ms | floor ms | floor/measured | raw floor ms | stall ms | peak VRAM GiB | init s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in streamed {
+        let res = resident.get(&r.tokens);
+        let res_ms = res.map_or(0.0, |x| x.0);
+        let floor = link_ms(r.streamed_bytes, bw).max(res_ms);
+        // The floor of the raw bytes (without compression: the same).
+        let raw_floor = link_ms(r.raw_bytes, bw).max(res_ms);
+        let diff = res.map(|(_, out)| max_abs_diff(out, &r.out));
+        let gib = r.peak as f64 / (1u64 << 30) as f64;
+        println!(
+            "| {device_name} | {preset_cell} | {} | {} | {:.1} | {:.1} | {floor:.1} | {:.3} | {raw_floor:.1} | {:.1} | {gib:.2} | {:.2} |",
+            r.tokens,
+            r.label,
+            r.ms,
+            r.ms_sustained,
+            if r.ms > 0.0 { floor / r.ms } else { 0.0 },
+            r.stall,
+            r.init_s
+        );
+        let m = common(
+            &r.label,
+            r.tokens,
+            r.ms,
+            diff,
+            Detail::Single {
+                resident_blocks: r.resident_blocks,
+                ms_sustained: round2(r.ms_sustained),
+                resident_ms: res.map(|x| round2(x.0)),
+                raw_floor_ms: round2(raw_floor),
+                raw_streamed_bytes: r.raw_bytes,
+                ratio: r.streamed_bytes as f64 / r.raw_bytes.max(1) as f64,
+                decode_ms_per_forward: round2(r.decode_ms),
+                dist: format!("{:?}", a.dist),
+                compute_stream: if a.high_priority_compute {
+                    "high priority"
+                } else {
+                    "default"
+                },
+                floor_ms: round2(floor),
+                stall_ms: round2(r.stall),
+                peak_vram_bytes: r.peak,
+                h2d_gib_s: round2(bw),
+                block_bytes: b.block_bytes,
+                streamed_bytes: r.streamed_bytes,
+                init_s: (r.init_s * 1e3).round() / 1e3,
+                host_peak_bytes: r.host_peak,
+            },
+        );
+        println!("RESULT {}", m.to_json());
+    }
+    for (&mode, &tokens) in multi
+        .modes
+        .iter()
+        .flat_map(|m| a.tokens.iter().map(move |t| (m, t)))
+    {
+        let rows_t: Vec<_> = multi
+            .rows
+            .iter()
+            .filter(|r| r.mode == mode && r.tokens == tokens)
+            .collect();
+        if rows_t.is_empty() {
+            continue;
+        }
+        // Bytes every GPU receives per forward (from the host, or in a peer group from the host
+        // and its peers), over the slowest GPU's time.
+        let host_bytes = multi.host_bytes[mode];
+        let streamed = rows_t.iter().map(|_| host_bytes as f64).sum::<f64>();
+        // A peer group member's link carries 1/N of the store's bytes per forward.
+        let link_floor = (mode.starts_with("peer split") && bw > 0.0)
+            .then(|| host_bytes as f64 / a.gpus as f64 / (1u64 << 30) as f64 / bw * 1e3);
+        let slowest = rows_t.iter().map(|r| r.ms).fold(0.0, f64::max);
+        let aggregate = streamed / (1u64 << 30) as f64 / (slowest / 1e3);
+        for r in &rows_t {
+            let diff = resident
+                .get(&tokens)
+                .map(|(_, out)| max_abs_diff(out, &r.out));
+            let floor = link_floor.map_or(String::new(), |f| format!("{f:.1}"));
+            println!(
+                "| {device_name} | {preset_cell} | {tokens} | stream d{}, {mode}, GPU {} of {} | {:.1} | | {floor} | | | |",
+                a.depth, r.gpu, a.gpus, r.ms
+            );
+            let m = common(
+                mode,
+                tokens,
+                r.ms,
+                diff,
+                Detail::SeveralGpus {
+                    gpus: a.gpus,
+                    gpu: r.gpu,
+                    delivered_gib_s: round2(aggregate),
+                    host_bytes,
+                    link_floor_ms: link_floor.map(round2),
+                },
+            );
+            println!("RESULT {}", m.to_json());
+        }
+        println!(
+            "| {device_name} | {preset_cell} | {tokens} | {} GPUs, {mode}: {aggregate:.1} GiB/s of blocks delivered | {slowest:.1} (slowest) | | | | | |",
+            a.gpus
+        );
+    }
+    let mut res: Vec<_> = resident.iter().collect();
+    res.sort_by_key(|(t, _)| **t);
+    for (tokens, (ms, _)) in res {
+        println!("| {device_name} | {preset_cell} | {tokens} | resident | {ms:.1} | | | | | |");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn measurement(detail: Detail) -> Measurement {
+        Measurement {
+            device: "NVIDIA H100 80GB HBM3".into(),
+            system: "layerwise-offload",
+            mode: "stream d1 compressed".into(),
+            model: "wan",
+            preset: "wan-14b".into(),
+            layers: 40,
+            dim: 5120,
+            ffn: 13824,
+            tokens: 1024,
+            depth: 1,
+            ms: 357.91,
+            max_abs_diff: Some(0.0),
+            detail,
+        }
+    }
+
+    /// The keys and values of a single-GPU `RESULT` line are those scripts read: the line as it
+    /// was written key by key (json!) before the measurement type, with every key present.
+    #[test]
+    fn a_single_gpu_measurement_has_the_result_lines_keys() {
+        let m = measurement(Detail::Single {
+            resident_blocks: 0,
+            ms_sustained: 358.02,
+            resident_ms: None,
+            raw_floor_ms: 512.6,
+            raw_streamed_bytes: 28_991_029_248,
+            ratio: 0.6987,
+            decode_ms_per_forward: 12.5,
+            dist: "Normal".into(),
+            compute_stream: "default",
+            floor_ms: 358.1,
+            stall_ms: 0.25,
+            peak_vram_bytes: 7 << 30,
+            h2d_gib_s: 51.1,
+            block_bytes: 28_991_029_248,
+            streamed_bytes: 20_256_030_720,
+            init_s: 4.2,
+            host_peak_bytes: 30 << 30,
+        });
+        let want = json!({
+            "device": "NVIDIA H100 80GB HBM3",
+            "system": "layerwise-offload",
+            "mode": "stream d1 compressed",
+            "model": "wan",
+            "preset": "wan-14b",
+            "layers": 40,
+            "dim": 5120,
+            "ffn": 13824,
+            "tokens": 1024,
+            "depth": 1,
+            "resident_blocks": 0,
+            "ms": 357.91,
+            "ms_sustained": 358.02,
+            "resident_ms": null,
+            "raw_floor_ms": 512.6,
+            "raw_streamed_bytes": 28_991_029_248u64,
+            "ratio": 0.6987,
+            "decode_ms_per_forward": 12.5,
+            "dist": "Normal",
+            "compute_stream": "default",
+            "floor_ms": 358.1,
+            "stall_ms": 0.25,
+            "peak_vram_bytes": 7u64 << 30,
+            "h2d_gib_s": 51.1,
+            "block_bytes": 28_991_029_248u64,
+            "streamed_bytes": 20_256_030_720u64,
+            "init_s": 4.2,
+            "host_peak_bytes": 30u64 << 30,
+            "max_abs_diff": 0.0,
+        });
+        assert_eq!(m.to_json(), want);
+        // Keys sorted, nulls kept: the line's text is the map's.
+        let text = m.to_json().to_string();
+        assert!(text.starts_with(r#"{"block_bytes":28991029248,"#), "{text}");
+        assert!(text.contains(r#""resident_ms":null"#), "{text}");
+    }
+
+    #[test]
+    fn a_several_gpu_measurement_has_the_result_lines_keys() {
+        let mut m = measurement(Detail::SeveralGpus {
+            gpus: 2,
+            gpu: 1,
+            delivered_gib_s: 98.5,
+            host_bytes: 20_256_030_720,
+            link_floor_ms: None,
+        });
+        m.mode = "peer split compressed".into();
+        m.max_abs_diff = None;
+        let want = json!({
+            "device": "NVIDIA H100 80GB HBM3",
+            "system": "layerwise-offload",
+            "mode": "peer split compressed",
+            "model": "wan",
+            "gpus": 2,
+            "gpu": 1,
+            "preset": "wan-14b",
+            "layers": 40,
+            "dim": 5120,
+            "ffn": 13824,
+            "tokens": 1024,
+            "depth": 1,
+            "ms": 357.91,
+            "delivered_gib_s": 98.5,
+            "host_bytes": 20_256_030_720u64,
+            "link_floor_ms": null,
+            "max_abs_diff": null,
+        });
+        assert_eq!(m.to_json(), want);
+    }
+
+    /// NaN (a run of zero forwards' median over nothing, a 0/0 rate) is written as null, as
+    /// json! wrote it.
+    #[test]
+    fn non_finite_numbers_are_null() {
+        let mut m = measurement(Detail::SeveralGpus {
+            gpus: 2,
+            gpu: 0,
+            delivered_gib_s: f64::NAN,
+            host_bytes: 0,
+            link_floor_ms: Some(f64::INFINITY),
+        });
+        m.ms = f64::NAN;
+        let v = m.to_json();
+        assert!(v["ms"].is_null() && v["delivered_gib_s"].is_null(), "{v}");
+        assert!(v["link_floor_ms"].is_null(), "{v}");
+        assert_eq!(v["gpu"], 0);
+    }
+
+    #[test]
+    fn link_floors_are_bytes_over_the_measured_rate() {
+        assert_eq!(link_ms(1 << 30, 50.0), 20.0);
+        assert_eq!(link_ms(1 << 30, 0.0), 0.0, "no link measured (the CPU)");
+    }
+}
