@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite: sets up libtorch on first use (scripts/env.sh), then runs every test, the
+# The test suite: checks the formatting (cargo fmt), sets up libtorch on first use (scripts/env.sh), then runs every test, the
 # doctests and builds the examples, and checks the workspace with clippy and rustdoc (both with
 # warnings as errors), all with tch 0.24 / libtorch 2.11.0 (Cargo.lock). Then the CPU tests
 # against tch 0.26 / libtorch 2.13.0 (scripts/test-next.sh; OFFLOAD_SKIP_NEXT=1 leaves them out),
@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 # The dependent crate's test checks that the build took this libtorch.
 export OFFLOAD_EXPECT_LIBTORCH=2.11.0
+# Formatting first: it costs nothing and needs no build.
+cargo fmt --all --check
 cargo build --quiet --all-targets
 cargo test --all-targets -- --nocapture 2>&1
 cargo test --doc

@@ -264,8 +264,8 @@ impl Device {
     pub fn alloc(&self, len: usize) -> Result<DeviceBuffer> {
         let mut ptr: CUdeviceptr = 0;
         if len > 0 {
-            // SAFETY: a valid out-pointer, the context current; freed in DeviceBuffer::drop.
             self.with_context(|api| {
+                // SAFETY: a valid out-pointer, the context current; freed in DeviceBuffer::drop.
                 check(api, "cuMemAlloc", unsafe {
                     (api.cuMemAlloc_v2)(&mut ptr, len)
                 })
@@ -296,8 +296,8 @@ impl Device {
     /// An event that records timing.
     pub fn event(&self) -> Result<Event> {
         let mut raw: CUevent = std::ptr::null_mut();
-        // SAFETY: a valid out-pointer, the context current; destroyed in Event::drop.
         self.with_context(|api| {
+            // SAFETY: a valid out-pointer, the context current; destroyed in Event::drop.
             check(api, "cuEventCreate", unsafe {
                 (api.cuEventCreate)(&mut raw, 0)
             })
@@ -449,8 +449,8 @@ impl Stream {
 
     /// Waits for the work queued on the stream.
     pub fn synchronize(&self) -> Result<()> {
-        // SAFETY: a live stream of this context.
         self.device.with_context(|api| {
+            // SAFETY: a live stream of this context.
             check(api, "cuStreamSynchronize", unsafe {
                 (api.cuStreamSynchronize)(self.raw)
             })
@@ -461,8 +461,8 @@ impl Stream {
 impl Drop for Stream {
     fn drop(&mut self) {
         let raw = self.raw;
-        // SAFETY: created by cuStreamCreate, destroyed once (queued work still completes).
         let _ = self.device.with_context(|api| {
+            // SAFETY: created by cuStreamCreate, destroyed once (queued work still completes).
             check(api, "cuStreamDestroy", unsafe {
                 (api.cuStreamDestroy_v2)(raw)
             })
@@ -484,8 +484,8 @@ pub struct Event {
 impl Event {
     /// Records the event on `stream`.
     pub fn record(&self, stream: &Stream) -> Result<()> {
-        // SAFETY: a live event and stream of this context.
         self.device.with_context(|api| {
+            // SAFETY: a live event and stream of this context.
             check(api, "cuEventRecord", unsafe {
                 (api.cuEventRecord)(self.raw, stream.raw)
             })
@@ -512,8 +512,8 @@ impl Event {
 impl Drop for Event {
     fn drop(&mut self) {
         let raw = self.raw;
-        // SAFETY: created by cuEventCreate, destroyed once.
         let _ = self.device.with_context(|api| {
+            // SAFETY: created by cuEventCreate, destroyed once.
             check(api, "cuEventDestroy", unsafe {
                 (api.cuEventDestroy_v2)(raw)
             })
