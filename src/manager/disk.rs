@@ -5,6 +5,7 @@
 //! once the copy out of it has finished (its fence event).
 
 use crate::accel::{self, Event, HostMemory, Stream};
+use crate::checkpoint::cache::EncodedCache;
 use crate::checkpoint::{self, Checkpoint, CheckpointTensor, FileStamp};
 use crate::error::Context;
 use crate::error::{Error, Result};
@@ -97,6 +98,10 @@ struct Shared {
     /// Every file's stamp when `initialize()` began reading the checkpoint: each read checks
     /// that the files it read from still have it.
     stamps: Vec<FileStamp>,
+    /// Compressed transport: uploads read each block's encoding from the checkpoint's encoded
+    /// cache instead (checked at each read); reads for `tensor` and `restore` still read the
+    /// checkpoint raw, so that a damaged cache never keeps the weights from coming back.
+    cache: Option<Arc<EncodedCache>>,
 }
 
 /// Why a file changed since `initialize()` stops the disk tier.
@@ -110,9 +115,7 @@ impl Shared {
         files.dedup();
         self.ckpt.check_unchanged(&self.stamps, files, CHANGED)
     }
-}
 
-impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -147,6 +150,39 @@ impl DiskTier {
         memory: HostMemory,
         stamps: Vec<FileStamp>,
     ) -> Result<DiskTier> {
+        DiskTier::start(ckpt, reads, bytes, memory, stamps, None)
+    }
+
+    /// [`Self::new`] for compressed transport: uploads read each block's encoding from
+    /// `cache` (checked at each read) instead of the raw tensors, which `tensor` and `restore`
+    /// still read.
+    pub(super) fn encoded(
+        ckpt: Arc<Checkpoint>,
+        reads: Vec<Vec<(CheckpointTensor, usize)>>,
+        memory: HostMemory,
+        stamps: Vec<FileStamp>,
+        cache: Arc<EncodedCache>,
+    ) -> Result<DiskTier> {
+        let bytes = (0..reads.len()).map(|i| cache.block(i).len).collect();
+        DiskTier::start(ckpt, reads, bytes, memory, stamps, Some(cache))
+    }
+
+    /// For a tier reading encodings: block `block`'s encoding length and raw size.
+    pub(super) fn encoding(&self, block: usize) -> Option<(usize, usize)> {
+        let c = self.shared.cache.as_ref()?.block(block);
+        Some((c.len, c.raw))
+    }
+
+    /// A disk tier for the blocks whose `reads` are not empty, read into staging buffers of
+    /// `bytes[i]` for block `i`.
+    fn start(
+        ckpt: Arc<Checkpoint>,
+        reads: Vec<Vec<(CheckpointTensor, usize)>>,
+        bytes: Vec<usize>,
+        memory: HostMemory,
+        stamps: Vec<FileStamp>,
+        cache: Option<Arc<EncodedCache>>,
+    ) -> Result<DiskTier> {
         let order: Vec<usize> = (0..reads.len()).filter(|&i| !reads[i].is_empty()).collect();
         let largest = order.iter().map(|&i| bytes[i]).max().unwrap_or(0);
         let n = STAGING_BUFFERS.min(order.len());
@@ -164,6 +200,7 @@ impl DiskTier {
             ckpt,
             reads,
             stamps,
+            cache,
         });
         let thread = {
             let shared = shared.clone();
@@ -261,7 +298,7 @@ impl DiskTier {
     /// Reads `block` now into `dst` (a host buffer of its layout's size), outside the ring
     /// (for `restore` and `tensor`).
     pub(super) fn read_into(&self, block: usize, dst: &Tensor) -> Result<()> {
-        read_block(&self.shared, block, dst)
+        read_raw(&self.shared, block, dst)
     }
 
     /// Checks that every file a disk-tier block is read from is as `initialize()` found it
@@ -357,15 +394,35 @@ fn reader(shared: Arc<Shared>, staging: Vec<Tensor>) {
             Some(f) => f.synchronize(),
             None => Ok(()),
         };
-        let r = fenced.and_then(|()| read_block(&shared, block, &staging[i]));
+        let r = fenced.and_then(|()| read_staged(&shared, block, &staging[i]));
         let mut st = shared.lock();
         st.bufs[i] = Buf::Ready(block, r.err());
         shared.changed.notify_all();
     }
 }
 
+/// Reads block `block` into staging buffer `dst` for an upload: its encoding from the cache
+/// (checked), or raw ([`read_raw`]).
+fn read_staged(shared: &Shared, block: usize, dst: &Tensor) -> Result<()> {
+    let Some(cache) = &shared.cache else {
+        return read_raw(shared, block, dst);
+    };
+    if dst.kind() != tch::Kind::Uint8 {
+        return Err(Error::InvalidArgument {
+            op: "reading a disk-tier block",
+            message: format!("block {block}'s staging buffer is not bytes"),
+        });
+    }
+    // SAFETY: a staging buffer (a contiguous CPU buffer, checked by bytes_mut) that is
+    // Reading: the manager does not touch it, and the copy out of it before was fenced. It
+    // stays alive for the call.
+    let buf = unsafe { crate::host::bytes_mut(dst)? };
+    // Its pages dropped once read, as the raw reads' are.
+    cache.read_block(block, buf, true)
+}
+
 /// Reads block `block`'s tensors from the checkpoint into `dst` at their layout offsets.
-fn read_block(shared: &Shared, block: usize, dst: &Tensor) -> Result<()> {
+fn read_raw(shared: &Shared, block: usize, dst: &Tensor) -> Result<()> {
     let reads = &shared.reads[block];
     let len = dst.numel();
     if reads.iter().any(|(t, at)| at + t.bytes > len) || dst.kind() != tch::Kind::Uint8 {

@@ -4,6 +4,7 @@
 //! non-block tensors read onto the compute device.
 
 use crate::accel::{self, HostMemory};
+use crate::checkpoint::cache::{self, EncodedCache};
 use crate::checkpoint::{self, Checkpoint, CheckpointTensor, FileStamp};
 use crate::error::Context;
 use crate::error::{Error, Result};
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use super::LayerwiseOffloadManager;
+use super::compress::{count_encoded, encode_to_vec, zero_gaps};
 use super::disk::DiskTier;
 use super::lifecycle::{Building, Undo};
 use super::runs::{Run, contiguous_strides, relayout};
@@ -83,7 +85,8 @@ impl LayerwiseOffloadManager {
         for t in plan.blocks.iter_mut().flat_map(|l| l.tensors.iter_mut()) {
             t.strides = contiguous_strides(&t.shape);
         }
-        let runs = if self.config.zero_copy {
+        // Encoded blocks (from the encoded cache) keep the plan's layout.
+        let runs = if self.config.zero_copy && !self.config.compress {
             plan.blocks
                 .iter_mut()
                 .map(|l| relayout(l, &tensors))
@@ -154,20 +157,33 @@ impl LayerwiseOffloadManager {
         let with_host: Vec<usize> = (0..n)
             .filter(|&i| !resident[i] || self.config.shareable)
             .collect();
+        let mut scratch = None;
+        let cache = self.encoded_cache(&ckpt, sources, &b.plan, &mut scratch)?;
+        // What a block takes in host memory: its encoding, or the raw block.
+        let held = |i: usize| match &cache {
+            Some(c) => c.block(i).len as u64,
+            None => b.plan.blocks[i].bytes as u64,
+        };
         let mut in_memory = vec![false; n];
         match self.config.host_budget {
             None => with_host.iter().for_each(|&i| in_memory[i] = true),
             Some(budget) => {
-                let sizes: Vec<u64> = with_host
-                    .iter()
-                    .map(|&i| b.plan.blocks[i].bytes as u64)
-                    .collect();
+                let sizes: Vec<u64> = with_host.iter().map(|&i| held(i)).collect();
                 for (&i, keep) in with_host.iter().zip(placement::host_blocks(&sizes, budget)) {
                     in_memory[i] = keep;
                 }
             }
         }
-        let maps = if self.config.zero_copy {
+        let cache_map = match (&cache, self.config.zero_copy) {
+            (Some(c), true) => Some(accel::map_file_read_only(
+                c.file(),
+                c.path(),
+                c.data_len(),
+                memory,
+            )?),
+            _ => None,
+        };
+        let maps = if self.config.zero_copy && cache.is_none() {
             ckpt.check_lengths()?;
             ckpt.shards
                 .iter()
@@ -176,7 +192,6 @@ impl LayerwiseOffloadManager {
         } else {
             Vec::new()
         };
-        let mut scratch = None;
         let sizes: Vec<u64> = (0..n)
             .filter(|&i| in_memory[i])
             .map(|i| b.plan.blocks[i].bytes as u64)
@@ -192,7 +207,27 @@ impl LayerwiseOffloadManager {
                     source: crate::error::TorchMessage("injected fault".into()),
                 });
             }
-            let tier = if self.config.zero_copy {
+            let tier = if let Some(c) = &cache {
+                let at = c.block(i);
+                count_encoded(&mut self.stats, at.len, at.raw, false);
+                match &cache_map {
+                    // The cache's own pages (verified when it was opened).
+                    Some(map) => HostTier::FilePages(HostBlock::encoded(
+                        map.f_narrow(0, at.offset as i64, at.len as i64)
+                            .context("mapping the encoded cache")?,
+                        at.raw,
+                    )),
+                    None => {
+                        let buf = accel::alloc_host(at.len.max(1), memory)?;
+                        let buf = buf
+                            .f_narrow(0, 0, at.len as i64)
+                            .context("reading the encoded cache")?;
+                        // SAFETY: `buf` is a fresh host buffer owned here, read by nothing else.
+                        c.read_block(i, unsafe { crate::host::bytes_mut(&buf)? }, false)?;
+                        HostTier::Pinned(HostBlock::encoded(buf, at.raw))
+                    }
+                }
+            } else if self.config.zero_copy {
                 HostTier::FilePages(HostBlock::pieces(
                     sources.runs[i]
                         .iter()
@@ -233,7 +268,26 @@ impl LayerwiseOffloadManager {
                     .collect()
             })
             .collect();
-        if reads.iter().any(|r| !r.is_empty()) {
+        if let Some(c) = cache
+            .as_ref()
+            .filter(|_| reads.iter().any(|r| !r.is_empty()))
+        {
+            for i in (0..n).filter(|&i| !reads[i].is_empty()) {
+                count_encoded(&mut self.stats, c.block(i).len, c.block(i).raw, false);
+            }
+            let disk = Arc::new(DiskTier::encoded(
+                ckpt.clone(),
+                reads,
+                memory,
+                stamps.clone(),
+                c.clone(),
+            )?);
+            for &i in disk.blocks() {
+                b.blocks[i].tier = HostTier::Disk(disk.clone());
+            }
+            self.stats.disk_blocks = disk.blocks().len();
+            b.disk = Some(disk);
+        } else if reads.iter().any(|r| !r.is_empty()) {
             let bytes = (0..n).map(|i| b.plan.blocks[i].bytes).collect();
             let disk = Arc::new(DiskTier::new(
                 ckpt.clone(),
@@ -270,6 +324,66 @@ impl LayerwiseOffloadManager {
         store.read_only = self.config.zero_copy;
         store.file_pages = self.config.zero_copy;
         Ok(Arc::new(store))
+    }
+}
+
+impl LayerwiseOffloadManager {
+    /// With `compress` and `zero_copy`, `host_budget` or `encoded_cache`: the checkpoint's
+    /// encoded cache, opened and checked, or (no file yet) written now from the checkpoint,
+    /// every block encoded once (through `scratch`). None otherwise.
+    fn encoded_cache(
+        &self,
+        ckpt: &Checkpoint,
+        sources: &Sources,
+        plan: &Plan,
+        scratch: &mut Option<Tensor>,
+    ) -> Result<Option<Arc<EncodedCache>>> {
+        let c = &self.config;
+        if !c.compress || !(c.zero_copy || c.host_budget.is_some() || c.encoded_cache.is_some()) {
+            return Ok(None);
+        }
+        let path = c
+            .encoded_cache
+            .clone()
+            .unwrap_or_else(|| cache::default_path(ckpt));
+        let keys: Vec<String> = plan
+            .blocks
+            .iter()
+            .map(|l| {
+                cache::block_key(
+                    l.bytes,
+                    l.tensors.iter().map(|t| {
+                        format!(
+                            "{}|{:?}|{:?}|{:?}|{}|{}|{}",
+                            t.name,
+                            t.kind,
+                            t.shape,
+                            t.strides,
+                            t.offset,
+                            t.bytes,
+                            sources.tensors[t.source_index].stored_name
+                        )
+                    }),
+                )
+            })
+            .collect();
+        // Mapped pages are never read again on the host: check them now. Reads into memory
+        // and the disk tier check each block as they read it.
+        if let Some(open) = EncodedCache::open(&path, ckpt, &keys, c.zero_copy)? {
+            return Ok(Some(Arc::new(open)));
+        }
+        let sizes = plan.blocks.iter().map(|l| l.bytes as u64);
+        let mut progress = Reporter::start(c.progress.as_ref(), Stage::CheckpointRead, sizes);
+        let written = EncodedCache::write(&path, ckpt, &keys, |i| {
+            let layout = &plan.blocks[i];
+            let buf = super::fill::scratch_buffer(scratch, layout.bytes)?;
+            read_block(ckpt, sources, layout, &buf)?;
+            zero_gaps(&buf, layout)?;
+            let out = encode_to_vec(&buf)?;
+            progress.advance(layout.bytes as u64);
+            Ok(out)
+        })?;
+        Ok(Some(Arc::new(written)))
     }
 }
 

@@ -82,7 +82,7 @@ fn a_pinned_block_is_read_in_place_and_written_in_place() -> R {
     let mut tier = HostTier::Pinned(HostBlock::whole(buf.shallow_clone()));
     assert!(tier.is_offloaded() && !tier.is_read_only() && tier.encoding().is_none());
     assert_eq!(
-        tier.transport(layout.bytes),
+        tier.transport(0, layout.bytes),
         Transport::Raw {
             bytes: layout.bytes
         }
@@ -172,7 +172,7 @@ fn an_encoded_block_decodes_on_the_way_out_and_is_encoded_again_on_update() -> R
     let enc = tier.encoding().unwrap().0.shallow_clone();
     let n = enc.numel();
     assert_eq!(
-        tier.transport(layout.bytes),
+        tier.transport(0, layout.bytes),
         Transport::Encoded {
             len: n,
             raw: layout.bytes
