@@ -77,12 +77,6 @@ impl OffloadConfig {
                 message: message.into(),
             })
         };
-        if self.compress && self.shm.is_some() {
-            return refuse(
-                "OffloadConfig::compress",
-                "a published shared-memory store holds raw blocks; drop compress(true) or shared_memory",
-            );
-        }
         if self.encoded_cache.is_some() && (!self.compress || self.checkpoint.is_none()) {
             return refuse(
                 "OffloadConfig::encoded_cache",

@@ -107,6 +107,10 @@ impl OffloadConfig {
     /// [`Error::HostAlloc`] ("No space left on device"), with the file removed. Readers must
     /// run as the same user. Truncating the file while readers map it kills them with SIGBUS:
     /// leave it alone until the store is dropped.
+    ///
+    /// With [`Self::compress`] the file holds the blocks' encodings, and the manifest says so
+    /// with the codec's format version: readers stream them encoded (whatever their own
+    /// `compress` says) after `open_shared` checked every encoding's checksum.
     pub fn shared_memory(mut self, path: impl Into<std::path::PathBuf>) -> OffloadConfig {
         self.shm = Some(path.into());
         self
