@@ -350,3 +350,86 @@ fn a_cache_for_other_blocks_is_refused() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// A peer group of two members streams from the encoded cache's pages (`zero_copy`): the first
+/// member writes the cache, the second opens it; each uploads about half of every encoding and
+/// forwards it, still encoded, to the other; every block arrives bit-exact, and `restore`
+/// gives each member the checkpoint's weights.
+#[rstest]
+fn a_peer_group_streams_from_the_cache(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let devs = match mode {
+        Mode::Cpu => vec![Device::Cpu; 2],
+        Mode::Cuda => match common::cuda_devices(2) {
+            Some(d) => d.into_iter().map(Device::Cuda).collect(),
+            None => return Ok(()),
+        },
+    };
+    let _lock = common::gpu_lock();
+    let dir = scratch_dir("peers", mode, Tier::ZeroCopy, "");
+    let named = bf16_blocks();
+    let ckpt = dir.join("model.safetensors");
+    Tensor::write_safetensors(&named, &ckpt)?;
+    let group = layerwise_offload::PeerGroup::new(2)?;
+    let mut members = Vec::new();
+    for (rank, dev) in devs.iter().enumerate() {
+        let model: Vec<(String, Tensor)> = named
+            .iter()
+            .map(|(n, t)| (n.clone(), t.zeros_like()))
+            .collect();
+        let mut cfg = mode
+            .config("blocks", 4)
+            .peer_group(group.clone(), rank)
+            .checkpoint(Checkpoint::open(&ckpt)?)
+            .compress(true)
+            .zero_copy(true);
+        if let Device::Cuda(i) = dev {
+            cfg = cfg.device(*i);
+        }
+        let mut m = cfg.build(&model)?;
+        m.initialize()?;
+        assert_eq!(m.stats().encoded_blocks, 4);
+        members.push((model, m));
+    }
+    let raw_block = members[0].1.plan().expect("initialized").blocks[0].bytes as u64;
+    let handles: Vec<_> = members
+        .into_iter()
+        .zip(devs)
+        .map(|((model, mut m), dev)| {
+            let want: Vec<(String, Tensor)> =
+                named.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+            std::thread::spawn(move || -> anyhow::Result<_> {
+                for &b in &[0usize, 1, 2, 3, 0, 2, 1] {
+                    let _g = m.enter(b)?;
+                    for ((n, t), (_, live)) in want.iter().zip(&model) {
+                        if n.starts_with(&format!("blocks.{b}.")) {
+                            assert_eq!(live.device(), dev);
+                            assert!(bits_equal(&live.to_device(Device::Cpu), t), "{n}");
+                        }
+                    }
+                }
+                let st = m.stats().clone();
+                m.restore()?;
+                for ((n, t), (_, w)) in model.iter().zip(&want) {
+                    assert!(bits_equal(&t.to_device(Device::Cpu), w), "{n} restored");
+                }
+                Ok(st)
+            })
+        })
+        .collect();
+    for (rank, h) in handles.into_iter().enumerate() {
+        let st = h.join().expect("member thread")?;
+        let moved = st.bytes_uploaded + st.peer_bytes;
+        let ratio = moved as f64 / (st.uploads * raw_block) as f64;
+        assert!(
+            ratio < 0.75,
+            "member {rank} moved {ratio:.3} of the raw bytes"
+        );
+        let share = st.bytes_uploaded as f64 / moved as f64;
+        assert!((share - 0.5).abs() < 0.05, "member {rank} sent {share:.3}");
+    }
+    assert!(group.broken().is_none());
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -500,3 +500,112 @@ fn read_parallel_at(file: &File, dst: &mut [u8], offset: u64) -> std::io::Result
             .try_for_each(|h| h.join().expect("a read thread panicked"))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind, Tensor};
+
+    /// A checkpoint of two tensors in a fresh directory.
+    fn checkpoint(tag: &str, seed: i64) -> (PathBuf, Checkpoint) {
+        let dir = std::env::temp_dir().join(format!("lo-cache-unit-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        tch::manual_seed(seed);
+        let named = vec![
+            (
+                "a".to_string(),
+                Tensor::randn([64, 64], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16),
+            ),
+            (
+                "b".to_string(),
+                Tensor::randn([300], (Kind::Float, Device::Cpu)),
+            ),
+        ];
+        let path = dir.join("w.safetensors");
+        Tensor::write_safetensors(&named, &path).unwrap();
+        let ckpt = Checkpoint::open(&path).unwrap();
+        (dir, ckpt)
+    }
+
+    fn blocks() -> Vec<Vec<u8>> {
+        (0..3u8)
+            .map(|k| {
+                (0..5000 + 3000 * k as usize)
+                    .map(|i| (i % 7) as u8 ^ k)
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn write(path: &Path, ckpt: &Checkpoint, keys: &[String]) -> Result<EncodedCache> {
+        let raw = blocks();
+        EncodedCache::write(path, ckpt, keys, |i| {
+            Ok((layerwise_offload_codec::encode(&raw[i]), raw[i].len()))
+        })
+    }
+
+    #[test]
+    fn written_encodings_read_back_and_page_aligned() -> Result<()> {
+        let (dir, ckpt) = checkpoint("round", 1);
+        let path = default_path(&ckpt);
+        assert_eq!(path, dir.join("w.safetensors.encoded"));
+        let keys: Vec<String> = (0..3).map(|i| block_key(i, [format!("t{i}")])).collect();
+        write(&path, &ckpt, &keys)?;
+        let cache = EncodedCache::open(&path, &ckpt, &keys, true)?.expect("written");
+        for (i, raw) in blocks().iter().enumerate() {
+            let b = cache.block(i);
+            assert_eq!(b.offset % FILE_ALIGN, 0);
+            assert_eq!(b.raw, raw.len());
+            let mut enc = vec![0u8; b.len];
+            cache.read_block(i, &mut enc, false)?;
+            let mut out = vec![0u8; raw.len()];
+            layerwise_offload_codec::decode(&enc, &mut out).unwrap();
+            assert_eq!(&out, raw, "block {i}");
+        }
+        // Other keys: refused; no file: None.
+        let other: Vec<String> = (0..3)
+            .map(|i| block_key(i + 1, [format!("t{i}")]))
+            .collect();
+        assert!(matches!(
+            EncodedCache::open(&path, &ckpt, &other, false),
+            Err(Error::EncodedCache { .. })
+        ));
+        assert!(EncodedCache::open(&dir.join("none"), &ckpt, &keys, false)?.is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+        Ok(())
+    }
+
+    #[test]
+    fn every_byte_of_the_header_and_trailer_is_checked() -> Result<()> {
+        let (dir, ckpt) = checkpoint("flip", 2);
+        let path = dir.join("c.encoded");
+        let keys: Vec<String> = (0..3).map(|i| block_key(i, [])).collect();
+        write(&path, &ckpt, &keys)?;
+        let good = std::fs::read(&path).unwrap();
+        let data = EncodedCache::open(&path, &ckpt, &keys, false)?
+            .expect("written")
+            .data_len();
+        // Every byte past the encodings (padding excluded): the header and the trailer.
+        let header_at = data.div_ceil(FILE_ALIGN) * FILE_ALIGN;
+        for at in header_at..good.len() {
+            let mut bad = good.clone();
+            bad[at] ^= 0x04;
+            std::fs::write(&path, &bad).unwrap();
+            match EncodedCache::open(&path, &ckpt, &keys, true) {
+                Err(Error::EncodedCache { .. }) => {}
+                r => panic!("byte {at} changed: {:?}", r.map(|c| c.is_some())),
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        Ok(())
+    }
+
+    #[test]
+    fn fnv64_is_the_published_function() {
+        // The FNV-1a test vectors: the hash must not change between builds.
+        assert_eq!(fnv64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+}

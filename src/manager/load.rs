@@ -4,7 +4,6 @@
 //! non-block tensors read onto the compute device.
 
 use crate::accel::{self, HostMemory};
-use crate::checkpoint::cache::{self, EncodedCache};
 use crate::checkpoint::{self, Checkpoint, CheckpointTensor, FileStamp};
 use crate::error::Context;
 use crate::error::{Error, Result};
@@ -16,7 +15,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use super::LayerwiseOffloadManager;
-use super::compress::{count_encoded, encode_to_vec, zero_gaps};
+use super::compress::count_encoded;
 use super::disk::DiskTier;
 use super::lifecycle::{Building, Undo};
 use super::runs::{Run, contiguous_strides, relayout};
@@ -32,6 +31,13 @@ pub(super) struct Sources {
     /// Every file's stamp before anything was read from it: checked once `initialize()` has
     /// read what it reads, and by the disk tier at each of its reads.
     stamps: Vec<FileStamp>,
+}
+
+impl Sources {
+    /// The name model tensor `source_index` is stored under in the checkpoint.
+    pub(super) fn stored_name(&self, source_index: usize) -> &str {
+        &self.tensors[source_index].stored_name
+    }
 }
 
 /// `c`'s value, read into a new CPU tensor of `kind` (converted if the file holds another
@@ -327,69 +333,9 @@ impl LayerwiseOffloadManager {
     }
 }
 
-impl LayerwiseOffloadManager {
-    /// With `compress` and `zero_copy`, `host_budget` or `encoded_cache`: the checkpoint's
-    /// encoded cache, opened and checked, or (no file yet) written now from the checkpoint,
-    /// every block encoded once (through `scratch`). None otherwise.
-    fn encoded_cache(
-        &self,
-        ckpt: &Checkpoint,
-        sources: &Sources,
-        plan: &Plan,
-        scratch: &mut Option<Tensor>,
-    ) -> Result<Option<Arc<EncodedCache>>> {
-        let c = &self.config;
-        if !c.compress || !(c.zero_copy || c.host_budget.is_some() || c.encoded_cache.is_some()) {
-            return Ok(None);
-        }
-        let path = c
-            .encoded_cache
-            .clone()
-            .unwrap_or_else(|| cache::default_path(ckpt));
-        let keys: Vec<String> = plan
-            .blocks
-            .iter()
-            .map(|l| {
-                cache::block_key(
-                    l.bytes,
-                    l.tensors.iter().map(|t| {
-                        format!(
-                            "{}|{:?}|{:?}|{:?}|{}|{}|{}",
-                            t.name,
-                            t.kind,
-                            t.shape,
-                            t.strides,
-                            t.offset,
-                            t.bytes,
-                            sources.tensors[t.source_index].stored_name
-                        )
-                    }),
-                )
-            })
-            .collect();
-        // Mapped pages are never read again on the host: check them now. Reads into memory
-        // and the disk tier check each block as they read it.
-        if let Some(open) = EncodedCache::open(&path, ckpt, &keys, c.zero_copy)? {
-            return Ok(Some(Arc::new(open)));
-        }
-        let sizes = plan.blocks.iter().map(|l| l.bytes as u64);
-        let mut progress = Reporter::start(c.progress.as_ref(), Stage::CheckpointRead, sizes);
-        let written = EncodedCache::write(&path, ckpt, &keys, |i| {
-            let layout = &plan.blocks[i];
-            let buf = super::fill::scratch_buffer(scratch, layout.bytes)?;
-            read_block(ckpt, sources, layout, &buf)?;
-            zero_gaps(&buf, layout)?;
-            let out = encode_to_vec(&buf)?;
-            progress.advance(layout.bytes as u64);
-            Ok(out)
-        })?;
-        Ok(Some(Arc::new(written)))
-    }
-}
-
 /// Reads a block's tensors (`layout`) from the checkpoint into `buf` (the layout's size), in
 /// parallel; tensors stored in another type (with `convert_dtypes`) through a temporary.
-fn read_block(
+pub(super) fn read_block(
     ckpt: &Checkpoint,
     sources: &Sources,
     layout: &BlockLayout,
