@@ -433,3 +433,42 @@ fn a_peer_group_streams_from_the_cache(
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// `update_tensor` on a block held as the cache's pages (`zero_copy`) or on the disk tier is
+/// refused as for the raw tiers, saying what to change; the cache stays as written and
+/// `restore` gives the checkpoint's weights back.
+#[rstest]
+fn updates_are_refused_and_the_cache_stays_as_written(
+    #[values(Tier::ZeroCopy, Tier::Disk)] tier: Tier,
+) -> anyhow::Result<()> {
+    let dir = scratch_dir("update", Mode::Cpu, tier, "");
+    let source = Model::new(Device::Cpu, 2, true, 341);
+    let ckpt = write_checkpoint(&source, &dir)?;
+    let cache = cache_path(tier, &ckpt);
+    let name = "single_blocks.1.fc1.weight";
+    let model = Model::new(Device::Cpu, 2, true, 342);
+    let mut cfg = config(Mode::Cpu, tier, &ckpt, false)?;
+    if tier == Tier::Disk {
+        cfg = cfg.host_budget(1); // every block on the disk tier
+    }
+    let mut m = cfg.build(&model.vs)?;
+    m.initialize()?;
+    let written = std::fs::read(&cache)?;
+    let value = m.tensor(name)? * 2.0;
+    let needle = match tier {
+        Tier::Disk => "host_budget",
+        _ => "zero_copy",
+    };
+    match m.update_tensor(name, &value) {
+        Err(e @ layerwise_offload::Error::InvalidArgument { .. }) => {
+            assert!(e.to_string().contains(needle), "{e}")
+        }
+        r => panic!("expected InvalidArgument, got {r:?}"),
+    }
+    assert!(bits_equal(&m.tensor(name)?, &source.vs.variables()[name]));
+    assert_eq!(std::fs::read(&cache)?, written, "the cache was written");
+    m.restore()?;
+    assert_same(&model.snapshot(), &source.snapshot());
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

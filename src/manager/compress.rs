@@ -85,10 +85,19 @@ pub(super) fn encode_to_vec(raw: &Tensor) -> Result<(Vec<u8>, usize)> {
 }
 
 impl LayerwiseOffloadManager {
+    /// Where `initialize` puts the encodings it makes: the host memory kind, or pageable memory
+    /// when they are moved into a shared-memory file right after (no pages to lock twice).
+    fn encoding_memory(&self) -> HostMemory {
+        match self.config.shm {
+            Some(_) => HostMemory::Pageable,
+            None => self.host_memory(),
+        }
+    }
+
     /// Encodes `raw` (a block's raw host bytes, a contiguous 1-D uint8 CPU tensor) into a new
     /// host buffer of the manager's host memory kind, and counts it.
     pub(super) fn encode_block(&mut self, raw: &Tensor) -> Result<HostBlock> {
-        encode(raw, self.host_memory(), &mut self.stats)
+        encode(raw, self.encoding_memory(), &mut self.stats)
     }
 }
 
@@ -198,7 +207,7 @@ impl LayerwiseOffloadManager {
             .with_threads(host::worker_threads())
             .plan_pieces(&pieces, layout.bytes)
             .map_err(codec_error("encoding a block"))?;
-        store_encoding(&plan, self.host_memory(), &mut self.stats)
+        store_encoding(&plan, self.encoding_memory(), &mut self.stats)
     }
 }
 
