@@ -55,9 +55,9 @@ impl LayerwiseOffloadManager {
                 )
             })
             .collect();
-        // Mapped pages are never read again on the host: check them now. Reads into memory
-        // and the disk tier check each block as they read it.
-        if let Some(open) = EncodedCache::open(&path, ckpt, &keys, c.zero_copy)? {
+        // Each encoding is checked where it is read: reads into memory and the disk tier as
+        // they read a block, zero-copy through its mapping (`fill_from_checkpoint`).
+        if let Some(open) = EncodedCache::open(&path, ckpt, &keys, false)? {
             return Ok(Some(Arc::new(open)));
         }
         let sizes = plan.blocks.iter().map(|l| l.bytes as u64);

@@ -181,12 +181,21 @@ impl LayerwiseOffloadManager {
             }
         }
         let cache_map = match (&cache, self.config.zero_copy) {
-            (Some(c), true) => Some(accel::map_file_read_only(
-                c.file(),
-                c.path(),
-                c.data_len(),
-                memory,
-            )?),
+            (Some(c), true) => {
+                let map = accel::map_file_read_only(c.file(), c.path(), c.data_len(), memory)?;
+                // The mapped pages are never read on the host again: every encoding used is
+                // checked now, through the mapping the uploads read (its pages faulted once).
+                for i in (0..n).filter(|&i| in_memory[i]) {
+                    let at = c.block(i);
+                    let view = map
+                        .f_narrow(0, at.offset as i64, at.len as i64)
+                        .context("mapping the encoded cache")?;
+                    // SAFETY: a view of a read-only mapping owned by `map`, alive for the call;
+                    // nothing writes it.
+                    c.check_block(i, unsafe { crate::host::bytes(&view)? })?;
+                }
+                Some(map)
+            }
             _ => None,
         };
         let maps = if self.config.zero_copy && cache.is_none() {
