@@ -15,7 +15,16 @@
 //! uninitialized; `copy` reads the blocks straight into pinned buffers
 //! (`OffloadConfig::checkpoint`); `zero-copy` makes the files' pages the host store; `disk`
 //! keeps half the blocks (or `--host-budget-gib`) in memory and reads the others at every
-//! forward. `--cold` drops the checkpoint's pages from the page cache first.
+//! forward. `--cold` drops the checkpoint's pages from the page cache first. `--compress`
+//! (copy, zero-copy, disk) streams the blocks encoded: zero-copy and disk then use the
+//! checkpoint's encoded cache (`<dir>/layerwise-offload.encoded`, written by the first load;
+//! run once to write it, then time the next), copy encodes at each start unless
+//! `--encoded-cache` names a cache file to use.
+//!
+//! ```text
+//! cargo run --release --example checkpoint_load -- load --dir /tmp/wan14b --mode zero-copy --compress
+//! cargo run --release --example checkpoint_load -- load --dir /tmp/wan14b --mode disk --compress --forwards 5
+//! ```
 
 use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
@@ -109,6 +118,14 @@ struct LoadArgs {
     /// Run in the manager's CPU test mode (no CUDA needed; slow: bf16 on the CPU).
     #[arg(long)]
     cpu: bool,
+    /// Compressed transport (copy, zero-copy and disk modes); zero-copy and disk read the
+    /// checkpoint's encoded cache, written beside it by the first load.
+    #[arg(long)]
+    compress: bool,
+    /// With --compress: the encoded cache file (default with zero-copy and disk: beside the
+    /// checkpoint; copy mode encodes at each start without it).
+    #[arg(long, value_name = "PATH", requires = "compress")]
+    encoded_cache: Option<PathBuf>,
 }
 
 /// A parser of `--host-budget-gib`: 0, or a finite number of GiB in [1/1024, 1048576] (a
@@ -308,6 +325,9 @@ fn load(a: &LoadArgs) -> Result<()> {
         probe.evict_page_cache()?;
     }
     drop(probe);
+    if a.compress && matches!(a.mode, LoadMode::Varstore | LoadMode::EmptyVarstore) {
+        bail!("--compress applies to the copy, zero-copy and disk modes");
+    }
     let rss0 = rss_bytes();
     let t0 = Instant::now();
     let vs = nn::VarStore::new(Device::Cpu);
@@ -350,6 +370,12 @@ fn load(a: &LoadArgs) -> Result<()> {
             if a.mode == LoadMode::ZeroCopy {
                 cfg = cfg.zero_copy(true);
             }
+            if a.compress {
+                cfg = cfg.compress(true);
+            }
+            if let Some(p) = &a.encoded_cache {
+                cfg = cfg.encoded_cache(p);
+            }
             if a.mode == LoadMode::Disk {
                 let budget = match a.host_budget_gib {
                     Some(g) => (g * (1u64 << 30) as f64) as u64,
@@ -386,6 +412,8 @@ fn load(a: &LoadArgs) -> Result<()> {
         "host_bytes_gib": gib(st.host_bytes),
         "disk_blocks": st.disk_blocks,
         "blocks": layers,
+        "compress": a.compress,
+        "encoded_blocks": st.encoded_blocks,
     });
     if a.forwards > 0 {
         let (gh, gw) = wan_grid(a.tokens);
@@ -416,8 +444,13 @@ fn load(a: &LoadArgs) -> Result<()> {
         }
         pb.finish_and_clear();
         let sustained = t.elapsed().as_secs_f64() * 1e3 / a.forwards as f64;
-        let streamed = st.streamed_blocks as u64 * block_bytes;
-        let disk = st.disk_blocks as u64 * block_bytes;
+        // Compressed: the encodings move, from the disk as well as over PCIe.
+        let ratio = match st.raw_encoded_bytes {
+            0 => 1.0,
+            raw => st.encoded_bytes as f64 / raw as f64,
+        };
+        let streamed = (st.streamed_blocks as f64 * block_bytes as f64 * ratio) as u64;
+        let disk = (st.disk_blocks as f64 * block_bytes as f64 * ratio) as u64;
         let pcie = if cuda { pinned_h2d_gib_s(0)? } else { 0.0 };
         let ckpt = Checkpoint::open(&a.dir)?;
         let disk_rate = if st.disk_blocks > 0 {

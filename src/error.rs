@@ -270,6 +270,17 @@ pub enum Error {
         /// What is wrong and what to change.
         reason: String,
     },
+    /// An encoded cache file ([`OffloadConfig::encoded_cache`](crate::OffloadConfig::encoded_cache))
+    /// cannot be used: made from another checkpoint or another version of it (stale), for
+    /// other blocks, by another format version, or its bytes changed (a checksum). The reason
+    /// says what differs; deleting the file has it written again.
+    #[error("encoded cache {path}: {reason}")]
+    EncodedCache {
+        /// The cache file.
+        path: std::path::PathBuf,
+        /// What is wrong and what to change.
+        reason: String,
+    },
     /// The model's tensors and a checkpoint's do not match: every difference, by tensor name.
     #[error("{0}")]
     CheckpointMismatch(Box<crate::checkpoint::CheckpointMismatch>),

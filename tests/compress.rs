@@ -309,6 +309,7 @@ fn a_group_of_raw_and_compressed_members_fails_cleanly(
     Ok(())
 }
 
+/// The encoded cache needs compression and a checkpoint; every host tier is accepted.
 #[rstest]
 fn what_compression_refuses(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyhow::Result<()> {
     let Some(dev) = mode.device() else {
@@ -323,12 +324,25 @@ fn what_compression_refuses(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyh
             r.map(|_| ())
         ),
     };
+    // An encoded cache without compression, or without a checkpoint to encode.
+    refused(
+        mode.config("blocks", 3)
+            .encoded_cache("/tmp/lo-never-made.encoded"),
+        "compress(true)",
+    );
     refused(
         mode.config("blocks", 3)
             .compress(true)
-            .shared_memory("/dev/shm/lo-never-made"),
-        "shared_memory",
+            .encoded_cache("/tmp/lo-never-made.encoded"),
+        "checkpoint",
     );
+    // The shared-memory store composes with it (tests/shared_memory.rs
+    // `an_encoded_store_serves_other_processes`), as zero_copy and host_budget do
+    // (tests/encoded_cache.rs): this builds.
+    mode.config("blocks", 3)
+        .compress(true)
+        .shared_memory("/dev/shm/lo-never-made")
+        .build(&model.vs)?;
     Ok(())
 }
 

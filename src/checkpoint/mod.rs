@@ -16,6 +16,7 @@
 //! through the mapping: see [`OffloadConfig::zero_copy`](crate::OffloadConfig::zero_copy) for
 //! what that cannot catch.
 
+pub(crate) mod cache;
 mod matching;
 mod stamp;
 mod write;

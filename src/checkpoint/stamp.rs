@@ -27,8 +27,25 @@ pub(crate) struct FileStamp {
 }
 
 impl FileStamp {
+    /// The stamp of open file `file` (at `path`, for the error) now.
+    pub(crate) fn of(file: &std::fs::File, path: &std::path::Path) -> Result<FileStamp> {
+        let m = file
+            .metadata()
+            .map_err(|e| crate::Error::io("cannot stat", path, e))?;
+        Ok(FileStamp {
+            len: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    /// The file's length.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
     /// What differs from `now`, in words.
-    fn differences(&self, now: &FileStamp) -> String {
+    pub(crate) fn differences(&self, now: &FileStamp) -> String {
         let mut what = Vec::new();
         if self.len != now.len {
             what.push(format!("length {} -> {} bytes", self.len, now.len));
@@ -53,15 +70,7 @@ impl Checkpoint {
     /// The stamp of file `file` (an index of [`Checkpoint::files`]) now.
     fn stamp(&self, file: usize) -> Result<FileStamp> {
         let s = &self.shards[file];
-        let m = s
-            .file
-            .metadata()
-            .map_err(|e| crate::Error::io("cannot stat", &s.path, e))?;
-        Ok(FileStamp {
-            len: m.size(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-        })
+        FileStamp::of(&s.file, &s.path)
     }
 
     /// Every file's stamp now, in the order of [`Checkpoint::files`].

@@ -6,12 +6,15 @@
 //! tensor's bytes are exactly its dense shape's, names are unique.
 //!
 //! ```json
-//! {"format": "layerwise-offload host store", "version": 2, "bytes": 8192,
-//!  "layers": [{"attr": "blocks", "index": 0, "offset": 0, "bytes": 1024,
+//! {"format": "layerwise-offload host store", "version": 3, "bytes": 8192,
+//!  "layers": [{"attr": "blocks", "index": 0, "offset": 0, "bytes": 1024, "encoding": null,
 //!              "tensors": [{"name": "blocks.0.w", "dtype": "Float", "offset": 0,
 //!                           "bytes": 1024, "shape": [16, 16], "strides": [16, 1]}]}]}
 //! ```
-//! A block without a host copy (kept resident by its publisher) has `"offset": null`.
+//! A block without a host copy (kept resident by its publisher) has `"offset": null`. A block
+//! held encoded (compressed transport) has `"encoding": {"bytes": 700, "codec_version": 2}`:
+//! its span in the file is its encoding's `bytes`, which decodes to the block's `bytes`
+//! (`null` for a raw block).
 
 use crate::plan::{ALIGN, BlockLayout, TensorLayout, is_dense};
 use serde::{Deserialize, Serialize};
@@ -20,8 +23,8 @@ use tch::Kind;
 
 /// The `format` field.
 const FORMAT: &str = "layerwise-offload host store";
-/// The `version` field this crate writes and reads.
-const VERSION: u32 = 2;
+/// The `version` field this crate writes and reads (3: blocks may be encoded).
+const VERSION: u32 = 3;
 /// Alignment of each block inside the file.
 pub(crate) const FILE_ALIGN: usize = 4096;
 /// Most dimensions a tensor may have.
@@ -38,6 +41,14 @@ struct TensorEntry {
     strides: Vec<i64>,
 }
 
+/// A block held encoded: its encoding's length and the codec's format version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EncodingEntry {
+    bytes: u64,
+    codec_version: u16,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BlockEntry {
@@ -46,6 +57,8 @@ struct BlockEntry {
     /// Where the block sits in the file; `None` for a block the store holds no copy of.
     offset: Option<u64>,
     bytes: u64,
+    /// The block is held encoded; `None` for a raw block.
+    encoding: Option<EncodingEntry>,
     tensors: Vec<TensorEntry>,
 }
 
@@ -67,6 +80,8 @@ pub(crate) struct Manifest {
     pub(crate) bytes: usize,
     /// Per block: its layout and the offset of its copy in the file.
     pub(crate) blocks: Vec<(BlockLayout, Option<usize>)>,
+    /// Per block: the length of its encoding, for a block held encoded (its span in the file).
+    pub(crate) encoded: Vec<Option<usize>>,
 }
 
 /// Why a manifest is refused (the caller adds the path).
@@ -110,7 +125,19 @@ impl Manifest {
     /// The manifest of blocks `blocks`, block `i` at `offsets[i]` of a `bytes`-byte file (or
     /// nowhere).
     pub(crate) fn new(bytes: usize, blocks: Vec<(BlockLayout, Option<usize>)>) -> Manifest {
-        Manifest { bytes, blocks }
+        let encoded = vec![None; blocks.len()];
+        Manifest {
+            bytes,
+            blocks,
+            encoded,
+        }
+    }
+
+    /// The same manifest with block `i` held as an encoding of `encoded[i]` bytes (where Some).
+    pub(crate) fn with_encoded(mut self, encoded: Vec<Option<usize>>) -> Manifest {
+        assert_eq!(encoded.len(), self.blocks.len());
+        self.encoded = encoded;
+        self
     }
 
     /// The JSON text.
@@ -122,11 +149,16 @@ impl Manifest {
             blocks: self
                 .blocks
                 .iter()
-                .map(|(l, offset)| BlockEntry {
+                .zip(&self.encoded)
+                .map(|((l, offset), enc)| BlockEntry {
                     attr: l.attr.clone(),
                     index: l.index as u64,
                     offset: offset.map(|o| o as u64),
                     bytes: l.bytes as u64,
+                    encoding: enc.map(|e| EncodingEntry {
+                        bytes: e as u64,
+                        codec_version: layerwise_offload_codec::format::VERSION,
+                    }),
                     tensors: l
                         .tensors
                         .iter()
@@ -166,6 +198,7 @@ impl Manifest {
         let mut attrs: Vec<String> = Vec::new();
         let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (start, end, block)
         let mut parsed = Vec::with_capacity(doc.blocks.len());
+        let mut encoded = Vec::with_capacity(doc.blocks.len());
         for (i, l) in doc.blocks.into_iter().enumerate() {
             let at = |what: String| Invalid(format!("block {i} ({}.{}): {what}", l.attr, l.index));
             if l.attr.is_empty() {
@@ -179,11 +212,29 @@ impl Manifest {
                 .ok()
                 .filter(|&b| b > 0 && b <= i64::MAX as usize)
                 .ok_or_else(|| at(format!("a size of {} bytes", l.bytes)))?;
+            let enc = match &l.encoding {
+                None => None,
+                Some(e) if e.codec_version != layerwise_offload_codec::format::VERSION => {
+                    return Err(at(format!(
+                        "encoded with codec format version {}, this build reads {}; publish and open with the same version of this crate",
+                        e.codec_version,
+                        layerwise_offload_codec::format::VERSION
+                    )));
+                }
+                Some(e) => Some(
+                    usize::try_from(e.bytes)
+                        .ok()
+                        .filter(|&b| b > 0 && b <= i64::MAX as usize)
+                        .ok_or_else(|| at(format!("an encoding of {} bytes", e.bytes)))?,
+                ),
+            };
+            // The block's span in the file: its encoding, or the raw block.
+            let span = enc.unwrap_or(bytes);
             let offset = match l.offset {
                 None => None,
                 Some(o) => {
                     let start = usize::try_from(o).ok().filter(|s| s % FILE_ALIGN == 0);
-                    let end = start.and_then(|s| s.checked_add(bytes));
+                    let end = start.and_then(|s| s.checked_add(span));
                     match (start, end) {
                         (Some(s), Some(e)) if e <= total => {
                             spans.push((s, e, i));
@@ -191,7 +242,7 @@ impl Manifest {
                         }
                         _ => {
                             return Err(at(format!(
-                                "bytes {o}..{o}+{bytes} are not a {FILE_ALIGN}-aligned span of the {total}-byte file"
+                                "bytes {o}..{o}+{span} are not a {FILE_ALIGN}-aligned span of the {total}-byte file"
                             )));
                         }
                     }
@@ -231,6 +282,7 @@ impl Manifest {
                 },
                 offset,
             ));
+            encoded.push(enc);
         }
         spans.sort_unstable();
         if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
@@ -242,6 +294,7 @@ impl Manifest {
         Ok(Manifest {
             bytes: total,
             blocks: parsed,
+            encoded,
         })
     }
 }
@@ -313,10 +366,11 @@ mod tests {
     /// Independent of `parse`: what every accepted manifest must satisfy, in u128 arithmetic.
     fn assert_consistent(m: &Manifest) {
         let mut spans = Vec::new();
-        for (l, offset) in &m.blocks {
+        for ((l, offset), enc) in m.blocks.iter().zip(&m.encoded) {
+            let span = enc.unwrap_or(l.bytes) as u128;
             if let Some(o) = offset {
-                assert!(*o as u128 + l.bytes as u128 <= m.bytes as u128);
-                spans.push((*o as u128, *o as u128 + l.bytes as u128));
+                assert!(*o as u128 + span <= m.bytes as u128);
+                spans.push((*o as u128, *o as u128 + span));
             }
             for t in &l.tensors {
                 assert!(t.offset as u128 + t.bytes as u128 <= l.bytes as u128);
@@ -407,6 +461,24 @@ mod tests {
             serde_json::Value::Object(o) => o.get_mut(k).unwrap(),
             _ => unreachable!(),
         })
+    }
+
+    #[test]
+    fn an_encoded_store_round_trips_and_other_codec_versions_are_refused() {
+        let m = valid(
+            vec![vec![(vec![64, 64], false)], vec![(vec![8], true)]],
+            &["w".into()],
+        )
+        .with_encoded(vec![Some(1000), None]);
+        let text = m.to_json();
+        assert!(text.contains("\"codec_version\": 2"), "{text}");
+        assert_eq!(Manifest::parse(text.as_bytes()), Ok(m.clone()));
+        let other = text.replace("\"codec_version\": 2", "\"codec_version\": 1");
+        let err = Manifest::parse(other.as_bytes()).unwrap_err();
+        assert!(err.0.contains("codec format version 1"), "{}", err.0);
+        // An encoding longer than the file holds is refused.
+        let long = text.replace("\"bytes\": 1000", "\"bytes\": 1000000000");
+        assert!(Manifest::parse(long.as_bytes()).is_err());
     }
 
     #[test]

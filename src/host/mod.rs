@@ -293,6 +293,16 @@ impl HostStore {
         self.blocks.len()
     }
 
+    /// Whether the store holds its blocks encoded (published by a manager with
+    /// [`OffloadConfig::compress`](crate::OffloadConfig::compress)): managers streaming from it
+    /// upload the encodings and decode them on the device, whatever their own `compress` says.
+    pub fn is_encoded(&self) -> bool {
+        self.buffers
+            .iter()
+            .flatten()
+            .any(|b| b.encoding().is_some())
+    }
+
     /// Whether the buffers are page-locked.
     pub fn is_pinned(&self) -> bool {
         self.pinned
@@ -354,15 +364,34 @@ impl HostStore {
         let file = accel::map_shared_file(path, manifest.bytes, FileMapping::OpenReadOnly, memory)?;
         let mut blocks = Vec::with_capacity(manifest.blocks.len());
         let mut buffers = Vec::with_capacity(manifest.blocks.len());
-        for (layout, offset) in manifest.blocks {
-            // In range: the manifest checked offset + bytes <= its file size, which the mapping
+        for (i, ((layout, offset), enc)) in manifest
+            .blocks
+            .into_iter()
+            .zip(manifest.encoded)
+            .enumerate()
+        {
+            // In range: the manifest checked offset + span <= its file size, which the mapping
             // checked against the file.
+            let span = enc.unwrap_or(layout.bytes);
             let buffer = offset
-                .map(|o| file.f_narrow(0, o as i64, layout.bytes as i64))
+                .map(|o| file.f_narrow(0, o as i64, span as i64))
                 .transpose()
                 .context("HostStore::open_shared")?;
+            let block = match (buffer, enc) {
+                (None, _) => None,
+                (Some(b), None) => Some(HostBlock::whole(b)),
+                (Some(b), Some(_)) => {
+                    // Bytes from another process: checked on the host before the GPU decoder,
+                    // which checks structure only, ever sees them.
+                    check_encoding(&b, layout.bytes).map_err(|why| Error::SharedFile {
+                        path: path.to_owned(),
+                        reason: format!("block {i}'s encoding {why}; publish the store again"),
+                    })?;
+                    Some(HostBlock::encoded(b, layout.bytes))
+                }
+            };
             blocks.push(layout);
-            buffers.push(buffer.map(HostBlock::whole));
+            buffers.push(block);
         }
         Ok(Arc::new(HostStore {
             blocks,
@@ -390,9 +419,17 @@ impl HostStore {
             .zip(offsets)
             .map(|((l, b), &o)| (l.clone(), b.as_ref().map(|_| o)))
             .collect();
+        let encoded = self
+            .buffers
+            .iter()
+            .map(|b| b.as_ref()?.encoding().map(|(e, _)| e.numel()))
+            .collect();
         shm::write_private(
             &manifest_path(path),
-            Manifest::new(total, blocks).to_json().as_bytes(),
+            Manifest::new(total, blocks)
+                .with_encoded(encoded)
+                .to_json()
+                .as_bytes(),
             "OffloadConfig::shared_memory",
         )
     }
@@ -454,6 +491,21 @@ impl Drop for HostStore {
             let _ = std::fs::remove_file(manifest_path(p));
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+/// Checks an encoding `enc` (a host buffer) from another process: its checksum, and that it
+/// decodes to `raw` bytes; the reason otherwise.
+fn check_encoding(enc: &Tensor, raw: usize) -> std::result::Result<(), String> {
+    // SAFETY: `enc` is a view of a read-only mapping this store owns, alive for the call;
+    // nothing in this process writes it.
+    let bytes = unsafe { bytes(enc) }.map_err(|e| e.to_string())?;
+    let parsed = layerwise_offload_codec::Encoded::parse(bytes)
+        .and_then(|e| e.verify_with_threads(worker_threads()).map(|()| e))
+        .map_err(|e| format!("is corrupt ({e})"))?;
+    match parsed.decoded_len() {
+        n if n == raw => Ok(()),
+        n => Err(format!("decodes to {n} bytes, not the block's {raw}")),
     }
 }
 

@@ -77,19 +77,11 @@ impl OffloadConfig {
                 message: message.into(),
             })
         };
-        if self.compress {
-            if self.shm.is_some() {
-                return refuse(
-                    "OffloadConfig::compress",
-                    "a published shared-memory store holds raw blocks; drop compress(true) or shared_memory",
-                );
-            }
-            if self.zero_copy || self.host_budget.is_some() {
-                return refuse(
-                    "OffloadConfig::compress",
-                    "zero_copy and host_budget stream the checkpoint's raw bytes; drop compress(true) or them",
-                );
-            }
+        if self.encoded_cache.is_some() && (!self.compress || self.checkpoint.is_none()) {
+            return refuse(
+                "OffloadConfig::encoded_cache",
+                "an encoded cache holds a checkpoint's blocks encoded for compressed transport; give it with .checkpoint(..) and .compress(true)",
+            );
         }
         if self.checkpoint.is_none() {
             if self.zero_copy {

@@ -23,6 +23,7 @@ use super::LayerwiseOffloadManager;
 use super::decode::{Decoding, codec_error};
 use super::device::Backend;
 use super::phase::Runtime;
+use super::tier::Transport;
 use super::weights::BlockState;
 
 /// Encodes `raw` (a block's raw host bytes, a contiguous 1-D uint8 CPU tensor) into a new
@@ -52,18 +53,51 @@ fn store_encoding(
     plan.write(&mut dst[..len])
         .map_err(codec_error("encoding a block"))?;
     let out = out.f_narrow(0, 0, len as i64).context("encoding a block")?;
-    stats.encoded_blocks += 1;
-    stats.encoded_bytes += len as u64;
-    stats.raw_encoded_bytes += raw as u64;
-    stats.host_bytes += len as u64;
+    count_encoded(stats, len, raw, true);
     Ok(HostBlock::encoded(out, raw))
 }
 
+/// Counts in `stats` an encoded block of `len` bytes (`raw` raw), held in host memory if
+/// `in_memory` (not on the disk tier).
+pub(super) fn count_encoded(stats: &mut OffloadStats, len: usize, raw: usize, in_memory: bool) {
+    stats.encoded_blocks += 1;
+    stats.encoded_bytes += len as u64;
+    stats.raw_encoded_bytes += raw as u64;
+    if in_memory {
+        stats.host_bytes += len as u64;
+    }
+}
+
+/// Block `raw` (a contiguous 1-D uint8 CPU tensor) encoded into a new vector; returns it and
+/// the raw size.
+pub(super) fn encode_to_vec(raw: &Tensor) -> Result<(Vec<u8>, usize)> {
+    let _span = crate::observe::encode(None, raw.numel());
+    // SAFETY: the caller filled `raw` and does not write it while this runs.
+    let input = unsafe { host::bytes(raw)? };
+    let plan = Encoder::new()
+        .with_threads(host::worker_threads())
+        .plan(input)
+        .map_err(codec_error("encoding a block"))?;
+    let mut out = vec![0u8; plan.encoded_len()];
+    plan.write(&mut out)
+        .map_err(codec_error("encoding a block"))?;
+    Ok((out, input.len()))
+}
+
 impl LayerwiseOffloadManager {
+    /// Where `initialize` puts the encodings it makes: the host memory kind, or pageable memory
+    /// when they are moved into a shared-memory file right after (no pages to lock twice).
+    fn encoding_memory(&self) -> HostMemory {
+        match self.config.shm {
+            Some(_) => HostMemory::Pageable,
+            None => self.host_memory(),
+        }
+    }
+
     /// Encodes `raw` (a block's raw host bytes, a contiguous 1-D uint8 CPU tensor) into a new
     /// host buffer of the manager's host memory kind, and counts it.
     pub(super) fn encode_block(&mut self, raw: &Tensor) -> Result<HostBlock> {
-        encode(raw, self.host_memory(), &mut self.stats)
+        encode(raw, self.encoding_memory(), &mut self.stats)
     }
 }
 
@@ -127,7 +161,11 @@ impl LayerwiseOffloadManager {
     pub(super) fn start_decoding(&mut self, blocks: &[BlockState]) -> Result<Option<Decoding>> {
         let largest = blocks
             .iter()
-            .filter_map(|b| b.tier.encoding().map(|(e, _)| e.numel()))
+            .enumerate()
+            .filter_map(|(i, b)| match b.tier.transport(i, 0) {
+                Transport::Encoded { len, .. } => Some(len),
+                Transport::Raw { .. } => None,
+            })
             .max();
         let Some(largest) = largest else {
             return Ok(None);
@@ -169,7 +207,7 @@ impl LayerwiseOffloadManager {
             .with_threads(host::worker_threads())
             .plan_pieces(&pieces, layout.bytes)
             .map_err(codec_error("encoding a block"))?;
-        store_encoding(&plan, self.host_memory(), &mut self.stats)
+        store_encoding(&plan, self.encoding_memory(), &mut self.stats)
     }
 }
 

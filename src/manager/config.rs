@@ -40,6 +40,7 @@ pub struct OffloadConfig {
     pub(super) allow_unexpected: bool,
     pub(super) convert_dtypes: bool,
     pub(super) compress: bool,
+    pub(super) encoded_cache: Option<std::path::PathBuf>,
     pub(super) progress: Option<crate::progress::ProgressCallback>,
 }
 
@@ -74,6 +75,7 @@ impl OffloadConfig {
             allow_unexpected: false,
             convert_dtypes: false,
             compress: false,
+            encoded_cache: None,
             progress: None,
         }
     }
@@ -105,6 +107,10 @@ impl OffloadConfig {
     /// [`Error::HostAlloc`] ("No space left on device"), with the file removed. Readers must
     /// run as the same user. Truncating the file while readers map it kills them with SIGBUS:
     /// leave it alone until the store is dropped.
+    ///
+    /// With [`Self::compress`] the file holds the blocks' encodings, and the manifest says so
+    /// with the codec's format version: readers stream them encoded (whatever their own
+    /// `compress` says) after `open_shared` checked every encoding's checksum.
     pub fn shared_memory(mut self, path: impl Into<std::path::PathBuf>) -> OffloadConfig {
         self.shm = Some(path.into());
         self
@@ -339,11 +345,38 @@ impl OffloadConfig {
     /// In a peer group each member uploads its share of the encoding and sends it on, still
     /// encoded, to the others' staging buffers; each member then decodes the whole block.
     ///
-    /// Not with `shared_memory`, `zero_copy` or `host_budget` (which move the checkpoint's raw
-    /// bytes): refused at `build`. `update_tensor` on an encoded block decodes it on the CPU,
-    /// writes the value and encodes the block again.
+    /// Composes with every host tier. With [`Self::shared_memory`] the published store holds
+    /// the encodings (its manifest says so, with the codec's format version; processes that
+    /// open it stream them encoded whatever their own `compress` says). With a checkpoint and
+    /// [`Self::zero_copy`] or [`Self::host_budget`], the encodings come from the checkpoint's
+    /// encoded cache ([`Self::encoded_cache`]), written at the first `initialize()`: zero-copy
+    /// maps the cache's pages, and the disk tier reads encodings from it (fewer bytes from
+    /// the disk as well as over PCIe). `update_tensor` on an encoded block decodes it on the
+    /// CPU, writes the value and encodes the block again (refused on the disk tier).
     pub fn compress(mut self, on: bool) -> OffloadConfig {
         self.compress = on;
+        self
+    }
+
+    /// With [`Self::checkpoint`] and [`Self::compress`]: the file that keeps every block's
+    /// encoding (default with `zero_copy` or `host_budget`: beside the checkpoint,
+    /// `<file>.encoded`, or `<dir>/layerwise-offload.encoded` for a directory; without them
+    /// the cache is used only when this is given). Written once, at the first `initialize()`
+    /// that finds no file there (to a temporary name, then renamed); every later start checks
+    /// it and uses it instead of encoding: read into pinned memory, or mapped and page-locked
+    /// in place with `zero_copy` (ready without encoding or copying), or read block by block
+    /// by the disk tier with `host_budget`.
+    ///
+    /// The cache is tied to the checkpoint it was made from (each file's name, size,
+    /// modification time and a hash of its safetensors header) and to the model's blocks
+    /// (their layouts and the names they are read from); its header has a hash and every
+    /// encoding a CRC-32, checked when it is opened and at every disk-tier read. A cache made
+    /// from another version of the checkpoint, for other blocks, or whose bytes changed is
+    /// [`Error::EncodedCache`](crate::Error::EncodedCache) at `initialize()` (delete the file
+    /// to have it written again); it is never served stale. As with `zero_copy`, a mapped
+    /// cache must not be truncated while in use (SIGBUS).
+    pub fn encoded_cache(mut self, path: impl Into<std::path::PathBuf>) -> OffloadConfig {
+        self.encoded_cache = Some(path.into());
         self
     }
 

@@ -68,9 +68,31 @@ impl LayerwiseOffloadManager {
         let with_host: Vec<usize> = (0..n)
             .filter(|&i| !resident[i] || self.config.shareable)
             .collect();
+        let mut scratch = None;
+        let sizes: Vec<u64> = with_host
+            .iter()
+            .map(|&i| b.plan.blocks[i].bytes as u64)
+            .collect();
+        let _span = crate::observe::stage(false, sizes.len(), sizes.iter().sum());
+        let mut progress = Reporter::start(self.config.progress.as_ref(), Stage::HostCopy, sizes);
+        // Compressed and published: each block encoded first, the file sized to the encodings.
+        let encode_first = self.config.compress && self.config.shm.is_some();
+        if encode_first {
+            for &i in &with_host {
+                self.fill_host(b, i, !resident[i], None, &mut scratch)?;
+                progress.advance(b.plan.blocks[i].bytes as u64);
+            }
+        }
         // A shared-memory file: one mapping, each block at a 4 KiB aligned offset.
         let sizes: Vec<Option<usize>> = (0..n)
-            .map(|i| with_host.contains(&i).then(|| b.plan.blocks[i].bytes))
+            .map(|i| {
+                with_host
+                    .contains(&i)
+                    .then(|| match b.blocks[i].tier.encoding() {
+                        Some((enc, _)) if encode_first => enc.numel(),
+                        _ => b.plan.blocks[i].bytes,
+                    })
+            })
             .collect();
         let (offsets, total) = crate::host::file_offsets(&sizes);
         let file = match &self.config.shm {
@@ -92,25 +114,25 @@ impl LayerwiseOffloadManager {
             }
             None => None,
         };
-        let mut scratch = None;
-        let sizes: Vec<u64> = with_host
-            .iter()
-            .map(|&i| b.plan.blocks[i].bytes as u64)
-            .collect();
-        let _span = crate::observe::stage(false, sizes.len(), sizes.iter().sum());
-        let mut progress = Reporter::start(self.config.progress.as_ref(), Stage::HostCopy, sizes);
         for &i in &with_host {
             let buffer = match &file {
                 Some(f) => Some(
-                    f.f_narrow(0, offsets[i] as i64, b.plan.blocks[i].bytes as i64)
-                        .map_err(|e| {
-                            Error::from(("mapping a block in the shared-memory file", e))
-                        })?,
+                    f.f_narrow(
+                        0,
+                        offsets[i] as i64,
+                        sizes[i].expect("with a host copy") as i64,
+                    )
+                    .map_err(|e| Error::from(("mapping a block in the shared-memory file", e)))?,
                 ),
                 None => None,
             };
-            self.fill_host(b, i, !resident[i], buffer, &mut scratch)?;
-            progress.advance(b.plan.blocks[i].bytes as u64);
+            match (encode_first, buffer) {
+                (true, Some(buffer)) => self.publish_encoding(b, i, buffer)?,
+                (_, buffer) => {
+                    self.fill_host(b, i, !resident[i], buffer, &mut scratch)?;
+                    progress.advance(b.plan.blocks[i].bytes as u64);
+                }
+            }
         }
         let store = Arc::new(HostStore::own(
             b.plan.blocks.clone(),
@@ -196,6 +218,25 @@ impl LayerwiseOffloadManager {
         }
         // Frees the original storage unless the caller holds it elsewhere.
         rt.point_at_placeholders()
+    }
+
+    /// Moves block `i`'s encoding (its host copy, just made) into `buffer` (its place in the
+    /// shared-memory file, of the encoding's length), which becomes the host copy.
+    fn publish_encoding(&mut self, b: &mut Building, i: usize, mut buffer: Tensor) -> Result<()> {
+        let tier = &mut b.blocks[i].tier;
+        let (enc, raw) = tier
+            .encoding()
+            .map(|(e, r)| (e.shallow_clone(), r))
+            .ok_or_else(|| Error::InvalidArgument {
+                op: "OffloadConfig::shared_memory",
+                message: format!("block {i} was not encoded: this is a bug"),
+            })?;
+        tch::no_grad(|| buffer.f_copy_(&enc)).context("publishing an encoded block")?;
+        *tier = HostTier::SharedMemory {
+            host: HostBlock::encoded(buffer, raw),
+            opened: false,
+        };
+        Ok(())
     }
 
     pub(super) fn host_memory(&self) -> HostMemory {

@@ -223,6 +223,14 @@ impl LayerwiseOffloadManager {
         let mut plan = plan::build(&self.named, &self.config.lists, &allowed)?;
         if let Some(store) = &self.config.store {
             store.adopt_plan(&mut plan)?;
+            // A store streams its blocks as it holds them: an encoded one whatever `compress`
+            // says here; a raw one cannot honour `compress(true)`.
+            if self.config.compress && !store.is_encoded() {
+                return Err(Error::InvalidArgument {
+                    op: "OffloadConfig::compress",
+                    message: "the shared host store holds raw blocks, which stream as they are; build without compress(true), or have the store's publisher build with compress(true)".into(),
+                });
+            }
         }
         // No other manager may hold these tensors: it would have left placeholders in them.
         let claim = Claim::take(plan.blocks.iter().flat_map(|l| {

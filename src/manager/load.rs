@@ -15,6 +15,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use super::LayerwiseOffloadManager;
+use super::compress::count_encoded;
 use super::disk::DiskTier;
 use super::lifecycle::{Building, Undo};
 use super::runs::{Run, contiguous_strides, relayout};
@@ -30,6 +31,13 @@ pub(super) struct Sources {
     /// Every file's stamp before anything was read from it: checked once `initialize()` has
     /// read what it reads, and by the disk tier at each of its reads.
     stamps: Vec<FileStamp>,
+}
+
+impl Sources {
+    /// The name model tensor `source_index` is stored under in the checkpoint.
+    pub(super) fn stored_name(&self, source_index: usize) -> &str {
+        &self.tensors[source_index].stored_name
+    }
 }
 
 /// `c`'s value, read into a new CPU tensor of `kind` (converted if the file holds another
@@ -83,7 +91,8 @@ impl LayerwiseOffloadManager {
         for t in plan.blocks.iter_mut().flat_map(|l| l.tensors.iter_mut()) {
             t.strides = contiguous_strides(&t.shape);
         }
-        let runs = if self.config.zero_copy {
+        // Encoded blocks (from the encoded cache) keep the plan's layout.
+        let runs = if self.config.zero_copy && !self.config.compress {
             plan.blocks
                 .iter_mut()
                 .map(|l| relayout(l, &tensors))
@@ -154,20 +163,42 @@ impl LayerwiseOffloadManager {
         let with_host: Vec<usize> = (0..n)
             .filter(|&i| !resident[i] || self.config.shareable)
             .collect();
+        let mut scratch = None;
+        let cache = self.encoded_cache(&ckpt, sources, &b.plan, &mut scratch)?;
+        // What a block takes in host memory: its encoding, or the raw block.
+        let held = |i: usize| match &cache {
+            Some(c) => c.block(i).len as u64,
+            None => b.plan.blocks[i].bytes as u64,
+        };
         let mut in_memory = vec![false; n];
         match self.config.host_budget {
             None => with_host.iter().for_each(|&i| in_memory[i] = true),
             Some(budget) => {
-                let sizes: Vec<u64> = with_host
-                    .iter()
-                    .map(|&i| b.plan.blocks[i].bytes as u64)
-                    .collect();
+                let sizes: Vec<u64> = with_host.iter().map(|&i| held(i)).collect();
                 for (&i, keep) in with_host.iter().zip(placement::host_blocks(&sizes, budget)) {
                     in_memory[i] = keep;
                 }
             }
         }
-        let maps = if self.config.zero_copy {
+        let cache_map = match (&cache, self.config.zero_copy) {
+            (Some(c), true) => {
+                let map = accel::map_file_read_only(c.file(), c.path(), c.data_len(), memory)?;
+                // The mapped pages are never read on the host again: every encoding used is
+                // checked now, through the mapping the uploads read (its pages faulted once).
+                for i in (0..n).filter(|&i| in_memory[i]) {
+                    let at = c.block(i);
+                    let view = map
+                        .f_narrow(0, at.offset as i64, at.len as i64)
+                        .context("mapping the encoded cache")?;
+                    // SAFETY: a view of a read-only mapping owned by `map`, alive for the call;
+                    // nothing writes it.
+                    c.check_block(i, unsafe { crate::host::bytes(&view)? })?;
+                }
+                Some(map)
+            }
+            _ => None,
+        };
+        let maps = if self.config.zero_copy && cache.is_none() {
             ckpt.check_lengths()?;
             ckpt.shards
                 .iter()
@@ -176,7 +207,6 @@ impl LayerwiseOffloadManager {
         } else {
             Vec::new()
         };
-        let mut scratch = None;
         let sizes: Vec<u64> = (0..n)
             .filter(|&i| in_memory[i])
             .map(|i| b.plan.blocks[i].bytes as u64)
@@ -192,7 +222,27 @@ impl LayerwiseOffloadManager {
                     source: crate::error::TorchMessage("injected fault".into()),
                 });
             }
-            let tier = if self.config.zero_copy {
+            let tier = if let Some(c) = &cache {
+                let at = c.block(i);
+                count_encoded(&mut self.stats, at.len, at.raw, false);
+                match &cache_map {
+                    // The cache's own pages (verified when it was opened).
+                    Some(map) => HostTier::FilePages(HostBlock::encoded(
+                        map.f_narrow(0, at.offset as i64, at.len as i64)
+                            .context("mapping the encoded cache")?,
+                        at.raw,
+                    )),
+                    None => {
+                        let buf = accel::alloc_host(at.len.max(1), memory)?;
+                        let buf = buf
+                            .f_narrow(0, 0, at.len as i64)
+                            .context("reading the encoded cache")?;
+                        // SAFETY: `buf` is a fresh host buffer owned here, read by nothing else.
+                        c.read_block(i, unsafe { crate::host::bytes_mut(&buf)? }, false)?;
+                        HostTier::Pinned(HostBlock::encoded(buf, at.raw))
+                    }
+                }
+            } else if self.config.zero_copy {
                 HostTier::FilePages(HostBlock::pieces(
                     sources.runs[i]
                         .iter()
@@ -233,7 +283,26 @@ impl LayerwiseOffloadManager {
                     .collect()
             })
             .collect();
-        if reads.iter().any(|r| !r.is_empty()) {
+        if let Some(c) = cache
+            .as_ref()
+            .filter(|_| reads.iter().any(|r| !r.is_empty()))
+        {
+            for i in (0..n).filter(|&i| !reads[i].is_empty()) {
+                count_encoded(&mut self.stats, c.block(i).len, c.block(i).raw, false);
+            }
+            let disk = Arc::new(DiskTier::encoded(
+                ckpt.clone(),
+                reads,
+                memory,
+                stamps.clone(),
+                c.clone(),
+            )?);
+            for &i in disk.blocks() {
+                b.blocks[i].tier = HostTier::Disk(disk.clone());
+            }
+            self.stats.disk_blocks = disk.blocks().len();
+            b.disk = Some(disk);
+        } else if reads.iter().any(|r| !r.is_empty()) {
             let bytes = (0..n).map(|i| b.plan.blocks[i].bytes).collect();
             let disk = Arc::new(DiskTier::new(
                 ckpt.clone(),
@@ -275,7 +344,7 @@ impl LayerwiseOffloadManager {
 
 /// Reads a block's tensors (`layout`) from the checkpoint into `buf` (the layout's size), in
 /// parallel; tensors stored in another type (with `convert_dtypes`) through a temporary.
-fn read_block(
+pub(super) fn read_block(
     ckpt: &Checkpoint,
     sources: &Sources,
     layout: &BlockLayout,

@@ -49,6 +49,7 @@
 //! ```
 
 mod build;
+mod cached;
 mod compat;
 mod compress;
 mod config;

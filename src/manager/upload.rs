@@ -50,7 +50,7 @@ impl Loop<'_> {
         }
         let transport = self.rt.blocks[block]
             .tier
-            .transport(self.rt.layout(block).bytes);
+            .transport(block, self.rt.layout(block).bytes);
         let Moved {
             sent,
             total,

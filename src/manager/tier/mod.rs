@@ -170,9 +170,14 @@ impl HostTier {
         }
     }
 
-    /// What an upload of the block moves: the raw block (`bytes`, its layout's size) or its
-    /// encoding.
-    pub(super) fn transport(&self, bytes: usize) -> Transport {
+    /// What an upload of block `block` moves: the raw block (`bytes`, its layout's size) or
+    /// its encoding (an encoded host copy, or a disk tier reading encodings).
+    pub(super) fn transport(&self, block: usize, bytes: usize) -> Transport {
+        if let HostTier::Disk(disk) = self
+            && let Some((len, raw)) = disk.encoding(block)
+        {
+            return Transport::Encoded { len, raw };
+        }
         match self.encoding() {
             Some((enc, raw)) => Transport::Encoded {
                 len: enc.numel(),
@@ -203,6 +208,7 @@ impl HostTier {
     /// buffer if encoded, or read now from the disk tier into one.
     pub(super) fn read(&self, block: usize, bytes: usize) -> Result<HostBlock> {
         match self {
+            // Raw from the checkpoint, also where uploads read encodings from its cache.
             HostTier::Disk(disk) => {
                 let buf = crate::accel::alloc_host(bytes, HostMemory::Pageable)?;
                 disk.read_into(block, &buf)?;

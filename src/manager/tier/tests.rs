@@ -82,7 +82,7 @@ fn a_pinned_block_is_read_in_place_and_written_in_place() -> R {
     let mut tier = HostTier::Pinned(HostBlock::whole(buf.shallow_clone()));
     assert!(tier.is_offloaded() && !tier.is_read_only() && tier.encoding().is_none());
     assert_eq!(
-        tier.transport(layout.bytes),
+        tier.transport(0, layout.bytes),
         Transport::Raw {
             bytes: layout.bytes
         }
@@ -172,7 +172,7 @@ fn an_encoded_block_decodes_on_the_way_out_and_is_encoded_again_on_update() -> R
     let enc = tier.encoding().unwrap().0.shallow_clone();
     let n = enc.numel();
     assert_eq!(
-        tier.transport(layout.bytes),
+        tier.transport(0, layout.bytes),
         Transport::Encoded {
             len: n,
             raw: layout.bytes
@@ -307,6 +307,62 @@ fn a_disk_block_is_read_from_the_checkpoint_at_each_use() -> R {
         tier.detach(&layout, false).is_none(),
         "its values stay in the file"
     );
+    drop(tier);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// A disk-tier block read from the checkpoint's encoded cache: uploads move its encoding
+/// (staged from the cache at each upload, given back after), `tensor` and `restore` read the
+/// checkpoint raw.
+#[test]
+fn an_encoded_disk_block_stages_its_encoding_and_reads_back_raw() -> R {
+    use crate::checkpoint::cache::{EncodedCache, block_key};
+    let (named, layout) = block();
+    let dir = std::env::temp_dir().join(format!("tier-disk-enc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("model.safetensors");
+    Tensor::write_safetensors(&named, &path)?;
+    let ckpt = Arc::new(Checkpoint::open(&path)?);
+    let model: Vec<(&str, Vec<i64>, Kind)> = named
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.size(), t.kind()))
+        .collect();
+    let found = checkpoint::match_tensors(&ckpt, &model, false, false)?;
+    let reads = vec![
+        layout
+            .tensors
+            .iter()
+            .map(|t| (found[t.source_index].clone(), t.offset))
+            .collect(),
+    ];
+    let want = raw(&named, &layout);
+    let enc = layerwise_offload_codec::encode(&Vec::<u8>::try_from(&want)?);
+    let keys = vec![block_key(layout.bytes, [])];
+    let cache = EncodedCache::write(&dir.join("c.encoded"), &ckpt, &keys, |_| {
+        Ok((enc.clone(), layout.bytes))
+    })?;
+    let disk = DiskTier::encoded(
+        ckpt.clone(),
+        reads,
+        HostMemory::Pageable,
+        ckpt.stamps()?,
+        Arc::new(cache),
+    )?;
+    let tier = HostTier::Disk(Arc::new(disk));
+    assert_eq!(
+        tier.transport(0, layout.bytes),
+        Transport::Encoded {
+            len: enc.len(),
+            raw: layout.bytes
+        }
+    );
+    for _ in 0..3 {
+        let staged = tier.stage(0, 0, enc.len())?;
+        assert_eq!(Vec::<u8>::try_from(&staged.contiguous(enc.len())?)?, enc);
+        staged.finish(None)?;
+    }
+    reads_back(&tier, &named, &layout)?;
     drop(tier);
     std::fs::remove_dir_all(&dir)?;
     Ok(())

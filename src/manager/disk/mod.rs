@@ -5,7 +5,8 @@
 //! once the copy out of it has finished (its fence event).
 
 use crate::accel::{self, Event, HostMemory, Stream};
-use crate::checkpoint::{self, Checkpoint, CheckpointTensor, FileStamp};
+use crate::checkpoint::cache::EncodedCache;
+use crate::checkpoint::{Checkpoint, CheckpointTensor, FileStamp};
 use crate::error::Context;
 use crate::error::{Error, Result};
 use std::collections::VecDeque;
@@ -14,6 +15,9 @@ use std::thread::JoinHandle;
 use tch::Tensor;
 
 use super::tier::Staged;
+
+mod reader;
+use reader::{read_raw, reader};
 
 impl DiskTier {
     /// Bytes `[off, off + len)` of disk-tier block `block`'s layout: the staging buffer the
@@ -97,6 +101,10 @@ struct Shared {
     /// Every file's stamp when `initialize()` began reading the checkpoint: each read checks
     /// that the files it read from still have it.
     stamps: Vec<FileStamp>,
+    /// Compressed transport: uploads read each block's encoding from the checkpoint's encoded
+    /// cache instead (checked at each read); reads for `tensor` and `restore` still read the
+    /// checkpoint raw, so that a damaged cache never keeps the weights from coming back.
+    cache: Option<Arc<EncodedCache>>,
 }
 
 /// Why a file changed since `initialize()` stops the disk tier.
@@ -110,9 +118,7 @@ impl Shared {
         files.dedup();
         self.ckpt.check_unchanged(&self.stamps, files, CHANGED)
     }
-}
 
-impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -147,6 +153,39 @@ impl DiskTier {
         memory: HostMemory,
         stamps: Vec<FileStamp>,
     ) -> Result<DiskTier> {
+        DiskTier::start(ckpt, reads, bytes, memory, stamps, None)
+    }
+
+    /// [`Self::new`] for compressed transport: uploads read each block's encoding from
+    /// `cache` (checked at each read) instead of the raw tensors, which `tensor` and `restore`
+    /// still read.
+    pub(super) fn encoded(
+        ckpt: Arc<Checkpoint>,
+        reads: Vec<Vec<(CheckpointTensor, usize)>>,
+        memory: HostMemory,
+        stamps: Vec<FileStamp>,
+        cache: Arc<EncodedCache>,
+    ) -> Result<DiskTier> {
+        let bytes = (0..reads.len()).map(|i| cache.block(i).len).collect();
+        DiskTier::start(ckpt, reads, bytes, memory, stamps, Some(cache))
+    }
+
+    /// For a tier reading encodings: block `block`'s encoding length and raw size.
+    pub(super) fn encoding(&self, block: usize) -> Option<(usize, usize)> {
+        let c = self.shared.cache.as_ref()?.block(block);
+        Some((c.len, c.raw))
+    }
+
+    /// A disk tier for the blocks whose `reads` are not empty, read into staging buffers of
+    /// `bytes[i]` for block `i`.
+    fn start(
+        ckpt: Arc<Checkpoint>,
+        reads: Vec<Vec<(CheckpointTensor, usize)>>,
+        bytes: Vec<usize>,
+        memory: HostMemory,
+        stamps: Vec<FileStamp>,
+        cache: Option<Arc<EncodedCache>>,
+    ) -> Result<DiskTier> {
         let order: Vec<usize> = (0..reads.len()).filter(|&i| !reads[i].is_empty()).collect();
         let largest = order.iter().map(|&i| bytes[i]).max().unwrap_or(0);
         let n = STAGING_BUFFERS.min(order.len());
@@ -164,6 +203,7 @@ impl DiskTier {
             ckpt,
             reads,
             stamps,
+            cache,
         });
         let thread = {
             let shared = shared.clone();
@@ -261,7 +301,7 @@ impl DiskTier {
     /// Reads `block` now into `dst` (a host buffer of its layout's size), outside the ring
     /// (for `restore` and `tensor`).
     pub(super) fn read_into(&self, block: usize, dst: &Tensor) -> Result<()> {
-        read_block(&self.shared, block, dst)
+        read_raw(&self.shared, block, dst)
     }
 
     /// Checks that every file a disk-tier block is read from is as `initialize()` found it
@@ -328,68 +368,4 @@ impl Drop for DiskTier {
             let _ = t.join();
         }
     }
-}
-
-/// The reader thread: reads queued blocks into their staging buffers until stopped.
-fn reader(shared: Arc<Shared>, staging: Vec<Tensor>) {
-    loop {
-        let (i, block, fence) = {
-            let mut st = shared.lock();
-            loop {
-                if st.stop {
-                    return;
-                }
-                if let Some(i) = st.queue.pop_front() {
-                    match st.bufs[i] {
-                        Buf::Queued(b) => {
-                            st.bufs[i] = Buf::Reading(b);
-                            let fence = st.fences[i].take();
-                            break (i, b, fence);
-                        }
-                        _ => continue, // re-queued since: a stale entry
-                    }
-                }
-                st = shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-            }
-        };
-        // The copy out of this buffer must be done before it is written.
-        let fenced = match fence {
-            Some(f) => f.synchronize(),
-            None => Ok(()),
-        };
-        let r = fenced.and_then(|()| read_block(&shared, block, &staging[i]));
-        let mut st = shared.lock();
-        st.bufs[i] = Buf::Ready(block, r.err());
-        shared.changed.notify_all();
-    }
-}
-
-/// Reads block `block`'s tensors from the checkpoint into `dst` at their layout offsets.
-fn read_block(shared: &Shared, block: usize, dst: &Tensor) -> Result<()> {
-    let reads = &shared.reads[block];
-    let len = dst.numel();
-    if reads.iter().any(|(t, at)| at + t.bytes > len) || dst.kind() != tch::Kind::Uint8 {
-        return Err(Error::InvalidArgument {
-            op: "reading a disk-tier block",
-            message: format!("block {block} does not fit its staging buffer of {len} bytes"),
-        });
-    }
-    // SAFETY: `dst` is a contiguous 1-D uint8 CPU tensor of `len` bytes (checked above; staging
-    // buffers and restore's buffers are made so) that nothing else reads or writes now: a
-    // staging buffer is Reading (the manager does not touch it, and the copy out of it before
-    // was fenced), a restore buffer is fresh. It stays alive for the call.
-    let buf = unsafe { crate::host::bytes_mut(dst)? };
-    let ranges: Vec<(usize, usize)> = reads.iter().map(|(t, at)| (*at, t.bytes)).collect();
-    let slices = checkpoint::disjoint_slices(buf, &ranges)?;
-    let jobs = checkpoint::split_jobs(reads.iter().map(|(t, _)| t).zip(slices));
-    checkpoint::read_parallel(&shared.ckpt, jobs, crate::host::worker_threads())?;
-    // After the reads: a change that could have reached the bytes just read has set the
-    // files' times by now.
-    shared.check_files(block)?;
-    // Read again at the next forward: its pages would only crowd host memory, which the disk
-    // tier exists to spare.
-    for (t, _) in reads {
-        shared.ckpt.forget(t);
-    }
-    Ok(())
 }
