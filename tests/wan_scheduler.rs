@@ -244,11 +244,14 @@ fn steps_on_cuda() {
     let run = |case: &Value, r: &Value, t: &HashMap<String, Tensor>| {
         chain_on(&mut scheduler(case), case, r, t, true, device)
     };
+    // float32 on CUDA against float32 on the CPU: other kernels (fused multiply-adds, other
+    // reduction orders in the einsums and linalg_solve) round otherwise, and a 50-step chain of
+    // order 3 carries it on: 1.55e-5 at step 16 of `unipc_order3/50` on an H100.
     let cpu_tolerance = |r: &Value| {
         if r["model_output_dtype"] == "bfloat16" {
             0.05
         } else {
-            1e-5
+            1e-4
         }
     };
     let (worst, compared, bit_exact) = compare_runs_with(&fixture(), cpu_tolerance, run);
