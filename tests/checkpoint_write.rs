@@ -276,7 +276,7 @@ fn an_empty_model_loads_the_written_checkpoint_and_runs_bit_for_bit() -> Result<
     })?;
     assert!(bits_equal(&got, &want));
     manager.restore()?;
-    assert_same(&source.snapshot(), &snapshot(&vs));
+    assert_same(&source.snapshot(), &common::model::snapshot(&vs));
 
     // An offloaded model is written from its manager (its own block tensors are placeholders).
     let mut again = OffloadConfig::new("blocks", 3)
@@ -379,14 +379,4 @@ fn empty_build_repoints_every_variable_and_empty_layers_match_tch_names() -> Res
     assert_eq!((v.size(), v.kind()), (vec![4, 2], Kind::Half));
     assert!(v.requires_grad(), "a variable, as path.var makes");
     Ok(())
-}
-
-fn snapshot(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<_> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, t.to_device(Device::Cpu).copy()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }

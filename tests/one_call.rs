@@ -101,16 +101,6 @@ fn resident(lists: &[(&str, usize)], seed: i64, device: Device) -> Tensor {
     })
 }
 
-fn snapshot(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<_> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, t.to_device(Device::Cpu).copy()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 /// Offloads `lists` with the one call, runs the model through `nn::Module::forward` (and
 /// `forward_t`), compares with the resident output bit for bit, and restores.
 fn case(mode: Mode, lists: &[(&str, usize)]) -> Result<()> {
@@ -118,7 +108,7 @@ fn case(mode: Mode, lists: &[(&str, usize)]) -> Result<()> {
         return Ok(());
     };
     let want = resident(lists, 5, device);
-    let before = snapshot(&model(lists, 5).vs);
+    let before = common::model::snapshot(&model(lists, 5).vs);
 
     let m = model(lists, 5);
     let names: Vec<&str> = lists.iter().map(|(a, _)| *a).collect();
@@ -161,7 +151,7 @@ fn case(mode: Mode, lists: &[(&str, usize)]) -> Result<()> {
 
     let (_, mut manager) = model.into_parts();
     manager.restore_to(Device::Cpu)?;
-    let after = snapshot(&vs);
+    let after = common::model::snapshot(&vs);
     common::model::assert_same(&before, &after);
     Ok(())
 }
@@ -200,7 +190,7 @@ fn counts_are_read_from_the_names() -> Result<()> {
 #[test]
 fn bad_lists_are_refused_with_what_exists() {
     let m = model(&[("blocks", 2)], 1);
-    let before = snapshot(&m.vs);
+    let before = common::model::snapshot(&m.vs);
     match offload_with(&m.vs, "layers", |c| c.cpu_test_mode(true)) {
         Err(Error::NoMatch { attr, prefixes }) => {
             assert_eq!(attr, "layers");
@@ -216,7 +206,7 @@ fn bad_lists_are_refused_with_what_exists() {
         }
         other => panic!("expected InvalidArgument, got {other:?}"),
     }
-    common::model::assert_same(&before, &snapshot(&m.vs));
+    common::model::assert_same(&before, &common::model::snapshot(&m.vs));
 }
 
 #[test]

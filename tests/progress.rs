@@ -175,7 +175,7 @@ fn checkpoint_loading_reports_the_device_tensors_and_the_blocks_read() -> Result
     assert_eq!(stages[1].1[0].blocks_total, 3);
     // The values are the checkpoint's.
     m.restore()?;
-    common::model::assert_same(&source.snapshot(), &snapshot(&vs));
+    common::model::assert_same(&source.snapshot(), &common::model::snapshot(&vs));
     std::fs::remove_dir_all(&dir).unwrap();
     Ok(())
 }
@@ -192,16 +192,6 @@ fn stage_names_read_well() {
         blocks_total: 0,
     };
     assert_eq!(empty.fraction(), 1.0);
-}
-
-fn snapshot(vs: &tch::nn::VarStore) -> Vec<(String, tch::Tensor)> {
-    let mut v: Vec<_> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, t.to_device(Device::Cpu).copy()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 fn tempdir(tag: &str) -> std::path::PathBuf {

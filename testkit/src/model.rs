@@ -146,14 +146,7 @@ impl Model {
 
     /// A deep copy of every variable, on the CPU.
     pub fn snapshot(&self) -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> = self
-            .vs
-            .variables()
-            .into_iter()
-            .map(|(n, t)| (n, t.to_device(Device::Cpu).copy()))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+        snapshot(&self.vs)
     }
 
     /// The list attrs and block counts, for a config.
@@ -163,6 +156,17 @@ impl Model {
             .map(|(a, b)| (a.clone(), b.len()))
             .collect()
     }
+}
+
+/// A deep copy of every variable of `vs`, on the CPU, sorted by name.
+pub fn snapshot(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_device(Device::Cpu).copy()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
 }
 
 /// Asserts two snapshots are equal bit for bit (values, shapes, strides, dtypes).
