@@ -32,11 +32,15 @@ fn encode(raw: &Tensor, memory: HostMemory, stats: &mut OffloadStats) -> Result<
     let _span = crate::observe::encode(None, raw.numel());
     // SAFETY: the caller filled `raw` and does not write it while this runs.
     let input = unsafe { host::bytes(raw)? };
-    let plan = Encoder::new()
+    store_encoding(&plan(input)?, memory, stats)
+}
+
+/// The codec's plan for a block's raw bytes, on the manager's worker threads.
+fn plan(input: &[u8]) -> Result<EncodePlan<'_>> {
+    Encoder::new()
         .with_threads(host::worker_threads())
         .plan(input)
-        .map_err(codec_error("encoding a block"))?;
-    store_encoding(&plan, memory, stats)
+        .map_err(codec_error("encoding a block"))
 }
 
 /// Writes the encoding `plan` into a new host buffer of `memory` and counts it in `stats`;
@@ -74,10 +78,7 @@ pub(super) fn encode_to_vec(raw: &Tensor) -> Result<(Vec<u8>, usize)> {
     let _span = crate::observe::encode(None, raw.numel());
     // SAFETY: the caller filled `raw` and does not write it while this runs.
     let input = unsafe { host::bytes(raw)? };
-    let plan = Encoder::new()
-        .with_threads(host::worker_threads())
-        .plan(input)
-        .map_err(codec_error("encoding a block"))?;
+    let plan = plan(input)?;
     let mut out = vec![0u8; plan.encoded_len()];
     plan.write(&mut out)
         .map_err(codec_error("encoding a block"))?;
