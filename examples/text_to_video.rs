@@ -450,7 +450,8 @@ fn generate(
             uncond.as_ref(),
             &mut blocks,
             &mut on_step,
-        )?
+        )
+        .map_err(advise)?
     };
     pb.finish();
     sync()?;
@@ -481,7 +482,11 @@ fn generate(
     let t0 = Instant::now();
     let pb = progress::spinner(format!("{label}: VAE decode"));
     t2v::move_all(&p.vae_vs, dev)?;
-    let frames = p.decode(&final_latents)?.get(0).to_device(Device::Cpu);
+    let frames = p
+        .decode(&final_latents)
+        .map_err(advise)?
+        .get(0)
+        .to_device(Device::Cpu);
     t2v::move_all(&p.vae_vs, Device::Cpu)?;
     if cuda {
         accel::empty_cache()?;
@@ -507,13 +512,29 @@ fn encode(
     blocks: &mut dyn wan::BlockLoop,
 ) -> Result<Tensor> {
     if batch {
-        return Ok(p.encode_prompts(prompts, max_len, dev, blocks)?);
+        return p
+            .encode_prompts(prompts, max_len, dev, blocks)
+            .map_err(advise);
     }
     let parts = prompts
         .iter()
         .map(|q| p.encode_prompts(&[q], max_len, dev, blocks))
-        .collect::<wan::Result<Vec<_>>>()?;
+        .collect::<wan::Result<Vec<_>>>()
+        .map_err(advise)?;
     Ok(Tensor::cat(&parts, 0))
+}
+
+/// A pipeline error, with what to change where the device ran out of memory.
+fn advise(e: wan::Error) -> anyhow::Error {
+    if e.is_out_of_memory() {
+        anyhow::Error::new(e).context(
+            "the device ran out of memory: leave the activations more room with a smaller \
+             --budget (GiB of resident transformer blocks), fewer --frames or a smaller \
+             --height/--width",
+        )
+    } else {
+        e.into()
+    }
 }
 
 fn main() -> Result<()> {

@@ -189,6 +189,72 @@ impl Error {
     pub fn blocks(e: impl std::error::Error + Send + Sync + 'static) -> Error {
         Error::Blocks(Box::new(e))
     }
+
+    /// Whether libtorch ran out of device memory (its "out of memory" error): the caller can
+    /// give the activations more room (a smaller offload budget, fewer frames or a smaller
+    /// size) and try again.
+    pub fn is_out_of_memory(&self) -> bool {
+        let mut e: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(x) = e {
+            if x.to_string().contains("out of memory") {
+                return true;
+            }
+            e = x.source();
+        }
+        false
+    }
+}
+
+/// Runs `f`; a libtorch failure that tch reports by panicking (its infallible operations, which
+/// the models' forward passes use, unwrap their fallible twins: a CUDA out-of-memory in the
+/// middle of a block, for instance) comes back as [`Error::Torch`] with `context` instead of
+/// unwinding through the caller. Any other panic goes on unwinding. The panic hook still prints
+/// tch's message where it is raised.
+pub(crate) fn catch_torch<T>(
+    context: impl FnOnce() -> String,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    // AssertUnwindSafe: on a caught failure the state `f` touched is the pipeline's scheduler
+    // and tensors of a call that is abandoned; the next call sets the scheduler's timesteps
+    // again.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let text = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied());
+            match text.and_then(torch_message) {
+                Some(message) => Err(Error::Torch {
+                    context: context(),
+                    source: tch::TchError::Torch(message),
+                }),
+                None => std::panic::resume_unwind(payload),
+            }
+        }
+    }
+}
+
+/// libtorch's message in a tch panic (``called `Result::unwrap()` on an `Err` value:
+/// Torch("...")``, the message in `Debug` quoting), unquoted; `None` for other panics.
+fn torch_message(panic: &str) -> Option<String> {
+    let quoted = panic.split_once("Torch(\"")?.1;
+    let quoted = quoted.strip_suffix("\")").unwrap_or(quoted);
+    let mut out = String::with_capacity(quoted.len());
+    let mut chars = quoted.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some(o) => out.push(o),
+            None => {}
+        }
+    }
+    Some(out)
 }
 
 /// `Result` with this crate's [`Error`].
@@ -238,6 +304,41 @@ mod tests {
         for m in &messages {
             assert_eq!(debug.matches(m.as_str()).count(), 1, "{m:?} in:\n{debug}");
         }
+    }
+
+    #[test]
+    fn a_libtorch_failure_in_an_infallible_call_comes_back_as_an_error() {
+        let a = tch::Tensor::zeros([2, 3], (tch::Kind::Float, tch::Device::Cpu));
+        let b = tch::Tensor::zeros([4, 5], (tch::Kind::Float, tch::Device::Cpu));
+        let e = catch_torch(|| "step 2 of 3".into(), || Ok(a.matmul(&b))).unwrap_err();
+        let Error::Torch { context, source } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(context, "step 2 of 3");
+        let message = source.to_string();
+        assert!(message.contains("cannot be multiplied"), "{message}");
+        assert!(
+            !message.contains("\\n") && !message.contains("Torch(\""),
+            "{message}"
+        );
+        assert!(!e.is_out_of_memory());
+        each_cause_once(&e);
+        // An out-of-memory message anywhere in the chain is recognized.
+        let oom = Error::Torch {
+            context: "denoising step 2 of 3".into(),
+            source: tch::TchError::Torch("CUDA out of memory. Tried to allocate 1.69 GiB".into()),
+        };
+        assert!(oom.is_out_of_memory());
+        // Other panics are not errors: they go on unwinding.
+        let other = std::panic::catch_unwind(|| {
+            catch_torch(
+                || "x".into(),
+                || -> Result<()> { panic!("index out of range") },
+            )
+        });
+        assert!(other.is_err());
+        // A successful call passes its value (and its own errors) through.
+        assert_eq!(catch_torch(|| "x".into(), || Ok(7)).unwrap(), 7);
     }
 
     #[test]

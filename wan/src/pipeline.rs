@@ -438,15 +438,20 @@ impl WanPipeline {
         let ids = enc.input_ids.to_device(device);
         let mask = enc.attention_mask.to_device(device);
         let te = &self.text_encoder;
-        let hidden = tch::no_grad(|| -> Result<Tensor> {
-            let e = te.embed(&ids, &mask)?;
-            let mut h = e.hidden.shallow_clone();
-            blocks.run(Component::TextEncoder, te.blocks().len(), &mut |i| {
-                h = te.block(i, &h, &e);
-                Ok(())
-            })?;
-            Ok(te.final_norm(&h))
-        })?;
+        let hidden = crate::error::catch_torch(
+            || "encoding the prompts".into(),
+            || {
+                tch::no_grad(|| -> Result<Tensor> {
+                    let e = te.embed(&ids, &mask)?;
+                    let mut h = e.hidden.shallow_clone();
+                    blocks.run(Component::TextEncoder, te.blocks().len(), &mut |i| {
+                        h = te.block(i, &h, &e);
+                        Ok(())
+                    })?;
+                    Ok(te.final_norm(&h))
+                })
+            },
+        )?;
         let kind = self.transformer_kind();
         crate::umt5::trim_and_pad(&hidden, &mask, max_len, kind)
     }
@@ -501,7 +506,8 @@ impl WanPipeline {
     /// `text` (`[1, L, D]`) and, when `uncond` is given, classifier-free guidance against the
     /// negative prompt's (`noise_uncond + scale * (noise_cond - noise_uncond)`), then the
     /// scheduler's step. `on_step` is called after each step with the latents it made. Returns
-    /// the final latents (float32).
+    /// the final latents (float32). A libtorch failure inside a step (CUDA out of memory, for
+    /// instance) is [`Error::Torch`] naming the step ([`Error::is_out_of_memory`] tells which).
     pub fn denoise(
         &mut self,
         r: &Request,
@@ -521,29 +527,39 @@ impl WanPipeline {
         let both = uncond.map(|u| Tensor::cat(&[text, u], 0));
         let mut x = latents.shallow_clone();
         for (i, &t) in timesteps.iter().enumerate() {
+            let context = || format!("denoising step {} of {total}", i + 1);
             let input = x.to_kind(kind);
-            let pred = tch::no_grad(|| -> Result<Tensor> {
-                match (uncond, &both) {
-                    (Some(_), Some(both)) if r.batch_guidance => {
-                        let ts = Tensor::from_slice(&[t, t]).to_device(device);
-                        let p =
-                            self.predict(&Tensor::cat(&[&input, &input], 0), &ts, both, blocks)?;
-                        let (c, u) = (p.get(0).unsqueeze(0), p.get(1).unsqueeze(0));
-                        Ok(&u + (&c - &u) * r.guidance_scale)
+            let pred = crate::error::catch_torch(context, || {
+                tch::no_grad(|| -> Result<Tensor> {
+                    match (uncond, &both) {
+                        (Some(_), Some(both)) if r.batch_guidance => {
+                            let ts = Tensor::from_slice(&[t, t]).to_device(device);
+                            let p = self.predict(
+                                &Tensor::cat(&[&input, &input], 0),
+                                &ts,
+                                both,
+                                blocks,
+                            )?;
+                            let (c, u) = (p.get(0).unsqueeze(0), p.get(1).unsqueeze(0));
+                            Ok(&u + (&c - &u) * r.guidance_scale)
+                        }
+                        (Some(u), _) => {
+                            let ts = Tensor::from_slice(&[t]).to_device(device);
+                            let c = self.predict(&input, &ts, text, blocks)?;
+                            let un = self.predict(&input, &ts, u, blocks)?;
+                            Ok(&un + (&c - &un) * r.guidance_scale)
+                        }
+                        (None, _) => {
+                            let ts = Tensor::from_slice(&[t]).to_device(device);
+                            self.predict(&input, &ts, text, blocks)
+                        }
                     }
-                    (Some(u), _) => {
-                        let ts = Tensor::from_slice(&[t]).to_device(device);
-                        let c = self.predict(&input, &ts, text, blocks)?;
-                        let un = self.predict(&input, &ts, u, blocks)?;
-                        Ok(&un + (&c - &un) * r.guidance_scale)
-                    }
-                    (None, _) => {
-                        let ts = Tensor::from_slice(&[t]).to_device(device);
-                        self.predict(&input, &ts, text, blocks)
-                    }
-                }
+                })
             })?;
-            x = tch::no_grad(|| self.scheduler.step(&pred, t, &x))?;
+            let scheduler = &mut self.scheduler;
+            x = crate::error::catch_torch(context, || {
+                tch::no_grad(|| Ok(scheduler.step(&pred, t, &x)?))
+            })?;
             on_step(
                 Step {
                     done: i + 1,
@@ -561,10 +577,15 @@ impl WanPipeline {
     /// frame by frame (the VAE's weights must be on the latents' device), post-processed to
     /// `[batch, frames, height, width, 3]` float32 in [0, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        tch::no_grad(|| {
-            let z = self.vae.denormalize(latents)?;
-            let video = self.vae.decode(&z)?;
-            Ok(crate::vae::to_frames(&video))
-        })
+        crate::error::catch_torch(
+            || "decoding the latents with the VAE".into(),
+            || {
+                tch::no_grad(|| {
+                    let z = self.vae.denormalize(latents)?;
+                    let video = self.vae.decode(&z)?;
+                    Ok(crate::vae::to_frames(&video))
+                })
+            },
+        )
     }
 }
