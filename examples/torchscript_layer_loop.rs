@@ -17,7 +17,7 @@
 
 use anyhow::Result;
 use clap::Parser;
-use layerwise_offload::script::{ScriptModule, with_graph_optimizations};
+use layerwise_offload::{ScriptModule, with_graph_optimizations};
 use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig, WeightSource, accel};
 use serde_json::json;
 use std::collections::HashMap;

@@ -8,7 +8,7 @@
 use offload_testkit as common;
 
 use common::Mode;
-use layerwise_offload::script::{
+use layerwise_offload::{
     GraphOptimizationsGuard, ScriptModule, graph_optimizations, set_graph_optimizations,
     with_graph_optimizations,
 };
