@@ -579,10 +579,7 @@ fn out_of_range_configurations_are_typed() -> anyhow::Result<()> {
     let model = Model::new(Device::Cpu, 3, false, 72);
     let before = model.snapshot();
     let cfg = || OffloadConfig::new("blocks", 3).cpu_test_mode(true);
-    for depth in [
-        usize::MAX,
-        layerwise_offload::MAX_PREFETCH_DEPTH + 1,
-    ] {
+    for depth in [usize::MAX, layerwise_offload::MAX_PREFETCH_DEPTH + 1] {
         match cfg().prefetch_depth(depth).build(&model.vs) {
             Err(e @ Error::InvalidArgument { .. }) => {
                 assert!(e.to_string().contains("pass 1..="), "{e}")

@@ -1,6 +1,6 @@
 //! Every item of the main API named by its one path, the crate root, as a user's crate names
 //! it (docs/DESIGN.md, "One path per public item"); `checkpoint`, `accel` and `empty` are the
-//! public modules. The old module paths (`layerwise_offload::manager::OffloadConfig`, …) are
+//! public modules. The old module paths (`manager::OffloadConfig`, …) are
 //! checked to be gone by the `compile_fail` examples in this crate's lib.rs.
 
 use layerwise_offload::checkpoint::Checkpoint;
