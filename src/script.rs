@@ -22,10 +22,10 @@ use torch_sys::CIValue;
 
 /// A TorchScript module (or one of its submodules: a handle that shares the parent's state).
 ///
-/// It loads a scripted or traced module, reach its submodules by
-/// path (`blocks.3`, `patch_embed`), call any of their methods with [`IValue`] arguments
-/// (positional or by name) and read their signatures, and list parameters and buffers so the
-/// manager can take them over. tch's `CModule` offers no submodules, buffers or signatures;
+/// Load a scripted or traced module, reach its submodules by path (`blocks.3`,
+/// `patch_embed`), call any of their methods with [`IValue`] arguments (positional or by name)
+/// and read their signatures, and list parameters and buffers so the manager can take them
+/// over. tch's `CModule` offers no submodules, buffers or signatures;
 /// this wraps libtorch's `torch::jit::Module` directly.
 ///
 /// Real exports are traced: `torch.jit.trace` orders (and names) a traced submodule's
