@@ -29,7 +29,8 @@
 use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use layerwise_offload::accel;
-use layerwise_offload::{Checkpoint, LayerwiseOffloadManager, OffloadConfig};
+use layerwise_offload::checkpoint::Checkpoint;
+use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt as _;

@@ -19,7 +19,8 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
-use layerwise_offload::{Checkpoint, LayerwiseOffloadManager, OffloadConfig, accel};
+use layerwise_offload::checkpoint::Checkpoint;
+use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig, accel};
 use serde_json::json;
 use std::time::Instant;
 use tch::nn;

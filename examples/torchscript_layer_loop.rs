@@ -17,8 +17,10 @@
 
 use anyhow::Result;
 use clap::Parser;
-use layerwise_offload::script::{ScriptModule, with_graph_optimizations};
-use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig, WeightSource, accel};
+use layerwise_offload::{
+    LayerwiseOffloadManager, OffloadConfig, ScriptModule, WeightSource, accel,
+    with_graph_optimizations,
+};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;

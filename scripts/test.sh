@@ -26,6 +26,8 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 # The library alone, without the `testing` feature its own tests turn on: what users build.
 cargo clippy -p layerwise-offload --lib -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc -p layerwise-offload --no-deps
+# One path per public item: no item of that documentation is named twice.
+scripts/check-one-path.sh
 # The docs.rs path: no libtorch at all (tch's and torch-sys's doc-only features; build.rs skips
 # the shim), in its own target dir so that the main build's artifacts stay valid.
 env -u LIBTORCH -u LIBTORCH_USE_PYTORCH -u LIBTORCH_BYPASS_VERSION_CHECK DOCS_RS=1 \

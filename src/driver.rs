@@ -1,27 +1,4 @@
 //! Running the block loop from `&self`.
-//!
-//! [`LayerwiseOffloadManager::enter`] takes `&mut self`, but a model's `forward` usually takes
-//! `&self` (tch's [`nn::Module`] and [`nn::ModuleT`] do). [`SharedManager`] puts the manager
-//! behind a mutex so that a block can be entered through a shared reference, and
-//! [`OffloadedBlocks`] owns a model's blocks together with their manager and is itself an
-//! [`nn::Module`] (and so, through tch's blanket implementation, an [`nn::ModuleT`]):
-//!
-//! ```no_run
-//! use layerwise_offload::{OffloadedBlocks, Result, offload};
-//! use tch::{nn, nn::Module, Device, Tensor};
-//!
-//! fn main() -> Result<()> {
-//!     let vs = nn::VarStore::new(Device::Cpu);
-//!     let blocks: Vec<nn::Linear> = (0..4)
-//!         .map(|i| nn::linear(&vs.root() / "blocks" / i, 64, 64, Default::default()))
-//!         .collect();
-//!     let stack = OffloadedBlocks::new(blocks, offload(&vs, "blocks")?)?;
-//!     let x = Tensor::zeros([8, 64], (tch::Kind::Float, Device::Cuda(0)));
-//!     let y = tch::no_grad(|| stack.forward(&x)); // blocks stream in, one ahead
-//!     println!("{}", stack.manager().stats());
-//!     Ok(())
-//! }
-//! ```
 
 use crate::error::{Error, Result};
 use crate::manager::LayerwiseOffloadManager;
@@ -217,6 +194,29 @@ impl From<LayerwiseOffloadManager> for SharedManager {
 /// list's blocks, then the next list's). As an [`nn::Module`] (and [`nn::ModuleT`]) it runs
 /// `x = block.forward_t(x, false)` through every block; [`Self::run`] threads any state through blocks
 /// with other signatures (a DiT block that also takes the text context and the time embedding).
+///
+/// [`LayerwiseOffloadManager::enter`] takes `&mut self`, but a model's `forward` usually takes
+/// `&self` (tch's [`nn::Module`] and [`nn::ModuleT`] do). [`SharedManager`] puts the manager
+/// behind a mutex so that a block can be entered through a shared reference, and
+/// [`OffloadedBlocks`] owns a model's blocks together with their manager and is itself an
+/// [`nn::Module`] (and so, through tch's blanket implementation, an [`nn::ModuleT`]):
+///
+/// ```no_run
+/// use layerwise_offload::{OffloadedBlocks, Result, offload};
+/// use tch::{nn, nn::Module, Device, Tensor};
+///
+/// fn main() -> Result<()> {
+///     let vs = nn::VarStore::new(Device::Cpu);
+///     let blocks: Vec<nn::Linear> = (0..4)
+///         .map(|i| nn::linear(&vs.root() / "blocks" / i, 64, 64, Default::default()))
+///         .collect();
+///     let stack = OffloadedBlocks::new(blocks, offload(&vs, "blocks")?)?;
+///     let x = Tensor::zeros([8, 64], (tch::Kind::Float, Device::Cuda(0)));
+///     let y = tch::no_grad(|| stack.forward(&x)); // blocks stream in, one ahead
+///     println!("{}", stack.manager().stats());
+///     Ok(())
+/// }
+/// ```
 #[derive(Debug)]
 pub struct OffloadedBlocks<B> {
     blocks: Vec<B>,

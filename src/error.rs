@@ -1,11 +1,4 @@
 //! The crate's one error type.
-//!
-//! Each cause is reported once in a chain: a variant that wraps another error (libtorch's
-//! message, an I/O error, the codec's error) returns it from
-//! [`source()`](std::error::Error::source) and does not repeat it in its own message. `{:?}`
-//! (what `fn main() -> Result<(), Error>` prints on failure, and what `unwrap` shows) writes
-//! the message followed by every cause, so the advice of a variant such as
-//! [`Error::NoDevice`] survives `?` in `main`.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -28,6 +21,13 @@ impl std::error::Error for TorchMessage {}
 /// `Display` (`{}`) is this error's own message; the cause, where there is one, is its
 /// [`source()`](std::error::Error::source). `Debug` (`{:?}`) is the message with every cause
 /// below it, as `main` should print it.
+///
+/// Each cause is reported once in a chain: a variant that wraps another error (libtorch's
+/// message, an I/O error, the codec's error) returns it from
+/// [`source()`](std::error::Error::source) and does not repeat it in its own message. `{:?}`
+/// (what `fn main() -> Result<(), Error>` prints on failure, and what `unwrap` shows) writes
+/// the message followed by every cause, so the advice of a variant such as
+/// [`Error::NoDevice`] survives `?` in `main`.
 #[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

@@ -1,32 +1,4 @@
-//! One call to offload a model: [`offload`] finds how many blocks each list has from the
-//! tensor names, builds the manager and initializes it; [`offload_with`] does the same with
-//! options. Hand the manager and the model's blocks to
-//! [`OffloadedBlocks`](crate::OffloadedBlocks), a tch `nn::Module`, and `forward` streams:
-//!
-//! ```
-//! use layerwise_offload::{OffloadedBlocks, Result, offload_with};
-//! use tch::nn::{self, Module};
-//! use tch::{Device, Kind, Tensor};
-//!
-//! fn main() -> Result<()> {
-//!     let vs = nn::VarStore::new(Device::Cpu);
-//!     let blocks: Vec<nn::Linear> =
-//!         (0..4).map(|i| nn::linear(vs.root() / "blocks" / i, 8, 8, Default::default())).collect();
-//!     let x = Tensor::randn([2, 8], (Kind::Float, Device::Cpu));
-//!     let resident = tch::no_grad(|| blocks.iter().fold(x.shallow_clone(), |h, b| b.forward(&h)));
-//!
-//!     // On a CUDA machine: `layerwise_offload::offload(&vs, "blocks")?`.
-//!     let manager = offload_with(&vs, "blocks", |c| c.cpu_test_mode(true))?;
-//!     let model = OffloadedBlocks::new(blocks, manager)?;
-//!     let y = tch::no_grad(|| model.forward(&x)); // blocks stream in, one ahead
-//!     assert!(y.equal(&resident));
-//!     Ok(())
-//! }
-//! ```
-//!
-//! The explicit builder ([`OffloadConfig::new`]`(list, num_blocks)`) stays for those who want to
-//! say how many blocks (the first `n` of a list) or to call `initialize()` themselves;
-//! [`OffloadConfig::from_model`] gives it with the counts found.
+//! One call to offload a model: [`offload`] and [`offload_with`].
 
 use crate::error::Result;
 use crate::manager::{LayerwiseOffloadManager, OffloadConfig};
@@ -127,6 +99,34 @@ pub fn offload(
 /// returns it with the options set, e.g. `|c| c.prefetch_depth(2).vram_budget(20 << 30)`.
 /// The manager is built and initialized before it is returned; an error leaves the model as
 /// it was.
+///
+/// Hand the manager and the model's blocks to
+/// [`OffloadedBlocks`](crate::OffloadedBlocks), a tch `nn::Module`, and `forward` streams:
+///
+/// ```
+/// use layerwise_offload::{OffloadedBlocks, Result, offload_with};
+/// use tch::nn::{self, Module};
+/// use tch::{Device, Kind, Tensor};
+///
+/// fn main() -> Result<()> {
+///     let vs = nn::VarStore::new(Device::Cpu);
+///     let blocks: Vec<nn::Linear> =
+///         (0..4).map(|i| nn::linear(vs.root() / "blocks" / i, 8, 8, Default::default())).collect();
+///     let x = Tensor::randn([2, 8], (Kind::Float, Device::Cpu));
+///     let resident = tch::no_grad(|| blocks.iter().fold(x.shallow_clone(), |h, b| b.forward(&h)));
+///
+///     // On a CUDA machine: `layerwise_offload::offload(&vs, "blocks")?`.
+///     let manager = offload_with(&vs, "blocks", |c| c.cpu_test_mode(true))?;
+///     let model = OffloadedBlocks::new(blocks, manager)?;
+///     let y = tch::no_grad(|| model.forward(&x)); // blocks stream in, one ahead
+///     assert!(y.equal(&resident));
+///     Ok(())
+/// }
+/// ```
+///
+/// The explicit builder ([`OffloadConfig::new`]`(list, num_blocks)`) stays for those who want to
+/// say how many blocks (the first `n` of a list) or to call `initialize()` themselves;
+/// [`OffloadConfig::from_model`] gives it with the counts found.
 pub fn offload_with(
     model: &(impl WeightSource + ?Sized),
     lists: impl BlockLists,

@@ -1,22 +1,4 @@
 //! Peer groups: several GPUs of one host that run the same block loop share the uploads.
-//!
-//! Data-parallel inference streams every block to every GPU. Each GPU's PCIe link carries the
-//! whole model per forward, while GPUs joined by NVLink (or PCIe peer access) have a much
-//! faster path between them. In a [`PeerGroup`] of `n` managers, each one uploads `1/n` of every
-//! block from the host over its own link and sends that share to the `n - 1` others
-//! device-to-device; each GPU then has the whole block after moving only `1/n` of it over
-//! PCIe. The members advance in step: the k-th upload of every member is the same block.
-//!
-//! A member is an ordinary [`LayerwiseOffloadManager`](crate::LayerwiseOffloadManager) built
-//! with [`OffloadConfig::peer_group`](crate::OffloadConfig::peer_group), driven by its own
-//! thread. Every member must enter the same blocks in the same order (same model, same
-//! configuration, same loop, same number of forwards). A member that diverges, fails, leaves
-//! (restore or drop) while others still upload, or does not arrive within the group's timeout
-//! makes every member's next upload fail with [`Error::PeerGroup`] instead of hanging. The
-//! weights are never at risk: each member's host copy is the truth, and `restore` works.
-//!
-//! The slot rings of the members stay allocated until every member has left (restored or
-//! dropped), because a member may still be sending into another's slots.
 
 use crate::accel::Event;
 use crate::error::{Error, Result};
@@ -26,9 +8,26 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tch::Tensor;
 
-/// Managers on several devices that split every block's upload between them (see the
-/// [module docs](self)). Make one with [`PeerGroup::new`], hand it to each member's
+/// Managers on several devices that split every block's upload between them. Make one with [`PeerGroup::new`], hand it to each member's
 /// configuration with a distinct rank, and drive each member from its own thread.
+///
+/// Data-parallel inference streams every block to every GPU. Each GPU's PCIe link carries the
+/// whole model per forward, while GPUs joined by NVLink (or PCIe peer access) have a much
+/// faster path between them. In a [`PeerGroup`] of `n` managers, each one uploads `1/n` of every
+/// block from the host over its own link and sends that share to the `n - 1` others
+/// device-to-device; each GPU then has the whole block after moving only `1/n` of it over
+/// PCIe. The members advance in step: the k-th upload of every member is the same block.
+///
+/// A member is an ordinary [`LayerwiseOffloadManager`](crate::LayerwiseOffloadManager) built
+/// with [`OffloadConfig::peer_group`](crate::OffloadConfig::peer_group), driven by its own
+/// thread. Every member must enter the same blocks in the same order (same model, same
+/// configuration, same loop, same number of forwards). A member that diverges, fails, leaves
+/// (restore or drop) while others still upload, or does not arrive within the group's timeout
+/// makes every member's next upload fail with [`Error::PeerGroup`] instead of hanging. The
+/// weights are never at risk: each member's host copy is the truth, and `restore` works.
+///
+/// The slot rings of the members stay allocated until every member has left (restored or
+/// dropped), because a member may still be sending into another's slots.
 pub struct PeerGroup {
     size: usize,
     timeout: Duration,

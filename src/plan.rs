@@ -1,9 +1,4 @@
 //! Which tensor belongs to which block, and the byte layout of each block's buffer.
-//!
-//! A tensor belongs to block `i` of list `attr` when its name matches
-//! `(^|\.)<attr>\.(\d+)(\.|$)` with `i < num_blocks` (FastVideo's rule). Each block's tensors are
-//! laid out back to back in one buffer at [`ALIGN`]-byte aligned offsets, sorted by name, so one
-//! copy moves a whole block.
 
 use crate::error::{Error, Result};
 use regex::Regex;
@@ -53,6 +48,11 @@ pub struct BlockLayout {
 }
 
 /// The layout of every offloaded block, in loop order (list by list, index by index).
+///
+/// A tensor belongs to block `i` of list `attr` when its name matches
+/// `(^|\.)<attr>\.(\d+)(\.|$)` with `i < num_blocks` (FastVideo's rule). Each block's tensors are
+/// laid out back to back in one buffer at [`ALIGN`]-byte aligned offsets, sorted by name, so one
+/// copy moves a whole block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     /// Blocks in loop order.

@@ -1,31 +1,4 @@
-//! Progress of the long steps of [`initialize`](crate::LayerwiseOffloadManager::initialize):
-//! copying the blocks into host memory (and encoding them), reading a checkpoint, moving the
-//! non-block weights to the device. The library prints nothing; give
-//! [`OffloadConfig::on_progress`](crate::OffloadConfig::on_progress) a callback and draw what
-//! you like (the examples draw an indicatif bar):
-//!
-//! ```
-//! use layerwise_offload::{OffloadConfig, Progress, Result};
-//! use std::sync::{Arc, Mutex};
-//! use tch::{Device, nn};
-//!
-//! fn main() -> Result<()> {
-//!     let vs = nn::VarStore::new(Device::Cpu);
-//!     let _blocks: Vec<nn::Linear> =
-//!         (0..3).map(|i| nn::linear(vs.root() / "blocks" / i, 8, 8, Default::default())).collect();
-//!     let seen = Arc::new(Mutex::new(Vec::<Progress>::new()));
-//!     let log = seen.clone();
-//!     let mut offload = OffloadConfig::new("blocks", 3)
-//!         .cpu_test_mode(true)
-//!         .on_progress(move |p| log.lock().unwrap().push(*p))
-//!         .build(&vs)?;
-//!     offload.initialize()?;
-//!     let seen = seen.lock().unwrap();
-//!     let last = seen.last().unwrap();
-//!     assert_eq!((last.done, last.total), (last.total, offload.plan().unwrap().total_bytes() as u64));
-//!     Ok(())
-//! }
-//! ```
+//! Progress reports of `initialize()`'s long steps: [`Progress`] and its [`Stage`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -74,6 +47,35 @@ impl fmt::Display for Stage {
 /// Each stage reports once when it starts (`done` 0) and once after each block or tensor, so
 /// its last report has `done == total`. Within a stage `done` never decreases. A stage with
 /// nothing to do reports nothing.
+///
+/// Progress of the long steps of [`initialize`](crate::LayerwiseOffloadManager::initialize):
+/// copying the blocks into host memory (and encoding them), reading a checkpoint, moving the
+/// non-block weights to the device. The library prints nothing; give
+/// [`OffloadConfig::on_progress`](crate::OffloadConfig::on_progress) a callback and draw what
+/// you like (the examples draw an indicatif bar):
+///
+/// ```
+/// use layerwise_offload::{OffloadConfig, Progress, Result};
+/// use std::sync::{Arc, Mutex};
+/// use tch::{Device, nn};
+///
+/// fn main() -> Result<()> {
+///     let vs = nn::VarStore::new(Device::Cpu);
+///     let _blocks: Vec<nn::Linear> =
+///         (0..3).map(|i| nn::linear(vs.root() / "blocks" / i, 8, 8, Default::default())).collect();
+///     let seen = Arc::new(Mutex::new(Vec::<Progress>::new()));
+///     let log = seen.clone();
+///     let mut offload = OffloadConfig::new("blocks", 3)
+///         .cpu_test_mode(true)
+///         .on_progress(move |p| log.lock().unwrap().push(*p))
+///         .build(&vs)?;
+///     offload.initialize()?;
+///     let seen = seen.lock().unwrap();
+///     let last = seen.last().unwrap();
+///     assert_eq!((last.done, last.total), (last.total, offload.plan().unwrap().total_bytes() as u64));
+///     Ok(())
+/// }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
     /// The stage.
@@ -101,11 +103,11 @@ impl Progress {
 
 /// The callback of [`OffloadConfig::on_progress`](crate::OffloadConfig::on_progress).
 #[derive(Clone)]
-pub struct ProgressCallback(Arc<dyn Fn(&Progress) + Send + Sync>);
+pub(crate) struct ProgressCallback(Arc<dyn Fn(&Progress) + Send + Sync>);
 
 impl ProgressCallback {
     /// Wraps `f`.
-    pub fn new(f: impl Fn(&Progress) + Send + Sync + 'static) -> ProgressCallback {
+    pub(crate) fn new(f: impl Fn(&Progress) + Send + Sync + 'static) -> ProgressCallback {
         ProgressCallback(Arc::new(f))
     }
 }

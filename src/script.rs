@@ -1,38 +1,4 @@
-//! TorchScript modules from Rust: load a scripted or traced module, reach its submodules by
-//! path (`blocks.3`, `patch_embed`), call any of their methods with [`IValue`] arguments
-//! (positional or by name) and read their signatures, and list parameters and buffers so the
-//! manager can take them over. tch's `CModule` offers no submodules, buffers or signatures;
-//! this wraps libtorch's `torch::jit::Module` directly.
-//!
-//! Real exports are traced: `torch.jit.trace` orders (and names) a traced submodule's
-//! arguments by first use, so a block declared `forward(hidden_states, encoder_hidden_states,
-//! temb, rotary_emb)` may take them in another order. Read the order with
-//! [`ScriptModule::method_schema`] or, better, pass arguments by name with
-//! [`ScriptModule::call_named`]:
-//!
-//! ```
-//! # fn main() -> layerwise_offload::Result<()> {
-//! use layerwise_offload::script::ScriptModule;
-//! use tch::{IValue, Kind, Tensor};
-//! let t = |shape: &[i64]| IValue::Tensor(Tensor::zeros(shape, (Kind::Float, tch::Device::Cpu)));
-//! // Written by scripts/export_diffusers_block.py: diffusers' Wan blocks, traced one by one.
-//! let blocks = ScriptModule::load("tests/fixtures/wan_blocks/wan_blocks_per_block.pt", tch::Device::Cpu)?;
-//! let block = blocks.submodule("blocks.0")?;
-//! // forward(hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
-//! //         rotary_emb: Tuple[Tensor, Tensor]) -> Tensor
-//! println!("{}", block.method_schema("forward")?);
-//! let out = block.call_named(
-//!     "forward",
-//!     &[
-//!         ("temb", t(&[1, 6, 32])),
-//!         ("hidden_states", t(&[1, 32, 32])),
-//!         ("encoder_hidden_states", t(&[1, 8, 32])),
-//!         ("rotary_emb", IValue::Tuple(vec![t(&[1, 32, 1, 16]), t(&[1, 32, 1, 16])])),
-//!     ],
-//! )?;
-//! let h = Tensor::try_from(out)?; // tch's conversion error becomes this crate's Error
-//! # let _ = h; Ok(()) }
-//! ```
+//! TorchScript modules from Rust: [`ScriptModule`] and its method signatures.
 
 mod ivalue;
 mod optimize;
@@ -55,6 +21,42 @@ use tch::{Device, IValue, Tensor};
 use torch_sys::CIValue;
 
 /// A TorchScript module (or one of its submodules: a handle that shares the parent's state).
+///
+/// Load a scripted or traced module, reach its submodules by path (`blocks.3`,
+/// `patch_embed`), call any of their methods with [`IValue`] arguments (positional or by name)
+/// and read their signatures, and list parameters and buffers so the manager can take them
+/// over. tch's `CModule` offers no submodules, buffers or signatures;
+/// this wraps libtorch's `torch::jit::Module` directly.
+///
+/// Real exports are traced: `torch.jit.trace` orders (and names) a traced submodule's
+/// arguments by first use, so a block declared `forward(hidden_states, encoder_hidden_states,
+/// temb, rotary_emb)` may take them in another order. Read the order with
+/// [`ScriptModule::method_schema`] or, better, pass arguments by name with
+/// [`ScriptModule::call_named`]:
+///
+/// ```
+/// # fn main() -> layerwise_offload::Result<()> {
+/// use layerwise_offload::ScriptModule;
+/// use tch::{IValue, Kind, Tensor};
+/// let t = |shape: &[i64]| IValue::Tensor(Tensor::zeros(shape, (Kind::Float, tch::Device::Cpu)));
+/// // Written by scripts/export_diffusers_block.py: diffusers' Wan blocks, traced one by one.
+/// let blocks = ScriptModule::load("tests/fixtures/wan_blocks/wan_blocks_per_block.pt", tch::Device::Cpu)?;
+/// let block = blocks.submodule("blocks.0")?;
+/// // forward(hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
+/// //         rotary_emb: Tuple[Tensor, Tensor]) -> Tensor
+/// println!("{}", block.method_schema("forward")?);
+/// let out = block.call_named(
+///     "forward",
+///     &[
+///         ("temb", t(&[1, 6, 32])),
+///         ("hidden_states", t(&[1, 32, 32])),
+///         ("encoder_hidden_states", t(&[1, 8, 32])),
+///         ("rotary_emb", IValue::Tuple(vec![t(&[1, 32, 1, 16]), t(&[1, 32, 1, 16])])),
+///     ],
+/// )?;
+/// let h = Tensor::try_from(out)?; // tch's conversion error becomes this crate's Error
+/// # let _ = h; Ok(()) }
+/// ```
 ///
 /// # `tch::CModule`
 ///

@@ -5,8 +5,8 @@ use offload_testkit as common;
 
 use common::Mode;
 use common::model::{Model, assert_same, bits_equal};
-use layerwise_offload::checkpoint::CheckpointMismatch;
-use layerwise_offload::{Checkpoint, Error, Fault, OffloadConfig};
+use layerwise_offload::checkpoint::{Checkpoint, CheckpointMismatch};
+use layerwise_offload::{Error, Fault, OffloadConfig};
 use rstest::rstest;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -6,8 +6,8 @@
 use offload_testkit as common;
 
 use common::model::{Block, DIM, Model, assert_same, bits_equal};
-use layerwise_offload::checkpoint::{ShardedWriter, write_sharded};
-use layerwise_offload::{Checkpoint, Error, OffloadConfig, Result, empty, offload_with};
+use layerwise_offload::checkpoint::{Checkpoint, ShardedWriter, write_sharded};
+use layerwise_offload::{Error, OffloadConfig, Result, empty, offload_with};
 use std::path::{Path, PathBuf};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};

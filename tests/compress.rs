@@ -6,7 +6,8 @@ use offload_testkit as common;
 
 use common::Mode;
 use common::model::{Model, assert_same, bits_equal};
-use layerwise_offload::{Checkpoint, Error, Fault, OffloadConfig};
+use layerwise_offload::checkpoint::Checkpoint;
+use layerwise_offload::{Error, Fault, OffloadConfig};
 use rstest::rstest;
 use tch::{Device, Kind, Tensor};
 

@@ -8,7 +8,8 @@ use offload_testkit as common;
 
 use common::Mode;
 use common::model::{Model, assert_same, bits_equal};
-use layerwise_offload::{Checkpoint, Error, LayerwiseOffloadManager, OffloadConfig};
+use layerwise_offload::checkpoint::Checkpoint;
+use layerwise_offload::{Error, LayerwiseOffloadManager, OffloadConfig};
 use rstest::rstest;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};

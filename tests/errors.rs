@@ -4,7 +4,8 @@
 //! `main` prints for an `Err`, is the message with every cause below it. No GPU needed.
 
 use layerwise_offload::accel::{self, HostMemory};
-use layerwise_offload::{Checkpoint, Error, TorchMessage};
+use layerwise_offload::checkpoint::Checkpoint;
+use layerwise_offload::{Error, TorchMessage};
 use std::error::Error as _;
 use std::io::ErrorKind;
 

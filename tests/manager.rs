@@ -80,7 +80,7 @@ fn placeholders_and_residency(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> an
     );
     for (li, layer) in plan.blocks.iter().enumerate() {
         for t in &layer.tensors {
-            assert_eq!(t.offset % layerwise_offload::plan::ALIGN, 0);
+            assert_eq!(t.offset % layerwise_offload::ALIGN, 0);
             let v = &vars[&t.name];
             if li == 0 {
                 assert_eq!(v.size(), t.shape, "block 0 is resident: {}", t.name);
@@ -579,10 +579,7 @@ fn out_of_range_configurations_are_typed() -> anyhow::Result<()> {
     let model = Model::new(Device::Cpu, 3, false, 72);
     let before = model.snapshot();
     let cfg = || OffloadConfig::new("blocks", 3).cpu_test_mode(true);
-    for depth in [
-        usize::MAX,
-        layerwise_offload::manager::MAX_PREFETCH_DEPTH + 1,
-    ] {
+    for depth in [usize::MAX, layerwise_offload::MAX_PREFETCH_DEPTH + 1] {
         match cfg().prefetch_depth(depth).build(&model.vs) {
             Err(e @ Error::InvalidArgument { .. }) => {
                 assert!(e.to_string().contains("pass 1..="), "{e}")
@@ -592,7 +589,7 @@ fn out_of_range_configurations_are_typed() -> anyhow::Result<()> {
     }
     // The largest depth accepted works (never more slots than blocks).
     let mut m = cfg()
-        .prefetch_depth(layerwise_offload::manager::MAX_PREFETCH_DEPTH)
+        .prefetch_depth(layerwise_offload::MAX_PREFETCH_DEPTH)
         .build(&model.vs)?;
     let x = model.input(1);
     let want = model.forward(&x, None);

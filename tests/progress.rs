@@ -5,8 +5,8 @@
 use offload_testkit as common;
 
 use common::model::{Block, Model};
-use layerwise_offload::checkpoint::ShardedWriter;
-use layerwise_offload::{Checkpoint, OffloadConfig, Progress, Result, Stage, empty};
+use layerwise_offload::checkpoint::{Checkpoint, ShardedWriter};
+use layerwise_offload::{OffloadConfig, Progress, Result, Stage, empty};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tch::{Device, Kind, nn};

@@ -8,11 +8,10 @@
 use offload_testkit as common;
 
 use common::Mode;
-use layerwise_offload::script::{
-    GraphOptimizationsGuard, ScriptModule, graph_optimizations, set_graph_optimizations,
-    with_graph_optimizations,
+use layerwise_offload::{
+    Error, GraphOptimizationsGuard, OffloadConfig, ScriptModule, WeightSource, graph_optimizations,
+    set_graph_optimizations, with_graph_optimizations,
 };
-use layerwise_offload::{Error, OffloadConfig, WeightSource};
 use rstest::rstest;
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -7,8 +7,8 @@
 use offload_testkit as common;
 
 use common::model::{Block, DIM, Model};
-use layerwise_offload::checkpoint::ShardedWriter;
-use layerwise_offload::{Checkpoint, LayerwiseOffloadManager, OffloadConfig, Result, empty};
+use layerwise_offload::checkpoint::{Checkpoint, ShardedWriter};
+use layerwise_offload::{LayerwiseOffloadManager, OffloadConfig, Result, empty};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

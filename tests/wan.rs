@@ -147,7 +147,7 @@ fn an_empty_model_loads_through_the_checkpoint_path(
     drop(model);
     let mut m = mode
         .config("blocks", config.num_layers as usize)
-        .checkpoint(layerwise_offload::Checkpoint::open(fixture())?)
+        .checkpoint(layerwise_offload::checkpoint::Checkpoint::open(fixture())?)
         .build(&empty_vs)?;
     m.initialize()?;
     let io = inputs();

@@ -14,8 +14,7 @@ use tch::Tensor;
 /// Writes a model's tensors as a sharded safetensors checkpoint in a directory.
 ///
 /// ```
-/// use layerwise_offload::Checkpoint;
-/// use layerwise_offload::checkpoint::ShardedWriter;
+/// use layerwise_offload::checkpoint::{Checkpoint, ShardedWriter};
 /// use tch::{Device, nn};
 ///
 /// # fn main() -> layerwise_offload::Result<()> {

@@ -1,52 +1,5 @@
 //! [`LayerwiseOffloadManager`]: keeps each block's weights in one host buffer and streams them
 //! through a fixed ring of GPU slots, one block ahead of the compute.
-//!
-//! Data path of one block: host buffer (one allocation per block, tensors at 256-byte aligned
-//! offsets) → one non-blocking copy on the copy stream into a free slot → the slot's `ready`
-//! event → the compute stream waits on it when the block is entered → the block's tensors point
-//! (`set_data`) at views of the slot → the block runs → release records the slot's `free` event
-//! on the compute stream → the copy stream waits on that event before it overwrites the slot.
-//! No host synchronization happens in the loop.
-//!
-//! A complete loop that runs anywhere (the CPU test mode stands in for the GPU; on a CUDA
-//! machine drop `cpu_test_mode` and build the model on the CPU as here):
-//!
-//! ```
-//! use layerwise_offload::{OffloadConfig, Result};
-//! use tch::nn::{self, Module};
-//! use tch::{Device, Kind, Tensor};
-//!
-//! fn main() -> Result<()> {
-//!     let vs = nn::VarStore::new(Device::Cpu);
-//!     let blocks: Vec<nn::Linear> =
-//!         (0..4).map(|i| nn::linear(vs.root() / "blocks" / i, 8, 8, Default::default())).collect();
-//!     let x = Tensor::randn([2, 8], (Kind::Float, Device::Cpu));
-//!     let run = |m: Option<&mut layerwise_offload::LayerwiseOffloadManager>| -> Result<Tensor> {
-//!         let mut m = m;
-//!         let mut h = x.shallow_clone();
-//!         for (i, b) in blocks.iter().enumerate() {
-//!             let _guard = match m.as_deref_mut() {
-//!                 Some(m) => Some(m.enter(i)?), // block i on the device, block i + 1 on its way
-//!                 None => None,
-//!             };
-//!             h = b.forward(&h).relu();
-//!         }
-//!         Ok(h)
-//!     };
-//!     let resident = tch::no_grad(|| run(None))?;
-//!
-//!     let mut offload = OffloadConfig::new("blocks", 4).cpu_test_mode(true).build(&vs)?;
-//!     offload.initialize()?;
-//!     // The model's block tensors are empty placeholders now; the manager holds the values.
-//!     assert_eq!(vs.variables()["blocks.2.weight"].numel(), 0);
-//!     let streamed = tch::no_grad(|| run(Some(&mut offload)))?;
-//!     assert!(streamed.equal(&resident)); // bit for bit
-//!
-//!     offload.restore()?; // every weight back in the model
-//!     assert_eq!(vs.variables()["blocks.2.weight"].size(), vec![8, 8]);
-//!     Ok(())
-//! }
-//! ```
 
 mod build;
 mod cached;
@@ -107,6 +60,53 @@ use timing::Timer;
 ///
 /// The manager is `Send` but not `Sync`: it may move to another thread, and every call uses the
 /// calling thread's current CUDA stream as the compute stream.
+///
+/// Data path of one block: host buffer (one allocation per block, tensors at 256-byte aligned
+/// offsets) → one non-blocking copy on the copy stream into a free slot → the slot's `ready`
+/// event → the compute stream waits on it when the block is entered → the block's tensors point
+/// (`set_data`) at views of the slot → the block runs → release records the slot's `free` event
+/// on the compute stream → the copy stream waits on that event before it overwrites the slot.
+/// No host synchronization happens in the loop.
+///
+/// A complete loop that runs anywhere (the CPU test mode stands in for the GPU; on a CUDA
+/// machine drop `cpu_test_mode` and build the model on the CPU as here):
+///
+/// ```
+/// use layerwise_offload::{OffloadConfig, Result};
+/// use tch::nn::{self, Module};
+/// use tch::{Device, Kind, Tensor};
+///
+/// fn main() -> Result<()> {
+///     let vs = nn::VarStore::new(Device::Cpu);
+///     let blocks: Vec<nn::Linear> =
+///         (0..4).map(|i| nn::linear(vs.root() / "blocks" / i, 8, 8, Default::default())).collect();
+///     let x = Tensor::randn([2, 8], (Kind::Float, Device::Cpu));
+///     let run = |m: Option<&mut layerwise_offload::LayerwiseOffloadManager>| -> Result<Tensor> {
+///         let mut m = m;
+///         let mut h = x.shallow_clone();
+///         for (i, b) in blocks.iter().enumerate() {
+///             let _guard = match m.as_deref_mut() {
+///                 Some(m) => Some(m.enter(i)?), // block i on the device, block i + 1 on its way
+///                 None => None,
+///             };
+///             h = b.forward(&h).relu();
+///         }
+///         Ok(h)
+///     };
+///     let resident = tch::no_grad(|| run(None))?;
+///
+///     let mut offload = OffloadConfig::new("blocks", 4).cpu_test_mode(true).build(&vs)?;
+///     offload.initialize()?;
+///     // The model's block tensors are empty placeholders now; the manager holds the values.
+///     assert_eq!(vs.variables()["blocks.2.weight"].numel(), 0);
+///     let streamed = tch::no_grad(|| run(Some(&mut offload)))?;
+///     assert!(streamed.equal(&resident)); // bit for bit
+///
+///     offload.restore()?; // every weight back in the model
+///     assert_eq!(vs.variables()["blocks.2.weight"].size(), vec![8, 8]);
+///     Ok(())
+/// }
+/// ```
 #[derive(Debug)]
 pub struct LayerwiseOffloadManager {
     config: OffloadConfig,

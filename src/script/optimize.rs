@@ -76,7 +76,7 @@ impl Drop for GraphOptimizationsGuard {
 ///
 /// ```
 /// # fn main() -> layerwise_offload::Result<()> {
-/// use layerwise_offload::script::with_graph_optimizations;
+/// use layerwise_offload::with_graph_optimizations;
 /// with_graph_optimizations(false, || {
 ///     // the layer loop, op by op as the module's own forward runs without optimizations
 ///     Ok::<_, layerwise_offload::Error>(())
