@@ -348,6 +348,21 @@ mod tests {
             let segments = layerwise_offload_codec::Segments::parse(&enc)?.len();
             assert_eq!(segments, raw.len().div_ceil(SEG), "block {b}'s segments");
         }
+        // The staging ring: two buffers of the longest segment encoding (16-byte rounded),
+        // less than two of the longest whole encoding.
+        let rt = m.phase.runtime().unwrap();
+        let encodings: Vec<Vec<u8>> = (0..3)
+            .map(|b| Vec::<u8>::try_from(rt.blocks[b].tier.encoding().unwrap().0).unwrap())
+            .collect();
+        let longest_segment = encodings
+            .iter()
+            .map(|e| layerwise_offload_codec::Segments::walk(e).unwrap().largest_encoded())
+            .max()
+            .unwrap();
+        let longest_whole = encodings.iter().map(Vec::len).max().unwrap();
+        let staging = m.stats().staging_bytes as usize;
+        assert_eq!(staging, 2 * longest_segment.next_multiple_of(16));
+        assert!(staging < 2 * longest_whole, "{staging} against {longest_whole}");
         let mut got = m.named_tensors()?;
         got.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(got.len(), before.len());

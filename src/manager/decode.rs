@@ -69,17 +69,14 @@ pub(super) fn segments_of(enc: &Tensor, raw: usize, block: usize) -> Result<Segm
 impl Decoding {
     /// [`STAGING`] staging buffers of `largest` bytes (the largest segment encoding, or with
     /// `peer` the largest whole encoding) and, with CUDA, the decode stream (taken from the
-    /// pool) and the GPU decoder (compiled for the device). None where nothing needs them: the
-    /// CPU test mode outside a peer group. `peer` is the group's size and this member's rank.
+    /// pool) and the GPU decoder (compiled for the device). The CPU test mode stages in host
+    /// memory, in the same order. `peer` is the group's size and this member's rank.
     pub(super) fn start(
         backend: &mut Backend,
         largest: usize,
         peer: Option<(usize, usize)>,
     ) -> Result<Option<Decoding>> {
         let device = backend.cuda();
-        if device.is_none() && peer.is_none() {
-            return Ok(None);
-        }
         let bytes = largest.max(1).next_multiple_of(16);
         let staging = (0..STAGING)
             .map(|_| Fenced::new(alloc(device, bytes)?, device.is_some(), peer))
@@ -163,26 +160,33 @@ impl Decoding {
         Ok(())
     }
 
-    /// Queues the upload of block `block` (`segments` of its encoding, whose host bytes
-    /// `part(range)` gives) into `out` (the first bytes of `slot`): each segment's copy into the
-    /// next staging buffer on `copy` (`copy_in(host, staging)` queues it), its decode into its
-    /// place in `out` on `decode`, timed per segment when `timing` (pairs from `timer`, read
-    /// back into `stats`).
-    #[allow(clippy::too_many_arguments)]
+    /// Queues the upload of block `block` (the `segments` of its encoding) into `out` (the
+    /// first bytes of `slot`) through the staging ring: each segment's copy into the next
+    /// staging buffer (`copy_in(segment, staging)` queues it on the copy stream of `streams`),
+    /// its decode into its place in `out` on the decode stream, timed per segment when `timing`
+    /// (pairs from `timer`, read back into `stats`). Without `streams` (the CPU test mode) the
+    /// copies are done by `copy_in` and each segment is decoded by the CPU reference decoder.
     pub(super) fn upload(
         &mut self,
         segments: &Segments,
         (slot, out): (&mut Fenced, &Tensor),
-        (copy, decode): (&Stream, &Stream),
-        block: usize,
-        (timer, timing, stats): (&mut Timer, bool, &mut OffloadStats),
+        streams: Option<(&Stream, &Stream)>,
+        (block, timer, timing, stats): (usize, &mut Timer, bool, &mut OffloadStats),
         mut copy_in: impl FnMut(&layerwise_offload_codec::Segment, &Tensor) -> Result<()>,
     ) -> Result<()> {
-        let gpu = self.gpu.as_ref().ok_or_else(no_decoder)?;
+        let gpu = self.gpu.as_ref();
+        if streams.is_some() && gpu.is_none() {
+            return Err(no_decoder());
+        }
         self.ring
-            .upload(segments, slot, (copy, decode), &mut copy_in, |seg, staged| {
-                let pair = timer.pair(timing, stats)?;
-                decode_segment(gpu, staged, seg, out, decode, block, (timer, pair))
+            .upload(segments, slot, streams, &mut copy_in, |seg, staged| {
+                match (gpu, streams) {
+                    (Some(gpu), Some((_, decode))) => {
+                        let pair = timer.pair(timing, stats)?;
+                        decode_segment(gpu, staged, seg, out, decode, block, (timer, pair))
+                    }
+                    _ => decode_segment_on_cpu(staged, seg, out),
+                }
             })
     }
 
@@ -254,6 +258,25 @@ fn decode_segment(
     )
 }
 
+/// Decodes one segment's encoding `staged` (a host staging buffer) into its raw range of
+/// `out` (the host slot) with the CPU reference decoder.
+fn decode_segment_on_cpu(
+    staged: &Tensor,
+    seg: &layerwise_offload_codec::Segment,
+    out: &Tensor,
+) -> Result<()> {
+    let dst = out
+        .f_narrow(0, seg.raw.start as i64, seg.raw.len() as i64)
+        .context("upload")?;
+    let _span = crate::observe::decode(None, dst.numel());
+    // SAFETY: `staged` is a host staging buffer that the copy just filled and nothing else
+    // writes until its next segment; `dst` is part of a contiguous uint8 host slot that no block
+    // uses while it is being filled, and does not overlap `staged`.
+    let (src, dst) = unsafe { (host::bytes(staged)?, host::bytes_mut(&dst)?) };
+    layerwise_offload_codec::decode_with_threads(src, dst, host::worker_threads())
+        .map_err(codec_error("decoding a block"))
+}
+
 /// A staging buffer of `bytes` bytes: device memory with CUDA, host memory elsewhere.
 fn alloc(device: Option<usize>, bytes: usize) -> Result<Tensor> {
     match device {
@@ -289,9 +312,11 @@ mod tests {
     use tch::{Device, Kind, Tensor};
 
     #[test]
-    fn the_cpu_test_mode_stages_only_in_a_peer_group() -> crate::Result<()> {
+    fn the_cpu_test_mode_stages_in_host_memory() -> crate::Result<()> {
         let mut cpu = Backend::Cpu;
-        assert!(Decoding::start(&mut cpu, 100, None)?.is_none());
+        let alone = Decoding::start(&mut cpu, 100, None)?.unwrap();
+        assert!(!alone.whole(), "segments, outside a peer group");
+        assert_eq!(alone.bytes(), 224);
         let mut dec = Decoding::start(&mut cpu, 100, Some((2, 1)))?.unwrap();
         assert!(!dec.on_gpu());
         // Two buffers of the largest encoding, rounded up to 16 bytes, used in turn.

@@ -81,12 +81,13 @@ impl<E: Fence> StagingRing<E> {
     /// `decode_out(segment, staging)` the decode of those bytes into the slot on `decode` (once
     /// the copy is done, and for the first segment once the slot's last reader is done). Records
     /// each buffer's `ready` (copy) and `free` (decode), and the slot's `ready` after the last
-    /// decode.
+    /// decode. Without `streams` (the CPU test mode: each copy and decode is done when it
+    /// returns) the same buffers are used in the same order, and no event is waited or recorded.
     pub(super) fn upload(
         &mut self,
         segments: &Segments,
         slot: &mut Fenced<E>,
-        (copy, decode): (&E::Stream, &E::Stream),
+        streams: Option<(&E::Stream, &E::Stream)>,
         mut copy_in: impl FnMut(&Segment, &Tensor) -> Result<()>,
         mut decode_out: impl FnMut(&Segment, &Tensor) -> Result<()>,
     ) -> Result<()> {
@@ -94,17 +95,26 @@ impl<E: Fence> StagingRing<E> {
             let k = self.next();
             let buf = &mut self.bufs[k];
             let staged = buf.head(seg.encoded_len())?;
-            buf.wait_writable(copy)?;
+            if let Some((copy, _)) = streams {
+                buf.wait_writable(copy)?;
+            }
             copy_in(seg, &staged)?;
-            buf.mark_ready(copy)?;
-            buf.wait_ready(decode)?;
-            if i == 0 {
-                slot.wait_writable(decode)?;
+            if let Some((copy, decode)) = streams {
+                buf.mark_ready(copy)?;
+                buf.wait_ready(decode)?;
+                if i == 0 {
+                    slot.wait_writable(decode)?;
+                }
             }
             decode_out(seg, &staged)?;
-            buf.mark_free(decode)?;
+            if let Some((_, decode)) = streams {
+                buf.mark_free(decode)?;
+            }
         }
-        slot.mark_ready(decode)
+        match streams {
+            Some((_, decode)) => slot.mark_ready(decode),
+            None => Ok(()),
+        }
     }
 }
 
@@ -158,7 +168,7 @@ mod tests {
         ring.upload(
             &segments,
             &mut slot,
-            (&copy, &decode),
+            Some((&copy, &decode)),
             |seg, staged| {
                 assert_eq!(staged.numel(), seg.encoded_len());
                 let k = starts.iter().position(|&s| s == ptr(staged)).unwrap();
@@ -232,7 +242,7 @@ mod tests {
         ring.upload(
             &two,
             &mut slot,
-            (&copy, &decode),
+            Some((&copy, &decode)),
             |_, staged| {
                 copied.push(starts.iter().position(|&s| s == ptr(staged)).unwrap());
                 Ok(())
@@ -250,6 +260,43 @@ mod tests {
             ]
         );
         assert_eq!(ring.bytes(), 2 * largest as usize);
+        Ok(())
+    }
+
+    /// Without streams (the CPU test mode) the buffers are used in the same order and no event
+    /// is waited or recorded (buffers without events would refuse a record).
+    #[test]
+    fn without_streams_the_same_buffers_are_used_and_nothing_is_recorded() -> Result<()> {
+        let input = vec![3u8; 3500];
+        let segments = Segments::walk(
+            &layerwise_offload_codec::Encoder::new()
+                .with_chunk_values(256)
+                .encode_segmented(&input, 1024)
+                .unwrap(),
+        )
+        .unwrap();
+        let largest = segments.largest_encoded() as i64;
+        let plain = |n: i64| {
+            Fenced::<FakeEvent>::new(Tensor::zeros([n], (Kind::Uint8, Device::Cpu)), false, None)
+                .unwrap()
+        };
+        let mut ring = StagingRing::new(vec![plain(largest), plain(largest)]);
+        let starts: Vec<usize> = (0..2)
+            .map(|k| ring.buffer(k).buf().data_ptr() as usize)
+            .collect();
+        let mut slot = plain(3500);
+        let mut used = Vec::new();
+        ring.upload(
+            &segments,
+            &mut slot,
+            None,
+            |_, staged| {
+                used.push(starts.iter().position(|&s| s == staged.data_ptr() as usize).unwrap());
+                Ok(())
+            },
+            |_, _| Ok(()),
+        )?;
+        assert_eq!(used, [0, 1, 0, 1]);
         Ok(())
     }
 
@@ -274,7 +321,7 @@ mod tests {
         let r = ring.upload(
             &segments,
             &mut slot,
-            (&copy, &decode),
+            Some((&copy, &decode)),
             |_, _| {
                 n += 1;
                 match n {

@@ -110,8 +110,8 @@ impl Loop<'_> {
 
     /// Uploads encoded block `block` (an encoding of `len` bytes, `raw` bytes raw) into slot
     /// `s`: segment by segment, each segment's encoding into the next staging buffer on the copy
-    /// stream and its decode into its place in the slot on the decode stream (CUDA), or the
-    /// whole encoding straight into the slot on the CPU. `pair` times the copies together (from
+    /// stream and its decode into its place in the slot on the decode stream (CUDA; in the CPU
+    /// test mode the same steps in host memory, each done at once, with the reference decoder). `pair` times the copies together (from
     /// the first segment's to the last one's, waits for staging buffers included); each decode
     /// is timed on its own.
     fn upload_encoded(
@@ -124,47 +124,53 @@ impl Loop<'_> {
         let out = self.rt.ring.slot(s).dst(raw)?;
         let staged = self.rt.blocks[block].tier.stage(block, 0, len)?;
         let copy = self.backend.copy_stream();
-        let (Some(c), Some(decode), Some(dec)) = (
-            copy,
-            self.backend.decode_stream(),
-            self.rt.decoding.as_mut().filter(|d| d.on_gpu()),
-        ) else {
-            // The CPU test mode: the reference decoder into the (host) slot.
-            let decoded = staged
-                .contiguous(len)
-                .and_then(|enc| decode_on_cpu(&enc, &out));
-            return decoded.and(staged.finish(None));
-        };
-        let timing = pair.is_some();
-        let uploaded = staged.one_piece(len).and_then(|enc| {
+        let decode = self.backend.decode_stream();
+        let uploaded = self.rt.decoding.as_mut().ok_or_else(no_staging).and_then(|dec| {
+            // CUDA: the copy and decode streams; the CPU test mode: neither (done at once).
+            let streams = match (&copy, &decode) {
+                (Some(c), Some(d)) if dec.on_gpu() => Some((c, d)),
+                _ => None,
+            };
+            let enc = staged.one_piece(len)?;
             let segments = segments_of(&enc, raw, block)?;
             let slot = self.rt.ring.slot_mut(s).fenced_mut();
+            let timing = pair.is_some();
+            let copies = match streams {
+                Some((c, _)) => Timer::open(pair, c)?,
+                None => None,
+            };
             let timer = &mut *self.timer;
-            let copies = Timer::open(pair, &c)?;
             dec.upload(
                 &segments,
                 (slot, &out),
-                (&c, &decode),
-                block,
-                (timer, timing, &mut *self.stats),
+                streams,
+                (block, timer, timing, &mut *self.stats),
                 |seg, dst| {
                     let part = enc
                         .f_narrow(0, seg.encoded.start as i64, seg.encoded_len() as i64)
                         .context("upload")?;
+                    let Some((c, _)) = streams else {
+                        return device::copy_pieces_now(dst, &[(0, part)], "upload");
+                    };
                     // SAFETY: the host encoding lives in the manager until restore or Drop,
                     // which synchronize the copy and decode streams first, and nothing writes
                     // it meanwhile (a disk-tier staging buffer is read into again only after
                     // the event recorded behind these copies); the staging buffer is not read
                     // by a decode until its `ready`, recorded after this copy, and was released
                     // by its previous decode (`free`, waited before this copy).
-                    unsafe { device::copy_pieces(dst, &[(0, part)], &c, "upload") }
+                    unsafe { device::copy_pieces(dst, &[(0, part)], c, "upload") }
                 },
             )?;
-            self.timer
-                .close(copies, &c, (block, len as u64, Lane::Upload))
+            match streams {
+                Some((c, _)) => {
+                    self.timer
+                        .close(copies, c, (block, len as u64, Lane::Upload))
+                }
+                None => Ok(()),
+            }
         });
         // A disk-tier staging buffer goes back also when the upload fails.
-        let released = staged.finish(Some(&c));
+        let released = staged.finish(copy.as_ref());
         uploaded.and(released)
     }
 

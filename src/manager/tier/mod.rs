@@ -71,7 +71,8 @@ impl Staged {
     }
 
     /// The first `len` bytes as one contiguous host tensor: the one piece itself when it is
-    /// that, else a copy (for the CPU reference decoder).
+    /// that, else a copy (for tests that read what an upload would copy).
+    #[cfg(test)]
     pub(super) fn contiguous(&self, len: usize) -> Result<Tensor> {
         if let [(0, t)] = self.pieces.as_slice()
             && t.numel() == len
