@@ -60,6 +60,95 @@ fn compressed_streaming_is_bit_exact(
     Ok(())
 }
 
+/// Segments of the smallest accepted size (64 KiB), so that every block is several: streamed
+/// and compressed over two lists, with and without a VRAM budget, the forward equals the
+/// resident forward bit for bit and `restore` gives every weight back bit-identical. The
+/// staging buffers hold two segment encodings at most, less than one whole block.
+#[rstest]
+fn blocks_of_several_segments_are_bit_exact(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+    #[values(false, true)] budget: bool,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let _lock = common::gpu_lock();
+    const SEG: usize = layerwise_offload::manager::SEGMENT_BYTES_MULTIPLE;
+    let model = Model::new(dev, 3, true, 57);
+    let before = model.snapshot();
+    let block_bytes = |prefix: &str| -> usize {
+        before
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, t)| t.numel() * 4)
+            .sum()
+    };
+    let (small, large) = (
+        block_bytes("double_blocks.0."),
+        block_bytes("single_blocks.0."),
+    );
+    assert!(small > 2 * SEG, "every block is three segments or more");
+    let x = model.input(11);
+    let want = model.forward(&x, None);
+    let mut cfg = mode
+        .config("double_blocks", 3)
+        .with_list("single_blocks", 4)
+        .compress(true)
+        .compress_segment_bytes(SEG);
+    if budget {
+        cfg = cfg.vram_budget((small * 6) as u64);
+    }
+    let mut m = cfg.build(&model.vs)?;
+    m.initialize()?;
+    let st = m.stats().clone();
+    assert_eq!(st.encoded_blocks, st.streamed_blocks);
+    if budget {
+        assert!(st.resident_blocks > 0, "the budget keeps some blocks resident");
+    }
+    let one_segment = layerwise_offload_codec::max_encoded_len(
+        SEG,
+        layerwise_offload_codec::DEFAULT_CHUNK_VALUES,
+    )
+    .unwrap();
+    assert!(
+        st.staging_bytes > 0 && st.staging_bytes as usize <= 2 * one_segment.next_multiple_of(16),
+        "staging {} for segments of at most {one_segment} bytes",
+        st.staging_bytes
+    );
+    assert!((st.staging_bytes as usize) < large, "less than one whole block");
+    for round in 0..3 {
+        assert!(
+            bits_equal(&model.forward(&x, Some(&mut m)), &want),
+            "forward {round}"
+        );
+    }
+    let mut got = m.named_tensors()?;
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_same(&got, &before);
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}
+
+/// A segment size that is not a multiple of 64 KiB is refused with what to pass.
+#[test]
+fn a_bad_segment_size_is_refused() {
+    let model = Model::new(Device::Cpu, 1, false, 1);
+    for bytes in [0, 1000, 64 * 1024 + 16] {
+        let e = Mode::Cpu
+            .config("blocks", 1)
+            .compress(true)
+            .compress_segment_bytes(bytes)
+            .build(&model.vs)
+            .err()
+            .expect("refused");
+        assert!(
+            e.to_string().contains("compress_segment_bytes"),
+            "{bytes}: {e}"
+        );
+    }
+}
+
 /// Block weights of a bf16 model drawn like a DiT's (N(0, 0.02)) shrink to about 0.7 of their
 /// size, and every block's weights arrive in the slot exactly.
 #[rstest]
