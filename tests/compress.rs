@@ -228,10 +228,15 @@ fn two_members(mode: Mode) -> Option<Vec<Device>> {
 
 /// In a peer group of two, each member uploads about half of every encoding from the host and
 /// forwards it, still encoded, to the other; both decode whole blocks that equal the originals
-/// bit for bit, and `restore` gives every member its weights back.
+/// bit for bit, and `restore` gives every member its weights back; with the default segments
+/// (one per block) and with 64 KiB ones (eight and more per block, decoded one by one out of
+/// the staging buffer that holds the whole encoding).
 #[rstest]
 fn a_peer_group_forwards_encoded_shares(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+    #[values(None, Some(layerwise_offload::manager::SEGMENT_BYTES_MULTIPLE))] segment: Option<
+        usize,
+    >,
 ) -> anyhow::Result<()> {
     let Some(devs) = two_members(mode) else {
         return Ok(());
@@ -252,6 +257,9 @@ fn a_peer_group_forwards_encoded_shares(
             Some(s) => cfg.host_store(std::sync::Arc::clone(s)),
             None => cfg.compress(true),
         };
+        if let Some(bytes) = segment {
+            cfg = cfg.compress_segment_bytes(bytes);
+        }
         let mut m = cfg.build(&named)?;
         m.initialize()?;
         store = store.or(m.host_store());
