@@ -103,7 +103,10 @@ fn blocks_of_several_segments_are_bit_exact(
     let st = m.stats().clone();
     assert_eq!(st.encoded_blocks, st.streamed_blocks);
     if budget {
-        assert!(st.resident_blocks > 0, "the budget keeps some blocks resident");
+        assert!(
+            st.resident_blocks > 0,
+            "the budget keeps some blocks resident"
+        );
     }
     let one_segment = layerwise_offload_codec::max_encoded_len(
         SEG,
@@ -115,7 +118,10 @@ fn blocks_of_several_segments_are_bit_exact(
         "staging {} for segments of at most {one_segment} bytes",
         st.staging_bytes
     );
-    assert!((st.staging_bytes as usize) < large, "less than one whole block");
+    assert!(
+        (st.staging_bytes as usize) < large,
+        "less than one whole block"
+    );
     for round in 0..3 {
         assert!(
             bits_equal(&model.forward(&x, Some(&mut m)), &want),
@@ -140,8 +146,7 @@ fn a_bad_segment_size_is_refused() {
             .compress(true)
             .compress_segment_bytes(bytes)
             .build(&model.vs)
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert!(
             e.to_string().contains("compress_segment_bytes"),
             "{bytes}: {e}"

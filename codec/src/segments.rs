@@ -322,7 +322,10 @@ pub fn encode_segmented(input: &[u8], segment_raw: usize) -> Result<Vec<u8>> {
 }
 
 fn check_segment_raw(segment_raw: usize) -> Result<()> {
-    if segment_raw == 0 || segment_raw % SEGMENT_ALIGN != 0 || segment_raw > MAX_SEGMENT_RAW {
+    if segment_raw == 0
+        || !segment_raw.is_multiple_of(SEGMENT_ALIGN)
+        || segment_raw > MAX_SEGMENT_RAW
+    {
         return Err(CodecError::InvalidOption {
             option: "segment_raw",
             value: segment_raw.to_string(),
@@ -374,7 +377,11 @@ pub fn decode_segmented(encoded: &[u8], out: &mut [u8], threads: usize) -> Resul
         });
     }
     for s in &segments {
-        crate::decode_with_threads(&encoded[s.encoded.clone()], &mut out[s.raw.clone()], threads)?;
+        crate::decode_with_threads(
+            &encoded[s.encoded.clone()],
+            &mut out[s.raw.clone()],
+            threads,
+        )?;
     }
     Ok(())
 }
@@ -387,7 +394,11 @@ mod tests {
         (0..n as u32)
             .map(|i| {
                 let x = i.wrapping_mul(2_654_435_761).wrapping_add(seed);
-                if i % 2 == 1 { 0x3c ^ (x >> 29) as u8 } else { (x >> 8) as u8 }
+                if i % 2 == 1 {
+                    0x3c ^ (x >> 29) as u8
+                } else {
+                    (x >> 8) as u8
+                }
             })
             .collect()
     }
@@ -406,7 +417,10 @@ mod tests {
                 assert_eq!(g.raw, i * seg..((i + 1) * seg).min(n));
                 assert_eq!(g.encoded.start % SEGMENT_ALIGN, 0);
                 // Each segment is the plain encoding of its raw range.
-                assert_eq!(&enc[g.encoded.clone()], &crate::encode(&input[g.raw.clone()])[..]);
+                assert_eq!(
+                    &enc[g.encoded.clone()],
+                    &crate::encode(&input[g.raw.clone()])[..]
+                );
             }
             let mut out = vec![0xa5; n];
             decode_segmented(&enc, &mut out, 2).unwrap();
@@ -435,7 +449,10 @@ mod tests {
             .encode_segmented(&assembled, seg)
             .unwrap();
         assert_eq!(out, want);
-        assert_eq!(plan.largest_encoded(), Segments::walk(&want).unwrap().largest_encoded());
+        assert_eq!(
+            plan.largest_encoded(),
+            Segments::walk(&want).unwrap().largest_encoded()
+        );
         // A piece past the end is refused, as by `plan_pieces`.
         let long = bf16ish(10, 4);
         assert!(
@@ -472,7 +489,10 @@ mod tests {
         assert!(Segments::walk(&extra).is_err(), "trailing bytes");
         let mut bad = enc.clone();
         bad[0] ^= 1;
-        assert!(matches!(Segments::walk(&bad), Err(CodecError::BadMagic { .. })));
+        assert!(matches!(
+            Segments::walk(&bad),
+            Err(CodecError::BadMagic { .. })
+        ));
         // The second record's raw length: walks, but parse sees the encoding disagree.
         let mut bad = enc.clone();
         let second = s.iter().nth(1).unwrap().encoded.start - SEGMENT_RECORD_LEN;
@@ -482,13 +502,26 @@ mod tests {
         let mut bad = enc.clone();
         bad[8] ^= 1;
         assert!(Segments::walk(&bad).is_err());
-        // Padding after the first segment (if any).
-        let first = s.iter().next().unwrap().encoded.end;
-        if first % SEGMENT_ALIGN != 0 {
-            let mut bad = enc.clone();
-            bad[first] = 1;
-            assert!(Segments::walk(&bad).is_err());
-        }
+        // Padding: the format's encodings are whole multiples of 16 bytes, so a record that
+        // claims one byte more leaves 15 bytes of padding; walked while they are zero (parse
+        // then refuses the encoding's length), refused once one is not.
+        let one = crate::encode(&input[..1000]);
+        let mut padded = Vec::from(SEGMENT_MAGIC);
+        padded.extend_from_slice(&1000u32.to_le_bytes());
+        padded.extend_from_slice(&(one.len() as u64 + 1).to_le_bytes());
+        padded.extend_from_slice(&one);
+        padded.extend_from_slice(&[0; 16]);
+        assert_eq!(Segments::walk(&padded).unwrap().len(), 1);
+        assert!(Segments::parse(&padded).is_err());
+        let last = padded.len() - 1;
+        padded[last] = 1;
+        assert!(matches!(
+            Segments::walk(&padded),
+            Err(CodecError::CorruptHeader {
+                field: "segment padding",
+                ..
+            })
+        ));
         // A byte of the last encoding's data: structure fine, checksum not.
         let mut bad = enc.clone();
         let last = s.iter().last().unwrap().encoded.end - 1;

@@ -677,7 +677,10 @@ mod tests {
         match EncodedCache::open(&path, &ckpt, &keys, 2 * SEG, false) {
             Err(Error::EncodedCache { reason, .. }) => {
                 assert!(reason.contains("is stale"), "{reason}");
-                assert!(reason.contains(&format!("segments of {SEG} raw bytes")), "{reason}");
+                assert!(
+                    reason.contains(&format!("segments of {SEG} raw bytes")),
+                    "{reason}"
+                );
             }
             r => panic!("another segment size: {:?}", r.map(|c| c.is_some())),
         }

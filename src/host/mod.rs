@@ -134,11 +134,12 @@ impl HostBlock {
         // SAFETY: nothing writes `enc` (host copies are written only by update_tensor, refused
         // for encoded blocks); `out` is a fresh buffer owned here; both outlive the slices.
         let (src, dst) = unsafe { (bytes(enc)?, bytes_mut(&out)?) };
-        layerwise_offload_codec::decode_segmented(src, &mut dst[..raw], worker_threads())
-            .map_err(|source| Error::Codec {
+        layerwise_offload_codec::decode_segmented(src, &mut dst[..raw], worker_threads()).map_err(
+            |source| Error::Codec {
                 op: "decoding a compressed host copy",
                 source,
-            })?;
+            },
+        )?;
         Ok(HostBlock::whole(out))
     }
 

@@ -34,7 +34,7 @@ impl OffloadConfig {
             });
         }
         if self.segment_bytes == 0
-            || self.segment_bytes % SEGMENT_BYTES_MULTIPLE != 0
+            || !self.segment_bytes.is_multiple_of(SEGMENT_BYTES_MULTIPLE)
             || self.segment_bytes > layerwise_offload_codec::segments::MAX_SEGMENT_RAW
         {
             return Err(Error::InvalidArgument {

@@ -356,13 +356,20 @@ mod tests {
             .collect();
         let longest_segment = encodings
             .iter()
-            .map(|e| layerwise_offload_codec::Segments::walk(e).unwrap().largest_encoded())
+            .map(|e| {
+                layerwise_offload_codec::Segments::walk(e)
+                    .unwrap()
+                    .largest_encoded()
+            })
             .max()
             .unwrap();
         let longest_whole = encodings.iter().map(Vec::len).max().unwrap();
         let staging = m.stats().staging_bytes as usize;
         assert_eq!(staging, 2 * longest_segment.next_multiple_of(16));
-        assert!(staging < 2 * longest_whole, "{staging} against {longest_whole}");
+        assert!(
+            staging < 2 * longest_whole,
+            "{staging} against {longest_whole}"
+        );
         let mut got = m.named_tensors()?;
         got.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(got.len(), before.len());

@@ -50,7 +50,8 @@ pub const DEFAULT_SEGMENT_BYTES: usize = 64 << 20;
 
 /// [`OffloadConfig::compress_segment_bytes`] must be a multiple of this: the codec's default
 /// chunk (32 Ki bf16 values), so that segments keep every chunk whole.
-pub const SEGMENT_BYTES_MULTIPLE: usize = 2 * layerwise_offload_codec::DEFAULT_CHUNK_VALUES as usize;
+pub const SEGMENT_BYTES_MULTIPLE: usize =
+    2 * layerwise_offload_codec::DEFAULT_CHUNK_VALUES as usize;
 
 /// The largest [`OffloadConfig::prefetch_depth`] accepted.
 pub const MAX_PREFETCH_DEPTH: usize = 1024;

@@ -153,9 +153,8 @@ impl Decoding {
             return Ok(());
         }
         let bytes = len.next_multiple_of(16);
-        self.ring.replace(|| {
-            Fenced::new(alloc(backend.cuda(), bytes)?, backend.has_events(), None)
-        })?;
+        self.ring
+            .replace(|| Fenced::new(alloc(backend.cuda(), bytes)?, backend.has_events(), None))?;
         stats.staging_bytes = self.ring.bytes() as u64;
         Ok(())
     }
@@ -178,16 +177,19 @@ impl Decoding {
         if streams.is_some() && gpu.is_none() {
             return Err(no_decoder());
         }
-        self.ring
-            .upload(segments, slot, streams, &mut copy_in, |seg, staged| {
-                match (gpu, streams) {
-                    (Some(gpu), Some((_, decode))) => {
-                        let pair = timer.pair(timing, stats)?;
-                        decode_segment(gpu, staged, seg, out, decode, block, (timer, pair))
-                    }
-                    _ => decode_segment_on_cpu(staged, seg, out),
+        self.ring.upload(
+            segments,
+            slot,
+            streams,
+            &mut copy_in,
+            |seg, staged| match (gpu, streams) {
+                (Some(gpu), Some((_, decode))) => {
+                    let pair = timer.pair(timing, stats)?;
+                    decode_segment(gpu, staged, seg, out, decode, block, (timer, pair))
                 }
-            })
+                _ => decode_segment_on_cpu(staged, seg, out),
+            },
+        )
     }
 
     /// Queues the decode of the whole encoding in staging buffer `k` (its `segments`) into

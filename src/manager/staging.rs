@@ -172,7 +172,9 @@ mod tests {
             |seg, staged| {
                 assert_eq!(staged.numel(), seg.encoded_len());
                 let k = starts.iter().position(|&s| s == ptr(staged)).unwrap();
-                copy.log.borrow_mut().push(format!("copy {}", seg.raw.start));
+                copy.log
+                    .borrow_mut()
+                    .push(format!("copy {}", seg.raw.start));
                 copied.push(k);
                 Ok(())
             },
@@ -193,18 +195,18 @@ mod tests {
         assert_eq!(
             take(&copy),
             [
-                format!("copy 0"),
+                "copy 0".to_string(),
                 format!("record {r0}#1"),
-                format!("copy 1024"),
+                "copy 1024".to_string(),
                 format!("record {r1}#1"),
                 format!("wait {f0}#1"),
-                format!("copy 2048"),
+                "copy 2048".to_string(),
                 format!("record {r0}#2"),
                 format!("wait {f1}#1"),
-                format!("copy 3072"),
+                "copy 3072".to_string(),
                 format!("record {r1}#2"),
                 format!("wait {f0}#2"),
-                format!("copy 4096"),
+                "copy 4096".to_string(),
                 format!("record {r0}#3"),
             ]
         );
@@ -213,19 +215,19 @@ mod tests {
             [
                 format!("wait {r0}#1"),
                 format!("wait {slot_free}#1"),
-                format!("decode 0 from 0"),
+                "decode 0 from 0".to_string(),
                 format!("record {f0}#1"),
                 format!("wait {r1}#1"),
-                format!("decode 1024 from 1"),
+                "decode 1024 from 1".to_string(),
                 format!("record {f1}#1"),
                 format!("wait {r0}#2"),
-                format!("decode 2048 from 0"),
+                "decode 2048 from 0".to_string(),
                 format!("record {f0}#2"),
                 format!("wait {r1}#2"),
-                format!("decode 3072 from 1"),
+                "decode 3072 from 1".to_string(),
                 format!("record {f1}#2"),
                 format!("wait {r0}#3"),
-                format!("decode 4096 from 0"),
+                "decode 4096 from 0".to_string(),
                 format!("record {f0}#3"),
                 format!("record {slot_ready}#1"),
             ]
@@ -291,7 +293,12 @@ mod tests {
             &mut slot,
             None,
             |_, staged| {
-                used.push(starts.iter().position(|&s| s == staged.data_ptr() as usize).unwrap());
+                used.push(
+                    starts
+                        .iter()
+                        .position(|&s| s == staged.data_ptr() as usize)
+                        .unwrap(),
+                );
                 Ok(())
             },
             |_, _| Ok(()),

@@ -125,50 +125,54 @@ impl Loop<'_> {
         let staged = self.rt.blocks[block].tier.stage(block, 0, len)?;
         let copy = self.backend.copy_stream();
         let decode = self.backend.decode_stream();
-        let uploaded = self.rt.decoding.as_mut().ok_or_else(no_staging).and_then(|dec| {
-            // CUDA: the copy and decode streams; the CPU test mode: neither (done at once).
-            let streams = match (&copy, &decode) {
-                (Some(c), Some(d)) if dec.on_gpu() => Some((c, d)),
-                _ => None,
-            };
-            let enc = staged.one_piece(len)?;
-            let segments = segments_of(&enc, raw, block)?;
-            let slot = self.rt.ring.slot_mut(s).fenced_mut();
-            let timing = pair.is_some();
-            let copies = match streams {
-                Some((c, _)) => Timer::open(pair, c)?,
-                None => None,
-            };
-            let timer = &mut *self.timer;
-            dec.upload(
-                &segments,
-                (slot, &out),
-                streams,
-                (block, timer, timing, &mut *self.stats),
-                |seg, dst| {
-                    let part = enc
-                        .f_narrow(0, seg.encoded.start as i64, seg.encoded_len() as i64)
-                        .context("upload")?;
-                    let Some((c, _)) = streams else {
-                        return device::copy_pieces_now(dst, &[(0, part)], "upload");
-                    };
-                    // SAFETY: the host encoding lives in the manager until restore or Drop,
-                    // which synchronize the copy and decode streams first, and nothing writes
-                    // it meanwhile (a disk-tier staging buffer is read into again only after
-                    // the event recorded behind these copies); the staging buffer is not read
-                    // by a decode until its `ready`, recorded after this copy, and was released
-                    // by its previous decode (`free`, waited before this copy).
-                    unsafe { device::copy_pieces(dst, &[(0, part)], c, "upload") }
-                },
-            )?;
-            match streams {
-                Some((c, _)) => {
-                    self.timer
-                        .close(copies, c, (block, len as u64, Lane::Upload))
+        let uploaded = self
+            .rt
+            .decoding
+            .as_mut()
+            .ok_or_else(no_staging)
+            .and_then(|dec| {
+                // CUDA: the copy and decode streams; the CPU test mode: neither (done at once).
+                let streams = match (&copy, &decode) {
+                    (Some(c), Some(d)) if dec.on_gpu() => Some((c, d)),
+                    _ => None,
+                };
+                let enc = staged.one_piece(len)?;
+                let segments = segments_of(&enc, raw, block)?;
+                let slot = self.rt.ring.slot_mut(s).fenced_mut();
+                let timing = pair.is_some();
+                let copies = match streams {
+                    Some((c, _)) => Timer::open(pair, c)?,
+                    None => None,
+                };
+                let timer = &mut *self.timer;
+                dec.upload(
+                    &segments,
+                    (slot, &out),
+                    streams,
+                    (block, timer, timing, &mut *self.stats),
+                    |seg, dst| {
+                        let part = enc
+                            .f_narrow(0, seg.encoded.start as i64, seg.encoded_len() as i64)
+                            .context("upload")?;
+                        let Some((c, _)) = streams else {
+                            return device::copy_pieces_now(dst, &[(0, part)], "upload");
+                        };
+                        // SAFETY: the host encoding lives in the manager until restore or Drop,
+                        // which synchronize the copy and decode streams first, and nothing writes
+                        // it meanwhile (a disk-tier staging buffer is read into again only after
+                        // the event recorded behind these copies); the staging buffer is not read
+                        // by a decode until its `ready`, recorded after this copy, and was released
+                        // by its previous decode (`free`, waited before this copy).
+                        unsafe { device::copy_pieces(dst, &[(0, part)], c, "upload") }
+                    },
+                )?;
+                match streams {
+                    Some((c, _)) => self
+                        .timer
+                        .close(copies, c, (block, len as u64, Lane::Upload)),
+                    None => Ok(()),
                 }
-                None => Ok(()),
-            }
-        });
+            });
         // A disk-tier staging buffer goes back also when the upload fails.
         let released = staged.finish(copy.as_ref());
         uploaded.and(released)

@@ -104,9 +104,9 @@ impl Staged {
 
     /// Bytes `[off, off + len)` of these (one piece), keeping the staging buffer to give back.
     pub(super) fn narrow(self, off: usize, len: usize) -> Result<Staged> {
-        let part = self.one_piece(off + len).and_then(|t| {
-            t.f_narrow(0, off as i64, len as i64).context("upload")
-        });
+        let part = self
+            .one_piece(off + len)
+            .and_then(|t| t.f_narrow(0, off as i64, len as i64).context("upload"));
         match part {
             Ok(part) => Ok(Staged {
                 pieces: vec![(0, part)],
