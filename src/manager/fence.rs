@@ -5,7 +5,7 @@
 //! next write; in a peer group `pushed` (one per receiving member) is recorded after this
 //! member's share went out of the buffer to that member and waited before the next write too.
 //! The slots of the ring ([`super::ring`]) and compression's staging buffers
-//! ([`super::compress`]) are both made of it.
+//! ([`super::staging`]) are both made of it.
 //!
 //! The events are a [`Fence`]: [`Event`] on CUDA; the tests use a fake that logs what was
 //! recorded and waited. Without device events (the CPU test mode) a buffer has none, and every
