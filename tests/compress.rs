@@ -315,10 +315,15 @@ fn a_peer_group_forwards_encoded_shares(
 
 /// `update_tensor` on a compressed block encodes the block again: the new value (random bits,
 /// which do not compress, so the encoding grows past the staging buffers' size) arrives in the
-/// slot bit for bit, the other blocks are untouched, and `restore` gives back the updated model.
+/// slot bit for bit, the other blocks are untouched, and `restore` gives back the updated model;
+/// with one segment per block and with 64 KiB segments (the staging buffers grow to the longest
+/// segment's encoding, random bits stored raw).
 #[rstest]
 fn updates_encode_the_block_again(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+    #[values(None, Some(layerwise_offload::manager::SEGMENT_BYTES_MULTIPLE))] segment: Option<
+        usize,
+    >,
 ) -> anyhow::Result<()> {
     let Some(dev) = mode.device() else {
         return Ok(());
@@ -327,9 +332,14 @@ fn updates_encode_the_block_again(
     let named = bf16_blocks();
     let mut want: Vec<(String, Tensor)> =
         named.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
-    let mut m = mode.config("blocks", 4).compress(true).build(&named)?;
+    let mut cfg = mode.config("blocks", 4).compress(true);
+    if let Some(bytes) = segment {
+        cfg = cfg.compress_segment_bytes(bytes);
+    }
+    let mut m = cfg.build(&named)?;
     m.initialize()?;
     let encoded = m.stats().encoded_bytes;
+    let staging = m.stats().staging_bytes;
     // Warm the loop first, so that the update meets uploads and decodes already done.
     for b in 0..4 {
         drop(m.enter(b)?);
@@ -341,6 +351,16 @@ fn updates_encode_the_block_again(
     let st = m.stats().clone();
     assert_eq!(st.encoded_blocks, 4);
     assert!(st.encoded_bytes > encoded, "random bits do not compress");
+    if let Some(bytes) = segment {
+        // 64 KiB of random bits travel raw: a segment's encoding grows past 64 KiB.
+        assert!(
+            st.staging_bytes > staging,
+            "{} -> {}",
+            staging,
+            st.staging_bytes
+        );
+        assert!(st.staging_bytes as usize >= 2 * bytes);
+    }
     for (n, t) in &mut want {
         if n == "blocks.1.w1" {
             *t = bits.copy();

@@ -54,6 +54,17 @@ pub(super) fn segments_of(enc: &Tensor, raw: usize, block: usize) -> Result<Segm
     // a disk-tier buffer is read into again only after it is given back).
     let bytes = unsafe { host::bytes(enc)? };
     let segments = Segments::walk(bytes).map_err(codec_error("reading a block's segments"))?;
+    // The GPU decoder writes each segment at its raw offset of the slot, which must be 16-byte
+    // aligned (this crate's segments start at multiples of 64 KiB).
+    if let Some(s) = segments.iter().find(|s| !s.raw.start.is_multiple_of(16)) {
+        return Err(Error::InvalidArgument {
+            op: "upload",
+            message: format!(
+                "block {block}'s encoding has a segment at raw offset {}, not a multiple of 16: encode it again with segments of a multiple of 64 KiB",
+                s.raw.start
+            ),
+        });
+    }
     if segments.decoded_len() != raw {
         return Err(Error::InvalidArgument {
             op: "upload",
