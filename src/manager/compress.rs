@@ -1,6 +1,8 @@
 //! Encoding for compressed transport ([`OffloadConfig::compress`](crate::OffloadConfig::compress)):
-//! each streamed block is encoded once at `initialize` (the `layerwise-offload-codec` crate) and
-//! only the encoding stays in host memory; uploads decode it into the slot ([`super::decode`]).
+//! each streamed block is encoded once at `initialize` (the `layerwise-offload-codec` crate), in
+//! segments of `compress_segment_bytes` raw bytes each (`layerwise_offload_codec::segments`), and
+//! only the encoding stays in host memory; uploads move and decode it segment by segment into
+//! the slot ([`super::staging`], [`super::decode`]).
 //!
 //! A block is encoded straight from the model's tensors where they are contiguous CPU tensors
 //! laid out as the block's layout says (the codec reads them in place as pieces of the block),
