@@ -54,10 +54,13 @@ pub struct OffloadStats {
     pub encoded_bytes: u64,
     /// Bytes of those blocks raw (what their decodes write).
     pub raw_encoded_bytes: u64,
-    /// Milliseconds the GPU spent decoding blocks (summed; timed decodes only).
+    /// Milliseconds the GPU spent decoding blocks (summed over segments; timed decodes only).
     pub decode_ms: f64,
-    /// Decodes timed so far.
+    /// Decode kernels timed so far (one per segment of a block's encoding).
     pub timed_decodes: u64,
+    /// Bytes of the device staging buffers an encoded block's segments pass through (two
+    /// buffers of the longest segment encoding; of the longest whole encoding in a peer group).
+    pub staging_bytes: u64,
 }
 
 impl OffloadStats {
@@ -106,6 +109,13 @@ impl fmt::Display for OffloadStats {
             writeln!(f, "| compute stall | {:.1} ms |", self.stall_ms)?;
         }
         writeln!(f, "| GPU slot ring | {:.3} GiB |", gib(self.slot_bytes))?;
+        if self.staging_bytes > 0 {
+            writeln!(
+                f,
+                "| GPU staging buffers | {:.3} GiB |",
+                gib(self.staging_bytes)
+            )?;
+        }
         if self.peak_vram_bytes > 0 {
             writeln!(
                 f,
@@ -131,7 +141,7 @@ impl fmt::Display for OffloadStats {
             if self.timed_decodes > 0 {
                 writeln!(
                     f,
-                    "| decode time | {:.1} ms ({:.3} ms per block) |",
+                    "| decode time | {:.1} ms ({:.3} ms per segment) |",
                     self.decode_ms,
                     self.decode_ms / self.timed_decodes as f64
                 )?;

@@ -61,6 +61,100 @@ fn compressed_streaming_is_bit_exact(
     Ok(())
 }
 
+/// Segments of the smallest accepted size (64 KiB), so that every block is several: streamed
+/// and compressed over two lists, with and without a VRAM budget, the forward equals the
+/// resident forward bit for bit and `restore` gives every weight back bit-identical. The
+/// staging buffers hold two segment encodings at most, less than one whole block.
+#[rstest]
+fn blocks_of_several_segments_are_bit_exact(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+    #[values(false, true)] budget: bool,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let _lock = common::gpu_lock();
+    const SEG: usize = layerwise_offload::manager::SEGMENT_BYTES_MULTIPLE;
+    let model = Model::new(dev, 3, true, 57);
+    let before = model.snapshot();
+    let block_bytes = |prefix: &str| -> usize {
+        before
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, t)| t.numel() * 4)
+            .sum()
+    };
+    let (small, large) = (
+        block_bytes("double_blocks.0."),
+        block_bytes("single_blocks.0."),
+    );
+    assert!(small > 2 * SEG, "every block is three segments or more");
+    let x = model.input(11);
+    let want = model.forward(&x, None);
+    let mut cfg = mode
+        .config("double_blocks", 3)
+        .with_list("single_blocks", 4)
+        .compress(true)
+        .compress_segment_bytes(SEG);
+    if budget {
+        cfg = cfg.vram_budget((small * 6) as u64);
+    }
+    let mut m = cfg.build(&model.vs)?;
+    m.initialize()?;
+    let st = m.stats().clone();
+    assert_eq!(st.encoded_blocks, st.streamed_blocks);
+    if budget {
+        assert!(
+            st.resident_blocks > 0,
+            "the budget keeps some blocks resident"
+        );
+    }
+    let one_segment = layerwise_offload_codec::max_encoded_len(
+        SEG,
+        layerwise_offload_codec::DEFAULT_CHUNK_VALUES,
+    )
+    .unwrap();
+    assert!(
+        st.staging_bytes > 0 && st.staging_bytes as usize <= 2 * one_segment.next_multiple_of(16),
+        "staging {} for segments of at most {one_segment} bytes",
+        st.staging_bytes
+    );
+    assert!(
+        (st.staging_bytes as usize) < large,
+        "less than one whole block"
+    );
+    for round in 0..3 {
+        assert!(
+            bits_equal(&model.forward(&x, Some(&mut m)), &want),
+            "forward {round}"
+        );
+    }
+    let mut got = m.named_tensors()?;
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_same(&got, &before);
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}
+
+/// A segment size that is not a multiple of 64 KiB is refused with what to pass.
+#[test]
+fn a_bad_segment_size_is_refused() {
+    let model = Model::new(Device::Cpu, 1, false, 1);
+    for bytes in [0, 1000, 64 * 1024 + 16] {
+        let e = Mode::Cpu
+            .config("blocks", 1)
+            .compress(true)
+            .compress_segment_bytes(bytes)
+            .build(&model.vs)
+            .expect_err("refused");
+        assert!(
+            e.to_string().contains("compress_segment_bytes"),
+            "{bytes}: {e}"
+        );
+    }
+}
+
 /// Block weights of a bf16 model drawn like a DiT's (N(0, 0.02)) shrink to about 0.7 of their
 /// size, and every block's weights arrive in the slot exactly.
 #[rstest]
@@ -140,10 +234,15 @@ fn two_members(mode: Mode) -> Option<Vec<Device>> {
 
 /// In a peer group of two, each member uploads about half of every encoding from the host and
 /// forwards it, still encoded, to the other; both decode whole blocks that equal the originals
-/// bit for bit, and `restore` gives every member its weights back.
+/// bit for bit, and `restore` gives every member its weights back; with the default segments
+/// (one per block) and with 64 KiB ones (eight and more per block, decoded one by one out of
+/// the staging buffer that holds the whole encoding).
 #[rstest]
 fn a_peer_group_forwards_encoded_shares(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+    #[values(None, Some(layerwise_offload::manager::SEGMENT_BYTES_MULTIPLE))] segment: Option<
+        usize,
+    >,
 ) -> anyhow::Result<()> {
     let Some(devs) = two_members(mode) else {
         return Ok(());
@@ -164,6 +263,9 @@ fn a_peer_group_forwards_encoded_shares(
             Some(s) => cfg.host_store(std::sync::Arc::clone(s)),
             None => cfg.compress(true),
         };
+        if let Some(bytes) = segment {
+            cfg = cfg.compress_segment_bytes(bytes);
+        }
         let mut m = cfg.build(&named)?;
         m.initialize()?;
         store = store.or(m.host_store());
@@ -214,10 +316,15 @@ fn a_peer_group_forwards_encoded_shares(
 
 /// `update_tensor` on a compressed block encodes the block again: the new value (random bits,
 /// which do not compress, so the encoding grows past the staging buffers' size) arrives in the
-/// slot bit for bit, the other blocks are untouched, and `restore` gives back the updated model.
+/// slot bit for bit, the other blocks are untouched, and `restore` gives back the updated model;
+/// with one segment per block and with 64 KiB segments (the staging buffers grow to the longest
+/// segment's encoding, random bits stored raw).
 #[rstest]
 fn updates_encode_the_block_again(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+    #[values(None, Some(layerwise_offload::manager::SEGMENT_BYTES_MULTIPLE))] segment: Option<
+        usize,
+    >,
 ) -> anyhow::Result<()> {
     let Some(dev) = mode.device() else {
         return Ok(());
@@ -226,9 +333,14 @@ fn updates_encode_the_block_again(
     let named = bf16_blocks();
     let mut want: Vec<(String, Tensor)> =
         named.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
-    let mut m = mode.config("blocks", 4).compress(true).build(&named)?;
+    let mut cfg = mode.config("blocks", 4).compress(true);
+    if let Some(bytes) = segment {
+        cfg = cfg.compress_segment_bytes(bytes);
+    }
+    let mut m = cfg.build(&named)?;
     m.initialize()?;
     let encoded = m.stats().encoded_bytes;
+    let staging = m.stats().staging_bytes;
     // Warm the loop first, so that the update meets uploads and decodes already done.
     for b in 0..4 {
         drop(m.enter(b)?);
@@ -240,6 +352,16 @@ fn updates_encode_the_block_again(
     let st = m.stats().clone();
     assert_eq!(st.encoded_blocks, 4);
     assert!(st.encoded_bytes > encoded, "random bits do not compress");
+    if let Some(bytes) = segment {
+        // 64 KiB of random bits travel raw: a segment's encoding grows past 64 KiB.
+        assert!(
+            st.staging_bytes > staging,
+            "{} -> {}",
+            staging,
+            st.staging_bytes
+        );
+        assert!(st.staging_bytes as usize >= 2 * bytes);
+    }
     for (n, t) in &mut want {
         if n == "blocks.1.w1" {
             *t = bits.copy();

@@ -324,6 +324,60 @@ fn a_damaged_or_stale_cache_is_refused(
     Ok(())
 }
 
+/// Segments of 64 KiB (every block three or four of them) through every tier of the cache:
+/// bit-exact forwards and a bit-identical restore; then a manager with another segment size is
+/// refused with `EncodedCache` ("is stale") before anything changed, as a cache written before
+/// encodings were segmented would be (its version).
+#[rstest]
+fn a_cache_of_other_segments_is_refused(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+    #[values(Tier::Pinned, Tier::ZeroCopy, Tier::Disk)] tier: Tier,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    const SEG: usize = layerwise_offload::manager::SEGMENT_BYTES_MULTIPLE;
+    let dir = scratch_dir("segments", mode, tier, "");
+    let source = Model::new(dev, 2, true, 341);
+    let ckpt = write_checkpoint(&source, &dir)?;
+    let smallest: usize = source
+        .snapshot()
+        .iter()
+        .filter(|(n, _)| n.starts_with("double_blocks.0."))
+        .map(|(_, t)| t.numel() * 4)
+        .sum();
+    assert!(smallest > 2 * SEG, "every block is three segments or more");
+    let x = source.input(6);
+    let want = source.forward(&x, None);
+    for start in 0..2 {
+        let model = Model::new(dev, 2, true, 342 + start);
+        let mut m = config(mode, tier, &ckpt, false)?
+            .compress_segment_bytes(SEG)
+            .build(&model.vs)?;
+        m.initialize()?;
+        if tier == Tier::Disk {
+            assert!(m.stats().disk_blocks > 0);
+        }
+        for round in 0..2 {
+            assert!(
+                bits_equal(&model.forward(&x, Some(&mut m)), &want),
+                "start {start}, forward {round}"
+            );
+        }
+        m.restore()?;
+        assert_same(&model.snapshot(), &source.snapshot());
+    }
+    let model = Model::new(dev, 2, true, 345);
+    let before = model.snapshot();
+    let mut m = config(mode, tier, &ckpt, false)?
+        .compress_segment_bytes(2 * SEG)
+        .build(&model.vs)?;
+    expect_cache_error(m.initialize(), "is stale");
+    assert_same(&model.snapshot(), &before);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
 /// A cache written for one model's blocks is refused for other blocks (another list).
 #[test]
 fn a_cache_for_other_blocks_is_refused() -> anyhow::Result<()> {

@@ -168,8 +168,9 @@ fn a_checkpoint_load_with_compression_records_every_span() -> Result<()> {
         encode.iter().all(|s| s.parent == Some("load")),
         "{encode:?}"
     );
-    // One upload span per upload the statistics count, each with its block; one decode in
-    // each (the CPU test mode decodes as it uploads).
+    // One upload span per upload the statistics count, each with its block; one decode per
+    // segment in each (these blocks are one segment each; the CPU test mode decodes as it
+    // uploads).
     let upload = rec.spans("upload");
     assert_eq!(upload.len() as u64, uploads, "{upload:?}");
     assert!(uploads >= blocks as u64);

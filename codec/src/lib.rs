@@ -8,6 +8,7 @@ pub mod format;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 mod parallel;
+pub mod segments;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
@@ -15,3 +16,6 @@ pub use decode::{decode, decode_with_threads, decoded_len, stats, verify};
 pub use encode::{DEFAULT_CHUNK_VALUES, EncodePlan, Encoder, encode};
 pub use error::{CodecError, Result};
 pub use format::{Encoded, Header, Stats, max_encoded_len};
+pub use segments::{
+    Segment, SegmentedPlan, Segments, decode_segmented, encode_segmented, verify_segmented,
+};

@@ -4,12 +4,14 @@
 //!
 //! ```text
 //! block 0's encoding at 0, block 1's at the next 4 KiB boundary, ...   (page-aligned: mappable)
+//!   (each a segmented encoding: `layerwise_offload_codec::segments`)
 //! header: JSON, see `Document`
 //! trailer (32 bytes): "LWOCACHE" | header offset u64 | header length u64 | FNV-1a 64 of the header
 //! ```
 //! The header ties the file to the checkpoint it was made from: per checkpoint file its name,
 //! size, modification time and an FNV-1a 64 hash of its safetensors header; and per block a
-//! key (its layout, the stored names it was read from) and where its encoding lies. A cache
+//! key (its layout, the stored names it was read from) and where its encoding lies, and the
+//! segment size the encodings were made with (version 2; version 1 held whole encodings). A cache
 //! whose checkpoint or model changed since, or whose bytes changed (the header's hash, each
 //! encoding's CRC-32 checked by [`layerwise_offload_codec::verify`]), is [`Error::EncodedCache`]:
 //! never served stale. Written to a temporary name and renamed, so a cache is whole or absent.
@@ -23,8 +25,8 @@ use std::path::{Path, PathBuf};
 
 /// The `format` field.
 const FORMAT: &str = "layerwise-offload encoded cache";
-/// The `version` field this crate writes and reads.
-const VERSION: u32 = 1;
+/// The `version` field this crate writes and reads (2: segmented encodings, `segment_bytes`).
+const VERSION: u32 = 2;
 /// The trailer's magic bytes.
 const MAGIC: &[u8; 8] = b"LWOCACHE";
 /// Trailer length.
@@ -63,6 +65,9 @@ struct BlockEntry {
     raw: u64,
     offset: u64,
     bytes: u64,
+    /// The longest segment encoding in it (absent before version 2).
+    #[serde(default)]
+    largest_segment: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +77,9 @@ struct Document {
     version: u32,
     /// The codec's format version of every encoding.
     codec_version: u16,
+    /// The raw bytes per segment of every encoding (absent before version 2).
+    #[serde(default)]
+    segment_bytes: u64,
     checkpoint: Vec<FileIdentity>,
     blocks: Vec<BlockEntry>,
 }
@@ -85,6 +93,8 @@ pub(crate) struct CachedBlock {
     pub(crate) len: usize,
     /// Length of the raw block it decodes to.
     pub(crate) raw: usize,
+    /// The longest segment encoding in it.
+    pub(crate) largest_segment: usize,
 }
 
 /// A validated encoded cache, open.
@@ -164,13 +174,15 @@ const DELETE: &str =
     "delete the file to have it written again at the next initialize(), or give another path";
 
 impl EncodedCache {
-    /// Opens the cache at `path` made for `ckpt` and blocks `keys` (loop order), and checks it:
-    /// its header, that the checkpoint files are those it was made from, that it holds these
-    /// blocks, and (with `verify`) every encoding's checksum. None if there is no file.
+    /// Opens the cache at `path` made for `ckpt` and blocks `keys` (loop order) in segments of
+    /// `segment` raw bytes, and checks it: its header, that the checkpoint files are those it
+    /// was made from, that it holds these blocks in these segments, and (with `verify`) every
+    /// encoding's checksum. None if there is no file.
     pub(crate) fn open(
         path: &Path,
         ckpt: &Checkpoint,
         keys: &[String],
+        segment: usize,
         verify: bool,
     ) -> Result<Option<EncodedCache>> {
         let file = match File::open(path) {
@@ -227,6 +239,15 @@ impl EncodedCache {
                     "holds codec format version {}, this build reads {}; {DELETE}",
                     doc.codec_version,
                     layerwise_offload_codec::format::VERSION
+                ),
+            );
+        }
+        if doc.segment_bytes != segment as u64 {
+            return refuse(
+                path,
+                format!(
+                    "is stale: its encodings are in segments of {} raw bytes, this manager uses {segment} (OffloadConfig::compress_segment_bytes); {DELETE}, or use the segment size it was written with",
+                    doc.segment_bytes
                 ),
             );
         }
@@ -291,6 +312,7 @@ impl EncodedCache {
                 offset: b.offset as usize,
                 len: b.bytes as usize,
                 raw: b.raw as usize,
+                largest_segment: b.largest_segment as usize,
             });
         }
         let cache = EncodedCache {
@@ -321,22 +343,27 @@ impl EncodedCache {
         Ok(())
     }
 
-    /// Checks block `i`'s encoding `bytes`: its checksum, and that it decodes to its raw size.
+    /// Checks block `i`'s encoding `bytes`: every segment's structure and checksum, that it
+    /// decodes to its raw size, and that its longest segment encoding is the recorded one
+    /// (what the device staging buffers are sized by).
     pub(crate) fn check_block(&self, i: usize, bytes: &[u8]) -> Result<()> {
-        let parsed = layerwise_offload_codec::Encoded::parse(bytes).and_then(|e| {
-            e.verify_with_threads(crate::host::worker_threads())
-                .map(|()| e)
-        });
+        let parsed =
+            layerwise_offload_codec::verify_segmented(bytes, crate::host::worker_threads());
+        let b = self.blocks[i];
         match parsed {
-            Ok(e) if e.decoded_len() == self.blocks[i].raw => Ok(()),
-            Ok(e) => Err(self.damaged(
+            Ok(s) if s.decoded_len() != b.raw => Err(self.damaged(
+                i,
+                format!("decodes to {} bytes, not {}", s.decoded_len(), b.raw),
+            )),
+            Ok(s) if s.largest_encoded() != b.largest_segment => Err(self.damaged(
                 i,
                 format!(
-                    "decodes to {} bytes, not {}",
-                    e.decoded_len(),
-                    self.blocks[i].raw
+                    "has a longest segment of {} bytes, not the recorded {}",
+                    s.largest_encoded(),
+                    b.largest_segment
                 ),
             )),
+            Ok(_) => Ok(()),
             Err(e) => Err(self.damaged(i, format!("is corrupt ({e})"))),
         }
     }
@@ -348,13 +375,15 @@ impl EncodedCache {
         }
     }
 
-    /// Encodes every block into a new cache at `path` for `ckpt` and blocks `keys`: `raw(i)`
-    /// gives block `i` raw (its gaps zero) and `encode` its encoding. Written beside `path`
-    /// and renamed, then opened (without verifying what was just written).
+    /// Encodes every block into a new cache at `path` for `ckpt` and blocks `keys`: `encode(i)`
+    /// gives block `i`'s segmented encoding (segments of `segment` raw bytes) and its raw size.
+    /// Written beside `path` and renamed, then opened (without verifying what was just
+    /// written).
     pub(crate) fn write(
         path: &Path,
         ckpt: &Checkpoint,
         keys: &[String],
+        segment: usize,
         mut encode: impl FnMut(usize) -> Result<(Vec<u8>, usize)>,
     ) -> Result<EncodedCache> {
         let mut tmp = path.as_os_str().to_owned();
@@ -373,12 +402,19 @@ impl EncodedCache {
             let mut at = 0u64;
             for (i, key) in keys.iter().enumerate() {
                 let (enc, raw) = encode(i)?;
+                let largest = layerwise_offload_codec::Segments::walk(&enc)
+                    .map_err(|source| Error::Codec {
+                        op: "writing the encoded cache",
+                        source,
+                    })?
+                    .largest_encoded();
                 file.write_all_at(&enc, at).map_err(write_err)?;
                 blocks.push(BlockEntry {
                     key: key.clone(),
                     raw: raw as u64,
                     offset: at,
                     bytes: enc.len() as u64,
+                    largest_segment: largest as u64,
                 });
                 at = (at + enc.len() as u64).div_ceil(FILE_ALIGN as u64) * FILE_ALIGN as u64;
             }
@@ -386,6 +422,7 @@ impl EncodedCache {
                 format: FORMAT.into(),
                 version: VERSION,
                 codec_version: layerwise_offload_codec::format::VERSION,
+                segment_bytes: segment as u64,
                 checkpoint: identity(ckpt)?,
                 blocks,
             };
@@ -405,7 +442,7 @@ impl EncodedCache {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        EncodedCache::open(path, ckpt, keys, false)?.ok_or_else(|| {
+        EncodedCache::open(path, ckpt, keys, segment, false)?.ok_or_else(|| {
             Error::io(
                 "the encoded cache vanished right after it was written",
                 path,
@@ -538,10 +575,14 @@ mod tests {
             .collect()
     }
 
+    /// Raw bytes per segment: every test block is 2 or 3 segments.
+    const SEG: usize = 4096;
+
     fn write(path: &Path, ckpt: &Checkpoint, keys: &[String]) -> Result<EncodedCache> {
         let raw = blocks();
-        EncodedCache::write(path, ckpt, keys, |i| {
-            Ok((layerwise_offload_codec::encode(&raw[i]), raw[i].len()))
+        EncodedCache::write(path, ckpt, keys, SEG, |i| {
+            let enc = layerwise_offload_codec::encode_segmented(&raw[i], SEG).unwrap();
+            Ok((enc, raw[i].len()))
         })
     }
 
@@ -552,7 +593,7 @@ mod tests {
         assert_eq!(path, dir.join("w.safetensors.encoded"));
         let keys: Vec<String> = (0..3).map(|i| block_key(i, [format!("t{i}")])).collect();
         write(&path, &ckpt, &keys)?;
-        let cache = EncodedCache::open(&path, &ckpt, &keys, true)?.expect("written");
+        let cache = EncodedCache::open(&path, &ckpt, &keys, SEG, true)?.expect("written");
         for (i, raw) in blocks().iter().enumerate() {
             let b = cache.block(i);
             assert_eq!(b.offset % FILE_ALIGN, 0);
@@ -560,7 +601,7 @@ mod tests {
             let mut enc = vec![0u8; b.len];
             cache.read_block(i, &mut enc, false)?;
             let mut out = vec![0u8; raw.len()];
-            layerwise_offload_codec::decode(&enc, &mut out).unwrap();
+            layerwise_offload_codec::decode_segmented(&enc, &mut out, 1).unwrap();
             assert_eq!(&out, raw, "block {i}");
         }
         // Other keys: refused; no file: None.
@@ -568,10 +609,10 @@ mod tests {
             .map(|i| block_key(i + 1, [format!("t{i}")]))
             .collect();
         assert!(matches!(
-            EncodedCache::open(&path, &ckpt, &other, false),
+            EncodedCache::open(&path, &ckpt, &other, SEG, false),
             Err(Error::EncodedCache { .. })
         ));
-        assert!(EncodedCache::open(&dir.join("none"), &ckpt, &keys, false)?.is_none());
+        assert!(EncodedCache::open(&dir.join("none"), &ckpt, &keys, SEG, false)?.is_none());
         std::fs::remove_dir_all(&dir).unwrap();
         Ok(())
     }
@@ -583,7 +624,7 @@ mod tests {
         let keys: Vec<String> = (0..3).map(|i| block_key(i, [])).collect();
         write(&path, &ckpt, &keys)?;
         let good = std::fs::read(&path).unwrap();
-        let data = EncodedCache::open(&path, &ckpt, &keys, false)?
+        let data = EncodedCache::open(&path, &ckpt, &keys, SEG, false)?
             .expect("written")
             .data_len();
         // Every byte past the encodings (padding excluded): the header and the trailer.
@@ -592,10 +633,90 @@ mod tests {
             let mut bad = good.clone();
             bad[at] ^= 0x04;
             std::fs::write(&path, &bad).unwrap();
-            match EncodedCache::open(&path, &ckpt, &keys, true) {
+            match EncodedCache::open(&path, &ckpt, &keys, SEG, true) {
                 Err(Error::EncodedCache { .. }) => {}
                 r => panic!("byte {at} changed: {:?}", r.map(|c| c.is_some())),
             }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        Ok(())
+    }
+
+    /// Rewrites the cache at `path` with header `doc` (hash and trailer made to match).
+    fn rewrite_header(path: &Path, doc: &serde_json::Value) {
+        let mut bytes = std::fs::read(path).unwrap();
+        let n = bytes.len();
+        let at = u64::from_le_bytes(bytes[n - 24..n - 16].try_into().unwrap()) as usize;
+        let text = serde_json::to_vec(doc).unwrap();
+        bytes.truncate(at);
+        bytes.extend_from_slice(&text);
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&(at as u64).to_le_bytes());
+        bytes.extend_from_slice(&(text.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&fnv64(&text).to_le_bytes());
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    fn header(path: &Path) -> serde_json::Value {
+        let bytes = std::fs::read(path).unwrap();
+        let n = bytes.len();
+        let at = u64::from_le_bytes(bytes[n - 24..n - 16].try_into().unwrap()) as usize;
+        let len = u64::from_le_bytes(bytes[n - 16..n - 8].try_into().unwrap()) as usize;
+        serde_json::from_slice(&bytes[at..at + len]).unwrap()
+    }
+
+    /// A cache of other segments, or of the version before segments (whole encodings, no
+    /// segment size), is refused as stale with `Error::EncodedCache`, never read.
+    #[test]
+    fn caches_of_other_segments_or_whole_encodings_are_refused() -> Result<()> {
+        let (dir, ckpt) = checkpoint("segments", 3);
+        let path = dir.join("c.encoded");
+        let keys: Vec<String> = (0..3).map(|i| block_key(i, [])).collect();
+        write(&path, &ckpt, &keys)?;
+        assert!(EncodedCache::open(&path, &ckpt, &keys, SEG, true)?.is_some());
+        match EncodedCache::open(&path, &ckpt, &keys, 2 * SEG, false) {
+            Err(Error::EncodedCache { reason, .. }) => {
+                assert!(reason.contains("is stale"), "{reason}");
+                assert!(
+                    reason.contains(&format!("segments of {SEG} raw bytes")),
+                    "{reason}"
+                );
+            }
+            r => panic!("another segment size: {:?}", r.map(|c| c.is_some())),
+        }
+        // A version 1 cache: whole encodings at the same places, no segment size.
+        let raw = blocks();
+        let mut doc = header(&path);
+        doc["version"] = 1.into();
+        doc.as_object_mut().unwrap().remove("segment_bytes");
+        let mut bytes = std::fs::read(&path).unwrap();
+        for (i, b) in doc["blocks"].as_array_mut().unwrap().iter_mut().enumerate() {
+            b.as_object_mut().unwrap().remove("largest_segment");
+            let whole = layerwise_offload_codec::encode(&raw[i]);
+            let at = b["offset"].as_u64().unwrap() as usize;
+            bytes[at..at + whole.len()].copy_from_slice(&whole);
+            b["bytes"] = whole.len().into();
+        }
+        std::fs::write(&path, bytes).unwrap();
+        rewrite_header(&path, &doc);
+        match EncodedCache::open(&path, &ckpt, &keys, SEG, true) {
+            Err(Error::EncodedCache { reason, .. }) => {
+                assert!(reason.contains("version 1"), "{reason}");
+            }
+            r => panic!("a version 1 cache: {:?}", r.map(|c| c.is_some())),
+        }
+        // Whole encodings under a version 2 header: each block refused when checked.
+        doc["version"] = VERSION.into();
+        doc["segment_bytes"] = SEG.into();
+        for b in doc["blocks"].as_array_mut().unwrap() {
+            b["largest_segment"] = b["bytes"].clone();
+        }
+        rewrite_header(&path, &doc);
+        match EncodedCache::open(&path, &ckpt, &keys, SEG, true) {
+            Err(Error::EncodedCache { reason, .. }) => {
+                assert!(reason.contains("block 0's encoding is corrupt"), "{reason}");
+            }
+            r => panic!("whole encodings: {:?}", r.map(|c| c.is_some())),
         }
         std::fs::remove_dir_all(&dir).unwrap();
         Ok(())

@@ -6,7 +6,7 @@
 //! tensor's bytes are exactly its dense shape's, names are unique.
 //!
 //! ```json
-//! {"format": "layerwise-offload host store", "version": 3, "bytes": 8192,
+//! {"format": "layerwise-offload host store", "version": 4, "bytes": 8192,
 //!  "layers": [{"attr": "blocks", "index": 0, "offset": 0, "bytes": 1024, "encoding": null,
 //!              "tensors": [{"name": "blocks.0.w", "dtype": "Float", "offset": 0,
 //!                           "bytes": 1024, "shape": [16, 16], "strides": [16, 1]}]}]}
@@ -14,7 +14,8 @@
 //! A block without a host copy (kept resident by its publisher) has `"offset": null`. A block
 //! held encoded (compressed transport) has `"encoding": {"bytes": 700, "codec_version": 2}`:
 //! its span in the file is its encoding's `bytes`, which decodes to the block's `bytes`
-//! (`null` for a raw block).
+//! (`null` for a raw block). An encoding is a segmented one (`layerwise_offload_codec::segments`)
+//! since version 4: a store of version 3 (whole encodings) is refused by its version.
 
 use crate::plan::{ALIGN, BlockLayout, TensorLayout, is_dense};
 use serde::{Deserialize, Serialize};
@@ -23,8 +24,9 @@ use tch::Kind;
 
 /// The `format` field.
 const FORMAT: &str = "layerwise-offload host store";
-/// The `version` field this crate writes and reads (3: blocks may be encoded).
-const VERSION: u32 = 3;
+/// The `version` field this crate writes and reads (3: blocks may be encoded; 4: encodings are
+/// segmented).
+const VERSION: u32 = 4;
 /// Alignment of each block inside the file.
 pub(crate) const FILE_ALIGN: usize = 4096;
 /// Most dimensions a tensor may have.
@@ -479,6 +481,11 @@ mod tests {
         // An encoding longer than the file holds is refused.
         let long = text.replace("\"bytes\": 1000", "\"bytes\": 1000000000");
         assert!(Manifest::parse(long.as_bytes()).is_err());
+        // A store of version 3 (whole encodings) is refused by its version, with what to do.
+        let old = text.replace("\"version\": 4", "\"version\": 3");
+        assert_ne!(old, text);
+        let err = Manifest::parse(old.as_bytes()).unwrap_err();
+        assert!(err.0.contains("version 3"), "{}", err.0);
     }
 
     #[test]

@@ -134,12 +134,34 @@ impl HostBlock {
         // SAFETY: nothing writes `enc` (host copies are written only by update_tensor, refused
         // for encoded blocks); `out` is a fresh buffer owned here; both outlive the slices.
         let (src, dst) = unsafe { (bytes(enc)?, bytes_mut(&out)?) };
-        layerwise_offload_codec::decode_with_threads(src, &mut dst[..raw], worker_threads())
-            .map_err(|source| Error::Codec {
+        layerwise_offload_codec::decode_segmented(src, &mut dst[..raw], worker_threads()).map_err(
+            |source| Error::Codec {
                 op: "decoding a compressed host copy",
                 source,
-            })?;
+            },
+        )?;
         Ok(HostBlock::whole(out))
+    }
+
+    /// For an encoded block: the bytes a device staging buffer needs for it, the whole encoding
+    /// if `whole`, else its longest segment's encoding (`layerwise_offload_codec::segments`);
+    /// 0 for a raw block.
+    pub(crate) fn staging_len(&self, whole: bool) -> Result<usize> {
+        let Some((enc, _)) = self.encoding() else {
+            return Ok(0);
+        };
+        if whole {
+            return Ok(enc.numel());
+        }
+        // SAFETY: nothing writes an encoded host copy while it is held (update_tensor replaces
+        // it by a new one); `enc` outlives the slice.
+        let bytes = unsafe { bytes(enc)? };
+        let segments =
+            layerwise_offload_codec::Segments::walk(bytes).map_err(|source| Error::Codec {
+                op: "reading a compressed host copy's segments",
+                source,
+            })?;
+        Ok(segments.largest_encoded())
     }
 
     /// The buffer, if the block is held raw in one starting at offset 0.
@@ -500,8 +522,7 @@ fn check_encoding(enc: &Tensor, raw: usize) -> std::result::Result<(), String> {
     // SAFETY: `enc` is a view of a read-only mapping this store owns, alive for the call;
     // nothing in this process writes it.
     let bytes = unsafe { bytes(enc) }.map_err(|e| e.to_string())?;
-    let parsed = layerwise_offload_codec::Encoded::parse(bytes)
-        .and_then(|e| e.verify_with_threads(worker_threads()).map(|()| e))
+    let parsed = layerwise_offload_codec::verify_segmented(bytes, worker_threads())
         .map_err(|e| format!("is corrupt ({e})"))?;
     match parsed.decoded_len() {
         n if n == raw => Ok(()),

@@ -5,7 +5,9 @@ use crate::error::{Error, Result};
 use crate::source::WeightSource;
 
 use super::LayerwiseOffloadManager;
-use super::config::{MAX_PREFETCH_DEPTH, OffloadConfig};
+use super::config::{
+    DEFAULT_SEGMENT_BYTES, MAX_PREFETCH_DEPTH, OffloadConfig, SEGMENT_BYTES_MULTIPLE,
+};
 use super::device::Backend;
 
 impl OffloadConfig {
@@ -28,6 +30,18 @@ impl OffloadConfig {
                 message: format!(
                     "prefetch_depth {} is out of range: pass 1..={MAX_PREFETCH_DEPTH} (each step holds one more slot of the largest block on the GPU; more than the number of blocks gains nothing)",
                     self.prefetch_depth
+                ),
+            });
+        }
+        if self.segment_bytes == 0
+            || !self.segment_bytes.is_multiple_of(SEGMENT_BYTES_MULTIPLE)
+            || self.segment_bytes > layerwise_offload_codec::segments::MAX_SEGMENT_RAW
+        {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::compress_segment_bytes",
+                message: format!(
+                    "{} bytes is out of range: pass a positive multiple of {SEGMENT_BYTES_MULTIPLE} (64 KiB) up to 2 GiB, e.g. {DEFAULT_SEGMENT_BYTES} (the default)",
+                    self.segment_bytes
                 ),
             });
         }

@@ -1,6 +1,8 @@
 //! Encoding for compressed transport ([`OffloadConfig::compress`](crate::OffloadConfig::compress)):
-//! each streamed block is encoded once at `initialize` (the `layerwise-offload-codec` crate) and
-//! only the encoding stays in host memory; uploads decode it into the slot ([`super::decode`]).
+//! each streamed block is encoded once at `initialize` (the `layerwise-offload-codec` crate), in
+//! segments of `compress_segment_bytes` raw bytes each (`layerwise_offload_codec::segments`), and
+//! only the encoding stays in host memory; uploads move and decode it segment by segment into
+//! the slot ([`super::staging`], [`super::decode`]).
 //!
 //! A block is encoded straight from the model's tensors where they are contiguous CPU tensors
 //! laid out as the block's layout says (the codec reads them in place as pieces of the block),
@@ -15,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::host::{self, HostBlock};
 use crate::plan::BlockLayout;
 use crate::stats::OffloadStats;
-use layerwise_offload_codec::{EncodePlan, Encoder};
+use layerwise_offload_codec::{Encoder, SegmentedPlan};
 use std::sync::Arc;
 use tch::{Device, Tensor};
 
@@ -23,34 +25,38 @@ use super::LayerwiseOffloadManager;
 use super::decode::{Decoding, codec_error};
 use super::device::Backend;
 use super::phase::Runtime;
-use super::tier::Transport;
 use super::weights::BlockState;
 
-/// Encodes `raw` (a block's raw host bytes, a contiguous 1-D uint8 CPU tensor) into a new
-/// host buffer of `memory`, and counts it in `stats`.
-fn encode(raw: &Tensor, memory: HostMemory, stats: &mut OffloadStats) -> Result<HostBlock> {
+/// Encodes `raw` (a block's raw host bytes, a contiguous 1-D uint8 CPU tensor) in segments of
+/// `segment` raw bytes into a new host buffer of `memory`, and counts it in `stats`.
+fn encode(
+    raw: &Tensor,
+    (memory, segment): (HostMemory, usize),
+    stats: &mut OffloadStats,
+) -> Result<HostBlock> {
     let _span = crate::observe::encode(None, raw.numel());
     // SAFETY: the caller filled `raw` and does not write it while this runs.
     let input = unsafe { host::bytes(raw)? };
-    store_encoding(&plan(input)?, memory, stats)
+    store_encoding(&plan(input, segment)?, memory, stats)
 }
 
-/// The codec's plan for a block's raw bytes, on the manager's worker threads.
-fn plan(input: &[u8]) -> Result<EncodePlan<'_>> {
+/// The codec's plan for a block's raw bytes, in segments of `segment` raw bytes
+/// (`layerwise_offload_codec::segments`), on the manager's worker threads.
+fn plan(input: &[u8], segment: usize) -> Result<SegmentedPlan<'_>> {
     Encoder::new()
         .with_threads(host::worker_threads())
-        .plan(input)
+        .plan_segmented(input, segment)
         .map_err(codec_error("encoding a block"))
 }
 
 /// Writes the encoding `plan` into a new host buffer of `memory` and counts it in `stats`;
 /// returns the block's host copy.
 fn store_encoding(
-    plan: &EncodePlan<'_>,
+    plan: &SegmentedPlan<'_>,
     memory: HostMemory,
     stats: &mut OffloadStats,
 ) -> Result<HostBlock> {
-    let (len, raw) = (plan.encoded_len(), plan.header().decoded_len() as usize);
+    let (len, raw) = (plan.encoded_len(), plan.decoded_len());
     let out = accel::alloc_host(len.max(1), memory)?;
     // SAFETY: `out` is a fresh buffer owned here.
     let dst = unsafe { host::bytes_mut(&out)? };
@@ -72,13 +78,13 @@ pub(super) fn count_encoded(stats: &mut OffloadStats, len: usize, raw: usize, in
     }
 }
 
-/// Block `raw` (a contiguous 1-D uint8 CPU tensor) encoded into a new vector; returns it and
-/// the raw size.
-pub(super) fn encode_to_vec(raw: &Tensor) -> Result<(Vec<u8>, usize)> {
+/// Block `raw` (a contiguous 1-D uint8 CPU tensor) encoded in segments of `segment` raw bytes
+/// into a new vector; returns it and the raw size.
+pub(super) fn encode_to_vec(raw: &Tensor, segment: usize) -> Result<(Vec<u8>, usize)> {
     let _span = crate::observe::encode(None, raw.numel());
     // SAFETY: the caller filled `raw` and does not write it while this runs.
     let input = unsafe { host::bytes(raw)? };
-    let plan = plan(input)?;
+    let plan = plan(input, segment)?;
     let mut out = vec![0u8; plan.encoded_len()];
     plan.write(&mut out)
         .map_err(codec_error("encoding a block"))?;
@@ -98,15 +104,17 @@ impl LayerwiseOffloadManager {
     /// Encodes `raw` (a block's raw host bytes, a contiguous 1-D uint8 CPU tensor) into a new
     /// host buffer of the manager's host memory kind, and counts it.
     pub(super) fn encode_block(&mut self, raw: &Tensor) -> Result<HostBlock> {
-        encode(raw, self.encoding_memory(), &mut self.stats)
+        let to = (self.encoding_memory(), self.config.segment_bytes);
+        encode(raw, to, &mut self.stats)
     }
 }
 
 impl Runtime {
     /// `update_tensor`'s write of `value` into tensor `j` of block `li`'s host copy
     /// ([`HostTier::update`](super::tier::HostTier::update)). An encoded copy is encoded again
-    /// into a new buffer of `memory`: the new encoding is counted in `stats` instead of the old
-    /// one, takes its place in the host store, and the staging buffers grow if it got longer.
+    /// into a new buffer of `memory` in segments of `segment` raw bytes: the new encoding is
+    /// counted in `stats` instead of the old one, takes its place in the host store, and the
+    /// staging buffers grow if a segment's encoding got longer.
     /// The caller checked that nobody else holds the store, and waited for the copy and decode
     /// streams.
     pub(super) fn update_host(
@@ -114,7 +122,7 @@ impl Runtime {
         name: &str,
         (li, j): (usize, usize),
         value: &Tensor,
-        (memory, stats): (HostMemory, &mut OffloadStats),
+        (memory, segment, stats): (HostMemory, usize, &mut OffloadStats),
         backend: &Backend,
     ) -> Result<()> {
         if self.blocks[li].tier.encoding().is_some() && Arc::get_mut(&mut self.store).is_none() {
@@ -126,7 +134,9 @@ impl Runtime {
         let layout = self.layout(li).clone();
         let old = self.blocks[li]
             .tier
-            .update(name, &layout, j, value, |raw| encode(raw, memory, stats))?;
+            .update(name, &layout, j, value, |raw| {
+                encode(raw, (memory, segment), stats)
+            })?;
         let Some((old_len, raw_len)) = old
             .as_ref()
             .and_then(|o| o.encoding())
@@ -140,34 +150,34 @@ impl Runtime {
         stats.raw_encoded_bytes -= raw_len as u64;
         stats.host_bytes -= old_len as u64;
         let new = self.blocks[li].tier.host().map(HostBlock::shallow_clone);
-        let new_len = new
-            .as_ref()
-            .and_then(|h| h.encoding())
-            .map_or(0, |(e, _)| e.numel());
+        let staging_len = match &new {
+            Some(h) => h.staging_len(self.decoding.as_ref().is_some_and(|d| d.whole()))?,
+            None => 0,
+        };
         if let Some(store) = Arc::get_mut(&mut self.store) {
             store.buffers[li] = new;
         }
         if let Some(dec) = &mut self.decoding {
-            dec.grow(backend, new_len)?;
+            dec.grow(backend, staging_len, stats)?;
         }
         Ok(())
     }
 }
 
 impl LayerwiseOffloadManager {
-    /// Once `blocks` are encoded: the two staging buffers of the largest encoding and, with
-    /// CUDA, the decode stream and the GPU decoder ([`Decoding::start`]); None without encoded
-    /// blocks. In a group the staging buffers join the member's ring in the group, which keeps
-    /// them while another member may still be sending into them.
+    /// Once `blocks` are encoded: the staging ring of the largest segment encoding (in a peer
+    /// group, of the largest whole encoding) and, with CUDA, the decode stream and the GPU
+    /// decoder ([`Decoding::start`]), counted in `staging_bytes`; None without encoded blocks.
+    /// In a group the staging buffers join the member's ring in the group, which keeps them
+    /// while another member may still be sending into them.
     pub(super) fn start_decoding(&mut self, blocks: &[BlockState]) -> Result<Option<Decoding>> {
-        let largest = blocks
-            .iter()
-            .enumerate()
-            .filter_map(|(i, b)| match b.tier.transport(i, 0) {
-                Transport::Encoded { len, .. } => Some(len),
-                Transport::Raw { .. } => None,
-            })
-            .max();
+        let whole = self.config.peer.is_some();
+        let mut largest = None;
+        for (i, b) in blocks.iter().enumerate() {
+            if let Some(len) = b.tier.staging_len(i, whole)? {
+                largest = largest.max(Some(len));
+            }
+        }
         let Some(largest) = largest else {
             return Ok(None);
         };
@@ -176,6 +186,7 @@ impl LayerwiseOffloadManager {
         if let (Some((group, rank)), Some(dec)) = (&self.config.peer, &decoding) {
             group.retain(*rank, dec.buffers());
         }
+        self.stats.staging_bytes = decoding.as_ref().map_or(0, |d| d.bytes() as u64);
         Ok(decoding)
     }
 
@@ -206,7 +217,7 @@ impl LayerwiseOffloadManager {
         }
         let plan = Encoder::new()
             .with_threads(host::worker_threads())
-            .plan_pieces(&pieces, layout.bytes)
+            .plan_pieces_segmented(&pieces, layout.bytes, self.config.segment_bytes)
             .map_err(codec_error("encoding a block"))?;
         store_encoding(&plan, self.encoding_memory(), &mut self.stats)
     }
@@ -255,6 +266,9 @@ mod tests {
     use crate::OffloadConfig;
     use crate::manager::weights::views;
     use tch::{Device, Kind, Tensor};
+
+    /// Raw bytes per segment: the smallest accepted.
+    const SEG: usize = crate::manager::SEGMENT_BYTES_MULTIPLE;
 
     /// A bf16 tensor of N(0, 0.02) values.
     fn weights(shape: &[i64]) -> Tensor {
@@ -305,8 +319,8 @@ mod tests {
     }
 
     /// Block 0 is encoded in place, blocks 1 and 2 from a scratch copy; every block's encoding
-    /// is that of its buffer assembled with zero gaps (whichever way it was read), and every
-    /// weight reads back exactly.
+    /// is the segmented encoding of its buffer assembled with zero gaps (whichever way it was
+    /// read; block 0 and 1 are two segments each), and every weight reads back exactly.
     #[test]
     fn blocks_encode_in_place_or_from_a_copy_and_read_back_exactly() -> anyhow::Result<()> {
         let named = model();
@@ -315,6 +329,7 @@ mod tests {
         let mut m = OffloadConfig::new("blocks", 3)
             .cpu_test_mode(true)
             .compress(true)
+            .compress_segment_bytes(SEG)
             .build(&named)?;
         m.initialize()?;
         assert_eq!(m.stats().encoded_blocks, 3);
@@ -329,10 +344,34 @@ mod tests {
             let raw = Vec::<u8>::try_from(&buf)?;
             let enc = Vec::<u8>::try_from(rt.blocks[b].tier.encoding().unwrap().0)?;
             assert!(
-                enc == layerwise_offload_codec::encode(&raw),
+                enc == layerwise_offload_codec::encode_segmented(&raw, SEG)?,
                 "block {b} encodes differently"
             );
+            let segments = layerwise_offload_codec::Segments::parse(&enc)?.len();
+            assert_eq!(segments, raw.len().div_ceil(SEG), "block {b}'s segments");
         }
+        // The staging ring: two buffers of the longest segment encoding (16-byte rounded),
+        // less than two of the longest whole encoding.
+        let rt = m.phase.runtime().unwrap();
+        let encodings: Vec<Vec<u8>> = (0..3)
+            .map(|b| Vec::<u8>::try_from(rt.blocks[b].tier.encoding().unwrap().0).unwrap())
+            .collect();
+        let longest_segment = encodings
+            .iter()
+            .map(|e| {
+                layerwise_offload_codec::Segments::walk(e)
+                    .unwrap()
+                    .largest_encoded()
+            })
+            .max()
+            .unwrap();
+        let longest_whole = encodings.iter().map(Vec::len).max().unwrap();
+        let staging = m.stats().staging_bytes as usize;
+        assert_eq!(staging, 2 * longest_segment.next_multiple_of(16));
+        assert!(
+            staging < 2 * longest_whole,
+            "{staging} against {longest_whole}"
+        );
         let mut got = m.named_tensors()?;
         got.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(got.len(), before.len());

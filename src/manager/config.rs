@@ -41,8 +41,17 @@ pub struct OffloadConfig {
     pub(super) convert_dtypes: bool,
     pub(super) compress: bool,
     pub(super) encoded_cache: Option<std::path::PathBuf>,
+    pub(super) segment_bytes: usize,
     pub(super) progress: Option<crate::progress::ProgressCallback>,
 }
+
+/// The default [`OffloadConfig::compress_segment_bytes`]: 64 MiB of raw bytes per segment.
+pub const DEFAULT_SEGMENT_BYTES: usize = 64 << 20;
+
+/// [`OffloadConfig::compress_segment_bytes`] must be a multiple of this: the codec's default
+/// chunk (32 Ki bf16 values), so that segments keep every chunk whole.
+pub const SEGMENT_BYTES_MULTIPLE: usize =
+    2 * layerwise_offload_codec::DEFAULT_CHUNK_VALUES as usize;
 
 /// The largest [`OffloadConfig::prefetch_depth`] accepted.
 pub const MAX_PREFETCH_DEPTH: usize = 1024;
@@ -76,6 +85,7 @@ impl OffloadConfig {
             convert_dtypes: false,
             compress: false,
             encoded_cache: None,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
             progress: None,
         }
     }
@@ -338,12 +348,17 @@ impl OffloadConfig {
     /// such as fp32 or random bits, stay raw; see the `layerwise-offload-codec` crate), only the
     /// encoding stays in pinned host memory, uploads carry the encoding, and a GPU kernel
     /// (compiled at run time with NVRTC) decodes it into the slot on a decode stream before the
-    /// block's `ready` event. Outputs stay bit-identical. Two device buffers of the largest
-    /// encoding hold uploads waiting for their decode. Reads (`tensor`, `restore`) decode on the
+    /// block's `ready` event. Outputs stay bit-identical. Reads (`tensor`, `restore`) decode on the
     /// CPU; the CPU test mode decodes with the CPU reference decoder.
     ///
     /// In a peer group each member uploads its share of the encoding and sends it on, still
     /// encoded, to the others' staging buffers; each member then decodes the whole block.
+    ///
+    /// Each block's encoding is a sequence of segments of at most
+    /// [`Self::compress_segment_bytes`] raw bytes each, encoded independently: an upload moves
+    /// one segment at a time into one of two small device staging buffers and decodes it into
+    /// its place in the slot, so compression costs two buffers of the largest segment's
+    /// encoding (about 90 MiB by default) of device memory beyond the slots.
     ///
     /// Composes with every host tier. With [`Self::shared_memory`] the published store holds
     /// the encodings (its manifest says so, with the codec's format version; processes that
@@ -377,6 +392,18 @@ impl OffloadConfig {
     /// cache must not be truncated while in use (SIGBUS).
     pub fn encoded_cache(mut self, path: impl Into<std::path::PathBuf>) -> OffloadConfig {
         self.encoded_cache = Some(path.into());
+        self
+    }
+
+    /// With [`Self::compress`]: the raw bytes of a block encoded as one segment (default
+    /// [`DEFAULT_SEGMENT_BYTES`], 64 MiB; a positive multiple of [`SEGMENT_BYTES_MULTIPLE`],
+    /// 64 KiB, up to 2 GiB). The two device staging buffers hold one segment's encoding each:
+    /// smaller segments cost less device memory and more decode launches per block (one per
+    /// segment, a few tens of microseconds each). An encoded cache records its segment size and
+    /// is refused when it differs; a shared-memory store is read with whatever segments it was
+    /// published with.
+    pub fn compress_segment_bytes(mut self, bytes: usize) -> OffloadConfig {
+        self.segment_bytes = bytes;
         self
     }
 

@@ -5,7 +5,7 @@
 //! next write; in a peer group `pushed` (one per receiving member) is recorded after this
 //! member's share went out of the buffer to that member and waited before the next write too.
 //! The slots of the ring ([`super::ring`]) and compression's staging buffers
-//! ([`super::compress`]) are both made of it.
+//! ([`super::staging`]) are both made of it.
 //!
 //! The events are a [`Fence`]: [`Event`] on CUDA; the tests use a fake that logs what was
 //! recorded and waited. Without device events (the CPU test mode) a buffer has none, and every
@@ -187,7 +187,7 @@ fn no_events() -> Error {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::{Fence, Fenced};
     use crate::error::Result;
     use std::cell::RefCell;
@@ -196,13 +196,13 @@ mod tests {
 
     /// A stream that logs what is recorded on it and what it waits for.
     #[derive(Debug, Default)]
-    struct FakeStream {
-        log: RefCell<Vec<String>>,
+    pub(crate) struct FakeStream {
+        pub(crate) log: RefCell<Vec<String>>,
     }
 
     /// An event: a number, and how many times it was recorded.
     #[derive(Debug)]
-    struct FakeEvent {
+    pub(crate) struct FakeEvent {
         id: usize,
         recorded: usize,
         host_waits: Rc<RefCell<usize>>,
@@ -250,7 +250,7 @@ mod tests {
         Fenced::new(buf, events, peers).unwrap()
     }
 
-    fn ids(f: &Fenced<FakeEvent>) -> (usize, usize, Vec<usize>) {
+    pub(crate) fn ids(f: &Fenced<FakeEvent>) -> (usize, usize, Vec<usize>) {
         let ev = f.events.as_ref().unwrap();
         (
             ev.ready.id,
@@ -259,7 +259,7 @@ mod tests {
         )
     }
 
-    fn take(s: &FakeStream) -> Vec<String> {
+    pub(crate) fn take(s: &FakeStream) -> Vec<String> {
         std::mem::take(&mut *s.log.borrow_mut())
     }
 

@@ -20,12 +20,15 @@ mod ring;
 mod runs;
 mod schedule;
 mod share;
+mod staging;
 mod tier;
 mod timing;
 mod upload;
 mod weights;
 
-pub use config::{MAX_PREFETCH_DEPTH, OffloadConfig};
+pub use config::{
+    DEFAULT_SEGMENT_BYTES, MAX_PREFETCH_DEPTH, OffloadConfig, SEGMENT_BYTES_MULTIPLE,
+};
 #[cfg(feature = "testing")]
 pub use faults::Fault;
 

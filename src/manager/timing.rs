@@ -151,6 +151,41 @@ impl Timer {
         Ok(out)
     }
 
+    /// Opens an interval on `stream` with `pair` (if any): its start is recorded now, its end
+    /// by [`Self::close`] once its work is queued (work queued by closures that borrow the
+    /// timer, which [`Self::time`] cannot wrap).
+    pub(super) fn open(pair: Pair, stream: &Stream) -> Result<Pair> {
+        let Some((mut start, end)) = pair else {
+            return Ok(None);
+        };
+        start.record(stream)?;
+        Ok(Some((start, end)))
+    }
+
+    /// Closes an interval opened by [`Self::open`] at this point of `stream`, and keeps it for
+    /// [`Self::harvest`] as `lane` of `block`, `bytes` moved.
+    pub(super) fn close(
+        &mut self,
+        opened: Pair,
+        stream: &Stream,
+        (block, bytes, lane): (usize, u64, Lane),
+    ) -> Result<()> {
+        let Some((start, mut end)) = opened else {
+            return Ok(());
+        };
+        end.record(stream)?;
+        let traced = self.timeline.is_some();
+        self.pending.push(Timed {
+            block,
+            bytes,
+            lane,
+            start,
+            end,
+            traced,
+        });
+        Ok(())
+    }
+
     /// Opens the compute interval of `block` at this point of `compute`.
     pub(super) fn open_compute(
         &mut self,

@@ -3,17 +3,18 @@
 //! member's share only, the others' arriving device to device ([`super::share`]).
 
 use crate::accel::Event;
+use crate::error::Context;
 use crate::error::{Error, Result};
 use crate::peer::PeerGroup;
 use crate::stats::Lane;
 use std::sync::Arc;
 
-use super::decode::decode_on_cpu;
+use super::decode::{decode_on_cpu, segments_of};
 use super::device;
 use super::phase::Loop;
 use super::share::Share;
 use super::tier::Transport;
-use super::timing::Pair;
+use super::timing::{Pair, Timer};
 
 /// What one upload moved.
 struct Moved {
@@ -108,8 +109,11 @@ impl Loop<'_> {
     }
 
     /// Uploads encoded block `block` (an encoding of `len` bytes, `raw` bytes raw) into slot
-    /// `s`: the encoding into a staging buffer on the copy stream, the decode into the slot on
-    /// the decode stream (CUDA), or straight into the slot on the CPU.
+    /// `s`: segment by segment, each segment's encoding into the next staging buffer on the copy
+    /// stream and its decode into its place in the slot on the decode stream (CUDA; in the CPU
+    /// test mode the same steps in host memory, each done at once, with the reference decoder). `pair` times the copies together (from
+    /// the first segment's to the last one's, waits for staging buffers included); each decode
+    /// is timed on its own.
     fn upload_encoded(
         &mut self,
         block: usize,
@@ -118,57 +122,68 @@ impl Loop<'_> {
         pair: Pair,
     ) -> Result<()> {
         let out = self.rt.ring.slot(s).dst(raw)?;
-        let decode_pair = self.timing_pair()?;
         let staged = self.rt.blocks[block].tier.stage(block, 0, len)?;
         let copy = self.backend.copy_stream();
-        let (Some(c), Some(decode), Some(dec)) = (
-            copy,
-            self.backend.decode_stream(),
-            self.rt.decoding.as_mut().filter(|d| d.on_gpu()),
-        ) else {
-            // The CPU test mode: the reference decoder into the (host) slot.
-            let decoded = staged
-                .contiguous(len)
-                .and_then(|enc| decode_on_cpu(&enc, &out));
-            return decoded.and(staged.finish(None));
-        };
-        let k = dec.next();
-        let buf = dec.staging_mut(k);
-        let dst = buf.head(len);
-        // 1. The encoding into staging buffer k, once the decode out of it before is done.
-        let copied = dst.and_then(|dst| {
-            buf.wait_writable(&c)?;
-            self.timer
-                .time(pair, &c, (block, len as u64, Lane::Upload), || {
-                    // SAFETY: the host encoding lives in the manager until restore or Drop,
-                    // which synchronize the copy and decode streams first, and nothing writes
-                    // it meanwhile (a disk-tier staging buffer is read into again only after
-                    // the event recorded behind this copy); the staging buffer is not read by
-                    // a decode until `ready` below, and was released by its previous decode
-                    // (`free`, waited above).
-                    unsafe { device::copy_pieces(&dst, &staged.pieces, &c, "upload") }
-                })?;
-            buf.mark_ready(&c)
-        });
-        let released = staged.finish(Some(&c));
-        copied.and(released)?;
-        // 2. The decode into the slot, once the encoding is there.
-        dec.staging(k).wait_ready(&decode)?;
-        let slot = self.rt.ring.slot_mut(s).fenced_mut();
-        dec.decode_into(
-            k,
-            len,
-            (slot, &out),
-            &decode,
-            block,
-            (&mut *self.timer, decode_pair),
-        )
+        let decode = self.backend.decode_stream();
+        let uploaded = self
+            .rt
+            .decoding
+            .as_mut()
+            .ok_or_else(no_staging)
+            .and_then(|dec| {
+                // CUDA: the copy and decode streams; the CPU test mode: neither (done at once).
+                let streams = match (&copy, &decode) {
+                    (Some(c), Some(d)) if dec.on_gpu() => Some((c, d)),
+                    _ => None,
+                };
+                let enc = staged.one_piece(len)?;
+                let segments = segments_of(&enc, raw, block)?;
+                let slot = self.rt.ring.slot_mut(s).fenced_mut();
+                let timing = pair.is_some();
+                let copies = match streams {
+                    Some((c, _)) => Timer::open(pair, c)?,
+                    None => None,
+                };
+                let timer = &mut *self.timer;
+                dec.upload(
+                    &segments,
+                    (slot, &out),
+                    streams,
+                    (block, timer, timing, &mut *self.stats),
+                    |seg, dst| {
+                        let part = enc
+                            .f_narrow(0, seg.encoded.start as i64, seg.encoded_len() as i64)
+                            .context("upload")?;
+                        let Some((c, _)) = streams else {
+                            return device::copy_pieces_now(dst, &[(0, part)], "upload");
+                        };
+                        // SAFETY: the host encoding lives in the manager until restore or Drop,
+                        // which synchronize the copy and decode streams first, and nothing writes
+                        // it meanwhile (a disk-tier staging buffer is read into again only after
+                        // the event recorded behind these copies); the staging buffer is not read
+                        // by a decode until its `ready`, recorded after this copy, and was released
+                        // by its previous decode (`free`, waited before this copy).
+                        unsafe { device::copy_pieces(dst, &[(0, part)], c, "upload") }
+                    },
+                )?;
+                match streams {
+                    Some((c, _)) => self
+                        .timer
+                        .close(copies, c, (block, len as u64, Lane::Upload)),
+                    None => Ok(()),
+                }
+            });
+        // A disk-tier staging buffer goes back also when the upload fails.
+        let released = staged.finish(copy.as_ref());
+        uploaded.and(released)
     }
 
     /// [`Self::upload`] in a peer group: this member's share of the block (or of its encoding)
     /// from the host into its slot (or a staging buffer) and from there into the other members'
     /// buffers; their shares arrive the same way. An encoded block is then decoded whole into
-    /// the slot by every member. Returns the bytes this member sent from the host and the
+    /// the slot by every member, segment by segment out of the one staging buffer (the group's
+    /// protocol moves one buffer per upload: a peer group's staging buffers hold a whole
+    /// encoding each). Returns the bytes this member sent from the host and the
     /// bytes of the whole block (or encoding), and the events the compute stream waits for
     /// before the slot holds the block.
     fn upload_peer(
@@ -182,10 +197,7 @@ impl Loop<'_> {
         let round = self.peer.round;
         self.peer.round += 1;
         let pair = self.timing_pair()?;
-        let decode_pair = match transport {
-            Transport::Encoded { .. } => self.timing_pair()?,
-            Transport::Raw { .. } => None,
-        };
+        let timing = pair.is_some();
         self.rt.ring.slot_mut(s).clear_incoming();
         let copy = self.backend.copy_stream();
         let share = Share {
@@ -214,11 +226,29 @@ impl Loop<'_> {
         let dec = self.rt.decoding.as_mut().ok_or_else(no_staging)?;
         let k = dec.next();
         let timer = (&mut *self.timer, pair);
+        // This member's share of the encoding, and the segment records from its whole host
+        // encoding (the same bytes the members assemble in the staging buffer).
+        let mut segments = None;
+        let source = |off, part| {
+            let staged = tier.stage(block, 0, len)?;
+            let walked = staged
+                .one_piece(len)
+                .and_then(|enc| segments_of(&enc, raw, block));
+            match walked {
+                Ok(w) => segments = Some(w),
+                Err(e) => {
+                    staged.finish(None)?;
+                    return Err(e);
+                }
+            }
+            staged.narrow(off, part)
+        };
         let (delivered, staged) = share.send(dec.staging_mut(k), copy.as_ref(), timer, source)?;
         staged.finish(copy.as_ref())?;
+        let segments = segments.ok_or_else(no_staging)?;
         let incoming = group.deliver(round, rank, delivered)?;
         // The whole encoding is here once this member's upload and every incoming share are:
-        // then the decode.
+        // then the decode, segment by segment out of the one staging buffer.
         match (copy, self.backend.decode_stream()) {
             (Some(_), Some(decode)) => {
                 dec.staging(k).wait_ready(&decode)?;
@@ -226,8 +256,8 @@ impl Loop<'_> {
                     e.wait(&decode)?;
                 }
                 let slot = self.rt.ring.slot_mut(s).fenced_mut();
-                let timer = (&mut *self.timer, decode_pair);
-                dec.decode_into(k, len, (slot, &out), &decode, block, timer)?;
+                let timer = (&mut *self.timer, timing, &mut *self.stats);
+                dec.decode_whole(k, &segments, (slot, &out), &decode, block, timer)?;
             }
             _ => decode_on_cpu(&dec.staging(k).head(len)?, &out)?,
         }

@@ -241,7 +241,7 @@ impl LayerwiseOffloadManager {
             name,
             (li, j),
             value,
-            (memory, &mut self.stats),
+            (memory, self.config.segment_bytes, &mut self.stats),
             &self.backend,
         )?;
         if rt.blocks[li].resident {

@@ -176,6 +176,12 @@ impl DiskTier {
         Some((c.len, c.raw))
     }
 
+    /// For a tier reading encodings: block `block`'s longest segment encoding (as the cache
+    /// records it; each read checks the encoding has it).
+    pub(super) fn largest_segment(&self, block: usize) -> Option<usize> {
+        Some(self.shared.cache.as_ref()?.block(block).largest_segment)
+    }
+
     /// A disk tier for the blocks whose `reads` are not empty, read into staging buffers of
     /// `bytes[i]` for block `i`.
     fn start(

@@ -71,7 +71,8 @@ impl Staged {
     }
 
     /// The first `len` bytes as one contiguous host tensor: the one piece itself when it is
-    /// that, else a copy (for the CPU reference decoder).
+    /// that, else a copy (for tests that read what an upload would copy).
+    #[cfg(test)]
     pub(super) fn contiguous(&self, len: usize) -> Result<Tensor> {
         if let [(0, t)] = self.pieces.as_slice()
             && t.numel() == len
@@ -87,6 +88,35 @@ impl Staged {
             tch::no_grad(|| d.f_copy_(t)).context("upload")?;
         }
         Ok(out)
+    }
+
+    /// The first `len` bytes as one host tensor, where they are one piece (an encoding always
+    /// is: one buffer, or a disk-tier staging buffer).
+    pub(super) fn one_piece(&self, len: usize) -> Result<Tensor> {
+        match self.pieces.as_slice() {
+            [(0, t)] if t.numel() >= len => t.f_narrow(0, 0, len as i64).context("upload"),
+            _ => Err(Error::InvalidArgument {
+                op: "upload",
+                message: "an encoding in several host pieces: this is a bug".into(),
+            }),
+        }
+    }
+
+    /// Bytes `[off, off + len)` of these (one piece), keeping the staging buffer to give back.
+    pub(super) fn narrow(self, off: usize, len: usize) -> Result<Staged> {
+        let part = self
+            .one_piece(off + len)
+            .and_then(|t| t.f_narrow(0, off as i64, len as i64).context("upload"));
+        match part {
+            Ok(part) => Ok(Staged {
+                pieces: vec![(0, part)],
+                buffer: self.buffer,
+            }),
+            Err(e) => {
+                self.finish(None)?;
+                Err(e)
+            }
+        }
     }
 
     /// Gives a staging buffer back once the copies out of it queued so far on `copy` are done
@@ -184,6 +214,23 @@ impl HostTier {
                 raw,
             },
             None => Transport::Raw { bytes },
+        }
+    }
+
+    /// For an encoded block: the bytes a staging buffer needs for it, its whole encoding if
+    /// `whole` (peer groups) else its longest segment encoding; None for a raw block.
+    pub(super) fn staging_len(&self, block: usize, whole: bool) -> Result<Option<usize>> {
+        if let HostTier::Disk(disk) = self
+            && let Some((len, _)) = disk.encoding(block)
+        {
+            return Ok(Some(match whole {
+                true => len,
+                false => disk.largest_segment(block).unwrap_or(len),
+            }));
+        }
+        match self.host() {
+            Some(h) if h.encoding().is_some() => h.staging_len(whole).map(Some),
+            _ => Ok(None),
         }
     }
 

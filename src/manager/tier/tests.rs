@@ -47,7 +47,7 @@ fn raw(named: &[(String, Tensor)], layout: &BlockLayout) -> Tensor {
 
 fn encoded(buf: &Tensor) -> HostBlock {
     let bytes = Vec::<u8>::try_from(buf).unwrap();
-    let enc = layerwise_offload_codec::encode(&bytes);
+    let enc = layerwise_offload_codec::encode_segmented(&bytes, 4096).unwrap();
     HostBlock::encoded(Tensor::from_slice(&enc), bytes.len())
 }
 
@@ -337,9 +337,9 @@ fn an_encoded_disk_block_stages_its_encoding_and_reads_back_raw() -> R {
             .collect(),
     ];
     let want = raw(&named, &layout);
-    let enc = layerwise_offload_codec::encode(&Vec::<u8>::try_from(&want)?);
+    let enc = layerwise_offload_codec::encode_segmented(&Vec::<u8>::try_from(&want)?, 4096)?;
     let keys = vec![block_key(layout.bytes, [])];
-    let cache = EncodedCache::write(&dir.join("c.encoded"), &ckpt, &keys, |_| {
+    let cache = EncodedCache::write(&dir.join("c.encoded"), &ckpt, &keys, 4096, |_| {
         Ok((enc.clone(), layout.bytes))
     })?;
     let disk = DiskTier::encoded(
