@@ -1,11 +1,11 @@
-//! The CPU encoder: per chunk, an exponent histogram picks the code bits k (or raw), then the
-//! chunk is written; chunks are planned and written in parallel. The input is one slice or
+//! The CPU encoder: per chunk, an exponent histogram picks the code bits k, or two tiers of
+//! code bits (k1, k2), or raw, then the chunk is written; chunks are planned and written in parallel. The input is one slice or
 //! pieces of one (the bytes between them 0), read in place.
 
 use crate::error::{CodecError, Result};
 use crate::format::{
     ChunkMode, CodedLayout, ENTRY_LEN, Entry, GROUP, HEADER_LEN, Header, MAX_CHUNK_VALUES,
-    MAX_CODE_BITS, MIN_CHUNK_VALUES,
+    MAX_CODE_BITS, MAX_TIER1_BITS, MAX_TIER2_BITS, MIN_CHUNK_VALUES, TwoTierLayout,
 };
 #[cfg(target_arch = "x86_64")]
 use crate::simd;
@@ -43,6 +43,8 @@ pub struct Encoder {
     threads: usize,
     /// The code widths to choose from; `None`: every chunk raw.
     code_bits: Option<RangeInclusive<u8>>,
+    /// The second-tier code widths to choose from; `None`: one tier only.
+    tier2_bits: Option<RangeInclusive<u8>>,
 }
 
 impl Default for Encoder {
@@ -52,13 +54,15 @@ impl Default for Encoder {
 }
 
 impl Encoder {
-    /// The default options: [`DEFAULT_CHUNK_VALUES`], all available cores, k chosen per chunk
-    /// from 1..=[`MAX_CODE_BITS`].
+    /// The default options: [`DEFAULT_CHUNK_VALUES`], all available cores, per chunk the
+    /// smallest of raw, one tier of k code bits for k in 1..=[`MAX_CODE_BITS`] and two tiers of
+    /// (k1, k2) code bits for k1 in 1..=[`MAX_TIER1_BITS`], k2 in 1..=[`MAX_TIER2_BITS`].
     pub fn new() -> Self {
         Encoder {
             chunk_values: DEFAULT_CHUNK_VALUES,
             threads: 0,
             code_bits: Some(1..=MAX_CODE_BITS),
+            tier2_bits: Some(1..=MAX_TIER2_BITS),
         }
     }
 
@@ -78,10 +82,27 @@ impl Encoder {
     }
 
     /// The code bits k the encoder may choose from for a chunk (within 1..=[`MAX_CODE_BITS`],
-    /// not empty); a chunk is stored raw when no k in the range makes it smaller. A single k
-    /// (`3..=3`) fixes it, for measurements.
+    /// not empty), which are also the first-tier code bits k1 of two-tier chunks (those of them
+    /// up to [`MAX_TIER1_BITS`]); a chunk is stored raw when nothing in the ranges makes it
+    /// smaller. A single k (`3..=3`) with [`single_tier`](Encoder::single_tier) fixes it, for
+    /// measurements.
     pub fn with_code_bits(mut self, code_bits: RangeInclusive<u8>) -> Self {
         self.code_bits = Some(code_bits);
+        self
+    }
+
+    /// The second-tier code bits k2 the encoder may choose from for two-tier chunks (within
+    /// 1..=[`MAX_TIER2_BITS`], not empty; the default is all of them).
+    pub fn with_tier2_bits(mut self, tier2_bits: RangeInclusive<u8>) -> Self {
+        self.tier2_bits = Some(tier2_bits);
+        self
+    }
+
+    /// Only one tier of codes: every chunk raw or coded with one k, the layout of format
+    /// version 2's chunks (for measurements, and for the baseline GPU kernel, which decodes no
+    /// two-tier chunk).
+    pub fn single_tier(mut self) -> Self {
+        self.tier2_bits = None;
         self
     }
 
@@ -181,6 +202,15 @@ impl Encoder {
                 reason: "must be a non-empty range within 1..=7",
             });
         }
+        if let Some(bits) = &self.tier2_bits
+            && (bits.is_empty() || *bits.start() < 1 || *bits.end() > MAX_TIER2_BITS)
+        {
+            return Err(CodecError::InvalidOption {
+                option: "tier2_bits",
+                value: format!("{bits:?}"),
+                reason: "must be a non-empty range within 1..=5",
+            });
+        }
         let len = input.len();
         let n_values = len / 2;
         if n_values.div_ceil(cv as usize) > u32::MAX as usize {
@@ -202,7 +232,13 @@ impl Encoder {
         let plans: Vec<Plan> = parallel::map_each(parallel::split(n_chunks, threads), |range| {
             let mut buf = Vec::new();
             range
-                .map(|i| Plan::new(chunks.get(i, &mut buf), self.code_bits.clone()))
+                .map(|i| {
+                    Plan::new(
+                        chunks.get(i, &mut buf),
+                        self.code_bits.clone(),
+                        self.tier2_bits.clone(),
+                    )
+                })
                 .collect::<Vec<_>>()
         })
         .into_iter()
@@ -390,32 +426,53 @@ struct Plan {
 }
 
 impl Plan {
-    /// Counts the exponents of `values` (2n bytes) and picks the smallest of raw and the coded
-    /// sizes for k in `code_bits` (`None`: raw).
-    fn new(values: &[u8], code_bits: Option<RangeInclusive<u8>>) -> Plan {
+    /// Counts the exponents of `values` (2n bytes) and picks the smallest of raw, the coded
+    /// sizes for k in `code_bits` (`None`: raw) and the two-tier sizes for k1 in `code_bits`
+    /// (up to [`MAX_TIER1_BITS`]) and k2 in `tier2_bits` (`None`: none); on a tie the first of
+    /// raw, one tier by k, two tiers by (k1, k2).
+    fn new(
+        values: &[u8],
+        code_bits: Option<RangeInclusive<u8>>,
+        tier2_bits: Option<RangeInclusive<u8>>,
+    ) -> Plan {
         let n = values.len() / 2;
         let counts = histogram(values);
         let mut order: [u8; 256] = std::array::from_fn(|e| e as u8);
         // Most frequent first; ties by exponent, so the table does not depend on sort stability.
         order.sort_unstable_by_key(|&e| (std::cmp::Reverse(counts[usize::from(e)]), e));
+        // covered[j]: values whose exponent is among the j most frequent.
+        let mut covered = [0usize; 257];
+        for j in 0..256 {
+            covered[j + 1] = covered[j] + counts[usize::from(order[j])] as usize;
+        }
         let mut best = ChunkMode::Raw;
         let mut best_size = ChunkMode::Raw.size(n);
-        let mut covered = 0usize;
-        let mut next = 0usize;
-        for k in code_bits.into_iter().flatten() {
-            let t = (1usize << k) - 1;
-            while next < t {
-                covered += counts[usize::from(order[next])] as usize;
-                next += 1;
-            }
-            let mode = ChunkMode::Coded {
-                k,
-                exceptions: (n - covered) as u32,
-            };
+        let mut consider = |mode: ChunkMode| {
             let size = mode.size(n);
             if size < best_size {
                 best = mode;
                 best_size = size;
+            }
+        };
+        for k in code_bits.clone().into_iter().flatten() {
+            let t = (1usize << k) - 1;
+            consider(ChunkMode::Coded {
+                k,
+                exceptions: (n - covered[t]) as u32,
+            });
+        }
+        for k1 in code_bits.into_iter().flatten() {
+            for k2 in tier2_bits.clone().into_iter().flatten() {
+                if k1 > MAX_TIER1_BITS {
+                    continue;
+                }
+                let (t1, t2) = ((1usize << k1) - 1, (1usize << k2) - 1);
+                consider(ChunkMode::TwoTier {
+                    k1,
+                    k2,
+                    tier1_escapes: (n - covered[t1]) as u32,
+                    exceptions: (n - covered[t1 + t2]) as u32,
+                });
             }
         }
         let mut table = [0u8; 1 << MAX_CODE_BITS];
@@ -468,8 +525,86 @@ impl Plan {
                     _ => sections.write::<7>(),
                 }
             }
+            ChunkMode::TwoTier {
+                k1,
+                k2,
+                tier1_escapes,
+                exceptions,
+            } => {
+                let n = values.len() / 2;
+                let (e1, e2) = (tier1_escapes as usize, exceptions as usize);
+                let layout = TwoTierLayout::new(k1, k2, n, e1, e2);
+                let (t1, t2) = (layout.table1.len(), layout.table2.len());
+                out.fill(0);
+                out[layout.count.clone()].copy_from_slice(&exceptions.to_le_bytes());
+                out[layout.table1.clone()].copy_from_slice(&self.table[..t1]);
+                out[layout.table2.clone()].copy_from_slice(&self.table[t1..t1 + t2]);
+                // The first tier is a one-tier chunk of k1 bits whose exceptions are the
+                // first-tier escapes' exponents, which the second tier then codes.
+                let mut code_of = [t1 as u8; 256];
+                for (c, &e) in self.table[..t1].iter().enumerate() {
+                    code_of[usize::from(e)] = c as u8;
+                }
+                let mut escaped = vec![0u8; e1];
+                let (_, rest) = out.split_at_mut(layout.planes.start);
+                let (planes, rest) = rest.split_at_mut(layout.planes.len());
+                let (_, rest) = rest.split_at_mut(layout.sign_mant.start - layout.planes.end);
+                let (sign_mant, rest) = rest.split_at_mut(n);
+                let (_, rest) = rest.split_at_mut(layout.tier2.start - layout.sign_mant.end);
+                let (tier2, rest) = rest.split_at_mut(layout.tier2.len());
+                let (_, rest) = rest.split_at_mut(layout.exceptions.start - layout.tier2.end);
+                let exc = &mut rest[..e2];
+                let sections = Sections {
+                    values,
+                    table: &self.table[..t1],
+                    code_of: &code_of,
+                    planes,
+                    sign_mant,
+                    exceptions: &mut escaped,
+                };
+                match k1 {
+                    1 => sections.write::<1>(),
+                    2 => sections.write::<2>(),
+                    3 => sections.write::<3>(),
+                    _ => sections.write::<4>(),
+                }
+                let mut code2_of = [t2 as u8; 256];
+                for (d, &e) in self.table[t1..t1 + t2].iter().enumerate() {
+                    code2_of[usize::from(e)] = d as u8;
+                }
+                write_tier2(&escaped, &code2_of, k2, tier2, exc);
+            }
         }
     }
+}
+
+/// Writes the second-tier codes of the first-tier escapes' exponents `escaped` (in value order)
+/// as a little-endian bitstream of `k2`-bit codes into `tier2` (zeroed, its exact length), and
+/// the exponents whose code is the escape `2^k2 - 1` into `exceptions` (their exact count).
+fn write_tier2(escaped: &[u8], code2_of: &[u8; 256], k2: u8, tier2: &mut [u8], exceptions: &mut [u8]) {
+    let escape = (1u8 << k2) - 1;
+    let (mut acc, mut bits, mut at, mut x) = (0u64, 0u32, 0usize, 0usize);
+    for &e in escaped {
+        let d = code2_of[usize::from(e)];
+        if d == escape {
+            exceptions[x] = e;
+            x += 1;
+        }
+        acc |= u64::from(d) << bits;
+        bits += u32::from(k2);
+        while bits >= 8 {
+            tier2[at] = acc as u8;
+            at += 1;
+            acc >>= 8;
+            bits -= 8;
+        }
+    }
+    if bits > 0 {
+        tier2[at] = acc as u8;
+        at += 1;
+    }
+    debug_assert_eq!(at, tier2.len(), "tier-2 bytes planned and written");
+    debug_assert_eq!(x, exceptions.len(), "second-tier escapes planned and written");
 }
 
 /// The exponent counts of `values` (pairs of bytes, low byte first).
