@@ -19,6 +19,11 @@ pub enum Dist {
     Fp32Normal,
     /// Uniformly random bits.
     RandomBits,
+    /// The default initialisation of `torch.nn.Linear` (and so of diffusers' linear layers
+    /// that no model code re-initialises): kaiming-uniform with a = sqrt(5), i.e.
+    /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 5120. Not in [`Dist::ALL`] (whose
+    /// encodings the golden tests pin); in [`Dist::EVERY`].
+    KaimingUniform,
 }
 
 impl Dist {
@@ -32,6 +37,17 @@ impl Dist {
         Dist::RandomBits,
     ];
 
+    /// [`Dist::ALL`] and the distributions added since.
+    pub const EVERY: [Dist; 7] = [
+        Dist::Normal,
+        Dist::RowScaled,
+        Dist::StudentT,
+        Dist::Uniform,
+        Dist::KaimingUniform,
+        Dist::Fp32Normal,
+        Dist::RandomBits,
+    ];
+
     /// A short name.
     pub fn name(self) -> &'static str {
         match self {
@@ -41,12 +57,13 @@ impl Dist {
             Dist::Uniform => "xavier-uniform",
             Dist::Fp32Normal => "fp32-normal",
             Dist::RandomBits => "random-bits",
+            Dist::KaimingUniform => "kaiming-uniform",
         }
     }
 
     /// The distribution of a name.
     pub fn from_name(name: &str) -> Option<Dist> {
-        Dist::ALL.into_iter().find(|d| d.name() == name)
+        Dist::EVERY.into_iter().find(|d| d.name() == name)
     }
 }
 
@@ -155,6 +172,10 @@ fn fill(dist: Dist, seed: u64, b: usize, dst: &mut [u8]) {
                         // t_4 = z / sqrt(chi2_4 / 4), chi2_4 = -2 ln(u1 u2); variance 2.
                         let chi2 = -2.0 * (rng.unit() * rng.unit()).ln();
                         0.02 / 2f64.sqrt() * rng.normal_pair().0 / (chi2 / 4.0).sqrt()
+                    }
+                    Dist::KaimingUniform => {
+                        let a = 1.0 / 5120f64.sqrt();
+                        a * (2.0 * rng.unit() - 1.0)
                     }
                     _ => {
                         let a = (6.0f64 / (5120.0 + 5120.0)).sqrt();
