@@ -99,7 +99,11 @@ fn main() -> Result<()> {
     println!(
         "{cores} cores, {} MiB N(0, 0.02), {}, ratio {:.4}",
         args.mib,
-        if args.single_tier { "one tier" } else { "two tiers allowed" },
+        if args.single_tier {
+            "one tier"
+        } else {
+            "two tiers allowed"
+        },
         reference.len() as f64 / data.len() as f64
     );
     for &t in &threads {

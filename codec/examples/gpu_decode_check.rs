@@ -271,7 +271,11 @@ fn patterns() -> Vec<(String, Vec<u8>, Encoder)> {
                 .with_code_bits(k1..=k1)
                 .with_tier2_bits(k2..=k2);
             cases.push((format!("all-65536-k{k1}-{k2}"), all.clone(), enc.clone()));
-            cases.push((format!("all-65536-shuffled-k{k1}-{k2}"), shuffled.clone(), enc));
+            cases.push((
+                format!("all-65536-shuffled-k{k1}-{k2}"),
+                shuffled.clone(),
+                enc,
+            ));
         }
     }
     cases.push(("all-65536-default".into(), all, Encoder::new()));
@@ -315,7 +319,11 @@ fn patterns() -> Vec<(String, Vec<u8>, Encoder)> {
     let wide: Vec<u8> = (0..1u32 << 20)
         .map(|_| {
             let r = rng.next_u64();
-            let e = if r % 100 < 95 { 0x60 + (r >> 8) % 15 } else { 0x70 + (r >> 8) % 31 };
+            let e = if r % 100 < 95 {
+                0x60 + (r >> 8) % 15
+            } else {
+                0x70 + (r >> 8) % 31
+            };
             ((e as u16) << 7) | ((r >> 32) as u16 & 0x807f)
         })
         .flat_map(u16::to_le_bytes)

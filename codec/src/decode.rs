@@ -123,7 +123,12 @@ fn decode_chunk(chunk: Chunk<'_>, out: &mut [u8]) -> Result<()> {
                 sign_mant,
                 exceptions: &escaped.0,
             };
-            check_used(chunk.index, Some(escaped.1), exceptions.len(), "second-tier ")?;
+            check_used(
+                chunk.index,
+                Some(escaped.1),
+                exceptions.len(),
+                "second-tier ",
+            )?;
             let used = s.decode_k(k1, out);
             check_used(chunk.index, used, tier1_escapes, "first-tier ")
         }

@@ -581,7 +581,13 @@ impl Plan {
 /// Writes the second-tier codes of the first-tier escapes' exponents `escaped` (in value order)
 /// as a little-endian bitstream of `k2`-bit codes into `tier2` (zeroed, its exact length), and
 /// the exponents whose code is the escape `2^k2 - 1` into `exceptions` (their exact count).
-fn write_tier2(escaped: &[u8], code2_of: &[u8; 256], k2: u8, tier2: &mut [u8], exceptions: &mut [u8]) {
+fn write_tier2(
+    escaped: &[u8],
+    code2_of: &[u8; 256],
+    k2: u8,
+    tier2: &mut [u8],
+    exceptions: &mut [u8],
+) {
     let escape = (1u8 << k2) - 1;
     let (mut acc, mut bits, mut at, mut x) = (0u64, 0u32, 0usize, 0usize);
     for &e in escaped {
@@ -604,7 +610,11 @@ fn write_tier2(escaped: &[u8], code2_of: &[u8; 256], k2: u8, tier2: &mut [u8], e
         at += 1;
     }
     debug_assert_eq!(at, tier2.len(), "tier-2 bytes planned and written");
-    debug_assert_eq!(x, exceptions.len(), "second-tier escapes planned and written");
+    debug_assert_eq!(
+        x,
+        exceptions.len(),
+        "second-tier escapes planned and written"
+    );
 }
 
 /// The exponent counts of `values` (pairs of bytes, low byte first).

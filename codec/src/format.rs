@@ -358,9 +358,7 @@ impl ChunkMode {
                 k2,
                 tier1_escapes,
                 exceptions,
-            } => {
-                TwoTierLayout::new(k1, k2, n, tier1_escapes as usize, exceptions as usize).size
-            }
+            } => TwoTierLayout::new(k1, k2, n, tier1_escapes as usize, exceptions as usize).size,
         }
     }
 }
@@ -492,9 +490,7 @@ impl Entry {
         let mode = match (e[12], e[13], e[14]) {
             (0, 0, 0) if exceptions == 0 => ChunkMode::Raw,
             (0, _, _) => {
-                return Err(corrupt(
-                    "a raw chunk with code bits or exceptions".into(),
-                ));
+                return Err(corrupt("a raw chunk with code bits or exceptions".into()));
             }
             (1, _, k2 @ 1..) => {
                 return Err(corrupt(format!(

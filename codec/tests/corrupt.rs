@@ -16,7 +16,11 @@ fn sample() -> (Vec<u8>, Vec<u8>) {
     input.extend(common::values((0..1024u16).map(|i| {
         // Three exponents equally often, and 2% escapes with distinct exponents (which a
         // second tier would not shorten).
-        let e = if i % 50 == 7 { 0x10 + i / 50 } else { 0x78 + i % 3 };
+        let e = if i % 50 == 7 {
+            0x10 + i / 50
+        } else {
+            0x78 + i % 3
+        };
         (e << 7) | (i.wrapping_mul(37) & 0x807f)
     })));
     input.extend(generate(Dist::StudentT, 2 * 700 + 1, 3));
@@ -122,7 +126,12 @@ fn version_1_and_2_encodings_are_refused_by_their_version() {
             decode(&old, &mut out).map(|_| 0),
         ] {
             match r {
-                Err(e @ CodecError::UnsupportedVersion { found: f, supported: 3 }) if f == found => {
+                Err(
+                    e @ CodecError::UnsupportedVersion {
+                        found: f,
+                        supported: 3,
+                    },
+                ) if f == found => {
                     assert!(e.to_string().contains("encode the data again"), "{e}")
                 }
                 r => panic!("version {found}: expected UnsupportedVersion, got {r:?}"),
@@ -251,7 +260,8 @@ fn two_tier_escape_counts_must_match_the_codes() {
             let e = u32::from_le_bytes(encoded[field..field + 4].try_into().unwrap());
             for delta in [1i64, -1] {
                 let mut bad = encoded.clone();
-                bad[field..field + 4].copy_from_slice(&((i64::from(e) + delta) as u32).to_le_bytes());
+                bad[field..field + 4]
+                    .copy_from_slice(&((i64::from(e) + delta) as u32).to_le_bytes());
                 reseal(&mut bad);
                 let err = try_decode(&bad).unwrap_err();
                 // Where the sizes still line up (the count moved within its section's padding),
@@ -270,7 +280,10 @@ fn two_tier_escape_counts_must_match_the_codes() {
             }
         }
     }
-    assert!(checked_e1 > 0 && checked_e2 > 0, "{checked_e1} {checked_e2}");
+    assert!(
+        checked_e1 > 0 && checked_e2 > 0,
+        "{checked_e1} {checked_e2}"
+    );
 }
 
 #[test]
@@ -279,8 +292,12 @@ fn two_tier_entry_fields_are_checked() {
     let view = Encoded::parse(&encoded).unwrap();
     let n_chunks = view.header().n_chunks() as usize;
     let (first_coded, first_two_tier) = (
-        (0..n_chunks).find(|i| encoded[HEADER_LEN + ENTRY_LEN * i + 12] == 1).unwrap(),
-        (0..n_chunks).find(|i| encoded[HEADER_LEN + ENTRY_LEN * i + 12] == 2).unwrap(),
+        (0..n_chunks)
+            .find(|i| encoded[HEADER_LEN + ENTRY_LEN * i + 12] == 1)
+            .unwrap(),
+        (0..n_chunks)
+            .find(|i| encoded[HEADER_LEN + ENTRY_LEN * i + 12] == 2)
+            .unwrap(),
     );
     let set = |chunk: usize, at: usize, b: u8| {
         let mut bad = encoded.clone();

@@ -188,7 +188,10 @@ fn check_against_reference(case: &Case, encoded: &[u8]) -> usize {
     let cv = 2 * case.chunk_values as usize;
     let values = &case.input[..case.input.len() / 2 * 2];
     let n_chunks = values.len().div_ceil(cv);
-    assert_eq!(u32::from_le_bytes(encoded[12..16].try_into().unwrap()) as usize, n_chunks);
+    assert_eq!(
+        u32::from_le_bytes(encoded[12..16].try_into().unwrap()) as usize,
+        n_chunks
+    );
     let mut two_tier = 0;
     for (i, vals) in values.chunks(cv).enumerate() {
         let e = &encoded[48 + 16 * i..48 + 16 * i + 16];

@@ -152,7 +152,11 @@ fn gpu_decodes_every_pattern_like_the_cpu() {
     let mut rng = Rng::new(8, 0);
     let wide = values((0..1u32 << 20).map(|_| {
         let r = rng.next_u64();
-        let e = if r % 100 < 95 { 0x60 + (r >> 8) % 15 } else { 0x70 + (r >> 8) % 31 };
+        let e = if r % 100 < 95 {
+            0x60 + (r >> 8) % 15
+        } else {
+            0x70 + (r >> 8) % 31
+        };
         ((e as u16) << 7) | ((r >> 32) as u16 & 0x807f)
     }));
     for k2 in [4u8, 5] {
@@ -166,8 +170,14 @@ fn gpu_decodes_every_pattern_like_the_cpu() {
     }
     gpu_round_trip(&decoder, &wide, &Encoder::new()).unwrap();
     // Every k1 and every k2 decoded in some two-tier chunk.
-    assert!((1..=4).all(|k1| seen[k1].iter().sum::<u64>() > 0), "{seen:?}");
-    assert!((1..=5).all(|k2| seen.iter().map(|r| r[k2]).sum::<u64>() > 0), "{seen:?}");
+    assert!(
+        (1..=4).all(|k1| seen[k1].iter().sum::<u64>() > 0),
+        "{seen:?}"
+    );
+    assert!(
+        (1..=5).all(|k2| seen.iter().map(|r| r[k2]).sum::<u64>() > 0),
+        "{seen:?}"
+    );
     for len in [0, 1, 2, 3, 17, 4095, 65537, 1 << 20, (3 << 20) - 1] {
         gpu_round_trip(
             &decoder,
@@ -200,7 +210,12 @@ fn gpu_baseline_kernel_decodes_like_the_cpu() {
     }
     // A two-tier chunk is refused as a chunk it does not know, never decoded to other bytes.
     let encoded = Encoder::new().encode(&normal).unwrap();
-    assert!(layerwise_offload_codec::stats(&encoded).unwrap().two_tier_chunks > 0);
+    assert!(
+        layerwise_offload_codec::stats(&encoded)
+            .unwrap()
+            .two_tier_chunks
+            > 0
+    );
     let device = baseline.device();
     let mut enc = device.alloc(encoded.len()).unwrap();
     enc.copy_from_host(&encoded).unwrap();
@@ -235,7 +250,11 @@ fn gpu_reports_second_tier_escapes_that_disagree_with_the_exception_count() {
     let entry = HEADER_LEN; // chunk 0's directory entry
     let offset = u64::from_le_bytes(encoded[entry..entry + 8].try_into().unwrap()) as usize;
     assert_eq!(
-        (encoded[entry + 12], encoded[entry + 13], encoded[entry + 14]),
+        (
+            encoded[entry + 12],
+            encoded[entry + 13],
+            encoded[entry + 14]
+        ),
         (2, 2, 3),
         "chunk 0 two-tier with (k1, k2) = (2, 3)"
     );
@@ -245,7 +264,10 @@ fn gpu_reports_second_tier_escapes_that_disagree_with_the_exception_count() {
     let tier2 = offset + 16 + 1024 + 4096;
     encoded[tier2..tier2 + 12].fill(0xff);
     let mut cpu = vec![0u8; input.len()];
-    assert!(decode(&encoded, &mut cpu).is_err(), "the CPU refuses it too");
+    assert!(
+        decode(&encoded, &mut cpu).is_err(),
+        "the CPU refuses it too"
+    );
     let device = decoder.device();
     let mut enc = device.alloc(encoded.len()).unwrap();
     enc.copy_from_host(&encoded).unwrap();

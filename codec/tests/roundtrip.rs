@@ -34,7 +34,10 @@ fn round_trip(encoder: &Encoder, input: &[u8], chunk_values: u32) -> Vec<u8> {
     let st = stats(&encoded).expect("parses");
     assert_eq!(st.encoded_bytes, encoded.len() as u64);
     assert_eq!(st.raw_bytes, input.len() as u64);
-    assert_eq!(st.raw_chunks + st.coded_chunks + st.two_tier_chunks, st.chunks);
+    assert_eq!(
+        st.raw_chunks + st.coded_chunks + st.two_tier_chunks,
+        st.chunks
+    );
     assert_eq!(
         st.chunks_by_tier_bits.iter().flatten().sum::<u64>(),
         st.two_tier_chunks

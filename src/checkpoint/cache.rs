@@ -615,7 +615,10 @@ mod tests {
         let at = u64::from_le_bytes(good[trailer + 8..trailer + 16].try_into().unwrap()) as usize;
         let len = u64::from_le_bytes(good[trailer + 16..trailer + 24].try_into().unwrap()) as usize;
         let header = std::str::from_utf8(&good[at..at + len]).unwrap();
-        let current = format!("\"codec_version\":{}", layerwise_offload_codec::format::VERSION);
+        let current = format!(
+            "\"codec_version\":{}",
+            layerwise_offload_codec::format::VERSION
+        );
         assert!(header.contains(&current), "{header}");
         let old = layerwise_offload_codec::format::VERSION - 1;
         let header = header.replace(&current, &format!("\"codec_version\":{old}"));
@@ -635,7 +638,10 @@ mod tests {
                 );
                 assert!(msg.contains("delete the file"), "{msg}");
             }
-            r => panic!("an old codec version was accepted: {:?}", r.map(|c| c.is_some())),
+            r => panic!(
+                "an old codec version was accepted: {:?}",
+                r.map(|c| c.is_some())
+            ),
         }
         std::fs::remove_dir_all(&dir).unwrap();
         Ok(())

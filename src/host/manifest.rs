@@ -478,7 +478,11 @@ mod tests {
         for old in 1..version {
             let other = text.replace(&current, &format!("\"codec_version\": {old}"));
             let err = Manifest::parse(other.as_bytes()).unwrap_err();
-            assert!(err.0.contains(&format!("codec format version {old}")), "{}", err.0);
+            assert!(
+                err.0.contains(&format!("codec format version {old}")),
+                "{}",
+                err.0
+            );
         }
         // An encoding longer than the file holds is refused.
         let long = text.replace("\"bytes\": 1000", "\"bytes\": 1000000000");
