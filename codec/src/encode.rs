@@ -513,7 +513,7 @@ impl Plan {
                     code_of: &code_of,
                     planes,
                     sign_mant,
-                    exceptions: exc,
+                    exceptions: Exceptions { out: exc, x: 0 },
                 };
                 match k {
                     1 => sections.write::<1>(),
@@ -545,7 +545,10 @@ impl Plan {
                 for (c, &e) in self.table[..t1].iter().enumerate() {
                     code_of[usize::from(e)] = c as u8;
                 }
-                let mut escaped = vec![0u8; e1];
+                let mut code2_of = [t2 as u8; 256];
+                for (d, &e) in self.table[t1..t1 + t2].iter().enumerate() {
+                    code2_of[usize::from(e)] = d as u8;
+                }
                 let (_, rest) = out.split_at_mut(layout.planes.start);
                 let (planes, rest) = rest.split_at_mut(layout.planes.len());
                 let (_, rest) = rest.split_at_mut(layout.sign_mant.start - layout.planes.end);
@@ -554,13 +557,25 @@ impl Plan {
                 let (tier2, rest) = rest.split_at_mut(layout.tier2.len());
                 let (_, rest) = rest.split_at_mut(layout.exceptions.start - layout.tier2.end);
                 let exc = &mut rest[..e2];
+                // The first tier is a one-tier chunk of k1 bits whose escaped values' exponents
+                // go to the second tier, coded as they come, in value order.
+                let sink = SecondTier {
+                    code2_of: &code2_of,
+                    k2: u32::from(k2),
+                    escape: (1u8 << k2) - 1,
+                    acc: 0,
+                    bits: 0,
+                    codes: tier2,
+                    at: 0,
+                    exceptions: Exceptions { out: exc, x: 0 },
+                };
                 let sections = Sections {
                     values,
                     table: &self.table[..t1],
                     code_of: &code_of,
                     planes,
                     sign_mant,
-                    exceptions: &mut escaped,
+                    exceptions: sink,
                 };
                 match k1 {
                     1 => sections.write::<1>(),
@@ -568,53 +583,88 @@ impl Plan {
                     3 => sections.write::<3>(),
                     _ => sections.write::<4>(),
                 }
-                let mut code2_of = [t2 as u8; 256];
-                for (d, &e) in self.table[t1..t1 + t2].iter().enumerate() {
-                    code2_of[usize::from(e)] = d as u8;
-                }
-                write_tier2(&escaped, &code2_of, k2, tier2, exc);
             }
         }
     }
 }
 
-/// Writes the second-tier codes of the first-tier escapes' exponents `escaped` (in value order)
-/// as a little-endian bitstream of `k2`-bit codes into `tier2` (zeroed, its exact length), and
-/// the exponents whose code is the escape `2^k2 - 1` into `exceptions` (their exact count).
-fn write_tier2(
-    escaped: &[u8],
-    code2_of: &[u8; 256],
-    k2: u8,
-    tier2: &mut [u8],
-    exceptions: &mut [u8],
-) {
-    let escape = (1u8 << k2) - 1;
-    let (mut acc, mut bits, mut at, mut x) = (0u64, 0u32, 0usize, 0usize);
-    for &e in escaped {
-        let d = code2_of[usize::from(e)];
-        if d == escape {
-            exceptions[x] = e;
-            x += 1;
+/// Where the exponents of a coded chunk's escaped values go, in value order.
+trait EscapeSink {
+    /// The next escaped value's exponent.
+    fn push(&mut self, e: u8);
+    /// After the last one: writes what is buffered, checks (in debug builds) that the counts
+    /// planned were written.
+    fn finish(self);
+}
+
+/// A section of raw exponent bytes, `x` of them written.
+struct Exceptions<'a> {
+    out: &'a mut [u8],
+    x: usize,
+}
+
+impl EscapeSink for Exceptions<'_> {
+    #[inline(always)]
+    fn push(&mut self, e: u8) {
+        self.out[self.x] = e;
+        self.x += 1;
+    }
+
+    fn finish(self) {
+        debug_assert_eq!(
+            self.x,
+            self.out.len(),
+            "exception count planned and written"
+        );
+    }
+}
+
+/// The second tier of a two-tier chunk: each first-tier escape's `k2`-bit code, appended to the
+/// little-endian bitstream `codes` (zeroed, its exact length), and the exponents whose code is
+/// the escape `2^k2 - 1` to `exceptions`.
+struct SecondTier<'a> {
+    code2_of: &'a [u8; 256],
+    k2: u32,
+    escape: u8,
+    /// Bits not yet written (the low `bits` of `acc`).
+    acc: u32,
+    bits: u32,
+    codes: &'a mut [u8],
+    /// Bytes of `codes` written.
+    at: usize,
+    exceptions: Exceptions<'a>,
+}
+
+impl EscapeSink for SecondTier<'_> {
+    #[inline(always)]
+    fn push(&mut self, e: u8) {
+        let d = self.code2_of[usize::from(e)];
+        if d == self.escape {
+            self.exceptions.push(e);
         }
-        acc |= u64::from(d) << bits;
-        bits += u32::from(k2);
-        while bits >= 8 {
-            tier2[at] = acc as u8;
-            at += 1;
-            acc >>= 8;
-            bits -= 8;
+        self.acc |= u32::from(d) << self.bits;
+        self.bits += self.k2;
+        // bits < 8 before, k2 <= 5: at most one whole byte.
+        if self.bits >= 8 {
+            self.codes[self.at] = self.acc as u8;
+            self.at += 1;
+            self.acc >>= 8;
+            self.bits -= 8;
         }
     }
-    if bits > 0 {
-        tier2[at] = acc as u8;
-        at += 1;
+
+    fn finish(mut self) {
+        if self.bits > 0 {
+            self.codes[self.at] = self.acc as u8;
+            self.at += 1;
+        }
+        debug_assert_eq!(
+            self.at,
+            self.codes.len(),
+            "second-tier bytes planned and written"
+        );
+        self.exceptions.finish();
     }
-    debug_assert_eq!(at, tier2.len(), "tier-2 bytes planned and written");
-    debug_assert_eq!(
-        x,
-        exceptions.len(),
-        "second-tier escapes planned and written"
-    );
 }
 
 /// The exponent counts of `values` (pairs of bytes, low byte first).
@@ -641,8 +691,9 @@ pub(crate) fn exponent(lo: u8, hi: u8) -> u8 {
     (hi << 1) | (lo >> 7)
 }
 
-/// The output sections of one coded chunk being written.
-struct Sections<'a> {
+/// The output sections of one coded chunk being written (of a two-tier chunk's first tier, whose
+/// escapes go to its second tier).
+struct Sections<'a, S: EscapeSink> {
     values: &'a [u8],
     /// The exponents of codes 0..2^k - 1.
     table: &'a [u8],
@@ -650,12 +701,12 @@ struct Sections<'a> {
     code_of: &'a [u8; 256],
     planes: &'a mut [u8],
     sign_mant: &'a mut [u8],
-    exceptions: &'a mut [u8],
+    exceptions: S,
 }
 
-impl Sections<'_> {
-    fn write<const K: usize>(self) {
-        let mut x = 0;
+impl<S: EscapeSink> Sections<'_, S> {
+    fn write<const K: usize>(mut self) {
+        let x = &mut self.exceptions;
         let full = self.values.chunks_exact(2 * GROUP);
         let last = full.remainder();
         let groups = full
@@ -669,11 +720,11 @@ impl Sections<'_> {
             #[cfg(target_arch = "x86_64")]
             if let Some(table) = &simd_table {
                 let (planes, escaped) = simd::group::<K>(vals, table, sm);
-                x = emit(vals, &planes, escaped, planes_out, self.exceptions, x);
+                emit(vals, &planes, escaped, planes_out, x);
                 continue;
             }
             let (planes, escaped) = scalar_group::<K>(vals, self.code_of, sm);
-            x = emit(vals, &planes, escaped, planes_out, self.exceptions, x);
+            emit(vals, &planes, escaped, planes_out, x);
         }
         if !last.is_empty() {
             let n = last.len() / 2;
@@ -689,13 +740,9 @@ impl Sections<'_> {
             let at = 4 * K * (self.values.len() / (2 * GROUP));
             let planes = bit_planes::<K>(&words);
             let out = &mut self.planes[at..at + 4 * K];
-            x = emit(last, &planes, escapes(&planes), out, self.exceptions, x);
+            emit(last, &planes, escapes(&planes), out, x);
         }
-        debug_assert_eq!(
-            x,
-            self.exceptions.len(),
-            "exception count planned and written"
-        );
+        self.exceptions.finish();
     }
 }
 
@@ -734,27 +781,23 @@ fn escapes<const K: usize>(planes: &[u32; K]) -> u32 {
 }
 
 /// Writes a group's bit `planes` into `out` (4K bytes) and the exponents of its escaped values
-/// (`vals`, 2 bytes each; bit l of `escaped` for value l) into `exceptions` from `x` on, in
-/// value order; returns the next free exception index.
+/// (`vals`, 2 bytes each; bit l of `escaped` for value l) to `exceptions`, in value order.
 #[inline(always)]
-fn emit<const K: usize>(
+fn emit<const K: usize, S: EscapeSink>(
     vals: &[u8],
     planes: &[u32; K],
     mut escaped: u32,
     out: &mut [u8],
-    exceptions: &mut [u8],
-    mut x: usize,
-) -> usize {
+    exceptions: &mut S,
+) {
     for (p, out) in planes.iter().zip(out.chunks_exact_mut(4)) {
         out.copy_from_slice(&p.to_le_bytes());
     }
     while escaped != 0 {
         let l = escaped.trailing_zeros() as usize;
-        exceptions[x] = exponent(vals[2 * l], vals[2 * l + 1]);
-        x += 1;
+        exceptions.push(exponent(vals[2 * l], vals[2 * l + 1]));
         escaped &= escaped - 1;
     }
-    x
 }
 
 /// The K bit planes of 32 codes (byte l % 8 of word l / 8 for value l): bit l of plane b is
