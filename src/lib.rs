@@ -30,7 +30,10 @@ pub use error::{Error, Result, TorchMessage};
 pub use host::HostStore;
 #[cfg(feature = "testing")]
 pub use manager::Fault;
-pub use manager::{BlockGuard, LayerwiseOffloadManager, MAX_PREFETCH_DEPTH, OffloadConfig};
+pub use manager::{
+    BlockGuard, DEFAULT_SEGMENT_BYTES, LayerwiseOffloadManager, MAX_PREFETCH_DEPTH, OffloadConfig,
+    SEGMENT_BYTES_MULTIPLE,
+};
 pub use offload::{BlockLists, offload, offload_with};
 pub use peer::PeerGroup;
 pub use plan::{ALIGN, BlockLayout, Plan, TensorLayout, count_blocks};

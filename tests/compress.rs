@@ -74,7 +74,7 @@ fn blocks_of_several_segments_are_bit_exact(
         return Ok(());
     };
     let _lock = common::gpu_lock();
-    const SEG: usize = layerwise_offload::manager::SEGMENT_BYTES_MULTIPLE;
+    const SEG: usize = layerwise_offload::SEGMENT_BYTES_MULTIPLE;
     let model = Model::new(dev, 3, true, 57);
     let before = model.snapshot();
     let block_bytes = |prefix: &str| -> usize {
@@ -240,9 +240,7 @@ fn two_members(mode: Mode) -> Option<Vec<Device>> {
 #[rstest]
 fn a_peer_group_forwards_encoded_shares(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
-    #[values(None, Some(layerwise_offload::manager::SEGMENT_BYTES_MULTIPLE))] segment: Option<
-        usize,
-    >,
+    #[values(None, Some(layerwise_offload::SEGMENT_BYTES_MULTIPLE))] segment: Option<usize>,
 ) -> anyhow::Result<()> {
     let Some(devs) = two_members(mode) else {
         return Ok(());
@@ -322,9 +320,7 @@ fn a_peer_group_forwards_encoded_shares(
 #[rstest]
 fn updates_encode_the_block_again(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
-    #[values(None, Some(layerwise_offload::manager::SEGMENT_BYTES_MULTIPLE))] segment: Option<
-        usize,
-    >,
+    #[values(None, Some(layerwise_offload::SEGMENT_BYTES_MULTIPLE))] segment: Option<usize>,
 ) -> anyhow::Result<()> {
     let Some(dev) = mode.device() else {
         return Ok(());

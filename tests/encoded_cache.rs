@@ -336,7 +336,7 @@ fn a_cache_of_other_segments_is_refused(
     let Some(dev) = mode.device() else {
         return Ok(());
     };
-    const SEG: usize = layerwise_offload::manager::SEGMENT_BYTES_MULTIPLE;
+    const SEG: usize = layerwise_offload::SEGMENT_BYTES_MULTIPLE;
     let dir = scratch_dir("segments", mode, tier, "");
     let source = Model::new(dev, 2, true, 341);
     let ckpt = write_checkpoint(&source, &dir)?;

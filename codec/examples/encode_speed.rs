@@ -34,6 +34,10 @@ struct Args {
     /// Report the fastest repetition instead of the median.
     #[arg(long)]
     best: bool,
+    /// Encode with one tier of codes only (`Encoder::single_tier`: format version 2's chunks),
+    /// to compare with the default two-tier choice.
+    #[arg(long)]
+    single_tier: bool,
 }
 
 /// The median of `xs`, or its smallest with `best` (on a machine shared with other work the
@@ -81,19 +85,29 @@ fn main() -> Result<()> {
     let gb = data.len() as f64 / 1e9;
     let reps = args.reps.max(1);
     let mut scratch = vec![0u8; data.len()];
-    let reference = Encoder::new().encode(&data)?;
+    let encoder = if args.single_tier {
+        Encoder::new().single_tier()
+    } else {
+        Encoder::new()
+    };
+    let reference = encoder.encode(&data)?;
     let mut out = vec![0u8; reference.len()];
     // Tensors of a block: `pieces` pieces of uneven sizes, each at a 256-byte aligned offset,
     // with the gaps zero in the assembled input (as the manager's layout has them).
     let (pieces, assembled) = cut(&data, args.pieces);
-    let assembled_ref = Encoder::new().encode(&assembled)?;
+    let assembled_ref = encoder.encode(&assembled)?;
     println!(
-        "{cores} cores, {} MiB N(0, 0.02), ratio {:.4}",
+        "{cores} cores, {} MiB N(0, 0.02), {}, ratio {:.4}",
         args.mib,
+        if args.single_tier {
+            "one tier"
+        } else {
+            "two tiers allowed"
+        },
         reference.len() as f64 / data.len() as f64
     );
     for &t in &threads {
-        let enc = Encoder::new().with_threads(t);
+        let enc = encoder.clone().with_threads(t);
         let copy_s = time(reps, args.best, || copy(&data, &mut scratch, t));
         let plan_s = time(reps, args.best, || {
             std::hint::black_box(enc.plan(&data).expect("valid options"));
@@ -114,6 +128,7 @@ fn main() -> Result<()> {
         });
         let mut row = json!({
             "threads": t,
+            "single_tier": args.single_tier,
             "bytes": data.len(),
             "copy_gbps": gb / copy_s,
             "plan_gbps": gb / plan_s,

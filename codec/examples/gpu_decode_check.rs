@@ -10,7 +10,10 @@
 //! followed by `:u=N` (windows loaded together for k <= 3), `:uw=N` (the same for k >= 4),
 //! `:mb=N` (`__launch_bounds__` minimum blocks per SM), `:xs=N` (exceptions staged in shared
 //! memory up to N per chunk) and `:bps=N` (at most N blocks per SM in the grid), e.g.
-//! `--variants baseline,current,current:bps=1`.
+//! `--variants baseline,current,current:bps=1`. The baseline kernel decodes one-tier chunks only
+//! (format version 2's layout): it is skipped for encodings with two-tier chunks, and each
+//! distribution is also checked and timed encoded with one tier (`{dist}-single-tier`), which
+//! compares the kernels, and the current kernel's one-tier and two-tier paths, on one card.
 //!
 //! Without a CUDA device it prints `SKIP: no CUDA device` to stderr and exits 0, or exits 1 when
 //! OFFLOAD_REQUIRE_CUDA=1.
@@ -196,6 +199,15 @@ fn run(args: &Args) -> Result<()> {
             encode_reps,
             &info,
         )?;
+        check(
+            &variants,
+            &format!("{}-single-tier", dist.name()),
+            &input,
+            &Encoder::new().single_tier(),
+            reps,
+            encode_reps,
+            &info,
+        )?;
         if i == 0 {
             for &cv in &args.chunk_values {
                 let case = format!("{}-chunk{cv}", dist.name());
@@ -245,9 +257,26 @@ fn patterns() -> Vec<(String, Vec<u8>, Encoder)> {
     }
     let shuffled: Vec<u8> = shuffled.into_iter().flat_map(u16::to_le_bytes).collect();
     for k in 1..=7u8 {
-        let enc = Encoder::new().with_chunk_values(4096).with_code_bits(k..=k);
+        let enc = Encoder::new()
+            .with_chunk_values(4096)
+            .with_code_bits(k..=k)
+            .single_tier();
         cases.push((format!("all-65536-k{k}"), all.clone(), enc.clone()));
         cases.push((format!("all-65536-shuffled-k{k}"), shuffled.clone(), enc));
+    }
+    for k1 in 1..=4u8 {
+        for k2 in 1..=5u8 {
+            let enc = Encoder::new()
+                .with_chunk_values(4096)
+                .with_code_bits(k1..=k1)
+                .with_tier2_bits(k2..=k2);
+            cases.push((format!("all-65536-k{k1}-{k2}"), all.clone(), enc.clone()));
+            cases.push((
+                format!("all-65536-shuffled-k{k1}-{k2}"),
+                shuffled.clone(),
+                enc,
+            ));
+        }
     }
     cases.push(("all-65536-default".into(), all, Encoder::new()));
     // Specials sprinkled into normal weights: escapes of coded chunks.
@@ -267,9 +296,39 @@ fn patterns() -> Vec<(String, Vec<u8>, Encoder)> {
         cases.push((
             format!("specials-k{k}"),
             mixed.clone(),
-            Encoder::new().with_chunk_values(8192).with_code_bits(k..=k),
+            Encoder::new()
+                .with_chunk_values(8192)
+                .with_code_bits(k..=k)
+                .single_tier(),
         ));
     }
+    // Two tiers of every (k1, k2): first- and second-tier escapes, specials among them.
+    for k1 in 1..=4u8 {
+        for k2 in 1..=5u8 {
+            cases.push((
+                format!("specials-k{k1}-{k2}"),
+                mixed.clone(),
+                Encoder::new()
+                    .with_chunk_values(8192)
+                    .with_code_bits(k1..=k1)
+                    .with_tier2_bits(k2..=k2),
+            ));
+        }
+    }
+    // 15 exponents for 95% of the values, 31 others for the rest: two tiers with k1 = 4.
+    let wide: Vec<u8> = (0..1u32 << 20)
+        .map(|_| {
+            let r = rng.next_u64();
+            let e = if r % 100 < 95 {
+                0x60 + (r >> 8) % 15
+            } else {
+                0x70 + (r >> 8) % 31
+            };
+            ((e as u16) << 7) | ((r >> 32) as u16 & 0x807f)
+        })
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    cases.push(("wide-15-of-46".into(), wide, Encoder::new()));
     cases.push((
         "random-bits".into(),
         generate(Dist::RandomBits, (4 << 20) + 3, 6),
@@ -310,6 +369,11 @@ fn patterns() -> Vec<(String, Vec<u8>, Encoder)> {
             format!("normal-len{len}-chunk2304"),
             normal[..len].to_vec(),
             Encoder::new().with_chunk_values(2304),
+        ));
+        cases.push((
+            format!("normal-len{len}-chunk2304-single-tier"),
+            normal[..len].to_vec(),
+            Encoder::new().with_chunk_values(2304).single_tier(),
         ));
     }
     // Many escapes (fp32 bytes: about half the values), and a flatter exponent distribution.
@@ -392,6 +456,10 @@ fn check(
     for variant in variants {
         let decoder = &variant.decoder;
         let name = &variant.name;
+        if decoder.options().kernel == Kernel::Baseline && st.two_tier_chunks > 0 {
+            eprintln!("{case} [{name}]: skipped, the baseline kernel decodes no two-tier chunk");
+            continue;
+        }
         out_dev.fill(0xA5)?;
         let launch = || -> Result<()> {
             // SAFETY: both buffers are live device memory of the decoder's device with the
@@ -439,6 +507,10 @@ fn check(
             "chunks": st.chunks,
             "raw_chunks": st.raw_chunks,
             "chunks_by_code_bits": st.chunks_by_code_bits,
+            "two_tier_chunks": st.two_tier_chunks,
+            "chunks_by_tier_bits": st.chunks_by_tier_bits,
+            "tier1_escapes": st.tier1_escapes,
+            "exceptions": st.exceptions,
             "arch": decoder.arch(),
             "registers_per_thread": decoder.registers_per_thread(),
             "blocks_per_sm": decoder.blocks_per_sm(),

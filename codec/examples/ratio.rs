@@ -1,6 +1,7 @@
 //! Compression ratio and CPU speed of the codec on synthetic weight distributions: the measurements
-//! behind the format's choices (fixed k against the chosen k against an entropy coder's bound,
-//! chunk sizes), one `RESULT {json}` line per measurement.
+//! behind the format's choices (the chosen modes against one tier only, fixed k, fixed pairs of
+//! tiers (k1, k2), chunk sizes, and an entropy coder's bound), one `RESULT {json}` line per
+//! measurement.
 //!
 //! ```text
 //! cargo run --release -p layerwise-offload-codec --example ratio -- --mib 256
@@ -22,7 +23,7 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     mib: usize,
     /// Distributions (names: normal-0.02, row-scaled-normal, student-t4, xavier-uniform,
-    /// fp32-normal, random-bits); all when none is given.
+    /// kaiming-uniform, fp32-normal, random-bits); all when none is given.
     #[arg(long, value_delimiter = ',')]
     dist: Vec<String>,
     /// Timed repetitions of each encode and decode (the median is reported).
@@ -36,7 +37,7 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     let dists = if args.dist.is_empty() {
-        Dist::ALL.to_vec()
+        Dist::EVERY.to_vec()
     } else {
         args.dist
             .iter()
@@ -66,11 +67,23 @@ fn measure(dist: Dist, data: &[u8], cores: usize, reps: usize) -> Result<()> {
     for k in 2..=5u8 {
         fixed.insert(
             format!("k{k}"),
-            json!(ratio(Encoder::new().with_code_bits(k..=k))?),
+            json!(ratio(Encoder::new().with_code_bits(k..=k).single_tier())?),
         );
     }
+    let mut two_tiers = serde_json::Map::new();
+    for (k1, k2) in [(1u8, 2u8), (2, 2), (2, 3), (2, 4), (3, 2), (3, 3)] {
+        two_tiers.insert(
+            format!("k{k1}_{k2}"),
+            json!(ratio(
+                Encoder::new()
+                    .with_code_bits(k1..=k1)
+                    .with_tier2_bits(k2..=k2)
+            )?),
+        );
+    }
+    let one_tier = ratio(Encoder::new().single_tier())?;
     let mut by_chunk = serde_json::Map::new();
-    for cv in [4096u32, 16384, 32768, 65536, 262144] {
+    for cv in [4096u32, 16384, 32768, 65536, 131072, 262144] {
         by_chunk.insert(
             cv.to_string(),
             json!(ratio(Encoder::new().with_chunk_values(cv))?),
@@ -126,15 +139,35 @@ fn measure(dist: Dist, data: &[u8], cores: usize, reps: usize) -> Result<()> {
             json!({"encode_gbps": raw / enc_s / 1e9, "decode_gbps": raw / dec_s / 1e9}),
         );
     }
+    let tiers_used: Vec<String> = st
+        .chunks_by_tier_bits
+        .iter()
+        .enumerate()
+        .flat_map(|(k1, row)| {
+            row.iter()
+                .enumerate()
+                .filter(|&(_, &c)| c > 0)
+                .map(move |(k2, c)| format!("({k1},{k2}):{c}"))
+        })
+        .collect();
     println!(
-        "{name:>18}: ratio {:.4} (k=3 {:.4}, k=4 {:.4}, entropy bound {entropy_bound:.4}), exponent entropy {global_h:.2} bits, chunks raw {} coded {} k {:?}, {}",
+        "{name:>18}: ratio {:.4} = {:.4} x entropy bound {entropy_bound:.4} (one tier {one_tier:.4}, k=3 {:.4}, (2,3) {:.4}, (2,2) {:.4}), exponent entropy {global_h:.2} bits, chunks raw {} one-tier {} k {:?} two-tier {} {tiers_used:?}, escapes/value {:.4}, raw exponents/value {:.4}, {}",
         st.ratio(),
+        st.ratio() / entropy_bound,
         fixed["k3"].as_f64().unwrap_or(f64::NAN),
-        fixed["k4"].as_f64().unwrap_or(f64::NAN),
+        two_tiers["k2_3"].as_f64().unwrap_or(f64::NAN),
+        two_tiers["k2_2"].as_f64().unwrap_or(f64::NAN),
         st.raw_chunks,
         st.coded_chunks,
         st.chunks_by_code_bits,
+        st.two_tier_chunks,
+        st.tier1_escapes as f64 / values,
+        st.exceptions as f64 / values,
         serde_json::Value::Object(timings.clone()),
+    );
+    println!(
+        "{name:>18}: by chunk values {}",
+        serde_json::Value::Object(by_chunk.clone())
     );
     let result = json!({
         "measurement": "ratio",
@@ -142,13 +175,19 @@ fn measure(dist: Dist, data: &[u8], cores: usize, reps: usize) -> Result<()> {
         "raw_bytes": data.len(),
         "encoded_bytes": encoded.len(),
         "ratio": st.ratio(),
+        "ratio_over_entropy_bound": st.ratio() / entropy_bound,
+        "one_tier_ratio": one_tier,
         "fixed_k": fixed,
+        "fixed_two_tiers": two_tiers,
         "by_chunk_values": by_chunk,
         "entropy_bound_per_chunk": entropy_bound,
         "exponent_entropy_bits": global_h,
         "raw_chunks": st.raw_chunks,
         "coded_chunks": st.coded_chunks,
         "chunks_by_code_bits": st.chunks_by_code_bits,
+        "two_tier_chunks": st.two_tier_chunks,
+        "chunks_by_tier_bits": st.chunks_by_tier_bits,
+        "tier1_escapes_per_value": st.tier1_escapes as f64 / values,
         "exceptions_per_value": st.exceptions as f64 / values,
         "cpu": timings,
     });

@@ -89,33 +89,96 @@ fn decode_chunk(chunk: Chunk<'_>, out: &mut [u8]) -> Result<()> {
                 sign_mant,
                 exceptions,
             };
-            let used = match k {
-                1 => s.decode::<1>(out),
-                2 => s.decode::<2>(out),
-                3 => s.decode::<3>(out),
-                4 => s.decode::<4>(out),
-                5 => s.decode::<5>(out),
-                6 => s.decode::<6>(out),
-                _ => s.decode::<7>(out),
+            let used = s.decode_k(k, out);
+            check_used(chunk.index, used, exceptions.len(), "")
+        }
+        ChunkData::TwoTier {
+            k1,
+            k2,
+            tier1_escapes,
+            table1,
+            table2,
+            planes,
+            sign_mant,
+            tier2,
+            exceptions,
+        } => {
+            // The first-tier escapes' exponents, in value order, from their second-tier codes;
+            // then the chunk decodes as a one-tier chunk of k1 bits with these as exceptions.
+            let escaped = match tier2_exponents(k2, tier1_escapes, table2, tier2, exceptions) {
+                Some(escaped) => escaped,
+                None => {
+                    return Err(CodecError::CorruptChunk {
+                        chunk: chunk.index.into(),
+                        reason: format!(
+                            "more second-tier escape codes than the {} exceptions stored",
+                            exceptions.len()
+                        ),
+                    });
+                }
             };
-            match used {
-                Some(used) if used == exceptions.len() => Ok(()),
-                found => Err(CodecError::CorruptChunk {
-                    chunk: chunk.index.into(),
-                    reason: match found {
-                        Some(used) => format!(
-                            "{used} escape codes, {} exceptions stored",
-                            exceptions.len()
-                        ),
-                        None => format!(
-                            "more escape codes than the {} exceptions stored",
-                            exceptions.len()
-                        ),
-                    },
-                }),
-            }
+            let s = Sections {
+                table: table1,
+                planes,
+                sign_mant,
+                exceptions: &escaped.0,
+            };
+            check_used(
+                chunk.index,
+                Some(escaped.1),
+                exceptions.len(),
+                "second-tier ",
+            )?;
+            let used = s.decode_k(k1, out);
+            check_used(chunk.index, used, tier1_escapes, "first-tier ")
         }
     }
+}
+
+/// Ok when the escape codes of a chunk used exactly the `stored` exceptions (`used`: `None`
+/// when they outnumber them).
+fn check_used(chunk: u32, used: Option<usize>, stored: usize, tier: &str) -> Result<()> {
+    match used {
+        Some(used) if used == stored => Ok(()),
+        found => Err(CodecError::CorruptChunk {
+            chunk: chunk.into(),
+            reason: match found {
+                Some(used) => format!("{used} {tier}escape codes, {stored} exceptions stored"),
+                None => format!("more {tier}escape codes than the {stored} exceptions stored"),
+            },
+        }),
+    }
+}
+
+/// The exponents of a two-tier chunk's `e1` first-tier escapes from their `k2`-bit codes in
+/// `tier2` (a little-endian bitstream of at least `e1 * k2` bits) and the second-tier table
+/// and exceptions, with the number of exceptions used; `None` when the second-tier escape codes
+/// outnumber the exceptions.
+fn tier2_exponents(
+    k2: u8,
+    e1: usize,
+    table2: &[u8],
+    tier2: &[u8],
+    exceptions: &[u8],
+) -> Option<(Vec<u8>, usize)> {
+    let k2 = usize::from(k2);
+    let escape = (1usize << k2) - 1;
+    let mut out = Vec::with_capacity(e1);
+    let mut x = 0;
+    for j in 0..e1 {
+        // Code j: bits j*k2 .. j*k2 + k2 - 1, at most two bytes since k2 <= 5 < 8.
+        let bit = j * k2;
+        let lo = usize::from(tier2[bit / 8]);
+        let hi = tier2.get(bit / 8 + 1).map_or(0, |&b| usize::from(b));
+        let d = ((lo | hi << 8) >> (bit % 8)) & escape;
+        if d == escape {
+            out.push(*exceptions.get(x)?);
+            x += 1;
+        } else {
+            out.push(table2[d]);
+        }
+    }
+    Some((out, x))
 }
 
 /// The input sections of one coded chunk (lengths checked by the parser).
@@ -127,6 +190,19 @@ struct Sections<'a> {
 }
 
 impl Sections<'_> {
+    /// [`decode`](Self::decode) with `k` (1..=7) code bits.
+    fn decode_k(&self, k: u8, out: &mut [u8]) -> Option<usize> {
+        match k {
+            1 => self.decode::<1>(out),
+            2 => self.decode::<2>(out),
+            3 => self.decode::<3>(out),
+            4 => self.decode::<4>(out),
+            5 => self.decode::<5>(out),
+            6 => self.decode::<6>(out),
+            _ => self.decode::<7>(out),
+        }
+    }
+
     /// Decodes into `out`; the number of exceptions used, or `None` when the escape codes
     /// outnumber the stored exceptions.
     fn decode<const K: usize>(&self, out: &mut [u8]) -> Option<usize> {

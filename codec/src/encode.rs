@@ -1,11 +1,11 @@
-//! The CPU encoder: per chunk, an exponent histogram picks the code bits k (or raw), then the
-//! chunk is written; chunks are planned and written in parallel. The input is one slice or
+//! The CPU encoder: per chunk, an exponent histogram picks the code bits k, or two tiers of
+//! code bits (k1, k2), or raw, then the chunk is written; chunks are planned and written in parallel. The input is one slice or
 //! pieces of one (the bytes between them 0), read in place.
 
 use crate::error::{CodecError, Result};
 use crate::format::{
     ChunkMode, CodedLayout, ENTRY_LEN, Entry, GROUP, HEADER_LEN, Header, MAX_CHUNK_VALUES,
-    MAX_CODE_BITS, MIN_CHUNK_VALUES,
+    MAX_CODE_BITS, MAX_TIER1_BITS, MAX_TIER2_BITS, MIN_CHUNK_VALUES, TwoTierLayout,
 };
 #[cfg(target_arch = "x86_64")]
 use crate::simd;
@@ -43,6 +43,8 @@ pub struct Encoder {
     threads: usize,
     /// The code widths to choose from; `None`: every chunk raw.
     code_bits: Option<RangeInclusive<u8>>,
+    /// The second-tier code widths to choose from; `None`: one tier only.
+    tier2_bits: Option<RangeInclusive<u8>>,
 }
 
 impl Default for Encoder {
@@ -52,13 +54,15 @@ impl Default for Encoder {
 }
 
 impl Encoder {
-    /// The default options: [`DEFAULT_CHUNK_VALUES`], all available cores, k chosen per chunk
-    /// from 1..=[`MAX_CODE_BITS`].
+    /// The default options: [`DEFAULT_CHUNK_VALUES`], all available cores, per chunk the
+    /// smallest of raw, one tier of k code bits for k in 1..=[`MAX_CODE_BITS`] and two tiers of
+    /// (k1, k2) code bits for k1 in 1..=[`MAX_TIER1_BITS`], k2 in 1..=[`MAX_TIER2_BITS`].
     pub fn new() -> Self {
         Encoder {
             chunk_values: DEFAULT_CHUNK_VALUES,
             threads: 0,
             code_bits: Some(1..=MAX_CODE_BITS),
+            tier2_bits: Some(1..=MAX_TIER2_BITS),
         }
     }
 
@@ -78,10 +82,27 @@ impl Encoder {
     }
 
     /// The code bits k the encoder may choose from for a chunk (within 1..=[`MAX_CODE_BITS`],
-    /// not empty); a chunk is stored raw when no k in the range makes it smaller. A single k
-    /// (`3..=3`) fixes it, for measurements.
+    /// not empty), which are also the first-tier code bits k1 of two-tier chunks (those of them
+    /// up to [`MAX_TIER1_BITS`]); a chunk is stored raw when nothing in the ranges makes it
+    /// smaller. A single k (`3..=3`) with [`single_tier`](Encoder::single_tier) fixes it, for
+    /// measurements.
     pub fn with_code_bits(mut self, code_bits: RangeInclusive<u8>) -> Self {
         self.code_bits = Some(code_bits);
+        self
+    }
+
+    /// The second-tier code bits k2 the encoder may choose from for two-tier chunks (within
+    /// 1..=[`MAX_TIER2_BITS`], not empty; the default is all of them).
+    pub fn with_tier2_bits(mut self, tier2_bits: RangeInclusive<u8>) -> Self {
+        self.tier2_bits = Some(tier2_bits);
+        self
+    }
+
+    /// Only one tier of codes: every chunk raw or coded with one k, the layout of format
+    /// version 2's chunks (for measurements, and for the baseline GPU kernel, which decodes no
+    /// two-tier chunk).
+    pub fn single_tier(mut self) -> Self {
+        self.tier2_bits = None;
         self
     }
 
@@ -181,6 +202,15 @@ impl Encoder {
                 reason: "must be a non-empty range within 1..=7",
             });
         }
+        if let Some(bits) = &self.tier2_bits
+            && (bits.is_empty() || *bits.start() < 1 || *bits.end() > MAX_TIER2_BITS)
+        {
+            return Err(CodecError::InvalidOption {
+                option: "tier2_bits",
+                value: format!("{bits:?}"),
+                reason: "must be a non-empty range within 1..=5",
+            });
+        }
         let len = input.len();
         let n_values = len / 2;
         if n_values.div_ceil(cv as usize) > u32::MAX as usize {
@@ -202,7 +232,13 @@ impl Encoder {
         let plans: Vec<Plan> = parallel::map_each(parallel::split(n_chunks, threads), |range| {
             let mut buf = Vec::new();
             range
-                .map(|i| Plan::new(chunks.get(i, &mut buf), self.code_bits.clone()))
+                .map(|i| {
+                    Plan::new(
+                        chunks.get(i, &mut buf),
+                        self.code_bits.clone(),
+                        self.tier2_bits.clone(),
+                    )
+                })
                 .collect::<Vec<_>>()
         })
         .into_iter()
@@ -390,32 +426,53 @@ struct Plan {
 }
 
 impl Plan {
-    /// Counts the exponents of `values` (2n bytes) and picks the smallest of raw and the coded
-    /// sizes for k in `code_bits` (`None`: raw).
-    fn new(values: &[u8], code_bits: Option<RangeInclusive<u8>>) -> Plan {
+    /// Counts the exponents of `values` (2n bytes) and picks the smallest of raw, the coded
+    /// sizes for k in `code_bits` (`None`: raw) and the two-tier sizes for k1 in `code_bits`
+    /// (up to [`MAX_TIER1_BITS`]) and k2 in `tier2_bits` (`None`: none); on a tie the first of
+    /// raw, one tier by k, two tiers by (k1, k2).
+    fn new(
+        values: &[u8],
+        code_bits: Option<RangeInclusive<u8>>,
+        tier2_bits: Option<RangeInclusive<u8>>,
+    ) -> Plan {
         let n = values.len() / 2;
         let counts = histogram(values);
         let mut order: [u8; 256] = std::array::from_fn(|e| e as u8);
         // Most frequent first; ties by exponent, so the table does not depend on sort stability.
         order.sort_unstable_by_key(|&e| (std::cmp::Reverse(counts[usize::from(e)]), e));
+        // covered[j]: values whose exponent is among the j most frequent.
+        let mut covered = [0usize; 257];
+        for j in 0..256 {
+            covered[j + 1] = covered[j] + counts[usize::from(order[j])] as usize;
+        }
         let mut best = ChunkMode::Raw;
         let mut best_size = ChunkMode::Raw.size(n);
-        let mut covered = 0usize;
-        let mut next = 0usize;
-        for k in code_bits.into_iter().flatten() {
-            let t = (1usize << k) - 1;
-            while next < t {
-                covered += counts[usize::from(order[next])] as usize;
-                next += 1;
-            }
-            let mode = ChunkMode::Coded {
-                k,
-                exceptions: (n - covered) as u32,
-            };
+        let mut consider = |mode: ChunkMode| {
             let size = mode.size(n);
             if size < best_size {
                 best = mode;
                 best_size = size;
+            }
+        };
+        for k in code_bits.clone().into_iter().flatten() {
+            let t = (1usize << k) - 1;
+            consider(ChunkMode::Coded {
+                k,
+                exceptions: (n - covered[t]) as u32,
+            });
+        }
+        for k1 in code_bits.into_iter().flatten() {
+            for k2 in tier2_bits.clone().into_iter().flatten() {
+                if k1 > MAX_TIER1_BITS {
+                    continue;
+                }
+                let (t1, t2) = ((1usize << k1) - 1, (1usize << k2) - 1);
+                consider(ChunkMode::TwoTier {
+                    k1,
+                    k2,
+                    tier1_escapes: (n - covered[t1]) as u32,
+                    exceptions: (n - covered[t1 + t2]) as u32,
+                });
             }
         }
         let mut table = [0u8; 1 << MAX_CODE_BITS];
@@ -456,7 +513,7 @@ impl Plan {
                     code_of: &code_of,
                     planes,
                     sign_mant,
-                    exceptions: exc,
+                    exceptions: Exceptions { out: exc, x: 0 },
                 };
                 match k {
                     1 => sections.write::<1>(),
@@ -468,7 +525,145 @@ impl Plan {
                     _ => sections.write::<7>(),
                 }
             }
+            ChunkMode::TwoTier {
+                k1,
+                k2,
+                tier1_escapes,
+                exceptions,
+            } => {
+                let n = values.len() / 2;
+                let (e1, e2) = (tier1_escapes as usize, exceptions as usize);
+                let layout = TwoTierLayout::new(k1, k2, n, e1, e2);
+                let (t1, t2) = (layout.table1.len(), layout.table2.len());
+                out.fill(0);
+                out[layout.count.clone()].copy_from_slice(&exceptions.to_le_bytes());
+                out[layout.table1.clone()].copy_from_slice(&self.table[..t1]);
+                out[layout.table2.clone()].copy_from_slice(&self.table[t1..t1 + t2]);
+                // The first tier is a one-tier chunk of k1 bits whose exceptions are the
+                // first-tier escapes' exponents, which the second tier then codes.
+                let mut code_of = [t1 as u8; 256];
+                for (c, &e) in self.table[..t1].iter().enumerate() {
+                    code_of[usize::from(e)] = c as u8;
+                }
+                let mut code2_of = [t2 as u8; 256];
+                for (d, &e) in self.table[t1..t1 + t2].iter().enumerate() {
+                    code2_of[usize::from(e)] = d as u8;
+                }
+                let (_, rest) = out.split_at_mut(layout.planes.start);
+                let (planes, rest) = rest.split_at_mut(layout.planes.len());
+                let (_, rest) = rest.split_at_mut(layout.sign_mant.start - layout.planes.end);
+                let (sign_mant, rest) = rest.split_at_mut(n);
+                let (_, rest) = rest.split_at_mut(layout.tier2.start - layout.sign_mant.end);
+                let (tier2, rest) = rest.split_at_mut(layout.tier2.len());
+                let (_, rest) = rest.split_at_mut(layout.exceptions.start - layout.tier2.end);
+                let exc = &mut rest[..e2];
+                // The first tier is a one-tier chunk of k1 bits whose escaped values' exponents
+                // go to the second tier, coded as they come, in value order.
+                let sink = SecondTier {
+                    code2_of: &code2_of,
+                    k2: u32::from(k2),
+                    escape: (1u8 << k2) - 1,
+                    acc: 0,
+                    bits: 0,
+                    codes: tier2,
+                    at: 0,
+                    exceptions: Exceptions { out: exc, x: 0 },
+                };
+                let sections = Sections {
+                    values,
+                    table: &self.table[..t1],
+                    code_of: &code_of,
+                    planes,
+                    sign_mant,
+                    exceptions: sink,
+                };
+                match k1 {
+                    1 => sections.write::<1>(),
+                    2 => sections.write::<2>(),
+                    3 => sections.write::<3>(),
+                    _ => sections.write::<4>(),
+                }
+            }
         }
+    }
+}
+
+/// Where the exponents of a coded chunk's escaped values go, in value order.
+trait EscapeSink {
+    /// The next escaped value's exponent.
+    fn push(&mut self, e: u8);
+    /// After the last one: writes what is buffered, checks (in debug builds) that the counts
+    /// planned were written.
+    fn finish(self);
+}
+
+/// A section of raw exponent bytes, `x` of them written.
+struct Exceptions<'a> {
+    out: &'a mut [u8],
+    x: usize,
+}
+
+impl EscapeSink for Exceptions<'_> {
+    #[inline(always)]
+    fn push(&mut self, e: u8) {
+        self.out[self.x] = e;
+        self.x += 1;
+    }
+
+    fn finish(self) {
+        debug_assert_eq!(
+            self.x,
+            self.out.len(),
+            "exception count planned and written"
+        );
+    }
+}
+
+/// The second tier of a two-tier chunk: each first-tier escape's `k2`-bit code, appended to the
+/// little-endian bitstream `codes` (zeroed, its exact length), and the exponents whose code is
+/// the escape `2^k2 - 1` to `exceptions`.
+struct SecondTier<'a> {
+    code2_of: &'a [u8; 256],
+    k2: u32,
+    escape: u8,
+    /// Bits not yet written (the low `bits` of `acc`).
+    acc: u32,
+    bits: u32,
+    codes: &'a mut [u8],
+    /// Bytes of `codes` written.
+    at: usize,
+    exceptions: Exceptions<'a>,
+}
+
+impl EscapeSink for SecondTier<'_> {
+    #[inline(always)]
+    fn push(&mut self, e: u8) {
+        let d = self.code2_of[usize::from(e)];
+        if d == self.escape {
+            self.exceptions.push(e);
+        }
+        self.acc |= u32::from(d) << self.bits;
+        self.bits += self.k2;
+        // bits < 8 before, k2 <= 5: at most one whole byte.
+        if self.bits >= 8 {
+            self.codes[self.at] = self.acc as u8;
+            self.at += 1;
+            self.acc >>= 8;
+            self.bits -= 8;
+        }
+    }
+
+    fn finish(mut self) {
+        if self.bits > 0 {
+            self.codes[self.at] = self.acc as u8;
+            self.at += 1;
+        }
+        debug_assert_eq!(
+            self.at,
+            self.codes.len(),
+            "second-tier bytes planned and written"
+        );
+        self.exceptions.finish();
     }
 }
 
@@ -496,8 +691,9 @@ pub(crate) fn exponent(lo: u8, hi: u8) -> u8 {
     (hi << 1) | (lo >> 7)
 }
 
-/// The output sections of one coded chunk being written.
-struct Sections<'a> {
+/// The output sections of one coded chunk being written (of a two-tier chunk's first tier, whose
+/// escapes go to its second tier).
+struct Sections<'a, S: EscapeSink> {
     values: &'a [u8],
     /// The exponents of codes 0..2^k - 1.
     table: &'a [u8],
@@ -505,12 +701,12 @@ struct Sections<'a> {
     code_of: &'a [u8; 256],
     planes: &'a mut [u8],
     sign_mant: &'a mut [u8],
-    exceptions: &'a mut [u8],
+    exceptions: S,
 }
 
-impl Sections<'_> {
-    fn write<const K: usize>(self) {
-        let mut x = 0;
+impl<S: EscapeSink> Sections<'_, S> {
+    fn write<const K: usize>(mut self) {
+        let x = &mut self.exceptions;
         let full = self.values.chunks_exact(2 * GROUP);
         let last = full.remainder();
         let groups = full
@@ -524,11 +720,11 @@ impl Sections<'_> {
             #[cfg(target_arch = "x86_64")]
             if let Some(table) = &simd_table {
                 let (planes, escaped) = simd::group::<K>(vals, table, sm);
-                x = emit(vals, &planes, escaped, planes_out, self.exceptions, x);
+                emit(vals, &planes, escaped, planes_out, x);
                 continue;
             }
             let (planes, escaped) = scalar_group::<K>(vals, self.code_of, sm);
-            x = emit(vals, &planes, escaped, planes_out, self.exceptions, x);
+            emit(vals, &planes, escaped, planes_out, x);
         }
         if !last.is_empty() {
             let n = last.len() / 2;
@@ -544,13 +740,9 @@ impl Sections<'_> {
             let at = 4 * K * (self.values.len() / (2 * GROUP));
             let planes = bit_planes::<K>(&words);
             let out = &mut self.planes[at..at + 4 * K];
-            x = emit(last, &planes, escapes(&planes), out, self.exceptions, x);
+            emit(last, &planes, escapes(&planes), out, x);
         }
-        debug_assert_eq!(
-            x,
-            self.exceptions.len(),
-            "exception count planned and written"
-        );
+        self.exceptions.finish();
     }
 }
 
@@ -589,27 +781,23 @@ fn escapes<const K: usize>(planes: &[u32; K]) -> u32 {
 }
 
 /// Writes a group's bit `planes` into `out` (4K bytes) and the exponents of its escaped values
-/// (`vals`, 2 bytes each; bit l of `escaped` for value l) into `exceptions` from `x` on, in
-/// value order; returns the next free exception index.
+/// (`vals`, 2 bytes each; bit l of `escaped` for value l) to `exceptions`, in value order.
 #[inline(always)]
-fn emit<const K: usize>(
+fn emit<const K: usize, S: EscapeSink>(
     vals: &[u8],
     planes: &[u32; K],
     mut escaped: u32,
     out: &mut [u8],
-    exceptions: &mut [u8],
-    mut x: usize,
-) -> usize {
+    exceptions: &mut S,
+) {
     for (p, out) in planes.iter().zip(out.chunks_exact_mut(4)) {
         out.copy_from_slice(&p.to_le_bytes());
     }
     while escaped != 0 {
         let l = escaped.trailing_zeros() as usize;
-        exceptions[x] = exponent(vals[2 * l], vals[2 * l + 1]);
-        x += 1;
+        exceptions.push(exponent(vals[2 * l], vals[2 * l + 1]));
         escaped &= escaped - 1;
     }
-    x
 }
 
 /// The K bit planes of 32 codes (byte l % 8 of word l / 8 for value l): bit l of plane b is

@@ -1,6 +1,6 @@
 //! The byte layout of an encoding, its parser and its writer.
 //!
-//! # Layout, version 2
+//! # Layout, version 3
 //!
 //! All integers are little-endian. "pad16(x)" is x rounded up to a multiple of 16. A bf16 value
 //! is the 16-bit word `lo | hi << 8` of two input bytes; its sign is bit 15, its exponent bits
@@ -9,7 +9,7 @@
 //! ```text
 //! offset  size        field
 //! 0       4           magic "LWBC"
-//! 4       2           version = 2
+//! 4       2           version = 3
 //! 6       1           tail_len: 0, or 1 when the input had an odd byte count
 //! 7       1           tail_byte: the input's last byte when tail_len = 1, else 0
 //! 8       4           chunk_values: values per chunk, a multiple of 256 in 256..=4194304
@@ -26,10 +26,11 @@
 //!
 //! ```text
 //! 0   8   offset of the chunk's data from the start of the encoding (a multiple of 16)
-//! 8   4   n_exceptions: escaped values in the chunk (0 for a raw chunk)
-//! 12  1   mode: 0 raw, 1 coded
-//! 13  1   k: code bits, 1..=7 for a coded chunk, 0 for a raw one
-//! 14  2   reserved, 0
+//! 8   4   n_exceptions: values with the (first-tier) escape code (0 for a raw chunk)
+//! 12  1   mode: 0 raw, 1 coded, 2 two-tier
+//! 13  1   k: code bits, 1..=7 for a coded chunk, 1..=4 (k1) for a two-tier one, 0 for a raw one
+//! 14  1   k2: second-tier code bits, 1..=5 for a two-tier chunk, else 0
+//! 15  1   reserved, 0
 //! ```
 //!
 //! Chunk i holds values `i*chunk_values ..` up to `chunk_values` of them (the last one may hold
@@ -56,19 +57,50 @@
 //! next unused byte of `exceptions`. The number of escape codes among the chunk's n values is e
 //! exactly. Bits of a group's planes past value n-1 are 0 and ignored.
 //!
+//! A **two-tier** chunk with k1 first-tier and k2 second-tier code bits, e1 = n_exceptions
+//! first-tier escapes and e2 second-tier escapes, t1 = 2^k1 - 1, t2 = 2^k2 - 1:
+//!
+//! ```text
+//! tables      4 + t1 + t2 bytes     pad16(4 + t1 + t2)  e2 (u32), then the exponents of the
+//!                                                       first-tier codes 0..t1-1, then those of
+//!                                                       the second-tier codes 0..t2-1
+//! planes      4*g*k1 bytes          pad16(4*g*k1)       as in a coded chunk, k = k1
+//! sign_mant   n bytes               pad16(n)            as in a coded chunk
+//! tier2       ceil(e1*k2/8) bytes   pad16(...)          one k2-bit code per first-tier escape,
+//!                                                       in value order: code j is bits
+//!                                                       j*k2 .. j*k2+k2-1 of the section read as
+//!                                                       one little-endian integer (bit i is bit
+//!                                                       i % 8 of byte i / 8); unused bits 0
+//! exceptions  e2 bytes              pad16(e2)           the exponents of the values whose
+//!                                                       second-tier code escapes, in value order
+//! ```
+//!
+//! A value's first-tier code c < t1 stands for `table1[c]`; c = t1 sends it to the second tier:
+//! its second-tier code is the next unused one of `tier2`, d < t2 standing for `table2[d]`, and
+//! d = t2 is the escape: the exponent is the next unused byte of `exceptions`. The first-tier
+//! escapes number e1 exactly, the second-tier ones e2 <= e1 exactly.
+//!
 //! The checksum covers the header (but its own four bytes), the directory and every chunk with
 //! its padding, so any change to the bytes after they were written is found by [`verify`](crate::verify)
 //! without decoding (CRC-32 finds every error burst of up to 32 bits, so every single-byte
 //! change). The CPU decoder verifies before it decodes. The GPU decoder does not: it reads the
 //! encoding from device memory and checks only its structure, so bytes that come from outside
 //! the process (a file, another process's memory) are verified on the host before they are
-//! uploaded. Version 1 (a 32-byte header without checksum) is refused by its version number.
+//! uploaded. Versions 1 (a 32-byte header without checksum) and 2 (the same layout without
+//! two-tier chunks, whose directory entry had 2 reserved bytes where k2 is now) are refused by
+//! their version number: they are encoded again, never read.
 //!
 //! Why this layout: every value's exponent code sits at the same bit of k words, so a GPU
 //! thread decodes 8 values with k word loads and shifts, and a warp's loads and stores are
 //! contiguous; the exceptions need no positions (an escape takes 8 bits, not 24), at the cost of
 //! one prefix sum of escape counts per block on the GPU; sign and mantissa, which are nearly
-//! incompressible, are copied. See the crate's README for the measurements behind the choices.
+//! incompressible, are copied. The second tier gives the next most frequent exponents short
+//! fixed-width codes too (k1 = 2, k2 = 3 on Gaussian weights: 3 exponents in 2 bits, the next 7
+//! in 2 + 3 bits, the rest in 2 + 3 + 8), still without positions: a first-tier escape's index
+//! among the first-tier escapes, which the GPU finds with the same prefix sum, is its
+//! second-tier code's index; a second count and prefix sum, over the first-tier escapes only,
+//! gives each second-tier escape its exception index. See the crate's README for the
+//! measurements behind the choices.
 
 use crate::error::{CodecError, Result};
 use std::ops::Range;
@@ -76,7 +108,7 @@ use std::ops::Range;
 /// The format's magic, the encoding's first four bytes.
 pub const MAGIC: [u8; 4] = *b"LWBC";
 /// The format version this build writes and reads.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Bytes of the fixed header.
 pub const HEADER_LEN: usize = 48;
 /// Where the checksum sits in the header (4 bytes, little-endian).
@@ -93,6 +125,12 @@ pub const MIN_CHUNK_VALUES: u32 = 256;
 pub const MAX_CHUNK_VALUES: u32 = 1 << 22;
 /// The largest number of code bits of a coded chunk.
 pub const MAX_CODE_BITS: u8 = 7;
+/// The largest number of first-tier code bits k1 of a two-tier chunk.
+pub const MAX_TIER1_BITS: u8 = 4;
+/// The largest number of second-tier code bits k2 of a two-tier chunk.
+pub const MAX_TIER2_BITS: u8 = 5;
+/// Bytes before a two-tier chunk's tables: its second-tier escape count (u32).
+pub const TIER2_COUNT_LEN: usize = 4;
 
 /// `x` rounded up to a multiple of [`ALIGN`]. Callers keep `x` far below `usize::MAX`.
 pub(crate) const fn pad16(x: usize) -> usize {
@@ -294,6 +332,19 @@ pub enum ChunkMode {
         /// Escaped values.
         exceptions: u32,
     },
+    /// Exponents as `k1`-bit codes, `tier1_escapes` of them escaped to `k2`-bit second-tier
+    /// codes, `exceptions` of those escaped again to raw exponent bytes.
+    TwoTier {
+        /// First-tier code bits, 1..=[`MAX_TIER1_BITS`].
+        k1: u8,
+        /// Second-tier code bits, 1..=[`MAX_TIER2_BITS`].
+        k2: u8,
+        /// Values with the first-tier escape code (one second-tier code each).
+        tier1_escapes: u32,
+        /// Values with the second-tier escape code (one exponent byte each), at most
+        /// `tier1_escapes`.
+        exceptions: u32,
+    },
 }
 
 impl ChunkMode {
@@ -302,6 +353,12 @@ impl ChunkMode {
         match self {
             ChunkMode::Raw => pad16(2 * n),
             ChunkMode::Coded { k, exceptions } => CodedLayout::new(k, n, exceptions as usize).size,
+            ChunkMode::TwoTier {
+                k1,
+                k2,
+                tier1_escapes,
+                exceptions,
+            } => TwoTierLayout::new(k1, k2, n, tier1_escapes as usize, exceptions as usize).size,
         }
     }
 }
@@ -339,6 +396,51 @@ impl CodedLayout {
     }
 }
 
+/// Where the sections of a two-tier chunk lie, relative to the chunk's start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct TwoTierLayout {
+    /// The second-tier escape count (u32).
+    pub count: Range<usize>,
+    pub table1: Range<usize>,
+    pub table2: Range<usize>,
+    pub planes: Range<usize>,
+    pub sign_mant: Range<usize>,
+    pub tier2: Range<usize>,
+    pub exceptions: Range<usize>,
+    pub size: usize,
+}
+
+impl TwoTierLayout {
+    /// The layout of a chunk of `n <= MAX_CHUNK_VALUES` values, `k1 <= MAX_TIER1_BITS` and
+    /// `k2 <= MAX_TIER2_BITS` code bits, `e1 <= n` first-tier and `e2 <= e1` second-tier
+    /// escapes (no overflow for these ranges).
+    pub fn new(k1: u8, k2: u8, n: usize, e1: usize, e2: usize) -> Self {
+        let (t1, t2) = ((1usize << k1) - 1, (1usize << k2) - 1);
+        let count = 0..TIER2_COUNT_LEN;
+        let table1 = count.end..count.end + t1;
+        let table2 = table1.end..table1.end + t2;
+        let p0 = pad16(table2.end);
+        let planes = p0..p0 + 4 * n.div_ceil(GROUP) * usize::from(k1);
+        let s0 = pad16(planes.end);
+        let sign_mant = s0..s0 + n;
+        let c0 = pad16(sign_mant.end);
+        let tier2 = c0..c0 + (e1 * usize::from(k2)).div_ceil(8);
+        let e0 = pad16(tier2.end);
+        let exceptions = e0..e0 + e2;
+        let size = pad16(exceptions.end);
+        TwoTierLayout {
+            count,
+            table1,
+            table2,
+            planes,
+            sign_mant,
+            tier2,
+            exceptions,
+            size,
+        }
+    }
+}
+
 /// One directory entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Entry {
@@ -348,46 +450,91 @@ pub(crate) struct Entry {
 
 impl Entry {
     pub fn write(&self, out: &mut [u8]) {
-        let (exceptions, mode, k) = match self.mode {
-            ChunkMode::Raw => (0, 0, 0),
-            ChunkMode::Coded { k, exceptions } => (exceptions, 1, k),
+        let (exceptions, mode, k, k2) = match self.mode {
+            ChunkMode::Raw => (0, 0, 0, 0),
+            ChunkMode::Coded { k, exceptions } => (exceptions, 1, k, 0),
+            ChunkMode::TwoTier {
+                k1,
+                k2,
+                tier1_escapes,
+                ..
+            } => (tier1_escapes, 2, k1, k2),
         };
         let e = &mut out[..ENTRY_LEN];
         e[0..8].copy_from_slice(&self.offset.to_le_bytes());
         e[8..12].copy_from_slice(&exceptions.to_le_bytes());
         e[12] = mode;
         e[13] = k;
-        e[14..16].copy_from_slice(&[0, 0]);
+        e[14] = k2;
+        e[15] = 0;
     }
 
-    /// Reads entry `chunk` (of `n` values) from its 16 bytes and checks its fields.
-    fn parse(e: &[u8; ENTRY_LEN], chunk: u32, n: usize) -> Result<Entry> {
+    /// Reads entry `chunk` (of `n` values) from its 16 bytes and checks its fields; a two-tier
+    /// chunk's second-tier escape count, which lies in its data, is read by `tier2_count` from
+    /// `bytes` (the whole encoding) once the offset is known to be in bounds.
+    fn parse(
+        e: &[u8; ENTRY_LEN],
+        chunk: u32,
+        n: usize,
+        tier2_count: impl FnOnce(u64) -> Result<u32>,
+    ) -> Result<Entry> {
         let corrupt = |reason: String| CodecError::CorruptChunk {
             chunk: chunk.into(),
             reason,
         };
         let offset = u64::from_le_bytes(e[0..8].try_into().expect("8 bytes"));
         let exceptions = u32::from_le_bytes(e[8..12].try_into().expect("4 bytes"));
-        if e[14] != 0 || e[15] != 0 {
-            return Err(corrupt("reserved entry bytes are not 0".into()));
+        if e[15] != 0 {
+            return Err(corrupt("reserved entry byte is not 0".into()));
         }
-        let mode = match (e[12], e[13]) {
-            (0, 0) if exceptions == 0 => ChunkMode::Raw,
-            (0, _) => return Err(corrupt("a raw chunk with code bits or exceptions".into())),
-            (1, k @ 1..=MAX_CODE_BITS) if exceptions as usize <= n => {
+        let mode = match (e[12], e[13], e[14]) {
+            (0, 0, 0) if exceptions == 0 => ChunkMode::Raw,
+            (0, _, _) => {
+                return Err(corrupt("a raw chunk with code bits or exceptions".into()));
+            }
+            (1, _, k2 @ 1..) => {
+                return Err(corrupt(format!(
+                    "second-tier code bits {k2} in a one-tier chunk"
+                )));
+            }
+            (1, k @ 1..=MAX_CODE_BITS, 0) if exceptions as usize <= n => {
                 ChunkMode::Coded { k, exceptions }
             }
-            (1, k @ 1..=MAX_CODE_BITS) => {
+            (1, k @ 1..=MAX_CODE_BITS, 0) => {
                 return Err(corrupt(format!(
                     "{exceptions} exceptions in a chunk of {n} values (k = {k})"
                 )));
             }
-            (1, k) => {
+            (1, k, _) => {
                 return Err(corrupt(format!(
                     "code bits {k} outside 1..={MAX_CODE_BITS}"
                 )));
             }
-            (m, _) => return Err(corrupt(format!("unknown mode {m}"))),
+            (2, k1 @ 1..=MAX_TIER1_BITS, k2 @ 1..=MAX_TIER2_BITS) => {
+                if exceptions as usize > n {
+                    return Err(corrupt(format!(
+                        "{exceptions} first-tier escapes in a chunk of {n} values"
+                    )));
+                }
+                let e2 = tier2_count(offset)?;
+                if e2 > exceptions {
+                    return Err(corrupt(format!(
+                        "{e2} second-tier escapes among {exceptions} first-tier ones"
+                    )));
+                }
+                ChunkMode::TwoTier {
+                    k1,
+                    k2,
+                    tier1_escapes: exceptions,
+                    exceptions: e2,
+                }
+            }
+            (2, k1, k2) => {
+                return Err(corrupt(format!(
+                    "two-tier code bits ({k1}, {k2}) outside 1..={MAX_TIER1_BITS} and 1..={MAX_TIER2_BITS}"
+                )));
+            }
+            (m, _, _) => return Err(corrupt(format!("unknown mode {m}"))),
         };
         Ok(Entry { offset, mode })
     }
@@ -418,6 +565,18 @@ pub(crate) enum ChunkData<'a> {
         table: &'a [u8],
         planes: &'a [u8],
         sign_mant: &'a [u8],
+        exceptions: &'a [u8],
+    },
+    TwoTier {
+        k1: u8,
+        k2: u8,
+        /// First-tier escapes (second-tier codes in `tier2`).
+        tier1_escapes: usize,
+        table1: &'a [u8],
+        table2: &'a [u8],
+        planes: &'a [u8],
+        sign_mant: &'a [u8],
+        tier2: &'a [u8],
         exceptions: &'a [u8],
     },
 }
@@ -504,7 +663,21 @@ impl<'a> Encoded<'a> {
     fn entry(&self, i: u32) -> Result<Entry> {
         let at = HEADER_LEN + ENTRY_LEN * i as usize;
         let e = self.bytes[at..at + ENTRY_LEN].try_into().expect("16 bytes");
-        Entry::parse(e, i, self.header.len_of(i))
+        let bytes = self.bytes;
+        Entry::parse(e, i, self.header.len_of(i), |offset| {
+            let count = usize::try_from(offset)
+                .ok()
+                .and_then(|o| Some(o..o.checked_add(TIER2_COUNT_LEN)?))
+                .and_then(|r| bytes.get(r));
+            match count {
+                Some(c) => Ok(u32::from_le_bytes(c.try_into().expect("4 bytes"))),
+                None => Err(CodecError::Truncated {
+                    what: "two-tier chunk's escape count",
+                    needed: offset.saturating_add(TIER2_COUNT_LEN as u64),
+                    len: bytes.len(),
+                }),
+            }
+        })
     }
 
     /// Chunk `i < n_chunks`, its sections sliced out of the checked buffer.
@@ -525,6 +698,27 @@ impl<'a> Encoded<'a> {
                     exceptions: at(l.exceptions),
                 }
             }
+            ChunkMode::TwoTier {
+                k1,
+                k2,
+                tier1_escapes,
+                exceptions,
+            } => {
+                let e1 = tier1_escapes as usize;
+                let l = TwoTierLayout::new(k1, k2, n, e1, exceptions as usize);
+                let at = |r: Range<usize>| &self.bytes[start + r.start..start + r.end];
+                ChunkData::TwoTier {
+                    k1,
+                    k2,
+                    tier1_escapes: e1,
+                    table1: at(l.table1),
+                    table2: at(l.table2),
+                    planes: at(l.planes),
+                    sign_mant: at(l.sign_mant),
+                    tier2: at(l.tier2),
+                    exceptions: at(l.exceptions),
+                }
+            }
         };
         Chunk { index: i, data }
     }
@@ -539,6 +733,9 @@ impl<'a> Encoded<'a> {
             coded_chunks: 0,
             exceptions: 0,
             chunks_by_code_bits: [0; MAX_CODE_BITS as usize + 1],
+            two_tier_chunks: 0,
+            tier1_escapes: 0,
+            chunks_by_tier_bits: [[0; MAX_TIER2_BITS as usize + 1]; MAX_TIER1_BITS as usize + 1],
         };
         for i in 0..self.header.n_chunks {
             match self.entry(i).expect("entries checked by parse").mode {
@@ -547,6 +744,18 @@ impl<'a> Encoded<'a> {
                     stats.coded_chunks += 1;
                     stats.exceptions += u64::from(exceptions);
                     stats.chunks_by_code_bits[usize::from(k)] += 1;
+                    stats.tier1_escapes += u64::from(exceptions);
+                }
+                ChunkMode::TwoTier {
+                    k1,
+                    k2,
+                    tier1_escapes,
+                    exceptions,
+                } => {
+                    stats.two_tier_chunks += 1;
+                    stats.exceptions += u64::from(exceptions);
+                    stats.tier1_escapes += u64::from(tier1_escapes);
+                    stats.chunks_by_tier_bits[usize::from(k1)][usize::from(k2)] += 1;
                 }
             }
         }
@@ -566,12 +775,19 @@ pub struct Stats {
     pub chunks: u64,
     /// Chunks stored raw (coding did not pay).
     pub raw_chunks: u64,
-    /// Chunks stored coded.
+    /// Chunks stored coded with one tier of codes.
     pub coded_chunks: u64,
-    /// Escaped values over all coded chunks.
+    /// Values whose exponent is stored as a raw byte (the escapes of one-tier chunks, the
+    /// second-tier escapes of two-tier ones).
     pub exceptions: u64,
     /// Coded chunks by code bits k (index k; index 0 is unused).
     pub chunks_by_code_bits: [u64; MAX_CODE_BITS as usize + 1],
+    /// Chunks stored with two tiers of codes.
+    pub two_tier_chunks: u64,
+    /// Values with a (first-tier) escape code, in one-tier and two-tier chunks.
+    pub tier1_escapes: u64,
+    /// Two-tier chunks by code bits: index `[k1][k2]` (index 0 unused).
+    pub chunks_by_tier_bits: [[u64; MAX_TIER2_BITS as usize + 1]; MAX_TIER1_BITS as usize + 1],
 }
 
 impl Stats {

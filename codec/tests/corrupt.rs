@@ -2,23 +2,39 @@
 
 use codec_testkit as common;
 
-use common::{Dist, as_version1, generate, reseal};
+use common::{Dist, as_version1, as_version2, generate, reseal};
 use layerwise_offload_codec::format::{ENTRY_LEN, HEADER_LEN, MAGIC};
 use layerwise_offload_codec::{CodecError, Encoded, Encoder, decode, decoded_len, stats};
 use proptest::prelude::*;
 
-/// A small encoding with coded chunks (with escapes), a raw chunk and an odd tail byte.
+/// A small encoding with two-tier chunks (with second-tier escapes), one-tier coded chunks (with
+/// escapes), a raw chunk and an odd tail byte.
 fn sample() -> (Vec<u8>, Vec<u8>) {
-    let mut input = generate(Dist::Normal, 2 * 700, 1);
-    input.extend(generate(Dist::RandomBits, 2 * 256, 2));
-    input.extend(generate(Dist::StudentT, 2 * 300 + 1, 3));
+    let mut input = generate(Dist::Normal, 2 * 2048, 1);
+    input.extend(generate(Dist::RandomBits, 2 * 1024, 2));
+    // A chunk where one tier of k = 2 wins.
+    input.extend(common::values((0..1024u16).map(|i| {
+        // Three exponents equally often, and 2% escapes with distinct exponents (which a
+        // second tier would not shorten).
+        let e = if i % 50 == 7 {
+            0x10 + i / 50
+        } else {
+            0x78 + i % 3
+        };
+        (e << 7) | (i.wrapping_mul(37) & 0x807f)
+    })));
+    input.extend(generate(Dist::StudentT, 2 * 700 + 1, 3));
     let encoded = Encoder::new()
-        .with_chunk_values(256)
+        .with_chunk_values(1024)
         .encode(&input)
         .unwrap();
     let st = stats(&encoded).unwrap();
     assert!(
-        st.raw_chunks > 0 && st.coded_chunks > 0 && st.exceptions > 0,
+        st.raw_chunks > 0
+            && st.coded_chunks > 0
+            && st.two_tier_chunks > 0
+            && st.exceptions > 0
+            && st.tier1_escapes > st.exceptions,
         "{st:?}"
     );
     (input, encoded)
@@ -93,21 +109,33 @@ fn changed_bytes_are_a_checksum_error_and_verify_finds_them() {
 }
 
 #[test]
-fn version_1_encodings_are_refused_by_their_version() {
-    let (_, encoded) = sample();
-    let v1 = as_version1(&encoded);
-    for r in [
-        layerwise_offload_codec::verify(&v1).map(|_| 0),
-        decoded_len(&v1),
-    ] {
-        match r {
-            Err(
-                e @ CodecError::UnsupportedVersion {
-                    found: 1,
-                    supported: 2,
-                },
-            ) => assert!(e.to_string().contains("encode the data again"), "{e}"),
-            r => panic!("expected UnsupportedVersion, got {r:?}"),
+fn version_1_and_2_encodings_are_refused_by_their_version() {
+    let (input, _) = sample();
+    let one_tier = Encoder::new()
+        .with_chunk_values(1024)
+        .single_tier()
+        .encode(&input)
+        .unwrap();
+    let v2 = as_version2(&one_tier).expect("one-tier chunks only");
+    let v1 = as_version1(&v2);
+    for (old, found) in [(v1, 1u16), (v2, 2)] {
+        let mut out = vec![0u8; input.len()];
+        for r in [
+            layerwise_offload_codec::verify(&old).map(|_| 0),
+            decoded_len(&old),
+            decode(&old, &mut out).map(|_| 0),
+        ] {
+            match r {
+                Err(
+                    e @ CodecError::UnsupportedVersion {
+                        found: f,
+                        supported: 3,
+                    },
+                ) if f == found => {
+                    assert!(e.to_string().contains("encode the data again"), "{e}")
+                }
+                r => panic!("version {found}: expected UnsupportedVersion, got {r:?}"),
+            }
         }
     }
 }
@@ -121,7 +149,7 @@ fn header_fields_are_checked() {
         try_decode(&bad).unwrap_err()
     };
     assert!(matches!(set(0, b"XXXX"), CodecError::BadMagic { expected, .. } if expected == MAGIC));
-    for old_or_new in [0u16, 1, 3] {
+    for old_or_new in [0u16, 1, 2, 4] {
         assert!(matches!(
             set(4, &old_or_new.to_le_bytes()),
             CodecError::UnsupportedVersion { found, .. } if found == old_or_new
@@ -172,7 +200,7 @@ fn header_fields_are_checked() {
     // A directory that claims more chunks than the buffer holds.
     let mut huge = encoded[..HEADER_LEN].to_vec();
     huge[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
-    huge[16..24].copy_from_slice(&(u64::from(u32::MAX) * 256).to_le_bytes());
+    huge[16..24].copy_from_slice(&(u64::from(u32::MAX) * 1024).to_le_bytes());
     huge[24..32].copy_from_slice(&(HEADER_LEN as u64).to_le_bytes());
     assert!(matches!(
         try_decode(&huge).unwrap_err(),
@@ -212,6 +240,87 @@ fn escape_count_must_match_the_stored_exceptions() {
         }
     }
     assert!(checked > 0);
+}
+
+#[test]
+fn two_tier_escape_counts_must_match_the_codes() {
+    let (_, encoded) = sample();
+    let view = Encoded::parse(&encoded).unwrap();
+    let n_chunks = view.header().n_chunks() as usize;
+    let (mut checked_e1, mut checked_e2) = (0, 0);
+    for i in 0..n_chunks {
+        let at = HEADER_LEN + ENTRY_LEN * i;
+        if encoded[at + 12] != 2 {
+            continue;
+        }
+        let offset = u64::from_le_bytes(encoded[at..at + 8].try_into().unwrap()) as usize;
+        // The first-tier escape count (directory) and the second-tier one (the chunk's first
+        // four bytes), each one more and one less.
+        for (field, is_e1) in [(at + 8, true), (offset, false)] {
+            let e = u32::from_le_bytes(encoded[field..field + 4].try_into().unwrap());
+            for delta in [1i64, -1] {
+                let mut bad = encoded.clone();
+                bad[field..field + 4]
+                    .copy_from_slice(&((i64::from(e) + delta) as u32).to_le_bytes());
+                reseal(&mut bad);
+                let err = try_decode(&bad).unwrap_err();
+                // Where the sizes still line up (the count moved within its section's padding),
+                // only the decoder's count of escape codes can tell, and it names the chunk.
+                if Encoded::parse(&bad).is_ok() {
+                    assert!(
+                        matches!(err, CodecError::CorruptChunk { chunk, .. } if chunk == i as u64),
+                        "chunk {i}: {err:?}"
+                    );
+                    if is_e1 {
+                        checked_e1 += 1;
+                    } else {
+                        checked_e2 += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        checked_e1 > 0 && checked_e2 > 0,
+        "{checked_e1} {checked_e2}"
+    );
+}
+
+#[test]
+fn two_tier_entry_fields_are_checked() {
+    let (_, encoded) = sample();
+    let view = Encoded::parse(&encoded).unwrap();
+    let n_chunks = view.header().n_chunks() as usize;
+    let (first_coded, first_two_tier) = (
+        (0..n_chunks)
+            .find(|i| encoded[HEADER_LEN + ENTRY_LEN * i + 12] == 1)
+            .unwrap(),
+        (0..n_chunks)
+            .find(|i| encoded[HEADER_LEN + ENTRY_LEN * i + 12] == 2)
+            .unwrap(),
+    );
+    let set = |chunk: usize, at: usize, b: u8| {
+        let mut bad = encoded.clone();
+        bad[HEADER_LEN + ENTRY_LEN * chunk + at] = b;
+        reseal(&mut bad);
+        try_decode(&bad).unwrap_err()
+    };
+    // k1 outside 1..=4, k2 outside 1..=5, k2 in a one-tier chunk, the reserved byte, a mode 3.
+    for (chunk, at, b) in [
+        (first_two_tier, 13, 0),
+        (first_two_tier, 13, 5),
+        (first_two_tier, 14, 0),
+        (first_two_tier, 14, 6),
+        (first_coded, 14, 1),
+        (first_two_tier, 15, 1),
+        (first_two_tier, 12, 3),
+    ] {
+        let err = set(chunk, at, b);
+        assert!(
+            matches!(err, CodecError::CorruptChunk { chunk: c, .. } if c == chunk as u64),
+            "entry {chunk} byte {at} = {b}: {err:?}"
+        );
+    }
 }
 
 #[test]

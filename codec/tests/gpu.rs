@@ -5,7 +5,7 @@
 
 use codec_testkit as common;
 
-use common::{Dist, generate};
+use common::{Dist, Rng, generate, values};
 use layerwise_offload_codec::format::{HEADER_LEN, VERSION};
 use layerwise_offload_codec::gpu::{self, DecoderOptions, GpuDecoder, Kernel};
 use layerwise_offload_codec::{CodecError, Encoder, decode};
@@ -120,11 +120,64 @@ fn gpu_decodes_every_pattern_like_the_cpu() {
         gpu_round_trip(
             &decoder,
             &all,
-            &Encoder::new().with_chunk_values(4096).with_code_bits(k..=k),
+            &Encoder::new()
+                .with_chunk_values(4096)
+                .with_code_bits(k..=k)
+                .single_tier(),
         )
         .unwrap();
     }
     let normal = generate(Dist::Normal, 3 << 20, 1);
+    // Two tiers of every (k1, k2), with first- and second-tier escapes; and every pattern with
+    // a few of them (where they make a chunk smaller than raw).
+    let row_scaled = generate(Dist::RowScaled, 1 << 20, 6);
+    let mut seen = [[0u64; 6]; 5];
+    for k1 in 1..=4u8 {
+        for k2 in 1..=5u8 {
+            let fixed = Encoder::new()
+                .with_code_bits(k1..=k1)
+                .with_tier2_bits(k2..=k2);
+            for (input, cv) in [(&normal[..(1 << 20) + 3], 4096), (&row_scaled, 2304)] {
+                let encoder = fixed.clone().with_chunk_values(cv);
+                let st = layerwise_offload_codec::stats(&encoder.encode(input).unwrap()).unwrap();
+                seen[usize::from(k1)][usize::from(k2)] +=
+                    st.chunks_by_tier_bits[usize::from(k1)][usize::from(k2)];
+                gpu_round_trip(&decoder, input, &encoder).unwrap();
+            }
+            gpu_round_trip(&decoder, &all, &fixed.clone().with_chunk_values(4096)).unwrap();
+        }
+    }
+    // 15 exponents for 95% of the values, 31 others for the rest: two tiers of (4, 4) and (4, 5)
+    // (the shared-memory table path of k1 = 4), every second-tier code used.
+    let mut rng = Rng::new(8, 0);
+    let wide = values((0..1u32 << 20).map(|_| {
+        let r = rng.next_u64();
+        let e = if r % 100 < 95 {
+            0x60 + (r >> 8) % 15
+        } else {
+            0x70 + (r >> 8) % 31
+        };
+        ((e as u16) << 7) | ((r >> 32) as u16 & 0x807f)
+    }));
+    for k2 in [4u8, 5] {
+        let encoder = Encoder::new()
+            .with_chunk_values(32768)
+            .with_code_bits(4..=4)
+            .with_tier2_bits(k2..=k2);
+        let st = layerwise_offload_codec::stats(&encoder.encode(&wide).unwrap()).unwrap();
+        seen[4][usize::from(k2)] += st.chunks_by_tier_bits[4][usize::from(k2)];
+        gpu_round_trip(&decoder, &wide, &encoder).unwrap();
+    }
+    gpu_round_trip(&decoder, &wide, &Encoder::new()).unwrap();
+    // Every k1 and every k2 decoded in some two-tier chunk.
+    assert!(
+        (1..=4).all(|k1| seen[k1].iter().sum::<u64>() > 0),
+        "{seen:?}"
+    );
+    assert!(
+        (1..=5).all(|k2| seen.iter().map(|r| r[k2]).sum::<u64>() > 0),
+        "{seen:?}"
+    );
     for len in [0, 1, 2, 3, 17, 4095, 65537, 1 << 20, (3 << 20) - 1] {
         gpu_round_trip(
             &decoder,
@@ -151,8 +204,88 @@ fn gpu_baseline_kernel_decodes_like_the_cpu() {
     )
     .unwrap();
     let normal = generate(Dist::Normal, 1 << 20, 4);
+    // The baseline kernel decodes one-tier chunks (format version 2's layout) only.
     for encoder in [Encoder::new(), Encoder::new().with_chunk_values(256)] {
-        gpu_round_trip(&baseline, &normal, &encoder).unwrap();
+        gpu_round_trip(&baseline, &normal, &encoder.single_tier()).unwrap();
+    }
+    // A two-tier chunk is refused as a chunk it does not know, never decoded to other bytes.
+    let encoded = Encoder::new().encode(&normal).unwrap();
+    assert!(
+        layerwise_offload_codec::stats(&encoded)
+            .unwrap()
+            .two_tier_chunks
+            > 0
+    );
+    let device = baseline.device();
+    let mut enc = device.alloc(encoded.len()).unwrap();
+    enc.copy_from_host(&encoded).unwrap();
+    let out = device.alloc(normal.len()).unwrap();
+    // SAFETY: live buffers of the lengths passed; the legacy default stream (null).
+    unsafe {
+        baseline.decode_async(
+            enc.device_ptr(),
+            encoded.len(),
+            out.device_ptr(),
+            normal.len(),
+            std::ptr::null_mut(),
+        )
+    }
+    .unwrap();
+    match baseline.synchronize_and_check() {
+        Err(CodecError::DeviceDecode { bits }) => assert_ne!(bits & gpu::status::CHUNK, 0),
+        other => panic!("two-tier chunk not refused by the baseline kernel: {other:?}"),
+    }
+}
+
+#[test]
+fn gpu_reports_second_tier_escapes_that_disagree_with_the_exception_count() {
+    let Some(decoder) = decoder() else { return };
+    let input = generate(Dist::Normal, 1 << 20, 5);
+    let mut encoded = Encoder::new()
+        .with_chunk_values(4096)
+        .with_code_bits(2..=2)
+        .with_tier2_bits(3..=3)
+        .encode(&input)
+        .unwrap();
+    let entry = HEADER_LEN; // chunk 0's directory entry
+    let offset = u64::from_le_bytes(encoded[entry..entry + 8].try_into().unwrap()) as usize;
+    assert_eq!(
+        (
+            encoded[entry + 12],
+            encoded[entry + 13],
+            encoded[entry + 14]
+        ),
+        (2, 2, 3),
+        "chunk 0 two-tier with (k1, k2) = (2, 3)"
+    );
+    // The first 32 second-tier codes all become the escape: more second-tier escapes than the
+    // chunk stores exceptions, with every size unchanged. Tables: 4 + 3 + 7 bytes, padded to
+    // 16; planes: 128 groups of 2 words; sign and mantissa: 4096 bytes.
+    let tier2 = offset + 16 + 1024 + 4096;
+    encoded[tier2..tier2 + 12].fill(0xff);
+    let mut cpu = vec![0u8; input.len()];
+    assert!(
+        decode(&encoded, &mut cpu).is_err(),
+        "the CPU refuses it too"
+    );
+    let device = decoder.device();
+    let mut enc = device.alloc(encoded.len()).unwrap();
+    enc.copy_from_host(&encoded).unwrap();
+    let out = device.alloc(input.len()).unwrap();
+    // SAFETY: live buffers of the lengths passed; the legacy default stream (null).
+    unsafe {
+        decoder.decode_async(
+            enc.device_ptr(),
+            encoded.len(),
+            out.device_ptr(),
+            input.len(),
+            std::ptr::null_mut(),
+        )
+    }
+    .unwrap();
+    match decoder.synchronize_and_check() {
+        Err(CodecError::DeviceDecode { bits }) => assert_eq!(bits, gpu::status::EXCEPTIONS),
+        other => panic!("wrong second-tier escape count not reported: {other:?}"),
     }
 }
 
@@ -163,6 +296,7 @@ fn gpu_reports_escape_codes_that_disagree_with_the_exception_count() {
     let mut encoded = Encoder::new()
         .with_chunk_values(4096)
         .with_code_bits(3..=3)
+        .single_tier()
         .encode(&input)
         .unwrap();
     // Every value of chunk 0's first group gets the escape code (all plane bits set): more

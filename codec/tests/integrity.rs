@@ -6,16 +6,22 @@ use codec_testkit as common;
 use common::{Dist, Rng, generate};
 use layerwise_offload_codec::{CodecError, Encoder, decode, decoded_len, max_encoded_len, verify};
 
-/// An encoding with coded chunks of several widths (with escapes), raw chunks and a tail byte.
+/// An encoding with two-tier and one-tier coded chunks of several widths (with escapes), raw
+/// chunks and a tail byte.
 fn sample() -> (Vec<u8>, Vec<u8>) {
     let mut input = generate(Dist::Normal, 2 * 4096, 1);
-    input.extend(generate(Dist::RandomBits, 2 * 512, 2));
+    input.extend(generate(Dist::RandomBits, 2 * 1024, 2));
     input.extend(generate(Dist::StudentT, 2 * 3000, 3));
     input.extend(generate(Dist::Fp32Normal, 2 * 1024 + 1, 4));
     let encoded = Encoder::new()
         .with_chunk_values(1024)
         .encode(&input)
         .unwrap();
+    let st = layerwise_offload_codec::stats(&encoded).unwrap();
+    assert!(
+        st.two_tier_chunks > 0 && st.coded_chunks > 0 && st.raw_chunks > 0,
+        "{st:?}"
+    );
     (input, encoded)
 }
 

@@ -34,7 +34,15 @@ fn round_trip(encoder: &Encoder, input: &[u8], chunk_values: u32) -> Vec<u8> {
     let st = stats(&encoded).expect("parses");
     assert_eq!(st.encoded_bytes, encoded.len() as u64);
     assert_eq!(st.raw_bytes, input.len() as u64);
-    assert_eq!(st.raw_chunks + st.coded_chunks, st.chunks);
+    assert_eq!(
+        st.raw_chunks + st.coded_chunks + st.two_tier_chunks,
+        st.chunks
+    );
+    assert_eq!(
+        st.chunks_by_tier_bits.iter().flatten().sum::<u64>(),
+        st.two_tier_chunks
+    );
+    assert!(st.exceptions <= st.tier1_escapes);
     assert_eq!(
         st.chunks,
         (input.len() / 2).div_ceil(chunk_values as usize) as u64
@@ -95,13 +103,31 @@ fn special_values_round_trip() {
     }
     for k in 1..=MAX_CODE_BITS {
         let e = round_trip(
-            &Encoder::new().with_chunk_values(4096).with_code_bits(k..=k),
+            &Encoder::new()
+                .with_chunk_values(4096)
+                .with_code_bits(k..=k)
+                .single_tier(),
             &values(mixed.clone()),
             4096,
         );
         assert!(
             stats(&e).unwrap().coded_chunks > 0,
             "k = {k}: weights with a few specials are coded"
+        );
+    }
+    for (k1, k2) in [(1, 1), (2, 3), (3, 2)] {
+        let e = round_trip(
+            &Encoder::new()
+                .with_chunk_values(4096)
+                .with_code_bits(k1..=k1)
+                .with_tier2_bits(k2..=k2),
+            &values(mixed.clone()),
+            4096,
+        );
+        let st = stats(&e).unwrap();
+        assert!(
+            st.chunks_by_tier_bits[usize::from(k1)][usize::from(k2)] > 0 && st.exceptions > 0,
+            "({k1}, {k2}): weights with a few specials are coded in two tiers: {st:?}"
         );
     }
     round_trip(
@@ -170,6 +196,21 @@ fn realistic_weights_meet_the_ratio_target() {
                 dist.name()
             );
         }
+        // ... nor any fixed pair of tiers.
+        for k1 in 1..=4 {
+            for k2 in 1..=5 {
+                let fixed = Encoder::new()
+                    .with_code_bits(k1..=k1)
+                    .with_tier2_bits(k2..=k2)
+                    .encode(&data)
+                    .unwrap();
+                assert!(
+                    e.len() <= fixed.len(),
+                    "{}: chosen modes lose to (k1, k2) = ({k1}, {k2})",
+                    dist.name()
+                );
+            }
+        }
     }
 }
 
@@ -186,13 +227,18 @@ fn incompressible_data_travels_raw_within_the_header_bound() {
         let chunks = st.chunks as usize;
         assert!(e.len() <= data.len() + HEADER_LEN + ENTRY_LEN * chunks + 16);
         if dist == Dist::RandomBits {
-            assert_eq!(st.coded_chunks, 0, "random bits never pay to code");
+            assert_eq!(
+                (st.coded_chunks, st.two_tier_chunks),
+                (0, 0),
+                "random bits never pay to code"
+            );
         }
     }
     // Every chunk raw when asked.
     let data = generate(Dist::Normal, 1 << 20, 9);
     let e = round_trip(&Encoder::new().raw_only(), &data, DEFAULT_CHUNK_VALUES);
-    assert_eq!(stats(&e).unwrap().coded_chunks, 0);
+    let st = stats(&e).unwrap();
+    assert_eq!((st.coded_chunks, st.two_tier_chunks), (0, 0));
 }
 
 #[test]
@@ -210,13 +256,13 @@ fn skewed_and_flat_exponent_distributions_round_trip() {
     // Zeros.
     let e = round_trip(&Encoder::new(), &vec![0u8; 2 * n], DEFAULT_CHUNK_VALUES);
     assert!(stats(&e).unwrap().ratio() < 0.6);
-    // Two exponents, 99.9% one of them: k = 1 with rare escapes.
+    // Two exponents, 99.9% one of them: k1 = 1 with rare escapes, each one second-tier bit.
     let two: Vec<u16> =
         (0..n).map(|_| if rng.next_u64().is_multiple_of(1000) { 0x4000 } else { 0x3c00 } | (rng.next_u64() as u16 & 0x807f)).collect();
     let e = round_trip(&Encoder::new(), &values(two), DEFAULT_CHUNK_VALUES);
     let st = stats(&e).unwrap();
-    assert_eq!(st.chunks_by_code_bits[1], 1);
-    assert!(st.exceptions > 0);
+    assert_eq!(st.chunks_by_tier_bits[1][1], 1);
+    assert!(st.tier1_escapes > 0 && st.exceptions == 0, "{st:?}");
     // Flat over all 256 exponents: nothing pays, chunks go raw.
     let flat: Vec<u16> = (0..n).map(|_| rng.next_u64() as u16).collect();
     let e = round_trip(&Encoder::new().with_chunk_values(4096), &values(flat), 4096);
@@ -273,6 +319,16 @@ fn invalid_options_are_errors() {
             "code bits {bits:?}"
         );
     }
+    #[allow(clippy::reversed_empty_ranges)]
+    for bits in [0..=3, 1..=6, 6..=6, 3..=2] {
+        assert!(
+            Encoder::new()
+                .with_tier2_bits(bits.clone())
+                .encode(&data)
+                .is_err(),
+            "tier-2 bits {bits:?}"
+        );
+    }
 }
 
 #[test]
@@ -309,9 +365,21 @@ proptest! {
     fn narrow_exponents_round_trip(
         bits in proptest::collection::vec((0u16..12, any::<u16>()), 0..3000),
         cv in prop::sample::select(vec![256u32, 768, 4096]),
+        k1 in 1u8..=4,
+        k2 in 1u8..=5,
     ) {
         // Few exponents around 2^-6, sign and mantissa random: coded chunks with escapes.
         let v = values(bits.into_iter().map(|(e, r)| ((0x76 + e) << 7) | (r & 0x807f)));
         round_trip(&Encoder::new().with_chunk_values(cv), &v, cv);
+        // Two tiers of fixed widths (wherever they make a chunk smaller than raw), with
+        // first- and second-tier escapes.
+        round_trip(
+            &Encoder::new()
+                .with_chunk_values(cv)
+                .with_code_bits(k1..=k1)
+                .with_tier2_bits(k2..=k2),
+            &v,
+            cv,
+        );
     }
 }

@@ -722,6 +722,52 @@ mod tests {
         Ok(())
     }
 
+    /// A cache written with an earlier codec format version (the header says so, its hash and
+    /// trailer consistent) is refused with `EncodedCache`, saying which version and to delete
+    /// the file, before any encoding is read.
+    #[test]
+    fn a_cache_of_another_codec_version_is_refused() -> Result<()> {
+        let (dir, ckpt) = checkpoint("codec-version", 3);
+        let path = dir.join("c.encoded");
+        let keys: Vec<String> = (0..3).map(|i| block_key(i, [])).collect();
+        write(&path, &ckpt, &keys)?;
+        let good = std::fs::read(&path).unwrap();
+        let trailer = good.len() - TRAILER;
+        let at = u64::from_le_bytes(good[trailer + 8..trailer + 16].try_into().unwrap()) as usize;
+        let len = u64::from_le_bytes(good[trailer + 16..trailer + 24].try_into().unwrap()) as usize;
+        let header = std::str::from_utf8(&good[at..at + len]).unwrap();
+        let current = format!(
+            "\"codec_version\":{}",
+            layerwise_offload_codec::format::VERSION
+        );
+        assert!(header.contains(&current), "{header}");
+        let old = layerwise_offload_codec::format::VERSION - 1;
+        let header = header.replace(&current, &format!("\"codec_version\":{old}"));
+        let mut bad = good[..at].to_vec();
+        bad.extend_from_slice(header.as_bytes());
+        bad.extend_from_slice(MAGIC);
+        bad.extend_from_slice(&(at as u64).to_le_bytes());
+        bad.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        bad.extend_from_slice(&fnv64(header.as_bytes()).to_le_bytes());
+        std::fs::write(&path, &bad).unwrap();
+        match EncodedCache::open(&path, &ckpt, &keys, SEG, true) {
+            Err(e @ Error::EncodedCache { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(&format!("codec format version {old}")),
+                    "{msg}"
+                );
+                assert!(msg.contains("delete the file"), "{msg}");
+            }
+            r => panic!(
+                "an old codec version was accepted: {:?}",
+                r.map(|c| c.is_some())
+            ),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        Ok(())
+    }
+
     #[test]
     fn fnv64_is_the_published_function() {
         // The FNV-1a test vectors: the hash must not change between builds.

@@ -12,7 +12,7 @@
 //!                           "bytes": 1024, "shape": [16, 16], "strides": [16, 1]}]}]}
 //! ```
 //! A block without a host copy (kept resident by its publisher) has `"offset": null`. A block
-//! held encoded (compressed transport) has `"encoding": {"bytes": 700, "codec_version": 2}`:
+//! held encoded (compressed transport) has `"encoding": {"bytes": 700, "codec_version": 3}`:
 //! its span in the file is its encoding's `bytes`, which decodes to the block's `bytes`
 //! (`null` for a raw block). An encoding is a segmented one (`layerwise_offload_codec::segments`)
 //! since version 4: a store of version 3 (whole encodings) is refused by its version.
@@ -473,11 +473,19 @@ mod tests {
         )
         .with_encoded(vec![Some(1000), None]);
         let text = m.to_json();
-        assert!(text.contains("\"codec_version\": 2"), "{text}");
+        let version = layerwise_offload_codec::format::VERSION;
+        let current = format!("\"codec_version\": {version}");
+        assert!(text.contains(&current), "{text}");
         assert_eq!(Manifest::parse(text.as_bytes()), Ok(m.clone()));
-        let other = text.replace("\"codec_version\": 2", "\"codec_version\": 1");
-        let err = Manifest::parse(other.as_bytes()).unwrap_err();
-        assert!(err.0.contains("codec format version 1"), "{}", err.0);
+        for old in 1..version {
+            let other = text.replace(&current, &format!("\"codec_version\": {old}"));
+            let err = Manifest::parse(other.as_bytes()).unwrap_err();
+            assert!(
+                err.0.contains(&format!("codec format version {old}")),
+                "{}",
+                err.0
+            );
+        }
         // An encoding longer than the file holds is refused.
         let long = text.replace("\"bytes\": 1000", "\"bytes\": 1000000000");
         assert!(Manifest::parse(long.as_bytes()).is_err());

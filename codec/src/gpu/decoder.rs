@@ -12,11 +12,14 @@ use std::ffi::{CString, c_void};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Kernel {
     /// The current kernel: code widths as template parameters, exponents looked up in
-    /// registers for k <= 3, one barrier per chunk, a warp-level running exception index.
+    /// registers for k <= 3, one barrier per chunk (two for a two-tier chunk), a warp-level
+    /// running exception index. Decodes every chunk of the format.
     #[default]
     Current,
     /// The first kernel (runtime code width, a block-wide scan per 8192 values), kept to
-    /// measure the current one against. Same format, same checks, same results.
+    /// measure the current one against. Same checks, same results, but one-tier chunks only
+    /// (format version 2's chunks, [`Encoder::single_tier`](crate::Encoder::single_tier)): it
+    /// refuses a two-tier chunk with [`status::CHUNK`](super::status::CHUNK).
     Baseline,
 }
 

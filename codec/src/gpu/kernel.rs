@@ -27,6 +27,19 @@
 //!   exponents of its escaped values (most threads have none) with a loop over their bits. A
 //!   chunk's exceptions (up to 4096 bytes: all of them for 32 Ki-value chunks of weights) are
 //!   copied into shared memory while the warps count, so that those loops wait on no DRAM load.
+//! - Two-tier chunks (k1 <= 4 first-tier bits, k2 second-tier bits, a runtime value) are
+//!   `decode_coded<K, U, true>`; one-tier chunks keep `decode_coded<K, U, false>`, the path
+//!   of format version 2. The first-tier escape index that the count and scan above give each
+//!   escaped value is also the index of its second-tier code in the chunk's bitstream. After
+//!   the first barrier each warp counts the second-tier escapes among its run of first-tier
+//!   escape indices (a contiguous run of codes, read by the lanes in parallel), and a second
+//!   barrier gives every warp its first exception index. Per U windows a thread reads the
+//!   second-tier codes of its escaped values (at most 8 x 5 bits, from three 32-bit words),
+//!   counts their escapes, and a second shuffle scan (over all 32 lanes) gives it its exception
+//!   index; the patch loop then takes each escaped value's exponent from the second-tier table
+//!   (shared memory) or the exceptions. The second-tier codes and the exceptions, two
+//!   contiguous sections, are staged in shared memory together when they fit (4096 bytes:
+//!   about 3.5 KiB for a 32 Ki-value chunk of N(0, 0.02) weights with (k1, k2) = (2, 3)).
 //! - Latency: a warp loads the next U windows while it decodes the current ones, its first ones
 //!   before the count; a block loads its next chunk's directory entry one chunk ahead;
 //!   sign/mantissa bytes are read once, with streaming loads (`ld.global.cs`). Registers are
@@ -34,7 +47,8 @@
 //!
 //! [`BASELINE_SOURCE`] is the first kernel, kept to measure against ([`Kernel::Baseline`]): per
 //! step of 8192 values each thread decodes 4 runs of 8 values with a runtime k, then one
-//! block-wide scan of packed escape counts gives each thread its exception index.
+//! block-wide scan of packed escape counts gives each thread its exception index. It decodes
+//! one-tier chunks only and refuses two-tier ones (`STATUS_CHUNK`).
 //!
 //! Both kernels read the header and the directory from device memory and check them (and each
 //! chunk's sizes) against `enc_len` and `out_len` before touching anything they point at, so a

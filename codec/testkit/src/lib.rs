@@ -19,6 +19,11 @@ pub enum Dist {
     Fp32Normal,
     /// Uniformly random bits.
     RandomBits,
+    /// The default initialisation of `torch.nn.Linear` (and so of diffusers' linear layers
+    /// that no model code re-initialises): kaiming-uniform with a = sqrt(5), i.e.
+    /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 5120. Not in [`Dist::ALL`] (whose
+    /// encodings the golden tests pin); in [`Dist::EVERY`].
+    KaimingUniform,
 }
 
 impl Dist {
@@ -32,6 +37,17 @@ impl Dist {
         Dist::RandomBits,
     ];
 
+    /// [`Dist::ALL`] and the distributions added since.
+    pub const EVERY: [Dist; 7] = [
+        Dist::Normal,
+        Dist::RowScaled,
+        Dist::StudentT,
+        Dist::Uniform,
+        Dist::KaimingUniform,
+        Dist::Fp32Normal,
+        Dist::RandomBits,
+    ];
+
     /// A short name.
     pub fn name(self) -> &'static str {
         match self {
@@ -41,12 +57,13 @@ impl Dist {
             Dist::Uniform => "xavier-uniform",
             Dist::Fp32Normal => "fp32-normal",
             Dist::RandomBits => "random-bits",
+            Dist::KaimingUniform => "kaiming-uniform",
         }
     }
 
     /// The distribution of a name.
     pub fn from_name(name: &str) -> Option<Dist> {
-        Dist::ALL.into_iter().find(|d| d.name() == name)
+        Dist::EVERY.into_iter().find(|d| d.name() == name)
     }
 }
 
@@ -156,6 +173,10 @@ fn fill(dist: Dist, seed: u64, b: usize, dst: &mut [u8]) {
                         let chi2 = -2.0 * (rng.unit() * rng.unit()).ln();
                         0.02 / 2f64.sqrt() * rng.normal_pair().0 / (chi2 / 4.0).sqrt()
                     }
+                    Dist::KaimingUniform => {
+                        let a = 1.0 / 5120f64.sqrt();
+                        a * (2.0 * rng.unit() - 1.0)
+                    }
                     _ => {
                         let a = (6.0f64 / (5120.0 + 5120.0)).sqrt();
                         a * (2.0 * rng.unit() - 1.0)
@@ -207,7 +228,23 @@ pub fn every_pattern() -> [Vec<u8>; 2] {
     [values(0..=u16::MAX), values(shuffled)]
 }
 
-/// `encoded` (format version 2) rewritten in version 1's layout: the 32-byte header without
+/// `encoded` (format version 3, one tier: `Encoder::single_tier`) as format version 2 wrote it:
+/// version 2 had the same header, directory and one-tier chunks (its entries' byte 14, now k2,
+/// was reserved and 0), so only the version field and the checksum differ. `None` when a chunk
+/// is two-tier, which version 2 had no way to store. For the tests that pin the one-tier chunk
+/// bytes across the version change and check that old encodings are refused by their version.
+pub fn as_version2(encoded: &[u8]) -> Option<Vec<u8>> {
+    let n_chunks = u32::from_le_bytes(encoded[12..16].try_into().unwrap()) as usize;
+    if (0..n_chunks).any(|i| encoded[48 + 16 * i + 12] > 1) {
+        return None;
+    }
+    let mut v2 = encoded.to_vec();
+    v2[4..6].copy_from_slice(&2u16.to_le_bytes());
+    reseal(&mut v2);
+    Some(v2)
+}
+
+/// `encoded` (format version 2, or 3 with one tier) rewritten in version 1's layout: the 32-byte header without
 /// checksum, every chunk 16 bytes earlier. For the tests that pin the chunk bytes across the
 /// header change and check that old encodings are refused by their version.
 pub fn as_version1(encoded: &[u8]) -> Vec<u8> {

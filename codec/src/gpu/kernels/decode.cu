@@ -135,6 +135,51 @@ __device__ __forceinline__ void patch_escapes(u32 m, u32 idx, const u8* exc, u32
     }
 }
 
+// Two-tier chunks. The second-tier codes (k2 bits each, a little-endian bitstream) of the
+// first-tier escapes j .. j + c - 1 (c <= 8, so at most 40 bits), code j at bit 0: read as 32-bit
+// words of the section (16-byte aligned; `words` of them, padding included, in bounds), words
+// past it as 0.
+__device__ __forceinline__ u64 tier2_codes(const u8* t2, u32 words, u32 j, u32 k2) {
+    const u32 bit = j * k2, w = bit >> 5, s = bit & 31u;
+    const u32* p = (const u32*)t2;
+    const u64 x = (u64)(w < words ? p[w] : 0u) | ((u64)(w + 1u < words ? p[w + 1u] : 0u) << 32);
+    const u64 y = s ? (u64)(w + 2u < words ? p[w + 2u] : 0u) << (64u - s) : 0ull;
+    return (x >> s) | y;
+}
+
+// How many of the c codes (k2 bits each, from bit 0 of x) are the second-tier escape.
+__device__ __forceinline__ u32 tier2_escapes(u64 x, u32 c, u32 k2) {
+    const u32 esc = (1u << k2) - 1u;
+    u32 n = 0u;
+    for (u32 i = 0; i < c; i++) {
+        n += ((u32)x & esc) == esc ? 1u : 0u;
+        x >>= k2;
+    }
+    return n;
+}
+
+// ORs the exponents of the first-tier escapes among the thread's 8 values (bit l of m: value l)
+// into o: each takes the next of its second-tier codes x (k2 bits each, in value order), code
+// d < 2^k2 - 1 stands for table2[d], the escape for the next exception from index idx (in
+// bounds: the chunk's second-tier escapes were counted first).
+__device__ __forceinline__ void patch_two_tier(u32 m, u64 x, u32 k2, u32 idx, const u8* table2,
+                                               const u8* exc, u32 (&o)[4]) {
+    const u32 esc = (1u << k2) - 1u;
+    while (m) {
+        const u32 l = (u32)__ffs(m) - 1u;
+        m &= m - 1u;
+        const u32 d = (u32)x & esc;
+        x >>= k2;
+        const u32 b = d == esc ? (u32)exc[idx++] : (u32)table2[d];
+        const u32 e = b << (7u + 16u * (l & 1u));
+        const u32 h = l >> 1;
+        o[0] |= h == 0u ? e : 0u;
+        o[1] |= h == 1u ? e : 0u;
+        o[2] |= h == 2u ? e : 0u;
+        o[3] |= h == 3u ? e : 0u;
+    }
+}
+
 __device__ __forceinline__ void store_unit(u8* __restrict__ dst, u32 v, u32 n, const u32 (&o)[4]) {
     if (v + UNIT <= n) {
         v16 x; x.a = o[0]; x.b = o[1]; x.c = o[2]; x.d = o[3];
@@ -175,16 +220,30 @@ struct Loads {
 // per group) so that one barrier gives every warp its first exception index, then decodes its
 // windows in order, U at a time, loading the next U while it decodes these, and keeps a running
 // exception index with one scan over its 8 groups per U windows.
-template <int K, int U>
-__device__ __forceinline__ void decode_coded(const u8* __restrict__ src, u32 n, u32 n_exc, u8* __restrict__ dst,
-                                             u8* table, u32* counts, u8* exc_s, const Lane& ln,
-                                             u32* __restrict__ status) {
+//
+// TWO: a two-tier chunk (K = k1 first-tier code bits, n_exc = e1 first-tier escapes, k2
+// second-tier code bits; e2, the second-tier escapes, is the chunk's first u32). The first-tier
+// escape index that the count and scan give each escaped value is also the index of its
+// second-tier code. A second count (over the warp's range of first-tier escape indices, a
+// contiguous run of second-tier codes) and barrier give every warp its first exception index,
+// and a second scan per U windows, of the second-tier escapes among each thread's codes, keeps
+// a running exception index.
+template <int K, int U, bool TWO>
+__device__ __forceinline__ void decode_coded(const u8* __restrict__ src, u32 n, u32 n_exc, u32 k2, u8* __restrict__ dst,
+                                             u8* table, u8* table2, u32* counts, u32* counts2, u8* exc_s,
+                                             const Lane& ln, u32* __restrict__ status) {
     static_assert(U >= 1 && U <= 4, "the escape counts of U windows share one u64");
+    static_assert(!TWO || K <= 4, "two-tier chunks have k1 <= 4");
     const u32 t = (1u << K) - 1u;
-    const u8* planes = src + pad16(t);
+    const u32 t2 = TWO ? (1u << k2) - 1u : 0u;
+    const u32 head = TWO ? 4u : 0u;  // the second-tier escape count before the tables
+    const u8* planes = src + pad16(head + t + t2);
     const u32 groups = (n + 31u) / 32u;
     const u8* sm = planes + pad16(4ull * groups * K);
-    const u8* exc = sm + pad16(n);
+    const u8* tier2 = sm + pad16(n);  // two-tier: the second-tier codes
+    const u32 tier2_len = TWO ? (u32)pad16(((u64)n_exc * k2 + 7ull) / 8ull) : 0u;
+    const u8* exc = tier2 + tier2_len;
+    const u32 n_exc2 = TWO ? ld32(src) : 0u;
     const bool ragged = (n & 31u) != 0u;
 
     const u32 windows = (n + WINDOW - 1u) / WINDOW;
@@ -211,24 +270,31 @@ __device__ __forceinline__ void decode_coded(const u8* __restrict__ src, u32 n, 
     Loads<K, U> cur, next;
     load(w0, cur);
 
-    // The chunk's exceptions, if few enough, into shared memory (the section is 16-byte aligned
-    // and padded), read after the barrier below.
+    // The chunk's exceptions (two-tier: its second-tier codes and exceptions, two contiguous
+    // sections), if few enough, into shared memory (the sections are 16-byte aligned and
+    // padded), read after the barrier below.
     static_assert(EXC_SHARED % 16 == 0 && EXC_SHARED <= 16 * THREADS, "one 16-byte copy per thread");
-    const bool staged = n_exc <= EXC_SHARED;
-    if (staged && ln.tid < (n_exc + 15u) / 16u) ((v16*)exc_s)[ln.tid] = ((const v16*)exc)[ln.tid];
-    const u8* ex = staged ? (const u8*)exc_s : exc;
+    const u32 stage_len = TWO ? tier2_len + (u32)pad16(n_exc2) : n_exc;
+    const u8* stage_src = TWO ? tier2 : exc;
+    const bool staged = stage_len <= EXC_SHARED;
+    if (staged && ln.tid < (stage_len + 15u) / 16u) ((v16*)exc_s)[ln.tid] = ((const v16*)stage_src)[ln.tid];
+    const u8* ex = staged ? (const u8*)exc_s + (TWO ? tier2_len : 0u) : exc;
+    const u8* t2c = staged ? (const u8*)exc_s : tier2;  // two-tier: the second-tier codes
+    if constexpr (TWO) {
+        if (ln.tid < t2) table2[ln.tid] = src[head + t + ln.tid];
+    }
 
     u32 tl0 = 0u, tl1 = 0u, th0 = 0u, th1 = 0u;
     if constexpr (K <= 3) {
         // The table section is at least 16 bytes (padded); keep entries 0..t-1, 0 at t.
-        u32 t0 = ld32(src), t1 = ld32(src + 4);
+        u32 t0 = ld32(src + head), t1 = ld32(src + head + 4);
         if constexpr (K == 1) { t0 &= 0xffu; t1 = 0u; }
         else if constexpr (K == 2) { t0 &= 0xffffffu; t1 = 0u; }
         else t1 &= 0xffffffu;
         tl0 = (t0 << 7) & 0x80808080u; tl1 = (t1 << 7) & 0x80808080u;
         th0 = (t0 >> 1) & 0x7F7F7F7Fu; th1 = (t1 >> 1) & 0x7F7F7F7Fu;
     } else if (ln.tid <= t) {
-        table[ln.tid] = ln.tid < t ? src[ln.tid] : (u8)0;
+        table[ln.tid] = ln.tid < t ? src[head + ln.tid] : (u8)0;
     }
 
     // Escapes in the warp's windows.
@@ -255,6 +321,31 @@ __device__ __forceinline__ void decode_coded(const u8* __restrict__ src, u32 n, 
         return;
     }
 
+    // Two-tier: the second-tier escapes among the warp's first-tier escapes (second-tier codes
+    // base .. base + its count), then every warp's first exception index.
+    u32 base2 = 0u;
+    if constexpr (TWO) {
+        const u32 words = tier2_len / 4u, esc2 = t2;
+        const u32 end = base + counts[ln.warp];
+        u32 c2 = 0u;
+        for (u32 j = base + ln.lane; j < end; j += 32u)
+            c2 += ((u32)tier2_codes(t2c, words, j, k2) & esc2) == esc2 ? 1u : 0u;
+        c2 = warp_sum(c2);
+        if (ln.lane == 0u) counts2[ln.warp] = c2;
+        __syncthreads();
+        u32 total2 = 0u;
+#pragma unroll
+        for (u32 w = 0; w < WARPS; w++) {
+            const u32 x = counts2[w];
+            base2 += w < ln.warp ? x : 0u;
+            total2 += x;
+        }
+        if (total2 != n_exc2) {
+            if (ln.tid == 0u) raise_status(status, STATUS_EXCEPTIONS);
+            return;
+        }
+    }
+
     for (u32 win = w0; win < w1; win += U) {
         if (win + U < w1) load(win + U, next);
         u32 esc[U];
@@ -275,11 +366,43 @@ __device__ __forceinline__ void decode_coded(const u8* __restrict__ src, u32 n, 
         }
         const u64 tot = __shfl_sync(0xffffffffu, incl, 31);
         const u64 excl = incl - cg;
+        // Two-tier: each thread's second-tier codes (those of its first-tier escapes), and an
+        // inclusive scan of their escape counts, the same way.
+        u64 codes[U];
+        u32 idx2[U];
+        if constexpr (TWO) {
+            const u32 words = tier2_len / 4u;
+            u64 cg2 = 0;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const u32 m = (esc[u] >> ln.sh) & 0xffu;
+                const u32 j = base + (u32)((excl >> (16 * u)) & 0xffffu) + __popc(esc[u] & ln.below);
+                base += (u32)((tot >> (16 * u)) & 0xffffu);
+                codes[u] = m ? tier2_codes(t2c, words, j, k2) : 0ull;
+                cg2 |= (u64)(m ? tier2_escapes(codes[u], __popc(m), k2) : 0u) << (16 * u);
+            }
+            u64 incl2 = cg2;
+#pragma unroll
+            for (u32 d = 1; d < 32u; d <<= 1) {
+                const u64 y = __shfl_up_sync(0xffffffffu, incl2, d);
+                if (ln.lane >= d) incl2 += y;
+            }
+            const u64 tot2 = __shfl_sync(0xffffffffu, incl2, 31);
+            const u64 excl2 = incl2 - cg2;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                idx2[u] = base2 + (u32)((excl2 >> (16 * u)) & 0xffffu);
+                base2 += (u32)((tot2 >> (16 * u)) & 0xffffu);
+            }
+        }
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const u32 v = (win + u) * WINDOW + ln.lane * UNIT;
-            const u32 idx = base + (u32)((excl >> (16 * u)) & 0xffffu) + __popc(esc[u] & ln.below);
-            base += (u32)((tot >> (16 * u)) & 0xffffu);
+            u32 idx = 0u;
+            if constexpr (!TWO) {
+                idx = base + (u32)((excl >> (16 * u)) & 0xffffu) + __popc(esc[u] & ln.below);
+                base += (u32)((tot >> (16 * u)) & 0xffffu);
+            }
             if (win + u < w1 && v < n) {
                 u32 o[4];
                 if constexpr (K <= 3)
@@ -287,7 +410,11 @@ __device__ __forceinline__ void decode_coded(const u8* __restrict__ src, u32 n, 
                 else
                     unit_wide<K>(cur.p[u], cur.s_lo[u], cur.s_hi[u], ln.sh, table, o);
                 const u32 m = (esc[u] >> ln.sh) & 0xffu;
-                if (m) patch_escapes(m, idx, ex, o);
+                if constexpr (TWO) {
+                    if (m) patch_two_tier(m, codes[u], k2, idx2[u], table2, ex, o);
+                } else {
+                    if (m) patch_escapes(m, idx, ex, o);
+                }
                 store_unit(dst, v, n, o);
             }
         }
@@ -295,7 +422,7 @@ __device__ __forceinline__ void decode_coded(const u8* __restrict__ src, u32 n, 
     }
 }
 
-// Directory entry c: its chunk's offset, exceptions, mode | k << 8 | reserved << 16, and where
+// Directory entry c: its chunk's offset, exceptions, mode | k << 8 | k2 << 16 | reserved << 24, and where
 // the chunk must end (the next chunk's offset, or enc_len for the last one).
 struct Entry {
     u64 off, next;
@@ -321,7 +448,9 @@ lwbc_decode(const u8* __restrict__ enc, u64 enc_len, u8* __restrict__ out, u64 o
     // decoding chunk i reads buffer i % 2 while others fill buffer (i + 1) % 2, and none can
     // fill buffer i % 2 again before every warp has passed chunk i + 1's barrier.
     __shared__ u8 tables[2][128];
+    __shared__ u8 tables2[2][32];
     __shared__ u32 counts[2][WARPS];
+    __shared__ u32 counts2[2][WARPS];
     __shared__ v16 exceptions[2][EXC_VECS];
     const u32 tid = threadIdx.x;
     const bool leader = blockIdx.x == 0 && tid == 0;
@@ -361,19 +490,27 @@ lwbc_decode(const u8* __restrict__ enc, u64 enc_len, u8* __restrict__ out, u64 o
         const u64 off = e.off;
         const u32 n_exc = e.n_exc;
         const u32 mk = e.mk;
-        const u32 mode = mk & 0xffu, k = (mk >> 8) & 0xffu;
+        const u32 mode = mk & 0xffu, k = (mk >> 8) & 0xffu, k2 = (mk >> 16) & 0xffu;
         const u64 first = (u64)c * cv;
         const u32 n = (u32)min64((u64)cv, n_values - first);
         const u64 next = e.next;
-        const u32 t = mode == 1u && k >= 1u && k <= 7u ? (1u << k) - 1u : 0u;
+        const u32 t = mode == 1u && k >= 1u && k <= 7u && k2 == 0u ? (1u << k) - 1u
+            : mode == 2u && k >= 1u && k <= 4u && k2 >= 1u && k2 <= 5u ? (1u << k) - 1u : 0u;
         const u64 planes_len = 4ull * ((n + 31u) / 32u) * k;
         u64 size = 0;
-        bool ok = (off & 15ull) == 0 && (mk >> 16) == 0 && off >= data_offset && off <= enc_len;
+        bool ok = (off & 15ull) == 0 && (mk >> 24) == 0 && off >= data_offset && off <= enc_len;
         if (mode == 0u) {
             size = pad16(2ull * n);
-            ok = ok && k == 0u && n_exc == 0u;
-        } else if (t != 0u && n_exc <= n) {
+            ok = ok && k == 0u && k2 == 0u && n_exc == 0u;
+        } else if (mode == 1u && t != 0u && n_exc <= n) {
             size = pad16(t) + pad16(planes_len) + pad16(n) + pad16(n_exc);
+        } else if (mode == 2u && t != 0u && n_exc <= n && ok && enc_len - off >= 16ull) {
+            // The second-tier escape count, the chunk's first u32 (its tables section is at
+            // least 16 bytes, inside the buffer).
+            const u32 n_exc2 = ld32(enc + off);
+            size = pad16(4ull + t + ((1u << k2) - 1u)) + pad16(planes_len) + pad16(n)
+                + pad16(((u64)n_exc * k2 + 7ull) / 8ull) + pad16(n_exc2);
+            ok = ok && n_exc2 <= n_exc;
         } else {
             ok = false;
         }
@@ -389,17 +526,31 @@ lwbc_decode(const u8* __restrict__ enc, u64 enc_len, u8* __restrict__ out, u64 o
             continue;
         }
         u8* table = tables[parity];
+        u8* table2 = tables2[parity];
         u32* cnt = counts[parity];
+        u32* cnt2 = counts2[parity];
         u8* exc_s = (u8*)exceptions[parity];
         parity ^= 1u;
-        switch (k) {
-            case 1: decode_coded<1, UNROLL>(src, n, n_exc, dst, table, cnt, exc_s, ln, status); break;
-            case 2: decode_coded<2, UNROLL>(src, n, n_exc, dst, table, cnt, exc_s, ln, status); break;
-            case 3: decode_coded<3, UNROLL>(src, n, n_exc, dst, table, cnt, exc_s, ln, status); break;
-            case 4: decode_coded<4, UNROLL_WIDE>(src, n, n_exc, dst, table, cnt, exc_s, ln, status); break;
-            case 5: decode_coded<5, UNROLL_WIDE>(src, n, n_exc, dst, table, cnt, exc_s, ln, status); break;
-            case 6: decode_coded<6, UNROLL_WIDE>(src, n, n_exc, dst, table, cnt, exc_s, ln, status); break;
-            default: decode_coded<7, UNROLL_WIDE>(src, n, n_exc, dst, table, cnt, exc_s, ln, status); break;
+#define ARGS src, n, n_exc, k2, dst, table, table2, cnt, cnt2, exc_s, ln, status
+        if (mode == 1u) {
+            // One tier: the layout of format version 2, today's fast path.
+            switch (k) {
+                case 1: decode_coded<1, UNROLL, false>(ARGS); break;
+                case 2: decode_coded<2, UNROLL, false>(ARGS); break;
+                case 3: decode_coded<3, UNROLL, false>(ARGS); break;
+                case 4: decode_coded<4, UNROLL_WIDE, false>(ARGS); break;
+                case 5: decode_coded<5, UNROLL_WIDE, false>(ARGS); break;
+                case 6: decode_coded<6, UNROLL_WIDE, false>(ARGS); break;
+                default: decode_coded<7, UNROLL_WIDE, false>(ARGS); break;
+            }
+        } else {
+            switch (k) {
+                case 1: decode_coded<1, UNROLL, true>(ARGS); break;
+                case 2: decode_coded<2, UNROLL, true>(ARGS); break;
+                case 3: decode_coded<3, UNROLL, true>(ARGS); break;
+                default: decode_coded<4, UNROLL_WIDE, true>(ARGS); break;
+            }
         }
+#undef ARGS
     }
 }
