@@ -154,7 +154,7 @@ fn compare_runs_with(
                     }
                     break;
                 }
-                let got = got.unwrap_or_else(|e| panic!("{name} step {k}: {e}"));
+                let got = got.unwrap_or_else(|e| panic!("{name} step {k}: {e:?}"));
                 let want = &expected[&format!("{out_key}/{k}")];
                 let d = max_diff(&got, want);
                 assert!(

@@ -558,7 +558,7 @@ impl WanPipeline {
             })?;
             let scheduler = &mut self.scheduler;
             x = crate::error::catch_torch(context, || {
-                tch::no_grad(|| Ok(scheduler.step(&pred, t, &x)?))
+                tch::no_grad(|| scheduler.step(&pred, t, &x))
             })?;
             on_step(
                 Step {
