@@ -1,61 +1,6 @@
 //! What a user's crate does with layerwise-offload: a small block model built on the CPU, its
 //! blocks streamed to the GPU through the manager, checked bit for bit against the same model
 //! resident. Shared by this crate's binary and its tests.
-//!
-//! Each public item of layerwise-offload has one path (its docs/DESIGN.md); the old module
-//! paths are gone:
-//!
-//! ```compile_fail
-//! use layerwise_offload::{manager::OffloadConfig};
-//! ```
-//!
-//! ```compile_fail
-//! use layerwise_offload::{manager::LayerwiseOffloadManager};
-//! ```
-//!
-//! ```compile_fail
-//! use layerwise_offload::{driver::OffloadedBlocks};
-//! ```
-//!
-//! ```compile_fail
-//! use layerwise_offload::{plan::Plan};
-//! ```
-//!
-//! ```compile_fail
-//! use layerwise_offload::{progress::Progress};
-//! ```
-//!
-//! ```compile_fail
-//! use layerwise_offload::{stats::OffloadStats};
-//! ```
-//!
-//! ```compile_fail
-//! use layerwise_offload::{peer::PeerGroup};
-//! ```
-//!
-//! ```compile_fail
-//! use layerwise_offload::{host::HostStore};
-//! ```
-//!
-//! ```compile_fail
-//! use layerwise_offload::{script::ScriptModule};
-//! ```
-//!
-//! ```compile_fail
-//! use layerwise_offload::{source::WeightSource};
-//! ```
-//!
-//! ```compile_fail
-//! use layerwise_offload::{offload::offload_with};
-//! ```
-//!
-//! ```compile_fail
-//! use layerwise_offload::{error::Error};
-//! ```
-//!
-//! ```compile_fail
-//! use layerwise_offload::Checkpoint;
-//! ```
 
 use layerwise_offload::{OffloadConfig, OffloadedBlocks, Result};
 use std::sync::Mutex;

@@ -1,7 +1,7 @@
 //! Every item of the main API named by its one path, the crate root, as a user's crate names
 //! it (docs/DESIGN.md, "One path per public item"); `checkpoint`, `accel` and `empty` are the
-//! public modules. The old module paths (`manager::OffloadConfig`, …) are
-//! checked to be gone by the `compile_fail` examples in this crate's lib.rs.
+//! public modules. That no item keeps a second path (`manager::OffloadConfig`, …) is
+//! scripts/check-one-path.sh's check of the rustdoc output.
 
 use layerwise_offload::checkpoint::Checkpoint;
 use layerwise_offload::{

@@ -254,15 +254,23 @@ fn a_store_gives_each_block_the_tier_of_its_pages() {
     ));
 }
 
-/// A disk-tier block is read from the checkpoint into a staging buffer for each upload,
-/// given back after it, read fresh for `tensor` and `restore`, and never written.
-#[test]
-fn a_disk_block_is_read_from_the_checkpoint_at_each_use() -> R {
-    let (named, layout) = block();
-    let dir = std::env::temp_dir().join(format!("tier-disk-{}", std::process::id()));
+/// `named` written as a checkpoint in a directory of its own (`name` and the process id), and
+/// where each tensor of `layout` is read from in it: the directory, the checkpoint and the
+/// disk tier's reads for one block.
+#[allow(clippy::type_complexity)]
+fn in_a_checkpoint(
+    name: &str,
+    named: &[(String, Tensor)],
+    layout: &BlockLayout,
+) -> anyhow::Result<(
+    std::path::PathBuf,
+    Arc<Checkpoint>,
+    Vec<Vec<(checkpoint::CheckpointTensor, usize)>>,
+)> {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("model.safetensors");
-    Tensor::write_safetensors(&named, &path)?;
+    Tensor::write_safetensors(named, &path)?;
     let ckpt = Arc::new(Checkpoint::open(&path)?);
     let model: Vec<(&str, Vec<i64>, Kind)> = named
         .iter()
@@ -276,6 +284,15 @@ fn a_disk_block_is_read_from_the_checkpoint_at_each_use() -> R {
             .map(|t| (found[t.source_index].clone(), t.offset))
             .collect(),
     ];
+    Ok((dir, ckpt, reads))
+}
+
+/// A disk-tier block is read from the checkpoint into a staging buffer for each upload,
+/// given back after it, read fresh for `tensor` and `restore`, and never written.
+#[test]
+fn a_disk_block_is_read_from_the_checkpoint_at_each_use() -> R {
+    let (named, layout) = block();
+    let (dir, ckpt, reads) = in_a_checkpoint("tier-disk", &named, &layout)?;
     let stamps = ckpt.stamps()?;
     let disk = DiskTier::new(
         ckpt.clone(),
@@ -319,23 +336,7 @@ fn a_disk_block_is_read_from_the_checkpoint_at_each_use() -> R {
 fn an_encoded_disk_block_stages_its_encoding_and_reads_back_raw() -> R {
     use crate::checkpoint::cache::{EncodedCache, block_key};
     let (named, layout) = block();
-    let dir = std::env::temp_dir().join(format!("tier-disk-enc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("model.safetensors");
-    Tensor::write_safetensors(&named, &path)?;
-    let ckpt = Arc::new(Checkpoint::open(&path)?);
-    let model: Vec<(&str, Vec<i64>, Kind)> = named
-        .iter()
-        .map(|(n, t)| (n.as_str(), t.size(), t.kind()))
-        .collect();
-    let found = checkpoint::match_tensors(&ckpt, &model, false, false)?;
-    let reads = vec![
-        layout
-            .tensors
-            .iter()
-            .map(|t| (found[t.source_index].clone(), t.offset))
-            .collect(),
-    ];
+    let (dir, ckpt, reads) = in_a_checkpoint("tier-disk-enc", &named, &layout)?;
     let want = raw(&named, &layout);
     let enc = layerwise_offload_codec::encode_segmented(&Vec::<u8>::try_from(&want)?, 4096)?;
     let keys = vec![block_key(layout.bytes, [])];
