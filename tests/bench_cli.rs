@@ -163,6 +163,9 @@ fn bad_values_are_errors_naming_the_flag() {
         "--trace",
     );
     assert_refused(&["--trace", "/nonexistent-dir/trace.json"], "--trace");
+    // The same for --trace-dir, whose directory must exist.
+    assert_refused(&with(&["--trace-dir", "/tmp"]), "--trace-dir");
+    assert_refused(&["--trace-dir", "/nonexistent-dir"], "--trace-dir");
     // --help lists every flag with its range.
     let help = Command::new(bench()).arg("--help").output().unwrap();
     assert!(help.status.success());
@@ -173,6 +176,7 @@ fn bad_values_are_errors_naming_the_flag() {
         "--tokens",
         "--budgets",
         "--trace",
+        "--trace-dir",
         "--gpus",
         "--cpu",
     ] {

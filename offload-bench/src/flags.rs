@@ -145,6 +145,12 @@ pub struct Cli {
     /// Write a Chrome trace of one streamed forward to this file (needs a CUDA device).
     #[arg(long, value_name = "FILE.json")]
     trace: Option<PathBuf>,
+    /// Write a Chrome trace of two back-to-back forwards of every configuration (budgets and
+    /// compressed ones too) at every token count into this directory, as
+    /// `<configuration>-<tokens>.json`, and print a summary of each (copy stream busy and idle,
+    /// decode, compute-stream stalls; needs a CUDA device).
+    #[arg(long, value_name = "DIR")]
+    trace_dir: Option<PathBuf>,
     /// Skip the resident model.
     #[arg(long)]
     no_resident: bool,
@@ -222,6 +228,20 @@ fn check(a: &Cli, s: &Shape, cuda: bool) {
             accel::cuda_device_count(),
             accel::cuda_device_count().max(1)
         ));
+    }
+    if let Some(dir) = &a.trace_dir {
+        if cpu {
+            fail(format!(
+                "--trace-dir {} needs a CUDA device (timelines are recorded with CUDA events); drop --trace-dir or --cpu",
+                dir.display()
+            ));
+        }
+        if !dir.is_dir() {
+            fail(format!(
+                "--trace-dir {}: not a directory (create it first)",
+                dir.display()
+            ));
+        }
     }
     if let Some(path) = &a.trace {
         if cpu {
@@ -310,6 +330,8 @@ pub struct Args {
     pub cpu: bool,
     pub budgets: Vec<f64>,
     pub trace: Option<PathBuf>,
+    /// A timeline of every configuration into this directory.
+    pub trace_dir: Option<PathBuf>,
     pub gpus: usize,
     pub modes: Vec<Mode>,
     pub push_per_gpu: bool,
@@ -342,6 +364,7 @@ pub fn parse_args() -> Args {
         cpu: cli.cpu || !cuda,
         budgets: cli.budgets,
         trace: cli.trace,
+        trace_dir: cli.trace_dir,
         gpus: cli.gpus as usize,
         modes: cli.modes,
         push_per_gpu: cli.push_per_gpu,

@@ -244,6 +244,70 @@ pub fn print(
     }
 }
 
+/// One line about the second forward of a two-forward timeline (the first block's second
+/// compute span to the last compute span's end): its length, the compute stream's block time,
+/// stalls and the rest (work outside blocks, gaps), the copy and decode streams' busy time
+/// within it (overlapping spans counted once), and the longest stalls.
+pub fn timeline_summary(spans: &[layerwise_offload::TimelineSpan]) -> String {
+    use layerwise_offload::Lane;
+    let starts: Vec<f64> = spans
+        .iter()
+        .filter(|s| s.lane == Lane::Compute && s.block == 0)
+        .map(|s| s.start_ms)
+        .collect();
+    let Some(&from) = starts.get(1) else {
+        return format!("{} spans, no second forward found", spans.len());
+    };
+    let to = spans
+        .iter()
+        .filter(|s| s.lane == Lane::Compute)
+        .map(|s| s.end_ms)
+        .fold(f64::MIN, f64::max);
+    let within = |lane: Lane| -> Vec<(f64, f64)> {
+        let mut v: Vec<(f64, f64)> = spans
+            .iter()
+            .filter(|s| s.lane == lane && s.end_ms > from && s.start_ms < to)
+            .map(|s| (s.start_ms.max(from), s.end_ms.min(to)))
+            .collect();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v
+    };
+    let sum = |v: &[(f64, f64)]| v.iter().map(|(a, b)| b - a).sum::<f64>();
+    let union = |v: &[(f64, f64)]| {
+        let (mut total, mut end) = (0.0, f64::MIN);
+        for &(a, b) in v {
+            let a = a.max(end);
+            if b > a {
+                total += b - a;
+            }
+            end = end.max(b);
+        }
+        total
+    };
+    let window = to - from;
+    let compute = sum(&within(Lane::Compute));
+    let stall = sum(&within(Lane::Stall));
+    let copy = union(&within(Lane::Upload));
+    let decode = union(&within(Lane::Decode));
+    let mut stalls: Vec<(usize, f64)> = spans
+        .iter()
+        .filter(|s| s.lane == Lane::Stall && s.start_ms >= from && s.end_ms - s.start_ms > 0.05)
+        .map(|s| (s.block, s.end_ms - s.start_ms))
+        .collect();
+    stalls.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top: Vec<String> = stalls
+        .iter()
+        .take(6)
+        .map(|(b, ms)| format!("{b}:{ms:.2}"))
+        .collect();
+    format!(
+        "forward {window:.2} ms = blocks {compute:.2} + stalls {stall:.2} + other {:.2}; copy stream busy {copy:.2} (idle {:.2}), decode busy {decode:.2}; longest stalls (block:ms) [{}]",
+        window - compute - stall,
+        window - copy,
+        top.join(", ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,5 +447,48 @@ mod tests {
     fn link_floors_are_bytes_over_the_measured_rate() {
         assert_eq!(link_ms(1 << 30, 50.0), 20.0);
         assert_eq!(link_ms(1 << 30, 0.0), 0.0, "no link measured (the CPU)");
+    }
+
+    fn span(
+        lane: layerwise_offload::Lane,
+        block: usize,
+        start_ms: f64,
+        end_ms: f64,
+    ) -> layerwise_offload::TimelineSpan {
+        layerwise_offload::TimelineSpan {
+            lane,
+            block,
+            start_ms,
+            end_ms,
+        }
+    }
+
+    /// The summary covers the second forward only, counts overlapping uploads once and names
+    /// the longest stall.
+    #[test]
+    fn a_timeline_summary_measures_the_second_forward() {
+        use layerwise_offload::Lane::*;
+        let spans = vec![
+            span(Compute, 0, 0.0, 5.0),
+            span(Compute, 1, 5.0, 10.0),
+            // Second forward: 20..40.
+            span(Compute, 0, 20.0, 25.0),
+            span(Upload, 1, 18.0, 26.0),
+            span(Upload, 1, 24.0, 30.0),
+            span(Stall, 1, 25.0, 30.0),
+            span(Compute, 1, 30.0, 38.0),
+            span(Decode, 1, 26.0, 29.0),
+        ];
+        let s = timeline_summary(&spans);
+        assert!(
+            s.starts_with("forward 18.00 ms = blocks 13.00 + stalls 5.00 + other 0.00"),
+            "{s}"
+        );
+        assert!(
+            s.contains("copy stream busy 10.00 (idle 8.00), decode busy 3.00"),
+            "{s}"
+        );
+        assert!(s.contains("[1:5.00]"), "{s}");
+        assert!(timeline_summary(&spans[..2]).contains("no second forward"));
     }
 }

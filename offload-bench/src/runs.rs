@@ -327,6 +327,32 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
             } else {
                 0
             };
+            if let (Some(dir), Device::Cuda(_)) = (&a.trace_dir, dev) {
+                // Two more forwards back to back, captured: the second shows the steady state
+                // (the next forward's first uploads overlap the end of this one).
+                m.start_timeline()?;
+                for _ in 0..2 {
+                    let _ = wan_forward(&b.model, xs, Some(&mut m));
+                }
+                let spans = m.finish_timeline()?;
+                let slug: String = label
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '.' {
+                            c
+                        } else {
+                            '-'
+                        }
+                    })
+                    .collect();
+                let path = dir.join(format!("{slug}-{tokens}.json"));
+                std::fs::write(&path, layerwise_offload::chrome_trace_json(&spans))
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!(
+                    "TIMELINE {label}, {tokens} tokens: {}",
+                    crate::report::timeline_summary(&spans)
+                );
+            }
             rows.push(Streamed {
                 label: label.clone(),
                 tokens: *tokens,
