@@ -145,7 +145,7 @@ pub struct Cli {
     /// Write a Chrome trace of one streamed forward to this file (needs a CUDA device).
     #[arg(long, value_name = "FILE.json")]
     trace: Option<PathBuf>,
-    /// Write a Chrome trace of two back-to-back forwards of every configuration (budgets and
+    /// Write a Chrome trace of three back-to-back forwards of every configuration (budgets and
     /// compressed ones too) at every token count into this directory, as
     /// `<configuration>-<tokens>.json`, and print a summary of each (copy stream busy and idle,
     /// decode, compute-stream stalls; needs a CUDA device).

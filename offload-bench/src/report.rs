@@ -244,55 +244,75 @@ pub fn print(
     }
 }
 
-/// One line about the second forward of a two-forward timeline (the first block's second
-/// compute span to the last compute span's end): its length, the compute stream's block time,
-/// stalls and the rest (work outside blocks, gaps), the copy and decode streams' busy time
-/// within it (overlapping spans counted once), and the longest stalls.
+/// One line about the steady forward of a three-forward timeline: the second forward's period
+/// (its first block's compute start to the third forward's), split on the compute stream into
+/// block time, stalls and the rest (work outside blocks, gaps), the copy and decode streams'
+/// busy time within it (overlapping spans counted once), the copy stream's longest idle gaps
+/// (ms into the period, length, the block computing then) and the longest stalls.
 pub fn timeline_summary(spans: &[layerwise_offload::TimelineSpan]) -> String {
     use layerwise_offload::Lane;
-    let starts: Vec<f64> = spans
+    let mut starts: Vec<f64> = spans
         .iter()
         .filter(|s| s.lane == Lane::Compute && s.block == 0)
         .map(|s| s.start_ms)
         .collect();
-    let Some(&from) = starts.get(1) else {
-        return format!("{} spans, no second forward found", spans.len());
+    starts.sort_by(f64::total_cmp);
+    let (from, to) = match starts[..] {
+        [_, a, b, ..] => (a, b),
+        _ => return format!("{} spans, fewer than three forwards", spans.len()),
     };
-    let to = spans
-        .iter()
-        .filter(|s| s.lane == Lane::Compute)
-        .map(|s| s.end_ms)
-        .fold(f64::MIN, f64::max);
-    let within = |lane: Lane| -> Vec<(f64, f64)> {
-        let mut v: Vec<(f64, f64)> = spans
+    let within = |lane: Lane| -> Vec<(f64, f64, usize)> {
+        let mut v: Vec<(f64, f64, usize)> = spans
             .iter()
             .filter(|s| s.lane == lane && s.end_ms > from && s.start_ms < to)
-            .map(|s| (s.start_ms.max(from), s.end_ms.min(to)))
+            .map(|s| (s.start_ms.max(from), s.end_ms.min(to), s.block))
             .collect();
         v.sort_by(|a, b| a.0.total_cmp(&b.0));
         v
     };
-    let sum = |v: &[(f64, f64)]| v.iter().map(|(a, b)| b - a).sum::<f64>();
-    let union = |v: &[(f64, f64)]| {
-        let (mut total, mut end) = (0.0, f64::MIN);
-        for &(a, b) in v {
+    let sum = |v: &[(f64, f64, usize)]| v.iter().map(|(a, b, _)| b - a).sum::<f64>();
+    // Busy time of overlapping spans, and the gaps between them (start, length).
+    let union = |v: &[(f64, f64, usize)]| {
+        let (mut total, mut end, mut gaps) = (0.0, from, Vec::new());
+        for &(a, b, _) in v {
+            if a > end {
+                gaps.push((end, a - end));
+            }
             let a = a.max(end);
             if b > a {
                 total += b - a;
             }
             end = end.max(b);
         }
-        total
+        if to > end {
+            gaps.push((end, to - end));
+        }
+        (total, gaps)
     };
-    let window = to - from;
-    let compute = sum(&within(Lane::Compute));
-    let stall = sum(&within(Lane::Stall));
-    let copy = union(&within(Lane::Upload));
-    let decode = union(&within(Lane::Decode));
-    let mut stalls: Vec<(usize, f64)> = spans
+    let period = to - from;
+    let compute_spans = within(Lane::Compute);
+    let compute = sum(&compute_spans);
+    let stall_spans = within(Lane::Stall);
+    let stall = sum(&stall_spans);
+    let (copy, mut gaps) = union(&within(Lane::Upload));
+    let (decode, _) = union(&within(Lane::Decode));
+    gaps.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let computing = |t: f64| {
+        compute_spans
+            .iter()
+            .find(|(a, b, _)| *a <= t && t < *b)
+            .map_or("-".to_string(), |s| s.2.to_string())
+    };
+    let gaps: Vec<String> = gaps
         .iter()
-        .filter(|s| s.lane == Lane::Stall && s.start_ms >= from && s.end_ms - s.start_ms > 0.05)
-        .map(|s| (s.block, s.end_ms - s.start_ms))
+        .filter(|g| g.1 > 0.05)
+        .take(6)
+        .map(|(at, len)| format!("{:.1}+{len:.2}@{}", at - from, computing(*at)))
+        .collect();
+    let mut stalls: Vec<(usize, f64)> = stall_spans
+        .iter()
+        .filter(|s| s.1 - s.0 > 0.05)
+        .map(|s| (s.2, s.1 - s.0))
         .collect();
     stalls.sort_by(|a, b| b.1.total_cmp(&a.1));
     let top: Vec<String> = stalls
@@ -301,9 +321,10 @@ pub fn timeline_summary(spans: &[layerwise_offload::TimelineSpan]) -> String {
         .map(|(b, ms)| format!("{b}:{ms:.2}"))
         .collect();
     format!(
-        "forward {window:.2} ms = blocks {compute:.2} + stalls {stall:.2} + other {:.2}; copy stream busy {copy:.2} (idle {:.2}), decode busy {decode:.2}; longest stalls (block:ms) [{}]",
-        window - compute - stall,
-        window - copy,
+        "period {period:.2} ms = blocks {compute:.2} + stalls {stall:.2} + other {:.2}; copy stream busy {copy:.2} (idle {:.2}: [{}]), decode busy {decode:.2}; longest stalls (block:ms) [{}]",
+        period - compute - stall,
+        period - copy,
+        gaps.join(", "),
         top.join(", ")
     )
 }
@@ -463,8 +484,8 @@ mod tests {
         }
     }
 
-    /// The summary covers the second forward only, counts overlapping uploads once and names
-    /// the longest stall.
+    /// The summary covers the second forward's period only, counts overlapping uploads once,
+    /// finds the copy stream's idle gaps and names the longest stall.
     #[test]
     fn a_timeline_summary_measures_the_second_forward() {
         use layerwise_offload::Lane::*;
@@ -478,17 +499,19 @@ mod tests {
             span(Stall, 1, 25.0, 30.0),
             span(Compute, 1, 30.0, 38.0),
             span(Decode, 1, 26.0, 29.0),
+            span(Upload, 1, 33.0, 45.0),
+            span(Compute, 0, 40.0, 45.0),
         ];
         let s = timeline_summary(&spans);
         assert!(
-            s.starts_with("forward 18.00 ms = blocks 13.00 + stalls 5.00 + other 0.00"),
+            s.starts_with("period 20.00 ms = blocks 13.00 + stalls 5.00 + other 2.00"),
             "{s}"
         );
         assert!(
-            s.contains("copy stream busy 10.00 (idle 8.00), decode busy 3.00"),
+            s.contains("copy stream busy 17.00 (idle 3.00: [10.0+3.00@1]), decode busy 3.00"),
             "{s}"
         );
         assert!(s.contains("[1:5.00]"), "{s}");
-        assert!(timeline_summary(&spans[..2]).contains("no second forward"));
+        assert!(timeline_summary(&spans[..3]).contains("fewer than three forwards"));
     }
 }

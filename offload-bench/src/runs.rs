@@ -328,10 +328,11 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
                 0
             };
             if let (Some(dir), Device::Cuda(_)) = (&a.trace_dir, dev) {
-                // Two more forwards back to back, captured: the second shows the steady state
-                // (the next forward's first uploads overlap the end of this one).
+                // Three more forwards back to back, captured: the second's period (to the
+                // third's start) is the steady state, the next forward's first uploads
+                // overlapping the end of this one.
                 m.start_timeline()?;
-                for _ in 0..2 {
+                for _ in 0..3 {
                     let _ = wan_forward(&b.model, xs, Some(&mut m));
                 }
                 let spans = m.finish_timeline()?;
