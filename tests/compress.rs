@@ -192,6 +192,45 @@ fn bf16_weights_shrink_and_arrive_exactly(
     Ok(())
 }
 
+/// `compress_two_tier`: the encoder may code chunks in two tiers, which makes N(0, 0.02)
+/// weights' encodings smaller than one tier's, and they arrive as exactly.
+#[rstest]
+fn two_tier_encodings_are_smaller_and_arrive_exactly(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let _lock = common::gpu_lock();
+    let encoded = |two_tier: bool| -> anyhow::Result<u64> {
+        let named = bf16_blocks();
+        let before: Vec<(String, Tensor)> =
+            named.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        let mut m = mode
+            .config("blocks", 4)
+            .compress(true)
+            .compress_two_tier(two_tier)
+            .build(&named)?;
+        m.initialize()?;
+        for b in [2usize, 0, 3, 1] {
+            let _g = m.enter(b)?;
+            for ((n, t), (_, live)) in before.iter().zip(&named) {
+                if n.starts_with(&format!("blocks.{b}.")) {
+                    assert_eq!(live.device(), dev);
+                    assert!(bits_equal(live, t), "{n} (two tiers: {two_tier})");
+                }
+            }
+        }
+        let bytes = m.stats().encoded_bytes;
+        m.restore()?;
+        assert_same(&named, &before);
+        Ok(bytes)
+    };
+    let (one, two) = (encoded(false)?, encoded(true)?);
+    assert!(two < one, "two tiers {two} bytes, one tier {one}");
+    Ok(())
+}
+
 /// A bf16 model of four DiT-like blocks (N(0, 0.02) weights and the special values), and a
 /// non-block tensor.
 fn bf16_blocks() -> Vec<(String, Tensor)> {

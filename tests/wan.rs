@@ -702,3 +702,26 @@ fn the_python_scripts_presets_are_the_wan_crates() {
         );
     }
 }
+
+/// The rotary tables on a CUDA device are those of the CPU, copied to the device once: the
+/// second forward reuses the first's copy (no copy from pageable host memory, which would make
+/// the host wait for the device at every forward).
+#[test]
+fn rotary_tables_are_copied_to_the_device_once() {
+    let Some(d) = common::cuda() else {
+        return;
+    };
+    let rope = wan::RotaryEmbedding::new([44, 42, 42], [1, 2, 2], 1024, 10000.0);
+    let cpu = rope.forward(2, 16, 32, Device::Cpu);
+    let a = rope.forward(2, 16, 32, Device::Cuda(d));
+    let b = rope.forward(4, 8, 8, Device::Cuda(d));
+    assert!(a.cos.to_device(Device::Cpu).equal(&cpu.cos));
+    assert!(a.sin.to_device(Device::Cpu).equal(&cpu.sin));
+    let other = rope.forward(4, 8, 8, Device::Cpu);
+    assert!(b.cos.to_device(Device::Cpu).equal(&other.cos));
+    assert_eq!(
+        rope.device_copies(),
+        1,
+        "one copy of the tables for two forwards"
+    );
+}

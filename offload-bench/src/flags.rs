@@ -170,6 +170,10 @@ pub struct Cli {
     /// beside the raw ones.
     #[arg(long)]
     compress: bool,
+    /// Every configuration also compressed with two-tier chunks allowed
+    /// (OffloadConfig::compress_two_tier), its rows beside the others.
+    #[arg(long)]
+    two_tier: bool,
     /// Run everything on a high-priority stream of the pool instead of the default stream, so
     /// that the GPU schedules the model's kernels before the decode kernels of compressed
     /// transport (the manager's copy and decode streams have normal priority).
@@ -338,6 +342,7 @@ pub struct Args {
     pub multi_only: bool,
     pub high_priority_compute: bool,
     pub compress: bool,
+    pub two_tier: bool,
     pub dist: Dist,
     pub checkpoint: Option<CheckpointArgs>,
 }
@@ -370,6 +375,7 @@ pub fn parse_args() -> Args {
         push_per_gpu: cli.push_per_gpu,
         multi_only: cli.multi_only,
         compress: cli.compress,
+        two_tier: cli.two_tier,
         high_priority_compute: cli.high_priority_compute,
         dist: cli.dist,
         checkpoint: cli.checkpoint.map(|dir| CheckpointArgs {

@@ -261,17 +261,26 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
     if a.multi_only {
         budgets.clear();
     }
-    let configs: Vec<(Option<f64>, bool)> = budgets
+    // Per budget: raw, compressed (one tier), compressed with two tiers allowed.
+    let configs: Vec<(Option<f64>, bool, bool)> = budgets
         .iter()
-        .flat_map(|&b| std::iter::once((b, false)).chain(a.compress.then_some((b, true))))
+        .flat_map(|&b| {
+            std::iter::once((b, false, false))
+                .chain(a.compress.then_some((b, true, false)))
+                .chain(a.two_tier.then_some((b, true, true)))
+        })
         .collect();
     let mut stats_table = String::new();
-    for (budget, compress) in configs {
-        let label = label(a, budget, compress);
+    for (budget, compress, two_tier) in configs {
+        let mut label = label(a, budget, compress);
+        if two_tier {
+            label.push_str(" two-tier");
+        }
         let mut cfg = OffloadConfig::new("blocks", s.layers)
             .prefetch_depth(a.depth)
             .cpu_test_mode(a.cpu)
-            .compress(compress);
+            .compress(compress)
+            .compress_two_tier(two_tier);
         if let Some(b) = budget {
             cfg = cfg.vram_budget((b * (1u64 << 30) as f64) as u64);
         }

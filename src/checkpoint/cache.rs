@@ -80,6 +80,10 @@ struct Document {
     /// The raw bytes per segment of every encoding (absent before version 2).
     #[serde(default)]
     segment_bytes: u64,
+    /// Whether the encoder could code chunks in two tiers (`OffloadConfig::compress_two_tier`;
+    /// absent: one tier).
+    #[serde(default)]
+    two_tier: bool,
     checkpoint: Vec<FileIdentity>,
     blocks: Vec<BlockEntry>,
 }
@@ -182,7 +186,7 @@ impl EncodedCache {
         path: &Path,
         ckpt: &Checkpoint,
         keys: &[String],
-        segment: usize,
+        (segment, two_tier): (usize, bool),
         verify: bool,
     ) -> Result<Option<EncodedCache>> {
         let file = match File::open(path) {
@@ -248,6 +252,17 @@ impl EncodedCache {
                 format!(
                     "is stale: its encodings are in segments of {} raw bytes, this manager uses {segment} (OffloadConfig::compress_segment_bytes); {DELETE}, or use the segment size it was written with",
                     doc.segment_bytes
+                ),
+            );
+        }
+        if doc.two_tier != two_tier {
+            let tiers = |two| if two { "two tiers" } else { "one tier" };
+            return refuse(
+                path,
+                format!(
+                    "is stale: its encodings were made with {} of codes, this manager asks for {} (OffloadConfig::compress_two_tier); {DELETE}, or use the setting it was written with",
+                    tiers(doc.two_tier),
+                    tiers(two_tier)
                 ),
             );
         }
@@ -327,6 +342,24 @@ impl EncodedCache {
         Ok(Some(cache))
     }
 
+    /// Checks the encodings of `blocks` (checksums, raw sizes; see [`Self::check_block`])
+    /// through a read-only mapping of this call's own, blocks in turn, each on the worker
+    /// threads.
+    pub(crate) fn check_blocks(&self, blocks: &[usize]) -> Result<()> {
+        // SAFETY: as in `verify_all`: a read-only private mapping of a regular file this
+        // process opened, its length checked against the blocks when the cache was opened.
+        let map = unsafe { memmap2::Mmap::map(&self.file) }
+            .map_err(|e| Error::io("cannot map the encoded cache", &self.path, e))?;
+        for &i in blocks {
+            let b = self.blocks[i];
+            let bytes = map
+                .get(b.offset..b.offset + b.len)
+                .ok_or_else(|| self.damaged(i, "lies past the end of the file".into()))?;
+            self.check_block(i, bytes)?;
+        }
+        Ok(())
+    }
+
     /// Checks every encoding's checksum and raw size (through a read-only mapping).
     fn verify_all(&self) -> Result<()> {
         // SAFETY: a read-only private mapping of a regular file this process opened; its length
@@ -383,7 +416,7 @@ impl EncodedCache {
         path: &Path,
         ckpt: &Checkpoint,
         keys: &[String],
-        segment: usize,
+        (segment, two_tier): (usize, bool),
         mut encode: impl FnMut(usize) -> Result<(Vec<u8>, usize)>,
     ) -> Result<EncodedCache> {
         let mut tmp = path.as_os_str().to_owned();
@@ -423,6 +456,7 @@ impl EncodedCache {
                 version: VERSION,
                 codec_version: layerwise_offload_codec::format::VERSION,
                 segment_bytes: segment as u64,
+                two_tier,
                 checkpoint: identity(ckpt)?,
                 blocks,
             };
@@ -442,7 +476,7 @@ impl EncodedCache {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        EncodedCache::open(path, ckpt, keys, segment, false)?.ok_or_else(|| {
+        EncodedCache::open(path, ckpt, keys, (segment, two_tier), false)?.ok_or_else(|| {
             Error::io(
                 "the encoded cache vanished right after it was written",
                 path,
@@ -580,7 +614,7 @@ mod tests {
 
     fn write(path: &Path, ckpt: &Checkpoint, keys: &[String]) -> Result<EncodedCache> {
         let raw = blocks();
-        EncodedCache::write(path, ckpt, keys, SEG, |i| {
+        EncodedCache::write(path, ckpt, keys, (SEG, false), |i| {
             let enc = layerwise_offload_codec::encode_segmented(&raw[i], SEG).unwrap();
             Ok((enc, raw[i].len()))
         })
@@ -593,7 +627,7 @@ mod tests {
         assert_eq!(path, dir.join("w.safetensors.encoded"));
         let keys: Vec<String> = (0..3).map(|i| block_key(i, [format!("t{i}")])).collect();
         write(&path, &ckpt, &keys)?;
-        let cache = EncodedCache::open(&path, &ckpt, &keys, SEG, true)?.expect("written");
+        let cache = EncodedCache::open(&path, &ckpt, &keys, (SEG, false), true)?.expect("written");
         for (i, raw) in blocks().iter().enumerate() {
             let b = cache.block(i);
             assert_eq!(b.offset % FILE_ALIGN, 0);
@@ -609,10 +643,12 @@ mod tests {
             .map(|i| block_key(i + 1, [format!("t{i}")]))
             .collect();
         assert!(matches!(
-            EncodedCache::open(&path, &ckpt, &other, SEG, false),
+            EncodedCache::open(&path, &ckpt, &other, (SEG, false), false),
             Err(Error::EncodedCache { .. })
         ));
-        assert!(EncodedCache::open(&dir.join("none"), &ckpt, &keys, SEG, false)?.is_none());
+        assert!(
+            EncodedCache::open(&dir.join("none"), &ckpt, &keys, (SEG, false), false)?.is_none()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         Ok(())
     }
@@ -624,7 +660,7 @@ mod tests {
         let keys: Vec<String> = (0..3).map(|i| block_key(i, [])).collect();
         write(&path, &ckpt, &keys)?;
         let good = std::fs::read(&path).unwrap();
-        let data = EncodedCache::open(&path, &ckpt, &keys, SEG, false)?
+        let data = EncodedCache::open(&path, &ckpt, &keys, (SEG, false), false)?
             .expect("written")
             .data_len();
         // Every byte past the encodings (padding excluded): the header and the trailer.
@@ -633,7 +669,7 @@ mod tests {
             let mut bad = good.clone();
             bad[at] ^= 0x04;
             std::fs::write(&path, &bad).unwrap();
-            match EncodedCache::open(&path, &ckpt, &keys, SEG, true) {
+            match EncodedCache::open(&path, &ckpt, &keys, (SEG, false), true) {
                 Err(Error::EncodedCache { .. }) => {}
                 r => panic!("byte {at} changed: {:?}", r.map(|c| c.is_some())),
             }
@@ -673,8 +709,8 @@ mod tests {
         let path = dir.join("c.encoded");
         let keys: Vec<String> = (0..3).map(|i| block_key(i, [])).collect();
         write(&path, &ckpt, &keys)?;
-        assert!(EncodedCache::open(&path, &ckpt, &keys, SEG, true)?.is_some());
-        match EncodedCache::open(&path, &ckpt, &keys, 2 * SEG, false) {
+        assert!(EncodedCache::open(&path, &ckpt, &keys, (SEG, false), true)?.is_some());
+        match EncodedCache::open(&path, &ckpt, &keys, (2 * SEG, false), false) {
             Err(Error::EncodedCache { reason, .. }) => {
                 assert!(reason.contains("is stale"), "{reason}");
                 assert!(
@@ -683,6 +719,18 @@ mod tests {
                 );
             }
             r => panic!("another segment size: {:?}", r.map(|c| c.is_some())),
+        }
+        // Written with one tier of codes, asked for with two.
+        match EncodedCache::open(&path, &ckpt, &keys, (SEG, true), false) {
+            Err(Error::EncodedCache { reason, .. }) => {
+                assert!(reason.contains("is stale"), "{reason}");
+                assert!(
+                    reason.contains("made with one tier of codes, this manager asks for two tiers")
+                        && reason.contains("compress_two_tier"),
+                    "{reason}"
+                );
+            }
+            r => panic!("another tier setting: {:?}", r.map(|c| c.is_some())),
         }
         // A version 1 cache: whole encodings at the same places, no segment size.
         let raw = blocks();
@@ -699,7 +747,7 @@ mod tests {
         }
         std::fs::write(&path, bytes).unwrap();
         rewrite_header(&path, &doc);
-        match EncodedCache::open(&path, &ckpt, &keys, SEG, true) {
+        match EncodedCache::open(&path, &ckpt, &keys, (SEG, false), true) {
             Err(Error::EncodedCache { reason, .. }) => {
                 assert!(reason.contains("version 1"), "{reason}");
             }
@@ -712,7 +760,7 @@ mod tests {
             b["largest_segment"] = b["bytes"].clone();
         }
         rewrite_header(&path, &doc);
-        match EncodedCache::open(&path, &ckpt, &keys, SEG, true) {
+        match EncodedCache::open(&path, &ckpt, &keys, (SEG, false), true) {
             Err(Error::EncodedCache { reason, .. }) => {
                 assert!(reason.contains("block 0's encoding is corrupt"), "{reason}");
             }
@@ -750,7 +798,7 @@ mod tests {
         bad.extend_from_slice(&(header.len() as u64).to_le_bytes());
         bad.extend_from_slice(&fnv64(header.as_bytes()).to_le_bytes());
         std::fs::write(&path, &bad).unwrap();
-        match EncodedCache::open(&path, &ckpt, &keys, SEG, true) {
+        match EncodedCache::open(&path, &ckpt, &keys, (SEG, false), true) {
             Err(e @ Error::EncodedCache { .. }) => {
                 let msg = e.to_string();
                 assert!(

@@ -27,25 +27,43 @@ use super::device::Backend;
 use super::phase::Runtime;
 use super::weights::BlockState;
 
-/// Encodes `raw` (a block's raw host bytes, a contiguous 1-D uint8 CPU tensor) in segments of
-/// `segment` raw bytes into a new host buffer of `memory`, and counts it in `stats`.
+/// How the manager encodes a block: in segments of `segment` raw bytes, with one tier of codes
+/// per chunk or also two ([`OffloadConfig::compress_two_tier`](crate::OffloadConfig::compress_two_tier)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Encoding {
+    /// Raw bytes per segment.
+    pub(super) segment: usize,
+    /// Two-tier chunks allowed.
+    pub(super) two_tier: bool,
+}
+
+impl Encoding {
+    /// The codec's encoder for these choices, on the manager's worker threads.
+    pub(super) fn encoder(self) -> Encoder {
+        let e = Encoder::new().with_threads(host::worker_threads());
+        if self.two_tier { e } else { e.single_tier() }
+    }
+}
+
+/// Encodes `raw` (a block's raw host bytes, a contiguous 1-D uint8 CPU tensor) as `encoding`
+/// says into a new host buffer of `memory`, and counts it in `stats`.
 fn encode(
     raw: &Tensor,
-    (memory, segment): (HostMemory, usize),
+    (memory, encoding): (HostMemory, Encoding),
     stats: &mut OffloadStats,
 ) -> Result<HostBlock> {
     let _span = crate::observe::encode(None, raw.numel());
     // SAFETY: the caller filled `raw` and does not write it while this runs.
     let input = unsafe { host::bytes(raw)? };
-    store_encoding(&plan(input, segment)?, memory, stats)
+    store_encoding(&plan(input, encoding)?, memory, stats)
 }
 
-/// The codec's plan for a block's raw bytes, in segments of `segment` raw bytes
-/// (`layerwise_offload_codec::segments`), on the manager's worker threads.
-fn plan(input: &[u8], segment: usize) -> Result<SegmentedPlan<'_>> {
-    Encoder::new()
-        .with_threads(host::worker_threads())
-        .plan_segmented(input, segment)
+/// The codec's plan for a block's raw bytes, in segments (`layerwise_offload_codec::segments`)
+/// as `encoding` says.
+fn plan(input: &[u8], encoding: Encoding) -> Result<SegmentedPlan<'_>> {
+    encoding
+        .encoder()
+        .plan_segmented(input, encoding.segment)
         .map_err(codec_error("encoding a block"))
 }
 
@@ -78,13 +96,13 @@ pub(super) fn count_encoded(stats: &mut OffloadStats, len: usize, raw: usize, in
     }
 }
 
-/// Block `raw` (a contiguous 1-D uint8 CPU tensor) encoded in segments of `segment` raw bytes
-/// into a new vector; returns it and the raw size.
-pub(super) fn encode_to_vec(raw: &Tensor, segment: usize) -> Result<(Vec<u8>, usize)> {
+/// Block `raw` (a contiguous 1-D uint8 CPU tensor) encoded as `encoding` says into a new
+/// vector; returns it and the raw size.
+pub(super) fn encode_to_vec(raw: &Tensor, encoding: Encoding) -> Result<(Vec<u8>, usize)> {
     let _span = crate::observe::encode(None, raw.numel());
     // SAFETY: the caller filled `raw` and does not write it while this runs.
     let input = unsafe { host::bytes(raw)? };
-    let plan = plan(input, segment)?;
+    let plan = plan(input, encoding)?;
     let mut out = vec![0u8; plan.encoded_len()];
     plan.write(&mut out)
         .map_err(codec_error("encoding a block"))?;
@@ -104,7 +122,7 @@ impl LayerwiseOffloadManager {
     /// Encodes `raw` (a block's raw host bytes, a contiguous 1-D uint8 CPU tensor) into a new
     /// host buffer of the manager's host memory kind, and counts it.
     pub(super) fn encode_block(&mut self, raw: &Tensor) -> Result<HostBlock> {
-        let to = (self.encoding_memory(), self.config.segment_bytes);
+        let to = (self.encoding_memory(), self.config.encoding());
         encode(raw, to, &mut self.stats)
     }
 }
@@ -122,7 +140,7 @@ impl Runtime {
         name: &str,
         (li, j): (usize, usize),
         value: &Tensor,
-        (memory, segment, stats): (HostMemory, usize, &mut OffloadStats),
+        (memory, encoding, stats): (HostMemory, Encoding, &mut OffloadStats),
         backend: &Backend,
     ) -> Result<()> {
         if self.blocks[li].tier.encoding().is_some() && Arc::get_mut(&mut self.store).is_none() {
@@ -135,7 +153,7 @@ impl Runtime {
         let old = self.blocks[li]
             .tier
             .update(name, &layout, j, value, |raw| {
-                encode(raw, (memory, segment), stats)
+                encode(raw, (memory, encoding), stats)
             })?;
         let Some((old_len, raw_len)) = old
             .as_ref()
@@ -215,9 +233,10 @@ impl LayerwiseOffloadManager {
             // copy into a scratch buffer that this replaces reads them).
             pieces.push((t.offset, unsafe { host::bytes(p)? }));
         }
-        let plan = Encoder::new()
-            .with_threads(host::worker_threads())
-            .plan_pieces_segmented(&pieces, layout.bytes, self.config.segment_bytes)
+        let encoding = self.config.encoding();
+        let plan = encoding
+            .encoder()
+            .plan_pieces_segmented(&pieces, layout.bytes, encoding.segment)
             .map_err(codec_error("encoding a block"))?;
         store_encoding(&plan, self.encoding_memory(), &mut self.stats)
     }

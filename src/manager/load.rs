@@ -182,19 +182,19 @@ impl LayerwiseOffloadManager {
         }
         let cache_map = match (&cache, self.config.zero_copy) {
             (Some(c), true) => {
-                let map = accel::map_file_read_only(c.file(), c.path(), c.data_len(), memory)?;
                 // The mapped pages are never read on the host again: every encoding used is
-                // checked now, through the mapping the uploads read (its pages faulted once).
-                for i in (0..n).filter(|&i| in_memory[i]) {
-                    let at = c.block(i);
-                    let view = map
-                        .f_narrow(0, at.offset as i64, at.len as i64)
-                        .context("mapping the encoded cache")?;
-                    // SAFETY: a view of a read-only mapping owned by `map`, alive for the call;
-                    // nothing writes it.
-                    c.check_block(i, unsafe { crate::host::bytes(&view)? })?;
-                }
-                Some(map)
+                // checked now. The checks read through a mapping of their own on other
+                // threads while this one maps the file and page-locks it for the uploads (the
+                // driver locks pages on one thread): both read the same page-cache pages, and
+                // the manager is not ready until both are done.
+                let to_check: Vec<usize> = (0..n).filter(|&i| in_memory[i]).collect();
+                let (map, checked) = std::thread::scope(|s| {
+                    let check = s.spawn(|| c.check_blocks(&to_check));
+                    let map = accel::map_file_read_only(c.file(), c.path(), c.data_len(), memory);
+                    (map, check.join())
+                });
+                checked.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+                Some(map?)
             }
             _ => None,
         };

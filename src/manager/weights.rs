@@ -241,7 +241,7 @@ impl LayerwiseOffloadManager {
             name,
             (li, j),
             value,
-            (memory, self.config.segment_bytes, &mut self.stats),
+            (memory, self.config.encoding(), &mut self.stats),
             &self.backend,
         )?;
         if rt.blocks[li].resident {

@@ -1,16 +1,27 @@
 //! The 3-axis rotary position embedding (diffusers' `WanRotaryPosEmbed`).
 
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tch::{Device, Kind, Tensor};
 
 /// Rotary tables for frames, height and width, as diffusers computes them: per axis
 /// `1 / theta^(2i/d)` in float64, times the position, cos and sin repeated pairwise, then
 /// float32. The tables are not parameters (diffusers' buffers are non-persistent).
+///
+/// The tables are copied to the model's device once, at the first forward there: a copy from
+/// pageable host memory at every forward would make the host wait for the device to finish
+/// the previous forward before queuing the next one (the whole queue drained at each forward's
+/// start, which leaves a layerwise offload's copy stream idle until the host catches up).
 #[derive(Debug)]
 pub struct RotaryEmbedding {
     cos: Tensor,
     sin: Tensor,
     dims: [i64; 3],
     patch: [i64; 3],
+    /// The tables on the last device a forward asked for.
+    on_device: Mutex<Option<(Device, Tensor, Tensor)>>,
+    /// Copies of the tables made to a device so far.
+    copies: AtomicUsize,
 }
 
 /// The cos and sin of one forward, `[1, tokens, 1, head_dim]` in float32.
@@ -71,6 +82,8 @@ impl RotaryEmbedding {
             sin: Tensor::cat(&sin, 1),
             dims,
             patch,
+            on_device: Mutex::new(None),
+            copies: AtomicUsize::new(0),
         }
     }
 
@@ -79,6 +92,7 @@ impl RotaryEmbedding {
         let [pt, ph, pw] = self.patch;
         let (f, h, w) = (frames / pt, height / ph, width / pw);
         let dims = self.dims.to_vec();
+        let (cos, sin) = self.tables_on(device);
         let axes = |table: &Tensor| {
             let parts = table.split_with_sizes(&dims, 1);
             let ef = parts[0]
@@ -93,13 +107,55 @@ impl RotaryEmbedding {
                 .slice(0, 0, w, 1)
                 .view([1, 1, w, -1])
                 .expand([f, h, w, -1], false);
-            Tensor::cat(&[ef, eh, ew], -1)
-                .reshape([1, f * h * w, 1, -1])
-                .to_device(device)
+            Tensor::cat(&[ef, eh, ew], -1).reshape([1, f * h * w, 1, -1])
         };
         Rotary {
-            cos: axes(&self.cos),
-            sin: axes(&self.sin),
+            cos: axes(&cos),
+            sin: axes(&sin),
         }
+    }
+
+    /// How many times the tables were copied to a device: once per device that forwards ran
+    /// on in turn (forwards on the CPU copy nothing).
+    pub fn device_copies(&self) -> usize {
+        self.copies.load(Ordering::Relaxed)
+    }
+
+    /// The cos and sin tables on `device`: the host tables on the CPU, otherwise copies made
+    /// at the first call for that device and kept.
+    fn tables_on(&self, device: Device) -> (Tensor, Tensor) {
+        if device == Device::Cpu {
+            return (self.cos.shallow_clone(), self.sin.shallow_clone());
+        }
+        // A poisoned lock held only tensors (no invariant to break): take it as it is.
+        let mut cached = self.on_device.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cached {
+            Some((d, cos, sin)) if *d == device => (cos.shallow_clone(), sin.shallow_clone()),
+            _ => {
+                let (cos, sin) = (self.cos.to_device(device), self.sin.to_device(device));
+                self.copies.fetch_add(1, Ordering::Relaxed);
+                *cached = Some((device, cos.shallow_clone(), sin.shallow_clone()));
+                (cos, sin)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RotaryEmbedding;
+    use tch::Device;
+
+    /// On the CPU the host tables are used as they are: nothing is copied, and the tables of a
+    /// grid do not depend on the forwards before.
+    #[test]
+    fn cpu_forwards_copy_nothing() {
+        let rope = RotaryEmbedding::new([4, 6, 6], [1, 2, 2], 64, 10000.0);
+        let a = rope.forward(2, 4, 6, Device::Cpu);
+        let _ = rope.forward(3, 8, 8, Device::Cpu);
+        let b = rope.forward(2, 4, 6, Device::Cpu);
+        assert_eq!(a.cos.size(), [1, 2 * 2 * 3, 1, 16]);
+        assert!(a.cos.equal(&b.cos) && a.sin.equal(&b.sin));
+        assert_eq!(rope.device_copies(), 0);
     }
 }

@@ -340,7 +340,7 @@ fn an_encoded_disk_block_stages_its_encoding_and_reads_back_raw() -> R {
     let want = raw(&named, &layout);
     let enc = layerwise_offload_codec::encode_segmented(&Vec::<u8>::try_from(&want)?, 4096)?;
     let keys = vec![block_key(layout.bytes, [])];
-    let cache = EncodedCache::write(&dir.join("c.encoded"), &ckpt, &keys, 4096, |_| {
+    let cache = EncodedCache::write(&dir.join("c.encoded"), &ckpt, &keys, (4096, false), |_| {
         Ok((enc.clone(), layout.bytes))
     })?;
     let disk = DiskTier::encoded(
