@@ -135,28 +135,52 @@ unsafe fn own_mapping(
     host_err: impl Fn(String) -> Error,
 ) -> Result<Tensor> {
     if let Some(flags) = register_flags {
-        if injected_register_failure() {
-            // SAFETY: p is the caller's mapping of `bytes` bytes, not registered.
-            unsafe { ffi::lo_host_free(p, bytes) };
-            return Err(host_err(
-                "cudaHostRegister failed (injected by HostMemory::fail_next_registration)".into(),
-            ));
-        }
-        // SAFETY: p is a live mapping of exactly `bytes` bytes (caller), registered once.
-        if unsafe { ffi::lo_host_register(p, bytes, flags) } != 0 {
-            let msg = last_error();
+        // SAFETY: p is a live mapping of exactly `bytes` bytes (caller), not registered.
+        if let Err(msg) = unsafe { register(p, bytes, flags) } {
             // SAFETY: p is the caller's mapping of `bytes` bytes, not registered.
             unsafe { ffi::lo_host_free(p, bytes) };
             return Err(host_err(msg));
         }
     }
+    // SAFETY: as the caller vouches, and registered as `register_flags` says.
+    unsafe { tensor_of_mapping(p, bytes, register_flags.is_some(), host_err) }
+}
+
+/// Page-locks the mapping `p` of `bytes` bytes with `flags` (`cudaHostRegister`); the error's
+/// message on failure (the mapping is left to the caller).
+///
+/// # Safety
+/// `p` must be a live mapping of exactly `bytes` bytes, not registered.
+unsafe fn register(p: *mut c_void, bytes: usize, flags: u32) -> std::result::Result<(), String> {
+    if injected_register_failure() {
+        return Err(
+            "cudaHostRegister failed (injected by HostMemory::fail_next_registration)".into(),
+        );
+    }
+    // SAFETY: p is a live mapping of exactly `bytes` bytes (caller), registered once.
+    match unsafe { ffi::lo_host_register(p, bytes, flags) } {
+        0 => Ok(()),
+        _ => Err(last_error()),
+    }
+}
+
+/// The 1-D `uint8` tensor that owns the mapping `p` of `bytes` bytes (its deleter unregisters
+/// it if `registered`, and unmaps it).
+///
+/// # Safety
+/// `p` must be a live mapping of exactly `bytes` bytes from the shim, registered if and only
+/// if `registered`, owned by nobody else.
+unsafe fn tensor_of_mapping(
+    p: *mut c_void,
+    bytes: usize,
+    registered: bool,
+    host_err: impl Fn(String) -> Error,
+) -> Result<Tensor> {
     let mut t: *mut torch_sys::C_tensor = std::ptr::null_mut();
     // SAFETY: ownership of the mapping passes to the tensor's deleter. Should this fail (it only
     // can if libtorch cannot allocate the tensor object), the mapping is leaked rather than
     // risking a double free.
-    if unsafe { ffi::lo_host_tensor(p, bytes, register_flags.is_some() as c_int, &mut t) } != 0
-        || t.is_null()
-    {
+    if unsafe { ffi::lo_host_tensor(p, bytes, registered as c_int, &mut t) } != 0 || t.is_null() {
         return Err(host_err(last_error()));
     }
     // SAFETY: t is a fresh heap-allocated at::Tensor whose ownership passes to tch.
@@ -261,17 +285,45 @@ pub(crate) fn map_shared_file(
 /// [`HostMemory::Pinned`] the pages are page-locked in place (`cudaHostRegister`, portable
 /// and read-only), which reads them in if they are not in the page cache. The file must hold
 /// at least `bytes` bytes and must not be truncated while the tensor lives (SIGBUS).
+///
+/// `check` reads the mapped bytes on another thread while they are page-locked (the driver
+/// locks pages on one thread): the mapping is returned only if it returns Ok, and its error
+/// (or panic) is passed on after the mapping is released.
 pub(crate) fn map_file_read_only(
     file: &std::fs::File,
     path: &std::path::Path,
     bytes: usize,
     memory: HostMemory,
+    check: impl FnOnce(&[u8]) -> Result<()> + Send,
 ) -> Result<Tensor> {
     let host_err = host_request(("zero_copy", "zero_copy (pinned)"), true, bytes, memory)?;
     let path = path.to_owned();
-    map_file_descriptor(file, bytes, false, memory, move |m| {
-        host_err(format!("mapping {}: {m}", path.display()))
-    })
+    let host_err = move |m: String| host_err(format!("mapping {}: {m}", path.display()));
+    let p = map_fd(file, bytes, false, &host_err)?;
+    // cudaHostRegisterPortable = 1, cudaHostRegisterReadOnly = 8.
+    let flags = (memory == HostMemory::Pinned).then_some(1 | 8);
+    // SAFETY: p is a fresh read-only mapping of `bytes` bytes owned by this call; it is not
+    // unmapped before the scope below has joined the thread that reads it, and registering it
+    // does not change its contents.
+    let view = unsafe { std::slice::from_raw_parts(p.cast::<u8>().cast_const(), bytes) };
+    let (registered, checked) = std::thread::scope(|s| {
+        let reader = s.spawn(move || check(view));
+        // SAFETY: p is a live mapping of `bytes` bytes, not registered.
+        let registered = flags.map_or(Ok(()), |f| unsafe { register(p, bytes, f) });
+        (registered, reader.join())
+    });
+    if let Err(msg) = registered {
+        // SAFETY: p is this call's mapping, not registered, and no thread reads it any more.
+        unsafe { ffi::lo_host_free(p, bytes) };
+        return Err(host_err(msg));
+    }
+    // SAFETY: p is this call's mapping, registered as `flags` says, owned by nobody else.
+    let mapped = unsafe { tensor_of_mapping(p, bytes, flags.is_some(), &host_err)? };
+    match checked {
+        // The mapping goes with `mapped`, dropped here.
+        Ok(result) => result.map(|()| mapped),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
 }
 
 /// Maps the first `bytes` bytes of `file` (of at least that size) shared, and owns the mapping.
@@ -282,10 +334,27 @@ fn map_file_descriptor(
     memory: HostMemory,
     host_err: impl Fn(String) -> Error,
 ) -> Result<Tensor> {
+    let p = map_fd(file, bytes, writable, &host_err)?;
+    // cudaHostRegisterPortable = 1, cudaHostRegisterReadOnly = 8.
+    let flags = (memory == HostMemory::Pinned).then_some(if writable { 1 } else { 1 | 8 });
+    // SAFETY: p is a fresh shared mapping of exactly `bytes` bytes owned by this call (the
+    // mapping outlives the descriptor, closed by the caller).
+    unsafe { own_mapping(p, bytes, flags, host_err) }
+}
+
+/// Maps the first `bytes` bytes of `file` shared (a writable mapping's pages faulted in on the
+/// shim's threads); the caller owns the mapping. Reading past the file's end through it is
+/// SIGBUS: the callers check the file's length.
+fn map_fd(
+    file: &std::fs::File,
+    bytes: usize,
+    writable: bool,
+    host_err: &impl Fn(String) -> Error,
+) -> Result<*mut c_void> {
     use std::os::fd::AsRawFd as _;
     let mut p: *mut c_void = std::ptr::null_mut();
-    // SAFETY: the descriptor is open for the call (borrowed from `file`) and at least `bytes`
-    // long (created and reserved, or checked with fstat); the out-pointer is a local.
+    // SAFETY: the descriptor is open for the call (borrowed from `file`); the out-pointer is a
+    // local.
     if unsafe {
         ffi::lo_host_map_fd(
             file.as_raw_fd(),
@@ -298,9 +367,5 @@ fn map_file_descriptor(
     {
         return Err(host_err(last_error()));
     }
-    // cudaHostRegisterPortable = 1, cudaHostRegisterReadOnly = 8.
-    let flags = (memory == HostMemory::Pinned).then_some(if writable { 1 } else { 1 | 8 });
-    // SAFETY: p is a fresh shared mapping of exactly `bytes` bytes owned by this call (the
-    // mapping outlives the descriptor, closed by the caller).
-    unsafe { own_mapping(p, bytes, flags, host_err) }
+    Ok(p)
 }

@@ -342,24 +342,6 @@ impl EncodedCache {
         Ok(Some(cache))
     }
 
-    /// Checks the encodings of `blocks` (checksums, raw sizes; see [`Self::check_block`])
-    /// through a read-only mapping of this call's own, blocks in turn, each on the worker
-    /// threads.
-    pub(crate) fn check_blocks(&self, blocks: &[usize]) -> Result<()> {
-        // SAFETY: as in `verify_all`: a read-only private mapping of a regular file this
-        // process opened, its length checked against the blocks when the cache was opened.
-        let map = unsafe { memmap2::Mmap::map(&self.file) }
-            .map_err(|e| Error::io("cannot map the encoded cache", &self.path, e))?;
-        for &i in blocks {
-            let b = self.blocks[i];
-            let bytes = map
-                .get(b.offset..b.offset + b.len)
-                .ok_or_else(|| self.damaged(i, "lies past the end of the file".into()))?;
-            self.check_block(i, bytes)?;
-        }
-        Ok(())
-    }
-
     /// Checks every encoding's checksum and raw size (through a read-only mapping).
     fn verify_all(&self) -> Result<()> {
         // SAFETY: a read-only private mapping of a regular file this process opened; its length

@@ -338,7 +338,7 @@ mod tests {
     }
 
     /// Block 0 is encoded in place, blocks 1 and 2 from a scratch copy; every block's encoding
-    /// is the segmented encoding of its buffer assembled with zero gaps (whichever way it was
+    /// is the segmented one-tier encoding of its buffer assembled with zero gaps (whichever way it was
     /// read; block 0 and 1 are two segments each), and every weight reads back exactly.
     #[test]
     fn blocks_encode_in_place_or_from_a_copy_and_read_back_exactly() -> anyhow::Result<()> {
@@ -363,8 +363,10 @@ mod tests {
             let raw = Vec::<u8>::try_from(&buf)?;
             let enc = Vec::<u8>::try_from(rt.blocks[b].tier.encoding().unwrap().0)?;
             assert!(
-                enc == layerwise_offload_codec::encode_segmented(&raw, SEG)?,
-                "block {b} encodes differently"
+                enc == layerwise_offload_codec::Encoder::new()
+                    .single_tier()
+                    .encode_segmented(&raw, SEG)?,
+                "block {b} encodes differently (one tier of codes, the default)"
             );
             let segments = layerwise_offload_codec::Segments::parse(&enc)?.len();
             assert_eq!(segments, raw.len().div_ceil(SEG), "block {b}'s segments");

@@ -183,18 +183,28 @@ impl LayerwiseOffloadManager {
         let cache_map = match (&cache, self.config.zero_copy) {
             (Some(c), true) => {
                 // The mapped pages are never read on the host again: every encoding used is
-                // checked now. The checks read through a mapping of their own on other
-                // threads while this one maps the file and page-locks it for the uploads (the
-                // driver locks pages on one thread): both read the same page-cache pages, and
-                // the manager is not ready until both are done.
-                let to_check: Vec<usize> = (0..n).filter(|&i| in_memory[i]).collect();
-                let (map, checked) = std::thread::scope(|s| {
-                    let check = s.spawn(|| c.check_blocks(&to_check));
-                    let map = accel::map_file_read_only(c.file(), c.path(), c.data_len(), memory);
-                    (map, check.join())
-                });
-                checked.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
-                Some(map?)
+                // checked now, through the mapping the uploads read, on other threads while
+                // this one page-locks it.
+                let check = |mapped: &[u8]| -> Result<()> {
+                    for i in (0..n).filter(|&i| in_memory[i]) {
+                        let at = c.block(i);
+                        let bytes = mapped.get(at.offset..at.offset + at.len).ok_or_else(|| {
+                            Error::EncodedCache {
+                                path: c.path().to_owned(),
+                                reason: format!("block {i}'s encoding lies past the mapping"),
+                            }
+                        })?;
+                        c.check_block(i, bytes)?;
+                    }
+                    Ok(())
+                };
+                Some(accel::map_file_read_only(
+                    c.file(),
+                    c.path(),
+                    c.data_len(),
+                    memory,
+                    check,
+                )?)
             }
             _ => None,
         };
@@ -202,7 +212,9 @@ impl LayerwiseOffloadManager {
             ckpt.check_lengths()?;
             ckpt.shards
                 .iter()
-                .map(|s| accel::map_file_read_only(&s.file, &s.path, s.map.len(), memory))
+                .map(|s| {
+                    accel::map_file_read_only(&s.file, &s.path, s.map.len(), memory, |_| Ok(()))
+                })
                 .collect::<Result<Vec<Tensor>>>()?
         } else {
             Vec::new()
