@@ -410,14 +410,15 @@ impl OffloadConfig {
     }
 
     /// With [`Self::compress`]: let the encoder code a chunk in two tiers where that is smaller
-    /// (default off: one tier of codes per chunk). On an H100, N(0, 0.02) bf16 weights encode
-    /// to 0.679 of their size instead of 0.699, but a two-tier chunk takes about twice the GPU
-    /// time to decode (590 against 1255 GB/s of output), time that the model's kernels lose
-    /// where they run beside the decode. It pays where the link is the bottleneck (full
-    /// streaming at short sequences: 355.1 against 360.8 ms per Wan2.1-14B forward at 1024
-    /// tokens) and costs where compute is (a 20 GiB budget at 4096 tokens: 267.4 against
-    /// 258.8 ms). The encoded cache records the choice; a cache made with the other one is
-    /// refused as stale.
+    /// (default off: one tier of codes per chunk). N(0, 0.02) bf16 weights then encode to
+    /// 0.679 of their size instead of 0.699, but a two-tier chunk takes about twice the GPU
+    /// time to decode (on an H100: 590 against 1255 GB/s of output), time the model's kernels
+    /// lose where they run beside the decode, and time the next segment's copy may wait for
+    /// its staging buffer. Measured on an H100 with Wan2.1-14B (ms per forward, one tier
+    /// against two): a 20 GiB budget at 1024 tokens 113.7 against 110.8 (two tiers faster),
+    /// at 4096 tokens 257.4 against 262.5, full streaming at 1024 tokens 356.6 against 363.9
+    /// (two tiers slower). The encoded cache records the choice; a cache made with the other
+    /// one is refused as stale.
     pub fn compress_two_tier(mut self, on: bool) -> OffloadConfig {
         self.two_tier = on;
         self
