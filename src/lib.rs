@@ -31,8 +31,8 @@ pub use host::HostStore;
 #[cfg(feature = "testing")]
 pub use manager::Fault;
 pub use manager::{
-    BlockGuard, DEFAULT_SEGMENT_BYTES, LayerwiseOffloadManager, MAX_PREFETCH_DEPTH, OffloadConfig,
-    SEGMENT_BYTES_MULTIPLE,
+    BlockGuard, DEFAULT_SEGMENT_BYTES, DEFAULT_STAGING_BUFFERS, LayerwiseOffloadManager,
+    MAX_PREFETCH_DEPTH, MAX_STAGING_BUFFERS, OffloadConfig, SEGMENT_BYTES_MULTIPLE,
 };
 pub use offload::{BlockLists, offload, offload_with};
 pub use peer::PeerGroup;

@@ -63,12 +63,14 @@ fn compressed_streaming_is_bit_exact(
 
 /// Segments of the smallest accepted size (64 KiB), so that every block is several: streamed
 /// and compressed over two lists, with and without a VRAM budget, the forward equals the
-/// resident forward bit for bit and `restore` gives every weight back bit-identical. The
-/// staging buffers hold two segment encodings at most, less than one whole block.
+/// resident forward bit for bit and `restore` gives every weight back bit-identical, through
+/// two staging buffers (the default) or three. Each buffer holds one segment encoding at
+/// most; all of them together less than one whole block.
 #[rstest]
 fn blocks_of_several_segments_are_bit_exact(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
     #[values(false, true)] budget: bool,
+    #[values(2, 3)] buffers: usize,
 ) -> anyhow::Result<()> {
     let Some(dev) = mode.device() else {
         return Ok(());
@@ -95,7 +97,8 @@ fn blocks_of_several_segments_are_bit_exact(
         .config("double_blocks", 3)
         .with_list("single_blocks", 4)
         .compress(true)
-        .compress_segment_bytes(SEG);
+        .compress_segment_bytes(SEG)
+        .compress_staging_buffers(buffers);
     if budget {
         cfg = cfg.vram_budget((small * 6) as u64);
     }
@@ -114,9 +117,12 @@ fn blocks_of_several_segments_are_bit_exact(
         layerwise_offload_codec::DEFAULT_CHUNK_VALUES,
     )
     .unwrap();
+    let each = st.staging_bytes as usize / buffers;
     assert!(
-        st.staging_bytes > 0 && st.staging_bytes as usize <= 2 * one_segment.next_multiple_of(16),
-        "staging {} for segments of at most {one_segment} bytes",
+        st.staging_bytes as usize == buffers * each
+            && each > 0
+            && each <= one_segment.next_multiple_of(16),
+        "staging {} in {buffers} buffers for segments of at most {one_segment} bytes",
         st.staging_bytes
     );
     assert!(
@@ -135,6 +141,26 @@ fn blocks_of_several_segments_are_bit_exact(
     m.restore()?;
     assert_same(&model.snapshot(), &before);
     Ok(())
+}
+
+/// Fewer than two staging buffers, or more than the most accepted, are refused with the range.
+#[test]
+fn a_bad_staging_buffer_count_is_refused() {
+    let model = Model::new(Device::Cpu, 1, false, 1);
+    for n in [0, 1, layerwise_offload::MAX_STAGING_BUFFERS + 1] {
+        let e = Mode::Cpu
+            .config("blocks", 1)
+            .compress(true)
+            .compress_staging_buffers(n)
+            .build(&model.vs)
+            .expect_err("refused");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("compress_staging_buffers") && msg.contains("2..=8"),
+            "{n}: {msg}"
+        );
+    }
+    assert_eq!(layerwise_offload::DEFAULT_STAGING_BUFFERS, 2);
 }
 
 /// A segment size that is not a multiple of 64 KiB is refused with what to pass.

@@ -174,6 +174,10 @@ pub struct Cli {
     /// (OffloadConfig::compress_two_tier), its rows beside the others.
     #[arg(long)]
     two_tier: bool,
+    /// Device staging buffers of the compressed configurations
+    /// (OffloadConfig::compress_staging_buffers).
+    #[arg(long, default_value_t = 2, value_parser = int_in(2, 8))]
+    staging_buffers: i64,
     /// Run everything on a high-priority stream of the pool instead of the default stream, so
     /// that the GPU schedules the model's kernels before the decode kernels of compressed
     /// transport (the manager's copy and decode streams have normal priority).
@@ -343,6 +347,7 @@ pub struct Args {
     pub high_priority_compute: bool,
     pub compress: bool,
     pub two_tier: bool,
+    pub staging_buffers: usize,
     pub dist: Dist,
     pub checkpoint: Option<CheckpointArgs>,
 }
@@ -376,6 +381,7 @@ pub fn parse_args() -> Args {
         multi_only: cli.multi_only,
         compress: cli.compress,
         two_tier: cli.two_tier,
+        staging_buffers: cli.staging_buffers as usize,
         high_priority_compute: cli.high_priority_compute,
         dist: cli.dist,
         checkpoint: cli.checkpoint.map(|dir| CheckpointArgs {

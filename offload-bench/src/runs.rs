@@ -280,7 +280,8 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
             .prefetch_depth(a.depth)
             .cpu_test_mode(a.cpu)
             .compress(compress)
-            .compress_two_tier(two_tier);
+            .compress_two_tier(two_tier)
+            .compress_staging_buffers(a.staging_buffers);
         if let Some(b) = budget {
             cfg = cfg.vram_budget((b * (1u64 << 30) as f64) as u64);
         }

@@ -6,7 +6,8 @@ use crate::source::WeightSource;
 
 use super::LayerwiseOffloadManager;
 use super::config::{
-    DEFAULT_SEGMENT_BYTES, MAX_PREFETCH_DEPTH, OffloadConfig, SEGMENT_BYTES_MULTIPLE,
+    DEFAULT_SEGMENT_BYTES, MAX_PREFETCH_DEPTH, MAX_STAGING_BUFFERS, OffloadConfig,
+    SEGMENT_BYTES_MULTIPLE,
 };
 use super::device::Backend;
 
@@ -42,6 +43,15 @@ impl OffloadConfig {
                 message: format!(
                     "{} bytes is out of range: pass a positive multiple of {SEGMENT_BYTES_MULTIPLE} (64 KiB) up to 2 GiB, e.g. {DEFAULT_SEGMENT_BYTES} (the default)",
                     self.segment_bytes
+                ),
+            });
+        }
+        if !(2..=MAX_STAGING_BUFFERS).contains(&self.staging_buffers) {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::compress_staging_buffers",
+                message: format!(
+                    "{} staging buffers is out of range: pass 2..={MAX_STAGING_BUFFERS} (one copies while the other is decoded; each costs one segment's encoding of device memory)",
+                    self.staging_buffers
                 ),
             });
         }

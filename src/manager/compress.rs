@@ -200,7 +200,12 @@ impl LayerwiseOffloadManager {
             return Ok(None);
         };
         let peer = self.config.peer.as_ref().map(|(g, r)| (g.size(), *r));
-        let decoding = Decoding::start(&mut self.backend, largest, peer)?;
+        let decoding = Decoding::start(
+            &mut self.backend,
+            largest,
+            peer,
+            self.config.staging_buffers,
+        )?;
         if let (Some((group, rank)), Some(dec)) = (&self.config.peer, &decoding) {
             group.retain(*rank, dec.buffers());
         }

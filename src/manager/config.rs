@@ -43,6 +43,7 @@ pub struct OffloadConfig {
     pub(super) encoded_cache: Option<std::path::PathBuf>,
     pub(super) segment_bytes: usize,
     pub(super) two_tier: bool,
+    pub(super) staging_buffers: usize,
     pub(super) progress: Option<crate::progress::ProgressCallback>,
 }
 
@@ -53,6 +54,12 @@ pub const DEFAULT_SEGMENT_BYTES: usize = 64 << 20;
 /// chunk (32 Ki bf16 values), so that segments keep every chunk whole.
 pub const SEGMENT_BYTES_MULTIPLE: usize =
     2 * layerwise_offload_codec::DEFAULT_CHUNK_VALUES as usize;
+
+/// The default [`OffloadConfig::compress_staging_buffers`].
+pub const DEFAULT_STAGING_BUFFERS: usize = 2;
+
+/// The most [`OffloadConfig::compress_staging_buffers`] accepted.
+pub const MAX_STAGING_BUFFERS: usize = 8;
 
 /// The largest [`OffloadConfig::prefetch_depth`] accepted.
 pub const MAX_PREFETCH_DEPTH: usize = 1024;
@@ -88,6 +95,7 @@ impl OffloadConfig {
             encoded_cache: None,
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             two_tier: false,
+            staging_buffers: DEFAULT_STAGING_BUFFERS,
             progress: None,
         }
     }
@@ -421,6 +429,16 @@ impl OffloadConfig {
     /// one is refused as stale.
     pub fn compress_two_tier(mut self, on: bool) -> OffloadConfig {
         self.two_tier = on;
+        self
+    }
+
+    /// With [`Self::compress`]: how many device staging buffers (each one segment's encoding,
+    /// about 45 MiB with the default segments) an upload's segments go through in turn, so that
+    /// the copy of a segment can run that many minus one segments ahead of the decodes (default
+    /// [`DEFAULT_STAGING_BUFFERS`], 2..=[`MAX_STAGING_BUFFERS`]). A peer group uses two buffers
+    /// of whole encodings whatever this says.
+    pub fn compress_staging_buffers(mut self, n: usize) -> OffloadConfig {
+        self.staging_buffers = n;
         self
     }
 

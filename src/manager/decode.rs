@@ -18,7 +18,7 @@ use tch::Tensor;
 
 use super::device::Backend;
 use super::fence::Fenced;
-use super::staging::{STAGING, StagingRing};
+use super::staging::StagingRing;
 use super::timing::Timer;
 
 /// The staging ring and, with CUDA, the decoder. The buffers' events are made once and
@@ -78,18 +78,20 @@ pub(super) fn segments_of(enc: &Tensor, raw: usize, block: usize) -> Result<Segm
 }
 
 impl Decoding {
-    /// [`STAGING`] staging buffers of `largest` bytes (the largest segment encoding, or with
-    /// `peer` the largest whole encoding) and, with CUDA, the decode stream (taken from the
+    /// `buffers` staging buffers of `largest` bytes (the largest segment encoding; with `peer`,
+    /// two of the largest whole encoding) and, with CUDA, the decode stream (taken from the
     /// pool) and the GPU decoder (compiled for the device). The CPU test mode stages in host
     /// memory, in the same order. `peer` is the group's size and this member's rank.
     pub(super) fn start(
         backend: &mut Backend,
         largest: usize,
         peer: Option<(usize, usize)>,
+        buffers: usize,
     ) -> Result<Option<Decoding>> {
         let device = backend.cuda();
         let bytes = largest.max(1).next_multiple_of(16);
-        let staging = (0..STAGING)
+        let buffers = if peer.is_some() { 2 } else { buffers.max(2) };
+        let staging = (0..buffers)
             .map(|_| Fenced::new(alloc(device, bytes)?, device.is_some(), peer))
             .collect::<Result<Vec<_>>>()?;
         let gpu = match device {
@@ -327,10 +329,10 @@ mod tests {
     #[test]
     fn the_cpu_test_mode_stages_in_host_memory() -> crate::Result<()> {
         let mut cpu = Backend::Cpu;
-        let alone = Decoding::start(&mut cpu, 100, None)?.unwrap();
+        let alone = Decoding::start(&mut cpu, 100, None, 2)?.unwrap();
         assert!(!alone.whole(), "segments, outside a peer group");
         assert_eq!(alone.bytes(), 224);
-        let mut dec = Decoding::start(&mut cpu, 100, Some((2, 1)))?.unwrap();
+        let mut dec = Decoding::start(&mut cpu, 100, Some((2, 1)), 3)?.unwrap();
         assert!(!dec.on_gpu());
         // Two buffers of the largest encoding, rounded up to 16 bytes, used in turn.
         assert_eq!(

@@ -27,7 +27,8 @@ mod upload;
 mod weights;
 
 pub use config::{
-    DEFAULT_SEGMENT_BYTES, MAX_PREFETCH_DEPTH, OffloadConfig, SEGMENT_BYTES_MULTIPLE,
+    DEFAULT_SEGMENT_BYTES, DEFAULT_STAGING_BUFFERS, MAX_PREFETCH_DEPTH, MAX_STAGING_BUFFERS,
+    OffloadConfig, SEGMENT_BYTES_MULTIPLE,
 };
 #[cfg(feature = "testing")]
 pub use faults::Fault;

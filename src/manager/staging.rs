@@ -7,8 +7,8 @@
 //! `free`. The slot's `free` is waited before the first decode, its `ready` recorded after the
 //! last. The buffers are [`Fenced`], as the slots are.
 //!
-//! Two buffers ([`STAGING`]): while one is decoded from, the next segment is copied into the
-//! other. A segment's decode (about 40 us for 64 MiB at the decoder's speed) is some twenty
+//! Two buffers by default (`OffloadConfig::compress_staging_buffers`): while one is decoded from,
+//! the next segment is copied into the other. A segment's decode (about 40 us for 64 MiB at the decoder's speed) is some twenty
 //! times shorter than its copy over PCIe (about 0.9 ms for its 45 MiB encoding at 50 GiB/s), so
 //! the copy of segment i + 2 never waits for the decode of segment i unless the decode stream
 //! itself waits, for the slot's previous block to be released; a third buffer would let the copy
@@ -22,9 +22,6 @@ use layerwise_offload_codec::{Segment, Segments};
 use tch::Tensor;
 
 use super::fence::{Fence, Fenced};
-
-/// Staging buffers in the ring.
-pub(super) const STAGING: usize = 2;
 
 /// The staging buffers, used in turn.
 #[derive(Debug)]
@@ -345,6 +342,61 @@ mod tests {
         assert!(
             !take(&decode).contains(&format!("record {slot_ready}#1")),
             "no slot ready after a failed copy"
+        );
+        Ok(())
+    }
+
+    /// Three buffers: segment i takes buffer i % 3, and a copy first waits for a buffer's last
+    /// decode at the fourth segment (two copies may run ahead of the decodes).
+    #[test]
+    fn three_buffers_let_the_copies_run_two_segments_ahead() -> Result<()> {
+        let input: Vec<u8> = (0..5 * 1024 - 100).map(|i| (i % 11) as u8).collect();
+        let segments = Segments::walk(
+            &layerwise_offload_codec::Encoder::new()
+                .with_chunk_values(256)
+                .encode_segmented(&input, 1024)
+                .unwrap(),
+        )
+        .unwrap();
+        let largest = segments.largest_encoded() as i64;
+        let mut ring = StagingRing::new((0..3).map(|_| buffer(largest)).collect());
+        let bufs: Vec<_> = (0..3).map(|k| ids(ring.buffer(k))).collect();
+        let mut slot = buffer(input.len() as i64);
+        let (copy, decode) = (FakeStream::default(), FakeStream::default());
+        let ptr = |t: &Tensor| t.data_ptr() as usize;
+        let starts: Vec<usize> = (0..3).map(|k| ptr(ring.buffer(k).buf())).collect();
+        let mut copied = Vec::new();
+        ring.upload(
+            &segments,
+            &mut slot,
+            Some((&copy, &decode)),
+            |seg, staged| {
+                copied.push(starts.iter().position(|&s| s == ptr(staged)).unwrap());
+                copy.log
+                    .borrow_mut()
+                    .push(format!("copy {}", seg.raw.start));
+                Ok(())
+            },
+            |_, _| Ok(()),
+        )?;
+        assert_eq!(copied, [0, 1, 2, 0, 1]);
+        let waits: Vec<String> = take(&copy)
+            .into_iter()
+            .filter(|l| l.starts_with("wait") || l.starts_with("copy"))
+            .collect();
+        let (_, f0, _) = &bufs[0];
+        let (_, f1, _) = &bufs[1];
+        assert_eq!(
+            waits,
+            [
+                "copy 0".to_string(),
+                "copy 1024".to_string(),
+                "copy 2048".to_string(),
+                format!("wait {f0}#1"),
+                "copy 3072".to_string(),
+                format!("wait {f1}#1"),
+                "copy 4096".to_string(),
+            ]
         );
         Ok(())
     }
