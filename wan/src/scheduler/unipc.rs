@@ -260,9 +260,10 @@ impl UniPcMultistepScheduler {
         }
     }
 
-    fn point(&self, index: usize, device: Device) -> Point {
-        let (alpha, sigma) =
-            self.alpha_sigma(self.state.sigmas_t.get(index as i64).to_device(device));
+    /// Sigma index `index`'s alpha, sigma and lambda, CPU scalars (diffusers keeps its sigmas
+    /// on the CPU).
+    fn point(&self, index: usize) -> Point {
+        let (alpha, sigma) = self.alpha_sigma(self.state.sigmas_t.get(index as i64));
         let lambda = alpha.log() - sigma.log();
         Point {
             alpha,
@@ -309,7 +310,6 @@ impl UniPcMultistepScheduler {
         h: &Tensor,
         order: usize,
         newest: usize,
-        device: Device,
     ) -> (Tensor, Option<Tensor>) {
         let outputs = &self.state.model_outputs;
         let m0 = outputs[outputs.len() - 1].as_ref().expect("an output");
@@ -320,12 +320,12 @@ impl UniPcMultistepScheduler {
             let mi = outputs[outputs.len() - (i + 1)]
                 .as_ref()
                 .expect("an output");
-            let p = self.point(si, device);
+            let p = self.point(si);
             let rk = (&p.lambda - &s0.lambda) / h;
             d1s.push((mi - m0) / &rk);
             rks.push(rk);
         }
-        rks.push(Tensor::ones([], (Kind::Float, device)));
+        rks.push(Tensor::ones([], (Kind::Float, Device::Cpu)));
         let d1s = (!d1s.is_empty()).then(|| Tensor::stack(&d1s, 1));
         (Tensor::stack(&rks, 0), d1s)
     }
@@ -394,19 +394,20 @@ impl UniPcMultistepScheduler {
         let device = x.device();
         let outputs = &self.state.model_outputs;
         let m0 = outputs[outputs.len() - 1].as_ref().expect("an output");
-        let t = self.point(i + 1, device);
-        let s0 = self.point(i, device);
+        // As diffusers: the sigmas, lambdas and coefficients are CPU scalars (its sigmas live
+        // on the CPU), only the system R rho = b is solved on the sample's device.
+        let t = self.point(i + 1);
+        let s0 = self.point(i);
         let h = &t.lambda - &s0.lambda;
-        let (rks, d1s) = self.differences(&s0, &h, order, i, device);
+        let (rks, d1s) = self.differences(&s0, &h, order, i);
         let (h_phi_1, b_h, r, b) = self.coefficients(&h, &rks, order);
         let rhos_p = match &d1s {
             Some(_) if order == 2 => Some(Tensor::ones([1], (x.kind(), device)) * 0.5),
             Some(_) => {
                 let k = order as i64 - 1;
-                let a = r.narrow(0, 0, k).narrow(1, 0, k);
+                let a = r.narrow(0, 0, k).narrow(1, 0, k).to_device(device);
                 Some(
-                    self.solve(&a, &b.narrow(0, 0, k))?
-                        .to_device(device)
+                    self.solve(&a, &b.narrow(0, 0, k).to_device(device))?
                         .to_kind(x.kind()),
                 )
             }
@@ -437,15 +438,17 @@ impl UniPcMultistepScheduler {
         let device = this_sample.device();
         let outputs = &self.state.model_outputs;
         let m0 = outputs[outputs.len() - 1].as_ref().expect("an output");
-        let t = self.point(i, device);
-        let s0 = self.point(i - 1, device);
+        // CPU scalars, the system solved on the sample's device (as in the predictor).
+        let t = self.point(i);
+        let s0 = self.point(i - 1);
         let h = &t.lambda - &s0.lambda;
-        let (rks, d1s) = self.differences(&s0, &h, order, i - 1, device);
+        let (rks, d1s) = self.differences(&s0, &h, order, i - 1);
         let (h_phi_1, b_h, r, b) = self.coefficients(&h, &rks, order);
         let rhos_c = if order == 1 {
             Tensor::ones([1], (x.kind(), device)) * 0.5
         } else {
-            self.solve(&r, &b)?.to_device(device).to_kind(x.kind())
+            self.solve(&r.to_device(device), &b.to_device(device))?
+                .to_kind(x.kind())
         };
         let (x_t_, ab) = self.base(&t, &s0, &h_phi_1, &b_h, x, m0);
         let k = rhos_c.size()[0] - 1;
