@@ -349,13 +349,17 @@ impl EncodedCache {
         // would be SIGBUS here, as with any mapped file (the caches are this user's files).
         let map = unsafe { memmap2::Mmap::map(&self.file) }
             .map_err(|e| Error::io("cannot map the encoded cache", &self.path, e))?;
-        for (i, b) in self.blocks.iter().enumerate() {
-            let bytes = map
-                .get(b.offset..b.offset + b.len)
-                .ok_or_else(|| self.damaged(i, "lies past the end of the file".into()))?;
-            self.check_block(i, bytes)?;
-        }
-        Ok(())
+        (0..self.blocks.len()).try_for_each(|i| self.check_block_in(i, &map))
+    }
+
+    /// Checks block `i`'s encoding within `file`, the cache file's bytes from its start (a
+    /// mapping of it), as [`Self::check_block`] does.
+    pub(crate) fn check_block_in(&self, i: usize, file: &[u8]) -> Result<()> {
+        let b = self.blocks[i];
+        let bytes = file
+            .get(b.offset..b.offset + b.len)
+            .ok_or_else(|| self.damaged(i, "lies past the end of the file".into()))?;
+        self.check_block(i, bytes)
     }
 
     /// Checks block `i`'s encoding `bytes`: every segment's structure and checksum, that it

@@ -186,17 +186,9 @@ impl LayerwiseOffloadManager {
                 // checked now, through the mapping the uploads read, on other threads while
                 // this one page-locks it.
                 let check = |mapped: &[u8]| -> Result<()> {
-                    for i in (0..n).filter(|&i| in_memory[i]) {
-                        let at = c.block(i);
-                        let bytes = mapped.get(at.offset..at.offset + at.len).ok_or_else(|| {
-                            Error::EncodedCache {
-                                path: c.path().to_owned(),
-                                reason: format!("block {i}'s encoding lies past the mapping"),
-                            }
-                        })?;
-                        c.check_block(i, bytes)?;
-                    }
-                    Ok(())
+                    (0..n)
+                        .filter(|&i| in_memory[i])
+                        .try_for_each(|i| c.check_block_in(i, mapped))
                 };
                 Some(accel::map_file_read_only(
                     c.file(),
