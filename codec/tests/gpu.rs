@@ -112,6 +112,31 @@ fn gpu_round_trip(decoder: &GpuDecoder, input: &[u8], encoder: &Encoder) -> Resu
     Ok(())
 }
 
+/// Copies `encoded` to the device and decodes it with `decoder` into a new buffer of
+/// `out_len` bytes on the legacy default stream; what the status check says.
+fn decode_on_device(
+    decoder: &GpuDecoder,
+    encoded: &[u8],
+    out_len: usize,
+) -> Result<(), CodecError> {
+    let device = decoder.device();
+    let mut enc = device.alloc(encoded.len())?;
+    enc.copy_from_host(encoded)?;
+    let out = device.alloc(out_len)?;
+    // SAFETY: live buffers of the lengths passed; the legacy default stream (null), which
+    // `synchronize_and_check` waits for before the buffers are dropped.
+    unsafe {
+        decoder.decode_async(
+            enc.device_ptr(),
+            encoded.len(),
+            out.device_ptr(),
+            out_len,
+            std::ptr::null_mut(),
+        )?
+    };
+    decoder.synchronize_and_check()
+}
+
 #[test]
 fn gpu_decodes_every_pattern_like_the_cpu() {
     let Some(decoder) = decoder() else { return };
@@ -216,22 +241,7 @@ fn gpu_baseline_kernel_decodes_like_the_cpu() {
             .two_tier_chunks
             > 0
     );
-    let device = baseline.device();
-    let mut enc = device.alloc(encoded.len()).unwrap();
-    enc.copy_from_host(&encoded).unwrap();
-    let out = device.alloc(normal.len()).unwrap();
-    // SAFETY: live buffers of the lengths passed; the legacy default stream (null).
-    unsafe {
-        baseline.decode_async(
-            enc.device_ptr(),
-            encoded.len(),
-            out.device_ptr(),
-            normal.len(),
-            std::ptr::null_mut(),
-        )
-    }
-    .unwrap();
-    match baseline.synchronize_and_check() {
+    match decode_on_device(&baseline, &encoded, normal.len()) {
         Err(CodecError::DeviceDecode { bits }) => assert_ne!(bits & gpu::status::CHUNK, 0),
         other => panic!("two-tier chunk not refused by the baseline kernel: {other:?}"),
     }
@@ -268,22 +278,7 @@ fn gpu_reports_second_tier_escapes_that_disagree_with_the_exception_count() {
         decode(&encoded, &mut cpu).is_err(),
         "the CPU refuses it too"
     );
-    let device = decoder.device();
-    let mut enc = device.alloc(encoded.len()).unwrap();
-    enc.copy_from_host(&encoded).unwrap();
-    let out = device.alloc(input.len()).unwrap();
-    // SAFETY: live buffers of the lengths passed; the legacy default stream (null).
-    unsafe {
-        decoder.decode_async(
-            enc.device_ptr(),
-            encoded.len(),
-            out.device_ptr(),
-            input.len(),
-            std::ptr::null_mut(),
-        )
-    }
-    .unwrap();
-    match decoder.synchronize_and_check() {
+    match decode_on_device(&decoder, &encoded, input.len()) {
         Err(CodecError::DeviceDecode { bits }) => assert_eq!(bits, gpu::status::EXCEPTIONS),
         other => panic!("wrong second-tier escape count not reported: {other:?}"),
     }
@@ -315,28 +310,13 @@ fn gpu_reports_escape_codes_that_disagree_with_the_exception_count() {
         decode(&encoded, &mut cpu).is_err(),
         "the CPU refuses it too"
     );
-    let device = decoder.device();
-    let mut enc = device.alloc(encoded.len()).unwrap();
-    enc.copy_from_host(&encoded).unwrap();
-    let out = device.alloc(input.len()).unwrap();
     let baseline = GpuDecoder::with_options(
-        device.clone(),
+        decoder.device().clone(),
         DecoderOptions::default().with_kernel(Kernel::Baseline),
     )
     .unwrap();
     for d in [&decoder, &baseline] {
-        // SAFETY: live buffers of the lengths passed; the legacy default stream (null).
-        unsafe {
-            d.decode_async(
-                enc.device_ptr(),
-                encoded.len(),
-                out.device_ptr(),
-                input.len(),
-                std::ptr::null_mut(),
-            )
-        }
-        .unwrap();
-        match d.synchronize_and_check() {
+        match decode_on_device(d, &encoded, input.len()) {
             Err(CodecError::DeviceDecode { bits }) => {
                 assert_eq!(bits, gpu::status::EXCEPTIONS, "{:?}", d.options())
             }
@@ -355,22 +335,7 @@ fn gpu_refuses_a_corrupt_encoding_without_faulting() {
         .unwrap();
     // Chunk 1's offset points past the buffer.
     encoded[HEADER_LEN + 16..HEADER_LEN + 24].copy_from_slice(&u64::MAX.to_le_bytes());
-    let device = decoder.device();
-    let mut enc = device.alloc(encoded.len()).unwrap();
-    enc.copy_from_host(&encoded).unwrap();
-    let out = device.alloc(input.len()).unwrap();
-    // SAFETY: live buffers of the lengths passed; the legacy default stream (null).
-    unsafe {
-        decoder.decode_async(
-            enc.device_ptr(),
-            encoded.len(),
-            out.device_ptr(),
-            input.len(),
-            std::ptr::null_mut(),
-        )
-    }
-    .unwrap();
-    match decoder.synchronize_and_check() {
+    match decode_on_device(&decoder, &encoded, input.len()) {
         Err(CodecError::DeviceDecode { bits }) => assert_ne!(bits & gpu::status::CHUNK, 0),
         other => panic!("corrupt chunk not reported: {other:?}"),
     }
