@@ -124,6 +124,15 @@ mod tests {
     use layerwise_offload_codec::Segments;
     use tch::{Device, Kind, Tensor};
 
+    /// The segments of `input` encoded in segments of 1024 raw bytes (chunks of 256 values).
+    fn segments_of(input: &[u8]) -> Segments {
+        let encoded = layerwise_offload_codec::Encoder::new()
+            .with_chunk_values(256)
+            .encode_segmented(input, 1024)
+            .unwrap();
+        Segments::walk(&encoded).unwrap()
+    }
+
     fn buffer(bytes: i64) -> Fenced<FakeEvent> {
         Fenced::new(
             Tensor::zeros([bytes], (Kind::Uint8, Device::Cpu)),
@@ -142,13 +151,7 @@ mod tests {
     #[test]
     fn segments_take_the_buffers_in_turn_with_their_waits() -> Result<()> {
         let input: Vec<u8> = (0..5 * 1024 - 100).map(|i| (i % 13) as u8).collect();
-        let segments = Segments::walk(
-            &layerwise_offload_codec::Encoder::new()
-                .with_chunk_values(256)
-                .encode_segmented(&input, 1024)
-                .unwrap(),
-        )
-        .unwrap();
+        let segments = segments_of(&input);
         assert_eq!(segments.len(), 5);
         let largest = segments.largest_encoded() as i64;
         let mut ring = StagingRing::new(vec![buffer(largest), buffer(largest)]);
@@ -230,13 +233,7 @@ mod tests {
             ]
         );
         // The next block's first segment takes the buffer after the last one used.
-        let two = Segments::walk(
-            &layerwise_offload_codec::Encoder::new()
-                .with_chunk_values(256)
-                .encode_segmented(&input[..2000], 1024)
-                .unwrap(),
-        )
-        .unwrap();
+        let two = segments_of(&input[..2000]);
         copied.clear();
         ring.upload(
             &two,
@@ -267,13 +264,7 @@ mod tests {
     #[test]
     fn without_streams_the_same_buffers_are_used_and_nothing_is_recorded() -> Result<()> {
         let input = vec![3u8; 3500];
-        let segments = Segments::walk(
-            &layerwise_offload_codec::Encoder::new()
-                .with_chunk_values(256)
-                .encode_segmented(&input, 1024)
-                .unwrap(),
-        )
-        .unwrap();
+        let segments = segments_of(&input);
         let largest = segments.largest_encoded() as i64;
         let plain = |n: i64| {
             Fenced::<FakeEvent>::new(Tensor::zeros([n], (Kind::Uint8, Device::Cpu)), false, None)
@@ -309,13 +300,7 @@ mod tests {
     #[test]
     fn a_failed_copy_records_nothing_after_it() -> Result<()> {
         let input = vec![7u8; 3000];
-        let segments = Segments::walk(
-            &layerwise_offload_codec::Encoder::new()
-                .with_chunk_values(256)
-                .encode_segmented(&input, 1024)
-                .unwrap(),
-        )
-        .unwrap();
+        let segments = segments_of(&input);
         let largest = segments.largest_encoded() as i64;
         let mut ring = StagingRing::new(vec![buffer(largest), buffer(largest)]);
         let mut slot = buffer(3000);
@@ -351,13 +336,7 @@ mod tests {
     #[test]
     fn three_buffers_let_the_copies_run_two_segments_ahead() -> Result<()> {
         let input: Vec<u8> = (0..5 * 1024 - 100).map(|i| (i % 11) as u8).collect();
-        let segments = Segments::walk(
-            &layerwise_offload_codec::Encoder::new()
-                .with_chunk_values(256)
-                .encode_segmented(&input, 1024)
-                .unwrap(),
-        )
-        .unwrap();
+        let segments = segments_of(&input);
         let largest = segments.largest_encoded() as i64;
         let mut ring = StagingRing::new((0..3).map(|_| buffer(largest)).collect());
         let bufs: Vec<_> = (0..3).map(|k| ids(ring.buffer(k))).collect();
