@@ -394,8 +394,12 @@ impl UniPcMultistepScheduler {
         let device = x.device();
         let outputs = &self.state.model_outputs;
         let m0 = outputs[outputs.len() - 1].as_ref().expect("an output");
-        // As diffusers: the sigmas, lambdas and coefficients are CPU scalars (its sigmas live
-        // on the CPU), only the system R rho = b is solved on the sample's device.
+        // The sigmas, lambdas and coefficients are CPU scalars, as in diffusers (its sigmas live
+        // on the CPU), and so is the system R rho = b: diffusers solves it on the sample's
+        // device, but where a step has h = 0 (a final sigma equal to the last one) R and b hold
+        // infinities and NaNs, which the CPU's LAPACK solves to NaNs (as the CPU reference
+        // does) and the CUDA solver refuses as singular. On the CPU every device gets the
+        // reference's rhos; they move to the device after.
         let t = self.point(i + 1);
         let s0 = self.point(i);
         let h = &t.lambda - &s0.lambda;
@@ -405,9 +409,10 @@ impl UniPcMultistepScheduler {
             Some(_) if order == 2 => Some(Tensor::ones([1], (x.kind(), device)) * 0.5),
             Some(_) => {
                 let k = order as i64 - 1;
-                let a = r.narrow(0, 0, k).narrow(1, 0, k).to_device(device);
+                let a = r.narrow(0, 0, k).narrow(1, 0, k);
                 Some(
-                    self.solve(&a, &b.narrow(0, 0, k).to_device(device))?
+                    self.solve(&a, &b.narrow(0, 0, k))?
+                        .to_device(device)
                         .to_kind(x.kind()),
                 )
             }
@@ -438,7 +443,7 @@ impl UniPcMultistepScheduler {
         let device = this_sample.device();
         let outputs = &self.state.model_outputs;
         let m0 = outputs[outputs.len() - 1].as_ref().expect("an output");
-        // CPU scalars, the system solved on the sample's device (as in the predictor).
+        // CPU scalars, the system solved on the CPU (as in the predictor).
         let t = self.point(i);
         let s0 = self.point(i - 1);
         let h = &t.lambda - &s0.lambda;
@@ -447,8 +452,7 @@ impl UniPcMultistepScheduler {
         let rhos_c = if order == 1 {
             Tensor::ones([1], (x.kind(), device)) * 0.5
         } else {
-            self.solve(&r.to_device(device), &b.to_device(device))?
-                .to_kind(x.kind())
+            self.solve(&r, &b)?.to_device(device).to_kind(x.kind())
         };
         let (x_t_, ab) = self.base(&t, &s0, &h_phi_1, &b_h, x, m0);
         let k = rhos_c.size()[0] - 1;
