@@ -101,6 +101,14 @@ fn resident(lists: &[(&str, usize)], seed: i64, device: Device) -> Tensor {
     })
 }
 
+/// How `got` differs from `want`: the elements that differ and the largest difference.
+fn difference(got: &Tensor, want: &Tensor) -> String {
+    let (got, want) = (got.to_device(Device::Cpu), want.to_device(Device::Cpu));
+    let differ = got.ne_tensor(&want).sum(Kind::Int64).int64_value(&[]);
+    let max = (&got - &want).abs().max().double_value(&[]);
+    format!("{differ} of {} elements, by up to {max:e}", got.numel())
+}
+
 /// Offloads `lists` with the one call, runs the model through `nn::Module::forward` (and
 /// `forward_t`), compares with the resident output bit for bit, and restores.
 fn case(mode: Mode, lists: &[(&str, usize)]) -> Result<()> {
@@ -140,7 +148,8 @@ fn case(mode: Mode, lists: &[(&str, usize)]) -> Result<()> {
     let got = tch::no_grad(|| head.forward(&model.forward(&embed.forward(&x))));
     assert!(
         bits_equal(&got, &want),
-        "{mode:?} {lists:?}: forward differs"
+        "{mode:?} {lists:?}: forward differs ({})",
+        difference(&got, &want)
     );
     // Through ModuleT too (tch's blanket implementation over Module), twice in a row.
     let again = tch::no_grad(|| head.forward(&model.forward_t(&embed.forward(&x), false)));
