@@ -175,9 +175,10 @@ pub struct Cli {
     #[arg(long)]
     two_tier: bool,
     /// Device staging buffers of the compressed configurations
-    /// (OffloadConfig::compress_staging_buffers).
-    #[arg(long, default_value_t = 2, value_parser = int_in(2, 8))]
-    staging_buffers: i64,
+    /// (OffloadConfig::compress_staging_buffers), comma-separated: each compressed
+    /// configuration once per count, labelled `sb<count>` when more than one is given.
+    #[arg(long, value_delimiter = ',', default_values_t = [2], value_parser = int_in(2, 8))]
+    staging_buffers: Vec<i64>,
     /// Run everything on a high-priority stream of the pool instead of the default stream, so
     /// that the GPU schedules the model's kernels before the decode kernels of compressed
     /// transport (the manager's copy and decode streams have normal priority).
@@ -347,7 +348,8 @@ pub struct Args {
     pub high_priority_compute: bool,
     pub compress: bool,
     pub two_tier: bool,
-    pub staging_buffers: usize,
+    /// Staging buffer counts of the compressed configurations (one row per count).
+    pub staging_buffers: Vec<usize>,
     pub dist: Dist,
     pub checkpoint: Option<CheckpointArgs>,
 }
@@ -381,7 +383,7 @@ pub fn parse_args() -> Args {
         multi_only: cli.multi_only,
         compress: cli.compress,
         two_tier: cli.two_tier,
-        staging_buffers: cli.staging_buffers as usize,
+        staging_buffers: cli.staging_buffers.iter().map(|&n| n as usize).collect(),
         high_priority_compute: cli.high_priority_compute,
         dist: cli.dist,
         checkpoint: cli.checkpoint.map(|dir| CheckpointArgs {

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar};
 use layerwise_offload::accel::{self, Event, Stream};
 use layerwise_offload::checkpoint::Checkpoint;
-use layerwise_offload::{OffloadConfig, PeerGroup};
+use layerwise_offload::{DEFAULT_STAGING_BUFFERS, OffloadConfig, PeerGroup};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -261,27 +261,36 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
     if a.multi_only {
         budgets.clear();
     }
-    // Per budget: raw, compressed (one tier), compressed with two tiers allowed.
-    let configs: Vec<(Option<f64>, bool, bool)> = budgets
+    // Per budget: raw, then per staging buffer count compressed (one tier) and compressed
+    // with two tiers allowed.
+    let several = a.staging_buffers.len() > 1;
+    let configs: Vec<(Option<f64>, bool, bool, usize)> = budgets
         .iter()
         .flat_map(|&b| {
-            std::iter::once((b, false, false))
-                .chain(a.compress.then_some((b, true, false)))
-                .chain(a.two_tier.then_some((b, true, true)))
+            let compressed = a.staging_buffers.iter().flat_map(move |&n| {
+                a.compress
+                    .then_some((b, true, false, n))
+                    .into_iter()
+                    .chain(a.two_tier.then_some((b, true, true, n)))
+            });
+            std::iter::once((b, false, false, DEFAULT_STAGING_BUFFERS)).chain(compressed)
         })
         .collect();
     let mut stats_table = String::new();
-    for (budget, compress, two_tier) in configs {
+    for (budget, compress, two_tier, staging) in configs {
         let mut label = label(a, budget, compress);
         if two_tier {
             label.push_str(" two-tier");
+        }
+        if compress && several {
+            label.push_str(&format!(" sb{staging}"));
         }
         let mut cfg = OffloadConfig::new("blocks", s.layers)
             .prefetch_depth(a.depth)
             .cpu_test_mode(a.cpu)
             .compress(compress)
             .compress_two_tier(two_tier)
-            .compress_staging_buffers(a.staging_buffers);
+            .compress_staging_buffers(staging);
         if let Some(b) = budget {
             cfg = cfg.vram_budget((b * (1u64 << 30) as f64) as u64);
         }

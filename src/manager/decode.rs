@@ -176,27 +176,43 @@ impl Decoding {
     /// first bytes of `slot`) through the staging ring: each segment's copy into the next
     /// staging buffer (`copy_in(segment, staging)` queues it on the copy stream of `streams`),
     /// its decode into its place in `out` on the decode stream, timed per segment when `timing`
-    /// (pairs from `timer`, read back into `stats`). Without `streams` (the CPU test mode) the
-    /// copies are done by `copy_in` and each segment is decoded by the CPU reference decoder.
+    /// (pairs from `timer`, read back into `stats`). With `copies` the segment copies are
+    /// timed one by one too, each from the end of its wait for a staging buffer (the caller
+    /// then times no interval around them): the copy stream's busy time without the waits.
+    /// Without `streams` (the CPU test mode) the copies are done by `copy_in` and each segment
+    /// is decoded by the CPU reference decoder.
     pub(super) fn upload(
         &mut self,
         segments: &Segments,
         (slot, out): (&mut Fenced, &Tensor),
         streams: Option<(&Stream, &Stream)>,
-        (block, timer, timing, stats): (usize, &mut Timer, bool, &mut OffloadStats),
+        (block, timer, timing, copies, stats): (usize, &mut Timer, bool, bool, &mut OffloadStats),
         mut copy_in: impl FnMut(&layerwise_offload_codec::Segment, &Tensor) -> Result<()>,
     ) -> Result<()> {
         let gpu = self.gpu.as_ref();
         if streams.is_some() && gpu.is_none() {
             return Err(no_decoder());
         }
+        // Both closures time on the timer, one at a time.
+        let timed = std::cell::RefCell::new((timer, stats));
+        let mut first = true;
         self.ring.upload(
             segments,
             slot,
             streams,
-            &mut copy_in,
+            |seg, staged| match streams {
+                Some((copy, _)) if timing && copies => {
+                    let (timer, stats) = &mut *timed.borrow_mut();
+                    let pair = timer.pair(true, stats)?;
+                    let key = (block, seg.encoded_len() as u64, Lane::Upload);
+                    let counted = std::mem::replace(&mut first, false);
+                    timer.time_part(pair, copy, key, counted, || copy_in(seg, staged))
+                }
+                _ => copy_in(seg, staged),
+            },
             |seg, staged| match (gpu, streams) {
                 (Some(gpu), Some((_, decode))) => {
+                    let (timer, stats) = &mut *timed.borrow_mut();
                     let pair = timer.pair(timing, stats)?;
                     decode_segment(gpu, staged, seg, out, decode, block, (timer, pair))
                 }

@@ -32,6 +32,9 @@ struct Timed {
     end: Event,
     /// Recorded while a timeline was being captured.
     traced: bool,
+    /// Counted as one timed upload or decode (false for a block's segment copies after the
+    /// first, [`Timer::time_part`]).
+    counted: bool,
 }
 
 /// A timeline capture: an origin event on the compute stream and the spans read back so far.
@@ -81,7 +84,7 @@ impl Timer {
                 match t.lane {
                     Lane::Upload => {
                         stats.upload_ms += ms;
-                        stats.timed_uploads += 1;
+                        stats.timed_uploads += u64::from(t.counted);
                         stats.timed_bytes += t.bytes;
                         stats.block_upload_ms[t.block] += ms;
                     }
@@ -130,7 +133,21 @@ impl Timer {
         &mut self,
         pair: Pair,
         stream: &Stream,
+        key: (usize, u64, Lane),
+        op: impl FnOnce() -> Result<R>,
+    ) -> Result<R> {
+        self.time_part(pair, stream, key, true, op)
+    }
+
+    /// [`Self::time`] for one part of an interval timed in parts (a block's segment copies):
+    /// its time and bytes are summed as the others', but it counts as a timed upload or decode
+    /// only if `counted` (the first part).
+    pub(super) fn time_part<R>(
+        &mut self,
+        pair: Pair,
+        stream: &Stream,
         (block, bytes, lane): (usize, u64, Lane),
+        counted: bool,
         op: impl FnOnce() -> Result<R>,
     ) -> Result<R> {
         let Some((mut start, mut end)) = pair else {
@@ -147,6 +164,7 @@ impl Timer {
             start,
             end,
             traced,
+            counted,
         });
         Ok(out)
     }
@@ -182,6 +200,7 @@ impl Timer {
             start,
             end,
             traced,
+            counted: true,
         });
         Ok(())
     }
@@ -217,6 +236,7 @@ impl Timer {
                     start,
                     end,
                     traced: true,
+                    counted: true,
                 });
             }
         }

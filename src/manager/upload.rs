@@ -111,9 +111,10 @@ impl Loop<'_> {
     /// Uploads encoded block `block` (an encoding of `len` bytes, `raw` bytes raw) into slot
     /// `s`: segment by segment, each segment's encoding into the next staging buffer on the copy
     /// stream and its decode into its place in the slot on the decode stream (CUDA; in the CPU
-    /// test mode the same steps in host memory, each done at once, with the reference decoder). `pair` times the copies together (from
-    /// the first segment's to the last one's, waits for staging buffers included); each decode
-    /// is timed on its own.
+    /// test mode the same steps in host memory, each done at once, with the reference decoder).
+    /// `pair` times the copies together (from the first segment's to the last one's, waits for
+    /// staging buffers included) or, while a timeline is captured, each copy on its own (waits
+    /// excluded); each decode is timed on its own.
     fn upload_encoded(
         &mut self,
         block: usize,
@@ -140,16 +141,19 @@ impl Loop<'_> {
                 let segments = segments_of(&enc, raw, block)?;
                 let slot = self.rt.ring.slot_mut(s).fenced_mut();
                 let timing = pair.is_some();
+                // While a timeline is captured each segment's copy is timed on its own, so that
+                // the copy stream's waits for staging buffers show as idle time.
+                let per_segment = self.timer.is_tracing();
                 let copies = match streams {
-                    Some((c, _)) => Timer::open(pair, c)?,
-                    None => None,
+                    Some((c, _)) if !per_segment => Timer::open(pair, c)?,
+                    _ => None,
                 };
                 let timer = &mut *self.timer;
                 dec.upload(
                     &segments,
                     (slot, &out),
                     streams,
-                    (block, timer, timing, &mut *self.stats),
+                    (block, timer, timing, per_segment, &mut *self.stats),
                     |seg, dst| {
                         let part = enc
                             .f_narrow(0, seg.encoded.start as i64, seg.encoded_len() as i64)
