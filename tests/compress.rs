@@ -143,6 +143,79 @@ fn blocks_of_several_segments_are_bit_exact(
     Ok(())
 }
 
+/// While a timeline is captured, a compressed block's upload shows one span per segment copy,
+/// each from the end of its wait for a staging buffer: as many as the block's decodes, one
+/// after the other on the copy stream, each ended before its segment's decode starts. The
+/// statistics still count one timed upload per upload.
+#[test]
+fn a_traced_upload_shows_each_segment_copy() -> anyhow::Result<()> {
+    use layerwise_offload::Lane;
+    let Some(dev) = Mode::Cuda.device() else {
+        return Ok(());
+    };
+    let _lock = common::gpu_lock();
+    let model = Model::new(dev, 3, true, 58);
+    let x = model.input(11);
+    let mut m = Mode::Cuda
+        .config("double_blocks", 3)
+        .with_list("single_blocks", 4)
+        .compress(true)
+        .compress_segment_bytes(layerwise_offload::SEGMENT_BYTES_MULTIPLE)
+        .build(&model.vs)?;
+    m.initialize()?;
+    let _ = model.forward(&x, Some(&mut m));
+    m.start_timeline()?;
+    let _ = model.forward(&x, Some(&mut m));
+    let spans = m.finish_timeline()?;
+    let of = |lane: Lane, block: usize| -> Vec<_> {
+        spans
+            .iter()
+            .filter(|s| s.lane == lane && s.block == block)
+            .cloned()
+            .collect()
+    };
+    let mut traced = 0;
+    for block in 0..m.num_blocks() {
+        let (copies, decodes) = (of(Lane::Upload, block), of(Lane::Decode, block));
+        if decodes.is_empty() {
+            continue;
+        }
+        traced += 1;
+        assert!(
+            decodes.len() > 2,
+            "block {block}: {} segments",
+            decodes.len()
+        );
+        assert_eq!(copies.len(), decodes.len(), "block {block}: {spans:?}");
+        for (k, (c, d)) in copies.iter().zip(&decodes).enumerate() {
+            assert!(c.end_ms > c.start_ms, "block {block} copy {k}: {c:?}");
+            assert!(
+                c.end_ms <= d.start_ms,
+                "block {block} segment {k}: {c:?} {d:?}"
+            );
+            if k > 0 {
+                assert!(copies[k - 1].end_ms <= c.start_ms, "block {block} copy {k}");
+            }
+        }
+    }
+    assert!(
+        traced >= 6,
+        "{traced} blocks uploaded while tracing: {spans:?}"
+    );
+    let st = m.stats().clone();
+    assert_eq!(st.timed_uploads, st.uploads, "one timed upload per upload");
+    // Traced, the copies move the segments' encodings: every byte but the segment records
+    // and their padding.
+    assert!(
+        st.timed_bytes <= st.bytes_uploaded && st.timed_bytes * 100 >= st.bytes_uploaded * 99,
+        "timed {} of {} bytes uploaded",
+        st.timed_bytes,
+        st.bytes_uploaded
+    );
+    m.restore()?;
+    Ok(())
+}
+
 /// Fewer than two staging buffers, or more than the most accepted, are refused with the range.
 #[test]
 fn a_bad_staging_buffer_count_is_refused() {
