@@ -116,6 +116,51 @@ fn offload_bench_runs_in_cpu_test_mode() {
     );
 }
 
+/// `--no-full-streaming` leaves the budgets only, and `--staging-buffers 2,3` measures each
+/// compressed configuration once per count, labelled with it, every output exact.
+#[test]
+fn budgets_alone_and_one_compressed_row_per_staging_count() {
+    let out = Command::new(bench())
+        .args([
+            "--cpu",
+            "--preset",
+            "tiny",
+            "--layers",
+            "4",
+            "--tokens",
+            "32",
+            "--ctx",
+            "16",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--budgets",
+            "0.015",
+            "--no-full-streaming",
+            "--compress",
+            "--staging-buffers",
+            "2,3",
+        ])
+        .output()
+        .expect("offload-bench starts");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rows = common::cli::result_rows("offload-bench", &out);
+    let modes: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(
+        modes,
+        [
+            "budget 0.015 GiB d1",
+            "budget 0.015 GiB d1 compressed sb2",
+            "budget 0.015 GiB d1 compressed sb3"
+        ],
+        "{stdout}"
+    );
+    for r in &rows {
+        assert_eq!(r["max_abs_diff"].as_f64(), Some(0.0), "{r}");
+    }
+}
+
 /// Runs offload-bench with `args`; it must exit non-zero with an error naming `flag` (and no
 /// panic).
 fn assert_refused(args: &[&str], flag: &str) {
@@ -154,6 +199,7 @@ fn bad_values_are_errors_naming_the_flag() {
     assert_refused(&with(&["--budgets", "NaN"]), "--budgets");
     assert_refused(&with(&["--budgets", "1,-1"]), "--budgets");
     assert_refused(&with(&["--modes", "shared,foo"]), "--modes");
+    assert_refused(&with(&["--staging-buffers", "2,1"]), "--staging-buffers");
     // One model: the block stack is gone.
     assert_refused(&with(&["--model", "stack"]), "--model");
     // A timeline needs a CUDA device; without one (or with --cpu) --trace is an error, and a

@@ -139,6 +139,10 @@ pub struct Cli {
     /// Only the several-GPU runs (and the resident one).
     #[arg(long)]
     multi_only: bool,
+    /// Skip full streaming: the single-GPU configurations are the --budgets only (so that a
+    /// budget runs first in its process).
+    #[arg(long)]
+    no_full_streaming: bool,
     /// Peer groups: one push stream per receiving GPU.
     #[arg(long)]
     push_per_gpu: bool,
@@ -345,6 +349,8 @@ pub struct Args {
     pub modes: Vec<Mode>,
     pub push_per_gpu: bool,
     pub multi_only: bool,
+    /// Full streaming is measured (not --no-full-streaming).
+    pub full_streaming: bool,
     pub high_priority_compute: bool,
     pub compress: bool,
     pub two_tier: bool,
@@ -381,6 +387,7 @@ pub fn parse_args() -> Args {
         modes: cli.modes,
         push_per_gpu: cli.push_per_gpu,
         multi_only: cli.multi_only,
+        full_streaming: !cli.no_full_streaming,
         compress: cli.compress,
         two_tier: cli.two_tier,
         staging_buffers: cli.staging_buffers.iter().map(|&n| n as usize).collect(),

@@ -250,13 +250,17 @@ fn label(a: &Args, budget: Option<f64>, compress: bool) -> String {
     label
 }
 
-/// Full streaming, then one configuration per VRAM budget (none with --multi-only), each raw
-/// and then compressed beside it (--compress), each at every token count.
+/// Full streaming (not with --no-full-streaming), then one configuration per VRAM budget (none
+/// with --multi-only), each raw and then compressed beside it (--compress, once per
+/// --staging-buffers count), each at every token count.
 pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
     let s = &a.shape;
     let dev = b.dev;
     let mut rows = Vec::new();
-    let mut budgets: Vec<Option<f64>> = vec![None];
+    let mut budgets: Vec<Option<f64>> = Vec::new();
+    if a.full_streaming {
+        budgets.push(None);
+    }
     budgets.extend(a.budgets.iter().map(|&b| Some(b)));
     if a.multi_only {
         budgets.clear();
