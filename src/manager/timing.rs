@@ -127,6 +127,11 @@ impl Timer {
         }
     }
 
+    /// Keeps an unused `pair` for reuse.
+    pub(super) fn put_back(&mut self, pair: Pair) {
+        self.spare.extend(pair);
+    }
+
     /// Runs `op`, which queues work on `stream`, between the two events of `pair` (if any), and
     /// keeps the interval for [`Self::harvest`] as `lane` of `block`, `bytes` moved.
     pub(super) fn time<R>(

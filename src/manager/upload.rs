@@ -146,7 +146,10 @@ impl Loop<'_> {
                 let per_segment = self.timer.is_tracing();
                 let copies = match streams {
                     Some((c, _)) if !per_segment => Timer::open(pair, c)?,
-                    _ => None,
+                    _ => {
+                        self.timer.put_back(pair);
+                        None
+                    }
                 };
                 let timer = &mut *self.timer;
                 dec.upload(
