@@ -7,12 +7,14 @@
 //! `free`. The slot's `free` is waited before the first decode, its `ready` recorded after the
 //! last. The buffers are [`Fenced`], as the slots are.
 //!
-//! Two buffers by default (`OffloadConfig::compress_staging_buffers`): while one is decoded from,
-//! the next segment is copied into the other. A segment's decode (about 40 us for 64 MiB at the decoder's speed) is some twenty
-//! times shorter than its copy over PCIe (about 0.9 ms for its 45 MiB encoding at 50 GiB/s), so
-//! the copy of segment i + 2 never waits for the decode of segment i unless the decode stream
-//! itself waits, for the slot's previous block to be released; a third buffer would let the copy
-//! run one more segment ahead only then, for one more segment's encoding of device memory.
+//! Two buffers by default (`OffloadConfig::compress_staging_buffers`): while one is decoded
+//! from, the next segment is copied into the other. A segment's decode (about 40 us for 64 MiB
+//! at the decoder's speed) is some twenty times shorter than its copy over PCIe (about 0.9 ms
+//! for its 45 MiB encoding at 50 GiB/s), so the copy of segment i + 2 never waits for the
+//! decode of segment i unless the decode stream itself waits, for the slot's previous block to
+//! be released; a third buffer would let the copy run one more segment ahead only then, for one
+//! more segment's encoding of device memory (on an H100 three and four buffers were no faster
+//! than two: bench/RESULTS.md).
 //! The ring turns on across blocks (the next block's first segment takes the buffer after the
 //! last one used), so consecutive segments always alternate.
 
