@@ -25,28 +25,17 @@ fn bench() -> PathBuf {
         })
 }
 
+/// The CPU test mode on four tiny blocks, 32 tokens, one timed forward: the runs' common flags.
+const TINY: [&str; 13] = [
+    "--cpu", "--preset", "tiny", "--layers", "4", "--tokens", "32", "--ctx", "16", "--reps", "1",
+    "--warmup", "0",
+];
+
 #[test]
 fn offload_bench_runs_in_cpu_test_mode() {
     let out = Command::new(bench())
-        .args([
-            "--cpu",
-            "--preset",
-            "tiny",
-            "--layers",
-            "4",
-            "--tokens",
-            "32",
-            "--ctx",
-            "16",
-            "--reps",
-            "1",
-            "--warmup",
-            "0",
-            "--budgets",
-            "0.015,1",
-            "--gpus",
-            "2",
-        ])
+        .args(TINY)
+        .args(["--budgets", "0.015,1", "--gpus", "2"])
         .output()
         .expect("offload-bench starts");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -121,20 +110,8 @@ fn offload_bench_runs_in_cpu_test_mode() {
 #[test]
 fn budgets_alone_and_one_compressed_row_per_staging_count() {
     let out = Command::new(bench())
+        .args(TINY)
         .args([
-            "--cpu",
-            "--preset",
-            "tiny",
-            "--layers",
-            "4",
-            "--tokens",
-            "32",
-            "--ctx",
-            "16",
-            "--reps",
-            "1",
-            "--warmup",
-            "0",
             "--budgets",
             "0.015",
             "--no-full-streaming",
