@@ -493,6 +493,8 @@ fn load(a: &LoadArgs) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: the first statement of main: no other thread exists yet to touch the environment.
+    unsafe { accel::use_recommended_hardware_queues() };
     match Cli::parse().cmd {
         Cmd::Write(a) => write(&a),
         Cmd::Load(a) => load(&a),

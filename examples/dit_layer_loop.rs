@@ -297,6 +297,8 @@ fn sample(
 }
 
 fn main() -> Result<()> {
+    // SAFETY: the first statement of main: no other thread exists yet to touch the environment.
+    unsafe { accel::use_recommended_hardware_queues() };
     let (a, preset) = parse_args();
     let cuda = accel::cuda_is_available();
     let dev = if cuda { Device::Cuda(0) } else { Device::Cpu };

@@ -36,6 +36,8 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: the first statement of main: no other thread exists yet to touch the environment.
+    unsafe { accel::use_recommended_hardware_queues() };
     let args = Args::parse();
     let (forwards, blocks, dim) = (args.forwards as usize, args.blocks as usize, args.dim);
     let cuda = accel::cuda_is_available();

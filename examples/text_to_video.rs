@@ -549,6 +549,8 @@ fn advise(e: wan::Error) -> anyhow::Error {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: the first statement of main: no other thread exists yet to touch the environment.
+    unsafe { accel::use_recommended_hardware_queues() };
     let a = Args::parse();
     let cuda = accel::cuda_is_available();
     let dev = if cuda { Device::Cuda(0) } else { Device::Cpu };

@@ -107,6 +107,8 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: the first statement of main: no other thread exists yet to touch the environment.
+    unsafe { accel::use_recommended_hardware_queues() };
     let args = Args::parse();
     let path = args.path;
     let blocks = args.blocks.map(|b| b as usize);

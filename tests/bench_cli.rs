@@ -105,37 +105,64 @@ fn offload_bench_runs_in_cpu_test_mode() {
     );
 }
 
+/// Runs the tiny CPU run with `extra` flags and asserts its rows' modes, in order, and that
+/// every output equals the resident model's.
+fn assert_exact_rows(extra: &[&str], modes: &[&str]) {
+    let out = Command::new(bench())
+        .args(TINY)
+        .args(extra)
+        .output()
+        .expect("offload-bench starts");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rows = common::cli::result_rows("offload-bench", &out);
+    let got: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(got, modes, "{extra:?}:\n{stdout}");
+    for r in &rows {
+        assert_eq!(r["max_abs_diff"].as_f64(), Some(0.0), "{r}");
+    }
+}
+
 /// `--no-full-streaming` leaves the budgets only, and `--staging-buffers 2,3` measures each
 /// compressed configuration once per count, labelled with it, every output exact.
 #[test]
 fn budgets_alone_and_one_compressed_row_per_staging_count() {
-    let out = Command::new(bench())
-        .args(TINY)
-        .args([
+    assert_exact_rows(
+        &[
             "--budgets",
             "0.015",
             "--no-full-streaming",
             "--compress",
             "--staging-buffers",
             "2,3",
-        ])
-        .output()
-        .expect("offload-bench starts");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let rows = common::cli::result_rows("offload-bench", &out);
-    let modes: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();
-    assert_eq!(
-        modes,
-        [
+        ],
+        &[
             "budget 0.015 GiB d1",
             "budget 0.015 GiB d1 compressed sb2",
-            "budget 0.015 GiB d1 compressed sb3"
+            "budget 0.015 GiB d1 compressed sb3",
         ],
-        "{stdout}"
     );
-    for r in &rows {
-        assert_eq!(r["max_abs_diff"].as_f64(), Some(0.0), "{r}");
-    }
+}
+
+/// `--no-raw` leaves the compressed rows alone (the first configuration of the process is a
+/// compressed one), and `--repeat 2` runs each twice in a row, the second labelled `run2`.
+#[test]
+fn no_raw_runs_the_compressed_rows_only_and_repeat_runs_each_again() {
+    assert_exact_rows(
+        &[
+            "--budgets",
+            "0.015",
+            "--compress",
+            "--no-raw",
+            "--repeat",
+            "2",
+        ],
+        &[
+            "stream d1 compressed",
+            "stream d1 compressed run2",
+            "budget 0.015 GiB d1 compressed",
+            "budget 0.015 GiB d1 compressed run2",
+        ],
+    );
 }
 
 /// Runs offload-bench with `args`; it must exit non-zero with an error naming `flag` (and no
@@ -168,6 +195,8 @@ fn bad_values_are_errors_naming_the_flag() {
     assert_refused(&with(&["--tokens", "-32"]), "--tokens");
     assert_refused(&with(&["--tokens", "32,0"]), "--tokens");
     assert_refused(&with(&["--ctx", "-1"]), "--ctx");
+    assert_refused(&with(&["--no-raw"]), "--no-raw");
+    assert_refused(&with(&["--repeat", "0"]), "--repeat");
     assert_refused(&with(&["--ffn", "0"]), "--ffn");
     assert_refused(&with(&["--layers", "0"]), "--layers");
     assert_refused(&with(&["--reps", "0"]), "--reps");

@@ -143,6 +143,16 @@ pub struct Cli {
     /// budget runs first in its process).
     #[arg(long)]
     no_full_streaming: bool,
+    /// Skip the raw (uncompressed) single-GPU configurations: only their compressed rows run
+    /// (needs --compress or --two-tier), so that a compressed configuration can run first in
+    /// its process.
+    #[arg(long)]
+    no_raw: bool,
+    /// Each single-GPU configuration this many times in a row, each time built and initialized
+    /// anew (the second and later labelled `run2`, `run3`, ...): whether a configuration's time
+    /// depends on what ran before it in the process.
+    #[arg(long, default_value_t = 1, value_parser = int_in(1, 100))]
+    repeat: i64,
     /// Peer groups: one push stream per receiving GPU.
     #[arg(long)]
     push_per_gpu: bool,
@@ -232,6 +242,9 @@ fn check(a: &Cli, s: &Shape, cuda: bool) {
                 c.rope_max_seq_len
             ));
         }
+    }
+    if a.no_raw && !a.compress && !a.two_tier {
+        fail("--no-raw leaves no configuration to measure: add --compress or --two-tier".into());
     }
     let cpu = a.cpu || !cuda;
     if !cpu && a.gpus > accel::cuda_device_count().max(1) as i64 {
@@ -351,6 +364,10 @@ pub struct Args {
     pub multi_only: bool,
     /// Full streaming is measured (not --no-full-streaming).
     pub full_streaming: bool,
+    /// The raw configurations are measured (not --no-raw).
+    pub raw: bool,
+    /// Times each single-GPU configuration runs in a row.
+    pub repeat: usize,
     pub high_priority_compute: bool,
     pub compress: bool,
     pub two_tier: bool,
@@ -388,6 +405,8 @@ pub fn parse_args() -> Args {
         push_per_gpu: cli.push_per_gpu,
         multi_only: cli.multi_only,
         full_streaming: !cli.no_full_streaming,
+        raw: !cli.no_raw,
+        repeat: cli.repeat as usize,
         compress: cli.compress,
         two_tier: cli.two_tier,
         staging_buffers: cli.staging_buffers.iter().map(|&n| n as usize).collect(),

@@ -35,6 +35,8 @@ mod runs;
 use offload_testkit::{progress, util};
 
 fn main() -> anyhow::Result<()> {
+    // SAFETY: the first statement of main: no other thread exists yet to touch the environment.
+    unsafe { layerwise_offload::accel::use_recommended_hardware_queues() };
     let a = flags::parse_args();
     let bench = runs::Bench::new(&a)?;
     let streamed = runs::streaming(&a, &bench)?;

@@ -6,7 +6,7 @@
 use crate::flags::{Args, Mode};
 use crate::model::{Instance, build_wan, empty_wan, tensor_bytes, wan_forward, wan_instance};
 use crate::progress;
-use crate::util::{gpu_name, median, peak_rss_bytes, pinned_h2d_gib_s, wan_grid};
+use crate::util::{gpu_name, huge_page_bytes, median, peak_rss_bytes, pinned_h2d_gib_s, wan_grid};
 use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar};
 use layerwise_offload::accel::{self, Event, Stream};
@@ -250,9 +250,22 @@ fn label(a: &Args, budget: Option<f64>, compress: bool) -> String {
     label
 }
 
+/// One single-GPU configuration to measure.
+#[derive(Debug, Clone, Copy)]
+struct Single {
+    /// The VRAM budget in GiB, or full streaming.
+    budget: Option<f64>,
+    compress: bool,
+    two_tier: bool,
+    /// Staging buffers of a compressed configuration.
+    staging: usize,
+    /// Which of the --repeat runs (from 1).
+    run: usize,
+}
+
 /// Full streaming (not with --no-full-streaming), then one configuration per VRAM budget (none
-/// with --multi-only), each raw and then compressed beside it (--compress, once per
-/// --staging-buffers count), each at every token count.
+/// with --multi-only), each raw (not with --no-raw) and then compressed beside it (--compress,
+/// once per --staging-buffers count), each --repeat times in a row, each at every token count.
 pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
     let s = &a.shape;
     let dev = b.dev;
@@ -268,26 +281,47 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
     // Per budget: raw, then per staging buffer count compressed (one tier) and compressed
     // with two tiers allowed.
     let several = a.staging_buffers.len() > 1;
-    let configs: Vec<(Option<f64>, bool, bool, usize)> = budgets
+    let configs: Vec<Single> = budgets
         .iter()
-        .flat_map(|&b| {
+        .flat_map(|&budget| {
+            let one = move |compress, two_tier, staging| Single {
+                budget,
+                compress,
+                two_tier,
+                staging,
+                run: 1,
+            };
             let compressed = a.staging_buffers.iter().flat_map(move |&n| {
                 a.compress
-                    .then_some((b, true, false, n))
+                    .then_some(one(true, false, n))
                     .into_iter()
-                    .chain(a.two_tier.then_some((b, true, true, n)))
+                    .chain(a.two_tier.then_some(one(true, true, n)))
             });
-            std::iter::once((b, false, false, DEFAULT_STAGING_BUFFERS)).chain(compressed)
+            a.raw
+                .then_some(one(false, false, DEFAULT_STAGING_BUFFERS))
+                .into_iter()
+                .chain(compressed)
         })
+        .flat_map(|c| (1..=a.repeat).map(move |run| Single { run, ..c }))
         .collect();
     let mut stats_table = String::new();
-    for (budget, compress, two_tier, staging) in configs {
+    for Single {
+        budget,
+        compress,
+        two_tier,
+        staging,
+        run,
+    } in configs
+    {
         let mut label = label(a, budget, compress);
         if two_tier {
             label.push_str(" two-tier");
         }
         if compress && several {
             label.push_str(&format!(" sb{staging}"));
+        }
+        if run > 1 {
+            label.push_str(&format!(" run{run}"));
         }
         let mut cfg = OffloadConfig::new("blocks", s.layers)
             .prefetch_depth(a.depth)
@@ -324,11 +358,12 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
             streamed_bytes
         };
         eprintln!(
-            "{label}: initialize {init_s:.2} s; {} streamed, {} resident blocks; host peak {:.2} GiB (before: {:.2} GiB)",
+            "{label}: initialize {init_s:.2} s; {} streamed, {} resident blocks; host peak {:.2} GiB (before: {:.2} GiB), {:.2} GiB in huge pages now",
             st.streamed_blocks,
             st.resident_blocks,
             host_peak as f64 / (1u64 << 30) as f64,
-            b.host_before as f64 / (1u64 << 30) as f64
+            b.host_before as f64 / (1u64 << 30) as f64,
+            huge_page_bytes() as f64 / (1u64 << 30) as f64
         );
         for (tokens, xs) in &b.inputs {
             if let Device::Cuda(d) = dev {

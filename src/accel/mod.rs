@@ -230,6 +230,67 @@ fn dev(device: usize) -> c_int {
     device as c_int
 }
 
+/// The environment variable that sets how many hardware work queues CUDA opens from the host to
+/// each device.
+pub const HARDWARE_QUEUES_VAR: &str = "CUDA_DEVICE_MAX_CONNECTIONS";
+
+/// Hardware work queues this crate recommends: CUDA's most, so that the fewest streams share
+/// each (libtorch alone creates dozens of pool streams, so sharing is not ruled out, only made
+/// rarer).
+pub const RECOMMENDED_HARDWARE_QUEUES: u32 = 32;
+
+/// How many hardware work queues CUDA opens from the host to each device in this process:
+/// [`HARDWARE_QUEUES_VAR`] when it holds a number from 1 to 32 (the range CUDA documents),
+/// otherwise 8, CUDA's default. CUDA reads the variable when it starts in the process, so a
+/// change later has no effect.
+///
+/// CUDA spreads the process's streams over these queues, and work of two streams that share a
+/// queue can wait for each other. On an NVIDIA H100 with 8 queues, the manager's copy and decode
+/// streams could wait on the model's work: one compressed configuration, built five times in a
+/// row in one process, ran 115.8-115.9 ms per forward the first two times (its floor 115.2)
+/// and 121.4-121.5 the other three; with 32 queues it ran 115.8-116.6 every time
+/// (bench/RESULTS.md, "Hardware work queues"). Set `CUDA_DEVICE_MAX_CONNECTIONS=32` in the
+/// program's environment; the crate's own binaries and examples set it when it is unset. With
+/// fewer queues, [`initialize`](crate::LayerwiseOffloadManager::initialize) on a CUDA device
+/// emits a warning (a `tracing` event with the `tracing` feature).
+pub fn hardware_queues() -> u32 {
+    parse_hardware_queues(std::env::var(HARDWARE_QUEUES_VAR).ok().as_deref())
+}
+
+/// Sets [`HARDWARE_QUEUES_VAR`] to [`RECOMMENDED_HARDWARE_QUEUES`] unless the environment sets
+/// it already; returns whether it did. Call it first thing in `main`, before anything starts
+/// CUDA: CUDA reads the variable when it starts in the process.
+///
+/// # Safety
+/// As for [`std::env::set_var`]: no other thread may read or write the environment while it
+/// runs (true at the start of `main`, before any thread is spawned).
+pub unsafe fn use_recommended_hardware_queues() -> bool {
+    if std::env::var_os(HARDWARE_QUEUES_VAR).is_some() {
+        return false;
+    }
+    // SAFETY: the caller guarantees that no other thread touches the environment now.
+    unsafe { std::env::set_var(HARDWARE_QUEUES_VAR, RECOMMENDED_HARDWARE_QUEUES.to_string()) };
+    true
+}
+
+/// The warning for a process with `queues` hardware work queues per device, if fewer than
+/// recommended (`initialize()` on a CUDA device gives it).
+pub(crate) fn few_queues_warning(queues: u32) -> Option<String> {
+    (queues < RECOMMENDED_HARDWARE_QUEUES).then(|| {
+        format!(
+            "CUDA opens {queues} hardware work queues per device ({HARDWARE_QUEUES_VAR}): the manager's copy and decode streams may share one with the model's stream, which slowed a compressed configuration by 5% on an H100; set {HARDWARE_QUEUES_VAR}={RECOMMENDED_HARDWARE_QUEUES} in the program's environment"
+        )
+    })
+}
+
+/// [`hardware_queues`] for a value of the variable (`None`: unset).
+fn parse_hardware_queues(value: Option<&str>) -> u32 {
+    value
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|n| (1..=32).contains(n))
+        .unwrap_or(8)
+}
+
 /// Blocks the host until all work on `device` has finished.
 pub fn synchronize_device(device: usize) -> Result<()> {
     require_cuda_state("synchronize_device", device)?;
@@ -242,6 +303,26 @@ pub fn synchronize_device(device: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The variable's value: a number from 1 to 32, else the default 8.
+    #[test]
+    fn hardware_queues_read_the_documented_range() {
+        assert_eq!(parse_hardware_queues(None), 8);
+        assert_eq!(parse_hardware_queues(Some("32")), 32);
+        assert_eq!(parse_hardware_queues(Some(" 16 ")), 16);
+        assert_eq!(parse_hardware_queues(Some("1")), 1);
+        for bad in ["0", "33", "-4", "many", ""] {
+            assert_eq!(parse_hardware_queues(Some(bad)), 8, "{bad:?}");
+        }
+    }
+
+    /// Fewer queues than recommended get a warning that names the variable and its value.
+    #[test]
+    fn few_queues_get_a_warning_naming_the_fix() {
+        let w = few_queues_warning(8).expect("8 queues are too few");
+        assert!(w.contains("CUDA_DEVICE_MAX_CONNECTIONS=32"), "{w}");
+        assert_eq!(few_queues_warning(32), None);
+    }
 
     /// libtorch's CUDA initialization is attempted only with a device, and at most once
     /// however many threads ask at once; without a device every caller gets `NoDevice`.

@@ -138,6 +138,11 @@ impl LayerwiseOffloadManager {
         drop(undo); // frees the old storage of the tensors moved to the device
         self.phase = Phase::Ready(rt);
         self.stats.init_seconds = started.elapsed().as_secs_f64();
+        if self.backend.cuda().is_some()
+            && let Some(w) = crate::accel::few_queues_warning(crate::accel::hardware_queues())
+        {
+            crate::observe::warn(&w);
+        }
 
         // The first streamed block on the device, synchronously (as FastVideo does). Not in a
         // peer group: an upload needs every member there.

@@ -62,6 +62,19 @@ fn proc_status_bytes(field: &str) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
+/// Bytes of this process's anonymous memory in transparent huge pages (`AnonHugePages` of
+/// `/proc/self/smaps_rollup`; 0 where it is not reported).
+pub fn huge_page_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("AnonHugePages:"))
+                .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
 /// This process's resident set size in bytes (0 where `/proc` does not report it).
 pub fn rss_bytes() -> u64 {
     proc_status_bytes("VmRSS")
