@@ -57,6 +57,7 @@ fn offload_bench_runs_in_cpu_test_mode() {
         assert_eq!(r["mode"], mode, "{r}");
         assert_eq!(r["gpu"], i % 2);
         assert!(r["delivered_gib_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["ms_sustained"].as_f64().unwrap() > 0.0, "{r}");
         assert_eq!(r["max_abs_diff"].as_f64(), Some(0.0), "{r}");
         assert_eq!(
             r["host_bytes"], rows[0]["streamed_bytes"],
@@ -163,6 +164,28 @@ fn no_raw_runs_the_compressed_rows_only_and_repeat_runs_each_again() {
             "budget 0.015 GiB d1 compressed run2",
         ],
     );
+}
+
+/// offload-bench opens CUDA's recommended 32 hardware work queues when the environment does not
+/// choose (its first statement), keeps the environment's choice otherwise, and records the
+/// process's value in every `RESULT` line.
+#[test]
+fn result_lines_record_the_hardware_queues_the_bench_set() {
+    const VAR: &str = layerwise_offload::accel::HARDWARE_QUEUES_VAR;
+    for (env, want) in [(None, 32), (Some("16"), 16)] {
+        let mut cmd = Command::new(bench());
+        cmd.args(TINY).args(["--gpus", "2", "--modes", "peer"]);
+        match env {
+            Some(v) => cmd.env(VAR, v),
+            None => cmd.env_remove(VAR),
+        };
+        let out = cmd.output().expect("offload-bench starts");
+        let rows = common::cli::result_rows("offload-bench", &out);
+        assert_eq!(rows.len(), 3, "full streaming and two peer members");
+        for r in &rows {
+            assert_eq!(r["hardware_queues"], want, "{VAR}={env:?}: {r}");
+        }
+    }
 }
 
 /// Runs offload-bench with `args`; it must exit non-zero with an error naming `flag` (and no

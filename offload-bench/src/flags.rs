@@ -160,9 +160,9 @@ pub struct Cli {
     #[arg(long, value_name = "FILE.json")]
     trace: Option<PathBuf>,
     /// Write a Chrome trace of three back-to-back forwards of every configuration (budgets and
-    /// compressed ones too) at every token count into this directory, as
-    /// `<configuration>-<tokens>.json`, and print a summary of each (copy stream busy and idle,
-    /// decode, compute-stream stalls; needs a CUDA device).
+    /// compressed ones too, and every GPU of the several-GPU runs as `<mode>-gpu<N>`) at every
+    /// token count into this directory, as `<configuration>-<tokens>.json`, and print a summary
+    /// of each (copy stream busy and idle, decode, compute-stream stalls; needs a CUDA device).
     #[arg(long, value_name = "DIR")]
     trace_dir: Option<PathBuf>,
     /// Skip the resident model.

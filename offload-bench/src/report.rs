@@ -32,6 +32,9 @@ pub struct Measurement {
     pub ms: f64,
     /// The largest difference from the resident model's output (none without it).
     pub max_abs_diff: Option<f64>,
+    /// CUDA's hardware work queues per device in this process
+    /// (`layerwise_offload::accel::hardware_queues`).
+    pub hardware_queues: u32,
     /// What the kind of run adds.
     #[serde(flatten)]
     pub detail: Detail,
@@ -71,6 +74,8 @@ pub enum Detail {
     SeveralGpus {
         gpus: usize,
         gpu: usize,
+        /// Mean ms per forward of this GPU, back to back.
+        ms_sustained: f64,
         /// Bytes every GPU receives per forward, over the slowest GPU's time.
         delivered_gib_s: f64,
         /// The shared host store's bytes.
@@ -131,6 +136,7 @@ pub fn print(
             depth: a.depth,
             ms: round2(ms),
             max_abs_diff,
+            hardware_queues: layerwise_offload::accel::hardware_queues(),
             detail,
         };
     println!(
@@ -213,9 +219,12 @@ pub fn print(
                 .get(&tokens)
                 .map(|(_, out)| max_abs_diff(out, &r.out));
             let floor = link_floor.map_or(String::new(), |f| format!("{f:.1}"));
+            let ratio = link_floor
+                .filter(|_| r.ms_sustained > 0.0)
+                .map_or(String::new(), |f| format!("{:.3}", f / r.ms_sustained));
             println!(
-                "| {device_name} | {preset_cell} | {tokens} | stream d{}, {mode}, GPU {} of {} | {:.1} | | {floor} | | | |",
-                a.depth, r.gpu, a.gpus, r.ms
+                "| {device_name} | {preset_cell} | {tokens} | stream d{}, {mode}, GPU {} of {} | {:.1} | {:.1} | {floor} | {ratio} | | | | |",
+                a.depth, r.gpu, a.gpus, r.ms, r.ms_sustained
             );
             let m = common(
                 mode,
@@ -225,6 +234,7 @@ pub fn print(
                 Detail::SeveralGpus {
                     gpus: a.gpus,
                     gpu: r.gpu,
+                    ms_sustained: round2(r.ms_sustained),
                     delivered_gib_s: round2(aggregate),
                     host_bytes,
                     link_floor_ms: link_floor.map(round2),
@@ -348,6 +358,7 @@ mod tests {
             depth: 1,
             ms: 357.91,
             max_abs_diff: Some(0.0),
+            hardware_queues: 32,
             detail,
         }
     }
@@ -404,6 +415,7 @@ mod tests {
             "streamed_bytes": 20_256_030_720u64,
             "init_s": 4.2,
             "host_peak_bytes": 30u64 << 30,
+            "hardware_queues": 32,
             "max_abs_diff": 0.0,
         });
         assert_eq!(m.to_json(), want);
@@ -418,6 +430,7 @@ mod tests {
         let mut m = measurement(Detail::SeveralGpus {
             gpus: 2,
             gpu: 1,
+            ms_sustained: 356.4,
             delivered_gib_s: 98.5,
             host_bytes: 20_256_030_720,
             link_floor_ms: None,
@@ -438,6 +451,8 @@ mod tests {
             "tokens": 1024,
             "depth": 1,
             "ms": 357.91,
+            "ms_sustained": 356.4,
+            "hardware_queues": 32,
             "delivered_gib_s": 98.5,
             "host_bytes": 20_256_030_720u64,
             "link_floor_ms": null,
@@ -453,6 +468,7 @@ mod tests {
         let mut m = measurement(Detail::SeveralGpus {
             gpus: 2,
             gpu: 0,
+            ms_sustained: 1.0,
             delivered_gib_s: f64::NAN,
             host_bytes: 0,
             link_floor_ms: Some(f64::INFINITY),

@@ -68,6 +68,13 @@ impl Bench {
             Device::Cuda(d) => pinned_h2d_gib_s(d)?,
             _ => 0.0,
         };
+        if let Device::Cuda(_) = dev {
+            eprintln!(
+                "{device_name}: pinned host to device {bw:.2} GiB/s; {} hardware work queues per device ({})",
+                accel::hardware_queues(),
+                accel::HARDWARE_QUEUES_VAR
+            );
+        }
         // The compute stream of the whole run (the current stream of this thread).
         let compute = match (dev, a.high_priority_compute) {
             (Device::Cuda(d), true) => {
@@ -394,23 +401,7 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
                     let _ = wan_forward(&b.model, xs, Some(&mut m));
                 }
                 let spans = m.finish_timeline()?;
-                let slug: String = label
-                    .chars()
-                    .map(|c| {
-                        if c.is_ascii_alphanumeric() || c == '.' {
-                            c
-                        } else {
-                            '-'
-                        }
-                    })
-                    .collect();
-                let path = dir.join(format!("{slug}-{tokens}.json"));
-                std::fs::write(&path, layerwise_offload::chrome_trace_json(&spans))
-                    .with_context(|| format!("writing {}", path.display()))?;
-                println!(
-                    "TIMELINE {label}, {tokens} tokens: {}",
-                    crate::report::timeline_summary(&spans)
-                );
+                write_timeline(dir, &label, *tokens, &spans)?;
             }
             rows.push(Streamed {
                 label: label.clone(),
@@ -461,6 +452,8 @@ pub struct GpuRow {
     pub tokens: i64,
     /// Median ms per forward.
     pub ms: f64,
+    /// Mean ms per forward, back to back.
+    pub ms_sustained: f64,
     /// The last forward's output, on the CPU.
     pub out: Tensor,
 }
@@ -476,6 +469,34 @@ pub struct MultiRuns {
 /// The several-GPU modes' labels in run order: each of --modes raw, then compressed with
 /// --compress (the store holds the encodings; each GPU decodes; a peer group forwards encoded
 /// shares). None with one GPU.
+/// Writes a three-forward timeline as `<label>-<tokens>.json` in `dir` (the label's characters
+/// other than letters, digits and dots as `-`) and prints its `TIMELINE` summary line.
+fn write_timeline(
+    dir: &std::path::Path,
+    label: &str,
+    tokens: i64,
+    spans: &[layerwise_offload::TimelineSpan],
+) -> Result<()> {
+    let slug: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let path = dir.join(format!("{slug}-{tokens}.json"));
+    std::fs::write(&path, layerwise_offload::chrome_trace_json(spans))
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "TIMELINE {label}, {tokens} tokens: {}",
+        crate::report::timeline_summary(spans)
+    );
+    Ok(())
+}
+
 fn several_gpu_modes(a: &Args) -> Vec<&'static str> {
     if a.gpus < 2 {
         return Vec::new();
@@ -541,7 +562,7 @@ pub fn several_gpus(a: &Args, b: &Bench) -> Result<MultiRuns> {
         let barrier = std::sync::Barrier::new(a.gpus);
         // One bar per GPU: its forwards over every token count.
         let bars = MultiProgress::new();
-        let results: Vec<Result<Vec<(i64, f64, Tensor)>>> = std::thread::scope(|scope| {
+        let results: Vec<Result<Vec<GpuRow>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..a.gpus)
                 .map(|g| {
                     let dev_g = device(g);
@@ -554,7 +575,7 @@ pub fn several_gpus(a: &Args, b: &Bench) -> Result<MultiRuns> {
                         forwards * inputs_g.len() as u64,
                         format!("{mode}, GPU {g}: forwards"),
                     ));
-                    scope.spawn(move || -> Result<Vec<(i64, f64, Tensor)>> {
+                    scope.spawn(move || -> Result<Vec<GpuRow>> {
                         let mut cfg = OffloadConfig::new("blocks", s.layers)
                             .prefetch_depth(a.depth)
                             .cpu_test_mode(a.cpu)
@@ -570,13 +591,30 @@ pub fn several_gpus(a: &Args, b: &Bench) -> Result<MultiRuns> {
                         let mut out = Vec::new();
                         for (tokens, xs) in inputs_g {
                             barrier.wait();
-                            let (ms, _, y) = time_forwards(
+                            let (ms, ms_sustained, y) = time_forwards(
                                 a,
                                 || wan_forward(&model_g, &xs, Some(&mut m)),
                                 dev_g,
                                 &pb,
                             )?;
-                            out.push((tokens, ms, y.to_device(Device::Cpu)));
+                            if let (Some(dir), Device::Cuda(_)) = (&a.trace_dir, dev_g) {
+                                // This GPU's timeline of three forwards back to back (in a peer
+                                // group every member captures the same three).
+                                m.start_timeline()?;
+                                for _ in 0..3 {
+                                    let _ = wan_forward(&model_g, &xs, Some(&mut m));
+                                }
+                                let spans = m.finish_timeline()?;
+                                write_timeline(dir, &format!("{mode} gpu{g}"), tokens, &spans)?;
+                            }
+                            out.push(GpuRow {
+                                mode,
+                                gpu: g,
+                                tokens,
+                                ms,
+                                ms_sustained,
+                                out: y.to_device(Device::Cpu),
+                            });
                         }
                         pb.finish_and_clear();
                         m.restore_to(Device::Cpu)?;
@@ -589,16 +627,8 @@ pub fn several_gpus(a: &Args, b: &Bench) -> Result<MultiRuns> {
                 .map(|h| h.join().expect("a GPU thread panicked"))
                 .collect()
         });
-        for (gpu, r) in results.into_iter().enumerate() {
-            for (tokens, ms, out) in r? {
-                rows.push(GpuRow {
-                    mode,
-                    gpu,
-                    tokens,
-                    ms,
-                    out,
-                });
-            }
+        for r in results {
+            rows.extend(r?);
         }
         m0.restore()?;
     }
