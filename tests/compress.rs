@@ -379,11 +379,13 @@ fn two_members(mode: Mode) -> Option<Vec<Device>> {
 /// forwards it, still encoded, to the other; both decode whole blocks that equal the originals
 /// bit for bit, and `restore` gives every member its weights back; with the default segments
 /// (one per block) and with 64 KiB ones (eight and more per block, decoded one by one out of
-/// the staging buffer that holds the whole encoding).
+/// the staging buffer that holds the whole encoding); each share sent on whole once it has
+/// arrived, or in chunks of 4 KiB as it arrives.
 #[rstest]
 fn a_peer_group_forwards_encoded_shares(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
     #[values(None, Some(layerwise_offload::SEGMENT_BYTES_MULTIPLE))] segment: Option<usize>,
+    #[values(usize::MAX, 4096)] push_chunk: usize,
 ) -> anyhow::Result<()> {
     let Some(devs) = two_members(mode) else {
         return Ok(());
@@ -396,7 +398,10 @@ fn a_peer_group_forwards_encoded_shares(
     for (rank, dev) in devs.iter().enumerate() {
         let named: Vec<(String, Tensor)> =
             before.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
-        let mut cfg = mode.config("blocks", 4).peer_group(group.clone(), rank);
+        let mut cfg = mode
+            .config("blocks", 4)
+            .peer_group(group.clone(), rank)
+            .peer_push_chunk_bytes(push_chunk);
         if let Device::Cuda(i) = dev {
             cfg = cfg.device(*i);
         }

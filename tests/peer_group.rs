@@ -53,6 +53,7 @@ fn members(
     depth: usize,
     group: &Arc<PeerGroup>,
     push_per_member: bool,
+    push_chunk: Option<usize>,
 ) -> anyhow::Result<Vec<(Model, LayerwiseOffloadManager)>> {
     let blocks = models[0].num_blocks();
     let mut out: Vec<(Model, LayerwiseOffloadManager)> = Vec::new();
@@ -62,6 +63,9 @@ fn members(
             .prefetch_depth(depth)
             .peer_group(group.clone(), g)
             .push_stream_per_member(push_per_member);
+        if let Some(bytes) = push_chunk {
+            cfg = cfg.peer_push_chunk_bytes(bytes);
+        }
         if let Some(s) = &store {
             cfg = cfg.host_store(Arc::clone(s));
         }
@@ -97,15 +101,22 @@ fn run_all(
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
+/// Every member computes what the resident model does, having moved about 1/n of every block
+/// from the host. The `chunked` cases send each share on in chunks of 1000 bytes (an odd size:
+/// chunk edges fall anywhere in the block), many per share, as the default 64 MiB chunks do
+/// for blocks of real models.
 #[rstest]
-#[case::two(2, 1, false)]
-#[case::three_deeper(3, 2, false)]
-#[case::three_push_per_member(3, 1, true)]
+#[case::two(2, 1, false, None)]
+#[case::three_deeper(3, 2, false, None)]
+#[case::three_push_per_member(3, 1, true, None)]
+#[case::two_chunked(2, 1, false, Some(1000))]
+#[case::three_chunked_push_per_member(3, 2, true, Some(1000))]
 fn members_split_every_upload(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
     #[case] n: usize,
     #[case] depth: usize,
     #[case] push_per_member: bool,
+    #[case] push_chunk: Option<usize>,
 ) -> anyhow::Result<()> {
     let Some(devs) = member_devices(mode, n) else {
         return Ok(());
@@ -115,8 +126,22 @@ fn members_split_every_upload(
     let before = models[0].snapshot();
     let x = models[0].input(3);
     let wants: Vec<Tensor> = models.iter().map(|m| m.forward(&x, None)).collect();
-    let ms = members(mode, &devs, models, depth, &group, push_per_member)?;
+    let ms = members(
+        mode,
+        &devs,
+        models,
+        depth,
+        &group,
+        push_per_member,
+        push_chunk,
+    )?;
     let block_bytes = ms[0].1.plan().unwrap().blocks[0].bytes as u64;
+    if let Some(chunk) = push_chunk {
+        assert!(
+            block_bytes as usize / n > 4 * chunk,
+            "a share of {block_bytes} / {n} bytes goes in several chunks of {chunk}"
+        );
+    }
     let done = run_all(ms, &x, 3);
     for (g, ((model, mut m, ys), want)) in done.into_iter().zip(&wants).enumerate() {
         for y in &ys {
@@ -152,7 +177,7 @@ fn members_that_diverge_get_an_error_not_a_hang() -> anyhow::Result<()> {
     let group = PeerGroup::with_timeout(2, Duration::from_secs(20))?;
     let models = models(&devs, 4)?;
     let before = models[0].snapshot();
-    let mut ms = members(Mode::Cpu, &devs, models, 1, &group, false)?;
+    let mut ms = members(Mode::Cpu, &devs, models, 1, &group, false, None)?;
     let (model1, mut m1) = ms.pop().unwrap();
     let (model0, mut m0) = ms.pop().unwrap();
     // Member 1 skips block 0: its first upload is block 1, member 0's is block 0.
@@ -193,7 +218,7 @@ fn a_member_that_leaves_fails_the_others_next_upload() -> anyhow::Result<()> {
     let models = models(&devs, 4)?;
     let before = models[0].snapshot();
     let x = models[0].input(4);
-    let ms = members(Mode::Cpu, &devs, models, 1, &group, false)?;
+    let ms = members(Mode::Cpu, &devs, models, 1, &group, false, None)?;
     let mut done = run_all(ms, &x, 1);
     let (model1, mut m1, _) = done.pop().unwrap();
     let (model0, mut m0, _) = done.pop().unwrap();
@@ -289,6 +314,17 @@ fn ranks_are_checked() -> anyhow::Result<()> {
     let cfg = || OffloadConfig::new("blocks", 3).cpu_test_mode(true);
     match cfg().peer_group(group.clone(), 2).build(&model.vs) {
         Err(e @ Error::InvalidArgument { .. }) => assert!(e.to_string().contains("rank 2"), "{e}"),
+        r => panic!("expected InvalidArgument, got {:?}", r.map(|_| ())),
+    }
+    // Chunks of 0 bytes would never send anything.
+    match cfg()
+        .peer_group(group.clone(), 0)
+        .peer_push_chunk_bytes(0)
+        .build(&model.vs)
+    {
+        Err(e @ Error::InvalidArgument { .. }) => {
+            assert!(e.to_string().contains("peer_push_chunk_bytes"), "{e}")
+        }
         r => panic!("expected InvalidArgument, got {:?}", r.map(|_| ())),
     }
     let mut a = cfg().peer_group(group.clone(), 1).build(&model.vs)?;

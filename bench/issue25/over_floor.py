@@ -9,6 +9,7 @@ The floor is offload-bench's: max(resident time, streamed bytes / measured pinne
 Rows of several-GPU runs are listed with their link floor (a member's share of the bytes).
 """
 import json
+import os
 import sys
 
 
@@ -23,15 +24,16 @@ def rows(paths):
 def main(paths):
     if not paths:
         sys.exit(__doc__)
-    print("| device | configuration | tokens | ms | sustained | floor | over (sustained) | peak VRAM GiB | queues | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for _, r in rows(paths):
+    print("| log | device | configuration | tokens | ms | sustained | floor | over (sustained) | peak VRAM GiB | queues | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for path, r in rows(paths):
         floor = r.get("floor_ms") or r.get("link_floor_ms")
         measured = r.get("ms_sustained") or r["ms"]
         over = f"{(measured / floor - 1) * 100:+.1f}%" if floor else ""
         peak = r.get("peak_vram_bytes")
         print(
-            "| {} | {} | {} | {:.1f} | {} | {} | {} | {} | {} | {} |".format(
+            "| {} | {} | {} | {} | {:.1f} | {} | {} | {} | {} | {} | {} |".format(
+                os.path.basename(path),
                 r["device"],
                 r["mode"] + (f", GPU {r['gpu']} of {r['gpus']}" if "gpu" in r else ""),
                 r["tokens"],

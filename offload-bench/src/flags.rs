@@ -156,6 +156,11 @@ pub struct Cli {
     /// Peer groups: one push stream per receiving GPU.
     #[arg(long)]
     push_per_gpu: bool,
+    /// Peer groups: MiB of a GPU's share that arrive from the host before they go on to the
+    /// others (OffloadConfig::peer_push_chunk_bytes); 0 sends each share whole once it has
+    /// arrived, the crate's default.
+    #[arg(long, value_name = "MIB", value_parser = int_in(0, 1 << 20))]
+    push_chunk_mib: Option<i64>,
     /// Write a Chrome trace of one streamed forward to this file (needs a CUDA device).
     #[arg(long, value_name = "FILE.json")]
     trace: Option<PathBuf>,
@@ -361,6 +366,8 @@ pub struct Args {
     pub gpus: usize,
     pub modes: Vec<Mode>,
     pub push_per_gpu: bool,
+    /// Bytes of a peer group member's share sent on at a time (None: the crate's default).
+    pub push_chunk: Option<usize>,
     pub multi_only: bool,
     /// Full streaming is measured (not --no-full-streaming).
     pub full_streaming: bool,
@@ -403,6 +410,10 @@ pub fn parse_args() -> Args {
         gpus: cli.gpus as usize,
         modes: cli.modes,
         push_per_gpu: cli.push_per_gpu,
+        push_chunk: cli.push_chunk_mib.map(|m| match m {
+            0 => usize::MAX,
+            m => (m as usize) << 20,
+        }),
         multi_only: cli.multi_only,
         full_streaming: !cli.no_full_streaming,
         raw: !cli.no_raw,

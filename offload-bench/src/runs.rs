@@ -585,6 +585,9 @@ pub fn several_gpus(a: &Args, b: &Bench) -> Result<MultiRuns> {
                             cfg = cfg
                                 .peer_group(group, g)
                                 .push_stream_per_member(a.push_per_gpu);
+                            if let Some(bytes) = a.push_chunk {
+                                cfg = cfg.peer_push_chunk_bytes(bytes);
+                            }
                         }
                         let mut m = cfg.build(&named_g)?;
                         m.initialize()?;

@@ -77,6 +77,12 @@ impl OffloadConfig {
                 ),
             });
         }
+        if self.push_chunk == 0 {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::peer_push_chunk_bytes",
+                message: "a share cannot be sent in chunks of 0 bytes: pass at least 1 (usize::MAX sends it whole)".into(),
+            });
+        }
         self.check_checkpoint_options()?;
         let named = model.named_tensors()?;
         let backend = Backend::select(

@@ -33,6 +33,7 @@ pub struct OffloadConfig {
     pub(super) shm: Option<std::path::PathBuf>,
     pub(super) peer: Option<(Arc<PeerGroup>, usize)>,
     pub(super) push_per_member: bool,
+    pub(super) push_chunk: usize,
     pub(super) allow_cpu_fallback: bool,
     pub(super) checkpoint: Option<Arc<Checkpoint>>,
     pub(super) zero_copy: bool,
@@ -85,6 +86,7 @@ impl OffloadConfig {
             shm: None,
             peer: None,
             push_per_member: false,
+            push_chunk: super::share::PUSH_CHUNK_BYTES,
             allow_cpu_fallback: false,
             checkpoint: None,
             zero_copy: false,
@@ -163,6 +165,16 @@ impl OffloadConfig {
     #[cfg(feature = "testing")]
     pub fn push_stream_per_member(mut self, on: bool) -> OffloadConfig {
         self.push_per_member = on;
+        self
+    }
+
+    /// Peer groups: the most bytes of a member's share that arrive from the host before they go
+    /// on to the other members (by default `usize::MAX`: each share whole, once it has arrived;
+    /// 64 MiB is the size to measure). For measurements and tests, with the `testing` feature;
+    /// not part of the stable API.
+    #[cfg(feature = "testing")]
+    pub fn peer_push_chunk_bytes(mut self, bytes: usize) -> OffloadConfig {
+        self.push_chunk = bytes;
         self
     }
 

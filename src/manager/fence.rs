@@ -138,11 +138,6 @@ impl<E: Fence> Fenced<E> {
         self.events_mut()?.ready.record(stream)
     }
 
-    /// Recorded after the latest write into the buffer.
-    pub(super) fn ready(&self) -> Result<&E> {
-        Ok(&self.events()?.ready)
-    }
-
     /// Makes `stream` wait for the latest write into the buffer.
     pub(super) fn wait_ready(&self, stream: &E::Stream) -> Result<()> {
         self.events()?.ready.wait(stream)

@@ -41,6 +41,56 @@ pub(super) struct Share<'a> {
     pub(super) block: usize,
     /// Bytes of what every member's buffer receives (the block, or its encoding).
     pub(super) bytes: usize,
+    /// Most bytes of one chunk of the share: each chunk goes on to the others as soon as it has
+    /// arrived from the host ([`PUSH_CHUNK_BYTES`] unless configured).
+    pub(super) push_chunk: usize,
+}
+
+/// Most bytes of a share that arrive from the host before they go on to the other members, by
+/// default: the whole share, the protocol measured so far (`bench/RESULTS.md`).
+///
+/// A share can go in chunks instead (`OffloadConfig::peer_push_chunk_bytes`, with the `testing`
+/// feature), so that the copies to the others of all but the last chunk run while the rest is
+/// still arriving: a block is then whole on every member one chunk's device-to-device copy after
+/// the last byte of the slowest share arrived, not one whole share's. Sent whole, that copy adds
+/// to the time between a slot's release and the next block's arrival, which at compute-bound
+/// sizes with one block uploaded ahead every block waits for (docs/DESIGN.md, "Several GPUs").
+/// Chunks become the default once measured on GPUs with a peer link.
+pub(super) const PUSH_CHUNK_BYTES: usize = usize::MAX;
+
+/// `(offset, length)` of the chunks a share of `len` bytes is sent in: back to back from 0, each
+/// `chunk` bytes but the last (one chunk of 0 bytes for an empty share).
+pub(super) fn chunks(len: usize, chunk: usize) -> Vec<(usize, usize)> {
+    let chunk = chunk.max(1);
+    if len == 0 {
+        return vec![(0, 0)];
+    }
+    (0..len)
+        .step_by(chunk)
+        .map(|o| (o, chunk.min(len - o)))
+        .collect()
+}
+
+/// The host pieces (`(offset, bytes)`, as [`Staged`] holds them) that fall in `[off, off +
+/// len)`, cut to it, with offsets from `off`.
+pub(super) fn pieces_within(
+    pieces: &[(usize, Tensor)],
+    off: usize,
+    len: usize,
+) -> Result<Vec<(usize, Tensor)>> {
+    let end = off + len;
+    let mut out = Vec::new();
+    for (o, t) in pieces {
+        let (a, b) = (*o, *o + t.numel());
+        let (from, to) = (a.max(off), b.min(end));
+        if from < to {
+            let cut = t
+                .f_narrow(0, (from - a) as i64, (to - from) as i64)
+                .context("upload")?;
+            out.push((from - off, cut));
+        }
+    }
+    Ok(out)
 }
 
 impl Share<'_> {
@@ -52,8 +102,8 @@ impl Share<'_> {
     /// Fills `target`'s first `bytes` bytes together with the other members: posts the buffer
     /// once it may be written (its last reader done, this member's previous share of it sent),
     /// copies this member's share (`source` gives its host bytes, asked after the post) into it
-    /// on `copy` and from there into the others' buffers, and records `ready` behind the copy
-    /// from the host. Returns the delivery events to hand to [`PeerGroup::deliver`] and the
+    /// on `copy`, chunk by chunk ([`Self::push_chunk`] bytes), each chunk on into the others'
+    /// buffers as soon as it has arrived, and records `ready` behind the copies from the host. Returns the delivery events to hand to [`PeerGroup::deliver`] and the
     /// host bytes, for the caller to give back. Without a stream (the CPU test mode) every copy
     /// is done when this returns.
     pub(super) fn send(
@@ -92,48 +142,77 @@ impl Share<'_> {
         let staged = source(off, len)?;
         let mine = narrow(&dst)?;
         let mut delivered: Vec<Option<Arc<Event>>> = vec![None; n];
+        let parts = chunks(len, self.push_chunk);
+        let others: Vec<(usize, &Post)> = posts
+            .iter()
+            .enumerate()
+            .filter(|(o, _)| *o != self.rank)
+            .collect();
         match copy {
             Some(c) => {
                 timer.time(pair, c, (self.block, len as u64, Lane::Upload), || {
-                    // SAFETY: the host bytes live in the manager until restore or Drop, which
-                    // wait for the copy stream, and nothing writes them meanwhile; the buffer
-                    // was made writable above, and nothing reads it before `ready` (waited by
-                    // the push streams below, and by compute or the decode).
-                    unsafe { device::copy_pieces(&mine, &staged.pieces, c, "upload")? };
+                    for (i, &(po, pl)) in parts.iter().enumerate() {
+                        let part = mine.f_narrow(0, po as i64, pl as i64).context("upload")?;
+                        let host = pieces_within(&staged.pieces, po, pl)?;
+                        // SAFETY: the host bytes live in the manager until restore or Drop,
+                        // which wait for the copy stream, and nothing writes them meanwhile; the
+                        // buffer was made writable above, and nothing reads it before `ready`
+                        // (recorded below, waited by compute or the decode) or this chunk's
+                        // `landed` (waited by the push streams below).
+                        unsafe { device::copy_pieces(&part, &host, c, "upload")? };
+                        if others.is_empty() {
+                            continue;
+                        }
+                        let mut landed = Event::new()?;
+                        landed.record(c)?;
+                        for &(o, post) in &others {
+                            let p = &self.push[o];
+                            if i == 0
+                                && let Some(w) = &post.writable
+                            {
+                                w.wait(p)?;
+                            }
+                            landed.wait(p)?;
+                            let theirs = narrow(&post.buf)?
+                                .f_narrow(0, po as i64, pl as i64)
+                                .context("upload")?;
+                            // SAFETY: the other member's buffer stays allocated until every
+                            // member has left the group (it joined the group's ring), and its
+                            // owner posted `writable` (waited above, before the first chunk) once
+                            // nothing read it any more; it reads the bytes only after our
+                            // delivery event, recorded after the last chunk. `part` holds this
+                            // chunk once `landed` (waited above) completes, and is not written
+                            // again before `pushed` (recorded below, waited by the buffer's
+                            // next write).
+                            unsafe { accel::copy_peer_async(&theirs, &part, p)? };
+                        }
+                    }
                     target.mark_ready(c)
                 })?;
-                for (o, post) in posts.iter().enumerate().filter(|(o, _)| *o != self.rank) {
-                    let p = &self.push[o];
-                    target.ready()?.wait(p)?;
-                    if let Some(w) = &post.writable {
-                        w.wait(p)?;
-                    }
-                    let theirs = narrow(&post.buf)?;
-                    // SAFETY: the other member's buffer stays allocated until every member has
-                    // left the group (it joined the group's ring), and its owner posted
-                    // `writable` (waited above) once nothing read it any more; it reads the
-                    // bytes only after our delivery event, recorded below. `mine` holds our
-                    // share once `ready` (waited above) completes, and is not written again
-                    // before `pushed` (recorded below, waited by the buffer's next write).
-                    unsafe { accel::copy_peer_async(&theirs, &mine, p)? };
+                for &(o, _) in &others {
                     let mut e = Event::new()?;
-                    e.record(p)?;
+                    e.record(&self.push[o])?;
                     delivered[o] = Some(Arc::new(e));
                 }
-                for (o, p) in self
-                    .push
-                    .iter()
-                    .enumerate()
-                    .filter(|(o, _)| *o != self.rank)
-                {
-                    target.mark_pushed(o, p)?;
+                for &(o, _) in &others {
+                    target.mark_pushed(o, &self.push[o])?;
                 }
                 target.shares_pushed();
             }
             None => {
-                device::copy_pieces_now(&mine, &staged.pieces, "upload")?;
-                for (_, post) in posts.iter().enumerate().filter(|(o, _)| *o != self.rank) {
-                    device::copy_now(&mut narrow(&post.buf)?, &mine, "upload")?;
+                for &(po, pl) in &parts {
+                    let part = mine.f_narrow(0, po as i64, pl as i64).context("upload")?;
+                    device::copy_pieces_now(
+                        &part,
+                        &pieces_within(&staged.pieces, po, pl)?,
+                        "upload",
+                    )?;
+                    for &(_, post) in &others {
+                        let mut theirs = narrow(&post.buf)?
+                            .f_narrow(0, po as i64, pl as i64)
+                            .context("upload")?;
+                        device::copy_now(&mut theirs, &part, "upload")?;
+                    }
                 }
             }
         }
@@ -143,23 +222,23 @@ impl Share<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::Share;
+    use super::{Share, chunks, pieces_within};
     use crate::manager::fence::Fenced;
     use crate::manager::tier::Staged;
     use crate::manager::timing::Timer;
     use crate::peer::PeerGroup;
     use tch::{Device, Kind, Tensor};
 
-    /// Two members of a CPU group, each with host bytes right only inside its own share:
-    /// each member's buffer ends up holding every byte right, so each share came from the host
-    /// of its member and went on to the other.
-    #[test]
-    fn each_member_sends_its_share_and_receives_the_others() {
+    /// Members of a CPU group of `n`, each with host bytes right only inside its own share,
+    /// given in host pieces cut at `cuts` (offsets into the share) and sent in chunks of
+    /// `push_chunk` bytes: each member's buffer ends up holding every byte right, so each share
+    /// came from the host of its member and went on to the others.
+    fn every_member_receives_every_share(n: usize, push_chunk: usize, cuts: &[usize]) {
         const BYTES: usize = 1000;
-        let group = PeerGroup::new(2).unwrap();
+        let group = PeerGroup::new(n).unwrap();
         let truth = Tensor::arange(BYTES as i64, (Kind::Uint8, Device::Cpu));
         let results: Vec<Tensor> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..2)
+            let handles: Vec<_> = (0..n)
                 .map(|rank| {
                     let (group, truth) = (group.clone(), truth.shallow_clone());
                     scope.spawn(move || {
@@ -170,6 +249,7 @@ mod tests {
                             push: &[],
                             block: 3,
                             bytes: BYTES,
+                            push_chunk,
                         };
                         let (off, len) = share.range();
                         // Host bytes wrong everywhere but in this member's share.
@@ -178,12 +258,25 @@ mod tests {
                             .copy_(&truth.narrow(0, off as i64, len as i64));
                         let buf = Tensor::zeros([BYTES as i64 + 24], (Kind::Uint8, Device::Cpu));
                         let mut target =
-                            Fenced::new(buf.shallow_clone(), false, Some((2, rank))).unwrap();
+                            Fenced::new(buf.shallow_clone(), false, Some((n, rank))).unwrap();
                         let mut asked = Vec::new();
                         let (delivered, staged) = share
                             .send(&mut target, None, (&mut Timer::default(), None), |o, l| {
                                 asked.push((o, l));
-                                Ok(Staged::host(vec![(0, host.narrow(0, o as i64, l as i64))]))
+                                let mut edges: Vec<usize> =
+                                    cuts.iter().copied().filter(|&c| c < l).collect();
+                                edges.insert(0, 0);
+                                edges.push(l);
+                                let pieces = edges
+                                    .windows(2)
+                                    .map(|w| {
+                                        (
+                                            w[0],
+                                            host.narrow(0, (o + w[0]) as i64, (w[1] - w[0]) as i64),
+                                        )
+                                    })
+                                    .collect();
+                                Ok(Staged::host(pieces))
                             })
                             .unwrap();
                         assert_eq!(asked, [(off, len)], "only this member's share is read");
@@ -203,8 +296,57 @@ mod tests {
         for (rank, buf) in results.iter().enumerate() {
             assert!(
                 buf.narrow(0, 0, BYTES as i64).equal(&truth),
-                "member {rank} holds every share"
+                "member {rank} of {n} holds every share (chunks of {push_chunk}, host cut at {cuts:?})"
+            );
+            assert!(
+                buf.narrow(0, BYTES as i64, 24).eq(0).all().int64_value(&[]) == 1,
+                "nothing written past the block"
             );
         }
+    }
+
+    #[test]
+    fn each_member_sends_its_share_whole_and_receives_the_others() {
+        every_member_receives_every_share(2, super::PUSH_CHUNK_BYTES, &[]);
+    }
+
+    /// Chunks smaller than the share, whose edges fall inside host pieces and on their edges.
+    #[test]
+    fn shares_sent_in_chunks_across_host_pieces_arrive_whole() {
+        every_member_receives_every_share(2, 96, &[37, 96, 150]);
+        every_member_receives_every_share(3, 64, &[1, 64, 65, 200]);
+        every_member_receives_every_share(3, 1, &[10]);
+    }
+
+    /// Pieces tile the share back to back, all `chunk` bytes but the last.
+    #[test]
+    fn chunks_tile_the_share() {
+        assert_eq!(chunks(0, 64), [(0, 0)]);
+        assert_eq!(chunks(10, 64), [(0, 10)]);
+        assert_eq!(chunks(128, 64), [(0, 64), (64, 64)]);
+        assert_eq!(chunks(130, 64), [(0, 64), (64, 64), (128, 2)]);
+        assert_eq!(
+            chunks(3, 0),
+            [(0, 1), (1, 1), (2, 1)],
+            "a chunk of 0 means 1"
+        );
+    }
+
+    /// The host pieces that fall in a range, cut to it, with offsets from its start.
+    #[test]
+    fn pieces_within_cuts_the_pieces_to_the_range() {
+        let t = Tensor::arange(100, (Kind::Uint8, Device::Cpu));
+        let pieces = vec![
+            (0, t.narrow(0, 0, 30)),
+            (30, t.narrow(0, 30, 50)),
+            (80, t.narrow(0, 80, 20)),
+        ];
+        let got = pieces_within(&pieces, 20, 65).unwrap();
+        let summary: Vec<(usize, i64, i64)> = got
+            .iter()
+            .map(|(o, p)| (*o, p.numel() as i64, p.int64_value(&[0])))
+            .collect();
+        assert_eq!(summary, [(0, 10, 20), (10, 50, 30), (60, 5, 80)]);
+        assert!(pieces_within(&pieces, 100, 0).unwrap().is_empty());
     }
 }

@@ -214,6 +214,7 @@ impl Loop<'_> {
             push: &self.peer.push,
             block,
             bytes: transport.len(),
+            push_chunk: self.config.push_chunk,
         };
         let moved = |incoming| Moved {
             sent: share.range().1,
