@@ -103,9 +103,10 @@ impl Share<'_> {
     /// once it may be written (its last reader done, this member's previous share of it sent),
     /// copies this member's share (`source` gives its host bytes, asked after the post) into it
     /// on `copy`, chunk by chunk ([`Self::push_chunk`] bytes), each chunk on into the others'
-    /// buffers as soon as it has arrived, and records `ready` behind the copies from the host. Returns the delivery events to hand to [`PeerGroup::deliver`] and the
-    /// host bytes, for the caller to give back. Without a stream (the CPU test mode) every copy
-    /// is done when this returns.
+    /// buffers as soon as it has arrived, and records `ready` behind the copies from the host.
+    /// Returns the delivery events to hand to [`PeerGroup::deliver`] and the host bytes, for the
+    /// caller to give back. Without a stream (the CPU test mode) every copy is done when this
+    /// returns.
     pub(super) fn send(
         &self,
         target: &mut Fenced,
