@@ -192,18 +192,7 @@ impl HostBlock {
     /// host bytes)`. Gaps between pieces (layout padding) are left out.
     pub(crate) fn range(&self, off: usize, len: usize) -> Result<Vec<(usize, Tensor)>> {
         self.refuse_encoded()?;
-        let end = off + len;
-        let mut out = Vec::new();
-        for (o, t) in &self.pieces {
-            let (a, b) = ((*o).max(off), (o + t.numel()).min(end));
-            if a < b {
-                let part = t
-                    .f_narrow(0, (a - o) as i64, (b - a) as i64)
-                    .context("reading a host block")?;
-                out.push((a - off, part));
-            }
-        }
-        Ok(out)
+        pieces_within(&self.pieces, off, len, "reading a host block")
     }
 
     /// Raw bytes of an encoded block exist only once decoded ([`Self::decoded`]).
@@ -554,4 +543,49 @@ fn read_manifest(mpath: &Path) -> Result<String> {
         .read_to_string(&mut text)
         .map_err(|e| Error::io("cannot be read as a manifest", mpath, e))?;
     Ok(text)
+}
+
+/// The parts of `pieces` (`(offset, host bytes)`) inside `[off, off + len)`, cut to it:
+/// `(offset from off, host bytes)`. Gaps between pieces are left out; `op` names the operation
+/// in an error.
+pub(crate) fn pieces_within(
+    pieces: &[(usize, Tensor)],
+    off: usize,
+    len: usize,
+    op: &'static str,
+) -> Result<Vec<(usize, Tensor)>> {
+    let end = off + len;
+    let mut out = Vec::new();
+    for (o, t) in pieces {
+        let (a, b) = ((*o).max(off), (o + t.numel()).min(end));
+        if a < b {
+            let part = t.f_narrow(0, (a - o) as i64, (b - a) as i64).context(op)?;
+            out.push((a - off, part));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pieces_within;
+    use tch::{Device, Kind, Tensor};
+
+    /// The host pieces that fall in a range, cut to it, with offsets from its start.
+    #[test]
+    fn pieces_within_cuts_the_pieces_to_the_range() {
+        let t = Tensor::arange(100, (Kind::Uint8, Device::Cpu));
+        let pieces = vec![
+            (0, t.narrow(0, 0, 30)),
+            (30, t.narrow(0, 30, 50)),
+            (80, t.narrow(0, 80, 20)),
+        ];
+        let got = pieces_within(&pieces, 20, 65, "test").unwrap();
+        let summary: Vec<(usize, i64, i64)> = got
+            .iter()
+            .map(|(o, p)| (*o, p.numel() as i64, p.int64_value(&[0])))
+            .collect();
+        assert_eq!(summary, [(0, 10, 20), (10, 50, 30), (60, 5, 80)]);
+        assert!(pieces_within(&pieces, 100, 0, "test").unwrap().is_empty());
+    }
 }

@@ -7,6 +7,7 @@
 use crate::accel::{self, Event, Stream};
 use crate::error::Context;
 use crate::error::Result;
+use crate::host::pieces_within;
 use crate::peer::{self, PeerGroup, Post};
 use crate::stats::Lane;
 use std::sync::Arc;
@@ -71,28 +72,6 @@ pub(super) fn chunks(len: usize, chunk: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// The host pieces (`(offset, bytes)`, as [`Staged`] holds them) that fall in `[off, off +
-/// len)`, cut to it, with offsets from `off`.
-pub(super) fn pieces_within(
-    pieces: &[(usize, Tensor)],
-    off: usize,
-    len: usize,
-) -> Result<Vec<(usize, Tensor)>> {
-    let end = off + len;
-    let mut out = Vec::new();
-    for (o, t) in pieces {
-        let (a, b) = (*o, *o + t.numel());
-        let (from, to) = (a.max(off), b.min(end));
-        if from < to {
-            let cut = t
-                .f_narrow(0, (from - a) as i64, (to - from) as i64)
-                .context("upload")?;
-            out.push((from - off, cut));
-        }
-    }
-    Ok(out)
-}
-
 impl Share<'_> {
     /// This member's share of the bytes: `(offset, length)`.
     pub(super) fn range(&self) -> (usize, usize) {
@@ -154,18 +133,14 @@ impl Share<'_> {
                 timer.time(pair, c, (self.block, len as u64, Lane::Upload), || {
                     for (i, &(po, pl)) in parts.iter().enumerate() {
                         let part = mine.f_narrow(0, po as i64, pl as i64).context("upload")?;
-                        let host = pieces_within(&staged.pieces, po, pl)?;
+                        let host = pieces_within(&staged.pieces, po, pl, "upload")?;
                         // SAFETY: the host bytes live in the manager until restore or Drop,
                         // which wait for the copy stream, and nothing writes them meanwhile; the
                         // buffer was made writable above, and nothing reads it before `ready`
-                        // (recorded below, waited by compute or the decode) or this chunk's
-                        // `landed` (waited by the push streams below).
+                        // (recorded after each chunk; compute or the decode waits for it only
+                        // after the last, the push streams below after each).
                         unsafe { device::copy_pieces(&part, &host, c, "upload")? };
-                        if others.is_empty() {
-                            continue;
-                        }
-                        let mut landed = Event::new()?;
-                        landed.record(c)?;
+                        target.mark_ready(c)?;
                         for &(o, post) in &others {
                             let p = &self.push[o];
                             if i == 0
@@ -173,7 +148,9 @@ impl Share<'_> {
                             {
                                 w.wait(p)?;
                             }
-                            landed.wait(p)?;
+                            // A stream waits for the recording at the time of the call: this
+                            // chunk's, not a later one's.
+                            target.wait_ready(p)?;
                             let theirs = narrow(&post.buf)?
                                 .f_narrow(0, po as i64, pl as i64)
                                 .context("upload")?;
@@ -182,13 +159,13 @@ impl Share<'_> {
                             // owner posted `writable` (waited above, before the first chunk) once
                             // nothing read it any more; it reads the bytes only after our
                             // delivery event, recorded after the last chunk. `part` holds this
-                            // chunk once `landed` (waited above) completes, and is not written
+                            // chunk once `ready` (waited above) completes, and is not written
                             // again before `pushed` (recorded below, waited by the buffer's
                             // next write).
                             unsafe { accel::copy_peer_async(&theirs, &part, p)? };
                         }
                     }
-                    target.mark_ready(c)
+                    Ok(())
                 })?;
                 for &(o, _) in &others {
                     let mut e = Event::new()?;
@@ -205,7 +182,7 @@ impl Share<'_> {
                     let part = mine.f_narrow(0, po as i64, pl as i64).context("upload")?;
                     device::copy_pieces_now(
                         &part,
-                        &pieces_within(&staged.pieces, po, pl)?,
+                        &pieces_within(&staged.pieces, po, pl, "upload")?,
                         "upload",
                     )?;
                     for &(_, post) in &others {
@@ -223,7 +200,7 @@ impl Share<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Share, chunks, pieces_within};
+    use super::{Share, chunks};
     use crate::manager::fence::Fenced;
     use crate::manager::tier::Staged;
     use crate::manager::timing::Timer;
@@ -331,23 +308,5 @@ mod tests {
             [(0, 1), (1, 1), (2, 1)],
             "a chunk of 0 means 1"
         );
-    }
-
-    /// The host pieces that fall in a range, cut to it, with offsets from its start.
-    #[test]
-    fn pieces_within_cuts_the_pieces_to_the_range() {
-        let t = Tensor::arange(100, (Kind::Uint8, Device::Cpu));
-        let pieces = vec![
-            (0, t.narrow(0, 0, 30)),
-            (30, t.narrow(0, 30, 50)),
-            (80, t.narrow(0, 80, 20)),
-        ];
-        let got = pieces_within(&pieces, 20, 65).unwrap();
-        let summary: Vec<(usize, i64, i64)> = got
-            .iter()
-            .map(|(o, p)| (*o, p.numel() as i64, p.int64_value(&[0])))
-            .collect();
-        assert_eq!(summary, [(0, 10, 20), (10, 50, 30), (60, 5, 80)]);
-        assert!(pieces_within(&pieces, 100, 0).unwrap().is_empty());
     }
 }
