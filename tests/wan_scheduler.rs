@@ -61,14 +61,21 @@ const TOLERANCE: f64 = 1e-6;
 /// its last float32 ulp (its division by a CPU scalar is a multiplication by the reciprocal)
 /// differs by 0.06 absolutely but 6e-8 relatively.
 fn max_diff(got: &Tensor, want: &Tensor) -> f64 {
+    let (d, w, same) = abs_diff(got, want);
+    let d = (d / w.abs().clamp_min(1.0)).masked_fill(&same, 0.0);
+    d.max().double_value(&[])
+}
+
+/// `|got - want|` and `want` in float64, and where the two are the same (equal, or NaN in
+/// both); checks that shapes, dtypes and the places of NaNs agree.
+fn abs_diff(got: &Tensor, want: &Tensor) -> (Tensor, Tensor, Tensor) {
     assert_eq!(got.size(), want.size());
     assert_eq!(got.kind(), want.kind(), "output dtype");
     let (g, w) = (got.to_kind(Kind::Double), want.to_kind(Kind::Double));
     assert!(g.isnan().equal(&w.isnan()), "NaNs at other places");
     let both = g.isnan().logical_and(&w.isnan());
     let same = g.eq_tensor(&w).logical_or(&both);
-    let d = ((&g - &w).abs() / w.abs().clamp_min(1.0)).masked_fill(&same, 0.0);
-    d.max().double_value(&[])
+    ((&g - &w).abs(), w, same)
 }
 
 /// The largest difference between `got` and `want` over the largest magnitude of `want` (at
@@ -77,10 +84,7 @@ fn max_diff(got: &Tensor, want: &Tensor) -> f64 {
 /// prediction at the first sigma) turns one rounding apart into a large relative difference of
 /// one element.
 fn max_diff_of_scale(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.size(), want.size());
-    assert_eq!(got.kind(), want.kind(), "output dtype");
-    let (g, w) = (got.to_kind(Kind::Double), want.to_kind(Kind::Double));
-    assert!(g.isnan().equal(&w.isnan()), "NaNs at other places");
+    let (d, w, same) = abs_diff(got, want);
     let finite = w.isfinite();
     let scale = w
         .abs()
@@ -88,10 +92,7 @@ fn max_diff_of_scale(got: &Tensor, want: &Tensor) -> f64 {
         .max()
         .double_value(&[])
         .max(1.0);
-    let both = g.isnan().logical_and(&w.isnan());
-    let same = g.eq_tensor(&w).logical_or(&both);
-    let d = (&g - &w).abs().masked_fill(&same, 0.0);
-    d.max().double_value(&[]) / scale
+    d.masked_fill(&same, 0.0).max().double_value(&[]) / scale
 }
 
 fn exact(got: &Tensor, want: &Tensor) -> bool {
