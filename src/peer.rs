@@ -63,6 +63,8 @@ struct Round {
 pub(crate) struct Post {
     pub block: usize,
     pub bytes: usize,
+    /// The block travels encoded (each member sends its decoded segments), not raw.
+    pub encoded: bool,
     /// The member's slot (its first `bytes` bytes).
     pub buf: Tensor,
     /// Recorded on the member's copy stream once the slot may be written (CUDA).
@@ -74,6 +76,7 @@ impl Post {
         Post {
             block: self.block,
             bytes: self.bytes,
+            encoded: self.encoded,
             buf: self.buf.shallow_clone(),
             writable: self.writable.clone(),
         }
@@ -161,15 +164,6 @@ impl PeerGroup {
         st.members[rank] = Member::Joined;
         st.rings[rank] = ring;
         Ok(())
-    }
-
-    /// Adds buffers other members send into (staging buffers of compressed transport) to
-    /// member `rank`'s ring: the group keeps them as long as it keeps the ring.
-    pub(crate) fn retain(&self, rank: usize, buffers: impl IntoIterator<Item = Tensor>) {
-        let mut st = self.lock();
-        if st.members[rank] == Member::Joined {
-            st.rings[rank].extend(buffers);
-        }
     }
 
     /// Undoes [`Self::join`] for a member whose `initialize` failed before any upload: the rank
@@ -284,15 +278,21 @@ impl PeerGroup {
             .collect();
         drop(st);
         let mine = &posts[rank];
-        if let Some((o, p)) = posts
-            .iter()
-            .enumerate()
-            .find(|(_, p)| p.block != mine.block || p.bytes != mine.bytes)
-        {
+        if let Some((o, p)) = posts.iter().enumerate().find(|(_, p)| {
+            p.block != mine.block || p.bytes != mine.bytes || p.encoded != mine.encoded
+        }) {
+            let kind = |encoded| if encoded { "compressed" } else { "raw" };
             let message = if p.block != mine.block {
                 format!(
                     "upload {round} is block {} here but block {} on member {o}",
                     mine.block, p.block
+                )
+            } else if p.encoded != mine.encoded {
+                format!(
+                    "upload {round} (block {}) is {} here but {} on member {o}: the members need the same host copies (all raw or all compressed)",
+                    mine.block,
+                    kind(mine.encoded),
+                    kind(p.encoded)
                 )
             } else {
                 format!(

@@ -58,8 +58,8 @@ pub struct OffloadStats {
     pub decode_ms: f64,
     /// Decode kernels timed so far (one per segment of a block's encoding).
     pub timed_decodes: u64,
-    /// Bytes of the device staging buffers an encoded block's segments pass through (two
-    /// buffers of the longest segment encoding; of the longest whole encoding in a peer group).
+    /// Bytes of the device staging buffers an encoded block's segments pass through (two, or
+    /// `compress_staging_buffers`, of the longest segment encoding).
     pub staging_bytes: u64,
 }
 

@@ -103,8 +103,8 @@ fn run_all(
 
 /// Every member computes what the resident model does, having moved about 1/n of every block
 /// from the host. The `chunked` cases send each share on in chunks of 1000 bytes (an odd size:
-/// chunk edges fall anywhere in the block), many per share, as the default 64 MiB chunks do
-/// for blocks of real models.
+/// chunk edges fall anywhere in the block), many per share, as 64 MiB chunks do for blocks of
+/// real models.
 #[rstest]
 #[case::two(2, 1, false, None)]
 #[case::three_deeper(3, 2, false, None)]

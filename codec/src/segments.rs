@@ -161,6 +161,11 @@ impl Segments {
         self.segments.iter()
     }
 
+    /// The segments, in order, as a slice (a run of them is then a subslice).
+    pub fn as_slice(&self) -> &[Segment] {
+        &self.segments
+    }
+
     /// How many segments there are (at least 1).
     pub fn len(&self) -> usize {
         self.segments.len()

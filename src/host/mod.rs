@@ -143,16 +143,12 @@ impl HostBlock {
         Ok(HostBlock::whole(out))
     }
 
-    /// For an encoded block: the bytes a device staging buffer needs for it, the whole encoding
-    /// if `whole`, else its longest segment's encoding (`layerwise_offload_codec::segments`);
-    /// 0 for a raw block.
-    pub(crate) fn staging_len(&self, whole: bool) -> Result<usize> {
+    /// For an encoded block: the bytes a device staging buffer needs for it, its longest
+    /// segment's encoding (`layerwise_offload_codec::segments`); 0 for a raw block.
+    pub(crate) fn staging_len(&self) -> Result<usize> {
         let Some((enc, _)) = self.encoding() else {
             return Ok(0);
         };
-        if whole {
-            return Ok(enc.numel());
-        }
         // SAFETY: nothing writes an encoded host copy while it is held (update_tensor replaces
         // it by a new one); `enc` outlives the slice.
         let bytes = unsafe { bytes(enc)? };

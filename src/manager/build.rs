@@ -34,15 +34,16 @@ impl OffloadConfig {
                 ),
             });
         }
-        if self.segment_bytes == 0
-            || !self.segment_bytes.is_multiple_of(SEGMENT_BYTES_MULTIPLE)
-            || self.segment_bytes > layerwise_offload_codec::segments::MAX_SEGMENT_RAW
+        let segment = self.segment_bytes();
+        if segment == 0
+            || !segment.is_multiple_of(SEGMENT_BYTES_MULTIPLE)
+            || segment > layerwise_offload_codec::segments::MAX_SEGMENT_RAW
         {
             return Err(Error::InvalidArgument {
                 op: "OffloadConfig::compress_segment_bytes",
                 message: format!(
                     "{} bytes is out of range: pass a positive multiple of {SEGMENT_BYTES_MULTIPLE} (64 KiB) up to 2 GiB, e.g. {DEFAULT_SEGMENT_BYTES} (the default)",
-                    self.segment_bytes
+                    segment
                 ),
             });
         }

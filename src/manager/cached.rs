@@ -58,14 +58,14 @@ impl LayerwiseOffloadManager {
         // Each encoding is checked where it is read: reads into memory and the disk tier as
         // they read a block, zero-copy through its mapping (`fill_from_checkpoint`).
         if let Some(open) =
-            EncodedCache::open(&path, ckpt, &keys, (c.segment_bytes, c.two_tier), false)?
+            EncodedCache::open(&path, ckpt, &keys, (c.segment_bytes(), c.two_tier), false)?
         {
             return Ok(Some(Arc::new(open)));
         }
         let sizes = plan.blocks.iter().map(|l| l.bytes as u64);
         let mut progress = Reporter::start(c.progress.as_ref(), Stage::CheckpointRead, sizes);
         let written =
-            EncodedCache::write(&path, ckpt, &keys, (c.segment_bytes, c.two_tier), |i| {
+            EncodedCache::write(&path, ckpt, &keys, (c.segment_bytes(), c.two_tier), |i| {
                 let layout = &plan.blocks[i];
                 let buf = super::fill::scratch_buffer(scratch, layout.bytes)?;
                 read_block(ckpt, sources, layout, &buf)?;

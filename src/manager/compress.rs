@@ -7,9 +7,9 @@
 //! A block is encoded straight from the model's tensors where they are contiguous CPU tensors
 //! laid out as the block's layout says (the codec reads them in place as pieces of the block),
 //! else from a copy of the block in a scratch buffer; both give the same bytes (the gaps between
-//! tensors are 0). In a peer group each member uploads its share of the encoding into a staging
-//! buffer and sends it on, still encoded, to the others' staging buffers; each member decodes
-//! the whole block.
+//! tensors are 0). In a peer group each member uploads and decodes its share of the block's
+//! segments, then sends the decoded bytes on from its slot into the others' slots
+//! ([`super::share`]).
 
 use crate::accel::{self, HostMemory};
 use crate::error::Context;
@@ -169,7 +169,7 @@ impl Runtime {
         stats.host_bytes -= old_len as u64;
         let new = self.blocks[li].tier.host().map(HostBlock::shallow_clone);
         let staging_len = match &new {
-            Some(h) => h.staging_len(self.decoding.as_ref().is_some_and(|d| d.whole()))?,
+            Some(h) => h.staging_len()?,
             None => 0,
         };
         if let Some(store) = Arc::get_mut(&mut self.store) {
@@ -183,32 +183,21 @@ impl Runtime {
 }
 
 impl LayerwiseOffloadManager {
-    /// Once `blocks` are encoded: the staging ring of the largest segment encoding (in a peer
-    /// group, of the largest whole encoding) and, with CUDA, the decode stream and the GPU
-    /// decoder ([`Decoding::start`]), counted in `staging_bytes`; None without encoded blocks.
-    /// In a group the staging buffers join the member's ring in the group, which keeps them
-    /// while another member may still be sending into them.
+    /// Once `blocks` are encoded: the staging ring of the largest segment encoding and, with
+    /// CUDA, the decode stream and the GPU decoder ([`Decoding::start`]), counted in
+    /// `staging_bytes`; None without encoded blocks. Peer groups stage segments as a single
+    /// GPU does: the members send each other decoded bytes, slot to slot.
     pub(super) fn start_decoding(&mut self, blocks: &[BlockState]) -> Result<Option<Decoding>> {
-        let whole = self.config.peer.is_some();
         let mut largest = None;
         for (i, b) in blocks.iter().enumerate() {
-            if let Some(len) = b.tier.staging_len(i, whole)? {
+            if let Some(len) = b.tier.staging_len(i)? {
                 largest = largest.max(Some(len));
             }
         }
         let Some(largest) = largest else {
             return Ok(None);
         };
-        let peer = self.config.peer.as_ref().map(|(g, r)| (g.size(), *r));
-        let decoding = Decoding::start(
-            &mut self.backend,
-            largest,
-            peer,
-            self.config.staging_buffers,
-        )?;
-        if let (Some((group, rank)), Some(dec)) = (&self.config.peer, &decoding) {
-            group.retain(*rank, dec.buffers());
-        }
+        let decoding = Decoding::start(&mut self.backend, largest, self.config.staging_buffers)?;
         self.stats.staging_bytes = decoding.as_ref().map_or(0, |d| d.bytes() as u64);
         Ok(decoding)
     }

@@ -42,7 +42,8 @@ pub struct OffloadConfig {
     pub(super) convert_dtypes: bool,
     pub(super) compress: bool,
     pub(super) encoded_cache: Option<std::path::PathBuf>,
-    pub(super) segment_bytes: usize,
+    /// None: the default ([`OffloadConfig::segment_bytes`]).
+    pub(super) segment_bytes: Option<usize>,
     pub(super) two_tier: bool,
     pub(super) staging_buffers: usize,
     pub(super) progress: Option<crate::progress::ProgressCallback>,
@@ -95,7 +96,7 @@ impl OffloadConfig {
             convert_dtypes: false,
             compress: false,
             encoded_cache: None,
-            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            segment_bytes: None,
             two_tier: false,
             staging_buffers: DEFAULT_STAGING_BUFFERS,
             progress: None,
@@ -168,10 +169,11 @@ impl OffloadConfig {
         self
     }
 
-    /// Peer groups: the most bytes of a member's share that arrive from the host before they go
-    /// on to the other members (by default `usize::MAX`: each share whole, once it has arrived;
-    /// 64 MiB is the size to measure). For measurements and tests, with the `testing` feature;
-    /// not part of the stable API.
+    /// Peer groups, raw blocks: the most bytes of a member's share that arrive from the host
+    /// before they go on to the other members (by default `usize::MAX`: each share whole, once
+    /// it has arrived; 64 MiB is the size to measure). An encoded block's share goes on whole
+    /// once decoded. For measurements and tests, with the `testing` feature; not part of the
+    /// stable API.
     #[cfg(feature = "testing")]
     pub fn peer_push_chunk_bytes(mut self, bytes: usize) -> OffloadConfig {
         self.push_chunk = bytes;
@@ -373,8 +375,9 @@ impl OffloadConfig {
     /// block's `ready` event. Outputs stay bit-identical. Reads (`tensor`, `restore`) decode on the
     /// CPU; the CPU test mode decodes with the CPU reference decoder.
     ///
-    /// In a peer group each member uploads its share of the encoding and sends it on, still
-    /// encoded, to the others' staging buffers; each member then decodes the whole block.
+    /// In a peer group each member uploads and decodes its share of every block's segments and
+    /// sends the decoded bytes on to the others, device to device: each member's host link
+    /// carries its share of the encoding, and each GPU decodes only its share.
     ///
     /// Each block's encoding is a sequence of segments of at most
     /// [`Self::compress_segment_bytes`] raw bytes each, encoded independently: an upload moves
@@ -418,15 +421,28 @@ impl OffloadConfig {
     }
 
     /// With [`Self::compress`]: the raw bytes of a block encoded as one segment (default
-    /// [`DEFAULT_SEGMENT_BYTES`], 64 MiB; a positive multiple of [`SEGMENT_BYTES_MULTIPLE`],
-    /// 64 KiB, up to 2 GiB). The two device staging buffers hold one segment's encoding each:
-    /// smaller segments cost less device memory and more decode launches per block (one per
-    /// segment, a few tens of microseconds each). An encoded cache records its segment size and
-    /// is refused when it differs; a shared-memory store is read with whatever segments it was
-    /// published with.
+    /// [`DEFAULT_SEGMENT_BYTES`], 64 MiB, and in a peer group of `n` members `1/n` of it; a
+    /// positive multiple of [`SEGMENT_BYTES_MULTIPLE`], 64 KiB, up to 2 GiB). The two device
+    /// staging buffers hold one segment's encoding each: smaller segments cost less device
+    /// memory and more decode launches per block (one per segment, a few tens of microseconds
+    /// each). A peer group splits each block between its members by whole segments, so that
+    /// more segments per block split it more evenly. An encoded cache records its segment size
+    /// and is refused when it differs; a shared-memory store is read with whatever segments it
+    /// was published with.
     pub fn compress_segment_bytes(mut self, bytes: usize) -> OffloadConfig {
-        self.segment_bytes = bytes;
+        self.segment_bytes = Some(bytes);
         self
+    }
+
+    /// The segment size encodings are made with: [`Self::compress_segment_bytes`] if given,
+    /// else [`DEFAULT_SEGMENT_BYTES`] divided by the peer group's size (a multiple of
+    /// [`SEGMENT_BYTES_MULTIPLE`]).
+    pub(super) fn segment_bytes(&self) -> usize {
+        let members = self.peer.as_ref().map_or(1, |(g, _)| g.size());
+        self.segment_bytes.unwrap_or_else(|| {
+            (DEFAULT_SEGMENT_BYTES / members / SEGMENT_BYTES_MULTIPLE).max(1)
+                * SEGMENT_BYTES_MULTIPLE
+        })
     }
 
     /// With [`Self::compress`]: let the encoder code a chunk in two tiers where that is smaller
@@ -447,8 +463,7 @@ impl OffloadConfig {
     /// With [`Self::compress`]: how many device staging buffers (each one segment's encoding,
     /// about 45 MiB with the default segments) an upload's segments go through in turn, so that
     /// the copy of a segment can run that many minus one segments ahead of the decodes (default
-    /// [`DEFAULT_STAGING_BUFFERS`], 2..=[`MAX_STAGING_BUFFERS`]). A peer group uses two buffers
-    /// of whole encodings whatever this says.
+    /// [`DEFAULT_STAGING_BUFFERS`], 2..=[`MAX_STAGING_BUFFERS`]).
     pub fn compress_staging_buffers(mut self, n: usize) -> OffloadConfig {
         self.staging_buffers = n;
         self
@@ -457,7 +472,7 @@ impl OffloadConfig {
     /// The encoder's choices for this configuration.
     pub(super) fn encoding(&self) -> super::compress::Encoding {
         super::compress::Encoding {
-            segment: self.segment_bytes,
+            segment: self.segment_bytes(),
             two_tier: self.two_tier,
         }
     }

@@ -1,11 +1,9 @@
 //! [`Decoding`]: where encoded blocks wait for their decode. An upload moves a block's encoding
 //! segment by segment through the staging ring ([`StagingRing`]: two small buffers, each
 //! [`Fenced`] as the slots are) on the copy stream; the decode stream decodes each segment into
-//! its place in the slot and records the slot's `ready` after the last one. In a peer group the
-//! members exchange shares of a block's whole encoding (their protocol moves one buffer per
-//! block), so there the staging buffers hold a whole encoding each and its segments are decoded
-//! out of one buffer. The CPU test mode decodes from the host copy with the CPU reference
-//! decoder (it needs staging buffers only in a peer group, in host memory).
+//! its place in the slot and records the slot's `ready` after the last one. In a peer group each
+//! member does so with its share of the segments only ([`super::share`]). The CPU test mode
+//! stages in host memory and decodes with the CPU reference decoder.
 
 use crate::accel::{self, HostMemory, Stream};
 use crate::error::Context;
@@ -26,8 +24,6 @@ use super::timing::Timer;
 #[derive(Debug)]
 pub(super) struct Decoding {
     ring: StagingRing,
-    /// Each buffer holds a block's whole encoding (peer groups), not one segment's.
-    whole: bool,
     gpu: Option<GpuDecoding>,
 }
 
@@ -78,21 +74,18 @@ pub(super) fn segments_of(enc: &Tensor, raw: usize, block: usize) -> Result<Segm
 }
 
 impl Decoding {
-    /// `buffers` staging buffers of `largest` bytes (the largest segment encoding; with `peer`,
-    /// two of the largest whole encoding) and, with CUDA, the decode stream (taken from the
-    /// pool) and the GPU decoder (compiled for the device). The CPU test mode stages in host
-    /// memory, in the same order. `peer` is the group's size and this member's rank.
+    /// `buffers` (at least 2) staging buffers of `largest` bytes (the largest segment encoding)
+    /// and, with CUDA, the decode stream (taken from the pool) and the GPU decoder (compiled
+    /// for the device). The CPU test mode stages in host memory, in the same order.
     pub(super) fn start(
         backend: &mut Backend,
         largest: usize,
-        peer: Option<(usize, usize)>,
         buffers: usize,
     ) -> Result<Option<Decoding>> {
         let device = backend.cuda();
         let bytes = largest.max(1).next_multiple_of(16);
-        let buffers = if peer.is_some() { 2 } else { buffers.max(2) };
-        let staging = (0..buffers)
-            .map(|_| Fenced::new(alloc(device, bytes)?, device.is_some(), peer))
+        let staging = (0..buffers.max(2))
+            .map(|_| Fenced::new(alloc(device, bytes)?, device.is_some(), None))
             .collect::<Result<Vec<_>>>()?;
         let gpu = match device {
             Some(device) => {
@@ -110,7 +103,6 @@ impl Decoding {
         };
         Ok(Some(Decoding {
             ring: StagingRing::new(staging),
-            whole: peer.is_some(),
             gpu,
         }))
     }
@@ -120,38 +112,15 @@ impl Decoding {
         self.gpu.is_some()
     }
 
-    /// Whether each staging buffer holds a whole encoding (peer groups).
-    pub(super) fn whole(&self) -> bool {
-        self.whole
-    }
-
     /// Bytes of the staging buffers together.
     pub(super) fn bytes(&self) -> usize {
         self.ring.bytes()
     }
 
-    /// The staging buffers (handles), for a peer group to keep while others send into them.
-    pub(super) fn buffers(&self) -> Vec<Tensor> {
-        self.ring
-            .buffers()
-            .iter()
-            .map(|b| b.buf().shallow_clone())
-            .collect()
-    }
-
-    /// The index of the next staging buffer (round robin).
-    pub(super) fn next(&mut self) -> usize {
-        self.ring.next()
-    }
-
     /// Staging buffer `k`.
-    pub(super) fn staging(&self, k: usize) -> &Fenced {
+    #[cfg(test)]
+    fn staging(&self, k: usize) -> &Fenced {
         self.ring.buffer(k)
-    }
-
-    /// Staging buffer `k`, to record on.
-    pub(super) fn staging_mut(&mut self, k: usize) -> &mut Fenced {
-        self.ring.buffer_mut(k)
     }
 
     /// Makes every staging buffer hold at least `len` bytes (an encoding, or a segment's, got
@@ -183,7 +152,7 @@ impl Decoding {
     /// is decoded by the CPU reference decoder.
     pub(super) fn upload(
         &mut self,
-        segments: &Segments,
+        segments: &[layerwise_offload_codec::Segment],
         (slot, out): (&mut Fenced, &Tensor),
         streams: Option<(&Stream, &Stream)>,
         (block, timer, timing, copies, stats): (usize, &mut Timer, bool, bool, &mut OffloadStats),
@@ -219,33 +188,6 @@ impl Decoding {
                 _ => decode_segment_on_cpu(staged, seg, out),
             },
         )
-    }
-
-    /// Queues the decode of the whole encoding in staging buffer `k` (its `segments`) into
-    /// `out` (the first bytes of `slot`) on `decode`, once the slot's last reader is done;
-    /// records the slot's `ready` and the staging buffer's `free` behind it (peer groups). The
-    /// caller made `decode` wait for every upload into the staging buffer.
-    pub(super) fn decode_whole(
-        &mut self,
-        k: usize,
-        segments: &Segments,
-        (slot, out): (&mut Fenced, &Tensor),
-        decode: &Stream,
-        block: usize,
-        (timer, timing, stats): (&mut Timer, bool, &mut OffloadStats),
-    ) -> Result<()> {
-        let gpu = self.gpu.as_ref().ok_or_else(no_decoder)?;
-        slot.wait_writable(decode)?;
-        let buf = self.ring.buffer(k).buf();
-        for seg in segments {
-            let staged = buf
-                .f_narrow(0, seg.encoded.start as i64, seg.encoded_len() as i64)
-                .context("upload")?;
-            let pair = timer.pair(timing, stats)?;
-            decode_segment(gpu, &staged, seg, out, decode, block, (timer, pair))?;
-        }
-        slot.mark_ready(decode)?;
-        self.ring.buffer_mut(k).mark_free(decode)
     }
 }
 
@@ -323,66 +265,27 @@ fn no_decoder() -> Error {
     }
 }
 
-/// Decodes `enc` (a segmented encoding) into `out` (both host buffers) with the CPU reference
-/// decoder, segment by segment.
-pub(super) fn decode_on_cpu(enc: &Tensor, out: &Tensor) -> Result<()> {
-    let _span = crate::observe::decode(None, out.numel());
-    // SAFETY: `enc` is a host copy or staging buffer that nothing writes while uploads run
-    // (update_tensor waits for them; the members of a peer group have all delivered their
-    // shares); `out` is a contiguous uint8 host buffer of the slot that no block uses while it
-    // is being filled, and does not overlap `enc`.
-    let (src, dst) = unsafe { (host::bytes(enc)?, host::bytes_mut(out)?) };
-    layerwise_offload_codec::decode_segmented(src, dst, host::worker_threads())
-        .map_err(codec_error("decoding a block"))
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{Decoding, decode_on_cpu};
+    use super::Decoding;
     use crate::manager::device::Backend;
-    use tch::{Device, Kind, Tensor};
-
     #[test]
     fn the_cpu_test_mode_stages_in_host_memory() -> crate::Result<()> {
         let mut cpu = Backend::Cpu;
-        let alone = Decoding::start(&mut cpu, 100, None, 2)?.unwrap();
-        assert!(!alone.whole(), "segments, outside a peer group");
-        assert_eq!(alone.bytes(), 224);
-        let mut dec = Decoding::start(&mut cpu, 100, Some((2, 1)), 3)?.unwrap();
+        // At least two buffers of the largest segment encoding, rounded up to 16 bytes.
+        let two = Decoding::start(&mut cpu, 100, 1)?.unwrap();
+        assert_eq!(two.bytes(), 224);
+        let mut dec = Decoding::start(&mut cpu, 100, 2)?.unwrap();
         assert!(!dec.on_gpu());
-        // Two buffers of the largest encoding, rounded up to 16 bytes, used in turn.
-        assert_eq!(
-            dec.buffers().iter().map(Tensor::numel).collect::<Vec<_>>(),
-            [112, 112]
-        );
-        assert_eq!((dec.next(), dec.next(), dec.next()), (0, 1, 0));
-        assert!(dec.whole(), "a peer group stages whole encodings");
+        assert!((0..2).all(|k| dec.staging(k).len() == 112));
         let mut stats = crate::OffloadStats::default();
         dec.grow(&cpu, 64, &mut stats)?;
         assert_eq!(dec.staging(0).len(), 112, "long enough already");
         dec.grow(&cpu, 200, &mut stats)?;
         assert!((0..2).all(|k| dec.staging(k).len() == 208));
         assert_eq!((dec.bytes(), stats.staging_bytes), (416, 416));
-        Ok(())
-    }
-
-    #[test]
-    fn the_reference_decoder_fills_the_slot_exactly() -> crate::Result<()> {
-        let raw = (Tensor::randn([4096], (Kind::Float, Device::Cpu)) * 0.02)
-            .to_kind(Kind::BFloat16)
-            .view_dtype(Kind::Uint8);
-        let bytes = Vec::<u8>::try_from(&raw).unwrap();
-        let enc = layerwise_offload_codec::encode_segmented(&bytes, 1024).unwrap();
-        assert_eq!(
-            layerwise_offload_codec::Segments::walk(&enc).unwrap().len(),
-            8,
-            "8 segments"
-        );
-        let enc = Tensor::from_slice(&enc);
-        assert!(enc.numel() < raw.numel(), "bf16 weights shrink");
-        let out = Tensor::zeros([raw.numel() as i64], (Kind::Uint8, Device::Cpu));
-        decode_on_cpu(&enc, &out)?;
-        assert!(out.equal(&raw));
+        let three = Decoding::start(&mut cpu, 100, 3)?.unwrap();
+        assert_eq!(three.bytes(), 336);
         Ok(())
     }
 }

@@ -41,6 +41,11 @@ impl Slot {
         })
     }
 
+    /// The slot's buffer and its events.
+    pub(super) fn fenced(&self) -> &Fenced {
+        &self.buf
+    }
+
     /// The slot's buffer and its events, to record on.
     pub(super) fn fenced_mut(&mut self) -> &mut Fenced {
         &mut self.buf

@@ -1,8 +1,13 @@
 //! Peer groups: this member's share of an upload. A raw block's share goes from the host into
-//! the member's slot, an encoded block's into one of its staging buffers; from there it is
-//! sent device to device into the same bytes of every other member's buffer, and their shares
-//! arrive in this member's buffer the same way. Both are the same steps on a [`Fenced`]
-//! buffer, written once here.
+//! the member's slot and from there device to device into the same bytes of every other
+//! member's slot ([`Share::send`]); their shares arrive in this member's slot the same way.
+//!
+//! An encoded block is shared by its segments ([`segment_share`]): each member uploads and
+//! decodes its own run of segments into its slot, as a single GPU does, and then sends the
+//! decoded bytes on ([`Share::send_decoded`]). The host links carry the encoding, split
+//! between the members; each member decodes only its share; the device-to-device copies carry
+//! raw bytes, over links several times faster than the host's; and the staging buffers stay a
+//! segment's size.
 
 use crate::accel::{self, Event, Stream};
 use crate::error::Context;
@@ -10,6 +15,8 @@ use crate::error::Result;
 use crate::host::pieces_within;
 use crate::peer::{self, PeerGroup, Post};
 use crate::stats::Lane;
+use layerwise_offload_codec::Segment;
+use std::ops::Range;
 use std::sync::Arc;
 use tch::Tensor;
 
@@ -72,10 +79,113 @@ pub(super) fn chunks(len: usize, chunk: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// The run of `segments` (indices) that member `rank` of a group of `n` uploads and decodes:
+/// the runs tile the segments in rank order, each cut where the encoded bytes before it come
+/// closest to `k / n` of the whole (a segment goes to the member that holds its middle byte),
+/// so that the members' host links carry about the same bytes. Every member computes the same
+/// cuts from the same encoding. A member may get no segment (fewer segments than members).
+pub(super) fn segment_share(segments: &[Segment], n: usize, rank: usize) -> Range<usize> {
+    let total = segments.last().map_or(0, |s| s.encoded.end) as u128;
+    let n = n.max(1) as u128;
+    // The segments whose encoded middle lies before k/n of the encoding: 2 * mid * n < 2 * k
+    // * total, in integers.
+    let cut = |k: usize| {
+        let k = k as u128;
+        segments.partition_point(|s| {
+            (s.encoded.start as u128 + s.encoded.end as u128) * n < 2 * k * total
+        })
+    };
+    cut(rank)..cut(rank + 1)
+}
+
 impl Share<'_> {
     /// This member's share of the bytes: `(offset, length)`.
     pub(super) fn range(&self) -> (usize, usize) {
         peer::share(self.bytes, self.group.size(), self.rank)
+    }
+
+    /// Makes `copy` wait until `target` may be written (its last reader done, this member's
+    /// previous shares of it sent) and records that point: the other members write into it
+    /// once the returned event completes (CUDA; None without a stream).
+    pub(super) fn writable(target: &Fenced, copy: Option<&Stream>) -> Result<Option<Arc<Event>>> {
+        match copy {
+            Some(c) => {
+                target.wait_writable(c)?;
+                let mut e = Event::new()?;
+                e.record(c)?;
+                Ok(Some(Arc::new(e)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Announces `target`'s first [`Self::bytes`] bytes to the group for this upload (of an
+    /// `encoded` block or a raw one) and waits for every member's announcement (the others'
+    /// buffers, by rank).
+    fn post(
+        &self,
+        target: &Fenced,
+        writable: Option<Arc<Event>>,
+        encoded: bool,
+    ) -> Result<Vec<Post>> {
+        self.group.post(
+            self.round,
+            self.rank,
+            Post {
+                block: self.block,
+                bytes: self.bytes,
+                encoded,
+                buf: target.head(self.bytes)?,
+                writable,
+            },
+        )
+    }
+
+    /// Encoded blocks: sends bytes `raw` (`(offset, length)`) of `slot`, this member's decoded
+    /// segments, into the same bytes of every other member's slot and returns the delivery
+    /// events to hand to [`PeerGroup::deliver`]. The caller made the slot writable
+    /// ([`Self::writable`], the event given here) before queueing this member's uploads and
+    /// decodes into it, which record the slot's `ready` after the last one; the copies wait for
+    /// it and for each receiver's `writable`. Without `writable` (the CPU test mode, where the
+    /// decode is done already) every copy is done when this returns.
+    pub(super) fn send_decoded(
+        &self,
+        slot: &mut Fenced,
+        writable: Option<Arc<Event>>,
+        (off, len): (usize, usize),
+    ) -> Result<Vec<Option<Arc<Event>>>> {
+        let posts = self.post(slot, writable.clone(), true)?;
+        let n = self.group.size();
+        let narrow = |t: &Tensor| t.f_narrow(0, off as i64, len as i64).context("upload");
+        let mine = narrow(&slot.head(self.bytes)?)?;
+        let mut delivered: Vec<Option<Arc<Event>>> = vec![None; n];
+        let others = posts.iter().enumerate().filter(|(o, _)| *o != self.rank);
+        if writable.is_none() {
+            for (_, post) in others {
+                device::copy_now(&mut narrow(&post.buf)?, &mine, "upload")?;
+            }
+            return Ok(delivered);
+        }
+        for (o, post) in others {
+            let p = &self.push[o];
+            if let Some(w) = &post.writable {
+                w.wait(p)?;
+            }
+            slot.wait_ready(p)?;
+            // SAFETY: the other member's slot stays allocated until every member has left the
+            // group (it joined the group's ring), and its owner posted `writable` (waited above)
+            // once nothing read it any more; it reads these bytes only after our delivery
+            // event, recorded below. `mine` holds this member's decoded segments once `ready`
+            // (waited above) completes, and is not written again before `pushed` (recorded
+            // below, waited by the slot's next write).
+            unsafe { accel::copy_peer_async(&narrow(&post.buf)?, &mine, p)? };
+            let mut e = Event::new()?;
+            e.record(p)?;
+            delivered[o] = Some(Arc::new(e));
+            slot.mark_pushed(o, p)?;
+        }
+        slot.shares_pushed();
+        Ok(delivered)
     }
 
     /// Fills `target`'s first `bytes` bytes together with the other members: posts the buffer
@@ -96,26 +206,9 @@ impl Share<'_> {
         let n = self.group.size();
         // 1. The buffer may be written once its last reader is done and this member's share
         //    of its previous contents has gone out to the others.
-        let writable = match copy {
-            Some(c) => {
-                target.wait_writable(c)?;
-                let mut e = Event::new()?;
-                e.record(c)?;
-                Some(Arc::new(e))
-            }
-            None => None,
-        };
+        let writable = Self::writable(target, copy)?;
+        let posts = self.post(target, writable, false)?;
         let dst = target.head(self.bytes)?;
-        let posts = self.group.post(
-            self.round,
-            self.rank,
-            Post {
-                block: self.block,
-                bytes: self.bytes,
-                buf: dst.shallow_clone(),
-                writable,
-            },
-        )?;
         // 2. This member's share: host -> own buffer -> every other member's.
         let (off, len) = self.range();
         let narrow = |t: &Tensor| t.f_narrow(0, off as i64, len as i64).context("upload");
@@ -200,11 +293,12 @@ impl Share<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Share, chunks};
+    use super::{Share, chunks, segment_share};
     use crate::manager::fence::Fenced;
     use crate::manager::tier::Staged;
     use crate::manager::timing::Timer;
     use crate::peer::PeerGroup;
+    use layerwise_offload_codec::Segment;
     use tch::{Device, Kind, Tensor};
 
     /// Members of a CPU group of `n`, each with host bytes right only inside its own share,
@@ -308,5 +402,120 @@ mod tests {
             [(0, 1), (1, 1), (2, 1)],
             "a chunk of 0 means 1"
         );
+    }
+
+    /// Segments back to back with encodings of `lens` bytes (each 100 raw bytes).
+    fn segments(lens: &[usize]) -> Vec<Segment> {
+        let mut at = 0;
+        lens.iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                at += l;
+                Segment {
+                    raw: i * 100..(i + 1) * 100,
+                    encoded: at - l..at,
+                }
+            })
+            .collect()
+    }
+
+    /// The runs of every member tile the segments in rank order, and each run's encoded bytes
+    /// are within one segment of an even split.
+    #[test]
+    fn segment_shares_tile_the_segments_evenly() {
+        let cases: [&[usize]; 5] = [
+            &[10; 8],
+            &[10, 30, 5, 5, 40, 10, 10, 1],
+            &[1000, 1, 1, 1],
+            &[7],
+            &[],
+        ];
+        for lens in cases {
+            let segs = segments(lens);
+            let total: usize = lens.iter().sum();
+            let largest = lens.iter().copied().max().unwrap_or(0);
+            for n in 1..=5 {
+                let runs: Vec<_> = (0..n).map(|r| segment_share(&segs, n, r)).collect();
+                assert_eq!(runs[0].start, 0);
+                assert_eq!(runs[n - 1].end, segs.len(), "{lens:?} / {n}");
+                for w in runs.windows(2) {
+                    assert_eq!(w[0].end, w[1].start, "{lens:?} / {n}: back to back");
+                }
+                for run in &runs {
+                    let bytes: usize = lens[run.clone()].iter().sum();
+                    assert!(
+                        bytes.abs_diff(total / n) <= largest,
+                        "{lens:?} / {n}: {bytes} bytes in {run:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(segment_share(&segments(&[10; 8]), 2, 1), 4..8, "halves");
+        assert_eq!(
+            segment_share(&segments(&[10; 8]), 3, 1),
+            3..5,
+            "middles at 15, 25 .. 75"
+        );
+    }
+
+    /// Every member of a CPU group writes its own run of decoded bytes into its slot and sends
+    /// it on: every slot ends up whole, nothing past the block written.
+    #[test]
+    fn decoded_runs_reach_every_member() {
+        const BYTES: usize = 800;
+        let segs = segments(&[10, 30, 5, 5, 40, 10, 10, 1]);
+        let truth = Tensor::arange(BYTES as i64, (Kind::Uint8, Device::Cpu));
+        for n in [2, 3] {
+            let group = PeerGroup::new(n).unwrap();
+            let results: Vec<Tensor> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..n)
+                    .map(|rank| {
+                        let (group, truth, segs) = (group.clone(), truth.shallow_clone(), &segs);
+                        scope.spawn(move || {
+                            let share = Share {
+                                group: &group,
+                                rank,
+                                round: 0,
+                                push: &[],
+                                block: 3,
+                                bytes: BYTES,
+                                push_chunk: super::PUSH_CHUNK_BYTES,
+                            };
+                            let run = &segs[segment_share(segs, n, rank)];
+                            let (off, len) = match (run.first(), run.last()) {
+                                (Some(a), Some(b)) => (a.raw.start, b.raw.end - a.raw.start),
+                                _ => (0, 0),
+                            };
+                            let buf =
+                                Tensor::zeros([BYTES as i64 + 24], (Kind::Uint8, Device::Cpu));
+                            // This member's "decode": its run only.
+                            buf.narrow(0, off as i64, len as i64)
+                                .copy_(&truth.narrow(0, off as i64, len as i64));
+                            let mut slot =
+                                Fenced::new(buf.shallow_clone(), false, Some((n, rank))).unwrap();
+                            let delivered =
+                                share.send_decoded(&mut slot, None, (off, len)).unwrap();
+                            assert!(
+                                delivered.iter().all(Option::is_none),
+                                "no events on the CPU"
+                            );
+                            assert!(group.deliver(0, rank, delivered).unwrap().is_empty());
+                            buf
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (rank, buf) in results.iter().enumerate() {
+                assert!(
+                    buf.narrow(0, 0, BYTES as i64).equal(&truth),
+                    "member {rank} of {n} holds every run"
+                );
+                assert!(
+                    buf.narrow(0, BYTES as i64, 24).eq(0).all().int64_value(&[]) == 1,
+                    "nothing written past the block"
+                );
+            }
+        }
     }
 }

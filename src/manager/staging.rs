@@ -20,7 +20,7 @@
 
 use crate::accel::Event;
 use crate::error::Result;
-use layerwise_offload_codec::{Segment, Segments};
+use layerwise_offload_codec::Segment;
 use tch::Tensor;
 
 use super::fence::{Fence, Fenced};
@@ -47,13 +47,9 @@ impl<E: Fence> StagingRing<E> {
     }
 
     /// Buffer `k`.
+    #[cfg(test)]
     pub(super) fn buffer(&self, k: usize) -> &Fenced<E> {
         &self.bufs[k]
-    }
-
-    /// Buffer `k`, to record on.
-    pub(super) fn buffer_mut(&mut self, k: usize) -> &mut Fenced<E> {
-        &mut self.bufs[k]
     }
 
     /// The buffers.
@@ -84,7 +80,7 @@ impl<E: Fence> StagingRing<E> {
     /// returns) the same buffers are used in the same order, and no event is waited or recorded.
     pub(super) fn upload(
         &mut self,
-        segments: &Segments,
+        segments: &[Segment],
         slot: &mut Fenced<E>,
         streams: Option<(&E::Stream, &E::Stream)>,
         mut copy_in: impl FnMut(&Segment, &Tensor) -> Result<()>,
@@ -168,7 +164,7 @@ mod tests {
         let mut copied = Vec::new();
         let mut decoded = Vec::new();
         ring.upload(
-            &segments,
+            segments.as_slice(),
             &mut slot,
             Some((&copy, &decode)),
             |seg, staged| {
@@ -238,7 +234,7 @@ mod tests {
         let two = segments_of(&input[..2000]);
         copied.clear();
         ring.upload(
-            &two,
+            two.as_slice(),
             &mut slot,
             Some((&copy, &decode)),
             |_, staged| {
@@ -279,7 +275,7 @@ mod tests {
         let mut slot = plain(3500);
         let mut used = Vec::new();
         ring.upload(
-            &segments,
+            segments.as_slice(),
             &mut slot,
             None,
             |_, staged| {
@@ -310,7 +306,7 @@ mod tests {
         let (copy, decode) = (FakeStream::default(), FakeStream::default());
         let mut n = 0;
         let r = ring.upload(
-            &segments,
+            segments.as_slice(),
             &mut slot,
             Some((&copy, &decode)),
             |_, _| {
@@ -348,7 +344,7 @@ mod tests {
         let starts: Vec<usize> = (0..3).map(|k| ptr(ring.buffer(k).buf())).collect();
         let mut copied = Vec::new();
         ring.upload(
-            &segments,
+            segments.as_slice(),
             &mut slot,
             Some((&copy, &decode)),
             |seg, staged| {

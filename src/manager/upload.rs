@@ -7,12 +7,13 @@ use crate::error::Context;
 use crate::error::{Error, Result};
 use crate::peer::PeerGroup;
 use crate::stats::Lane;
+use layerwise_offload_codec::Segment;
 use std::sync::Arc;
 
-use super::decode::{decode_on_cpu, segments_of};
+use super::decode::segments_of;
 use super::device;
 use super::phase::Loop;
-use super::share::Share;
+use super::share::{Share, segment_share};
 use super::tier::Transport;
 use super::timing::{Pair, Timer};
 
@@ -20,10 +21,35 @@ use super::timing::{Pair, Timer};
 struct Moved {
     /// Bytes this member sent from the host.
     sent: usize,
-    /// Bytes of the whole block (or encoding) its buffer received.
-    total: usize,
+    /// Bytes that arrived from the other members of a peer group.
+    received: usize,
     /// Peer groups: the other members' shares have arrived in the slot once these complete.
     incoming: Vec<Arc<Event>>,
+}
+
+/// What an upload of encoded segments (a run of a block's) filled.
+#[derive(Clone, Copy)]
+struct Decoded {
+    /// The bytes of the slot they decode into: `(offset, length)`.
+    raw: (usize, usize),
+    /// Bytes of their encodings (what came from the host).
+    encoded: usize,
+}
+
+impl Decoded {
+    /// What `segments` (consecutive) fill.
+    fn of(segments: &[Segment]) -> Decoded {
+        match (segments.first(), segments.last()) {
+            (Some(a), Some(b)) => Decoded {
+                raw: (a.raw.start, b.raw.end - a.raw.start),
+                encoded: segments.iter().map(Segment::encoded_len).sum(),
+            },
+            _ => Decoded {
+                raw: (0, 0),
+                encoded: 0,
+            },
+        }
+    }
 }
 
 impl Loop<'_> {
@@ -54,7 +80,7 @@ impl Loop<'_> {
             .transport(block, self.rt.layout(block).bytes);
         let Moved {
             sent,
-            total,
+            received,
             incoming,
         } = match self.config.peer.clone() {
             Some((group, rank)) => self.upload_peer(&group, rank, block, s, transport)?,
@@ -63,12 +89,12 @@ impl Loop<'_> {
                 match transport {
                     Transport::Raw { bytes } => self.upload_raw(block, s, bytes, pair)?,
                     Transport::Encoded { len, raw } => {
-                        self.upload_encoded(block, s, (len, raw), pair)?;
+                        self.upload_encoded(block, s, (len, raw), pair, None)?;
                     }
                 }
                 Moved {
                     sent: transport.len(),
-                    total: transport.len(),
+                    received: 0,
                     incoming: Vec::new(),
                 }
             }
@@ -76,7 +102,7 @@ impl Loop<'_> {
         self.rt.ring.hold(s, block, incoming);
         self.stats.uploads += 1;
         self.stats.bytes_uploaded += sent as u64;
-        self.stats.peer_bytes += (total - sent) as u64;
+        self.stats.peer_bytes += received as u64;
         Ok(())
     }
 
@@ -114,14 +140,17 @@ impl Loop<'_> {
     /// test mode the same steps in host memory, each done at once, with the reference decoder).
     /// `pair` times the copies together (from the first segment's to the last one's, waits for
     /// staging buffers included) or, while a timeline is captured, each copy on its own (waits
-    /// excluded); each decode is timed on its own.
+    /// excluded); each decode is timed on its own. With `share` (a peer group's size and this
+    /// member's rank) only this member's run of segments ([`segment_share`]). Returns the
+    /// bytes of the slot those segments decode into and of their encodings.
     fn upload_encoded(
         &mut self,
         block: usize,
         s: usize,
         (len, raw): (usize, usize),
         pair: Pair,
-    ) -> Result<()> {
+        share: Option<(usize, usize)>,
+    ) -> Result<Decoded> {
         let out = self.rt.ring.slot(s).dst(raw)?;
         let staged = self.rt.blocks[block].tier.stage(block, 0, len)?;
         let copy = self.backend.copy_stream();
@@ -138,7 +167,12 @@ impl Loop<'_> {
                     _ => None,
                 };
                 let enc = staged.one_piece(len)?;
-                let segments = segments_of(&enc, raw, block)?;
+                let all = segments_of(&enc, raw, block)?;
+                let segments = match share {
+                    Some((n, rank)) => &all.as_slice()[segment_share(all.as_slice(), n, rank)],
+                    None => all.as_slice(),
+                };
+                let decoded = Decoded::of(segments);
                 let slot = self.rt.ring.slot_mut(s).fenced_mut();
                 let timing = pair.is_some();
                 // While a timeline is captured each segment's copy is timed on its own, so that
@@ -153,7 +187,7 @@ impl Loop<'_> {
                 };
                 let timer = &mut *self.timer;
                 dec.upload(
-                    &segments,
+                    segments,
                     (slot, &out),
                     streams,
                     (block, timer, timing, per_segment, &mut *self.stats),
@@ -173,26 +207,24 @@ impl Loop<'_> {
                         unsafe { device::copy_pieces(dst, &[(0, part)], c, "upload") }
                     },
                 )?;
-                match streams {
-                    Some((c, _)) => self
-                        .timer
-                        .close(copies, c, (block, len as u64, Lane::Upload)),
-                    None => Ok(()),
+                if let Some((c, _)) = streams {
+                    let key = (block, decoded.encoded as u64, Lane::Upload);
+                    self.timer.close(copies, c, key)?;
                 }
+                Ok(decoded)
             });
         // A disk-tier staging buffer goes back also when the upload fails.
         let released = staged.finish(copy.as_ref());
-        uploaded.and(released)
+        uploaded.and_then(|d| released.map(|()| d))
     }
 
-    /// [`Self::upload`] in a peer group: this member's share of the block (or of its encoding)
-    /// from the host into its slot (or a staging buffer) and from there into the other members'
-    /// buffers; their shares arrive the same way. An encoded block is then decoded whole into
-    /// the slot by every member, segment by segment out of the one staging buffer (the group's
-    /// protocol moves one buffer per upload: a peer group's staging buffers hold a whole
-    /// encoding each). Returns the bytes this member sent from the host and the
-    /// bytes of the whole block (or encoding), and the events the compute stream waits for
-    /// before the slot holds the block.
+    /// [`Self::upload`] in a peer group. A raw block: this member's share of its bytes from the
+    /// host into the slot and from there into the other members' slots; their shares arrive
+    /// the same way ([`Share::send`]). An encoded block: this member's run of segments
+    /// ([`segment_share`]) uploaded and decoded into the slot as [`Self::upload_encoded`] does
+    /// alone, then its decoded bytes sent into the others' slots ([`Share::send_decoded`]).
+    /// Returns the bytes moved and the events the compute stream waits for before the slot
+    /// holds the block.
     fn upload_peer(
         &mut self,
         group: &PeerGroup,
@@ -204,72 +236,56 @@ impl Loop<'_> {
         let round = self.peer.round;
         self.peer.round += 1;
         let pair = self.timing_pair()?;
-        let timing = pair.is_some();
         self.rt.ring.slot_mut(s).clear_incoming();
         let copy = self.backend.copy_stream();
-        let share = Share {
-            group,
-            rank,
-            round,
-            push: &self.peer.push,
-            block,
-            bytes: transport.len(),
-            push_chunk: self.config.push_chunk,
-        };
-        let moved = |incoming| Moved {
-            sent: share.range().1,
-            total: share.bytes,
-            incoming,
-        };
-        let tier = &self.rt.blocks[block].tier;
-        let source = |off, len| tier.stage(block, off, len);
-        let Transport::Encoded { len, raw } = transport else {
-            let target = self.rt.ring.slot_mut(s).fenced_mut();
-            let timer = (&mut *self.timer, pair);
-            let (delivered, staged) = share.send(target, copy.as_ref(), timer, source)?;
-            staged.finish(copy.as_ref())?;
-            return Ok(moved(group.deliver(round, rank, delivered)?));
-        };
-        let out = self.rt.ring.slot(s).dst(raw)?;
-        let dec = self.rt.decoding.as_mut().ok_or_else(no_staging)?;
-        let k = dec.next();
-        let timer = (&mut *self.timer, pair);
-        // This member's share of the encoding, and the segment records from its whole host
-        // encoding (the same bytes the members assemble in the staging buffer).
-        let mut segments = None;
-        let source = |off, part| {
-            let staged = tier.stage(block, 0, len)?;
-            let walked = staged
-                .one_piece(len)
-                .and_then(|enc| segments_of(&enc, raw, block));
-            match walked {
-                Ok(w) => segments = Some(w),
-                Err(e) => {
-                    staged.finish(None)?;
-                    return Err(e);
-                }
+        match transport {
+            Transport::Raw { bytes } => {
+                let share = Share {
+                    group,
+                    rank,
+                    round,
+                    push: &self.peer.push,
+                    block,
+                    bytes,
+                    push_chunk: self.config.push_chunk,
+                };
+                let tier = &self.rt.blocks[block].tier;
+                let source = |off, len| tier.stage(block, off, len);
+                let target = self.rt.ring.slot_mut(s).fenced_mut();
+                let timer = (&mut *self.timer, pair);
+                let (delivered, staged) = share.send(target, copy.as_ref(), timer, source)?;
+                staged.finish(copy.as_ref())?;
+                let (_, sent) = share.range();
+                Ok(Moved {
+                    sent,
+                    received: bytes - sent,
+                    incoming: group.deliver(round, rank, delivered)?,
+                })
             }
-            staged.narrow(off, part)
-        };
-        let (delivered, staged) = share.send(dec.staging_mut(k), copy.as_ref(), timer, source)?;
-        staged.finish(copy.as_ref())?;
-        let segments = segments.ok_or_else(no_staging)?;
-        let incoming = group.deliver(round, rank, delivered)?;
-        // The whole encoding is here once this member's upload and every incoming share are:
-        // then the decode, segment by segment out of the one staging buffer.
-        match (copy, self.backend.decode_stream()) {
-            (Some(_), Some(decode)) => {
-                dec.staging(k).wait_ready(&decode)?;
-                for e in &incoming {
-                    e.wait(&decode)?;
-                }
+            Transport::Encoded { len, raw } => {
+                // Writable for the others before this member's own copies are queued, so
+                // that their copies into the slot need not wait for these.
+                let writable = Share::writable(self.rt.ring.slot(s).fenced(), copy.as_ref())?;
+                let n = group.size();
+                let mine = self.upload_encoded(block, s, (len, raw), pair, Some((n, rank)))?;
+                let share = Share {
+                    group,
+                    rank,
+                    round,
+                    push: &self.peer.push,
+                    block,
+                    bytes: raw,
+                    push_chunk: self.config.push_chunk,
+                };
                 let slot = self.rt.ring.slot_mut(s).fenced_mut();
-                let timer = (&mut *self.timer, timing, &mut *self.stats);
-                dec.decode_whole(k, &segments, (slot, &out), &decode, block, timer)?;
+                let delivered = share.send_decoded(slot, writable, mine.raw)?;
+                Ok(Moved {
+                    sent: mine.encoded,
+                    received: raw - mine.raw.1,
+                    incoming: group.deliver(round, rank, delivered)?,
+                })
             }
-            _ => decode_on_cpu(&dec.staging(k).head(len)?, &out)?,
         }
-        Ok(moved(Vec::new()))
     }
 }
 

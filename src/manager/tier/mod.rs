@@ -102,23 +102,6 @@ impl Staged {
         }
     }
 
-    /// Bytes `[off, off + len)` of these (one piece), keeping the staging buffer to give back.
-    pub(super) fn narrow(self, off: usize, len: usize) -> Result<Staged> {
-        let part = self
-            .one_piece(off + len)
-            .and_then(|t| t.f_narrow(0, off as i64, len as i64).context("upload"));
-        match part {
-            Ok(part) => Ok(Staged {
-                pieces: vec![(0, part)],
-                buffer: self.buffer,
-            }),
-            Err(e) => {
-                self.finish(None)?;
-                Err(e)
-            }
-        }
-    }
-
     /// Gives a staging buffer back once the copies out of it queued so far on `copy` are done
     /// (at once without a stream); nothing to do for host bytes held elsewhere.
     pub(super) fn finish(self, copy: Option<&Stream>) -> Result<()> {
@@ -217,19 +200,16 @@ impl HostTier {
         }
     }
 
-    /// For an encoded block: the bytes a staging buffer needs for it, its whole encoding if
-    /// `whole` (peer groups) else its longest segment encoding; None for a raw block.
-    pub(super) fn staging_len(&self, block: usize, whole: bool) -> Result<Option<usize>> {
+    /// For an encoded block: the bytes a staging buffer needs for it (its longest segment
+    /// encoding); None for a raw block.
+    pub(super) fn staging_len(&self, block: usize) -> Result<Option<usize>> {
         if let HostTier::Disk(disk) = self
             && let Some((len, _)) = disk.encoding(block)
         {
-            return Ok(Some(match whole {
-                true => len,
-                false => disk.largest_segment(block).unwrap_or(len),
-            }));
+            return Ok(Some(disk.largest_segment(block).unwrap_or(len)));
         }
         match self.host() {
-            Some(h) if h.encoding().is_some() => h.staging_len(whole).map(Some),
+            Some(h) if h.encoding().is_some() => h.staging_len().map(Some),
             _ => Ok(None),
         }
     }
