@@ -362,12 +362,12 @@ fn bf16_blocks() -> Vec<(String, Tensor)> {
     named
 }
 
-/// The devices of a peer group of two (None: CUDA asked for and absent, after SKIP).
-fn two_members(mode: Mode) -> Option<Vec<Device>> {
+/// The devices of a peer group of `n` (None: CUDA asked for and absent, after SKIP).
+fn group_members(mode: Mode, n: usize) -> Option<Vec<Device>> {
     match mode {
-        Mode::Cpu => Some(vec![Device::Cpu; 2]),
+        Mode::Cpu => Some(vec![Device::Cpu; n]),
         Mode::Cuda => Some(
-            common::cuda_devices(2)?
+            common::cuda_devices(n)?
                 .into_iter()
                 .map(Device::Cuda)
                 .collect(),
@@ -375,23 +375,24 @@ fn two_members(mode: Mode) -> Option<Vec<Device>> {
     }
 }
 
-/// In a peer group of two, each member uploads and decodes its run of every block's segments
-/// and sends the decoded bytes on to the other: both hold whole blocks that equal the originals
-/// bit for bit, and `restore` gives every member its weights back. Between them the members
-/// upload each block's encoding once from the host and receive the rest of each block from
-/// each other. With 64 KiB segments (nine per block) each member uploads about half; with the
-/// default (32 MiB in a group of two, one segment per block here) one member uploads the
-/// whole block and the other receives it.
+/// In a peer group of two or three, each member uploads and decodes its run of every block's
+/// segments and sends the decoded bytes on to the others: all hold whole blocks that equal the
+/// originals bit for bit, and `restore` gives every member its weights back. Between them the
+/// members upload each block's encoding once from the host and receive the rest of each block
+/// from each other. With 64 KiB segments (nine per block) each member uploads about `1/n`;
+/// with the default (64/n MiB, one segment per block here) one member uploads the whole block
+/// and the others receive it.
 #[rstest]
 fn a_peer_group_forwards_encoded_shares(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
     #[values(None, Some(layerwise_offload::SEGMENT_BYTES_MULTIPLE))] segment: Option<usize>,
+    #[values(2, 3)] n: usize,
 ) -> anyhow::Result<()> {
-    let Some(devs) = two_members(mode) else {
+    let Some(devs) = group_members(mode, n) else {
         return Ok(());
     };
     let _lock = common::gpu_lock();
-    let group = layerwise_offload::PeerGroup::new(2)?;
+    let group = layerwise_offload::PeerGroup::new(n)?;
     let before = bf16_blocks();
     let mut store = None;
     let mut members = Vec::new();
@@ -518,7 +519,7 @@ fn updates_encode_the_block_again(
 fn a_group_of_raw_and_compressed_members_fails_cleanly(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
 ) -> anyhow::Result<()> {
-    let Some(devs) = two_members(mode) else {
+    let Some(devs) = group_members(mode, 2) else {
         return Ok(());
     };
     let _lock = common::gpu_lock();

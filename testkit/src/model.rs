@@ -197,33 +197,48 @@ pub fn bits_equal(a: &Tensor, b: &Tensor) -> bool {
     as_int(a).equal(&as_int(b))
 }
 
-/// Checks the bytes a compressed peer group of two moved (each member's stats, in rank
-/// order), every member's blocks `raw_block` bytes raw: the members uploaded in step; between
-/// them they received each block's raw bytes once from each other (each member's own run of
-/// segments decoded, the rest sent on) and sent each block's encoding once from the host,
-/// smaller than the raw block. With `split` both sent about half of it (several segments per
-/// block), else member 1 sent it all (one segment per block goes to the member holding its
-/// middle byte).
+/// Checks the bytes a compressed peer group moved (each member's stats, in rank order), every
+/// block `raw_block` bytes raw: the members uploaded in step; each received the rest of every
+/// block from the others (its own run of segments decoded, the others' sent on), so that
+/// together they received `n - 1` raw blocks per upload; and between them they sent each
+/// block's encoding once from the host, smaller than the raw block. With `split` each sent
+/// about `1/n` of it (several segments per block), else one member sent it all (a block of one
+/// segment goes to the member whose share holds its middle byte).
 pub fn assert_encoded_group_split(
     stats: &[layerwise_offload::OffloadStats],
     raw_block: u64,
     split: bool,
 ) {
+    let n = stats.len() as u64;
     let uploads = stats[0].uploads;
     assert!(uploads > 0);
     assert!(stats.iter().all(|st| st.uploads == uploads), "in step");
     let received: u64 = stats.iter().map(|st| st.peer_bytes).sum();
-    assert_eq!(received, uploads * raw_block, "each block once from a peer");
+    assert_eq!(
+        received,
+        (n - 1) * uploads * raw_block,
+        "the rest of each block from peers"
+    );
     let sent: u64 = stats.iter().map(|st| st.bytes_uploaded).sum();
     let ratio = sent as f64 / (uploads * raw_block) as f64;
     assert!(ratio < 0.75, "the members sent {ratio:.3} of the raw bytes");
-    let share = stats[0].bytes_uploaded as f64 / sent as f64;
+    let shares: Vec<f64> = stats
+        .iter()
+        .map(|st| st.bytes_uploaded as f64 / sent as f64)
+        .collect();
     if split {
+        let even = 1.0 / n as f64;
         assert!(
-            (share - 0.5).abs() < 0.12,
-            "member 0 sent {share:.3} of the encodings"
+            shares.iter().all(|s| (s - even).abs() < 0.12),
+            "shares of the encodings {shares:?}, not about {even:.3} each"
         );
     } else {
-        assert_eq!(share, 0.0, "one segment a block: member 1 sends it");
+        let whole = shares.iter().filter(|&&s| s == 1.0).count();
+        let none = shares.iter().filter(|&&s| s == 0.0).count();
+        assert_eq!(
+            (whole, none),
+            (1, n as usize - 1),
+            "one member sends a block of one segment: {shares:?}"
+        );
     }
 }
