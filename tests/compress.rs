@@ -381,12 +381,14 @@ fn group_members(mode: Mode, n: usize) -> Option<Vec<Device>> {
 /// members upload each block's encoding once from the host and receive the rest of each block
 /// from each other. With 64 KiB segments (nine per block) each member uploads about `1/n`;
 /// with the default (64/n MiB, one segment per block here) one member uploads the whole block
-/// and the others receive it.
+/// and the others receive it. Each member's run goes on whole once decoded, or in runs of
+/// 128 KiB (two segments) as they are decoded.
 #[rstest]
 fn a_peer_group_forwards_encoded_shares(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
     #[values(None, Some(layerwise_offload::SEGMENT_BYTES_MULTIPLE))] segment: Option<usize>,
     #[values(2, 3)] n: usize,
+    #[values(usize::MAX, 2 * layerwise_offload::SEGMENT_BYTES_MULTIPLE)] push_chunk: usize,
 ) -> anyhow::Result<()> {
     let Some(devs) = group_members(mode, n) else {
         return Ok(());
@@ -399,7 +401,10 @@ fn a_peer_group_forwards_encoded_shares(
     for (rank, dev) in devs.iter().enumerate() {
         let named: Vec<(String, Tensor)> =
             before.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
-        let mut cfg = mode.config("blocks", 4).peer_group(group.clone(), rank);
+        let mut cfg = mode
+            .config("blocks", 4)
+            .peer_group(group.clone(), rank)
+            .peer_push_chunk_bytes(push_chunk);
         if let Device::Cuda(i) = dev {
             cfg = cfg.device(*i);
         }

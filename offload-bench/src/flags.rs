@@ -156,9 +156,9 @@ pub struct Cli {
     /// Peer groups: one push stream per receiving GPU.
     #[arg(long)]
     push_per_gpu: bool,
-    /// Peer groups: MiB of a GPU's share that arrive from the host before they go on to the
-    /// others (OffloadConfig::peer_push_chunk_bytes); 0 sends each share whole once it has
-    /// arrived, the crate's default.
+    /// Peer groups: MiB of a GPU's share that arrive from the host (compressed: that are
+    /// decoded) before they go on to the others (OffloadConfig::peer_push_chunk_bytes); 0
+    /// sends each share whole once it has arrived (is decoded), the crate's default.
     #[arg(long, value_name = "MIB", value_parser = int_in(0, 1 << 20))]
     push_chunk_mib: Option<i64>,
     /// Write a Chrome trace of one streamed forward to this file (needs a CUDA device).

@@ -171,9 +171,10 @@ impl OffloadConfig {
 
     /// Peer groups, raw blocks: the most bytes of a member's share that arrive from the host
     /// before they go on to the other members (by default `usize::MAX`: each share whole, once
-    /// it has arrived; 64 MiB is the size to measure). An encoded block's share goes on whole
-    /// once decoded. For measurements and tests, with the `testing` feature; not part of the
-    /// stable API.
+    /// it has arrived; 64 MiB is the size to measure). For an encoded block, the most raw
+    /// bytes of a member's decoded segments that wait for the next segment's decode before
+    /// they go on (whole runs of segments; by default the member's whole run, once decoded).
+    /// For measurements and tests, with the `testing` feature; not part of the stable API.
     #[cfg(feature = "testing")]
     pub fn peer_push_chunk_bytes(mut self, bytes: usize) -> OffloadConfig {
         self.push_chunk = bytes;

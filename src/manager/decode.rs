@@ -149,7 +149,8 @@ impl Decoding {
     /// timed one by one too, each from the end of its wait for a staging buffer (the caller
     /// then times no interval around them): the copy stream's busy time without the waits.
     /// Without `streams` (the CPU test mode) the copies are done by `copy_in` and each segment
-    /// is decoded by the CPU reference decoder.
+    /// is decoded by the CPU reference decoder. `decoded(segment, slot)` follows each decode
+    /// (a peer group sends the decoded bytes on from there).
     pub(super) fn upload(
         &mut self,
         segments: &[layerwise_offload_codec::Segment],
@@ -157,6 +158,7 @@ impl Decoding {
         streams: Option<(&Stream, &Stream)>,
         (block, timer, timing, copies, stats): (usize, &mut Timer, bool, bool, &mut OffloadStats),
         mut copy_in: impl FnMut(&layerwise_offload_codec::Segment, &Tensor) -> Result<()>,
+        decoded: impl FnMut(&layerwise_offload_codec::Segment, &mut Fenced) -> Result<()>,
     ) -> Result<()> {
         let gpu = self.gpu.as_ref();
         if streams.is_some() && gpu.is_none() {
@@ -187,6 +189,7 @@ impl Decoding {
                 }
                 _ => decode_segment_on_cpu(staged, seg, out),
             },
+            decoded,
         )
     }
 }

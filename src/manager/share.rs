@@ -141,51 +141,25 @@ impl Share<'_> {
         )
     }
 
-    /// Encoded blocks: sends bytes `raw` (`(offset, length)`) of `slot`, this member's decoded
-    /// segments, into the same bytes of every other member's slot and returns the delivery
-    /// events to hand to [`PeerGroup::deliver`]. The caller made the slot writable
-    /// ([`Self::writable`], the event given here) before queueing this member's uploads and
-    /// decodes into it, which record the slot's `ready` after the last one; the copies wait for
-    /// it and for each receiver's `writable`. Without `writable` (the CPU test mode, where the
-    /// decode is done already) every copy is done when this returns.
+    /// Encoded blocks: announces `slot` to the group (made writable by the caller,
+    /// [`Self::writable`], the event given here) and returns what sends this member's decoded
+    /// segments on to the others as they are decoded on `decode` ([`DecodedSend::decoded`],
+    /// then [`DecodedSend::finish`]). Without `decode` (the CPU test mode, where each decode is
+    /// done when it returns) every copy is done at once.
     pub(super) fn send_decoded(
         &self,
-        slot: &mut Fenced,
+        slot: &Fenced,
         writable: Option<Arc<Event>>,
-        (off, len): (usize, usize),
-    ) -> Result<Vec<Option<Arc<Event>>>> {
-        let posts = self.post(slot, writable.clone(), true)?;
-        let n = self.group.size();
-        let narrow = |t: &Tensor| t.f_narrow(0, off as i64, len as i64).context("upload");
-        let mine = narrow(&slot.head(self.bytes)?)?;
-        let mut delivered: Vec<Option<Arc<Event>>> = vec![None; n];
-        let others = posts.iter().enumerate().filter(|(o, _)| *o != self.rank);
-        if writable.is_none() {
-            for (_, post) in others {
-                device::copy_now(&mut narrow(&post.buf)?, &mine, "upload")?;
-            }
-            return Ok(delivered);
-        }
-        for (o, post) in others {
-            let p = &self.push[o];
-            if let Some(w) = &post.writable {
-                w.wait(p)?;
-            }
-            slot.wait_ready(p)?;
-            // SAFETY: the other member's slot stays allocated until every member has left the
-            // group (it joined the group's ring), and its owner posted `writable` (waited above)
-            // once nothing read it any more; it reads these bytes only after our delivery
-            // event, recorded below. `mine` holds this member's decoded segments once `ready`
-            // (waited above) completes, and is not written again before `pushed` (recorded
-            // below, waited by the slot's next write).
-            unsafe { accel::copy_peer_async(&narrow(&post.buf)?, &mine, p)? };
-            let mut e = Event::new()?;
-            e.record(p)?;
-            delivered[o] = Some(Arc::new(e));
-            slot.mark_pushed(o, p)?;
-        }
-        slot.shares_pushed();
-        Ok(delivered)
+        decode: Option<Stream>,
+    ) -> Result<DecodedSend<'_>> {
+        let posts = self.post(slot, writable, true)?;
+        Ok(DecodedSend {
+            share: self,
+            posts,
+            decode,
+            pending: None,
+            started: false,
+        })
     }
 
     /// Fills `target`'s first `bytes` bytes together with the other members: posts the buffer
@@ -288,6 +262,98 @@ impl Share<'_> {
             }
         }
         Ok((delivered, staged))
+    }
+}
+
+/// A member's decoded segments on their way to the other members of its group (an encoded
+/// block's upload, [`Share::send_decoded`]): runs of consecutive segments of at least
+/// [`Share::push_chunk`] raw bytes go on as soon as their last segment is decoded, the rest
+/// once the member's last segment is.
+pub(super) struct DecodedSend<'a> {
+    share: &'a Share<'a>,
+    /// Every member's slot, by rank.
+    posts: Vec<Post>,
+    /// The decode stream (CUDA).
+    decode: Option<Stream>,
+    /// Raw bytes `[start, end)` decoded and not yet sent.
+    pending: Option<(usize, usize)>,
+    /// The push streams waited for the receivers' `writable` already.
+    started: bool,
+}
+
+impl DecodedSend<'_> {
+    /// `segment` is decoded into `slot` (queued on the decode stream): its raw bytes join the
+    /// run to send, which goes on once it reaches [`Share::push_chunk`] bytes.
+    pub(super) fn decoded(&mut self, segment: &Segment, slot: &mut Fenced) -> Result<()> {
+        let (start, _) = self
+            .pending
+            .unwrap_or((segment.raw.start, segment.raw.start));
+        self.pending = Some((start, segment.raw.end));
+        if segment.raw.end - start >= self.share.push_chunk {
+            if let Some(d) = &self.decode {
+                // The pushes of this run wait for this recording, made behind its last decode.
+                slot.mark_ready(d)?;
+            }
+            self.push(slot)?;
+        }
+        Ok(())
+    }
+
+    /// Sends the pending run, whose decodes `slot`'s latest `ready` follows.
+    fn push(&mut self, slot: &Fenced) -> Result<()> {
+        let Some((start, end)) = self.pending.take() else {
+            return Ok(());
+        };
+        let (off, len) = (start as i64, (end - start) as i64);
+        let mine = slot.buf().f_narrow(0, off, len).context("upload")?;
+        let share = self.share;
+        for (o, post) in self.posts.iter().enumerate() {
+            if o == share.rank {
+                continue;
+            }
+            let mut theirs = post.buf.f_narrow(0, off, len).context("upload")?;
+            if self.decode.is_none() {
+                device::copy_now(&mut theirs, &mine, "upload")?;
+                continue;
+            }
+            let p = &share.push[o];
+            if !self.started
+                && let Some(w) = &post.writable
+            {
+                w.wait(p)?;
+            }
+            // A stream waits for the recording at the time of the call: this run's.
+            slot.wait_ready(p)?;
+            // SAFETY: the other member's slot stays allocated until every member has left the
+            // group (it joined the group's ring), and its owner posted `writable` (waited above,
+            // before the first run) once nothing read it any more; it reads these bytes only
+            // after our delivery event, recorded after the last run. `mine` holds this run's
+            // decoded bytes once `ready` (waited above) completes, and is not written again
+            // before `pushed` (recorded by `finish`, waited by the slot's next write).
+            unsafe { accel::copy_peer_async(&theirs, &mine, p)? };
+        }
+        self.started = true;
+        Ok(())
+    }
+
+    /// This member's last segment is decoded (the slot's `ready` recorded behind it): sends
+    /// what is pending and returns the delivery events to hand to [`PeerGroup::deliver`].
+    pub(super) fn finish(mut self, slot: &mut Fenced) -> Result<Vec<Option<Arc<Event>>>> {
+        self.push(slot)?;
+        let share = self.share;
+        let mut delivered: Vec<Option<Arc<Event>>> = vec![None; share.group.size()];
+        if self.decode.is_none() {
+            return Ok(delivered);
+        }
+        for o in (0..share.group.size()).filter(|&o| o != share.rank) {
+            let p = &share.push[o];
+            let mut e = Event::new()?;
+            e.record(p)?;
+            delivered[o] = Some(Arc::new(e));
+            slot.mark_pushed(o, p)?;
+        }
+        slot.shares_pushed();
+        Ok(delivered)
     }
 }
 
@@ -458,14 +524,20 @@ mod tests {
         );
     }
 
-    /// Every member of a CPU group writes its own run of decoded bytes into its slot and sends
-    /// it on: every slot ends up whole, nothing past the block written.
+    /// Every member of a CPU group writes its own run of decoded segments into its slot one by
+    /// one, each sent on as decoded (in runs of at least `push_chunk` bytes): every slot ends up
+    /// whole, nothing past the block written; a segment is sent only once decoded.
     #[test]
     fn decoded_runs_reach_every_member() {
         const BYTES: usize = 800;
         let segs = segments(&[10, 30, 5, 5, 40, 10, 10, 1]);
         let truth = Tensor::arange(BYTES as i64, (Kind::Uint8, Device::Cpu));
-        for n in [2, 3] {
+        for (n, push_chunk) in [
+            (2, super::PUSH_CHUNK_BYTES),
+            (3, super::PUSH_CHUNK_BYTES),
+            (2, 150),
+            (3, 1),
+        ] {
             let group = PeerGroup::new(n).unwrap();
             let results: Vec<Tensor> = std::thread::scope(|scope| {
                 let handles: Vec<_> = (0..n)
@@ -479,22 +551,20 @@ mod tests {
                                 push: &[],
                                 block: 3,
                                 bytes: BYTES,
-                                push_chunk: super::PUSH_CHUNK_BYTES,
-                            };
-                            let run = &segs[segment_share(segs, n, rank)];
-                            let (off, len) = match (run.first(), run.last()) {
-                                (Some(a), Some(b)) => (a.raw.start, b.raw.end - a.raw.start),
-                                _ => (0, 0),
+                                push_chunk,
                             };
                             let buf =
                                 Tensor::zeros([BYTES as i64 + 24], (Kind::Uint8, Device::Cpu));
-                            // This member's "decode": its run only.
-                            buf.narrow(0, off as i64, len as i64)
-                                .copy_(&truth.narrow(0, off as i64, len as i64));
                             let mut slot =
                                 Fenced::new(buf.shallow_clone(), false, Some((n, rank))).unwrap();
-                            let delivered =
-                                share.send_decoded(&mut slot, None, (off, len)).unwrap();
+                            let mut send = share.send_decoded(&slot, None, None).unwrap();
+                            for seg in &segs[segment_share(segs, n, rank)] {
+                                // This member's "decode" of the segment, then its hook.
+                                let (off, len) = (seg.raw.start as i64, seg.raw.len() as i64);
+                                buf.narrow(0, off, len).copy_(&truth.narrow(0, off, len));
+                                send.decoded(seg, &mut slot).unwrap();
+                            }
+                            let delivered = send.finish(&mut slot).unwrap();
                             assert!(
                                 delivered.iter().all(Option::is_none),
                                 "no events on the CPU"

@@ -76,8 +76,10 @@ impl<E: Fence> StagingRing<E> {
     /// `decode_out(segment, staging)` the decode of those bytes into the slot on `decode` (once
     /// the copy is done, and for the first segment once the slot's last reader is done). Records
     /// each buffer's `ready` (copy) and `free` (decode), and the slot's `ready` after the last
-    /// decode. Without `streams` (the CPU test mode: each copy and decode is done when it
-    /// returns) the same buffers are used in the same order, and no event is waited or recorded.
+    /// decode. `decoded(segment, slot)` is called after each segment's decode is queued (a
+    /// peer group sends decoded bytes on from there). Without `streams` (the CPU test mode:
+    /// each copy and decode is done when it returns) the same buffers are used in the same
+    /// order, and no event is waited or recorded.
     pub(super) fn upload(
         &mut self,
         segments: &[Segment],
@@ -85,6 +87,7 @@ impl<E: Fence> StagingRing<E> {
         streams: Option<(&E::Stream, &E::Stream)>,
         mut copy_in: impl FnMut(&Segment, &Tensor) -> Result<()>,
         mut decode_out: impl FnMut(&Segment, &Tensor) -> Result<()>,
+        mut decoded: impl FnMut(&Segment, &mut Fenced<E>) -> Result<()>,
     ) -> Result<()> {
         for (i, seg) in segments.iter().enumerate() {
             let k = self.next();
@@ -105,6 +108,7 @@ impl<E: Fence> StagingRing<E> {
             if let Some((_, decode)) = streams {
                 buf.mark_free(decode)?;
             }
+            decoded(seg, slot)?;
         }
         match streams {
             Some((_, decode)) => slot.mark_ready(decode),
@@ -143,9 +147,9 @@ mod tests {
     /// Five segments through a ring of two buffers, then a second block of two: segment i of
     /// the run takes buffer i % 2; each copy waits for the buffer's last decode (from the third
     /// segment on) and records its `ready`; each decode waits for that `ready`, the first one
-    /// also for the slot's `free`, and records the buffer's `free`; the slot's `ready` follows
-    /// the last decode. Each staged view is the first bytes of its buffer, as long as the
-    /// segment's encoding.
+    /// also for the slot's `free`, and records the buffer's `free`, after which the `decoded`
+    /// hook runs; the slot's `ready` follows the last decode. Each staged view is the first
+    /// bytes of its buffer, as long as the segment's encoding.
     #[test]
     fn segments_take_the_buffers_in_turn_with_their_waits() -> Result<()> {
         let input: Vec<u8> = (0..5 * 1024 - 100).map(|i| (i % 13) as u8).collect();
@@ -185,6 +189,13 @@ mod tests {
                 decoded.push(k);
                 Ok(())
             },
+            |seg, _| {
+                decode
+                    .log
+                    .borrow_mut()
+                    .push(format!("decoded {}", seg.raw.start));
+                Ok(())
+            },
         )?;
         assert_eq!(copied, [0, 1, 0, 1, 0]);
         assert_eq!(decoded, copied);
@@ -215,18 +226,23 @@ mod tests {
                 format!("wait {slot_free}#1"),
                 "decode 0 from 0".to_string(),
                 format!("record {f0}#1"),
+                "decoded 0".to_string(),
                 format!("wait {r1}#1"),
                 "decode 1024 from 1".to_string(),
                 format!("record {f1}#1"),
+                "decoded 1024".to_string(),
                 format!("wait {r0}#2"),
                 "decode 2048 from 0".to_string(),
                 format!("record {f0}#2"),
+                "decoded 2048".to_string(),
                 format!("wait {r1}#2"),
                 "decode 3072 from 1".to_string(),
                 format!("record {f1}#2"),
+                "decoded 3072".to_string(),
                 format!("wait {r0}#3"),
                 "decode 4096 from 0".to_string(),
                 format!("record {f0}#3"),
+                "decoded 4096".to_string(),
                 format!("record {slot_ready}#1"),
             ]
         );
@@ -241,6 +257,7 @@ mod tests {
                 copied.push(starts.iter().position(|&s| s == ptr(staged)).unwrap());
                 Ok(())
             },
+            |_, _| Ok(()),
             |_, _| Ok(()),
         )?;
         assert_eq!(copied, [1, 0]);
@@ -288,6 +305,7 @@ mod tests {
                 Ok(())
             },
             |_, _| Ok(()),
+            |_, _| Ok(()),
         )?;
         assert_eq!(used, [0, 1, 0, 1]);
         Ok(())
@@ -319,6 +337,7 @@ mod tests {
                     _ => Ok(()),
                 }
             },
+            |_, _| Ok(()),
             |_, _| Ok(()),
         );
         assert!(r.is_err());
@@ -354,6 +373,7 @@ mod tests {
                     .push(format!("copy {}", seg.raw.start));
                 Ok(())
             },
+            |_, _| Ok(()),
             |_, _| Ok(()),
         )?;
         assert_eq!(copied, [0, 1, 2, 0, 1]);

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use super::decode::segments_of;
 use super::device;
+use super::fence::Fenced;
 use super::phase::Loop;
 use super::share::{Share, segment_share};
 use super::tier::Transport;
@@ -89,7 +90,7 @@ impl Loop<'_> {
                 match transport {
                     Transport::Raw { bytes } => self.upload_raw(block, s, bytes, pair)?,
                     Transport::Encoded { len, raw } => {
-                        self.upload_encoded(block, s, (len, raw), pair, None)?;
+                        self.upload_encoded(block, s, (len, raw), pair, None, |_, _| Ok(()))?;
                     }
                 }
                 Moved {
@@ -141,8 +142,9 @@ impl Loop<'_> {
     /// `pair` times the copies together (from the first segment's to the last one's, waits for
     /// staging buffers included) or, while a timeline is captured, each copy on its own (waits
     /// excluded); each decode is timed on its own. With `share` (a peer group's size and this
-    /// member's rank) only this member's run of segments ([`segment_share`]). Returns the
-    /// bytes of the slot those segments decode into and of their encodings.
+    /// member's rank) only this member's run of segments ([`segment_share`]), and
+    /// `on_decoded(segment, slot)` after each one's decode is queued. Returns the bytes of the
+    /// slot those segments decode into and of their encodings.
     fn upload_encoded(
         &mut self,
         block: usize,
@@ -150,6 +152,7 @@ impl Loop<'_> {
         (len, raw): (usize, usize),
         pair: Pair,
         share: Option<(usize, usize)>,
+        on_decoded: impl FnMut(&Segment, &mut Fenced) -> Result<()>,
     ) -> Result<Decoded> {
         let out = self.rt.ring.slot(s).dst(raw)?;
         let staged = self.rt.blocks[block].tier.stage(block, 0, len)?;
@@ -206,6 +209,7 @@ impl Loop<'_> {
                         // by its previous decode (`free`, waited before this copy).
                         unsafe { device::copy_pieces(dst, &[(0, part)], c, "upload") }
                     },
+                    on_decoded,
                 )?;
                 if let Some((c, _)) = streams {
                     let key = (block, decoded.encoded as u64, Lane::Upload);
@@ -266,19 +270,29 @@ impl Loop<'_> {
                 // Writable for the others before this member's own copies are queued, so
                 // that their copies into the slot need not wait for these.
                 let writable = Share::writable(self.rt.ring.slot(s).fenced(), copy.as_ref())?;
-                let n = group.size();
-                let mine = self.upload_encoded(block, s, (len, raw), pair, Some((n, rank)))?;
+                let push = self.peer.push.clone();
                 let share = Share {
                     group,
                     rank,
                     round,
-                    push: &self.peer.push,
+                    push: &push,
                     block,
                     bytes: raw,
                     push_chunk: self.config.push_chunk,
                 };
-                let slot = self.rt.ring.slot_mut(s).fenced_mut();
-                let delivered = share.send_decoded(slot, writable, mine.raw)?;
+                let decode = copy.and(self.backend.decode_stream());
+                let slot = self.rt.ring.slot(s).fenced();
+                let mut send = share.send_decoded(slot, writable, decode)?;
+                let n = group.size();
+                let mine = self.upload_encoded(
+                    block,
+                    s,
+                    (len, raw),
+                    pair,
+                    Some((n, rank)),
+                    |seg, slot| send.decoded(seg, slot),
+                )?;
+                let delivered = send.finish(self.rt.ring.slot_mut(s).fenced_mut())?;
                 Ok(Moved {
                     sent: mine.encoded,
                     received: raw - mine.raw.1,
