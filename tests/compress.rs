@@ -685,3 +685,31 @@ fn a_checkpoint_loads_compressed(
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// `stream_ids`: none before `initialize`; after it, on CUDA, a copy stream and a decode stream
+/// of their own (not the compute stream, not each other); none in the CPU test mode.
+#[rstest]
+fn a_compressed_manager_takes_its_own_copy_and_decode_streams(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let _lock = common::gpu_lock();
+    let named = bf16_blocks();
+    let mut m = mode.config("blocks", 4).compress(true).build(&named)?;
+    assert_eq!(m.stream_ids(), (None, None), "taken at initialize");
+    m.initialize()?;
+    match dev {
+        Device::Cuda(d) => {
+            let compute = layerwise_offload::accel::Stream::current(d)?.id();
+            let (Some(copy), Some(decode)) = m.stream_ids() else {
+                panic!("no streams after initialize: {:?}", m.stream_ids());
+            };
+            assert!(copy != decode && copy != compute && decode != compute);
+        }
+        _ => assert_eq!(m.stream_ids(), (None, None), "no streams on the CPU"),
+    }
+    m.restore()?;
+    Ok(())
+}

@@ -84,6 +84,9 @@ impl Bench {
             }
             _ => None,
         };
+        if let Device::Cuda(d) = dev {
+            eprintln!("compute stream {}", Stream::current(d)?.id());
+        }
         eprintln!(
             "building {} {MODEL_NAME} weights ({} blocks, dim {}, ffn {}) on the CPU...",
             s.preset, s.layers, s.dim, s.ffn
@@ -364,13 +367,17 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
         } else {
             streamed_bytes
         };
+        let (copy_id, decode_id) = m.stream_ids();
+        let id = |s: Option<i64>| s.map_or("-".to_string(), |i| i.to_string());
         eprintln!(
-            "{label}: initialize {init_s:.2} s; {} streamed, {} resident blocks; host peak {:.2} GiB (before: {:.2} GiB), {:.2} GiB in huge pages now",
+            "{label}: initialize {init_s:.2} s; {} streamed, {} resident blocks; host peak {:.2} GiB (before: {:.2} GiB), {:.2} GiB in huge pages now; copy stream {}, decode stream {}",
             st.streamed_blocks,
             st.resident_blocks,
             host_peak as f64 / (1u64 << 30) as f64,
             b.host_before as f64 / (1u64 << 30) as f64,
-            huge_page_bytes() as f64 / (1u64 << 30) as f64
+            huge_page_bytes() as f64 / (1u64 << 30) as f64,
+            id(copy_id),
+            id(decode_id)
         );
         for (tokens, xs) in &b.inputs {
             if let Device::Cuda(d) = dev {

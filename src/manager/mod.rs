@@ -166,6 +166,18 @@ impl LayerwiseOffloadManager {
         self.phase.plan()
     }
 
+    /// The ids ([`Stream::id`](crate::accel::Stream::id)) of the copy stream and the decode
+    /// stream, once taken from libtorch's pool (CUDA, at `initialize`), to tell which streams a
+    /// measured configuration used. With the `testing` feature; not part of the stable API.
+    #[cfg(feature = "testing")]
+    pub fn stream_ids(&self) -> (Option<i64>, Option<i64>) {
+        let id = |s: Option<crate::accel::Stream>| s.map(|s| s.id());
+        (
+            id(self.backend.copy_stream()),
+            id(self.backend.decode_stream()),
+        )
+    }
+
     /// Number of offloaded blocks over all lists (0 before `initialize`).
     pub fn num_blocks(&self) -> usize {
         self.phase.blocks().len()
