@@ -110,7 +110,8 @@ impl OffloadConfig {
     /// member per GPU, each driven by its own thread, all entering the same blocks in the same
     /// order (see [`PeerGroup`]). Usually combined with [`Self::host_store`] so the host holds
     /// one copy. The first block is uploaded at the first `enter`, not by `initialize`, since
-    /// uploads need every member.
+    /// uploads need every member. With [`Self::compress`] the members split each block by
+    /// whole segments, each decoding its own and sending the decoded bytes on.
     pub fn peer_group(mut self, group: Arc<PeerGroup>, rank: usize) -> OffloadConfig {
         self.peer = Some((group, rank));
         self
