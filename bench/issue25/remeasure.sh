@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 25's single-GPU table in one run (about 5 minutes on an H100): Wan2.1-14B from the wan
+# Issue 25's single-GPU table in one run (about 6 minutes on an H100): Wan2.1-14B from the wan
 # crate, every configuration raw and compressed, then the over-the-floor summary.
 #
 #   bench/issue25/remeasure.sh OFFLOAD_BENCH OUT_DIR
@@ -9,7 +9,11 @@
 #   table.log     1024 and 4096 tokens: full streaming, 13 and 20 GiB budgets, resident
 #   16384.log     16384 tokens (compute-bound): full streaming, resident
 #   repeat.log    the 20 GiB compressed row built three times in one process (order effects)
-#   summary.md    bench/issue25/over_floor.py of the three
+#   order.log     the 20 GiB row raw, then compressed, in one process: whether one configuration
+#                 before it slows the compressed one (on an H100 it took 116.0 ms as the sixth
+#                 configuration of table.log and 108.2 alone); every initialize line names the
+#                 copy and decode streams the configuration got
+#   summary.md    bench/issue25/over_floor.py of the four
 set -euo pipefail
 bench=${1:?usage: remeasure.sh OFFLOAD_BENCH OUT_DIR}
 out=${2:?usage: remeasure.sh OFFLOAD_BENCH OUT_DIR}
@@ -21,4 +25,8 @@ common=(--model wan --preset wan-14b --ctx 512 --depth 1)
 "$bench" "${common[@]}" --tokens 16384 --reps 3 --warmup 1 --compress >"$out/16384.log" 2>&1
 "$bench" "${common[@]}" --tokens 1024 --reps 5 --warmup 2 --budgets 20 --compress --no-raw \
   --no-full-streaming --repeat 3 --no-resident >"$out/repeat.log" 2>&1
-python3 "$here/over_floor.py" "$out/table.log" "$out/16384.log" "$out/repeat.log" | tee "$out/summary.md"
+"$bench" "${common[@]}" --tokens 1024 --reps 5 --warmup 2 --budgets 20 --compress \
+  --no-full-streaming --no-resident >"$out/order.log" 2>&1
+python3 "$here/over_floor.py" "$out/table.log" "$out/16384.log" "$out/repeat.log" \
+  "$out/order.log" | tee "$out/summary.md"
+grep -h "copy stream\|compute stream" "$out"/*.log >>"$out/summary.md" || true
