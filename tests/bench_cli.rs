@@ -188,6 +188,33 @@ fn result_lines_record_the_hardware_queues_the_bench_set() {
     }
 }
 
+/// The peer group's rows record each member's share of the uploads from the host (about half
+/// each, together the whole) and the peak VRAM (none on the CPU).
+#[test]
+fn peer_rows_record_each_members_host_bytes() {
+    let out = Command::new(bench())
+        .args(TINY)
+        .args(["--gpus", "2", "--modes", "peer"])
+        .output()
+        .expect("offload-bench starts");
+    let rows = common::cli::result_rows("offload-bench", &out);
+    let members: Vec<_> = rows.iter().filter(|r| r["gpus"] == 2).collect();
+    assert_eq!(members.len(), 2, "{rows:?}");
+    let shares: Vec<f64> = members
+        .iter()
+        .map(|r| r["host_share"].as_f64().unwrap())
+        .collect();
+    assert!(
+        (shares.iter().sum::<f64>() - 1.0).abs() < 1e-3,
+        "shares {shares:?} add up to the whole"
+    );
+    assert!(
+        shares.iter().all(|s| (s - 0.5).abs() < 0.05),
+        "each about half: {shares:?}"
+    );
+    assert!(members.iter().all(|r| r["peak_vram_bytes"] == 0), "the CPU");
+}
+
 /// Runs offload-bench with `args`; it must exit non-zero with an error naming `flag` (and no
 /// panic).
 fn assert_refused(args: &[&str], flag: &str) {

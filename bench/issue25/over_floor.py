@@ -6,7 +6,8 @@ configuration, tokens, ms per forward (median and sustained), its floor, how far
     python3 bench/issue25/over_floor.py LOG [LOG ...]
 
 The floor is offload-bench's: max(resident time, streamed bytes / measured pinned H2D bandwidth).
-Rows of several-GPU runs are listed with their link floor (a member's share of the bytes).
+Rows of several-GPU runs are listed with their link floor (1/N of the bytes) and each GPU's share
+of the host uploads (a compressed peer group splits blocks by whole segments).
 """
 import json
 import os
@@ -35,7 +36,9 @@ def main(paths):
             "| {} | {} | {} | {} | {:.1f} | {} | {} | {} | {} | {} | {} |".format(
                 os.path.basename(path),
                 r["device"],
-                r["mode"] + (f", GPU {r['gpu']} of {r['gpus']}" if "gpu" in r else ""),
+                r["mode"]
+                + (f", GPU {r['gpu']} of {r['gpus']}" if "gpu" in r else "")
+                + (f", host share {r['host_share']:.3f}" if "host_share" in r else ""),
                 r["tokens"],
                 r["ms"],
                 f"{r['ms_sustained']:.1f}" if "ms_sustained" in r else "",

@@ -82,6 +82,12 @@ pub enum Detail {
         host_bytes: u64,
         /// A peer group member's link floor (1/N of the store per forward).
         link_floor_ms: Option<f64>,
+        /// This GPU's part of what the GPUs of its mode uploaded from the host during the timed
+        /// forwards (a peer group member's share: a compressed group splits blocks by whole
+        /// segments, not exactly 1/N).
+        host_share: f64,
+        /// Peak bytes allocated on this GPU during the timed forwards.
+        peak_vram_bytes: u64,
     },
 }
 
@@ -91,6 +97,11 @@ impl Measurement {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).expect("a measurement serializes")
     }
+}
+
+/// `v` to 4 decimals (shares).
+fn round4(v: f64) -> f64 {
+    (v * 1e4).round() / 1e4
 }
 
 /// ms to move `bytes` at `bw` GiB/s (0 without a measured link).
@@ -213,6 +224,7 @@ pub fn print(
         let link_floor = (mode.starts_with("peer split") && bw > 0.0)
             .then(|| host_bytes as f64 / a.gpus as f64 / (1u64 << 30) as f64 / bw * 1e3);
         let slowest = rows_t.iter().map(|r| r.ms).fold(0.0, f64::max);
+        let sent: u64 = rows_t.iter().map(|r| r.sent).sum();
         let aggregate = streamed / (1u64 << 30) as f64 / (slowest / 1e3);
         for r in &rows_t {
             let diff = resident
@@ -223,8 +235,13 @@ pub fn print(
                 .filter(|_| r.ms_sustained > 0.0)
                 .map_or(String::new(), |f| format!("{:.3}", f / r.ms_sustained));
             println!(
-                "| {device_name} | {preset_cell} | {tokens} | stream d{}, {mode}, GPU {} of {} | {:.1} | {:.1} | {floor} | {ratio} | | | | |",
-                a.depth, r.gpu, a.gpus, r.ms, r.ms_sustained
+                "| {device_name} | {preset_cell} | {tokens} | stream d{}, {mode}, GPU {} of {} | {:.1} | {:.1} | {floor} | {ratio} | | | {:.2} | |",
+                a.depth,
+                r.gpu,
+                a.gpus,
+                r.ms,
+                r.ms_sustained,
+                r.peak_vram as f64 / (1u64 << 30) as f64
             );
             let m = common(
                 mode,
@@ -238,6 +255,8 @@ pub fn print(
                     delivered_gib_s: round2(aggregate),
                     host_bytes,
                     link_floor_ms: link_floor.map(round2),
+                    host_share: round4(r.sent as f64 / sent.max(1) as f64),
+                    peak_vram_bytes: r.peak_vram,
                 },
             );
             println!("RESULT {}", m.to_json());
@@ -434,6 +453,8 @@ mod tests {
             delivered_gib_s: 98.5,
             host_bytes: 20_256_030_720,
             link_floor_ms: None,
+            host_share: 0.5012,
+            peak_vram_bytes: 2_233_466_880,
         });
         m.mode = "peer split compressed".into();
         m.max_abs_diff = None;
@@ -456,6 +477,8 @@ mod tests {
             "delivered_gib_s": 98.5,
             "host_bytes": 20_256_030_720u64,
             "link_floor_ms": null,
+            "host_share": 0.5012,
+            "peak_vram_bytes": 2_233_466_880u64,
             "max_abs_diff": null,
         });
         assert_eq!(m.to_json(), want);
@@ -472,6 +495,8 @@ mod tests {
             delivered_gib_s: f64::NAN,
             host_bytes: 0,
             link_floor_ms: Some(f64::INFINITY),
+            host_share: 0.0,
+            peak_vram_bytes: 0,
         });
         m.ms = f64::NAN;
         let v = m.to_json();

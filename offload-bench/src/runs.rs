@@ -461,6 +461,11 @@ pub struct GpuRow {
     pub ms: f64,
     /// Mean ms per forward, back to back.
     pub ms_sustained: f64,
+    /// Bytes this GPU uploaded from the host during the timed forwards (in a peer group its
+    /// share of the uploads).
+    pub sent: u64,
+    /// Peak bytes allocated on this GPU during the timed forwards (0 on the CPU).
+    pub peak_vram: u64,
     /// The last forward's output, on the CPU.
     pub out: Tensor,
 }
@@ -600,6 +605,11 @@ pub fn several_gpus(a: &Args, b: &Bench) -> Result<MultiRuns> {
                         m.initialize()?;
                         let mut out = Vec::new();
                         for (tokens, xs) in inputs_g {
+                            if let Device::Cuda(d) = dev_g {
+                                accel::synchronize_device(d)?;
+                                accel::reset_peak_memory_stats(d)?;
+                            }
+                            let sent0 = m.stats().bytes_uploaded;
                             barrier.wait();
                             let (ms, ms_sustained, y) = time_forwards(
                                 a,
@@ -607,6 +617,11 @@ pub fn several_gpus(a: &Args, b: &Bench) -> Result<MultiRuns> {
                                 dev_g,
                                 &pb,
                             )?;
+                            let sent = m.stats().bytes_uploaded - sent0;
+                            let peak_vram = match dev_g {
+                                Device::Cuda(d) => accel::memory_stats(d)?.peak_allocated,
+                                _ => 0,
+                            };
                             if let (Some(dir), Device::Cuda(_)) = (&a.trace_dir, dev_g) {
                                 // This GPU's timeline of three forwards back to back (in a peer
                                 // group every member captures the same three).
@@ -623,6 +638,8 @@ pub fn several_gpus(a: &Args, b: &Bench) -> Result<MultiRuns> {
                                 tokens,
                                 ms,
                                 ms_sustained,
+                                sent,
+                                peak_vram,
                                 out: y.to_device(Device::Cpu),
                             });
                         }
