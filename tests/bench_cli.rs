@@ -31,13 +31,18 @@ const TINY: [&str; 13] = [
     "--warmup", "0",
 ];
 
+/// The tiny CPU run with `extra` flags.
+fn tiny_run(extra: &[&str]) -> std::process::Output {
+    Command::new(bench())
+        .args(TINY)
+        .args(extra)
+        .output()
+        .expect("offload-bench starts")
+}
+
 #[test]
 fn offload_bench_runs_in_cpu_test_mode() {
-    let out = Command::new(bench())
-        .args(TINY)
-        .args(["--budgets", "0.015,1", "--gpus", "2"])
-        .output()
-        .expect("offload-bench starts");
+    let out = tiny_run(&["--budgets", "0.015,1", "--gpus", "2"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let rows = common::cli::result_rows("offload-bench", &out);
     let (multi, rows): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| !r["gpus"].is_null());
@@ -109,11 +114,7 @@ fn offload_bench_runs_in_cpu_test_mode() {
 /// Runs the tiny CPU run with `extra` flags and asserts its rows' modes, in order, and that
 /// every output equals the resident model's.
 fn assert_exact_rows(extra: &[&str], modes: &[&str]) {
-    let out = Command::new(bench())
-        .args(TINY)
-        .args(extra)
-        .output()
-        .expect("offload-bench starts");
+    let out = tiny_run(extra);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let rows = common::cli::result_rows("offload-bench", &out);
     let got: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();
@@ -192,11 +193,7 @@ fn result_lines_record_the_hardware_queues_the_bench_set() {
 /// each, together the whole) and the peak VRAM (none on the CPU).
 #[test]
 fn peer_rows_record_each_members_host_bytes() {
-    let out = Command::new(bench())
-        .args(TINY)
-        .args(["--gpus", "2", "--modes", "peer"])
-        .output()
-        .expect("offload-bench starts");
+    let out = tiny_run(&["--gpus", "2", "--modes", "peer"]);
     let rows = common::cli::result_rows("offload-bench", &out);
     let members: Vec<_> = rows.iter().filter(|r| r["gpus"] == 2).collect();
     assert_eq!(members.len(), 2, "{rows:?}");

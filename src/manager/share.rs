@@ -154,11 +154,9 @@ impl Share<'_> {
     ) -> Result<DecodedSend<'_>> {
         let posts = self.post(slot, writable, true)?;
         Ok(DecodedSend {
-            share: self,
-            posts,
+            out: Outgoing::new(self, posts, decode.is_some()),
             decode,
             pending: None,
-            started: false,
         })
     }
 
@@ -177,91 +175,126 @@ impl Share<'_> {
         (timer, pair): (&mut Timer, Pair),
         source: impl FnOnce(usize, usize) -> Result<Staged>,
     ) -> Result<(Vec<Option<Arc<Event>>>, Staged)> {
-        let n = self.group.size();
         // 1. The buffer may be written once its last reader is done and this member's share
         //    of its previous contents has gone out to the others.
         let writable = Self::writable(target, copy)?;
         let posts = self.post(target, writable, false)?;
-        let dst = target.head(self.bytes)?;
-        // 2. This member's share: host -> own buffer -> every other member's.
+        // 2. This member's share: host -> own buffer -> every other member's, chunk by chunk.
         let (off, len) = self.range();
-        let narrow = |t: &Tensor| t.f_narrow(0, off as i64, len as i64).context("upload");
         let staged = source(off, len)?;
-        let mine = narrow(&dst)?;
-        let mut delivered: Vec<Option<Arc<Event>>> = vec![None; n];
+        let mut out = Outgoing::new(self, posts, copy.is_some());
         let parts = chunks(len, self.push_chunk);
-        let others: Vec<(usize, &Post)> = posts
-            .iter()
-            .enumerate()
-            .filter(|(o, _)| *o != self.rank)
-            .collect();
+        let buf = target.buf().shallow_clone();
+        let chunk = |po: usize, pl: usize| -> Result<(Tensor, Vec<(usize, Tensor)>)> {
+            let part = buf.f_narrow(0, (off + po) as i64, pl as i64);
+            let host = pieces_within(&staged.pieces, po, pl, "upload")?;
+            Ok((part.context("upload")?, host))
+        };
         match copy {
             Some(c) => {
                 timer.time(pair, c, (self.block, len as u64, Lane::Upload), || {
-                    for (i, &(po, pl)) in parts.iter().enumerate() {
-                        let part = mine.f_narrow(0, po as i64, pl as i64).context("upload")?;
-                        let host = pieces_within(&staged.pieces, po, pl, "upload")?;
+                    for &(po, pl) in &parts {
+                        let (part, host) = chunk(po, pl)?;
                         // SAFETY: the host bytes live in the manager until restore or Drop,
                         // which wait for the copy stream, and nothing writes them meanwhile; the
                         // buffer was made writable above, and nothing reads it before `ready`
                         // (recorded after each chunk; compute or the decode waits for it only
-                        // after the last, the push streams below after each).
+                        // after the last, the pushes after each).
                         unsafe { device::copy_pieces(&part, &host, c, "upload")? };
                         target.mark_ready(c)?;
-                        for &(o, post) in &others {
-                            let p = &self.push[o];
-                            if i == 0
-                                && let Some(w) = &post.writable
-                            {
-                                w.wait(p)?;
-                            }
-                            // A stream waits for the recording at the time of the call: this
-                            // chunk's, not a later one's.
-                            target.wait_ready(p)?;
-                            let theirs = narrow(&post.buf)?
-                                .f_narrow(0, po as i64, pl as i64)
-                                .context("upload")?;
-                            // SAFETY: the other member's buffer stays allocated until every
-                            // member has left the group (it joined the group's ring), and its
-                            // owner posted `writable` (waited above, before the first chunk) once
-                            // nothing read it any more; it reads the bytes only after our
-                            // delivery event, recorded after the last chunk. `part` holds this
-                            // chunk once `ready` (waited above) completes, and is not written
-                            // again before `pushed` (recorded below, waited by the buffer's
-                            // next write).
-                            unsafe { accel::copy_peer_async(&theirs, &part, p)? };
-                        }
+                        out.push(target, (off + po, pl))?;
                     }
                     Ok(())
                 })?;
-                for &(o, _) in &others {
-                    let mut e = Event::new()?;
-                    e.record(&self.push[o])?;
-                    delivered[o] = Some(Arc::new(e));
-                }
-                for &(o, _) in &others {
-                    target.mark_pushed(o, &self.push[o])?;
-                }
-                target.shares_pushed();
             }
             None => {
                 for &(po, pl) in &parts {
-                    let part = mine.f_narrow(0, po as i64, pl as i64).context("upload")?;
-                    device::copy_pieces_now(
-                        &part,
-                        &pieces_within(&staged.pieces, po, pl, "upload")?,
-                        "upload",
-                    )?;
-                    for &(_, post) in &others {
-                        let mut theirs = narrow(&post.buf)?
-                            .f_narrow(0, po as i64, pl as i64)
-                            .context("upload")?;
-                        device::copy_now(&mut theirs, &part, "upload")?;
-                    }
+                    let (part, host) = chunk(po, pl)?;
+                    device::copy_pieces_now(&part, &host, "upload")?;
+                    out.push(target, (off + po, pl))?;
                 }
             }
         }
+        let delivered = out.finish(target)?;
         Ok((delivered, staged))
+    }
+}
+
+/// What a member sends on to the other members of its group in one upload: ranges of its
+/// buffer, each once the buffer's latest `ready` covers it, into the same bytes of every other
+/// member's buffer (posted to the group), on the push streams; then the delivery events.
+struct Outgoing<'a> {
+    share: &'a Share<'a>,
+    /// Every member's buffer, by rank.
+    posts: Vec<Post>,
+    /// The copies run on the push streams (CUDA); without, each is done at once.
+    streams: bool,
+    /// The push streams waited for the receivers' `writable` already.
+    started: bool,
+}
+
+impl<'a> Outgoing<'a> {
+    fn new(share: &'a Share<'a>, posts: Vec<Post>, streams: bool) -> Outgoing<'a> {
+        Outgoing {
+            share,
+            posts,
+            streams,
+            started: false,
+        }
+    }
+
+    /// Sends bytes `[off, off + len)` of `from`, whose writes `from`'s latest `ready` follows.
+    fn push(&mut self, from: &Fenced, (off, len): (usize, usize)) -> Result<()> {
+        let (off, len) = (off as i64, len as i64);
+        let mine = from.buf().f_narrow(0, off, len).context("upload")?;
+        let share = self.share;
+        for (o, post) in self.posts.iter().enumerate() {
+            if o == share.rank {
+                continue;
+            }
+            let mut theirs = post.buf.f_narrow(0, off, len).context("upload")?;
+            if !self.streams {
+                device::copy_now(&mut theirs, &mine, "upload")?;
+                continue;
+            }
+            let p = &share.push[o];
+            if !self.started
+                && let Some(w) = &post.writable
+            {
+                w.wait(p)?;
+            }
+            // A stream waits for the recording at the time of the call: this range's.
+            from.wait_ready(p)?;
+            // SAFETY: the other member's buffer stays allocated until every member has left the
+            // group (it joined the group's ring), and its owner posted `writable` (waited above,
+            // before the first range) once nothing read it any more; it reads these bytes only
+            // after our delivery event, recorded by `finish` after the last range. `mine` holds
+            // this range once `ready` (waited above) completes, and is not written again before
+            // `pushed` (recorded by `finish`, waited by the buffer's next write).
+            unsafe { accel::copy_peer_async(&theirs, &mine, p)? };
+        }
+        self.started = true;
+        Ok(())
+    }
+
+    /// Every range is queued: records the delivery events to hand to [`PeerGroup::deliver`]
+    /// (None for this member, and without streams) and `from`'s `pushed`, which its next write
+    /// waits for.
+    fn finish(self, from: &mut Fenced) -> Result<Vec<Option<Arc<Event>>>> {
+        let share = self.share;
+        let mut delivered: Vec<Option<Arc<Event>>> = vec![None; share.group.size()];
+        if !self.streams {
+            return Ok(delivered);
+        }
+        for o in (0..share.group.size()).filter(|&o| o != share.rank) {
+            let p = &share.push[o];
+            let mut e = Event::new()?;
+            e.record(p)?;
+            delivered[o] = Some(Arc::new(e));
+            from.mark_pushed(o, p)?;
+        }
+        from.shares_pushed();
+        Ok(delivered)
     }
 }
 
@@ -270,15 +303,11 @@ impl Share<'_> {
 /// [`Share::push_chunk`] raw bytes go on as soon as their last segment is decoded, the rest
 /// once the member's last segment is.
 pub(super) struct DecodedSend<'a> {
-    share: &'a Share<'a>,
-    /// Every member's slot, by rank.
-    posts: Vec<Post>,
+    out: Outgoing<'a>,
     /// The decode stream (CUDA).
     decode: Option<Stream>,
     /// Raw bytes `[start, end)` decoded and not yet sent.
     pending: Option<(usize, usize)>,
-    /// The push streams waited for the receivers' `writable` already.
-    started: bool,
 }
 
 impl DecodedSend<'_> {
@@ -289,7 +318,7 @@ impl DecodedSend<'_> {
             .pending
             .unwrap_or((segment.raw.start, segment.raw.start));
         self.pending = Some((start, segment.raw.end));
-        if segment.raw.end - start >= self.share.push_chunk {
+        if segment.raw.end - start >= self.out.share.push_chunk {
             if let Some(d) = &self.decode {
                 // The pushes of this run wait for this recording, made behind its last decode.
                 slot.mark_ready(d)?;
@@ -301,59 +330,17 @@ impl DecodedSend<'_> {
 
     /// Sends the pending run, whose decodes `slot`'s latest `ready` follows.
     fn push(&mut self, slot: &Fenced) -> Result<()> {
-        let Some((start, end)) = self.pending.take() else {
-            return Ok(());
-        };
-        let (off, len) = (start as i64, (end - start) as i64);
-        let mine = slot.buf().f_narrow(0, off, len).context("upload")?;
-        let share = self.share;
-        for (o, post) in self.posts.iter().enumerate() {
-            if o == share.rank {
-                continue;
-            }
-            let mut theirs = post.buf.f_narrow(0, off, len).context("upload")?;
-            if self.decode.is_none() {
-                device::copy_now(&mut theirs, &mine, "upload")?;
-                continue;
-            }
-            let p = &share.push[o];
-            if !self.started
-                && let Some(w) = &post.writable
-            {
-                w.wait(p)?;
-            }
-            // A stream waits for the recording at the time of the call: this run's.
-            slot.wait_ready(p)?;
-            // SAFETY: the other member's slot stays allocated until every member has left the
-            // group (it joined the group's ring), and its owner posted `writable` (waited above,
-            // before the first run) once nothing read it any more; it reads these bytes only
-            // after our delivery event, recorded after the last run. `mine` holds this run's
-            // decoded bytes once `ready` (waited above) completes, and is not written again
-            // before `pushed` (recorded by `finish`, waited by the slot's next write).
-            unsafe { accel::copy_peer_async(&theirs, &mine, p)? };
+        match self.pending.take() {
+            Some((start, end)) => self.out.push(slot, (start, end - start)),
+            None => Ok(()),
         }
-        self.started = true;
-        Ok(())
     }
 
     /// This member's last segment is decoded (the slot's `ready` recorded behind it): sends
     /// what is pending and returns the delivery events to hand to [`PeerGroup::deliver`].
     pub(super) fn finish(mut self, slot: &mut Fenced) -> Result<Vec<Option<Arc<Event>>>> {
         self.push(slot)?;
-        let share = self.share;
-        let mut delivered: Vec<Option<Arc<Event>>> = vec![None; share.group.size()];
-        if self.decode.is_none() {
-            return Ok(delivered);
-        }
-        for o in (0..share.group.size()).filter(|&o| o != share.rank) {
-            let p = &share.push[o];
-            let mut e = Event::new()?;
-            e.record(p)?;
-            delivered[o] = Some(Arc::new(e));
-            slot.mark_pushed(o, p)?;
-        }
-        slot.shares_pushed();
-        Ok(delivered)
+        self.out.finish(slot)
     }
 }
 
@@ -367,18 +354,30 @@ mod tests {
     use layerwise_offload_codec::Segment;
     use tch::{Device, Kind, Tensor};
 
-    /// Members of a CPU group of `n`, each with host bytes right only inside its own share,
-    /// given in host pieces cut at `cuts` (offsets into the share) and sent in chunks of
-    /// `push_chunk` bytes: each member's buffer ends up holding every byte right, so each share
-    /// came from the host of its member and went on to the others.
-    fn every_member_receives_every_share(n: usize, push_chunk: usize, cuts: &[usize]) {
-        const BYTES: usize = 1000;
+    /// Runs `member(share, buffer, truth)` for every rank of a CPU group of `n`, each in its own
+    /// thread with a share of a `bytes`-byte block sent on in chunks of `push_chunk` and a zeroed
+    /// buffer 24 bytes longer; `member` fills its part and sends it on, returning the delivery
+    /// events (none on the CPU). Then every buffer must hold `truth` (0, 1, 2, ... as bytes)
+    /// whole, and nothing past the block: every part reached every member. `what` names the
+    /// case in a failure.
+    fn every_buffer_ends_whole(
+        n: usize,
+        bytes: usize,
+        push_chunk: usize,
+        what: &str,
+        member: impl Fn(
+            &Share,
+            &mut Fenced,
+            &Tensor,
+        ) -> Vec<Option<std::sync::Arc<crate::accel::Event>>>
+        + Sync,
+    ) {
         let group = PeerGroup::new(n).unwrap();
-        let truth = Tensor::arange(BYTES as i64, (Kind::Uint8, Device::Cpu));
+        let truth = Tensor::arange(bytes as i64, (Kind::Uint8, Device::Cpu));
         let results: Vec<Tensor> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..n)
                 .map(|rank| {
-                    let (group, truth) = (group.clone(), truth.shallow_clone());
+                    let (group, truth, member) = (group.clone(), truth.shallow_clone(), &member);
                     scope.spawn(move || {
                         let share = Share {
                             group: &group,
@@ -386,45 +385,18 @@ mod tests {
                             round: 0,
                             push: &[],
                             block: 3,
-                            bytes: BYTES,
+                            bytes,
                             push_chunk,
                         };
-                        let (off, len) = share.range();
-                        // Host bytes wrong everywhere but in this member's share.
-                        let host = Tensor::full([BYTES as i64], 7, (Kind::Uint8, Device::Cpu));
-                        host.narrow(0, off as i64, len as i64)
-                            .copy_(&truth.narrow(0, off as i64, len as i64));
-                        let buf = Tensor::zeros([BYTES as i64 + 24], (Kind::Uint8, Device::Cpu));
+                        let buf = Tensor::zeros([bytes as i64 + 24], (Kind::Uint8, Device::Cpu));
                         let mut target =
                             Fenced::new(buf.shallow_clone(), false, Some((n, rank))).unwrap();
-                        let mut asked = Vec::new();
-                        let (delivered, staged) = share
-                            .send(&mut target, None, (&mut Timer::default(), None), |o, l| {
-                                asked.push((o, l));
-                                let mut edges: Vec<usize> =
-                                    cuts.iter().copied().filter(|&c| c < l).collect();
-                                edges.insert(0, 0);
-                                edges.push(l);
-                                let pieces = edges
-                                    .windows(2)
-                                    .map(|w| {
-                                        (
-                                            w[0],
-                                            host.narrow(0, (o + w[0]) as i64, (w[1] - w[0]) as i64),
-                                        )
-                                    })
-                                    .collect();
-                                Ok(Staged::host(pieces))
-                            })
-                            .unwrap();
-                        assert_eq!(asked, [(off, len)], "only this member's share is read");
+                        let delivered = member(&share, &mut target, &truth);
                         assert!(
                             delivered.iter().all(Option::is_none),
                             "no events on the CPU"
                         );
-                        staged.finish(None).unwrap();
-                        let incoming = group.deliver(0, rank, delivered).unwrap();
-                        assert!(incoming.is_empty());
+                        assert!(group.deliver(0, rank, delivered).unwrap().is_empty());
                         buf
                     })
                 })
@@ -433,14 +405,52 @@ mod tests {
         });
         for (rank, buf) in results.iter().enumerate() {
             assert!(
-                buf.narrow(0, 0, BYTES as i64).equal(&truth),
-                "member {rank} of {n} holds every share (chunks of {push_chunk}, host cut at {cuts:?})"
+                buf.narrow(0, 0, bytes as i64).equal(&truth),
+                "member {rank} of {n} holds every part ({what}, chunks of {push_chunk})"
             );
             assert!(
-                buf.narrow(0, BYTES as i64, 24).eq(0).all().int64_value(&[]) == 1,
+                buf.narrow(0, bytes as i64, 24).eq(0).all().int64_value(&[]) == 1,
                 "nothing written past the block"
             );
         }
+    }
+
+    /// Members of a CPU group of `n`, each with host bytes right only inside its own share,
+    /// given in host pieces cut at `cuts` (offsets into the share) and sent in chunks of
+    /// `push_chunk` bytes: each member's buffer ends up holding every byte right, so each share
+    /// came from the host of its member and went on to the others.
+    fn every_member_receives_every_share(n: usize, push_chunk: usize, cuts: &[usize]) {
+        const BYTES: usize = 1000;
+        let what = format!("host cut at {cuts:?}");
+        every_buffer_ends_whole(n, BYTES, push_chunk, &what, |share, target, truth| {
+            let (off, len) = share.range();
+            // Host bytes wrong everywhere but in this member's share.
+            let host = Tensor::full([BYTES as i64], 7, (Kind::Uint8, Device::Cpu));
+            host.narrow(0, off as i64, len as i64)
+                .copy_(&truth.narrow(0, off as i64, len as i64));
+            let mut asked = Vec::new();
+            let (delivered, staged) = share
+                .send(target, None, (&mut Timer::default(), None), |o, l| {
+                    asked.push((o, l));
+                    let mut edges: Vec<usize> = cuts.iter().copied().filter(|&c| c < l).collect();
+                    edges.insert(0, 0);
+                    edges.push(l);
+                    let pieces = edges
+                        .windows(2)
+                        .map(|w| {
+                            (
+                                w[0],
+                                host.narrow(0, (o + w[0]) as i64, (w[1] - w[0]) as i64),
+                            )
+                        })
+                        .collect();
+                    Ok(Staged::host(pieces))
+                })
+                .unwrap();
+            assert_eq!(asked, [(off, len)], "only this member's share is read");
+            staged.finish(None).unwrap();
+            delivered
+        });
     }
 
     #[test]
@@ -529,63 +539,25 @@ mod tests {
     /// whole, nothing past the block written; a segment is sent only once decoded.
     #[test]
     fn decoded_runs_reach_every_member() {
-        const BYTES: usize = 800;
         let segs = segments(&[10, 30, 5, 5, 40, 10, 10, 1]);
-        let truth = Tensor::arange(BYTES as i64, (Kind::Uint8, Device::Cpu));
         for (n, push_chunk) in [
             (2, super::PUSH_CHUNK_BYTES),
             (3, super::PUSH_CHUNK_BYTES),
             (2, 150),
             (3, 1),
         ] {
-            let group = PeerGroup::new(n).unwrap();
-            let results: Vec<Tensor> = std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..n)
-                    .map(|rank| {
-                        let (group, truth, segs) = (group.clone(), truth.shallow_clone(), &segs);
-                        scope.spawn(move || {
-                            let share = Share {
-                                group: &group,
-                                rank,
-                                round: 0,
-                                push: &[],
-                                block: 3,
-                                bytes: BYTES,
-                                push_chunk,
-                            };
-                            let buf =
-                                Tensor::zeros([BYTES as i64 + 24], (Kind::Uint8, Device::Cpu));
-                            let mut slot =
-                                Fenced::new(buf.shallow_clone(), false, Some((n, rank))).unwrap();
-                            let mut send = share.send_decoded(&slot, None, None).unwrap();
-                            for seg in &segs[segment_share(segs, n, rank)] {
-                                // This member's "decode" of the segment, then its hook.
-                                let (off, len) = (seg.raw.start as i64, seg.raw.len() as i64);
-                                buf.narrow(0, off, len).copy_(&truth.narrow(0, off, len));
-                                send.decoded(seg, &mut slot).unwrap();
-                            }
-                            let delivered = send.finish(&mut slot).unwrap();
-                            assert!(
-                                delivered.iter().all(Option::is_none),
-                                "no events on the CPU"
-                            );
-                            assert!(group.deliver(0, rank, delivered).unwrap().is_empty());
-                            buf
-                        })
-                    })
-                    .collect();
-                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            every_buffer_ends_whole(n, 800, push_chunk, "decoded runs", |share, slot, truth| {
+                let mut send = share.send_decoded(slot, None, None).unwrap();
+                for seg in &segs[segment_share(&segs, n, share.rank)] {
+                    // This member's "decode" of the segment, then its hook.
+                    let (off, len) = (seg.raw.start as i64, seg.raw.len() as i64);
+                    slot.buf()
+                        .narrow(0, off, len)
+                        .copy_(&truth.narrow(0, off, len));
+                    send.decoded(seg, slot).unwrap();
+                }
+                send.finish(slot).unwrap()
             });
-            for (rank, buf) in results.iter().enumerate() {
-                assert!(
-                    buf.narrow(0, 0, BYTES as i64).equal(&truth),
-                    "member {rank} of {n} holds every run"
-                );
-                assert!(
-                    buf.narrow(0, BYTES as i64, 24).eq(0).all().int64_value(&[]) == 1,
-                    "nothing written past the block"
-                );
-            }
         }
     }
 }

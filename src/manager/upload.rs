@@ -270,6 +270,8 @@ impl Loop<'_> {
                 // Writable for the others before this member's own copies are queued, so
                 // that their copies into the slot need not wait for these.
                 let writable = Share::writable(self.rt.ring.slot(s).fenced(), copy.as_ref())?;
+                // A copy of the push streams' handles (a few words, beside the posts and events
+                // every upload of a group makes): `upload_encoded` borrows `self` meanwhile.
                 let push = self.peer.push.clone();
                 let share = Share {
                     group,
