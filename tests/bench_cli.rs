@@ -266,6 +266,8 @@ fn bad_values_are_errors_naming_the_flag() {
     // The same for --trace-dir, whose directory must exist.
     assert_refused(&with(&["--trace-dir", "/tmp"]), "--trace-dir");
     assert_refused(&["--trace-dir", "/nonexistent-dir"], "--trace-dir");
+    // The queue probe times events on a GPU.
+    assert_refused(&with(&["--probe-queues"]), "--probe-queues");
     // --help lists every flag with its range.
     let help = Command::new(bench()).arg("--help").output().unwrap();
     assert!(help.status.success());
@@ -429,4 +431,100 @@ fn a_checkpoint_config_with_huge_sizes_is_refused_naming_the_key() {
         assert_refused(&args, key);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// The `QUEUES {json}` line of a run with `--probe-queues`.
+fn queues_line(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "offload-bench --probe-queues failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("QUEUES "))
+        .unwrap_or_else(|| panic!("no QUEUES line:\n{stdout}"));
+    serde_json::from_str(line).expect("the QUEUES line is JSON")
+}
+
+/// The queue probe on a GPU. With one hardware queue (`CUDA_DEVICE_MAX_CONNECTIONS=1`) every
+/// stream shares it: the probe must find one group of all the streams it probed (the current
+/// stream and 32 pool streams of each priority), and the run's copy stream shares it with the
+/// compute stream. With the bench's 32 queues: no stream in two groups, at least 33 streams in
+/// groups (64 pool streams cannot have 32 queues to themselves), and each configuration names its
+/// streams.
+#[test]
+fn the_queue_probe_finds_the_streams_that_share_a_hardware_queue() {
+    if common::cuda().is_none() {
+        return;
+    }
+    const VAR: &str = layerwise_offload::accel::HARDWARE_QUEUES_VAR;
+    let args = [
+        "--preset",
+        "tiny",
+        "--layers",
+        "2",
+        "--tokens",
+        "32",
+        "--ctx",
+        "16",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--no-resident",
+        "--probe-queues",
+    ];
+    let one = Command::new(bench())
+        .args(args)
+        .env(VAR, "1")
+        .output()
+        .expect("offload-bench starts");
+    let q = queues_line(&one);
+    assert_eq!(q["hardware_queues"], 1, "{q}");
+    let streams = q["streams"].as_u64().unwrap();
+    assert_eq!(
+        streams, 65,
+        "the current stream and 2 x 32 pool streams: {q}"
+    );
+    let groups = q["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 1, "one queue, one group: {q}");
+    assert_eq!(groups[0].as_array().unwrap().len() as u64, streams, "{q}");
+    let full = &q["configurations"][0];
+    assert_eq!(full["mode"], "stream d1", "{q}");
+    assert_eq!(
+        full["sharing"],
+        serde_json::json!(["compute and copy"]),
+        "{q}"
+    );
+
+    let many = Command::new(bench())
+        .args(args)
+        .env_remove(VAR)
+        .output()
+        .expect("offload-bench starts");
+    let q = queues_line(&many);
+    assert_eq!(q["hardware_queues"], 32, "{q}");
+    let mut seen = std::collections::HashSet::new();
+    for g in q["groups"].as_array().unwrap() {
+        let g = g.as_array().unwrap();
+        assert!(g.len() >= 2, "a group is streams that share: {q}");
+        for id in g {
+            assert!(seen.insert(id.as_i64().unwrap()), "{id} in two groups: {q}");
+        }
+    }
+    // Pigeonholes: the 64 pool streams on 32 queues leave at most 31 of them alone on one.
+    assert!(
+        seen.len() >= 33,
+        "64 pool streams on 32 queues: at least 33 share one, the probe found {}: {q}",
+        seen.len()
+    );
+    let names: Vec<&str> = q["configurations"][0]["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stream"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["compute", "copy"], "{q}");
 }

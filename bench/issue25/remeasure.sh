@@ -13,7 +13,9 @@
 #                 before it slows the compressed one (on an H100 it took 116.0 ms as the sixth
 #                 configuration of table.log and 108.2 alone); every initialize line names the
 #                 copy and decode streams the configuration got
-#   summary.md    bench/issue25/over_floor.py of the four
+#   summary.md    bench/issue25/over_floor.py of the four, the streams each configuration got,
+#                 and which of them share a hardware queue (table.log and order.log end with
+#                 `--probe-queues`: the process's streams mapped onto CUDA's hardware queues)
 set -euo pipefail
 bench=${1:?usage: remeasure.sh OFFLOAD_BENCH OUT_DIR}
 out=${2:?usage: remeasure.sh OFFLOAD_BENCH OUT_DIR}
@@ -21,12 +23,12 @@ here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 common=(--model wan --preset wan-14b --ctx 512 --depth 1)
 "$bench" "${common[@]}" --tokens 1024,4096 --reps 5 --warmup 2 --budgets 13,20 --compress \
-  >"$out/table.log" 2>&1
+  --probe-queues >"$out/table.log" 2>&1
 "$bench" "${common[@]}" --tokens 16384 --reps 3 --warmup 1 --compress >"$out/16384.log" 2>&1
 "$bench" "${common[@]}" --tokens 1024 --reps 5 --warmup 2 --budgets 20 --compress --no-raw \
   --no-full-streaming --repeat 3 --no-resident >"$out/repeat.log" 2>&1
 "$bench" "${common[@]}" --tokens 1024 --reps 5 --warmup 2 --budgets 20 --compress \
-  --no-full-streaming --no-resident >"$out/order.log" 2>&1
+  --no-full-streaming --no-resident --probe-queues >"$out/order.log" 2>&1
 python3 "$here/over_floor.py" "$out/table.log" "$out/16384.log" "$out/repeat.log" \
   "$out/order.log" | tee "$out/summary.md"
-grep -h "copy stream\|compute stream" "$out"/*.log >>"$out/summary.md" || true
+grep -h "copy stream\|compute stream\|hardware queue" "$out"/*.log >>"$out/summary.md" || true

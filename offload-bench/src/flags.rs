@@ -203,6 +203,12 @@ pub struct Cli {
     /// transport (the manager's copy and decode streams have normal priority).
     #[arg(long)]
     high_priority_compute: bool,
+    /// After the runs, find which of the device's streams share a hardware work queue (the
+    /// current stream and every pool stream of normal and high priority, a few seconds) and name
+    /// the configurations whose compute, copy and decode streams share one: a `QUEUES {json}`
+    /// line. Needs a CUDA device.
+    #[arg(long)]
+    probe_queues: bool,
     /// The weights' distribution: N(0, 0.02) in bf16, or each row (output) of a weight with
     /// its own scale 0.02 exp(0.5 z), z ~ N(0, 1), as trained linear layers' rows differ.
     #[arg(long, value_enum, default_value_t = Dist::Normal)]
@@ -259,6 +265,9 @@ fn check(a: &Cli, s: &Shape, cuda: bool) {
             accel::cuda_device_count(),
             accel::cuda_device_count().max(1)
         ));
+    }
+    if a.probe_queues && cpu {
+        fail("--probe-queues needs a CUDA device (it times streams' events on the GPU); drop --probe-queues or --cpu".into());
     }
     if let Some(dir) = &a.trace_dir {
         if cpu {
@@ -376,6 +385,8 @@ pub struct Args {
     /// Times each single-GPU configuration runs in a row.
     pub repeat: usize,
     pub high_priority_compute: bool,
+    /// Map the streams onto hardware queues after the runs.
+    pub probe_queues: bool,
     pub compress: bool,
     pub two_tier: bool,
     /// Staging buffer counts of the compressed configurations (one row per count).
@@ -422,6 +433,7 @@ pub fn parse_args() -> Args {
         two_tier: cli.two_tier,
         staging_buffers: cli.staging_buffers.iter().map(|&n| n as usize).collect(),
         high_priority_compute: cli.high_priority_compute,
+        probe_queues: cli.probe_queues,
         dist: cli.dist,
         checkpoint: cli.checkpoint.map(|dir| CheckpointArgs {
             dir,

@@ -23,10 +23,14 @@
 //! the floor max(resident, streamed bytes / measured pinned H2D bandwidth), floor/measured,
 //! compute stall, peak VRAM, init seconds and peak host memory. Without a CUDA device (or with
 //! --cpu) the tiny preset runs in the manager's CPU test mode. Progress bars (weights, each
-//! configuration's forwards) go to stderr on a terminal.
+//! configuration's forwards) go to stderr on a terminal. With `--probe-queues` the run ends by
+//! finding which of its streams share one of CUDA's hardware work queues (`queues.rs`): a
+//! `QUEUES {json}` line that names the configurations whose compute, copy and decode streams
+//! share one.
 
 mod flags;
 mod model;
+mod queues;
 mod report;
 mod runs;
 
@@ -44,5 +48,8 @@ fn main() -> anyhow::Result<()> {
     let resident = runs::resident(&a, &bench)?;
     report::print(&a, &bench, &streamed.rows, &multi, &resident);
     eprintln!("{}", streamed.stats_table);
+    if a.probe_queues {
+        queues::report(&bench, &streamed.rows)?;
+    }
     Ok(())
 }

@@ -46,6 +46,8 @@ pub struct Bench {
     pub forwards: u64,
     /// With --high-priority-compute: the high-priority stream made current for the whole run.
     _compute: Option<accel::StreamGuard>,
+    /// The id of the compute stream (CUDA only).
+    pub compute_stream: Option<i64>,
 }
 
 impl Bench {
@@ -84,8 +86,12 @@ impl Bench {
             }
             _ => None,
         };
-        if let Device::Cuda(d) = dev {
-            eprintln!("compute stream {}", Stream::current(d)?.id());
+        let compute_stream = match dev {
+            Device::Cuda(d) => Some(Stream::current(d)?.id()),
+            _ => None,
+        };
+        if let Some(id) = compute_stream {
+            eprintln!("compute stream {id}");
         }
         eprintln!(
             "building {} {MODEL_NAME} weights ({} blocks, dim {}, ffn {}) on the CPU...",
@@ -143,6 +149,7 @@ impl Bench {
             inputs,
             forwards: (a.warmup + 2 * a.reps) as u64,
             _compute: compute,
+            compute_stream,
         })
     }
 }
@@ -229,6 +236,9 @@ pub struct Streamed {
     /// Peak RSS after `initialize()`.
     pub host_peak: u64,
     pub resident_blocks: usize,
+    /// The ids of the manager's copy and decode streams (CUDA only; decode with compression).
+    pub copy_stream: Option<i64>,
+    pub decode_stream: Option<i64>,
     /// The last forward's output (compared with the resident model's).
     pub out: Tensor,
 }
@@ -423,6 +433,8 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
                 init_s,
                 host_peak,
                 resident_blocks: st.resident_blocks,
+                copy_stream: copy_id,
+                decode_stream: decode_id,
                 out: y,
             });
         }
