@@ -80,7 +80,8 @@ pub enum Detail {
         delivered_gib_s: f64,
         /// The shared host store's bytes.
         host_bytes: u64,
-        /// A peer group member's link floor (1/N of the store per forward).
+        /// A peer group's link floor: the busiest member's share of the store per forward over
+        /// the measured rate (1/N raw; by whole segments compressed).
         link_floor_ms: Option<f64>,
         /// This GPU's part of what the GPUs of its mode uploaded from the host during the timed
         /// forwards (a peer group member's share: a compressed group splits blocks by whole
@@ -111,6 +112,19 @@ fn link_ms(bytes: u64, bw: f64) -> f64 {
     } else {
         0.0
     }
+}
+
+/// A peer group's link floor: the ms its busiest member's link takes for its share of the
+/// store's `host_bytes` per forward at `bw` GiB/s. The share is the largest of the members'
+/// uploads `sents` (a compressed group cuts blocks at whole segments, so a member can carry up
+/// to half a segment more than 1/N), or 1/N where nothing was counted. None without a link.
+fn peer_link_floor(host_bytes: u64, sents: &[u64], bw: f64) -> Option<f64> {
+    let total: u64 = sents.iter().sum();
+    let share = match sents.iter().max() {
+        Some(&max) if total > 0 => max as f64 / total as f64,
+        _ => 1.0 / sents.len().max(1) as f64,
+    };
+    (bw > 0.0).then(|| host_bytes as f64 * share / (1u64 << 30) as f64 / bw * 1e3)
 }
 
 /// The largest absolute difference between two outputs, in float32 on the CPU.
@@ -220,11 +234,13 @@ pub fn print(
         // and its peers), over the slowest GPU's time.
         let host_bytes = multi.host_bytes[mode];
         let streamed = rows_t.iter().map(|_| host_bytes as f64).sum::<f64>();
-        // A peer group member's link carries 1/N of the store's bytes per forward.
-        let link_floor = (mode.starts_with("peer split") && bw > 0.0)
-            .then(|| host_bytes as f64 / a.gpus as f64 / (1u64 << 30) as f64 / bw * 1e3);
+        let sents: Vec<u64> = rows_t.iter().map(|r| r.sent).collect();
+        let link_floor = mode
+            .starts_with("peer split")
+            .then(|| peer_link_floor(host_bytes, &sents, bw))
+            .flatten();
         let slowest = rows_t.iter().map(|r| r.ms).fold(0.0, f64::max);
-        let sent: u64 = rows_t.iter().map(|r| r.sent).sum();
+        let sent: u64 = sents.iter().sum();
         let aggregate = streamed / (1u64 << 30) as f64 / (slowest / 1e3);
         for r in &rows_t {
             let diff = resident
@@ -509,6 +525,23 @@ mod tests {
     fn link_floors_are_bytes_over_the_measured_rate() {
         assert_eq!(link_ms(1 << 30, 50.0), 20.0);
         assert_eq!(link_ms(1 << 30, 0.0), 0.0, "no link measured (the CPU)");
+    }
+
+    #[test]
+    fn a_peer_groups_link_floor_is_its_busiest_members_share() {
+        let gib = 1u64 << 30;
+        // An even split of 4 GiB over two members at 50 GiB/s: 2 GiB each, 40 ms.
+        assert_eq!(peer_link_floor(4 * gib, &[10, 10], 50.0), Some(40.0));
+        // Segment cuts: one member uploads 3/5 of the bytes, the floor is its link's time.
+        assert_eq!(peer_link_floor(5 * gib, &[3, 2], 50.0), Some(60.0));
+        assert_eq!(peer_link_floor(5 * gib, &[2, 3], 50.0), Some(60.0));
+        // Nothing counted: 1/N.
+        assert_eq!(peer_link_floor(4 * gib, &[0, 0], 50.0), Some(40.0));
+        assert_eq!(
+            peer_link_floor(4 * gib, &[1, 1], 0.0),
+            None,
+            "no link measured"
+        );
     }
 
     fn span(
