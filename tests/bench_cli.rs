@@ -145,6 +145,24 @@ fn budgets_alone_and_one_compressed_row_per_staging_count() {
     );
 }
 
+/// `--decode-blocks 0,16` measures each compressed configuration with a full decode grid and
+/// with one of 16 blocks, labelled with it; one value other than 0 is labelled too.
+#[test]
+fn one_compressed_row_per_decode_grid() {
+    assert_exact_rows(
+        &["--compress", "--decode-blocks", "0,16"],
+        &[
+            "stream d1",
+            "stream d1 compressed grid full",
+            "stream d1 compressed grid16",
+        ],
+    );
+    assert_exact_rows(
+        &["--compress", "--no-raw", "--decode-blocks", "4"],
+        &["stream d1 compressed grid4"],
+    );
+}
+
 /// `--no-raw` leaves the compressed rows alone (the first configuration of the process is a
 /// compressed one), and `--repeat 2` runs each twice in a row, the second labelled `run2`.
 #[test]
@@ -253,6 +271,7 @@ fn bad_values_are_errors_naming_the_flag() {
     assert_refused(&with(&["--budgets", "1,-1"]), "--budgets");
     assert_refused(&with(&["--modes", "shared,foo"]), "--modes");
     assert_refused(&with(&["--staging-buffers", "2,1"]), "--staging-buffers");
+    assert_refused(&with(&["--decode-blocks", "-1"]), "--decode-blocks");
     assert_refused(&with(&["--push-chunk-mib", "-1"]), "--push-chunk-mib");
     // One model: the block stack is gone.
     assert_refused(&with(&["--model", "stack"]), "--model");

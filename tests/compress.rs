@@ -236,6 +236,62 @@ fn a_bad_staging_buffer_count_is_refused() {
     assert_eq!(layerwise_offload::DEFAULT_STAGING_BUFFERS, 2);
 }
 
+/// A decode grid capped at one block, or at a few (fewer than any GPU's SMs), still decodes
+/// every segment: the forward equals the resident forward bit for bit and `restore` gives the
+/// weights back, segments of 64 KiB so that blocks are several. (The CPU test mode decodes with
+/// the CPU reference decoder, whatever the grid.)
+#[rstest]
+fn a_capped_decode_grid_is_bit_exact(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+    #[values(1, 7)] grid: u32,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let model = Model::new(dev, 3, true, 203);
+    let before = model.snapshot();
+    let x = model.input(5);
+    let want = model.forward(&x, None);
+    let mut m = mode
+        .config("double_blocks", 3)
+        .with_list("single_blocks", 4)
+        .compress(true)
+        .compress_segment_bytes(layerwise_offload::SEGMENT_BYTES_MULTIPLE)
+        .compress_decode_blocks(Some(grid))
+        .build(&model.vs)?;
+    m.initialize()?;
+    let st = m.stats().clone();
+    assert_eq!(st.encoded_blocks, st.streamed_blocks);
+    for round in 0..2 {
+        assert!(
+            bits_equal(&model.forward(&x, Some(&mut m)), &want),
+            "grid {grid}, forward {round}"
+        );
+    }
+    let want_grid = (mode == Mode::Cuda).then_some(grid);
+    assert_eq!(m.decode_grid(), want_grid, "the decoder's grid");
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}
+
+/// A decode grid of no blocks is refused with what to pass.
+#[test]
+fn a_decode_grid_of_no_blocks_is_refused() {
+    let model = Model::new(Device::Cpu, 1, false, 1);
+    let e = Mode::Cpu
+        .config("blocks", 1)
+        .compress(true)
+        .compress_decode_blocks(Some(0))
+        .build(&model.vs)
+        .expect_err("refused");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("compress_decode_blocks") && msg.contains("Some(1)"),
+        "{msg}"
+    );
+}
+
 /// A segment size that is not a multiple of 64 KiB is refused with what to pass.
 #[test]
 fn a_bad_segment_size_is_refused() {

@@ -6,8 +6,9 @@ configuration, tokens, ms per forward (median and sustained), its floor, how far
     python3 bench/issue25/over_floor.py LOG [LOG ...]
 
 The floor is offload-bench's: max(resident time, streamed bytes / measured pinned H2D bandwidth).
-Rows of several-GPU runs are listed with their link floor (1/N of the bytes) and each GPU's share
-of the host uploads (a compressed peer group splits blocks by whole segments).
+Rows of several-GPU runs are listed with their link floor (the busiest member's share of the
+bytes) and each GPU's share of the host uploads (a compressed peer group splits blocks by whole
+segments).
 """
 import json
 import os

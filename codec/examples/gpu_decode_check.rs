@@ -9,11 +9,12 @@
 //! same card: `current` (the default kernel), `baseline` (the first kernel), each optionally
 //! followed by `:u=N` (windows loaded together for k <= 3), `:uw=N` (the same for k >= 4),
 //! `:mb=N` (`__launch_bounds__` minimum blocks per SM), `:xs=N` (exceptions staged in shared
-//! memory up to N per chunk) and `:bps=N` (at most N blocks per SM in the grid), e.g.
-//! `--variants baseline,current,current:bps=1`. The baseline kernel decodes one-tier chunks only
-//! (format version 2's layout): it is skipped for encodings with two-tier chunks, and each
-//! distribution is also checked and timed encoded with one tier (`{dist}-single-tier`), which
-//! compares the kernels, and the current kernel's one-tier and two-tier paths, on one card.
+//! memory up to N per chunk), `:bps=N` (at most N blocks per SM in the grid) and `:grid=N` (at
+//! most N blocks in all), e.g. `--variants baseline,current,current:bps=1,current:grid=16`. The
+//! baseline kernel decodes one-tier chunks only (format version 2's layout): it is skipped for
+//! encodings with two-tier chunks, and each distribution is also checked and timed encoded with
+//! one tier (`{dist}-single-tier`), which compares the kernels, and the current kernel's one-tier
+//! and two-tier paths, on one card.
 //!
 //! Without a CUDA device it prints `SKIP: no CUDA device` to stderr and exits 0, or exits 1 when
 //! OFFLOAD_REQUIRE_CUDA=1.
@@ -56,7 +57,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     device: usize,
     /// Decoders to check and time (see the module docs): `current`, `baseline`, with
-    /// `:u=N`, `:uw=N`, `:mb=N`, `:xs=N`, `:bps=N` settings.
+    /// `:u=N`, `:uw=N`, `:mb=N`, `:xs=N`, `:bps=N`, `:grid=N` settings.
     #[arg(long, value_delimiter = ',', default_value = "current")]
     variants: Vec<String>,
     /// Timed CPU encodes per distribution (the median is reported).
@@ -83,6 +84,7 @@ fn parse_variant(spec: &str) -> Result<DecoderOptions> {
     };
     let mut tuning = Tuning::default();
     let mut bps = None;
+    let mut grid = None;
     for part in parts {
         let (key, value) = part
             .split_once('=')
@@ -96,12 +98,14 @@ fn parse_variant(spec: &str) -> Result<DecoderOptions> {
             "mb" => tuning.min_blocks_per_sm = Some(value),
             "xs" => tuning.shared_exceptions = Some(value),
             "bps" => bps = Some(value),
-            _ => bail!("unknown setting {key:?} in variant {spec:?} (u, uw, mb, xs, bps)"),
+            "grid" => grid = Some(value),
+            _ => bail!("unknown setting {key:?} in variant {spec:?} (u, uw, mb, xs, bps, grid)"),
         }
     }
     Ok(DecoderOptions::default()
         .with_kernel(kernel)
         .with_blocks_per_sm(bps)
+        .with_max_blocks(grid)
         .with_tuning(tuning))
 }
 

@@ -220,6 +220,27 @@ fn gpu_decodes_every_pattern_like_the_cpu() {
     .unwrap();
 }
 
+/// A grid capped below the SM count (down to one block) still decodes every chunk: the blocks
+/// stride over the chunks. Blocks per SM capped at 1 together with a total cap too.
+#[test]
+fn gpu_decodes_with_a_grid_of_a_few_blocks() {
+    let Some(decoder) = decoder() else { return };
+    let full = decoder.max_blocks();
+    let normal = generate(Dist::Normal, 6 << 20, 7);
+    let encoder = Encoder::new();
+    for (per_sm, cap) in [(None, 1), (None, 3), (None, 16), (Some(1), 40)] {
+        let capped = GpuDecoder::with_options(
+            decoder.device().clone(),
+            DecoderOptions::default()
+                .with_blocks_per_sm(per_sm)
+                .with_max_blocks(Some(cap)),
+        )
+        .unwrap();
+        assert_eq!(capped.max_blocks(), cap.min(full), "{per_sm:?} {cap}");
+        gpu_round_trip(&capped, &normal, &encoder).unwrap();
+    }
+}
+
 #[test]
 fn gpu_baseline_kernel_decodes_like_the_cpu() {
     let Some(decoder) = decoder() else { return };

@@ -198,6 +198,12 @@ pub struct Cli {
     /// configuration once per count, labelled `sb<count>` when more than one is given.
     #[arg(long, value_delimiter = ',', default_values_t = [2], value_parser = int_in(2, 8))]
     staging_buffers: Vec<i64>,
+    /// Thread blocks of the compressed configurations' decode grid
+    /// (OffloadConfig::compress_decode_blocks; 0: a grid that fills every SM, the default),
+    /// comma-separated: each compressed configuration once per value, labelled `grid<n>` (or
+    /// `grid full`) when more than one is given or the one given is not 0.
+    #[arg(long, value_delimiter = ',', default_values_t = [0], value_parser = int_in(0, 1 << 20))]
+    decode_blocks: Vec<i64>,
     /// Run everything on a high-priority stream of the pool instead of the default stream, so
     /// that the GPU schedules the model's kernels before the decode kernels of compressed
     /// transport (the manager's copy and decode streams have normal priority).
@@ -391,6 +397,8 @@ pub struct Args {
     pub two_tier: bool,
     /// Staging buffer counts of the compressed configurations (one row per count).
     pub staging_buffers: Vec<usize>,
+    /// Decode grids of the compressed configurations (one row per value; None: full).
+    pub decode_blocks: Vec<Option<u32>>,
     pub dist: Dist,
     pub checkpoint: Option<CheckpointArgs>,
 }
@@ -432,6 +440,11 @@ pub fn parse_args() -> Args {
         compress: cli.compress,
         two_tier: cli.two_tier,
         staging_buffers: cli.staging_buffers.iter().map(|&n| n as usize).collect(),
+        decode_blocks: cli
+            .decode_blocks
+            .iter()
+            .map(|&n| (n > 0).then_some(n as u32))
+            .collect(),
         high_priority_compute: cli.high_priority_compute,
         probe_queues: cli.probe_queues,
         dist: cli.dist,

@@ -279,13 +279,16 @@ struct Single {
     two_tier: bool,
     /// Staging buffers of a compressed configuration.
     staging: usize,
+    /// Decode grid of a compressed configuration (None: full).
+    grid: Option<u32>,
     /// Which of the --repeat runs (from 1).
     run: usize,
 }
 
 /// Full streaming (not with --no-full-streaming), then one configuration per VRAM budget (none
 /// with --multi-only), each raw (not with --no-raw) and then compressed beside it (--compress,
-/// once per --staging-buffers count), each --repeat times in a row, each at every token count.
+/// once per --staging-buffers count and --decode-blocks grid), each --repeat times in a row, each
+/// at every token count.
 pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
     let s = &a.shape;
     let dev = b.dev;
@@ -301,24 +304,28 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
     // Per budget: raw, then per staging buffer count compressed (one tier) and compressed
     // with two tiers allowed.
     let several = a.staging_buffers.len() > 1;
+    let grids_named = a.decode_blocks.len() > 1 || a.decode_blocks.iter().any(|g| g.is_some());
     let configs: Vec<Single> = budgets
         .iter()
         .flat_map(|&budget| {
-            let one = move |compress, two_tier, staging| Single {
+            let one = move |compress, two_tier, staging, grid| Single {
                 budget,
                 compress,
                 two_tier,
                 staging,
+                grid,
                 run: 1,
             };
             let compressed = a.staging_buffers.iter().flat_map(move |&n| {
-                a.compress
-                    .then_some(one(true, false, n))
-                    .into_iter()
-                    .chain(a.two_tier.then_some(one(true, true, n)))
+                a.decode_blocks.iter().flat_map(move |&g| {
+                    a.compress
+                        .then_some(one(true, false, n, g))
+                        .into_iter()
+                        .chain(a.two_tier.then_some(one(true, true, n, g)))
+                })
             });
             a.raw
-                .then_some(one(false, false, DEFAULT_STAGING_BUFFERS))
+                .then_some(one(false, false, DEFAULT_STAGING_BUFFERS, None))
                 .into_iter()
                 .chain(compressed)
         })
@@ -330,6 +337,7 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
         compress,
         two_tier,
         staging,
+        grid,
         run,
     } in configs
     {
@@ -340,6 +348,12 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
         if compress && several {
             label.push_str(&format!(" sb{staging}"));
         }
+        if compress && grids_named {
+            match grid {
+                Some(g) => label.push_str(&format!(" grid{g}")),
+                None => label.push_str(" grid full"),
+            }
+        }
         if run > 1 {
             label.push_str(&format!(" run{run}"));
         }
@@ -348,7 +362,8 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
             .cpu_test_mode(a.cpu)
             .compress(compress)
             .compress_two_tier(two_tier)
-            .compress_staging_buffers(staging);
+            .compress_staging_buffers(staging)
+            .compress_decode_blocks(grid);
         if let Some(b) = budget {
             cfg = cfg.vram_budget((b * (1u64 << 30) as f64) as u64);
         }
@@ -380,14 +395,16 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
         let (copy_id, decode_id) = m.stream_ids();
         let id = |s: Option<i64>| s.map_or("-".to_string(), |i| i.to_string());
         eprintln!(
-            "{label}: initialize {init_s:.2} s; {} streamed, {} resident blocks; host peak {:.2} GiB (before: {:.2} GiB), {:.2} GiB in huge pages now; copy stream {}, decode stream {}",
+            "{label}: initialize {init_s:.2} s; {} streamed, {} resident blocks; host peak {:.2} GiB (before: {:.2} GiB), {:.2} GiB in huge pages now; copy stream {}, decode stream {}, decode grid {}",
             st.streamed_blocks,
             st.resident_blocks,
             host_peak as f64 / (1u64 << 30) as f64,
             b.host_before as f64 / (1u64 << 30) as f64,
             huge_page_bytes() as f64 / (1u64 << 30) as f64,
             id(copy_id),
-            id(decode_id)
+            id(decode_id),
+            m.decode_grid()
+                .map_or("-".to_string(), |g| format!("{g} blocks"))
         );
         for (tokens, xs) in &b.inputs {
             if let Device::Cuda(d) = dev {

@@ -47,6 +47,12 @@ impl OffloadConfig {
                 ),
             });
         }
+        if self.decode_blocks == Some(0) {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::compress_decode_blocks",
+                message: "a decode grid of 0 blocks: pass Some(1) or more, or None for a grid that fills every SM".into(),
+            });
+        }
         if !(2..=MAX_STAGING_BUFFERS).contains(&self.staging_buffers) {
             return Err(Error::InvalidArgument {
                 op: "OffloadConfig::compress_staging_buffers",

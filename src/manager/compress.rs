@@ -197,7 +197,12 @@ impl LayerwiseOffloadManager {
         let Some(largest) = largest else {
             return Ok(None);
         };
-        let decoding = Decoding::start(&mut self.backend, largest, self.config.staging_buffers)?;
+        let decoding = Decoding::start(
+            &mut self.backend,
+            largest,
+            self.config.staging_buffers,
+            self.config.decode_blocks,
+        )?;
         self.stats.staging_bytes = decoding.as_ref().map_or(0, |d| d.bytes() as u64);
         Ok(decoding)
     }

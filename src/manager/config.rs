@@ -46,6 +46,8 @@ pub struct OffloadConfig {
     pub(super) segment_bytes: Option<usize>,
     pub(super) two_tier: bool,
     pub(super) staging_buffers: usize,
+    /// None: a full grid ([`OffloadConfig::compress_decode_blocks`]).
+    pub(super) decode_blocks: Option<u32>,
     pub(super) progress: Option<crate::progress::ProgressCallback>,
 }
 
@@ -99,6 +101,7 @@ impl OffloadConfig {
             segment_bytes: None,
             two_tier: false,
             staging_buffers: DEFAULT_STAGING_BUFFERS,
+            decode_blocks: None,
             progress: None,
         }
     }
@@ -468,6 +471,18 @@ impl OffloadConfig {
     /// [`DEFAULT_STAGING_BUFFERS`], 2..=[`MAX_STAGING_BUFFERS`]).
     pub fn compress_staging_buffers(mut self, n: usize) -> OffloadConfig {
         self.staging_buffers = n;
+        self
+    }
+
+    /// With [`Self::compress`]: at most `blocks` thread blocks in the decode kernel's grid
+    /// (`None`, the default: as many as fill every SM). Fewer blocks than SMs decode on that
+    /// many SMs only, leaving the rest to the model's kernels that run beside the decode; a
+    /// segment's decode then takes longer, but it has a segment's copy to finish in. For
+    /// measurements (whether this lowers the decode's cost where the model's kernels keep
+    /// every SM busy), with the `testing` feature; not part of the stable API.
+    #[cfg(feature = "testing")]
+    pub fn compress_decode_blocks(mut self, blocks: Option<u32>) -> OffloadConfig {
+        self.decode_blocks = blocks;
         self
     }
 

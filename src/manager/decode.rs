@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::host;
 use crate::stats::{Lane, OffloadStats};
 use layerwise_offload_codec::Segments;
-use layerwise_offload_codec::gpu::GpuDecoder;
+use layerwise_offload_codec::gpu::{self as codec_gpu, DecoderOptions, GpuDecoder};
 use tch::Tensor;
 
 use super::device::Backend;
@@ -76,11 +76,13 @@ pub(super) fn segments_of(enc: &Tensor, raw: usize, block: usize) -> Result<Segm
 impl Decoding {
     /// `buffers` (at least 2) staging buffers of `largest` bytes (the largest segment encoding)
     /// and, with CUDA, the decode stream (taken from the pool) and the GPU decoder (compiled
-    /// for the device). The CPU test mode stages in host memory, in the same order.
+    /// for the device; at most `grid` blocks a launch, None for a full grid). The CPU test mode
+    /// stages in host memory, in the same order.
     pub(super) fn start(
         backend: &mut Backend,
         largest: usize,
         buffers: usize,
+        grid: Option<u32>,
     ) -> Result<Option<Decoding>> {
         let device = backend.cuda();
         let bytes = largest.max(1).next_multiple_of(16);
@@ -94,7 +96,13 @@ impl Decoding {
                     return Ok(None);
                 };
                 Some(GpuDecoding {
-                    decoder: GpuDecoder::new(device)
+                    decoder: codec_gpu::Device::new(device)
+                        .and_then(|d| {
+                            GpuDecoder::with_options(
+                                d,
+                                DecoderOptions::default().with_max_blocks(grid),
+                            )
+                        })
                         .map_err(codec_error("building the GPU decoder"))?,
                     stream: stream.native_handle()? as usize,
                 })
@@ -110,6 +118,12 @@ impl Decoding {
     /// Whether blocks decode on the GPU.
     pub(super) fn on_gpu(&self) -> bool {
         self.gpu.is_some()
+    }
+
+    /// The most blocks a GPU decode launches (None in the CPU test mode).
+    #[cfg(feature = "testing")]
+    pub(super) fn grid(&self) -> Option<u32> {
+        self.gpu.as_ref().map(|g| g.decoder.max_blocks())
     }
 
     /// Bytes of the staging buffers together.
@@ -276,9 +290,9 @@ mod tests {
     fn the_cpu_test_mode_stages_in_host_memory() -> crate::Result<()> {
         let mut cpu = Backend::Cpu;
         // At least two buffers of the largest segment encoding, rounded up to 16 bytes.
-        let two = Decoding::start(&mut cpu, 100, 1)?.unwrap();
+        let two = Decoding::start(&mut cpu, 100, 1, None)?.unwrap();
         assert_eq!(two.bytes(), 224);
-        let mut dec = Decoding::start(&mut cpu, 100, 2)?.unwrap();
+        let mut dec = Decoding::start(&mut cpu, 100, 2, None)?.unwrap();
         assert!(!dec.on_gpu());
         assert!((0..2).all(|k| dec.staging(k).len() == 112));
         let mut stats = crate::OffloadStats::default();
@@ -287,7 +301,7 @@ mod tests {
         dec.grow(&cpu, 200, &mut stats)?;
         assert!((0..2).all(|k| dec.staging(k).len() == 208));
         assert_eq!((dec.bytes(), stats.staging_bytes), (416, 416));
-        let three = Decoding::start(&mut cpu, 100, 3)?.unwrap();
+        let three = Decoding::start(&mut cpu, 100, 3, None)?.unwrap();
         assert_eq!(three.bytes(), 336);
         Ok(())
     }

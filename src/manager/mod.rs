@@ -178,6 +178,14 @@ impl LayerwiseOffloadManager {
         )
     }
 
+    /// The most thread blocks a decode launch uses ([`OffloadConfig::compress_decode_blocks`],
+    /// or a full grid), once compressed blocks decode on a GPU. With the `testing` feature; not
+    /// part of the stable API.
+    #[cfg(feature = "testing")]
+    pub fn decode_grid(&self) -> Option<u32> {
+        self.phase.runtime()?.decoding.as_ref()?.grid()
+    }
+
     /// Number of offloaded blocks over all lists (0 before `initialize`).
     pub fn num_blocks(&self) -> usize {
         self.phase.blocks().len()

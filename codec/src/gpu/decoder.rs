@@ -33,6 +33,11 @@ pub struct DecoderOptions {
     /// At most this many blocks per SM in the grid (default: as many as can be resident).
     /// Fewer blocks take longer but hold less of each SM while kernels run beside the decode.
     pub blocks_per_sm: Option<u32>,
+    /// At most this many blocks in the grid in all (default: blocks per SM times SMs). A grid
+    /// of fewer blocks than SMs decodes on that many SMs and leaves the others to the kernels
+    /// that run beside it: the decode takes longer, but each SM it holds moves more bytes, since
+    /// few SMs share the memory bandwidth. At least 1.
+    pub max_blocks: Option<u32>,
     /// Compile-time settings of [`Kernel::Current`] (the baseline kernel takes none).
     pub tuning: Tuning,
 }
@@ -66,6 +71,12 @@ impl DecoderOptions {
         self
     }
 
+    /// The options with at most `blocks` blocks in the grid (`None`: blocks per SM times SMs).
+    pub fn with_max_blocks(mut self, blocks: Option<u32>) -> Self {
+        self.max_blocks = blocks;
+        self
+    }
+
     /// The options with the current kernel's compile-time settings `tuning`.
     pub fn with_tuning(mut self, tuning: Tuning) -> Self {
         self.tuning = tuning;
@@ -74,6 +85,13 @@ impl DecoderOptions {
 
     /// The CUDA source these options compile: the kernel's, after its tuning macros.
     fn source(&self) -> Result<String> {
+        if self.max_blocks == Some(0) {
+            return Err(CodecError::InvalidOption {
+                option: "max_blocks",
+                value: "0".into(),
+                reason: "a grid needs at least 1 block: pass Some(1) or more, or None for a full grid",
+            });
+        }
         let t = self.tuning;
         match self.kernel {
             Kernel::Baseline if t == Tuning::default() => Ok(kernel::BASELINE_SOURCE.clone()),
@@ -233,7 +251,10 @@ impl GpuDecoder {
         if let Some(cap) = options.blocks_per_sm {
             blocks_per_sm = blocks_per_sm.min(cap.max(1));
         }
-        let max_blocks = blocks_per_sm.saturating_mul(sms.max(1) as u32);
+        let mut max_blocks = blocks_per_sm.saturating_mul(sms.max(1) as u32);
+        if let Some(cap) = options.max_blocks {
+            max_blocks = max_blocks.min(cap);
+        }
         Ok(GpuDecoder {
             device,
             module,
@@ -278,7 +299,8 @@ impl GpuDecoder {
         kernel::THREADS
     }
 
-    /// The most blocks a decode launches (blocks per SM times SMs; fewer for a small output).
+    /// The most blocks a decode launches: blocks per SM times SMs, or the options' cap
+    /// ([`DecoderOptions::max_blocks`]); fewer for a small output.
     pub fn max_blocks(&self) -> u32 {
         self.max_blocks
     }
@@ -409,5 +431,22 @@ impl Drop for GpuDecoder {
                 (api.cuModuleUnload)(module)
             })
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grid_of_no_blocks_is_refused_by_name() {
+        match DecoderOptions::default().with_max_blocks(Some(0)).source() {
+            Err(CodecError::InvalidOption { option, .. }) => assert_eq!(option, "max_blocks"),
+            other => panic!("max_blocks 0 accepted: {:?}", other.map(|s| s.len())),
+        }
+        for blocks in [None, Some(1), Some(u32::MAX)] {
+            let options = DecoderOptions::default().with_max_blocks(blocks);
+            assert_eq!(options.source().unwrap(), *kernel::SOURCE, "{blocks:?}");
+        }
     }
 }
