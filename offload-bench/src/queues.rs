@@ -121,7 +121,7 @@ pub fn report(b: &Bench, rows: &[Streamed]) -> Result<()> {
         if probed.wait_test {
             format!("{} pairs held only behind a wait", probed.only_behind_waits)
         } else {
-            "no three gate streams on queues of their own: only records behind kernels observed"
+            "no three streams on different queues for gates: only records behind kernels observed"
                 .into()
         }
     );
@@ -178,7 +178,7 @@ pub fn report(b: &Bench, rows: &[Streamed]) -> Result<()> {
 /// - behind a wait: while a gate stream G runs products, S waits on an event after them and
 ///   T's record does not complete, with two gates on different queues (T on G's queue alone
 ///   would be held by G's products), the hazard the manager's streams meet. Skipped where the
-///   first observation finds no two such gates (every stream on one queue).
+///   first observation finds no three streams on different queues to take two gates from.
 pub fn probe(d: usize) -> Result<Probed> {
     let mut streams = vec![Stream::current(d)?];
     for high in [false, true] {
@@ -203,11 +203,13 @@ pub fn probe(d: usize) -> Result<Probed> {
         held.push((0..n).filter(|&t| row[t]).collect::<Vec<_>>());
     }
     let by_kernel = QueueMap::from_observations(&ids, &held);
-    // Gates for the second observation: pool streams on queues of their own by the first.
-    let gates: Vec<usize> = (1..n)
-        .filter(|&g| !by_kernel.groups.iter().any(|grp| grp.contains(&ids[g])))
-        .take(3)
-        .collect();
+    // Gates for the second observation: three pool streams on different queues by the first.
+    let mut gates: Vec<usize> = Vec::new();
+    for g in 1..n {
+        if gates.len() < 3 && gates.iter().all(|&h| !by_kernel.share(ids[g], ids[h])) {
+            gates.push(g);
+        }
+    }
     let mut waits = 0;
     if gates.len() == 3 {
         for (s, row) in held.iter_mut().enumerate() {
