@@ -272,6 +272,7 @@ fn bad_values_are_errors_naming_the_flag() {
     assert_refused(&with(&["--modes", "shared,foo"]), "--modes");
     assert_refused(&with(&["--staging-buffers", "2,1"]), "--staging-buffers");
     assert_refused(&with(&["--decode-blocks", "-1"]), "--decode-blocks");
+    assert_refused(&with(&["--skip-streams", "65"]), "--skip-streams");
     assert_refused(&with(&["--push-chunk-mib", "-1"]), "--push-chunk-mib");
     // One model: the block stack is gone.
     assert_refused(&with(&["--model", "stack"]), "--model");

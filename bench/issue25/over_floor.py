@@ -23,18 +23,32 @@ def rows(paths):
                     yield path, json.loads(line[len("RESULT "):])
 
 
+def pool_index(stream_id):
+    """A libtorch pool stream's index in its pool of 32 (c10: index << 5 | level << 1 | 1)."""
+    if stream_id is None:
+        return "-"
+    return f"#{(stream_id >> 5) & 31}"
+
+
+def streams(r):
+    """The copy and decode streams' pool indices, where the line records them."""
+    if "copy_stream_id" not in r:
+        return ""
+    return f"{pool_index(r['copy_stream_id'])} / {pool_index(r.get('decode_stream_id'))}"
+
+
 def main(paths):
     if not paths:
         sys.exit(__doc__)
-    print("| log | device | configuration | tokens | ms | sustained | floor | over (sustained) | peak VRAM GiB | queues | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| log | device | configuration | tokens | ms | sustained | floor | over (sustained) | peak VRAM GiB | queues | copy / decode stream | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for path, r in rows(paths):
         floor = r.get("floor_ms") or r.get("link_floor_ms")
         measured = r.get("ms_sustained") or r["ms"]
         over = f"{(measured / floor - 1) * 100:+.1f}%" if floor else ""
         peak = r.get("peak_vram_bytes")
         print(
-            "| {} | {} | {} | {} | {:.1f} | {} | {} | {} | {} | {} | {} |".format(
+            "| {} | {} | {} | {} | {:.1f} | {} | {} | {} | {} | {} | {} | {} |".format(
                 os.path.basename(path),
                 r["device"],
                 r["mode"]
@@ -47,6 +61,7 @@ def main(paths):
                 over,
                 f"{peak / 2**30:.2f}" if peak else "",
                 r.get("hardware_queues", ""),
+                streams(r),
                 r.get("max_abs_diff"),
             )
         )

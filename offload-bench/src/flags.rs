@@ -215,6 +215,13 @@ pub struct Cli {
     /// line. Needs a CUDA device.
     #[arg(long)]
     probe_queues: bool,
+    /// Draw this many normal-priority streams from libtorch's pool before each single-GPU
+    /// configuration (and leave them idle), so that a run of configurations (--repeat) puts
+    /// their copy and decode streams on pool streams at every index (printed at initialize,
+    /// recorded in the RESULT lines): whether a configuration's speed depends on which pool
+    /// streams it got.
+    #[arg(long, default_value_t = 0, value_parser = int_in(0, 64))]
+    skip_streams: i64,
     /// The weights' distribution: N(0, 0.02) in bf16, or each row (output) of a weight with
     /// its own scale 0.02 exp(0.5 z), z ~ N(0, 1), as trained linear layers' rows differ.
     #[arg(long, value_enum, default_value_t = Dist::Normal)]
@@ -393,6 +400,8 @@ pub struct Args {
     pub high_priority_compute: bool,
     /// Map the streams onto hardware queues after the runs.
     pub probe_queues: bool,
+    /// Pool streams drawn and left idle before each single-GPU configuration.
+    pub skip_streams: usize,
     pub compress: bool,
     pub two_tier: bool,
     /// Staging buffer counts of the compressed configurations (one row per count).
@@ -447,6 +456,7 @@ pub fn parse_args() -> Args {
             .collect(),
         high_priority_compute: cli.high_priority_compute,
         probe_queues: cli.probe_queues,
+        skip_streams: cli.skip_streams as usize,
         dist: cli.dist,
         checkpoint: cli.checkpoint.map(|dir| CheckpointArgs {
             dir,

@@ -115,15 +115,9 @@ pub fn report(b: &Bench, rows: &[Streamed]) -> Result<()> {
     let t0 = Instant::now();
     let probed = probe(d)?;
     eprintln!(
-        "  {} streams in {:.1} s; {}",
+        "  {} streams in {:.1} s",
         probed.streams,
-        t0.elapsed().as_secs_f64(),
-        if probed.wait_test {
-            format!("{} pairs held only behind a wait", probed.only_behind_waits)
-        } else {
-            "no three streams on different queues for gates: only records behind kernels observed"
-                .into()
-        }
+        t0.elapsed().as_secs_f64()
     );
     let map = probed.map;
     for g in &map.groups {
@@ -163,7 +157,6 @@ pub fn report(b: &Bench, rows: &[Streamed]) -> Result<()> {
     let json = serde_json::json!({
         "hardware_queues": accel::hardware_queues(),
         "streams": probed.streams,
-        "wait_test": probed.wait_test,
         "groups": map.groups,
         "configurations": configurations,
     });
@@ -172,13 +165,15 @@ pub fn report(b: &Bench, rows: &[Streamed]) -> Result<()> {
 }
 
 /// The probe on CUDA device `d` (a few seconds): the current stream and every pool stream of
-/// normal and high priority. Two observations join two streams:
-/// - behind a kernel: while stream S runs matrix products, an event recorded on T does not
-///   complete (the queue runs a record after the work before it, whichever stream it is of);
-/// - behind a wait: while a gate stream G runs products, S waits on an event after them and
-///   T's record does not complete, with two gates on different queues (T on G's queue alone
-///   would be held by G's products), the hazard the manager's streams meet. Skipped where the
-///   first observation finds no three streams on different queues to take two gates from.
+/// normal and high priority. For each stream S and gate stream G (three gates: the first two
+/// normal pool streams drawn and the first high-priority one): G runs matrix products for a few
+/// milliseconds, S waits on an event recorded after them, and every other stream T queues a
+/// 4-byte device-to-device copy (copy engine work, no SM needed) and records an event. While G
+/// still computes, T's event stays pending if T's work sits behind S's wait in one queue, or
+/// behind G's products in G's queue: T is on S's queue where every run (with each gate other
+/// than S and T) held it back. That is the hazard the manager's streams meet: a stream that
+/// waits stops the others of its queue. (An event recorded on an idle stream alone is not
+/// enough: it can complete whatever its queue holds, so T queues work first.)
 pub fn probe(d: usize) -> Result<Probed> {
     let mut streams = vec![Stream::current(d)?];
     for high in [false, true] {
@@ -194,68 +189,57 @@ pub fn probe(d: usize) -> Result<Probed> {
         }
     }
     let ids: Vec<i64> = streams.iter().map(|s| s.id()).collect();
-    let a = Tensor::randn([4096, 4096], (Kind::BFloat16, Device::Cuda(d)));
-    accel::synchronize_device(d)?;
     let n = streams.len();
+    let opts = (Kind::Float, Device::Cuda(d));
+    let a = Tensor::randn([4096, 4096], (Kind::BFloat16, Device::Cuda(d)));
+    let src = Tensor::ones([1], opts);
+    let dst: Vec<Tensor> = (0..n).map(|_| Tensor::zeros([1], opts)).collect();
+    accel::synchronize_device(d)?;
+    let gates: Vec<usize> = [1, 2, 1 + POOL_STREAMS]
+        .into_iter()
+        .filter(|&g| g < n)
+        .collect();
     let mut held = Vec::with_capacity(n);
     for s in 0..n {
-        let row = records_held(&streams, |products| busy(&streams[s], &a, products), &[s])?;
-        held.push((0..n).filter(|&t| row[t]).collect::<Vec<_>>());
-    }
-    let by_kernel = QueueMap::from_observations(&ids, &held);
-    // Gates for the second observation: three pool streams on different queues by the first.
-    let mut gates: Vec<usize> = Vec::new();
-    for g in 1..n {
-        if gates.len() < 3 && gates.iter().all(|&h| !by_kernel.share(ids[g], ids[h])) {
-            gates.push(g);
-        }
-    }
-    let mut waits = 0;
-    if gates.len() == 3 {
-        for (s, row) in held.iter_mut().enumerate() {
-            let mut behind = vec![true; n];
-            for &g in gates.iter().filter(|&&g| g != s).take(2) {
-                let now = records_held(
-                    &streams,
-                    |products| {
-                        let gate = busy(&streams[g], &a, products)?;
-                        gate.wait(&streams[s])?;
-                        Ok(gate)
-                    },
-                    &[s, g],
-                )?;
-                for (t, b) in behind.iter_mut().enumerate() {
-                    // A gate's own record is not taken in its run: the other run decides.
-                    if t != g && !now[t] {
-                        *b = false;
-                    }
+        let mut behind = vec![true; n];
+        behind[s] = false;
+        let mut runs = 0;
+        for &g in gates.iter().filter(|&&g| g != s) {
+            let now = work_held(
+                &streams,
+                &src,
+                &dst,
+                |products| {
+                    let gate = busy(&streams[g], &a, products)?;
+                    gate.wait(&streams[s])?;
+                    Ok(gate)
+                },
+                &[s, g],
+            )?;
+            for (t, b) in behind.iter_mut().enumerate() {
+                // A gate's own work is not queued in its run: the other runs decide.
+                if t != g && !now[t] {
+                    *b = false;
                 }
             }
-            for t in (0..n).filter(|&t| t != s && behind[t]) {
-                if !row.contains(&t) {
-                    row.push(t);
-                    waits += 1;
-                }
-            }
+            runs += 1;
         }
+        if runs < 2 {
+            bail!("the queue probe needs three streams from the pool, it got {n}");
+        }
+        held.push((0..n).filter(|&t| behind[t]).collect::<Vec<_>>());
     }
     Ok(Probed {
         map: QueueMap::from_observations(&ids, &held),
         streams: n,
-        wait_test: gates.len() == 3,
-        only_behind_waits: waits,
     })
 }
 
-/// What [`probe`] found, and how.
+/// What [`probe`] found.
 pub struct Probed {
     pub map: QueueMap,
     /// Streams probed.
     pub streams: usize,
-    /// Whether the second observation (behind a wait) ran.
-    pub wait_test: bool,
-    /// Pairs the second observation found that the first did not.
-    pub only_behind_waits: usize,
 }
 
 /// Keeps `g` busy with `products` products of `a`; an event after them.
@@ -270,11 +254,14 @@ fn busy(g: &Stream, a: &Tensor, products: usize) -> Result<Event> {
     Ok(done)
 }
 
-/// Starts `work` (which returns an event after its busy part), records an event on every stream
-/// but `skip`, and after a millisecond answers, per stream, whether its record has not
-/// completed while the busy part still ran. More products where the busy part ended first.
-fn records_held(
+/// Starts `work` (which returns an event after its busy part), queues a 4-byte copy and an
+/// event on every stream but `skip`, and after a millisecond answers, per stream, whether its
+/// event has not completed while the busy part still ran. More products where the busy part
+/// ended first.
+fn work_held(
     streams: &[Stream],
+    src: &Tensor,
+    dst: &[Tensor],
     work: impl Fn(usize) -> Result<Event>,
     skip: &[usize],
 ) -> Result<Vec<bool>> {
@@ -285,6 +272,8 @@ fn records_held(
         for (t, st) in streams.iter().enumerate() {
             let mut ev = Event::new()?;
             if !skip.contains(&t) {
+                let mut to = dst[t].shallow_clone();
+                accel::with_stream(st, || to.f_copy_(src))?.context("a probe copy")?;
                 ev.record(st)?;
             }
             evs.push(ev);

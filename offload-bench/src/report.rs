@@ -60,6 +60,10 @@ pub enum Detail {
         dist: String,
         /// `default` or `high priority`.
         compute_stream: &'static str,
+        /// The ids of the manager's copy and decode streams (libtorch's pool streams; none on
+        /// the CPU, no decode stream without compression).
+        copy_stream_id: Option<i64>,
+        decode_stream_id: Option<i64>,
         /// max(resident, streamed bytes / pinned H2D bandwidth).
         floor_ms: f64,
         stall_ms: f64,
@@ -205,6 +209,8 @@ pub fn print(
                 } else {
                     "default"
                 },
+                copy_stream_id: r.copy_stream,
+                decode_stream_id: r.decode_stream,
                 floor_ms: round2(floor),
                 stall_ms: round2(r.stall),
                 peak_vram_bytes: r.peak,
@@ -412,6 +418,8 @@ mod tests {
             decode_ms_per_forward: 12.5,
             dist: "Normal".into(),
             compute_stream: "default",
+            copy_stream_id: Some(67),
+            decode_stream_id: Some(99),
             floor_ms: 358.1,
             stall_ms: 0.25,
             peak_vram_bytes: 7 << 30,
@@ -442,6 +450,8 @@ mod tests {
             "decode_ms_per_forward": 12.5,
             "dist": "Normal",
             "compute_stream": "default",
+            "copy_stream_id": 67,
+            "decode_stream_id": 99,
             "floor_ms": 358.1,
             "stall_ms": 0.25,
             "peak_vram_bytes": 7u64 << 30,

@@ -357,6 +357,11 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
         if run > 1 {
             label.push_str(&format!(" run{run}"));
         }
+        if let Device::Cuda(d) = dev {
+            for _ in 0..a.skip_streams {
+                Stream::from_pool(d)?;
+            }
+        }
         let mut cfg = OffloadConfig::new("blocks", s.layers)
             .prefetch_depth(a.depth)
             .cpu_test_mode(a.cpu)
