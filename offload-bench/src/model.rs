@@ -36,27 +36,30 @@ fn named_sorted(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 /// scripts/bench_peers.py's wan mode draws diffusers' own: every parameter (in name order) N(0, 1)
 /// in bf16 on `origin` after seed 1234, times 0.02 (in bf16), then converted to `kind`, or to
 /// float32 where diffusers keeps it (`wan::keeps_fp32`). Returns the model and its named
-/// parameters (handles sharing their storage with the model's).
+/// parameters (handles sharing their storage with the model's). The model is made
+/// uninitialized ([`empty_wan`]), without tch's own initialization, which every parameter's
+/// draw overwrites (the values are those of a model made with it: a test checks).
+/// Wan2.1-14B's weights took 106 s to build on an H100 host with the initialization; how much
+/// of that it was is not measured yet.
 pub fn build_wan(config: &wan::Config, origin: Device, kind: Kind, dist: Dist) -> Instance {
-    let mut vs = nn::VarStore::new(Device::Cpu);
-    // Created in `kind` (never all in float32: 14B would need 56 GiB), then diffusers' mixed
-    // precision.
-    vs.set_kind(kind);
-    let model = WanTransformer3DModel::new(vs.root(), config);
-    wan::set_kind(&mut vs, kind);
-    let named = named_sorted(&vs);
+    let (model, named) = empty_wan(config, kind);
+    draw_into(&named, origin, dist);
+    (model, named)
+}
+
+/// Writes every tensor of `named` (in order) with a draw on `origin` after seed 1234.
+fn draw_into(named: &[(String, Tensor)], origin: Device, dist: Dist) {
     let total: usize = named.iter().map(|(_, t)| tensor_bytes(t)).sum();
     let pb = progress::bytes(total as u64, "drawing the weights");
     tch::manual_seed(1234);
     tch::no_grad(|| {
-        for (_, t) in &named {
+        for (_, t) in named {
             let r = draw(&t.size(), origin, dist);
             t.shallow_clone().copy_(&r);
             pb.inc(tensor_bytes(t) as u64);
         }
     });
     pb.finish_and_clear();
-    (model, named)
 }
 
 /// The model with `config`, its tensors uninitialized on the CPU (`Tensor::empty` touches no
@@ -157,6 +160,20 @@ mod tests {
         let (_, again) = build_wan(&config, Device::Cpu, Kind::BFloat16, Dist::Normal);
         for ((n, a), (_, b)) in named.iter().zip(&again) {
             assert!(a.equal(b), "{n}");
+        }
+        // The same parameters (names, shapes, kinds) and values as a model made with tch's
+        // initialization and then diffusers' mixed precision, as the bench made it before.
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        vs.set_kind(Kind::BFloat16);
+        let _initialized = WanTransformer3DModel::new(vs.root(), &config);
+        wan::set_kind(&mut vs, Kind::BFloat16);
+        let before = named_sorted(&vs);
+        draw_into(&before, Device::Cpu, Dist::Normal);
+        assert_eq!(before.len(), named.len());
+        for ((n0, a), (n1, b)) in before.iter().zip(&named) {
+            assert_eq!(n0, n1);
+            assert_eq!((a.size(), a.kind()), (b.size(), b.kind()), "{n0}");
+            assert!(a.equal(b), "{n0}");
         }
     }
 }
