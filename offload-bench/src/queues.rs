@@ -125,7 +125,15 @@ pub fn report(b: &Bench, rows: &[Streamed]) -> Result<()> {
         println!("one hardware queue: {}", names.join(", "));
     }
     if map.groups.is_empty() {
-        println!("every probed stream has a hardware queue of its own");
+        if probed.streams as u32 > accel::hardware_queues() {
+            println!(
+                "the probe saw no two streams share a hardware queue, though {} streams on {} queues must: it could not tell them apart on this device",
+                probed.streams,
+                accel::hardware_queues()
+            );
+        } else {
+            println!("every probed stream has a hardware queue of its own");
+        }
     }
     let mut configurations = Vec::new();
     let mut seen = std::collections::HashSet::new();
