@@ -163,6 +163,22 @@ fn one_compressed_row_per_decode_grid() {
     );
 }
 
+/// Pool streams to pass over and to draw before each configuration act on CUDA only; on the
+/// CPU they are accepted and the rows stay exact.
+#[test]
+fn the_pool_stream_flags_are_accepted_on_the_cpu() {
+    assert_exact_rows(
+        &[
+            "--compress",
+            "--avoid-pool-streams",
+            "0,8,16,24",
+            "--skip-streams",
+            "1",
+        ],
+        &["stream d1", "stream d1 compressed"],
+    );
+}
+
 /// `--no-raw` leaves the compressed rows alone (the first configuration of the process is a
 /// compressed one), and `--repeat 2` runs each twice in a row, the second labelled `run2`.
 #[test]
@@ -273,6 +289,10 @@ fn bad_values_are_errors_naming_the_flag() {
     assert_refused(&with(&["--staging-buffers", "2,1"]), "--staging-buffers");
     assert_refused(&with(&["--decode-blocks", "-1"]), "--decode-blocks");
     assert_refused(&with(&["--skip-streams", "65"]), "--skip-streams");
+    assert_refused(
+        &with(&["--avoid-pool-streams", "0,32"]),
+        "--avoid-pool-streams",
+    );
     assert_refused(&with(&["--push-chunk-mib", "-1"]), "--push-chunk-mib");
     // One model: the block stack is gone.
     assert_refused(&with(&["--model", "stack"]), "--model");

@@ -769,3 +769,64 @@ fn a_compressed_manager_takes_its_own_copy_and_decode_streams(
     m.restore()?;
     Ok(())
 }
+
+/// `avoid_pool_streams`: with every index of libtorch's pool avoided but two, the copy and
+/// decode streams are those two, whatever the pool's round robin (which other tests advance
+/// too) handed out. The CPU test mode takes no streams.
+#[rstest]
+fn avoided_pool_streams_are_passed_over(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let _lock = common::gpu_lock();
+    let named = bf16_blocks();
+    let keep = [5, 21];
+    let mut m = mode
+        .config("blocks", 4)
+        .compress(true)
+        .avoid_pool_streams((0..32).filter(|i| !keep.contains(i)))
+        .build(&named)?;
+    m.initialize()?;
+    match dev {
+        Device::Cuda(_) => {
+            let (Some(copy), Some(decode)) = m.stream_ids() else {
+                panic!("no streams after initialize: {:?}", m.stream_ids());
+            };
+            // c10's pool stream ids: index << 5 | priority level << 1 | 1.
+            let index = |id: i64| (id >> 5) & 31;
+            for (what, id) in [("copy", copy), ("decode", decode)] {
+                assert!(
+                    keep.contains(&(index(id) as usize)),
+                    "{what} stream {id} is pool stream #{}, not one of {keep:?}",
+                    index(id)
+                );
+            }
+        }
+        _ => assert_eq!(m.stream_ids(), (None, None), "no streams on the CPU"),
+    }
+    m.restore()?;
+    Ok(())
+}
+
+/// An avoided pool index out of range, or all 32 avoided, is refused with what to pass.
+#[test]
+fn bad_avoided_pool_streams_are_refused() {
+    let model = Model::new(Device::Cpu, 1, false, 1);
+    for (avoid, want) in [
+        (vec![3, 32], "out of range"),
+        ((0..32).collect::<Vec<_>>(), "leave at least one"),
+    ] {
+        let e = Mode::Cpu
+            .config("blocks", 1)
+            .avoid_pool_streams(avoid.clone())
+            .build(&model.vs)
+            .expect_err("refused");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("avoid_pool_streams") && msg.contains(want),
+            "{avoid:?}: {msg}"
+        );
+    }
+}

@@ -222,6 +222,11 @@ pub struct Cli {
     /// streams it got.
     #[arg(long, default_value_t = 0, value_parser = int_in(0, 64))]
     skip_streams: i64,
+    /// Indices (0..32) of libtorch's normal-priority pool streams the managers must not take
+    /// for their copy, decode and push streams (OffloadConfig::avoid_pool_streams),
+    /// comma-separated, e.g. 0,8,16,24.
+    #[arg(long, value_delimiter = ',', value_parser = int_in(0, 31))]
+    avoid_pool_streams: Vec<i64>,
     /// The weights' distribution: N(0, 0.02) in bf16, or each row (output) of a weight with
     /// its own scale 0.02 exp(0.5 z), z ~ N(0, 1), as trained linear layers' rows differ.
     #[arg(long, value_enum, default_value_t = Dist::Normal)]
@@ -402,6 +407,8 @@ pub struct Args {
     pub probe_queues: bool,
     /// Pool streams drawn and left idle before each single-GPU configuration.
     pub skip_streams: usize,
+    /// Pool stream indices the managers pass over.
+    pub avoid_pool_streams: Vec<usize>,
     pub compress: bool,
     pub two_tier: bool,
     /// Staging buffer counts of the compressed configurations (one row per count).
@@ -457,6 +464,7 @@ pub fn parse_args() -> Args {
         high_priority_compute: cli.high_priority_compute,
         probe_queues: cli.probe_queues,
         skip_streams: cli.skip_streams as usize,
+        avoid_pool_streams: cli.avoid_pool_streams.iter().map(|&i| i as usize).collect(),
         dist: cli.dist,
         checkpoint: cli.checkpoint.map(|dir| CheckpointArgs {
             dir,

@@ -368,7 +368,8 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
             .compress(compress)
             .compress_two_tier(two_tier)
             .compress_staging_buffers(staging)
-            .compress_decode_blocks(grid);
+            .compress_decode_blocks(grid)
+            .avoid_pool_streams(a.avoid_pool_streams.iter().copied());
         if let Some(b) = budget {
             cfg = cfg.vram_budget((b * (1u64 << 30) as f64) as u64);
         }
@@ -626,7 +627,8 @@ pub fn several_gpus(a: &Args, b: &Bench) -> Result<MultiRuns> {
                             .prefetch_depth(a.depth)
                             .cpu_test_mode(a.cpu)
                             .device(if let Device::Cuda(i) = dev_g { i } else { 0 })
-                            .host_store(store);
+                            .host_store(store)
+                            .avoid_pool_streams(a.avoid_pool_streams.iter().copied());
                         if let Some(group) = group {
                             cfg = cfg
                                 .peer_group(group, g)

@@ -9,7 +9,7 @@ use super::config::{
     DEFAULT_SEGMENT_BYTES, MAX_PREFETCH_DEPTH, MAX_STAGING_BUFFERS, OffloadConfig,
     SEGMENT_BYTES_MULTIPLE,
 };
-use super::device::Backend;
+use super::device::{Backend, POOL_STREAMS};
 
 impl OffloadConfig {
     /// Builds the manager over `model`'s weights (and initializes it if `auto_initialize`).
@@ -46,6 +46,27 @@ impl OffloadConfig {
                     segment
                 ),
             });
+        }
+        if let Some(&bad) = self.avoid_streams.iter().find(|&&i| i >= POOL_STREAMS) {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::avoid_pool_streams",
+                message: format!(
+                    "pool stream index {bad} is out of range: libtorch's pool has {POOL_STREAMS} streams a priority, pass indices in 0..{POOL_STREAMS}"
+                ),
+            });
+        }
+        {
+            let mut distinct = self.avoid_streams.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            if distinct.len() >= POOL_STREAMS {
+                return Err(Error::InvalidArgument {
+                    op: "OffloadConfig::avoid_pool_streams",
+                    message: format!(
+                        "all {POOL_STREAMS} pool stream indices avoided: leave at least one for the copy and decode streams"
+                    ),
+                });
+            }
         }
         if self.decode_blocks == Some(0) {
             return Err(Error::InvalidArgument {
@@ -97,6 +118,7 @@ impl OffloadConfig {
             self.cpu_test_mode,
             self.device,
             self.allow_cpu_fallback,
+            &self.avoid_streams,
         )?;
         let auto = self.auto_initialize;
         let mut m = LayerwiseOffloadManager::configured(self, backend, named);

@@ -17,11 +17,35 @@ pub(super) enum Backend {
     /// Compute on CUDA device `device`; uploads on `copy` (from the pool, taken at
     /// `initialize`).
     /// Compressed blocks decode on `decode` (taken at `initialize` when a block is encoded).
+    /// Pool streams whose index is in `avoid` are drawn and passed over
+    /// ([`OffloadConfig::avoid_pool_streams`](super::OffloadConfig)).
     Cuda {
         device: usize,
         copy: Option<Stream>,
         decode: Option<Stream>,
+        avoid: Vec<usize>,
     },
+}
+
+/// Streams of each priority in libtorch's pool (c10's `kStreamsPerPool`).
+pub(super) const POOL_STREAMS: usize = 32;
+
+/// A pool stream's index in its pool of [`POOL_STREAMS`], from its id: c10 packs a pool
+/// stream's id as `index << 5 | priority level << 1 | 1` (the default stream's id is 0, an
+/// external stream's its even address). None for a stream not from the pool.
+pub(super) fn pool_index(id: i64) -> Option<usize> {
+    (id & 1 == 1 && (id >> 1) & 0xf != 0 && id >> 10 == 0).then_some(((id >> 5) & 0x1f) as usize)
+}
+
+/// The next stream of `device`'s pool (normal priority) whose index is not in `avoid`: the ones
+/// in it are drawn and passed over. `avoid` leaves at least one index (checked at build).
+fn pool_stream(device: usize, avoid: &[usize]) -> Result<Stream> {
+    loop {
+        let s = Stream::from_pool(device)?;
+        if !pool_index(s.id()).is_some_and(|i| avoid.contains(&i)) {
+            return Ok(s);
+        }
+    }
 }
 
 impl Backend {
@@ -33,6 +57,7 @@ impl Backend {
         cpu_test_mode: bool,
         device: usize,
         allow_cpu_fallback: bool,
+        avoid: &[usize],
     ) -> Result<Backend> {
         Ok(if !enabled {
             Backend::Disabled
@@ -44,6 +69,7 @@ impl Backend {
                     device,
                     copy: None,
                     decode: None,
+                    avoid: avoid.to_vec(),
                 },
                 Err(_) if allow_cpu_fallback => Backend::Disabled,
                 Err(Error::NoDevice { op, reason }) => {
@@ -95,10 +121,15 @@ impl Backend {
 
     /// Takes the copy stream from the pool if not yet taken (CUDA only).
     pub(super) fn take_copy_stream(&mut self) -> Result<()> {
-        if let Backend::Cuda { device, copy, .. } = self
+        if let Backend::Cuda {
+            device,
+            copy,
+            avoid,
+            ..
+        } = self
             && copy.is_none()
         {
-            *copy = Some(Stream::from_pool(*device)?);
+            *copy = Some(pool_stream(*device, avoid)?);
         }
         Ok(())
     }
@@ -106,14 +137,14 @@ impl Backend {
     /// `n` streams from the pool for sending to peer group members: one shared by all, or one
     /// each with `per_member`. Empty outside CUDA.
     pub(super) fn push_streams(&self, n: usize, per_member: bool) -> Result<Vec<Stream>> {
-        let Some(device) = self.cuda() else {
+        let Backend::Cuda { device, avoid, .. } = self else {
             return Ok(Vec::new());
         };
-        let one = Stream::from_pool(device)?;
+        let one = pool_stream(*device, avoid)?;
         (0..n)
             .map(|_| {
                 if per_member {
-                    Stream::from_pool(device)
+                    pool_stream(*device, avoid)
                 } else {
                     Ok(one)
                 }
@@ -131,10 +162,15 @@ impl Backend {
 
     /// Takes the decode stream from the pool if not yet taken (CUDA only).
     pub(super) fn take_decode_stream(&mut self) -> Result<()> {
-        if let Backend::Cuda { device, decode, .. } = self
+        if let Backend::Cuda {
+            device,
+            decode,
+            avoid,
+            ..
+        } = self
             && decode.is_none()
         {
-            *decode = Some(Stream::from_pool(*device)?);
+            *decode = Some(pool_stream(*device, avoid)?);
         }
         Ok(())
     }
@@ -256,4 +292,21 @@ pub(super) fn copy_pieces_now(
         copy_now(&mut d, piece, op)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pool_index;
+
+    #[test]
+    fn pool_indices_are_read_from_c10s_stream_ids() {
+        // index << 5 | priority level << 1 | 1: level 1 normal, 4 high on Hopper.
+        assert_eq!(pool_index(1 << 5 | 1 << 1 | 1), Some(1));
+        assert_eq!(pool_index(8 << 5 | 1 << 1 | 1), Some(8));
+        assert_eq!(pool_index(31 << 5 | 4 << 1 | 1), Some(31));
+        // The default stream, an external stream's address, a malformed id.
+        assert_eq!(pool_index(0), None);
+        assert_eq!(pool_index(0x7f00_1000), None);
+        assert_eq!(pool_index(1), None);
+    }
 }
