@@ -38,14 +38,18 @@ pub(super) fn pool_index(id: i64) -> Option<usize> {
 }
 
 /// The next stream of `device`'s pool (normal priority) whose index is not in `avoid`: the ones
-/// in it are drawn and passed over. `avoid` leaves at least one index (checked at build).
+/// in it are drawn and passed over. `avoid` leaves at least one index (checked at build), so a
+/// round of the pool finds one unless other threads draw at the same time; after two rounds
+/// the stream drawn last is taken.
 fn pool_stream(device: usize, avoid: &[usize]) -> Result<Stream> {
-    loop {
-        let s = Stream::from_pool(device)?;
+    let mut s = Stream::from_pool(device)?;
+    for _ in 0..2 * POOL_STREAMS {
         if !pool_index(s.id()).is_some_and(|i| avoid.contains(&i)) {
-            return Ok(s);
+            break;
         }
+        s = Stream::from_pool(device)?;
     }
+    Ok(s)
 }
 
 impl Backend {
