@@ -475,17 +475,9 @@ fn a_checkpoint_config_with_huge_sizes_is_refused_naming_the_key() {
 
 /// The `QUEUES {json}` line of a run with `--probe-queues`.
 fn queues_line(out: &std::process::Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "offload-bench --probe-queues failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("QUEUES "))
-        .unwrap_or_else(|| panic!("no QUEUES line:\n{stdout}"));
-    serde_json::from_str(line).expect("the QUEUES line is JSON")
+    let mut lines = common::cli::json_lines("offload-bench --probe-queues", out, "QUEUES");
+    assert_eq!(lines.len(), 1, "one QUEUES line: {lines:?}");
+    lines.remove(0)
 }
 
 /// The queue probe on a GPU. With one hardware queue (`CUDA_DEVICE_MAX_CONNECTIONS=1`) every
@@ -500,24 +492,14 @@ fn the_queue_probe_finds_the_streams_that_share_a_hardware_queue() {
         return;
     }
     const VAR: &str = layerwise_offload::accel::HARDWARE_QUEUES_VAR;
-    let args = [
-        "--preset",
-        "tiny",
-        "--layers",
-        "2",
-        "--tokens",
-        "32",
-        "--ctx",
-        "16",
-        "--reps",
-        "1",
-        "--warmup",
-        "0",
-        "--no-resident",
-        "--probe-queues",
-    ];
+    // The tiny run on the GPU (TINY without --cpu).
+    let args: Vec<&str> = TINY[1..]
+        .iter()
+        .copied()
+        .chain(["--no-resident", "--probe-queues"])
+        .collect();
     let one = Command::new(bench())
-        .args(args)
+        .args(&args)
         .env(VAR, "1")
         .output()
         .expect("offload-bench starts");
@@ -540,7 +522,7 @@ fn the_queue_probe_finds_the_streams_that_share_a_hardware_queue() {
     );
 
     let many = Command::new(bench())
-        .args(args)
+        .args(&args)
         .env_remove(VAR)
         .output()
         .expect("offload-bench starts");

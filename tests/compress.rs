@@ -64,14 +64,17 @@ fn compressed_streaming_is_bit_exact(
 /// Segments of the smallest accepted size (64 KiB), so that every block is several: streamed
 /// and compressed over two lists, with and without a VRAM budget, the forward equals the
 /// resident forward bit for bit and `restore` gives every weight back bit-identical, through
-/// two staging buffers (the default) or three. Each buffer holds one segment encoding at
-/// most; all of them together less than one whole block.
+/// two staging buffers (the default) or three, and with the decode grid full or capped at one
+/// block or seven (fewer than any GPU's SMs; the CPU test mode decodes with the CPU reference
+/// decoder whatever the grid). Each buffer holds one segment encoding at most; all of them
+/// together less than one whole block.
 #[rstest]
 fn blocks_of_several_segments_are_bit_exact(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
     #[values(false, true)] budget: bool,
-    #[values(2, 3)] buffers: usize,
+    #[values((2, None), (3, None), (2, Some(1)), (2, Some(7)))] staging: (usize, Option<u32>),
 ) -> anyhow::Result<()> {
+    let (buffers, grid) = staging;
     let Some(dev) = mode.device() else {
         return Ok(());
     };
@@ -98,7 +101,8 @@ fn blocks_of_several_segments_are_bit_exact(
         .with_list("single_blocks", 4)
         .compress(true)
         .compress_segment_bytes(SEG)
-        .compress_staging_buffers(buffers);
+        .compress_staging_buffers(buffers)
+        .compress_decode_blocks(grid);
     if budget {
         cfg = cfg.vram_budget((small * 6) as u64);
     }
@@ -132,8 +136,12 @@ fn blocks_of_several_segments_are_bit_exact(
     for round in 0..3 {
         assert!(
             bits_equal(&model.forward(&x, Some(&mut m)), &want),
-            "forward {round}"
+            "grid {grid:?}, forward {round}"
         );
+    }
+    if let Some(g) = grid {
+        let want_grid = (mode == Mode::Cuda).then_some(g);
+        assert_eq!(m.decode_grid(), want_grid, "the decoder's grid");
     }
     let mut got = m.named_tensors()?;
     got.sort_by(|a, b| a.0.cmp(&b.0));
@@ -234,45 +242,6 @@ fn a_bad_staging_buffer_count_is_refused() {
         );
     }
     assert_eq!(layerwise_offload::DEFAULT_STAGING_BUFFERS, 2);
-}
-
-/// A decode grid capped at one block, or at a few (fewer than any GPU's SMs), still decodes
-/// every segment: the forward equals the resident forward bit for bit and `restore` gives the
-/// weights back, segments of 64 KiB so that blocks are several. (The CPU test mode decodes with
-/// the CPU reference decoder, whatever the grid.)
-#[rstest]
-fn a_capped_decode_grid_is_bit_exact(
-    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
-    #[values(1, 7)] grid: u32,
-) -> anyhow::Result<()> {
-    let Some(dev) = mode.device() else {
-        return Ok(());
-    };
-    let model = Model::new(dev, 3, true, 203);
-    let before = model.snapshot();
-    let x = model.input(5);
-    let want = model.forward(&x, None);
-    let mut m = mode
-        .config("double_blocks", 3)
-        .with_list("single_blocks", 4)
-        .compress(true)
-        .compress_segment_bytes(layerwise_offload::SEGMENT_BYTES_MULTIPLE)
-        .compress_decode_blocks(Some(grid))
-        .build(&model.vs)?;
-    m.initialize()?;
-    let st = m.stats().clone();
-    assert_eq!(st.encoded_blocks, st.streamed_blocks);
-    for round in 0..2 {
-        assert!(
-            bits_equal(&model.forward(&x, Some(&mut m)), &want),
-            "grid {grid}, forward {round}"
-        );
-    }
-    let want_grid = (mode == Mode::Cuda).then_some(grid);
-    assert_eq!(m.decode_grid(), want_grid, "the decoder's grid");
-    m.restore()?;
-    assert_same(&model.snapshot(), &before);
-    Ok(())
 }
 
 /// A decode grid of no blocks is refused with what to pass.

@@ -55,18 +55,16 @@ impl OffloadConfig {
                 ),
             });
         }
-        {
-            let mut distinct = self.avoid_streams.clone();
-            distinct.sort_unstable();
-            distinct.dedup();
-            if distinct.len() >= POOL_STREAMS {
-                return Err(Error::InvalidArgument {
-                    op: "OffloadConfig::avoid_pool_streams",
-                    message: format!(
-                        "all {POOL_STREAMS} pool stream indices avoided: leave at least one for the copy and decode streams"
-                    ),
-                });
-            }
+        // Every index is below POOL_STREAMS (above): all of them avoided is POOL_STREAMS
+        // distinct ones.
+        let avoided: std::collections::BTreeSet<_> = self.avoid_streams.iter().collect();
+        if avoided.len() == POOL_STREAMS {
+            return Err(Error::InvalidArgument {
+                op: "OffloadConfig::avoid_pool_streams",
+                message: format!(
+                    "all {POOL_STREAMS} pool stream indices avoided: leave at least one for the copy and decode streams"
+                ),
+            });
         }
         if self.decode_blocks == Some(0) {
             return Err(Error::InvalidArgument {

@@ -4,16 +4,23 @@ use std::process::Output;
 
 /// The `RESULT {json}` lines of a successful run, parsed; panics with the output otherwise.
 pub fn result_rows(what: &str, out: &Output) -> Vec<serde_json::Value> {
+    json_lines(what, out, "RESULT")
+}
+
+/// The `<tag> {json}` lines of a successful run (`RESULT`, `QUEUES`), parsed; panics with the
+/// output otherwise.
+pub fn json_lines(what: &str, out: &Output, tag: &str) -> Vec<serde_json::Value> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{what} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let prefix = format!("{tag} ");
     stdout
         .lines()
-        .filter_map(|l| l.strip_prefix("RESULT "))
-        .map(|j| serde_json::from_str(j).expect("RESULT lines are JSON"))
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(|j| serde_json::from_str(j).unwrap_or_else(|e| panic!("{tag} line not JSON: {e}")))
         .collect()
 }
 
