@@ -163,6 +163,43 @@ fn one_compressed_row_per_decode_grid() {
     );
 }
 
+/// `--compress-blocks 0,2,auto` measures each compressed configuration with no block, two
+/// blocks and the count `encoded_blocks_needed` answers encoded, labelled with it, every
+/// output exact: with none encoded the compressed row streams the raw row's bytes, with two
+/// fewer, and every row records the raw bytes it stands for.
+#[test]
+fn one_compressed_row_per_encoded_block_count() {
+    let extra = ["--compress", "--compress-blocks", "0,2,auto"];
+    assert_exact_rows(
+        &extra,
+        &[
+            "stream d1",
+            "stream d1 compressed enc0",
+            "stream d1 compressed enc2",
+            "stream d1 compressed enc auto",
+        ],
+    );
+    let out = tiny_run(&extra);
+    let rows = common::cli::result_rows("offload-bench", &out);
+    let bytes = |i: usize| rows[i]["streamed_bytes"].as_u64().unwrap();
+    let raw = |i: usize| rows[i]["raw_streamed_bytes"].as_u64().unwrap();
+    assert_eq!(bytes(1), bytes(0), "enc0 streams raw");
+    assert!(
+        bytes(2) < bytes(0),
+        "enc2 streams less: {} / {}",
+        bytes(2),
+        bytes(0)
+    );
+    for i in 0..4 {
+        assert_eq!(raw(i), bytes(0), "row {i}");
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("streamed blocks encoded"),
+        "auto says what it chose:\n{stderr}"
+    );
+}
+
 /// Pool streams to pass over and to draw before each configuration act on CUDA only; on the
 /// CPU they are accepted and the rows stay exact.
 #[test]
@@ -288,6 +325,18 @@ fn bad_values_are_errors_naming_the_flag() {
     assert_refused(&with(&["--modes", "shared,foo"]), "--modes");
     assert_refused(&with(&["--staging-buffers", "2,1"]), "--staging-buffers");
     assert_refused(&with(&["--decode-blocks", "-1"]), "--decode-blocks");
+    assert_refused(&with(&["--compress-blocks", "-1"]), "--compress-blocks");
+    assert_refused(&with(&["--compress-blocks", "some"]), "--compress-blocks");
+    assert_refused(
+        &with(&[
+            "--compress",
+            "--compress-blocks",
+            "auto",
+            "--tokens",
+            "32,64",
+        ]),
+        "--compress-blocks",
+    );
     assert_refused(&with(&["--skip-streams", "65"]), "--skip-streams");
     assert_refused(
         &with(&["--avoid-pool-streams", "0,32"]),

@@ -799,3 +799,208 @@ fn bad_avoided_pool_streams_are_refused() {
         );
     }
 }
+
+/// `compress_blocks(k)`: `k` of the streamed blocks travel encoded, the others raw, in one
+/// manager (from the model's tensors or a checkpoint, with and without a VRAM budget); the
+/// forward equals the resident forward bit for bit, reads and `restore` give every weight
+/// back, and the host copies are the raw blocks' bytes plus the encodings.
+#[rstest]
+fn some_blocks_encoded_and_the_others_raw_are_bit_exact(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+    #[values(0, 1, 3, 9)] k: usize,
+    #[values(false, true)] budget: bool,
+    #[values(false, true)] from_checkpoint: bool,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let _lock = common::gpu_lock();
+    let source = Model::new(dev, 5, false, 241);
+    let before = source.snapshot();
+    let x = source.input(4);
+    let want = source.forward(&x, None);
+    let dir = std::env::temp_dir().join(format!(
+        "lo-compress-blocks-{}-{mode:?}-{k}-{budget}",
+        std::process::id()
+    ));
+    let (model, mut cfg) = if from_checkpoint {
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("model.safetensors");
+        let cpu: Vec<(String, Tensor)> = before
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_device(Device::Cpu)))
+            .collect();
+        Tensor::write_safetensors(&cpu, &path)?;
+        let model = Model::new(dev, 5, false, 242);
+        let cfg = mode
+            .config("blocks", 5)
+            .checkpoint(Checkpoint::open(&path)?);
+        (model, cfg)
+    } else {
+        (source, mode.config("blocks", 5))
+    };
+    let block_bytes: u64 = before
+        .iter()
+        .filter(|(n, _)| n.starts_with("blocks.0."))
+        .map(|(_, t)| (t.numel() * 4) as u64)
+        .sum();
+    if budget {
+        cfg = cfg.vram_budget(block_bytes * 4);
+    }
+    let mut m = cfg.compress(true).compress_blocks(k).build(&model.vs)?;
+    m.initialize()?;
+    let st = m.stats().clone();
+    let streamed = st.streamed_blocks;
+    assert!(streamed >= 2, "{streamed} streamed");
+    assert_eq!(st.encoded_blocks, k.min(streamed), "{st}");
+    let raw_blocks = (streamed - st.encoded_blocks) as u64;
+    assert_eq!(st.host_bytes, st.encoded_bytes + raw_blocks * block_bytes);
+    for round in 0..3 {
+        assert!(
+            bits_equal(&model.forward(&x, Some(&mut m)), &want),
+            "forward {round}"
+        );
+    }
+    let mut got = m.named_tensors()?;
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_same(&got, &before);
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    if from_checkpoint {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    Ok(())
+}
+
+/// `encoded_blocks_needed` answers the fewest encoded blocks whose uploads fit the compute
+/// time: a manager built with that many moves at most the link's bytes in that time, and
+/// one built with one fewer moves more; no time needs all of them, ample time none.
+#[rstest]
+fn the_encoded_blocks_needed_fit_the_compute_time(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    if mode.device().is_none() {
+        return Ok(());
+    }
+    let _lock = common::gpu_lock();
+    let gib = (1u64 << 30) as f64;
+    // Host bytes of a manager over fresh bf16 blocks with `k` blocks encoded.
+    let host_bytes = |k: Option<usize>| -> anyhow::Result<(u64, usize)> {
+        let named = bf16_blocks();
+        let mut cfg = mode.config("blocks", 4).compress(true);
+        if let Some(k) = k {
+            cfg = cfg.compress_blocks(k);
+        }
+        let mut m = cfg.build(&named)?;
+        m.initialize()?;
+        let st = m.stats().clone();
+        m.restore()?;
+        Ok((st.host_bytes, st.encoded_blocks))
+    };
+    let named = bf16_blocks();
+    let mut m = mode.config("blocks", 4).compress(true).build(&named)?;
+    match m.encoded_blocks_needed(1.0, 1.0) {
+        Err(Error::NotInitialized { .. }) => {}
+        r => panic!("expected NotInitialized, got {r:?}"),
+    }
+    m.initialize()?;
+    // One GiB/s: compute_ms moves compute_ms / 1000 GiB.
+    let ms_for = |bytes: u64| bytes as f64 / gib * 1e3;
+    let (all_raw, _) = host_bytes(Some(0))?;
+    let (all_encoded, n) = host_bytes(None)?;
+    assert_eq!(n, 4);
+    assert_eq!(m.encoded_blocks_needed(0.0, 1.0)?, 4);
+    assert_eq!(m.encoded_blocks_needed(ms_for(all_raw) * 2.0, 1.0)?, 0);
+    assert_eq!(m.encoded_blocks_needed(ms_for(all_raw), 1.0)?, 0);
+    for budget in [all_encoded, (all_encoded + all_raw) / 2, all_raw - 1] {
+        // Twice the rate, half the time: the same bytes.
+        let k = m.encoded_blocks_needed(ms_for(budget) / 2.0, 2.0)?;
+        assert!((1..=4).contains(&k), "{k}");
+        let (bytes, encoded) = host_bytes(Some(k))?;
+        assert_eq!(encoded, k);
+        assert!(bytes <= budget, "{k} encoded: {bytes} > {budget}");
+        let (fewer, _) = host_bytes(Some(k - 1))?;
+        assert!(fewer > budget, "{} encoded fit too", k - 1);
+    }
+    for (ms, rate) in [
+        (-1.0, 1.0),
+        (f64::NAN, 1.0),
+        (1.0, 0.0),
+        (1.0, f64::INFINITY),
+    ] {
+        match m.encoded_blocks_needed(ms, rate) {
+            Err(e @ Error::InvalidArgument { .. }) => {
+                assert!(e.to_string().contains("link_gib_s"), "{e}")
+            }
+            r => panic!("expected InvalidArgument for ({ms}, {rate}), got {r:?}"),
+        }
+    }
+    m.restore()?;
+    // Built with no block encoded, it cannot tell the encodings' size.
+    let named = bf16_blocks();
+    let mut raw = mode
+        .config("blocks", 4)
+        .compress(true)
+        .compress_blocks(0)
+        .build(&named)?;
+    raw.initialize()?;
+    match raw.encoded_blocks_needed(1.0, 1.0) {
+        Err(e @ Error::InvalidArgument { .. }) => {
+            assert!(e.to_string().contains("compress"), "{e}")
+        }
+        r => panic!("expected InvalidArgument, got {r:?}"),
+    }
+    raw.restore()?;
+    Ok(())
+}
+
+/// `compress_blocks` is refused, saying why, without compression and where the blocks' store
+/// holds every block in one form.
+#[test]
+fn what_compress_blocks_refuses() -> anyhow::Result<()> {
+    let model = Model::new(Device::Cpu, 3, false, 251);
+    let cfg = || Mode::Cpu.config("blocks", 3);
+    let refused = |c: OffloadConfig, needle: &str| match c.build(&model.vs) {
+        Err(e @ Error::InvalidArgument { op, .. }) => {
+            assert_eq!(op, "OffloadConfig::compress_blocks");
+            assert!(e.to_string().contains(needle), "{e}");
+        }
+        r => panic!(
+            "expected InvalidArgument with {needle:?}, got {:?}",
+            r.map(|_| ())
+        ),
+    };
+    refused(cfg().compress_blocks(1), "compress(true)");
+    refused(
+        cfg()
+            .compress(true)
+            .compress_blocks(1)
+            .shared_memory("/dev/shm/lo-never-made"),
+        "published store",
+    );
+    refused(
+        cfg()
+            .compress(true)
+            .compress_blocks(1)
+            .encoded_cache("/tmp/lo-never-made.encoded"),
+        "encoded cache",
+    );
+    refused(
+        cfg().compress(true).compress_blocks(2).zero_copy(true),
+        "zero_copy",
+    );
+    refused(
+        cfg().compress(true).compress_blocks(2).host_budget(1 << 20),
+        "host_budget",
+    );
+    let other = Model::new(Device::Cpu, 3, false, 252);
+    let mut publisher = cfg().compress(true).build(&other.vs)?;
+    publisher.initialize()?;
+    let store = publisher.host_store().expect("initialized");
+    refused(
+        cfg().compress(true).compress_blocks(1).host_store(store),
+        "shared host store",
+    );
+    publisher.restore()?;
+    Ok(())
+}

@@ -204,6 +204,15 @@ pub struct Cli {
     /// `grid full`) when more than one is given or the one given is not 0.
     #[arg(long, value_delimiter = ',', default_values_t = [0], value_parser = int_in(0, 1 << 20))]
     decode_blocks: Vec<i64>,
+    /// How many streamed blocks the compressed configurations encode
+    /// (OffloadConfig::compress_blocks; the others stream raw), comma-separated: a count, or
+    /// `auto` for what `encoded_blocks_needed` answers for the compute time of one forward
+    /// (measured on a manager with every block encoded: the forward less its stalls, from a
+    /// timeline) and the measured link rate; `all` (the default) encodes every one. Each
+    /// compressed configuration once per value, labelled `enc<n>` or `enc auto`. `auto` needs
+    /// one --tokens value.
+    #[arg(long, value_delimiter = ',', default_values_t = [String::from("all")], value_parser = encoded_count)]
+    compress_blocks: Vec<String>,
     /// Run everything on a high-priority stream of the pool instead of the default stream, so
     /// that the GPU schedules the model's kernels before the decode kernels of compressed
     /// transport (the manager's copy and decode streams have normal priority).
@@ -271,6 +280,12 @@ fn check(a: &Cli, s: &Shape, cuda: bool) {
                 c.rope_max_seq_len
             ));
         }
+    }
+    if a.compress_blocks.iter().any(|v| v == "auto") && a.tokens.len() > 1 {
+        fail(format!(
+            "--compress-blocks auto sizes the encoding for one token count, and --tokens gives {}: run one count at a time",
+            a.tokens.len()
+        ));
     }
     if a.no_raw && !a.compress && !a.two_tier {
         fail("--no-raw leaves no configuration to measure: add --compress or --two-tier".into());
@@ -415,6 +430,8 @@ pub struct Args {
     pub staging_buffers: Vec<usize>,
     /// Decode grids of the compressed configurations (one row per value; None: full).
     pub decode_blocks: Vec<Option<u32>>,
+    /// Encoded blocks of the compressed configurations (one row per value).
+    pub compress_blocks: Vec<EncodedBlocks>,
     pub dist: Dist,
     pub checkpoint: Option<CheckpointArgs>,
 }
@@ -461,6 +478,15 @@ pub fn parse_args() -> Args {
             .iter()
             .map(|&n| (n > 0).then_some(n as u32))
             .collect(),
+        compress_blocks: cli
+            .compress_blocks
+            .iter()
+            .map(|v| match v.as_str() {
+                "all" => EncodedBlocks::All,
+                "auto" => EncodedBlocks::Auto,
+                n => EncodedBlocks::Count(n.parse().expect("checked by the parser")),
+            })
+            .collect(),
         high_priority_compute: cli.high_priority_compute,
         probe_queues: cli.probe_queues,
         skip_streams: cli.skip_streams as usize,
@@ -471,5 +497,27 @@ pub fn parse_args() -> Args {
             zero_copy: cli.zero_copy,
             host_budget: cli.host_budget.map(|g| (g * (1u64 << 30) as f64) as u64),
         }),
+    }
+}
+
+/// How many streamed blocks a compressed configuration encodes (`--compress-blocks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncodedBlocks {
+    /// Every one (OffloadConfig::compress alone).
+    All,
+    /// This many.
+    Count(usize),
+    /// As many as `encoded_blocks_needed` says for a measured forward.
+    Auto,
+}
+
+/// A `--compress-blocks` value: `all`, `auto` or a count.
+fn encoded_count(s: &str) -> Result<String, String> {
+    match s.trim() {
+        v @ ("all" | "auto") => Ok(v.to_string()),
+        v => v
+            .parse::<usize>()
+            .map(|n| n.to_string())
+            .map_err(|_| format!("{s:?} is not a count of blocks, `all` or `auto`")),
     }
 }

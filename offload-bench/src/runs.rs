@@ -3,7 +3,7 @@
 //! and the resident model ([`resident`]). They return what they measured; the report turns it
 //! into rows.
 
-use crate::flags::{Args, Mode};
+use crate::flags::{Args, EncodedBlocks, Mode};
 use crate::model::{Instance, build_wan, empty_wan, tensor_bytes, wan_forward, wan_instance};
 use crate::progress;
 use crate::util::{gpu_name, huge_page_bytes, median, peak_rss_bytes, pinned_h2d_gib_s, wan_grid};
@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar};
 use layerwise_offload::accel::{self, Event, Stream};
 use layerwise_offload::checkpoint::Checkpoint;
-use layerwise_offload::{DEFAULT_STAGING_BUFFERS, OffloadConfig, PeerGroup};
+use layerwise_offload::{DEFAULT_STAGING_BUFFERS, Lane, OffloadConfig, PeerGroup};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -281,6 +281,8 @@ struct Single {
     staging: usize,
     /// Decode grid of a compressed configuration (None: full).
     grid: Option<u32>,
+    /// Streamed blocks a compressed configuration encodes.
+    enc: EncodedBlocks,
     /// Which of the --repeat runs (from 1).
     run: usize,
 }
@@ -308,24 +310,33 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
     let configs: Vec<Single> = budgets
         .iter()
         .flat_map(|&budget| {
-            let one = move |compress, two_tier, staging, grid| Single {
+            let one = move |compress, two_tier, staging, grid, enc| Single {
                 budget,
                 compress,
                 two_tier,
                 staging,
                 grid,
+                enc,
                 run: 1,
             };
             let compressed = a.staging_buffers.iter().flat_map(move |&n| {
                 a.decode_blocks.iter().flat_map(move |&g| {
-                    a.compress
-                        .then_some(one(true, false, n, g))
-                        .into_iter()
-                        .chain(a.two_tier.then_some(one(true, true, n, g)))
+                    a.compress_blocks.iter().flat_map(move |&e| {
+                        a.compress
+                            .then_some(one(true, false, n, g, e))
+                            .into_iter()
+                            .chain(a.two_tier.then_some(one(true, true, n, g, e)))
+                    })
                 })
             });
             a.raw
-                .then_some(one(false, false, DEFAULT_STAGING_BUFFERS, None))
+                .then_some(one(
+                    false,
+                    false,
+                    DEFAULT_STAGING_BUFFERS,
+                    None,
+                    EncodedBlocks::All,
+                ))
                 .into_iter()
                 .chain(compressed)
         })
@@ -338,6 +349,7 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
         two_tier,
         staging,
         grid,
+        enc,
         run,
     } in configs
     {
@@ -353,6 +365,11 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
                 Some(g) => label.push_str(&format!(" grid{g}")),
                 None => label.push_str(" grid full"),
             }
+        }
+        match (compress, enc) {
+            (true, EncodedBlocks::Count(n)) => label.push_str(&format!(" enc{n}")),
+            (true, EncodedBlocks::Auto) => label.push_str(" enc auto"),
+            _ => {}
         }
         if run > 1 {
             label.push_str(&format!(" run{run}"));
@@ -379,6 +396,14 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
                 cfg = cfg.host_budget(h);
             }
         }
+        match (compress, enc) {
+            (true, EncodedBlocks::Count(n)) => cfg = cfg.compress_blocks(n),
+            (true, EncodedBlocks::Auto) => {
+                let n = encoded_blocks_auto(b, cfg.clone(), &label)?;
+                cfg = cfg.compress_blocks(n);
+            }
+            _ => {}
+        }
         let t0 = Instant::now();
         let pb = progress::spinner(format!("{label}: initialize"));
         let mut m = cfg.build(&b.named)?;
@@ -393,10 +418,12 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
         } else {
             st.host_bytes
         };
-        let raw_bytes = if st.encoded_blocks > 0 {
-            st.raw_encoded_bytes
-        } else {
-            streamed_bytes
+        // The raw blocks' bytes plus what the encoded ones decode to.
+        let raw_bytes = match (st.encoded_blocks, st.disk_blocks) {
+            (0, _) => streamed_bytes,
+            (_, 0) => streamed_bytes - st.encoded_bytes + st.raw_encoded_bytes,
+            // The disk tier holds every streamed block encoded.
+            _ => st.raw_encoded_bytes,
         };
         let (copy_id, decode_id) = m.stream_ids();
         let id = |s: Option<i64>| s.map_or("-".to_string(), |i| i.to_string());
@@ -484,6 +511,49 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
         }
     }
     Ok(StreamRuns { rows, stats_table })
+}
+
+/// `--compress-blocks auto`: builds `cfg` (every streamed block encoded), runs a forward of
+/// the first token count to warm up and one with a timeline, and answers
+/// `encoded_blocks_needed` for that forward's compute (its length less its stalls) and the
+/// measured link rate; the weights go back for the configuration itself.
+fn encoded_blocks_auto(b: &Bench, cfg: OffloadConfig, label: &str) -> Result<usize> {
+    let pb = progress::spinner(format!("{label}: sizing the encoding"));
+    let mut m = cfg.build(&b.named)?;
+    m.initialize()?;
+    let (tokens, xs) = &b.inputs[0];
+    let _ = wan_forward(&b.model, xs, Some(&mut m));
+    let (forward, stall) = if let Device::Cuda(_) = b.dev {
+        m.start_timeline()?;
+        let _ = wan_forward(&b.model, xs, Some(&mut m));
+        let spans = m.finish_timeline()?;
+        let stall: f64 = spans
+            .iter()
+            .filter(|s| s.lane == Lane::Stall)
+            .map(|s| s.end_ms - s.start_ms)
+            .sum();
+        (spans.iter().map(|s| s.end_ms).fold(0.0, f64::max), stall)
+    } else {
+        // The CPU test mode: no timeline, and no stalls to take off (uploads are copies on
+        // this thread).
+        let t = Instant::now();
+        let _ = wan_forward(&b.model, xs, Some(&mut m));
+        (t.elapsed().as_secs_f64() * 1e3, 0.0)
+    };
+    let compute = forward - stall;
+    // The CPU test mode has no link to measure: a nominal rate sizes the pattern there.
+    let bw = if b.bw > 0.0 { b.bw } else { 1.0 };
+    let n = m.encoded_blocks_needed(compute, bw)?;
+    pb.finish_and_clear();
+    eprintln!(
+        "{label}, {tokens} tokens: a forward of {forward:.1} ms with {stall:.1} ms of stalls; {compute:.1} ms of compute at {bw:.1} GiB/s needs {n} of {} streamed blocks encoded",
+        m.stats().streamed_blocks
+    );
+    if let Err(e) = m.restore() {
+        eprintln!("restore onto the device failed ({e}); restoring onto the CPU");
+        m.restore_to(Device::Cpu)?;
+    }
+    Ok(n)
 }
 
 /// One GPU of a several-GPU run at one token count.

@@ -278,12 +278,140 @@ pub(super) fn in_place(layout: &BlockLayout, params: &[Tensor]) -> bool {
         })
 }
 
+impl LayerwiseOffloadManager {
+    /// How many of the streamed blocks compressed transport needs to encode
+    /// ([`OffloadConfig::compress_blocks`](crate::OffloadConfig::compress_blocks)) for one
+    /// forward's uploads to fit in `compute_ms` of compute over a link of `link_gib_s`: the
+    /// fewest, spread as `compress_blocks` spreads them, whose encodings and the other blocks'
+    /// raw bytes cross the link in that time; every streamed block where none do (the link is
+    /// the bottleneck then, and encoding all of them makes it shortest). 0 without streamed
+    /// blocks.
+    ///
+    /// `compute_ms` is what the model's kernels take per forward at the size it runs: the sum
+    /// of the compute spans of a timeline ([`Self::start_timeline`]) or a resident run's time;
+    /// `link_gib_s` the host link's rate (such as [`OffloadStats::upload_gib_s`] after a few
+    /// raw uploads). Pass a little less compute time than measured to leave the pipeline
+    /// slack. Call it on a manager built with [`OffloadConfig::compress`](crate::OffloadConfig::compress)
+    /// (every streamed block encoded, or some: the others' encodings are estimated from the
+    /// encoded ones' ratio); build again with `compress_blocks` of the answer.
+    pub fn encoded_blocks_needed(&self, compute_ms: f64, link_gib_s: f64) -> Result<usize> {
+        let op = "encoded_blocks_needed";
+        if !(compute_ms.is_finite()
+            && compute_ms >= 0.0
+            && link_gib_s.is_finite()
+            && link_gib_s > 0.0)
+        {
+            return Err(Error::InvalidArgument {
+                op,
+                message: format!(
+                    "compute_ms must be a finite time of at least 0 and link_gib_s a finite rate above 0 (got {compute_ms} ms and {link_gib_s} GiB/s)"
+                ),
+            });
+        }
+        let rt = self.phase.runtime().ok_or(Error::NotInitialized { op })?;
+        let streamed: Vec<usize> = (0..rt.blocks.len())
+            .filter(|&i| !rt.blocks[i].resident)
+            .collect();
+        let raw: Vec<f64> = streamed
+            .iter()
+            .map(|&i| rt.plan.blocks[i].bytes as f64)
+            .collect();
+        let known: Vec<Option<f64>> = streamed
+            .iter()
+            .map(|&i| rt.blocks[i].tier.encoding().map(|(e, _)| e.numel() as f64))
+            .collect();
+        let (enc, of): (f64, f64) = known
+            .iter()
+            .zip(&raw)
+            .filter_map(|(e, r)| e.map(|e| (e, *r)))
+            .fold((0.0, 0.0), |(a, b), (e, r)| (a + e, b + r));
+        if streamed.is_empty() {
+            return Ok(0);
+        }
+        if of == 0.0 {
+            return Err(Error::InvalidArgument {
+                op,
+                message: "no streamed block is encoded, so their encodings' size is unknown; build with compress(true) and without compress_blocks(0)".into(),
+            });
+        }
+        let ratio = enc / of;
+        let encoded: Vec<f64> = known
+            .iter()
+            .zip(&raw)
+            .map(|(e, r)| e.unwrap_or(r * ratio))
+            .collect();
+        let budget = compute_ms / 1e3 * link_gib_s * (1u64 << 30) as f64;
+        Ok(fewest_encoded(&raw, &encoded, budget))
+    }
+}
+
+/// The fewest `k` whose pattern of encoded blocks
+/// ([`encoded_blocks`](super::lifecycle::encoded_blocks): `k` of the streamed blocks spread
+/// evenly) moves at most `budget` bytes, the streamed blocks' `raw` bytes or `encoded` bytes
+/// each; all of them if no `k` does.
+pub(super) fn fewest_encoded(raw: &[f64], encoded: &[f64], budget: f64) -> usize {
+    let s = raw.len();
+    let positions: Vec<usize> = (0..s).collect();
+    (0..=s)
+        .find(|&k| {
+            let pattern = super::lifecycle::encoded_blocks(true, Some(k), &positions, s);
+            let bytes: f64 = pattern
+                .iter()
+                .zip(raw.iter().zip(encoded))
+                .map(|(&e, (&r, &c))| if e { c } else { r })
+                .sum();
+            bytes <= budget
+        })
+        .unwrap_or(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::in_place;
     use crate::OffloadConfig;
     use crate::manager::weights::views;
     use tch::{Device, Kind, Tensor};
+
+    /// `compress_blocks`' pattern: exactly `k` of the streamed blocks encoded (all from `s` on),
+    /// evenly spread (the gaps between encoded blocks differ by one at most), the others as
+    /// `compress` says; `fewest_encoded` takes the first `k` whose bytes fit.
+    #[test]
+    fn encoded_blocks_are_spread_evenly_and_the_fewest_that_fit_are_found() {
+        use crate::manager::compress::fewest_encoded;
+        use crate::manager::lifecycle::encoded_blocks;
+        let streamed = [0, 2, 3, 5, 6, 7, 9];
+        let s = streamed.len();
+        for k in 0..=s + 2 {
+            let e = encoded_blocks(true, Some(k), &streamed, 10);
+            for i in [1, 4, 8] {
+                assert!(e[i], "block {i} is resident: as compress says");
+            }
+            let on: Vec<usize> = (0..s).filter(|&j| e[streamed[j]]).collect();
+            assert_eq!(on.len(), k.min(s), "k {k}");
+            let gaps: Vec<usize> = on.windows(2).map(|w| w[1] - w[0]).collect();
+            if let (Some(lo), Some(hi)) = (gaps.iter().min(), gaps.iter().max()) {
+                assert!(hi - lo <= 1, "k {k}: gaps {gaps:?}");
+            }
+        }
+        assert_eq!(
+            encoded_blocks(false, Some(3), &streamed, 10),
+            vec![false; 10]
+        );
+        assert_eq!(encoded_blocks(true, None, &streamed, 10), vec![true; 10]);
+        // Four blocks of 10 raw bytes, encodings of 6.
+        let (raw, enc) = ([10.0; 4], [6.0; 4]);
+        for (budget, k) in [
+            (40.0, 0),
+            (39.0, 1),
+            (36.0, 1),
+            (35.9, 2),
+            (24.0, 4),
+            (1.0, 4),
+        ] {
+            assert_eq!(fewest_encoded(&raw, &enc, budget), k, "budget {budget}");
+        }
+        assert_eq!(fewest_encoded(&[], &[], 0.0), 0);
+    }
 
     /// Raw bytes per segment: the smallest accepted.
     const SEG: usize = crate::manager::SEGMENT_BYTES_MULTIPLE;

@@ -175,7 +175,7 @@ impl LayerwiseOffloadManager {
                 source: crate::error::TorchMessage("injected fault".into()),
             });
         }
-        let encode = self.config.compress && buffer.is_none();
+        let encode = b.encode[i] && buffer.is_none();
         // A block in the shared-memory file is a block of the store published there.
         let in_file = buffer.is_some();
         let copy = if encode && in_place(layout, &b.blocks[i].params) {

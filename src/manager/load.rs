@@ -258,7 +258,7 @@ impl LayerwiseOffloadManager {
                         })
                         .collect::<Result<Vec<_>>>()?,
                 ))
-            } else if self.config.compress {
+            } else if b.encode[i] {
                 // Read into a reused pageable buffer; the encoding is the host copy.
                 let buf = super::fill::scratch_buffer(&mut scratch, b.plan.blocks[i].bytes)?;
                 read_block(&ckpt, sources, &b.plan.blocks[i], &buf)?;
