@@ -993,6 +993,13 @@ fn what_compress_blocks_refuses() -> anyhow::Result<()> {
         cfg().compress(true).compress_blocks(2).host_budget(1 << 20),
         "host_budget",
     );
+    refused(
+        cfg()
+            .compress(true)
+            .compress_blocks(1)
+            .peer_group(layerwise_offload::PeerGroup::new(2)?, 0),
+        "peer group",
+    );
     let other = Model::new(Device::Cpu, 3, false, 252);
     let mut publisher = cfg().compress(true).build(&other.vs)?;
     publisher.initialize()?;
