@@ -200,6 +200,36 @@ fn one_compressed_row_per_encoded_block_count() {
     );
 }
 
+/// `--sizing-rounds 3`: auto sizes again on a build with its last answer until the answer
+/// repeats. The tiny CPU run's fp32 blocks do not shrink, so on a link of 0.001 GiB/s (16 s for
+/// the raw bytes) every block must be encoded: the second round repeats the first's answer and
+/// ends the sizing.
+#[test]
+fn auto_sizing_runs_again_until_its_answer_repeats() {
+    let extra = [
+        "--compress",
+        "--no-raw",
+        "--compress-blocks",
+        "auto",
+        "--sizing-rounds",
+        "3",
+        "--sizing-link-gib-s",
+        "0.001",
+    ];
+    assert_exact_rows(&extra, &["stream d1 compressed enc auto r3"]);
+    let out = tiny_run(&extra);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let rounds: Vec<&str> = stderr.lines().filter(|l| l.contains(", round ")).collect();
+    assert_eq!(rounds.len(), 2, "{stderr}");
+    assert!(rounds[0].contains("round 1 (4 encoded)"), "{}", rounds[0]);
+    assert!(rounds[1].contains("round 2 (4 encoded)"), "{}", rounds[1]);
+    assert!(
+        rounds[1].ends_with("needs 4 of 4 streamed blocks encoded"),
+        "{}",
+        rounds[1]
+    );
+}
+
 /// Pool streams to pass over and to draw before each configuration act on CUDA only; on the
 /// CPU they are accepted and the rows stay exact.
 #[test]
@@ -327,6 +357,8 @@ fn bad_values_are_errors_naming_the_flag() {
     assert_refused(&with(&["--decode-blocks", "-1"]), "--decode-blocks");
     assert_refused(&with(&["--compress-blocks", "-1"]), "--compress-blocks");
     assert_refused(&with(&["--compress-blocks", "some"]), "--compress-blocks");
+    assert_refused(&with(&["--sizing-rounds", "0"]), "--sizing-rounds");
+    assert_refused(&with(&["--sizing-link-gib-s", "0"]), "--sizing-link-gib-s");
     assert_refused(
         &with(&[
             "--compress",

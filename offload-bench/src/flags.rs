@@ -2,7 +2,7 @@
 //! describe ([`Args`], with the model's [`Shape`]). A bad value exits with a one-line error
 //! naming the flag and its range, as clap's own errors do.
 
-use crate::util::{int_in, wan_grid};
+use crate::util::{float_in, int_in, wan_grid};
 use clap::{CommandFactory, Parser, ValueEnum, error::ErrorKind};
 use layerwise_offload::accel;
 use std::path::PathBuf;
@@ -213,6 +213,16 @@ pub struct Cli {
     /// one --tokens value.
     #[arg(long, value_delimiter = ',', default_values_t = [String::from("all")], value_parser = encoded_count)]
     compress_blocks: Vec<String>,
+    /// With `--compress-blocks auto`: at most this many sizing rounds, each building with the
+    /// last answer, measuring a forward's compute again and asking again, until the answer
+    /// repeats or is 0 (compute measured with every block decoding beside the model includes
+    /// the decodes' cost, so one round can answer too few). Labelled `enc auto r<R>` above 1.
+    #[arg(long, default_value_t = 1, value_parser = int_in(1, 4))]
+    sizing_rounds: i64,
+    /// With `--compress-blocks auto`: size for this host link rate in GiB/s instead of the
+    /// measured one (the CPU test mode has none and uses 1 GiB/s otherwise).
+    #[arg(long, value_parser = float_in(0.001, 1e4))]
+    sizing_link_gib_s: Option<f64>,
     /// Run everything on a high-priority stream of the pool instead of the default stream, so
     /// that the GPU schedules the model's kernels before the decode kernels of compressed
     /// transport (the manager's copy and decode streams have normal priority).
@@ -432,6 +442,10 @@ pub struct Args {
     pub decode_blocks: Vec<Option<u32>>,
     /// Encoded blocks of the compressed configurations (one row per value).
     pub compress_blocks: Vec<EncodedBlocks>,
+    /// Sizing rounds of `--compress-blocks auto`.
+    pub sizing_rounds: usize,
+    /// The link rate `--compress-blocks auto` sizes for, if not the measured one.
+    pub sizing_link_gib_s: Option<f64>,
     pub dist: Dist,
     pub checkpoint: Option<CheckpointArgs>,
 }
@@ -478,6 +492,8 @@ pub fn parse_args() -> Args {
             .iter()
             .map(|&n| (n > 0).then_some(n as u32))
             .collect(),
+        sizing_rounds: cli.sizing_rounds as usize,
+        sizing_link_gib_s: cli.sizing_link_gib_s,
         compress_blocks: cli
             .compress_blocks
             .iter()

@@ -368,6 +368,9 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
         }
         match (compress, enc) {
             (true, EncodedBlocks::Count(n)) => label.push_str(&format!(" enc{n}")),
+            (true, EncodedBlocks::Auto) if a.sizing_rounds > 1 => {
+                label.push_str(&format!(" enc auto r{}", a.sizing_rounds))
+            }
             (true, EncodedBlocks::Auto) => label.push_str(" enc auto"),
             _ => {}
         }
@@ -399,7 +402,13 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
         match (compress, enc) {
             (true, EncodedBlocks::Count(n)) => cfg = cfg.compress_blocks(n),
             (true, EncodedBlocks::Auto) => {
-                let n = encoded_blocks_auto(b, cfg.clone(), &label)?;
+                let n = encoded_blocks_auto(
+                    b,
+                    cfg.clone(),
+                    &label,
+                    a.sizing_rounds,
+                    a.sizing_link_gib_s,
+                )?;
                 cfg = cfg.compress_blocks(n);
             }
             _ => {}
@@ -516,44 +525,69 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
 /// `--compress-blocks auto`: builds `cfg` (every streamed block encoded), runs a forward of
 /// the first token count to warm up and one with a timeline, and answers
 /// `encoded_blocks_needed` for that forward's compute (its length less its stalls) and the
-/// measured link rate; the weights go back for the configuration itself.
-fn encoded_blocks_auto(b: &Bench, cfg: OffloadConfig, label: &str) -> Result<usize> {
-    let pb = progress::spinner(format!("{label}: sizing the encoding"));
-    let mut m = cfg.build(&b.named)?;
-    m.initialize()?;
-    let (tokens, xs) = &b.inputs[0];
-    let _ = wan_forward(&b.model, xs, Some(&mut m));
-    let (forward, stall) = if let Device::Cuda(_) = b.dev {
-        m.start_timeline()?;
+/// measured link rate; with `--sizing-rounds R` it builds again with the answer and asks again,
+/// up to R rounds, until the answer repeats or is 0 (exact: nothing decodes then). The weights
+/// go back for the configuration itself.
+fn encoded_blocks_auto(
+    b: &Bench,
+    cfg: OffloadConfig,
+    label: &str,
+    rounds: usize,
+    link: Option<f64>,
+) -> Result<usize> {
+    let mut answer = None;
+    for round in 1..=rounds {
+        let pb = progress::spinner(format!("{label}: sizing the encoding, round {round}"));
+        let built = match answer {
+            Some(n) => cfg.clone().compress_blocks(n),
+            None => cfg.clone(),
+        };
+        let mut m = built.build(&b.named)?;
+        m.initialize()?;
+        let (tokens, xs) = &b.inputs[0];
         let _ = wan_forward(&b.model, xs, Some(&mut m));
-        let spans = m.finish_timeline()?;
-        let stall: f64 = spans
-            .iter()
-            .filter(|s| s.lane == Lane::Stall)
-            .map(|s| s.end_ms - s.start_ms)
-            .sum();
-        (spans.iter().map(|s| s.end_ms).fold(0.0, f64::max), stall)
-    } else {
-        // The CPU test mode: no timeline, and no stalls to take off (uploads are copies on
-        // this thread).
-        let t = Instant::now();
-        let _ = wan_forward(&b.model, xs, Some(&mut m));
-        (t.elapsed().as_secs_f64() * 1e3, 0.0)
-    };
-    let compute = forward - stall;
-    // The CPU test mode has no link to measure: a nominal rate sizes the pattern there.
-    let bw = if b.bw > 0.0 { b.bw } else { 1.0 };
-    let n = m.encoded_blocks_needed(compute, bw)?;
-    pb.finish_and_clear();
-    eprintln!(
-        "{label}, {tokens} tokens: a forward of {forward:.1} ms with {stall:.1} ms of stalls; {compute:.1} ms of compute at {bw:.1} GiB/s needs {n} of {} streamed blocks encoded",
-        m.stats().streamed_blocks
-    );
-    if let Err(e) = m.restore() {
-        eprintln!("restore onto the device failed ({e}); restoring onto the CPU");
-        m.restore_to(Device::Cpu)?;
+        let (forward, stall) = if let Device::Cuda(_) = b.dev {
+            m.start_timeline()?;
+            let _ = wan_forward(&b.model, xs, Some(&mut m));
+            let spans = m.finish_timeline()?;
+            let stall: f64 = spans
+                .iter()
+                .filter(|s| s.lane == Lane::Stall)
+                .map(|s| s.end_ms - s.start_ms)
+                .sum();
+            (spans.iter().map(|s| s.end_ms).fold(0.0, f64::max), stall)
+        } else {
+            // The CPU test mode: no timeline, and no stalls to take off (uploads are copies on
+            // this thread).
+            let t = Instant::now();
+            let _ = wan_forward(&b.model, xs, Some(&mut m));
+            (t.elapsed().as_secs_f64() * 1e3, 0.0)
+        };
+        let compute = forward - stall;
+        // The CPU test mode has no link to measure: a nominal rate sizes the pattern there.
+        let bw = match link {
+            Some(bw) => bw,
+            None if b.bw > 0.0 => b.bw,
+            None => 1.0,
+        };
+        let n = m.encoded_blocks_needed(compute, bw)?;
+        pb.finish_and_clear();
+        let st = m.stats();
+        eprintln!(
+            "{label}, {tokens} tokens, round {round} ({} encoded): a forward of {forward:.1} ms with {stall:.1} ms of stalls; {compute:.1} ms of compute at {bw:.1} GiB/s needs {n} of {} streamed blocks encoded",
+            st.encoded_blocks, st.streamed_blocks
+        );
+        if let Err(e) = m.restore() {
+            eprintln!("restore onto the device failed ({e}); restoring onto the CPU");
+            m.restore_to(Device::Cpu)?;
+        }
+        let settled = n == 0 || answer == Some(n);
+        answer = Some(n);
+        if settled {
+            break;
+        }
     }
-    Ok(n)
+    Ok(answer.expect("at least one round"))
 }
 
 /// One GPU of a several-GPU run at one token count.
