@@ -43,7 +43,7 @@ pub use script::{
     set_graph_optimizations, with_graph_optimizations,
 };
 pub use source::WeightSource;
-pub use stats::{Lane, OffloadStats, TimelineSpan, chrome_trace_json};
+pub use stats::{Lane, OffloadStats, TimelineSpan, chrome_trace_json, compute_ms};
 
 /// The libtorch release this build of the crate was compiled against (`"2.11.0"` with tch
 /// 0.24, `"2.13.0"` with tch 0.26): the application's `tch` requirement picks the pair. Empty

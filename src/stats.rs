@@ -194,6 +194,25 @@ pub struct TimelineSpan {
     pub end_ms: f64,
 }
 
+/// The compute time of a captured timeline ([`LayerwiseOffloadManager::finish_timeline`](crate::LayerwiseOffloadManager::finish_timeline)):
+/// from the capture's start to its last span's end, less the compute stream's waits for
+/// uploads (the stalls); 0 for no spans. What to give
+/// [`LayerwiseOffloadManager::encoded_blocks_needed`](crate::LayerwiseOffloadManager::encoded_blocks_needed)
+/// after capturing one forward.
+pub fn compute_ms(spans: &[TimelineSpan]) -> f64 {
+    let end = spans
+        .iter()
+        .map(|s| s.end_ms)
+        .filter(|t| t.is_finite())
+        .fold(0.0, f64::max);
+    let stalls: f64 = spans
+        .iter()
+        .filter(|s| s.lane == Lane::Stall && s.end_ms.is_finite() && s.start_ms.is_finite())
+        .map(|s| s.end_ms - s.start_ms)
+        .sum();
+    (end - stalls).max(0.0)
+}
+
 /// Renders spans as a Chrome trace (the JSON that chrome://tracing and ui.perfetto.dev open):
 /// one track for the copy stream, one for the compute stream, one for the decode stream.
 pub fn chrome_trace_json(spans: &[TimelineSpan]) -> String {
@@ -232,4 +251,36 @@ pub fn chrome_trace_json(spans: &[TimelineSpan]) -> String {
         })
     }));
     json!({"displayTimeUnit": "ms", "traceEvents": events}).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Lane, TimelineSpan, compute_ms};
+
+    fn span(lane: Lane, start_ms: f64, end_ms: f64) -> TimelineSpan {
+        TimelineSpan {
+            lane,
+            block: 0,
+            start_ms,
+            end_ms,
+        }
+    }
+
+    /// The capture's length to its last end, less the stalls; uploads and decodes beside the
+    /// compute take nothing off; spans never recorded (non-finite) count for nothing.
+    #[test]
+    fn compute_time_is_the_timeline_less_its_stalls() {
+        assert_eq!(compute_ms(&[]), 0.0);
+        let spans = [
+            span(Lane::Upload, 0.0, 4.0),
+            span(Lane::Stall, 0.5, 4.0),
+            span(Lane::Compute, 4.0, 9.0),
+            span(Lane::Decode, 5.0, 7.0),
+            span(Lane::Upload, 4.0, 12.0),
+            span(Lane::Stall, 9.0, 12.0),
+            span(Lane::Compute, 12.0, 20.0),
+            span(Lane::Stall, f64::NAN, f64::NAN),
+        ];
+        assert_eq!(compute_ms(&spans), 20.0 - 3.5 - 3.0);
+    }
 }

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar};
 use layerwise_offload::accel::{self, Event, Stream};
 use layerwise_offload::checkpoint::Checkpoint;
-use layerwise_offload::{DEFAULT_STAGING_BUFFERS, Lane, OffloadConfig, PeerGroup};
+use layerwise_offload::{DEFAULT_STAGING_BUFFERS, OffloadConfig, PeerGroup, compute_ms};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -551,24 +551,21 @@ fn encoded_blocks_auto(
         m.initialize()?;
         let (tokens, xs) = &b.inputs[0];
         let _ = wan_forward(&b.model, xs, Some(&mut m));
-        let (forward, stall) = if let Device::Cuda(_) = b.dev {
+        let (forward, compute) = if let Device::Cuda(_) = b.dev {
             m.start_timeline()?;
             let _ = wan_forward(&b.model, xs, Some(&mut m));
             let spans = m.finish_timeline()?;
-            let stall: f64 = spans
-                .iter()
-                .filter(|s| s.lane == Lane::Stall)
-                .map(|s| s.end_ms - s.start_ms)
-                .sum();
-            (spans.iter().map(|s| s.end_ms).fold(0.0, f64::max), stall)
+            let end = spans.iter().map(|s| s.end_ms).fold(0.0, f64::max);
+            (end, compute_ms(&spans))
         } else {
             // The CPU test mode: no timeline, and no stalls to take off (uploads are copies on
             // this thread).
             let t = Instant::now();
             let _ = wan_forward(&b.model, xs, Some(&mut m));
-            (t.elapsed().as_secs_f64() * 1e3, 0.0)
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            (ms, ms)
         };
-        let compute = forward - stall;
+        let stall = forward - compute;
         // The CPU test mode has no link to measure: a nominal rate sizes the pattern there.
         let bw = match link {
             Some(bw) => bw,

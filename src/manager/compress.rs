@@ -287,8 +287,9 @@ impl LayerwiseOffloadManager {
     /// the bottleneck then, and encoding all of them makes it shortest). 0 without streamed
     /// blocks.
     ///
-    /// `compute_ms` is what the model's kernels take per forward at the size it runs: the sum
-    /// of the compute spans of a timeline ([`Self::start_timeline`]) or a resident run's time;
+    /// `compute_ms` is what the model's kernels take per forward at the size it runs: a
+    /// captured forward less its stalls ([`crate::compute_ms`] of a timeline,
+    /// [`Self::start_timeline`]) or a resident run's time;
     /// `link_gib_s` the host link's rate (such as [`OffloadStats::upload_gib_s`] after a few
     /// raw uploads). Call it on a manager built with [`OffloadConfig::compress`](crate::OffloadConfig::compress)
     /// (every streamed block encoded, or some: the others' encodings are estimated from the
