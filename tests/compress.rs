@@ -872,6 +872,56 @@ fn some_blocks_encoded_and_the_others_raw_are_bit_exact(
     Ok(())
 }
 
+/// A host store with some blocks encoded and the others raw (`compress_blocks`) serves a second
+/// manager, with or without its own `compress(true)`: each block streams in the form the store
+/// holds it, bit-exact, and both managers give their weights back.
+#[rstest]
+fn a_store_of_raw_and_encoded_blocks_serves_another_manager(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+    #[values(false, true)] reader_compress: bool,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let _lock = common::gpu_lock();
+    let a = Model::new(dev, 4, false, 261);
+    let mut b = Model::new(dev, 4, false, 262);
+    b.vs.copy(&a.vs)?;
+    let (before_a, before_b) = (a.snapshot(), b.snapshot());
+    let x = a.input(3);
+    let want = a.forward(&x, None);
+    let mut ma = mode
+        .config("blocks", 4)
+        .compress(true)
+        .compress_blocks(2)
+        .build(&a.vs)?;
+    ma.initialize()?;
+    assert_eq!(ma.stats().encoded_blocks, 2);
+    let store = ma.host_store().expect("initialized");
+    assert!(store.is_encoded());
+    let mut mb = mode
+        .config("blocks", 4)
+        .compress(reader_compress)
+        .host_store(store)
+        .build(&b.vs)?;
+    mb.initialize()?;
+    for round in 0..2 {
+        assert!(
+            bits_equal(&b.forward(&x, Some(&mut mb)), &want),
+            "b, {round}"
+        );
+        assert!(
+            bits_equal(&a.forward(&x, Some(&mut ma)), &want),
+            "a, {round}"
+        );
+    }
+    mb.restore()?;
+    ma.restore()?;
+    assert_same(&a.snapshot(), &before_a);
+    assert_same(&b.snapshot(), &before_b);
+    Ok(())
+}
+
 /// `encoded_blocks_needed` answers the fewest encoded blocks whose uploads fit the compute
 /// time: a manager built with that many moves at most the link's bytes in that time, and
 /// one built with one fewer moves more; no time needs all of them, ample time none.

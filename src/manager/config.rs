@@ -426,8 +426,10 @@ impl OffloadConfig {
     /// least the number of streamed blocks, every one is encoded; 0 streams every block raw.
     /// Resident blocks with a host copy ([`Self::shareable`]) are encoded as `compress` says.
     ///
-    /// Not with [`Self::shared_memory`], [`Self::zero_copy`], [`Self::host_budget`] or a peer
-    /// group, whose stores hold every block in one form: the build says so.
+    /// Not with [`Self::shared_memory`], [`Self::zero_copy`], [`Self::host_budget`], the
+    /// encoded cache or a peer group, whose stores hold every block in one form, nor on a
+    /// manager reading another's store ([`Self::host_store`]): the build says so. Managers
+    /// built over this one's store stream each block as it holds it.
     pub fn compress_blocks(mut self, n: usize) -> OffloadConfig {
         self.compress_blocks = Some(n);
         self
