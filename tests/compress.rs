@@ -802,8 +802,9 @@ fn bad_avoided_pool_streams_are_refused() {
 
 /// `compress_blocks(k)`: `k` of the streamed blocks travel encoded, the others raw, in one
 /// manager (from the model's tensors or a checkpoint, with and without a VRAM budget); the
-/// forward equals the resident forward bit for bit, reads and `restore` give every weight
-/// back, and the host copies are the raw blocks' bytes plus the encodings.
+/// forward equals the resident forward bit for bit, reads, writes (`update_tensor`) and
+/// `restore` give every weight back, and the host copies are the raw blocks' bytes plus the
+/// encodings.
 #[rstest]
 fn some_blocks_encoded_and_the_others_raw_are_bit_exact(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
@@ -861,6 +862,21 @@ fn some_blocks_encoded_and_the_others_raw_are_bit_exact(
             "forward {round}"
         );
     }
+    // A write into each block's host copy, raw or encoded, reads back; the old value written
+    // back streams as before.
+    for blk in 0..5 {
+        let name = format!("blocks.{blk}.fc1.weight");
+        // A copy: a raw host copy's value is a view of it.
+        let old = m.tensor(&name)?.copy();
+        let new = old.ones_like() * (blk as f64 + 0.5);
+        m.update_tensor(&name, &new)?;
+        assert!(bits_equal(&m.tensor(&name)?, &new), "{name}");
+        m.update_tensor(&name, &old)?;
+    }
+    assert!(
+        bits_equal(&model.forward(&x, Some(&mut m)), &want),
+        "after updates"
+    );
     let mut got = m.named_tensors()?;
     got.sort_by(|a, b| a.0.cmp(&b.0));
     assert_same(&got, &before);
