@@ -183,6 +183,8 @@ fn one_compressed_row_per_encoded_block_count() {
     let rows = common::cli::result_rows("offload-bench", &out);
     let bytes = |i: usize| rows[i]["streamed_bytes"].as_u64().unwrap();
     let raw = |i: usize| rows[i]["raw_streamed_bytes"].as_u64().unwrap();
+    let encoded = |i: usize| rows[i]["encoded_blocks"].as_u64().unwrap();
+    assert_eq!([encoded(0), encoded(1), encoded(2)], [0, 0, 2]);
     assert_eq!(bytes(1), bytes(0), "enc0 streams raw");
     assert!(
         bytes(2) < bytes(0),

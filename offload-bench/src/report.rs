@@ -47,6 +47,9 @@ pub enum Detail {
     /// Full streaming or a VRAM budget, on one GPU.
     Single {
         resident_blocks: usize,
+        /// Streamed blocks whose host copy is encoded (all of them with `--compress` alone,
+        /// `--compress-blocks` of them otherwise; 0 raw).
+        encoded_blocks: usize,
         /// Mean ms per forward, back to back.
         ms_sustained: f64,
         resident_ms: Option<f64>,
@@ -197,6 +200,7 @@ pub fn print(
             diff,
             Detail::Single {
                 resident_blocks: r.resident_blocks,
+                encoded_blocks: r.encoded_blocks,
                 ms_sustained: round2(r.ms_sustained),
                 resident_ms: res.map(|x| round2(x.0)),
                 raw_floor_ms: round2(raw_floor),
@@ -410,6 +414,7 @@ mod tests {
     fn a_single_gpu_measurement_has_the_result_lines_keys() {
         let m = measurement(Detail::Single {
             resident_blocks: 0,
+            encoded_blocks: 40,
             ms_sustained: 358.02,
             resident_ms: None,
             raw_floor_ms: 512.6,
@@ -441,6 +446,7 @@ mod tests {
             "tokens": 1024,
             "depth": 1,
             "resident_blocks": 0,
+            "encoded_blocks": 40,
             "ms": 357.91,
             "ms_sustained": 358.02,
             "resident_ms": null,

@@ -241,6 +241,8 @@ pub struct Streamed {
     /// Peak RSS after `initialize()`.
     pub host_peak: u64,
     pub resident_blocks: usize,
+    /// Streamed blocks with an encoded host copy.
+    pub encoded_blocks: usize,
     /// The ids of the manager's copy and decode streams (CUDA only; decode with compression).
     pub copy_stream: Option<i64>,
     pub decode_stream: Option<i64>,
@@ -497,6 +499,7 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
                 init_s,
                 host_peak,
                 resident_blocks: st.resident_blocks,
+                encoded_blocks: st.encoded_blocks,
                 copy_stream: copy_id,
                 decode_stream: decode_id,
                 out: y,
