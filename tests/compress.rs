@@ -633,35 +633,62 @@ fn what_compression_refuses(#[values(Mode::Cpu, Mode::Cuda)] mode: Mode) -> anyh
     Ok(())
 }
 
-/// A shared host store of encoded blocks serves a second manager; a failed compressed
-/// `initialize` puts the model back.
+/// A shared host store of encoded blocks, or of some encoded and the others raw
+/// (`compress_blocks(2)`), serves a second manager with or without its own `compress(true)`:
+/// each block streams in the form the store holds it, bit-exact, and both managers give their
+/// weights back; a failed compressed `initialize` puts the model back.
 #[rstest]
 fn shared_encoded_store_and_roll_back(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+    #[values(None, Some(2))] encoded: Option<usize>,
+    #[values(false, true)] reader_compress: bool,
 ) -> anyhow::Result<()> {
     let Some(dev) = mode.device() else {
         return Ok(());
     };
+    let _lock = common::gpu_lock();
     let a = Model::new(dev, 4, false, 221);
     let mut b = Model::new(dev, 4, false, 222);
     b.vs.copy(&a.vs)?;
+    let (before_a, before_b) = (a.snapshot(), b.snapshot());
     let x = a.input(3);
     let want = a.forward(&x, None);
-    let mut ma = mode.config("blocks", 4).compress(true).build(&a.vs)?;
+    let mut cfg = mode.config("blocks", 4).compress(true);
+    if let Some(n) = encoded {
+        cfg = cfg.compress_blocks(n);
+    }
+    let mut ma = cfg.build(&a.vs)?;
     ma.initialize()?;
+    assert_eq!(ma.stats().encoded_blocks, encoded.unwrap_or(4));
     let store = ma.host_store().expect("initialized");
-    let mut mb = mode.config("blocks", 4).host_store(store).build(&b.vs)?;
+    assert!(store.is_encoded());
+    let mut mb = mode
+        .config("blocks", 4)
+        .compress(reader_compress)
+        .host_store(store)
+        .build(&b.vs)?;
     mb.initialize()?;
-    // The encodings are shared: updating a block weight would change the other's too.
+    // The encodings are shared: updating a block weight would change the other's too (block 1
+    // is encoded with two of four encoded as well).
     let w = ma.tensor("blocks.1.fc1.weight")?;
     match ma.update_tensor("blocks.1.fc1.weight", &w) {
         Err(e @ Error::InvalidArgument { .. }) => assert!(e.to_string().contains("shared"), "{e}"),
         r => panic!("expected a refusal, got {r:?}"),
     }
-    assert!(bits_equal(&b.forward(&x, Some(&mut mb)), &want));
-    assert!(bits_equal(&a.forward(&x, Some(&mut ma)), &want));
+    for round in 0..2 {
+        assert!(
+            bits_equal(&b.forward(&x, Some(&mut mb)), &want),
+            "b, {round}"
+        );
+        assert!(
+            bits_equal(&a.forward(&x, Some(&mut ma)), &want),
+            "a, {round}"
+        );
+    }
     mb.restore()?;
     ma.restore()?;
+    assert_same(&a.snapshot(), &before_a);
+    assert_same(&b.snapshot(), &before_b);
 
     let c = Model::new(dev, 4, false, 223);
     let before = c.snapshot();
@@ -885,56 +912,6 @@ fn some_blocks_encoded_and_the_others_raw_are_bit_exact(
     if from_checkpoint {
         std::fs::remove_dir_all(&dir)?;
     }
-    Ok(())
-}
-
-/// A host store with some blocks encoded and the others raw (`compress_blocks`) serves a second
-/// manager, with or without its own `compress(true)`: each block streams in the form the store
-/// holds it, bit-exact, and both managers give their weights back.
-#[rstest]
-fn a_store_of_raw_and_encoded_blocks_serves_another_manager(
-    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
-    #[values(false, true)] reader_compress: bool,
-) -> anyhow::Result<()> {
-    let Some(dev) = mode.device() else {
-        return Ok(());
-    };
-    let _lock = common::gpu_lock();
-    let a = Model::new(dev, 4, false, 261);
-    let mut b = Model::new(dev, 4, false, 262);
-    b.vs.copy(&a.vs)?;
-    let (before_a, before_b) = (a.snapshot(), b.snapshot());
-    let x = a.input(3);
-    let want = a.forward(&x, None);
-    let mut ma = mode
-        .config("blocks", 4)
-        .compress(true)
-        .compress_blocks(2)
-        .build(&a.vs)?;
-    ma.initialize()?;
-    assert_eq!(ma.stats().encoded_blocks, 2);
-    let store = ma.host_store().expect("initialized");
-    assert!(store.is_encoded());
-    let mut mb = mode
-        .config("blocks", 4)
-        .compress(reader_compress)
-        .host_store(store)
-        .build(&b.vs)?;
-    mb.initialize()?;
-    for round in 0..2 {
-        assert!(
-            bits_equal(&b.forward(&x, Some(&mut mb)), &want),
-            "b, {round}"
-        );
-        assert!(
-            bits_equal(&a.forward(&x, Some(&mut ma)), &want),
-            "a, {round}"
-        );
-    }
-    mb.restore()?;
-    ma.restore()?;
-    assert_same(&a.snapshot(), &before_a);
-    assert_same(&b.snapshot(), &before_b);
     Ok(())
 }
 

@@ -356,8 +356,29 @@ impl LayerwiseOffloadManager {
     }
 }
 
+/// Per block of `n`: whether compressed transport encodes its host copy. Without `limit`
+/// every block is encoded as `compress` says; with it, `limit` of the `streamed` blocks,
+/// spread evenly (the `j`-th streamed block is encoded when `⌊(j+1)·k/s⌋` passes an integer,
+/// `k = min(limit, s)`), the other streamed blocks stay raw.
+pub(super) fn encoded_blocks(
+    compress: bool,
+    limit: Option<usize>,
+    streamed: &[usize],
+    n: usize,
+) -> Vec<bool> {
+    let mut encode = vec![compress; n];
+    if let (true, Some(limit)) = (compress, limit) {
+        let s = streamed.len();
+        let k = limit.min(s);
+        for (j, &i) in streamed.iter().enumerate() {
+            encode[i] = (j + 1) * k / s > j * k / s;
+        }
+    }
+    encode
+}
+
 /// The fewest `k` whose pattern of encoded blocks
-/// ([`encoded_blocks`](super::lifecycle::encoded_blocks): `k` of the streamed blocks spread
+/// ([`encoded_blocks`]: `k` of the streamed blocks spread
 /// evenly) moves at most `budget` bytes, the streamed blocks' `raw` bytes or `encoded` bytes
 /// each; all of them if no `k` does.
 pub(super) fn fewest_encoded(raw: &[f64], encoded: &[f64], budget: f64) -> usize {
@@ -365,7 +386,7 @@ pub(super) fn fewest_encoded(raw: &[f64], encoded: &[f64], budget: f64) -> usize
     let positions: Vec<usize> = (0..s).collect();
     (0..=s)
         .find(|&k| {
-            let pattern = super::lifecycle::encoded_blocks(true, Some(k), &positions, s);
+            let pattern = encoded_blocks(true, Some(k), &positions, s);
             let bytes: f64 = pattern
                 .iter()
                 .zip(raw.iter().zip(encoded))
@@ -388,8 +409,8 @@ mod tests {
     /// `compress` says; `fewest_encoded` takes the first `k` whose bytes fit.
     #[test]
     fn encoded_blocks_are_spread_evenly_and_the_fewest_that_fit_are_found() {
+        use crate::manager::compress::encoded_blocks;
         use crate::manager::compress::fewest_encoded;
-        use crate::manager::lifecycle::encoded_blocks;
         let streamed = [0, 2, 3, 5, 6, 7, 9];
         let s = streamed.len();
         for k in 0..=s + 2 {

@@ -194,7 +194,7 @@ impl LayerwiseOffloadManager {
             block_stall_ms: vec![0.0; plan.blocks.len()],
             ..OffloadStats::default()
         };
-        let encode = encoded_blocks(
+        let encode = super::compress::encoded_blocks(
             self.config.compress,
             self.config.compress_blocks,
             &streamed,
@@ -374,25 +374,4 @@ impl LayerwiseOffloadManager {
         let sizes: Vec<u64> = plan.blocks.iter().map(|l| l.bytes as u64).collect();
         placement::resident_blocks(&sizes, Some(budget), self.config.prefetch_depth)
     }
-}
-
-/// Per block of `n`: whether compressed transport encodes its host copy. Without `limit`
-/// every block is encoded as `compress` says; with it, `limit` of the `streamed` blocks,
-/// spread evenly (the `j`-th streamed block is encoded when `⌊(j+1)·k/s⌋` passes an integer,
-/// `k = min(limit, s)`), the other streamed blocks stay raw.
-pub(super) fn encoded_blocks(
-    compress: bool,
-    limit: Option<usize>,
-    streamed: &[usize],
-    n: usize,
-) -> Vec<bool> {
-    let mut encode = vec![compress; n];
-    if let (true, Some(limit)) = (compress, limit) {
-        let s = streamed.len();
-        let k = limit.min(s);
-        for (j, &i) in streamed.iter().enumerate() {
-            encode[i] = (j + 1) * k / s > j * k / s;
-        }
-    }
-    encode
 }

@@ -35,9 +35,15 @@ pub fn round2(v: f64) -> f64 {
 
 /// CUDA device `d`'s marketing name from nvidia-smi when it is there, else `cuda:{d}`.
 pub fn gpu_name(d: usize) -> String {
+    nvidia_smi(d, "name").unwrap_or_else(|| format!("cuda:{d}"))
+}
+
+/// nvidia-smi's value of `field` (`--query-gpu`) for CUDA device `d`, where nvidia-smi is there
+/// and answers.
+fn nvidia_smi(d: usize, field: &str) -> Option<String> {
     std::process::Command::new("nvidia-smi")
         .args([
-            "--query-gpu=name",
+            &format!("--query-gpu={field}"),
             "--format=csv,noheader",
             &format!("--id={d}"),
         ])
@@ -46,7 +52,6 @@ pub fn gpu_name(d: usize) -> String {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| format!("cuda:{d}"))
 }
 
 /// A memory figure of this process from `/proc/self/status` (`VmRSS`, `VmHWM`, ...) in bytes;
@@ -152,17 +157,7 @@ pub struct LinkPlacement {
 impl LinkPlacement {
     /// The placement of CUDA device `d` and of host buffer `host` (a CPU tensor).
     pub fn of(d: usize, host: &tch::Tensor) -> LinkPlacement {
-        let bus_id = std::process::Command::new("nvidia-smi")
-            .args([
-                "--query-gpu=pci.bus_id",
-                "--format=csv,noheader",
-                &format!("--id={d}"),
-            ])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .filter(|s| !s.is_empty());
+        let bus_id = nvidia_smi(d, "pci.bus_id");
         let gpu_node = bus_id.as_deref().and_then(|id| {
             // sysfs names the device with a 4-digit domain in lower case: 0000:18:00.0.
             let tail = id.rsplit_once(':').map(|(head, f)| {
