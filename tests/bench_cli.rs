@@ -226,9 +226,39 @@ fn auto_sizing_runs_again_until_its_answer_repeats() {
     assert!(rounds[0].contains("round 1 (4 encoded)"), "{}", rounds[0]);
     assert!(rounds[1].contains("round 2 (4 encoded)"), "{}", rounds[1]);
     assert!(
-        rounds[1].ends_with("needs 4 of 4 streamed blocks encoded"),
+        rounds[1].contains("needs 4 of 4 streamed blocks encoded"),
         "{}",
         rounds[1]
+    );
+    let rows = common::cli::result_rows("offload-bench", &out);
+    assert_eq!(rows[0]["encoded_blocks"].as_u64(), Some(4), "{stderr}");
+}
+
+/// `--compress-blocks auto` converts the manager it measures in place: where the link needs
+/// none encoded (a link of 10^4 GiB/s), the row streams raw bytes from the manager built with
+/// every block encoded, and its outputs stay exact.
+#[test]
+fn auto_sizing_converts_the_measured_manager() {
+    let extra = [
+        "--compress",
+        "--compress-blocks",
+        "auto",
+        "--sizing-link-gib-s",
+        "10000",
+    ];
+    assert_exact_rows(&extra, &["stream d1", "stream d1 compressed enc auto"]);
+    let out = tiny_run(&extra);
+    let rows = common::cli::result_rows("offload-bench", &out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("round 1 (4 encoded)") && stderr.contains("needs 0 of 4"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("sized in place in"), "{stderr}");
+    assert_eq!(rows[1]["encoded_blocks"].as_u64(), Some(0), "{stderr}");
+    assert_eq!(
+        rows[1]["streamed_bytes"], rows[0]["streamed_bytes"],
+        "{stderr}"
     );
 }
 

@@ -1054,3 +1054,197 @@ fn what_compress_blocks_refuses() -> anyhow::Result<()> {
     publisher.restore()?;
     Ok(())
 }
+
+/// `set_encoded_blocks` converts the streamed blocks' forms in place: after each call exactly
+/// the count asked for (at most every streamed block) is encoded, the host copies are what a
+/// build with `compress_blocks` of that count holds (the same bytes), the staging buffers go
+/// with the last encoding and come back with the next, every forward is bit-exact, a write
+/// into a converted block reads back, and `restore` gives every weight back.
+#[rstest]
+fn set_encoded_blocks_converts_in_place(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+    #[values(false, true)] budget: bool,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let _lock = common::gpu_lock();
+    let model = Model::new(dev, 6, false, 261);
+    let before = model.snapshot();
+    let x = model.input(5);
+    let want = model.forward(&x, None);
+    let block_bytes: u64 = before
+        .iter()
+        .filter(|(n, _)| n.starts_with("blocks.0."))
+        .map(|(_, t)| (t.numel() * 4) as u64)
+        .sum();
+    let cfg = || {
+        let c = mode.config("blocks", 6).compress(true);
+        if budget {
+            c.vram_budget(block_bytes * 4)
+        } else {
+            c
+        }
+    };
+    // What a build with compress_blocks(k) holds, over a copy of the weights.
+    let built = |k: usize| -> anyhow::Result<(u64, u64, usize)> {
+        let copy: Vec<(String, Tensor)> = before
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_device(dev)))
+            .collect();
+        let mut m = cfg().compress_blocks(k).build(&copy)?;
+        m.initialize()?;
+        let st = m.stats().clone();
+        m.restore()?;
+        Ok((st.host_bytes, st.encoded_bytes, st.encoded_blocks))
+    };
+    let mut m = cfg().build(&model.vs)?;
+    match m.set_encoded_blocks(1) {
+        Err(Error::NotInitialized { .. }) => {}
+        r => panic!("expected NotInitialized before initialize, got {r:?}"),
+    }
+    m.initialize()?;
+    let streamed = m.stats().streamed_blocks;
+    assert!(streamed >= 2, "{streamed} streamed");
+    let staging = m.stats().staging_bytes;
+    assert!(staging > 0);
+    for k in [1, 0, streamed + 3, 0, 3, streamed - 1] {
+        let n = m.set_encoded_blocks(k)?;
+        let st = m.stats().clone();
+        assert_eq!(n, k.min(streamed), "k {k}");
+        assert_eq!(st.encoded_blocks, n, "k {k}: {st}");
+        let (host, encoded, count) = built(k)?;
+        assert_eq!(
+            (st.host_bytes, st.encoded_bytes, st.encoded_blocks),
+            (host, encoded, count),
+            "k {k}: converted in place against built"
+        );
+        assert_eq!(
+            st.host_bytes,
+            st.encoded_bytes + (streamed - n) as u64 * block_bytes,
+            "k {k}"
+        );
+        assert_eq!(st.staging_bytes > 0, n > 0, "k {k}: {st}");
+        for round in 0..2 {
+            assert!(
+                bits_equal(&model.forward(&x, Some(&mut m)), &want),
+                "k {k}, forward {round}"
+            );
+        }
+    }
+    // A write into a block converted twice reads back and streams; the old value back.
+    let name = "blocks.5.fc1.weight";
+    let old = m.tensor(name)?.copy();
+    let new = old.ones_like() * 0.25;
+    m.update_tensor(name, &new)?;
+    assert!(bits_equal(&m.tensor(name)?, &new));
+    m.update_tensor(name, &old)?;
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    // Not while a block is entered.
+    m.before_block(2)?;
+    match m.set_encoded_blocks(0) {
+        Err(Error::BlockInUse { block: 2, .. }) => {}
+        r => panic!("expected BlockInUse, got {r:?}"),
+    }
+    m.after_block(2)?;
+    // Not while another manager may hold the store.
+    let store = m.host_store().expect("initialized");
+    match m.set_encoded_blocks(0) {
+        Err(e @ Error::InvalidArgument { op, .. }) => {
+            assert_eq!(op, "set_encoded_blocks");
+            assert!(e.to_string().contains("shared"), "{e}");
+        }
+        r => panic!("expected InvalidArgument, got {r:?}"),
+    }
+    drop(store);
+    assert_eq!(m.set_encoded_blocks(2)?, 2);
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    let mut got = m.named_tensors()?;
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_same(&got, &before);
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}
+
+/// A refused host allocation part-way through `set_encoded_blocks` leaves each block in one
+/// form or the other: the error says so, every forward stays bit-exact, a later call finishes
+/// the conversion, and `restore` gives every weight back.
+#[rstest]
+fn a_failed_conversion_keeps_every_block(
+    #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
+) -> anyhow::Result<()> {
+    let Some(dev) = mode.device() else {
+        return Ok(());
+    };
+    let _lock = common::gpu_lock();
+    let model = Model::new(dev, 5, false, 262);
+    let before = model.snapshot();
+    let x = model.input(6);
+    let want = model.forward(&x, None);
+    // Initialize allocates one host buffer per block (5); the conversion's second fails.
+    let mut m = mode
+        .config("blocks", 5)
+        .compress(true)
+        .inject_fault(Fault::HostAlloc(6))
+        .build(&model.vs)?;
+    m.initialize()?;
+    assert_eq!(m.stats().encoded_blocks, 5);
+    match m.set_encoded_blocks(0) {
+        Err(e @ Error::HostAlloc { .. }) => assert!(e.to_string().contains("host memory"), "{e}"),
+        r => panic!("expected HostAlloc, got {r:?}"),
+    }
+    assert_eq!(
+        m.stats().encoded_blocks,
+        4,
+        "one block converted before the fault"
+    );
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    assert_eq!(m.set_encoded_blocks(0)?, 0);
+    assert_eq!(m.stats().staging_bytes, 0);
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    m.restore()?;
+    assert_same(&model.snapshot(), &before);
+    Ok(())
+}
+
+/// `set_encoded_blocks` is refused where `compress_blocks` is: without compression, and
+/// where the store holds every block in one form.
+#[test]
+fn what_set_encoded_blocks_refuses() -> anyhow::Result<()> {
+    let model = Model::new(Device::Cpu, 3, false, 263);
+    let before = model.snapshot();
+    let refused = |mut m: layerwise_offload::LayerwiseOffloadManager, needle: &str| {
+        m.initialize().expect("initialize");
+        match m.set_encoded_blocks(1) {
+            Err(e @ Error::InvalidArgument { op, .. }) => {
+                assert_eq!(op, "set_encoded_blocks");
+                assert!(e.to_string().contains(needle), "{e}");
+            }
+            r => panic!("expected InvalidArgument with {needle:?}, got {r:?}"),
+        }
+        m.restore().expect("restore");
+    };
+    refused(
+        Mode::Cpu.config("blocks", 3).build(&model.vs)?,
+        "compress(true)",
+    );
+    assert_same(&model.snapshot(), &before);
+    let other = Model::new(Device::Cpu, 3, false, 264);
+    let mut publisher = Mode::Cpu
+        .config("blocks", 3)
+        .compress(true)
+        .build(&other.vs)?;
+    publisher.initialize()?;
+    let store = publisher.host_store().expect("initialized");
+    refused(
+        Mode::Cpu
+            .config("blocks", 3)
+            .compress(true)
+            .host_store(store)
+            .build(&model.vs)?,
+        "shared host store",
+    );
+    publisher.restore()?;
+    Ok(())
+}

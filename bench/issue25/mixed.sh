@@ -32,4 +32,4 @@ if [[ $only == rounds ]]; then
 fi
 logs=("$out"/*.log)
 python3 "$here/over_floor.py" "${logs[@]}" | tee -a "$out/summary.md"
-grep -h "blocks encoded$" "${logs[@]}" | tee -a "$out/summary.md" || true
+grep -h "streamed blocks encoded" "${logs[@]}" | tee -a "$out/summary.md" || true

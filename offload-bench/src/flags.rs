@@ -208,12 +208,13 @@ pub struct Cli {
     /// (OffloadConfig::compress_blocks; the others stream raw), comma-separated: a count, or
     /// `auto` for what `encoded_blocks_needed` answers for the compute time of one forward
     /// (measured on a manager with every block encoded: the forward less its stalls, from a
-    /// timeline) and the measured link rate; `all` (the default) encodes every one. Each
+    /// timeline) and the measured link rate, that manager then converted in place
+    /// (`set_encoded_blocks`) and measured; `all` (the default) encodes every one. Each
     /// compressed configuration once per value, labelled `enc<n>` or `enc auto`. `auto` needs
     /// one --tokens value.
     #[arg(long, value_delimiter = ',', default_values_t = [String::from("all")], value_parser = encoded_count)]
     compress_blocks: Vec<String>,
-    /// With `--compress-blocks auto`: at most this many sizing rounds, each building with the
+    /// With `--compress-blocks auto`: at most this many sizing rounds, each converting to the
     /// last answer, measuring a forward's compute again and asking again, until the answer
     /// repeats or is 0 (compute measured with every block decoding beside the model includes
     /// the decodes' cost, so one round can answer too few). Labelled `enc auto r<R>` above 1.

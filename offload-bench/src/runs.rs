@@ -11,7 +11,9 @@ use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar};
 use layerwise_offload::accel::{self, Event, Stream};
 use layerwise_offload::checkpoint::Checkpoint;
-use layerwise_offload::{DEFAULT_STAGING_BUFFERS, OffloadConfig, PeerGroup, compute_ms};
+use layerwise_offload::{
+    DEFAULT_STAGING_BUFFERS, LayerwiseOffloadManager, OffloadConfig, PeerGroup, compute_ms,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -406,19 +408,8 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
                 cfg = cfg.host_budget(h);
             }
         }
-        match (compress, enc) {
-            (true, EncodedBlocks::Count(n)) => cfg = cfg.compress_blocks(n),
-            (true, EncodedBlocks::Auto) => {
-                let n = encoded_blocks_auto(
-                    b,
-                    cfg.clone(),
-                    &label,
-                    a.sizing_rounds,
-                    a.sizing_link_gib_s,
-                )?;
-                cfg = cfg.compress_blocks(n);
-            }
-            _ => {}
+        if let (true, EncodedBlocks::Count(n)) = (compress, enc) {
+            cfg = cfg.compress_blocks(n);
         }
         let t0 = Instant::now();
         let pb = progress::spinner(format!("{label}: initialize"));
@@ -426,6 +417,14 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
         m.initialize()?;
         pb.finish_and_clear();
         let init_s = t0.elapsed().as_secs_f64();
+        if let (true, EncodedBlocks::Auto) = (compress, enc) {
+            let t = Instant::now();
+            size_encoding(b, &mut m, &label, a.sizing_rounds, a.sizing_link_gib_s)?;
+            eprintln!(
+                "{label}: sized in place in {:.2} s",
+                t.elapsed().as_secs_f64()
+            );
+        }
         let host_peak = peak_rss_bytes();
         let st = m.stats().clone();
         // Bytes streamed per forward: the host copies, and the disk tier's blocks too.
@@ -530,15 +529,15 @@ pub fn streaming(a: &Args, b: &Bench) -> Result<StreamRuns> {
     Ok(StreamRuns { rows, stats_table })
 }
 
-/// `--compress-blocks auto`: builds `cfg` (every streamed block encoded), runs a forward of
-/// the first token count to warm up and one with a timeline, and answers
-/// `encoded_blocks_needed` for that forward's compute (its length less its stalls) and the
-/// measured link rate; with `--sizing-rounds R` it builds again with the answer and asks again,
-/// up to R rounds, until the answer repeats or is 0 (exact: nothing decodes then). The weights
-/// go back for the configuration itself.
-fn encoded_blocks_auto(
+/// `--compress-blocks auto`: on `m`, built with every streamed block encoded, runs a forward
+/// of the first token count to warm up and one with a timeline, asks `encoded_blocks_needed`
+/// for that forward's compute (its length less its stalls) at the measured link rate, and
+/// converts the blocks in place (`set_encoded_blocks`); with `--sizing-rounds R` it measures
+/// and asks again on the converted manager, up to R rounds, until the answer repeats or is 0
+/// (exact: nothing decodes then). Returns the answer, which `m` holds.
+fn size_encoding(
     b: &Bench,
-    cfg: OffloadConfig,
+    m: &mut LayerwiseOffloadManager,
     label: &str,
     rounds: usize,
     link: Option<f64>,
@@ -546,17 +545,11 @@ fn encoded_blocks_auto(
     let mut answer = None;
     for round in 1..=rounds {
         let pb = progress::spinner(format!("{label}: sizing the encoding, round {round}"));
-        let built = match answer {
-            Some(n) => cfg.clone().compress_blocks(n),
-            None => cfg.clone(),
-        };
-        let mut m = built.build(&b.named)?;
-        m.initialize()?;
         let (tokens, xs) = &b.inputs[0];
-        let _ = wan_forward(&b.model, xs, Some(&mut m));
+        let _ = wan_forward(&b.model, xs, Some(&mut *m));
         let (forward, compute) = if let Device::Cuda(_) = b.dev {
             m.start_timeline()?;
-            let _ = wan_forward(&b.model, xs, Some(&mut m));
+            let _ = wan_forward(&b.model, xs, Some(&mut *m));
             let spans = m.finish_timeline()?;
             let end = spans.iter().map(|s| s.end_ms).fold(0.0, f64::max);
             (end, compute_ms(&spans))
@@ -564,7 +557,7 @@ fn encoded_blocks_auto(
             // The CPU test mode: no timeline, and no stalls to take off (uploads are copies on
             // this thread).
             let t = Instant::now();
-            let _ = wan_forward(&b.model, xs, Some(&mut m));
+            let _ = wan_forward(&b.model, xs, Some(&mut *m));
             let ms = t.elapsed().as_secs_f64() * 1e3;
             (ms, ms)
         };
@@ -576,16 +569,15 @@ fn encoded_blocks_auto(
             None => 1.0,
         };
         let n = m.encoded_blocks_needed(compute, bw)?;
+        let was = m.stats().encoded_blocks;
+        let t = Instant::now();
+        m.set_encoded_blocks(n)?;
         pb.finish_and_clear();
-        let st = m.stats();
         eprintln!(
-            "{label}, {tokens} tokens, round {round} ({} encoded): a forward of {forward:.1} ms with {stall:.1} ms of stalls; {compute:.1} ms of compute at {bw:.1} GiB/s needs {n} of {} streamed blocks encoded",
-            st.encoded_blocks, st.streamed_blocks
+            "{label}, {tokens} tokens, round {round} ({was} encoded): a forward of {forward:.1} ms with {stall:.1} ms of stalls; {compute:.1} ms of compute at {bw:.1} GiB/s needs {n} of {} streamed blocks encoded (converted in {:.2} s)",
+            m.stats().streamed_blocks,
+            t.elapsed().as_secs_f64()
         );
-        if let Err(e) = m.restore() {
-            eprintln!("restore onto the device failed ({e}); restoring onto the CPU");
-            m.restore_to(Device::Cpu)?;
-        }
         let settled = n == 0 || answer == Some(n);
         answer = Some(n);
         if settled {

@@ -127,10 +127,16 @@ impl HostBlock {
     /// The block raw: itself, or an encoded block decoded (CPU reference decoder, all cores)
     /// into a fresh pageable buffer.
     pub(crate) fn decoded(&self) -> Result<HostBlock> {
+        self.decoded_in(crate::accel::HostMemory::Pageable)
+    }
+
+    /// [`Self::decoded`] into a fresh buffer of `memory` (a raw host copy to stream from, when
+    /// pinned).
+    pub(crate) fn decoded_in(&self, memory: crate::accel::HostMemory) -> Result<HostBlock> {
         let Some((enc, raw)) = self.encoding() else {
             return Ok(self.shallow_clone());
         };
-        let out = crate::accel::alloc_host(raw.max(1), crate::accel::HostMemory::Pageable)?;
+        let out = crate::accel::alloc_host(raw.max(1), memory)?;
         // SAFETY: nothing writes `enc` (host copies are written only by update_tensor, refused
         // for encoded blocks); `out` is a fresh buffer owned here; both outlive the slices.
         let (src, dst) = unsafe { (bytes(enc)?, bytes_mut(&out)?) };

@@ -126,6 +126,35 @@ impl OffloadConfig {
         Ok(m)
     }
 
+    /// Why this configuration's streamed blocks cannot be held some raw and some encoded
+    /// ([`Self::compress_blocks`], [`LayerwiseOffloadManager::set_encoded_blocks`]): without
+    /// compression, or with a store that holds every block in one form. None where they can.
+    pub(super) fn unmixed_store(&self) -> Option<&'static str> {
+        if !self.compress {
+            Some(
+                "only compressed transport encodes blocks, so choosing which streamed blocks are encoded needs .compress(true) too",
+            )
+        } else if self.shm.is_some() {
+            Some(
+                "a published store holds every block in one form, and choosing which blocks are encoded mixes raw and encoded blocks; publish with every block encoded (no compress_blocks) or without compression",
+            )
+        } else if self.zero_copy || self.host_budget.is_some() || self.encoded_cache.is_some() {
+            Some(
+                "the encoded cache (which zero_copy and host_budget stream from) holds every block encoded; build without the encoded cache, zero_copy and host_budget to choose which blocks are encoded",
+            )
+        } else if self.store.is_some() {
+            Some(
+                "a shared host store streams its blocks in the form its publisher gave them; choose which blocks are encoded on the publisher instead",
+            )
+        } else if self.peer.is_some() {
+            Some(
+                "the members of a peer group split every block's encoding between them, so every block is encoded; build the group without compress_blocks",
+            )
+        } else {
+            None
+        }
+    }
+
     /// The checkpoint and compression options fit together.
     fn check_checkpoint_options(&self) -> Result<()> {
         let refuse = |op, message: &str| {
@@ -134,36 +163,11 @@ impl OffloadConfig {
                 message: message.into(),
             })
         };
-        if let Some(n) = self.compress_blocks {
-            let other = if !self.compress {
-                Some(
-                    "compress_blocks chooses which streamed blocks compressed transport encodes; build with .compress(true) too",
-                )
-            } else if self.shm.is_some() {
-                Some(
-                    "a published store holds every block in one form, and compress_blocks mixes raw and encoded blocks; publish without compress_blocks (every block encoded) or without compression",
-                )
-            } else if self.zero_copy || self.host_budget.is_some() || self.encoded_cache.is_some() {
-                Some(
-                    "the encoded cache (which zero_copy and host_budget stream from) holds every block encoded; build without compress_blocks, or without the encoded cache, zero_copy and host_budget",
-                )
-            } else if self.store.is_some() {
-                Some(
-                    "a shared host store streams its blocks in the form its publisher gave them; build the publisher with compress_blocks instead",
-                )
-            } else if self.peer.is_some() {
-                Some(
-                    "the members of a peer group split every block's encoding between them; build the group without compress_blocks",
-                )
-            } else {
-                None
-            };
-            if let Some(message) = other {
-                return refuse(
-                    "OffloadConfig::compress_blocks",
-                    &format!("{message} (compress_blocks({n}) was given)"),
-                );
-            }
+        if let (Some(n), Some(message)) = (self.compress_blocks, self.unmixed_store()) {
+            return refuse(
+                "OffloadConfig::compress_blocks",
+                &format!("{message} (compress_blocks({n}) was given)"),
+            );
         }
         if self.encoded_cache.is_some() && (!self.compress || self.checkpoint.is_none()) {
             return refuse(

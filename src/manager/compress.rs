@@ -25,6 +25,7 @@ use super::LayerwiseOffloadManager;
 use super::decode::{Decoding, codec_error};
 use super::device::Backend;
 use super::phase::Runtime;
+use super::tier::HostTier;
 use super::weights::BlockState;
 
 /// How the manager encodes a block: in segments of `segment` raw bytes, with one tier of codes
@@ -293,7 +294,8 @@ impl LayerwiseOffloadManager {
     /// `link_gib_s` the host link's rate (such as [`OffloadStats::upload_gib_s`] after a few
     /// raw uploads). Call it on a manager built with [`OffloadConfig::compress`](crate::OffloadConfig::compress)
     /// (every streamed block encoded, or some: the others' encodings are estimated from the
-    /// encoded ones' ratio); build again with `compress_blocks` of the answer.
+    /// encoded ones' ratio); convert it with [`Self::set_encoded_blocks`] of the answer, or
+    /// build again with `compress_blocks` of it.
     ///
     /// Compute measured with blocks decoding beside the model includes what the decodes took
     /// from it, and a build with fewer encoded blocks computes faster, so an answer from such a
@@ -303,8 +305,8 @@ impl LayerwiseOffloadManager {
     /// build ran 278.4 ms, link-bound, against 269.1 with all encoded. Where the link needs
     /// none (the answer is 0) the answer is exact: fully streamed at 16384 tokens and a 20 GiB
     /// budget at 4096 it took 1298.2 and 258.8 ms (raw transport 1294.5 and 258.6, every block
-    /// encoded 1309.1 and 262.7). Where the answer is above 0, measure the compute again on a
-    /// build with it and ask again, or pass a compute time measured without decodes.
+    /// encoded 1309.1 and 262.7). Where the answer is above 0, measure the compute again on the
+    /// manager converted to it and ask again, or pass a compute time measured without decodes.
     pub fn encoded_blocks_needed(&self, compute_ms: f64, link_gib_s: f64) -> Result<usize> {
         let op = "encoded_blocks_needed";
         if !(compute_ms.is_finite()
@@ -353,6 +355,138 @@ impl LayerwiseOffloadManager {
             .collect();
         let budget = compute_ms / 1e3 * link_gib_s * (1u64 << 30) as f64;
         Ok(fewest_encoded(&raw, &encoded, budget))
+    }
+}
+
+impl LayerwiseOffloadManager {
+    /// Changes which streamed blocks compressed transport encodes, in place: afterwards `n` of
+    /// them are encoded (all of them from the number of streamed blocks on, none at 0), spread
+    /// as [`OffloadConfig::compress_blocks`](crate::OffloadConfig::compress_blocks) spreads
+    /// them, and the others hold raw host copies. Returns how many are encoded.
+    ///
+    /// This is what a build with `compress_blocks(n)` would have made, without building
+    /// again: each block that changes form is encoded from its raw host copy, or decoded (CPU
+    /// reference decoder, all cores) into a new raw one, one block at a time, so host memory
+    /// grows by one block at most beyond what the new forms take. The device staging buffers
+    /// grow where a new encoding needs more, and are freed when no block is left encoded. The
+    /// outputs stay bit-exact: the same bytes reach the slots either way.
+    ///
+    /// Call it between forwards (no block entered), on an initialized manager built with
+    /// [`OffloadConfig::compress`](crate::OffloadConfig::compress) whose store nobody else
+    /// holds; not with the stores `compress_blocks` refuses. It waits for the device first.
+    /// With [`Self::encoded_blocks_needed`] it sizes the encoding in one process:
+    ///
+    /// ```no_run
+    /// # fn f(m: &mut layerwise_offload::LayerwiseOffloadManager, compute_ms: f64, link_gib_s: f64) -> layerwise_offload::Result<()> {
+    /// let n = m.encoded_blocks_needed(compute_ms, link_gib_s)?;
+    /// m.set_encoded_blocks(n)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// On error (a host allocation refused, say) the blocks converted so far keep their new
+    /// form and the others their old one; every block still streams bit-exact and `restore`
+    /// gives every weight back.
+    pub fn set_encoded_blocks(&mut self, n: usize) -> Result<usize> {
+        let op = "set_encoded_blocks";
+        if let Some(message) = self.config.unmixed_store() {
+            return Err(Error::InvalidArgument {
+                op,
+                message: message.into(),
+            });
+        }
+        let (memory, encoding) = (self.host_memory(), self.config.encoding());
+        let rt = self.phase.ready(op)?;
+        if let Some(&block) = rt.in_use().first() {
+            return Err(Error::BlockInUse { op, block });
+        }
+        if rt.host_is_shared() {
+            return Err(Error::InvalidArgument {
+                op,
+                message: "the host store is shared with another manager (or held by a caller of host_store); change the forms before sharing it, or restore the others first".into(),
+            });
+        }
+        // Nothing may still read a host copy or a staging buffer this replaces.
+        self.backend.synchronize()?;
+        let len = rt.blocks.len();
+        let streamed: Vec<usize> = (0..len).filter(|&i| !rt.blocks[i].resident).collect();
+        let target = encoded_blocks(true, Some(n), &streamed, len);
+        let store = Arc::get_mut(&mut rt.store).ok_or_else(|| Error::InvalidArgument {
+            op,
+            message: "the host store is shared with another manager; restore the others first"
+                .into(),
+        })?;
+        for &i in &streamed {
+            let HostTier::Pinned(host) = &rt.blocks[i].tier else {
+                return Err(Error::InvalidArgument {
+                    op,
+                    message: format!(
+                        "block {i} has no host copy of this manager's own to convert; this configuration holds every block in one form"
+                    ),
+                });
+            };
+            let encoded = host.encoding().map(|(e, raw)| (e.numel(), raw));
+            if encoded.is_some() == target[i] {
+                continue;
+            }
+            if self.faults.host_alloc() {
+                return Err(Error::HostAlloc {
+                    kind: "pinned",
+                    bytes: rt.plan.blocks[i].bytes as u64,
+                    source: crate::error::TorchMessage("injected fault".into()),
+                });
+            }
+            let new = match encoded {
+                // Raw to encoded: the gaps between tensors 0, as a build encodes them.
+                None => {
+                    let layout = &rt.plan.blocks[i];
+                    let raw = host.as_whole().ok_or_else(|| Error::InvalidArgument {
+                        op,
+                        message: format!(
+                            "block {i}'s raw host copy is not one buffer; this is a bug"
+                        ),
+                    })?;
+                    zero_gaps(raw, layout)?;
+                    let new = encode(raw, (memory, encoding), &mut self.stats)?;
+                    self.stats.host_bytes -= layout.bytes as u64;
+                    new
+                }
+                Some((len, raw)) => {
+                    let new = host.decoded_in(memory)?;
+                    self.stats.encoded_blocks -= 1;
+                    self.stats.encoded_bytes -= len as u64;
+                    self.stats.raw_encoded_bytes -= raw as u64;
+                    self.stats.host_bytes -= len as u64;
+                    self.stats.host_bytes += raw as u64;
+                    new
+                }
+            };
+            store.buffers[i] = Some(new.shallow_clone());
+            rt.blocks[i].tier = HostTier::Pinned(new);
+        }
+        // The staging buffers for the encodings held now, none without one.
+        let mut largest = None;
+        for (i, b) in rt.blocks.iter().enumerate() {
+            if let Some(len) = b.tier.staging_len(i)? {
+                largest = largest.max(Some(len));
+            }
+        }
+        match (largest, &mut rt.decoding) {
+            (None, decoding) => {
+                *decoding = None;
+                self.stats.staging_bytes = 0;
+            }
+            (Some(len), Some(dec)) => dec.grow(&self.backend, len, &mut self.stats)?,
+            (Some(len), decoding @ None) => {
+                *decoding = Decoding::start(
+                    &mut self.backend,
+                    len,
+                    self.config.staging_buffers,
+                    self.config.decode_blocks,
+                )?;
+                self.stats.staging_bytes = decoding.as_ref().map_or(0, |d| d.bytes() as u64);
+            }
+        }
+        Ok(self.stats.encoded_blocks)
     }
 }
 

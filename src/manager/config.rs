@@ -422,7 +422,9 @@ impl OffloadConfig {
     /// 278.4 with the 6 that [`LayerwiseOffloadManager::encoded_blocks_needed`](crate::LayerwiseOffloadManager::encoded_blocks_needed)
     /// answered for the compute measured with all 23 encoded (see there).
     /// [`LayerwiseOffloadManager::encoded_blocks_needed`](crate::LayerwiseOffloadManager::encoded_blocks_needed)
-    /// tells how many blocks the link needs encoded for a measured compute time. With `n` at
+    /// tells how many blocks the link needs encoded for a measured compute time, and
+    /// [`LayerwiseOffloadManager::set_encoded_blocks`](crate::LayerwiseOffloadManager::set_encoded_blocks)
+    /// changes the count of a built manager in place. With `n` at
     /// least the number of streamed blocks, every one is encoded; 0 streams every block raw.
     /// Resident blocks with a host copy ([`Self::shareable`]) are encoded as `compress` says.
     ///
