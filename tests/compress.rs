@@ -1182,11 +1182,13 @@ fn a_failed_conversion_keeps_every_block(
     let before = model.snapshot();
     let x = model.input(6);
     let want = model.forward(&x, None);
-    // Initialize allocates one host buffer per block (5); the conversion's second fails.
+    // Initialize allocates one host buffer per block (#0-4); the first conversion's second
+    // (#6) fails, the second conversion takes #7-10, and the third's second (#12) fails.
     let mut m = mode
         .config("blocks", 5)
         .compress(true)
         .inject_fault(Fault::HostAlloc(6))
+        .inject_fault(Fault::HostAlloc(12))
         .build(&model.vs)?;
     m.initialize()?;
     assert_eq!(m.stats().encoded_blocks, 5);
@@ -1202,6 +1204,13 @@ fn a_failed_conversion_keeps_every_block(
     assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
     assert_eq!(m.set_encoded_blocks(0)?, 0);
     assert_eq!(m.stats().staging_bytes, 0);
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    // Raw to encoded: the block encoded before the fault streams through new staging buffers.
+    assert!(matches!(m.set_encoded_blocks(5), Err(Error::HostAlloc { .. })));
+    assert_eq!(m.stats().encoded_blocks, 1);
+    assert!(m.stats().staging_bytes > 0);
+    assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
+    assert_eq!(m.set_encoded_blocks(5)?, 5);
     assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
     m.restore()?;
     assert_same(&model.snapshot(), &before);

@@ -362,14 +362,15 @@ impl LayerwiseOffloadManager {
     /// Changes which streamed blocks compressed transport encodes, in place: afterwards `n` of
     /// them are encoded (all of them from the number of streamed blocks on, none at 0), spread
     /// as [`OffloadConfig::compress_blocks`](crate::OffloadConfig::compress_blocks) spreads
-    /// them, and the others hold raw host copies. Returns how many are encoded.
+    /// them, and the others hold raw host copies. Returns how many streamed blocks are encoded.
     ///
     /// This is what a build with `compress_blocks(n)` would have made, without building
     /// again: each block that changes form is encoded from its raw host copy, or decoded (CPU
     /// reference decoder, all cores) into a new raw one, one block at a time, so host memory
-    /// grows by one block at most beyond what the new forms take. The device staging buffers
-    /// grow where a new encoding needs more, and are freed when no block is left encoded. The
-    /// outputs stay bit-exact: the same bytes reach the slots either way.
+    /// grows by one block at most beyond what the new forms take (blocks leaving their
+    /// encoding go first). The device staging buffers grow before a new encoding that needs
+    /// more takes its block's place, and are freed when no block is left encoded. The outputs
+    /// stay bit-exact: the same bytes reach the slots either way.
     ///
     /// Call it between forwards (no block entered), on an initialized manager built with
     /// [`OffloadConfig::compress`](crate::OffloadConfig::compress) whose store nobody else
@@ -383,9 +384,9 @@ impl LayerwiseOffloadManager {
     /// # Ok(()) }
     /// ```
     ///
-    /// On error (a host allocation refused, say) the blocks converted so far keep their new
-    /// form and the others their old one; every block still streams bit-exact and `restore`
-    /// gives every weight back.
+    /// On error (a host allocation refused, or no device memory for larger staging buffers)
+    /// the blocks converted so far keep their new form and the others their old one; every
+    /// block still streams bit-exact and `restore` gives every weight back.
     pub fn set_encoded_blocks(&mut self, n: usize) -> Result<usize> {
         let op = "set_encoded_blocks";
         if let Some(message) = self.config.unmixed_store() {
@@ -415,7 +416,13 @@ impl LayerwiseOffloadManager {
             message: "the host store is shared with another manager; restore the others first"
                 .into(),
         })?;
-        for &i in &streamed {
+        // Encoded to raw first (these need no staging), then raw to encoded.
+        let (to_raw, to_encoded): (Vec<usize>, Vec<usize>) = streamed
+            .iter()
+            .copied()
+            .filter(|&i| rt.blocks[i].tier.encoding().is_some() != target[i])
+            .partition(|&i| !target[i]);
+        for i in to_raw.into_iter().chain(to_encoded) {
             let HostTier::Pinned(host) = &rt.blocks[i].tier else {
                 return Err(Error::InvalidArgument {
                     op,
@@ -424,10 +431,6 @@ impl LayerwiseOffloadManager {
                     ),
                 });
             };
-            let encoded = host.encoding().map(|(e, raw)| (e.numel(), raw));
-            if encoded.is_some() == target[i] {
-                continue;
-            }
             if self.faults.host_alloc() {
                 return Err(Error::HostAlloc {
                     kind: "pinned",
@@ -435,8 +438,9 @@ impl LayerwiseOffloadManager {
                     source: crate::error::TorchMessage("injected fault".into()),
                 });
             }
-            let new = match encoded {
-                // Raw to encoded: the gaps between tensors 0, as a build encodes them.
+            let new = match host.encoding().map(|(e, raw)| (e.numel(), raw)) {
+                // Raw to encoded: the gaps between tensors 0, as a build encodes them; the
+                // staging buffers hold its segments before it takes the raw copy's place.
                 None => {
                     let layout = &rt.plan.blocks[i];
                     let raw = host.as_whole().ok_or_else(|| Error::InvalidArgument {
@@ -446,7 +450,24 @@ impl LayerwiseOffloadManager {
                         ),
                     })?;
                     zero_gaps(raw, layout)?;
-                    let new = encode(raw, (memory, encoding), &mut self.stats)?;
+                    let mut counted = OffloadStats::default();
+                    let new = encode(raw, (memory, encoding), &mut counted)?;
+                    let len = new.staging_len()?;
+                    match &mut rt.decoding {
+                        Some(dec) => dec.grow(&self.backend, len, &mut self.stats)?,
+                        none @ None => {
+                            *none = Decoding::start(
+                                &mut self.backend,
+                                len,
+                                self.config.staging_buffers,
+                                self.config.decode_blocks,
+                            )?;
+                            self.stats.staging_bytes =
+                                none.as_ref().map_or(0, |d| d.bytes() as u64);
+                        }
+                    }
+                    let (enc, raw_len) = new.encoding().expect("just encoded");
+                    count_encoded(&mut self.stats, enc.numel(), raw_len, true);
                     self.stats.host_bytes -= layout.bytes as u64;
                     new
                 }
@@ -463,30 +484,15 @@ impl LayerwiseOffloadManager {
             store.buffers[i] = Some(new.shallow_clone());
             rt.blocks[i].tier = HostTier::Pinned(new);
         }
-        // The staging buffers for the encodings held now, none without one.
-        let mut largest = None;
-        for (i, b) in rt.blocks.iter().enumerate() {
-            if let Some(len) = b.tier.staging_len(i)? {
-                largest = largest.max(Some(len));
-            }
+        // No encoding left: no staging buffers either.
+        if rt.blocks.iter().all(|b| b.tier.encoding().is_none()) {
+            rt.decoding = None;
+            self.stats.staging_bytes = 0;
         }
-        match (largest, &mut rt.decoding) {
-            (None, decoding) => {
-                *decoding = None;
-                self.stats.staging_bytes = 0;
-            }
-            (Some(len), Some(dec)) => dec.grow(&self.backend, len, &mut self.stats)?,
-            (Some(len), decoding @ None) => {
-                *decoding = Decoding::start(
-                    &mut self.backend,
-                    len,
-                    self.config.staging_buffers,
-                    self.config.decode_blocks,
-                )?;
-                self.stats.staging_bytes = decoding.as_ref().map_or(0, |d| d.bytes() as u64);
-            }
-        }
-        Ok(self.stats.encoded_blocks)
+        Ok(streamed
+            .iter()
+            .filter(|&&i| rt.blocks[i].tier.encoding().is_some())
+            .count())
     }
 }
 

@@ -57,11 +57,13 @@ impl<E: Fence> StagingRing<E> {
         &self.bufs
     }
 
-    /// Replaces every buffer by `make()` (they grow); the caller waited for the streams.
+    /// Replaces every buffer by `make()` (they grow), all or none: should one `make` fail,
+    /// the old buffers stay. The caller waited for the streams.
     pub(super) fn replace(&mut self, mut make: impl FnMut() -> Result<Fenced<E>>) -> Result<()> {
-        for b in &mut self.bufs {
-            *b = make()?;
-        }
+        let new = (0..self.bufs.len())
+            .map(|_| make())
+            .collect::<Result<Vec<_>>>()?;
+        self.bufs = new;
         Ok(())
     }
 
