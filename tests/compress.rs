@@ -1206,7 +1206,10 @@ fn a_failed_conversion_keeps_every_block(
     assert_eq!(m.stats().staging_bytes, 0);
     assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));
     // Raw to encoded: the block encoded before the fault streams through new staging buffers.
-    assert!(matches!(m.set_encoded_blocks(5), Err(Error::HostAlloc { .. })));
+    assert!(matches!(
+        m.set_encoded_blocks(5),
+        Err(Error::HostAlloc { .. })
+    ));
     assert_eq!(m.stats().encoded_blocks, 1);
     assert!(m.stats().staging_bytes > 0);
     assert!(bits_equal(&model.forward(&x, Some(&mut m)), &want));

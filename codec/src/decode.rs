@@ -206,9 +206,8 @@ impl Sections<'_> {
     /// Decodes into `out`; the number of exceptions used, or `None` when the escape codes
     /// outnumber the stored exceptions.
     fn decode<const K: usize>(&self, out: &mut [u8]) -> Option<usize> {
-        let escape = (1usize << K) - 1;
-        // Each code's exponent where it sits in the value (bits 7..14); the escape's slot is
-        // never read on the fast path.
+        // Each code's exponent where it sits in the value (bits 7..14); the escape's slot
+        // (0) is overwritten.
         let mut shifted = [0u16; 128];
         for (t, &e) in shifted.iter_mut().zip(self.table) {
             *t = u16::from(e) << 7;
@@ -229,45 +228,30 @@ impl Sections<'_> {
                     .enumerate()
                     .fold(0, |c, (b, p)| c | spread_bits(p >> (8 * q)) << b)
             });
-            // A whole group without an escape code (most of them): one table read and one
-            // two-byte store per value, no branch.
-            if let (Ok(dst), Ok(sm)) = (
-                <&mut [u8; 2 * GROUP]>::try_from(&mut *dst),
-                <&[u8; GROUP]>::try_from(sm),
-            ) && !codes.iter().any(|&c| has_byte(c, escape as u8))
-            {
-                for l in 0..GROUP {
-                    let c = ((codes[l / 8] >> (8 * (l % 8))) & 0x7f) as usize;
-                    let s = u16::from(sm[l]);
-                    let v = shifted[c] | (s & 0x7f) | (s & 0x80) << 8;
-                    dst[2 * l..2 * l + 2].copy_from_slice(&v.to_le_bytes());
-                }
-                continue;
-            }
-            // Otherwise each value picks its table entry or the next exception without a
-            // branch; an escape past the stored exceptions reads 0 and is counted, so that the
-            // count tells.
-            for (l, (v, &s)) in dst.chunks_exact_mut(2).zip(sm).enumerate() {
+            // Every value from the table (an escaped one's entry is patched below): one table
+            // read and one two-byte store per value, no branch.
+            let n = dst.len() / 2;
+            let value = |l: usize, e: u16| {
+                let s = u16::from(sm[l]);
+                (e | (s & 0x7f) | (s & 0x80) << 8).to_le_bytes()
+            };
+            for l in 0..n {
                 let c = ((codes[l / 8] >> (8 * (l % 8))) & 0x7f) as usize;
-                let escaped = c == escape;
-                let next = u16::from(self.exceptions.get(x).copied().unwrap_or(0)) << 7;
-                let e = if escaped { next } else { shifted[c] };
-                x += usize::from(escaped);
-                let s = u16::from(s);
-                v.copy_from_slice(&(e | (s & 0x7f) | (s & 0x80) << 8).to_le_bytes());
+                dst[2 * l..2 * l + 2].copy_from_slice(&value(l, shifted[c]));
+            }
+            // The escape code is every bit set: the AND of the planes flags the escaped values
+            // (bits past the chunk's last value are ignored), which take the next exceptions.
+            let mut escaped = planes.iter().fold(u32::MAX, |a, &p| a & p) & (u32::MAX >> (32 - n));
+            while escaped != 0 {
+                let l = escaped.trailing_zeros() as usize;
+                escaped &= escaped - 1;
+                let e = u16::from(*self.exceptions.get(x)?) << 7;
+                x += 1;
+                dst[2 * l..2 * l + 2].copy_from_slice(&value(l, e));
             }
         }
-        (x <= self.exceptions.len()).then_some(x)
+        Some(x)
     }
-}
-
-/// Whether any byte of `word` is `byte`.
-#[inline(always)]
-fn has_byte(word: u64, byte: u8) -> bool {
-    const LSB: u64 = 0x0101_0101_0101_0101;
-    let x = word ^ (u64::from(byte) * LSB);
-    // A zero byte of x, and only one, borrows into its own high bit here.
-    x.wrapping_sub(LSB) & !x & (LSB << 7) != 0
 }
 
 /// Bit i of the low byte of `p`, as bit 0 of byte i (the inverse of the encoder's gather).
@@ -277,31 +261,4 @@ fn spread_bits(p: u32) -> u64 {
     // Byte i keeps bit i of the broadcast byte; then every non-zero byte becomes 1.
     let y = (u64::from(p & 0xff).wrapping_mul(LSB)) & 0x8040_2010_0804_0201;
     ((((y & !(LSB << 7)) + !(LSB << 7)) | y) >> 7) & LSB
-}
-
-#[cfg(test)]
-mod tests {
-    use super::has_byte;
-
-    /// `has_byte` agrees with a byte-by-byte search, for every byte value in every position
-    /// and beside neighbours that differ by one (where a borrow could mislead it).
-    #[test]
-    fn has_byte_finds_exactly_the_bytes_present() {
-        for byte in 0..=255u8 {
-            for pos in 0..8 {
-                for fill in [0u8, 0xff, byte.wrapping_add(1), byte.wrapping_sub(1), 0x80] {
-                    let mut bytes = [fill; 8];
-                    bytes[pos] = byte;
-                    let word = u64::from_le_bytes(bytes);
-                    for probe in [byte, byte.wrapping_add(1), byte.wrapping_sub(1), fill] {
-                        assert_eq!(
-                            has_byte(word, probe),
-                            bytes.contains(&probe),
-                            "{bytes:?} {probe}"
-                        );
-                    }
-                }
-            }
-        }
-    }
 }
