@@ -1064,6 +1064,7 @@ fn what_compress_blocks_refuses() -> anyhow::Result<()> {
 fn set_encoded_blocks_converts_in_place(
     #[values(Mode::Cpu, Mode::Cuda)] mode: Mode,
     #[values(false, true)] budget: bool,
+    #[values(false, true)] from_checkpoint: bool,
 ) -> anyhow::Result<()> {
     let Some(dev) = mode.device() else {
         return Ok(());
@@ -1078,13 +1079,32 @@ fn set_encoded_blocks_converts_in_place(
         .filter(|(n, _)| n.starts_with("blocks.0."))
         .map(|(_, t)| (t.numel() * 4) as u64)
         .sum();
+    // Loaded from a checkpoint of the same weights: the blocks' host copies come from there.
+    let dir = std::env::temp_dir().join(format!(
+        "lo-set-encoded-{}-{mode:?}-{budget}",
+        std::process::id()
+    ));
+    let checkpoint = if from_checkpoint {
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("model.safetensors");
+        let cpu: Vec<(String, Tensor)> = before
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_device(Device::Cpu)))
+            .collect();
+        Tensor::write_safetensors(&cpu, &path)?;
+        Some(std::sync::Arc::new(Checkpoint::open(&path)?))
+    } else {
+        None
+    };
     let cfg = || {
-        let c = mode.config("blocks", 6).compress(true);
+        let mut c = mode.config("blocks", 6).compress(true);
         if budget {
-            c.vram_budget(block_bytes * 4)
-        } else {
-            c
+            c = c.vram_budget(block_bytes * 4);
         }
+        if let Some(ck) = &checkpoint {
+            c = c.checkpoint(ck.clone());
+        }
+        c
     };
     // What a build with compress_blocks(k) holds, over a copy of the weights.
     let built = |k: usize| -> anyhow::Result<(u64, u64, usize)> {
@@ -1164,6 +1184,9 @@ fn set_encoded_blocks_converts_in_place(
     assert_same(&got, &before);
     m.restore()?;
     assert_same(&model.snapshot(), &before);
+    if from_checkpoint {
+        std::fs::remove_dir_all(&dir)?;
+    }
     Ok(())
 }
 
