@@ -3,9 +3,11 @@
 //!
 //! Spans (target `layerwise_offload`): `initialize` (info, field `checkpoint`), `host_copy`
 //! and `load` (info: the blocks copied into host memory, or read from a checkpoint, with
-//! `blocks` and `bytes`), `restore` (info, field `blocks`), and per block `encode`, `upload`
-//! and `decode` (debug, fields `block` and `bytes`; `block` is left out where the span sits
-//! inside its block's `upload` or inside `host_copy`/`load`). A span times the host's work: on CUDA an
+//! `blocks` and `bytes`), `restore` (info, field `blocks`), `convert` (info:
+//! `set_encoded_blocks`, with the count asked for as `encoded` and the converted `blocks` and
+//! their raw `bytes`), and per block `encode`, `upload` and `decode` (debug, fields `block` and
+//! `bytes`; `block` is left out where the span sits inside its block's `upload` or inside
+//! `host_copy`/`load`/`convert`). A span times the host's work: on CUDA an
 //! upload's or a decode's span ends once the copy or the kernel is queued (the statistics and
 //! the timeline time them on the device); in the CPU test mode it covers the copy itself.
 
@@ -52,6 +54,18 @@ pub(crate) fn restore(blocks: usize) -> Span {
     #[cfg(not(feature = "tracing"))]
     {
         let _ = blocks;
+        Span
+    }
+}
+
+/// `set_encoded_blocks(encoded)` changing the form of `blocks` blocks of `bytes` raw bytes.
+pub(crate) fn convert(encoded: usize, blocks: usize, bytes: u64) -> Span {
+    #[cfg(feature = "tracing")]
+    return tracing::info_span!(target: "layerwise_offload", "convert", encoded, blocks, bytes)
+        .entered();
+    #[cfg(not(feature = "tracing"))]
+    {
+        let _ = (encoded, blocks, bytes);
         Span
     }
 }

@@ -21,6 +21,10 @@ pub enum Stage {
     /// the disk tier are not counted: they are read at every forward. Counted in bytes of the
     /// blocks' layouts.
     CheckpointRead,
+    /// [`set_encoded_blocks`](crate::LayerwiseOffloadManager::set_encoded_blocks): each block
+    /// whose host copy changes form, decoded or encoded. Counted in bytes of the blocks'
+    /// layouts.
+    Convert,
 }
 
 impl Stage {
@@ -31,6 +35,7 @@ impl Stage {
             Stage::HostCopy => "blocks into host memory",
             Stage::CheckpointToDevice => "checkpoint to the device",
             Stage::CheckpointRead => "reading the checkpoint",
+            Stage::Convert => "changing the blocks' forms",
         }
     }
 }
@@ -50,7 +55,8 @@ impl fmt::Display for Stage {
 ///
 /// Progress of the long steps of [`initialize`](crate::LayerwiseOffloadManager::initialize):
 /// copying the blocks into host memory (and encoding them), reading a checkpoint, moving the
-/// non-block weights to the device. The library prints nothing; give
+/// non-block weights to the device; and of
+/// [`set_encoded_blocks`](crate::LayerwiseOffloadManager::set_encoded_blocks)' conversions. The library prints nothing; give
 /// [`OffloadConfig::on_progress`](crate::OffloadConfig::on_progress) a callback and draw what
 /// you like (the examples draw an indicatif bar):
 ///

@@ -96,6 +96,38 @@ fn initialize_reports_the_host_copy_of_every_streamed_block() -> Result<()> {
     Ok(())
 }
 
+/// `set_encoded_blocks` reports each block whose form changes (blocks leaving their encoding
+/// first), once per call, and nothing where no block changes.
+#[test]
+fn converting_block_forms_reports_each_converted_block() -> Result<()> {
+    let model = Model::new(Device::Cpu, 5, false, 3);
+    let (callback, seen) = recorder();
+    let mut m = OffloadConfig::new("blocks", 5)
+        .cpu_test_mode(true)
+        .compress(true)
+        .on_progress(callback)
+        .build(&model.vs)?;
+    m.initialize()?;
+    let plan = m.plan().unwrap().clone();
+    seen.lock().unwrap().clear();
+    // All 5 encoded to 2 (blocks 2 and 4, spread evenly): blocks 0, 1 and 3 decoded.
+    m.set_encoded_blocks(2)?;
+    let stages = by_stage(&seen.lock().unwrap());
+    assert_eq!(stages.len(), 1, "{stages:?}");
+    let (stage, reports) = &stages[0];
+    assert_eq!(*stage, Stage::Convert);
+    assert_eq!(reports[0].blocks_total, 3);
+    let bytes = |i: usize| plan.blocks[i].bytes as u64;
+    assert_eq!(reports[0].total, bytes(0) + bytes(1) + bytes(3));
+    assert_eq!(m.stats().encoded_blocks, 2);
+    // The same count again changes nothing and reports nothing.
+    seen.lock().unwrap().clear();
+    m.set_encoded_blocks(2)?;
+    assert!(seen.lock().unwrap().is_empty());
+    m.restore()?;
+    Ok(())
+}
+
 #[test]
 fn a_budget_and_compression_count_only_what_goes_to_host_memory() -> Result<()> {
     let model = Model::new(Device::Cpu, 4, false, 2);

@@ -186,6 +186,37 @@ fn a_checkpoint_load_with_compression_records_every_span() -> Result<()> {
     Ok(())
 }
 
+/// `set_encoded_blocks` records one `convert` span with the count asked for and the blocks it
+/// converted, and an `encode` span inside it per block it encoded.
+#[test]
+fn converting_block_forms_records_a_convert_span() -> Result<()> {
+    let model = Model::new(Device::Cpu, 4, false, 3);
+    let rec = Recorder::default();
+    tracing::subscriber::with_default(rec.clone(), || -> Result<()> {
+        let mut m = OffloadConfig::new("blocks", 4)
+            .cpu_test_mode(true)
+            .compress(true)
+            .compress_blocks(0)
+            .build(&model.vs)?;
+        m.initialize()?;
+        m.set_encoded_blocks(3)?;
+        forward(&model, &mut m);
+        m.restore()?;
+        Ok(())
+    })?;
+    let convert = rec.spans("convert");
+    assert_eq!(convert.len(), 1, "{convert:?}");
+    assert_eq!(convert[0].fields["encoded"], "3");
+    assert_eq!(convert[0].fields["blocks"], "3");
+    let encodes = rec.spans("encode");
+    assert_eq!(encodes.len(), 3, "{encodes:?}");
+    assert!(
+        encodes.iter().all(|e| e.parent == Some("convert")),
+        "{encodes:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn a_copy_from_the_model_records_host_copy_and_the_warning_is_an_event() -> Result<()> {
     let model = Model::new(Device::Cpu, 2, false, 2);
@@ -207,6 +238,7 @@ fn a_copy_from_the_model_records_host_copy_and_the_warning_is_an_event() -> Resu
     })?;
     let host = rec.spans("host_copy");
     assert_eq!(host.len(), 1, "{host:?}");
+    assert!(rec.spans("convert").is_empty());
     assert_eq!(host[0].parent, Some("initialize"));
     assert_eq!(host[0].fields["blocks"], "2");
     assert_eq!(rec.spans("initialize")[0].fields["checkpoint"], "false");

@@ -16,6 +16,7 @@ use crate::error::Context;
 use crate::error::{Error, Result};
 use crate::host::{self, HostBlock};
 use crate::plan::BlockLayout;
+use crate::progress::{Reporter, Stage};
 use crate::stats::OffloadStats;
 use layerwise_offload_codec::{Encoder, SegmentedPlan};
 use std::sync::Arc;
@@ -422,6 +423,13 @@ impl LayerwiseOffloadManager {
             .copied()
             .filter(|&i| rt.blocks[i].tier.encoding().is_some() != target[i])
             .partition(|&i| !target[i]);
+        let sizes = to_raw
+            .iter()
+            .chain(&to_encoded)
+            .map(|&i| rt.plan.blocks[i].bytes as u64);
+        let sizes: Vec<u64> = sizes.collect();
+        let _span = crate::observe::convert(n, sizes.len(), sizes.iter().sum());
+        let mut progress = Reporter::start(self.config.progress.as_ref(), Stage::Convert, sizes);
         for i in to_raw.into_iter().chain(to_encoded) {
             let HostTier::Pinned(host) = &rt.blocks[i].tier else {
                 return Err(Error::InvalidArgument {
@@ -483,6 +491,7 @@ impl LayerwiseOffloadManager {
             };
             store.buffers[i] = Some(new.shallow_clone());
             rt.blocks[i].tier = HostTier::Pinned(new);
+            progress.advance(rt.plan.blocks[i].bytes as u64);
         }
         // No encoding left: no staging buffers either.
         if rt.blocks.iter().all(|b| b.tier.encoding().is_none()) {
