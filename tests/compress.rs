@@ -702,6 +702,21 @@ fn shared_encoded_store_and_roll_back(
     Ok(())
 }
 
+/// `weights` written on the CPU as `dir/model.safetensors` (the directory made), opened.
+fn checkpoint_of(
+    dir: &std::path::Path,
+    weights: &[(String, Tensor)],
+) -> anyhow::Result<Checkpoint> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("model.safetensors");
+    let cpu: Vec<(String, Tensor)> = weights
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_device(Device::Cpu)))
+        .collect();
+    Tensor::write_safetensors(&cpu, &path)?;
+    Ok(Checkpoint::open(&path)?)
+}
+
 /// A checkpoint read straight into encoded host copies streams bit-exact.
 #[rstest]
 fn a_checkpoint_loads_compressed(
@@ -712,21 +727,14 @@ fn a_checkpoint_loads_compressed(
     };
     let dir =
         std::env::temp_dir().join(format!("lo-compress-ckpt-{}-{mode:?}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
     let source = Model::new(dev, 3, false, 231);
-    let path = dir.join("model.safetensors");
-    let cpu: Vec<(String, Tensor)> = source
-        .snapshot()
-        .into_iter()
-        .map(|(n, t)| (n, t.to_device(Device::Cpu)))
-        .collect();
-    Tensor::write_safetensors(&cpu, &path)?;
+    let checkpoint = checkpoint_of(&dir, &source.snapshot())?;
     let x = source.input(1);
     let want = source.forward(&x, None);
     let model = Model::new(dev, 3, false, 232);
     let mut m = mode
         .config("blocks", 3)
-        .checkpoint(Checkpoint::open(&path)?)
+        .checkpoint(checkpoint)
         .compress(true)
         .build(&model.vs)?;
     m.initialize()?;
@@ -852,17 +860,10 @@ fn some_blocks_encoded_and_the_others_raw_are_bit_exact(
         std::process::id()
     ));
     let (model, mut cfg) = if from_checkpoint {
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join("model.safetensors");
-        let cpu: Vec<(String, Tensor)> = before
-            .iter()
-            .map(|(n, t)| (n.clone(), t.to_device(Device::Cpu)))
-            .collect();
-        Tensor::write_safetensors(&cpu, &path)?;
         let model = Model::new(dev, 5, false, 242);
         let cfg = mode
             .config("blocks", 5)
-            .checkpoint(Checkpoint::open(&path)?);
+            .checkpoint(checkpoint_of(&dir, &before)?);
         (model, cfg)
     } else {
         (source, mode.config("blocks", 5))
@@ -1085,14 +1086,7 @@ fn set_encoded_blocks_converts_in_place(
         std::process::id()
     ));
     let checkpoint = if from_checkpoint {
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join("model.safetensors");
-        let cpu: Vec<(String, Tensor)> = before
-            .iter()
-            .map(|(n, t)| (n.clone(), t.to_device(Device::Cpu)))
-            .collect();
-        Tensor::write_safetensors(&cpu, &path)?;
-        Some(std::sync::Arc::new(Checkpoint::open(&path)?))
+        Some(std::sync::Arc::new(checkpoint_of(&dir, &before)?))
     } else {
         None
     };

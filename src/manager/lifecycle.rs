@@ -194,7 +194,7 @@ impl LayerwiseOffloadManager {
             block_stall_ms: vec![0.0; plan.blocks.len()],
             ..OffloadStats::default()
         };
-        let encode = super::compress::encoded_blocks(
+        let encode = super::forms::encoded_blocks(
             self.config.compress,
             self.config.compress_blocks,
             &streamed,

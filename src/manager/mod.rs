@@ -12,6 +12,7 @@ mod disk;
 mod faults;
 mod fence;
 mod fill;
+mod forms;
 mod lifecycle;
 mod load;
 mod phase;
